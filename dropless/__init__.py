@@ -1,0 +1,7 @@
+"""dropless: dropless Mixture-of-Experts training and inference on PyTorch."""
+
+from dropless.config import PRESETS, MoEConfig, ModelConfig, get_preset
+from dropless.moe import MoE, MoEAux
+
+__all__ = ["MoE", "MoEAux", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from dropless.cli import main
+
+sys.exit(main())

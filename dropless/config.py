@@ -1,0 +1,198 @@
+"""Frozen configs of plain values, validated on construction, and the model presets.
+
+Change a config with `dataclasses.replace`; every field error is a ValueError naming the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["auto", "reference", "grouped"]
+BACKENDS = ("auto", "reference", "grouped")
+SCORE_FUNCS = ("softmax", "sigmoid")
+ATTENTIONS = ("gqa", "mla")
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _positive_int(name: str, value) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+           "must be a positive integer")
+
+
+def _choice(name: str, value, choices) -> None:
+    _check(value in choices, name, value, f"allowed: {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE feed-forward layer: router, routed experts, optional shared experts."""
+
+    dim: int = 512
+    hidden_dim: int = 1024          # per expert
+    num_experts: int = 8
+    top_k: int = 2
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True     # renormalize the k chosen weights to sum 1
+    route_scale: float = 1.0        # multiplies the final routing weights
+    num_groups: int | None = None   # group-limited routing (DeepSeek-V3); None = off
+    topk_groups: int | None = None
+    balance_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0   # aux-loss-free balancing; 0 = off (no router.bias)
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None   # total hidden of the shared SwiGLU; None = n * hidden_dim
+    shared_gate: bool = False       # Qwen2-MoE: shared output scaled by sigmoid(x @ w)
+    capacity_factor: float | None = None   # None = dropless
+    backend: Backend = "auto"
+
+    def __post_init__(self):
+        for name in ("dim", "hidden_dim", "num_experts", "top_k"):
+            _positive_int(name, getattr(self, name))
+        _check(self.top_k <= self.num_experts, "top_k", self.top_k,
+               f"must be between 1 and num_experts={self.num_experts}")
+        _choice("score_func", self.score_func, SCORE_FUNCS)
+        _choice("backend", self.backend, BACKENDS)
+        _check(self.route_scale > 0, "route_scale", self.route_scale, "must be > 0")
+        if (self.num_groups is None) != (self.topk_groups is None):
+            raise ValueError(f"num_groups={self.num_groups!r} and topk_groups={self.topk_groups!r} "
+                             "are invalid: set both (group-limited routing) or neither")
+        if self.num_groups is not None:
+            _positive_int("num_groups", self.num_groups)
+            _positive_int("topk_groups", self.topk_groups)
+            _check(self.num_experts % self.num_groups == 0, "num_groups", self.num_groups,
+                   f"must divide num_experts={self.num_experts}")
+            _check(self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
+                   f"must be <= num_groups={self.num_groups}")
+            reachable = self.topk_groups * (self.num_experts // self.num_groups)
+            _check(reachable >= self.top_k, "topk_groups", self.topk_groups,
+                   f"leaves {reachable} experts, fewer than top_k={self.top_k}")
+        for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), name,
+                   value, "must be a finite number >= 0")
+        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+               "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        if self.shared_hidden_dim is not None:
+            _positive_int("shared_hidden_dim", self.shared_hidden_dim)
+        if self.capacity_factor is not None:
+            _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
+                   and math.isfinite(self.capacity_factor), "capacity_factor",
+                   self.capacity_factor, "must be None (dropless) or a number > 0")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the always-on shared SwiGLU (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_hidden_dim or self.num_shared_experts * self.hidden_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The MoE transformer language model. `moe.dim` must equal `dim`."""
+
+    vocab_size: int = 256
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None      # None = dim // num_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qk_norm: bool = False            # RMSNorm on q and k per head (OLMoE, Qwen3)
+    attention_bias: bool = False     # biases on q, k, v projections (Qwen2)
+    first_dense_layers: int = 0      # leading blocks with a dense SwiGLU instead of MoE
+    dense_hidden_dim: int | None = None   # None = moe.hidden_dim * moe.top_k
+    attention: Literal["gqa", "mla"] = "gqa"
+    # multi-head latent attention (DeepSeek-V2/V3); used only when attention == "mla"
+    q_lora_rank: int | None = None   # None = full-rank query projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+               f"must divide num_heads={self.num_heads}")
+        if self.head_dim is None:
+            _check(self.dim % self.num_heads == 0, "num_heads", self.num_heads,
+                   f"must divide dim={self.dim} (or set head_dim)")
+        else:
+            _positive_int("head_dim", self.head_dim)
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(isinstance(self.first_dense_layers, int)
+               and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
+               self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
+        if self.dense_hidden_dim is not None:
+            _positive_int("dense_hidden_dim", self.dense_hidden_dim)
+        _choice("attention", self.attention, ATTENTIONS)
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _positive_int(name, getattr(self, name))
+            if self.q_lora_rank is not None:
+                _positive_int("q_lora_rank", self.q_lora_rank)
+        _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
+               "must be a MoEConfig")
+        _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.dense_hidden_dim or self.moe.hidden_dim * self.moe.top_k
+
+
+def _model(*, dim: int, moe: dict, **kw) -> ModelConfig:
+    return ModelConfig(dim=dim, moe=MoEConfig(dim=dim, **moe), **kw)
+
+
+# Presets. tiny and small train here; the others mirror public model shapes for `info` and benchmarks
+# and are only ever built on the meta device.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": _model(vocab_size=256, dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                   max_seq_len=512, tie_embeddings=True,
+                   moe=dict(hidden_dim=128, num_experts=8, top_k=2, z_loss_coef=1e-3)),
+    "small": _model(vocab_size=4096, dim=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                    max_seq_len=1024,
+                    moe=dict(hidden_dim=512, num_experts=16, top_k=2, z_loss_coef=1e-3)),
+    "mixtral-8x7b": _model(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                           max_seq_len=32768, rope_theta=1e6,
+                           moe=dict(hidden_dim=14336, num_experts=8, top_k=2)),
+    "olmoe-1b-7b": _model(vocab_size=50304, dim=2048, num_layers=16, num_heads=16, num_kv_heads=16,
+                          max_seq_len=4096, qk_norm=True,
+                          moe=dict(hidden_dim=1024, num_experts=64, top_k=8,
+                                   norm_topk_prob=False, z_loss_coef=1e-3)),
+    "qwen3-30b-a3b": _model(vocab_size=151936, dim=2048, num_layers=48, num_heads=32,
+                            num_kv_heads=4, head_dim=128, max_seq_len=40960, rope_theta=1e6,
+                            qk_norm=True, norm_eps=1e-6,
+                            moe=dict(hidden_dim=768, num_experts=128, top_k=8, norm_topk_prob=True)),
+    "deepseek-v3": _model(vocab_size=129280, dim=7168, num_layers=61, num_heads=128,
+                          num_kv_heads=128, max_seq_len=4096, first_dense_layers=3,
+                          dense_hidden_dim=18432, attention="mla", q_lora_rank=1536,
+                          kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                          v_head_dim=128, norm_eps=1e-6,
+                          moe=dict(hidden_dim=2048, num_experts=256, top_k=8, score_func="sigmoid",
+                                   norm_topk_prob=True, route_scale=2.5, num_groups=8,
+                                   topk_groups=4, num_shared_experts=1, balance_loss_coef=1e-4,
+                                   bias_update_rate=1e-3)),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,43 @@
+"""Routed expert weights and their forward over expert-contiguous rows; the dense SwiGLU.
+
+Legend: R routed rows, D model dim, F expert hidden, E experts (local experts under EP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dropless import ops
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored fused: gate_up [E, D, 2F] (gate = first half), down [E, F, D]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.gate_up, std=self.gate_up.shape[1] ** -0.5)
+        nn.init.normal_(self.down, std=self.down.shape[1] ** -0.5)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return ops.expert_swiglu(x_RD, counts_E, self.gate_up, self.down, self.backend)
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: down(silu(gate(x)) * up(x)). Shared experts and dense layers."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,91 @@
+"""The MoE layer: router -> dispatcher -> experts -> combine (+ shared experts).
+
+Legend: T tokens, D model dim, E experts, K top-k, R routed rows.
+Dropless by default: every token reaches each of its top-k experts. NaN/Inf in the input are not
+masked: they propagate to the tokens (and, through routing, the losses) they touch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dropless import ops
+from dropless.config import MoEConfig
+from dropless.experts import Experts, SwiGLU
+from dropless.router import Router
+
+
+@dataclass
+class MoEAux:
+    balance_loss: torch.Tensor       # scalar, coefficient applied, in the graph
+    z_loss: torch.Tensor             # scalar, coefficient applied, in the graph
+    tokens_per_expert: torch.Tensor  # int64 [E]: kept assignments per expert in this call
+    dropped: int                     # assignments dropped by capacity (0 when dropless)
+
+
+class LocalDispatcher:
+    """Single-process dispatch: permute slots into expert-contiguous rows and back.
+    Expert parallelism replaces this object from outside (dropless.parallel)."""
+
+    def __init__(self, num_experts: int, capacity_factor: float | None = None):
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, num_tokens: int, top_k: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * top_k / self.num_experts)
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
+        plan = ops.make_plan(expert_ids_TK, self.num_experts,
+                             self.capacity(*expert_ids_TK.shape))
+        return ops.dispatch(x_TD, plan), plan
+
+    def combine(self, y_RD: torch.Tensor, plan: ops.Plan, weights_TK: torch.Tensor):
+        return ops.combine(y_RD, plan, weights_TK)
+
+    def tokens_per_expert(self, plan: ops.Plan) -> torch.Tensor:
+        return plan.counts_E
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.backend)
+        self.shared = SwiGLU(cfg.dim, cfg.shared_hidden) if cfg.num_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate else None
+        self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0:
+            raise ValueError("x has 0 dims: MoE expects a tensor of shape [..., dim]")
+        if x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"x.shape[-1]={x.shape[-1]} is invalid: must equal dim={self.cfg.dim}")
+        if not x.is_floating_point():
+            raise ValueError(f"x.dtype={x.dtype} is invalid: must be a floating-point dtype")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.cfg.dim)
+        route = self.router(x_TD)
+        x_RD, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
+        y_RD = self.experts(x_RD, plan.counts_E)
+        y_TD = self.dispatcher.combine(y_RD, plan, route.weights_TK)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
+        aux = MoEAux(route.balance_loss, route.z_loss,
+                     self.dispatcher.tokens_per_expert(plan), plan.dropped)
+        return y_TD.view(x.shape), aux
+
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free bias step; call once per optimizer step with that step's loads."""
+        self.router.update_bias(load_E)

@@ -1,0 +1,109 @@
+"""Top-k routing: softmax or sigmoid(+bias) scores, optional group limit, balance and z losses.
+
+Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
+Logits and scores are computed in float32 (float64 stays float64), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dropless.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    weights_TK: torch.Tensor       # float32 (or float64) routing weights, route_scale applied
+    expert_ids_TK: torch.Tensor    # int64 chosen experts
+    balance_loss: torch.Tensor     # scalar, coefficient applied
+    z_loss: torch.Tensor           # scalar, coefficient applied
+
+
+def balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, coef: float,
+                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch loss coef * E * sum_i f_i * P_i; f_i = assignments to i / (T*K) (no gradient),
+    P_i = mean router probability of i. A perfectly balanced router gives exactly `coef`.
+    `counts_E` may be passed in when the assignments are counted elsewhere (e.g. globally)."""
+    T, E = probs_TE.shape
+    if counts_E is None:
+        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E)
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
+    return coef * E * (f_E * probs_TE.mean(0)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * mean_t logsumexp(logits_t)^2."""
+    return coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def group_limited_mask(select_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """Keep the experts of the best `topk_groups` groups; a group scores the sum of its top-2
+    selection scores (top-1 for groups of one expert). Returns a bool mask [T, E]."""
+    T, E = select_TE.shape
+    per_group = select_TE.view(T, num_groups, E // num_groups)
+    group_score_TG = per_group.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
+    best_groups = group_score_TG.topk(topk_groups, dim=-1).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+    return keep_TG.repeat_interleave(E // num_groups, dim=1)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+        if cfg.bias_update_rate > 0:
+            # selection-only bias of aux-loss-free balancing; saved with checkpoints
+            self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=self.cfg.dim ** -0.5)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        compute_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        logits_TE = F.linear(x_TD.to(compute_dtype), self.weight.to(compute_dtype))
+        # 1. scores; probs_TE (rows summing to 1) feed the balance loss
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        # 2. selection scores: + bias (selection only), then the group limit
+        select_TE = scores_TE.detach()
+        if self.bias is not None:
+            select_TE = select_TE + self.bias.to(compute_dtype)
+        if cfg.num_groups is not None:
+            keep_TE = group_limited_mask(select_TE, cfg.num_groups, cfg.topk_groups)
+            select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
+        expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        # 3. weights from the unbiased scores
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
+        weights_TK = weights_TK * cfg.route_scale
+        zero = logits_TE.new_zeros(())
+        bal = balance_loss(probs_TE, expert_ids_TK, cfg.balance_loss_coef) \
+            if cfg.balance_loss_coef > 0 else zero
+        zl = z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
+        return Routing(weights_TK, expert_ids_TK, bal, zl)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing, once per optimizer step: b += rate * sign(mean - load),
+        re-centred to zero mean. `load_E` is the step's assignments per expert (global under DP)."""
+        if self.bias is None:
+            raise ValueError("update_bias needs bias_update_rate > 0 in the MoEConfig")
+        load = load_E.to(self.bias.device, torch.float32)
+        delta = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.bias += delta - delta.mean()
