@@ -1,0 +1,73 @@
+"""Model size and cost accounting for `dropless info`: built on the meta device, never allocated.
+
+Conventions: active parameters are what one token uses (every weight except the routed experts it
+does not pick; the embedding row lookup counts as a parameter but not as FLOPs). Training FLOPs per
+token = 6 * (active matmul parameters, LM head included) + attention 12 * layers * heads * head_dim *
+seq_len (QK^T and AV over the full context, forward + backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dropless.config import ModelConfig
+
+
+def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    from dropless.model import Transformer
+
+    seq_len = seq_len or cfg.max_seq_len
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    moe = cfg.moe
+    per_expert = 3 * cfg.dim * moe.hidden_dim
+    num_moe = cfg.num_layers - cfg.first_dense_layers
+    active = total - num_moe * (moe.num_experts - moe.top_k) * per_expert
+    embedding = cfg.vocab_size * cfg.dim
+    # the LM head is a matmul (counted once more when tied to the embedding); the lookup is not
+    matmul = active - embedding + (embedding if cfg.tie_embeddings else 0)
+    if cfg.attention == "mla":
+        qk_dim, v_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        qk_dim = v_dim = cfg.head_size
+    attn_flops = 6 * cfg.num_layers * cfg.num_heads * (qk_dim + v_dim) * seq_len
+    return {
+        "total_params": total,
+        "active_params": active,
+        "train_flops_per_token": 6 * matmul + attn_flops,
+        "seq_len": seq_len,
+        "weights_bytes_fp32": 4 * total,
+        "weights_bytes_bf16": 2 * total,
+        "grads_bytes_fp32": 4 * total,
+        "adam_bytes_fp32": 8 * total,
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_stats(stats: dict) -> str:
+    rows = [
+        ("total parameters", f"{stats['total_params']:,} ({_human(stats['total_params'])})"),
+        ("active parameters per token", f"{stats['active_params']:,} "
+                                        f"({_human(stats['active_params'])})"),
+        (f"training FLOPs per token (seq {stats['seq_len']})",
+         _human(stats["train_flops_per_token"], "FLOP")),
+        ("weights fp32 / bf16", f"{_gib(stats['weights_bytes_fp32'])} / "
+                                f"{_gib(stats['weights_bytes_bf16'])}"),
+        ("gradients fp32", _gib(stats["grads_bytes_fp32"])),
+        ("Adam state fp32 (m, v)", _gib(stats["adam_bytes_fp32"])),
+        ("weights + grads + Adam", _gib(stats["weights_bytes_fp32"] + stats["grads_bytes_fp32"]
+                                        + stats["adam_bytes_fp32"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,206 @@
+"""The MoE transformer language model: embedding, blocks (attention + MoE or dense SwiGLU), final
+norm, LM head; with a KV cache for decoding.
+
+Legend: B batch, T sequence (new tokens), S cached sequence, H heads, G kv heads, Dh head dim,
+D model dim, V vocab, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dropless.config import ModelConfig
+from dropless.experts import SwiGLU
+from dropless.moe import MoE
+
+
+@dataclass
+class ModelAux:
+    balance_loss: torch.Tensor        # summed over MoE layers, coefficient applied
+    z_loss: torch.Tensor              # summed over MoE layers, coefficient applied
+    tokens_per_expert: torch.Tensor   # int64 [L, E]: per MoE layer, assignments per expert
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 for low-precision inputs, return the input dtype
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float):
+    """cos/sin [*, head_dim] for the half-split rotation (pairs i and i + head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh]; cos/sin [B, T, Dh] (broadcast over heads)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, G, S_max, Dh] plus each row's filled length.
+
+    Rows may hold prompts of different lengths: `lengths_B` says where each row writes next."""
+
+    def __init__(self, model: "Transformer", batch_size: int, max_len: int,
+                 device=None, dtype=None):
+        p = next(model.parameters())
+        self.lengths_B = torch.zeros(batch_size, dtype=torch.long, device=device or p.device)
+        self.layers = [layer.attn.new_cache(batch_size, max_len, device or p.device, dtype or p.dtype)
+                       for layer in model.layers]
+        self.max_len = max_len
+
+
+def causal_mask(positions_BT: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """bool [B, 1, T, S]: query at position p sees keys at positions <= p."""
+    keys = torch.arange(num_keys, device=positions_BT.device)
+    return (keys <= positions_BT.unsqueeze(-1)).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE (and optional qk-norm and qkv biases)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.dim, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, G * Dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, G * Dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * Dh, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(Dh, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(Dh, cfg.norm_eps) if cfg.qk_norm else None
+
+    def new_cache(self, batch_size, max_len, device, dtype):
+        shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_size)
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device,
+                                                                           dtype=dtype)
+
+    def forward(self, x_BTD, positions_BT, layer_cache=None):
+        B, T, _ = x_BTD.shape
+        H, G, Dh = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_size
+        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_tables(Dh, positions_BT, self.cfg.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
+        else:
+            k_cache, v_cache = layer_cache
+            rows = torch.arange(B, device=x_BTD.device).unsqueeze(-1)
+            k_cache[rows, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
+            mask = causal_mask(positions_BT, k_cache.shape[2])
+            out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                                 attn_mask=mask, enable_gqa=G != H)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+def make_attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "mla":
+        from dropless.mla import MLAttention
+        return MLAttention(cfg)
+    return Attention(cfg)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = make_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_id >= cfg.first_dense_layers
+        self.ffn = MoE(cfg.moe) if self.is_moe else SwiGLU(cfg.dim, cfg.dense_hidden)
+
+    def forward(self, x_BTD, positions_BT, layer_cache=None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, layer_cache=layer_cache)
+        h = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            out, aux = self.ffn(h)
+            return x_BTD + out, aux
+        return x_BTD + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.embed.weight, std=1.0)
+        for layer in self.layers:
+            for lin in layer.attn.modules():
+                if isinstance(lin, nn.Linear):
+                    nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+            # residual projections start small so deep stacks train stably
+            layer.attn.o_proj.weight.mul_((2 * self.cfg.num_layers) ** -0.5)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=self.cfg.dim ** -0.5)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if layer.is_moe]
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the MoE expert backend ("auto", "reference", "grouped", ...) for every layer."""
+        for moe in self.moe_layers():
+            moe.experts.backend = backend
+
+    def update_bias(self, loads_LE: torch.Tensor) -> None:
+        """Aux-loss-free bias step for every MoE layer (no-op where bias balancing is off)."""
+        for moe, load_E in zip(self.moe_layers(), loads_LE):
+            if moe.router.bias is not None:
+                moe.update_bias(load_E)
+
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None):
+        if tokens_BT.dim() != 2:
+            raise ValueError(f"tokens.shape={tuple(tokens_BT.shape)} is invalid: expected [batch, seq]")
+        B, T = tokens_BT.shape
+        if cache is None:
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        else:
+            positions_BT = cache.lengths_B.unsqueeze(-1) + torch.arange(T, device=tokens_BT.device)
+            if int(positions_BT.max()) >= cache.max_len:  # sync: bounds check for the cache
+                raise ValueError(f"KV cache of length {cache.max_len} is full")
+        x = self.embed(tokens_BT)
+        balance, z, loads = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32), []
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, positions_BT, None if cache is None else cache.layers[i])
+            if aux is not None:
+                balance, z = balance + aux.balance_loss, z + aux.z_loss
+                loads.append(aux.tokens_per_expert)
+        if cache is not None:
+            cache.lengths_B += T
+        logits = self.lm_head(self.norm(x))
+        E = self.cfg.moe.num_experts
+        loads_LE = torch.stack(loads) if loads else torch.zeros(0, E, dtype=torch.long, device=x.device)
+        return logits, ModelAux(balance, z, loads_LE)
