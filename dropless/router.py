@@ -61,6 +61,9 @@ class Router(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
             self.bias = None
+        # counts_E -> the counts the balance loss's f uses; data parallelism sets it from outside
+        # to a sum over ranks (dropless.parallel.loads) so f is the global batch's
+        self.reduce_counts = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -93,8 +96,12 @@ class Router(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
         weights_TK = weights_TK * cfg.route_scale
         zero = logits_TE.new_zeros(())
-        bal = balance_loss(probs_TE, expert_ids_TK, cfg.balance_loss_coef) \
-            if cfg.balance_loss_coef > 0 else zero
+        bal = zero
+        if cfg.balance_loss_coef > 0:
+            counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=cfg.num_experts)
+            if self.reduce_counts is not None:
+                counts_E = self.reduce_counts(counts_E)
+            bal = balance_loss(probs_TE, expert_ids_TK, cfg.balance_loss_coef, counts_E)
         zl = z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
         return Routing(weights_TK, expert_ids_TK, bal, zl)
 

@@ -1,0 +1,45 @@
+"""Expert loads across data-parallel ranks: the global balance loss and the aux-free bias step.
+
+Every rank reads distinct tokens (ep ranks too), so "global" means summed over the whole `dp` axis.
+
+Balance loss: f (assignment fractions) is global, P (mean router probability) is this rank's.
+The ranks' losses then average to exactly the single-process loss on the global batch (when the
+ranks hold equal token counts), and so do their gradients under data-parallel gradient averaging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from dropless.parallel.expert_parallel import moe_modules
+
+
+def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """All ranks of a mesh from `build_mesh` (its flattened `dp` axis)."""
+    return mesh["dp"].get_group()
+
+
+def all_reduce_loads(loads: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sum loads (e.g. ModelAux.tokens_per_expert [L, E]) over all data-parallel ranks; call it
+    before `model.update_bias(...)` so every rank applies the same bias step."""
+    out = loads.detach().clone()
+    dist.all_reduce(out, group=dp_group(mesh))
+    return out
+
+
+def use_global_balance(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Make each router's balance loss count f over the global batch (one small all-reduce of [E]
+    counts per MoE layer per forward; no host sync)."""
+    group = dp_group(mesh)
+
+    def reduce_counts(counts_E: torch.Tensor) -> torch.Tensor:
+        counts_E = counts_E.clone()
+        dist.all_reduce(counts_E, group=group)
+        return counts_E
+
+    for moe in moe_modules(model):
+        moe.router.reduce_counts = reduce_counts
+    return model

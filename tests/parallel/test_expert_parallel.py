@@ -1,0 +1,91 @@
+"""EP=2 and EP=4: the MoE layer's output and every gradient equal one process on the global batch."""
+
+import copy
+
+import pytest
+import torch
+
+from _dist import launch, rel_err
+from dropless import MoE, MoEConfig
+from dropless.parallel import ParallelConfig, build_mesh
+from dropless.parallel.expert_parallel import apply_ep
+from dropless.parallel.loads import all_reduce_loads, use_global_balance
+
+TOL = 1e-5
+
+
+def make_layer(case: str, E: int) -> MoE:
+    coef = 0.0 if case == "empty_rank" else 0.01   # balance over zero tokens is undefined (NaN)
+    cfg = MoEConfig(dim=16, hidden_dim=24, num_experts=E, top_k=2, balance_loss_coef=coef,
+                    z_loss_coef=1e-3 if coef else 0.0, num_shared_experts=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    if case == "skewed":
+        # every token prefers experts 0 and 1: the ranks owning the other experts get zero rows,
+        # and rank 0 sends nothing to other ranks
+        with torch.no_grad():
+            moe.router.weight.mul_(0.01)
+            moe.router.weight[:2] += 5.0
+    return moe
+
+
+def token_counts(case: str, world: int) -> list[int]:
+    if case == "empty_rank":
+        return [0] + [7 + r for r in range(1, world)]   # rank 0 holds (and sends) zero tokens
+    return [9] * world
+
+
+def body(rank, world, cases, E):
+    mesh = build_mesh(ParallelConfig(ep=world))
+    for case in cases:
+        check_case(rank, world, mesh, case, E)
+
+
+def check_case(rank, world, mesh, case, E):
+    ref = make_layer(case, E)
+    moe = apply_ep(use_global_balance(copy.deepcopy(ref), mesh), mesh)
+    counts = token_counts(case, world)
+    torch.manual_seed(1)
+    x = torch.randn(sum(counts), 16)
+    if case == "skewed":
+        x = x.abs()
+    g = torch.randn(sum(counts), 16)
+    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+
+    # one process, global batch; sum of the ranks' losses below equals this loss
+    x_ref = x.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    ((y_ref * g).sum() + aux_ref.balance_loss + aux_ref.z_loss * 0).backward()
+
+    x_loc = x[lo:hi].clone().requires_grad_()
+    y, aux = moe(x_loc)
+    # f is global and P local: the ranks' balance losses average to the global one
+    ((y * g[lo:hi]).sum() + aux.balance_loss / world).backward()
+
+    assert y.shape == (hi - lo, 16)
+    if hi > lo:
+        assert rel_err(y, y_ref[lo:hi]) < TOL
+        assert rel_err(x_loc.grad, x_ref.grad[lo:hi]) < TOL
+    assert torch.equal(all_reduce_loads(aux.tokens_per_expert, mesh), aux_ref.tokens_per_expert)
+    assert aux.tokens_per_expert.shape == (E,)
+    bal = aux.balance_loss.detach().clone()
+    torch.distributed.all_reduce(bal)
+    assert rel_err(bal / world, aux_ref.balance_loss) < TOL or aux_ref.balance_loss == 0
+    # expert grads: each rank holds its shard; full_tensor gathers them
+    for name in ("gate_up", "down"):
+        grad = getattr(moe.experts, name).grad
+        assert grad.to_local().shape[0] == E // world
+        assert rel_err(grad.full_tensor(), getattr(ref.experts, name).grad) < TOL, name
+    # replicated params: the ranks' gradients sum to the global one
+    for (name, p), (_, p_ref) in zip(moe.named_parameters(), ref.named_parameters()):
+        if "experts" in name:
+            continue
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.distributed.all_reduce(grad)
+        assert rel_err(grad, p_ref.grad) < TOL, name
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_layer_matches_single_process(world):
+    launch(world, body, ("random", "skewed", "empty_rank"), 8)
