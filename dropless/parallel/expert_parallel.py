@@ -89,13 +89,31 @@ def local_tensor(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if isinstance(w, DTensor) else w
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` on the way back."""
+
+    @staticmethod
+    def forward(ctx, w, scale):
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class LocalExperts(Experts):
     """Experts whose weights are DTensors Shard(0) over `ep`: the grouped matmul runs on this rank's
-    e experts with the local counts from AllToAllDispatcher. Gradients come back as DTensors."""
+    e experts with the local counts from AllToAllDispatcher. Gradients come back as DTensors.
+    `grad_scale` multiplies the weight gradients only (data parallelism sets it; see fsdp.py)."""
+
+    grad_scale: float = 1.0
 
     def forward(self, x_ND: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
-        return ops.expert_swiglu(x_ND, counts_e, local_tensor(self.gate_up),
-                                 local_tensor(self.down), self.backend)
+        gate_up, down = local_tensor(self.gate_up), local_tensor(self.down)
+        if self.grad_scale != 1.0:
+            gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
+        return ops.expert_swiglu(x_ND, counts_e, gate_up, down, self.backend)
 
 
 def moe_modules(model: nn.Module) -> list[MoE]:

@@ -19,7 +19,7 @@ from dropless.parallel.expert_parallel import moe_modules
 
 def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """All ranks of a mesh from `build_mesh` (its flattened `dp` axis)."""
-    return mesh["dp"].get_group()
+    return mesh._flatten("dp").get_group()
 
 
 def all_reduce_loads(loads: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
