@@ -173,10 +173,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
                             "choose another --out")
     device = resolve_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer)
     tok, tokens = _prepare_data(cfg, state)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "tokenizer.json").write_text(tok.to_json())
     preset = PRESETS[cfg.preset]
     model_cfg = replace(preset, vocab_size=tok.vocab_size,
