@@ -1,0 +1,89 @@
+"""DCP: saved at (dp_shard=2, ep=2) on 4 ranks, loaded at ep=2 on 2 ranks and in one process with
+identical params and AdamW state; an incomplete checkpoint is skipped; convert keeps every expert."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _dist import launch
+from dropless import ModelConfig, MoEConfig, Transformer
+from dropless.checkpoint import config_to_dict
+from dropless.parallel import ParallelConfig, build_mesh, parallelize
+from dropless.parallel import checkpoint as ckpt
+
+CFG = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+                  tie_embeddings=True,
+                  moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2, bias_update_rate=1e-3))
+
+
+def build(pcfg=None):
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    if pcfg is not None:
+        parallelize(model, build_mesh(pcfg))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def save_body(rank, world, run_dir):
+    model, opt = build(ParallelConfig(dp_shard=2, ep=2))
+    gen = torch.Generator().manual_seed(rank)
+    for step in (1, 2):
+        tokens = torch.randint(0, CFG.vocab_size, (2, 9), generator=gen)
+        logits, aux = model(tokens[:, :-1])
+        (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux.balance_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.save(run_dir, step, model, opt, {"model_config": config_to_dict(CFG)})
+        full = ckpt.full_state(model, opt)
+        if rank == 0:
+            torch.save(full, f"{run_dir}/full-{step}.pt")
+
+
+def assert_same(full, expected):
+    model_sd, optim_sd = full
+    exp_model, exp_optim = expected
+    assert model_sd.keys() == exp_model.keys()
+    for k, v in exp_model.items():
+        assert torch.equal(model_sd[k], v), k
+    for name, st in exp_optim["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(optim_sd["state"][name][k]), torch.as_tensor(v)), (name, k)
+
+
+def load_body(rank, world, run_dir):
+    model, opt = build(ParallelConfig(ep=2))
+    path = ckpt.latest(run_dir)
+    assert path.name == "step-00000002"
+    assert ckpt.load(path, model, opt)["step"] == 2
+    full = ckpt.full_state(model, opt)   # gathered on rank 0 only
+    if rank == 0:
+        assert_same(full, torch.load(f"{run_dir}/full-2.pt"))
+
+
+@pytest.mark.timeout(180)
+def test_elastic_resume_incomplete_and_convert(tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = str(tmp_path)
+    launch(4, save_body, run_dir)
+    launch(2, load_body, run_dir)
+    # one process, no process group: the same state
+    model, opt = build()
+    ckpt.load(ckpt.latest(run_dir), model, opt)
+    expected = torch.load(f"{run_dir}/full-2.pt")
+    assert_same(ckpt.full_state(model, opt), expected)
+    # convert: one file, every expert present once and equal to the trained experts
+    n = ckpt.convert(run_dir, tmp_path / "model.safetensors")
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert n == len(tensors) == len(expected[0])
+    for k, v in expected[0].items():
+        assert torch.equal(tensors[k], v), k
+    assert tensors["layers.0.ffn.experts.gate_up"].shape[0] == CFG.moe.num_experts
+    # a save killed before its marker: skipped with a warning, the previous checkpoint loads
+    (ckpt.step_dir(run_dir, 2) / ckpt.MARKER).unlink()
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        path = ckpt.latest(run_dir)
+    assert path.name == "step-00000001"
+    model, opt = build()
+    ckpt.load(path, model, opt)
+    assert_same(ckpt.full_state(model, opt), torch.load(f"{run_dir}/full-1.pt"))
