@@ -44,6 +44,9 @@ _TRAIN_FLAGS = {
     "device": (str, "auto (default), cpu, cuda, cuda:1, ..."),
     "backend": (str, "MoE expert backend: auto (default), reference, grouped"),
     "cache_dir": (str, "token cache directory (default ~/.cache/dropless/tokens)"),
+    "ep": (int, "under torchrun: expert-parallel degree (default 1)"),
+    "dp_shard": (int, "under torchrun: FSDP degree (default: world / (dp-replicate * ep))"),
+    "dp_replicate": (int, "under torchrun: HSDP replicas (default 1)"),
 }
 
 
@@ -71,6 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
+
+    conv = sub.add_parser("convert", help="a run's latest checkpoint (any mesh) as one file")
+    conv.add_argument("run_dir")
+    conv.add_argument("--to-safetensors", required=True, metavar="OUT",
+                      help="write a consolidated safetensors file with every expert")
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
     info.add_argument("--preset", required=True)
@@ -102,7 +110,8 @@ def _train(args) -> int:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None
     summary = train(cfg, state=state, progress=not args.quiet)
-    print(format_summary(summary))
+    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
+        print(format_summary(summary))
     return 0 if summary["finished"] else 130
 
 
@@ -154,6 +163,16 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from dropless.parallel.checkpoint import convert
+
+    if not os.path.isdir(args.run_dir):
+        raise DroplessError(f"{args.run_dir}: no such run directory")
+    n = convert(args.run_dir, args.to_safetensors)
+    print(f"wrote {n} tensors to {args.to_safetensors}")
+    return 0
+
+
 def _info(args) -> int:
     from dropless.config import get_preset
     from dropless.info import format_stats, model_stats
@@ -176,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             from dropless.example import run_example
             run_example()
             return 0
-        return {"train": _train, "generate": _generate, "info": _info}[args.command](args)
+        return {"train": _train, "generate": _generate, "info": _info,
+                "convert": _convert}[args.command](args)
     except DroplessError as e:
         print(f"dropless: error: {e}", file=sys.stderr)
         return 1

@@ -229,15 +229,19 @@ class TrainConfig:
     backend: Backend = "auto"
     compile: bool = False
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
+    # scale-out under torchrun (dropless.parallel): world = dp_replicate * dp_shard * ep
+    ep: int = 1                       # expert-parallel degree
+    dp_shard: int = 0                 # FSDP degree; 0 = world / (dp_replicate * ep)
+    dp_replicate: int = 1             # HSDP replicas
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
         _choice("backend", self.backend, BACKENDS)
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
-                     "eval_batches", "ckpt_every", "log_every"):
+                     "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup", "seed"):
+        for name in ("warmup", "seed", "dp_shard"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",

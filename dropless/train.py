@@ -2,6 +2,11 @@
 
 Legend: B batch, T sequence length, V vocab, L MoE layers, E experts.
 
+Scale-out: under torchrun every rank runs this same loop on its slice of each global batch
+(`--batch-size` is global), so 1 and N processes train on the same data; rank 0 alone prints,
+logs and plots; checkpoints are then distributed (dropless.parallel.checkpoint) and load at any
+world size, including one process.
+
 Exact resume: a batch is a pure function of (seed, step, micro-batch) and the checkpoint holds the
 model, AdamW state, step, RNG states and the log window, so on CPU a resumed run's losses are bitwise
 equal to an uninterrupted run's. The LR schedule is a pure function of (step, config).
@@ -32,7 +37,7 @@ from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
 RESUMABLE = ("out", "steps", "device", "backend", "eval_every", "eval_batches", "ckpt_every",
-             "log_every", "compile", "cache_dir")
+             "log_every", "compile", "cache_dir", "ep", "dp_shard", "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
 
@@ -70,10 +75,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def latest_state(run_dir: str | Path) -> dict:
+    """The newest checkpoint of a run: checkpoint.pt (single process) or the newest complete
+    distributed one, whose state holds everything but the tensors plus `dcp_path` to load them."""
+    from dropless.parallel import checkpoint as dckpt
+
+    single = Path(run_dir) / CHECKPOINT
+    path = dckpt.latest(run_dir)
+    if path is not None:
+        extra = dckpt.read_extra(path)
+        if not single.is_file() or load_checkpoint(single)["step"] < extra["step"]:
+            return {**extra, "dcp_path": str(path)}
+    return load_checkpoint(single)
+
+
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The saved run's config with `overrides` (flags given on the command line) applied, and the
     checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
-    state = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    state = latest_state(run_dir)
     saved = state["train_config"]
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
@@ -124,15 +143,19 @@ class _MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows, device: torch.device, amp) -> float:
+def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> float:
+    """Mean loss over `windows`; under torchrun each rank takes its slice of every window."""
     model.eval()
     losses = []
     for x_BT, y_BT in windows:
+        if rt is not None:
+            x_BT, y_BT = rt.shard_batch(x_BT), rt.shard_batch(y_BT)
         with amp:
             logits_BTV, _ = model(x_BT.to(device))
         losses.append(F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten()))
     model.train()
-    return torch.stack(losses).mean().item()   # sync: the value is logged
+    loss = torch.stack(losses).mean()
+    return (loss if rt is None else rt.all_mean(loss)).item()   # sync: the value is logged
 
 
 def _prepare_data(cfg: TrainConfig, state: dict | None):
@@ -161,23 +184,51 @@ def _prepare_data(cfg: TrainConfig, state: dict | None):
 def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
           on_step=None) -> dict:
     """Train (or, given a checkpoint `state` from `resume_config`, continue) one run; returns a
-    summary dict. `on_step(step, loss)` is called after every optimizer step."""
+    summary dict. `on_step(step, loss)` is called after every optimizer step. Under torchrun,
+    every rank calls this; the process group lives for the duration of the call."""
+    from dropless.parallel import runtime
+    from dropless.parallel.mesh import ParallelConfig
+
+    run_dir = Path(cfg.out)
+    if state is None and ((run_dir / CHECKPOINT).exists() or (run_dir / "dcp").exists()):
+        raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
+                            "choose another --out")
+    try:
+        pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
+        rt = runtime.init(pcfg, resolve_device(cfg.device), PRESETS[cfg.preset].moe.num_experts)
+    except ValueError as e:
+        raise DroplessError(f"invalid parallel layout: {e}") from None
+    try:
+        if cfg.batch_size % rt.world:
+            raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
+                                f"split evenly over {rt.world} ranks")
+        return _train(cfg, rt, state, progress, on_step)
+    finally:
+        rt.shutdown()
+
+
+def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) -> dict:
     from tqdm.auto import tqdm
 
     from dropless.generate import generate
     from dropless.model import Transformer
+    from dropless.parallel import checkpoint as dckpt
+    from dropless.parallel import parallelize
+    from dropless.parallel.fsdp import clip_grad_norm_
+    from dropless.parallel.loads import all_reduce_loads
 
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / CHECKPOINT
-    if state is None and ckpt_path.exists():
-        raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
-                            "choose another --out")
-    device = resolve_device(cfg.device)
+    device = rt.device
 
-    # 1. data and tokenizer (the model's vocab follows the tokenizer)
+    # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
+    if not rt.is_main:
+        rt.barrier()
     tok, tokens = _prepare_data(cfg, state)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "tokenizer.json").write_text(tok.to_json())
+    if rt.is_main:
+        rt.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tokenizer.json").write_text(tok.to_json())
     preset = PRESETS[cfg.preset]
     model_cfg = replace(preset, vocab_size=tok.vocab_size,
                         max_seq_len=max(preset.max_seq_len, cfg.seq_len))
@@ -186,17 +237,28 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
                             "matches the model in the checkpoint")
     baseline = data.unigram_entropy(tokens.val, tok.vocab_size)
 
-    # 2. model and optimizer, seeded; restored from the checkpoint when resuming
+    # 2. model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
+    #    sharded parameters); restored from the checkpoint when resuming
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
     model.set_backend(cfg.backend)
+    single_state = state is not None and "dcp_path" not in state
+    if single_state:
+        if rt.world > 1:
+            raise DroplessError(f"{run_dir}: a single-process checkpoint resumes in one process "
+                                "only; distributed runs resume from distributed checkpoints")
+        model.load_state_dict(state["model"])
+    if rt.mesh is not None:
+        parallelize(model, rt.mesh)
     opt = make_optimizer(model, cfg)
     L, E = len(model.moe_layers()), model_cfg.moe.num_experts
     step = 0
     window = {"loss": 0.0, "aux": 0.0, "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long)}
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if single_state:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            dckpt.load(Path(state["dcp_path"]), model, opt)   # any saved mesh -> this one
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -208,25 +270,30 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     num_params = sum(p.numel() for p in model.parameters())
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        extra = {
+            "step": step,
             "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
                          "min_lr_ratio": cfg.min_lr_ratio},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "data": {"key": tokens.key, "seed": cfg.seed},   # batches are f(seed, step)
             "window": window, "train_config": asdict(cfg),
-            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()})
+            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()}
+        if rt.world > 1:
+            dckpt.save(run_dir, step, model, opt, extra)
+        else:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        **extra})
 
     # 3. the loop
-    log = _MetricsLog(run_dir / "metrics.jsonl", keep_through=step)
+    log = _MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
     recent = deque(maxlen=20)
     val_loss = None
     saved_step = step if state is not None else -1
     start_step, start_time = step, time.perf_counter()
     clock = start_time
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not progress, desc=f"train {cfg.preset}")
+               disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
     with _StopOnInterrupt() as stop, bar:
         while step < cfg.steps and not stop.requested:
             lr = lr_at(step, cfg)
@@ -238,6 +305,7 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
             for micro in range(cfg.grad_accum):
                 x_BT, y_BT = data.get_batch(tokens.train, cfg.batch_size, cfg.seq_len,
                                             seed=cfg.seed, step=step, micro=micro)
+                x_BT, y_BT = rt.shard_batch(x_BT), rt.shard_batch(y_BT)   # this rank's rows
                 with amp:
                     logits_BTV, aux = forward(x_BT.to(device))
                 lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten())
@@ -246,11 +314,18 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
                 lm_sum += lm.detach()
                 aux_sum += aux_loss.detach()
                 loads_LE += aux.tokens_per_expert
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if rt.mesh is None:
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            else:   # gradients are DTensors on two meshes (dense, experts)
+                grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip or math.inf)
+                loads_LE = all_reduce_loads(loads_LE, rt.mesh)   # the global batch's loads
+                lm_sum, aux_sum = rt.all_mean(lm_sum), rt.all_mean(aux_sum)
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.update_bias(loads_LE)
             step += 1
+            if rt.world > 1:   # a Ctrl-C seen by any rank stops every rank after the same step
+                stop.requested = bool(rt.all_mean(torch.tensor(float(stop.requested))) > 0)
 
             loss = lm_sum.item() / cfg.grad_accum   # sync: loss for the bar, log and callback
             recent.append(loss)
@@ -275,11 +350,13 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
                           "expert_load": (loads / loads.sum(-1, keepdim=True).clamp(min=1))
                           .round(decimals=4).tolist()}
                 if evaluate_now:
-                    val_loss = evaluate(forward, val_windows, device, amp)
+                    val_loss = evaluate(forward, val_windows, device, amp, rt)
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                    bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
-                              f"{val_loss:.3f} (ppl {record['val_ppl']:.2f})  nats/token")
-                log.write(record)
+                    if rt.is_main:
+                            bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
+                                  f"{val_loss:.3f} (ppl {record['val_ppl']:.2f})  nats/token")
+                if log is not None:
+                    log.write(record)
                 window = {"loss": 0.0, "aux": 0.0, "steps": 0,
                           "loads": torch.zeros(L, E, dtype=torch.long)}
                 clock = time.perf_counter()   # eval time does not count against tokens/s
@@ -288,10 +365,11 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
                 saved_step = step
         if step != saved_step:   # stopped by Ctrl-C between checkpoints
             checkpoint()
-    log.file.close()
+    if log is not None:
+        log.file.close()
     elapsed = time.perf_counter() - start_time
 
-    plots = write_plots(run_dir, baseline)
+    plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
     sample = None
     if finished:

@@ -26,14 +26,15 @@ AXES = ("dp_replicate", "dp_shard", "ep")
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     dp_replicate: int = 1   # HSDP replica groups (full copies of the sharded state)
-    dp_shard: int = 1       # FSDP sharding degree among ranks that do not split experts
+    dp_shard: int = 1       # FSDP degree among ranks that do not split experts
     ep: int = 1             # expert-parallel degree: experts split this many ways
 
     def __post_init__(self):
         for name in AXES:
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+            low = 0 if name == "dp_shard" else 1   # dp_shard 0 = the rest of the world (runtime)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= {low}")
 
     @property
     def world_size(self) -> int:

@@ -20,10 +20,10 @@ def _worker(rank, world, init_file, body, args):
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         body(rank, world, *args)
-        dist.barrier()
     finally:
-        gc.collect()  # drop graphs holding collectives first: avoids a flaky abort at exit
-        dist.destroy_process_group()
+        if dist.is_initialized():   # train() shuts the group down itself
+            gc.collect()  # drop graphs holding collectives first: avoids a flaky abort at exit
+            dist.destroy_process_group()
 
 
 def launch(world: int, body, *args) -> None:

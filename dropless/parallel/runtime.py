@@ -1,0 +1,83 @@
+"""The process side of a distributed run: init from torchrun's environment, the mesh, shutdown.
+
+A process started without torchrun (WORLD_SIZE unset or 1) gets a 1-rank runtime with no process
+group and no mesh, and everything behaves exactly as in a plain single-process run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dropless.parallel.mesh import ParallelConfig
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world: int = 1
+    mesh: object = None            # DeviceMesh, or None in a single process
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (of per-rank means over equal token counts = the global mean)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world
+
+    def shard_batch(self, x_B: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (every rank reads distinct tokens, ep ranks too)."""
+        if self.world == 1:
+            return x_B
+        rows = x_B.shape[0] // self.world
+        return x_B[self.rank * rows:(self.rank + 1) * rows]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            gc.collect()   # graphs holding collectives go first: avoids a flaky abort at exit
+            dist.destroy_process_group()
+
+
+def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) -> Runtime:
+    """Join the torchrun job (if any) and build its mesh. `pcfg.dp_shard` may be 0: whatever is left
+    of the world after dp_replicate and ep."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Runtime(device=device)
+    import torch.distributed as dist
+
+    from dropless.parallel.mesh import build_mesh
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get(
+            "LOCAL_WORLD_SIZE", str(world)))))
+    pcfg = pcfg or ParallelConfig()
+    if pcfg.dp_shard == 0:
+        rest, rem = divmod(world, pcfg.dp_replicate * pcfg.ep)
+        if rem or rest == 0:
+            raise ValueError(f"dp_replicate*ep={pcfg.dp_replicate * pcfg.ep} is invalid: must "
+                             f"divide the world size {world}")
+        pcfg = ParallelConfig(dp_replicate=pcfg.dp_replicate, dp_shard=rest, ep=pcfg.ep)
+    pcfg.check(world, num_experts)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(dist.get_rank(), world, build_mesh(pcfg, device.type), device)
