@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from _dist import launch
+from dropless.checkpoint import config_from_dict, load_run
 from dropless.config import TrainConfig
+from dropless.model import Transformer
+from dropless.parallel import checkpoint as ckpt
 from dropless.train import resume_config, train
 
 # fp32: losses agree to ~1e-7; the gradient norm, a norm of sums reduced in another order, drifts
@@ -45,6 +48,12 @@ def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
     assert sorted(four) == list(range(1, 11))
     assert_close(four, one, range(1, 11))
+    # final parameters: the 4-rank checkpoint gathered into one process vs the 1-process run
+    sharded = Transformer(config_from_dict(ckpt.read_extra(ckpt.latest(tmp_path / "four"))["model_config"]))
+    ckpt.load(ckpt.latest(tmp_path / "four"), sharded)
+    single = load_run(tmp_path / "one")[0]
+    for (name, p), q in zip(sharded.state_dict().items(), single.state_dict().values()):
+        assert (p - q).norm() <= 1e-4 * q.norm(), name
 
     # the 4-rank run's step-5 checkpoint resumed in one process continues the same trajectory
     shutil.copytree(tmp_path / "four", tmp_path / "resumed")
