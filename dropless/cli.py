@@ -95,6 +95,14 @@ def _train(args) -> int:
     for dest in ("data", "cache_dir"):   # absolute, so a resume from elsewhere finds them
         if dest in overrides:
             overrides[dest] = os.path.abspath(overrides[dest])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
+        raise DroplessError("under torchrun, pass --out RUN_DIR: every rank (and every restart) "
+                            "must agree on the run directory")
+    if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
+        from dropless.train import has_checkpoint
+        if has_checkpoint(args.out):
+            args.resume = args.out
     if args.resume is not None:
         run_dir = args.resume or args.out
         if not run_dir:

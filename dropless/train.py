@@ -75,6 +75,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run holds a complete checkpoint (single-process or distributed)."""
+    from dropless.parallel import checkpoint as dckpt
+
+    return (Path(run_dir) / CHECKPOINT).is_file() or dckpt.latest(run_dir) is not None
+
+
 def latest_state(run_dir: str | Path) -> dict:
     """The newest checkpoint of a run: checkpoint.pt (single process) or the newest complete
     distributed one, whose state holds everything but the tensors plus `dcp_path` to load them."""
@@ -190,7 +197,7 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel.mesh import ParallelConfig
 
     run_dir = Path(cfg.out)
-    if state is None and ((run_dir / CHECKPOINT).exists() or (run_dir / "dcp").exists()):
+    if state is None and has_checkpoint(run_dir):
         raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
                             "choose another --out")
     try:
