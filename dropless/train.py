@@ -379,8 +379,18 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
     sample = None
-    if finished:
-        new = generate(model, [tok.encode(SAMPLE_PROMPT).tolist()], 160, temperature=0.8,
+    sample_model = model if finished else None
+    if finished and rt.world > 1:
+        # rank 0 samples alone from the gathered weights: 160 decoding steps of collectives
+        # across every rank would cost far more than one gather
+        full, _ = dckpt.full_state(model)
+        sample_model = None
+        if rt.is_main:
+            sample_model = Transformer(model_cfg)
+            sample_model.load_state_dict(full)
+            sample_model.to(device).set_backend(cfg.backend)
+    if sample_model is not None:
+        new = generate(sample_model, [tok.encode(SAMPLE_PROMPT).tolist()], 160, temperature=0.8,
                        top_k=40, seed=cfg.seed)[0]
         sample = SAMPLE_PROMPT + tok.decode(new)
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
@@ -396,6 +406,7 @@ def format_summary(s: dict) -> str:
         return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
                 f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
     minutes, seconds = divmod(round(s["elapsed_s"]), 60)
+    checkpoints = "dcp/" if (Path(s["run_dir"]) / "dcp").is_dir() else CHECKPOINT
     lines = [
         f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
         f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s)",
@@ -404,7 +415,7 @@ def format_summary(s: dict) -> str:
         f"{math.exp(s['val_loss']):.2f})",
         f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
         "tokens: the best loss without context)",
-        f"run directory: {s['run_dir']} (checkpoint.pt, metrics.jsonl, "
+        f"run directory: {s['run_dir']} ({checkpoints}, metrics.jsonl, "
         + ", ".join(Path(p).name for p in s["plots"]) + ")",
         f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
         "-" * 60, s["sample"], "-" * 60,
