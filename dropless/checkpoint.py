@@ -89,7 +89,26 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DroplessError(f"{run_dir}: no such run directory")
-    state = load_checkpoint(run_dir / CHECKPOINT)
+    state = latest_state(run_dir)
     model = Transformer(config_from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    if "dcp_path" in state:   # a distributed run's checkpoint, gathered into this one process
+        from dropless.parallel import checkpoint as dckpt
+        dckpt.load(Path(state["dcp_path"]), model)
+    else:
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer_from_json(state["tokenizer"]), state
+
+
+def latest_state(run_dir: str | Path) -> dict:
+    """The newest checkpoint of a run: checkpoint.pt (single process) or the newest complete
+    distributed one (dropless.parallel.checkpoint), whose state holds everything but the tensors,
+    plus `dcp_path` to load them from."""
+    from dropless.parallel import checkpoint as dckpt
+
+    single = Path(run_dir) / CHECKPOINT
+    path = dckpt.latest(run_dir)
+    if path is not None:
+        extra = dckpt.read_extra(path)
+        if not single.is_file() or load_checkpoint(single)["step"] < extra["step"]:
+            return {**extra, "dcp_path": str(path)}
+    return load_checkpoint(single)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless import data
-from dropless.checkpoint import (CHECKPOINT, config_to_dict, load_checkpoint, save_checkpoint)
+from dropless.checkpoint import CHECKPOINT, config_to_dict, latest_state, save_checkpoint
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.plots import write_plots
@@ -80,20 +80,6 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     from dropless.parallel import checkpoint as dckpt
 
     return (Path(run_dir) / CHECKPOINT).is_file() or dckpt.latest(run_dir) is not None
-
-
-def latest_state(run_dir: str | Path) -> dict:
-    """The newest checkpoint of a run: checkpoint.pt (single process) or the newest complete
-    distributed one, whose state holds everything but the tensors plus `dcp_path` to load them."""
-    from dropless.parallel import checkpoint as dckpt
-
-    single = Path(run_dir) / CHECKPOINT
-    path = dckpt.latest(run_dir)
-    if path is not None:
-        extra = dckpt.read_extra(path)
-        if not single.is_file() or load_checkpoint(single)["step"] < extra["step"]:
-            return {**extra, "dcp_path": str(path)}
-    return load_checkpoint(single)
 
 
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:

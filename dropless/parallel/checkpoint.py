@@ -108,16 +108,6 @@ def to_safetensors(model: nn.Module, out: str | Path) -> int:
 def convert(run_dir: str | Path, out: str | Path) -> int:
     """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest complete checkpoint (DCP
     from any mesh, or a single-process checkpoint.pt) as one safetensors file."""
-    from dropless.checkpoint import CHECKPOINT, config_from_dict, load_run
-    from dropless.errors import DroplessError
-    from dropless.model import Transformer
+    from dropless.checkpoint import load_run
 
-    path = latest(run_dir)
-    if path is not None:
-        model = Transformer(config_from_dict(read_extra(path)["model_config"]))
-        load(path, model)
-    elif (Path(run_dir) / CHECKPOINT).is_file():
-        model = load_run(run_dir)[0]
-    else:
-        raise DroplessError(f"{run_dir}: no complete checkpoint to convert")
-    return to_safetensors(model, out)
+    return to_safetensors(load_run(run_dir)[0], out)

@@ -10,6 +10,7 @@ from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict
 from dropless.parallel import ParallelConfig, build_mesh, parallelize
 from dropless.parallel import checkpoint as ckpt
+from dropless.tokenizer import ByteTokenizer
 
 CFG = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
                   tie_embeddings=True,
@@ -33,7 +34,8 @@ def save_body(rank, world, run_dir):
         (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux.balance_loss).backward()
         opt.step()
         opt.zero_grad()
-        ckpt.save(run_dir, step, model, opt, {"model_config": config_to_dict(CFG)})
+        ckpt.save(run_dir, step, model, opt, {"model_config": config_to_dict(CFG),
+                                              "tokenizer": ByteTokenizer().to_json()})
         full = ckpt.full_state(model, opt)
         if rank == 0:
             torch.save(full, f"{run_dir}/full-{step}.pt")
