@@ -188,10 +188,8 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
         state[row.key] = t
     elif row.kind in ("rope_q", "rope_kv"):
         state[row.key] = t[_rope_perm(cfg, row.kind, t.shape[0], to_half_split=True)]
-    elif row.kind == "gate_up":
-        state[row.key] = t.transpose(1, 2)
-    elif row.kind == "down_all":
-        state[row.key] = t.transpose(1, 2)
+    elif row.kind in ("gate_up", "down_all"):
+        state[row.key] = t.transpose(1, 2)   # HF [E, out, in] -> dropless [E, in, out]
     else:
         E, D = cfg.moe.num_experts, cfg.dim
         if row.key not in state:
@@ -208,7 +206,10 @@ def read_hf_config(path) -> dict:
     config = path / "config.json"
     if not config.exists():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    return json.loads(config.read_text())
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON: {err}") from err
 
 
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:

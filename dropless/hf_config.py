@@ -60,6 +60,14 @@ def _dense_prefix(hf: dict) -> int:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    try:
+        return _config_from_hf(hf)
+    except KeyError as err:
+        raise ValueError(f"config.json lacks the field {err.args[0]!r} that model_type="
+                         f"{hf.get('model_type')!r} needs") from None
+
+
+def _config_from_hf(hf: dict) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r} is not supported: allowed: "

@@ -183,6 +183,14 @@ def test_unsupported_model_type(mixtral_dir):
         from_hf(mixtral_dir)
 
 
+def test_config_lacking_a_field(mixtral_dir):
+    cfg = json.loads((mixtral_dir / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (mixtral_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks the field 'intermediate_size'"):
+        from_hf(mixtral_dir)
+
+
 @pytest.mark.parametrize("field,value,arch", [
     ("sliding_window", 16, "mixtral"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "mixtral"),
