@@ -307,3 +307,58 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
         total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---- directories and the `dropless convert` command -------------------------------------------------
+
+def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """-> (model in eval mode, the directory's tokenizer.json text or None)."""
+    model = from_hf(path, dtype, device).eval()
+    tokenizer = Path(path) / "tokenizer.json"
+    return model, tokenizer.read_text() if tokenizer.exists() else None
+
+
+def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
+                model_type: str | None = None) -> None:
+    """to_hf plus tokenizer.json when the tokenizer is a `tokenizers` one (dropless's raw-byte
+    tokenizer has no HF file form and is left out)."""
+    to_hf(model, path, model_type)
+    if tokenizer_json is not None and json.loads(tokenizer_json).get("type") != "bytes":
+        (Path(path) / "tokenizer.json").write_text(tokenizer_json)
+
+
+def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None:
+    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
+
+    if tokenizer_json is None:
+        raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT, {"model_config": config_to_dict(model.cfg),
+                                       "model": model.state_dict(), "tokenizer": tokenizer_json,
+                                       "step": 0})
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """`dropless convert --from-hf HF_DIR OUT_RUN_DIR` | `dropless convert --to-hf RUN_DIR OUT_HF_DIR`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dropless convert",
+                                     description="convert between HF model directories and "
+                                                 "dropless run directories")
+    way = parser.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="read a Hugging Face model directory")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="read a dropless run directory")
+    parser.add_argument("out", help="directory to write")
+    parser.add_argument("--model-type", help="HF architecture to write (default: inferred)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.from_hf:
+        model, tokenizer_json = load_hf_dir(args.from_hf)
+        _save_run(out, model, tokenizer_json)
+    else:
+        from dropless.checkpoint import load_run
+
+        model, tokenizer, _ = load_run(args.to_hf)
+        save_hf_dir(model, out, tokenizer.to_json(), args.model_type)
+    print(f"wrote {out}")
+    return 0

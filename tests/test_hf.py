@@ -244,3 +244,16 @@ def test_report_errors():
     """Prints the measured per-architecture logits errors (pytest -s)."""
     for arch, err in ERRORS.items():
         print(f"{arch}: max relative logits error {err:.2e}")
+
+
+def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
+    from dropless.hf import load_hf_dir, save_hf_dir
+
+    tok = json.dumps({"version": "1.0", "model": {"type": "BPE"}})
+    (mixtral_dir / "tokenizer.json").write_text(tok)
+    model, tok_json = load_hf_dir(mixtral_dir)
+    assert tok_json == tok and not model.training
+    save_hf_dir(model, tmp_path / "out", tok_json)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
+    save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
+    assert not (tmp_path / "bytes" / "tokenizer.json").exists()
