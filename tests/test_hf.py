@@ -257,3 +257,12 @@ def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
     save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
     assert not (tmp_path / "bytes" / "tokenizer.json").exists()
+
+
+def test_bf16_load_close_to_fp32(saved):
+    arch, ref, path = saved
+    model = from_hf(path, dtype=torch.bfloat16).eval()
+    assert model.embed.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(model(tokens)[0], ref(tokens).logits) < 5e-2
