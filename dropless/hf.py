@@ -282,8 +282,7 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
         bias_key = moe_key[:-len("weight")] + "bias"
         if model_type == "deepseek_v3" and bias_key not in state:   # HF always has the buffer
             state[bias_key] = torch.zeros(cfg.moe.num_experts)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    hf_cfg["dtype"] = str(max(dtypes, key=lambda d: torch.finfo(d).bits)).removeprefix("torch.")
+    hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     shards, size = [{}], 0
     for row in layout(cfg, model_type):
         t = _hf_tensor(state, row, cfg)
