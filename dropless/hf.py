@@ -13,6 +13,7 @@ unexpected and misshapen tensor at once; writing walks the same table backwards.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,13 +352,17 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-type", help="HF architecture to write (default: inferred)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.from_hf:
-        model, tokenizer_json = load_hf_dir(args.from_hf)
-        _save_run(out, model, tokenizer_json)
-    else:
-        from dropless.checkpoint import load_run
+    try:
+        if args.from_hf:
+            model, tokenizer_json = load_hf_dir(args.from_hf)
+            _save_run(out, model, tokenizer_json)
+        else:
+            from dropless.checkpoint import load_run
 
-        model, tokenizer, _ = load_run(args.to_hf)
-        save_hf_dir(model, out, tokenizer.to_json(), args.model_type)
+            model, tokenizer, _ = load_run(args.to_hf)
+            save_hf_dir(model, out, tokenizer.to_json(), args.model_type)
+    except ValueError as err:   # user mistakes: one line, no traceback
+        print(f"dropless: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0

@@ -266,3 +266,10 @@ def test_bf16_load_close_to_fp32(saved):
     tokens = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert rel_err(model(tokens)[0], ref(tokens).logits) < 5e-2
+
+
+def test_convert_reports_bad_input_in_one_line(tmp_path, capsys):
+    from dropless.hf import convert_main
+
+    assert convert_main(["--from-hf", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "no config.json" in capsys.readouterr().err
