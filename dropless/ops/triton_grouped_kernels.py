@@ -20,12 +20,18 @@ import os
 import triton
 import triton.language as tl
 
-EPI_PLAIN, EPI_SWIGLU, EPI_SWIGLU_BWD = 0, 1, 2
+EPI_PLAIN, EPI_SWIGLU, EPI_SWIGLU_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # the interpreter is slow with small blocks and gains nothing from tuning
     _MM_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})]
     _WG_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
+elif os.environ.get("DROPLESS_TRITON_AUTOTUNE") == "0":
+    # one good config, no tuning: quick compiles for GPU tests
+    _MM_CONFIGS = [triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                                 num_stages=3)]
+    _WG_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8,
+                                 num_stages=3)]
 else:
     _MM_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
