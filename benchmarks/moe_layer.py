@@ -135,7 +135,7 @@ def make_inputs(T, D, Fh, E, K, dtype, device, seed=0):
     return x, weights, ids, {k: v.requires_grad_() for k, v in p.items()}
 
 
-def run_shape(name, dtype, device, check):
+def run_shape(name, dtype, device, check, profile):
     T, D, Fh, E, K = SHAPES[name]
     x, weights, ids, p = make_inputs(T, D, Fh, E, K, dtype, device)
     x.requires_grad_()
@@ -162,11 +162,15 @@ def run_shape(name, dtype, device, check):
             with torch.no_grad():
                 t_fwd = bench(fwd, device)
             t_fb = bench(fwd_bwd, device)
-            mem = peak_extra_gib(fwd_bwd, device)
+            # activations only: the weight gradients (E*D*3F against the dense K*F*3D) are not
+            weight_grads = sum(t.numel() * t.element_size() for t in leaves[2:]) / 2**30
+            mem = peak_extra_gib(fwd_bwd, device) - weight_grads
         except torch.OutOfMemoryError:
             print(f"# {label}: out of memory")
             continue
         table[label] = (t_fwd, t_fb, mem)
+        if profile and label == "fused_triton":
+            print_kernel_times(fwd_bwd)
         if check and label not in ("dense_equiv", "hf_mixtral_block", "capacity_bmm_1.25"):
             y_check = check_against(label, fwd_bwd, x, weights, ids, p, dy, y_check)
     # router and permutation overheads, apart from the experts
@@ -204,11 +208,18 @@ def check_against(label, fwd_bwd, x, weights, ids, p, dy, prev):
     return prev
 
 
+def print_kernel_times(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def print_table(name, shape, dtype, device, table, flops):
     T, D, Fh, E, K = shape
     print(f"\n### {name}: T {T}, D {D}, F {Fh}, E {E}, K {K}, {str(dtype)[6:]}, {device}\n")
     print("| provider | fwd ms | fwd TFLOP/s | fwd ratio | fwd+bwd ms | fwd+bwd TFLOP/s | "
-          "fwd+bwd ratio | peak extra GiB | memory ratio |")
+          "fwd+bwd ratio | peak activations GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     dense = table.get("dense_equiv")
     for label, (tf, tfb, mem) in table.items():
@@ -223,13 +234,14 @@ def main():
     parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU)")
     parser.add_argument("--check", action="store_true", help="compare with the fp32 loop first")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel times of fused_triton")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("mixtral,olmoe,qwen3" if device.type == "cuda" else "cpu,cpu-fine")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     for name in shapes.split(","):
-        run_shape(name, dtype, device, args.check)
+        run_shape(name, dtype, device, args.check, args.profile)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

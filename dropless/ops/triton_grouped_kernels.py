@@ -45,6 +45,8 @@ else:
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=["N", "KD", "EPILOGUE"])
+@triton.heuristics({"EVEN_K": lambda a: a["KD"] % a["BLOCK_K"] == 0,
+                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
 def grouped_mm_kernel(
     # A [*, KD], rows read through a_row when GATHER_A; W [E, KD, N'] with any strides
@@ -62,6 +64,7 @@ def grouped_mm_kernel(
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
     SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -93,19 +96,31 @@ def grouped_mm_kernel(
                       + cols[None, :] * stride_wn)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # masks along a contiguous dimension would break 16-byte vector loads: only when ragged
             for k in range(0, KD, BLOCK_K):
-                k_ok = ks < KD - k
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(ks < KD - k)[None, :], other=0.0)
+                if EVEN_K and EVEN_N:
+                    w = tl.load(w_ptrs)
+                else:
+                    w_ok = (ks < KD - k)[:, None] & col_ok[None, :]
+                    w = tl.load(w_ptrs, mask=w_ok, other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
                 if EPILOGUE == EPI_SWIGLU:
-                    w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
-                                   other=0.0)
+                    if EVEN_K and EVEN_N:
+                        w_up = tl.load(w_ptrs + N * stride_wn)
+                    else:
+                        w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
                     acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
                 w_ptrs += BLOCK_K * stride_wk
             # 3. epilogue
-            mask = row_ok[:, None] & col_ok[None, :]
+            if EVEN_N:
+                mask = row_ok[:, None]   # broadcast over columns: stores stay vectorized
+            else:
+                mask = row_ok[:, None] & col_ok[None, :]
             if SCATTER_OUT:
                 out_rows = tl.load(out_row_ptr + rows).to(tl.int64)
             else:
@@ -142,6 +157,8 @@ def grouped_mm_kernel(
 
 
 @triton.autotune(configs=_WG_CONFIGS, key=["M", "N"])
+@triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
+                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
 def grouped_wgrad_kernel(
     # A [*, M] and B [*, N], rows read through a_row / b_row; B rows scaled by scale (fp32 [R])
@@ -154,6 +171,7 @@ def grouped_wgrad_kernel(
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     expert = tl.program_id(1)
@@ -178,10 +196,18 @@ def grouped_wgrad_kernel(
             b_rows = tl.load(b_row_ptr + rows).to(tl.int64)
         else:
             b_rows = rows
-        a = tl.load(a_ptr + a_rows[None, :] * stride_ar + ms[:, None] * stride_am,
-                    mask=row_ok[None, :] & m_ok[:, None], other=0.0)          # [BLOCK_M, BLOCK_K]
-        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
-                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)          # [BLOCK_K, BLOCK_N]
+        # rows past the expert's end are masked (a non-contiguous dim: loads stay vectorized);
+        # columns only when ragged
+        a_ptrs = a_ptr + a_rows[None, :] * stride_ar + ms[:, None] * stride_am   # [BLOCK_M, BLOCK_K]
+        b_ptrs = b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn   # [BLOCK_K, BLOCK_N]
+        if EVEN_M:
+            a = tl.load(a_ptrs)   # rows past the end are zeroed through b alone
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        if EVEN_N:
+            b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE:
             b = (b.to(tl.float32) * tl.load(scale_ptr + rows)[:, None]).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
