@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Backend = Literal["auto", "reference", "grouped"]
-BACKENDS = ("auto", "reference", "grouped")
+Backend = Literal["auto", "reference", "grouped", "triton"]
+BACKENDS = ("auto", "reference", "grouped", "triton")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTENTIONS = ("gqa", "mla")
 
