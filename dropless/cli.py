@@ -1,20 +1,188 @@
-"""Command-line entry point: `dropless <command>`."""
+"""Command-line entry point: `dropless <command>` (also `python -m dropless`).
+
+User mistakes raise DroplessError anywhere below; `main` prints them as one line on stderr and
+returns a non-zero exit code, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import os
 import sys
+import time
+
+from dropless.errors import DroplessError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# train flags: dest -> (type, help); all default to None so that only given flags override the
+# TrainConfig defaults, or a resumed run's saved config
+_TRAIN_FLAGS = {
+    "preset": (str, "model preset (default tiny; see `dropless info`)"),
+    "data": (str, "text file, directory of text files, or .jsonl with a 'text' field "
+                  "(default: this Python's stdlib .py files)"),
+    "tokenizer": (str, "bytes (default, vocab 256) or bpe"),
+    "vocab": (int, "BPE vocabulary size (default 4096)"),
+    "steps": (int, "optimizer steps (default 600)"),
+    "batch_size": (int, "sequences per micro-batch (default 16)"),
+    "seq_len": (int, "tokens per sequence (default 128)"),
+    "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
+    "lr": (float, "peak learning rate (default 3e-3)"),
+    "warmup": (int, "linear warmup steps before the cosine decay (default 50)"),
+    "weight_decay": (float, "AdamW weight decay on non-embedding matrices (default 0.1)"),
+    "grad_clip": (float, "max global gradient norm, 0 = off (default 1.0)"),
+    "seed": (int, "seed of the initialization and of the batches (default 0)"),
+    "eval_every": (int, "validation every N steps (default 100)"),
+    "eval_batches": (int, "validation batches per evaluation (default 8)"),
+    "ckpt_every": (int, "checkpoint every N steps (default 200); always at the end"),
+    "log_every": (int, "metrics.jsonl line every N steps (default 10)"),
+    "device": (str, "auto (default), cpu, cuda, cuda:1, ..."),
+    "backend": (str, "MoE expert backend: auto (default), reference, grouped"),
+    "cache_dir": (str, "token cache directory (default ~/.cache/dropless/tokens)"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dropless", description="Dropless MoE on PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("example", help="run one MoE layer on random tokens and print what it did")
+
+    train = sub.add_parser("train", help="train a model; writes a run directory")
+    for dest, (kind, text) in _TRAIN_FLAGS.items():
+        train.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    train.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    train.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR (or --out) from its checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gen = sub.add_parser("generate", help="sample text from a trained run, streamed to stdout")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", action="append", help="repeat for a batch of prompts "
+                                                       "(default 'def ')")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--device", default="cpu")
+
+    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
+    info.add_argument("--preset", required=True)
+    info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
+    return parser
+
+
+def _train(args) -> int:
+    from dropless.config import TrainConfig
+    from dropless.train import format_summary, resume_config, train
+
+    overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
+                 if getattr(args, dest) is not None}
+    for dest in ("data", "cache_dir"):   # absolute, so a resume from elsewhere finds them
+        if dest in overrides:
+            overrides[dest] = os.path.abspath(overrides[dest])
+    if args.resume is not None:
+        run_dir = args.resume or args.out
+        if not run_dir:
+            raise DroplessError("--resume needs a run directory: --resume RUN_DIR")
+        if not os.path.isdir(run_dir):
+            raise DroplessError(f"{run_dir}: no such run directory")
+        cfg, state = resume_config(run_dir, overrides)
+    else:
+        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            cfg = TrainConfig(out=out, **overrides)
+        except ValueError as e:
+            raise DroplessError(f"invalid training config: {e}") from None
+        state = None
+    summary = train(cfg, state=state, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0 if summary["finished"] else 130
+
+
+def _generate(args) -> int:
+    from dropless.checkpoint import load_run
+    from dropless.generate import generate
+    from dropless.train import resolve_device
+
+    if args.max_new_tokens <= 0:
+        raise DroplessError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be > 0")
+    if args.temperature < 0:
+        raise DroplessError(f"--temperature {args.temperature} is invalid: must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise DroplessError(f"--top-k {args.top_k} is invalid: must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise DroplessError(f"--top-p {args.top_p} is invalid: must be in (0, 1]")
+    model, tok, _ = load_run(args.run_dir, resolve_device(args.device))
+    prompts = args.prompt or ["def "]
+    ids = [tok.encode(p).tolist() for p in prompts]
+    if not all(ids):
+        raise DroplessError("--prompt must not be empty")
+    longest = max(map(len, ids)) + args.max_new_tokens
+    if longest > model.cfg.max_seq_len:
+        raise DroplessError(f"prompt + --max-new-tokens = {longest} tokens exceeds the model's "
+                            f"max_seq_len={model.cfg.max_seq_len}")
+    # multi-byte characters may span tokens: decode each stream incrementally
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+    streaming = len(prompts) == 1
+    if streaming:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_token(row: int, token: int) -> None:
+        if streaming:
+            sys.stdout.write(decoders[row].decode(tok.token_bytes(token)))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token)
+    elapsed = time.perf_counter() - start
+    if streaming:
+        sys.stdout.write(decoders[0].decode(b"", final=True) + "\n")
+    else:
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            print(f"--- [{i}] ---\n{prompt}{tok.decode(out)}")
+    num_new = sum(map(len, outs))
+    print(f"{num_new} tokens in {elapsed:.2f} s ({num_new / elapsed:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    from dropless.config import get_preset
+    from dropless.info import format_stats, model_stats
+
+    try:
+        cfg = get_preset(args.preset)
+    except ValueError as e:
+        raise DroplessError(str(e)) from None
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
+    print(f"preset {args.preset}")
+    print(format_stats(model_stats(cfg, args.seq_len)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dropless", description="Dropless MoE on PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("example", help="run one MoE layer on random tokens and print what it did")
-    args = parser.parse_args(argv)
-    if args.command == "example":
-        from dropless.example import run_example
-        run_example()
-    return 0
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "example":
+            from dropless.example import run_example
+            run_example()
+            return 0
+        return {"train": _train, "generate": _generate, "info": _info}[args.command](args)
+    except DroplessError as e:
+        print(f"dropless: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dropless: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Backend = Literal["auto", "reference", "grouped"]
-BACKENDS = ("auto", "reference", "grouped")
+Backend = Literal["auto", "reference", "grouped", "triton"]
+BACKENDS = ("auto", "reference", "grouped", "triton")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTENTIONS = ("gqa", "mla")
 QK_NORM_SCOPES = ("head", "proj")
@@ -199,3 +199,53 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown: allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+TOKENIZERS = ("bytes", "bpe")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run (`dropless train`). The defaults train `tiny` on the embedded stdlib corpus
+    in about five minutes on a 2-core CPU."""
+
+    out: str                          # run directory
+    preset: str = "tiny"
+    data: str | None = None           # None = the interpreter's stdlib .py files
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    vocab: int = 4096                 # BPE vocabulary size (the model's vocab follows the tokenizer)
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0            # max global grad norm; 0 = off
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    log_every: int = 10
+    device: str = "auto"              # "auto" = cuda when available, else cpu
+    backend: Backend = "auto"
+    compile: bool = False
+    cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
+
+    def __post_init__(self):
+        _choice("preset", self.preset, tuple(PRESETS))
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _choice("backend", self.backend, BACKENDS)
+        for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+                     "eval_batches", "ckpt_every", "log_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup", "seed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
+        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",
+               self.lr, "must be a finite number > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")

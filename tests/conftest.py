@@ -1,7 +1,11 @@
 import copy
+import sysconfig
+from pathlib import Path
 
+import pytest
 import torch
 
+from dropless.config import TrainConfig
 from dropless.ops import moe_loop
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -43,3 +47,25 @@ def oracle(moe, x, grad_out):
     ((y * grad_out.double()).sum() + route.balance_loss + route.z_loss).backward()
     grads = {n: p.grad for n, p in m64.named_parameters()}
     return y, grads, x64.grad, ids
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """~250 KB of Python source in a few files: a quick stand-in for the full stdlib corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "dataclasses.py", "textwrap.py", "shlex.py", "fnmatch.py",
+                 "glob.py", "heapq.py", "bisect.py", "string.py", "colorsys.py"):
+        (folder / name).write_text((root / name).read_text())
+    return folder
+
+
+@pytest.fixture
+def small_cfg(tmp_path, corpus):
+    """A TrainConfig for fast CPU tests: the tiny preset on short sequences and small batches."""
+    def make(**kw) -> TrainConfig:
+        base = dict(out=str(tmp_path / "run"), data=str(corpus), cache_dir=str(tmp_path / "cache"),
+                    steps=6, batch_size=4, seq_len=32, warmup=2, eval_every=3, eval_batches=2,
+                    ckpt_every=100, log_every=1)
+        return TrainConfig(**{**base, **kw})
+    return make

@@ -1,0 +1,220 @@
+"""Corpus, train/validation split, memory-mapped token cache and deterministic batches.
+
+Legend: B batch, T sequence length.
+
+The default corpus is embedded in every Python install: the interpreter's own standard-library `.py`
+files (site-packages excluded), so training never downloads anything. Documents go to validation by a
+hash of their name, so the split does not depend on file order, machine or seed. A batch is a pure
+function of (seed, step, micro-batch): a resumed run sees exactly the batches an uninterrupted one
+would, and the only data state a checkpoint needs is the cache key that proves the tokens match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dropless.errors import DroplessError
+from dropless.tokenizer import Tokenizer
+
+VAL_PERCENT = 5
+DOC_SEPARATOR = "\n\n"
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dropless" / "tokens"
+
+
+# ---- reading documents ---------------------------------------------------------------------------
+
+def _read_text(path: Path, shown: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DroplessError(f"--data {shown}: cannot read {path} ({e.strerror or e})") from None
+    return raw.decode("utf-8", errors="replace")   # a few stdlib test files are not UTF-8
+
+
+def stdlib_documents() -> list[tuple[str, str]]:
+    """(relative path, text) of every `.py` file of this interpreter's standard library."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder, name)
+            docs.append((path.relative_to(root).as_posix(), _read_text(path, "<stdlib>")))
+    return docs
+
+
+def _jsonl_documents(path: Path, shown: str) -> list[tuple[str, str]]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path, shown).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DroplessError(f"--data {shown}: line {lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DroplessError(f'--data {shown}: line {lineno} has no "text" string field')
+        docs.append((f"{path.name}:{lineno}", record["text"]))
+    return docs
+
+
+def read_documents(data: str | None) -> list[tuple[str, str]]:
+    """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
+    and binary files skipped), a `.jsonl` with a "text" field per line, or None for the stdlib."""
+    if data is None:
+        docs = stdlib_documents()
+    else:
+        path = Path(data)
+        if not path.exists():
+            raise DroplessError(f"--data {data}: no such file or directory")
+        if path.is_dir():
+            docs = []
+            for folder, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(f for f in files if not f.startswith(".")):
+                    text = _read_text(Path(folder, name), data)
+                    if "\x00" not in text:
+                        docs.append((Path(folder, name).relative_to(path).as_posix(), text))
+        elif path.suffix == ".jsonl":
+            docs = _jsonl_documents(path, data)
+        else:
+            docs = [(path.name, _read_text(path, data))]
+    if not any(text.strip() for _, text in docs):
+        raise DroplessError(f"--data {data}: no text found (empty)")
+    return docs
+
+
+def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 100 < val_percent
+
+
+def split_documents(docs: list[tuple[str, str]], val_percent: int = VAL_PERCENT):
+    """-> (train texts, validation texts). By document name; when that leaves one side empty (a
+    single file, a handful of documents) the concatenated text is cut at (100 - val_percent)%."""
+    train = [text for name, text in docs if not is_validation(name, val_percent)]
+    val = [text for name, text in docs if is_validation(name, val_percent)]
+    if not train or not val:
+        text = DOC_SEPARATOR.join(text for _, text in docs)
+        cut = len(text) * (100 - val_percent) // 100
+        train, val = [text[:cut]], [text[cut:]]
+    return train, val
+
+
+# ---- token cache ---------------------------------------------------------------------------------
+
+@dataclass
+class TokenData:
+    train: np.ndarray     # memory-mapped token ids
+    val: np.ndarray
+    key: str              # hash of (documents, tokenizer, split): checkpoints record it
+
+
+def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer, val_percent: int) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION}|{val_percent}|".encode())
+    h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
+    for name, text in docs:
+        h.update(hashlib.sha256(name.encode()).digest())
+        h.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
+    return h.hexdigest()[:32]
+
+
+def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
+    sep = tokenizer.encode(DOC_SEPARATOR)
+    parts = []
+    for ids in tokenizer.encode_batch(texts):
+        parts += [ids, sep]
+    return np.concatenate(parts[:-1]).astype(dtype)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
+                val_percent: int = VAL_PERCENT) -> TokenData:
+    """Token ids of both splits as read-only memmaps, tokenized once per (documents, tokenizer)
+    and reused from `cache_dir/<key>/` afterwards. The entry is built in a temp dir and renamed into
+    place, so an interrupted build is never mistaken for a complete one."""
+    key = cache_key(docs, tokenizer, val_percent)
+    entry = cache_dir / key
+    if not (entry / "meta.json").is_file():
+        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+        train_texts, val_texts = split_documents(docs, val_percent)
+        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta = {"dtype": np.dtype(dtype).name}
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            ids = _encode(texts, tokenizer, dtype)
+            _write_synced(tmp / f"{split}.bin", ids.tobytes())
+            meta[f"{split}_tokens"] = len(ids)
+        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
+        try:
+            os.replace(tmp, entry)
+        except OSError:   # another process finished the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((entry / "meta.json").read_text())
+    train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",
+                            shape=(meta[f"{split}_tokens"],)) for split in ("train", "val"))
+    return TokenData(train, val, key)
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    digest = hashlib.sha256(f"dropless-batch|{seed}|{step}|{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
+    w_BT = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return w_BT[:, :-1], w_BT[:, 1:]
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int,
+              micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) int64 [B, T]: random windows chosen only by (seed, step, micro)."""
+    gen = batch_generator(seed, step, micro)
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
+    return _windows(tokens, starts.tolist(), seq_len)
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int):
+    """A fixed list of (inputs, targets) windows spread evenly over `tokens` (the same for every
+    seed and step, so validation losses are comparable across runs)."""
+    starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * num_batches).astype(np.int64)
+    return [_windows(tokens, starts[i:i + batch_size].tolist(), seq_len)
+            for i in range(0, len(starts), batch_size)]
+
+
+def check_length(data: TokenData, seq_len: int) -> None:
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) < seq_len + 2:
+            raise DroplessError(f"the {split} split has only {len(tokens)} tokens, too few for "
+                                f"--seq-len {seq_len}: use more data or a shorter --seq-len")
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy in nats/token of the tokens' own unigram distribution: the loss of the best model
+    that ignores context, the baseline a language model has to beat."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

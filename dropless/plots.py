@@ -1,0 +1,100 @@
+"""PNG plots of a run from its metrics.jsonl: loss curves and the experts' share of tokens.
+
+Matplotlib is imported lazily with the Agg backend (no display needed, nothing changed at import).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(records: list[dict], path: Path, baseline: float | None = None) -> None:
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    ax.plot(steps, losses, color="tab:blue", lw=1.5, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4, label="validation")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", lw=1,
+                   label=f"unigram baseline ({baseline:.2f})")
+    # the first steps' loss is far above the rest: clip the view so the useful range is readable
+    later = losses[len(losses) // 10:] + [v for _, v in val] + ([baseline] if baseline else [])
+    ax.set_ylim(0, 1.25 * max(later) if later else None)
+    ax.set_xlim(0, max(steps) if steps else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_expert_load(records: list[dict], path: Path) -> None:
+    """Left: each layer's expert shares over training (expert x step). Right: layer x expert share
+    over the whole run. Colour is centred on the balanced share 1/E (white); red = overloaded."""
+    plt = _pyplot()
+    records = [r for r in records if "expert_load" in r]
+    steps = np.array([r["step"] for r in records])
+    share_NLE = np.array([r["expert_load"] for r in records])
+    N, L, E = share_NLE.shape
+    overall_LE = share_NLE.mean(0)
+    norm = dict(cmap="RdBu_r", vmin=0, vmax=2 / E)
+    fig = plt.figure(figsize=(12, 1.2 + 1.3 * L), layout="constrained")
+    grid = fig.add_gridspec(L, 2, width_ratios=[3, 1])
+    for layer in range(L):
+        ax = fig.add_subplot(grid[layer, 0])
+        image = ax.imshow(share_NLE[:, layer].T, aspect="auto", interpolation="nearest",
+                          extent=(0, steps[-1], E - 0.5, -0.5), **norm)
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax.set_yticks(range(E) if E <= 16 else range(0, E, E // 8))
+        if layer == 0:
+            ax.set_title("Each expert's share of its layer's tokens during training")
+        if layer < L - 1:
+            ax.tick_params(labelbottom=False)
+        else:
+            ax.set_xlabel("optimizer step")
+    ax = fig.add_subplot(grid[:, 1])
+    ax.imshow(overall_LE, aspect="auto", interpolation="nearest", **norm)
+    if E <= 16:
+        for (layer, expert), share in np.ndenumerate(overall_LE):
+            ax.text(expert, layer, f"{100 * share:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_title("Whole run (% of tokens)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(L))
+    fig.colorbar(image, ax=fig.axes, shrink=0.8,
+                 label=f"share of tokens (balanced = 1/{E} = {1 / E:.3f})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(run_dir: Path, baseline: float | None = None) -> list[Path]:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        return []
+    paths = [run_dir / "loss.png"]
+    plot_losses(records, paths[0], baseline)
+    if any("expert_load" in r for r in records):
+        paths.append(run_dir / "expert_load.png")
+        plot_expert_load(records, paths[1])
+    return paths

@@ -1,0 +1,94 @@
+"""Tokenizers: raw UTF-8 bytes (vocab 256, the default) or a byte-level BPE trained with `tokenizers`.
+
+Both expose the same small surface: `vocab_size`, `encode`, `decode`, `token_bytes` (for streaming
+decode) and `to_json` (stored in the run directory and in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import numpy as np
+
+from dropless.errors import DroplessError
+
+
+class ByteTokenizer:
+    kind = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id])
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "bytes"})
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet: each byte is one printable character (printable ASCII and
+    Latin-1 stand for themselves; the rest are shifted past 255). Returns char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    char_of = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in char_of)
+    char_of.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return {c: b for b, c in char_of.items()}
+
+
+class BPETokenizer:
+    kind = "bpe"
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self._byte_of = _byte_alphabet()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes(self._byte_of[c] for c in self.tok.id_to_token(token_id))
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+
+Tokenizer = ByteTokenizer | BPETokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Byte-level BPE: every byte is in the base alphabet, so any text encodes (no unknown token)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not 256 < vocab_size <= 1 << 20:
+        raise DroplessError(f"--vocab {vocab_size} is invalid: a byte-level BPE needs "
+                            "257 <= vocab <= 1048576")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(tok)
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    if json.loads(text).get("type") == "bytes":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTokenizer
+    return BPETokenizer(HFTokenizer.from_str(text))

@@ -1,0 +1,327 @@
+"""Training: `train()` is one visible loop; the data, checkpoint and plot helpers live beside it.
+
+Legend: B batch, T sequence length, V vocab, L MoE layers, E experts.
+
+Exact resume: a batch is a pure function of (seed, step, micro-batch) and the checkpoint holds the
+model, AdamW state, step, RNG states and the log window, so on CPU a resumed run's losses are bitwise
+equal to an uninterrupted run's. The LR schedule is a pure function of (step, config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dropless import data
+from dropless.checkpoint import (CHECKPOINT, config_to_dict, load_checkpoint, save_checkpoint)
+from dropless.config import PRESETS, TrainConfig
+from dropless.errors import DroplessError
+from dropless.plots import write_plots
+from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
+
+# flags a resumed run may change; every other one must match the checkpoint
+RESUMABLE = ("out", "steps", "device", "backend", "eval_every", "eval_batches", "ckpt_every",
+             "log_every", "compile", "cache_dir")
+BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
+SAMPLE_PROMPT = "def "
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DroplessError(f"--device {name!r} is not a device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DroplessError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices that are not embeddings (norm gains, biases and
+    embeddings are exempt; the router's bias is a buffer, so the optimizer never sees it)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():   # tied weights appear once
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The saved run's config with `overrides` (flags given on the command line) applied, and the
+    checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
+    state = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    saved = state["train_config"]
+    clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
+               for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
+    if clashes:
+        raise DroplessError("config mismatch on resume: " + "; ".join(clashes)
+                            + "; leave these flags out to continue the run as it was")
+    cfg = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
+    if cfg.steps <= state["step"]:
+        raise DroplessError(f"{run_dir}: the run already finished {state['step']} steps; "
+                            f"pass --steps larger than {state['step']} to train further")
+    return cfg, state
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: the loop finishes its step, checkpoints and returns. Second: interrupt now."""
+
+    requested = False
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class _MetricsLog:
+    """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step
+    (logged by the run after its last save) are dropped so the file reads as one straight run."""
+
+    def __init__(self, path: Path, keep_through: int):
+        records = [r for r in map(json.loads, path.read_text().splitlines())
+                   if r["step"] <= keep_through] if path.exists() else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows, device: torch.device, amp) -> float:
+    model.eval()
+    losses = []
+    for x_BT, y_BT in windows:
+        with amp:
+            logits_BTV, _ = model(x_BT.to(device))
+        losses.append(F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten()))
+    model.train()
+    return torch.stack(losses).mean().item()   # sync: the value is logged
+
+
+def _prepare_data(cfg: TrainConfig, state: dict | None):
+    docs = data.read_documents(cfg.data)
+    if state is not None:
+        tok = tokenizer_from_json(state["tokenizer"])
+    elif cfg.tokenizer == "bpe":
+        train_texts, chars = [], 0
+        for text in data.split_documents(docs)[0]:
+            if chars >= BPE_SAMPLE_CHARS:
+                break
+            train_texts.append(text)
+            chars += len(text)
+        tok = train_bpe(train_texts, cfg.vocab)
+    else:
+        tok = ByteTokenizer()
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else data.default_cache_dir()
+    tokens = data.load_tokens(docs, tok, cache_dir)
+    data.check_length(tokens, cfg.seq_len)
+    if state is not None and state["data"]["key"] != tokens.key:
+        raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "
+                            "since the checkpoint was written")
+    return tok, tokens
+
+
+def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
+          on_step=None) -> dict:
+    """Train (or, given a checkpoint `state` from `resume_config`, continue) one run; returns a
+    summary dict. `on_step(step, loss)` is called after every optimizer step."""
+    from tqdm.auto import tqdm
+
+    from dropless.generate import generate
+    from dropless.model import Transformer
+
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / CHECKPOINT
+    if state is None and ckpt_path.exists():
+        raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
+                            "choose another --out")
+    device = resolve_device(cfg.device)
+
+    # 1. data and tokenizer (the model's vocab follows the tokenizer)
+    tok, tokens = _prepare_data(cfg, state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "tokenizer.json").write_text(tok.to_json())
+    preset = PRESETS[cfg.preset]
+    model_cfg = replace(preset, vocab_size=tok.vocab_size,
+                        max_seq_len=max(preset.max_seq_len, cfg.seq_len))
+    if state is not None and state["model_config"] != config_to_dict(model_cfg):
+        raise DroplessError(f"config mismatch on resume: preset {cfg.preset!r} no longer "
+                            "matches the model in the checkpoint")
+    baseline = data.unigram_entropy(tokens.val, tok.vocab_size)
+
+    # 2. model and optimizer, seeded; restored from the checkpoint when resuming
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    model.set_backend(cfg.backend)
+    opt = make_optimizer(model, cfg)
+    L, E = len(model.moe_layers()), model_cfg.moe.num_experts
+    step = 0
+    window = {"loss": 0.0, "aux": 0.0, "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long)}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step, window = state["step"], state["window"]
+    forward = torch.compile(model) if cfg.compile else model
+    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    num_params = sum(p.numel() for p in model.parameters())
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
+                         "min_lr_ratio": cfg.min_lr_ratio},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "data": {"key": tokens.key, "seed": cfg.seed},   # batches are f(seed, step)
+            "window": window, "train_config": asdict(cfg),
+            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()})
+
+    # 3. the loop
+    log = _MetricsLog(run_dir / "metrics.jsonl", keep_through=step)
+    recent = deque(maxlen=20)
+    val_loss = None
+    saved_step = step if state is not None else -1
+    start_step, start_time = step, time.perf_counter()
+    clock = start_time
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not progress, desc=f"train {cfg.preset}")
+    with _StopOnInterrupt() as stop, bar:
+        while step < cfg.steps and not stop.requested:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            lm_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            loads_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+            for micro in range(cfg.grad_accum):
+                x_BT, y_BT = data.get_batch(tokens.train, cfg.batch_size, cfg.seq_len,
+                                            seed=cfg.seed, step=step, micro=micro)
+                with amp:
+                    logits_BTV, aux = forward(x_BT.to(device))
+                lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten())
+                aux_loss = aux.balance_loss + aux.z_loss
+                ((lm + aux_loss) / cfg.grad_accum).backward()
+                lm_sum += lm.detach()
+                aux_sum += aux_loss.detach()
+                loads_LE += aux.tokens_per_expert
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_bias(loads_LE)
+            step += 1
+
+            loss = lm_sum.item() / cfg.grad_accum   # sync: loss for the bar, log and callback
+            recent.append(loss)
+            window["loss"] += loss
+            window["aux"] += aux_sum.item() / cfg.grad_accum
+            window["steps"] += 1
+            window["loads"] += loads_LE.cpu()
+            now = time.perf_counter()
+            rate = tokens_per_step * (step - start_step) / (now - start_time)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update()
+            if on_step is not None:
+                on_step(step, loss)
+
+            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or evaluate_now:
+                loads = window["loads"].double()
+                record = {"step": step, "loss": window["loss"] / window["steps"],
+                          "aux_loss": window["aux"] / window["steps"], "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens": step * tokens_per_step,
+                          "tokens_per_s": round(tokens_per_step * window["steps"] / (now - clock)),
+                          "expert_load": (loads / loads.sum(-1, keepdim=True).clamp(min=1))
+                          .round(decimals=4).tolist()}
+                if evaluate_now:
+                    val_loss = evaluate(forward, val_windows, device, amp)
+                    record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                    bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
+                              f"{val_loss:.3f} (ppl {record['val_ppl']:.2f})  nats/token")
+                log.write(record)
+                window = {"loss": 0.0, "aux": 0.0, "steps": 0,
+                          "loads": torch.zeros(L, E, dtype=torch.long)}
+                clock = time.perf_counter()   # eval time does not count against tokens/s
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+                saved_step = step
+        if step != saved_step:   # stopped by Ctrl-C between checkpoints
+            checkpoint()
+    log.file.close()
+    elapsed = time.perf_counter() - start_time
+
+    plots = write_plots(run_dir, baseline)
+    finished = step == cfg.steps
+    sample = None
+    if finished:
+        new = generate(model, [tok.encode(SAMPLE_PROMPT).tolist()], 160, temperature=0.8,
+                       top_k=40, seed=cfg.seed)[0]
+        sample = SAMPLE_PROMPT + tok.decode(new)
+    return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
+            "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
+            "tokens_per_s": tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
+            "train_loss": sum(recent) / len(recent) if recent else None,
+            "val_loss": val_loss if finished else None, "unigram_baseline": baseline,
+            "plots": [str(p) for p in plots], "sample": sample}
+
+
+def format_summary(s: dict) -> str:
+    if not s["finished"]:
+        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
+                f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
+    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
+    lines = [
+        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
+        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s)",
+        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
+        f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
+        f"{math.exp(s['val_loss']):.2f})",
+        f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
+        "tokens: the best loss without context)",
+        f"run directory: {s['run_dir']} (checkpoint.pt, metrics.jsonl, "
+        + ", ".join(Path(p).name for p in s["plots"]) + ")",
+        f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
+        "-" * 60, s["sample"], "-" * 60,
+    ]
+    return "\n".join(lines)

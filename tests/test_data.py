@@ -1,0 +1,124 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dropless import data
+from dropless.errors import DroplessError
+from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    x, y = data.get_batch(tokens, 4, 16, seed=7, step=3)
+    x2, y2 = data.get_batch(tokens, 4, 16, seed=7, step=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.dtype == torch.int64 and x.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])                 # targets are inputs shifted by one
+    for other in (dict(seed=7, step=4), dict(seed=8, step=3), dict(seed=7, step=3, micro=1)):
+        assert not torch.equal(x, data.get_batch(tokens, 4, 16, **other)[0])
+
+
+def test_batches_stay_inside_the_tokens():
+    tokens = np.arange(18, dtype=np.uint16)    # exactly one window of 17 fits at start 0 and 1
+    for step in range(50):
+        x, y = data.get_batch(tokens, 3, 16, seed=0, step=step)
+        assert int(y.max()) <= 17
+
+
+def test_split_is_by_name_and_independent_of_order():
+    docs = [(f"pkg/mod{i}.py", f"text {i}") for i in range(400)]
+    train, val = data.split_documents(docs)
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    train2, val2 = data.split_documents(shuffled)
+    assert set(val) == set(val2) and set(train) == set(train2)
+    assert 0.02 < len(val) / len(docs) < 0.10
+    assert not set(train) & set(val)
+
+
+def test_single_document_is_split_by_position():
+    train, val = data.split_documents([("only.txt", "x" * 1000)])
+    assert len(train[0]) == 950 and len(val[0]) == 50
+
+
+def test_stdlib_corpus_is_the_interpreters_own_source():
+    docs = data.stdlib_documents()
+    names = [name for name, _ in docs]
+    assert len(docs) > 500 and all(n.endswith(".py") for n in names)
+    assert not any("site-packages" in n for n in names)
+    assert "argparse.py" in names
+
+
+def test_token_cache_is_reused(tmp_path, monkeypatch):
+    docs = [(f"d{i}.txt", f"document number {i}\n" * 20) for i in range(40)]
+    first = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint16
+    text = data.DOC_SEPARATOR.join(data.split_documents(docs)[0])
+    assert bytes(np.asarray(first.train, dtype=np.uint8)) == text.encode()
+
+    def no_tokenizing(self, texts):
+        raise AssertionError("the cache should have been used")
+    monkeypatch.setattr(ByteTokenizer, "encode_batch", no_tokenizing)
+    second = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    assert second.key == first.key and np.array_equal(second.val, first.val)
+    assert [p.name for p in tmp_path.iterdir()] == [first.key]   # no temp dirs left behind
+    changed = data.cache_key(docs[:-1], ByteTokenizer(), data.VAL_PERCENT)
+    assert changed != first.key
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "hello", "id": 1}) + "\n\n" + json.dumps({"text": "bye"}) + "\n")
+    assert [t for _, t in data.read_documents(str(path))] == ["hello", "bye"]
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(DroplessError, match='line 2 has no "text"'):
+        data.read_documents(str(path))
+
+
+def test_directory_skips_hidden_and_binary_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta")
+    (tmp_path / ".hidden").write_text("secret")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    docs = data.read_documents(str(tmp_path))
+    assert docs == [("a.txt", "alpha"), ("sub/b.md", "beta")]
+
+
+def test_non_utf8_is_replaced_not_fatal(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert data.read_documents(str(tmp_path))[0][1] == "caf\ufffd"
+
+
+def test_bpe_round_trip():
+    texts = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n"] * 50
+    tok = train_bpe(texts, 300)
+    assert 256 < tok.vocab_size <= 300     # training stops early when no pair repeats
+    for s in ["def add(a, b):\n    return a + b\n", "ünïcödé ✓ 🚀 \t\r\n", "never seen: zqxj"]:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s
+        assert b"".join(tok.token_bytes(int(i)) for i in ids) == s.encode()
+    assert len(tok.encode(texts[0])) < len(texts[0].encode())       # it actually merges
+    again = tokenizer_from_json(tok.to_json())
+    assert np.array_equal(again.encode(texts[1]), tok.encode(texts[1]))
+    assert isinstance(tokenizer_from_json(ByteTokenizer().to_json()), ByteTokenizer)
+
+
+def test_bpe_vocab_must_exceed_the_byte_alphabet():
+    with pytest.raises(DroplessError, match="--vocab 256"):
+        train_bpe(["abc"], 256)
+
+
+def test_unigram_entropy():
+    assert data.unigram_entropy(np.array([0, 1, 2, 3] * 5), 256) == pytest.approx(np.log(4))
+    assert data.unigram_entropy(np.zeros(10, dtype=np.uint16), 256) == 0
+
+
+def test_eval_batches_are_fixed_and_cover_the_split():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = data.eval_batches(tokens, 4, 16, 3)
+    assert len(batches) == 3 and batches[0][0].shape == (4, 16)
+    assert int(batches[0][0][0, 0]) == 0 and int(batches[-1][1][-1, -1]) == 999

@@ -1,0 +1,93 @@
+import json
+import math
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dropless.checkpoint import CHECKPOINT, load_checkpoint, load_run
+from dropless.config import TrainConfig
+from dropless.train import lr_at, make_optimizer, resume_config, train
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_learns(small_cfg):
+    summary = train(small_cfg(steps=50, lr=3e-3, warmup=5, eval_every=50), progress=False)
+    records = _metrics(summary["run_dir"])
+    assert [r["step"] for r in records] == list(range(1, 51))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.5 * first
+    assert summary["finished"] and math.isfinite(summary["val_loss"])
+    assert {"lr", "tokens_per_s", "expert_load", "aux_loss"} <= set(records[0])
+    load = records[-1]["expert_load"]
+    assert len(load) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in load)   # layers x experts
+    assert "val_loss" in records[-1] and "val_loss" not in records[0]
+    for name in ("loss.png", "expert_load.png", "tokenizer.json", CHECKPOINT):
+        assert (Path(summary["run_dir"]) / name).is_file()
+    assert summary["sample"].startswith("def ")
+
+
+def test_resume_is_bitwise_exact(small_cfg, tmp_path):
+    """6 steps straight == 3 steps, Ctrl-C (checkpoint), resume for the other 3; with grad accum."""
+    straight = small_cfg(out=str(tmp_path / "straight"), grad_accum=2)
+    train(straight, progress=False)
+
+    def ctrl_c_at_3(step, loss):
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)   # the handler lets step 3 finish, then saves
+
+    split = replace(straight, out=str(tmp_path / "split"))
+    first = train(split, progress=False, on_step=ctrl_c_at_3)
+    assert not first["finished"] and first["step"] == 3
+    assert load_checkpoint(tmp_path / "split" / CHECKPOINT)["step"] == 3
+    cfg, state = resume_config(tmp_path / "split", {})
+    assert cfg == split
+    second = train(cfg, state=state, progress=False)
+    assert second["finished"]
+
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "expert_load", "val_loss"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    model_a, _, _ = load_run(tmp_path / "straight")
+    model_b, _, _ = load_run(tmp_path / "split")
+    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_bpe_run_stores_its_tokenizer_and_sizes_the_model(small_cfg, tmp_path):
+    summary = train(small_cfg(tokenizer="bpe", vocab=400, steps=2), progress=False)
+    state = load_checkpoint(Path(summary["run_dir"]) / CHECKPOINT)
+    model, tok, _ = load_run(summary["run_dir"])
+    assert 256 < tok.vocab_size <= 400
+    assert state["model_config"]["vocab_size"] == tok.vocab_size == model.embed.num_embeddings
+    assert (Path(summary["run_dir"]) / "tokenizer.json").read_text() == tok.to_json()
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(out="x", lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert lr_at(60, cfg) == 0.55                     # half-way through the cosine
+    assert abs(lr_at(110, cfg) - 0.1) < 1e-12
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    from dropless.config import PRESETS
+    from dropless.model import Transformer
+
+    model = Transformer(replace(PRESETS["tiny"], tie_embeddings=False))
+    decay, no_decay = make_optimizer(model, TrainConfig(out="x")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] > 0
+    assert "embed.weight" in exempt and "lm_head.weight" in decayed
+    assert all(p.dim() == 1 for n, p in model.named_parameters() if n in exempt - {"embed.weight"})
+    assert any("experts.gate_up" in n for n in decayed)
+    assert len(decayed) + len(exempt) == len(list(model.parameters()))
