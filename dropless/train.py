@@ -318,7 +318,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             model.update_bias(loads_LE)
             step += 1
             if rt.world > 1:   # a Ctrl-C seen by any rank stops every rank after the same step
-                stop.requested = bool(rt.all_mean(torch.tensor(float(stop.requested))) > 0)
+                flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
+                stop.requested = bool(flag > 0)   # sync: every rank must agree to stop
 
             loss = lm_sum.item() / cfg.grad_accum   # sync: loss for the bar, log and callback
             recent.append(loss)

@@ -62,7 +62,7 @@ class AllToAllDispatcher:
         # 4. received rows are source-major; regroup by local expert with a top-1 plan (stable sort,
         #    so source order is kept inside each expert)
         local_expert_N = torch.arange(e, device=x_TD.device).repeat(P).repeat_interleave(
-            recv_Pe.reshape(-1))
+            recv_Pe.reshape(-1), output_size=sum(recv_splits))   # size known: no second sync
         regroup = ops.make_plan(local_expert_N.unsqueeze(1), e)
         x_ND = ops.dispatch(x_ND, regroup)
         return x_ND, EPPlan(local, regroup, send_splits, recv_splits, regroup.counts_E)
@@ -112,7 +112,8 @@ class LocalExperts(Experts):
     def forward(self, x_ND: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         gate_up, down = local_tensor(self.gate_up), local_tensor(self.down)
         if self.grad_scale != 1.0:
-            gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
+            gate_up = _ScaleGrad.apply(gate_up, self.grad_scale)
+            down = _ScaleGrad.apply(down, self.grad_scale)
         return ops.expert_swiglu(x_ND, counts_e, gate_up, down, self.backend)
 
 

@@ -79,5 +79,10 @@ def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) ->
         pcfg = ParallelConfig(dp_replicate=pcfg.dp_replicate, dp_shard=rest, ep=pcfg.ep)
     pcfg.check(world, num_experts)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # keys under a per-attempt prefix: after a torchrun restart, ranks otherwise read a dead
+        # peer's address left in the store by the previous attempt ("Connection refused")
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world, store=dist.PrefixStore(f"attempt{attempt}", store))
     return Runtime(dist.get_rank(), world, build_mesh(pcfg, device.type), device)
