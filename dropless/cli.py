@@ -44,6 +44,7 @@ _TRAIN_FLAGS = {
     "device": (str, "auto (default), cpu, cuda, cuda:1, ..."),
     "backend": (str, "MoE expert backend: auto (default), reference, grouped"),
     "cache_dir": (str, "token cache directory (default ~/.cache/dropless/tokens)"),
+    "sample_tokens": (int, "length of the sample generated at the end, 0 = none (default 200)"),
 }
 
 

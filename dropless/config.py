@@ -229,6 +229,7 @@ class TrainConfig:
     backend: Backend = "auto"
     compile: bool = False
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
+    sample_tokens: int = 200          # tokens of the sample generated at the end; 0 = none
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
@@ -237,7 +238,7 @@ class TrainConfig:
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup", "seed"):
+        for name in ("warmup", "seed", "sample_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",

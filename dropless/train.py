@@ -32,7 +32,7 @@ from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
 RESUMABLE = ("out", "steps", "device", "backend", "eval_every", "eval_batches", "ckpt_every",
-             "log_every", "compile", "cache_dir")
+             "log_every", "compile", "cache_dir", "sample_tokens")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
 
@@ -294,9 +294,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     plots = write_plots(run_dir, baseline)
     finished = step == cfg.steps
     sample = None
-    if finished:
-        new = generate(model, [tok.encode(SAMPLE_PROMPT).tolist()], 160, temperature=0.8,
-                       top_k=40, seed=cfg.seed)[0]
+    if finished and cfg.sample_tokens:
+        prompt = tok.encode(SAMPLE_PROMPT).tolist()
+        new = generate(model, [prompt], min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
+                       temperature=0.8, top_k=40, seed=cfg.seed)[0]
         sample = SAMPLE_PROMPT + tok.decode(new)
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
@@ -321,7 +322,8 @@ def format_summary(s: dict) -> str:
         "tokens: the best loss without context)",
         f"run directory: {s['run_dir']} (checkpoint.pt, metrics.jsonl, "
         + ", ".join(Path(p).name for p in s["plots"]) + ")",
-        f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
-        "-" * 60, s["sample"], "-" * 60,
     ]
+    if s["sample"] is not None:
+        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
+                  "-" * 60, s["sample"], "-" * 60]
     return "\n".join(lines)
