@@ -211,19 +211,19 @@ class TrainConfig:
     data: str | None = None           # None = the interpreter's stdlib .py files
     tokenizer: Literal["bytes", "bpe"] = "bytes"
     vocab: int = 4096                 # BPE vocabulary size (the model's vocab follows the tokenizer)
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
-    warmup: int = 50
+    warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0            # max global grad norm; 0 = off
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 250
     eval_batches: int = 8
-    ckpt_every: int = 200
+    ckpt_every: int = 500
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
