@@ -87,7 +87,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     ax.set_ylabel("layer")
     ax.set_yticks(range(L))
     fig.colorbar(image, ax=fig.axes, shrink=0.8,
-                 label=f"share of tokens (balanced = 1/{E} = {1 / E:.3f}; "
+                 label=f"share of tokens (balanced = 1/{E}; "
                        f"darkest red = {2 / E:.2f} or more)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
