@@ -3,6 +3,7 @@
 from dropless.config import PRESETS, MoEConfig, ModelConfig, get_preset
 from dropless.moe import MoE, MoEAux
 from dropless.model import ModelAux, Transformer
+from dropless.hf import from_hf, to_hf
 
-__all__ = ["MoE", "MoEAux", "ModelAux", "Transformer", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
+__all__ = ["from_hf", "to_hf", "MoE", "MoEAux", "ModelAux", "Transformer", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
 __version__ = "0.1.0"

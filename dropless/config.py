@@ -10,10 +10,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Backend = Literal["auto", "reference", "grouped"]
-BACKENDS = ("auto", "reference", "grouped")
+Backend = Literal["auto", "reference", "grouped", "triton"]
+BACKENDS = ("auto", "reference", "grouped", "triton")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTENTIONS = ("gqa", "mla")
+QK_NORM_SCOPES = ("head", "proj")
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -108,7 +109,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    qk_norm: bool = False            # RMSNorm on q and k per head (OLMoE, Qwen3)
+    qk_norm: bool = False            # RMSNorm on q and k before RoPE (OLMoE, Qwen3)
+    qk_norm_scope: Literal["head", "proj"] = "head"   # per head (Qwen3) or whole projection (OLMoE)
     attention_bias: bool = False     # biases on q, k, v projections (Qwen2)
     first_dense_layers: int = 0      # leading blocks with a dense SwiGLU instead of MoE
     dense_hidden_dim: int | None = None   # None = moe.hidden_dim * moe.top_k
@@ -138,6 +140,7 @@ class ModelConfig:
         if self.dense_hidden_dim is not None:
             _positive_int("dense_hidden_dim", self.dense_hidden_dim)
         _choice("attention", self.attention, ATTENTIONS)
+        _choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _positive_int(name, getattr(self, name))
@@ -173,7 +176,7 @@ PRESETS: dict[str, ModelConfig] = {
                            max_seq_len=32768, rope_theta=1e6,
                            moe=dict(hidden_dim=14336, num_experts=8, top_k=2)),
     "olmoe-1b-7b": _model(vocab_size=50304, dim=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-                          max_seq_len=4096, qk_norm=True,
+                          max_seq_len=4096, qk_norm=True, qk_norm_scope="proj",
                           moe=dict(hidden_dim=1024, num_experts=64, top_k=8,
                                    norm_topk_prob=False, z_loss_coef=1e-3)),
     "qwen3-30b-a3b": _model(vocab_size=151936, dim=2048, num_layers=48, num_heads=32,

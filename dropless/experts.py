@@ -29,6 +29,13 @@ class Experts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return ops.expert_swiglu(x_RD, counts_E, self.gate_up, self.down, self.backend)
 
+    def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
+        return ops.fuses_dispatch(self.backend, x_TD, self.gate_up, self.down)
+
+    def fused(self, x_TD: torch.Tensor, plan: ops.Plan, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Dispatch + experts + weighted combine in one op, from token-order rows."""
+        return ops.fused_experts(x_TD, plan, weights_TK, self.gate_up, self.down)
+
 
 class SwiGLU(nn.Module):
     """Dense feed-forward: down(silu(gate(x)) * up(x)). Shared experts and dense layers."""

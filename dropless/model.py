@@ -85,8 +85,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, G * Dh, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, G * Dh, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * Dh, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(Dh, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(Dh, cfg.norm_eps) if cfg.qk_norm else None
+        # qk-norm over each head (Qwen3) or over the whole q / k projection (OLMoE)
+        per_head = cfg.qk_norm_scope == "head"
+        self.q_norm = RMSNorm(Dh if per_head else H * Dh, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(Dh if per_head else G * Dh, cfg.norm_eps) if cfg.qk_norm else None
 
     def new_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_size)
@@ -96,10 +98,13 @@ class Attention(nn.Module):
     def forward(self, x_BTD, positions_BT, layer_cache=None):
         B, T, _ = x_BTD.shape
         H, G, Dh = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_size
-        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, G, Dh).transpose(1, 2)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.q_norm is not None and self.cfg.qk_norm_scope == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, H, Dh).transpose(1, 2)
+        k = k.view(B, T, G, Dh).transpose(1, 2)
+        v = v.view(B, T, G, Dh).transpose(1, 2)
+        if self.q_norm is not None and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(Dh, positions_BT, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -40,9 +40,17 @@ class LocalDispatcher:
             return None
         return math.ceil(self.capacity_factor * num_tokens * top_k / self.num_experts)
 
+    @property
+    def fusable(self) -> bool:
+        """Whether a fused backend may gather and combine itself (`plan` instead of `dispatch`):
+        dropless plans only. Dispatchers that move rows between ranks are not fusable."""
+        return self.capacity_factor is None
+
+    def plan(self, expert_ids_TK: torch.Tensor) -> ops.Plan:
+        return ops.make_plan(expert_ids_TK, self.num_experts, self.capacity(*expert_ids_TK.shape))
+
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
-        plan = ops.make_plan(expert_ids_TK, self.num_experts,
-                             self.capacity(*expert_ids_TK.shape))
+        plan = self.plan(expert_ids_TK)
         return ops.dispatch(x_TD, plan), plan
 
     def combine(self, y_RD: torch.Tensor, plan: ops.Plan, weights_TK: torch.Tensor):
@@ -74,9 +82,14 @@ class MoE(nn.Module):
         self._check_input(x)
         x_TD = x.reshape(-1, self.cfg.dim)
         route = self.router(x_TD)
-        x_RD, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
-        y_RD = self.experts(x_RD, plan.counts_E)
-        y_TD = self.dispatcher.combine(y_RD, plan, route.weights_TK)
+        if getattr(self.dispatcher, "fusable", False) and self.experts.fuses_dispatch(x_TD):
+            # one fused op gathers token rows, runs the experts and combines (backend "triton")
+            plan = self.dispatcher.plan(route.expert_ids_TK)
+            y_TD = self.experts.fused(x_TD, plan, route.weights_TK)
+        else:
+            x_RD, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
+            y_RD = self.experts(x_RD, plan.counts_E)
+            y_TD = self.dispatcher.combine(y_RD, plan, route.weights_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

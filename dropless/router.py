@@ -92,10 +92,12 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
         weights_TK = weights_TK * cfg.route_scale
-        zero = logits_TE.new_zeros(())
+        # zero (still in the graph) when a loss is off or there are no tokens to average over
+        zero = logits_TE.sum() * 0
+        has_tokens = x_TD.shape[0] > 0
         bal = balance_loss(probs_TE, expert_ids_TK, cfg.balance_loss_coef) \
-            if cfg.balance_loss_coef > 0 else zero
-        zl = z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
+            if cfg.balance_loss_coef > 0 and has_tokens else zero
+        zl = z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 and has_tokens else zero
         return Routing(weights_TK, expert_ids_TK, bal, zl)
 
     @torch.no_grad()

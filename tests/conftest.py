@@ -1,3 +1,4 @@
+import copy
 import os
 import sysconfig
 from pathlib import Path
@@ -6,6 +7,47 @@ import pytest
 import torch
 
 from dropless.config import TrainConfig
+from dropless.ops import moe_loop
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
+
+
+def oracle(moe, x, grad_out):
+    """Float64 copy of the layer computed with the expert loop (ops.reference.moe_loop).
+
+    Returns (y, grads by parameter name, grad of x, routing) for a loss sum(y * grad_out) + losses."""
+    m64 = copy.deepcopy(moe).double()
+    x64 = x.detach().double().requires_grad_(True)
+    x_TD = x64.reshape(-1, x64.shape[-1])
+    route = m64.router(x_TD)
+    ids = route.expert_ids_TK
+    cap = m64.dispatcher.capacity(*ids.shape)
+    if cap is not None:   # drop past-capacity assignments in token order
+        seen = [0] * m64.cfg.num_experts
+        ids = ids.clone()
+        for t in range(ids.shape[0]):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                seen[e] += 1
+                if seen[e] > cap:
+                    ids[t, k] = -1
+    y = moe_loop(x_TD, route.weights_TK, ids, m64.experts.gate_up, m64.experts.down)
+    if m64.shared is not None:
+        s = m64.shared(x_TD)
+        if m64.shared_gate is not None:
+            s = s * torch.sigmoid(m64.shared_gate(x_TD))
+        y = y + s
+    y = y.view(x64.shape)
+    ((y * grad_out.double()).sum() + route.balance_loss + route.z_loss).backward()
+    grads = {n: p.grad for n, p in m64.named_parameters()}
+    return y, grads, x64.grad, ids
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,22 +7,41 @@ from __future__ import annotations
 
 import torch
 
-from dropless.ops import grouped, reference
+from dropless.ops import grouped, reference, triton_grouped
 from dropless.ops.reference import Plan, combine, dispatch, make_plan, moe_loop
 
-__all__ = ["Plan", "combine", "dispatch", "make_plan", "moe_loop", "expert_swiglu", "resolve_backend"]
+__all__ = ["Plan", "combine", "dispatch", "make_plan", "moe_loop", "expert_swiglu", "fused_experts",
+           "fuses_dispatch", "resolve_backend"]
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """'auto' -> the fastest correct backend measured for this device (BENCHMARKS.md):
-    grouped matmuls on every device (they fall back to the loop where grouped_mm cannot run)."""
-    if backend == "auto":
-        return "grouped"
-    return backend
+    """'auto' -> the fastest correct backend measured for this device and shape (BENCHMARKS.md).
+
+    On the H200 (bf16, fwd+bwd) the grouped_mm pipeline beat the fused Triton kernels at all three
+    anchor shapes (Mixtral, OLMoE, Qwen3), so "auto" picks "grouped" on every device today; it falls
+    back to the loop where grouped_mm cannot run. "triton" is an explicit opt-in until its kernels
+    win (they win the forward alone at the finest-grained shape: Qwen3, 3.6 vs 4.0 ms).
+    """
+    if backend != "auto":
+        return backend
+    return "grouped"
+
+
+def fuses_dispatch(backend: str, x_TD: torch.Tensor, gate_up_EDF2, down_EFD) -> bool:
+    """Whether this backend runs dispatch + experts + combine as one fused op (`fused_experts`)
+    instead of the three steps. Falls back to the steps where the Triton kernels cannot run."""
+    return (resolve_backend(backend, x_TD) == "triton"
+            and triton_grouped.supports(x_TD, gate_up_EDF2, down_EFD))
+
+
+def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]) without a permuted copy of x."""
+    return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
 
 
 def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto") -> torch.Tensor:
-    """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows."""
+    """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows. "triton" takes the grouped
+    path here: its kernels fuse the dispatch, which this seam has already done."""
     if resolve_backend(backend, x_RD) == "reference":
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     return grouped.swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD)

@@ -1,0 +1,368 @@
+"""Hugging Face interop: `from_hf(dir)` reads a HF model directory (config.json + safetensors, single
+or sharded) into a dropless Transformer; `to_hf(model, dir)` writes one that
+`transformers.AutoModelForCausalLM.from_pretrained` loads. transformers is never imported.
+
+Legend: E experts, D model dim, F expert hidden, H heads, N no-rope head dim, P rope head dim,
+C kv latent rank.
+
+The tensor map is one table (`layout`): each row names a HF tensor, its shape, the dropless tensor it
+fills and how (`kind`). Reading checks the file against the table and reports every missing,
+unexpected and misshapen tensor at once; writing walks the same table backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dropless.config import ModelConfig
+from dropless.hf_config import config_from_hf, config_to_hf, infer_model_type
+from dropless.model import Transformer
+
+MAX_SHARD_BYTES = 4 * 2**30
+_LIST = 12    # names shown per kind of problem in an error message
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    shape: tuple[int, ...]
+    key: str                  # dropless state_dict key
+    kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
+                              # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
+    expert: int = -1
+
+
+def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
+    H, G, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.dim
+    if cfg.attention == "gqa":
+        for name, out in (("q", H * Dh), ("k", G * Dh), ("v", G * Dh)):
+            yield Entry(f"{hf}.{name}_proj.weight", (out, D), f"{dl}.{name}_proj.weight")
+            if cfg.attention_bias:
+                yield Entry(f"{hf}.{name}_proj.bias", (out,), f"{dl}.{name}_proj.bias")
+        yield Entry(f"{hf}.o_proj.weight", (D, H * Dh), f"{dl}.o_proj.weight")
+        if cfg.qk_norm:
+            per_head = cfg.qk_norm_scope == "head"
+            yield Entry(f"{hf}.q_norm.weight", (Dh if per_head else H * Dh,), f"{dl}.q_norm.weight")
+            yield Entry(f"{hf}.k_norm.weight", (Dh if per_head else G * Dh,), f"{dl}.k_norm.weight")
+        return
+    N, P, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+    bias = cfg.attention_bias
+    if cfg.q_lora_rank is None:
+        yield Entry(f"{hf}.q_proj.weight", (H * (N + P), D), f"{dl}.q_proj.weight", rope + "q")
+    else:
+        R = cfg.q_lora_rank
+        yield Entry(f"{hf}.q_a_proj.weight", (R, D), f"{dl}.q_a_proj.weight")
+        if bias:
+            yield Entry(f"{hf}.q_a_proj.bias", (R,), f"{dl}.q_a_proj.bias")
+        yield Entry(f"{hf}.q_a_layernorm.weight", (R,), f"{dl}.q_a_norm.weight")
+        yield Entry(f"{hf}.q_b_proj.weight", (H * (N + P), R), f"{dl}.q_b_proj.weight", rope + "q")
+    yield Entry(f"{hf}.kv_a_proj_with_mqa.weight", (C + P, D), f"{dl}.kv_a_proj.weight", rope + "kv")
+    if bias:
+        yield Entry(f"{hf}.kv_a_proj_with_mqa.bias", (C + P,), f"{dl}.kv_a_proj.bias", rope + "kv")
+    yield Entry(f"{hf}.kv_a_layernorm.weight", (C,), f"{dl}.kv_a_norm.weight")
+    yield Entry(f"{hf}.kv_b_proj.weight", (H * (N + Dv), C), f"{dl}.kv_b_proj.weight")
+    yield Entry(f"{hf}.o_proj.weight", (D, H * Dv), f"{dl}.o_proj.weight")
+    if bias:
+        yield Entry(f"{hf}.o_proj.bias", (D,), f"{dl}.o_proj.bias")
+
+
+def _swiglu_rows(hf: str, dl: str, dim: int, hidden: int):
+    yield Entry(f"{hf}.gate_proj.weight", (hidden, dim), f"{dl}.gate_proj.weight")
+    yield Entry(f"{hf}.up_proj.weight", (hidden, dim), f"{dl}.up_proj.weight")
+    yield Entry(f"{hf}.down_proj.weight", (dim, hidden), f"{dl}.down_proj.weight")
+
+
+def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = frozenset(),
+           rope_interleave: bool = True):
+    """Every HF tensor of the model, in file order. `fused_layers`: layers whose experts are stored
+    as one gate_up_proj [E, 2F, D] and one down_proj [E, D, F] instead of one set per expert.
+    `rope_interleave` (DeepSeek's config flag): the rope rows of q and kv_a come in pairs."""
+    rope = "rope_" if rope_interleave else "copy_"
+    D, m = cfg.dim, cfg.moe
+    E, F = m.num_experts, m.hidden_dim
+    rows = [Entry("model.embed_tokens.weight", (cfg.vocab_size, D), "embed.weight")]
+    moe_name = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for i in range(cfg.num_layers):
+        hf, dl = f"model.layers.{i}", f"layers.{i}"
+        rows.append(Entry(f"{hf}.input_layernorm.weight", (D,), f"{dl}.attn_norm.weight"))
+        rows.extend(_attention_rows(cfg, f"{hf}.self_attn", f"{dl}.attn", rope))
+        rows.append(Entry(f"{hf}.post_attention_layernorm.weight", (D,), f"{dl}.ffn_norm.weight"))
+        if i < cfg.first_dense_layers:
+            rows.extend(_swiglu_rows(f"{hf}.mlp", f"{dl}.ffn", D, cfg.dense_hidden))
+            continue
+        moe = f"{hf}.{moe_name}"
+        rows.append(Entry(f"{moe}.gate.weight", (E, D), f"{dl}.ffn.router.weight"))
+        if model_type == "deepseek_v3":
+            rows.append(Entry(f"{moe}.gate.e_score_correction_bias", (E,), f"{dl}.ffn.router.bias"))
+        if i in fused_layers:
+            rows.append(Entry(f"{moe}.experts.gate_up_proj", (E, 2 * F, D),
+                              f"{dl}.ffn.experts.gate_up", "gate_up"))
+            rows.append(Entry(f"{moe}.experts.down_proj", (E, D, F), f"{dl}.ffn.experts.down",
+                              "down_all"))
+        else:
+            for e in range(E):
+                gate, up, down = (f"{moe}.experts.{e}.{n}.weight" for n in names)
+                rows.append(Entry(gate, (F, D), f"{dl}.ffn.experts.gate_up", "gate", e))
+                rows.append(Entry(up, (F, D), f"{dl}.ffn.experts.gate_up", "up", e))
+                rows.append(Entry(down, (D, F), f"{dl}.ffn.experts.down", "down", e))
+        if m.num_shared_experts:
+            shared = "shared_expert" if model_type == "qwen2_moe" else "shared_experts"
+            rows.extend(_swiglu_rows(f"{moe}.{shared}", f"{dl}.ffn.shared", D, m.shared_hidden))
+        if m.shared_gate:
+            rows.append(Entry(f"{moe}.shared_expert_gate.weight", (1, D), f"{dl}.ffn.shared_gate.weight"))
+    rows.append(Entry("model.norm.weight", (D,), "norm.weight"))
+    if not cfg.tie_embeddings:
+        rows.append(Entry("lm_head.weight", (cfg.vocab_size, D), "lm_head.weight"))
+    return rows
+
+
+def _rope_perm(cfg: ModelConfig, kind: str, rows: int, to_half_split: bool) -> torch.Tensor:
+    """Row order that turns DeepSeek's interleaved rope pairs (x0, x1), (x2, x3)... into dropless's
+    half-split pairs (x_i, x_{i+P/2}) (or back). Rotating the de-interleaved vector with
+    rotate_half is exactly HF's interleaved rotation, and q.k is unchanged when q and k are
+    permuted alike."""
+    N, P = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    rope = torch.cat([torch.arange(0, P, 2), torch.arange(1, P, 2)])
+    if not to_half_split:
+        rope = torch.argsort(rope)
+    if kind == "rope_kv":
+        C = cfg.kv_lora_rank
+        return torch.cat([torch.arange(C), C + rope])
+    head = torch.cat([torch.arange(N), N + rope])
+    return torch.cat([h * (N + P) + head for h in range(rows // (N + P))])
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF key -> (file, shape) from the index (sharded) or every *.safetensors file (single)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"{path}: shard files named in {index.name} are missing: {missing}")
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights found (torch .bin files are not read)")
+    where = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as handle:
+                for k in handle.keys():
+                    where[k] = (f, tuple(handle.get_slice(k).get_shape()))
+        except Exception as err:   # safetensors raises its own error type for a bad header
+            raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): "
+                             f"{err}") from err
+    return where
+
+
+def _short(names: list[str]) -> str:
+    more = f" ... and {len(names) - _LIST} more" if len(names) > _LIST else ""
+    return ", ".join(names[:_LIST]) + more
+
+
+def _check(where, rows, ignore) -> None:
+    expected = {r.hf_key: r.shape for r in rows}
+    missing = [k for k in expected if k not in where]
+    unexpected = sorted(k for k in where if k not in expected and not ignore(k))
+    misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
+                 if k in where and where[k][1] != s]
+    problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if v]
+    if problems:
+        raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
+
+
+def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
+    F = cfg.moe.hidden_dim
+    if row.kind.startswith("copy"):
+        state[row.key] = t
+    elif row.kind in ("rope_q", "rope_kv"):
+        state[row.key] = t[_rope_perm(cfg, row.kind, t.shape[0], to_half_split=True)]
+    elif row.kind in ("gate_up", "down_all"):
+        state[row.key] = t.transpose(1, 2)   # HF [E, out, in] -> dropless [E, in, out]
+    else:
+        E, D = cfg.moe.num_experts, cfg.dim
+        if row.key not in state:
+            shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
+            state[row.key] = torch.empty(shape, dtype=t.dtype)
+        cols = {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
+        state[row.key][row.expert, :, cols] = t.T
+
+
+def read_hf_config(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    config = path / "config.json"
+    if not config.exists():
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON: {err}") from err
+
+
+def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Read a HF model directory into a dropless Transformer (weights cast to `dtype`; the router's
+    selection bias stays float32)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    hf_cfg = read_hf_config(path)
+    cfg = config_from_hf(hf_cfg)
+    model_type = hf_cfg["model_type"]
+    where = _open_tensors(path)
+    file_key = {k: k for k in where}
+    if model_type == "mixtral":   # transformers 5's in-memory name; saved files use block_sparse_moe
+        file_key = {k.replace(".mlp.", ".block_sparse_moe."): k for k in where}
+        where = {k: where[v] for k, v in file_key.items()}
+    fused = frozenset(i for i in range(cfg.num_layers) if any(
+        k.startswith(f"model.layers.{i}.") and k.endswith("experts.gate_up_proj") for k in where))
+    rows = layout(cfg, model_type, fused, bool(hf_cfg.get("rope_interleave", True)))
+    # DeepSeek-V3 files may carry multi-token-prediction layers after the last layer: not used here
+    mtp = tuple(f"model.layers.{i}." for i in range(
+        cfg.num_layers, cfg.num_layers + (hf_cfg.get("num_nextn_predict_layers") or 0)))
+    _check(where, rows, lambda k: (bool(mtp) and k.startswith(mtp))
+           or (cfg.tie_embeddings and k == "lm_head.weight"))
+    state, handles = {}, {}
+    for row in rows:
+        f = where[row.hf_key][0]
+        try:
+            if f not in handles:
+                handles[f] = safe_open(f, "pt", device="cpu")
+            t = handles[f].get_tensor(file_key[row.hf_key])
+        except Exception as err:
+            raise ValueError(f"{f}: cannot read {row.hf_key} (truncated or corrupt file?): "
+                             f"{err}") from err
+        _fill(state, row, t.to(torch.float32 if row.key.endswith("router.bias") else dtype), cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(device)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
+    t = state[row.key]
+    F = cfg.moe.hidden_dim
+    if row.kind in ("rope_q", "rope_kv"):
+        t = t[_rope_perm(cfg, row.kind, t.shape[0], to_half_split=False)]
+    elif row.kind in ("gate_up", "down_all"):
+        t = t.transpose(1, 2)
+    elif not row.kind.startswith("copy"):
+        cols = {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
+        t = t[row.expert, :, cols].T
+    return t.detach().contiguous().clone()
+
+
+def to_hf(model: Transformer, path, model_type: str | None = None,
+          max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) that
+    transformers loads as `model_type` (default: inferred from the config)."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    model_type = model_type or infer_model_type(cfg)
+    hf_cfg = config_to_hf(cfg, model_type)
+    state = dict(model.state_dict())
+    for moe_key in [k for k in state if k.endswith("ffn.router.weight")]:
+        bias_key = moe_key[:-len("weight")] + "bias"
+        if model_type == "deepseek_v3" and bias_key not in state:   # HF always has the buffer
+            state[bias_key] = torch.zeros(cfg.moe.num_experts)
+    hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    shards, size = [{}], 0
+    for row in layout(cfg, model_type):
+        t = _hf_tensor(state, row, cfg)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][row.hf_key] = t
+        size += nbytes
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---- directories and the `dropless convert` command -------------------------------------------------
+
+def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """-> (model in eval mode, the directory's tokenizer.json text or None)."""
+    model = from_hf(path, dtype, device).eval()
+    tokenizer = Path(path) / "tokenizer.json"
+    return model, tokenizer.read_text() if tokenizer.exists() else None
+
+
+def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
+                model_type: str | None = None) -> None:
+    """to_hf plus tokenizer.json when the tokenizer is a `tokenizers` one (dropless's raw-byte
+    tokenizer has no HF file form and is left out)."""
+    to_hf(model, path, model_type)
+    if tokenizer_json is not None and json.loads(tokenizer_json).get("type") != "bytes":
+        (Path(path) / "tokenizer.json").write_text(tokenizer_json)
+
+
+def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None:
+    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
+
+    if tokenizer_json is None:
+        raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT, {"model_config": config_to_dict(model.cfg),
+                                       "model": model.state_dict(), "tokenizer": tokenizer_json,
+                                       "step": 0})
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """`dropless convert --from-hf HF_DIR OUT_RUN_DIR` | `dropless convert --to-hf RUN_DIR OUT_HF_DIR`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dropless convert",
+                                     description="convert between HF model directories and "
+                                                 "dropless run directories")
+    way = parser.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="read a Hugging Face model directory")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="read a dropless run directory")
+    parser.add_argument("out", help="directory to write")
+    parser.add_argument("--model-type", help="HF architecture to write (default: inferred)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.from_hf:
+            model, tokenizer_json = load_hf_dir(args.from_hf)
+            _save_run(out, model, tokenizer_json)
+        else:
+            from dropless.checkpoint import load_run
+
+            model, tokenizer, _ = load_run(args.to_hf)
+            save_hf_dir(model, out, tokenizer.to_json(), args.model_type)
+    except ValueError as err:   # user mistakes: one line, no traceback
+        print(f"dropless: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0

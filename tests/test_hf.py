@@ -1,0 +1,275 @@
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dropless import Transformer, from_hf, to_hf  # noqa: E402
+from dropless.generate import generate  # noqa: E402
+
+COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None)
+ARCHS = {
+    "mixtral": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, head_dim=16, norm_topk_prob=True,
+                      mlp_only_layers=[0], num_hidden_layers=3),
+    "qwen2_moe": dict(intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=3, num_key_value_heads=4, n_group=4, topk_group=2,
+                        first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                        num_nextn_predict_layers=0),
+    # DeepSeek-V2-Lite shape: full-rank queries, no group limit, two shared experts, half-split rope
+    "deepseek_v3_lite": dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=6,
+                             num_experts_per_tok=2, num_key_value_heads=4, n_group=1, topk_group=1,
+                             n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+                             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                             routed_scaling_factor=1.0, norm_topk_prob=False, rope_interleave=False,
+                             num_nextn_predict_layers=0),
+}
+ERRORS = {}
+
+
+@torch.no_grad()
+def randomize(model, seed=0):
+    """HF initialises with std 0.02 (near-uniform routing): spread every weight so routing, norms
+    and biases all matter."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif name.endswith("gate.weight"):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def hf_model(arch, seed=0):
+    kw = {**COMMON, **ARCHS[arch]}
+    model_type = "deepseek_v3" if arch.startswith("deepseek") else arch
+    cfg = transformers.AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    randomize(model.float(), seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def saved(request, tmp_path_factory):
+    arch = request.param
+    path = tmp_path_factory.mktemp(arch)
+    model = hf_model(arch)
+    model.save_pretrained(path)
+    return arch, model, path
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_logits_and_greedy_match_transformers(saved):
+    arch, ref, path = saved
+    model = from_hf(path).eval()
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        got, aux = model(tokens)
+    ERRORS[arch] = rel_err(got, want)
+    assert ERRORS[arch] < 1e-4, ERRORS[arch]
+    assert aux.tokens_per_expert.sum() > 0
+    prompt = tokens[:1, :5]
+    hf_out = ref.generate(prompt, max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    assert generate(model, [prompt[0].tolist()], 8, temperature=0) == [hf_out]
+
+
+def test_round_trip_through_to_hf(saved, tmp_path):
+    arch, ref, path = saved
+    to_hf(from_hf(path), tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    tokens = torch.randint(0, 97, (1, 9))
+    if ref.config.to_dict().get("rope_interleave") is False:
+        # written back interleaved (DeepSeek's own layout): same function, rope rows permuted
+        assert back.config.rope_interleave
+        with torch.no_grad():
+            assert rel_err(back(tokens).logits, ref(tokens).logits) < 1e-6
+        return
+    want = ref.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, ref(tokens).logits)
+    model_type = "deepseek_v3" if arch.startswith("deepseek") else arch
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+
+
+def test_sharded_write_and_read(tmp_path):
+    model = from_hf_fresh("qwen2_moe", tmp_path / "src")
+    to_hf(model, tmp_path / "out", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+    again = from_hf(tmp_path / "out")
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def from_hf_fresh(arch, path):
+    hf_model(arch).save_pretrained(path)
+    return from_hf(path)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_fused_expert_layout_reads(arch, tmp_path):
+    """Files with the in-memory fused layout (gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
+    from safetensors.torch import save_file
+
+    ref = hf_model(arch)
+    ref.save_pretrained(tmp_path / "per_expert")
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    (tmp_path / "fused").mkdir()
+    save_file(state, tmp_path / "fused" / "model.safetensors")
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "per_expert" / "config.json").read_text())
+    a, b = from_hf(tmp_path / "fused"), from_hf(tmp_path / "per_expert")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_native_model_exports(tmp_path):
+    from dropless import get_preset
+    import dataclasses
+
+    cfg = dataclasses.replace(get_preset("tiny"), num_layers=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    to_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert rel_err(model(tokens)[0], hf(tokens).logits) < 1e-4
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def mixtral_dir(tmp_path):
+    hf_model("mixtral").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def edit_tensors(path, fn):
+    from safetensors.torch import load_file, save_file
+    state = load_file(path / "model.safetensors")
+    fn(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        from_hf(tmp_path)
+
+
+def test_unsupported_model_type(mixtral_dir):
+    cfg = json.loads((mixtral_dir / "config.json").read_text())
+    (mixtral_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama' is not supported.*mixtral"):
+        from_hf(mixtral_dir)
+
+
+def test_config_lacking_a_field(mixtral_dir):
+    cfg = json.loads((mixtral_dir / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (mixtral_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks the field 'intermediate_size'"):
+        from_hf(mixtral_dir)
+
+
+@pytest.mark.parametrize("field,value,arch", [
+    ("sliding_window", 16, "mixtral"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "mixtral"),
+    ("decoder_sparse_step", 2, "qwen2_moe"),
+    ("mlp_only_layers", [1], "qwen3_moe"),
+    ("use_sliding_window", True, "qwen2_moe"),
+    ("clip_qkv", 8.0, "olmoe"),
+])
+def test_unsupported_features_are_refused(field, value, arch, tmp_path):
+    hf_model(arch).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+    name = "rope_type" if field == "rope_parameters" else field
+    with pytest.raises(ValueError, match=name):
+        from_hf(tmp_path)
+
+
+def test_missing_unexpected_and_misshapen_are_all_listed(mixtral_dir):
+    def damage(state):
+        del state["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+        state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+        state["model.norm.weight"] = torch.zeros(63)
+    edit_tensors(mixtral_dir, damage)
+    with pytest.raises(ValueError) as err:
+        from_hf(mixtral_dir)
+    msg = str(err.value)
+    assert "1 missing: model.layers.1.block_sparse_moe.experts.3.w2.weight" in msg
+    assert "1 unexpected: model.layers.0.self_attn.extra.weight" in msg
+    assert "1 misshapen: model.norm.weight [63] (expected [64])" in msg
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.001])
+def test_truncated_safetensors(mixtral_dir, keep):
+    f = mixtral_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        from_hf(mixtral_dir)
+
+
+def test_unexportable_config_is_refused(tmp_path):
+    from dropless import ModelConfig, MoEConfig
+    cfg = ModelConfig(vocab_size=50, dim=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                      moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2,
+                                    norm_topk_prob=False))
+    with pytest.raises(ValueError, match="moe.norm_topk_prob=False"):
+        to_hf(Transformer(cfg), tmp_path)
+
+
+def test_report_errors():
+    """Prints the measured per-architecture logits errors (pytest -s)."""
+    for arch, err in ERRORS.items():
+        print(f"{arch}: max relative logits error {err:.2e}")
+
+
+def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
+    from dropless.hf import load_hf_dir, save_hf_dir
+
+    tok = json.dumps({"version": "1.0", "model": {"type": "BPE"}})
+    (mixtral_dir / "tokenizer.json").write_text(tok)
+    model, tok_json = load_hf_dir(mixtral_dir)
+    assert tok_json == tok and not model.training
+    save_hf_dir(model, tmp_path / "out", tok_json)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
+    save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
+    assert not (tmp_path / "bytes" / "tokenizer.json").exists()
+
+
+def test_bf16_load_close_to_fp32(saved):
+    arch, ref, path = saved
+    model = from_hf(path, dtype=torch.bfloat16).eval()
+    assert model.embed.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(model(tokens)[0], ref(tokens).logits) < 5e-2
+
+
+def test_convert_reports_bad_input_in_one_line(tmp_path, capsys):
+    from dropless.hf import convert_main
+
+    assert convert_main(["--from-hf", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "no config.json" in capsys.readouterr().err

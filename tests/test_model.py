@@ -1,0 +1,120 @@
+import dataclasses
+
+import pytest
+import torch
+
+from dropless import ModelConfig, MoEConfig, Transformer, get_preset
+from dropless.generate import generate, greedy_recompute, sample_next
+from dropless.info import model_stats
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+               moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**cfg))
+
+
+def test_forward_shapes_and_aux():
+    model = tiny(first_dense_layers=1)
+    logits, aux = model(torch.randint(0, 64, (3, 10)))
+    assert logits.shape == (3, 10, 64)
+    assert aux.tokens_per_expert.shape == (1, 4)       # one MoE layer
+    assert int(aux.tokens_per_expert.sum()) == 3 * 10 * 2
+    assert aux.balance_loss.requires_grad
+
+
+def test_causal():
+    model = tiny()
+    tokens = torch.randint(0, 64, (1, 12))
+    logits, _ = model(tokens)
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 64
+    logits2, _ = model(changed)
+    torch.testing.assert_close(logits[:, :8], logits2[:, :8])
+    assert not torch.allclose(logits[:, 8:], logits2[:, 8:])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True, attention_bias=True),
+                                dict(num_kv_heads=1, tie_embeddings=True)])
+def test_kv_cache_greedy_equals_recompute(kw):
+    model = tiny(**kw)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [33]]
+    out = generate(model, prompts, 20, temperature=0)
+    for p, o in zip(prompts, out):
+        assert o == greedy_recompute(model, p, 20)
+
+
+def test_kv_cache_logits_equal_full_forward():
+    from dropless.model import KVCache
+    model = tiny().eval()
+    tokens = torch.randint(0, 64, (2, 15))
+    full, _ = model(tokens)
+    cache = KVCache(model, 2, 32)
+    parts = [model(tokens[:, :6], cache)[0]] + [model(tokens[:, i:i + 1], cache)[0]
+                                                for i in range(6, 15)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert sample_next(logits, 0, None, None, None).item() == 2
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, 2, None, g).item() for _ in range(100)}
+    assert picks <= {2, 3}
+    picks = {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(50)}
+    assert picks == {2}
+    model = tiny()
+    a = generate(model, [[1, 2]], 10, temperature=1.0, seed=7)
+    b = generate(model, [[1, 2]], 10, temperature=1.0, seed=7)
+    assert a == b
+
+
+def test_generate_bad_input():
+    model = tiny()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1]], 100)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], 3, top_p=0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate(model, [[]], 3)
+
+
+def test_update_bias_touches_only_biased_layers():
+    moe = MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2, score_func="sigmoid",
+                    bias_update_rate=0.1)
+    model = tiny(moe=moe)
+    model.update_bias(torch.tensor([[10, 0, 0, 0], [0, 0, 0, 10]]))
+    b0, b1 = (m.router.bias for m in model.moe_layers())
+    assert b0[0] < 0 < b0[1] and b1[3] < 0 < b1[0]
+
+
+def test_info_tiny_matches_hand_count():
+    cfg = get_preset("tiny")   # dim 128, 4 layers, 4 heads / 2 kv heads of 32, 8 experts of 128, top-2
+    attn = 128 * 128 + 2 * (128 * 64) + 128 * 128
+    expert = 3 * 128 * 128
+    layer = attn + 2 * 128 + 8 * 128 + 8 * expert
+    total = 4 * layer + 256 * 128 + 128          # tied embedding, final norm
+    s = model_stats(cfg, seq_len=512)
+    assert s["total_params"] == total == 1_807_488
+    active = total - 4 * 6 * expert
+    assert s["active_params"] == active
+    assert s["train_flops_per_token"] == 6 * active + 6 * 4 * 4 * (32 + 32) * 512
+    assert s["adam_bytes_fp32"] == 8 * total
+
+
+def test_presets_build_on_meta():
+    for name in ("mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b"):
+        s = model_stats(get_preset(name))
+        assert s["active_params"] < s["total_params"]
+    assert 46.6e9 < model_stats(get_preset("mixtral-8x7b"))["total_params"] < 46.8e9
+
+
+def test_bad_model_config():
+    with pytest.raises(ValueError, match="moe.dim"):
+        dataclasses.replace(get_preset("tiny"), dim=64)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tiny(num_kv_heads=3)
+    with pytest.raises(ValueError, match="preset"):
+        get_preset("gpt-5")
