@@ -74,6 +74,9 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
     """The saved run's config with `overrides` (flags given on the command line) applied, and the
     checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    if "train_config" not in state:
+        raise DroplessError(f"{run_dir} holds a model without training state (converted from "
+                            "Hugging Face?): `dropless generate` can sample it, --resume cannot")
     saved = state["train_config"]
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
@@ -113,8 +116,14 @@ class _MetricsLog:
     (logged by the run after its last save) are dropped so the file reads as one straight run."""
 
     def __init__(self, path: Path, keep_through: int):
-        records = [r for r in map(json.loads, path.read_text().splitlines())
-                   if r["step"] <= keep_through] if path.exists() else []
+        records = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:   # a line cut short by a crash
+                continue
+            if record["step"] <= keep_through:
+                records.append(record)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.file = open(path, "a")
 

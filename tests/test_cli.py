@@ -168,6 +168,17 @@ def test_resume_config_mismatch(capsys, trained_run):
     _fails(capsys, ["train", "--resume", str(trained_run)], "already finished 2 steps")
 
 
+def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
+    from dropless.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained_run / CHECKPOINT)
+    (tmp_path / "converted").mkdir()
+    save_checkpoint(tmp_path / "converted" / CHECKPOINT,
+                    {k: state[k] for k in ("model", "model_config", "tokenizer")})
+    _fails(capsys, ["train", "--resume", str(tmp_path / "converted")], "without training state")
+    assert cli.main(["generate", str(tmp_path / "converted"), "--max-new-tokens", "2"]) == 0
+
+
 def test_existing_run_needs_resume(capsys, trained_run):
     _fails(capsys, ["train", "--out", str(trained_run)], "pass --resume")
 
