@@ -1,9 +1,11 @@
 """dropless: dropless Mixture-of-Experts training and inference on PyTorch."""
 
-from dropless.config import PRESETS, MoEConfig, ModelConfig, get_preset
+from dropless.config import PRESETS, MoEConfig, ModelConfig, TrainConfig, get_preset
+from dropless.errors import DroplessError
 from dropless.moe import MoE, MoEAux
 from dropless.model import ModelAux, Transformer
 from dropless.hf import from_hf, to_hf
 
-__all__ = ["from_hf", "to_hf", "MoE", "MoEAux", "ModelAux", "Transformer", "MoEConfig", "ModelConfig", "PRESETS", "get_preset"]
+__all__ = ["from_hf", "to_hf", "MoE", "MoEAux", "ModelAux", "Transformer", "MoEConfig", "ModelConfig",
+           "TrainConfig", "DroplessError", "PRESETS", "get_preset"]
 __version__ = "0.1.0"

@@ -70,7 +70,11 @@ def load_checkpoint(path: Path) -> dict:
     payload = memoryview(data)[header:]
     if hashlib.sha256(payload).hexdigest().encode() != data[len(MAGIC):header - 1]:
         raise DroplessError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:   # intact bytes, unloadable content (e.g. written by a newer version)
+        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import os
 import sys
 import time
 
+from dropless.config import BACKENDS, TrainConfig
 from dropless.errors import DroplessError
 
 
@@ -20,33 +22,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# train flags: dest -> (type, help); all default to None so that only given flags override the
-# TrainConfig defaults, or a resumed run's saved config
+# train flags: dest -> (type, help). All default to None so that only the flags given override the
+# TrainConfig defaults (or a resumed run's saved config); help shows TrainConfig's defaults.
 _TRAIN_FLAGS = {
-    "preset": (str, "model preset (default tiny; see `dropless info`)"),
+    "preset": (str, "model preset (see `dropless info`)"),
     "data": (str, "text file, directory of text files, or .jsonl with a 'text' field "
                   "(default: this Python's stdlib .py files)"),
-    "tokenizer": (str, "bytes (default, vocab 256) or bpe"),
-    "vocab": (int, "BPE vocabulary size (default 4096)"),
-    "steps": (int, "optimizer steps (default 600)"),
-    "batch_size": (int, "sequences per micro-batch (default 16)"),
-    "seq_len": (int, "tokens per sequence (default 128)"),
-    "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
-    "lr": (float, "peak learning rate (default 3e-3)"),
-    "warmup": (int, "linear warmup steps before the cosine decay (default 50)"),
-    "weight_decay": (float, "AdamW weight decay on non-embedding matrices (default 0.1)"),
-    "grad_clip": (float, "max global gradient norm, 0 = off (default 1.0)"),
-    "seed": (int, "seed of the initialization and of the batches (default 0)"),
-    "eval_every": (int, "validation every N steps (default 100)"),
-    "eval_batches": (int, "validation batches per evaluation (default 8)"),
-    "ckpt_every": (int, "checkpoint every N steps (default 200); always at the end"),
-    "log_every": (int, "metrics.jsonl line every N steps (default 10)"),
-    "device": (str, "auto (default), cpu, cuda, cuda:1, ..."),
-    "backend": (str, "MoE expert backend: auto (default), reference, grouped"),
-    "cache_dir": (str, "token cache directory (default ~/.cache/dropless/tokens)"),
-    "ep": (int, "under torchrun: expert-parallel degree (default 1)"),
-    "dp_shard": (int, "under torchrun: FSDP degree (default: world / (dp-replicate * ep))"),
-    "dp_replicate": (int, "under torchrun: HSDP replicas (default 1)"),
+    "tokenizer": (str, "bytes (vocab 256) or bpe"),
+    "vocab": (int, "BPE vocabulary size"),
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "sequences per micro-batch"),
+    "seq_len": (int, "tokens per sequence"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "warmup": (int, "linear warmup steps before the cosine decay"),
+    "weight_decay": (float, "AdamW weight decay on non-embedding matrices"),
+    "grad_clip": (float, "max global gradient norm, 0 = off"),
+    "seed": (int, "seed of the initialization and of the batches"),
+    "eval_every": (int, "validation every N steps"),
+    "eval_batches": (int, "validation batches per evaluation"),
+    "ckpt_every": (int, "checkpoint every N steps (and always at the end)"),
+    "log_every": (int, "a metrics.jsonl line every N steps"),
+    "device": (str, "auto (cuda when available), cpu, cuda, cuda:1, ..."),
+    "backend": (str, f"MoE expert backend: {', '.join(BACKENDS)}"),
+    "cache_dir": (str, "token cache directory (default: ~/.cache/dropless/tokens)"),
+    "sample_tokens": (int, "length of the sample generated at the end, 0 = none"),
+    "ep": (int, "under torchrun: expert-parallel degree"),
+    "dp_shard": (int, "under torchrun: FSDP degree (0 = world / (dp-replicate * ep))"),
+    "dp_replicate": (int, "under torchrun: HSDP replicas"),
 }
 
 
@@ -56,7 +59,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("example", help="run one MoE layer on random tokens and print what it did")
 
     train = sub.add_parser("train", help="train a model; writes a run directory")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for dest, (kind, text) in _TRAIN_FLAGS.items():
+        if defaults[dest] is not None:
+            text += f" (default {defaults[dest]})"
         train.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     train.add_argument("--out", help="run directory (default runs/<timestamp>)")
@@ -87,7 +93,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from dropless.config import TrainConfig
     from dropless.train import format_summary, resume_config, train
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]

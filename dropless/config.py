@@ -214,24 +214,25 @@ class TrainConfig:
     data: str | None = None           # None = the interpreter's stdlib .py files
     tokenizer: Literal["bytes", "bpe"] = "bytes"
     vocab: int = 4096                 # BPE vocabulary size (the model's vocab follows the tokenizer)
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
-    warmup: int = 50
+    warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0            # max global grad norm; 0 = off
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 250
     eval_batches: int = 8
-    ckpt_every: int = 200
+    ckpt_every: int = 500
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
     compile: bool = False
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
+    sample_tokens: int = 200          # tokens of the sample generated at the end; 0 = none
     # scale-out under torchrun (dropless.parallel): world = dp_replicate * dp_shard * ep
     ep: int = 1                       # expert-parallel degree
     dp_shard: int = 0                 # FSDP degree; 0 = world / (dp_replicate * ep)
@@ -244,7 +245,7 @@ class TrainConfig:
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup", "seed", "dp_shard"):
+        for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",

@@ -160,7 +160,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        nn.init.normal_(self.embed.weight, std=1.0)
+        # a tied embedding is also the LM head: scale it so initial logits have unit variance
+        nn.init.normal_(self.embed.weight, std=self.cfg.dim ** -0.5 if self.cfg.tie_embeddings else 1.0)
         for layer in self.layers:
             for lin in layer.attn.modules():
                 if isinstance(lin, nn.Linear):

@@ -30,9 +30,10 @@ def plot_losses(records: list[dict], path: Path, baseline: float | None = None) 
     losses = [r["loss"] for r in records]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    ax.plot(steps, losses, color="tab:blue", lw=1.5, label="train")
+    ax.plot(steps, losses, color="tab:blue", lw=1.5, label=f"train (last {losses[-1]:.2f})")
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4, label="validation")
+        ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4,
+                label=f"validation (last {val[-1][1]:.2f})")
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls="--", lw=1,
                    label=f"unigram baseline ({baseline:.2f})")
@@ -42,7 +43,7 @@ def plot_losses(records: list[dict], path: Path, baseline: float | None = None) 
     ax.set_xlim(0, max(steps) if steps else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Loss")
+    ax.set_title(f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -77,13 +78,17 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     ax.imshow(overall_LE, aspect="auto", interpolation="nearest", **norm)
     if E <= 16:
         for (layer, expert), share in np.ndenumerate(overall_LE):
-            ax.text(expert, layer, f"{100 * share:.0f}", ha="center", va="center", fontsize=7)
-    ax.set_title("Whole run (% of tokens)")
+            dark = abs(share - 1 / E) > 0.6 / E     # white text on the saturated cells
+            ax.text(expert, layer, f"{100 * share:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+        ax.set_xticks(range(E))
+    ax.set_title("Whole run: % of tokens")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(L))
     fig.colorbar(image, ax=fig.axes, shrink=0.8,
-                 label=f"share of tokens (balanced = 1/{E} = {1 / E:.3f})")
+                 label=f"share of tokens (balanced = 1/{E}; "
+                       f"darkest red = {2 / E:.2f} or more)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -45,12 +45,16 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 class BPETokenizer:
+    """A `tokenizers` tokenizer: the byte-level BPE `train_bpe` makes, or any tokenizer.json (a run
+    converted from Hugging Face carries its own)."""
+
     kind = "bpe"
 
     def __init__(self, tok):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
         self._byte_of = _byte_alphabet()
+        self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
@@ -59,9 +63,14 @@ class BPETokenizer:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
+        if not self._byte_level:
+            return self.tok.decode(list(ids))
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
+        """The token's exact bytes (for byte-level BPE; other tokenizers: its decoded text)."""
+        if not self._byte_level:
+            return self.tok.decode([token_id]).encode()
         return bytes(self._byte_of[c] for c in self.tok.id_to_token(token_id))
 
     def to_json(self) -> str:

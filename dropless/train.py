@@ -37,7 +37,8 @@ from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
 RESUMABLE = ("out", "steps", "device", "backend", "eval_every", "eval_batches", "ckpt_every",
-             "log_every", "compile", "cache_dir", "ep", "dp_shard", "dp_replicate")
+             "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
+             "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
 
@@ -86,6 +87,9 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
     """The saved run's config with `overrides` (flags given on the command line) applied, and the
     checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
     state = latest_state(run_dir)
+    if "train_config" not in state:
+        raise DroplessError(f"{run_dir} holds a model without training state (converted from "
+                            "Hugging Face?): `dropless generate` can sample it, --resume cannot")
     saved = state["train_config"]
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
@@ -125,8 +129,14 @@ class _MetricsLog:
     (logged by the run after its last save) are dropped so the file reads as one straight run."""
 
     def __init__(self, path: Path, keep_through: int):
-        records = [r for r in map(json.loads, path.read_text().splitlines())
-                   if r["step"] <= keep_through] if path.exists() else []
+        records = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:   # a line cut short by a crash
+                continue
+            if record["step"] <= keep_through:
+                records.append(record)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.file = open(path, "a")
 
@@ -366,10 +376,10 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
     sample = None
-    sample_model = model if finished else None
-    if finished and rt.world > 1:
-        # rank 0 samples alone from the gathered weights: 160 decoding steps of collectives
-        # across every rank would cost far more than one gather
+    sample_model = model if finished and cfg.sample_tokens else None
+    if sample_model is not None and rt.world > 1:
+        # rank 0 samples alone from the gathered weights: a decoding step of collectives across
+        # every rank per token would cost far more than one gather
         full, _ = dckpt.full_state(model)
         sample_model = None
         if rt.is_main:
@@ -377,8 +387,10 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             sample_model.load_state_dict(full)
             sample_model.to(device).set_backend(cfg.backend)
     if sample_model is not None:
-        new = generate(sample_model, [tok.encode(SAMPLE_PROMPT).tolist()], 160, temperature=0.8,
-                       top_k=40, seed=cfg.seed)[0]
+        prompt = tok.encode(SAMPLE_PROMPT).tolist()
+        new = generate(sample_model, [prompt],
+                       min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
+                       temperature=0.8, top_k=40, seed=cfg.seed)[0]
         sample = SAMPLE_PROMPT + tok.decode(new)
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
@@ -404,7 +416,8 @@ def format_summary(s: dict) -> str:
         "tokens: the best loss without context)",
         f"run directory: {s['run_dir']} ({checkpoints}, metrics.jsonl, "
         + ", ".join(Path(p).name for p in s["plots"]) + ")",
-        f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
-        "-" * 60, s["sample"], "-" * 60,
     ]
+    if s["sample"] is not None:
+        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
+                  "-" * 60, s["sample"], "-" * 60]
     return "\n".join(lines)

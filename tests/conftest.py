@@ -1,4 +1,5 @@
 import copy
+import os
 import sysconfig
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def oracle(moe, x, grad_out):
     return y, grads, x64.grad, ids
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The models here are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine
+    (subprocesses get OMP_NUM_THREADS=1 through `subprocess_env`)."""
+    torch.set_num_threads(1)
+
+
+def subprocess_env() -> dict:
+    repo = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """~250 KB of Python source in a few files: a quick stand-in for the full stdlib corpus."""
@@ -65,7 +78,7 @@ def small_cfg(tmp_path, corpus):
     """A TrainConfig for fast CPU tests: the tiny preset on short sequences and small batches."""
     def make(**kw) -> TrainConfig:
         base = dict(out=str(tmp_path / "run"), data=str(corpus), cache_dir=str(tmp_path / "cache"),
-                    steps=6, batch_size=4, seq_len=32, warmup=2, eval_every=3, eval_batches=2,
-                    ckpt_every=100, log_every=1)
+                    steps=6, batch_size=4, seq_len=32, warmup=2, eval_every=3, eval_batches=1,
+                    ckpt_every=100, log_every=1, sample_tokens=8)
         return TrainConfig(**{**base, **kw})
     return make

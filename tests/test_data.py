@@ -122,3 +122,19 @@ def test_eval_batches_are_fixed_and_cover_the_split():
     batches = data.eval_batches(tokens, 4, 16, 3)
     assert len(batches) == 3 and batches[0][0].shape == (4, 16)
     assert int(batches[0][0][0, 0]) == 0 and int(batches[-1][1][-1, -1]) == 999
+
+
+def test_non_byte_level_tokenizer_decodes_through_tokenizers():
+    """A run converted from Hugging Face may carry any tokenizer.json, not only byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["hello world hello there"] * 10,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"],
+                                                show_progress=False))
+    wrapped = tokenizer_from_json(tok.to_str())
+    ids = wrapped.encode("hello world")
+    assert wrapped.decode(ids) == "hello world"
+    assert b"".join(wrapped.token_bytes(int(i)) for i in ids).decode().replace(" ", "") == "helloworld"

@@ -23,7 +23,8 @@ def torchrun(out: Path, corpus: Path, cache: Path) -> subprocess.Popen:
            "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2",
            "--data", str(corpus), "--cache-dir", str(cache), "--steps", "16", "--batch-size", "4",
            "--seq-len", "32", "--warmup", "2", "--eval-every", "100", "--eval-batches", "1",
-           "--ckpt-every", "5", "--log-every", "1", "--quiet", "--out", str(out)]
+           "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
+           "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out.mkdir(parents=True)
     log = open(out.parent / f"{out.name}.log", "w")   # a file, not a pipe: a full pipe would block

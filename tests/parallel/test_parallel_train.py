@@ -41,7 +41,8 @@ def assert_close(a: dict, b: dict, steps):
 @pytest.mark.timeout(240)
 def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     base = dict(data=str(corpus), cache_dir=str(tmp_path / "cache"), steps=10, batch_size=4,
-                seq_len=32, warmup=2, eval_every=5, eval_batches=2, ckpt_every=5, log_every=1)
+                seq_len=32, warmup=2, eval_every=5, eval_batches=2, ckpt_every=5, log_every=1,
+                sample_tokens=16)
     launch(4, train_body, asdict(TrainConfig(out=str(tmp_path / "four"), ep=2, dp_shard=2, **base)))
     assert not (tmp_path / "four" / "checkpoint.pt").exists()   # distributed checkpoints only
     train(TrainConfig(out=str(tmp_path / "one"), **base), progress=False)

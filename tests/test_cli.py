@@ -1,0 +1,209 @@
+"""The command line: every bad input is one clear line on stderr and a non-zero exit code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from dropless import cli
+from dropless.checkpoint import CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    out = root / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(out), "--cache-dir",
+                     str(root / "cache"), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                     "--sample-tokens", "4", "--quiet"]) == 0
+    return out
+
+
+def _fails(capsys, argv, message: str, code: int = 1) -> None:
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dropless: error: "), err
+    assert message in err, err
+
+
+def test_train_prints_a_summary(trained_run, capsys):
+    metrics = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2] and "val_loss" in metrics[0]
+    assert cli.main(["generate", str(trained_run), "--prompt", "def ", "--max-new-tokens", "5",
+                     "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def ") and "tokens/s" in captured.err
+
+
+def test_generate_batched_prompts(trained_run, capsys):
+    assert cli.main(["generate", str(trained_run), "--prompt", "import", "--prompt", "class X",
+                     "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] ---\nimport" in out and "[1] ---\nclass X" in out
+
+
+def test_info_matches_hand_count(capsys):
+    # tiny: embedding 256*128 (tied) + final norm 128 + 4 layers x (attention q,o 128*128 each,
+    # k,v 128*64 each; two norms 2*128; router 8*128; 8 experts x 3*128*128)
+    per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 2 * 128 + 8 * 128 + 8 * 3 * 128 * 128
+    total = 256 * 128 + 128 + 4 * per_layer
+    active = total - 4 * (8 - 2) * 3 * 128 * 128
+    assert cli.main(["info", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert f"{total:,}" in out and f"{active:,}" in out and total == 1_807_488
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "dropless", "info", "--preset", "small"],
+                            env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "total parameters" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "steps=0 is invalid"),
+    (["--steps=-3"], "steps=-3 is invalid"),
+    (["--lr", "0"], "lr=0.0 is invalid"),
+    (["--lr=-1e-3"], "lr=-0.001 is invalid"),
+    (["--lr", "nan"], "lr=nan is invalid"),
+    (["--batch-size", "0"], "batch_size=0 is invalid"),
+    (["--seq-len", "0"], "seq_len=0 is invalid"),
+    (["--grad-accum", "0"], "grad_accum=0 is invalid"),
+    (["--warmup=-1"], "warmup=-1 is invalid"),
+    (["--eval-every", "0"], "eval_every=0 is invalid"),
+    (["--preset", "gigantic"], "preset='gigantic' is invalid"),
+    (["--tokenizer", "words"], "tokenizer='words' is invalid"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a device"),
+])
+def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
+    _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
+
+
+def test_train_rejects_unparsable_numbers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--steps", "ten"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'ten'" in err
+
+
+def _bad_data(tmp_path: Path, kind: str) -> Path:
+    if kind == "missing":
+        return tmp_path / "nope.txt"
+    if kind == "empty file":
+        (tmp_path / "empty.txt").write_text("")
+        return tmp_path / "empty.txt"
+    if kind == "empty dir":
+        (tmp_path / "d").mkdir()
+        return tmp_path / "d"
+    if kind == "unreadable":   # a dangling link in a directory cannot be read, even by root
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "gone.txt").symlink_to(tmp_path / "deleted.txt")
+        return tmp_path / "d"
+    if kind == "jsonl without text":
+        (tmp_path / "x.jsonl").write_text('{"body": "hello"}\n')
+        return tmp_path / "x.jsonl"
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    return tmp_path / "x.jsonl"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such file or directory"),
+    ("empty file", "no text found"),
+    ("empty dir", "no text found"),
+    ("unreadable", "cannot read"),
+    ("jsonl without text", 'line 1 has no "text" string field'),
+    ("jsonl broken", "line 2 is not valid JSON"),
+])
+def test_train_rejects_bad_data(capsys, tmp_path, kind, message):
+    path = _bad_data(tmp_path, kind)
+    _fails(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "run")], message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_file_without_root(capsys, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    path = tmp_path / "secret.txt"
+    path.write_text("text")
+    path.chmod(0)
+    _fails(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "run")], "cannot read")
+
+
+def test_too_little_data_for_the_sequence_length(capsys, tmp_path):
+    (tmp_path / "short.txt").write_text("x = 1\n" * 20)
+    _fails(capsys, ["train", "--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "r"),
+                    "--seq-len", "512", "--cache-dir", str(tmp_path / "c")], "too few for --seq-len 512")
+
+
+def test_run_dir_without_checkpoint(capsys, tmp_path):
+    _fails(capsys, ["generate", str(tmp_path)], "no checkpoint found")
+    _fails(capsys, ["train", "--resume", str(tmp_path)], "no checkpoint found")
+    _fails(capsys, ["generate", str(tmp_path / "missing")], "no such run directory")
+    _fails(capsys, ["train", "--resume"], "--resume needs a run directory")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_checkpoint(capsys, tmp_path, trained_run, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = (trained_run / CHECKPOINT).read_bytes()
+    if damage == "truncated":
+        raw = raw[: len(raw) - 1000]
+    else:
+        raw = raw[:5000] + bytes(100) + raw[5100:]
+    (run / CHECKPOINT).write_bytes(raw)
+    _fails(capsys, ["generate", str(run)], "corrupt or truncated")
+    _fails(capsys, ["train", "--resume", str(run), "--steps", "5"], "corrupt or truncated")
+
+
+def test_resume_config_mismatch(capsys, trained_run):
+    _fails(capsys, ["train", "--resume", str(trained_run), "--steps", "4", "--lr", "0.5",
+                    "--seq-len", "64"], "config mismatch on resume: --seq-len 64 (the run used 16); "
+                    "--lr 0.5 (the run used 0.003)")
+    _fails(capsys, ["train", "--resume", str(trained_run)], "already finished 2 steps")
+
+
+def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
+    from dropless.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained_run / CHECKPOINT)
+    (tmp_path / "converted").mkdir()
+    save_checkpoint(tmp_path / "converted" / CHECKPOINT,
+                    {k: state[k] for k in ("model", "model_config", "tokenizer")})
+    _fails(capsys, ["train", "--resume", str(tmp_path / "converted")], "without training state")
+    assert cli.main(["generate", str(tmp_path / "converted"), "--max-new-tokens", "2"]) == 0
+
+
+def test_existing_run_needs_resume(capsys, trained_run):
+    _fails(capsys, ["train", "--out", str(trained_run)], "pass --resume")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 is invalid"),
+    (["--temperature=-1"], "--temperature -1.0 is invalid"),
+    (["--top-k", "0"], "--top-k 0 is invalid"),
+    (["--top-p", "1.5"], "--top-p 1.5 is invalid"),
+    (["--prompt", ""], "--prompt must not be empty"),
+    (["--max-new-tokens", "100000"], "exceeds the model's max_seq_len"),
+])
+def test_generate_rejects_bad_values(capsys, trained_run, flags, message):
+    _fails(capsys, ["generate", str(trained_run), *flags], message)
+
+
+def test_info_unknown_preset(capsys):
+    _fails(capsys, ["info", "--preset", "gigantic"], "preset='gigantic' is unknown")
+    _fails(capsys, ["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len 0 is invalid")
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dropless", "train", "--data",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
+                            env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"dropless: error: --data {tmp_path / 'missing'}: no such file or directory"
