@@ -11,6 +11,7 @@ at most the steps since the previous checkpoint.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
+
+from dropless.checkpoint import PAUSE_ENV
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -52,6 +55,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
         torch.save({"step": step, **(extra or {})}, path / EXTRA)
     _barrier()   # every rank's shards are on disk before the marker says so
     if _rank() == 0:
+        if os.environ.get(PAUSE_ENV):   # test hook: the kill window before the marker
+            time.sleep(float(os.environ[PAUSE_ENV]))
         with open(path / MARKER, "w") as f:
             f.write(f"{step}\n")
             f.flush()

@@ -1,5 +1,6 @@
-"""Faults under torchrun: a rank killed mid-training (with --max-restarts 1) restarts the job from
-the last complete checkpoint, and the final parameters equal an uninterrupted run's, bitwise."""
+"""Faults under torchrun: rank 0 killed while it saves (after every rank wrote its shards, before the
+COMPLETE marker) under --max-restarts 1: the job restarts from the previous complete checkpoint,
+losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise."""
 
 import os
 import signal
@@ -11,21 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from dropless.checkpoint import config_from_dict
+from dropless.checkpoint import PAUSE_ENV, config_from_dict
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(out: Path, corpus: Path, cache: Path) -> subprocess.Popen:
+def torchrun(out: Path, corpus: Path, cache: Path, **env_vars) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2",
            "--data", str(corpus), "--cache-dir", str(cache), "--steps", "16", "--batch-size", "4",
            "--seq-len", "32", "--warmup", "2", "--eval-every", "100", "--eval-batches", "1",
            "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
            "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     out.mkdir(parents=True)
     log = open(out.parent / f"{out.name}.log", "w")   # a file, not a pipe: a full pipe would block
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -42,9 +43,12 @@ def stop(job: subprocess.Popen) -> None:
         job.wait()
 
 
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
+def local_rank_0(pid: int) -> int:
+    """The worker of torchrun `pid` with LOCAL_RANK=0 (it writes the completion markers)."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if b"LOCAL_RANK=0\0" in Path(f"/proc/{child}/environ").read_bytes():
+            return int(child)
+    raise AssertionError("no worker with LOCAL_RANK=0")
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -70,17 +74,19 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, corpus):
     finally:
         stop(straight)
 
-    job = torchrun(tmp_path / "killed", corpus, cache)
+    job = torchrun(tmp_path / "killed", corpus, cache, **{PAUSE_ENV: "2"})
+    step_10 = ckpt.step_dir(tmp_path / "killed", 10)
     try:
-        # step 6 logged => the step-5 checkpoint is complete; kill one worker before the run ends
-        while last_logged_step(tmp_path / "killed") < 6:
+        # the step-10 save has written its shards (.metadata comes last) and waits for its marker
+        while not (step_10 / ".metadata").exists() or not (step_10 / ckpt.EXTRA).exists():
             assert job.poll() is None, log_tail(tmp_path / "killed")
             time.sleep(0.02)
-        os.kill(children(job.pid)[-1], signal.SIGKILL)
+        os.kill(local_rank_0(job.pid), signal.SIGKILL)
         assert job.wait(timeout=200) == 0, log_tail(tmp_path / "killed")
     finally:
         stop(job)
-    assert "restart" in log_tail(tmp_path / "killed").lower()
+    log = (tmp_path / "killed.log").read_text()
+    assert "incomplete checkpoint" in log   # the restart skipped step 10 and resumed at step 5
     assert last_logged_step(tmp_path / "killed") == 16
 
     expected, got = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
