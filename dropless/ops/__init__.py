@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from dropless.ops import grouped, reference, triton_grouped
-from dropless.ops.reference import Plan, combine, dispatch, make_plan, moe_loop
+from dropless.ops.reference import Plan, combine, dispatch, expert_counts, make_plan, moe_loop
 
-__all__ = ["Plan", "combine", "dispatch", "make_plan", "moe_loop", "expert_swiglu", "fused_experts",
+__all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu", "fused_experts",
            "fuses_dispatch", "resolve_backend"]
 
 
