@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from dropless.ops import grouped, reference, triton_grouped
+from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped
 from dropless.ops.reference import Plan, combine, dispatch, expert_counts, make_plan, moe_loop
 
-__all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu", "fused_experts",
-           "fuses_dispatch", "resolve_backend"]
+__all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
+           "fused_experts", "fuses_dispatch", "resolve_backend"]
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -30,18 +30,23 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def fuses_dispatch(backend: str, x_TD: torch.Tensor, gate_up_EDF2, down_EFD) -> bool:
     """Whether this backend runs dispatch + experts + combine as one fused op (`fused_experts`)
     instead of the three steps. Falls back to the steps where the Triton kernels cannot run."""
-    return (resolve_backend(backend, x_TD) == "triton"
+    return (resolve_backend(backend, x_TD) in ("triton", "blocksparse")
             and triton_grouped.supports(x_TD, gate_up_EDF2, down_EFD))
 
 
-def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
-    """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]) without a permuted copy of x."""
+def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
+                  backend: str = "triton") -> torch.Tensor:
+    """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]), dispatch and combine included:
+    "triton" gathers rows inside its kernels; "blocksparse" pads every expert to whole blocks."""
+    if resolve_backend(backend, x_TD) == "blocksparse":
+        return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
 
 
 def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto") -> torch.Tensor:
     """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows. "triton" takes the grouped
-    path here: its kernels fuse the dispatch, which this seam has already done."""
+    path here (and "blocksparse" too): their kernels fuse the dispatch, which this seam has already
+    done (expert parallelism, capacity plans)."""
     if resolve_backend(backend, x_RD) == "reference":
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     return grouped.swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD)
