@@ -2,9 +2,10 @@
 
 Legend: R routed rows (expert-contiguous), D model dim, F expert hidden, E experts.
 
-Forward and backward are written out by hand (`_GroupedSwiGLU`) so that backward keeps only x_RD and
-the pre-activations [g | u]_RF2: silu(g) * u is recomputed (one elementwise pass) instead of being
-saved twice over (autograd would keep silu(g), u and their product: 2*R*F more). Every product and
+The second half (SwiGLU and the down projection) has a hand-written backward (`_SwiGLUDown`) that
+keeps only the pre-activations [g | u]_RF2 and recomputes silu(g) * u (one elementwise pass) instead
+of keeping silu(g), u and their product (autograd's way: 2*R*F more). The first projection stays a
+separate autograd node, so that [g | u] and dy are freed before dx is computed. Every product and
 elementwise op is the one autograd would run, so results are bitwise those of plain autograd.
 """
 
@@ -41,33 +42,30 @@ def _swiglu_act(gu_RF2: torch.Tensor):
     return g_RF, u_RF, silu_RF, silu_RF * u_RF
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """y_RD = (silu(g) * u) @ down_e, [g | u] = x_RD @ gate_up_e, per expert-contiguous group."""
+class _SwiGLUDown(torch.autograd.Function):
+    """y_RD = (silu(g) * u) @ down_e per expert-contiguous group, from [g | u]_RF2."""
 
     @staticmethod
-    def forward(ctx, x_RD, offs_E, gate_up_EDF2, down_EFD):
-        gu_RF2 = torch._grouped_mm(x_RD, gate_up_EDF2, offs=offs_E)
-        y_RD = torch._grouped_mm(_swiglu_act(gu_RF2)[3], down_EFD, offs=offs_E)
-        ctx.save_for_backward(x_RD, offs_E, gate_up_EDF2, down_EFD, gu_RF2)
-        return y_RD
+    def forward(ctx, gu_RF2, offs_E, down_EFD):
+        ctx.save_for_backward(gu_RF2, offs_E, down_EFD)
+        return torch._grouped_mm(_swiglu_act(gu_RF2)[3], down_EFD, offs=offs_E)
 
     @staticmethod
     def backward(ctx, dy_RD):
-        x_RD, offs_E, gate_up_EDF2, down_EFD, gu_RF2 = ctx.saved_tensors
+        gu_RF2, offs_E, down_EFD = ctx.saved_tensors
         dy_RD = dy_RD.contiguous()   # grouped_mm's backward rejects expanded grads
         g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)   # recomputed, not saved
         # 1. down: dh = dy @ down_e^T, ddown_e = h_e^T @ dy_e
         dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
         ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
         del h_RF
-        # 2. SwiGLU backward, as autograd's mul and silu backward compute it
-        dg_RF = torch.ops.aten.silu_backward(dh_RF * u_RF, g_RF)
-        dgu_RF2 = torch.cat([dg_RF, dh_RF * silu_RF], dim=-1)
-        del dg_RF, dh_RF, silu_RF
-        # 3. gate_up: dx = d[g | u] @ gate_up_e^T, dgate_up_e = x_e^T @ d[g | u]_e
-        dx_RD = torch._grouped_mm(dgu_RF2, gate_up_EDF2.transpose(-2, -1), offs=offs_E)
-        dgate_up_EDF2 = torch._grouped_mm(x_RD.transpose(-2, -1), dgu_RF2, offs=offs_E)
-        return dx_RD, None, dgate_up_EDF2, ddown_EFD
+        # 2. SwiGLU backward as autograd's mul and silu backward compute it, written in place
+        #    into the two halves of d[g | u] (no concatenated copy)
+        F_ = g_RF.shape[-1]
+        dgu_RF2 = torch.empty_like(gu_RF2)
+        torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
+        torch.mul(dh_RF, silu_RF, out=dgu_RF2[:, F_:])
+        return dgu_RF2, None, ddown_EFD
 
 
 def swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
@@ -75,4 +73,5 @@ def swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
     if not supports(x_RD, gate_up_EDF2, down_EFD):
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)   # no sync: offsets stay on device
-    return _GroupedSwiGLU.apply(x_RD, offs_E, gate_up_EDF2, down_EFD)
+    gu_RF2 = torch._grouped_mm(x_RD, gate_up_EDF2, offs=offs_E)   # autograd keeps x_RD alone
+    return _SwiGLUDown.apply(gu_RF2, offs_E, down_EFD)
