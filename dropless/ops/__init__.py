@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped
-from dropless.ops.reference import Plan, combine, dispatch, expert_counts, make_plan, moe_loop
+from dropless.ops import grouped, reference, triton_blocksparse, triton_combine, triton_grouped
+from dropless.ops.reference import Plan, dispatch, expert_counts, make_plan, moe_loop
 
 __all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
            "fused_experts", "fuses_dispatch", "resolve_backend"]
@@ -41,6 +41,14 @@ def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
     if resolve_backend(backend, x_TD) == "blocksparse":
         return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
+
+
+def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_k weights[t, k] * y_rows[row(t, k)], deterministic (no atomics). On CUDA one Triton
+    kernel each way (`triton_combine`: no slot-order copy, no batched matmul); else the reference."""
+    if y_RD.is_cuda and y_RD.shape[0] > 0 and triton_grouped.supports(y_RD):
+        return triton_combine.combine(y_RD, plan, weights_TK)
+    return reference.combine(y_RD, plan, weights_TK)
 
 
 def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto") -> torch.Tensor:

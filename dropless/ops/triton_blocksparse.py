@@ -89,7 +89,7 @@ def _dsd(s, w_EKN, row_expert, block, halves) -> Tensor:
     half_nbc = -(-half_n // block)
     t = _tiles(block)
     c = s.new_empty(row_expert.numel() * block, N)
-    _kernels().dsd_kernel[(row_expert.numel(), -(-N // t["BLOCK_N"]))](
+    _kernels().dsd_kernel[(row_expert.numel() * -(-N // t["BLOCK_N"]),)](
         s, row_expert, w_EKN, *w_EKN.stride(), c, c.stride(0), c.stride(1),
         N, half_n, half_nbc, HALVES=halves, DOT_PRECISION=_precision(s),
         B=block, BLOCK_N=t["BLOCK_N"], BLOCK_K=t["BLOCK_K"], num_warps=t["num_warps"],
