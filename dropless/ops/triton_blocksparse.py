@@ -7,7 +7,7 @@ Every expert's rows are padded to whole blocks of B rows; the experts then becom
 block-sparse matrix over a per-batch topology (built on the device, no host sync):
   1. SDD: [g | u] = x_pad @ [gate_up_0 | ... | gate_up_E-1], computing only the blocks of row block m
      that lie in its expert's 2F columns (block data [NB * 2F/B, B, B]);
-  2. h = silu(g) * u on the block data (elementwise, as the grouped backend computes it);
+  2. h = silu(g) * u on the block data (`triton_swiglu`, as the grouped backend computes it);
   3. DSD: y_pad = h @ [down_0; ...; down_E-1] (sparse times dense, dense out).
 Backward: dh = SDD(dy_pad, down^T); ddown = DSD^T (h^T @ dy_pad, per expert); SwiGLU backward on the
 blocks (h recomputed, not saved); dx_pad = DSD(d[g | u], gate_up^T); dgate_up = x_pad^T @ d[g | u].
@@ -24,9 +24,9 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from dropless.ops import triton_swiglu
 from dropless.ops.reference import Plan, _GatherRows
 from dropless.ops.triton_grouped import _precision, supports  # noqa: F401  (same operand rules)
 
@@ -122,15 +122,6 @@ def _dense_t_sparse(a_PM, s, dw_EMN, block_start, num_blocks, block, halves) -> 
         num_stages=t["num_stages"])
 
 
-def _swiglu_blocks(gu, num_row_blocks):
-    """[g | u] block data [NB * 2 * NBC, B, B] -> g, u, silu(g), h = silu(g) * u, each
-    [NB, NBC, B, B] (h is itself the block data of a sparse matrix with NBC blocks per row)."""
-    gu = gu.view(num_row_blocks, 2, -1, *gu.shape[1:])
-    g, u = gu[:, 0], gu[:, 1]
-    silu = F.silu(g)
-    return g, u, silu, silu * u
-
-
 # ---- custom ops -----------------------------------------------------------------------------------
 
 @torch.library.custom_op("dropless::blocksparse_swiglu", mutates_args=())
@@ -140,7 +131,7 @@ def _swiglu_op(x_PD: Tensor, row_expert: Tensor, block_start_E: Tensor, num_bloc
     transposed topology) are used by backward only."""
     nb = row_expert.numel()
     gu = _sdd(x_PD, gate_up_EDF2, row_expert, block, halves=2)
-    h = _swiglu_blocks(gu, nb)[3].reshape(-1, block, block)
+    h = triton_swiglu.swiglu(gu.view(nb, -1)).view(-1, block, block)   # [g | u] halves per row block
     return _dsd(h, down_EFD, row_expert, block, halves=1), gu
 
 
@@ -158,16 +149,15 @@ def _swiglu_backward_op(dy_PD: Tensor, x_PD: Tensor, row_expert: Tensor, block_s
     """Returns dx_PD, dgate_up_EDF2, ddown_EFD."""
     nb = row_expert.numel()
     dy_PD = dy_PD.contiguous()
-    # 1. down: dh = SDD(dy, down^T); ddown = h^T @ dy with h recomputed from [g | u]
-    dh = _sdd(dy_PD, down_EFD.transpose(1, 2), row_expert, block, halves=1).view(nb, -1, block, block)
-    g, u, silu, h = _swiglu_blocks(gu, nb)
+    # 1. down: dh = SDD(dy, down^T); h recomputed and the SwiGLU backward in one pass
+    dh = _sdd(dy_PD, down_EFD.transpose(1, 2), row_expert, block, halves=1)
+    h, dgu = triton_swiglu.swiglu_backward(gu.view(nb, -1), dh.view(nb, -1))
+    del dh
+    # 2. ddown = h^T @ dy, per expert
     ddown = torch.empty_like(down_EFD)
-    _sparse_t_dense(h.reshape(-1, block, block), dy_PD, ddown, block_start_E, num_blocks_E, block)
+    _sparse_t_dense(h.view(-1, block, block), dy_PD, ddown, block_start_E, num_blocks_E, block)
     del h
-    # 2. SwiGLU backward on the blocks, as autograd computes it
-    dgu = torch.stack([torch.ops.aten.silu_backward(dh * u, g), dh * silu], dim=1)
     dgu = dgu.view(-1, block, block)
-    del dh, silu
     # 3. gate_up: dx = DSD(d[g | u], gate_up^T); dgate_up = x^T @ d[g | u]
     dx = _dsd(dgu, gate_up_EDF2.transpose(1, 2), row_expert, block, halves=2)
     dgate_up = torch.empty_like(gate_up_EDF2)
