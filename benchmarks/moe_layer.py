@@ -81,11 +81,12 @@ def _grouped_autograd(x_RD, counts_E, gate_up_EDF2, down_EFD):
 
 
 def grouped_mm_round1(x, weights, ids, p):
-    """Round 1's default path: counts by torch.bincount (a host sync on CUDA), autograd experts."""
+    """Round 1's default path: counts by torch.bincount (a host sync on CUDA), autograd experts,
+    the reference dispatch and combine (slot-order copy, batched matmul)."""
     plan = ops.make_plan(ids, p["gate_up"].shape[0])
     plan.counts_E = torch.bincount(ids.reshape(-1), minlength=p["gate_up"].shape[0])
-    y_RD = _grouped_autograd(ops.dispatch(x, plan), plan.counts_E, p["gate_up"], p["down"])
-    return ops.combine(y_RD, plan, weights)
+    y_RD = _grouped_autograd(reference.dispatch(x, plan), plan.counts_E, p["gate_up"], p["down"])
+    return reference.combine(y_RD, plan, weights)
 
 
 def capacity_bmm(x, weights, ids, p, factor=1.25):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dropless.ops import grouped, reference, triton_blocksparse, triton_combine, triton_grouped
-from dropless.ops.reference import Plan, dispatch, expert_counts, make_plan, moe_loop
+from dropless.ops.reference import Plan, expert_counts, make_plan, moe_loop
 
 __all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
            "fused_experts", "fuses_dispatch", "resolve_backend"]
@@ -41,6 +41,13 @@ def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
     if resolve_backend(backend, x_TD) == "blocksparse":
         return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
+
+
+def dispatch(x_TD: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Token rows -> expert-contiguous rows x_RD (one per kept slot); backward gathers and K-sums."""
+    if x_TD.is_cuda and x_TD.shape[0] > 0 and triton_grouped.supports(x_TD):
+        return triton_combine.dispatch(x_TD, plan)
+    return reference.dispatch(x_TD, plan)
 
 
 def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,7 @@ def _keep(keep_S: Tensor | None, row_of_slot_S: Tensor) -> Tensor:
     return row_of_slot_S if keep_S is None else keep_S.to(torch.int8)
 
 
-@torch.library.custom_op("dropless::combine", mutates_args=())
-def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
-                keep_S: Tensor | None) -> Tensor:
+def _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S) -> Tensor:
     T, K = weights_TK.shape
     D = y_RD.shape[1]
     y_RD, weights_TK = y_RD.contiguous(), weights_TK.contiguous()
@@ -45,6 +43,12 @@ def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
         y_RD, y_RD.stride(0), weights_TK, row_of_slot_S, _keep(keep_S, row_of_slot_S),
         out, out.stride(0), D, K=K, HAS_KEEP=keep_S is not None, BLOCK_D=BLOCK_D)
     return out
+
+
+@torch.library.custom_op("dropless::combine", mutates_args=())
+def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
+                keep_S: Tensor | None) -> Tensor:
+    return _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S)
 
 
 @_combine_op.register_fake
@@ -90,3 +94,26 @@ _combine_op.register_autograd(_backward, setup_context=_setup_context)
 def combine(y_RD: Tensor, plan: Plan, weights_TK: Tensor) -> Tensor:
     """Same function as `reference.combine` (the weights rounded to y's dtype first, as there)."""
     return _combine_op(y_RD, weights_TK.to(y_RD.dtype), plan.row_of_slot_S, plan.keep_S)
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_RD = x_TD[token(r)]; backward dx_TD[t] = sum_k dx_RD[row(t, k)] is the combine kernel with
+    unit weights (one fp32 K-sum, rounded once, as reference.dispatch's backward computes it)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, keep_S, top_k):
+        ctx.save_for_backward(row_of_slot_S, keep_S)
+        ctx.top_k = top_k
+        return x_TD[token_of_row_R]
+
+    @staticmethod
+    def backward(ctx, dx_RD):
+        row_of_slot_S, keep_S = ctx.saved_tensors
+        ones_TK = dx_RD.new_ones(row_of_slot_S.numel() // ctx.top_k, ctx.top_k)
+        return _launch_combine(dx_RD, ones_TK, row_of_slot_S, keep_S), None, None, None, None
+
+
+def dispatch(x_TD: Tensor, plan: Plan) -> Tensor:
+    """Same function as `reference.dispatch`, with the K-sum of its backward in one kernel."""
+    return _Dispatch.apply(x_TD, plan.slot_of_row_R // plan.top_k, plan.row_of_slot_S, plan.keep_S,
+                           plan.top_k)
