@@ -11,8 +11,9 @@ block-sparse matrix over a per-batch topology (built on the device, no host sync
   3. DSD: y_pad = h @ [down_0; ...; down_E-1] (sparse times dense, dense out).
 Backward: dh = SDD(dy_pad, down^T); ddown = DSD^T (h^T @ dy_pad, per expert); SwiGLU backward on the
 blocks (h recomputed, not saved); dx_pad = DSD(d[g | u], gate_up^T); dgate_up = x_pad^T @ d[g | u].
-Padding rows of x_pad are zero, so padding never reaches a weight gradient. Dispatch (token rows ->
-padded rows) and combine are gathers (no atomics, deterministic), as in `reference.py`.
+Padding rows of x_pad and dy_pad are zero, so padding never reaches a weight gradient. Dispatch
+(token rows -> padded rows) is a gather; combine and the dispatch's backward are the combine kernel
+(`triton_combine`): no atomics, deterministic.
 
 Layering: kernels (triton_blocksparse_kernels.py) -> launchers -> custom ops with fake
 implementations and autograd -> `blocksparse_experts`. Triton is imported lazily.
@@ -26,8 +27,8 @@ import os
 import torch
 from torch import Tensor
 
-from dropless.ops import triton_swiglu
-from dropless.ops.reference import Plan, _GatherRows
+from dropless.ops import triton_combine, triton_swiglu
+from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import _precision, supports  # noqa: F401  (same operand rules)
 
 BLOCK = 128   # rows (and sparse columns) per block on the GPU
@@ -193,23 +194,23 @@ _swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- functional API: dispatch to padded rows, experts, combine --------------------------------------
 
 class _PadRows(torch.autograd.Function):
-    """x_PD[pad_row(s)] = x_TD[token(s)] for every slot s; padding rows are zero. Backward gathers
-    (dx_TD = sum_k dx_PD[pad_row(t, k)]): no atomics."""
+    """x_PD[pad_row(s)] = x_TD[token(s)] for every slot s; padding rows are zero (they gather an
+    appended zero row: one gather, no scatter). Backward: dx_TD[t] = sum_k dx_PD[pad_row(t, k)],
+    the combine kernel with unit weights (no atomics)."""
 
     @staticmethod
-    def forward(ctx, x_TD, pad_row_S, num_padded_rows):
+    def forward(ctx, x_TD, token_of_pad_P, pad_row_S):
         T, D = x_TD.shape
-        K = pad_row_S.numel() // max(T, 1)
-        x_PD = x_TD.new_zeros(num_padded_rows, D)
-        x_PD[pad_row_S.view(T, K)] = x_TD.unsqueeze(1)   # a permutation: no duplicate rows
+        x_PD = torch.cat([x_TD, x_TD.new_zeros(1, D)])[token_of_pad_P]
         ctx.save_for_backward(pad_row_S)
-        ctx.shape = (T, K, D)
+        ctx.top_k = pad_row_S.numel() // max(T, 1)
         return x_PD
 
     @staticmethod
     def backward(ctx, dx_PD):
         (pad_row_S,) = ctx.saved_tensors
-        return dx_PD[pad_row_S].view(ctx.shape).sum(1), None, None
+        ones_TK = dx_PD.new_ones(pad_row_S.numel() // ctx.top_k, ctx.top_k)
+        return triton_combine._launch_combine(dx_PD, ones_TK, pad_row_S, None), None, None
 
 
 def blocksparse_experts(x_TD: Tensor, plan: Plan, weights_TK: Tensor, gate_up_EDF2: Tensor,
@@ -222,16 +223,12 @@ def blocksparse_experts(x_TD: Tensor, plan: Plan, weights_TK: Tensor, gate_up_ED
     row_expert, block_start_E, num_blocks_E, pad_row_R = topology(plan.counts_E, R, block)
     P = row_expert.numel() * block
     pad_row_S = pad_row_R[plan.row_of_slot_S]
-    # 1. token rows -> padded expert rows
-    x_PD = _PadRows.apply(x_TD, pad_row_S, P)
+    # 1. token rows -> padded expert rows (padding rows read token T: the appended zero row)
+    token_of_pad_P = torch.full((P,), T, dtype=torch.int64, device=x_TD.device).scatter_(
+        0, pad_row_R, plan.slot_of_row_R // K)
+    x_PD = _PadRows.apply(x_TD, token_of_pad_P, pad_row_S)
     # 2. experts: SDD, SwiGLU, DSD
     y_PD, _ = _swiglu_op(x_PD, row_expert, block_start_E, num_blocks_E, gate_up_EDF2, down_EFD,
                          block)
-    # 3. combine: gather each slot's row (backward gathers back; padding rows get zero gradient)
-    slot_of_pad_P = torch.zeros(P, dtype=torch.int64, device=x_TD.device).scatter_(
-        0, pad_row_R, plan.slot_of_row_R)
-    real_P = torch.zeros(P, dtype=torch.bool, device=x_TD.device).scatter_(
-        0, pad_row_R, torch.ones_like(pad_row_R, dtype=torch.bool))
-    y_SD = _GatherRows.apply(y_PD, pad_row_S, slot_of_pad_P, real_P, 1)
-    w_T1K = weights_TK.to(y_SD.dtype).unsqueeze(1)
-    return torch.bmm(w_T1K, y_SD.view(T, K, -1)).squeeze(1)
+    # 3. combine: each token sums its K rows (padding rows get zero gradient)
+    return triton_combine.combine_padded(y_PD, pad_row_S, weights_TK)

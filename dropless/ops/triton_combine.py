@@ -47,23 +47,24 @@ def _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S) -> Tensor:
 
 @torch.library.custom_op("dropless::combine", mutates_args=())
 def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
-                keep_S: Tensor | None) -> Tensor:
+                keep_S: Tensor | None, padded: bool) -> Tensor:
+    """`padded`: y_RD has rows that no slot reads (block padding); backward gives them zero grad."""
     return _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S)
 
 
 @_combine_op.register_fake
-def _(y_RD, weights_TK, row_of_slot_S, keep_S):
+def _(y_RD, weights_TK, row_of_slot_S, keep_S, padded):
     return y_RD.new_empty(weights_TK.shape[0], y_RD.shape[1])
 
 
 @torch.library.custom_op("dropless::combine_backward", mutates_args=())
 def _combine_backward_op(dy_TD: Tensor, y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
-                         keep_S: Tensor | None) -> tuple[Tensor, Tensor]:
+                         keep_S: Tensor | None, padded: bool) -> tuple[Tensor, Tensor]:
     """Returns dy_RD and d(weights)_TK."""
     T, K = weights_TK.shape
     D = y_RD.shape[1]
     dy_TD, y_RD, weights_TK = dy_TD.contiguous(), y_RD.contiguous(), weights_TK.contiguous()
-    dy_RD = torch.empty_like(y_RD)
+    dy_RD = torch.zeros_like(y_RD) if padded else torch.empty_like(y_RD)
     dweights_TK = torch.empty_like(weights_TK)
     _kernels().combine_backward_kernel[(T,)](
         dy_TD, dy_TD.stride(0), y_RD, y_RD.stride(0), weights_TK, row_of_slot_S,
@@ -73,19 +74,20 @@ def _combine_backward_op(dy_TD: Tensor, y_RD: Tensor, weights_TK: Tensor, row_of
 
 
 @_combine_backward_op.register_fake
-def _(dy_TD, y_RD, weights_TK, row_of_slot_S, keep_S):
+def _(dy_TD, y_RD, weights_TK, row_of_slot_S, keep_S, padded):
     return y_RD.new_empty(y_RD.shape), weights_TK.new_empty(weights_TK.shape)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
-    ctx.keep_S = inputs[3]
+    ctx.keep_S, ctx.padded = inputs[3:]
 
 
 def _backward(ctx, dy_TD):
     y_RD, weights_TK, row_of_slot_S = ctx.saved_tensors
-    dy_RD, dweights_TK = _combine_backward_op(dy_TD, y_RD, weights_TK, row_of_slot_S, ctx.keep_S)
-    return dy_RD, dweights_TK, None, None
+    dy_RD, dweights_TK = _combine_backward_op(dy_TD, y_RD, weights_TK, row_of_slot_S, ctx.keep_S,
+                                              ctx.padded)
+    return dy_RD, dweights_TK, None, None, None
 
 
 _combine_op.register_autograd(_backward, setup_context=_setup_context)
@@ -93,7 +95,12 @@ _combine_op.register_autograd(_backward, setup_context=_setup_context)
 
 def combine(y_RD: Tensor, plan: Plan, weights_TK: Tensor) -> Tensor:
     """Same function as `reference.combine` (the weights rounded to y's dtype first, as there)."""
-    return _combine_op(y_RD, weights_TK.to(y_RD.dtype), plan.row_of_slot_S, plan.keep_S)
+    return _combine_op(y_RD, weights_TK.to(y_RD.dtype), plan.row_of_slot_S, plan.keep_S, False)
+
+
+def combine_padded(y_PD: Tensor, pad_row_S: Tensor, weights_TK: Tensor) -> Tensor:
+    """The combine from padded expert rows (block-sparse): padding rows get zero gradient."""
+    return _combine_op(y_PD, weights_TK.to(y_PD.dtype), pad_row_S, None, True)
 
 
 class _Dispatch(torch.autograd.Function):
