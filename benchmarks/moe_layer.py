@@ -158,7 +158,7 @@ def make_inputs(T, D, Fh, E, K, dtype, device, seed=0):
     return x, weights, ids, {k: v.requires_grad_() for k, v in p.items()}
 
 
-def run_shape(name, dtype, device, check, profile):
+def run_shape(name, dtype, device, check, profile, only=None):
     T, D, Fh, E, K = SHAPES[name]
     x, weights, ids, p = make_inputs(T, D, Fh, E, K, dtype, device)
     x.requires_grad_()
@@ -167,9 +167,11 @@ def run_shape(name, dtype, device, check, profile):
     flops = 2 * T * K * 3 * D * Fh
     table = {}
     provs = {k: (fn, None) for k, fn in providers(device).items()}
-    hf = hf_block(T, D, Fh, E, K, dtype, device)
+    hf = hf_block(T, D, Fh, E, K, dtype, device) if only is None or "hf_mixtral_block" in only else None
     if hf is not None:
         provs["hf_mixtral_block"] = hf
+    if only is not None:
+        provs = {k: v for k, v in provs.items() if k in only or k == "dense_equiv"}
     y_check = None
     for label, (fn, params) in provs.items():
         leaves = [x, weights] + (params if params is not None else
@@ -262,6 +264,7 @@ def main():
     parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU)")
     parser.add_argument("--check", action="store_true", help="compare with the fp32 loop first")
+    parser.add_argument("--providers", default=None, help="comma list (dense_equiv always runs)")
     parser.add_argument("--profile", action="store_true",
                         help="GPU kernel times (grouped_mm, blocksparse, dense)")
     args = parser.parse_args()
@@ -270,7 +273,8 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     for name in shapes.split(","):
-        run_shape(name, dtype, device, args.check, args.profile)
+        run_shape(name, dtype, device, args.check, args.profile,
+                  args.providers and args.providers.split(","))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
