@@ -63,19 +63,22 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, dy_RD):
         gu_RF2, offs_E, down_EFD = ctx.saved_tensors
         dy_RD = dy_RD.contiguous()   # grouped_mm's backward rejects expanded grads
+        if _fused_elementwise(gu_RF2):
+            # order for memory: h lives only for ddown, then dh and d[g | u] (one R*F less at peak)
+            h_RF = triton_swiglu.swiglu(gu_RF2)
+            ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
+            del h_RF
+            dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
+            return triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False), None, ddown_EFD
         # 1. dh = dy @ down_e^T
         dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
-        # 2. h recomputed (not saved); SwiGLU backward
-        if _fused_elementwise(gu_RF2):
-            h_RF, dgu_RF2 = triton_swiglu.swiglu_backward(gu_RF2, dh_RF)
-        else:
-            # as autograd's mul and silu backward compute it, written in place into the two
-            # halves of d[g | u] (no concatenated copy)
-            g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
-            F_ = g_RF.shape[-1]
-            dgu_RF2 = torch.empty_like(gu_RF2)
-            torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
-            torch.mul(dh_RF, silu_RF, out=dgu_RF2[:, F_:])
+        # 2. h recomputed (not saved); SwiGLU backward as autograd's mul and silu backward
+        #    compute it, written in place into the two halves of d[g | u] (no concatenated copy)
+        g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
+        F_ = g_RF.shape[-1]
+        dgu_RF2 = torch.empty_like(gu_RF2)
+        torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
+        torch.mul(dh_RF, silu_RF, out=dgu_RF2[:, F_:])
         # 3. ddown_e = h_e^T @ dy_e
         ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
         return dgu_RF2, None, ddown_EFD

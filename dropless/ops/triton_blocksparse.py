@@ -150,14 +150,15 @@ def _swiglu_backward_op(dy_PD: Tensor, x_PD: Tensor, row_expert: Tensor, block_s
     """Returns dx_PD, dgate_up_EDF2, ddown_EFD."""
     nb = row_expert.numel()
     dy_PD = dy_PD.contiguous()
-    # 1. down: dh = SDD(dy, down^T); h recomputed and the SwiGLU backward in one pass
-    dh = _sdd(dy_PD, down_EFD.transpose(1, 2), row_expert, block, halves=1)
-    h, dgu = triton_swiglu.swiglu_backward(gu.view(nb, -1), dh.view(nb, -1))
-    del dh
-    # 2. ddown = h^T @ dy, per expert
+    # 1. down: ddown = h^T @ dy per expert, h recomputed (it lives only for this product)
+    h = triton_swiglu.swiglu(gu.view(nb, -1)).view(-1, block, block)
     ddown = torch.empty_like(down_EFD)
-    _sparse_t_dense(h.view(-1, block, block), dy_PD, ddown, block_start_E, num_blocks_E, block)
+    _sparse_t_dense(h, dy_PD, ddown, block_start_E, num_blocks_E, block)
     del h
+    # 2. dh = SDD(dy, down^T), then the SwiGLU backward on the blocks
+    dh = _sdd(dy_PD, down_EFD.transpose(1, 2), row_expert, block, halves=1)
+    dgu = triton_swiglu.swiglu_backward(gu.view(nb, -1), dh.view(nb, -1), want_h=False)
+    del dh
     dgu = dgu.view(-1, block, block)
     # 3. gate_up: dx = DSD(d[g | u], gate_up^T); dgate_up = x^T @ d[g | u]
     dx = _dsd(dgu, gate_up_EDF2.transpose(1, 2), row_expert, block, halves=2)

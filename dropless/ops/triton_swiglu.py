@@ -31,11 +31,11 @@ def swiglu(gu_R2N: Tensor) -> Tensor:
     return h
 
 
-def swiglu_backward(gu_R2N: Tensor, dh_RN: Tensor) -> tuple[Tensor, Tensor]:
-    """(h_RN recomputed, d[g | u]_R2N) from [g | u] and dh."""
+def swiglu_backward(gu_R2N: Tensor, dh_RN: Tensor, want_h: bool = True):
+    """(h_RN recomputed, d[g | u]_R2N) from [g | u] and dh; only d[g | u] if not want_h."""
     R, N = dh_RN.shape
-    h = dh_RN.new_empty(R, N)
+    h = dh_RN.new_empty(R, N) if want_h else dh_RN
     dgu = torch.empty_like(gu_R2N)
     _kernels().swiglu_backward_kernel[(max(1, -(-R * N // BLOCK)),)](
-        gu_R2N, dh_RN.contiguous(), h, dgu, N, R * N, BLOCK=BLOCK)
-    return h, dgu
+        gu_R2N, dh_RN.contiguous(), h, dgu, N, R * N, WRITE_H=want_h, BLOCK=BLOCK)
+    return (h, dgu) if want_h else dgu

@@ -25,19 +25,21 @@ def swiglu_kernel(gu_ptr, h_ptr, N, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def swiglu_backward_kernel(gu_ptr, dh_ptr, h_ptr, dgu_ptr, N, numel, BLOCK: tl.constexpr):
-    """h = silu(g) * u (recomputed) and d[g | u] from dh, reading g, u and dh once."""
+def swiglu_backward_kernel(gu_ptr, dh_ptr, h_ptr, dgu_ptr, N, numel,
+                           WRITE_H: tl.constexpr, BLOCK: tl.constexpr):
+    """d[g | u] from dh (and, if WRITE_H, h = silu(g) * u recomputed), reading g, u and dh once."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < numel
     row = idx // N
     col = idx % N
-    dtype = h_ptr.dtype.element_ty
+    dtype = dgu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * N + col, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * N + N + col, mask=ok, other=0.0).to(tl.float32)
     dh = tl.load(dh_ptr + idx, mask=ok, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-g))
     silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)   # as the forward: same h
-    tl.store(h_ptr + idx, (silu * u).to(dtype), mask=ok)
+    if WRITE_H:
+        tl.store(h_ptr + idx, (silu * u).to(dtype), mask=ok)
     dsilu = (dh * u).to(dtype).to(tl.float32)
     tl.store(dgu_ptr + row * 2 * N + col, (dsilu * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=ok)
     tl.store(dgu_ptr + row * 2 * N + N + col, (dh * silu).to(dtype), mask=ok)
