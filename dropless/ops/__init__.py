@@ -17,10 +17,12 @@ __all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loo
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> the fastest correct backend measured for this device and shape (BENCHMARKS.md).
 
-    On the H200 (bf16, fwd+bwd) the grouped_mm pipeline beat the fused Triton kernels at all three
-    anchor shapes (Mixtral, OLMoE, Qwen3), so "auto" picks "grouped" on every device today; it falls
-    back to the loop where grouped_mm cannot run. "triton" is an explicit opt-in until its kernels
-    win (they win the forward alone at the finest-grained shape: Qwen3, 3.6 vs 4.0 ms).
+    How it chooses: by the H200 bf16 forward+backward measurements of round 2 (Qwen3, OLMoE and
+    Mixtral shapes). "grouped" won at every shape (fwd+bwd ratio to a dense SwiGLU of equal FLOPs:
+    0.76 Qwen3, 0.84 OLMoE; "triton" 0.54 / 0.58, "blocksparse" 0.43 / 0.47), so "auto" picks
+    "grouped" on every device and shape today; it falls back to the loop where grouped_mm cannot
+    run (see grouped.supports). On CUDA the grouped path's dispatch, combine and SwiGLU stages are
+    Triton kernels whenever triton imports. "triton" and "blocksparse" are explicit opt-ins.
     """
     if backend != "auto":
         return backend
