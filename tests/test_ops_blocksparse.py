@@ -1,4 +1,6 @@
-"""The block-sparse Triton experts against the float64 reference: outputs and all gradients.
+"""Block-sparse topology and custom op; the combine, dispatch and SwiGLU kernels that the default
+path uses on CUDA, against their PyTorch references. (The block-sparse experts' outputs and gradients
+against float64, determinism and the whole layer are in test_ops_triton.py, with the fused backend.)
 
 Runs on a GPU when there is one, else on the CPU under the Triton interpreter (fp32/fp16 only: the
 interpreter's bf16 arithmetic is wrong), at small shapes with blocks of 64 rows (128 on the GPU).
@@ -13,52 +15,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
 pytest.importorskip("triton")
 
-from test_ops_triton import DEVICE, DTYPES, TOL, poison_allocator, rel, routing  # noqa: E402
+from test_ops_triton import DEVICE, DTYPES, TOL, rel, routing  # noqa: E402
 
-from dropless import MoE, MoEConfig, ops  # noqa: E402
+from dropless import ops  # noqa: E402
 from dropless.ops import reference, triton_blocksparse  # noqa: E402
 
 BLOCK = 128 if DEVICE == "cuda" else 64
 
-CASES = [  # T, D, F, E, K, routing
-    (100, 64, 96, 4, 2, "random"),     # T*K not a multiple of the block; F not a multiple either
-    (37, 64, 64, 1, 1, "random"),      # a single expert
-    (50, 64, 64, 4, 4, "random"),      # K == E
-    (64, 64, 64, 8, 2, "few"),         # experts with zero tokens
-    (70, 64, 64, 4, 1, "one"),         # every token on one expert
-]
-
-
-# every case in every dtype on the GPU; on the CPU (slow interpreter) fp16 for the first case only
-DTYPE_CASES = [(dtype, case) for case in CASES for dtype in DTYPES
-               if DEVICE == "cuda" or dtype == torch.float32 or case is CASES[0]]
-
-
-@pytest.mark.parametrize("dtype,case", DTYPE_CASES)
-def test_blocksparse_matches_reference(dtype, case):
-    T, D, F, E, K, mode = case
-    gen = torch.Generator().manual_seed(T * 131 + E)
-    weights, ids = routing(T, E, K, mode, gen)
-    x = torch.randn(T, D, generator=gen)
-    gate_up = torch.randn(E, D, 2 * F, generator=gen) * D ** -0.5
-    down = torch.randn(E, F, D, generator=gen) * F ** -0.5
-    dy = torch.randn(T, D, generator=gen)
-    refs = [t.double().requires_grad_() for t in (x, weights, gate_up, down)]
-    y_ref = reference.moe_loop(refs[0], refs[1], ids, refs[2], refs[3])
-    grads_ref = torch.autograd.grad(y_ref, refs, dy.double())
-
-    ins = [t.to(DEVICE, dtype).requires_grad_() for t in (x, gate_up, down)]
-    w = weights.to(DEVICE).requires_grad_()
-    plan = ops.make_plan(ids.to(DEVICE), E)
-    poison_allocator()
-    y = triton_blocksparse.blocksparse_experts(ins[0], plan, w, ins[1], ins[2], block=BLOCK)
-    poison_allocator()
-    grads = torch.autograd.grad(y, (ins[0], w, ins[1], ins[2]), dy.to(DEVICE, dtype))
-    assert y.dtype == dtype
-    for name, out, ref in zip(["y", "dx", "dweights", "dgate_up", "ddown"],
-                              (y, *grads), (y_ref, *grads_ref)):
-        err = rel(out.cpu(), ref)
-        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"   # NaN fails this too
+# outputs and all gradients against float64, determinism and the whole layer (router gradient
+# included): parametrized over both fused backends in test_ops_triton.py
 
 
 def test_topology_pads_each_expert_to_whole_blocks():
@@ -67,45 +32,6 @@ def test_topology_pads_each_expert_to_whole_blocks():
     assert row_expert.tolist() == [0, 2, 2, 3, -1, -1, -1]   # cdiv(9, 4) + 4 = 7 blocks, 4 used
     assert block_start.tolist() == [0, 1, 1, 3] and num_blocks.tolist() == [1, 0, 2, 1]
     assert pad_row.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
-
-
-def test_blocksparse_is_deterministic():
-    gen = torch.Generator().manual_seed(0)
-    weights, ids = routing(100, 4, 2, "random", gen)
-    x = torch.randn(100, 64, generator=gen).to(DEVICE).requires_grad_()
-    gate_up = torch.randn(4, 64, 128, generator=gen).to(DEVICE).requires_grad_()
-    down = torch.randn(4, 64, 64, generator=gen).to(DEVICE).requires_grad_()
-    plan = ops.make_plan(ids.to(DEVICE), 4)
-    runs = []
-    for _ in range(2):
-        y = triton_blocksparse.blocksparse_experts(x, plan, weights.to(DEVICE), gate_up, down,
-                                                   block=BLOCK)
-        runs.append((y, *torch.autograd.grad(y.square().sum(), (x, gate_up, down))))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-
-
-def test_layer_blocksparse_matches_float64_reference():
-    """The whole layer, router included: gradients reach router.weight through the block-sparse op."""
-    torch.manual_seed(0)
-    cfg = MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2, backend="blocksparse")
-    moe = MoE(cfg).to(DEVICE)
-    ref = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2, backend="reference"))
-    ref.load_state_dict({k: v.double().cpu() for k, v in moe.state_dict().items()})
-    ref = ref.double()
-    assert moe.experts.fuses_dispatch(torch.empty(1, 64, device=DEVICE))
-    x = torch.randn(3, 40, 64)
-    x_dev = x.clone().to(DEVICE).requires_grad_()
-    x_ref = x.double().requires_grad_()
-    y, aux = moe(x_dev)
-    y_ref, aux_ref = ref(x_ref)
-    (y.square().sum() + aux.balance_loss).backward()
-    (y_ref.square().sum() + aux_ref.balance_loss).backward()
-    assert rel(y.detach().cpu(), y_ref.detach()) < 1e-5
-    assert rel(x_dev.grad.cpu(), x_ref.grad) < 1e-5
-    for (name, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
-        assert rel(p.grad.cpu(), p_ref.grad) < 1e-5, name
-    assert torch.equal(aux.tokens_per_expert.cpu(), aux_ref.tokens_per_expert)
 
 
 def test_custom_op_registrations():
