@@ -18,11 +18,10 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> the fastest correct backend measured for this device and shape (BENCHMARKS.md).
 
     How it chooses: by the H200 bf16 forward+backward measurements of round 2. "grouped" won at
-    every anchor shape (fwd+bwd ratio to a dense SwiGLU of equal FLOPs: Qwen3 0.76, OLMoE 0.84 against
-    "triton" 0.54 / 0.58 and "blocksparse" 0.43 / 0.47; Mixtral measured on the previous grouped
-    code only, 0.75 against 0.62 / 0.37), so "auto" picks
-    "grouped" on every device and shape today; it falls back to the loop where grouped_mm cannot
-    run (see grouped.supports). On CUDA the grouped path's dispatch, combine and SwiGLU stages are
+    every anchor shape (fwd+bwd ratio to a dense SwiGLU of equal FLOPs: Qwen3 0.76, OLMoE 0.84,
+    against "triton" 0.54 / 0.58 and "blocksparse" 0.43 / 0.47; Mixtral measured on the previous
+    grouped code only, 0.75 against 0.62 / 0.37), so "auto" picks "grouped" on every device and
+    shape today; it falls back to the loop where grouped_mm cannot run (see grouped.supports). On CUDA the grouped path's dispatch, combine and SwiGLU stages are
     Triton kernels whenever triton imports. "triton" and "blocksparse" are explicit opt-ins.
     """
     if backend != "auto":
