@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dropless import ops
-from dropless.ops import grouped, reference, triton_grouped
+from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped, triton_router
 from dropless.router import Router
 
 SHAPES = {  # name: (T, D, F, E, K)
@@ -73,6 +73,22 @@ def _three_steps(expert_fn):
     return provider
 
 
+def _grouped_autograd(x_RD, counts_E, gate_up_EDF2, down_EFD):
+    """Round 1's grouped experts: plain autograd through grouped_mm (keeps silu(g), u and h too)."""
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    g, u = torch._grouped_mm(x_RD, gate_up_EDF2, offs=offs_E).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(g) * u, down_EFD, offs=offs_E)
+
+
+def grouped_mm_round1(x, weights, ids, p):
+    """Round 1's default path: counts by torch.bincount (a host sync on CUDA), autograd experts,
+    the reference dispatch and combine (slot-order copy, batched matmul)."""
+    plan = ops.make_plan(ids, p["gate_up"].shape[0])
+    plan.counts_E = torch.bincount(ids.reshape(-1), minlength=p["gate_up"].shape[0])
+    y_RD = _grouped_autograd(reference.dispatch(x, plan), plan.counts_E, p["gate_up"], p["down"])
+    return reference.combine(y_RD, plan, weights)
+
+
 def capacity_bmm(x, weights, ids, p, factor=1.25):
     """GShard-style baseline: every expert padded to C = ceil(factor*T*K/E) rows, one bmm each."""
     E = p["gate_up"].shape[0]
@@ -94,6 +110,11 @@ def fused_triton(x, weights, ids, p):
     return triton_grouped.fused_experts(x, plan, weights, p["gate_up"], p["down"])
 
 
+def blocksparse(x, weights, ids, p):
+    plan = ops.make_plan(ids, p["gate_up"].shape[0])
+    return triton_blocksparse.blocksparse_experts(x, plan, weights, p["gate_up"], p["down"])
+
+
 def hf_block(T, D, Fh, E, K, dtype, device):
     """The transformers Mixtral sparse block (routes itself), grouped_mm experts where offered."""
     try:
@@ -111,10 +132,12 @@ def hf_block(T, D, Fh, E, K, dtype, device):
 def providers(device):
     out = {"dense_equiv": dense_equiv,
            "reference_loop": _three_steps(reference.swiglu_loop),
+           "grouped_mm_round1": grouped_mm_round1,
            "grouped_mm": _three_steps(grouped.swiglu_grouped),
            "capacity_bmm_1.25": capacity_bmm}
     if triton_grouped.supports(torch.empty(0, device=device, dtype=torch.bfloat16)):
         out["fused_triton"] = fused_triton
+        out["blocksparse"] = blocksparse
     return out
 
 
@@ -135,7 +158,7 @@ def make_inputs(T, D, Fh, E, K, dtype, device, seed=0):
     return x, weights, ids, {k: v.requires_grad_() for k, v in p.items()}
 
 
-def run_shape(name, dtype, device, check, profile):
+def run_shape(name, dtype, device, check, profile, only=None):
     T, D, Fh, E, K = SHAPES[name]
     x, weights, ids, p = make_inputs(T, D, Fh, E, K, dtype, device)
     x.requires_grad_()
@@ -144,9 +167,11 @@ def run_shape(name, dtype, device, check, profile):
     flops = 2 * T * K * 3 * D * Fh
     table = {}
     provs = {k: (fn, None) for k, fn in providers(device).items()}
-    hf = hf_block(T, D, Fh, E, K, dtype, device)
+    hf = hf_block(T, D, Fh, E, K, dtype, device) if only is None or "hf_mixtral_block" in only else None
     if hf is not None:
         provs["hf_mixtral_block"] = hf
+    if only is not None:
+        provs = {k: v for k, v in provs.items() if k in only or k == "dense_equiv"}
     y_check = None
     for label, (fn, params) in provs.items():
         leaves = [x, weights] + (params if params is not None else
@@ -169,20 +194,27 @@ def run_shape(name, dtype, device, check, profile):
             print(f"# {label}: out of memory")
             continue
         table[label] = (t_fwd, t_fb, mem)
-        if profile and label == "fused_triton":
-            print_kernel_times(fwd_bwd)
+        if profile and label in ("grouped_mm", "blocksparse", "dense_equiv"):
+            print_kernel_times(label, fwd_bwd, t_fb)
         if check and label not in ("dense_equiv", "hf_mixtral_block", "capacity_bmm_1.25"):
-            y_check = check_against(label, fwd_bwd, x, weights, ids, p, dy, y_check)
+            y_check = check_against(label, fn, x, weights, ids, p, dy, y_check)
     # router and permutation overheads, apart from the experts
     router = Router(_router_cfg(D, E, K)).to(device)
     t_router = bench(lambda: router(x.detach()), device)
+    fused_router = "n/a"
+    if triton_grouped.supports(x):   # logits + the fused kernel (no losses)
+        w_r, x_f = router.weight.detach(), x.detach().float()
+        t_fused = bench(lambda: triton_router.route_topk(F.linear(x_f, w_r), K), device)
+        fused_router = f"{t_fused:.3f} ms"
     t_plan = bench(lambda: ops.make_plan(ids, E), device)
-    t_tiles = bench(lambda: triton_grouped.tile_map(torch.bincount(ids.reshape(-1), minlength=E),
-                                                    T * K), device)
+    counts_E = ops.expert_counts(ids, E)
+    t_tiles = bench(lambda: triton_grouped.tile_map(counts_E, T * K), device)
+    t_topo = bench(lambda: triton_blocksparse.topology(counts_E, T * K), device)
     print_table(name, (T, D, Fh, E, K), dtype, device, table, flops)
     print(f"overheads: router (logits, softmax, top-k, losses) {t_router:.3f} ms; "
-          f"make_plan (argsort, bincount, inverse) {t_plan:.3f} ms; "
-          f"fused tile map {t_tiles:.3f} ms\n")
+          f"fused router (logits, Triton top-k) {fused_router}; "
+          f"make_plan (argsort, counts, inverse) {t_plan:.3f} ms; "
+          f"fused tile map {t_tiles:.3f} ms; block-sparse topology {t_topo:.3f} ms\n")
 
 
 def _router_cfg(D, E, K):
@@ -190,7 +222,7 @@ def _router_cfg(D, E, K):
     return MoEConfig(dim=D, hidden_dim=1, num_experts=E, top_k=K)
 
 
-def check_against(label, fwd_bwd, x, weights, ids, p, dy, prev):
+def check_against(label, fn, x, weights, ids, p, dy, prev):
     """Relative error of y and every gradient against the fp32 loop (float64 is too slow here)."""
     if prev is None:
         up = [t.detach().float().requires_grad_() for t in (x, weights, p["gate_up"], p["down"])]
@@ -198,8 +230,6 @@ def check_against(label, fwd_bwd, x, weights, ids, p, dy, prev):
         prev = (y.detach(), torch.autograd.grad(y, up, dy.float()))
     y_ref, g_ref = prev
     torch.empty(1 << 28, device=x.device).fill_(float("nan"))   # poison the allocator's cache
-    fn = {"reference_loop": _three_steps(reference.swiglu_loop),
-          "grouped_mm": _three_steps(grouped.swiglu_grouped), "fused_triton": fused_triton}[label]
     y = fn(x, weights, ids, p)
     grads = torch.autograd.grad(y, (x, weights, p["gate_up"], p["down"]), dy)
     errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip((y, *grads), (y_ref, *g_ref))]
@@ -208,11 +238,17 @@ def check_against(label, fwd_bwd, x, weights, ids, p, dy, prev):
     return prev
 
 
-def print_kernel_times(fn):
+def print_kernel_times(label, fn, measured_ms):
+    """CUDA kernel times of one fwd+bwd, and their sum against the measured time: the difference is
+    time the GPU sat idle (host overhead, syncs)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"# profile {label}: kernels {kernel_ms:.3f} ms of {measured_ms:.3f} ms measured "
+          f"(idle {measured_ms - kernel_ms:.3f} ms)")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 def print_table(name, shape, dtype, device, table, flops):
@@ -234,14 +270,17 @@ def main():
     parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU)")
     parser.add_argument("--check", action="store_true", help="compare with the fp32 loop first")
-    parser.add_argument("--profile", action="store_true", help="GPU kernel times of fused_triton")
+    parser.add_argument("--providers", default=None, help="comma list (dense_equiv always runs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU kernel times (grouped_mm, blocksparse, dense)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("mixtral,olmoe,qwen3" if device.type == "cuda" else "cpu,cpu-fine")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     for name in shapes.split(","):
-        run_shape(name, dtype, device, args.check, args.profile)
+        run_shape(name, dtype, device, args.check, args.profile,
+                  args.providers and args.providers.split(","))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -34,7 +34,7 @@ class Experts(nn.Module):
 
     def fused(self, x_TD: torch.Tensor, plan: ops.Plan, weights_TK: torch.Tensor) -> torch.Tensor:
         """Dispatch + experts + weighted combine in one op, from token-order rows."""
-        return ops.fused_experts(x_TD, plan, weights_TK, self.gate_up, self.down)
+        return ops.fused_experts(x_TD, plan, weights_TK, self.gate_up, self.down, self.backend)
 
 
 class SwiGLU(nn.Module):

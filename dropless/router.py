@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless.config import MoEConfig
+from dropless.ops.reference import expert_counts
 
 
 @dataclass
@@ -30,7 +31,7 @@ def balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, coef: floa
     `counts_E` may be passed in when the assignments are counted elsewhere (e.g. globally)."""
     T, E = probs_TE.shape
     if counts_E is None:
-        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E)
+        counts_E = expert_counts(expert_ids_TK, E)   # no sync, unlike bincount on CUDA
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
     return coef * E * (f_E * probs_TE.mean(0)).sum()
 

@@ -32,7 +32,7 @@ def check_against_oracle(moe, x, dtype):
     for name, p in moe.named_parameters():
         # the router's gradient is a difference of near-equal terms (e.g. top-1 renormalized
         # weights are exactly 1): fp32 cancellation, not an error in the layer
-        ptol = max(tol, 1e-4) if name.startswith("router") and dtype == torch.float32 else tol
+        ptol = max(tol, 1e-3) if name.startswith("router") and dtype == torch.float32 else tol
         assert rel_err(p.grad, grads_ref[name]) < ptol, name
     kept = torch.bincount(ids_ref[ids_ref >= 0], minlength=moe.cfg.num_experts)
     assert torch.equal(aux.tokens_per_expert.cpu(), kept)

@@ -4,6 +4,7 @@ Runs on a GPU when there is one, else on the CPU under the Triton interpreter (f
 interpreter's bf16 arithmetic is wrong), at small shapes with the kernels' large interpreter blocks.
 """
 
+import functools
 import os
 
 import pytest
@@ -14,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dropless import MoE, MoEConfig, ops  # noqa: E402
-from dropless.ops import reference, triton_grouped  # noqa: E402
+from dropless.ops import reference, triton_blocksparse, triton_grouped  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -52,9 +53,19 @@ CASES = [  # T, D, F, E, K, routing
 ]
 
 
-@pytest.mark.parametrize("T,D,F,E,K,mode", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_experts_matches_reference(T, D, F, E, K, mode, dtype):
+# the fused backends; the block-sparse one with 64-row blocks in the (slow) CPU interpreter
+FUSED = {"triton": triton_grouped.fused_experts,
+         "blocksparse": functools.partial(triton_blocksparse.blocksparse_experts,
+                                          block=128 if DEVICE == "cuda" else 64)}
+# every case in every dtype; on the CPU the block-sparse backend runs fp16 for the first case only
+FUSED_CASES = [(backend, dtype, case) for backend in FUSED for case in CASES for dtype in DTYPES
+               if backend == "triton" or DEVICE == "cuda" or dtype == torch.float32
+               or case is CASES[0]]
+
+
+@pytest.mark.parametrize("backend,dtype,case", FUSED_CASES)
+def test_fused_experts_matches_reference(backend, dtype, case):
+    T, D, F, E, K, mode = case
     gen = torch.Generator().manual_seed(T * 131 + E)
     weights, ids = routing(T, E, K, mode, gen)
     x = torch.randn(T, D, generator=gen)
@@ -69,7 +80,7 @@ def test_fused_experts_matches_reference(T, D, F, E, K, mode, dtype):
     w = weights.to(DEVICE).requires_grad_()
     plan = ops.make_plan(ids.to(DEVICE), E)
     poison_allocator()
-    y = triton_grouped.fused_experts(ins[0], plan, w, ins[1], ins[2])
+    y = FUSED[backend](ins[0], plan, w, ins[1], ins[2])
     poison_allocator()
     grads = torch.autograd.grad(y, (ins[0], w, ins[1], ins[2]), dy.to(DEVICE, dtype))
     assert y.dtype == dtype
@@ -79,7 +90,8 @@ def test_fused_experts_matches_reference(T, D, F, E, K, mode, dtype):
         assert err < TOL[dtype], f"{name}: relative error {err:.2e}"   # NaN fails this too
 
 
-def test_fused_experts_is_deterministic():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_experts_is_deterministic(backend):
     gen = torch.Generator().manual_seed(0)
     weights, ids = routing(100, 4, 2, "random", gen)
     x = torch.randn(100, 64, generator=gen, device="cpu").to(DEVICE).requires_grad_()
@@ -88,16 +100,17 @@ def test_fused_experts_is_deterministic():
     plan = ops.make_plan(ids.to(DEVICE), 4)
     runs = []
     for _ in range(2):
-        y = triton_grouped.fused_experts(x, plan, weights.to(DEVICE), gate_up, down)
+        y = FUSED[backend](x, plan, weights.to(DEVICE), gate_up, down)
         runs.append((y, *torch.autograd.grad(y.square().sum(), (x, gate_up, down))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
-def test_layer_triton_matches_float64_reference():
+@pytest.mark.parametrize("backend", FUSED)
+def test_layer_triton_matches_float64_reference(backend):
     """The whole layer, router included: gradients reach router.weight through the fused op."""
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2, backend="triton")
+    cfg = MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2, backend=backend)
     moe = MoE(cfg).to(DEVICE)
     ref = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2, backend="reference"))
     ref.load_state_dict({k: v.double().cpu() for k, v in moe.state_dict().items()})

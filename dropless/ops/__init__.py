@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import torch
 
-from dropless.ops import grouped, reference, triton_grouped
-from dropless.ops.reference import Plan, combine, dispatch, make_plan, moe_loop
+from dropless.ops import grouped, reference, triton_blocksparse, triton_combine, triton_grouped
+from dropless.ops.reference import Plan, expert_counts, make_plan, moe_loop
 
-__all__ = ["Plan", "combine", "dispatch", "make_plan", "moe_loop", "expert_swiglu", "fused_experts",
-           "fuses_dispatch", "resolve_backend"]
+__all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
+           "fused_experts", "fuses_dispatch", "resolve_backend"]
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> the fastest correct backend measured for this device and shape (BENCHMARKS.md).
 
-    On the H200 (bf16, fwd+bwd) the grouped_mm pipeline beat the fused Triton kernels at all three
-    anchor shapes (Mixtral, OLMoE, Qwen3), so "auto" picks "grouped" on every device today; it falls
-    back to the loop where grouped_mm cannot run. "triton" is an explicit opt-in until its kernels
-    win (they win the forward alone at the finest-grained shape: Qwen3, 3.6 vs 4.0 ms).
+    How it chooses: by the H200 bf16 forward+backward measurements of round 2. "grouped" won at
+    every anchor shape (fwd+bwd ratio to a dense SwiGLU of equal FLOPs: Qwen3 0.76, OLMoE 0.84,
+    against "triton" 0.54 / 0.58 and "blocksparse" 0.43 / 0.47; Mixtral measured on the previous
+    grouped code only, 0.75 against 0.62 / 0.37), so "auto" picks "grouped" on every device and
+    shape today; it falls back to the loop where grouped_mm cannot run (see grouped.supports). On CUDA the grouped path's dispatch, combine and SwiGLU stages are
+    Triton kernels whenever triton imports. "triton" and "blocksparse" are explicit opt-ins.
     """
     if backend != "auto":
         return backend
@@ -30,18 +32,38 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def fuses_dispatch(backend: str, x_TD: torch.Tensor, gate_up_EDF2, down_EFD) -> bool:
     """Whether this backend runs dispatch + experts + combine as one fused op (`fused_experts`)
     instead of the three steps. Falls back to the steps where the Triton kernels cannot run."""
-    return (resolve_backend(backend, x_TD) == "triton"
+    return (resolve_backend(backend, x_TD) in ("triton", "blocksparse")
             and triton_grouped.supports(x_TD, gate_up_EDF2, down_EFD))
 
 
-def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
-    """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]) without a permuted copy of x."""
+def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
+                  backend: str = "triton") -> torch.Tensor:
+    """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]), dispatch and combine included:
+    "triton" gathers rows inside its kernels; "blocksparse" pads every expert to whole blocks."""
+    if resolve_backend(backend, x_TD) == "blocksparse":
+        return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
+
+
+def dispatch(x_TD: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Token rows -> expert-contiguous rows x_RD (one per kept slot); backward gathers and K-sums."""
+    if x_TD.is_cuda and x_TD.shape[0] > 0 and triton_grouped.supports(x_TD):
+        return triton_combine.dispatch(x_TD, plan)
+    return reference.dispatch(x_TD, plan)
+
+
+def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_k weights[t, k] * y_rows[row(t, k)], deterministic (no atomics). On CUDA one Triton
+    kernel each way (`triton_combine`: no slot-order copy, no batched matmul); else the reference."""
+    if y_RD.is_cuda and y_RD.shape[0] > 0 and triton_grouped.supports(y_RD):
+        return triton_combine.combine(y_RD, plan, weights_TK)
+    return reference.combine(y_RD, plan, weights_TK)
 
 
 def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto") -> torch.Tensor:
     """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows. "triton" takes the grouped
-    path here: its kernels fuse the dispatch, which this seam has already done."""
+    path here (and "blocksparse" too): their kernels fuse the dispatch, which this seam has already
+    done (expert parallelism, capacity plans)."""
     if resolve_backend(backend, x_RD) == "reference":
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     return grouped.swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD)

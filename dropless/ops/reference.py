@@ -60,6 +60,15 @@ def swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: how many entries of expert_ids hold each expert. An integer scatter_add of ones:
+    exact and deterministic, and unlike torch.bincount (which reads the max back to size its
+    output) it never syncs with a CUDA device."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+
+
 def make_plan(expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> Plan:
     """Sort slots by expert (stable, so token order is kept inside each expert) and, if a capacity
     is given, drop every assignment past the first `capacity` of its expert, in token order."""
@@ -67,7 +76,7 @@ def make_plan(expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | Non
     flat_S = expert_ids_TK.reshape(-1)
     # 1. expert-contiguous order; stable keeps token order within an expert
     slot_of_row = torch.argsort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    counts_E = expert_counts(flat_S, num_experts)
     keep_S, dropped = None, 0
     # 2. capacity: rank of each row inside its expert; rows ranked >= capacity are dropped
     if capacity is not None:
@@ -80,8 +89,8 @@ def make_plan(expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | Non
         counts_E = counts_E.clamp(max=capacity)
         dropped = T * K - slot_of_row.numel()
     # 3. inverse permutation; dropped slots point at row 0 and are masked in combine
-    row_of_slot = torch.zeros_like(flat_S)
-    row_of_slot[slot_of_row] = torch.arange(slot_of_row.numel(), device=flat_S.device)
+    row_of_slot = torch.zeros_like(flat_S).scatter_(
+        0, slot_of_row, torch.arange(slot_of_row.numel(), device=flat_S.device))
     return Plan(slot_of_row, row_of_slot, keep_S, counts_E, K, dropped)
 
 
