@@ -101,7 +101,7 @@ class Router(nn.Module):
         has_tokens = x_TD.shape[0] > 0
         bal = zero
         if cfg.balance_loss_coef > 0:
-            counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=cfg.num_experts)
+            counts_E = expert_counts(expert_ids_TK, cfg.num_experts)   # no sync
             if self.reduce_counts is not None:
                 # may be a collective: called on every rank, with or without tokens
                 counts_E = self.reduce_counts(counts_E)
