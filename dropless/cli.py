@@ -81,10 +81,19 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
 
-    conv = sub.add_parser("convert", help="a run's latest checkpoint (any mesh) as one file")
-    conv.add_argument("run_dir")
-    conv.add_argument("--to-safetensors", required=True, metavar="OUT",
-                      help="write a consolidated safetensors file with every expert")
+    conv = sub.add_parser("convert", help="checkpoints to and from one safetensors file or a "
+                                          "Hugging Face directory",
+                          usage="dropless convert RUN_DIR --to-safetensors OUT | "
+                                "--from-hf HF_DIR OUT | --to-hf RUN_DIR OUT")
+    conv.add_argument("path", help="RUN_DIR with --to-safetensors; the output directory otherwise")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-safetensors", metavar="OUT",
+                     help="write the run's latest checkpoint (any mesh) as one safetensors file "
+                          "with every expert")
+    way.add_argument("--from-hf", metavar="HF_DIR", help="read a Hugging Face model directory "
+                                                         "into a run directory")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="write a run as a Hugging Face directory")
+    conv.add_argument("--model-type", help="with --to-hf: HF architecture (default: inferred)")
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
     info.add_argument("--preset", required=True)
@@ -141,7 +150,18 @@ def _generate(args) -> int:
         raise DroplessError(f"--top-k {args.top_k} is invalid: must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DroplessError(f"--top-p {args.top_p} is invalid: must be in (0, 1]")
-    model, tok, _ = load_run(args.run_dir, resolve_device(args.device))
+    if os.path.isfile(os.path.join(args.run_dir, "config.json")):   # a Hugging Face directory
+        from dropless.hf import load_hf_dir
+        from dropless.tokenizer import tokenizer_from_json
+        try:
+            model, tok_json = load_hf_dir(args.run_dir, device=resolve_device(args.device))
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+        if tok_json is None:
+            raise DroplessError(f"{args.run_dir} has no tokenizer.json: cannot encode the prompt")
+        tok = tokenizer_from_json(tok_json)
+    else:
+        model, tok, _ = load_run(args.run_dir, resolve_device(args.device))
     prompts = args.prompt or ["def "]
     ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):
@@ -177,12 +197,26 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    from dropless.parallel.checkpoint import convert
+    from dropless import hf
 
-    if not os.path.isdir(args.run_dir):
-        raise DroplessError(f"{args.run_dir}: no such run directory")
-    n = convert(args.run_dir, args.to_safetensors)
-    print(f"wrote {n} tensors to {args.to_safetensors}")
+    run_dir = args.to_hf or (args.path if args.to_safetensors else None)
+    if run_dir is not None and not os.path.isdir(run_dir):
+        raise DroplessError(f"{run_dir}: no such run directory")
+    try:
+        if args.to_safetensors:
+            from dropless.parallel.checkpoint import convert
+            n = convert(args.path, args.to_safetensors)
+            print(f"wrote {n} tensors to {args.to_safetensors}")
+            return 0
+        if args.from_hf:
+            hf.convert_from_hf(args.from_hf, args.path)
+        else:
+            hf.convert_to_hf(args.to_hf, args.path, args.model_type)
+    except DroplessError:
+        raise
+    except ValueError as e:   # the HF reader's errors name what is wrong; one line, no traceback
+        raise DroplessError(str(e)) from None
+    print(f"wrote {args.path}")
     return 0
 
 

@@ -338,31 +338,15 @@ def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None
                                        "step": 0})
 
 
-def convert_main(argv: list[str] | None = None) -> int:
-    """`dropless convert --from-hf HF_DIR OUT_RUN_DIR` | `dropless convert --to-hf RUN_DIR OUT_HF_DIR`."""
-    import argparse
+def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
+    """HF model directory -> dropless run directory (model, config and tokenizer; `generate` reads it)."""
+    model, tokenizer_json = load_hf_dir(hf_dir)
+    _save_run(Path(out), model, tokenizer_json)
 
-    parser = argparse.ArgumentParser(prog="dropless convert",
-                                     description="convert between HF model directories and "
-                                                 "dropless run directories")
-    way = parser.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-hf", metavar="HF_DIR", help="read a Hugging Face model directory")
-    way.add_argument("--to-hf", metavar="RUN_DIR", help="read a dropless run directory")
-    parser.add_argument("out", help="directory to write")
-    parser.add_argument("--model-type", help="HF architecture to write (default: inferred)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        if args.from_hf:
-            model, tokenizer_json = load_hf_dir(args.from_hf)
-            _save_run(out, model, tokenizer_json)
-        else:
-            from dropless.checkpoint import load_run
 
-            model, tokenizer, _ = load_run(args.to_hf)
-            save_hf_dir(model, out, tokenizer.to_json(), args.model_type)
-    except ValueError as err:   # user mistakes: one line, no traceback
-        print(f"dropless: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
+    """dropless run directory -> HF model directory that `from_pretrained` loads."""
+    from dropless.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    save_hf_dir(model, Path(out), tokenizer.to_json(), model_type)

@@ -269,7 +269,39 @@ def test_bf16_load_close_to_fp32(saved):
 
 
 def test_convert_reports_bad_input_in_one_line(tmp_path, capsys):
-    from dropless.hf import convert_main
+    from dropless.cli import main
 
-    assert convert_main(["--from-hf", str(tmp_path), str(tmp_path / "out")]) == 1
-    assert "no config.json" in capsys.readouterr().err
+    assert main(["convert", "--from-hf", str(tmp_path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "Traceback" not in err
+    assert main(["convert", str(tmp_path / "out"), "--to-hf", str(tmp_path / "nope")]) == 1
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_cli_convert_and_generate_round_trip(tmp_path, capsys):
+    """HF dir -> run dir -> generate (both) -> HF dir that transformers loads, through the CLI."""
+    from dropless.cli import main
+    from dropless.tokenizer import train_bpe
+
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], 300)
+    cfg = transformers.AutoConfig.for_model("mixtral", **{**COMMON, **ARCHS["mixtral"],
+                                                          "vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    randomize(hf)
+    hf_dir, run_dir, back = tmp_path / "hf", tmp_path / "run", tmp_path / "back"
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(tok.to_json())
+    assert main(["convert", "--from-hf", str(hf_dir), str(run_dir)]) == 0
+    outs = []
+    for src in (hf_dir, run_dir):
+        capsys.readouterr()
+        assert main(["generate", str(src), "--prompt", "def ", "--temperature", "0",
+                     "--max-new-tokens", "12"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("def ")
+    assert main(["convert", "--to-hf", str(run_dir), str(back)]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    tokens = torch.randint(0, tok.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)
