@@ -22,6 +22,7 @@ from dropless.ops import reference, triton_combine, triton_swiglu
 
 
 def _fused_elementwise(t: torch.Tensor) -> bool:
+    """Whether the elementwise stages and the K-sum run as Triton kernels."""
     return t.is_cuda and importlib.util.find_spec("triton") is not None
 
 
@@ -157,7 +158,7 @@ def _sum_rows(y_RD: torch.Tensor, row_of_slot_S: torch.Tensor, top_k: int) -> to
     """y_TD[t] = sum_k y_RD[row(t, k)]: one fp32 K-sum rounded once, no atomics (on CUDA the
     combine kernel with unit weights; else dispatch's backward in `reference`)."""
     T, D = row_of_slot_S.numel() // top_k, y_RD.shape[-1]
-    if y_RD.is_cuda and importlib.util.find_spec("triton") is not None:
+    if _fused_elementwise(y_RD):
         ones_TK = y_RD.new_ones(T, top_k)
         return triton_combine._launch_combine(y_RD, ones_TK, row_of_slot_S, None)
     return y_RD[row_of_slot_S].view(T, top_k, D).sum(1)
