@@ -64,7 +64,7 @@ class _SwiGLUDown(torch.autograd.Function):
         ctx.save_for_backward(gu_RF2, offs_E, down_EFD, w_R)
         h_RF = triton_swiglu.swiglu(gu_RF2) if _fused_elementwise(gu_RF2) else _swiglu_act(gu_RF2)[3]
         if w_R is not None:
-            h_RF = h_RF * w_R.unsqueeze(-1)
+            h_RF.mul_(w_R.unsqueeze(-1))   # h is ours: no second R*F buffer
         return torch._grouped_mm(h_RF, down_EFD, offs=offs_E)
 
     @staticmethod
