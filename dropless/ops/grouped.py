@@ -9,6 +9,12 @@ separate autograd node, so that [g | u] and dy are freed before dx is computed. 
 elementwise op is the one autograd would run, so results are bitwise those of plain autograd; on
 CUDA the elementwise stage is instead two fused Triton passes (`triton_swiglu`: same formula and
 rounding points, PyTorch's strided elementwise kernels took ~1.9 ms per fwd+bwd at the Qwen3 shape).
+
+`fused_experts` is the layer's dropless single-process path: it gathers token rows inside the
+first projection's node (keeps x_TD, not x_RD) and applies the routing weights to h before the
+down projection, so the combine is a K-sum that keeps nothing. Backward keeps 2*R*F instead of
+2*R*F + 2*R*D; it costs one re-gather of x_RD and three R*F elementwise passes more (the weight
+applied to h and dh, and dw = <dh', h>), done by PyTorch beside the unchanged Triton kernels.
 """
 
 from __future__ import annotations
