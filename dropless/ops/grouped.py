@@ -109,7 +109,8 @@ def _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF):
 def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
     """Backward of y = (w * h) @ down_e, in autograd's steps: dh' = dy @ down_e^T, dw = <dh', h>
     (fp32 sum of the rounded products), ddown_e = (w * h)_e^T @ dy_e, dh = w * dh'. Peak: [g | u],
-    d[g | u], dy and two R*F buffers, as in the unweighted backward."""
+    dy and three R*F buffers (dh', h and the products for dw), as [g | u], dy, dh and d[g | u]
+    later and in the unweighted backward."""
     dhw_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
     fused = _fused_elementwise(gu_RF2)
     if fused:
