@@ -80,6 +80,12 @@ def _grouped_autograd(x_RD, counts_E, gate_up_EDF2, down_EFD):
     return torch._grouped_mm(F.silu(g) * u, down_EFD, offs=offs_E)
 
 
+def grouped_fused(x, weights, ids, p):
+    """The layer's default dropless path since round 3: gather + experts + K-sum, weights folded in."""
+    plan = ops.make_plan(ids, p["gate_up"].shape[0])
+    return grouped.fused_experts(x, plan, weights, p["gate_up"], p["down"])
+
+
 def grouped_mm_round1(x, weights, ids, p):
     """Round 1's default path: counts by torch.bincount (a host sync on CUDA), autograd experts,
     the reference dispatch and combine (slot-order copy, batched matmul)."""
@@ -134,6 +140,7 @@ def providers(device):
            "reference_loop": _three_steps(reference.swiglu_loop),
            "grouped_mm_round1": grouped_mm_round1,
            "grouped_mm": _three_steps(grouped.swiglu_grouped),
+           "grouped_fused": grouped_fused,
            "capacity_bmm_1.25": capacity_bmm}
     if triton_grouped.supports(torch.empty(0, device=device, dtype=torch.bfloat16)):
         out["fused_triton"] = fused_triton

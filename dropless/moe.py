@@ -83,7 +83,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.cfg.dim)
         route = self.router(x_TD)
         if getattr(self.dispatcher, "fusable", False) and self.experts.fuses_dispatch(x_TD):
-            # one op gathers token rows, runs the experts and combines ("triton", "blocksparse")
+            # one op gathers token rows, runs the experts and combines (dropless "grouped",
+            # "triton", "blocksparse"): no gathered rows kept for backward
             plan = self.dispatcher.plan(route.expert_ids_TK)
             y_TD = self.experts.fused(x_TD, plan, route.weights_TK)
         else:

@@ -52,6 +52,25 @@ def group_limited_mask(select_TE: torch.Tensor, num_groups: int, topk_groups: in
     return keep_TG.repeat_interleave(E // num_groups, dim=1)
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """logits = x.to(dtype) @ w.to(dtype)^T, keeping x in its own dtype for backward (autograd
+    would keep the upcast copy: T*D*4 bytes, twice a bf16 x) and upcasting it again there.
+    Same products and casts as autograd's, so bitwise the same gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_ED, dtype):
+        ctx.save_for_backward(x_TD, weight_ED)
+        ctx.dtype = dtype
+        return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dlogits_TE):
+        x_TD, weight_ED = ctx.saved_tensors
+        dx_TD = (dlogits_TE @ weight_ED.to(ctx.dtype)).to(x_TD.dtype)
+        dweight_ED = (dlogits_TE.t() @ x_TD.to(ctx.dtype)).to(weight_ED.dtype)
+        return dx_TD, dweight_ED, None
+
+
 class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -75,7 +94,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
         compute_dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        logits_TE = F.linear(x_TD.to(compute_dtype), self.weight.to(compute_dtype))
+        logits_TE = _UpcastLinear.apply(x_TD, self.weight, compute_dtype)
         # 1. scores; probs_TE (rows summing to 1) feed the balance loss
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)

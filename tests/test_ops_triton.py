@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dropless import MoE, MoEConfig, ops  # noqa: E402
-from dropless.ops import reference, triton_blocksparse, triton_grouped  # noqa: E402
+from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -53,14 +53,24 @@ CASES = [  # T, D, F, E, K, routing
 ]
 
 
-# the fused backends; the block-sparse one with 64-row blocks in the (slow) CPU interpreter
+# the fused backends; the block-sparse one with 64-row blocks in the (slow) CPU interpreter;
+# "grouped" (grouped_mm: bf16 only on CUDA) with its Triton elementwise and K-sum kernels, which
+# the `triton_kernels_on_cpu` fixture switches on for CPU tensors
 FUSED = {"triton": triton_grouped.fused_experts,
          "blocksparse": functools.partial(triton_blocksparse.blocksparse_experts,
-                                          block=128 if DEVICE == "cuda" else 64)}
+                                          block=128 if DEVICE == "cuda" else 64),
+         "grouped": grouped.fused_experts}
 # every case in every dtype; on the CPU the block-sparse backend runs fp16 for the first case only
 FUSED_CASES = [(backend, dtype, case) for backend in FUSED for case in CASES for dtype in DTYPES
-               if backend == "triton" or DEVICE == "cuda" or dtype == torch.float32
-               or case is CASES[0]]
+               if (backend == "grouped" and (DEVICE == "cpu" or dtype == torch.bfloat16))
+               or backend == "triton" or (backend == "blocksparse" and (
+                   DEVICE == "cuda" or dtype == torch.float32 or case is CASES[0]))]
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels_on_cpu(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setattr(grouped, "_fused_elementwise", lambda t: True)
 
 
 @pytest.mark.parametrize("backend,dtype,case", FUSED_CASES)
@@ -93,10 +103,11 @@ def test_fused_experts_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_experts_is_deterministic(backend):
     gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if backend == "grouped" and DEVICE == "cuda" else torch.float32
     weights, ids = routing(100, 4, 2, "random", gen)
-    x = torch.randn(100, 64, generator=gen, device="cpu").to(DEVICE).requires_grad_()
-    gate_up = torch.randn(4, 64, 128, generator=gen).to(DEVICE).requires_grad_()
-    down = torch.randn(4, 64, 64, generator=gen).to(DEVICE).requires_grad_()
+    x = torch.randn(100, 64, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
+    gate_up = torch.randn(4, 64, 128, generator=gen).to(DEVICE, dtype).requires_grad_()
+    down = torch.randn(4, 64, 64, generator=gen).to(DEVICE, dtype).requires_grad_()
     plan = ops.make_plan(ids.to(DEVICE), 4)
     runs = []
     for _ in range(2):
@@ -106,7 +117,7 @@ def test_fused_experts_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", ["triton", "blocksparse"])   # fp32: grouped is bf16 on CUDA
 def test_layer_triton_matches_float64_reference(backend):
     """The whole layer, router included: gradients reach router.weight through the fused op."""
     torch.manual_seed(0)

@@ -32,15 +32,24 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def fuses_dispatch(backend: str, x_TD: torch.Tensor, gate_up_EDF2, down_EFD) -> bool:
     """Whether this backend runs dispatch + experts + combine as one fused op (`fused_experts`)
     instead of the three steps. Falls back to the steps where the Triton kernels cannot run."""
-    return (resolve_backend(backend, x_TD) in ("triton", "blocksparse")
-            and triton_grouped.supports(x_TD, gate_up_EDF2, down_EFD))
+    resolved = resolve_backend(backend, x_TD)
+    if resolved == "grouped":
+        # T == 0 takes the steps, which keep the graph connected to the routing weights
+        return x_TD.shape[0] > 0 and grouped.supports(x_TD, gate_up_EDF2, down_EFD)
+    return resolved in ("triton", "blocksparse") and triton_grouped.supports(x_TD, gate_up_EDF2,
+                                                                              down_EFD)
 
 
 def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
                   backend: str = "triton") -> torch.Tensor:
     """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_TD[t]), dispatch and combine included:
-    "triton" gathers rows inside its kernels; "blocksparse" pads every expert to whole blocks."""
-    if resolve_backend(backend, x_TD) == "blocksparse":
+    "grouped" keeps x_TD instead of the gathered rows and applies the weights before the down
+    projection (grouped.fused_experts); "triton" gathers rows inside its kernels; "blocksparse"
+    pads every expert to whole blocks."""
+    resolved = resolve_backend(backend, x_TD)
+    if resolved == "grouped":
+        return grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
+    if resolved == "blocksparse":
         return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
 

@@ -9,6 +9,12 @@ separate autograd node, so that [g | u] and dy are freed before dx is computed. 
 elementwise op is the one autograd would run, so results are bitwise those of plain autograd; on
 CUDA the elementwise stage is instead two fused Triton passes (`triton_swiglu`: same formula and
 rounding points, PyTorch's strided elementwise kernels took ~1.9 ms per fwd+bwd at the Qwen3 shape).
+
+`fused_experts` is the layer's dropless single-process path: it gathers token rows inside the
+first projection's node (keeps x_TD, not x_RD) and applies the routing weights to h before the
+down projection, so the combine is a K-sum that keeps nothing. Backward keeps 2*R*F instead of
+2*R*F + 2*R*D; it costs one re-gather of x_RD and three R*F elementwise passes more (the weight
+applied to h and dh, and dw = <dh', h>), done by PyTorch beside the unchanged Triton kernels.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from dropless.ops import reference, triton_swiglu
+from dropless.ops import reference, triton_combine, triton_swiglu
 
 
 def _fused_elementwise(t: torch.Tensor) -> bool:
+    """Whether the elementwise stages and the K-sum run as Triton kernels."""
     return t.is_cuda and importlib.util.find_spec("triton") is not None
 
 
@@ -51,17 +58,26 @@ def _swiglu_act(gu_RF2: torch.Tensor):
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """y_RD = (silu(g) * u) @ down_e per expert-contiguous group, from [g | u]_RF2."""
+    """y_RD = (silu(g) * u) @ down_e per expert-contiguous group, from [g | u]_RF2.
+
+    With routing weights w_R (one per row, in the rows' dtype): y_RD = (w * silu(g) * u) @ down_e,
+    so the combine becomes a plain K-sum that keeps nothing for backward, and dw is
+    sum_f dh'[f] * h[f] with dh' = dy @ down_e^T and h = silu(g) * u, both computed here anyway.
+    """
 
     @staticmethod
-    def forward(ctx, gu_RF2, offs_E, down_EFD):
-        ctx.save_for_backward(gu_RF2, offs_E, down_EFD)
+    def forward(ctx, gu_RF2, offs_E, down_EFD, w_R=None):
+        ctx.save_for_backward(gu_RF2, offs_E, down_EFD, w_R)
         h_RF = triton_swiglu.swiglu(gu_RF2) if _fused_elementwise(gu_RF2) else _swiglu_act(gu_RF2)[3]
+        if w_R is not None:
+            h_RF.mul_(w_R.unsqueeze(-1))   # h is ours: no second R*F buffer
         return torch._grouped_mm(h_RF, down_EFD, offs=offs_E)
 
     @staticmethod
     def backward(ctx, dy_RD):
-        gu_RF2, offs_E, down_EFD = ctx.saved_tensors
+        gu_RF2, offs_E, down_EFD, w_R = ctx.saved_tensors
+        if w_R is not None:
+            return _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD.contiguous())
         dy_RD = dy_RD.contiguous()   # grouped_mm's backward rejects expanded grads
         if _fused_elementwise(gu_RF2):
             # order for memory: h lives only for ddown, then dh and d[g | u] (one R*F less at peak)
@@ -69,19 +85,48 @@ class _SwiGLUDown(torch.autograd.Function):
             ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
             del h_RF
             dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
-            return triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False), None, ddown_EFD
+            return triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False), None, ddown_EFD, None
         # 1. dh = dy @ down_e^T
         dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
         # 2. h recomputed (not saved); SwiGLU backward as autograd's mul and silu backward
         #    compute it, written in place into the two halves of d[g | u] (no concatenated copy)
         g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
-        F_ = g_RF.shape[-1]
-        dgu_RF2 = torch.empty_like(gu_RF2)
-        torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
-        torch.mul(dh_RF, silu_RF, out=dgu_RF2[:, F_:])
+        dgu_RF2 = _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF)
         # 3. ddown_e = h_e^T @ dy_e
         ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
-        return dgu_RF2, None, ddown_EFD
+        return dgu_RF2, None, ddown_EFD, None
+
+
+def _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF):
+    """d[g | u] as autograd's mul and silu backward compute it, in place into the two halves."""
+    F_ = g_RF.shape[-1]
+    dgu_RF2 = torch.empty_like(gu_RF2)
+    torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
+    torch.mul(dh_RF, silu_RF, out=dgu_RF2[:, F_:])
+    return dgu_RF2
+
+
+def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
+    """Backward of y = (w * h) @ down_e, in autograd's steps: dh' = dy @ down_e^T, dw = <dh', h>
+    (fp32 sum of the rounded products), ddown_e = (w * h)_e^T @ dy_e, dh = w * dh'. Peak: [g | u],
+    dy and three R*F buffers (dh', h and the products for dw), as [g | u], dy, dh and d[g | u]
+    later and in the unweighted backward."""
+    dhw_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
+    fused = _fused_elementwise(gu_RF2)
+    if fused:
+        h_RF = triton_swiglu.swiglu(gu_RF2)
+    else:
+        g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
+    dw_R = (dhw_RF * h_RF).sum(-1, dtype=torch.float32).to(w_R.dtype)
+    w_R1 = w_R.unsqueeze(-1)
+    ddown_EFD = torch._grouped_mm(h_RF.mul_(w_R1).transpose(-2, -1), dy_RD, offs=offs_E)
+    del h_RF
+    dh_RF = dhw_RF.mul_(w_R1)
+    if fused:
+        dgu_RF2 = triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False)
+    else:
+        dgu_RF2 = _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF)
+    return dgu_RF2, None, ddown_EFD, dw_R
 
 
 def swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
@@ -91,3 +136,68 @@ def swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)   # no sync: offsets stay on device
     gu_RF2 = torch._grouped_mm(x_RD, gate_up_EDF2, offs=offs_E)   # autograd keeps x_RD alone
     return _SwiGLUDown.apply(gu_RF2, offs_E, down_EFD)
+
+
+class _GatherUp(torch.autograd.Function):
+    """gu_RF2 = x_TD[token(r)] @ gate_up_e: dispatch and the first projection as one node that keeps
+    x_TD (alive anyway) and the row index instead of the gathered rows x_RD (R*D, K times x_TD):
+    backward gathers them again. dx_TD[t] = sum_k dx_RD[row(t, k)], one fp32 K-sum as in dispatch."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, top_k, offs_E, gate_up_EDF2):
+        ctx.save_for_backward(x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2)
+        ctx.top_k = top_k
+        return torch._grouped_mm(x_TD[token_of_row_R], gate_up_EDF2, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, dgu_RF2):
+        x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2 = ctx.saved_tensors
+        dgu_RF2 = dgu_RF2.contiguous()
+        x_RD = x_TD[token_of_row_R]
+        dgate_up = torch._grouped_mm(x_RD.transpose(-2, -1), dgu_RF2, offs=offs_E)
+        del x_RD
+        dx_RD = torch._grouped_mm(dgu_RF2, gate_up_EDF2.transpose(-2, -1), offs=offs_E)
+        del dgu_RF2
+        return _sum_rows(dx_RD, row_of_slot_S, ctx.top_k), None, None, None, None, dgate_up
+
+
+def _sum_rows(y_RD: torch.Tensor, row_of_slot_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y_TD[t] = sum_k y_RD[row(t, k)]: one fp32 K-sum rounded once, no atomics (on CUDA the
+    combine kernel with unit weights; else dispatch's backward in `reference`)."""
+    T, D = row_of_slot_S.numel() // top_k, y_RD.shape[-1]
+    if _fused_elementwise(y_RD):
+        ones_TK = y_RD.new_ones(T, top_k)
+        return triton_combine._launch_combine(y_RD, ones_TK, row_of_slot_S, None)
+    return y_RD[row_of_slot_S].view(T, top_k, D).sum(1)
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum_k y_RD[row(t, k)] (weights already applied to the rows); backward is a gather,
+    so nothing but the row index is kept (the weighted combine keeps y_RD, R*D)."""
+
+    @staticmethod
+    def forward(ctx, y_RD, row_of_slot_S, token_of_row_R, top_k):
+        ctx.save_for_backward(token_of_row_R)
+        return _sum_rows(y_RD, row_of_slot_S, top_k)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (token_of_row_R,) = ctx.saved_tensors
+        return dy_TD[token_of_row_R], None, None, None
+
+
+def fused_experts(x_TD, plan: reference.Plan, weights_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    """Same function as dispatch -> swiglu_grouped -> combine for a dropless plan, keeping only
+    [g | u]_RF2 (2*R*F) and indices for backward instead of x_RD, [g | u]_RF2 and y_RD:
+    1. gather + first projection (`_GatherUp`: keeps x_TD, not x_RD);
+    2. SwiGLU, routing weight and down projection (`_SwiGLUDown` with w_R: the weight is applied to
+       h, rounded to the rows' dtype first as `combine` rounds it);
+    3. an unweighted K-sum (`_Combine`: keeps no rows)."""
+    assert plan.keep_S is None, "fused_experts takes dropless plans only"
+    token_of_row_R = plan.slot_of_row_R // plan.top_k
+    w_R = weights_TK.to(x_TD.dtype).reshape(-1)[plan.slot_of_row_R]
+    offs_E = torch.cumsum(plan.counts_E, 0).to(torch.int32)   # no sync: offsets stay on device
+    gu_RF2 = _GatherUp.apply(x_TD, token_of_row_R, plan.row_of_slot_S, plan.top_k, offs_E,
+                             gate_up_EDF2)
+    y_RD = _SwiGLUDown.apply(gu_RF2, offs_E, down_EFD, w_R)
+    return _Combine.apply(y_RD, plan.row_of_slot_S, token_of_row_R, plan.top_k)
