@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Backend = Literal["auto", "reference", "grouped", "triton", "blocksparse"]
-BACKENDS = ("auto", "reference", "grouped", "triton", "blocksparse")
+Backend = Literal["auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse"]
+BACKENDS = ("auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTENTIONS = ("gqa", "mla")
 QK_NORM_SCOPES = ("head", "proj")

@@ -83,7 +83,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.cfg.dim)
         route = self.router(x_TD)
         if getattr(self.dispatcher, "fusable", False) and self.experts.fuses_dispatch(x_TD):
-            # one op gathers token rows, runs the experts and combines (dropless "grouped",
+            # one op gathers token rows, runs the experts and combines ("grouped_lowmem",
             # "triton", "blocksparse"): no gathered rows kept for backward
             plan = self.dispatcher.plan(route.expert_ids_TK)
             y_TD = self.experts.fused(x_TD, plan, route.weights_TK)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from dropless import MoE, MoEConfig
 from dropless.router import balance_loss
 
-BACKENDS = ["reference", "grouped"]
+BACKENDS = ["reference", "grouped", "grouped_lowmem"]
 
 
 def make(dtype=torch.float32, seed=0, **kw):
@@ -288,13 +288,14 @@ def saved_activation_bytes(moe, x) -> int:
 
 # OLMoE's and Qwen3's F/D, E and K at D = 512 (D/4), with fewer tokens
 @pytest.mark.parametrize("D,F,E,K", [(512, 256, 64, 8), (512, 192, 128, 8)])
-def test_grouped_keeps_only_gate_up_activations(D, F, E, K):
-    """The dropless grouped path keeps [g | u] (2*R*F) and indices: not the gathered rows x_RD, the
+def test_grouped_lowmem_keeps_only_gate_up_activations(D, F, E, K):
+    """The dropless low-memory grouped path keeps [g | u] (2*R*F) and indices: not the gathered rows x_RD, the
     expert outputs y_RD (R*D each) or the router's fp32 copy of x (at D = 2048, T = 512:
     before 3.30 / 3.09 R*D, after 1.02 / 0.78)."""
     T = 64
     R = T * K
-    moe = make(torch.bfloat16, dim=D, hidden_dim=F, num_experts=E, top_k=K, backend="grouped")
+    moe = make(torch.bfloat16, dim=D, hidden_dim=F, num_experts=E, top_k=K,
+               backend="grouped_lowmem")
     x = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
     saved = saved_activation_bytes(moe, x)
     gate_up_bytes = 2 * R * F * 2

@@ -54,15 +54,15 @@ CASES = [  # T, D, F, E, K, routing
 
 
 # the fused backends; the block-sparse one with 64-row blocks in the (slow) CPU interpreter;
-# "grouped" (grouped_mm: bf16 only on CUDA) with its Triton elementwise and K-sum kernels, which
+# "grouped_lowmem" (grouped_mm: bf16 only on CUDA) with its Triton elementwise and K-sum kernels, which
 # the `triton_kernels_on_cpu` fixture switches on for CPU tensors
 FUSED = {"triton": triton_grouped.fused_experts,
          "blocksparse": functools.partial(triton_blocksparse.blocksparse_experts,
                                           block=128 if DEVICE == "cuda" else 64),
-         "grouped": grouped.fused_experts}
+         "grouped_lowmem": grouped.fused_experts}
 # every case in every dtype; on the CPU the block-sparse backend runs fp16 for the first case only
 FUSED_CASES = [(backend, dtype, case) for backend in FUSED for case in CASES for dtype in DTYPES
-               if (backend == "grouped" and (DEVICE == "cpu" or dtype == torch.bfloat16))
+               if (backend == "grouped_lowmem" and (DEVICE == "cpu" or dtype == torch.bfloat16))
                or backend == "triton" or (backend == "blocksparse" and (
                    DEVICE == "cuda" or dtype == torch.float32 or case is CASES[0]))]
 
@@ -103,7 +103,7 @@ def test_fused_experts_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_experts_is_deterministic(backend):
     gen = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16 if backend == "grouped" and DEVICE == "cuda" else torch.float32
+    dtype = torch.bfloat16 if backend == "grouped_lowmem" and DEVICE == "cuda" else torch.float32
     weights, ids = routing(100, 4, 2, "random", gen)
     x = torch.randn(100, 64, generator=gen, device="cpu").to(DEVICE, dtype).requires_grad_()
     gate_up = torch.randn(4, 64, 128, generator=gen).to(DEVICE, dtype).requires_grad_()
