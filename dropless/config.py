@@ -214,7 +214,7 @@ class TrainConfig:
     data: str | None = None           # None = the interpreter's stdlib .py files
     tokenizer: Literal["bytes", "bpe"] = "bytes"
     vocab: int = 4096                 # BPE vocabulary size (the model's vocab follows the tokenizer)
-    steps: int = 1500
+    steps: int = 900
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
@@ -224,9 +224,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0            # max global grad norm; 0 = off
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 150
     eval_batches: int = 8
-    ckpt_every: int = 500
+    ckpt_every: int = 300
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
