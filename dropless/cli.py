@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from dropless.config import BACKENDS, TrainConfig
 from dropless.errors import DroplessError
@@ -101,8 +103,35 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_summary(s: dict) -> str:
+    """The end-of-run report of `dropless train`."""
+    from dropless.checkpoint import CHECKPOINT
+    from dropless.train import SAMPLE_PROMPT
+
+    if not s["finished"]:
+        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
+                f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
+    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
+    checkpoints = "dcp/" if (Path(s["run_dir"]) / "dcp").is_dir() else CHECKPOINT
+    lines = [
+        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
+        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s)",
+        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
+        f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
+        f"{math.exp(s['val_loss']):.2f})",
+        f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
+        "tokens: the best loss without context)",
+        f"run directory: {s['run_dir']} ({checkpoints}, metrics.jsonl, "
+        + ", ".join(Path(p).name for p in s["plots"]) + ")",
+    ]
+    if s["sample"] is not None:
+        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
+                  "-" * 60, s["sample"], "-" * 60]
+    return "\n".join(lines)
+
+
 def _train(args) -> int:
-    from dropless.train import format_summary, resume_config, train
+    from dropless.train import resume_config, train
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}

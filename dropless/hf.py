@@ -13,7 +13,6 @@ unexpected and misshapen tensor at once; writing walks the same table backwards.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

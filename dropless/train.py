@@ -32,6 +32,7 @@ from dropless import data
 from dropless.checkpoint import CHECKPOINT, config_to_dict, latest_state, save_checkpoint
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
+from dropless.optim import lr_at, make_optimizer
 from dropless.plots import write_plots
 from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
@@ -53,27 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DroplessError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices that are not embeddings (norm gains, biases and
-    embeddings are exempt; the router's bias is a buffer, so the optimizer never sees it)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():   # tied weights appear once
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -398,26 +378,3 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             "train_loss": sum(recent) / len(recent) if recent else None,
             "val_loss": val_loss if finished else None, "unigram_baseline": baseline,
             "plots": [str(p) for p in plots], "sample": sample}
-
-
-def format_summary(s: dict) -> str:
-    if not s["finished"]:
-        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
-                f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
-    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
-    checkpoints = "dcp/" if (Path(s["run_dir"]) / "dcp").is_dir() else CHECKPOINT
-    lines = [
-        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
-        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s)",
-        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
-        f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
-        f"{math.exp(s['val_loss']):.2f})",
-        f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
-        "tokens: the best loss without context)",
-        f"run directory: {s['run_dir']} ({checkpoints}, metrics.jsonl, "
-        + ", ".join(Path(p).name for p in s["plots"]) + ")",
-    ]
-    if s["sample"] is not None:
-        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
-                  "-" * 60, s["sample"], "-" * 60]
-    return "\n".join(lines)

@@ -8,7 +8,8 @@ import torch
 
 from dropless.checkpoint import CHECKPOINT, load_checkpoint, load_run
 from dropless.config import TrainConfig
-from dropless.train import lr_at, make_optimizer, resume_config, train
+from dropless.optim import lr_at, make_optimizer
+from dropless.train import resume_config, train
 
 
 def _metrics(run_dir) -> list[dict]:
