@@ -163,7 +163,7 @@ def _model(*, dim: int, moe: dict, **kw) -> ModelConfig:
     return ModelConfig(dim=dim, moe=MoEConfig(dim=dim, **moe), **kw)
 
 
-# Presets. tiny and small train here; the others mirror public model shapes for `info` and benchmarks
+# Presets. tiny and small train here, medium on a GPU; the others mirror public model shapes for `info` and benchmarks
 # and are only ever built on the meta device.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _model(vocab_size=256, dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -172,6 +172,11 @@ PRESETS: dict[str, ModelConfig] = {
     "small": _model(vocab_size=4096, dim=512, num_layers=8, num_heads=8, num_kv_heads=4,
                     max_seq_len=1024,
                     moe=dict(hidden_dim=512, num_experts=16, top_k=2, z_loss_coef=1e-3)),
+    # Qwen3-MoE-like, 1.31 B parameters / 0.22 B active at vocab 32768: the GPU training benchmark
+    # (benchmarks/train.py) and `dropless train --preset medium --tokenizer bpe --vocab 32768`
+    "medium": _model(vocab_size=32768, dim=1024, num_layers=12, num_heads=16, num_kv_heads=4,
+                     head_dim=64, max_seq_len=2048, rope_theta=1e6, qk_norm=True, norm_eps=1e-6,
+                     moe=dict(hidden_dim=512, num_experts=64, top_k=8, norm_topk_prob=True)),
     "mixtral-8x7b": _model(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                            max_seq_len=32768, rope_theta=1e6,
                            moe=dict(hidden_dim=14336, num_experts=8, top_k=2)),

@@ -82,3 +82,17 @@ def small_cfg(tmp_path, corpus):
                     ckpt_every=100, log_every=1, sample_tokens=8)
         return TrainConfig(**{**base, **kw})
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (run on the device, "
+                            "`pytest -m gpu`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu-marked)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
