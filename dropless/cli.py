@@ -47,6 +47,8 @@ _TRAIN_FLAGS = {
     "log_every": (int, "a metrics.jsonl line every N steps"),
     "device": (str, "auto (cuda when available), cpu, cuda, cuda:1, ..."),
     "backend": (str, f"MoE expert backend: {', '.join(BACKENDS)}"),
+    "precision": (str, "auto (bf16-mixed on CUDA, fp32 on CPU), fp32, bf16-mixed (fp32 weights, "
+                       "bf16 compute) or bf16 (pure bf16 weights)"),
     "cache_dir": (str, "token cache directory (default: ~/.cache/dropless/tokens)"),
     "sample_tokens": (int, "length of the sample generated at the end, 0 = none"),
     "ep": (int, "under torchrun: expert-parallel degree"),
@@ -115,7 +117,8 @@ def format_summary(s: dict) -> str:
     checkpoints = "dcp/" if (Path(s["run_dir"]) / "dcp").is_dir() else CHECKPOINT
     lines = [
         f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
-        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s)",
+        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
+        + (f", MFU {s['mfu']:.1%})" if s.get("mfu") is not None else ")"),
         f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
         f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
         f"{math.exp(s['val_loss']):.2f})",

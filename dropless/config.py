@@ -207,6 +207,7 @@ def get_preset(name: str) -> ModelConfig:
 
 
 TOKENIZERS = ("bytes", "bpe")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,6 +236,10 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
+    # auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed = fp32 master weights and AdamW state,
+    # bf16 products under autocast; bf16 = pure bf16 weights and optimizer state (fastest, least
+    # exact: updates below bf16's resolution of a weight are lost)
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     compile: bool = False
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
     sample_tokens: int = 200          # tokens of the sample generated at the end; 0 = none
@@ -247,6 +252,7 @@ class TrainConfig:
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("precision", self.precision, PRECISIONS)
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
             _positive_int(name, getattr(self, name))

@@ -81,7 +81,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         self._check_input(x)
         x_TD = x.reshape(-1, self.cfg.dim)
-        route = self.router(x_TD)
+        route = self.router(x_TD)   # float32 logits from x as it comes
+        # under autocast the experts compute in its dtype: cast once here, so that dispatch moves
+        # (and, under expert parallelism, the all-to-all sends) bf16 rows, not fp32
+        x_TD = x_TD.to(ops.compute_dtype(x_TD))
         if getattr(self.dispatcher, "fusable", False) and self.experts.fuses_dispatch(x_TD):
             # one op gathers token rows, runs the experts and combines ("grouped_lowmem",
             # "triton", "blocksparse"): no gathered rows kept for backward

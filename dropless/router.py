@@ -55,19 +55,26 @@ def group_limited_mask(select_TE: torch.Tensor, num_groups: int, topk_groups: in
 class _UpcastLinear(torch.autograd.Function):
     """logits = x.to(dtype) @ w.to(dtype)^T, keeping x in its own dtype for backward (autograd
     would keep the upcast copy: T*D*4 bytes, twice a bf16 x) and upcasting it again there.
-    Same products and casts as autograd's, so bitwise the same gradients."""
+    Same products and casts as autograd's, so bitwise the same gradients.
+
+    Autocast is off inside both passes: the router's logits are float32 by contract, and under
+    bf16 autocast F.linear would otherwise run in bf16 while backward multiplies by the float32
+    weight (a dtype clash)."""
 
     @staticmethod
     def forward(ctx, x_TD, weight_ED, dtype):
         ctx.save_for_backward(x_TD, weight_ED)
         ctx.dtype = dtype
-        return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.to(dtype), weight_ED.to(dtype))
 
     @staticmethod
     def backward(ctx, dlogits_TE):
         x_TD, weight_ED = ctx.saved_tensors
-        dx_TD = (dlogits_TE @ weight_ED.to(ctx.dtype)).to(x_TD.dtype)
-        dweight_ED = (dlogits_TE.t() @ x_TD.to(ctx.dtype)).to(weight_ED.dtype)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            dlogits_TE = dlogits_TE.to(ctx.dtype)
+            dx_TD = (dlogits_TE @ weight_ED.to(ctx.dtype)).to(x_TD.dtype)
+            dweight_ED = (dlogits_TE.t() @ x_TD.to(ctx.dtype)).to(weight_ED.dtype)
         return dx_TD, dweight_ED, None
 
 

@@ -14,13 +14,9 @@ equal to an uninterrupted run's. The LR schedule is a pure function of (step, co
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,11 +29,14 @@ from dropless.checkpoint import CHECKPOINT, config_to_dict, latest_state, save_c
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.optim import lr_at, make_optimizer
+from dropless.runlog import MetricsLog, StopOnInterrupt
+from dropless.precision import autocast_for, bf16_peak_flops, resolve_precision
 from dropless.plots import write_plots
 from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
-RESUMABLE = ("out", "steps", "device", "backend", "eval_every", "eval_batches", "ckpt_every",
+RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "eval_batches",
+             "ckpt_every",
              "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
              "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
@@ -81,48 +80,6 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
         raise DroplessError(f"{run_dir}: the run already finished {state['step']} steps; "
                             f"pass --steps larger than {state['step']} to train further")
     return cfg, state
-
-
-class _StopOnInterrupt:
-    """First Ctrl-C: the loop finishes its step, checkpoints and returns. Second: interrupt now."""
-
-    requested = False
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-class _MetricsLog:
-    """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step
-    (logged by the run after its last save) are dropped so the file reads as one straight run."""
-
-    def __init__(self, path: Path, keep_through: int):
-        records = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:   # a line cut short by a crash
-                continue
-            if record["step"] <= keep_through:
-                records.append(record)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
 
 
 @torch.no_grad()
@@ -190,15 +147,76 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         rt.shutdown()
 
 
-def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) -> dict:
-    from tqdm.auto import tqdm
+def train_step(model: nn.Module, forward, opt, batches, amp, cfg: TrainConfig, rt, L: int, E: int):
+    """One optimizer step over `batches` (the micro-batches, already on the device): forward and
+    backward of LM + MoE losses, gradient clipping, AdamW, the aux-loss-free bias step. No host
+    sync. Returns the step's mean LM loss, mean aux loss, grad norm and global loads [L, E]."""
+    device = rt.device
+    lm_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    loads_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+    for x_BT, y_BT in batches:
+        with amp:
+            logits_BTV, aux = forward(x_BT)
+        lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
+        aux_loss = aux.balance_loss + aux.z_loss
+        ((lm + aux_loss) / len(batches)).backward()
+        lm_sum += lm.detach()
+        aux_sum += aux_loss.detach()
+        loads_LE += aux.tokens_per_expert
+    if rt.mesh is None:
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    else:   # gradients are DTensors on two meshes (dense, experts)
+        from dropless.parallel.fsdp import clip_grad_norm_
+        from dropless.parallel.loads import all_reduce_loads
 
-    from dropless.generate import generate
+        grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip or math.inf)
+        loads_LE = all_reduce_loads(loads_LE, rt.mesh)   # the global batch's loads
+        lm_sum, aux_sum = rt.all_mean(lm_sum), rt.all_mean(aux_sum)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.update_bias(loads_LE)
+    return lm_sum / len(batches), aux_sum / len(batches), grad_norm, loads_LE
+
+
+def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision: str):
+    """The model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
+    sharded parameters), restored from the checkpoint when resuming."""
     from dropless.model import Transformer
     from dropless.parallel import checkpoint as dckpt
     from dropless.parallel import parallelize
-    from dropless.parallel.fsdp import clip_grad_norm_
-    from dropless.parallel.loads import all_reduce_loads
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(rt.device)
+    model.set_backend(cfg.backend)
+    single_state = state is not None and "dcp_path" not in state
+    if single_state:
+        if rt.world > 1:
+            raise DroplessError(f"{cfg.out}: a single-process checkpoint resumes in one process "
+                                "only; distributed runs resume from distributed checkpoints")
+        model.load_state_dict(state["model"])
+    if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    if rt.mesh is not None:
+        parallelize(model, rt.mesh)
+    opt = make_optimizer(model, cfg)
+    if state is not None:
+        if single_state:
+            opt.load_state_dict(state["optimizer"])
+        else:
+            dckpt.load(Path(state["dcp_path"]), model, opt)   # any saved mesh -> this one
+        torch.set_rng_state(state["rng"]["torch"])
+        if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
+    return model, opt
+
+
+def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) -> dict:
+    from tqdm.auto import tqdm
+
+    from dropless.info import model_stats
+    from dropless.parallel import checkpoint as dckpt
 
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / CHECKPOINT
@@ -220,37 +238,23 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                             "matches the model in the checkpoint")
     baseline = data.unigram_entropy(tokens.val, tok.vocab_size)
 
-    # 2. model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
-    #    sharded parameters); restored from the checkpoint when resuming
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(device)
-    model.set_backend(cfg.backend)
-    single_state = state is not None and "dcp_path" not in state
-    if single_state:
-        if rt.world > 1:
-            raise DroplessError(f"{run_dir}: a single-process checkpoint resumes in one process "
-                                "only; distributed runs resume from distributed checkpoints")
-        model.load_state_dict(state["model"])
-    if rt.mesh is not None:
-        parallelize(model, rt.mesh)
-    opt = make_optimizer(model, cfg)
+    # 2. model, optimizer, precision and the step's cost (for tokens/s and MFU)
+    precision = resolve_precision(cfg.precision, device)
+    model, opt = _build_model(cfg, rt, model_cfg, state, precision)
     L, E = len(model.moe_layers()), model_cfg.moe.num_experts
     step = 0
     window = {"loss": 0.0, "aux": 0.0, "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long)}
     if state is not None:
-        if single_state:
-            opt.load_state_dict(state["optimizer"])
-        else:
-            dckpt.load(Path(state["dcp_path"]), model, opt)   # any saved mesh -> this one
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, window = state["step"], state["window"]
     forward = torch.compile(model) if cfg.compile else model
-    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = autocast_for(precision, device)
     val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     num_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model_stats(model_cfg, cfg.seq_len)["train_flops_per_token"]
+    peak = bf16_peak_flops(device) if precision != "fp32" else None
+    mfu = (lambda tokens_per_s: tokens_per_s * flops_per_token / (peak * rt.world)) if peak \
+        else (lambda tokens_per_s: None)
 
     def checkpoint() -> None:
         extra = {
@@ -269,7 +273,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                                         **extra})
 
     # 3. the loop
-    log = _MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
     recent = deque(maxlen=20)
     val_loss = None
     saved_step = step if state is not None else -1
@@ -277,49 +281,36 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     clock = start_time
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
-    with _StopOnInterrupt() as stop, bar:
+    with StopOnInterrupt() as stop, bar:
         while step < cfg.steps and not stop.requested:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            lm_sum = torch.zeros((), device=device)
-            aux_sum = torch.zeros((), device=device)
-            loads_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+            batches = []
             for micro in range(cfg.grad_accum):
                 x_BT, y_BT = data.get_batch(tokens.train, cfg.batch_size, cfg.seq_len,
                                             seed=cfg.seed, step=step, micro=micro)
-                x_BT, y_BT = rt.shard_batch(x_BT), rt.shard_batch(y_BT)   # this rank's rows
-                with amp:
-                    logits_BTV, aux = forward(x_BT.to(device))
-                lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.to(device).flatten())
-                aux_loss = aux.balance_loss + aux.z_loss
-                ((lm + aux_loss) / cfg.grad_accum).backward()
-                lm_sum += lm.detach()
-                aux_sum += aux_loss.detach()
-                loads_LE += aux.tokens_per_expert
-            if rt.mesh is None:
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            else:   # gradients are DTensors on two meshes (dense, experts)
-                grad_norm = clip_grad_norm_(list(model.parameters()), cfg.grad_clip or math.inf)
-                loads_LE = all_reduce_loads(loads_LE, rt.mesh)   # the global batch's loads
-                lm_sum, aux_sum = rt.all_mean(lm_sum), rt.all_mean(aux_sum)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_bias(loads_LE)
+                batches.append((rt.shard_batch(x_BT).to(device, non_blocking=True),   # this
+                                rt.shard_batch(y_BT).to(device, non_blocking=True)))  # rank's rows
+            lm, aux_loss, grad_norm, loads_LE = train_step(model, forward, opt, batches, amp,
+                                                           cfg, rt, L, E)
             step += 1
             if rt.world > 1:   # a Ctrl-C seen by any rank stops every rank after the same step
                 flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
                 stop.requested = bool(flag > 0)   # sync: every rank must agree to stop
 
-            loss = lm_sum.item() / cfg.grad_accum   # sync: loss for the bar, log and callback
+            loss = lm.item()   # sync: loss for the bar, log and callback
             recent.append(loss)
             window["loss"] += loss
-            window["aux"] += aux_sum.item() / cfg.grad_accum
+            window["aux"] += aux_loss.item()
             window["steps"] += 1
             window["loads"] += loads_LE.cpu()
             now = time.perf_counter()
             rate = tokens_per_step * (step - start_step) / (now - start_time)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            postfix = {"loss": f"{loss:.3f}", "tok_s": f"{rate:,.0f}"}
+            if mfu(rate) is not None:
+                postfix["mfu"] = f"{mfu(rate):.1%}"
+            bar.set_postfix(postfix, refresh=False)
             bar.update()
             if on_step is not None:
                 on_step(step, loss)
@@ -337,7 +328,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                     val_loss = evaluate(forward, val_windows, device, amp, rt)
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                     if rt.is_main:
-                            bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
+                        bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
                                   f"{val_loss:.3f} (ppl {record['val_ppl']:.2f})  nats/token")
                 if log is not None:
                     log.write(record)
@@ -353,28 +344,37 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
         log.file.close()
     elapsed = time.perf_counter() - start_time
 
+    # 4. plots and a sample
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
-    sample = None
-    sample_model = model if finished and cfg.sample_tokens else None
-    if sample_model is not None and rt.world > 1:
-        # rank 0 samples alone from the gathered weights: a decoding step of collectives across
-        # every rank per token would cost far more than one gather
-        full, _ = dckpt.full_state(model)
-        sample_model = None
-        if rt.is_main:
-            sample_model = Transformer(model_cfg)
-            sample_model.load_state_dict(full)
-            sample_model.to(device).set_backend(cfg.backend)
-    if sample_model is not None:
-        prompt = tok.encode(SAMPLE_PROMPT).tolist()
-        new = generate(sample_model, [prompt],
-                       min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
-                       temperature=0.8, top_k=40, seed=cfg.seed)[0]
-        sample = SAMPLE_PROMPT + tok.decode(new)
+    sample = _sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens else None
+    tokens_per_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
-            "tokens_per_s": tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,
             "train_loss": sum(recent) / len(recent) if recent else None,
             "val_loss": val_loss if finished else None, "unigram_baseline": baseline,
             "plots": [str(p) for p in plots], "sample": sample}
+
+
+def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
+    """A short sample from the trained model, on rank 0."""
+    from dropless.generate import generate
+    from dropless.model import Transformer
+    from dropless.parallel import checkpoint as dckpt
+
+    sample_model = model
+    if rt.world > 1:
+        # rank 0 samples alone from the gathered weights: a decoding step of collectives across
+        # every rank per token would cost far more than one gather
+        full, _ = dckpt.full_state(model)
+        if not rt.is_main:
+            return None
+        sample_model = Transformer(model_cfg)
+        sample_model.load_state_dict(full)
+        sample_model.to(rt.device).set_backend(cfg.backend)
+    prompt = tok.encode(SAMPLE_PROMPT).tolist()
+    new = generate(sample_model, [prompt],
+                   min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
+                   temperature=0.8, top_k=40, seed=cfg.seed)[0]
+    return SAMPLE_PROMPT + tok.decode(new)

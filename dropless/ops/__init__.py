@@ -5,42 +5,91 @@ Every op has a plain-PyTorch version in `reference.py`, which is the CPU path an
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dropless.ops import grouped, reference, triton_blocksparse, triton_combine, triton_grouped
 from dropless.ops.reference import Plan, expert_counts, make_plan, moe_loop
 
 __all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
-           "fused_experts", "fuses_dispatch", "resolve_backend"]
+           "fused_experts", "fuses_dispatch", "resolve_backend", "compute_dtype",
+           "cast_operands"]
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """'auto' -> the fastest correct backend measured for this device and shape (BENCHMARKS.md).
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's low-precision dtype for x's device while
+    autocast is on (the experts cast at the op, as autocast does for F.linear: fp32 master
+    weights, bf16 products), else x's own dtype."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
-    How it chooses: by the H200 bf16 forward+backward measurements (round 3, same run). "grouped"
-    (three steps: dispatch, grouped_mm experts, combine) was fastest at every anchor shape, ratio
-    to a dense SwiGLU of equal FLOPs Mixtral 0.94, OLMoE 0.85, Qwen3 0.76, against
+
+def cast_operands(x, *weights):
+    """x and the expert weights in `compute_dtype(x)` (no copies when they already are)."""
+    dtype = compute_dtype(x)
+    return (x.to(dtype), *(w.to(dtype) for w in weights))
+
+
+_reported: set = set()
+
+
+def _report_fallback(backend: str, reason: str, instead: str) -> None:
+    """Warn once per (backend, reason, instead): no silent slow path."""
+    key = (backend, reason, instead)
+    if key in _reported or torch.compiler.is_compiling():
+        return
+    _reported.add(key)
+    warnings.warn(f"MoE backend {backend!r} cannot run here ({reason}); running {instead!r} "
+                  "instead", RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(backend: str, x: torch.Tensor, gate_up_EDF2: torch.Tensor,
+                    down_EFD: torch.Tensor) -> str:
+    """The backend that runs on these operands (already in their compute dtype): the one place
+    that chooses. 'auto' -> the fastest correct backend measured for the device and dtype; a
+    backend that cannot run falls back, reported once (a RuntimeWarning naming it, the reason
+    and what runs instead).
+
+    How 'auto' chooses: by the H200 bf16 forward+backward measurements (BENCHMARKS.md, round 3,
+    same run): "grouped" (dispatch, grouped_mm experts, combine) was fastest at every anchor
+    shape, ratio to a dense SwiGLU of equal FLOPs Mixtral 0.94, OLMoE 0.85, Qwen3 0.76, against
     "grouped_lowmem" 0.80 / 0.74 / 0.66, "triton" 0.62 / 0.58 / 0.54 and "blocksparse"
-    0.37 / 0.47 / 0.43; so "auto" picks "grouped" on every device and shape today. "grouped" falls
-    back to the loop where grouped_mm cannot run (see grouped.supports); on CUDA its dispatch,
-    combine and SwiGLU stages are Triton kernels whenever triton imports. "grouped_lowmem" trades
-    ~10-15% of speed for activation memory (0.50 / 0.88 / 0.88 of dense, against 0.53 / 1.21 /
-    1.26); it, "triton" and "blocksparse" are explicit opt-ins.
+    0.37 / 0.47 / 0.43. grouped_mm runs bf16 only on CUDA, so fp16/fp32 on CUDA take "triton"
+    (far faster than the per-expert loop). "grouped_lowmem" trades ~10-15% of speed for
+    activation memory; it, "triton" and "blocksparse" are explicit opt-ins.
     """
-    if backend != "auto":
-        return backend
-    return "grouped"
+    wanted = backend
+    if backend == "auto":
+        wanted = "grouped"
+        if x.is_cuda and grouped.unsupported(x, gate_up_EDF2, down_EFD) is not None \
+                and triton_grouped.supports(x, gate_up_EDF2, down_EFD):
+            wanted = "triton"
+    if wanted == "reference":
+        return wanted
+    if wanted in ("triton", "blocksparse"):
+        if triton_grouped.supports(x, gate_up_EDF2, down_EFD):
+            return wanted
+        _report_fallback(backend, f"its Triton kernels need CUDA, triton and fp32/bf16/fp16 "
+                                  f"operands of one dtype; got {x.dtype} on {x.device.type}",
+                         "grouped")
+        wanted = "grouped"
+    reason = grouped.unsupported(x, gate_up_EDF2, down_EFD)
+    if reason is None:
+        return wanted
+    _report_fallback(backend, reason, "reference (a per-expert loop)")
+    return "reference"
 
 
 def fuses_dispatch(backend: str, x_TD: torch.Tensor, gate_up_EDF2, down_EFD) -> bool:
     """Whether this backend runs dispatch + experts + combine as one fused op (`fused_experts`)
-    instead of the three steps. Falls back to the steps where its kernels cannot run."""
-    resolved = resolve_backend(backend, x_TD)
-    if resolved == "grouped_lowmem":
-        # T == 0 takes the steps, which keep the graph connected to the routing weights
-        return x_TD.shape[0] > 0 and grouped.supports(x_TD, gate_up_EDF2, down_EFD)
-    return resolved in ("triton", "blocksparse") and triton_grouped.supports(x_TD, gate_up_EDF2,
-                                                                              down_EFD)
+    instead of the three steps (it falls back to the steps where its kernels cannot run). T == 0
+    takes the steps, which keep the graph connected to the routing weights."""
+    x_TD, gate_up_EDF2, down_EFD = cast_operands(x_TD, gate_up_EDF2, down_EFD)
+    resolved = resolve_backend(backend, x_TD, gate_up_EDF2, down_EFD)
+    return resolved in ("grouped_lowmem", "triton", "blocksparse") and x_TD.shape[0] > 0
 
 
 def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
@@ -49,11 +98,13 @@ def fused_experts(x_TD, plan: Plan, weights_TK, gate_up_EDF2, down_EFD,
     "grouped_lowmem" keeps x_TD instead of the gathered rows and applies the weights before the
     down projection (grouped.fused_experts); "triton" gathers rows inside its kernels;
     "blocksparse" pads every expert to whole blocks."""
-    resolved = resolve_backend(backend, x_TD)
+    x_TD, gate_up_EDF2, down_EFD = cast_operands(x_TD, gate_up_EDF2, down_EFD)
+    resolved = resolve_backend(backend, x_TD, gate_up_EDF2, down_EFD)
     if resolved == "grouped_lowmem":
         return grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
     if resolved == "blocksparse":
         return triton_blocksparse.blocksparse_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
+    assert resolved == "triton", resolved
     return triton_grouped.fused_experts(x_TD, plan, weights_TK, gate_up_EDF2, down_EFD)
 
 
@@ -73,9 +124,11 @@ def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.T
 
 
 def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto") -> torch.Tensor:
-    """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows. "triton",
-    "blocksparse" and "grouped_lowmem" take the grouped path here: they fuse the dispatch, which
-    this seam has already done (expert parallelism, capacity plans)."""
-    if resolve_backend(backend, x_RD) == "reference":
+    """y_RD = swiglu_e(x_RD) for every expert-contiguous group of rows, in `compute_dtype(x_RD)`.
+    "triton", "blocksparse" and "grouped_lowmem" take the grouped path here: they fuse the
+    dispatch, which this seam has already done (expert parallelism, capacity plans)."""
+    x_RD, gate_up_EDF2, down_EFD = cast_operands(x_RD, gate_up_EDF2, down_EFD)
+    steps = "grouped" if backend in ("grouped_lowmem", "triton", "blocksparse") else backend
+    if resolve_backend(steps, x_RD, gate_up_EDF2, down_EFD) == "reference":
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     return grouped.swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD)

@@ -27,28 +27,76 @@ import torch.nn.functional as F
 from dropless.ops import reference, triton_combine, triton_swiglu
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None   # a path lookup; imports nothing
+
+
 def _fused_elementwise(t: torch.Tensor) -> bool:
     """Whether the elementwise stages and the K-sum run as Triton kernels."""
-    return t.is_cuda and importlib.util.find_spec("triton") is not None
+    return t.is_cuda and _HAS_TRITON
+
+
+@torch.library.custom_op("dropless::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:   # [R, K] x [E, K, N] -> [R, N]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])   # [K, R] x [R, N] -> [E, K, N]
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    return (_grouped_mm_op(grad, b.transpose(-2, -1), offs),
+            _grouped_mm_op(a.transpose(-2, -1), grad, offs), None)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm; under torch.compile through an opaque custom op, because the compiler's
+    meta function of _grouped_mm accepts bf16 only (fp32 and fp16 run fine eagerly on CPU)."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def unsupported(x_RD: torch.Tensor, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor) -> str | None:
+    """Why torch._grouped_mm cannot run these operands, or None when it can: it needs CPU
+    fp32/bf16/fp16 or CUDA bf16 on sm90+, one dtype, and every row stride a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    dtype, device = x_RD.dtype, x_RD.device
+    if device.type == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"grouped_mm on CPU takes fp32/bf16/fp16, got {dtype}"
+    elif device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"grouped_mm on CUDA takes bf16, got {dtype}"
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            return "grouped_mm on CUDA needs compute capability 9.0 or newer"
+    else:
+        return f"grouped_mm does not run on {device.type}"
+    if gate_up_EDF2.dtype != dtype or down_EFD.dtype != dtype:
+        return (f"the expert weights ({gate_up_EDF2.dtype}, {down_EFD.dtype}) are not in the "
+                f"inputs' dtype {dtype}")
+    size = x_RD.element_size()
+    if not all(n * size % 16 == 0 for n in (x_RD.shape[-1], gate_up_EDF2.shape[-1],
+                                             down_EFD.shape[-2], down_EFD.shape[-1])):
+        return "grouped_mm needs row strides that are multiples of 16 bytes"
+    return None
 
 
 def supports(x_RD: torch.Tensor, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm can run these operands: CPU fp32/bf16/fp16, CUDA bf16 (sm90+),
-    and every row stride a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    dtype, device = x_RD.dtype, x_RD.device
-    if device.type == "cpu":
-        ok_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif device.type == "cuda":
-        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
-    else:
-        ok_dtype = False
-    if not ok_dtype or gate_up_EDF2.dtype != dtype or down_EFD.dtype != dtype:
-        return False
-    size = x_RD.element_size()
-    return all(n * size % 16 == 0 for n in (x_RD.shape[-1], gate_up_EDF2.shape[-1],
-                                             down_EFD.shape[-2], down_EFD.shape[-1]))
+    return unsupported(x_RD, gate_up_EDF2, down_EFD) is None
 
 
 def _swiglu_act(gu_RF2: torch.Tensor):
@@ -71,7 +119,7 @@ class _SwiGLUDown(torch.autograd.Function):
         h_RF = triton_swiglu.swiglu(gu_RF2) if _fused_elementwise(gu_RF2) else _swiglu_act(gu_RF2)[3]
         if w_R is not None:
             h_RF.mul_(w_R.unsqueeze(-1))   # h is ours: no second R*F buffer
-        return torch._grouped_mm(h_RF, down_EFD, offs=offs_E)
+        return _gmm(h_RF, down_EFD, offs=offs_E)
 
     @staticmethod
     def backward(ctx, dy_RD):
@@ -82,23 +130,25 @@ class _SwiGLUDown(torch.autograd.Function):
         if _fused_elementwise(gu_RF2):
             # order for memory: h lives only for ddown, then dh and d[g | u] (one R*F less at peak)
             h_RF = triton_swiglu.swiglu(gu_RF2)
-            ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
+            ddown_EFD = _gmm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
             del h_RF
-            dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
+            dh_RF = _gmm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
             return triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False), None, ddown_EFD, None
         # 1. dh = dy @ down_e^T
-        dh_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
+        dh_RF = _gmm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
         # 2. h recomputed (not saved); SwiGLU backward as autograd's mul and silu backward
         #    compute it, written in place into the two halves of d[g | u] (no concatenated copy)
         g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
         dgu_RF2 = _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF)
         # 3. ddown_e = h_e^T @ dy_e
-        ddown_EFD = torch._grouped_mm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
+        ddown_EFD = _gmm(h_RF.transpose(-2, -1), dy_RD, offs=offs_E)
         return dgu_RF2, None, ddown_EFD, None
 
 
 def _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF):
     """d[g | u] as autograd's mul and silu backward compute it, in place into the two halves."""
+    if torch.compiler.is_compiling():   # out= into views does not trace; the compiler fuses this
+        return torch.cat([torch.ops.aten.silu_backward(dh_RF * u_RF, g_RF), dh_RF * silu_RF], -1)
     F_ = g_RF.shape[-1]
     dgu_RF2 = torch.empty_like(gu_RF2)
     torch.ops.aten.silu_backward.grad_input(dh_RF * u_RF, g_RF, grad_input=dgu_RF2[:, :F_])
@@ -111,7 +161,7 @@ def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
     (fp32 sum of the rounded products), ddown_e = (w * h)_e^T @ dy_e, dh = w * dh'. Peak: [g | u],
     dy and three R*F buffers (dh', h and the products for dw), as [g | u], dy, dh and d[g | u]
     later and in the unweighted backward."""
-    dhw_RF = torch._grouped_mm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
+    dhw_RF = _gmm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
     fused = _fused_elementwise(gu_RF2)
     if fused:
         h_RF = triton_swiglu.swiglu(gu_RF2)
@@ -119,7 +169,7 @@ def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
         g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
     dw_R = (dhw_RF * h_RF).sum(-1, dtype=torch.float32).to(w_R.dtype)
     w_R1 = w_R.unsqueeze(-1)
-    ddown_EFD = torch._grouped_mm(h_RF.mul_(w_R1).transpose(-2, -1), dy_RD, offs=offs_E)
+    ddown_EFD = _gmm(h_RF.mul_(w_R1).transpose(-2, -1), dy_RD, offs=offs_E)
     del h_RF
     dh_RF = dhw_RF.mul_(w_R1)
     if fused:
@@ -130,11 +180,10 @@ def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
 
 
 def swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD) -> torch.Tensor:
-    """Same function as reference.swiglu_loop; falls back to it where grouped_mm cannot run."""
-    if not supports(x_RD, gate_up_EDF2, down_EFD):
-        return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
+    """Same function as reference.swiglu_loop, for operands `supports` accepts (the seam in
+    ops/__init__.py chooses, and reports any fallback)."""
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)   # no sync: offsets stay on device
-    gu_RF2 = torch._grouped_mm(x_RD, gate_up_EDF2, offs=offs_E)   # autograd keeps x_RD alone
+    gu_RF2 = _gmm(x_RD, gate_up_EDF2, offs=offs_E)   # autograd keeps x_RD alone
     return _SwiGLUDown.apply(gu_RF2, offs_E, down_EFD)
 
 
@@ -147,16 +196,16 @@ class _GatherUp(torch.autograd.Function):
     def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, top_k, offs_E, gate_up_EDF2):
         ctx.save_for_backward(x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2)
         ctx.top_k = top_k
-        return torch._grouped_mm(x_TD[token_of_row_R], gate_up_EDF2, offs=offs_E)
+        return _gmm(x_TD[token_of_row_R], gate_up_EDF2, offs=offs_E)
 
     @staticmethod
     def backward(ctx, dgu_RF2):
         x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2 = ctx.saved_tensors
         dgu_RF2 = dgu_RF2.contiguous()
         x_RD = x_TD[token_of_row_R]
-        dgate_up = torch._grouped_mm(x_RD.transpose(-2, -1), dgu_RF2, offs=offs_E)
+        dgate_up = _gmm(x_RD.transpose(-2, -1), dgu_RF2, offs=offs_E)
         del x_RD
-        dx_RD = torch._grouped_mm(dgu_RF2, gate_up_EDF2.transpose(-2, -1), offs=offs_E)
+        dx_RD = _gmm(dgu_RF2, gate_up_EDF2.transpose(-2, -1), offs=offs_E)
         del dgu_RF2
         return _sum_rows(dx_RD, row_of_slot_S, ctx.top_k), None, None, None, None, dgate_up
 

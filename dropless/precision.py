@@ -1,0 +1,42 @@
+"""Numeric precision of training: what `--precision` means, and the GPU peak that MFU divides by.
+
+fp32: everything in float32. bf16-mixed: float32 master weights, gradients and AdamW state, bf16
+products under autocast (the grouped experts cast at the op as F.linear does; the router's logits
+stay float32 by the layer contract). bf16: parameters and AdamW state in bf16 (buffers such as the
+router's bias stay float32); the fastest, but an update smaller than bf16's resolution of a weight
+(1/256 of its magnitude) is lost, so long runs at small learning rates drift from bf16-mixed.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16-mixed on CUDA, fp32 elsewhere (bf16 autocast on a CPU is slower than fp32
+    for most ops; ask for it explicitly)."""
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16-mixed: autocast to bf16 (every matmul, the grouped experts included, casts at the op;
+    the router stays fp32 by contract). fp32 and pure bf16 need no autocast."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, torch.bfloat16)
+    return nullcontext()
+
+
+# dense bf16 tensor-core peak (FLOP/s, datasheet, no sparsity) by device name: the MFU divisor
+_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
+              "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _BF16_PEAK.items() if key in name.split()), None)
