@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dropless.config import BACKENDS, TrainConfig
+from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
 
 
@@ -159,7 +159,8 @@ def _train(args) -> int:
     else:
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         try:
-            cfg = TrainConfig(out=out, **overrides)
+            preset = overrides.get("preset", TrainConfig.preset)
+            cfg = TrainConfig(out=out, **{**PRESET_TRAINING.get(preset, {}), **overrides})
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None

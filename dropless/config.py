@@ -206,6 +206,12 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+# flags a preset changes from TrainConfig's (tiny-sized) defaults when the command line leaves
+# them out: `dropless train --preset medium` trains at the shape it was measured at
+PRESET_TRAINING: dict[str, dict] = {
+    "medium": dict(batch_size=8, seq_len=2048, lr=1e-3),
+}
+
 TOKENIZERS = ("bytes", "bpe")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 

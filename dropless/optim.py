@@ -26,6 +26,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():   # tied weights appear once
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    # the fused CUDA kernel: one launch for all tensors (plain tensors only: FSDP's DTensors
+    # take the default foreach path)
+    fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in decay + no_decay) or None
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95))
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)

@@ -1,0 +1,178 @@
+"""Training throughput: dropless's own training step against Hugging Face transformers, one run.
+
+The model is the `medium` preset (Qwen3-MoE-like: 12 layers, dim 1024, 16 heads / 4 KV heads of 64,
+qk-norm, 64 experts of hidden 512, top-8, vocab 32768; 1.31 B parameters, 0.22 B active), trained on
+random tokens at seq 2048 x batch 8, fused AdamW, in two precision regimes for both libraries:
+pure bf16 weights, and bf16 autocast over fp32 weights (dropless's `bf16-mixed`, the default of
+`dropless train` on a GPU). dropless runs `dropless.train.train_step`, the very step of `dropless
+train` (losses, clipping, AdamW, bias update), eager and under torch.compile.
+
+FLOPs per token (dropless.info.model_stats): 6 x active matmul parameters (LM head included) +
+attention 12 x layers x heads x head_dim x seq (QK^T and AV, forward + backward, full context).
+MFU divides the achieved FLOP/s by the GPU's dense bf16 peak (989 TFLOP/s on an H100 / H200).
+
+    python benchmarks/train.py [--steps 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import traceback
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from dropless.config import PRESETS, TrainConfig
+from dropless.info import model_stats
+from dropless.model import Transformer
+from dropless.optim import make_optimizer
+from dropless.parallel.runtime import Runtime
+from dropless.precision import autocast_for, bf16_peak_flops
+from dropless.train import train_step
+
+SEQ, BATCH = 2048, 8
+
+
+def time_steps(step, steps: int, warmup: int) -> tuple[float, float]:
+    """Median step milliseconds (CUDA events around each step, after warm-up) and peak GiB."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def dropless_provider(cfg, precision: str, compiled: bool, tokens_BT):
+    device = tokens_BT.device
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    if precision == "bf16":
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    tcfg = TrainConfig(out="unused", preset="medium", precision=precision)
+    opt = make_optimizer(model, tcfg)
+    forward = torch.compile(model) if compiled else model
+    amp = autocast_for(precision, device)
+    rt = Runtime(device=device)
+    L, E = len(model.moe_layers()), cfg.moe.num_experts
+    batches = [(tokens_BT[:, :-1].contiguous(), tokens_BT[:, 1:].contiguous())]
+
+    def step():
+        train_step(model, forward, opt, batches, amp, tcfg, rt, L, E)
+    return step
+
+
+def hf_provider(cfg, precision: str, tokens_BT):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hf_cfg = Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=4 * cfg.dim,
+        moe_intermediate_size=cfg.moe.hidden_dim, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_size, num_experts=cfg.moe.num_experts,
+        num_experts_per_tok=cfg.moe.top_k, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, output_router_logits=False)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = Qwen3MoeForCausalLM(hf_cfg).to(tokens_BT.device, dtype)
+    model.config._attn_implementation = "sdpa"
+    model.set_experts_implementation("grouped_mm")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    amp = torch.autocast("cuda", torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+
+    def step():
+        with amp:
+            logits = model(input_ids=tokens_BT[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), tokens_BT[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--providers", default="all",
+                        help="comma-separated subset of the table's rows, or all")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/train.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    cfg = replace(PRESETS["medium"], max_seq_len=SEQ)
+    stats = model_stats(cfg, SEQ)
+    flops_per_token = stats["train_flops_per_token"]
+    peak = bf16_peak_flops(device)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), device=device)
+    providers = {
+        "hf bf16": lambda: hf_provider(cfg, "bf16", tokens_BT),
+        "hf bf16-mixed": lambda: hf_provider(cfg, "bf16-mixed", tokens_BT),
+        "dropless bf16-mixed eager": lambda: dropless_provider(cfg, "bf16-mixed", False, tokens_BT),
+        "dropless bf16-mixed compiled": lambda: dropless_provider(cfg, "bf16-mixed", True,
+                                                                  tokens_BT),
+        "dropless bf16 eager": lambda: dropless_provider(cfg, "bf16", False, tokens_BT),
+        "dropless bf16 compiled": lambda: dropless_provider(cfg, "bf16", True, tokens_BT),
+    }
+    wanted = list(providers) if args.providers == "all" else args.providers.split(",")
+    import transformers
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "seq": SEQ, "batch": BATCH,
+               "total_params": stats["total_params"], "active_params": stats["active_params"],
+               "flops_per_token": flops_per_token, "peak_flops": peak, "rows": {}}
+    for name in wanted:
+        try:
+            ms, gib = time_steps(providers[name](), args.steps, args.warmup)
+            tps = BATCH * SEQ / (ms / 1e3)
+            results["rows"][name] = {"step_ms": ms, "tokens_per_s": tps,
+                                     "tflops": tps * flops_per_token / 1e12,
+                                     "mfu": tps * flops_per_token / peak if peak else None,
+                                     "peak_gib": gib}
+        except Exception:   # a provider that fails is reported, the others still run
+            results["rows"][name] = {"error": traceback.format_exc()[-2000:]}
+            traceback.print_exc()
+        print(name, results["rows"][name], flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    rows = results["rows"]
+    hf_best = max((r["tokens_per_s"] for n, r in rows.items() if n.startswith("hf") and
+                   "tokens_per_s" in r), default=None)
+    print(f"\n{results['gpu']}, torch {results['torch']}, transformers "
+          f"{results['transformers']}; medium preset ({stats['total_params'] / 1e9:.2f} B params, "
+          f"{stats['active_params'] / 1e9:.2f} B active), seq {SEQ} x batch {BATCH}; "
+          f"{flops_per_token / 1e9:.2f} GFLOP per token")
+    print(f"| provider | step ms | tokens/s | TFLOP/s | MFU | peak GiB | vs HF best |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error'].splitlines()[-1][:80]} | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / hf_best:.2f}" if hf_best else ""
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+              f"{mfu} | {r['peak_gib']:.1f} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
