@@ -118,7 +118,8 @@ def format_summary(s: dict) -> str:
     lines = [
         f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
         f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
-        + (f", MFU {s['mfu']:.1%})" if s.get("mfu") is not None else ")"),
+        + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
+        + "; evaluation and checkpoints excluded)",
         f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
         f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
         f"{math.exp(s['val_loss']):.2f})",

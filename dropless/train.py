@@ -279,6 +279,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     saved_step = step if state is not None else -1
     start_step, start_time = step, time.perf_counter()
     clock = start_time
+    paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
     with StopOnInterrupt() as stop, bar:
@@ -306,7 +307,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             window["steps"] += 1
             window["loads"] += loads_LE.cpu()
             now = time.perf_counter()
-            rate = tokens_per_step * (step - start_step) / (now - start_time)
+            rate = tokens_per_step * (step - start_step) / (now - start_time - paused)
             postfix = {"loss": f"{loss:.3f}", "tok_s": f"{rate:,.0f}"}
             if mfu(rate) is not None:
                 postfix["mfu"] = f"{mfu(rate):.1%}"
@@ -325,7 +326,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                           "expert_load": (loads / loads.sum(-1, keepdim=True).clamp(min=1))
                           .round(decimals=4).tolist()}
                 if evaluate_now:
+                    eval_start = time.perf_counter()
                     val_loss = evaluate(forward, val_windows, device, amp, rt)
+                    paused += time.perf_counter() - eval_start
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                     if rt.is_main:
                         bar.write(f"step {step:>6}: train loss {record['loss']:.3f}  val loss "
@@ -336,8 +339,10 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                           "loads": torch.zeros(L, E, dtype=torch.long)}
                 clock = time.perf_counter()   # eval time does not count against tokens/s
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_start = time.perf_counter()
                 checkpoint()
                 saved_step = step
+                paused += time.perf_counter() - save_start
         if step != saved_step:   # stopped by Ctrl-C between checkpoints
             checkpoint()
     if log is not None:
@@ -348,7 +353,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
     sample = _sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens else None
-    tokens_per_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
+    tokens_per_s = tokens_per_step * (step - start_step) / max(elapsed - paused, 1e-9)
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,

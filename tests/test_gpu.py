@@ -51,7 +51,7 @@ def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
     assert f"tokens/s, {precision}" in proc.stdout, proc.stdout
     losses = _losses(straight)
     assert len(losses) == STEPS // 10
-    assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0]
     # half the steps, then resume for the rest: the same trajectory
     split = tmp_path / "split"
     _train(split, cache, "--precision", precision, steps=STEPS // 2)
