@@ -58,9 +58,15 @@ def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
     _dropless("train", "--resume", split, "--steps", STEPS, "--quiet")
     resumed = _losses(split)
     assert len(resumed) == len(losses)
-    # same data and weights at the checkpoint; kernels may not be bitwise deterministic on CUDA
+    # Same data and schedule, the same weights and AdamW state at the checkpoint. Two CUDA runs
+    # are not bitwise equal (flash-attention's backward accumulates with atomics, and each
+    # process autotunes its Triton kernels anew): measured on the H200, two straight runs drift
+    # apart by ~1% of the loss by step 30 and ~2% by step 200. A resume that lost its optimizer
+    # state or weights jumps back towards the initial loss (+50%), far outside 6%.
     for a, b in zip(losses, resumed):
-        assert abs(a - b) < 2e-2 * abs(a), (losses, resumed)
+        assert abs(a - b) < 6e-2 * abs(a), (losses, resumed)
+    half = len(losses) // 2
+    assert abs(sum(resumed[half:]) - sum(losses[half:])) < 3e-2 * sum(losses[half:])
 
 
 def test_cli_compile_generate_convert(tmp_path, cache):
