@@ -134,7 +134,9 @@ def claim_run_dir(run_dir: Path, new: bool):
     if run_dir.exists() and not run_dir.is_dir():
         raise DroplessError(f"--out {run_dir} is a file, not a directory")
     created = not run_dir.exists()
-    foreign = not created and not (run_dir / LOCK).exists() and any(run_dir.iterdir())
+    if new and not created and not (run_dir / LOCK).exists() and any(run_dir.iterdir()):
+        raise DroplessError(f"--out {run_dir} is not empty and is not a dropless run: choose "
+                            "an empty or new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+") as lock:
         try:
@@ -151,9 +153,6 @@ def claim_run_dir(run_dir: Path, new: bool):
             if new and has_checkpoint(run_dir):
                 raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue "
                                     "it, or choose another --out")
-            if new and foreign:
-                raise DroplessError(f"--out {run_dir} is not empty and is not a dropless run: "
-                                    "choose an empty or new directory")
             yield
         finally:
             if [p.name for p in run_dir.iterdir()] == [LOCK]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dropless.checkpoint import write_atomic
 from dropless.errors import DroplessError
 from dropless.tokenizer import Tokenizer
 
@@ -168,13 +169,6 @@ def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
     return np.concatenate(parts[:-1]).astype(dtype)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _check_entry(entry: Path) -> str | None:
     """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256."""
     try:
@@ -188,6 +182,17 @@ def _check_entry(entry: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     return None
+
+
+def _build(folder: Path, docs, tokenizer: Tokenizer, val_percent: int) -> None:
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    meta = {"dtype": np.dtype(dtype).name}
+    for split, texts in zip(("train", "val"), split_documents(docs, val_percent)):
+        raw = _encode(texts, tokenizer, dtype).tobytes()
+        write_atomic(folder / f"{split}.bin", raw)
+        meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
+        meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
+    write_atomic(folder / "meta.json", json.dumps(meta).encode())
 
 
 def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
@@ -205,21 +210,16 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
         shutil.rmtree(entry)
     if problem is not None:
-        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-        train_texts, val_texts = split_documents(docs, val_percent)
         tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        meta = {"dtype": np.dtype(dtype).name}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            raw = _encode(texts, tokenizer, dtype).tobytes()
-            _write_synced(tmp / f"{split}.bin", raw)
-            meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
-            meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
-        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
         try:
-            os.replace(tmp, entry)
-        except OSError:   # another process finished the same entry first
+            _build(tmp, docs, tokenizer, val_percent)
+            try:
+                os.replace(tmp, entry)
+            except OSError:   # another process finished the same entry first
+                pass
+        finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
         if _check_entry(entry) is not None:
             raise DroplessError(f"{entry}: token cache entry cannot be built ({_check_entry(entry)})")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
@@ -166,7 +167,12 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     if optimizer is not None:
         state["optim"] = optim_sd
     _verify(path)   # every rank reads every file once more: the price of knowing they are intact
-    dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
+        cause = next(iter(e.failures.values()), (e,))[0]
+        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
     return read_extra(path)
