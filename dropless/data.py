@@ -89,8 +89,7 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(f for f in files if not f.startswith(".")):
             path = Path(folder, name)
-            text = _read_text(path, shown) if _is_regular(path, shown) else "\x00"
-            if "\x00" in text:
+            if not _is_regular(path, shown) or "\x00" in (text := _read_text(path, shown)):
                 skipped.append(path.relative_to(root).as_posix())
             else:
                 docs.append((path.relative_to(root).as_posix(), text))
@@ -205,11 +204,10 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
     key = cache_key(docs, tokenizer, val_percent)
     entry = cache_dir / key
-    problem = _check_entry(entry) if entry.exists() else "missing"
-    if problem != "missing" and problem is not None:
+    if entry.exists() and (problem := _check_entry(entry)):
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
         shutil.rmtree(entry)
-    if problem is not None:
+    if not entry.exists():
         tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -221,8 +219,8 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
                 pass
         finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
-        if _check_entry(entry) is not None:
-            raise DroplessError(f"{entry}: token cache entry cannot be built ({_check_entry(entry)})")
+        if problem := _check_entry(entry):
+            raise DroplessError(f"{entry}: token cache entry cannot be built ({problem})")
     meta = json.loads((entry / "meta.json").read_text())
     train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",
                             shape=(meta[f"{split}_tokens"],)) for split in ("train", "val"))

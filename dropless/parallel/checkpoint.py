@@ -76,11 +76,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(path: Path, names: list[str] | None = None) -> None:
