@@ -71,6 +71,8 @@ def test_python_dash_m_works():
     (["--lr", "0"], "lr=0.0 is invalid"),
     (["--lr=-1e-3"], "lr=-0.001 is invalid"),
     (["--lr", "nan"], "lr=nan is invalid"),
+    (["--grad-clip", "inf"], "grad_clip=inf is invalid"),
+    (["--weight-decay", "nan"], "weight_decay=nan is invalid"),
     (["--batch-size", "0"], "batch_size=0 is invalid"),
     (["--seq-len", "0"], "seq_len=0 is invalid"),
     (["--grad-accum", "0"], "grad_accum=0 is invalid"),
@@ -191,6 +193,7 @@ def test_existing_run_needs_resume(capsys, trained_run):
     (["--top-p", "1.5"], "--top-p 1.5 is invalid"),
     (["--temperature", "nan"], "--temperature nan is invalid"),
     (["--temperature", "inf"], "--temperature inf is invalid"),
+    (["--top-p", "nan"], "--top-p nan is invalid"),
     (["--prompt", ""], "--prompt must not be empty"),
     (["--max-new-tokens", "100000"], "exceeds the model's max_seq_len"),
 ])

@@ -165,7 +165,9 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
         state["optim"] = optim_sd
     _verify(path)   # every rank reads every file once more: the price of knowing they are intact
     try:
-        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+        with warnings.catch_warnings():   # "no process group: loading in one process" is intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
         cause = next(iter(e.failures.values()), (e,))[0]
         raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(cause).__name__}: "
@@ -182,19 +184,15 @@ def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def to_safetensors(model: nn.Module, out: str | Path) -> int:
-    """One consolidated file from a single-process (unsharded) model: every expert present once.
-    Tied weights are written under each name. Returns the number of tensors."""
+def convert(run_dir: str | Path, out: str | Path) -> int:
+    """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest complete checkpoint (DCP
+    from any mesh, or a single-process checkpoint.pt) as one safetensors file, every expert present
+    once and tied weights under each name. Returns the number of tensors."""
     from safetensors.torch import save_file
 
+    from dropless.checkpoint import load_run
+
+    model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(out))
     return len(tensors)
-
-
-def convert(run_dir: str | Path, out: str | Path) -> int:
-    """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest complete checkpoint (DCP
-    from any mesh, or a single-process checkpoint.pt) as one safetensors file."""
-    from dropless.checkpoint import load_run
-
-    return to_safetensors(load_run(run_dir)[0], out)
