@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
@@ -147,7 +148,7 @@ def _train(args) -> int:
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
-        from dropless.train import has_checkpoint
+        from dropless.checkpoint import has_checkpoint
         if has_checkpoint(args.out):
             args.resume = args.out
     if args.resume is not None:
@@ -178,8 +179,9 @@ def _generate(args) -> int:
 
     if args.max_new_tokens <= 0:
         raise DroplessError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be > 0")
-    if args.temperature < 0:
-        raise DroplessError(f"--temperature {args.temperature} is invalid: must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise DroplessError(f"--temperature {args.temperature} is invalid: must be a finite "
+                            "number >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise DroplessError(f"--top-k {args.top_k} is invalid: must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -236,6 +238,13 @@ def _convert(args) -> int:
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
         raise DroplessError(f"{run_dir}: no such run directory")
+    out = args.to_safetensors or args.path   # never overwrite what convert did not write
+    if args.to_safetensors and os.path.lexists(out):
+        raise DroplessError(f"{out} already exists: refusing to overwrite it; choose a new path")
+    if not args.to_safetensors and os.path.lexists(out) and (
+            not os.path.isdir(out) or os.listdir(out)):
+        raise DroplessError(f"{out} already exists and is not an empty directory: refusing to "
+                            "overwrite it; choose a new directory")
     try:
         if args.to_safetensors:
             from dropless.parallel.checkpoint import convert
@@ -271,6 +280,7 @@ def _info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"dropless: warning: {message}\n"
     try:
         if args.command == "example":
             from dropless.example import run_example
@@ -284,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dropless: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `dropless ... | head` stopped reading: stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit flush
+        return 141   # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+    except OSError as e:   # disk full, read-only, a file where a directory should be, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dropless: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dropless.checkpoint import write_atomic
 from dropless.errors import DroplessError
 from dropless.tokenizer import Tokenizer
 
@@ -72,9 +75,35 @@ def _jsonl_documents(path: Path, shown: str) -> list[tuple[str, str]]:
     return docs
 
 
+def _is_regular(path: Path, shown: str) -> bool:
+    """Whether `path` (links followed) is a regular file: FIFOs would block, devices never end."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError as e:
+        raise DroplessError(f"--data {shown}: cannot read {path} ({e.strerror or e})") from None
+
+
+def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
+    docs, skipped = [], []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(folder, name)
+            if not _is_regular(path, shown) or "\x00" in (text := _read_text(path, shown)):
+                skipped.append(path.relative_to(root).as_posix())
+            else:
+                docs.append((path.relative_to(root).as_posix(), text))
+    if skipped:
+        warnings.warn(f"--data {shown}: skipped {len(skipped)} binary or non-regular files "
+                      f"(FIFOs, devices, ...): {', '.join(skipped[:5])}"
+                      + (" ..." if len(skipped) > 5 else ""), stacklevel=3)
+    return docs
+
+
 def read_documents(data: str | None) -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
-    and binary files skipped), a `.jsonl` with a "text" field per line, or None for the stdlib."""
+    binary and non-regular files skipped), a `.jsonl` with a "text" field per line, or None for the
+    stdlib."""
     if data is None:
         docs = stdlib_documents()
     else:
@@ -82,17 +111,15 @@ def read_documents(data: str | None) -> list[tuple[str, str]]:
         if not path.exists():
             raise DroplessError(f"--data {data}: no such file or directory")
         if path.is_dir():
-            docs = []
-            for folder, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(f for f in files if not f.startswith(".")):
-                    text = _read_text(Path(folder, name), data)
-                    if "\x00" not in text:
-                        docs.append((Path(folder, name).relative_to(path).as_posix(), text))
+            docs = _walk(path, data)
+        elif not _is_regular(path, data):
+            raise DroplessError(f"--data {data}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
             docs = _jsonl_documents(path, data)
         else:
             docs = [(path.name, _read_text(path, data))]
+            if "\x00" in docs[0][1]:
+                raise DroplessError(f"--data {data}: a binary file (it holds NUL bytes), not text")
     if not any(text.strip() for _, text in docs):
         raise DroplessError(f"--data {data}: no text found (empty)")
     return docs
@@ -141,36 +168,59 @@ def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
     return np.concatenate(parts[:-1]).astype(dtype)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _check_entry(entry: Path) -> str | None:
+    """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        for split in ("train", "val"):
+            data = (entry / f"{split}.bin").read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta[f"{split}_sha256"]:
+                return f"{split}.bin fails its checksum"
+            if len(data) != meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize:
+                return f"{split}.bin has the wrong length"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _build(folder: Path, docs, tokenizer: Tokenizer, val_percent: int) -> None:
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    meta = {"dtype": np.dtype(dtype).name}
+    for split, texts in zip(("train", "val"), split_documents(docs, val_percent)):
+        raw = _encode(texts, tokenizer, dtype).tobytes()
+        write_atomic(folder / f"{split}.bin", raw)
+        meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
+        meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
+    write_atomic(folder / "meta.json", json.dumps(meta).encode())
 
 
 def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
                 val_percent: int = VAL_PERCENT) -> TokenData:
     """Token ids of both splits as read-only memmaps, tokenized once per (documents, tokenizer)
     and reused from `cache_dir/<key>/` afterwards. The entry is built in a temp dir and renamed into
-    place, so an interrupted build is never mistaken for a complete one."""
+    place, so an interrupted build is never mistaken for a complete one; an entry that fails its
+    checksums (damaged, tampered with) is rebuilt, never trained on."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
     key = cache_key(docs, tokenizer, val_percent)
     entry = cache_dir / key
-    if not (entry / "meta.json").is_file():
-        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-        train_texts, val_texts = split_documents(docs, val_percent)
+    if entry.exists() and (problem := _check_entry(entry)):
+        warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
+        shutil.rmtree(entry)
+    if not entry.exists():
         tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        meta = {"dtype": np.dtype(dtype).name}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            ids = _encode(texts, tokenizer, dtype)
-            _write_synced(tmp / f"{split}.bin", ids.tobytes())
-            meta[f"{split}_tokens"] = len(ids)
-        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
         try:
-            os.replace(tmp, entry)
-        except OSError:   # another process finished the same entry first
+            _build(tmp, docs, tokenizer, val_percent)
+            try:
+                os.replace(tmp, entry)
+            except OSError:   # another process finished the same entry first
+                pass
+        finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
+        if problem := _check_entry(entry):
+            raise DroplessError(f"{entry}: token cache entry cannot be built ({problem})")
     meta = json.loads((entry / "meta.json").read_text())
     train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",
                             shape=(meta[f"{split}_tokens"],)) for split in ("train", "val"))

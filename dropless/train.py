@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless import data
-from dropless.checkpoint import CHECKPOINT, config_to_dict, latest_state, save_checkpoint
+from dropless.checkpoint import (CHECKPOINT, claim_run_dir, config_to_dict, latest_state,
+                                 save_checkpoint)
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.optim import lr_at, make_optimizer
@@ -53,13 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DroplessError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    """Whether the run holds a complete checkpoint (single-process or distributed)."""
-    from dropless.parallel import checkpoint as dckpt
-
-    return (Path(run_dir) / CHECKPOINT).is_file() or dckpt.latest(run_dir) is not None
 
 
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
@@ -129,10 +123,6 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel import runtime
     from dropless.parallel.mesh import ParallelConfig
 
-    run_dir = Path(cfg.out)
-    if state is None and has_checkpoint(run_dir):
-        raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue it, or "
-                            "choose another --out")
     try:
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
         rt = runtime.init(pcfg, resolve_device(cfg.device), PRESETS[cfg.preset].moe.num_experts)
@@ -142,7 +132,9 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         if cfg.batch_size % rt.world:
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
                                 f"split evenly over {rt.world} ranks")
-        return _train(cfg, rt, state, progress, on_step)
+        # rank 0 owns the run directory; if it refuses, torchrun stops the other ranks
+        with claim_run_dir(Path(cfg.out), new=state is None) if rt.is_main else nullcontext():
+            return _train(cfg, rt, state, progress, on_step)
     finally:
         rt.shutdown()
 

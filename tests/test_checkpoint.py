@@ -1,6 +1,11 @@
+import hashlib
+import json
+import pickle
+import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ from conftest import subprocess_env
 from dropless import cli
 from dropless.checkpoint import CHECKPOINT, PAUSE_ENV, load_checkpoint, save_checkpoint
 from dropless.errors import DroplessError
+from dropless.parallel import checkpoint as dckpt
 from dropless.train import resume_config, train
 
 
@@ -86,3 +92,186 @@ def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
     assert step >= 2 and f"--resume {cfg.out}" in out
     assert cli.main(["train", "--resume", cfg.out, "--steps", str(step + 1), "--quiet"]) == 0
     assert "trained tiny" in capsys.readouterr().out
+
+
+# ---- nothing read runs code, nothing points outside the run, damage is refused ----------------
+
+class _Payload:
+    """Unpickling this would create `marker`: the stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _forge(step_dir: Path, name: str, raw: bytes) -> None:
+    """An attacker's edit: replace a checkpoint file and fix its checksum in the manifest."""
+    (step_dir / name).write_bytes(raw)
+    manifest = json.loads((step_dir / dckpt.MARKER).read_text())
+    manifest["sha256"][name] = hashlib.sha256(raw).hexdigest()
+    (step_dir / dckpt.MARKER).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def dcp_run(small_cfg):
+    """A trained single-process run plus a newer DCP checkpoint of it (so loading reads DCP)."""
+    from dropless.checkpoint import config_from_dict
+    from dropless.model import Transformer
+
+    cfg = small_cfg(steps=2, sample_tokens=0)
+    train(cfg, progress=False)
+    run = Path(cfg.out)
+    state = load_checkpoint(run / CHECKPOINT)
+    model = Transformer(config_from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    extra = {k: v for k, v in state.items() if k not in ("model", "optimizer", "step")}
+    return run, dckpt.save(run, 3, model, None, extra), model
+
+
+def _commands(run: Path, out: Path) -> list[list[str]]:
+    return [["generate", str(run), "--max-new-tokens", "2"],
+            ["train", "--resume", str(run), "--steps", "5", "--quiet"],
+            ["convert", "--to-hf", str(run), str(out / "hf")],
+            ["convert", str(run), "--to-safetensors", str(out / "model.safetensors")]]
+
+
+def _fails_with(capsys, argv, message):
+    assert cli.main(argv) == 1, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dropless: error: ") and message in err, err
+
+
+def test_malicious_dcp_metadata_never_runs(dcp_run, tmp_path, capsys):
+    run, step_dir, _ = dcp_run
+    marker = tmp_path / "pwned"
+    _forge(step_dir, ".metadata", pickle.dumps(_Payload(marker)))
+    for argv in _commands(run, tmp_path):
+        code = cli.main(argv)
+        assert not marker.exists(), argv
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1, err
+        assert err == f"dropless: error: {step_dir / '.metadata'}: not a DCP metadata file " \
+                      "(io.open is not DCP metadata)\n"   # what the pickle asked for, refused
+
+
+def test_malicious_value_in_a_shard_never_runs(tmp_path):
+    """Non-tensor values (optimizer hyperparameters) load with weights_only, not plain pickle."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from dropless.config import PRESETS
+    from dropless.model import Transformer
+
+    model = Transformer(PRESETS["tiny"])
+    opt = torch.optim.AdamW(model.parameters())
+    marker = tmp_path / "pwned"
+    model_sd, optim_sd = get_state_dict(model, opt)
+    optim_sd["param_groups"][0]["lr"] = _Payload(marker)
+    path = dckpt.step_dir(tmp_path, 1)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    dckpt.write_atomic(path / dckpt.MARKER, json.dumps({"step": 1, "sha256": {
+        f.name: dckpt._sha256(f) for f in path.iterdir()}}).encode())
+    with pytest.raises(DroplessError, match="checkpoint cannot be loaded"):
+        dckpt.load(path, model, opt)
+    assert not marker.exists()
+
+
+def test_bit_flipped_shard_is_refused(dcp_run, tmp_path, capsys):
+    run, step_dir, model = dcp_run
+    shard = step_dir / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    for argv in _commands(run, tmp_path):
+        _fails_with(capsys, argv, f"{shard}: checkpoint file is damaged")
+    with pytest.raises(DroplessError, match="damaged"):
+        dckpt.load(step_dir, model)
+
+
+def test_checkpoint_cannot_redirect_loading(dcp_run, tmp_path, capsys):
+    """A checkpoint.pt naming a DCP directory elsewhere (here: a real, intact one) is refused."""
+    run, step_dir, _ = dcp_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    state = load_checkpoint(run / CHECKPOINT)
+    save_checkpoint(victim / CHECKPOINT, {**state, "step": 9, "dcp_path": str(step_dir)})
+    for argv in _commands(victim, tmp_path)[:2]:
+        _fails_with(capsys, argv, "field 'dcp_path' is not allowed")
+
+
+# ---- one writer per run directory, and kills at any moment ------------------------------------
+
+def _train_cmd(cfg, *extra) -> list[str]:
+    return [sys.executable, "-m", "dropless", "train", "--data", cfg.data, "--cache-dir",
+            cfg.cache_dir, "--out", cfg.out, "--batch-size", str(cfg.batch_size), "--seq-len",
+            str(cfg.seq_len), "--warmup", str(cfg.warmup), "--eval-every", str(cfg.eval_every),
+            "--eval-batches", "1", "--log-every", "1", "--sample-tokens", "0", "--quiet", *extra]
+
+
+def _wait_for_metrics(proc, run: Path, lines: int) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_two_writers_on_one_run_directory(small_cfg, capsys):
+    cfg = small_cfg()
+    first = subprocess.Popen(_train_cmd(cfg, "--steps", "100000", "--ckpt-every", "1"),
+                             env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        _wait_for_metrics(first, Path(cfg.out), 2)   # step 1 is checkpointed: --resume reads it
+        for argv in (["train", "--out", cfg.out, "--data", cfg.data], ["train", "--resume", cfg.out]):
+            before = (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[0]
+            assert cli.main([*argv, "--quiet"]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            assert f"is in use by another dropless process (pid {first.pid})" in err, err
+            assert (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[0] == before
+        assert first.poll() is None   # the first writer goes on undisturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
+    """SIGKILL `dropless train` at random moments (mid-step, mid-save, mid-eval, ...), restart it
+    each time, then finish: the metrics and weights equal an uninterrupted run's, bitwise."""
+    from dropless.checkpoint import has_checkpoint, latest_state
+
+    steps = 30
+    straight = small_cfg(out=str(tmp_path / "straight"), steps=steps, ckpt_every=3,
+                         eval_every=10, sample_tokens=0)
+    train(straight, progress=False)
+    cfg = replace(straight, out=str(tmp_path / "killed"))
+    rng = random.Random(16)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    for _ in range(3):
+        resume = ["--resume", cfg.out] if has_checkpoint(cfg.out) else []
+        if resume and latest_state(cfg.out)["step"] == steps:
+            break   # a slow kill let the run finish
+        logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        proc = subprocess.Popen(_train_cmd(cfg, "--steps", str(steps), "--ckpt-every", "3",
+                                           *resume),
+                                env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        _wait_for_metrics(proc, Path(cfg.out), logged + 1)   # it made progress: now kill it
+        time.sleep(rng.uniform(0, 0.6))
+        proc.kill()
+        proc.wait()
+    if has_checkpoint(cfg.out):
+        resumed, state = resume_config(cfg.out, {})
+        assert train(resumed, state=state, progress=False)["finished"]
+    else:
+        train(cfg, progress=False)
+    lines = [[{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+              for x in (Path(c.out) / "metrics.jsonl").read_text().splitlines()]
+             for c in (straight, cfg)]
+    assert lines[0] == lines[1] and len(lines[0]) == steps
+    a, b = (load_checkpoint(Path(c.out) / CHECKPOINT)["model"] for c in (straight, cfg))
+    assert all(torch.equal(a[k], b[k]) for k in a)

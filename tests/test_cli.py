@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,8 @@ def test_python_dash_m_works():
     (["--lr", "0"], "lr=0.0 is invalid"),
     (["--lr=-1e-3"], "lr=-0.001 is invalid"),
     (["--lr", "nan"], "lr=nan is invalid"),
+    (["--grad-clip", "inf"], "grad_clip=inf is invalid"),
+    (["--weight-decay", "nan"], "weight_decay=nan is invalid"),
     (["--batch-size", "0"], "batch_size=0 is invalid"),
     (["--seq-len", "0"], "seq_len=0 is invalid"),
     (["--grad-accum", "0"], "grad_accum=0 is invalid"),
@@ -188,6 +191,9 @@ def test_existing_run_needs_resume(capsys, trained_run):
     (["--temperature=-1"], "--temperature -1.0 is invalid"),
     (["--top-k", "0"], "--top-k 0 is invalid"),
     (["--top-p", "1.5"], "--top-p 1.5 is invalid"),
+    (["--temperature", "nan"], "--temperature nan is invalid"),
+    (["--temperature", "inf"], "--temperature inf is invalid"),
+    (["--top-p", "nan"], "--top-p nan is invalid"),
     (["--prompt", ""], "--prompt must not be empty"),
     (["--max-new-tokens", "100000"], "exceeds the model's max_seq_len"),
 ])
@@ -207,3 +213,69 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"dropless: error: --data {tmp_path / 'missing'}: no such file or directory"
+
+
+# ---- nothing written is lost ---------------------------------------------------------------------
+
+def test_convert_never_overwrites(capsys, tmp_path, trained_run):
+    ckpt = (trained_run / CHECKPOINT).read_bytes()
+    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(trained_run / CHECKPOINT)],
+           f"{trained_run / CHECKPOINT} already exists: refusing to overwrite it")
+    _fails(capsys, ["convert", "--from-hf", str(tmp_path), str(trained_run)],
+           f"{trained_run} already exists and is not an empty directory")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model-00001-of-00002.safetensors").write_text("stale")
+    _fails(capsys, ["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")],
+           "is not an empty directory: refusing to overwrite it")
+    assert (trained_run / CHECKPOINT).read_bytes() == ckpt
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
+def test_new_run_refuses_a_foreign_directory(capsys, tmp_path, corpus):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("someone else's numbers\n")
+    _fails(capsys, ["train", "--out", str(out), "--data", str(corpus)],
+           f"--out {out} is not empty and is not a dropless run")
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == "someone else's numbers\n"
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, ["train", "--out", str(tmp_path / "file"), "--data", str(corpus)],
+           f"--out {tmp_path / 'file'} is a file, not a directory")
+    _fails(capsys, ["train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--cache-dir",
+                    str(tmp_path / "file")], "is a file, not a directory")
+    assert not (tmp_path / "run").exists()   # a failed start leaves no run directory behind
+
+
+def test_full_disk_is_one_line(capsys, tmp_path, corpus, monkeypatch):
+    import errno
+
+    from dropless import checkpoint
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), "--data", str(corpus), "--cache-dir",
+                     str(tmp_path / "cache"), "--steps", "1", "--sample-tokens", "0"]) == 1
+    err = capsys.readouterr().err   # one line naming the file it could not write
+    assert re.fullmatch(rf"dropless: error: {tmp_path}/\S+: No space left on device\n", err), err
+    assert not list(out.glob(f"{CHECKPOINT}*")) and not list(tmp_path.glob("cache/*"))
+
+
+def test_read_only_directory_is_one_line(capsys, tmp_path, corpus):
+    if os.geteuid() == 0:
+        pytest.skip("root writes whatever the mode")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    _fails(capsys, ["train", "--out", str(tmp_path / "ro" / "run"), "--data", str(corpus)],
+           "Permission denied")
+
+
+def test_broken_pipe_exits_quietly(trained_run):
+    proc = subprocess.Popen([sys.executable, "-m", "dropless", "generate", str(trained_run),
+                             "--max-new-tokens", "400", "--temperature", "0"],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(2) == b"de"   # like `| head -c 2`: read a little, then hang up
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 
 import numpy as np
@@ -78,14 +79,33 @@ def test_jsonl(tmp_path):
         data.read_documents(str(path))
 
 
-def test_directory_skips_hidden_and_binary_files(tmp_path):
+def test_directory_skips_hidden_binary_and_special_files(tmp_path):
+    """FIFOs would block the read forever and devices never end: skipped, with one warning."""
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta")
     (tmp_path / ".hidden").write_text("secret")
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
-    docs = data.read_documents(str(tmp_path))
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "sub" / "zero").symlink_to("/dev/zero")
+    with pytest.warns(UserWarning, match="skipped 3 binary or non-regular files .*: blob.bin, "
+                                         "pipe, sub/zero"):
+        docs = data.read_documents(str(tmp_path))
     assert docs == [("a.txt", "alpha"), ("sub/b.md", "beta")]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device link", "binary"])
+def test_a_single_special_or_binary_file_is_refused(tmp_path, kind):
+    path = tmp_path / "data.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device link":
+        path.symlink_to("/dev/zero")
+    else:
+        path.write_bytes(b"PK\x03\x04\x00\x00 an archive, not text")
+    message = "a binary file" if kind == "binary" else "not a regular file"
+    with pytest.raises(DroplessError, match=f"--data {path}: {message}"):
+        data.read_documents(str(path))
 
 
 def test_non_utf8_is_replaced_not_fatal(tmp_path):
@@ -138,3 +158,32 @@ def test_non_byte_level_tokenizer_decodes_through_tokenizers():
     ids = wrapped.encode("hello world")
     assert wrapped.decode(ids) == "hello world"
     assert b"".join(wrapped.token_bytes(int(i)) for i in ids).decode().replace(" ", "") == "helloworld"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no meta.json", "meta without checksums"])
+def test_damaged_cache_entry_is_rebuilt_never_used(tmp_path, damage):
+    docs = [(f"d{i}.txt", f"document number {i}\n" * 20) for i in range(40)]
+    first = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    expected = np.array(first.train), np.array(first.val)
+    entry = tmp_path / first.key
+    del first
+    if damage == "flip":   # a tampered entry: constant tokens
+        (entry / "train.bin").write_bytes(bytes(len((entry / "train.bin").read_bytes())))
+    elif damage == "truncate":
+        (entry / "val.bin").write_bytes((entry / "val.bin").read_bytes()[:-2])
+    elif damage == "no meta.json":
+        (entry / "meta.json").unlink()
+    else:
+        meta = json.loads((entry / "meta.json").read_text())
+        (entry / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                     if "sha256" not in k}))
+    with pytest.warns(UserWarning, match=f"{entry}: token cache entry .*; rebuilding it"):
+        again = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
+    assert [p.name for p in tmp_path.iterdir()] == [again.key]
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(DroplessError, match="--cache-dir .*cache is a file, not a directory"):
+        data.load_tokens([("a", "text " * 50)], ByteTokenizer(), tmp_path / "cache")

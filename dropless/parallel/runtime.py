@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,21 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def _exit_with_launcher(poll_s: float = 1.0) -> None:
+    """Stop this worker when its launcher (torchrun) dies: orphaned workers would otherwise go on
+    training and writing the run directory. The parent's death shows as a new parent pid (a
+    polling thread, not PR_SET_PDEATHSIG, which fires when the spawning *thread* exits)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        sys.stderr.write(f"dropless: the launcher (pid {parent}) died; stopping this worker\n")
+        os._exit(1)   # checkpoints are atomic: the last complete one survives
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
 def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) -> Runtime:
     """Join the torchrun job (if any) and build its mesh. `pcfg.dp_shard` may be 0: whatever is left
     of the world after dp_replicate and ep."""
@@ -63,6 +81,9 @@ def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) ->
     import torch.distributed as dist
 
     from dropless.parallel.mesh import build_mesh
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:   # started by torchrun (not by a test's spawn)
+        _exit_with_launcher()
 
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

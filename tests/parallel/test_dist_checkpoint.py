@@ -1,5 +1,11 @@
 """DCP: saved at (dp_shard=2, ep=2) on 4 ranks, loaded at ep=2 on 2 ranks and in one process with
-identical params and AdamW state; an incomplete checkpoint is skipped; convert keeps every expert."""
+identical params and AdamW state; an incomplete checkpoint is skipped; convert keeps every expert;
+every file is checksummed (a flipped bit in any rank's shard is refused) and a forged `.metadata`
+never runs."""
+
+import hashlib
+import json
+import pickle
 
 import pytest
 import torch
@@ -8,6 +14,7 @@ import torch.nn.functional as F
 from _dist import launch
 from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict
+from dropless.errors import DroplessError
 from dropless.parallel import ParallelConfig, build_mesh, parallelize
 from dropless.parallel import checkpoint as ckpt
 from dropless.tokenizer import ByteTokenizer
@@ -89,3 +96,32 @@ def test_elastic_resume_incomplete_and_convert(tmp_path):
     model, opt = build()
     ckpt.load(path, model, opt)
     assert_same(ckpt.full_state(model, opt), torch.load(f"{run_dir}/full-1.pt"))
+
+    # integrity: every rank's shard is in the manifest; one flipped bit in any of them is refused
+    path = ckpt.step_dir(run_dir, 1)
+    manifest = json.loads((path / ckpt.MARKER).read_text())
+    assert sorted(manifest["sha256"]) == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
+                                          ckpt.EXTRA]
+    shard = path / "__3_0.distcp"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:])
+    with pytest.raises(DroplessError, match=f"{shard}: checkpoint file is damaged"):
+        ckpt.load(path, *build())
+    shard.write_bytes(raw)
+    # a forged .metadata whose manifest entry was forged too: refused, never unpickled freely
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Payload(marker))
+    (path / ".metadata").write_bytes(evil)
+    manifest["sha256"][".metadata"] = hashlib.sha256(evil).hexdigest()
+    (path / ckpt.MARKER).write_text(json.dumps(manifest))
+    with pytest.raises(DroplessError, match="not a DCP metadata file"):
+        ckpt.load(path, *build())
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")

@@ -1,6 +1,7 @@
 """Faults under torchrun: rank 0 killed while it saves (after every rank wrote its shards, before the
 COMPLETE marker) under --max-restarts 1: the job restarts from the previous complete checkpoint,
-losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise."""
+losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise.
+The launcher killed: its workers stop too, instead of training on unsupervised."""
 
 import os
 import signal
@@ -19,13 +20,13 @@ from dropless.parallel import checkpoint as ckpt
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(out: Path, corpus: Path, cache: Path, **env_vars) -> subprocess.Popen:
+def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, **env_vars) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2",
            "--data", str(corpus), "--cache-dir", str(cache), "--steps", "16", "--batch-size", "4",
            "--seq-len", "32", "--warmup", "2", "--eval-every", "100", "--eval-batches", "1",
            "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
-           "--out", str(out)]
+           "--out", str(out), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     out.mkdir(parents=True)
     log = open(out.parent / f"{out.name}.log", "w")   # a file, not a pipe: a full pipe would block
@@ -92,3 +93,37 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, corpus):
     expected, got = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+def _alive(pid: int) -> bool:
+    try:   # a zombie (exited, not yet reaped by whoever adopted it) counts as stopped
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_workers_stop_when_the_launcher_dies(tmp_path, corpus):
+    out = tmp_path / "orphans"
+    job = torchrun(out, corpus, tmp_path / "cache", "--steps", "100000")
+    try:
+        while last_logged_step(out) < 1:
+            assert job.poll() is None, log_tail(out)
+            time.sleep(0.05)
+        workers = [int(p) for p in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(job.pid, signal.SIGKILL)   # the launcher alone
+        job.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, "workers outlived their launcher"
+            time.sleep(0.1)
+        logged = last_logged_step(out)
+        time.sleep(1)
+        assert last_logged_step(out) == logged   # nobody writes the run any more
+        assert "the launcher (pid" in log_tail(out)
+    finally:
+        stop(job)
+        for pid in workers if "workers" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
