@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
