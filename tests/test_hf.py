@@ -246,17 +246,37 @@ def test_report_errors():
         print(f"{arch}: max relative logits error {err:.2e}")
 
 
+def small_tokenizer(vocab_size):
+    """A word-piece-like BPE with `vocab_size` tokens (any tokenizer.json, not only byte-level)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = " ".join(f"w{i}x{i * 7 % 13}" for i in range(400))
+    tok.train_from_iterator([text] * 5, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False))
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
 def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
     from dropless.hf import load_hf_dir, save_hf_dir
+    from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
 
-    tok = json.dumps({"version": "1.0", "model": {"type": "BPE"}})
+    tok = small_tokenizer(60).to_str()
     (mixtral_dir / "tokenizer.json").write_text(tok)
     model, tok_json = load_hf_dir(mixtral_dir)
     assert tok_json == tok and not model.training
     save_hf_dir(model, tmp_path / "out", tok_json)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
+    # dropless's raw bytes: written as the equivalent byte-level tokenizers.Tokenizer
     save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
-    assert not (tmp_path / "bytes" / "tokenizer.json").exists()
+    exported = tokenizer_from_json((tmp_path / "bytes" / "tokenizer.json").read_text())
+    text = "def f(x):\n\treturn 'héllo ☃ 🎉' \x00\x7f  "
+    assert exported.vocab_size == 256
+    assert exported.encode(text).tolist() == ByteTokenizer().encode(text).tolist()
+    assert exported.decode(ByteTokenizer().encode(text)) == text
+    assert [exported.token_bytes(i) for i in range(256)] == [bytes([i]) for i in range(256)]
 
 
 def test_bf16_load_close_to_fp32(saved):
