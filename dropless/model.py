@@ -202,8 +202,9 @@ class Transformer(nn.Module):
         V, L = self.cfg.vocab_size, self.cfg.max_seq_len
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens.shape={tuple(tokens_BT.shape)} is invalid: expected [batch, seq]")
-        if tokens_BT.dtype.is_floating_point or tokens_BT.dtype.is_complex or tokens_BT.dtype == torch.bool:
-            raise ValueError(f"tokens.dtype={tokens_BT.dtype} is invalid: token ids must be integers")
+        if tokens_BT.dtype not in (torch.int64, torch.int32):   # what nn.Embedding takes
+            raise ValueError(f"tokens.dtype={tokens_BT.dtype} is invalid: token ids must be int64 "
+                             "or int32")
         T = tokens_BT.shape[1]
         if T > (L if cache is None else cache.max_len):
             raise ValueError(f"sequence length {T} is invalid: at most max_seq_len={L}"
