@@ -184,3 +184,11 @@ def test_cuda_training_forward_check_is_sync_free():
         torch.cuda.set_sync_debug_mode("default")
     with pytest.raises(ValueError, match="token id 64"):
         model.eval().check_tokens(torch.full((1, 3), 64, device="cuda"))
+
+
+@pytest.mark.parametrize("field,value", [("norm_eps", float("nan")), ("norm_eps", -1.0),
+                                         ("norm_eps", 0.0), ("rope_theta", float("inf")),
+                                         ("rope_theta", float("nan"))])
+def test_model_config_refuses_non_finite_eps_and_theta(field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* is invalid: must be a finite number > 0"):
+        dataclasses.replace(get_preset("tiny"), **{field: value})
