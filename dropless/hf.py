@@ -221,8 +221,8 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
         state[row.key][row.expert, :, cols] = t.T
 
 
-def read_hf_config(path) -> tuple[dict, ModelConfig]:
-    """-> (config.json as read, its checked ModelConfig); any problem is one line naming the file."""
+def read_hf_config(path) -> dict:
+    """config.json as read (a JSON object is not yet checked: `config_from_hf` does that)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory")
@@ -230,10 +230,15 @@ def read_hf_config(path) -> tuple[dict, ModelConfig]:
     if not config.exists():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
-        hf_cfg = json.loads(config.read_text())
+        return json.loads(config.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{config} is not readable JSON: {err}") from None
-    return hf_cfg, config_from_hf(hf_cfg, str(config))
+
+
+def _config(path: Path) -> tuple[dict, ModelConfig]:
+    """(config.json, its checked ModelConfig); any problem is one line naming the file."""
+    hf_cfg = read_hf_config(path)
+    return hf_cfg, config_from_hf(hf_cfg, str(path / "config.json"))
 
 
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
@@ -242,7 +247,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     from safetensors import safe_open
 
     path = Path(path)
-    hf_cfg, cfg = read_hf_config(path)
+    hf_cfg, cfg = _config(path)
     spec = ARCHS[hf_cfg["model_type"]]
     where = _open_tensors(path)
     file_key = {k: k for k in where}
@@ -341,7 +346,7 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     from dropless.tokenizer import tokenizer_from_json
 
     path = Path(path)
-    _, cfg = read_hf_config(path)
+    _, cfg = _config(path)
     tokenizer = path / "tokenizer.json"
     text = None
     if tokenizer.exists():

@@ -171,7 +171,8 @@ def _dense_prefix(hf: dict, spec: Arch, num_layers: int) -> int:
         _refuse("decoder_sparse_step", hf["decoder_sparse_step"],
                 "MoE on every layer only; interleaved dense layers are not implemented")
     layers = _value(hf, "mlp_only_layers", [])
-    if not isinstance(layers, list) or sorted(layers) != list(range(len(layers))):
+    if not (isinstance(layers, list) and all(type(i) is int for i in layers)
+            and sorted(layers) == list(range(len(layers)))):
         _refuse("mlp_only_layers", layers, "only a leading run of dense layers [0, 1, ..., k-1] "
                 "is implemented")
     return len(layers)
@@ -194,7 +195,11 @@ def _config_from_hf(hf: dict) -> ModelConfig:
                          f"{', '.join(map(repr, ARCHS))}")
     spec = ARCHS[model_type]
     for name, ok, off, why in COMMON_REFUSALS + spec.refuse:
-        if not ok(hf.get(name, off), hf):
+        try:
+            allowed = ok(hf.get(name, off), hf)
+        except TypeError:   # a value of the wrong type
+            allowed = False
+        if not allowed:
             _refuse(name, hf.get(name), why)
     dim = _int(hf, "hidden_size")
     heads = _int(hf, "num_attention_heads", hi=LIMITS["heads"])

@@ -367,6 +367,7 @@ def edit_config(path, **fields):
     ("router_aux_loss_coef", -0.1, "router_aux_loss_coef=-0.1 is invalid"),
     ("max_position_embeddings", 10**12, "max_position_embeddings=1000000000000 is invalid"),
     ("quantization_config", {"quant_method": "gptq"}, "quantization_config="),
+    ("sliding_window", "wide", "sliding_window='wide'"),
 ])
 def test_hostile_config_values_refused_before_any_work(tmp_path, field, value, message):
     """The weights are removed: the error must come from config.json alone, and fast."""
@@ -554,3 +555,37 @@ def test_default_tiny_run_round_trips_through_hf(tmp_path, corpus, capsys):
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert rel_err(model(tokens)[0], hf(tokens).logits) < 1e-4
+
+
+@pytest.mark.parametrize("value", [[0, "1"], "0,1", [0, None], [1, 0.5]])
+def test_garbage_mlp_only_layers_names_the_field(tmp_path, value):
+    from dropless.hf_config import config_from_hf, config_to_hf
+    from dropless import get_preset
+
+    hf = config_to_hf(get_preset("medium"))
+    assert hf["model_type"] == "qwen3_moe"
+    with pytest.raises(ValueError, match="config.json: unsupported Hugging Face config: mlp_only_layers="):
+        config_from_hf({**hf, "mlp_only_layers": value})
+    assert config_from_hf({**hf, "mlp_only_layers": [1, 0]}).first_dense_layers == 2
+
+
+def test_every_preset_round_trips_through_its_spec():
+    """Each exportable preset reads back from its own config.json as the same ModelConfig, except
+    what config.json does not hold (the z-loss coefficient, the backend)."""
+    import dataclasses
+    from dropless import PRESETS
+    from dropless.hf_config import config_from_hf, config_to_hf
+
+    for name, model_type in (("tiny", "mixtral"), ("medium", "qwen3_moe"),
+                             ("olmoe-1b-7b", "olmoe"), ("deepseek-v3", "deepseek_v3")):
+        cfg = PRESETS[name]
+        hf = config_to_hf(cfg)
+        assert hf["model_type"] == model_type, name
+        back = config_from_hf(hf)
+        assert back.moe.balance_loss_coef == pytest.approx(cfg.moe.balance_loss_coef)
+        assert back.head_size == cfg.head_size
+        # head_dim and dense_hidden_dim: written explicitly (the latter unused without dense layers)
+        back = dataclasses.replace(back, head_dim=cfg.head_dim, dense_hidden_dim=cfg.dense_hidden_dim,
+                                   moe=dataclasses.replace(
+            back.moe, z_loss_coef=cfg.moe.z_loss_coef, balance_loss_coef=cfg.moe.balance_loss_coef))
+        assert back == cfg, name
