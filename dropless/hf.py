@@ -199,7 +199,7 @@ def _check(where, rows, ignore) -> None:
                 if k in where and where[k][2] not in FLOAT_DTYPES]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
-                 (f"not a float type ({', '.join(FLOAT_DTYPES)})", mistyped)) if v]
+                 (f"of a dtype other than {', '.join(FLOAT_DTYPES)}", mistyped)) if v]
     if problems:
         raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
 
