@@ -209,19 +209,18 @@ class Transformer(nn.Module):
         if T > (L if cache is None else cache.max_len):
             raise ValueError(f"sequence length {T} is invalid: at most max_seq_len={L}"
                              + ("" if cache is None else f" (KV cache length {cache.max_len})"))
-        checks = []
-        if tokens_BT.numel() and (tokens_BT.device.type == "cpu" or not self.training) \
-                and not torch.compiler.is_compiling():
-            checks = list(torch.aminmax(tokens_BT))
-        if cache is not None:   # the cache's positions are tensors: fetched with the ids, one sync
+        check_ids = (tokens_BT.numel() > 0 and (tokens_BT.device.type == "cpu" or not self.training)
+                     and not torch.compiler.is_compiling())
+        checks = list(torch.aminmax(tokens_BT)) if check_ids else []
+        if cache is not None:   # the cache's fill is a tensor: fetched with the ids, one sync
             checks.append(cache.lengths_B.max() + T)
         if not checks:
             return
         values = torch.stack([c.to(torch.long) for c in checks]).tolist()   # sync: bounds checks
         if cache is not None and values[-1] > cache.max_len:
-            raise ValueError(f"KV cache of length {cache.max_len} is full: {T} more tokens reach "
-                             f"position {values[-1]}")
-        if len(values) >= 2 and (values[0] < 0 or values[1] >= V):
+            raise ValueError(f"KV cache of length {cache.max_len} is full: {T} more tokens would "
+                             f"fill it to {values[-1]}")
+        if check_ids and (values[0] < 0 or values[1] >= V):
             bad = values[0] if values[0] < 0 else values[1]
             raise ValueError(f"token id {bad} is invalid: ids must be in [0, {V - 1}] "
                              f"(vocab_size={V})")

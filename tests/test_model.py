@@ -152,7 +152,7 @@ def test_kv_cache_bounds():
         KVCache(model, 1, 65)
     cache = KVCache(model, 2, 8)
     model(torch.ones(2, 6, dtype=torch.long), cache)
-    with pytest.raises(ValueError, match="KV cache of length 8 is full: 3 more tokens reach position 9"):
+    with pytest.raises(ValueError, match="KV cache of length 8 is full: 3 more tokens would fill it to 9"):
         model(torch.ones(2, 3, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="sequence length 9 is invalid.*KV cache length 8"):
         model(torch.ones(2, 9, dtype=torch.long), KVCache(model, 2, 8))
