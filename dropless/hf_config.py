@@ -29,10 +29,6 @@ _REQUIRED = object()
 # (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
 # config_to_hf unless None), why it is refused otherwise)
 Refusal = tuple[str, Callable[[Any, dict], bool], Any, str]
-_NO_SLIDING = ("use_sliding_window", lambda v, hf: not v, False,
-               "sliding-window attention is not implemented")
-_FULL_ATTENTION = ("layer_types", lambda v, hf: v is None or set(v) <= {"full_attention"}, None,
-                   "only full attention layers are implemented")
 _NO_O_BIAS = ("attention_bias", lambda v, hf: not v, False, "an o_proj bias is not implemented")
 COMMON_REFUSALS: tuple[Refusal, ...] = (
     ("hidden_act", lambda v, hf: v == "silu", "silu", "experts must be SwiGLU"),
@@ -67,6 +63,12 @@ class Arch:
     refuse: tuple[Refusal, ...] = ()
 
 
+_QWEN_REFUSALS = (("use_sliding_window", lambda v, hf: not v, False,
+                   "sliding-window attention is not implemented"),
+                  ("layer_types", lambda v, hf: v is None or set(v) <= {"full_attention"}, None,
+                   "only full attention layers are implemented"),
+                  ("decoder_sparse_step", lambda v, hf: v in (None, 1), 1,
+                   "MoE on every layer only; interleaved dense layers are not implemented"))
 _QWEN = dict(experts=("num_experts", "num_local_experts"), expert_hidden="moe_intermediate_size",
              dense_prefix="mlp_only_layers")
 ARCHS: dict[str, Arch] = {
@@ -83,9 +85,9 @@ ARCHS: dict[str, Arch] = {
         refuse=(("clip_qkv", lambda v, hf: v is None, None, "q/k/v clipping is not implemented"),
                 _NO_O_BIAS)),
     "qwen2_moe": Arch(hf_class="Qwen2MoeForCausalLM", **_QWEN, bias_field="qkv_bias",
-                      bias_default=True, shared="shared_expert", refuse=(_NO_SLIDING, _FULL_ATTENTION)),
+                      bias_default=True, shared="shared_expert", refuse=_QWEN_REFUSALS),
     "qwen3_moe": Arch(hf_class="Qwen3MoeForCausalLM", **_QWEN, head_dim=True, qk_norm="head",
-                      refuse=(_NO_SLIDING, _FULL_ATTENTION, _NO_O_BIAS)),
+                      refuse=(*_QWEN_REFUSALS, _NO_O_BIAS)),
     "deepseek_v3": Arch(
         hf_class="DeepseekV3ForCausalLM", experts=("n_routed_experts",),
         expert_hidden="moe_intermediate_size", norm_topk=True, bias_field="attention_bias",
@@ -131,17 +133,10 @@ def _float(hf: dict, name: str, default, lo: float = 0.0, hi: float = math.inf, 
     return float(value)
 
 
-def _bool(hf: dict, name: str, default: bool) -> bool:
+def _bool(hf: dict, name: str, default=False, kind=bool, what="must be true or false"):
     value = _value(hf, name, default)
-    if not isinstance(value, bool):
-        _bad(name, value, "must be true or false")
-    return value
-
-
-def _dict(source: dict, name: str) -> dict:
-    value = source.get(name) or {}
-    if not isinstance(value, dict):
-        _bad(name, value, "must be an object")
+    if not isinstance(value, kind):
+        _bad(name, value, what)
     return value
 
 
@@ -151,7 +146,8 @@ def _refuse(name: str, value, why: str):
 
 def _rope_theta(hf: dict, default: float) -> float:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (older files); plain RoPE only."""
-    params = {**_dict(hf, "rope_parameters"), **_dict(hf, "rope_scaling")}
+    params = {**_bool(hf, "rope_parameters", {}, dict, "must be an object"),
+              **_bool(hf, "rope_scaling", {}, dict, "must be an object")}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
@@ -163,13 +159,10 @@ def _rope_theta(hf: dict, default: float) -> float:
 
 
 def _dense_prefix(hf: dict, spec: Arch, num_layers: int) -> int:
-    """Leading dense layers: DeepSeek's first_k_dense_replace, or Qwen's mlp_only_layers /
-    decoder_sparse_step when they mean 'the first k layers are dense'."""
+    """Leading dense layers: DeepSeek's first_k_dense_replace, or Qwen's mlp_only_layers when
+    they mean 'the first k layers are dense'."""
     if spec.dense_prefix == "first_k_dense_replace":
         return _int(hf, "first_k_dense_replace", 0, lo=0, hi=num_layers)
-    if _value(hf, "decoder_sparse_step", 1) != 1:
-        _refuse("decoder_sparse_step", hf["decoder_sparse_step"],
-                "MoE on every layer only; interleaved dense layers are not implemented")
     layers = _value(hf, "mlp_only_layers", [])
     if not (isinstance(layers, list) and all(type(i) is int for i in layers)
             and sorted(layers) == list(range(len(layers)))):
@@ -216,7 +209,7 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         max_seq_len=_int(hf, "max_position_embeddings", 4096, hi=LIMITS["positions"]),
         rope_theta=_rope_theta(hf, spec.rope_theta),
         norm_eps=_float(hf, "rms_norm_eps", 1e-6, hi=1.0),
-        tie_embeddings=_bool(hf, "tie_word_embeddings", False),
+        tie_embeddings=_bool(hf, "tie_word_embeddings"),
         attention_bias=bool(spec.bias_field) and _bool(hf, spec.bias_field, spec.bias_default))
     norm_topk = True if spec.norm_topk is None else _bool(hf, "norm_topk_prob", spec.norm_topk)
     moe = dict(dim=dim, hidden_dim=_int(hf, spec.expert_hidden), num_experts=E, top_k=top_k,
@@ -263,12 +256,15 @@ def _mismatches(cfg: ModelConfig, spec: Arch) -> list[str]:
         (m.score_func == ("sigmoid" if spec.sigmoid_router else "softmax"),
          f"moe.score_func={m.score_func!r}"),
         (cfg.qk_norm == bool(spec.qk_norm), f"qk_norm={cfg.qk_norm}"),
-        (not cfg.qk_norm or cfg.qk_norm_scope == spec.qk_norm, f"qk_norm_scope={cfg.qk_norm_scope!r}"),
+        (not cfg.qk_norm or cfg.qk_norm_scope == spec.qk_norm,
+         f"qk_norm_scope={cfg.qk_norm_scope!r}"),
         (not cfg.attention_bias or spec.bias_field, f"attention_bias={cfg.attention_bias}"),
         (m.shared_gate == (spec.shared == "shared_expert"), f"moe.shared_gate={m.shared_gate}"),
         (m.norm_topk_prob or spec.norm_topk is not None, f"moe.norm_topk_prob={m.norm_topk_prob}"),
-        (cfg.first_dense_layers == 0 or spec.dense_prefix, f"first_dense_layers={cfg.first_dense_layers}"),
-        (spec.head_dim or spec.mla or cfg.head_size * cfg.num_heads == cfg.dim, f"head_dim={cfg.head_dim}"),
+        (cfg.first_dense_layers == 0 or spec.dense_prefix,
+         f"first_dense_layers={cfg.first_dense_layers}"),
+        (spec.head_dim or spec.mla or cfg.head_size * cfg.num_heads == cfg.dim,
+         f"head_dim={cfg.head_dim}"),
     ]
     if spec.shared == "shared_expert":
         checks.append((m.num_shared_experts > 0, f"moe.num_shared_experts={m.num_shared_experts}"))
@@ -319,7 +315,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
     else:
         hf["router_aux_loss_coef"] = m.balance_loss_coef / m.top_k
     if spec.dense_prefix == "mlp_only_layers":
-        hf.update(mlp_only_layers=list(range(cfg.first_dense_layers)), decoder_sparse_step=1)
+        hf["mlp_only_layers"] = list(range(cfg.first_dense_layers))
     elif spec.dense_prefix:
         hf[spec.dense_prefix] = cfg.first_dense_layers
     if spec.dense_prefix:
