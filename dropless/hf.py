@@ -23,6 +23,7 @@ from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_
 from dropless.model import Transformer
 
 MAX_SHARD_BYTES = 4 * 2**30
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors names; read and cast to the model dtype
 _LIST = 12    # names shown per kind of problem in an error message
 
 
@@ -34,6 +35,7 @@ class Entry:
     kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
                               # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
     expert: int = -1
+    dtypes: tuple[str, ...] = FLOAT_DTYPES   # what the file may store it as
 
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
@@ -136,9 +138,6 @@ def _rope_perm(cfg: ModelConfig, kind: str, rows: int, to_half_split: bool) -> t
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors names; read and cast to the model dtype
-
-
 def _inside(root: Path, name, source: Path) -> Path:
     """root/name, refused unless it stays inside root with symlinks resolved. The one exception is
     a Hugging Face hub cache snapshot, whose files are symlinks into the same repo's blobs/."""
@@ -195,11 +194,12 @@ def _check(where, rows, ignore) -> None:
     misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
                  if k in where and where[k][1] != s]
     # a float weight typed as integers would otherwise be read as reinterpreted bits
-    mistyped = [f"{where[k][0].name}: {k} is {where[k][2]}" for k in expected
-                if k in where and where[k][2] not in FLOAT_DTYPES]
+    mistyped = [f"{where[r.hf_key][0].name}: {r.hf_key} is {where[r.hf_key][2]} (allowed: "
+                f"{', '.join(r.dtypes)})" for r in rows
+                if r.hf_key in where and where[r.hf_key][2] not in r.dtypes]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
-                 (f"of a dtype other than {', '.join(FLOAT_DTYPES)}", mistyped)) if v]
+                 ("of the wrong dtype", mistyped)) if v]
     if problems:
         raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
 

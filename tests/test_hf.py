@@ -423,8 +423,8 @@ def test_integer_typed_float_weights_refused(tmp_path):
     with pytest.raises(ValueError) as err:
         from_hf(tmp_path)
     msg = str(err.value)
-    assert "2 of a dtype other than F16, BF16, F32, F64" in msg
-    assert "model.safetensors: model.norm.weight is I32" in msg
+    assert "2 of the wrong dtype" in msg
+    assert "model.safetensors: model.norm.weight is I32 (allowed: F16, BF16, F32, F64)" in msg
     assert "model.safetensors: model.layers.1.block_sparse_moe.experts.2.w1.weight is I32" in msg
 
 
