@@ -133,7 +133,10 @@ class ModelConfig:
                    f"must divide dim={self.dim} (or set head_dim)")
         else:
             _positive_int("head_dim", self.head_dim)
-        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        for name in ("rope_theta", "norm_eps"):   # NaN, 0 or inf here make every logit NaN
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
+                   value, "must be a finite number > 0")
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from dropless.config import ModelConfig
-from dropless.hf_config import config_from_hf, config_to_hf, infer_model_type
+from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_type
 from dropless.model import Transformer
 
 MAX_SHARD_BYTES = 4 * 2**30
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors names; read and cast to the model dtype
 _LIST = 12    # names shown per kind of problem in an error message
 
 
@@ -34,6 +35,7 @@ class Entry:
     kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
                               # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
     expert: int = -1
+    dtypes: tuple[str, ...] = FLOAT_DTYPES   # what the file may store it as
 
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
@@ -82,11 +84,9 @@ def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = fro
     as one gate_up_proj [E, 2F, D] and one down_proj [E, D, F] instead of one set per expert.
     `rope_interleave` (DeepSeek's config flag): the rope rows of q and kv_a come in pairs."""
     rope = "rope_" if rope_interleave else "copy_"
-    D, m = cfg.dim, cfg.moe
+    spec, D, m = ARCHS[model_type], cfg.dim, cfg.moe
     E, F = m.num_experts, m.hidden_dim
     rows = [Entry("model.embed_tokens.weight", (cfg.vocab_size, D), "embed.weight")]
-    moe_name = "block_sparse_moe" if model_type == "mixtral" else "mlp"
-    names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     for i in range(cfg.num_layers):
         hf, dl = f"model.layers.{i}", f"layers.{i}"
         rows.append(Entry(f"{hf}.input_layernorm.weight", (D,), f"{dl}.attn_norm.weight"))
@@ -95,9 +95,9 @@ def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = fro
         if i < cfg.first_dense_layers:
             rows.extend(_swiglu_rows(f"{hf}.mlp", f"{dl}.ffn", D, cfg.dense_hidden))
             continue
-        moe = f"{hf}.{moe_name}"
+        moe = f"{hf}.{spec.moe_module}"
         rows.append(Entry(f"{moe}.gate.weight", (E, D), f"{dl}.ffn.router.weight"))
-        if model_type == "deepseek_v3":
+        if spec.sigmoid_router:
             rows.append(Entry(f"{moe}.gate.e_score_correction_bias", (E,), f"{dl}.ffn.router.bias"))
         if i in fused_layers:
             rows.append(Entry(f"{moe}.experts.gate_up_proj", (E, 2 * F, D),
@@ -106,13 +106,12 @@ def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = fro
                               "down_all"))
         else:
             for e in range(E):
-                gate, up, down = (f"{moe}.experts.{e}.{n}.weight" for n in names)
+                gate, up, down = (f"{moe}.experts.{e}.{n}.weight" for n in spec.expert_names)
                 rows.append(Entry(gate, (F, D), f"{dl}.ffn.experts.gate_up", "gate", e))
                 rows.append(Entry(up, (F, D), f"{dl}.ffn.experts.gate_up", "up", e))
                 rows.append(Entry(down, (D, F), f"{dl}.ffn.experts.down", "down", e))
         if m.num_shared_experts:
-            shared = "shared_expert" if model_type == "qwen2_moe" else "shared_experts"
-            rows.extend(_swiglu_rows(f"{moe}.{shared}", f"{dl}.ffn.shared", D, m.shared_hidden))
+            rows.extend(_swiglu_rows(f"{moe}.{spec.shared}", f"{dl}.ffn.shared", D, m.shared_hidden))
         if m.shared_gate:
             rows.append(Entry(f"{moe}.shared_expert_gate.weight", (1, D), f"{dl}.ffn.shared_gate.weight"))
     rows.append(Entry("model.norm.weight", (D,), "norm.weight"))
@@ -139,18 +138,35 @@ def _rope_perm(cfg: ModelConfig, kind: str, rows: int, to_half_split: bool) -> t
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """HF key -> (file, shape) from the index (sharded) or every *.safetensors file (single)."""
+def _inside(root: Path, name, source: Path) -> Path:
+    """root/name, refused unless it stays inside root with symlinks resolved. The one exception is
+    a Hugging Face hub cache snapshot, whose files are symlinks into the same repo's blobs/."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{source}: names {name!r}: weights must be files inside {root}")
+    real, top = (root / name).resolve(), root.resolve()
+    blobs = top.parent.parent / "blobs" if top.parent.name == "snapshots" else top
+    if not (real.is_relative_to(top) or real.is_relative_to(blobs)):
+        raise ValueError(f"{source}: {name!r} resolves to {real}, outside the model directory {root}")
+    return root / name
+
+
+def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """HF key -> (file, shape, dtype) from the index (sharded) or every *.safetensors (single)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            names = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
+                             f"({type(err).__name__}: {err})") from None
+        files = sorted({_inside(path, f, index) for f in names})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ValueError(f"{path}: shard files named in {index.name} are missing: {missing}")
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = [_inside(path, f.name, f) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights found (torch .bin files are not read)")
     where = {}
@@ -158,7 +174,8 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
         try:
             with safe_open(f, "pt") as handle:
                 for k in handle.keys():
-                    where[k] = (f, tuple(handle.get_slice(k).get_shape()))
+                    t = handle.get_slice(k)
+                    where[k] = (f, tuple(t.get_shape()), t.get_dtype())
         except Exception as err:   # safetensors raises its own error type for a bad header
             raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): "
                              f"{err}") from err
@@ -176,8 +193,13 @@ def _check(where, rows, ignore) -> None:
     unexpected = sorted(k for k in where if k not in expected and not ignore(k))
     misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
                  if k in where and where[k][1] != s]
+    # a float weight typed as integers would otherwise be read as reinterpreted bits
+    mistyped = [f"{where[r.hf_key][0].name}: {r.hf_key} is {where[r.hf_key][2]} (allowed: "
+                f"{', '.join(r.dtypes)})" for r in rows
+                if r.hf_key in where and where[r.hf_key][2] not in r.dtypes]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if v]
+                (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
+                 ("of the wrong dtype", mistyped)) if v]
     if problems:
         raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
 
@@ -200,6 +222,7 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
 
 
 def read_hf_config(path) -> dict:
+    """config.json as read (a JSON object is not yet checked: `config_from_hf` does that)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory")
@@ -208,8 +231,14 @@ def read_hf_config(path) -> dict:
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
         return json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config} is not valid JSON: {err}") from err
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config} is not readable JSON: {err}") from None
+
+
+def _config(path: Path) -> tuple[dict, ModelConfig]:
+    """(config.json, its checked ModelConfig); any problem is one line naming the file."""
+    hf_cfg = read_hf_config(path)
+    return hf_cfg, config_from_hf(hf_cfg, str(path / "config.json"))
 
 
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
@@ -218,20 +247,19 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     from safetensors import safe_open
 
     path = Path(path)
-    hf_cfg = read_hf_config(path)
-    cfg = config_from_hf(hf_cfg)
-    model_type = hf_cfg["model_type"]
+    hf_cfg, cfg = _config(path)
+    spec = ARCHS[hf_cfg["model_type"]]
     where = _open_tensors(path)
     file_key = {k: k for k in where}
-    if model_type == "mixtral":   # transformers 5's in-memory name; saved files use block_sparse_moe
-        file_key = {k.replace(".mlp.", ".block_sparse_moe."): k for k in where}
+    if spec.moe_module != "mlp":   # transformers 5's in-memory name (fused files) is always mlp
+        file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
         where = {k: where[v] for k, v in file_key.items()}
     fused = frozenset(i for i in range(cfg.num_layers) if any(
         k.startswith(f"model.layers.{i}.") and k.endswith("experts.gate_up_proj") for k in where))
-    rows = layout(cfg, model_type, fused, bool(hf_cfg.get("rope_interleave", True)))
+    rows = layout(cfg, hf_cfg["model_type"], fused, hf_cfg.get("rope_interleave", True) is not False)
     # DeepSeek-V3 files may carry multi-token-prediction layers after the last layer: not used here
-    mtp = tuple(f"model.layers.{i}." for i in range(
-        cfg.num_layers, cfg.num_layers + (hf_cfg.get("num_nextn_predict_layers") or 0)))
+    extra = hf_cfg.get("num_nextn_predict_layers") or 0   # range-checked by config_from_hf
+    mtp = tuple(f"model.layers.{i}." for i in range(cfg.num_layers, cfg.num_layers + extra))
     _check(where, rows, lambda k: (bool(mtp) and k.startswith(mtp))
            or (cfg.tie_embeddings and k == "lm_head.weight"))
     state, handles = {}, {}
@@ -245,6 +273,8 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
             raise ValueError(f"{f}: cannot read {row.hf_key} (truncated or corrupt file?): "
                              f"{err}") from err
         _fill(state, row, t.to(torch.float32 if row.key.endswith("router.bias") else dtype), cfg)
+    if cfg.tie_embeddings:   # HF stores the tied matrix once, as the embedding
+        state["lm_head.weight"] = state["embed.weight"]
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(state, strict=True, assign=True)
@@ -280,7 +310,7 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     state = dict(model.state_dict())
     for moe_key in [k for k in state if k.endswith("ffn.router.weight")]:
         bias_key = moe_key[:-len("weight")] + "bias"
-        if model_type == "deepseek_v3" and bias_key not in state:   # HF always has the buffer
+        if ARCHS[model_type].sigmoid_router and bias_key not in state:   # HF always has it
             state[bias_key] = torch.zeros(cfg.moe.num_experts)
     hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     shards, size = [{}], 0
@@ -311,19 +341,35 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
 # ---- directories and the `dropless convert` command -------------------------------------------------
 
 def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """-> (model in eval mode, the directory's tokenizer.json text or None)."""
-    model = from_hf(path, dtype, device).eval()
-    tokenizer = Path(path) / "tokenizer.json"
-    return model, tokenizer.read_text() if tokenizer.exists() else None
+    """-> (model in eval mode, the directory's tokenizer.json text or None). The config and the
+    tokenizer are checked (its ids must fit the model's vocabulary) before any weight is read."""
+    from dropless.tokenizer import tokenizer_from_json
+
+    path = Path(path)
+    _, cfg = _config(path)
+    tokenizer = path / "tokenizer.json"
+    text = None
+    if tokenizer.exists():
+        try:
+            text = tokenizer.read_text()
+            tok = tokenizer_from_json(text)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{tokenizer}: {err}") from None
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{tokenizer} has {tok.vocab_size} tokens but config.json has "
+                             f"vocab_size={cfg.vocab_size}: the tokenizer must fit the model")
+    return from_hf(path, dtype, device).eval(), text
 
 
 def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
                 model_type: str | None = None) -> None:
-    """to_hf plus tokenizer.json when the tokenizer is a `tokenizers` one (dropless's raw-byte
-    tokenizer has no HF file form and is left out)."""
+    """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
+    is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
+    from dropless.tokenizer import tokenizer_from_json
+
     to_hf(model, path, model_type)
-    if tokenizer_json is not None and json.loads(tokenizer_json).get("type") != "bytes":
-        (Path(path) / "tokenizer.json").write_text(tokenizer_json)
+    if tokenizer_json is not None:
+        (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
 def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None:

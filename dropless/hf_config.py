@@ -1,42 +1,153 @@
-"""Translate Hugging Face config.json dicts to and from ModelConfig, per architecture.
+"""Translate Hugging Face config.json dicts to and from ModelConfig: one `Arch` spec per architecture.
 
 Everything a supported model needs is either mapped exactly or refused with a ValueError naming the
-field and value: nothing is ignored silently. Reading needs no transformers import.
+field and value: nothing is ignored silently. Every number is type- and range-checked (`LIMITS`)
+before anything is built, so a hostile or broken config.json fails in microseconds with one line.
+Reading needs no transformers import.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from dropless.config import ModelConfig, MoEConfig
 
-ARCHITECTURES = {
-    "mixtral": "MixtralForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-}
-DEFAULT_THETA = {"mixtral": 1e6}      # everyone else: 1e4
+# Upper bounds on config.json values, far above any public model (DeepSeek-V3: 61 layers, 256
+# experts, dim 7168; vocabularies stay under 300k), so that a 10^9-expert file is refused before a
+# single tensor or table row exists. Weights are then read tensor by tensor, each checked against
+# the file's declared shape, so no size in config.json alone can make the reader allocate.
+LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24)
+MAX_TENSORS = 2**20           # expert tensors in the file layout (DeepSeek-V3 has ~47k)
 # HF's Switch loss counts f_i over T tokens (balanced value K * coef); dropless over T*K (balanced
 # value coef). Imported coefficients are multiplied by K so training pushes equally hard.
 DEEPSEEK_BALANCE_COEF = 1e-4          # DeepSeek-V3's sequence-wise loss weight
 DEEPSEEK_BIAS_RATE = 1e-3             # aux-loss-free bias update rate of DeepSeek-V3
+_REQUIRED = object()
+
+# (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
+# config_to_hf unless None), why it is refused otherwise)
+Refusal = tuple[str, Callable[[Any, dict], bool], Any, str]
+_NO_O_BIAS = ("attention_bias", lambda v, hf: not v, False, "an o_proj bias is not implemented")
+COMMON_REFUSALS: tuple[Refusal, ...] = (
+    ("hidden_act", lambda v, hf: v == "silu", "silu", "experts must be SwiGLU"),
+    # the one place quantized checkpoints are refused (a reader for them replaces this row)
+    ("quantization_config", lambda v, hf: not v, None, "quantized weights are not read"),
+    ("attention_dropout", lambda v, hf: not v, 0.0, "attention dropout is not implemented"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """Everything one HF architecture differs in: its config.json names, its tensor names (used by
+    hf.layout) and what it refuses. Adding an architecture is adding one of these to ARCHS."""
+
+    hf_class: str
+    experts: tuple[str, ...]            # config.json fields naming the number of routed experts
+                                        # (aliases; the first is written)
+    expert_hidden: str                  # config.json field: hidden size of one expert
+    rope_theta: float = 1e4             # default when config.json has none
+    norm_topk: bool | None = False      # norm_topk_prob default; None = always on, no field
+    head_dim: bool = False              # head_dim is a free field (else dim // heads exactly)
+    qk_norm: str | None = None          # "head" (per head) | "proj" (whole projection)
+    bias_field: str | None = None       # field switching on q/k/v (and MLA) biases
+    bias_default: bool = False
+    dense_prefix: str | None = None     # "mlp_only_layers" (Qwen) | "first_k_dense_replace"
+    shared: str | None = None           # module of the shared experts; "shared_expert" = Qwen2's
+                                        # single gated one, "shared_experts" = n_shared_experts
+    sigmoid_router: bool = False        # DeepSeek routing: sigmoid + correction bias + groups
+    mla: bool = False                   # multi-head latent attention
+    moe_module: str = "mlp"             # module name of the MoE block in saved files
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    refuse: tuple[Refusal, ...] = ()
+
+
+_QWEN_REFUSALS = (("use_sliding_window", lambda v, hf: not v, False,
+                   "sliding-window attention is not implemented"),
+                  ("layer_types", lambda v, hf: v is None or set(v) <= {"full_attention"}, None,
+                   "only full attention layers are implemented"),
+                  ("decoder_sparse_step", lambda v, hf: v in (None, 1), 1,
+                   "MoE on every layer only; interleaved dense layers are not implemented"))
+_QWEN = dict(experts=("num_experts", "num_local_experts"), expert_hidden="moe_intermediate_size",
+             dense_prefix="mlp_only_layers")
+ARCHS: dict[str, Arch] = {
+    "mixtral": Arch(
+        hf_class="MixtralForCausalLM", experts=("num_local_experts", "num_experts"),
+        expert_hidden="intermediate_size", rope_theta=1e6, norm_topk=None, head_dim=True,
+        moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+        refuse=(("sliding_window", lambda v, hf: v is None or v >= hf.get("max_position_embeddings",
+                 4096), None, "sliding-window attention is not implemented"),
+                ("router_jitter_noise", lambda v, hf: not v, 0.0, "router jitter is not implemented"))),
+    "olmoe": Arch(
+        hf_class="OlmoeForCausalLM", experts=("num_experts", "num_local_experts"),
+        expert_hidden="intermediate_size", qk_norm="proj",
+        refuse=(("clip_qkv", lambda v, hf: v is None, None, "q/k/v clipping is not implemented"),
+                _NO_O_BIAS)),
+    "qwen2_moe": Arch(hf_class="Qwen2MoeForCausalLM", **_QWEN, bias_field="qkv_bias",
+                      bias_default=True, shared="shared_expert", refuse=_QWEN_REFUSALS),
+    "qwen3_moe": Arch(hf_class="Qwen3MoeForCausalLM", **_QWEN, head_dim=True, qk_norm="head",
+                      refuse=(*_QWEN_REFUSALS, _NO_O_BIAS)),
+    "deepseek_v3": Arch(
+        hf_class="DeepseekV3ForCausalLM", experts=("n_routed_experts",),
+        expert_hidden="moe_intermediate_size", norm_topk=True, bias_field="attention_bias",
+        dense_prefix="first_k_dense_replace", shared="shared_experts", sigmoid_router=True,
+        mla=True,
+        refuse=(("num_key_value_heads", lambda v, hf: v in (None, hf.get("num_attention_heads")),
+                 None, "MLA has no key/value head groups: must equal num_attention_heads"),
+                ("scoring_func", lambda v, hf: v == "sigmoid", "sigmoid",
+                 "DeepSeek-V3 routes by sigmoid"),
+                ("topk_method", lambda v, hf: v == "noaux_tc", "noaux_tc",
+                 "DeepSeek-V3 routes with the aux-free bias ('noaux_tc')"),
+                ("moe_layer_freq", lambda v, hf: v == 1, 1, "MoE on every layer after the dense ones"))),
+}
+
+
+# ---- typed, bounded reads of config.json ------------------------------------------------------------
+
+def _bad(name: str, value, allowed: str):
+    raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _value(hf: dict, name: str, default):
+    value = hf.get(name)
+    if value is None:   # JSON null counts as absent
+        if default is _REQUIRED:
+            raise ValueError(f"lacks the field {name!r} that model_type={hf.get('model_type')!r} needs")
+        return default
+    return value
+
+
+def _int(hf: dict, name: str, default=_REQUIRED, lo: int = 1, hi: int = LIMITS["dim"]):
+    value = _value(hf, name, default)
+    if value is not None and (type(value) is not int or not lo <= value <= hi):
+        _bad(name, value, f"must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _float(hf: dict, name: str, default, lo: float = 0.0, hi: float = math.inf, lo_open=True):
+    value = _value(hf, name, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < lo or (lo_open and value == lo) or value > hi:
+        _bad(name, value, f"must be a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
+    return float(value)
+
+
+def _bool(hf: dict, name: str, default=False, kind=bool, what="must be true or false"):
+    value = _value(hf, name, default)
+    if not isinstance(value, kind):
+        _bad(name, value, what)
+    return value
 
 
 def _refuse(name: str, value, why: str):
     raise ValueError(f"unsupported Hugging Face config: {name}={value!r} ({why})")
 
 
-def _require(hf: dict, name: str, ok, default=None, why: str = "") -> None:
-    value = hf.get(name, default)
-    if not ok(value):
-        _refuse(name, value, why)
-
-
-def _rope_theta(hf: dict, model_type: str) -> float:
+def _rope_theta(hf: dict, default: float) -> float:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (older files); plain RoPE only."""
-    params = dict(hf.get("rope_parameters") or {})
-    if hf.get("rope_scaling"):
-        params.update(hf["rope_scaling"])
+    params = {**_bool(hf, "rope_parameters", {}, dict, "must be an object"),
+              **_bool(hf, "rope_scaling", {}, dict, "must be an object")}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
@@ -44,203 +155,177 @@ def _rope_theta(hf: dict, model_type: str) -> float:
     for source in (params, hf):
         if source.get("partial_rotary_factor", 1.0) != 1.0:
             _refuse("partial_rotary_factor", source["partial_rotary_factor"], "must be 1.0")
-    return float(params.get("rope_theta", hf.get("rope_theta", DEFAULT_THETA.get(model_type, 1e4))))
+    return _float(params if "rope_theta" in params else hf, "rope_theta", default)
 
 
-def _dense_prefix(hf: dict) -> int:
-    """Qwen's mlp_only_layers / decoder_sparse_step, accepted when they mean 'the first k layers are
-    dense' (dropless first_dense_layers)."""
-    _require(hf, "decoder_sparse_step", lambda v: v in (None, 1), 1,
-             "MoE on every layer only; interleaved dense layers are not implemented")
-    layers = sorted(hf.get("mlp_only_layers") or [])
-    if layers != list(range(len(layers))):
+def _dense_prefix(hf: dict, spec: Arch, num_layers: int) -> int:
+    """Leading dense layers: DeepSeek's first_k_dense_replace, or Qwen's mlp_only_layers when
+    they mean 'the first k layers are dense'."""
+    if spec.dense_prefix == "first_k_dense_replace":
+        return _int(hf, "first_k_dense_replace", 0, lo=0, hi=num_layers)
+    layers = _value(hf, "mlp_only_layers", [])
+    if not (isinstance(layers, list) and all(type(i) is int for i in layers)
+            and sorted(layers) == list(range(len(layers)))):
         _refuse("mlp_only_layers", layers, "only a leading run of dense layers [0, 1, ..., k-1] "
                 "is implemented")
     return len(layers)
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A checked ModelConfig; every error is one line starting with `source` (the file)."""
     try:
+        if not isinstance(hf, dict):
+            raise ValueError(f"must hold a JSON object, not {type(hf).__name__}")
         return _config_from_hf(hf)
-    except KeyError as err:
-        raise ValueError(f"config.json lacks the field {err.args[0]!r} that model_type="
-                         f"{hf.get('model_type')!r} needs") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def _config_from_hf(hf: dict) -> ModelConfig:
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
-                         f"{', '.join(map(repr, ARCHITECTURES))}")
-    _require(hf, "hidden_act", lambda v: v == "silu", "silu", "experts must be SwiGLU")
-    _require(hf, "quantization_config", lambda v: not v, None, "quantized weights are not read")
-    _require(hf, "attention_dropout", lambda v: not v, 0.0, "attention dropout is not implemented")
-    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+                         f"{', '.join(map(repr, ARCHS))}")
+    spec = ARCHS[model_type]
+    for name, ok, off, why in COMMON_REFUSALS + spec.refuse:
+        try:
+            allowed = ok(hf.get(name, off), hf)
+        except TypeError:   # a value of the wrong type
+            allowed = False
+        if not allowed:
+            _refuse(name, hf.get(name), why)
+    dim = _int(hf, "hidden_size")
+    heads = _int(hf, "num_attention_heads", hi=LIMITS["heads"])
+    num_layers = _int(hf, "num_hidden_layers", hi=LIMITS["layers"])
+    E = _int(hf, next((n for n in spec.experts if n in hf), spec.experts[0]), hi=LIMITS["experts"])
+    top_k = _int(hf, "num_experts_per_tok", hi=E)
+    _int(hf, "num_nextn_predict_layers", 0, lo=0, hi=LIMITS["layers"])   # DeepSeek's extra layers
+    if num_layers * 3 * E > MAX_TENSORS:
+        raise ValueError(f"{num_layers} layers of {E} experts are {num_layers * 3 * E} expert "
+                         f"tensors, more than the limit {MAX_TENSORS}")
     common = dict(
-        vocab_size=hf["vocab_size"], dim=dim, num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=_rope_theta(hf, model_type), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    head_dim = hf.get("head_dim") or dim // heads
-    if head_dim != dim // heads or dim % heads:
-        common["head_dim"] = head_dim
-    top_k = hf.get("num_experts_per_tok")
-    balance = dict(balance_loss_coef=hf.get("router_aux_loss_coef", 0.0) * (top_k or 1))
-    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+        vocab_size=_int(hf, "vocab_size", hi=LIMITS["vocab"]), dim=dim, num_layers=num_layers,
+        num_heads=heads, num_kv_heads=_int(hf, "num_key_value_heads", heads, hi=LIMITS["heads"]),
+        max_seq_len=_int(hf, "max_position_embeddings", 4096, hi=LIMITS["positions"]),
+        rope_theta=_rope_theta(hf, spec.rope_theta),
+        norm_eps=_float(hf, "rms_norm_eps", 1e-6, hi=1.0),
+        tie_embeddings=_bool(hf, "tie_word_embeddings"),
+        attention_bias=bool(spec.bias_field) and _bool(hf, spec.bias_field, spec.bias_default))
+    norm_topk = True if spec.norm_topk is None else _bool(hf, "norm_topk_prob", spec.norm_topk)
+    moe = dict(dim=dim, hidden_dim=_int(hf, spec.expert_hidden), num_experts=E, top_k=top_k,
+               norm_topk_prob=norm_topk)
+    if spec.sigmoid_router:
+        n_group = _int(hf, "n_group", 1, hi=E)
+        if n_group > 1:
+            moe.update(num_groups=n_group, topk_groups=_int(hf, "topk_group", 1, hi=n_group))
+        moe.update(score_func="sigmoid", route_scale=_float(hf, "routed_scaling_factor", 1.0),
+                   balance_loss_coef=DEEPSEEK_BALANCE_COEF, bias_update_rate=DEEPSEEK_BIAS_RATE)
+    else:
+        moe["balance_loss_coef"] = top_k * _float(hf, "router_aux_loss_coef", 0.0, lo_open=False)
+    if spec.shared == "shared_expert":
+        moe.update(num_shared_experts=1, shared_gate=True,
+                   shared_hidden_dim=_int(hf, "shared_expert_intermediate_size"))
+    elif spec.shared:
+        moe["num_shared_experts"] = _int(hf, "n_shared_experts", 0, lo=0, hi=LIMITS["experts"])
+    if spec.dense_prefix:
+        common.update(first_dense_layers=_dense_prefix(hf, spec, num_layers),
+                      dense_hidden_dim=_int(hf, "intermediate_size"))
+    if spec.qk_norm:
+        common.update(qk_norm=True, qk_norm_scope=spec.qk_norm)
+    if spec.mla:
+        nope, rope = _int(hf, "qk_nope_head_dim"), _int(hf, "qk_rope_head_dim")
+        common.update(attention="mla", q_lora_rank=_int(hf, "q_lora_rank", None),
+                      kv_lora_rank=_int(hf, "kv_lora_rank"), qk_nope_head_dim=nope,
+                      qk_rope_head_dim=rope, v_head_dim=_int(hf, "v_head_dim"))
+        if dim % heads:
+            common["head_dim"] = nope + rope
+    else:
+        head_dim = _int(hf, "head_dim", dim // heads or 1) if spec.head_dim else dim // heads
+        if head_dim != dim // heads or dim % heads:
+            common["head_dim"] = head_dim
+    return ModelConfig(moe=MoEConfig(**moe), **common)
 
-    if model_type == "mixtral":
-        _require(hf, "sliding_window", lambda v: v is None or v >= common["max_seq_len"], None,
-                 "sliding-window attention is not implemented")
-        _require(hf, "router_jitter_noise", lambda v: not v, 0.0, "router jitter is not implemented")
-        moe = MoEConfig(dim=dim, hidden_dim=hf["intermediate_size"], num_experts=num_experts,
-                        top_k=top_k, norm_topk_prob=True, **balance)
-        return ModelConfig(moe=moe, **common)
 
-    if model_type in ("olmoe", "qwen3_moe", "qwen2_moe"):
-        if model_type == "olmoe":
-            _require(hf, "clip_qkv", lambda v: v is None, None, "q/k/v clipping is not implemented")
-        if model_type in ("olmoe", "qwen3_moe"):
-            _require(hf, "attention_bias", lambda v: not v, False,
-                     "an o_proj bias is not implemented")
-        if model_type.startswith("qwen"):
-            _require(hf, "use_sliding_window", lambda v: not v, False,
-                     "sliding-window attention is not implemented")
-            _require(hf, "layer_types", lambda v: v is None or set(v) <= {"full_attention"}, None,
-                     "only full attention layers are implemented")
-        moe_hidden = hf["intermediate_size"] if model_type == "olmoe" else hf["moe_intermediate_size"]
-        extra = {}
-        if model_type == "qwen2_moe":
-            extra = dict(num_shared_experts=1, shared_gate=True,
-                         shared_hidden_dim=hf["shared_expert_intermediate_size"])
-            common["attention_bias"] = bool(hf.get("qkv_bias", True))
-        moe = MoEConfig(dim=dim, hidden_dim=moe_hidden, num_experts=num_experts, top_k=top_k,
-                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), **balance, **extra)
-        if model_type != "olmoe":
-            common.update(first_dense_layers=_dense_prefix(hf),
-                          dense_hidden_dim=hf["intermediate_size"])
-        else:
-            common.update(qk_norm=True, qk_norm_scope="proj")
-        if model_type == "qwen3_moe":
-            common.update(qk_norm=True, qk_norm_scope="head")
-        return ModelConfig(moe=moe, **common)
+# ---- writing ------------------------------------------------------------------------------------------
 
-    # deepseek_v3
-    _require(hf, "num_key_value_heads", lambda v: v in (None, heads), heads,
-             "MLA has no key/value head groups: must equal num_attention_heads")
-    _require(hf, "scoring_func", lambda v: v == "sigmoid", "sigmoid", "DeepSeek-V3 routes by sigmoid")
-    _require(hf, "topk_method", lambda v: v == "noaux_tc", "noaux_tc",
-             "DeepSeek-V3 routes with the aux-free bias ('noaux_tc')")
-    _require(hf, "moe_layer_freq", lambda v: v == 1, 1, "MoE on every layer after the dense ones")
-    n_group = hf.get("n_group") or 1
-    groups = dict(num_groups=n_group, topk_groups=hf.get("topk_group") or 1) if n_group > 1 else {}
-    moe = MoEConfig(dim=dim, hidden_dim=hf["moe_intermediate_size"], num_experts=hf["n_routed_experts"],
-                    top_k=top_k, score_func="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                    route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-                    num_shared_experts=hf.get("n_shared_experts") or 0,
-                    balance_loss_coef=DEEPSEEK_BALANCE_COEF, bias_update_rate=DEEPSEEK_BIAS_RATE,
-                    **groups)
-    nope, rope = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
-    common.pop("head_dim", None)
-    if dim % heads:
-        common["head_dim"] = nope + rope
-    return ModelConfig(moe=moe, attention="mla", q_lora_rank=hf.get("q_lora_rank"),
-                       kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-                       v_head_dim=hf["v_head_dim"], attention_bias=bool(hf.get("attention_bias", False)),
-                       first_dense_layers=hf.get("first_k_dense_replace") or 0,
-                       dense_hidden_dim=hf["intermediate_size"], **common)
+def _mismatches(cfg: ModelConfig, spec: Arch) -> list[str]:
+    """What in `cfg` the architecture cannot express."""
+    m = cfg.moe
+    checks = [
+        (cfg.attention == ("mla" if spec.mla else "gqa"), f"attention={cfg.attention!r}"),
+        (m.score_func == ("sigmoid" if spec.sigmoid_router else "softmax"),
+         f"moe.score_func={m.score_func!r}"),
+        (cfg.qk_norm == bool(spec.qk_norm), f"qk_norm={cfg.qk_norm}"),
+        (not cfg.qk_norm or cfg.qk_norm_scope == spec.qk_norm,
+         f"qk_norm_scope={cfg.qk_norm_scope!r}"),
+        (not cfg.attention_bias or spec.bias_field, f"attention_bias={cfg.attention_bias}"),
+        (m.shared_gate == (spec.shared == "shared_expert"), f"moe.shared_gate={m.shared_gate}"),
+        (m.norm_topk_prob or spec.norm_topk is not None, f"moe.norm_topk_prob={m.norm_topk_prob}"),
+        (cfg.first_dense_layers == 0 or spec.dense_prefix,
+         f"first_dense_layers={cfg.first_dense_layers}"),
+        (spec.head_dim or spec.mla or cfg.head_size * cfg.num_heads == cfg.dim,
+         f"head_dim={cfg.head_dim}"),
+    ]
+    if spec.shared == "shared_expert":
+        checks.append((m.num_shared_experts > 0, f"moe.num_shared_experts={m.num_shared_experts}"))
+    elif spec.shared:
+        checks.append((m.shared_hidden_dim in (None, m.shared_hidden), f"moe.shared_hidden_dim="
+                       f"{m.shared_hidden_dim} (must be num_shared_experts * hidden_dim)"))
+    else:
+        checks.append((m.num_shared_experts == 0, f"moe.num_shared_experts={m.num_shared_experts}"))
+    if not spec.sigmoid_router:
+        checks += [(m.route_scale == 1.0, f"moe.route_scale={m.route_scale}"),
+                   (m.num_groups is None, f"moe.num_groups={m.num_groups}")]
+    return [what for ok, what in checks if not ok]
 
 
 def infer_model_type(cfg: ModelConfig) -> str:
-    """The HF architecture that can hold this config (config_to_hf checks the details)."""
-    if cfg.attention == "mla":
-        return "deepseek_v3"
-    if cfg.moe.shared_gate:
-        return "qwen2_moe"
-    if cfg.qk_norm:
-        return "olmoe" if cfg.qk_norm_scope == "proj" else "qwen3_moe"
-    return "mixtral"
-
-
-def _mismatches(cfg: ModelConfig, model_type: str) -> list[str]:
-    m, bad = cfg.moe, []
-
-    def need(ok: bool, what: str):
-        if not ok:
-            bad.append(what)
-
-    mla = model_type == "deepseek_v3"
-    need(cfg.attention == ("mla" if mla else "gqa"), f"attention={cfg.attention!r}")
-    need(m.score_func == ("sigmoid" if mla else "softmax"), f"moe.score_func={m.score_func!r}")
-    need(cfg.qk_norm == (model_type in ("olmoe", "qwen3_moe")), f"qk_norm={cfg.qk_norm}")
-    if cfg.qk_norm:
-        need(cfg.qk_norm_scope == ("proj" if model_type == "olmoe" else "head"),
-             f"qk_norm_scope={cfg.qk_norm_scope!r}")
-    need(not cfg.attention_bias or model_type in ("qwen2_moe", "deepseek_v3"),
-         f"attention_bias={cfg.attention_bias}")
-    need(m.shared_gate == (model_type == "qwen2_moe"), f"moe.shared_gate={m.shared_gate}")
-    if model_type == "qwen2_moe":
-        need(m.num_shared_experts > 0, f"moe.num_shared_experts={m.num_shared_experts}")
-    elif mla:
-        need(m.shared_hidden_dim in (None, m.shared_hidden),
-             f"moe.shared_hidden_dim={m.shared_hidden_dim} (must be num_shared_experts * hidden_dim)")
-    else:
-        need(m.num_shared_experts == 0, f"moe.num_shared_experts={m.num_shared_experts}")
-    if not mla:
-        need(m.route_scale == 1.0, f"moe.route_scale={m.route_scale}")
-        need(m.num_groups is None, f"moe.num_groups={m.num_groups}")
-    if model_type == "mixtral":
-        need(m.norm_topk_prob, f"moe.norm_topk_prob={m.norm_topk_prob}")
-    if model_type in ("mixtral", "olmoe"):
-        need(cfg.first_dense_layers == 0, f"first_dense_layers={cfg.first_dense_layers}")
-    if model_type in ("olmoe", "qwen2_moe"):
-        need(cfg.head_size * cfg.num_heads == cfg.dim, f"head_dim={cfg.head_dim}")
-    return bad
+    """The first architecture that can hold this config (the first of all when none can, so that
+    config_to_hf names what does not fit)."""
+    return next((t for t, spec in ARCHS.items() if not _mismatches(cfg, spec)), next(iter(ARCHS)))
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
     model_type = model_type or infer_model_type(cfg)
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
-                         f"{', '.join(map(repr, ARCHITECTURES))}")
-    bad = _mismatches(cfg, model_type)
+                         f"{', '.join(map(repr, ARCHS))}")
+    spec, m = ARCHS[model_type], cfg.moe
+    bad = _mismatches(cfg, spec)
     if bad:
         raise ValueError(f"this model cannot be written as HF {model_type!r}: " + "; ".join(bad))
-    m = cfg.moe
-    hf = dict(architectures=[ARCHITECTURES[model_type]], model_type=model_type, hidden_act="silu",
-              vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
+    hf = dict(architectures=[spec.hf_class], model_type=model_type, vocab_size=cfg.vocab_size,
+              hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
               max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-              tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
+              tie_word_embeddings=cfg.tie_embeddings,
               rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
               num_experts_per_tok=m.top_k, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if model_type != "deepseek_v3":
-        hf["router_aux_loss_coef"] = m.balance_loss_coef / m.top_k
-    if model_type in ("mixtral", "qwen3_moe"):
+    hf.update({name: off for name, _, off, _ in COMMON_REFUSALS + spec.refuse if off is not None})
+    hf.update({spec.experts[0]: m.num_experts, spec.expert_hidden: m.hidden_dim})
+    if spec.norm_topk is not None:
+        hf["norm_topk_prob"] = m.norm_topk_prob
+    if spec.head_dim:
         hf["head_dim"] = cfg.head_size
-    if model_type == "mixtral":
-        hf.update(num_local_experts=m.num_experts, intermediate_size=m.hidden_dim,
-                  sliding_window=None)
-    elif model_type == "olmoe":
-        hf.update(num_experts=m.num_experts, intermediate_size=m.hidden_dim, clip_qkv=None,
-                  norm_topk_prob=m.norm_topk_prob, attention_bias=False)
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
-        hf.update(num_experts=m.num_experts, moe_intermediate_size=m.hidden_dim,
-                  intermediate_size=cfg.dense_hidden, norm_topk_prob=m.norm_topk_prob,
-                  decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_dense_layers)),
-                  use_sliding_window=False)
-        if model_type == "qwen2_moe":
-            hf.update(shared_expert_intermediate_size=m.shared_hidden, qkv_bias=cfg.attention_bias)
-        else:
-            hf["attention_bias"] = False
+    if spec.bias_field:
+        hf[spec.bias_field] = cfg.attention_bias
+    if spec.sigmoid_router:
+        hf.update(routed_scaling_factor=m.route_scale, n_group=m.num_groups or 1,
+                  topk_group=m.topk_groups or 1)
     else:
-        hf.update(n_routed_experts=m.num_experts, moe_intermediate_size=m.hidden_dim,
-                  intermediate_size=cfg.dense_hidden, n_shared_experts=m.num_shared_experts,
-                  routed_scaling_factor=m.route_scale, norm_topk_prob=m.norm_topk_prob,
-                  n_group=m.num_groups or 1, topk_group=m.topk_groups or 1,
-                  first_k_dense_replace=cfg.first_dense_layers, q_lora_rank=cfg.q_lora_rank,
-                  kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                  qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-                  attention_bias=cfg.attention_bias, rope_interleave=True,
-                  num_nextn_predict_layers=0)
+        hf["router_aux_loss_coef"] = m.balance_loss_coef / m.top_k
+    if spec.dense_prefix == "mlp_only_layers":
+        hf["mlp_only_layers"] = list(range(cfg.first_dense_layers))
+    elif spec.dense_prefix:
+        hf[spec.dense_prefix] = cfg.first_dense_layers
+    if spec.dense_prefix:
+        hf["intermediate_size"] = cfg.dense_hidden
+    if spec.shared == "shared_expert":
+        hf["shared_expert_intermediate_size"] = m.shared_hidden
+    elif spec.shared:
+        hf["n_shared_experts"] = m.num_shared_experts
+    if spec.mla:
+        hf.update(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+                  qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                  v_head_dim=cfg.v_head_dim, rope_interleave=True, num_nextn_predict_layers=0)
     return hf

@@ -62,6 +62,9 @@ class KVCache:
     def __init__(self, model: "Transformer", batch_size: int, max_len: int,
                  device=None, dtype=None):
         p = next(model.parameters())
+        if max_len > model.cfg.max_seq_len:
+            raise ValueError(f"KV cache max_len={max_len} is invalid: must be <= the model's "
+                             f"max_seq_len={model.cfg.max_seq_len}")
         self.lengths_B = torch.zeros(batch_size, dtype=torch.long, device=device or p.device)
         self.layers = [layer.attn.new_cache(batch_size, max_len, device or p.device, dtype or p.dtype)
                        for layer in model.layers]
@@ -187,16 +190,48 @@ class Transformer(nn.Module):
             if moe.router.bias is not None:
                 moe.update_bias(load_E)
 
-    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None):
+    def check_tokens(self, tokens_BT: torch.Tensor, cache: KVCache | None = None) -> None:
+        """ValueError for token ids that are not integers in [0, vocab_size) and for sequences past
+        max_seq_len (or the cache's length), before they reach the embedding or the cache.
+
+        Shapes are checked always (host values, free). The id range needs the values: on the CPU a
+        pass over B*T integers, on an accelerator a device-to-host sync that in the training loop
+        would stall the kernel queue every micro-batch. So there it runs only in eval mode, where
+        ids come from users (generation already syncs every step); training ids come from
+        dropless's own tokenizer and token cache. Under torch.compile it would break the graph."""
+        V, L = self.cfg.vocab_size, self.cfg.max_seq_len
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens.shape={tuple(tokens_BT.shape)} is invalid: expected [batch, seq]")
+        if tokens_BT.dtype not in (torch.int64, torch.int32):   # what nn.Embedding takes
+            raise ValueError(f"tokens.dtype={tokens_BT.dtype} is invalid: token ids must be int64 "
+                             "or int32")
+        T = tokens_BT.shape[1]
+        if T > (L if cache is None else cache.max_len):
+            raise ValueError(f"sequence length {T} is invalid: at most max_seq_len={L}"
+                             + ("" if cache is None else f" (KV cache length {cache.max_len})"))
+        check_ids = (tokens_BT.numel() > 0 and (tokens_BT.device.type == "cpu" or not self.training)
+                     and not torch.compiler.is_compiling())
+        checks = list(torch.aminmax(tokens_BT)) if check_ids else []
+        if cache is not None:   # the cache's fill is a tensor: fetched with the ids, one sync
+            checks.append(cache.lengths_B.max() + T)
+        if not checks:
+            return
+        values = torch.stack([c.to(torch.long) for c in checks]).tolist()   # sync: bounds checks
+        if cache is not None and values[-1] > cache.max_len:
+            raise ValueError(f"KV cache of length {cache.max_len} is full: {T} more tokens would "
+                             f"fill it to {values[-1]}")
+        if check_ids and (values[0] < 0 or values[1] >= V):
+            bad = values[0] if values[0] < 0 else values[1]
+            raise ValueError(f"token id {bad} is invalid: ids must be in [0, {V - 1}] "
+                             f"(vocab_size={V})")
+
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None):
+        self.check_tokens(tokens_BT, cache)
         B, T = tokens_BT.shape
         if cache is None:
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         else:
             positions_BT = cache.lengths_B.unsqueeze(-1) + torch.arange(T, device=tokens_BT.device)
-            if int(positions_BT.max()) >= cache.max_len:  # sync: bounds check for the cache
-                raise ValueError(f"KV cache of length {cache.max_len} is full")
         x = self.embed(tokens_BT)
         balance, z, loads = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.layers):

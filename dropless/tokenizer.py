@@ -1,7 +1,8 @@
 """Tokenizers: raw UTF-8 bytes (vocab 256, the default) or a byte-level BPE trained with `tokenizers`.
 
 Both expose the same small surface: `vocab_size`, `encode`, `decode`, `token_bytes` (for streaming
-decode) and `to_json` (stored in the run directory and in every checkpoint).
+decode), `to_json` (stored in the run directory and in every checkpoint) and `to_hf_json` (the
+tokenizer.json of an exported Hugging Face directory).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class ByteTokenizer:
     def to_json(self) -> str:
         return json.dumps({"type": "bytes"})
 
+    def to_hf_json(self) -> str:
+        """The same tokenizer as a `tokenizers` one: a byte-level BPE without merges whose 256
+        tokens are the bytes, token id = byte value."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE(vocab=_byte_alphabet(), merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str()
+
 
 def _byte_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet: each byte is one printable character (printable ASCII and
@@ -52,7 +63,9 @@ class BPETokenizer:
 
     def __init__(self, tok):
         self.tok = tok
-        self.vocab_size = tok.get_vocab_size()
+        # the largest id + 1 (ids of a hand-written vocab need not be contiguous): the embedding
+        # rows the tokenizer can reach
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._byte_of = _byte_alphabet()
         self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
 
@@ -76,6 +89,8 @@ class BPETokenizer:
     def to_json(self) -> str:
         return self.tok.to_str()
 
+    to_hf_json = to_json
+
 
 Tokenizer = ByteTokenizer | BPETokenizer
 
@@ -97,7 +112,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
-    if json.loads(text).get("type") == "bytes":
+    """ValueError (one line) for anything but a dropless or `tokenizers` tokenizer JSON."""
+    try:
+        spec = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"not a tokenizer: invalid JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"not a tokenizer: a JSON {type(spec).__name__}, not an object")
+    if spec.get("type") == "bytes":
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
-    return BPETokenizer(HFTokenizer.from_str(text))
+    try:
+        tok = HFTokenizer.from_str(text)
+    except Exception as err:   # tokenizers raises its own Exception type
+        raise ValueError(f"not a tokenizer that `tokenizers` reads: {err}") from None
+    if tok.get_vocab_size() == 0:
+        raise ValueError("not a tokenizer: its vocabulary is empty")
+    return BPETokenizer(tok)

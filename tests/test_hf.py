@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,17 +247,37 @@ def test_report_errors():
         print(f"{arch}: max relative logits error {err:.2e}")
 
 
+def small_tokenizer(vocab_size):
+    """A word-piece-like BPE with `vocab_size` tokens (any tokenizer.json, not only byte-level)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = " ".join(f"w{i}x{i * 7 % 13}" for i in range(400))
+    tok.train_from_iterator([text] * 5, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False))
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
 def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
     from dropless.hf import load_hf_dir, save_hf_dir
+    from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
 
-    tok = json.dumps({"version": "1.0", "model": {"type": "BPE"}})
+    tok = small_tokenizer(60).to_str()
     (mixtral_dir / "tokenizer.json").write_text(tok)
     model, tok_json = load_hf_dir(mixtral_dir)
     assert tok_json == tok and not model.training
     save_hf_dir(model, tmp_path / "out", tok_json)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
+    # dropless's raw bytes: written as the equivalent byte-level tokenizers.Tokenizer
     save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
-    assert not (tmp_path / "bytes" / "tokenizer.json").exists()
+    exported = tokenizer_from_json((tmp_path / "bytes" / "tokenizer.json").read_text())
+    text = "def f(x):\n\treturn 'héllo ☃ 🎉' \x00\x7f  "
+    assert exported.vocab_size == 256
+    assert exported.encode(text).tolist() == ByteTokenizer().encode(text).tolist()
+    assert exported.decode(ByteTokenizer().encode(text)) == text
+    assert [exported.token_bytes(i) for i in range(256)] == [bytes([i]) for i in range(256)]
 
 
 def test_bf16_load_close_to_fp32(saved):
@@ -305,3 +326,266 @@ def test_cli_convert_and_generate_round_trip(tmp_path, capsys):
     tokens = torch.randint(0, tok.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(again(tokens).logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- untrusted files: every bad value is one line naming the file and the field, before any work ----
+
+def native_hf_dir(path, **cfg_kw):
+    """A HF directory written by dropless from a small native model (no transformers involved)."""
+    import dataclasses
+    from dropless import get_preset
+
+    cfg = dataclasses.replace(get_preset("tiny"), num_layers=2, max_seq_len=64, **cfg_kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    to_hf(model, path)
+    return model
+
+
+def edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_local_experts", 10**9, "num_local_experts=1000000000 is invalid: must be an integer in"),
+    ("num_hidden_layers", 10**8, "num_hidden_layers=100000000 is invalid"),
+    ("vocab_size", 2**40, "vocab_size=1099511627776 is invalid"),
+    ("hidden_size", 0, "hidden_size=0 is invalid"),
+    ("hidden_size", "128", "hidden_size='128' is invalid: must be an integer"),
+    ("intermediate_size", 12.5, "intermediate_size=12.5 is invalid"),
+    ("num_experts_per_tok", 9, "num_experts_per_tok=9 is invalid: must be an integer in [1, 8]"),
+    ("num_attention_heads", True, "num_attention_heads=True is invalid"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps=nan is invalid: must be a finite number in (0"),
+    ("rms_norm_eps", -1, "rms_norm_eps=-1 is invalid"),
+    ("rms_norm_eps", 0, "rms_norm_eps=0 is invalid"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": float("inf")}, "rope_theta=inf is invalid"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": -1e4}, "rope_theta=-10000.0 is invalid"),
+    ("rope_parameters", "fast", "rope_parameters='fast' is invalid: must be an object"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings='yes' is invalid: must be true or false"),
+    ("router_aux_loss_coef", -0.1, "router_aux_loss_coef=-0.1 is invalid"),
+    ("max_position_embeddings", 10**12, "max_position_embeddings=1000000000000 is invalid"),
+    ("quantization_config", {"quant_method": "gptq"}, "quantization_config="),
+    ("sliding_window", "wide", "sliding_window='wide'"),
+])
+def test_hostile_config_values_refused_before_any_work(tmp_path, field, value, message):
+    """The weights are removed: the error must come from config.json alone, and fast."""
+    import time
+
+    native_hf_dir(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    edit_config(tmp_path, **{field: value})
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        from_hf(tmp_path)
+    assert time.perf_counter() - start < 1.0
+    msg = str(err.value)
+    assert msg.startswith(str(tmp_path / "config.json") + ": ") and message in msg, msg
+    assert "\n" not in msg
+
+
+def test_too_many_expert_tensors_refused(tmp_path):
+    native_hf_dir(tmp_path)
+    edit_config(tmp_path, num_local_experts=4096, num_hidden_layers=1024)
+    with pytest.raises(ValueError, match="1024 layers of 4096 experts.*more than the limit"):
+        from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "is not readable JSON"),
+    ("[1, 2, 3]", "must hold a JSON object, not list"),
+    ("null", "must hold a JSON object, not NoneType"),
+    ('{"model_type": ["mixtral"]}', "model_type=['mixtral'] is not supported"),
+    ('{"model_type": "mixtral", "mlp_only_layers": 3}', "hidden_size"),
+])
+def test_garbage_config_json_is_one_line_through_the_cli(tmp_path, capsys, text, message):
+    from dropless.cli import main
+
+    native_hf_dir(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(text)
+    for argv in (["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
+                 ["generate", str(tmp_path / "hf")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "config.json" in err and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_integer_typed_float_weights_refused(tmp_path):
+    native_hf_dir(tmp_path)
+
+    def retype(state):
+        state["model.norm.weight"] = state["model.norm.weight"].view(torch.int32)
+        key = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+        state[key] = state[key].view(torch.int32)
+    edit_tensors(tmp_path, retype)
+    with pytest.raises(ValueError) as err:
+        from_hf(tmp_path)
+    msg = str(err.value)
+    assert "2 of the wrong dtype" in msg
+    assert "model.safetensors: model.norm.weight is I32 (allowed: F16, BF16, F32, F64)" in msg
+    assert "model.safetensors: model.layers.1.block_sparse_moe.experts.2.w1.weight is I32" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_precision_files_are_cast(tmp_path, dtype):
+    model = native_hf_dir(tmp_path)
+    edit_tensors(tmp_path, lambda state: state.update({k: v.to(dtype) for k, v in state.items()}))
+    again = from_hf(tmp_path)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.to(dtype).float(), b), k
+
+
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_index_may_not_point_outside_the_model_directory(tmp_path, where):
+    from safetensors.torch import load_file
+
+    hf_dir, secret = tmp_path / "hf", tmp_path / "elsewhere" / "weights.safetensors"
+    native_hf_dir(hf_dir)
+    secret.parent.mkdir()
+    (hf_dir / "model.safetensors").rename(secret)
+    target = {"absolute": str(secret), "dotdot": "../elsewhere/weights.safetensors",
+              "symlink": "model-00001-of-00001.safetensors"}[where]
+    if where == "symlink":
+        (hf_dir / target).symlink_to(secret)
+    index = {"weight_map": {k: target for k in load_file(secret)}}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.safetensors.index.json.*(weights must be files "
+                                         "inside|outside the model directory)"):
+        from_hf(hf_dir)
+    if where == "symlink":   # also without an index: a *.safetensors symlink out is refused
+        (hf_dir / "model.safetensors.index.json").unlink()
+        with pytest.raises(ValueError, match="outside the model directory"):
+            from_hf(hf_dir)
+
+
+def test_garbage_index_is_one_line(tmp_path):
+    native_hf_dir(tmp_path)
+    for text in ("{", '{"weight_map": [1]}', '{"weight_map": {"a": 7}}', "[]"):
+        (tmp_path / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(ValueError) as err:
+            from_hf(tmp_path)
+        assert "model.safetensors.index.json" in str(err.value), text
+
+
+def test_hub_cache_snapshot_symlinks_are_followed(tmp_path):
+    """The HF hub cache keeps snapshots/<rev>/* as symlinks into the repo's blobs/: allowed."""
+    model = native_hf_dir(tmp_path / "src")
+    repo = tmp_path / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (tmp_path / "src").iterdir():
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    again = from_hf(snapshot)
+    assert torch.equal(again.embed.weight, model.embed.weight)
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, capsys):
+    from dropless.cli import main
+
+    cfg = transformers.AutoConfig.for_model("mixtral", **{**COMMON, **ARCHS["mixtral"],
+                                                          "vocab_size": 50})
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(small_tokenizer(60).to_str())
+    capsys.readouterr()
+    for argv in (["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
+                 ["generate", str(tmp_path / "hf")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "tokenizer.json has 60 tokens but config.json has vocab_size=50" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"model": 3}', '{"version": "1.0"}', "\udcff"])
+def test_garbage_tokenizer_json_is_one_line(tmp_path, capsys, text):
+    from dropless.cli import main
+
+    native_hf_dir(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(text, errors="surrogateescape")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json: " in err and "Traceback" not in err, err
+
+
+def test_tied_embeddings_import(tmp_path):
+    """tie_word_embeddings: true files store only the embedding; the import re-ties the head."""
+    cfg = transformers.AutoConfig.for_model("qwen3_moe", **{**COMMON, **ARCHS["qwen3_moe"],
+                                                            "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    randomize(ref.float())
+    ref.eval().save_pretrained(tmp_path)
+    model = from_hf(tmp_path).eval()
+    assert model.lm_head.weight is model.embed.weight
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(model(tokens)[0], ref(tokens).logits) < 1e-4
+
+
+def test_default_tiny_run_round_trips_through_hf(tmp_path, corpus, capsys):
+    """The documented round trip for the default (tied, byte-tokenizer) run, through the CLI:
+    train -> convert --to-hf -> generate HF_DIR, and -> convert --from-hf -> generate RUN."""
+    from dropless.cli import main
+
+    run, hf_dir, back = tmp_path / "run", tmp_path / "hf", tmp_path / "back"
+    assert main(["train", "--data", str(corpus), "--out", str(run), "--cache-dir",
+                 str(tmp_path / "cache"), "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+                 "--sample-tokens", "0", "--quiet"]) == 0
+    assert main(["convert", "--to-hf", str(run), str(hf_dir)]) == 0
+    assert json.loads((hf_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    assert (hf_dir / "tokenizer.json").exists()
+    assert main(["convert", "--from-hf", str(hf_dir), str(back)]) == 0
+    outs = []
+    for src in (run, hf_dir, back):
+        capsys.readouterr()
+        assert main(["generate", str(src), "--prompt", "def f(x):", "--temperature", "0",
+                     "--max-new-tokens", "20"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] and outs[0].startswith("def f(x):")
+    assert len(outs[0]) > len("def f(x):")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    from dropless.checkpoint import load_run
+    model = load_run(run)[0]
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert rel_err(model(tokens)[0], hf(tokens).logits) < 1e-4
+
+
+@pytest.mark.parametrize("value", [[0, "1"], "0,1", [0, None], [1, 0.5]])
+def test_garbage_mlp_only_layers_names_the_field(tmp_path, value):
+    from dropless.hf_config import config_from_hf, config_to_hf
+    from dropless import get_preset
+
+    hf = config_to_hf(get_preset("medium"))
+    assert hf["model_type"] == "qwen3_moe"
+    with pytest.raises(ValueError, match="config.json: unsupported Hugging Face config: mlp_only_layers="):
+        config_from_hf({**hf, "mlp_only_layers": value})
+    assert config_from_hf({**hf, "mlp_only_layers": [1, 0]}).first_dense_layers == 2
+
+
+def test_every_preset_round_trips_through_its_spec():
+    """Each exportable preset reads back from its own config.json as the same ModelConfig, except
+    what config.json does not hold (the z-loss coefficient, the backend)."""
+    import dataclasses
+    from dropless import PRESETS
+    from dropless.hf_config import config_from_hf, config_to_hf
+
+    for name, model_type in (("tiny", "mixtral"), ("medium", "qwen3_moe"),
+                             ("olmoe-1b-7b", "olmoe"), ("deepseek-v3", "deepseek_v3")):
+        cfg = PRESETS[name]
+        hf = config_to_hf(cfg)
+        assert hf["model_type"] == model_type, name
+        back = config_from_hf(hf)
+        assert back.moe.balance_loss_coef == pytest.approx(cfg.moe.balance_loss_coef)
+        assert back.head_size == cfg.head_size
+        # head_dim and dense_hidden_dim: written explicitly (the latter unused without dense layers)
+        back = dataclasses.replace(back, head_dim=cfg.head_dim, dense_hidden_dim=cfg.dense_hidden_dim,
+                                   moe=dataclasses.replace(
+            back.moe, z_loss_coef=cfg.moe.z_loss_coef, balance_loss_coef=cfg.moe.balance_loss_coef))
+        assert back == cfg, name

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -118,3 +119,76 @@ def test_bad_model_config():
         tiny(num_kv_heads=3)
     with pytest.raises(ValueError, match="preset"):
         get_preset("gpt-5")
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("tokens,message", [
+    (torch.tensor([[1, 64, 2]]), "token id 64 is invalid: ids must be in [0, 63] (vocab_size=64)"),
+    (torch.tensor([[1, -1, 2]]), "token id -1 is invalid"),
+    (torch.tensor([[1.0, 2.0]]), "tokens.dtype=torch.float32 is invalid: token ids must be int64 or int32"),
+    (torch.tensor([[True]]), "tokens.dtype=torch.bool is invalid"),
+    (torch.tensor([[3]], dtype=torch.uint8), "tokens.dtype=torch.uint8 is invalid"),
+    (torch.zeros(1, 65, dtype=torch.long), "sequence length 65 is invalid: at most max_seq_len=64"),
+    (torch.zeros(3, dtype=torch.long), "tokens.shape=(3,) is invalid"),
+])
+def test_forward_refuses_bad_tokens(tokens, message, train):
+    model = tiny().train(train)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(tokens)
+
+
+def test_forward_accepts_boundary_ids_and_int32():
+    model = tiny().eval()
+    ref, _ = model(torch.tensor([[0, 63, 5, 63]]))
+    out, _ = model(torch.tensor([[0, 63, 5, 63]], dtype=torch.int32))
+    assert torch.equal(out, ref)
+
+
+def test_kv_cache_bounds():
+    from dropless.model import KVCache
+    model = tiny().eval()
+    with pytest.raises(ValueError, match="KV cache max_len=65 is invalid: must be <= the model's "
+                                         "max_seq_len=64"):
+        KVCache(model, 1, 65)
+    cache = KVCache(model, 2, 8)
+    model(torch.ones(2, 6, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="KV cache of length 8 is full: 3 more tokens would fill it to 9"):
+        model(torch.ones(2, 3, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="sequence length 9 is invalid.*KV cache length 8"):
+        model(torch.ones(2, 9, dtype=torch.long), KVCache(model, 2, 8))
+    with pytest.raises(ValueError, match="token id 64"):
+        model(torch.full((2, 1), 64), cache)
+    assert cache.lengths_B.tolist() == [6, 6]   # nothing was written by the refused calls
+
+
+def test_training_mode_off_cpu_reads_no_token_values():
+    """On an accelerator in training mode the id range is not checked (it would cost a host sync
+    per micro-batch). Meta tensors stand in for device tensors: reading one raises."""
+    model = tiny().train()
+    model.check_tokens(torch.empty(2, 5, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="sequence length 65"):   # shapes are still checked
+        model.check_tokens(torch.empty(2, 65, dtype=torch.long, device="meta"))
+    with pytest.raises(NotImplementedError):   # eval mode reads the values
+        model.eval().check_tokens(torch.empty(2, 5, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.gpu
+def test_cuda_training_forward_check_is_sync_free():
+    model = tiny().cuda().train()
+    tokens = torch.randint(0, 64, (2, 16), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.check_tokens(tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="token id 64"):
+        model.eval().check_tokens(torch.full((1, 3), 64, device="cuda"))
+
+
+@pytest.mark.parametrize("field,value", [("norm_eps", float("nan")), ("norm_eps", -1.0),
+                                         ("norm_eps", 0.0), ("rope_theta", float("inf")),
+                                         ("rope_theta", float("nan"))])
+def test_model_config_refuses_non_finite_eps_and_theta(field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* is invalid: must be a finite number > 0"):
+        dataclasses.replace(get_preset("tiny"), **{field: value})
