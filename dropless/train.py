@@ -191,8 +191,8 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    if rt.mesh is not None:
-        parallelize(model, rt.mesh)
+    if rt.mesh is not None:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16
+        parallelize(model, rt.mesh, mixed_precision=precision == "bf16-mixed")
     opt = make_optimizer(model, cfg)
     if state is not None:
         if single_state:
