@@ -105,6 +105,20 @@ def hf_provider(cfg, precision: str, tokens_BT):
     return step
 
 
+def profile(step, warmup: int) -> int:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -112,6 +126,9 @@ def main() -> int:
     parser.add_argument("--providers", default="all",
                         help="comma-separated subset of the table's rows, or all")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", metavar="PROVIDER",
+                        help="instead of the table: where one provider's step spends its GPU time "
+                             "(torch.profiler, top kernels)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train.py needs a CUDA GPU")
@@ -130,6 +147,8 @@ def main() -> int:
         "dropless bf16 eager": lambda: dropless_provider(cfg, "bf16", False, tokens_BT),
         "dropless bf16 compiled": lambda: dropless_provider(cfg, "bf16", True, tokens_BT),
     }
+    if args.profile:
+        return profile(providers[args.profile](), args.warmup)
     wanted = list(providers) if args.providers == "all" else args.providers.split(",")
     import transformers
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
