@@ -177,7 +177,7 @@ def main() -> int:
           f"{results['transformers']}; medium preset ({stats['total_params'] / 1e9:.2f} B params, "
           f"{stats['active_params'] / 1e9:.2f} B active), seq {SEQ} x batch {BATCH}; "
           f"{flops_per_token / 1e9:.2f} GFLOP per token")
-    print(f"| provider | step ms | tokens/s | TFLOP/s | MFU | peak GiB | vs HF best |")
+    print("| provider | step ms | tokens/s | TFLOP/s | MFU | peak GiB | vs HF best |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
