@@ -25,7 +25,7 @@ Steps 2-4 are differentiable (the backward runs the same all-to-alls in reverse)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -55,19 +55,24 @@ class EPPlan:
         return self.local.counts_E
 
 
-def slot_plan(group_TK: torch.Tensor, keep_TK: torch.Tensor, num_groups: int,
-              num_rows: int) -> ops.Plan:
-    """An ops.Plan over the kept slots of [T, K] sorted by group (stable: token order inside each
-    group); unkept slots are "dropped" (dispatch and combine mask them). `num_rows` = kept slots,
-    known on the host (from the split sizes), so nothing here syncs."""
+def slot_plan(group_TK: torch.Tensor, keep_TK: torch.Tensor, num_groups: int) -> ops.Plan:
+    """An ops.Plan over the kept slots of [T, K], sorted by group (stable: token order inside each
+    group); unkept slots are "dropped" (dispatch and combine mask them). Its `slot_of_row_R` lists
+    every slot, the kept ones first: `kept_rows` cuts it once their number is known on the host,
+    so the sort can run before the sync."""
     T, K = group_TK.shape
+    keep_S = keep_TK.reshape(-1)
     key_S = torch.where(keep_TK, group_TK, num_groups).reshape(-1)
     # int32 keys: half the radix-sort passes of int64
-    slot_of_row = torch.argsort(key_S.to(torch.int32), stable=True)[:num_rows]
+    order_S = torch.argsort(key_S.to(torch.int32), stable=True)
     counts = ops.expert_counts(key_S, num_groups + 1)[:num_groups]
-    row_of_slot = torch.zeros(T * K, dtype=torch.int64, device=key_S.device).scatter_(
-        0, slot_of_row, torch.arange(num_rows, device=key_S.device))
-    return ops.Plan(slot_of_row, row_of_slot, keep_TK.reshape(-1), counts, K)
+    row_of_slot = torch.empty_like(order_S).scatter_(
+        0, order_S, torch.arange(T * K, device=key_S.device)).masked_fill_(~keep_S, 0)
+    return ops.Plan(order_S, row_of_slot, keep_S, counts, K)
+
+
+def kept_rows(plan: ops.Plan, num_rows: int) -> ops.Plan:
+    return replace(plan, slot_of_row_R=plan.slot_of_row_R[:num_rows])
 
 
 class AllToAllDispatcher:
@@ -100,23 +105,26 @@ class AllToAllDispatcher:
         P, e, E = self.num_ranks, self.num_local, self.num_experts
         T, K = expert_ids_TK.shape
         dev = x_TD.device
-        # 1. destinations: token t goes to rank p iff one of its experts lives there
+        # 1. destinations: token t goes to rank p iff one of its experts lives there; the send
+        #    order (rank-major, token order inside a rank's block) is sorted before the sync
         to_TP = torch.zeros(T, P, dtype=torch.bool, device=dev).scatter_(1, expert_ids_TK // e, True)
+        home = slot_plan(torch.arange(P, device=dev).expand(T, P), to_TP, P)
         tokens_E = ops.expert_counts(expert_ids_TK, E)
+        # weights and global expert ids of each token (ids as floats: exact below 2^24)
+        meta_TK2 = torch.cat([weights_TK, expert_ids_TK.to(weights_TK.dtype)], 1)
         # per destination rank: [rows sent to it, slots for each of its experts]
-        send_P1 = torch.cat([to_TP.sum(0, dtype=torch.int64).unsqueeze(1), tokens_E.view(P, e)], 1)
+        send_P1 = torch.cat([home.counts_E.unsqueeze(1), tokens_E.view(P, e)], 1)
         recv_P1 = torch.empty_like(send_P1)
         dist.all_to_all_single(recv_P1, send_P1, group=self.group)
         sizes = torch.cat([send_P1[:, 0], recv_P1[:, 0], recv_P1[:, 1:].sum().view(1)])
         sizes = sizes.tolist()   # sync: split sizes for the all-to-alls and the row counts
         send_splits, recv_splits, num_rows = sizes[:P], sizes[P:2 * P], sizes[-1]
-        # 2. send buffer, rank-major (token order inside a rank's block): one gather
-        ranks_TP = torch.arange(P, device=dev).expand(T, P)
-        home = slot_plan(ranks_TP, to_TP, P, sum(send_splits))
+        # 2. send buffer: one gather; the metadata goes first, so the receiver sorts it while the
+        #    rows are in flight
+        home = kept_rows(home, sum(send_splits))
         x_SD = ops.dispatch(x_TD, home)
-        # weights and global expert ids of each sent row (ids as floats: exact below 2^24)
-        meta_SK2 = ops.dispatch(torch.cat([weights_TK, expert_ids_TK.to(weights_TK.dtype)], 1), home)
-        meta_NK2 = all_to_all_single_autograd(meta_SK2, recv_splits, send_splits, self.group)
+        meta_NK2 = all_to_all_single_autograd(ops.dispatch(meta_TK2, home), recv_splits,
+                                              send_splits, self.group)
         x_ND = all_to_all_single_autograd(x_SD, recv_splits, send_splits, self.group)
         # 3. on the receiving side (while the rows are in flight): every received row to each
         #    local expert it chose, grouped by local expert; then one gather
@@ -124,7 +132,7 @@ class AllToAllDispatcher:
         ids_NK = ids_NK.detach().long()
         first = self.rank * e
         mine_NK = (ids_NK >= first) & (ids_NK < first + e)
-        local = slot_plan(ids_NK - first, mine_NK, e, num_rows)
+        local = kept_rows(slot_plan(ids_NK - first, mine_NK, e), num_rows)
         x_RD = ops.dispatch(x_ND, local)
         return x_RD, EPPlan(home, local, weights_NK, send_splits, recv_splits, tokens_E)
 
