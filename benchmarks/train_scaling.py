@@ -1,14 +1,15 @@
 """`dropless train` at world 1 and world N, side by side in one call: tokens/s per GPU of each layout
 against one GPU, then a world-N run resumed elastically in one process.
 
-    python benchmarks/train_scaling.py --out-dir OUT [--gpus 2] [--preset medium] [--steps 30]
+    python benchmarks/train_scaling.py --out-dir OUT [--gpus 2] [--preset medium] [--steps 20]
 
 Every run is the product path (`python -m dropless train`, under torchrun for N > 1) with the same
 tokens per GPU per step (`--batch-per-gpu` x `--seq-len`; the global batch grows with N: weak
-scaling). tokens/s comes from each run's metrics.jsonl (global tokens over each log window, eval
-excluded), median of the windows after the first (compilation, allocator and NCCL warm-up), divided
-by the number of GPUs. Checkpoints are written at the given cadence and deleted after each run
-(a medium checkpoint is ~16 GB). Prints one table; each run's log is OUT/<name>.log.
+scaling). tokens/s comes from each run's metrics.jsonl (global tokens over each 2-step log window, eval
+excluded), median of the windows after the first (allocator and NCCL warm-up; the median also
+drops the window that holds the mid-run checkpoint), divided by the number of GPUs. Checkpoints
+are written every `--ckpt-every` steps and at the end, and deleted after each run (a medium
+checkpoint with its AdamW state is ~16 GB). Prints one table; each run's log is OUT/<name>.log.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def main():
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--preset", default="medium")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ckpt-every", type=int, default=10)
+    parser.add_argument("--cache-dir", default=None, help="token cache (default OUT/cache)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-per-gpu", type=int, default=8)
     parser.add_argument("--tokenizer", default="bpe")
@@ -61,11 +64,12 @@ def main():
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     N = args.gpus
+    cache = args.cache_dir or str(out / "cache")
     common = ["--preset", args.preset, "--tokenizer", args.tokenizer, "--vocab", str(args.vocab),
               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--warmup", "5",
-              "--eval-every", str(max(1, args.steps // 3)), "--eval-batches", "2",
-              "--ckpt-every", str(max(1, args.steps // 2)), "--log-every", "5",
-              "--sample-tokens", "0", "--quiet", "--cache-dir", str(out / "cache")]
+              "--eval-every", str(max(1, args.steps // 2)), "--eval-batches", "2",
+              "--ckpt-every", str(args.ckpt_every), "--log-every", "2",
+              "--sample-tokens", "0", "--quiet", "--cache-dir", cache]
     runs = [("1 GPU", 1, [])] + [(f"{name} {N}", N, [f"--{name}", str(N)])
                                  for name in args.layouts.split(",")]
     rows = []
@@ -97,10 +101,10 @@ def main():
         flags = ["--preset", args.elastic_preset, "--steps", "20", "--ckpt-every", "10",
                  "--eval-every", "10", "--eval-batches", "2", "--log-every", "5", "--seq-len", "256",
                  "--batch-size", str(8 * N), "--sample-tokens", "0", "--quiet",
-                 "--cache-dir", str(out / "cache"), "--out", str(run_dir), "--ep", str(N)]
+                 "--cache-dir", cache, "--out", str(run_dir), "--ep", str(N)]
         code_n, _ = launch(N, flags, out / "elastic_world.log")
         code_1, _ = launch(1, ["--resume", str(run_dir), "--steps", "30", "--quiet",
-                               "--cache-dir", str(out / "cache")], out / "elastic_resumed.log")
+                               "--cache-dir", cache], out / "elastic_resumed.log")
         lines = metrics(run_dir)
         steps = [r["step"] for r in lines]
         print(f"\nelastic: {args.elastic_preset} at world {N} (exit {code_n}) resumed in one "
