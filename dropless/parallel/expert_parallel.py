@@ -148,15 +148,29 @@ class AllToAllDispatcher:
         # 5. partial sums home, splits mirrored
         z_SD = all_to_all_single_autograd(z_ND, plan.send_splits, plan.recv_splits, self.group)
         # 6. sum of a token's partials (one per rank it went to), in rank order
-        ones_TP = z_SD.new_ones(plan.home.row_of_slot_S.numel() // plan.home.top_k, plan.home.top_k)
-        y_TD = ops.combine(z_SD, plan.home, ones_TP)
-        if z_SD.shape[0] == 0:
-            y_TD = y_TD + (z_SD * 0).sum()   # as above: no tokens here, the backward still runs
-        return y_TD
+        return _SumPartials.apply(z_SD, plan.home)
 
     def tokens_per_expert(self, plan: EPPlan) -> torch.Tensor:
         """[E]: assignments of this rank's tokens to every (global) expert."""
         return plan.tokens_E
+
+
+class _SumPartials(torch.autograd.Function):
+    """y_TD[t] = sum of the rows `home` sent token t to (its partial sums, back from each rank).
+    Backward hands dy_TD[t] to each of them: a gather, nothing kept but the plan's indices (the
+    combine op with unit weights would keep z_SD for a weight gradient nobody needs)."""
+
+    @staticmethod
+    def forward(ctx, z_SD, home: ops.Plan):
+        ctx.save_for_backward(home.slot_of_row_R)
+        ctx.num_ranks = home.top_k
+        ones_TP = z_SD.new_ones(home.row_of_slot_S.numel() // home.top_k, home.top_k)
+        return ops.combine(z_SD, home, ones_TP)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        slot_of_row_S, = ctx.saved_tensors
+        return dy_TD[slot_of_row_S // ctx.num_ranks], None
 
 
 class _ScaleGrad(torch.autograd.Function):
