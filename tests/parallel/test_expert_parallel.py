@@ -17,9 +17,9 @@ from dropless.parallel.loads import all_reduce_loads, use_global_balance
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def make_layer(case: str, E: int, dtype: torch.dtype) -> MoE:
+def make_layer(case: str, E: int, K: int, dtype: torch.dtype) -> MoE:
     coef = 0.0 if case == "empty_rank" else 0.01   # balance over zero tokens is undefined (NaN)
-    cfg = MoEConfig(dim=16, hidden_dim=24, num_experts=E, top_k=2, balance_loss_coef=coef,
+    cfg = MoEConfig(dim=16, hidden_dim=24, num_experts=E, top_k=K, balance_loss_coef=coef,
                     z_loss_coef=1e-3 if coef else 0.0, num_shared_experts=1)
     torch.manual_seed(0)
     moe = MoE(cfg)
@@ -38,16 +38,16 @@ def token_counts(case: str, world: int) -> list[int]:
     return [9] * world
 
 
-def body(rank, world, cases, E, dtypes):
+def body(rank, world, cases, dtypes):
     mesh = build_mesh(ParallelConfig(ep=world), device().type)
     for dtype in dtypes:
-        for case in cases:
-            check_case(rank, world, mesh, case, E, dtype)
+        for case, E, K in cases:
+            check_case(rank, world, mesh, case, E, K, dtype)
 
 
-def check_case(rank, world, mesh, case, E, dtype):
+def check_case(rank, world, mesh, case, E, K, dtype):
     tol = TOL[dtype]
-    ref = make_layer(case, E, dtype)
+    ref = make_layer(case, E, K, dtype)
     moe = apply_ep(use_global_balance(copy.deepcopy(ref), mesh), mesh)
     counts = token_counts(case, world)
     torch.manual_seed(1)
@@ -96,4 +96,7 @@ def check_case(rank, world, mesh, case, E, dtype):
 def test_ep_layer_matches_single_process(world, backend):
     # bf16 on gloo at world 2 only: CI runs on 2 busy cores
     dtypes = (torch.float32, torch.bfloat16) if world == 2 or backend == "nccl" else (torch.float32,)
-    launch(world, body, ("random", "skewed", "empty_rank"), 8, dtypes, backend=backend)
+    cases = [("random", 8, 2), ("skewed", 8, 2), ("empty_rank", 8, 2),
+             # K == E: every token to every rank; one expert per rank, top-1
+             ("random", world * 2, world * 2), ("random", world, 1)]
+    launch(world, body, cases, dtypes, backend=backend)
