@@ -3,11 +3,14 @@ dispatch + combine against a raw all_to_all_single of the same bytes.
 
     torchrun --nproc-per-node N benchmarks/expert_parallel.py [--shapes olmoe,qwen3] [--tokens T]
 
-With `--tokens` fixed (tokens per GPU), running at N = 1, 2, 4, 8 gives weak scaling: each rank holds
-E/N experts and the same work per GPU, so the layer time should stay flat. At every N the script
-first checks the EP layer against one process computing this rank's tokens with all experts
-(forward output, exact routing), then times with CUDA events (or perf_counter on CPU), medians over
-repeats after warm-up, on random data. Rank 0 prints the table.
+With `--tokens` fixed (tokens per GPU), each rank holds E/N experts and the same expert work as one
+process holding all E experts on the same tokens, so the EP layer's time should equal that
+single-process layer's, timed in the same run: their ratio is the weak-scaling efficiency (N = 1
+shows the dispatcher's own overhead). At every N the script first checks the EP layer against one
+process computing this rank's tokens with all experts (forward output), then times with CUDA events
+(or perf_counter on CPU), medians over repeats after warm-up, on random data. The raw all-to-alls
+are timed twice: with the dispatcher's own splits (the same bytes: one row per token and
+destination rank) and with one row per (token, expert) slot. Rank 0 prints the table.
 """
 
 from __future__ import annotations
@@ -70,33 +73,48 @@ def run_shape(name, T, device, dtype, world, rank):
 
     # 2. dispatch + combine alone, forward: rows out to their experts' ranks and back
     route = ep.router(x)
+    disp = ep.dispatcher
 
     def dispatch_combine():
-        x_RD, plan = ep.dispatcher.dispatch(x, route.expert_ids_TK)
-        ep.dispatcher.combine(x_RD, plan, route.weights_TK)
+        x_RD, plan = disp.dispatch(x, route.expert_ids_TK, route.weights_TK)
+        disp.combine(x_RD, plan, route.weights_TK)
 
     ms_dc = timed(dispatch_combine, device)
-    # 3. raw all_to_all_single of the same bytes (even splits), twice (there and back)
-    send = torch.randn(T * K, D, device=device, dtype=dtype)
-    recv = torch.empty_like(send)
+    _, plan = disp.dispatch(x, route.expert_ids_TK, route.weights_TK)
+    rows_sent = sum(plan.send_splits)
 
-    def raw():
-        dist.all_to_all_single(recv, send)
-        dist.all_to_all_single(send, recv)
+    # 3. raw all_to_all_single there and back: (a) the same bytes this dispatcher moves (the same
+    #    uneven splits), (b) one row per (token, expert) slot, T*K rows (a dispatcher without
+    #    per-rank deduplication), even splits
+    def raw_fn(send_splits, recv_splits):
+        send = torch.randn(sum(send_splits), D, device=device, dtype=dtype)
+        recv = torch.empty(sum(recv_splits), D, device=device, dtype=dtype)
 
-    ms_raw = timed(raw, device)
-    # 4. the whole layer, forward + backward
+        def raw():
+            dist.all_to_all_single(recv, send, recv_splits, send_splits)
+            dist.all_to_all_single(send, recv, send_splits, recv_splits)
+        return raw
+
+    ms_raw = timed(raw_fn(plan.send_splits, plan.recv_splits), device)
+    even = [T * K // world] * world
+    ms_raw_slots = timed(raw_fn(even, even), device)
+
+    # 4. the whole layer, forward + backward: EP, and one process holding all experts on the same
+    #    tokens (the same work per GPU: their ratio is the weak-scaling efficiency)
     xg = x.clone().requires_grad_()
 
-    def layer():
-        y, aux = ep(xg)
-        (y.float().square().mean() + aux.balance_loss).backward()
+    def layer(moe):
+        def run():
+            y, aux = moe(xg)
+            (y.float().square().mean() + aux.balance_loss).backward()
+        return run
 
-    ms_layer = timed(layer, device)
-    gbytes = 2 * T * K * D * x.element_size() / 1e9
-    return dict(shape=name, world=world, tokens=T, rel_err=err, dc_ms=ms_dc, raw_ms=ms_raw,
-                dc_gbps=gbytes / ms_dc * 1e3, raw_gbps=gbytes / ms_raw * 1e3,
-                layer_ms=ms_layer)
+    ms_layer = timed(layer(ep), device)
+    ms_local = timed(layer(local), device)
+    gbytes = 2 * rows_sent * D * x.element_size() / 1e9
+    return dict(shape=name, world=world, tokens=T, rows_per_token=rows_sent / T, rel_err=err,
+                dc_ms=ms_dc, raw_ms=ms_raw, raw_gbps=gbytes / ms_raw * 1e3, raw_slots_ms=ms_raw_slots,
+                layer_ms=ms_layer, local_ms=ms_local)
 
 
 def main():
@@ -104,6 +122,9 @@ def main():
     parser.add_argument("--shapes", default="olmoe,qwen3")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     args = parser.parse_args()
+    for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                       "NVSHMEM_DISABLE_NVLS": "1"}.items():
+        os.environ.setdefault(key, value)   # the GPU machines require NVLink multicast off
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -115,14 +136,16 @@ def main():
             for name in args.shapes.split(",")]
     if rank == 0:
         print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, world {world}, "
-              f"torch {torch.__version__}, {dtype}")
-        print("| shape | EP | tokens/GPU | rel err vs 1 process | dispatch+combine ms | GB/s | "
-              "raw all_to_all ms | GB/s | ratio | layer fwd+bwd ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              f"torch {torch.__version__}, {dtype}; rank 0's numbers, medians")
+        print("| shape | EP | tokens/GPU | rows sent/token | rel err vs 1 process | "
+              "dispatch+combine ms | raw a2a, same bytes ms (GB/s) | ratio | raw a2a, T*K rows ms | "
+              "layer fwd+bwd EP ms | 1 process ms | weak scaling |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['shape']} | {r['world']} | {r['tokens']} | {r['rel_err']:.1e} | "
-                  f"{r['dc_ms']:.3f} | {r['dc_gbps']:.0f} | {r['raw_ms']:.3f} | {r['raw_gbps']:.0f} | "
-                  f"{r['raw_ms'] / r['dc_ms']:.2f} | {r['layer_ms']:.2f} |")
+            print(f"| {r['shape']} | {r['world']} | {r['tokens']} | {r['rows_per_token']:.2f} | "
+                  f"{r['rel_err']:.1e} | {r['dc_ms']:.3f} | {r['raw_ms']:.3f} ({r['raw_gbps']:.0f}) | "
+                  f"{r['raw_ms'] / r['dc_ms']:.2f} | {r['raw_slots_ms']:.3f} | {r['layer_ms']:.2f} | "
+                  f"{r['local_ms']:.2f} | {r['local_ms'] / r['layer_ms']:.2f} |")
     import gc
     gc.collect()
     dist.destroy_process_group()

@@ -7,7 +7,6 @@ masked: they propagate to the tokens (and, through routing, the losses) they tou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 
 from dropless import ops
 from dropless.config import MoEConfig
+from dropless.dispatch import Dispatcher, LocalDispatcher
 from dropless.experts import Experts, SwiGLU
 from dropless.router import Router
 
@@ -27,39 +27,6 @@ class MoEAux:
     dropped: int                     # assignments dropped by capacity (0 when dropless)
 
 
-class LocalDispatcher:
-    """Single-process dispatch: permute slots into expert-contiguous rows and back.
-    Expert parallelism replaces this object from outside (dropless.parallel)."""
-
-    def __init__(self, num_experts: int, capacity_factor: float | None = None):
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-
-    def capacity(self, num_tokens: int, top_k: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return math.ceil(self.capacity_factor * num_tokens * top_k / self.num_experts)
-
-    @property
-    def fusable(self) -> bool:
-        """Whether a fused backend may gather and combine itself (`plan` instead of `dispatch`):
-        dropless plans only. Dispatchers that move rows between ranks are not fusable."""
-        return self.capacity_factor is None
-
-    def plan(self, expert_ids_TK: torch.Tensor) -> ops.Plan:
-        return ops.make_plan(expert_ids_TK, self.num_experts, self.capacity(*expert_ids_TK.shape))
-
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
-        plan = self.plan(expert_ids_TK)
-        return ops.dispatch(x_TD, plan), plan
-
-    def combine(self, y_RD: torch.Tensor, plan: ops.Plan, weights_TK: torch.Tensor):
-        return ops.combine(y_RD, plan, weights_TK)
-
-    def tokens_per_expert(self, plan: ops.Plan) -> torch.Tensor:
-        return plan.counts_E
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -68,7 +35,8 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.backend)
         self.shared = SwiGLU(cfg.dim, cfg.shared_hidden) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate else None
-        self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
+        # the seam parallelism swaps from outside (dropless.dispatch.Dispatcher)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() == 0:
@@ -81,17 +49,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         self._check_input(x)
         x_TD = x.reshape(-1, self.cfg.dim)
-        route = self.router(x_TD)   # float32 logits from x as it comes
+        route = self.router(x_TD, self.dispatcher.global_counts)   # fp32 logits from x as it comes
         # under autocast the experts compute in its dtype: cast once here, so that dispatch moves
         # (and, under expert parallelism, the all-to-all sends) bf16 rows, not fp32
         x_TD = x_TD.to(ops.compute_dtype(x_TD))
-        if getattr(self.dispatcher, "fusable", False) and self.experts.fuses_dispatch(x_TD):
+        if self.dispatcher.fusable and self.experts.fuses_dispatch(x_TD):
             # one op gathers token rows, runs the experts and combines ("grouped_lowmem",
             # "triton", "blocksparse"): no gathered rows kept for backward
             plan = self.dispatcher.plan(route.expert_ids_TK)
             y_TD = self.experts.fused(x_TD, plan, route.weights_TK)
         else:
-            x_RD, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
+            x_RD, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK, route.weights_TK)
             y_RD = self.experts(x_RD, plan.counts_E)
             y_TD = self.dispatcher.combine(y_RD, plan, route.weights_TK)
         if self.shared is not None:

@@ -88,9 +88,6 @@ class Router(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
             self.bias = None
-        # counts_E -> the counts the balance loss's f uses; data parallelism sets it from outside
-        # to a sum over ranks (dropless.parallel.loads) so f is the global batch's
-        self.reduce_counts = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -98,7 +95,9 @@ class Router(nn.Module):
         if self.bias is not None:
             self.bias.zero_()
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, global_counts=None) -> Routing:
+        """`global_counts` (Dispatcher.global_counts): this call's counts [E] -> the whole batch's,
+        over which the balance loss's f is taken; None = this call is the whole batch."""
         cfg = self.cfg
         compute_dtype = torch.promote_types(x_TD.dtype, torch.float32)
         logits_TE = _UpcastLinear.apply(x_TD, self.weight, compute_dtype)
@@ -128,9 +127,9 @@ class Router(nn.Module):
         bal = zero
         if cfg.balance_loss_coef > 0:
             counts_E = expert_counts(expert_ids_TK, cfg.num_experts)   # no sync
-            if self.reduce_counts is not None:
+            if global_counts is not None:
                 # may be a collective: called on every rank, with or without tokens
-                counts_E = self.reduce_counts(counts_E)
+                counts_E = global_counts(counts_E)
             if has_tokens:
                 bal = balance_loss(probs_TE, expert_ids_TK, cfg.balance_loss_coef, counts_E)
         zl = z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 and has_tokens else zero

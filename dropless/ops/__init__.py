@@ -128,7 +128,12 @@ def expert_swiglu(x_RD, counts_E, gate_up_EDF2, down_EFD, backend: str = "auto")
     "triton", "blocksparse" and "grouped_lowmem" take the grouped path here: they fuse the
     dispatch, which this seam has already done (expert parallelism, capacity plans)."""
     x_RD, gate_up_EDF2, down_EFD = cast_operands(x_RD, gate_up_EDF2, down_EFD)
-    steps = "grouped" if backend in ("grouped_lowmem", "triton", "blocksparse") else backend
-    if resolve_backend(steps, x_RD, gate_up_EDF2, down_EFD) == "reference":
+    resolved = resolve_backend(backend, x_RD, gate_up_EDF2, down_EFD)
+    if resolved != "reference" and (reason := grouped.unsupported(x_RD, gate_up_EDF2, down_EFD)):
+        # a fused backend chosen for operands grouped_mm cannot take (fp32 on CUDA, say): these
+        # unfused steps have only grouped_mm and the loop
+        _report_fallback(backend, f"{reason}, on rows already dispatched", "reference")
+        resolved = "reference"
+    if resolved == "reference":
         return reference.swiglu_loop(x_RD, counts_E, gate_up_EDF2, down_EFD)
     return grouped.swiglu_grouped(x_RD, counts_E, gate_up_EDF2, down_EFD)

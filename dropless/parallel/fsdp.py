@@ -7,9 +7,10 @@ sharded on dim 1 so the expert dim stays whole per ep rank.
 
 Gradient scale: every rank's loss is a mean over its own tokens, and FSDP averages gradients over
 its mesh. An expert's local gradient already sums the contributions of all ep ranks' tokens (the
-all-to-all backward brings them home), so expert weight gradients are also scaled by 1 / ep (an
-identity op in LocalExperts; FSDP's own divide factor needs PREMUL_SUM, which gloo lacks). Both
-then equal the gradient of the mean loss over the global batch.
+all-to-all backward brings them home), so expert weight gradients are also scaled by 1 / ep
+(`parallelize` builds the ExpertShards with grad_scale = 1 / ep; FSDP's own divide factor needs
+PREMUL_SUM, which gloo lacks, and behaves differently across torch versions on 1-rank meshes).
+Both then equal the gradient of the mean loss over the global batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from dropless.parallel.expert_parallel import LocalExperts
+from dropless.parallel.expert_parallel import ExpertShard
 
 
 def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
@@ -46,10 +47,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | No
         else submesh(mesh, "dp_shard")
     for block in model.layers:
         experts = block.ffn.experts if block.is_moe else None
-        if isinstance(experts, LocalExperts):
+        if isinstance(experts, ExpertShard):
             fully_shard(experts, mesh=expert_mesh, mp_policy=mp,
                         shard_placement_fn=lambda param: Shard(1))
-            experts.grad_scale = 1.0 / mesh["ep"].size()
         fully_shard(block, mesh=dense_mesh, mp_policy=mp)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp)
     return model

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from dropless.dispatch import LocalDispatcher
 from dropless.parallel.expert_parallel import moe_modules
 
 
@@ -30,16 +31,27 @@ def all_reduce_loads(loads: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return out
 
 
-def use_global_balance(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Make each router's balance loss count f over the global batch (one small all-reduce of [E]
-    counts per MoE layer per forward; no host sync)."""
-    group = dp_group(mesh)
+class DataParallelDispatcher(LocalDispatcher):
+    """LocalDispatcher (all experts here) whose balance-loss counts are summed over `group`: one
+    small all-reduce of [E] counts per MoE layer per forward, no host sync."""
 
-    def reduce_counts(counts_E: torch.Tensor) -> torch.Tensor:
+    def __init__(self, num_experts: int, capacity_factor: float | None, group: dist.ProcessGroup):
+        super().__init__(num_experts, capacity_factor)
+        self.group = group
+
+    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         counts_E = counts_E.clone()
-        dist.all_reduce(counts_E, group=group)
+        dist.all_reduce(counts_E, group=self.group)
         return counts_E
 
+
+def use_global_balance(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Make each router's balance loss count f over the global batch: swap each MoE's local
+    dispatcher for a DataParallelDispatcher over all ranks (expert parallelism's dispatcher does
+    the same by itself)."""
+    group = dp_group(mesh)
     for moe in moe_modules(model):
-        moe.router.reduce_counts = reduce_counts
+        local = moe.dispatcher
+        assert isinstance(local, LocalDispatcher), "use_global_balance goes before apply_ep"
+        moe.dispatcher = DataParallelDispatcher(local.num_experts, local.capacity_factor, group)
     return model

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _dist import launch
+from _dist import device, launch, layouts
 from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict
 from dropless.errors import DroplessError
@@ -26,9 +26,9 @@ CFG = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads
 
 def build(pcfg=None):
     torch.manual_seed(0)
-    model = Transformer(CFG)
+    model = Transformer(CFG).to(device())
     if pcfg is not None:
-        parallelize(model, build_mesh(pcfg))
+        parallelize(model, build_mesh(pcfg, device().type))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
@@ -36,7 +36,7 @@ def save_body(rank, world, run_dir):
     model, opt = build(ParallelConfig(dp_shard=2, ep=2))
     gen = torch.Generator().manual_seed(rank)
     for step in (1, 2):
-        tokens = torch.randint(0, CFG.vocab_size, (2, 9), generator=gen)
+        tokens = torch.randint(0, CFG.vocab_size, (2, 9), generator=gen).to(device())
         logits, aux = model(tokens[:, :-1])
         (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux.balance_loss).backward()
         opt.step()
@@ -70,12 +70,13 @@ def load_body(rank, world, run_dir):
 
 
 @pytest.mark.timeout(180)
-def test_elastic_resume_incomplete_and_convert(tmp_path):
+@pytest.mark.parametrize("world,backend", layouts(4))
+def test_elastic_resume_incomplete_and_convert(tmp_path, world, backend):
     from safetensors.torch import load_file
 
     run_dir = str(tmp_path)
-    launch(4, save_body, run_dir)
-    launch(2, load_body, run_dir)
+    launch(world, save_body, run_dir, backend=backend)
+    launch(2, load_body, run_dir, backend=backend)
     # one process, no process group: the same state
     model, opt = build()
     ckpt.load(ckpt.latest(run_dir), model, opt)

@@ -1,6 +1,7 @@
 """Faults under torchrun: rank 0 killed while it saves (after every rank wrote its shards, before the
 COMPLETE marker) under --max-restarts 1: the job restarts from the previous complete checkpoint,
-losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise.
+losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise. On the
+CPU (gloo): bitwise resume is a CPU promise (on CUDA, attention's backward accumulates atomically).
 The launcher killed: its workers stop too, instead of training on unsupervised."""
 
 import os
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, **env_vars) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2",
+           "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2", "--device", "cpu",
            "--data", str(corpus), "--cache-dir", str(cache), "--steps", "16", "--batch-size", "4",
            "--seq-len", "32", "--warmup", "2", "--eval-every", "100", "--eval-batches", "1",
            "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
