@@ -1,0 +1,281 @@
+"""The decode engine: a KV cache preallocated in slots, chunked prefill, a decode step with no host
+sync (a CUDA graph per batch-size bucket on CUDA), and continuous batching.
+
+Legend: B slots (max batch), b a bucket's rows, T tokens of a chunk, S cache length, V vocab.
+
+One engine `step()`:
+1. admit waiting requests into free slots (lowest first, so active rows stay near the top);
+2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, one chunk at a time,
+   each into its own slot's cache; a finished prompt samples its first token;
+3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
+   decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
+   sampling parameters, per-row step counters) that the step itself advances, so the host only
+   writes them when a request joins or leaves; one sync per step reads the new tokens back.
+
+Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
+position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
+tokens sit at positions <= S - 2, and the causal mask hides everything past a row's own position.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dropless.model import Transformer
+from dropless.serve.moe_decode import moe_decode
+from dropless.serve.sampling import sample
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} is invalid: must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
+
+
+class Request:
+    """One prompt's generation. `on_token(request, token)` runs on the engine's thread after each
+    new token and may return True to finish the request (a stop string matched). When the request
+    finishes, `finish_reason` is "stop" (EOS, or on_token asked) or "length" and `done` is set."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
+                 on_token: Callable[["Request", int], bool | None] | None = None):
+        if not prompt:
+            raise ValueError("prompt is empty: a request needs at least one token")
+        self.prompt = list(prompt)
+        self.params = params
+        self.eos_ids = frozenset(eos_ids)
+        self.on_token = on_token
+        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.done = threading.Event()
+        self.cancelled = False
+        self.prefilled = 0   # prompt tokens already in the cache
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (the client went away)."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 512, cuda_graphs: bool | None = None,
+                 buckets: tuple[int, ...] | None = None):
+        cfg = model.cfg
+        max_len = max_len or cfg.max_seq_len
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} is invalid: must be >= 1")
+        if not 2 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} is invalid: must be in [2, max_seq_len="
+                             f"{cfg.max_seq_len}]")
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
+        self.prefill_chunk = prefill_chunk
+        self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.buckets = buckets or tuple(sorted({min(1 << i, max_batch)
+                                                for i in range(max_batch.bit_length() + 1)}))
+        # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
+        self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
+                       for layer in model.layers]
+        # 2. the decode step's static state, one row per slot
+        B, dev = max_batch, p.device
+        self.tokens_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions_B = torch.full((B,), max_len - 1, dtype=torch.long, device=dev)
+        self.steps_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seeds_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.temperature_B = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.top_k_B = torch.full((B,), cfg.vocab_size, dtype=torch.long, device=dev)
+        self.top_p_B = torch.ones(B, dtype=torch.float32, device=dev)
+        self.slots: list[Request | None] = [None] * B
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        total = len(request.prompt) + request.params.max_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens "
+                             f"({request.params.max_tokens}) = {total} exceeds the context of "
+                             f"{self.max_len} tokens")
+        with self.wakeup:
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    def _set_row(self, slot: int, **values) -> None:
+        for name, value in values.items():
+            getattr(self, name + "_B")[slot] = value
+
+    def _finish(self, slot: int, reason: str) -> None:
+        request = self.slots[slot]
+        request.finish_reason = reason
+        self.slots[slot] = None
+        self._set_row(slot, positions=self.max_len - 1)   # back to the scratch position
+        request.done.set()
+
+    def _emit(self, slot: int, token: int) -> None:
+        request = self.slots[slot]
+        request.output.append(token)
+        stop = request.on_token is not None and request.on_token(request, token)
+        if token in request.eos_ids or stop:
+            self._finish(slot, "stop")
+        elif len(request.output) >= request.params.max_tokens:
+            self._finish(slot, "length")
+
+    # ---- the model, run over slots of the cache ---------------------------------------------
+
+    def _hidden(self, tokens_BT, positions_BT, caches, decode: bool) -> torch.Tensor:
+        """The model's blocks (as Block.forward), with the decode MoE path for decode steps."""
+        x = self.model.embed(tokens_BT)
+        for layer, cache in zip(self.model.layers, caches):
+            x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache)
+            h = layer.ffn_norm(x)
+            if not layer.is_moe:
+                x = x + layer.ffn(h)
+            else:
+                x = x + (moe_decode(layer.ffn, h) if decode else layer.ffn(h)[0])
+        return x
+
+    def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.norm(x_BD))
+
+    def _prefill_chunk(self, slot: int, request: Request) -> None:
+        start = request.prefilled
+        chunk = request.prompt[start:start + self.prefill_chunk]
+        tokens_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        positions_1T = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
+        caches = [tuple(t[slot:slot + 1] for t in cache) for cache in self.caches]
+        x = self._hidden(tokens_1T, positions_1T, caches, decode=False)
+        request.prefilled += len(chunk)
+        if request.prefilled < len(request.prompt):
+            return
+        # the prompt is in the cache: its last logits give the first token
+        p, vocab = request.params, self.model.cfg.vocab_size
+        self._set_row(slot, steps=0, seeds=request.seed, temperature=p.temperature,
+                      top_k=min(p.top_k or vocab, vocab), top_p=p.top_p or 1.0)
+        rows = slice(slot, slot + 1)
+        first = sample(self._logits(x[:, -1]), self.temperature_B[rows], self.top_k_B[rows],
+                       self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
+        token = int(first)   # sync: the first token goes to the caller
+        self._set_row(slot, tokens=token, positions=len(request.prompt), steps=1)
+        self._emit(slot, token)
+
+    def _decode(self, b: int, greedy: bool) -> None:
+        """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
+        rows = slice(0, b)
+        caches = [tuple(t[rows] for t in cache) for cache in self.caches]
+        x = self._hidden(self.tokens_B[rows].unsqueeze(1), self.positions_B[rows].unsqueeze(1),
+                         caches, decode=True)
+        logits_bV = self._logits(x[:, -1])
+        if greedy:
+            next_b = logits_bV.argmax(-1)
+        else:
+            next_b = sample(logits_bV, self.temperature_B[rows], self.top_k_B[rows],
+                            self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
+        self.tokens_B[rows].copy_(next_b)
+        self.positions_B[rows].add_(1).clamp_(max=self.max_len - 1)
+        self.steps_B[rows].add_(1)
+
+    def _run_decode(self, b: int, greedy: bool) -> None:
+        if not self.cuda_graphs:
+            self._decode(b, greedy)
+            return
+        graph = self.graphs.get((b, greedy))
+        if graph is None:
+            graph = self._capture(b, greedy)
+        graph.replay()
+
+    def _capture(self, b: int, greedy: bool) -> torch.cuda.CUDAGraph:
+        # warm-up runs advance the buffers: keep them and put them back before the real step
+        saved = [t.clone() for t in (self.tokens_B, self.positions_B, self.steps_B)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode(b, greedy)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self._decode(b, greedy)
+        for buf, value in zip((self.tokens_B, self.positions_B, self.steps_B), saved):
+            buf.copy_(value)
+        self.graphs[(b, greedy)] = graph
+        return graph
+
+    # ---- continuous batching ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit, prefill a chunk, decode one token for every decoding request."""
+        with self.lock:
+            for slot in range(self.max_batch):
+                if not self.waiting:
+                    break
+                if self.slots[slot] is None:
+                    request = self.waiting.popleft()
+                    self.slots[slot] = request
+                    request.prefilled = 0
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.cancelled:
+                self._finish(slot, "cancelled")
+        budget = self.prefill_chunk
+        for slot, request in enumerate(self.slots):
+            while request is not None and request.prefilled < len(request.prompt) and budget > 0:
+                before = request.prefilled
+                self._prefill_chunk(slot, request)
+                budget -= request.prefilled - before
+                request = self.slots[slot]
+        decoding = [s for s, r in enumerate(self.slots)
+                    if r is not None and r.prefilled == len(r.prompt)]
+        if not decoding:
+            return
+        b = next(size for size in self.buckets if size > decoding[-1])
+        greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
+        self._run_decode(b, greedy)
+        tokens = self.tokens_B[:b].tolist()   # sync: the new tokens go to the requests
+        for slot in decoding:
+            self._emit(slot, tokens[slot])
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """The server's engine thread: step while there is work, sleep while there is none;
+        after `stop` is set, finish the requests already admitted or waiting, then return."""
+        while True:
+            with self.wakeup:
+                while not self.has_work() and not stop.is_set():
+                    self.wakeup.wait(timeout=0.1)
+                if stop.is_set() and not self.has_work():
+                    return
+            self.step()

@@ -1,0 +1,67 @@
+"""The MoE layer for decode-sized token counts: no sort, no plan, no host sync.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R = T*K routed rows.
+
+The training path (dropless.moe.MoE.forward) sorts the T*K assignments by expert and runs a
+grouped matmul over expert-contiguous rows: right for thousands of tokens, pure overhead for one.
+Here, with T at most the decode batch, one of two shapes of the same math is used:
+
+- "gather" (few rows, T*K small against E): copy the chosen experts' weights into [R, D, 2F] and
+  [R, F, D] and run two batched GEMVs; reads only the experts used, twice.
+- "dense" (T*K comparable to E): every expert on every token, [E, T, D] x [E, D, 2F], then zero
+  routing weight for unchosen (token, expert) pairs; reads every expert once, with no gather.
+
+Both combine with a [T, 1, K] (or [T, 1, E]) batched matmul in the activation dtype, as the training
+path's combine does, so outputs agree with it to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dropless.moe import MoE
+
+
+def choose_path(num_tokens: int, top_k: int, num_experts: int) -> str:
+    """Gather while the gathered weights are under half the expert weights, else dense."""
+    return "gather" if 2 * num_tokens * top_k < num_experts else "dense"
+
+
+def experts_gather(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    T, K = expert_ids_TK.shape
+    ids_R = expert_ids_TK.reshape(-1)
+    x_R1D = x_TD.repeat_interleave(K, dim=0).unsqueeze(1)
+    h_R1F2 = torch.bmm(x_R1D, gate_up_EDF2[ids_R])
+    gate, up = h_R1F2.chunk(2, dim=-1)
+    y_R1D = torch.bmm(F.silu(gate) * up, down_EFD[ids_R])
+    w_T1K = weights_TK.to(y_R1D.dtype).unsqueeze(1)
+    return torch.bmm(w_T1K, y_R1D.view(T, K, -1)).squeeze(1)
+
+
+def experts_dense(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    T, E = x_TD.shape[0], gate_up_EDF2.shape[0]
+    h_ETF2 = torch.matmul(x_TD.unsqueeze(0), gate_up_EDF2)
+    gate, up = h_ETF2.chunk(2, dim=-1)
+    y_ETD = torch.bmm(F.silu(gate) * up, down_EFD)
+    # routing weights scattered to [T, E]; the unchosen experts' outputs get weight 0
+    w_TE = torch.zeros(T, E, dtype=weights_TK.dtype, device=x_TD.device).scatter(
+        1, expert_ids_TK, weights_TK)
+    w_T1E = w_TE.to(y_ETD.dtype).unsqueeze(1)
+    return torch.bmm(w_T1E, y_ETD.transpose(0, 1)).squeeze(1)
+
+
+def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """y = the layer's output for x [..., D] (no aux losses); `path` forces "gather" or "dense"."""
+    x_TD = x.reshape(-1, moe.cfg.dim)
+    route = moe.router(x_TD)
+    experts = moe.experts
+    path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts)
+    run = experts_gather if path == "gather" else experts_dense
+    y_TD = run(x_TD, route.weights_TK, route.expert_ids_TK, experts.gate_up, experts.down)
+    if moe.shared is not None:
+        shared_TD = moe.shared(x_TD)
+        if moe.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(moe.shared_gate(x_TD))
+        y_TD = y_TD + shared_TD
+    return y_TD.view(x.shape)
