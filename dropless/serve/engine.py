@@ -19,6 +19,7 @@ tokens sit at positions <= S - 2, and the causal mask hides everything past a ro
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import deque
@@ -54,16 +55,19 @@ class SamplingParams:
 class Request:
     """One prompt's generation. `on_token(request, token)` runs on the engine's thread after each
     new token and may return True to finish the request (a stop string matched). When the request
-    finishes, `finish_reason` is "stop" (EOS, or on_token asked) or "length" and `done` is set."""
+    finishes, `finish_reason` is "stop" (EOS, or on_token asked), "length", "cancelled" or "error",
+    `on_finish(request)` runs (engine thread) and `done` is set."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
-                 on_token: Callable[["Request", int], bool | None] | None = None):
+                 on_token: Callable[["Request", int], bool | None] | None = None,
+                 on_finish: Callable[["Request"], None] | None = None):
         if not prompt:
             raise ValueError("prompt is empty: a request needs at least one token")
         self.prompt = list(prompt)
         self.params = params
         self.eos_ids = frozenset(eos_ids)
         self.on_token = on_token
+        self.on_finish = on_finish
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.output: list[int] = []
         self.finish_reason: str | None = None
@@ -135,10 +139,9 @@ class Engine:
 
     def _finish(self, slot: int, reason: str) -> None:
         request = self.slots[slot]
-        request.finish_reason = reason
         self.slots[slot] = None
         self._set_row(slot, positions=self.max_len - 1)   # back to the scratch position
-        request.done.set()
+        _close(request, reason)
 
     def _emit(self, slot: int, token: int) -> None:
         request = self.slots[slot]
@@ -278,4 +281,20 @@ class Engine:
                     self.wakeup.wait(timeout=0.1)
                 if stop.is_set() and not self.has_work():
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:   # a failed step fails its requests, never the server
+                logging.getLogger("dropless.serve").exception("engine step failed")
+                with self.lock:
+                    failed = [r for r in self.slots if r is not None] + list(self.waiting)
+                    self.slots, self.waiting = [None] * self.max_batch, deque()
+                self.positions_B.fill_(self.max_len - 1)
+                for request in failed:
+                    _close(request, "error")
+
+
+def _close(request: Request, reason: str) -> None:
+    request.finish_reason = reason
+    if request.on_finish is not None:
+        request.on_finish(request)
+    request.done.set()
