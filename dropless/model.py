@@ -115,9 +115,13 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x_BTD.device).unsqueeze(-1)
             k_cache[rows, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
-            mask = causal_mask(positions_BT, k_cache.shape[2])
-            out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
-                                                 attn_mask=mask, enable_gqa=G != H)
+            # grouped queries as extra query rows of their kv head ([B, G, (H/G) T, Dh]): plain
+            # attention over the cache as stored, never expanded to H heads (a copy per step)
+            mask = causal_mask(positions_BT, k_cache.shape[2]).unsqueeze(2)   # [B, 1, 1, T, S]
+            mask = mask.expand(B, 1, H // G, T, -1).reshape(B, 1, H // G * T, -1)
+            out = F.scaled_dot_product_attention(q.reshape(B, G, H // G * T, Dh),
+                                                 k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                                 attn_mask=mask).view(B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 

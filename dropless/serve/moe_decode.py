@@ -21,6 +21,25 @@ import torch
 import torch.nn.functional as F
 
 from dropless.moe import MoE
+from dropless.router import Router, group_limited_mask
+
+
+def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK, expert_ids_TK) exactly as Router.forward selects them, without the balance
+    and z losses (a dozen kernels per layer that decoding throws away)."""
+    cfg = router.cfg
+    dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
+    scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+    select_TE = scores_TE if router.bias is None else scores_TE + router.bias.to(dtype)
+    if cfg.num_groups is not None:
+        keep_TE = group_limited_mask(select_TE, cfg.num_groups, cfg.topk_groups)
+        select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
+    expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, expert_ids_TK)
+    if cfg.norm_topk_prob:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
+    return weights_TK * cfg.route_scale, expert_ids_TK
 
 
 def choose_path(num_tokens: int, top_k: int, num_experts: int) -> str:
@@ -54,11 +73,11 @@ def experts_dense(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> to
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """y = the layer's output for x [..., D] (no aux losses); `path` forces "gather" or "dense"."""
     x_TD = x.reshape(-1, moe.cfg.dim)
-    route = moe.router(x_TD)
+    weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
     path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts)
     run = experts_gather if path == "gather" else experts_dense
-    y_TD = run(x_TD, route.weights_TK, route.expert_ids_TK, experts.gate_up, experts.down)
+    y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
         if moe.shared_gate is not None:
