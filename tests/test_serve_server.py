@@ -191,31 +191,74 @@ def test_text_stream_holds_back_stop_prefixes():
     assert multi.push(0xC3) == "" and multi.push(0xA9) == "é" and multi.push(0) == ""
 
 
-def test_cli_serve_and_sigterm_drains(run_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dropless", "serve", str(run_dir), "--port",
-                             str(port), "--device", "cpu", "--max-batch", "2"],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        for _ in range(300):
+class CliServer:
+    """`dropless serve` in a subprocess, with an openai client once it answers."""
+
+    def __init__(self, run_dir, *flags):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "dropless", "serve", str(run_dir),
+                                      "--port", str(self.port), *flags], env=subprocess_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x",
+                                    max_retries=0)
+        for _ in range(600):
             try:
-                client.models.list()
-                break
+                self.client.models.list()
+                return
             except openai.APIConnectionError:
+                assert self.proc.poll() is None, self.proc.stdout.read().decode()[-3000:]
                 time.sleep(0.1)
-        stream = client.completions.create(model="tiny-run", prompt="a", max_tokens=60,
-                                           temperature=0, stream=True)
+
+    def stop_and_check(self):
+        """SIGTERM while a stream runs: the stream still completes, then the process exits."""
+        stream = self.client.completions.create(model="tiny-run", prompt="a", max_tokens=60,
+                                                temperature=0, stream=True)
         first = next(iter(stream))
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(self.proc.pid, signal.SIGTERM)
         rest = list(stream)
         assert [c.choices[0].finish_reason for c in [first, *rest]][-1] == "length"
         # uvicorn re-raises the signal once drained: the exit status says "terminated by SIGTERM"
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert b"Finished server process" in proc.stdout.read()
+        assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert b"Finished server process" in self.proc.stdout.read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_cli_serve_and_sigterm_drains(run_dir):
+    server = CliServer(run_dir, "--device", "cpu", "--max-batch", "2")
+    try:
+        server.stop_and_check()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.kill()
+
+
+@pytest.mark.gpu
+def test_gpu_serve_smoke(run_dir):
+    """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8."""
+    server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8")
+    client = server.client
+    try:
+        kw = dict(model="tiny-run", prompt="def main():", max_tokens=20, temperature=0)
+        plain = client.completions.create(**kw)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        assert plain.choices[0].text == streamed and plain.usage.completion_tokens == 20
+        chat = client.chat.completions.create(model="tiny-run", max_tokens=8,
+                                              messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
+
+        def ask(i):
+            return client.completions.create(model="tiny-run", prompt=f"x = {i}", max_tokens=12 + i,
+                                             temperature=0.7, seed=i)
+
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(ask, range(8)))
+        assert [o.usage.completion_tokens for o in outs] == [12 + i for i in range(8)]
+        assert all(o.choices[0].finish_reason == "length" for o in outs)
+        server.stop_and_check()
+    finally:
+        server.kill()
 
 
 def test_cli_serve_without_fastapi(monkeypatch, capsys, run_dir):
