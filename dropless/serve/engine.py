@@ -115,6 +115,11 @@ class Engine:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # the last launched decode step, not yet read: (event, host tokens, [(slot, request)])
+        self.pending = None
+        pin = p.device.type == "cuda"
+        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
         # specialisation per (bucket, greedy), hence the raised recompile limit
         self.decode_fn = self._decode
@@ -139,7 +144,8 @@ class Engine:
         return request
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.slots)
+        return (bool(self.waiting) or self.pending is not None
+                or any(r is not None for r in self.slots))
 
     def _set_row(self, slot: int, **values) -> None:
         for name, value in values.items():
@@ -267,14 +273,34 @@ class Engine:
                 request = self.slots[slot]
         decoding = [s for s, r in enumerate(self.slots)
                     if r is not None and r.prefilled == len(r.prompt)]
-        if not decoding:
-            return
+        # launch this step before reading the previous one's tokens: the host's bookkeeping (and
+        # the server's callbacks) run while the device computes
+        previous, self.pending = self.pending, (self._launch(decoding) if decoding else None)
+        if previous is not None:
+            self._collect(*previous)
+
+    def _launch(self, decoding: list[int]):
         b = next(size for size in self.buckets if size > decoding[-1])
         greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
         self._run_decode(b, greedy)
-        tokens = self.tokens_B[:b].tolist()   # sync: the new tokens go to the requests
-        for slot in decoding:
-            self._emit(slot, tokens[slot])
+        host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
+        self.flip ^= 1
+        host[:b].copy_(self.tokens_B[:b], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return event, host, [(s, self.slots[s]) for s in decoding]
+
+    def _collect(self, event, host, rows) -> None:
+        """Hand a launched step's tokens to the requests that were decoding then (a request that
+        finished meanwhile got one extra token computed; it is dropped here)."""
+        if event is not None:
+            event.synchronize()   # sync: the step's tokens (waits with the GIL released)
+        tokens = host.tolist()
+        for slot, request in rows:
+            if self.slots[slot] is request:
+                self._emit(slot, tokens[slot])
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -296,6 +322,7 @@ class Engine:
                 with self.lock:
                     failed = [r for r in self.slots if r is not None] + list(self.waiting)
                     self.slots, self.waiting = [None] * self.max_batch, deque()
+                    self.pending = None
                 self.positions_B.fill_(self.max_len - 1)
                 for request in failed:
                     _close(request, "error")
