@@ -242,12 +242,16 @@ def main():
            "floor_ms_per_step_bs1": floor_ms, "compile": args.compile}
     model = build(args.preset, device, dtype)
     prompts = {b: prompts_for(b, args.prompt, cfg.vocab_size, seed=b) for b in args.batches}
-    variants = [("engine", False)] + [("engine_compiled", True)] * args.compile
+    variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile
+    if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
+        variants.append(("engine_gather", {"moe_path": "gather"}))
     for b in args.batches:
-        for name, compiled in variants:
+        for name, kw in variants:
+            if name == "engine_gather" and b != 1:
+                continue
             try:
                 engine = Engine(model, max_batch=b, max_len=args.prompt + args.new, buckets=(b,),
-                                compile=compiled)
+                                **kw)
                 dt = time_engine(engine, prompts[b], args.new, device)
                 r = {"tokens_per_s": b * args.new / dt, "ms_per_call_step": dt / args.new * 1e3,
                      "ms_per_step": step_ms(engine, b)}
@@ -290,7 +294,8 @@ def print_table(res: dict, args) -> None:
     print(f"{'':32}{'tokens/s':>12}{'ms/step':>10}{'x floor':>9}{'x HF':>8}")
     for b in args.batches:
         hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
-        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"generate_bs{b}", f"hf_bs{b}"):
+        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"engine_gather_bs{b}",
+                     f"generate_bs{b}", f"hf_bs{b}"):
             if "tokens_per_s" not in res.get(name, {}):
                 continue
             r = res[name]

@@ -149,7 +149,9 @@ def test_engine_eos_stop_callback_and_limits():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_cuda_graphs_equal_eager(dtype):
-    model = tiny_model(qk_norm=True).to("cuda", dtype)
+    # 8 experts, top-2: buckets 1 and 2 take the Triton GEMV path, 4 the dense one
+    moe = MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)
+    model = tiny_model(qk_norm=True, moe=moe).to("cuda", dtype)
     outs = []
     for graphs in (False, True):
         engine = Engine(model, max_batch=4, max_len=48, prefill_chunk=4, cuda_graphs=graphs)

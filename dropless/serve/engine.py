@@ -83,7 +83,8 @@ class Request:
 class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, cuda_graphs: bool | None = None,
-                 buckets: tuple[int, ...] | None = None, compile: bool = False):
+                 buckets: tuple[int, ...] | None = None, compile: bool = False,
+                 moe_path: str | None = None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_batch < 1:
@@ -95,6 +96,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
         self.prefill_chunk = prefill_chunk
+        self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = buckets or tuple(sorted({min(1 << i, max_batch)
                                                 for i in range(max_batch.bit_length() + 1)}))
@@ -177,7 +179,7 @@ class Engine:
             if not layer.is_moe:
                 x = x + layer.ffn(h)
             else:
-                x = x + (moe_decode(layer.ffn, h) if decode else layer.ffn(h)[0])
+                x = x + (moe_decode(layer.ffn, h, self.moe_path) if decode else layer.ffn(h)[0])
         return x
 
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:

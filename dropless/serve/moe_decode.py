@@ -6,8 +6,10 @@ The training path (dropless.moe.MoE.forward) sorts the T*K assignments by expert
 grouped matmul over expert-contiguous rows: right for thousands of tokens, pure overhead for one.
 Here, with T at most the decode batch, one of two shapes of the same math is used:
 
-- "gather" (few rows, T*K small against E): copy the chosen experts' weights into [R, D, 2F] and
-  [R, F, D] and run two batched GEMVs; reads only the experts used, twice.
+- "triton" (few rows, on CUDA): two Triton GEMVs that read each row's expert weights in place by
+  id (dropless/ops/triton_gemv.py); reads only the experts used, once.
+- "gather" (few rows, elsewhere): copy the chosen experts' weights into [R, D, 2F] and [R, F, D] and
+  run two batched GEMVs; reads only the experts used, twice.
 - "dense" (T*K comparable to E): every expert on every token, [E, T, D] x [E, D, 2F], then zero
   routing weight for unchosen (token, expert) pairs; reads every expert once, with no gather.
 
@@ -42,9 +44,12 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return weights_TK * cfg.route_scale, expert_ids_TK
 
 
-def choose_path(num_tokens: int, top_k: int, num_experts: int) -> str:
-    """Gather while the gathered weights are under half the expert weights, else dense."""
-    return "gather" if 2 * num_tokens * top_k < num_experts else "dense"
+def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str = "cpu") -> str:
+    """Few rows (under half the experts): the chosen experts only, read in place by the Triton
+    GEMVs on CUDA, gathered elsewhere; else every expert, dense."""
+    if 2 * num_tokens * top_k >= num_experts:
+        return "dense"
+    return "triton" if device_type == "cuda" else "gather"
 
 
 def experts_gather(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
@@ -71,12 +76,16 @@ def experts_dense(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> to
 
 
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """y = the layer's output for x [..., D] (no aux losses); `path` forces "gather" or "dense"."""
+    """y = the layer's output for x [..., D] (no aux losses); `path` forces "triton", "gather" or
+    "dense"."""
     x_TD = x.reshape(-1, moe.cfg.dim)
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
-    path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts)
-    run = experts_gather if path == "gather" else experts_dense
+    path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
+    if path == "triton":
+        from dropless.ops.triton_gemv import experts_gemv as run
+    else:
+        run = experts_gather if path == "gather" else experts_dense
     y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
