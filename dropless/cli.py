@@ -90,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     srv.add_argument("--max-len", type=int, help="context per request (default: the model's)")
     srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    srv.add_argument("--compile", action="store_true", help="torch.compile the decode step "
+                                                            "(slower start, faster steps)")
 
     conv = sub.add_parser("convert", help="checkpoints to and from one safetensors file or a "
                                           "Hugging Face directory",
@@ -249,7 +251,8 @@ def _serve(args) -> int:
         raise DroplessError(f"--max-batch {args.max_batch} is invalid: must be >= 1")
     served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
     try:
-        engine = Engine(served.model, max_batch=args.max_batch, max_len=args.max_len)
+        engine = Engine(served.model, max_batch=args.max_batch, max_len=args.max_len,
+                        compile=args.compile)
     except ValueError as e:
         raise DroplessError(str(e)) from None
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "

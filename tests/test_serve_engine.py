@@ -89,15 +89,17 @@ def test_sampling_is_a_function_of_seed_and_step():
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [33], [5] * 13, [2, 40, 41, 3, 3]]
 
 
+@pytest.mark.parametrize("chunk", [3, 16])
 @pytest.mark.parametrize("model_kw", [{}, dict(qk_norm=True, first_dense_layers=1), "mla"])
-def test_engine_continuous_batching_equals_recompute(model_kw):
+def test_engine_continuous_batching_equals_recompute(model_kw, chunk):
     if model_kw == "mla":
         torch.manual_seed(0)
         model = Transformer(mla_config()).eval()
     else:
         model = tiny_model(**model_kw)
-    # 2 slots for 5 requests: requests join as others leave; prompts prefill in chunks of 3
-    engine = Engine(model, max_batch=2, max_len=40, prefill_chunk=3)
+    # 3 slots for 5 requests: requests join as others leave; prompts prefill in chunks of 3, or
+    # several at once as one padded batch
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
     lengths = [12, 3, 9, 1, 6]
     requests = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=0)))
                 for p, n in zip(PROMPTS, lengths)]

@@ -82,7 +82,7 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, cuda_graphs: bool | None = None,
+                 prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
                  moe_path: str | None = None):
         cfg = model.cfg
@@ -153,6 +153,12 @@ class Engine:
         for name, value in values.items():
             getattr(self, name + "_B")[slot] = value
 
+    def _set_rows(self, slots: list[int], **values: list) -> None:
+        idx = torch.tensor(slots, device=self.device)
+        for name, column in values.items():
+            buf = getattr(self, name + "_B")
+            buf[idx] = torch.tensor(column, dtype=buf.dtype).to(self.device, non_blocking=True)
+
     def _finish(self, slot: int, reason: str) -> None:
         request = self.slots[slot]
         self.slots[slot] = None
@@ -185,26 +191,46 @@ class Engine:
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.norm(x_BD))
 
-    def _prefill_chunk(self, slot: int, request: Request) -> None:
-        start = request.prefilled
-        chunk = request.prompt[start:start + self.prefill_chunk]
-        tokens_1T = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        positions_1T = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
-        caches = [tuple(t[slot:slot + 1] for t in cache) for cache in self.caches]
-        x = self._hidden(tokens_1T, positions_1T, caches, decode=False)
-        request.prefilled += len(chunk)
-        if request.prefilled < len(request.prompt):
+    def _prefill(self, slots: list[int]) -> None:
+        """The next prompt chunk of each request in a run of adjacent slots, as one padded forward.
+        Padding sits at the scratch position S - 1; a request whose prompt is now all in the cache
+        samples its first token from its last prompt position."""
+        requests = [self.slots[s] for s in slots]
+        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
+        n, T = len(slots), max(map(len, chunks))
+        tokens_nT = torch.zeros(n, T, dtype=torch.long)
+        positions_nT = torch.full((n, T), self.max_len - 1, dtype=torch.long)
+        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            tokens_nT[i, :len(chunk)] = torch.tensor(chunk)
+            positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
+        rows = slice(slots[0], slots[-1] + 1)
+        caches = [tuple(t[rows] for t in cache) for cache in self.caches]
+        x_nTD = self._hidden(tokens_nT.to(self.device), positions_nT.to(self.device), caches,
+                             decode=False)
+        done = []
+        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            r.prefilled += len(chunk)
+            if r.prefilled == len(r.prompt):
+                done.append(i)
+        if not done:
             return
-        # the prompt is in the cache: its last logits give the first token
-        p, vocab = request.params, self.model.cfg.vocab_size
-        self._set_row(slot, steps=0, seeds=request.seed, temperature=p.temperature,
-                      top_k=min(p.top_k or vocab, vocab), top_p=p.top_p or 1.0)
-        rows = slice(slot, slot + 1)
-        first = sample(self._logits(x[:, -1]), self.temperature_B[rows], self.top_k_B[rows],
-                       self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
-        token = int(first)   # sync: the first token goes to the caller
-        self._set_row(slot, tokens=token, positions=len(request.prompt), steps=1)
-        self._emit(slot, token)
+        vocab = self.model.cfg.vocab_size
+        done_slots = [slots[i] for i in done]
+        params = [requests[i].params for i in done]
+        self._set_rows(done_slots, steps=[0] * len(done), seeds=[requests[i].seed for i in done],
+                       temperature=[p.temperature for p in params],
+                       top_k=[min(p.top_k or vocab, vocab) for p in params],
+                       top_p=[p.top_p or 1.0 for p in params])
+        idx = torch.tensor(done_slots, device=self.device)
+        last = torch.tensor([len(chunks[i]) - 1 for i in done], device=self.device)
+        logits = self._logits(x_nTD[torch.tensor(done, device=self.device), last])
+        first = sample(logits, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
+                       self.seeds_B[idx], self.steps_B[idx])
+        first = first.tolist()   # sync: the first tokens go to the requests
+        self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
+                       positions=[len(requests[i].prompt) for i in done])
+        for slot, token in zip(done_slots, first):
+            self._emit(slot, token)
 
     def _decode(self, b: int, greedy: bool) -> None:
         """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
@@ -266,13 +292,21 @@ class Engine:
         for slot, request in enumerate(self.slots):
             if request is not None and request.cancelled:
                 self._finish(slot, "cancelled")
-        budget = self.prefill_chunk
+        # prefill: whole chunks, in slot order, up to prefill_chunk tokens per step (at least one
+        # chunk); each run of adjacent slots goes through the model as one batch
+        chosen, budget = [], self.prefill_chunk
         for slot, request in enumerate(self.slots):
-            while request is not None and request.prefilled < len(request.prompt) and budget > 0:
-                before = request.prefilled
-                self._prefill_chunk(slot, request)
-                budget -= request.prefilled - before
-                request = self.slots[slot]
+            if request is not None and request.prefilled < len(request.prompt):
+                size = min(len(request.prompt) - request.prefilled, self.prefill_chunk)
+                if chosen and size > budget:
+                    break
+                chosen.append(slot)
+                budget -= size
+        while chosen:
+            run = [chosen.pop(0)]
+            while chosen and chosen[0] == run[-1] + 1:
+                run.append(chosen.pop(0))
+            self._prefill(run)
         decoding = [s for s, r in enumerate(self.slots)
                     if r is not None and r.prefilled == len(r.prompt)]
         # launch this step before reading the previous one's tokens: the host's bookkeeping (and

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dropless.moe import MoE
+from dropless.ops.triton_gemv import experts_gemv   # imports triton only when first run
 from dropless.router import Router, group_limited_mask
 
 
@@ -82,10 +83,7 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tens
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
     path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
-    if path == "triton":
-        from dropless.ops.triton_gemv import experts_gemv as run
-    else:
-        run = experts_gather if path == "gather" else experts_dense
+    run = {"triton": experts_gemv, "gather": experts_gather, "dense": experts_dense}[path]
     y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
