@@ -138,6 +138,8 @@ def test_engine_eos_stop_callback_and_limits():
     assert eos.output == ref[:first_eos + 1] and eos.finish_reason == "stop"
     assert stopped.output == ref[:2] and stopped.finish_reason == "stop"
     assert gone.finish_reason == "cancelled" and not engine.has_work()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\): got \[64, -1\]"):
+        engine.submit(Request([1, 64, -1], SamplingParams(max_tokens=3)))
     with pytest.raises(ValueError, match="exceeds the context of 32"):
         engine.submit(Request([1] * 30, SamplingParams(max_tokens=3)))
     with pytest.raises(ValueError, match="max_tokens=0"):
@@ -166,3 +168,19 @@ def test_engine_cuda_graphs_equal_eager(dtype):
         for p, o, n in zip(PROMPTS, outs[1], [12, 3, 9, 1, 6]):
             if n in (12, 9, 6):
                 assert o == greedy_recompute(model, p, n)
+
+
+@pytest.mark.gpu
+def test_decode_step_never_syncs():
+    model = tiny_model(moe=MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)).to("cuda")
+    engine = Engine(model, max_batch=4, max_len=32, cuda_graphs=False)
+    for p in PROMPTS[:3]:
+        engine.submit(Request(p, SamplingParams(max_tokens=20, temperature=0.5)))
+    engine.step()   # prefill (which may sync) and a first decode step
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b, greedy in [(1, True), (4, False), (4, True)]:   # Triton GEMV and dense MoE paths
+            engine._decode(b, greedy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -68,7 +68,8 @@ class Request:
         self.eos_ids = frozenset(eos_ids)
         self.on_token = on_token
         self.on_finish = on_finish
-        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
+        # any int seeds: folded into the int64 range the device buffers hold
+        self.seed = params.seed % (1 << 63) if params.seed is not None else random.getrandbits(63)
         self.output: list[int] = []
         self.finish_reason: str | None = None
         self.done = threading.Event()
@@ -98,8 +99,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.buckets = buckets or tuple(sorted({min(1 << i, max_batch)
+        self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
                                                 for i in range(max_batch.bit_length() + 1)}))
+        if self.buckets[-1] < max_batch:
+            raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
+                             f"{max_batch}")
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]
@@ -135,6 +139,10 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}): got "
+                             f"{[t for t in request.prompt if not 0 <= t < vocab][:5]}")
         total = len(request.prompt) + request.params.max_tokens
         if total > self.max_len:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens "
