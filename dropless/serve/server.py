@@ -139,6 +139,25 @@ def create_app(served: ServedModel, engine: Engine):
                            f"{served.name!r}", "model", "invalid_request_error", "model_not_found")
         return body
 
+    # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
+    # per batch of them (a step's worth) instead of one per token
+    outbox: list[tuple[asyncio.Queue, str | None]] = []
+    outbox_lock = threading.Lock()
+
+    def deliver():
+        with outbox_lock:
+            items = outbox[:]
+            outbox.clear()
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    def post(loop, queue, item) -> None:
+        with outbox_lock:
+            outbox.append((queue, item))
+            first = len(outbox) == 1
+        if first:
+            loop.call_soon_threadsafe(deliver)
+
     def start(prompt_ids: list[int], params: SamplingParams, stop: list[str]):
         """Submit to the engine; returns (engine request, asyncio queue of text deltas, then None)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -147,14 +166,14 @@ def create_app(served: ServedModel, engine: Engine):
         def on_token(_, token):
             delta = text.push(token)
             if delta:
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+                post(loop, queue, delta)
             return text.stopped
 
         def on_finish(_):
             rest = text.finish()
             if rest:
-                loop.call_soon_threadsafe(queue.put_nowait, rest)
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+                post(loop, queue, rest)
+            post(loop, queue, None)
 
         request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids,
                                         on_token=on_token, on_finish=on_finish))
