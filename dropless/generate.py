@@ -51,7 +51,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
     stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
     prompt is a request in its own cache slot; row b samples with seed `seed + b`."""
-    from dropless.serve.engine import Request, SamplingParams
+    from dropless.serve.request import Request, SamplingParams
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):

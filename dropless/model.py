@@ -95,7 +95,9 @@ class Attention(nn.Module):
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device,
                                                                            dtype=dtype)
 
-    def forward(self, x_BTD, positions_BT, layer_cache=None):
+    def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
+        """`rope`: (cos, sin) of rope_tables(head_size, positions_BT), when the caller has them
+        (a decode step computes them once for every layer)."""
         B, T, _ = x_BTD.shape
         H, G, Dh = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_size
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -106,7 +108,7 @@ class Attention(nn.Module):
         v = v.view(B, T, G, Dh).transpose(1, 2)
         if self.q_norm is not None and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(Dh, positions_BT, self.cfg.rope_theta)
+        cos, sin = rope if rope is not None else rope_tables(Dh, positions_BT, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)

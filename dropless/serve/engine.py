@@ -20,65 +20,17 @@ tokens sit at positions <= S - 2, and the causal mask hides everything past a ro
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from dropless.model import Transformer
+from dropless.model import Transformer, rope_tables
 from dropless.serve.moe_decode import moe_decode
+from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} is invalid: must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
-
-
-class Request:
-    """One prompt's generation. `on_token(request, token)` runs on the engine's thread after each
-    new token and may return True to finish the request (a stop string matched). When the request
-    finishes, `finish_reason` is "stop" (EOS, or on_token asked), "length", "cancelled" or "error",
-    `on_finish(request)` runs (engine thread) and `done` is set."""
-
-    def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
-                 on_token: Callable[["Request", int], bool | None] | None = None,
-                 on_finish: Callable[["Request"], None] | None = None):
-        if not prompt:
-            raise ValueError("prompt is empty: a request needs at least one token")
-        self.prompt = list(prompt)
-        self.params = params
-        self.eos_ids = frozenset(eos_ids)
-        self.on_token = on_token
-        self.on_finish = on_finish
-        # any int seeds: folded into the int64 range the device buffers hold
-        self.seed = params.seed % (1 << 63) if params.seed is not None else random.getrandbits(63)
-        self.output: list[int] = []
-        self.finish_reason: str | None = None
-        self.done = threading.Event()
-        self.cancelled = False
-        self.prefilled = 0   # prompt tokens already in the cache
-
-    def cancel(self) -> None:
-        """Leave the batch at the next step (the client went away)."""
-        self.cancelled = True
+__all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
 
 
 class Engine:
@@ -171,7 +123,7 @@ class Engine:
         request = self.slots[slot]
         self.slots[slot] = None
         self._set_row(slot, positions=self.max_len - 1)   # back to the scratch position
-        _close(request, reason)
+        close(request, reason)
 
     def _emit(self, slot: int, token: int) -> None:
         request = self.slots[slot]
@@ -185,10 +137,14 @@ class Engine:
     # ---- the model, run over slots of the cache ---------------------------------------------
 
     def _hidden(self, tokens_BT, positions_BT, caches, decode: bool) -> torch.Tensor:
-        """The model's blocks (as Block.forward), with the decode MoE path for decode steps."""
+        """The model's blocks (as Block.forward), with the decode MoE path for decode steps; the
+        RoPE tables are computed once for all layers."""
+        cfg = self.model.cfg
+        rope = rope_tables(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size,
+                           positions_BT, cfg.rope_theta)
         x = self.model.embed(tokens_BT)
         for layer, cache in zip(self.model.layers, caches):
-            x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache)
+            x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache, rope=rope)
             h = layer.ffn_norm(x)
             if not layer.is_moe:
                 x = x + layer.ffn(h)
@@ -369,11 +325,5 @@ class Engine:
                     self.pending = None
                 self.positions_B.fill_(self.max_len - 1)
                 for request in failed:
-                    _close(request, "error")
+                    close(request, "error")
 
-
-def _close(request: Request, reason: str) -> None:
-    request.finish_reason = reason
-    if request.on_finish is not None:
-        request.on_finish(request)
-    request.done.set()

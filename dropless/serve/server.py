@@ -13,7 +13,8 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from dropless.serve.engine import Engine, Request, SamplingParams
+from dropless.serve.engine import Engine
+from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import ServedModel, TextStream, render_chat
 
 
