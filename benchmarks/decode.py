@@ -265,7 +265,7 @@ def main():
             print(f"{name} bs{b}: {r}", flush=True)
             engine = None   # frees its KV cache and graphs
         from dropless.generate import generate
-        generate(model, prompts[b], 4, temperature=0)
+        generate(model, prompts[b], args.new, temperature=0)   # same shape: reuses its graph
         sync(device)
         start = time.perf_counter()
         generate(model, prompts[b], args.new, temperature=0)
@@ -274,6 +274,11 @@ def main():
         print(f"generate() bs{b}: {res[f'generate_bs{b}']}", flush=True)
     if not args.no_hf:
         for b, r in run_hf(model, prompts, args.new, device, dtype).items():
+            ours = res.get(f"engine_bs{b}", {}).get("first_tokens", [])
+            # same weights => same greedy tokens, up to bf16 rounding splitting near-ties
+            r["leading_tokens_equal_to_engine"] = next(
+                (i for i, (a, c) in enumerate(zip(ours, r["first_tokens"])) if a != c),
+                min(len(ours), len(r["first_tokens"])))
             res[f"hf_bs{b}"] = r
             print(f"hf bs{b}: {r}", flush=True)
     del model
