@@ -123,7 +123,7 @@ class Attention(nn.Module):
             mask = mask.expand(B, 1, H // G, T, -1).reshape(B, 1, H // G * T, -1)
             out = F.scaled_dot_product_attention(q.reshape(B, G, H // G * T, Dh),
                                                  k_cache.to(q.dtype), v_cache.to(q.dtype),
-                                                 attn_mask=mask).view(B, H, T, Dh)
+                                                 attn_mask=mask).reshape(B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 

@@ -51,7 +51,7 @@ def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> Sa
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 1e4,
-                                  "must be >= 0")),
+                                  "must be in [0, 10000]")),
         top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
