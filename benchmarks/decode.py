@@ -122,6 +122,27 @@ def run_hf(model: Transformer, prompts_by_batch: dict, new: int, device, dtype) 
     return out
 
 
+def time_generate(model, prompts, new, device) -> dict:
+    from dropless.generate import generate
+
+    generate(model, prompts, new, temperature=0)   # same shape next: reuses the engine's graph
+    sync(device)
+    start = time.perf_counter()
+    generate(model, prompts, new, temperature=0)
+    sync(device)
+    return {"tokens_per_s": len(prompts) * new / (time.perf_counter() - start)}
+
+
+def guarded(fn):
+    """fn(), or {"error": ...}: one failing provider must not cost the others' numbers."""
+    try:
+        return fn()
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:1000]}
+
+
 # ---- the server -----------------------------------------------------------------------------
 
 def serve_main(args) -> None:
@@ -260,33 +281,32 @@ def main():
                 engine.run_until_done()
                 r["first_tokens"] = first.output
             except Exception as e:   # e.g. torch.compile failing on this stack: keep the rest
-                r = {"error": f"{type(e).__name__}: {e}"[:500]}
+                import traceback
+                traceback.print_exc()
+                r = {"error": f"{type(e).__name__}: {e}"[:1000]}
             res[f"{name}_bs{b}"] = r
             print(f"{name} bs{b}: {r}", flush=True)
             engine = None   # frees its KV cache and graphs
-        from dropless.generate import generate
-        generate(model, prompts[b], args.new, temperature=0)   # same shape: reuses its graph
-        sync(device)
-        start = time.perf_counter()
-        generate(model, prompts[b], args.new, temperature=0)
-        sync(device)
-        res[f"generate_bs{b}"] = {"tokens_per_s": b * args.new / (time.perf_counter() - start)}
+        res[f"generate_bs{b}"] = guarded(lambda: time_generate(model, prompts[b], args.new, device))
         print(f"generate() bs{b}: {res[f'generate_bs{b}']}", flush=True)
     if not args.no_hf:
-        for b, r in run_hf(model, prompts, args.new, device, dtype).items():
+        hf = guarded(lambda: run_hf(model, prompts, args.new, device, dtype))
+        for b in args.batches:
+            r = hf.get(b, hf)
             ours = res.get(f"engine_bs{b}", {}).get("first_tokens", [])
-            # same weights => same greedy tokens, up to bf16 rounding splitting near-ties
-            r["leading_tokens_equal_to_engine"] = next(
-                (i for i, (a, c) in enumerate(zip(ours, r["first_tokens"])) if a != c),
-                min(len(ours), len(r["first_tokens"])))
+            if "first_tokens" in r:   # same weights: same greedy tokens, up to bf16 near-ties
+                r["leading_tokens_equal_to_engine"] = next(
+                    (i for i, (a, c) in enumerate(zip(ours, r["first_tokens"])) if a != c),
+                    min(len(ours), len(r["first_tokens"])))
             res[f"hf_bs{b}"] = r
             print(f"hf bs{b}: {r}", flush=True)
     del model
     if device != "cpu":
         torch.cuda.empty_cache()
     if not args.no_server:
-        for n, r in run_server(args, cfg.vocab_size).items():
-            res[f"server_{n}_clients"] = r
+        served = guarded(lambda: run_server(args, cfg.vocab_size))
+        for n in args.clients:
+            res[f"server_{n}_clients"] = served.get(n, served)
     print_table(res, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -308,11 +328,12 @@ def print_table(res: dict, args) -> None:
             ratio = f"{r['tokens_per_s'] / hf:8.1f}" if hf else f"{'':8}"
             floor = ms / res["floor_ms_per_step_bs1"] if b == 1 else float("nan")
             print(f"{name:32}{r['tokens_per_s']:12,.0f}{ms:10.3f}{floor:9.1f}{ratio}")
-    for key in [k for k in res if k.startswith("server_")]:
+    for key in [k for k in res if k.startswith("server_") and "tokens_per_s" in res[k]]:
         r = res[key]
         print(f"{key:32}{r['tokens_per_s']:12,.0f}   TTFT {r['ttft_ms']:.1f} ms, "
               f"inter-token {r['itl_ms']:.2f} ms")
-    if "engine_bs32" in res and "server_32_clients" in res:
+    if "tokens_per_s" in res.get("engine_bs32", {}) and "tokens_per_s" in res.get(
+            "server_32_clients", {}):
         print(f"server 32 clients / engine bs32: "
               f"{res['server_32_clients']['tokens_per_s'] / res['engine_bs32']['tokens_per_s']:.2f}")
 
