@@ -207,7 +207,9 @@ def run_server(args, vocab) -> dict:
     cmd = [sys.executable, __file__, "--serve-port", str(port), "--preset", args.preset,
            "--device", args.device, "--max-batch", str(max(args.clients)), "--prompt",
            str(args.prompt), "--new", str(args.new)]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
+        "PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         httpx = _httpx()

@@ -197,7 +197,7 @@ class CliServer:
     def __init__(self, run_dir, *flags):
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "dropless", "serve", str(run_dir),
-                                      "--port", str(self.port), *flags], env=subprocess_env(),
+                                      "--port", str(self.port), *flags], env=self.env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x",
                                     max_retries=0)
@@ -208,6 +208,14 @@ class CliServer:
             except openai.APIConnectionError:
                 assert self.proc.poll() is None, self.proc.stdout.read().decode()[-3000:]
                 time.sleep(0.1)
+
+    @staticmethod
+    def env() -> dict:
+        """subprocess_env, keeping our PYTHONPATH too (packages installed with pip --target)."""
+        env = subprocess_env()
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+        return env
 
     def stop_and_check(self):
         """SIGTERM while a stream runs: the stream still completes, then the process exits."""
