@@ -88,7 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
-    srv.add_argument("--max-len", type=int, help="context per request (default: the model's)")
+    srv.add_argument("--max-len", type=int, help="context per request, preallocated for every "
+                                                 "slot (default: the model's, at most 4096)")
     srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     srv.add_argument("--compile", action="store_true", help="torch.compile the decode step "
                                                             "(slower start, faster steps)")
@@ -251,7 +252,8 @@ def _serve(args) -> int:
         raise DroplessError(f"--max-batch {args.max_batch} is invalid: must be >= 1")
     served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
     try:
-        engine = Engine(served.model, max_batch=args.max_batch, max_len=args.max_len,
+        max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
+        engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
                         compile=args.compile)
     except ValueError as e:
         raise DroplessError(str(e)) from None
