@@ -51,21 +51,33 @@ def run_dir(tmp_path_factory):
     return path
 
 
+class InProcessServer:
+    """uvicorn in a thread of this process, on a free port, with an openai client."""
+
+    def __init__(self, model_dir):
+        self.served = load_served_model(str(model_dir), torch.device("cpu"))
+        engine = Engine(self.served.model, max_batch=4, prefill_chunk=16)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.served, engine),
+                                                    host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none",
+                                    max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server(run_dir):
-    served = load_served_model(str(run_dir), torch.device("cpu"))
-    engine = Engine(served.model, max_batch=4, prefill_chunk=16)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(served, engine), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    yield client, served, port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    s = InProcessServer(run_dir)
+    yield s.client, s.served, s.port
+    s.stop()
 
 
 def reference(served, prompt: str, n: int) -> str:
@@ -178,6 +190,40 @@ def test_bad_bodies(server, path, data, status):
     assert set(json.loads(e.value.read())["error"]) == {"message", "type", "param", "code"}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
         assert r.status == 200
+
+
+def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "with-eos"
+    shutil.copytree(run_dir, model_dir)
+    served = load_served_model(str(run_dir), torch.device("cpu"))
+    ref = greedy_recompute(served.model, list(b"def f(x):"), 12)
+    eos = ref[3]
+    template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}"
+                "{{ raise_exception('no tools here') }}{% endif %}<{{ m.role }}>{{ m.content }}"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 255]}))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    s = InProcessServer(model_dir)
+    try:
+        assert s.served.eos_ids == (eos, 255)
+        out = s.client.completions.create(model="with-eos", prompt="def f(x):", max_tokens=12,
+                                          temperature=0)
+        first_eos = ref.index(eos)
+        assert out.choices[0].finish_reason == "stop"
+        assert out.choices[0].text == bytes(ref[:first_eos]).decode("utf-8", errors="replace")
+        assert out.usage.completion_tokens == first_eos + 1   # the EOS counts, adds no text
+        chat = s.client.chat.completions.create(model="with-eos", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}])
+        assert chat.usage.prompt_tokens == len("<s><user>hi<assistant>")
+        with pytest.raises(openai.BadRequestError, match="no tools here"):
+            s.client.chat.completions.create(model="with-eos", max_tokens=2, messages=[
+                {"role": "tool", "content": "x"}])
+        assert s.client.models.list().data[0].id == "with-eos"
+    finally:
+        s.stop()
 
 
 def test_text_stream_holds_back_stop_prefixes():
