@@ -177,10 +177,13 @@ def test_decode_step_never_syncs():
     for p in PROMPTS[:3]:
         engine.submit(Request(p, SamplingParams(max_tokens=20, temperature=0.5)))
     engine.step()   # prefill (which may sync) and a first decode step
+    steps = [(1, True), (4, False), (4, True)]   # Triton GEMV and dense MoE paths
+    for b, greedy in steps:   # first calls compile and autotune the Triton kernels (and sync)
+        engine._decode(b, greedy)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for b, greedy in [(1, True), (4, False), (4, True)]:   # Triton GEMV and dense MoE paths
+        for b, greedy in steps:
             engine._decode(b, greedy)
     finally:
         torch.cuda.set_sync_debug_mode("default")

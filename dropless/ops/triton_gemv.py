@@ -2,22 +2,38 @@
 routed rows, reading each chosen expert's weights in place. Inference only (no autograd).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R = T*K routed rows.
+
+On a GPU the block sizes are autotuned per shape at first use (that first call times a few
+configurations and syncs: the engine makes it in its warm-up, before capturing a CUDA graph); the
+Triton interpreter (CPU tests) runs one fixed configuration.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
 
-BLOCK_N, BLOCK_K = 32, 64
+FIXED = {"BLOCK_N": 32, "BLOCK_K": 64}
 
 
 @functools.cache
 def _kernels():
-    from dropless.ops import triton_gemv_kernels
-    return triton_gemv_kernels
+    import triton
+
+    from dropless.ops import triton_gemv_kernels as k
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return k.gate_up_gemv_kernel, k.down_gemv_kernel, FIXED
+    # GEMVs are bandwidth-bound: enough programs and loads in flight to cover the whole GPU
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": kk}, num_warps=w, num_stages=s)
+               for n, kk, w, s in [(16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 4),
+                                   (64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 4, 4)]]
+    gate_up = triton.autotune(configs, key=["D", "F", "TOP_K"])(k.gate_up_gemv_kernel)
+    down = triton.autotune(configs, key=["F", "D"])(k.down_gemv_kernel)
+    return gate_up, down, {}
 
 
 def experts_gemv(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EDF2: Tensor,
@@ -32,14 +48,10 @@ def experts_gemv(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_u
     h_RF = x_TD.new_empty(R, F)
     y_RD = x_TD.new_empty(R, D)
     if R > 0:
-        kernels = _kernels()
-        kernels.gate_up_gemv_kernel[(R, triton_cdiv(F))](x_TD, ids_R, gate_up_EDF2, h_RF, D, F, K,
-                                                        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        kernels.down_gemv_kernel[(R, triton_cdiv(D))](h_RF, ids_R, down_EFD, y_RD, F, D,
-                                                     BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        gate_up, down, blocks = _kernels()
+        gate_up[lambda meta: (R, -(-F // meta["BLOCK_N"]))](x_TD, ids_R, gate_up_EDF2, h_RF,
+                                                            D, F, K, **blocks)
+        down[lambda meta: (R, -(-D // meta["BLOCK_N"]))](h_RF, ids_R, down_EFD, y_RD, F, D,
+                                                        **blocks)
     w_T1K = weights_TK.to(y_RD.dtype).unsqueeze(1)
     return torch.bmm(w_T1K, y_RD.view(T, K, D)).squeeze(1)
-
-
-def triton_cdiv(n: int) -> int:
-    return -(-n // BLOCK_N)
