@@ -5,12 +5,14 @@ Legend: B slots (max batch), b a bucket's rows, T tokens of a chunk, S cache len
 
 One engine `step()`:
 1. admit waiting requests into free slots (lowest first, so active rows stay near the top);
-2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, one chunk at a time,
-   each into its own slot's cache; a finished prompt samples its first token;
+2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, whole chunks in slot
+   order, each run of adjacent slots as one padded batch into those slots' caches; a finished
+   prompt samples its first token;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
    decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
    sampling parameters, per-row step counters) that the step itself advances, so the host only
-   writes them when a request joins or leaves; one sync per step reads the new tokens back.
+   writes them when a request joins or leaves. The step is launched before the previous step's
+   tokens are read back (one sync per step), so host work overlaps the device's.
 
 Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
 position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
