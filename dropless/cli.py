@@ -86,6 +86,17 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
+    srv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    srv.add_argument("--max-len", type=int, help="context per request, preallocated for every "
+                                                 "slot (default: the model's, at most 4096)")
+    srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    srv.add_argument("--compile", action="store_true", help="torch.compile the decode step "
+                                                            "(slower start, faster steps)")
+
     conv = sub.add_parser("convert", help="checkpoints to and from one safetensors file or a "
                                           "Hugging Face directory",
                           usage="dropless convert RUN_DIR --to-safetensors OUT | "
@@ -232,6 +243,33 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
+    import torch
+
+    from dropless.serve.engine import Engine
+    from dropless.serve.server import serve
+    from dropless.serve.text import load_served_model
+    from dropless.train import resolve_device
+
+    if args.max_batch < 1:
+        raise DroplessError(f"--max-batch {args.max_batch} is invalid: must be >= 1")
+    served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
+    try:
+        max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
+        engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
+                        compile=args.compile)
+    except ValueError as e:
+        raise DroplessError(str(e)) from None
+    print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "
+          f"(max batch {args.max_batch}, context {engine.max_len})", file=sys.stderr)
+    serve(served, engine, args.host, args.port)
+    return 0
+
+
 def _convert(args) -> int:
     from dropless import hf
 
@@ -287,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             run_example()
             return 0
         return {"train": _train, "generate": _generate, "info": _info,
-                "convert": _convert}[args.command](args)
+                "convert": _convert, "serve": _serve}[args.command](args)
     except DroplessError as e:
         print(f"dropless: error: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from dropless.model import KVCache, Transformer
+from dropless.model import Transformer
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -44,54 +44,58 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p={top_p} is invalid: must be in (0, 1]")
 
 
-@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens.
+    """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
+    stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
+    prompt is a request in its own cache slot; row b samples with seed `seed + b`."""
+    from dropless.serve.request import Request, SamplingParams
 
-    1. Prefill: all prompts in one forward, right-padded; each row's cache length is then set to
-       its own prompt length, so padding is overwritten before it is ever attended to.
-    2. Decode: one token per row per step, each row at its own position.
-    """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    device = next(model.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len={model.cfg.max_seq_len}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    lengths_B = torch.tensor([len(p) for p in prompts], device=device)
-    tokens_BT = torch.zeros(B, T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens_BT[b, :len(p)] = torch.tensor(p, device=device)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
     was_training = model.training
-    model.eval()
-    cache = KVCache(model, B, T + max_new_tokens)
-    logits, _ = model(tokens_BT, cache)
-    cache.lengths_B = lengths_B.clone()
-    last_BV = logits[torch.arange(B, device=device), lengths_B - 1]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    for _ in range(max_new_tokens):
-        next_B = sample_next(last_BV, temperature, top_k, top_p, generator)
-        for b, tok in enumerate(next_B.tolist()):  # sync: tokens go to the caller
-            if not done[b]:
-                out[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                done[b] = eos_id is not None and tok == eos_id
-        if all(done):
-            break
-        logits, _ = model(next_B.unsqueeze(-1), cache)
-        last_BV = logits[:, -1]
-    model.train(was_training)
-    return out
+    engine = _engine_for(model, B, T + max_new_tokens)
+    requests = []
+    for b, prompt in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=None if seed is None else seed + b)
+        callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
+        requests.append(engine.submit(Request(prompt, params, eos_ids=() if eos_id is None
+                                              else (eos_id,), on_token=callback)))
+    try:
+        engine.run_until_done()
+    finally:
+        model.train(was_training)
+    return [r.output for r in requests]
+
+
+_ENGINES: dict[int, tuple] = {}
+
+
+def _engine_for(model: Transformer, batch: int, max_len: int):
+    """An engine for this model and shape; on CUDA the last one is kept (with its captured decode
+    graphs) and reused by the next call of the same shape on the same weights."""
+    from dropless.serve.engine import Engine
+
+    p = next(model.parameters())
+    key = (batch, max_len, p.device, p.dtype, p.data_ptr())
+    kept = _ENGINES.get(id(model))
+    if kept is not None and kept[0] == key and kept[1].model is model:
+        return kept[1]
+    engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,))
+    if p.device.type == "cuda":
+        _ENGINES.clear()   # one kept engine at a time: its KV cache holds device memory
+        _ENGINES[id(model)] = (key, engine)
+    return engine
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ class MLAttention(nn.Module):
             return self.q_proj(x_BTD)
         return self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTD)))
 
-    def forward(self, x_BTD, positions_BT, layer_cache=None):
+    def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
+        """`rope`: (cos, sin) of rope_tables(qk_rope_head_dim, positions_BT), if precomputed."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         H, C = cfg.num_heads, cfg.kv_lora_rank
@@ -67,7 +68,7 @@ class MLAttention(nn.Module):
         # 2. the latent (normalised) and the shared rope key
         latent_BTC, k_rope_BTP = self.kv_a_proj(x_BTD).split([C, P], dim=-1)
         latent_BTC = self.kv_a_norm(latent_BTC)
-        cos, sin = rope_tables(P, positions_BT, cfg.rope_theta)
+        cos, sin = rope if rope is not None else rope_tables(P, positions_BT, cfg.rope_theta)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope_BTP.unsqueeze(1), cos, sin)          # [B, 1, T, P]
         w_kv = self.kv_b_proj.weight.view(H, N + Dv, C)

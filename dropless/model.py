@@ -98,7 +98,9 @@ class Attention(nn.Module):
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device,
                                                                            dtype=dtype)
 
-    def forward(self, x_BTD, positions_BT, layer_cache=None):
+    def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
+        """`rope`: (cos, sin) of rope_tables(head_size, positions_BT), when the caller has them
+        (a decode step computes them once for every layer)."""
         B, T, _ = x_BTD.shape
         H, G, Dh = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_size
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -109,7 +111,7 @@ class Attention(nn.Module):
         v = v.view(B, T, G, Dh).transpose(1, 2)
         if self.q_norm is not None and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(Dh, positions_BT, self.cfg.rope_theta)
+        cos, sin = rope if rope is not None else rope_tables(Dh, positions_BT, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
@@ -118,9 +120,13 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x_BTD.device).unsqueeze(-1)
             k_cache[rows, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
-            mask = causal_mask(positions_BT, k_cache.shape[2])
-            out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
-                                                 attn_mask=mask, enable_gqa=G != H)
+            # grouped queries as extra query rows of their kv head ([B, G, (H/G) T, Dh]): plain
+            # attention over the cache as stored, never expanded to H heads (a copy per step)
+            mask = causal_mask(positions_BT, k_cache.shape[2]).unsqueeze(2)   # [B, 1, 1, T, S]
+            mask = mask.expand(B, 1, H // G, T, -1).reshape(B, 1, H // G * T, -1)
+            out = F.scaled_dot_product_attention(q.reshape(B, G, H // G * T, Dh),
+                                                 k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                                 attn_mask=mask).reshape(B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 

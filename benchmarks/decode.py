@@ -1,0 +1,344 @@
+"""Decode speed, side by side in one run: the dropless engine, `dropless.generate.generate`, Hugging
+Face `generate` on the same weights, and `dropless serve` under concurrent streaming clients.
+
+    python benchmarks/decode.py --json decode.json                       # medium preset, H200
+    python benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf --no-server
+    python benchmarks/decode.py --preset tiny --device cpu --new 16 --clients 1 4   # smoke test
+
+Greedy decoding of random prompts (`--prompt` tokens, `--new` new tokens) on random bf16 weights
+built directly on the device. tokens/s counts new tokens over the whole call (prefill included);
+"ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
+one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
+The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
+clients stream token-id prompts from /v1/completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from dropless import Transformer, get_preset
+from dropless.info import model_stats
+from dropless.serve import Engine, Request, SamplingParams
+
+BANDWIDTH = 4.24e12   # bytes/s, H200 measured device-to-device copy
+
+
+def build(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """Random weights made on the device in `dtype` (a 30 B model never exists in fp32)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(get_preset(preset))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def time_engine(engine: Engine, prompts, new: int, device, reps: int = 3) -> float:
+    """Median seconds to generate `new` tokens for every prompt (greedy), prefill included."""
+    def once(n):
+        reqs = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=0)))
+                for p in prompts]
+        engine.run_until_done()
+        assert all(len(r.output) == n for r in reqs)
+    once(4)   # captures the decode graph
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        once(new)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_ms(engine: Engine, batch: int) -> float:
+    """Median ms of one decode step of `batch` rows (the captured graph on CUDA)."""
+    fn = (lambda: engine._run_decode(batch, True))
+    fn()
+    if engine.device.type == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_hf(model: Transformer, prompts_by_batch: dict, new: int, device, dtype) -> dict:
+    """HF generate on the same weights (dropless.hf.to_hf -> from_pretrained); also how many
+    of the first new tokens agree with dropless greedy (bf16 rounding may split them later)."""
+    from transformers import AutoModelForCausalLM
+
+    from dropless.hf import to_hf
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        to_hf(model, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    if torch.device(device).type == "cuda":
+        try:
+            hf.set_experts_implementation("grouped_mm")
+        except Exception as e:   # older transformers: its default experts loop
+            print(f"hf: grouped_mm experts unavailable ({e})", file=sys.stderr)
+    for batch, prompts in prompts_by_batch.items():
+        ids = torch.tensor(prompts, device=device)
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            sync(device)
+            start = time.perf_counter()
+            gen = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            sync(device)
+        dt = time.perf_counter() - start
+        out[batch] = {"tokens_per_s": batch * new / dt, "ms_per_step": dt / new * 1e3,
+                      "first_tokens": gen[0, len(prompts[0]):len(prompts[0]) + 8].tolist()}
+    del hf
+    return out
+
+
+def time_generate(model, prompts, new, device) -> dict:
+    from dropless.generate import generate
+
+    generate(model, prompts, new, temperature=0)   # same shape next: reuses the engine's graph
+    sync(device)
+    start = time.perf_counter()
+    generate(model, prompts, new, temperature=0)
+    sync(device)
+    return {"tokens_per_s": len(prompts) * new / (time.perf_counter() - start)}
+
+
+def guarded(fn):
+    """fn(), or {"error": ...}: one failing provider must not cost the others' numbers."""
+    try:
+        return fn()
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:1000]}
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+def serve_main(args) -> None:
+    """Subprocess: the same seeded weights behind `dropless serve`'s app, with a word-level
+    tokenizer of the model's vocabulary (token i <-> "t{i}")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dropless.serve.server import serve
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel
+    from dropless.tokenizer import BPETokenizer
+
+    model = build(args.preset, args.device, torch.bfloat16 if args.device != "cpu" else torch.float32)
+    vocab = model.cfg.vocab_size
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    served = ServedModel("bench", model, BPETokenizer(tok), (), DEFAULT_CHAT_TEMPLATE, {})
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.prompt + args.new)
+    serve(served, engine, "127.0.0.1", args.serve_port)
+
+
+async def _client(http, url, prompt, new):
+    start, stamps, usage = time.perf_counter(), [], None
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", url, json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+            usage = chunk.get("usage") or usage
+    return start, stamps, usage["completion_tokens"]
+
+
+def _httpx():
+    try:
+        import httpx
+    except ImportError:   # newer openai clients ship the same API as httpx2
+        import httpx2 as httpx
+    return httpx
+
+
+async def _round(port, prompts, new):
+    httpx = _httpx()
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
+        results = await asyncio.gather(*[_client(http, url, p, new) for p in prompts])
+    begin = min(r[0] for r in results)
+    end = max(r[1][-1] for r in results)
+    tokens = sum(r[2] for r in results)
+    ttft = [r[1][0] - r[0] for r in results]
+    itl = [(r[1][-1] - r[1][0]) / max(r[2] - 1, 1) for r in results]
+    return {"tokens_per_s": tokens / (end - begin), "ttft_ms": statistics.median(ttft) * 1e3,
+            "itl_ms": statistics.median(itl) * 1e3, "completion_tokens": tokens}
+
+
+def run_server(args, vocab) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, __file__, "--serve-port", str(port), "--preset", args.preset,
+           "--device", args.device, "--max-batch", str(max(args.clients)), "--prompt",
+           str(args.prompt), "--new", str(args.new)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
+        "PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        httpx = _httpx()
+        for _ in range(600):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None:
+                    raise RuntimeError(proc.stderr.read().decode()[-2000:])
+                time.sleep(0.2)
+        out = {}
+        for n in args.clients:
+            prompts = prompts_for(n, args.prompt, vocab, seed=n)
+            asyncio.run(_round(port, prompts, 8))   # warm-up: captures the buckets it meets
+            out[n] = asyncio.run(_round(port, prompts, args.new))
+            print(f"server {n} clients: {out[n]}", flush=True)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="medium")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the engine with torch.compile'd decode steps")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_port:
+        return serve_main(args)
+
+    device = args.device
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    cfg = get_preset(args.preset)
+    stats = model_stats(cfg)
+    floor_ms = stats["active_params"] * 2 / BANDWIDTH * 1e3
+    res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "prompt": args.prompt, "new": args.new, "active_params": stats["active_params"],
+           "floor_ms_per_step_bs1": floor_ms, "compile": args.compile}
+    model = build(args.preset, device, dtype)
+    prompts = {b: prompts_for(b, args.prompt, cfg.vocab_size, seed=b) for b in args.batches}
+    variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile
+    if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
+        variants.append(("engine_gather", {"moe_path": "gather"}))
+    for b in args.batches:
+        for name, kw in variants:
+            if name == "engine_gather" and b != 1:
+                continue
+            try:
+                engine = Engine(model, max_batch=b, max_len=args.prompt + args.new, buckets=(b,),
+                                **kw)
+                dt = time_engine(engine, prompts[b], args.new, device)
+                r = {"tokens_per_s": b * args.new / dt, "ms_per_call_step": dt / args.new * 1e3,
+                     "ms_per_step": step_ms(engine, b)}
+                first = engine.submit(Request(prompts[b][0], SamplingParams(max_tokens=8,
+                                                                            temperature=0)))
+                engine.run_until_done()
+                r["first_tokens"] = first.output
+            except Exception as e:   # e.g. torch.compile failing on this stack: keep the rest
+                import traceback
+                traceback.print_exc()
+                r = {"error": f"{type(e).__name__}: {e}"[:1000]}
+            res[f"{name}_bs{b}"] = r
+            print(f"{name} bs{b}: {r}", flush=True)
+            engine = None   # frees its KV cache and graphs
+        res[f"generate_bs{b}"] = guarded(lambda: time_generate(model, prompts[b], args.new, device))
+        print(f"generate() bs{b}: {res[f'generate_bs{b}']}", flush=True)
+    if not args.no_hf:
+        hf = guarded(lambda: run_hf(model, prompts, args.new, device, dtype))
+        for b in args.batches:
+            r = hf.get(b, hf)
+            ours = res.get(f"engine_bs{b}", {}).get("first_tokens", [])
+            if "first_tokens" in r:   # same weights: same greedy tokens, up to bf16 near-ties
+                r["leading_tokens_equal_to_engine"] = next(
+                    (i for i, (a, c) in enumerate(zip(ours, r["first_tokens"])) if a != c),
+                    min(len(ours), len(r["first_tokens"])))
+            res[f"hf_bs{b}"] = r
+            print(f"hf bs{b}: {r}", flush=True)
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    if not args.no_server:
+        served = guarded(lambda: run_server(args, cfg.vocab_size))
+        for n in args.clients:
+            res[f"server_{n}_clients"] = served.get(n, served)
+    print_table(res, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+def print_table(res: dict, args) -> None:
+    print(f"\n{res['preset']} on {res['device']}, torch {res['torch']}, prompt {args.prompt}, "
+          f"{args.new} new tokens, greedy; floor {res['floor_ms_per_step_bs1']:.3f} ms/step at bs1")
+    print(f"{'':32}{'tokens/s':>12}{'ms/step':>10}{'x floor':>9}{'x HF':>8}")
+    for b in args.batches:
+        hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
+        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"engine_gather_bs{b}",
+                     f"generate_bs{b}", f"hf_bs{b}"):
+            if "tokens_per_s" not in res.get(name, {}):
+                continue
+            r = res[name]
+            ms = r.get("ms_per_step", float("nan"))
+            ratio = f"{r['tokens_per_s'] / hf:8.1f}" if hf else f"{'':8}"
+            floor = ms / res["floor_ms_per_step_bs1"] if b == 1 else float("nan")
+            print(f"{name:32}{r['tokens_per_s']:12,.0f}{ms:10.3f}{floor:9.1f}{ratio}")
+    for key in [k for k in res if k.startswith("server_") and "tokens_per_s" in res[k]]:
+        r = res[key]
+        print(f"{key:32}{r['tokens_per_s']:12,.0f}   TTFT {r['ttft_ms']:.1f} ms, "
+              f"inter-token {r['itl_ms']:.2f} ms")
+    if "tokens_per_s" in res.get("engine_bs32", {}) and "tokens_per_s" in res.get(
+            "server_32_clients", {}):
+        print(f"server 32 clients / engine bs32: "
+              f"{res['server_32_clients']['tokens_per_s'] / res['engine_bs32']['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The decode engine: a KV cache preallocated in slots, chunked prefill, a decode step with no host
+sync (a CUDA graph per batch-size bucket on CUDA), and continuous batching.
+
+Legend: B slots (max batch), b a bucket's rows, T tokens of a chunk, S cache length, V vocab.
+
+One engine `step()`:
+1. admit waiting requests into free slots (lowest first, so active rows stay near the top);
+2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, whole chunks in slot
+   order, each run of adjacent slots as one padded batch into those slots' caches; a finished
+   prompt samples its first token;
+3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
+   decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
+   sampling parameters, per-row step counters) that the step itself advances, so the host only
+   writes them when a request joins or leaves. The step is launched before the previous step's
+   tokens are read back (one sync per step), so host work overlaps the device's.
+
+Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
+position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
+tokens sit at positions <= S - 2, and the causal mask hides everything past a row's own position.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import torch
+
+from dropless.model import Transformer, rope_tables
+from dropless.serve.moe_decode import moe_decode
+from dropless.serve.request import Request, SamplingParams, close
+from dropless.serve.sampling import sample
+
+__all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
+
+
+class Engine:
+    def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
+                 buckets: tuple[int, ...] | None = None, compile: bool = False,
+                 moe_path: str | None = None):
+        cfg = model.cfg
+        max_len = max_len or cfg.max_seq_len
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} is invalid: must be >= 1")
+        if not 2 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} is invalid: must be in [2, max_seq_len="
+                             f"{cfg.max_seq_len}]")
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
+        self.prefill_chunk = prefill_chunk
+        self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
+        self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
+                                                for i in range(max_batch.bit_length() + 1)}))
+        if self.buckets[-1] < max_batch:
+            raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
+                             f"{max_batch}")
+        # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
+        self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
+                       for layer in model.layers]
+        # 2. the decode step's static state, one row per slot
+        B, dev = max_batch, p.device
+        self.tokens_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions_B = torch.full((B,), max_len - 1, dtype=torch.long, device=dev)
+        self.steps_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seeds_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.temperature_B = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.top_k_B = torch.full((B,), cfg.vocab_size, dtype=torch.long, device=dev)
+        self.top_p_B = torch.ones(B, dtype=torch.float32, device=dev)
+        self.slots: list[Request | None] = [None] * B
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # the last launched decode step, not yet read: (event, host tokens, [(slot, request)])
+        self.pending = None
+        pin = p.device.type == "cuda"
+        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.flip = 0
+        # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
+        # specialisation per (bucket, greedy), hence the raised recompile limit
+        self.decode_fn = self._decode
+        if compile:
+            import torch._dynamo as dynamo
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit,
+                                                 4 * len(self.buckets))
+            self.decode_fn = torch.compile(self._decode, dynamic=False)
+        self.graph_pool = None
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}): got "
+                             f"{[t for t in request.prompt if not 0 <= t < vocab][:5]}")
+        total = len(request.prompt) + request.params.max_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens "
+                             f"({request.params.max_tokens}) = {total} exceeds the context of "
+                             f"{self.max_len} tokens")
+        with self.wakeup:
+            self.waiting.append(request)
+            self.wakeup.notify()
+        return request
+
+    def has_work(self) -> bool:
+        return (bool(self.waiting) or self.pending is not None
+                or any(r is not None for r in self.slots))
+
+    def _set_row(self, slot: int, **values) -> None:
+        for name, value in values.items():
+            getattr(self, name + "_B")[slot] = value
+
+    def _set_rows(self, slots: list[int], **values: list) -> None:
+        idx = torch.tensor(slots, device=self.device)
+        for name, column in values.items():
+            buf = getattr(self, name + "_B")
+            buf[idx] = torch.tensor(column, dtype=buf.dtype).to(self.device, non_blocking=True)
+
+    def _finish(self, slot: int, reason: str) -> None:
+        request = self.slots[slot]
+        self.slots[slot] = None
+        self._set_row(slot, positions=self.max_len - 1)   # back to the scratch position
+        close(request, reason)
+
+    def _emit(self, slot: int, token: int) -> None:
+        request = self.slots[slot]
+        request.output.append(token)
+        stop = request.on_token is not None and request.on_token(request, token)
+        if token in request.eos_ids or stop:
+            self._finish(slot, "stop")
+        elif len(request.output) >= request.params.max_tokens:
+            self._finish(slot, "length")
+
+    # ---- the model, run over slots of the cache ---------------------------------------------
+
+    def _hidden(self, tokens_BT, positions_BT, caches, decode: bool) -> torch.Tensor:
+        """The model's blocks (as Block.forward), with the decode MoE path for decode steps; the
+        RoPE tables are computed once for all layers."""
+        cfg = self.model.cfg
+        rope = rope_tables(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size,
+                           positions_BT, cfg.rope_theta)
+        x = self.model.embed(tokens_BT)
+        for layer, cache in zip(self.model.layers, caches):
+            x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache, rope=rope)
+            h = layer.ffn_norm(x)
+            if not layer.is_moe:
+                x = x + layer.ffn(h)
+            else:
+                x = x + (moe_decode(layer.ffn, h, self.moe_path) if decode else layer.ffn(h)[0])
+        return x
+
+    def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.norm(x_BD))
+
+    def _prefill(self, slots: list[int]) -> None:
+        """The next prompt chunk of each request in a run of adjacent slots, as one padded forward.
+        Padding sits at the scratch position S - 1; a request whose prompt is now all in the cache
+        samples its first token from its last prompt position."""
+        requests = [self.slots[s] for s in slots]
+        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
+        n, T = len(slots), max(map(len, chunks))
+        tokens_nT = torch.zeros(n, T, dtype=torch.long)
+        positions_nT = torch.full((n, T), self.max_len - 1, dtype=torch.long)
+        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            tokens_nT[i, :len(chunk)] = torch.tensor(chunk)
+            positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
+        rows = slice(slots[0], slots[-1] + 1)
+        caches = [tuple(t[rows] for t in cache) for cache in self.caches]
+        x_nTD = self._hidden(tokens_nT.to(self.device), positions_nT.to(self.device), caches,
+                             decode=False)
+        done = []
+        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            r.prefilled += len(chunk)
+            if r.prefilled == len(r.prompt):
+                done.append(i)
+        if not done:
+            return
+        vocab = self.model.cfg.vocab_size
+        done_slots = [slots[i] for i in done]
+        params = [requests[i].params for i in done]
+        self._set_rows(done_slots, steps=[0] * len(done), seeds=[requests[i].seed for i in done],
+                       temperature=[p.temperature for p in params],
+                       top_k=[min(p.top_k or vocab, vocab) for p in params],
+                       top_p=[p.top_p or 1.0 for p in params])
+        idx = torch.tensor(done_slots, device=self.device)
+        last = torch.tensor([len(chunks[i]) - 1 for i in done], device=self.device)
+        logits = self._logits(x_nTD[torch.tensor(done, device=self.device), last])
+        first = sample(logits, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
+                       self.seeds_B[idx], self.steps_B[idx])
+        first = first.tolist()   # sync: the first tokens go to the requests
+        self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
+                       positions=[len(requests[i].prompt) for i in done])
+        for slot, token in zip(done_slots, first):
+            self._emit(slot, token)
+
+    def _decode(self, b: int, greedy: bool) -> None:
+        """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
+        rows = slice(0, b)
+        caches = [tuple(t[rows] for t in cache) for cache in self.caches]
+        x = self._hidden(self.tokens_B[rows].unsqueeze(1), self.positions_B[rows].unsqueeze(1),
+                         caches, decode=True)
+        logits_bV = self._logits(x[:, -1])
+        if greedy:
+            next_b = logits_bV.argmax(-1)
+        else:
+            next_b = sample(logits_bV, self.temperature_B[rows], self.top_k_B[rows],
+                            self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
+        self.tokens_B[rows].copy_(next_b)
+        self.positions_B[rows].add_(1).clamp_(max=self.max_len - 1)
+        self.steps_B[rows].add_(1)
+
+    def _run_decode(self, b: int, greedy: bool) -> None:
+        if not self.cuda_graphs:
+            self.decode_fn(b, greedy)
+            return
+        graph = self.graphs.get((b, greedy))
+        if graph is None:
+            graph = self._capture(b, greedy)
+        graph.replay()
+
+    def _capture(self, b: int, greedy: bool) -> torch.cuda.CUDAGraph:
+        # warm-up runs advance the buffers: keep them and put them back before the real step
+        saved = [t.clone() for t in (self.tokens_B, self.positions_B, self.steps_B)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.decode_fn(b, greedy)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self.decode_fn(b, greedy)
+        for buf, value in zip((self.tokens_B, self.positions_B, self.steps_B), saved):
+            buf.copy_(value)
+        self.graphs[(b, greedy)] = graph
+        return graph
+
+    # ---- continuous batching ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit, prefill a chunk, decode one token for every decoding request."""
+        with self.lock:
+            for slot in range(self.max_batch):
+                if not self.waiting:
+                    break
+                if self.slots[slot] is None:
+                    request = self.waiting.popleft()
+                    self.slots[slot] = request
+                    request.prefilled = 0
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.cancelled:
+                self._finish(slot, "cancelled")
+        # prefill: whole chunks, in slot order, up to prefill_chunk tokens per step (at least one
+        # chunk); each run of adjacent slots goes through the model as one batch
+        chosen, budget = [], self.prefill_chunk
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.prefilled < len(request.prompt):
+                size = min(len(request.prompt) - request.prefilled, self.prefill_chunk)
+                if chosen and size > budget:
+                    break
+                chosen.append(slot)
+                budget -= size
+        while chosen:
+            run = [chosen.pop(0)]
+            while chosen and chosen[0] == run[-1] + 1:
+                run.append(chosen.pop(0))
+            self._prefill(run)
+        decoding = [s for s, r in enumerate(self.slots)
+                    if r is not None and r.prefilled == len(r.prompt)]
+        # launch this step before reading the previous one's tokens: the host's bookkeeping (and
+        # the server's callbacks) run while the device computes
+        previous, self.pending = self.pending, (self._launch(decoding) if decoding else None)
+        if previous is not None:
+            self._collect(*previous)
+
+    def _launch(self, decoding: list[int]):
+        b = next(size for size in self.buckets if size > decoding[-1])
+        greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
+        self._run_decode(b, greedy)
+        host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
+        self.flip ^= 1
+        host[:b].copy_(self.tokens_B[:b], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return event, host, [(s, self.slots[s]) for s in decoding]
+
+    def _collect(self, event, host, rows) -> None:
+        """Hand a launched step's tokens to the requests that were decoding then (a request that
+        finished meanwhile got one extra token computed; it is dropped here)."""
+        if event is not None:
+            event.synchronize()   # sync: the step's tokens (waits with the GIL released)
+        tokens = host.tolist()
+        for slot, request in rows:
+            if self.slots[slot] is request:
+                self._emit(slot, tokens[slot])
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """The server's engine thread: step while there is work, sleep while there is none;
+        after `stop` is set, finish the requests already admitted or waiting, then return."""
+        while True:
+            with self.wakeup:
+                while not self.has_work() and not stop.is_set():
+                    self.wakeup.wait(timeout=0.1)
+                if stop.is_set() and not self.has_work():
+                    return
+            try:
+                self.step()
+            except Exception:   # a failed step fails its requests, never the server
+                logging.getLogger("dropless.serve").exception("engine step failed")
+                with self.lock:
+                    failed = [r for r in self.slots if r is not None] + list(self.waiting)
+                    self.slots, self.waiting = [None] * self.max_batch, deque()
+                    self.pending = None
+                self.positions_B.fill_(self.max_len - 1)
+                for request in failed:
+                    close(request, "error")
+

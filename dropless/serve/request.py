@@ -1,0 +1,65 @@
+"""What the engine serves: a request (prompt, sampling parameters, callbacks, output) and its
+sampling parameters."""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} is invalid: must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
+
+
+class Request:
+    """One prompt's generation. `on_token(request, token)` runs on the engine's thread after each
+    new token and may return True to finish the request (a stop string matched). When the request
+    finishes, `finish_reason` is "stop" (EOS, or on_token asked), "length", "cancelled" or "error",
+    `on_finish(request)` runs (engine thread) and `done` is set."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
+                 on_token: Callable[["Request", int], bool | None] | None = None,
+                 on_finish: Callable[["Request"], None] | None = None):
+        if not prompt:
+            raise ValueError("prompt is empty: a request needs at least one token")
+        self.prompt = list(prompt)
+        self.params = params
+        self.eos_ids = frozenset(eos_ids)
+        self.on_token = on_token
+        self.on_finish = on_finish
+        # any int seeds: folded into the int64 range the device buffers hold
+        self.seed = params.seed % (1 << 63) if params.seed is not None else random.getrandbits(63)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.done = threading.Event()
+        self.cancelled = False
+        self.prefilled = 0   # prompt tokens already in the cache
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (the client went away)."""
+        self.cancelled = True
+
+
+def close(request: Request, reason: str) -> None:
+    """Record why the request ended, run its on_finish, wake its waiters."""
+    request.finish_reason = reason
+    if request.on_finish is not None:
+        request.on_finish(request)
+    request.done.set()

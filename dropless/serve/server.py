@@ -1,0 +1,285 @@
+"""`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. One engine
+thread steps the continuous batch; each HTTP request is an engine Request whose tokens come back to
+the event loop through an asyncio queue. Errors have OpenAI's shape:
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from dropless.serve.engine import Engine
+from dropless.serve.request import Request, SamplingParams
+from dropless.serve.text import ServedModel, TextStream, render_chat
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _number(body: dict, name: str, kind, default, ok, allowed: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise APIError(400, f"{name}={value!r} is invalid: {allowed}", name)
+    return value
+
+
+def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, default_max,
+                         lambda v: v >= 1, "must be an integer >= 1")
+    if num_prompt + max_tokens > max_len:
+        raise APIError(400, f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = "
+                       f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
+                       "max_tokens", code="context_length_exceeded")
+    _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
+    top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(_number(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 1e4,
+                                  "must be in [0, 10000]")),
+        top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
+                            "must be in (0, 1]")),
+        top_k=None if top_k in (None, -1) else top_k,
+        seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) for s in stop):
+        return stop
+    raise APIError(400, f"stop={stop!r} is invalid: a string or a list of up to 16 strings", "stop")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages is invalid: a non-empty list of {role, content}", "messages")
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):   # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
+                           "messages")
+        out.append({**m, "content": content})
+    return out
+
+
+def create_app(served: ServedModel, engine: Engine):
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    stop_engine = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        thread = threading.Thread(target=engine.serve_forever, args=(stop_engine,),
+                                  name="dropless-engine", daemon=True)
+        thread.start()
+        yield
+        stop_engine.set()   # uvicorn has drained the connections: finish what is left, then stop
+        await asyncio.to_thread(thread.join)
+
+    app = FastAPI(title="dropless", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                     type="server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model",
+                                            "created": 0, "owned_by": "dropless"}]}
+
+    async def parse(http_request) -> dict:
+        try:
+            body = json.loads(await http_request.body())
+        except ValueError as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if body.get("model") != served.name:
+            raise APIError(404, f"model {body.get('model')!r} does not exist; this server has "
+                           f"{served.name!r}", "model", "invalid_request_error", "model_not_found")
+        return body
+
+    # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
+    # per batch of them (a step's worth) instead of one per token
+    outbox: list[tuple[asyncio.Queue, str | None]] = []
+    outbox_lock = threading.Lock()
+
+    def deliver():
+        with outbox_lock:
+            items = outbox[:]
+            outbox.clear()
+        for queue, item in items:
+            queue.put_nowait(item)
+
+    def post(loop, queue, item) -> None:
+        with outbox_lock:
+            outbox.append((queue, item))
+            first = len(outbox) == 1
+        if first:
+            loop.call_soon_threadsafe(deliver)
+
+    def start(prompt_ids: list[int], params: SamplingParams, stop: list[str]):
+        """Submit to the engine; returns (engine request, asyncio queue of text deltas, then None)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        text = TextStream(served.tokenizer, stop, served.eos_ids)
+
+        def on_token(_, token):
+            delta = text.push(token)
+            if delta:
+                post(loop, queue, delta)
+            return text.stopped
+
+        def on_finish(_):
+            rest = text.finish()
+            if rest:
+                post(loop, queue, rest)
+            post(loop, queue, None)
+
+        request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids,
+                                        on_token=on_token, on_finish=on_finish))
+        return request, queue
+
+    async def deltas(queue):
+        """Text deltas as they come; what piled up while we were busy goes out as one."""
+        while True:
+            parts = [await queue.get()]
+            while not queue.empty() and parts[-1] is not None:
+                parts.append(queue.get_nowait())
+            done = parts[-1] is None
+            text = "".join(p for p in parts if p is not None)
+            if text:
+                yield text
+            if done:
+                return
+
+    def usage(request: Request) -> dict:
+        n, m = len(request.prompt), len(request.output)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    async def respond(body: dict, prompt: str | list[int], chat: bool):
+        prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
+        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
+                           "prompt")
+        default_max = engine.max_len - len(prompt_ids) if chat else 16
+        params = _sampling(body, len(prompt_ids), engine.max_len, max(default_max, 1))
+        stop, stream = _stop(body), body.get("stream", False)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        request, queue = start(prompt_ids, params, stop)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        base = {"id": rid, "created": int(time.time()), "model": served.name}
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if not stream:
+                return {"index": 0, "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""} if first else (
+                {"content": text} if text else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        def finish_reason() -> str:
+            if request.finish_reason == "error":
+                raise APIError(500, "generation failed", type="server_error")
+            return "stop" if request.finish_reason == "stop" else "length"
+
+        if not stream:
+            text = "".join([d async for d in deltas(queue)])
+            return {**base, "object": kind, "choices": [choice(text, finish_reason())],
+                    "usage": usage(request)}
+
+        async def events():
+            chunk = {**base, "object": kind + ".chunk" if chat else kind}
+            try:
+                if chat:
+                    yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
+                async for text in deltas(queue):
+                    yield f"data: {json.dumps({**chunk, 'choices': [choice(text, None)]})}\n\n"
+                last = choice(None if chat else "", finish_reason())
+                yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
+                if include_usage:
+                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancel()   # a no-op once finished; frees the slot if the client left
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(http_request: HTTPRequest):
+        body = await parse(http_request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ok_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                  for t in prompt)
+        if not isinstance(prompt, str) and not ok_ids:
+            raise APIError(400, "prompt is invalid: a string, a list of one string, or a list of "
+                           "token ids", "prompt")
+        return await respond(body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http_request: HTTPRequest):
+        body = await parse(http_request)
+        try:
+            prompt = render_chat(served.chat_template, _messages(body), served.special_tokens)
+        except APIError:
+            raise
+        except Exception as e:   # the template raised or does not render these messages
+            raise APIError(400, f"the chat template failed on these messages: {e}",
+                           "messages") from None
+        return await respond(body, prompt, chat=True)
+
+    return app
+
+
+def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
+    """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
+    (streams included) and the lifespan stops the engine thread."""
+    import uvicorn
+
+    uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")

@@ -1,0 +1,132 @@
+"""Text around the engine: loading a model directory for serving (tokenizer, EOS, chat template),
+chat prompts, and incremental detokenisation with stop strings.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dropless.errors import DroplessError
+from dropless.model import Transformer
+from dropless.tokenizer import Tokenizer
+
+# The chat prompt when the model directory has no chat template: one "role: content" line per
+# message, then "assistant:" for the model to continue.
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: Transformer
+    tokenizer: Tokenizer
+    eos_ids: tuple[int, ...]
+    chat_template: str
+    special_tokens: dict   # bos_token / eos_token strings the template may use
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise DroplessError(f"{path}: cannot read ({e})") from None
+
+
+def _token_text(value) -> str:
+    return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+
+def load_served_model(path: str, device: torch.device) -> ServedModel:
+    """A `dropless train` run directory or a Hugging Face model directory. EOS ids come from
+    generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
+    config's eos_token; the chat template from tokenizer_config.json's `chat_template`."""
+    from dropless.tokenizer import tokenizer_from_json
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DroplessError(f"{path}: no such directory")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf_config = _read_json(root / "config.json")
+    if hf_config:
+        from dropless.hf import load_hf_dir
+        try:
+            model, tok_json = load_hf_dir(root, dtype=dtype, device=device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+        if tok_json is None:
+            raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
+        tokenizer = tokenizer_from_json(tok_json)
+    else:
+        from dropless.checkpoint import load_run
+        model, tokenizer, _ = load_run(root, device)
+        model = model.to(dtype)
+    tok_config = _read_json(root / "tokenizer_config.json")
+    special = {k: _token_text(tok_config.get(k)) for k in ("bos_token", "eos_token")}
+    eos = _read_json(root / "generation_config.json").get("eos_token_id",
+                                                          hf_config.get("eos_token_id"))
+    if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
+        eos = tokenizer.tok.token_to_id(special["eos_token"])
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    template = tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
+    if isinstance(template, list):   # named templates: use "default"
+        template = next((t["template"] for t in template if t.get("name") == "default"),
+                        template[0]["template"])
+    return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
+
+
+def render_chat(template: str, messages: list[dict], special_tokens: dict) -> str:
+    """The chat prompt, rendered in jinja2's sandbox (a template is data from the model dir)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            **special_tokens)
+
+
+class TextStream:
+    """Token ids -> text deltas, cut at the first stop string. Text that might be the start of a
+    stop string is held back until it is not, so streamed deltas concatenate to exactly the
+    non-streamed text. EOS tokens add no text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], eos_ids=()):
+        self.tokenizer, self.stop, self.eos_ids = tokenizer, [s for s in stop if s], set(eos_ids)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""       # everything decoded so far
+        self.sent = 0        # characters of text already returned
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The new text this token makes safe to send; sets `stopped` on a stop string."""
+        if token not in self.eos_ids:
+            self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = self.text[:cut]
+            return self._take(len(self.text))
+        hold = max((n for s in self.stop for n in range(1, len(s))
+                    if self.text.endswith(s[:n])), default=0)
+        return self._take(len(self.text) - hold)
+
+    def finish(self) -> str:
+        """The held-back rest, once no more tokens come."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        delta = self.text[self.sent:max(end, self.sent)]
+        self.sent += len(delta)
+        return delta

@@ -1,0 +1,189 @@
+import math
+
+import pytest
+import torch
+
+from dropless import ModelConfig, MoEConfig, Transformer
+from dropless.generate import greedy_recompute
+from dropless.moe import MoE
+from dropless.serve import Engine, Request, SamplingParams
+from dropless.serve.moe_decode import choose_path, moe_decode
+from dropless.serve.sampling import sample
+from tests.conftest import TOLERANCE, rel_err
+from tests.test_mla import mla_config
+
+
+def tiny_model(**kw):
+    cfg = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+               moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+# ---- the decode MoE path against the training path ---------------------------------------------
+
+@pytest.mark.parametrize("path", ["gather", "dense"])
+@pytest.mark.parametrize("T,E,K,extra", [
+    (1, 8, 2, {}),                                   # one token
+    (5, 4, 4, {}),                                   # K == E
+    (3, 8, 3, dict(num_shared_experts=1, shared_gate=True)),
+    (7, 8, 2, dict(score_func="sigmoid", bias_update_rate=0.01, num_groups=4, topk_groups=2,
+                   norm_topk_prob=True, route_scale=2.5)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_decode_matches_training_path(path, T, E, K, extra, dtype):
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=E, top_k=K, **extra)).to(dtype).eval()
+    if moe.router.bias is not None:
+        moe.router.bias.normal_()
+    x = torch.randn(T, 32, dtype=dtype)
+    with torch.no_grad():
+        ref, _ = moe(x)
+        out = moe_decode(moe, x, path)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def test_choose_path():
+    assert choose_path(1, 8, 64) == "gather" and choose_path(32, 8, 64) == "dense"
+    assert choose_path(1, 4, 4) == "dense"
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def _rows(B, temperature, top_k, top_p, V):
+    return (torch.full((B,), temperature), torch.full((B,), top_k or V, dtype=torch.long),
+            torch.full((B,), top_p), torch.arange(B, dtype=torch.long) * 7919,
+            torch.zeros(B, dtype=torch.long))
+
+
+def test_sampling_frequencies_and_filters():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    N, V = 6000, 5
+    picks = sample(logits.expand(N, V), *_rows(N, 1.0, None, 1.0, V))
+    freq = torch.bincount(picks, minlength=V).double() / N
+    assert (freq - logits.double().softmax(-1)).abs().max() < 0.025
+    hot = sample(logits.expand(N, V), *_rows(N, 0.5, None, 1.0, V))
+    freq = torch.bincount(hot, minlength=V).double() / N
+    assert (freq - (logits.double() / 0.5).softmax(-1)).abs().max() < 0.025
+    assert set(sample(logits.expand(N, V), *_rows(N, 1.0, 2, 1.0, V)).tolist()) == {1, 2}
+    # top-p: p(2) = 0.56, p(1) = 0.21 -> 0.6 keeps {2, 1}; 0.5 keeps {2}
+    assert set(sample(logits.expand(N, V), *_rows(N, 1.0, None, 0.6, V)).tolist()) == {1, 2}
+    assert set(sample(logits.expand(N, V), *_rows(N, 1.0, None, 0.5, V)).tolist()) == {2}
+    assert sample(logits.expand(3, V), *_rows(3, 0.0, None, 1.0, V)).tolist() == [2, 2, 2]
+
+
+def test_sampling_is_a_function_of_seed_and_step():
+    logits = torch.randn(4, 50)
+    t, k, p, seeds, steps = _rows(4, 1.0, None, 1.0, 50)
+    a = sample(logits, t, k, p, seeds, steps)
+    b = sample(logits.flip(0), t, k, p, seeds.flip(0), steps)
+    assert a.tolist() == b.flip(0).tolist()
+    draws = {tuple(sample(logits, t, k, p, seeds, steps + i).tolist()) for i in range(10)}
+    assert len(draws) > 1
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [33], [5] * 13, [2, 40, 41, 3, 3]]
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+@pytest.mark.parametrize("model_kw", [{}, dict(qk_norm=True, first_dense_layers=1), "mla"])
+def test_engine_continuous_batching_equals_recompute(model_kw, chunk):
+    if model_kw == "mla":
+        torch.manual_seed(0)
+        model = Transformer(mla_config()).eval()
+    else:
+        model = tiny_model(**model_kw)
+    # 3 slots for 5 requests: requests join as others leave; prompts prefill in chunks of 3, or
+    # several at once as one padded batch
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
+    lengths = [12, 3, 9, 1, 6]
+    requests = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=0)))
+                for p, n in zip(PROMPTS, lengths)]
+    engine.run_until_done()
+    for r, n in zip(requests, lengths):
+        assert r.output == greedy_recompute(model, r.prompt, n)
+        assert r.finish_reason == "length" and r.done.is_set()
+
+
+def test_engine_seeded_sampling_independent_of_batch():
+    model = tiny_model()
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    alone = Engine(model, max_batch=1, max_len=32)
+    a = alone.submit(Request([1, 2, 3], params))
+    alone.run_until_done()
+    crowd = Engine(model, max_batch=4, max_len=32, prefill_chunk=2)
+    others = [crowd.submit(Request([7, 7], SamplingParams(max_tokens=8, temperature=0.7)))
+              for _ in range(2)]
+    b = crowd.submit(Request([1, 2, 3], params))
+    crowd.run_until_done()
+    assert a.output == b.output and all(len(o.output) == 8 for o in others)
+
+
+def test_engine_eos_stop_callback_and_limits():
+    model = tiny_model()
+    ref = greedy_recompute(model, [1, 2, 3], 10)
+    engine = Engine(model, max_batch=3, max_len=32)
+    eos = engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0),
+                                eos_ids=(ref[3],)))
+    stopped = engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0),
+                                    on_token=lambda req, tok: len(req.output) == 2))
+    gone = engine.submit(Request([4, 5], SamplingParams(max_tokens=10, temperature=0)))
+    gone.cancel()
+    engine.run_until_done()
+    first_eos = ref.index(ref[3])
+    assert eos.output == ref[:first_eos + 1] and eos.finish_reason == "stop"
+    assert stopped.output == ref[:2] and stopped.finish_reason == "stop"
+    assert gone.finish_reason == "cancelled" and not engine.has_work()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\): got \[64, -1\]"):
+        engine.submit(Request([1, 64, -1], SamplingParams(max_tokens=3)))
+    with pytest.raises(ValueError, match="exceeds the context of 32"):
+        engine.submit(Request([1] * 30, SamplingParams(max_tokens=3)))
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="temperature=nan"):
+        SamplingParams(temperature=math.nan)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_cuda_graphs_equal_eager(dtype):
+    # 8 experts, top-2: buckets 1 and 2 take the Triton GEMV path, 4 the dense one
+    moe = MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)
+    model = tiny_model(qk_norm=True, moe=moe).to("cuda", dtype)
+    outs = []
+    for graphs in (False, True):
+        engine = Engine(model, max_batch=4, max_len=48, prefill_chunk=4, cuda_graphs=graphs)
+        reqs = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=t, seed=5)))
+                for p, n, t in zip(PROMPTS, [12, 3, 9, 1, 6], [0, 0.8, 0, 1.0, 0])]
+        engine.run_until_done()
+        outs.append([r.output for r in reqs])
+    assert outs[0] == outs[1]
+    if dtype == torch.float32:
+        for p, o, n in zip(PROMPTS, outs[1], [12, 3, 9, 1, 6]):
+            if n in (12, 9, 6):
+                assert o == greedy_recompute(model, p, n)
+
+
+@pytest.mark.gpu
+def test_decode_step_never_syncs():
+    model = tiny_model(moe=MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)).to("cuda")
+    engine = Engine(model, max_batch=4, max_len=32, cuda_graphs=False)
+    for p in PROMPTS[:3]:
+        engine.submit(Request(p, SamplingParams(max_tokens=20, temperature=0.5)))
+    engine.step()   # prefill (which may sync) and a first decode step
+    steps = [(1, True), (4, False), (4, True)]   # Triton GEMV and dense MoE paths
+    for b, greedy in steps:   # first calls compile and autotune the Triton kernels (and sync)
+        engine._decode(b, greedy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b, greedy in steps:
+            engine._decode(b, greedy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

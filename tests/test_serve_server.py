@@ -1,0 +1,328 @@
+"""A live `dropless serve` on a tiny random model, driven by the official openai client."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from dropless import ModelConfig, MoEConfig, Transformer  # noqa: E402
+from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint  # noqa: E402
+from dropless.generate import greedy_recompute  # noqa: E402
+from dropless.serve.engine import Engine  # noqa: E402
+from dropless.serve.server import create_app  # noqa: E402
+from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, TextStream, load_served_model, render_chat  # noqa: E402
+from dropless.tokenizer import ByteTokenizer  # noqa: E402
+from tests.conftest import subprocess_env  # noqa: E402
+
+CONTEXT = 96
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=CONTEXT, moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4,
+                                                         top_k=2))
+    path = tmp_path_factory.mktemp("serve") / "tiny-run"
+    path.mkdir()
+    save_checkpoint(path / CHECKPOINT, {"model_config": config_to_dict(cfg),
+                                        "model": Transformer(cfg).state_dict(),
+                                        "tokenizer": ByteTokenizer().to_json(), "step": 0})
+    return path
+
+
+class InProcessServer:
+    """uvicorn in a thread of this process, on a free port, with an openai client."""
+
+    def __init__(self, model_dir):
+        self.served = load_served_model(str(model_dir), torch.device("cpu"))
+        engine = Engine(self.served.model, max_batch=4, prefill_chunk=16)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.served, engine),
+                                                    host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none",
+                                    max_retries=0)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    s = InProcessServer(run_dir)
+    yield s.client, s.served, s.port
+    s.stop()
+
+
+def reference(served, prompt: str, n: int) -> str:
+    tokens = greedy_recompute(served.model, list(prompt.encode()), n)
+    return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def test_models_and_health(server):
+    client, served, port = server
+    assert [m.id for m in client.models.list().data] == ["tiny-run"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_completion_greedy_equals_recompute_and_stream(server):
+    client, served, _ = server
+    out = client.completions.create(model="tiny-run", prompt="def f(x):", max_tokens=12,
+                                    temperature=0)
+    assert out.choices[0].text == reference(served, "def f(x):", 12)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (9, 12, 21)
+    chunks = list(client.completions.create(model="tiny-run", prompt="def f(x):", max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_default_template_stream_equals_plain(server):
+    client, served, _ = server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = "system: Be brief.\nuser: Hi\nassistant:"
+    assert render_chat(DEFAULT_CHAT_TEMPLATE, messages, {}) == prompt
+    out = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=10,
+                                         temperature=0)
+    assert out.choices[0].message.content == reference(served, prompt, 10)
+    assert out.choices[0].message.role == "assistant" and out.usage.prompt_tokens == len(prompt)
+    chunks = list(client.chat.completions.create(model="tiny-run", messages=messages,
+                                                 max_tokens=10, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_seed(server):
+    client, served, _ = server
+    full = reference(served, "class A:", 30)
+    stop = full[10:12]
+    for stop_arg in (stop, ["\x00never", stop]):
+        for stream in (False, True):
+            kw = dict(model="tiny-run", prompt="class A:", max_tokens=30, temperature=0, stop=stop_arg)
+            if stream:
+                text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+            else:
+                out = client.completions.create(**kw)
+                text = out.choices[0].text
+                assert out.choices[0].finish_reason == "stop"
+            assert text == full[:full.index(stop)]
+    kw = dict(model="tiny-run", prompt="x", max_tokens=15, temperature=1.0, top_p=0.9)
+    a, b = (client.completions.create(seed=11, **kw).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_eight_concurrent_requests(server):
+    client, served, _ = server
+    prompts = [f"item {i} = " * (1 + i % 3) for i in range(8)]
+
+    def ask(p):
+        return client.completions.create(model="tiny-run", prompt=p, max_tokens=8 + len(p) % 5,
+                                         temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == [reference(served, p, 8 + len(p) % 5) for p in prompts]
+
+
+@pytest.mark.parametrize("kw, status, param", [
+    (dict(max_tokens=-1), 400, "max_tokens"),
+    (dict(temperature=-0.5), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(top_p=1.5), 400, "top_p"),
+    (dict(max_tokens=CONTEXT), 400, "max_tokens"),
+    (dict(stop=7), 400, "stop"),
+    (dict(model="gpt-4"), 404, "model"),
+])
+def test_errors_have_openai_shape(server, kw, status, param):
+    client, _, port = server
+    args = {"model": "tiny-run", "prompt": "hello", "max_tokens": 4, **kw}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == status and e.value.body["param"] == param
+    assert set(e.value.body) == {"message", "type", "param", "code"}
+    assert client.completions.create(model="tiny-run", prompt="ok", max_tokens=2).usage
+
+
+@pytest.mark.parametrize("path, data, status", [
+    ("/v1/completions", b'{"model": "tiny-run", "prompt": ', 400),
+    ("/v1/chat/completions", b'[1, 2]', 400),
+    ("/v1/chat/completions", b'{"model": "tiny-run", "messages": "hi"}', 400),
+    ("/v1/nothing", b'{}', 404),
+])
+def test_bad_bodies(server, path, data, status):
+    _, _, port = server
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == status
+    assert set(json.loads(e.value.read())["error"]) == {"message", "type", "param", "code"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+        assert r.status == 200
+
+
+def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "with-eos"
+    shutil.copytree(run_dir, model_dir)
+    served = load_served_model(str(run_dir), torch.device("cpu"))
+    ref = greedy_recompute(served.model, list(b"def f(x):"), 12)
+    eos = ref[3]
+    template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}"
+                "{{ raise_exception('no tools here') }}{% endif %}<{{ m.role }}>{{ m.content }}"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 255]}))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    s = InProcessServer(model_dir)
+    try:
+        assert s.served.eos_ids == (eos, 255)
+        out = s.client.completions.create(model="with-eos", prompt="def f(x):", max_tokens=12,
+                                          temperature=0)
+        first_eos = ref.index(eos)
+        assert out.choices[0].finish_reason == "stop"
+        assert out.choices[0].text == bytes(ref[:first_eos]).decode("utf-8", errors="replace")
+        assert out.usage.completion_tokens == first_eos + 1   # the EOS counts, adds no text
+        chat = s.client.chat.completions.create(model="with-eos", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}])
+        assert chat.usage.prompt_tokens == len("<s><user>hi<assistant>")
+        with pytest.raises(openai.BadRequestError, match="no tools here"):
+            s.client.chat.completions.create(model="with-eos", max_tokens=2, messages=[
+                {"role": "tool", "content": "x"}])
+        assert s.client.models.list().data[0].id == "with-eos"
+    finally:
+        s.stop()
+
+
+def test_text_stream_holds_back_stop_prefixes():
+    stream = TextStream(ByteTokenizer(), ["abc"])
+    pieces = [stream.push(t) for t in b"xxab"]
+    assert "".join(pieces) == "xx" and not stream.stopped
+    assert stream.push(ord("d")) == "abd"
+    assert stream.push(ord("a")) == "" and stream.push(ord("b")) == ""
+    assert stream.push(ord("c")) == "" and stream.stopped and stream.text == "xxabd"
+    multi = TextStream(ByteTokenizer(), [], eos_ids=(0,))
+    assert multi.push(0xC3) == "" and multi.push(0xA9) == "é" and multi.push(0) == ""
+
+
+class CliServer:
+    """`dropless serve` in a subprocess, with an openai client once it answers."""
+
+    def __init__(self, run_dir, *flags):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "dropless", "serve", str(run_dir),
+                                      "--port", str(self.port), *flags], env=self.env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x",
+                                    max_retries=0)
+        for _ in range(600):
+            try:
+                self.client.models.list()
+                return
+            except openai.APIConnectionError:
+                assert self.proc.poll() is None, self.proc.stdout.read().decode()[-3000:]
+                time.sleep(0.1)
+
+    @staticmethod
+    def env() -> dict:
+        """subprocess_env, keeping our PYTHONPATH too (packages installed with pip --target)."""
+        env = subprocess_env()
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+        return env
+
+    def stop_and_check(self):
+        """SIGTERM while a stream runs: the stream still completes, then the process exits."""
+        stream = self.client.completions.create(model="tiny-run", prompt="a", max_tokens=60,
+                                                temperature=0, stream=True)
+        first = next(iter(stream))
+        os.kill(self.proc.pid, signal.SIGTERM)
+        rest = list(stream)
+        assert [c.choices[0].finish_reason for c in [first, *rest]][-1] == "length"
+        # uvicorn re-raises the signal once drained: the exit status says "terminated by SIGTERM"
+        assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert b"Finished server process" in self.proc.stdout.read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_cli_serve_and_sigterm_drains(run_dir):
+    server = CliServer(run_dir, "--device", "cpu", "--max-batch", "2")
+    try:
+        server.stop_and_check()
+    finally:
+        server.kill()
+
+
+@pytest.mark.gpu
+def test_gpu_serve_smoke(run_dir):
+    """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8."""
+    server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8")
+    client = server.client
+    try:
+        kw = dict(model="tiny-run", prompt="def main():", max_tokens=20, temperature=0)
+        plain = client.completions.create(**kw)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+        assert plain.choices[0].text == streamed and plain.usage.completion_tokens == 20
+        chat = client.chat.completions.create(model="tiny-run", max_tokens=8,
+                                              messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
+
+        def ask(i):
+            return client.completions.create(model="tiny-run", prompt=f"x = {i}", max_tokens=12 + i,
+                                             temperature=0.7, seed=i)
+
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(ask, range(8)))
+        assert [o.usage.completion_tokens for o in outs] == [12 + i for i in range(8)]
+        assert all(o.choices[0].finish_reason == "length" for o in outs)
+        server.stop_and_check()
+    finally:
+        server.kill()
+
+
+def test_cli_serve_without_fastapi(monkeypatch, capsys, run_dir):
+    import importlib.util
+
+    from dropless import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert cli.main(["serve", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'dropless[serve]'" in err
