@@ -1,0 +1,150 @@
+"""Triton kernels for int4 (AWQ GEMM layout) weights. Imported only by `awq.py`'s launchers, so that
+importing dropless never needs triton.
+
+Legend: R rows (routed slots or tokens), KD reduction length (input features), N output columns of
+one product, WN the packed matrix's full width (2N for gate|up, N otherwise), GS group size.
+
+Weight contract (per expert, row-major, contiguous inside one expert):
+  qweight int32 [KD, WN/8], qzeros int32 [KD/GS, WN/8], scales fp16/bf16/fp32 [KD/GS, WN];
+  w[k, n] = (nibble(qweight[k, n/8], n%8) - nibble(qzeros[k/GS, n/8], n%8)) * scales[k/GS, n],
+  column c of a run of eight in nibble (c%2)*4 + c/2 (AutoAWQ's order).
+Every reduction step covers exactly one group (BLOCK_K == GS), so one row of zeros and scales serves
+the whole tile. Weights are dequantized in registers; accumulation is fp32.
+
+- `awq_gemv_kernel` (decode, a few rows): one program per (row, column tile, K split); each row
+  gathers its token and reads its own expert's weights. No tensor cores: at batch 1 the cost is
+  reading the packed weights once.
+- `awq_grouped_kernel` (prefill): expert-contiguous row tiles (the tile map of triton_grouped) x
+  column tiles, tl.dot on the dequantized tile in the activation dtype.
+Both can fuse SwiGLU (gate and up columns in one pass) and a per-row scale (routing weight).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
+                  GS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 [GS, BLOCK_N]: rows k0..k0+GS of the weight, columns `cols` (pcols = their int32s)."""
+    ks = tl.arange(0, GS)
+    nib = tl.arange(0, 8)
+    shifts = ((nib % 2) * 4 + nib // 2) * 4
+    packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                     mask=pc_ok[None, :], other=0)
+    q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
+    q = tl.reshape(q, (GS, BLOCK_N))
+    g = k0 // GS
+    zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
+    z = tl.reshape((zp[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
+    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (q - z[None, :]).to(tl.float32) * s[None, :]
+
+
+@triton.jit
+def awq_gemv_kernel(
+    # x [*, KD] (rows through x_row when GATHER); out [SPLIT_K, R, N] (fp32 partials) or [R, N]
+    x_ptr, stride_xm,
+    out_ptr, stride_os, stride_om,
+    # packed weights, one matrix per expert (stride 0 for a single linear)
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    # per row: token to read, expert, fp32 scale
+    x_row_ptr, expert_ptr, scale_ptr,
+    N, KD, WN,
+    GS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATHER: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+):
+    r = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    e = 0
+    if HAS_EXPERT:
+        e = tl.load(expert_ptr + r).to(tl.int64)
+    src = r.to(tl.int64)
+    if GATHER:
+        src = tl.load(x_row_ptr + r).to(tl.int64)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    pc_ok = pcols < N // 8
+    qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
+    ks = tl.arange(0, GS)
+    k_len = KD // SPLIT_K   # a multiple of GS (the launcher checks)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(split * k_len, (split + 1) * k_len, GS):
+        x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
+        w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_N)
+        acc += tl.sum(x[:, None] * w, axis=0)
+        if SWIGLU:   # the up columns sit N to the right of the gate columns
+            w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok, GS,
+                                 BLOCK_N)
+            acc_up += tl.sum(x[:, None] * w_up, axis=0)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + r)
+    out = out_ptr + split * stride_os + r * stride_om + cols
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def awq_grouped_kernel(
+    # a [*, KD] (rows through a_row when GATHER); c [*, N] (rows through out_row when SCATTER)
+    a_ptr, stride_am,
+    c_ptr, stride_cm,
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    # tile map (expert and first row per row tile, row end per expert); ignored when DENSE
+    tile_expert_ptr, tile_row_ptr, row_end_ptr,
+    a_row_ptr, out_row_ptr, scale_ptr,
+    num_rows, N, KD, WN,
+    GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_tile = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    if DENSE:
+        expert = 0
+        row0 = m_tile * BLOCK_M
+        row_end = num_rows
+    else:
+        expert = tl.load(tile_expert_ptr + m_tile)
+        row0 = tl.load(tile_row_ptr + m_tile)
+        row_end = tl.load(row_end_ptr + tl.maximum(expert, 0))
+    if expert >= 0:   # padding tiles of the tile map carry expert -1
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows = tl.where(row_ok, rows, row0).to(tl.int64)   # padding rows read a valid row
+        src = rows
+        if GATHER:
+            src = tl.load(a_row_ptr + rows).to(tl.int64)
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        pc_ok = pcols < N // 8
+        qw = qw_ptr + expert * stride_qe
+        qz = qz_ptr + expert * stride_ze
+        sc = sc_ptr + expert * stride_se
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ks = tl.arange(0, GS)
+        for k0 in range(0, KD, GS):
+            a = tl.load(a_ptr + src[:, None] * stride_am + (k0 + ks)[None, :])
+            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_N)
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
+                                     GS, BLOCK_N)
+                acc_up = tl.dot(a, w_up.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if SCALE:
+            acc = acc * tl.load(scale_ptr + rows)[:, None]
+        out_rows = rows
+        if SCATTER:
+            out_rows = tl.load(out_row_ptr + rows).to(tl.int64)
+        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
