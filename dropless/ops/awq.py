@@ -249,14 +249,23 @@ def _(x_TD, weights_TK, slot_of_row_R, counts_E, gqw, gqz, gsc, dqw, dqz, dsc):
 
 # ---- functional API --------------------------------------------------------------------------------
 
+def _autocast(x: Tensor) -> Tensor:
+    """Custom ops are invisible to autocast: take its compute dtype here, as F.linear would."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
     """x_MI @ dequant(W): the kernels where they run, the reference elsewhere."""
+    x_MI = _autocast(x_MI)
     if kernels_run(x_MI):
         return _linear_op(x_MI, qweight, qzeros, scales)
     return reference_linear(x_MI, qweight, qzeros, scales)
 
 
 def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
+    x_RD = _autocast(x_RD)
     if kernels_run(x_RD):
         return _experts_op(x_RD, counts_E, *packed)
     return reference_experts(x_RD, counts_E, *packed)
@@ -264,6 +273,7 @@ def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
 
 def awq_moe_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor,
                    *packed: Tensor) -> Tensor:
+    x_TD = _autocast(x_TD)
     if kernels_run(x_TD):
         return _decode_op(x_TD, expert_ids_TK, weights_TK, *packed)
     return reference_decode(x_TD, expert_ids_TK, weights_TK, *packed)
@@ -278,6 +288,7 @@ def decode_pays(num_rows: int, num_experts: int) -> bool:
 def awq_fused_experts(x_TD: Tensor, plan: Plan, weights_TK: Tensor, *packed: Tensor) -> Tensor:
     """The MoE layer's fused path (dropless plans): decode kernel for a few rows, else grouped."""
     assert plan.keep_S is None, "the fused path takes dropless plans only"
+    x_TD = _autocast(x_TD)
     R, E = plan.slot_of_row_R.numel(), plan.counts_E.numel()
     if not kernels_run(x_TD):
         y_RD = reference_experts(reference.dispatch(x_TD, plan), plan.counts_E, *packed)
