@@ -58,11 +58,12 @@ def reference_experts(x_RD, counts_E, *packed) -> Tensor:
 
 def reference_decode(x_TD, expert_ids_TK, weights_TK, *packed) -> Tensor:
     """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), a loop over the experts present."""
-    y_TD = torch.zeros_like(x_TD, dtype=torch.float32)
+    acc = torch.promote_types(x_TD.dtype, torch.float32)
+    y_TD = torch.zeros_like(x_TD, dtype=acc)
     for e in expert_ids_TK.unique().tolist():   # sync: which experts to run
         token_idx, k_idx = torch.nonzero(expert_ids_TK == e, as_tuple=True)
-        out = _expert(x_TD[token_idx], e, *packed).float()
-        y_TD = y_TD.index_add(0, token_idx, out * weights_TK[token_idx, k_idx, None].float())
+        out = _expert(x_TD[token_idx], e, *packed).to(acc)
+        y_TD = y_TD.index_add(0, token_idx, out * weights_TK[token_idx, k_idx, None].to(acc))
     return y_TD.to(x_TD.dtype)
 
 

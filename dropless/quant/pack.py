@@ -62,7 +62,9 @@ def quantize(w: torch.Tensor, group_size: int, max_abs: torch.Tensor | None = No
     w_g = w.float().reshape(*lead, I // group_size, group_size, O)
     if max_abs is not None:
         w_g = torch.maximum(torch.minimum(w_g, max_abs.unsqueeze(-2)), -max_abs.unsqueeze(-2))
-    lo, hi = w_g.amin(-2), w_g.amax(-2)
+    # the range always holds 0, so that the zero point is a code in [0, 15] (a group of all-positive
+    # weights would otherwise clamp its zero point and lose its top)
+    lo, hi = w_g.amin(-2).clamp(max=0), w_g.amax(-2).clamp(min=0)
     # round the scale to fp16 first: codes and zeros are then exact for the stored scale
     scales = ((hi - lo).clamp(min=1e-5) / QMAX).half().float()
     zeros = (-lo / scales).round().clamp(0, QMAX)
