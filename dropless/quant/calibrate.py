@@ -125,7 +125,7 @@ def _experts(layer, cap: _Capture, gs: int, name: str):
     for e in range(E):
         if rows[e].shape[0] == 0:
             warnings.warn(f"{name}.ffn.experts[{e}] received no calibration tokens: its weights "
-                          "are rounded to nearest (no scale or clip search)", stacklevel=2)
+                          "are rounded to nearest (no scale or clip search)", stacklevel=1)
             clip_gu.append(None)
             clip_dn.append(None)
             continue
