@@ -73,7 +73,9 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
                          f"{', '.join(map(repr, ARCHITECTURES))}")
     _require(hf, "hidden_act", lambda v: v == "silu", "silu", "experts must be SwiGLU")
-    _require(hf, "quantization_config", lambda v: not v, None, "quantized weights are not read")
+    if hf.get("quantization_config"):   # AutoAWQ GEMM only; anything else is refused by name
+        from dropless.quant.hf_awq import awq_settings
+        awq_settings(hf)
     _require(hf, "attention_dropout", lambda v: not v, 0.0, "attention dropout is not implemented")
     dim, heads = hf["hidden_size"], hf["num_attention_heads"]
     common = dict(

@@ -25,7 +25,8 @@ class QuantConfig:
 
     bits: int = 4
     group_size: int = 128
-    attention: bool = True     # the attention projections are QuantizedLinear too (GQA only)
+    attention: bool = True     # the attention projections are QuantizedLinear (GQA only)
+    experts: bool = True       # the routed experts are QuantizedExperts
 
     def __post_init__(self):
         if self.bits != 4:
@@ -142,7 +143,7 @@ def quantize_modules(model, qcfg: QuantConfig) -> None:
                 setattr(layer.attn, name, QuantizedLinear(
                     lin.in_features, lin.out_features, qcfg.group_size, lin.bias is not None,
                     device))
-        if layer.is_moe:
+        if layer.is_moe and qcfg.experts:
             m = cfg.moe
             layer.ffn.experts = QuantizedExperts(m.num_experts, m.dim, m.hidden_dim,
                                                  qcfg.group_size, device)
@@ -151,8 +152,9 @@ def quantize_modules(model, qcfg: QuantConfig) -> None:
 def check_quantizable(cfg, qcfg: QuantConfig) -> None:
     """Every quantized matrix must split into whole groups and whole int32 columns."""
     m = cfg.moe
-    check_shape(m.dim, 2 * m.hidden_dim, qcfg.group_size, "experts.gate_up")
-    check_shape(m.hidden_dim, m.dim, qcfg.group_size, "experts.down")
+    if qcfg.experts:
+        check_shape(m.dim, 2 * m.hidden_dim, qcfg.group_size, "experts.gate_up")
+        check_shape(m.hidden_dim, m.dim, qcfg.group_size, "experts.down")
     if qcfg.attention and cfg.attention == "gqa":
         H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         check_shape(cfg.dim, G * Dh, qcfg.group_size, "attn.k_proj")
