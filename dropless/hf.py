@@ -260,6 +260,8 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         if awq is not None:
             from dropless.quant.modules import quantize_modules
             quantize_modules(model, awq.qcfg)
+    if cfg.tie_embeddings:   # the state_dict names the shared tensor twice
+        state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

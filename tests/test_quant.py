@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dropless import MoE, MoEConfig, PRESETS, Transformer
+from dropless import MoE, MoEConfig, PRESETS, Transformer, from_hf
 from dropless.checkpoint import load_run
 from dropless.cli import main
 from dropless.quant import awq
@@ -135,6 +135,15 @@ def test_quantize_then_eval(trained, corpus, capsys):
     assert isinstance(q.layers[0].attn.q_proj, QuantizedLinear)
     assert isinstance(q.layers[0].ffn.experts, QuantizedExperts)
     assert q.layers[0].ffn.router.weight.dtype == torch.float32
+    # convert --to-hf writes AutoAWQ tensors that from_hf reads back to the same model
+    assert main(["convert", "--to-hf", str(out), str(trained / "hf")]) == 0
+    hf_cfg = json.loads((trained / "hf" / "config.json").read_text())
+    assert hf_cfg["quantization_config"]["version"] == "gemm"
+    again = from_hf(trained / "hf").eval()
+    assert isinstance(again.layers[0].ffn.experts, QuantizedExperts)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(again(tokens)[0], q(tokens)[0], atol=1e-5, rtol=0)
     # generate reads the quantized run
     assert main(["generate", str(out), "--max-new-tokens", "5", "--temperature", "0"]) == 0
 
