@@ -97,6 +97,17 @@ def test_moe_paths(T, D, F, E, K, mode, group, dtype):
     assert rel(awq.awq_fused_experts(x, plan, weights, *packed), ref) < TOL[dtype]
 
 
+def test_decode_narrow_tiles_and_split_k(monkeypatch):
+    """As on a GPU with many multiprocessors: 32-column tiles and a split reduction."""
+    monkeypatch.setattr(awq, "_num_sms", lambda device: 64)
+    gen = torch.Generator().manual_seed(5)
+    packed = packed_experts(4, 64, 128, 32, gen)
+    weights, ids = routing(2, 4, 2, "random", gen)
+    assert awq.gemv_block_n(4, 128, "cpu") == 32 and awq._split_k(4, 128, 32, "cpu") == 4
+    x = torch.randn(2, 64, generator=gen).to(DEVICE)
+    assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
+
+
 def test_reference_paths_match_oracle():
     gen = torch.Generator().manual_seed(3)
     packed = [t.cpu() for t in packed_experts(4, 64, 64, 32, gen)]

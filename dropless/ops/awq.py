@@ -22,7 +22,6 @@ from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
 
-GEMV_BLOCK_N = 64
 GROUPED_BLOCK_N = 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 
@@ -96,6 +95,12 @@ def _split_k(programs: int, kd: int, gs: int, device) -> int:
     return split
 
 
+def gemv_block_n(rows: int, n: int, device) -> int:
+    """Column tile of the GEMV: 64 columns (one 32-byte sector of packed weights per k row), down
+    to 32 when that leaves the GPU less than twice covered (gate|up at batch 1)."""
+    return 32 if rows * -(-n // 64) < 2 * _num_sms(device) else 64
+
+
 def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=False,
           split_k=1) -> None:
     """out[(split,) r] = epilogue(x[x_row(r)] @ W[expert(r)]) for every row r of out."""
@@ -103,7 +108,8 @@ def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
-    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
+    block_n = gemv_block_n(rows, n, x.device)
+    grid = (rows, -(-n // block_n), split_k)
     dummy = out
     _kernels().awq_gemv_kernel[grid](
         x, x.stride(0),
@@ -112,7 +118,7 @@ def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=
         dummy if x_row is None else x_row, dummy if expert is None else expert,
         dummy if scale is None else scale,
         n, kd, wn,
-        GS=gs, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k, GATHER=x_row is not None,
+        GS=gs, BLOCK_N=block_n, SPLIT_K=split_k, GATHER=x_row is not None,
         HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, num_warps=4)
 
 
@@ -138,12 +144,15 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
         num_rows, n, kd, wn,
         GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
-        SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4)
+        SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4,
+        num_stages=3)
 
 
 def _block_m(rows: int, experts: int) -> int:
-    """Row tile: 16 when experts see a few rows each (decode-sized batches), else 64."""
-    return 16 if rows <= 16 * experts else 64
+    """Row tile by the mean rows per expert: an expert's rows should fill about one tile, so that
+    its weights are read (and dequantized) once, with little padding."""
+    mean = rows / experts
+    return 16 if mean <= 8 else 32 if mean <= 32 else 64
 
 
 # ---- custom ops ------------------------------------------------------------------------------------
@@ -184,7 +193,7 @@ def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Ten
     h_SF = x_TD.new_empty(R, F_)
     _gemv(x_TD, gqw, gqz, gsc, h_SF, n=F_, x_row=token_S, expert=expert_S, swiglu=True)
     gs = F_ // dqz.shape[-2]
-    split = _split_k(R * -(-D // GEMV_BLOCK_N), F_, gs, x_TD.device)
+    split = _split_k(R * -(-D // gemv_block_n(R, D, x_TD.device)), F_, gs, x_TD.device)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
     _gemv(h_SF, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split)
     return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)

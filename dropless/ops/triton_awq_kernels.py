@@ -72,16 +72,19 @@ def awq_gemv_kernel(
     qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
     ks = tl.arange(0, GS)
     k_len = KD // SPLIT_K   # a multiple of GS (the launcher checks)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
+    acc2 = tl.zeros((GS, BLOCK_N), dtype=tl.float32)
+    acc2_up = tl.zeros((GS, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * k_len, (split + 1) * k_len, GS):
         x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
         w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_N)
-        acc += tl.sum(x[:, None] * w, axis=0)
+        acc2 += x[:, None] * w
         if SWIGLU:   # the up columns sit N to the right of the gate columns
             w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok, GS,
                                  BLOCK_N)
-            acc_up += tl.sum(x[:, None] * w_up, axis=0)
+            acc2_up += x[:, None] * w_up
+    acc = tl.sum(acc2, axis=0)
+    acc_up = tl.sum(acc2_up, axis=0)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if SCALE:
