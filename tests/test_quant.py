@@ -169,3 +169,24 @@ def test_quantize_refuses_existing_out_and_quantized_src(trained, capsys, corpus
         assert "already quantized" in capsys.readouterr().err
     assert main(["eval", str(trained / "nope")]) == 1
     assert "no such run" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_quantized_model_kernels_match_reference_on_gpu():
+    """quantize_model on the GPU; the model's forward through the int4 kernels (bf16 autocast,
+    prefill and cached decode) against the same packed weights on the CPU reference path."""
+    from dropless.generate import generate
+
+    model = tiny_model().cuda()
+    calib = torch.randint(0, 256, (8, 64))
+    q = quantize_model(model, calib, QuantConfig(group_size=64), progress=False)
+    tokens = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        ref = copy.deepcopy(q).cpu()(tokens)[0]
+        with torch.autocast("cuda", torch.bfloat16):
+            out = q(tokens.cuda())[0].float().cpu()
+        assert rel_err(out, ref) < 2e-2
+        prompt = tokens[0, :8].tolist()
+        cpu_q = copy.deepcopy(q).cpu()
+        assert generate(q, [prompt], 12, temperature=0) == generate(cpu_q, [prompt], 12,
+                                                                    temperature=0)

@@ -51,11 +51,11 @@ def search_scale(stat_I: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Ten
         alpha = i / grid
         s = stat_I.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()   # centre the scales around 1 (keeps fp16 ranges sane)
-        err = 0.0
+        err = torch.zeros((), device=stat_I.device)
         for (x, w), ref in zip(pairs, refs):
             wq = fake_quantize(w * s[:, None], group_size) / s[:, None]
-            err += (x @ wq - ref).pow(2).sum().item()   # sync: the grid picks on the host
-        err /= max(total, 1)
+            err += (x @ wq - ref).pow(2).sum()
+        err = err.item() / max(total, 1)   # sync: the grid picks on the host
         if i == 0:
             plain_err = err
         if err < best_err:
