@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import time
@@ -24,6 +25,7 @@ import time
 import torch
 
 from dropless import MoE, MoEConfig
+from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
@@ -105,21 +107,29 @@ def main():
                 y_q, y_d = int4(x)[0].float(), deq(x)[0].float()
                 check = ((y_q - y_d).norm() / y_d.norm()).item()
                 times = {}
-                for label, layer in (("bf16", bf16), ("int4", int4)):
+                for label, layer, unpack in (("bf16", bf16, None), ("int4", int4, "interleave"),
+                                             ("int4 gather", int4, "gather")):
+                    if unpack:
+                        os.environ[awq_ops.UNPACK_ENV] = unpack
                     fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
                     times[label] = bench(lambda: fn(x), device)
                     replay = None if args.no_graph or device.type != "cuda" else graphed(fn, x)
                     times[label + " graph"] = bench(replay, device) if replay else float("nan")
+                os.environ.pop(awq_ops.UNPACK_ENV)
             rows.append((name, T, times, check))
         del bf16, int4, deq, q
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'shape':8} {'T':>4} {'bf16 ms':>9} {'int4 ms':>9} {'speedup':>8} "
-          f"{'bf16 graph':>11} {'int4 graph':>11} {'speedup':>8} {'check':>9}")
+    print("\nms per layer forward (median); speedup = bf16 / int4; int4 unpacks int32s by "
+          "interleave (default), 'gather' by per-column loads (DROPLESS_AWQ_UNPACK=gather)")
+    cols = ["bf16", "int4", "int4 gather", "bf16 graph", "int4 graph", "int4 gather graph"]
+    print(f"{'shape':8} {'T':>3} " + " ".join(f"{c:>17}" for c in cols)
+          + f" {'speedup':>8} {'graph speedup':>14} {'check':>9}")
     for name, T, t, check in rows:
-        print(f"{name:8} {T:>4} {t['bf16']:>9.4f} {t['int4']:>9.4f} {t['bf16'] / t['int4']:>7.2f}x "
-              f"{t['bf16 graph']:>11.4f} {t['int4 graph']:>11.4f} "
-              f"{t['bf16 graph'] / t['int4 graph']:>7.2f}x {check:>9.2e}")
+        eager = t["bf16"] / min(t["int4"], t["int4 gather"])
+        graph = t["bf16 graph"] / min(t["int4 graph"], t["int4 gather graph"])
+        print(f"{name:8} {T:>3} " + " ".join(f"{t[c]:>17.4f}" for c in cols)
+              + f" {eager:>7.2f}x {graph:>13.2f}x {check:>9.2e}")
 
 
 if __name__ == "__main__":

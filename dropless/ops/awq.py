@@ -22,8 +22,18 @@ from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
 
-GROUPED_BLOCK_N = 64
+# tiles chosen by register counts from ptxas at sm_90 (no spills): GEMV 80 registers with SwiGLU,
+# grouped 128 (16-row tiles, 4 warps) to 182 (64-row tiles, 8 warps)
+GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 32
+GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
+# how the kernels spread packed int32s over columns: "interleave" in registers or "gather" loads
+# (see _dequant_tile); benchmarks/awq.py times both
+UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
+
+
+def _gather_unpack() -> bool:
+    return os.environ.get(UNPACK_ENV, "interleave") == "gather"
 
 
 def kernels_run(x: Tensor) -> bool:
@@ -85,20 +95,15 @@ def _expert_strides(qw, qz, sc):
     return (qw.stride(0), qz.stride(0), sc.stride(0)) if qw.dim() == 3 else (0, 0, 0)
 
 
-def _split_k(programs: int, kd: int, gs: int, device) -> int:
-    """Split the reduction until the grid covers the GPU twice (a few rows, long K: the down
-    projection at batch 1); the split sums its fp32 partials afterwards, deterministically."""
-    groups = kd // gs
-    split = min(groups, max(1, -(-2 * _num_sms(device) // programs)))
-    while groups % split:
+def gemv_split(rows: int, n: int, kd: int, device) -> int:
+    """Split the reduction until the grid covers the GPU about four times: at batch 1 the rows
+    alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
+    fp32, summed afterwards (deterministic, no atomics)."""
+    units = kd // GEMV_BLOCK_K
+    split = min(units, max(1, -(-4 * _num_sms(device) // (rows * -(-n // GEMV_BLOCK_N)))))
+    while units % split:
         split -= 1
     return split
-
-
-def gemv_block_n(rows: int, n: int, device) -> int:
-    """Column tile of the GEMV: 64 columns (one 32-byte sector of packed weights per k row), down
-    to 32 when that leaves the GPU less than twice covered (gate|up at batch 1)."""
-    return 32 if rows * -(-n // 64) < 2 * _num_sms(device) else 64
 
 
 def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=False,
@@ -108,8 +113,8 @@ def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
-    block_n = gemv_block_n(rows, n, x.device)
-    grid = (rows, -(-n // block_n), split_k)
+    assert gs % GEMV_BLOCK_K == 0 and (kd // split_k) % GEMV_BLOCK_K == 0
+    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
     dummy = out
     _kernels().awq_gemv_kernel[grid](
         x, x.stride(0),
@@ -118,8 +123,9 @@ def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=
         dummy if x_row is None else x_row, dummy if expert is None else expert,
         dummy if scale is None else scale,
         n, kd, wn,
-        GS=gs, BLOCK_N=block_n, SPLIT_K=split_k, GATHER=x_row is not None,
-        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, num_warps=4)
+        GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
+        GATHER=x_row is not None, HAS_EXPERT=expert is not None, SCALE=scale is not None,
+        SWIGLU=swiglu, GATHER_UNPACK=_gather_unpack(), num_warps=4)
 
 
 def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
@@ -129,7 +135,8 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
     kd = a.shape[1]
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
-    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
+    block_k = min(GROUPED_BLOCK_K, gs)
+    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and gs % block_k == 0
     if tiles is None:
         num_m, meta = -(-num_rows // block_m), (c, c, c)
     else:
@@ -142,10 +149,10 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
         c if a_row is None else a_row, c if out_row is None else out_row,
         c if scale is None else scale,
         num_rows, n, kd, wn,
-        GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, DENSE=tiles is None,
+        GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
-        SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=3)
+        SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GATHER_UNPACK=_gather_unpack(), num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
 def _block_m(rows: int, experts: int) -> int:
@@ -165,7 +172,13 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) ->
     if M == 0:
         return out
     if M <= GEMV_MAX_TOKENS:
-        _gemv(x_MI, qweight, qzeros, scales, out, n=N)
+        split = gemv_split(M, N, x_MI.shape[1], x_MI.device)
+        if split == 1:
+            _gemv(x_MI, qweight, qzeros, scales, out, n=N)
+        else:
+            out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
+            _gemv(x_MI, qweight, qzeros, scales, out_PMN, n=N, split_k=split)
+            out = out_PMN.sum(0).to(x_MI.dtype)
     else:
         _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
     return out
@@ -190,10 +203,17 @@ def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Ten
     token_S = torch.arange(R, device=x_TD.device) // K
     expert_S = expert_ids_TK.reshape(-1).to(torch.int32)
     w_S = weights_TK.reshape(-1).to(torch.float32).contiguous()
-    h_SF = x_TD.new_empty(R, F_)
-    _gemv(x_TD, gqw, gqz, gsc, h_SF, n=F_, x_row=token_S, expert=expert_S, swiglu=True)
-    gs = F_ // dqz.shape[-2]
-    split = _split_k(R * -(-D // gemv_block_n(R, D, x_TD.device)), F_, gs, x_TD.device)
+    split = gemv_split(R, 2 * F_, D, x_TD.device)
+    if split == 1:   # enough programs: gate, up and SwiGLU in one pass
+        h_SF = x_TD.new_empty(R, F_)
+        _gemv(x_TD, gqw, gqz, gsc, h_SF, n=F_, x_row=token_S, expert=expert_S, swiglu=True)
+    else:            # batch 1: split the reduction; SwiGLU on the summed partials
+        gu_PSF2 = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
+        _gemv(x_TD, gqw, gqz, gsc, gu_PSF2, n=2 * F_, x_row=token_S, expert=expert_S,
+              split_k=split)
+        g, u = gu_PSF2.sum(0).chunk(2, dim=-1)
+        h_SF = (F.silu(g) * u).to(x_TD.dtype)
+    split = gemv_split(R, D, F_, x_TD.device)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
     _gemv(h_SF, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split)
     return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)

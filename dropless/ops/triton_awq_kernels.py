@@ -8,8 +8,8 @@ Weight contract (per expert, row-major, contiguous inside one expert):
   qweight int32 [KD, WN/8], qzeros int32 [KD/GS, WN/8], scales fp16/bf16/fp32 [KD/GS, WN];
   w[k, n] = (nibble(qweight[k, n/8], n%8) - nibble(qzeros[k/GS, n/8], n%8)) * scales[k/GS, n],
   column c of a run of eight in nibble (c%2)*4 + c/2 (AutoAWQ's order).
-Every reduction step covers exactly one group (BLOCK_K == GS), so one row of zeros and scales serves
-the whole tile. Weights are dequantized in registers; accumulation is fp32.
+A reduction step covers BLOCK_K rows inside one group (BLOCK_K divides GS), so one row of zeros and
+scales serves the whole tile. Weights are dequantized in registers; accumulation is fp32.
 
 - `awq_gemv_kernel` (decode, a few rows): one program per (row, column tile, K split); each row
   gathers its token and reads its own expert's weights. No tensor cores: at batch 1 the cost is
@@ -27,18 +27,35 @@ import triton.language as tl
 
 @triton.jit
 def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
-                  GS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 [GS, BLOCK_N]: rows k0..k0+GS of the weight, columns `cols` (pcols = their int32s)."""
-    ks = tl.arange(0, GS)
-    nib = tl.arange(0, 8)
-    shifts = ((nib % 2) * 4 + nib // 2) * 4
-    packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
-                     mask=pc_ok[None, :], other=0)
-    q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
-    q = tl.reshape(q, (GS, BLOCK_N))
+                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GATHER_UNPACK: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
+    divides GS), columns `cols` (pcols = their int32s, cols // 8).
+
+    Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
+    (interleave, as vLLM's Triton AWQ kernel does), or let each column load its own copy (the same
+    cache line serves all eight; no register shuffle). Which is faster is measured, not assumed:
+    benchmarks/awq.py runs both."""
+    ks = tl.arange(0, BLOCK_K)
+    c = cols % 8
+    shift = ((c % 2) * 4 + c // 2) * 4
     g = k0 // GS
-    zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
-    z = tl.reshape((zp[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
+    if GATHER_UNPACK:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
+                         mask=col_ok[None, :], other=0)
+        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
+    else:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                         mask=pc_ok[None, :], other=0)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+    q = (packed >> shift[None, :]) & 0xF
+    z = (zp >> shift) & 0xF
     s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
     return (q - z[None, :]).to(tl.float32) * s[None, :]
 
@@ -53,8 +70,9 @@ def awq_gemv_kernel(
     # per row: token to read, expert, fp32 scale
     x_row_ptr, expert_ptr, scale_ptr,
     N, KD, WN,
-    GS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     GATHER: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    GATHER_UNPACK: tl.constexpr,
 ):
     r = tl.program_id(0)
     n_tile = tl.program_id(1)
@@ -70,18 +88,19 @@ def awq_gemv_kernel(
     pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     pc_ok = pcols < N // 8
     qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
-    ks = tl.arange(0, GS)
+    ks = tl.arange(0, BLOCK_K)
     k_len = KD // SPLIT_K   # a multiple of GS (the launcher checks)
     # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
-    acc2 = tl.zeros((GS, BLOCK_N), dtype=tl.float32)
-    acc2_up = tl.zeros((GS, BLOCK_N), dtype=tl.float32)
-    for k0 in range(split * k_len, (split + 1) * k_len, GS):
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(split * k_len, (split + 1) * k_len, BLOCK_K):
         x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
-        w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_N)
+        w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K, BLOCK_N,
+                          GATHER_UNPACK)
         acc2 += x[:, None] * w
         if SWIGLU:   # the up columns sit N to the right of the gate columns
             w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok, GS,
-                                 BLOCK_N)
+                                 BLOCK_K, BLOCK_N, GATHER_UNPACK)
             acc2_up += x[:, None] * w_up
     acc = tl.sum(acc2, axis=0)
     acc_up = tl.sum(acc2_up, axis=0)
@@ -103,9 +122,10 @@ def awq_grouped_kernel(
     tile_expert_ptr, tile_row_ptr, row_end_ptr,
     a_row_ptr, out_row_ptr, scale_ptr,
     num_rows, N, KD, WN,
-    GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr,
+    GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE: tl.constexpr,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GATHER_UNPACK: tl.constexpr,
 ):
     m_tile = tl.program_id(0)
     n_tile = tl.program_id(1)
@@ -133,14 +153,15 @@ def awq_grouped_kernel(
         sc = sc_ptr + expert * stride_se
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        ks = tl.arange(0, GS)
-        for k0 in range(0, KD, GS):
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(0, KD, BLOCK_K):
             a = tl.load(a_ptr + src[:, None] * stride_am + (k0 + ks)[None, :])
-            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_N)
+            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K, BLOCK_N,
+                              GATHER_UNPACK)
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
             if SWIGLU:
                 w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
-                                     GS, BLOCK_N)
+                                     GS, BLOCK_K, BLOCK_N, GATHER_UNPACK)
                 acc_up = tl.dot(a, w_up.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
         if SWIGLU:
             acc = acc * tl.sigmoid(acc) * acc_up
