@@ -106,26 +106,27 @@ def gemv_split(rows: int, n: int, kd: int, device) -> int:
     return split
 
 
-def _gemv(x, qw, qz, sc, out, *, n, x_row=None, expert=None, scale=None, swiglu=False,
-          split_k=1) -> None:
-    """out[(split,) r] = epilogue(x[x_row(r)] @ W[expert(r)]) for every row r of out."""
-    rows, kd = out.shape[-2], x.shape[1]
+def _gemv(x, qw, qz, sc, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False,
+          split_k=1, gu_split=0) -> None:
+    """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
+    with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up partials and SwiGLU is applied on read."""
+    rows = out.shape[-2]
+    kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
     assert gs % GEMV_BLOCK_K == 0 and (kd // split_k) % GEMV_BLOCK_K == 0
+    assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
-    dummy = out
     _kernels().awq_gemv_kernel[grid](
-        x, x.stride(0),
+        x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
         out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
         qw, qz, sc, *_expert_strides(qw, qz, sc),
-        dummy if x_row is None else x_row, dummy if expert is None else expert,
-        dummy if scale is None else scale,
+        out if expert is None else expert, out if scale is None else scale,
         n, kd, wn,
         GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
-        GATHER=x_row is not None, HAS_EXPERT=expert is not None, SCALE=scale is not None,
-        SWIGLU=swiglu, GATHER_UNPACK=_gather_unpack(), num_warps=4)
+        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
+        GATHER_UNPACK=_gather_unpack(), num_warps=4)
 
 
 def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
@@ -200,22 +201,21 @@ def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Ten
     R = T * K
     if R == 0:
         return torch.zeros_like(x_TD)
-    token_S = torch.arange(R, device=x_TD.device) // K
-    expert_S = expert_ids_TK.reshape(-1).to(torch.int32)
-    w_S = weights_TK.reshape(-1).to(torch.float32).contiguous()
+    expert_S = expert_ids_TK.reshape(-1)
+    w_S = weights_TK.reshape(-1)
     split = gemv_split(R, 2 * F_, D, x_TD.device)
+    gu_split = 0
     if split == 1:   # enough programs: gate, up and SwiGLU in one pass
-        h_SF = x_TD.new_empty(R, F_)
-        _gemv(x_TD, gqw, gqz, gsc, h_SF, n=F_, x_row=token_S, expert=expert_S, swiglu=True)
-    else:            # batch 1: split the reduction; SwiGLU on the summed partials
-        gu_PSF2 = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
-        _gemv(x_TD, gqw, gqz, gsc, gu_PSF2, n=2 * F_, x_row=token_S, expert=expert_S,
-              split_k=split)
-        g, u = gu_PSF2.sum(0).chunk(2, dim=-1)
-        h_SF = (F.silu(g) * u).to(x_TD.dtype)
+        h = x_TD.new_empty(R, F_)
+        _gemv(x_TD, gqw, gqz, gsc, h, n=F_, rows_per_token=K, expert=expert_S, swiglu=True)
+    else:            # batch 1: split the reduction; the down GEMV sums the partials and applies SwiGLU
+        h = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
+        _gemv(x_TD, gqw, gqz, gsc, h, n=2 * F_, rows_per_token=K, expert=expert_S, split_k=split)
+        gu_split = split
     split = gemv_split(R, D, F_, x_TD.device)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
-    _gemv(h_SF, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split)
+    _gemv(h, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split,
+          gu_split=gu_split)
     return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
 
 
@@ -324,9 +324,9 @@ def awq_fused_experts(x_TD: Tensor, plan: Plan, weights_TK: Tensor, *packed: Ten
         y_RD = reference_experts(reference.dispatch(x_TD, plan), plan.counts_E, *packed)
         return reference.combine(y_RD, plan, weights_TK)
     if decode_pays(R, E):
-        # expert of every slot from the plan, on the device (no sync)
-        rows = torch.arange(R, device=x_TD.device)
-        expert_R = torch.searchsorted(torch.cumsum(plan.counts_E, 0), rows, right=True)
+        # expert of every slot from the plan, on the device (output_size: no sync)
+        experts = torch.arange(E, device=x_TD.device)
+        expert_R = torch.repeat_interleave(experts, plan.counts_E, output_size=R)
         expert_S = torch.empty_like(expert_R).index_put_((plan.slot_of_row_R,), expert_R)
         return _decode_op(x_TD, expert_S.view(weights_TK.shape), weights_TK, *packed)
     return _fused_op(x_TD, weights_TK, plan.slot_of_row_R, plan.counts_E, *packed)

@@ -62,16 +62,18 @@ def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
 
 @triton.jit
 def awq_gemv_kernel(
-    # x [*, KD] (rows through x_row when GATHER); out [SPLIT_K, R, N] (fp32 partials) or [R, N]
-    x_ptr, stride_xm,
+    # x [*, KD]: row r reads row r // rows_per_token. With GU_SPLIT > 0, x holds fp32 gate|up
+    # partials [GU_SPLIT, *, 2 KD] instead, summed and passed through SwiGLU as they are read.
+    x_ptr, stride_xs, stride_xm, rows_per_token,
+    # out [SPLIT_K, R, N] (fp32 partials) or [R, N]
     out_ptr, stride_os, stride_om,
     # packed weights, one matrix per expert (stride 0 for a single linear)
     qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
-    # per row: token to read, expert, fp32 scale
-    x_row_ptr, expert_ptr, scale_ptr,
+    # per row: expert (any int), scale (any float)
+    expert_ptr, scale_ptr,
     N, KD, WN,
     GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATHER: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr, GU_SPLIT: tl.constexpr,
     GATHER_UNPACK: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -80,9 +82,7 @@ def awq_gemv_kernel(
     e = 0
     if HAS_EXPERT:
         e = tl.load(expert_ptr + r).to(tl.int64)
-    src = r.to(tl.int64)
-    if GATHER:
-        src = tl.load(x_row_ptr + r).to(tl.int64)
+    src = (r // rows_per_token).to(tl.int64)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
@@ -94,7 +94,16 @@ def awq_gemv_kernel(
     acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * k_len, (split + 1) * k_len, BLOCK_K):
-        x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
+        if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
+            g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for sp in tl.static_range(GU_SPLIT):
+                row = x_ptr + sp * stride_xs + src * stride_xm + k0 + ks
+                g += tl.load(row)
+                u += tl.load(row + KD)
+            x = g * tl.sigmoid(g) * u
+        else:
+            x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
         w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K, BLOCK_N,
                           GATHER_UNPACK)
         acc2 += x[:, None] * w
@@ -107,7 +116,7 @@ def awq_gemv_kernel(
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if SCALE:
-        acc = acc * tl.load(scale_ptr + r)
+        acc = acc * tl.load(scale_ptr + r).to(tl.float32)
     out = out_ptr + split * stride_os + r * stride_om + cols
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
