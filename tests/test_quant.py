@@ -4,6 +4,7 @@ and `dropless quantize` -> `eval` / `generate` on a tiny trained run."""
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,26 @@ def test_quantized_model_kernels_match_reference_on_gpu():
         cpu_q = copy.deepcopy(q).cpu()
         assert generate(q, [prompt], 12, temperature=0) == generate(cpu_q, [prompt], 12,
                                                                     temperature=0)
+
+
+def test_quantize_in_bf16_close_to_float(trained, corpus):
+    """Large models are calibrated with bf16 weights and activations (searches in float32): the
+    result stays within the same perplexity budget."""
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from dropless import data
+    from dropless.quant.run import calibration_tokens
+    from dropless.train import evaluate
+
+    model, tok, state = load_run(trained / "run")
+    tc = state["train_config"]
+    tokens = data.load_tokens(data.read_documents(tc["data"]), tok, Path(tc["cache_dir"]))
+    windows = data.eval_batches(tokens.val, tc["batch_size"], tc["seq_len"], tc["eval_batches"])
+    cpu = torch.device("cpu")
+    base = evaluate(model, windows, cpu, nullcontext())
+    calib = calibration_tokens(tok, str(corpus), 16, 64, tc["cache_dir"])
+    q = quantize_model(model.to(torch.bfloat16), calib, QuantConfig(group_size=64), progress=False)
+    assert q.layers[0].ffn_norm.weight.dtype == torch.bfloat16
+    loss = evaluate(q.float(), windows, cpu, nullcontext())
+    assert loss < base + math.log(1.05)   # perplexity within +5%

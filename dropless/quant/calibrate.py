@@ -74,7 +74,7 @@ def _scale_columns(lin: nn.Linear, s: torch.Tensor) -> None:
 def _attention(layer, cap: _Capture, gs: int, name: str):
     attn = layer.attn
     cfg = attn.cfg
-    x = torch.cat(cap.qkv)
+    x = torch.cat(cap.qkv).float()
     # q|k|v share one scale: the norm's output feeds all three
     w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T
     s, _, _ = search_scale(act_stat(x), [(x, w)], gs)
@@ -84,7 +84,7 @@ def _attention(layer, cap: _Capture, gs: int, name: str):
     x = x / s
     # o_proj: input channel (h, d) is v channel (h // (H/G), d); tie the scale across a kv group
     H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-    xo = torch.cat(cap.o)
+    xo = torch.cat(cap.o).float()
     stat = act_stat(xo).view(G, H // G, Dh).mean(1, keepdim=True).expand(G, H // G, Dh)
     so, _, _ = search_scale(stat.reshape(-1), [(xo, attn.o_proj.weight.T)], gs)
     sv = so.view(G, H // G, Dh)[:, 0].reshape(-1)
@@ -106,7 +106,7 @@ def _experts(layer, cap: _Capture, gs: int, name: str):
     experts = moe.experts
     gate_up, down = experts.gate_up.data, experts.down.data   # [E, D, 2F], [E, F, D]
     E, F_ = down.shape[0], down.shape[1]
-    rows = [torch.cat(r) for r in cap.expert_rows]
+    rows = [torch.cat(r).float() for r in cap.expert_rows]
     # 1. one gate|up scale for every expert (their input is the norm's output), judged on the
     #    rows each expert actually receives; folded into the norm, compensated where else it is read
     x = torch.cat(cap.ffn)
@@ -153,7 +153,7 @@ def _set_one(weight, e: int, w: torch.Tensor, max_abs) -> None:
 @torch.no_grad()
 def quantize_model(model, tokens_NS: torch.Tensor, qcfg: QuantConfig, progress: bool = True):
     """AWQ-quantize `model` in place on the calibration token windows tokens_NS [N, S]; returns it.
-    The model runs in float32 on its own device."""
+    The model runs in its own dtype and device; the searches run in float32."""
     from tqdm.auto import tqdm
 
     cfg = model.cfg

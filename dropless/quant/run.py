@@ -19,24 +19,40 @@ from dropless.errors import DroplessError
 from dropless.quant.modules import QuantConfig
 
 
+def work_dtype(cfg, device: torch.device) -> torch.dtype:
+    """float32 (exact folding, exact searches) unless the float32 model would take more than half
+    of the GPU: then bf16 weights and activations, the searches still in float32."""
+    from dropless.model import Transformer
+
+    if device.type != "cuda":
+        return torch.float32
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(cfg).parameters())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.float32 if 4 * params < total / 2 else torch.bfloat16
+
+
 def load_source(src: str | Path, device: torch.device):
-    """-> (float model, tokenizer, train_config dict or None) from a run or HF directory."""
+    """-> (model in its working dtype, tokenizer, train_config dict or None) from a run or HF
+    directory."""
     from dropless.checkpoint import load_run
     from dropless.tokenizer import tokenizer_from_json
 
     src = Path(src)
     if (src / "config.json").is_file():
-        from dropless.hf import load_hf_dir
-        model, tok_json = load_hf_dir(src, device=device)
+        from dropless.hf import load_hf_dir, read_hf_config
+        from dropless.hf_config import config_from_hf
+        if read_hf_config(src).get("quantization_config"):
+            raise DroplessError(f"{src} is already quantized")
+        dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+        model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
         if tok_json is None:
             raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
-        if any(isinstance(b, torch.Tensor) and b.dtype == torch.int32 for b in model.buffers()):
-            raise DroplessError(f"{src} is already quantized")
-        return model.float(), tokenizer_from_json(tok_json), None
+        return model, tokenizer_from_json(tok_json), None
     model, tok, state = load_run(src, device)
     if "quant" in state:
         raise DroplessError(f"{src} is already quantized (quant={state['quant']})")
-    return model.float(), tok, state.get("train_config")
+    return model.to(work_dtype(model.cfg, device)), tok, state.get("train_config")
 
 
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
