@@ -22,7 +22,6 @@ Router, embeddings, norms, dense and shared feed-forwards and the LM head stay i
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -178,7 +177,3 @@ def quantize_model(model, tokens_NS: torch.Tensor, qcfg: QuantConfig, progress: 
             _experts(layer, cap, qcfg.group_size, f"layers.{i}")
         del cap
     return model
-
-
-def quant_state(qcfg: QuantConfig) -> dict:
-    return asdict(qcfg)

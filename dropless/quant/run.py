@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
                              for m in model.moe_layers()) * 2   # as bf16
     quantize_model(model, tokens, qcfg, progress=progress)
-    state = {"model_config": config_to_dict(model.cfg), "quant": qcfg.__dict__.copy(),
+    state = {"model_config": config_to_dict(model.cfg), "quant": asdict(qcfg),
              "model": {k: v.cpu() for k, v in model.state_dict().items()},
              "tokenizer": tok.to_json(), "step": 0}
     if train_config is not None:
