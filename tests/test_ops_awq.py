@@ -164,3 +164,25 @@ def test_cuda_graph_and_fake():
     torch.library.opcheck(awq._decode_op, (x, ids, weights, *packed))
     compiled = torch.compile(lambda a: awq._decode_op(a, ids, weights, *packed), fullgraph=True)
     assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("T", [3, 40])   # the layer's decode path (no plan), then the grouped one
+def test_moe_layer_with_int4_experts(T):
+    from dropless import MoE, MoEConfig
+    from dropless.quant.modules import QuantizedExperts
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2)).to(DEVICE)
+    q = QuantizedExperts(4, 64, 64, 64, device=DEVICE)
+    q.gate_up.set_from(moe.experts.gate_up.detach())
+    q.down.set_from(moe.experts.down.detach())
+    assert q.decodes(torch.zeros(T, 64, device=DEVICE), 2) == (T == 3)
+    moe.experts.gate_up.data = q.gate_up.dequantize()
+    moe.experts.down.data = q.down.dequantize()
+    x = torch.randn(T, 64, device=DEVICE)
+    with torch.no_grad():
+        y_ref, aux_ref = moe(x)
+        moe.experts = q
+        y, aux = moe(x)
+    assert rel(y, y_ref) < 1e-5
+    assert torch.equal(aux.tokens_per_expert, aux_ref.tokens_per_expert) and aux.dropped == 0

@@ -117,6 +117,12 @@ class QuantizedExperts(nn.Module):
         return awq_ops.awq_fused_experts(x_TD, plan, weights_TK, *self.gate_up.packed,
                                          *self.down.packed)
 
+    def decodes(self, x_TD: torch.Tensor, top_k: int) -> bool:
+        """Whether the MoE layer should call `decode` (no plan, no sort) for these tokens: the
+        kernels run here and experts see about one row each."""
+        return awq_ops.kernels_run(x_TD) and awq_ops.decode_pays(x_TD.shape[0] * top_k,
+                                                                 self.down.qweight.shape[0])
+
     def decode(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                weights_TK: torch.Tensor) -> torch.Tensor:
         """y_TD = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), straight from the routing (no plan,
