@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from dropless import MoE, MoEConfig
+from dropless import MoE, MoEConfig, ops
 from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
 
@@ -115,21 +115,40 @@ def main():
                     times[label] = bench(lambda: fn(x), device)
                     replay = None if args.no_graph or device.type != "cuda" else graphed(fn, x)
                     times[label + " graph"] = bench(replay, device) if replay else float("nan")
+                    # the experts alone, on the layer's routing: plan, dispatch, experts, combine
+                    # for bf16; int4 the way its layer runs them (decode, or the fused kernels)
+                    route = bf16.router(x)
+                    ids, w = route.expert_ids_TK, route.weights_TK
+                    if layer is bf16:
+                        def experts(t):
+                            plan = ops.make_plan(ids, E)
+                            y_RD = bf16.experts(ops.dispatch(t, plan), plan.counts_E)
+                            return ops.combine(y_RD, plan, w)
+                    elif q.decodes(x, K):
+                        experts = lambda t: q.decode(t, ids, w)   # noqa: E731
+                    else:
+                        experts = lambda t: q.fused(t, ops.make_plan(ids, E), w)   # noqa: E731
+                    replay = None if args.no_graph or device.type != "cuda" else graphed(experts, x)
+                    times[label + " experts"] = (bench(replay, device) if replay
+                                                 else bench(lambda: experts(x), device))
                 os.environ.pop(awq_ops.UNPACK_ENV)
             rows.append((name, T, times, check))
         del bf16, int4, deq, q
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print("\nms per layer forward (median); speedup = bf16 / int4; int4 unpacks int32s by "
-          "interleave (default), 'gather' by per-column loads (DROPLESS_AWQ_UNPACK=gather)")
-    cols = ["bf16", "int4", "int4 gather", "bf16 graph", "int4 graph", "int4 gather graph"]
-    print(f"{'shape':8} {'T':>3} " + " ".join(f"{c:>17}" for c in cols)
-          + f" {'speedup':>8} {'graph speedup':>14} {'check':>9}")
+    print("\nms per MoE layer forward (median). eager / graph: the whole layer (router included),"
+          " eagerly or replayed from a CUDA graph; experts: the experts alone on the layer's "
+          "routing (graph). int4 unpacks int32s by interleave (default) or 'gather' "
+          "(DROPLESS_AWQ_UNPACK=gather); speedup = bf16 / the faster int4.")
+    kinds = ["", " graph", " experts"]
+    head = " ".join(f"{p + k:>19}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
+    print(f"{'shape':8} {'T':>3} {head} " + " ".join(f"{'speedup' + k:>16}" for k in kinds)
+          + f" {'check':>9}")
     for name, T, t, check in rows:
-        eager = t["bf16"] / min(t["int4"], t["int4 gather"])
-        graph = t["bf16 graph"] / min(t["int4 graph"], t["int4 gather graph"])
-        print(f"{name:8} {T:>3} " + " ".join(f"{t[c]:>17.4f}" for c in cols)
-              + f" {eager:>7.2f}x {graph:>13.2f}x {check:>9.2e}")
+        cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
+        ups = " ".join(f"{t['bf16' + k] / min(t['int4' + k], t['int4 gather' + k]):>15.2f}x"
+                       for k in kinds)
+        print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,15 @@ def _gather_unpack() -> bool:
     return os.environ.get(UNPACK_ENV, "interleave") == "gather"
 
 
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def kernels_run(x: Tensor) -> bool:
     """Whether the Triton kernels run here: CUDA (or the CPU under TRITON_INTERPRET=1), float
     activations."""
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         return False
     on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return on_device and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
