@@ -109,10 +109,10 @@ def test_decode_narrow_tiles_and_split_k(monkeypatch):
     and for down."""
     monkeypatch.setattr(awq, "_num_sms", lambda device: 64)
     gen = torch.Generator().manual_seed(5)
-    packed = packed_experts(4, 64, 128, 32, gen)
+    packed = packed_experts(4, 256, 256, 32, gen)
     weights, ids = routing(2, 4, 2, "random", gen)
-    assert awq.gemv_split(4, 256, 64, "cpu") == 2 and awq.gemv_split(4, 64, 128, "cpu") == 4
-    x = torch.randn(2, 64, generator=gen).to(DEVICE)
+    assert awq.gemv_split(4, 512, 256, "cpu") == 2 and awq.gemv_split(4, 256, 256, "cpu") == 2
+    x = torch.randn(2, 256, generator=gen).to(DEVICE)
     assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
 
 

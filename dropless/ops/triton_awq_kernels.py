@@ -74,7 +74,7 @@ def awq_gemv_kernel(
     N, KD, WN,
     GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr, GU_SPLIT: tl.constexpr,
-    GATHER_UNPACK: tl.constexpr,
+    GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
 ):
     r = tl.program_id(0)
     n_tile = tl.program_id(1)
@@ -89,28 +89,32 @@ def awq_gemv_kernel(
     pc_ok = pcols < N // 8
     qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
     ks = tl.arange(0, BLOCK_K)
-    k_len = KD // SPLIT_K   # a multiple of GS (the launcher checks)
+    k_len = KD // SPLIT_K   # a multiple of BLOCK_K * UNROLL (the launcher checks)
     # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
     acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(split * k_len, (split + 1) * k_len, BLOCK_K):
-        if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
-            g = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            u = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for sp in tl.static_range(GU_SPLIT):
-                row = x_ptr + sp * stride_xs + src * stride_xm + k0 + ks
-                g += tl.load(row)
-                u += tl.load(row + KD)
-            x = g * tl.sigmoid(g) * u
-        else:
-            x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
-        w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K, BLOCK_N,
-                          GATHER_UNPACK)
-        acc2 += x[:, None] * w
-        if SWIGLU:   # the up columns sit N to the right of the gate columns
-            w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok, GS,
-                                 BLOCK_K, BLOCK_N, GATHER_UNPACK)
-            acc2_up += x[:, None] * w_up
+    # UNROLL steps per iteration in one basic block: their independent loads are issued together
+    # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
+    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+        for step in tl.static_range(UNROLL):
+            k0 = k_outer + step * BLOCK_K
+            if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
+                g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for sp in tl.static_range(GU_SPLIT):
+                    row = x_ptr + sp * stride_xs + src * stride_xm + k0 + ks
+                    g += tl.load(row)
+                    u += tl.load(row + KD)
+                x = g * tl.sigmoid(g) * u
+            else:
+                x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
+            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K,
+                              BLOCK_N, GATHER_UNPACK)
+            acc2 += x[:, None] * w
+            if SWIGLU:   # the up columns sit N to the right of the gate columns
+                w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
+                                     GS, BLOCK_K, BLOCK_N, GATHER_UNPACK)
+                acc2_up += x[:, None] * w_up
     acc = tl.sum(acc2, axis=0)
     acc_up = tl.sum(acc2_up, axis=0)
     if SWIGLU:
