@@ -111,6 +111,9 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise DroplessError(f"{run_dir}: no such run directory")
     state = latest_state(run_dir)
     model = Transformer(config_from_dict(state["model_config"]))
+    if "quant" in state:   # written by `dropless quantize`: packed int4 modules
+        from dropless.quant.modules import QuantConfig, quantize_modules
+        quantize_modules(model, QuantConfig(**state["quant"]))
     if "dcp_path" in state:   # a distributed run's checkpoint, gathered into this one process
         from dropless.parallel import checkpoint as dckpt
         dckpt.load(Path(state["dcp_path"]), model)

@@ -111,6 +111,25 @@ def _build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", metavar="RUN_DIR", help="write a run as a Hugging Face directory")
     conv.add_argument("--model-type", help="with --to-hf: HF architecture (default: inferred)")
 
+    quant = sub.add_parser("quantize", help="AWQ int4 weights for the experts and attention; "
+                                            "writes a quantized run directory")
+    quant.add_argument("src", metavar="SRC", help="run directory or Hugging Face directory")
+    quant.add_argument("--out", required=True, help="the quantized run directory (must not exist)")
+    quant.add_argument("--bits", type=int, default=4)
+    quant.add_argument("--group-size", type=int, default=128, help="32, 64 or 128")
+    quant.add_argument("--calib-data", help="calibration text, as train's --data (default: this "
+                                            "Python's stdlib .py files); its training split is used")
+    quant.add_argument("--calib-samples", type=int, default=128)
+    quant.add_argument("--calib-seq-len", type=int, default=512)
+    quant.add_argument("--device", default="auto")
+    quant.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run or HF directory")
+    ev.add_argument("path", metavar="RUN_DIR|HF_DIR")
+    ev.add_argument("--data", help="text to take the validation split from (default: the run's)")
+    ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...}')
+    ev.add_argument("--device", default="auto")
+
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
     info.add_argument("--preset", required=True)
     info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
@@ -301,6 +320,37 @@ def _convert(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from dropless.quant.run import quantize_run
+    from dropless.train import resolve_device
+
+    if not os.path.isdir(args.src):
+        raise DroplessError(f"{args.src}: no such run or Hugging Face directory")
+    s = quantize_run(args.src, args.out, bits=args.bits, group_size=args.group_size,
+                     calib_data=args.calib_data, calib_samples=args.calib_samples,
+                     calib_seq_len=args.calib_seq_len, device=resolve_device(args.device),
+                     progress=not args.quiet)
+    print(f"wrote {s['out']}: {s['layers']} layers, experts {s['expert_bytes_int4'] / 2**20:.2f} MiB "
+          f"int4 ({s['expert_bytes_int4'] / s['expert_bytes_bf16']:.3f}x their bf16 bytes)")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from dropless.evaluate import evaluate_dir
+
+    if not os.path.isdir(args.path):
+        raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
+    r = evaluate_dir(args.path, args.data, args.device)
+    if args.json:
+        print(json.dumps({"val_loss": r["val_loss"], "val_ppl": r["val_ppl"]}))
+    else:
+        print(f"val loss {r['val_loss']:.4f} nats/token (perplexity {r['val_ppl']:.3f}) over "
+              f"{r['tokens']:,} tokens")
+    return 0
+
+
 def _info(args) -> int:
     from dropless.config import get_preset
     from dropless.info import format_stats, model_stats
@@ -325,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             run_example()
             return 0
         return {"train": _train, "generate": _generate, "info": _info,
-                "convert": _convert, "serve": _serve}[args.command](args)
+                "convert": _convert, "serve": _serve, "quantize": _quantize,
+                "eval": _eval}[args.command](args)
     except DroplessError as e:
         print(f"dropless: error: {e}", file=sys.stderr)
         return 1

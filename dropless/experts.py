@@ -29,6 +29,11 @@ class Experts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return ops.expert_swiglu(x_RD, counts_E, self.gate_up, self.down, self.backend)
 
+    def decodes(self, x_TD: torch.Tensor, top_k: int) -> bool:
+        """Whether `decode` (few tokens straight from the routing) serves this call: only
+        quantized experts have one (dropless.quant.QuantizedExperts)."""
+        return False
+
     def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
         return ops.fuses_dispatch(self.backend, x_TD, self.gate_up, self.down)
 

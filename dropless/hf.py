@@ -260,15 +260,25 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     # DeepSeek-V3 files may carry multi-token-prediction layers after the last layer: not used here
     extra = hf_cfg.get("num_nextn_predict_layers") or 0   # range-checked by config_from_hf
     mtp = tuple(f"model.layers.{i}." for i in range(cfg.num_layers, cfg.num_layers + extra))
+    awq = None
+    if hf_cfg.get("quantization_config"):   # AutoAWQ: packed tensors stand in for `.weight`s
+        from dropless.quant.hf_awq import AwqFile
+        awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
+        where = awq.where
     _check(where, rows, lambda k: (bool(mtp) and k.startswith(mtp))
            or (cfg.tie_embeddings and k == "lm_head.weight"))
     state, handles = {}, {}
     for row in rows:
+        if awq is not None and awq.keeps_packed(row):
+            awq.fill_packed(state, row)
+            continue
         f = where[row.hf_key][0]
         try:
             if f not in handles:
                 handles[f] = safe_open(f, "pt", device="cpu")
-            t = handles[f].get_tensor(file_key[row.hf_key])
+            t = awq.dequantized(row) if awq is not None else None
+            if t is None:
+                t = handles[f].get_tensor(file_key[row.hf_key])
         except Exception as err:
             raise ValueError(f"{f}: cannot read {row.hf_key} (truncated or corrupt file?): "
                              f"{err}") from err
@@ -277,6 +287,9 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         state["lm_head.weight"] = state["embed.weight"]
     with torch.device("meta"):
         model = Transformer(cfg)
+        if awq is not None:
+            from dropless.quant.modules import quantize_modules
+            quantize_modules(model, awq.qcfg)
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -313,15 +326,19 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
         if ARCHS[model_type].sigmoid_router and bias_key not in state:   # HF always has it
             state[bias_key] = torch.zeros(cfg.moe.num_experts)
     hf_cfg["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    from dropless.quant import hf_awq
+    if hf_awq.is_quantized(model):   # AutoAWQ GEMM tensors for the packed modules
+        hf_cfg["quantization_config"] = hf_awq.quantization_config(model, model_type)
     shards, size = [{}], 0
     for row in layout(cfg, model_type):
-        t = _hf_tensor(state, row, cfg)
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][row.hf_key] = t
-        size += nbytes
+        tensors = hf_awq.packed_tensors(state, row, cfg) or {row.hf_key: _hf_tensor(state, row, cfg)}
+        for hf_key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][hf_key] = t
+            size += nbytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -53,7 +53,11 @@ class MoE(nn.Module):
         # under autocast the experts compute in its dtype: cast once here, so that dispatch moves
         # (and, under expert parallelism, the all-to-all sends) bf16 rows, not fp32
         x_TD = x_TD.to(ops.compute_dtype(x_TD))
-        if self.dispatcher.fusable and self.experts.fuses_dispatch(x_TD):
+        plan = None
+        if self.dispatcher.fusable and self.experts.decodes(x_TD, self.cfg.top_k):
+            # a few tokens through int4 experts (dropless/quant): straight from the routing, no sort
+            y_TD = self.experts.decode(x_TD, route.expert_ids_TK, route.weights_TK)
+        elif self.dispatcher.fusable and self.experts.fuses_dispatch(x_TD):
             # one op gathers token rows, runs the experts and combines ("grouped_lowmem",
             # "triton", "blocksparse"): no gathered rows kept for backward
             plan = self.dispatcher.plan(route.expert_ids_TK)
@@ -67,8 +71,12 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
-        aux = MoEAux(route.balance_loss, route.z_loss,
-                     self.dispatcher.tokens_per_expert(plan), plan.dropped)
+        if plan is None:
+            aux = MoEAux(route.balance_loss, route.z_loss,
+                         ops.expert_counts(route.expert_ids_TK, self.cfg.num_experts), 0)
+        else:
+            aux = MoEAux(route.balance_loss, route.z_loss,
+                         self.dispatcher.tokens_per_expert(plan), plan.dropped)
         return y_TD.view(x.shape), aux
 
     def update_bias(self, load_E: torch.Tensor) -> None:

@@ -366,7 +366,7 @@ def edit_config(path, **fields):
     ("tie_word_embeddings", "yes", "tie_word_embeddings='yes' is invalid: must be true or false"),
     ("router_aux_loss_coef", -0.1, "router_aux_loss_coef=-0.1 is invalid"),
     ("max_position_embeddings", 10**12, "max_position_embeddings=1000000000000 is invalid"),
-    ("quantization_config", {"quant_method": "gptq"}, "quantization_config="),
+    ("quantization_config", {"quant_method": "gptq"}, "quant_method='gptq'"),
     ("sliding_window", "wide", "sliding_window='wide'"),
 ])
 def test_hostile_config_values_refused_before_any_work(tmp_path, field, value, message):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dropless.experts import Experts
 from dropless.moe import MoE
 from dropless.ops.triton_gemv import experts_gemv   # imports triton only when first run
 from dropless.router import Router, group_limited_mask
@@ -82,9 +83,13 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tens
     x_TD = x.reshape(-1, moe.cfg.dim)
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
-    path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
-    run = {"triton": experts_gemv, "gather": experts_gather, "dense": experts_dense}[path]
-    y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
+    if not isinstance(experts, Experts):   # int4 experts (dropless.quant) decode from packed weights
+        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
+    else:
+        path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts,
+                                   x.device.type)
+        run = {"triton": experts_gemv, "gather": experts_gather, "dense": experts_dense}[path]
+        y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
         if moe.shared_gate is not None:

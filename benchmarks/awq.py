@@ -1,0 +1,155 @@
+"""Int4 (AWQ GEMM layout) MoE layer against the bf16 layer, side by side, at decode (1 token) and
+small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
+
+    python benchmarks/awq.py [--shapes qwen3,mixtral] [--tokens 1,64] [--no-graph]
+
+Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
+`Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
+nearest, group 128). Weights are random, built on the GPU. Times are medians (triton's do_bench,
+CUDA events) of a forward under no_grad, eager and replayed from a CUDA graph (what an inference
+engine runs; launch overhead dominates the eager numbers at batch 1). "check" is the int4 layer's
+relative error against the bf16 layer holding the dequantized int4 weights (the same function).
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+from dropless import MoE, MoEConfig, ops
+from dropless.ops import awq as awq_ops
+from dropless.quant.modules import QuantizedExperts
+
+SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
+          "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
+GROUP = 128
+
+
+def bench(fn, device) -> float:
+    """Median milliseconds after warm-up (CUDA events through triton's do_bench on the GPU)."""
+    if device.type == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(fn, x):
+    """fn replayed from a CUDA graph (None when the path cannot be captured)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+        return graph.replay
+    except Exception as err:   # a host sync inside the path: report eager only
+        print(f"  (no CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:80]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def build(D, F, E, K, device):
+    torch.manual_seed(0)
+    with torch.device(device):
+        bf16 = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K)).to(torch.bfloat16)
+    bf16.router.weight.data.normal_(std=1.0)   # spread routing over the experts
+    q = QuantizedExperts(E, D, F, GROUP, device=device)
+    with torch.no_grad():
+        q.gate_up.set_from(bf16.experts.gate_up)
+        q.down.set_from(bf16.experts.down)
+    int4, deq = copy.deepcopy(bf16), copy.deepcopy(bf16)   # the same router weights
+    int4.experts = q
+    deq.experts.gate_up.data = q.gate_up.dequantize(torch.bfloat16)
+    deq.experts.down.data = q.down.dequantize(torch.bfloat16)
+    return bf16, int4, deq, q
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="qwen3,mixtral")
+    parser.add_argument("--tokens", default="1,64")
+    parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"# {name}, torch {torch.__version__}, commit {commit}")
+    rows = []
+    for name in args.shapes.split(","):
+        D, F, E, K = SHAPES[name]
+        bf16, int4, deq, q = build(D, F, E, K, device)
+        bf16_bytes = (bf16.experts.gate_up.numel() + bf16.experts.down.numel()) * 2
+        print(f"{name}: D={D} F={F} E={E} K={K}: experts {bf16_bytes / 2**20:.0f} MiB bf16, "
+              f"{q.nbytes() / 2**20:.0f} MiB int4 ({q.nbytes() / bf16_bytes:.3f}x)")
+        for T in map(int, args.tokens.split(",")):
+            x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                y_q, y_d = int4(x)[0].float(), deq(x)[0].float()
+                check = ((y_q - y_d).norm() / y_d.norm()).item()
+                times = {}
+                for label, layer, unpack in (("bf16", bf16, None), ("int4", int4, "interleave"),
+                                             ("int4 gather", int4, "gather")):
+                    if unpack:
+                        os.environ[awq_ops.UNPACK_ENV] = unpack
+                    fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
+                    times[label] = bench(lambda: fn(x), device)
+                    replay = None if args.no_graph or device.type != "cuda" else graphed(fn, x)
+                    times[label + " graph"] = bench(replay, device) if replay else float("nan")
+                    # the experts alone, on the layer's routing: plan, dispatch, experts, combine
+                    # for bf16; int4 the way its layer runs them (decode, or the fused kernels)
+                    route = bf16.router(x)
+                    ids, w = route.expert_ids_TK, route.weights_TK
+                    if layer is bf16:
+                        def experts(t):
+                            plan = ops.make_plan(ids, E)
+                            y_RD = bf16.experts(ops.dispatch(t, plan), plan.counts_E)
+                            return ops.combine(y_RD, plan, w)
+                    elif q.decodes(x, K):
+                        experts = lambda t: q.decode(t, ids, w)   # noqa: E731
+                    else:
+                        experts = lambda t: q.fused(t, ops.make_plan(ids, E), w)   # noqa: E731
+                    replay = None if args.no_graph or device.type != "cuda" else graphed(experts, x)
+                    times[label + " experts"] = (bench(replay, device) if replay
+                                                 else bench(lambda: experts(x), device))
+                os.environ.pop(awq_ops.UNPACK_ENV)
+            rows.append((name, T, times, check))
+        del bf16, int4, deq, q
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\nms per MoE layer forward (median). eager / graph: the whole layer (router included),"
+          " eagerly or replayed from a CUDA graph; experts: the experts alone on the layer's "
+          "routing (graph). int4 unpacks int32s by interleave (default) or 'gather' "
+          "(DROPLESS_AWQ_UNPACK=gather); speedup = bf16 / the faster int4.")
+    kinds = ["", " graph", " experts"]
+    head = " ".join(f"{p + k:>19}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
+    print(f"{'shape':8} {'T':>3} {head} " + " ".join(f"{'speedup' + k:>16}" for k in kinds)
+          + f" {'check':>9}")
+    for name, T, t, check in rows:
+        cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
+        ups = " ".join(f"{t['bf16' + k] / min(t['int4' + k], t['int4 gather' + k]):>15.2f}x"
+                       for k in kinds)
+        print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
+
+
+if __name__ == "__main__":
+    main()

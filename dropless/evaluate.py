@@ -1,0 +1,61 @@
+"""`dropless eval`: validation loss and perplexity of a run directory (quantized or not) or a Hugging
+Face directory, on the validation split the run trained against (or on `--data`'s).
+
+The windows and the loss are training's own (`data.eval_batches`, `train.evaluate`): a run's
+`val_loss` here equals the one its training logged for the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dropless import data
+from dropless.config import TrainConfig
+from dropless.errors import DroplessError
+
+
+def load_any(path: str | Path, device: torch.device):
+    """-> (model, tokenizer, train_config dict or None) of a run or Hugging Face directory."""
+    from dropless.checkpoint import load_run
+    from dropless.tokenizer import tokenizer_from_json
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from dropless.hf import load_hf_dir
+        try:
+            model, tok_json = load_hf_dir(path, device=device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+        if tok_json is None:
+            raise DroplessError(f"{path} has no tokenizer.json: the text cannot be encoded")
+        return model, tokenizer_from_json(tok_json), None
+    model, tok, state = load_run(path, device)
+    return model, tok, state.get("train_config")
+
+
+def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
+    """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
+    length and number of eval batches; TrainConfig's defaults for a Hugging Face directory)."""
+    from dropless.train import evaluate, resolve_device
+
+    dev = resolve_device(device)
+    model, tok, saved = load_any(path, dev)
+    defaults = TrainConfig(out=str(path))
+    saved = saved or {}
+    batch_size = saved.get("batch_size", defaults.batch_size)
+    seq_len = min(saved.get("seq_len", defaults.seq_len), model.cfg.max_seq_len)
+    batches = saved.get("eval_batches", defaults.eval_batches)
+    docs = data.read_documents(data_path if data_path is not None else saved.get("data"))
+    cache = saved.get("cache_dir")
+    tokens = data.load_tokens(docs, tok, Path(cache) if cache else data.default_cache_dir())
+    if len(tokens.val) < seq_len + 2:
+        raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
+                            f"sequences of {seq_len}")
+    windows = data.eval_batches(tokens.val, batch_size, seq_len, batches)
+    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    loss = evaluate(model, windows, dev, amp)
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": batch_size * seq_len * batches}

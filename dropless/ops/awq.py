@@ -1,0 +1,350 @@
+"""Int4 (AWQ GEMM layout) linear and MoE experts: the dequantize-then-matmul reference (the CPU path
+and the test oracle), the launchers of the Triton kernels, custom ops with fake implementations (so
+CUDA graphs and torch.compile can capture them) and the functional API the modules call.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R routed rows, S slots (t*K + k).
+Packed operands come as (qweight, qzeros, scales) triples, see dropless/quant/pack.py; a linear's
+are [in, ...] matrices, the experts' [E, in, ...] stacks. Inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dropless.ops import reference
+from dropless.ops.reference import Plan
+from dropless.ops.triton_grouped import tile_map
+from dropless.quant.pack import PACK, dequantize
+
+# tiles chosen by register counts from ptxas at sm_90 (no spills): GEMV 80 registers with SwiGLU,
+# grouped 128 (16-row tiles, 4 warps) to 182 (64-row tiles, 8 warps)
+GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 32
+GEMV_UNROLL = 4    # reduction steps per GEMV iteration (79 registers plain, 139 with SwiGLU)
+GEMV_WAVES = 6     # GEMV grids are split until they hold this many programs per multiprocessor
+GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
+GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
+# how the kernels spread packed int32s over columns: "interleave" in registers or "gather" loads
+# (see _dequant_tile); benchmarks/awq.py times both
+UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
+
+
+def _gather_unpack() -> bool:
+    return os.environ.get(UNPACK_ENV, "interleave") == "gather"
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels_run(x: Tensor) -> bool:
+    """Whether the Triton kernels run here: CUDA (or the CPU under TRITON_INTERPRET=1), float
+    activations."""
+    if not _have_triton():
+        return False
+    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- reference -------------------------------------------------------------------------------------
+
+def reference_linear(x_MI: Tensor, qweight, qzeros, scales) -> Tensor:
+    return x_MI @ dequantize(qweight, qzeros, scales, x_MI.dtype)
+
+
+def _expert(x, e, gqw, gqz, gsc, dqw, dqz, dsc) -> Tensor:
+    """SwiGLU of expert e, its weights dequantized one expert at a time (bounded memory)."""
+    g, u = (x @ dequantize(gqw[e], gqz[e], gsc[e], x.dtype)).chunk(2, dim=-1)
+    return (F.silu(g) * u) @ dequantize(dqw[e], dqz[e], dsc[e], x.dtype)
+
+
+def reference_experts(x_RD, counts_E, *packed) -> Tensor:
+    counts = counts_E.tolist()   # sync: split sizes
+    outs = [_expert(x, e, *packed) for e, x in enumerate(x_RD.split(counts)) if x.shape[0]]
+    if not outs:
+        return x_RD.new_empty(0, x_RD.shape[-1])
+    return torch.cat(outs)
+
+
+def reference_decode(x_TD, expert_ids_TK, weights_TK, *packed) -> Tensor:
+    """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), a loop over the experts present."""
+    acc = torch.promote_types(x_TD.dtype, torch.float32)
+    y_TD = torch.zeros_like(x_TD, dtype=acc)
+    for e in expert_ids_TK.unique().tolist():   # sync: which experts to run
+        token_idx, k_idx = torch.nonzero(expert_ids_TK == e, as_tuple=True)
+        out = _expert(x_TD[token_idx], e, *packed).to(acc)
+        y_TD = y_TD.index_add(0, token_idx, out * weights_TK[token_idx, k_idx, None].to(acc))
+    return y_TD.to(x_TD.dtype)
+
+
+# ---- launchers -------------------------------------------------------------------------------------
+
+@functools.cache
+def _kernels():
+    from dropless.ops import triton_awq_kernels
+    return triton_awq_kernels
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _expert_strides(qw, qz, sc):
+    return (qw.stride(0), qz.stride(0), sc.stride(0)) if qw.dim() == 3 else (0, 0, 0)
+
+
+def _gemv_step(kd: int) -> int:
+    """Reduction rows per GEMV iteration: BLOCK_K x UNROLL, the largest that divides kd."""
+    unroll = GEMV_UNROLL
+    while kd % (GEMV_BLOCK_K * unroll):
+        unroll //= 2
+    return GEMV_BLOCK_K * unroll
+
+
+def gemv_split(rows: int, n: int, kd: int, device) -> int:
+    """Split the reduction until the grid fills the GPU GEMV_WAVES times over: at batch 1 the rows
+    alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
+    fp32, summed afterwards (deterministic, no atomics)."""
+    units = kd // _gemv_step(kd)
+    split = min(units, max(1, -(-GEMV_WAVES * _num_sms(device) // (rows * -(-n // GEMV_BLOCK_N)))))
+    while units % split:
+        split -= 1
+    return split
+
+
+def _gemv(x, qw, qz, sc, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False,
+          split_k=1, gu_split=0) -> None:
+    """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
+    with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up partials and SwiGLU is applied on read."""
+    rows = out.shape[-2]
+    kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
+    gs = kd // qz.shape[-2]
+    wn = qw.shape[-1] * PACK
+    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
+    assert gs % GEMV_BLOCK_K == 0 and kd % split_k == 0
+    step = _gemv_step(kd // split_k)
+    unroll = step // GEMV_BLOCK_K if not _gather_unpack() else min(2, step // GEMV_BLOCK_K)
+    assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
+    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
+    _kernels().awq_gemv_kernel[grid](
+        x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
+        out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
+        qw, qz, sc, *_expert_strides(qw, qz, sc),
+        out if expert is None else expert, out if scale is None else scale,
+        n, kd, wn,
+        GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
+        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
+        GATHER_UNPACK=_gather_unpack(), UNROLL=unroll, num_warps=4)
+
+
+def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
+             scale=None, swiglu=False) -> None:
+    """c[out_row(r)] = epilogue(a[a_row(r)] @ W[e(r)]) over expert-contiguous rows (tiles), or
+    over all rows with one matrix (tiles None)."""
+    kd = a.shape[1]
+    gs = kd // qz.shape[-2]
+    wn = qw.shape[-1] * PACK
+    block_k = min(GROUPED_BLOCK_K, gs)
+    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and gs % block_k == 0
+    if tiles is None:
+        num_m, meta = -(-num_rows // block_m), (c, c, c)
+    else:
+        num_m, meta = tiles[0].numel(), tiles
+    grid = (num_m, -(-n // GROUPED_BLOCK_N))
+    _kernels().awq_grouped_kernel[grid](
+        a, a.stride(0), c, c.stride(0),
+        qw, qz, sc, *_expert_strides(qw, qz, sc),
+        *meta,
+        c if a_row is None else a_row, c if out_row is None else out_row,
+        c if scale is None else scale,
+        num_rows, n, kd, wn,
+        GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, DENSE=tiles is None,
+        GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
+        SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GATHER_UNPACK=_gather_unpack(), num_warps=4 if block_m == 16 else 8, num_stages=3)
+
+
+def _block_m(rows: int, experts: int) -> int:
+    """Row tile by the mean rows per expert: an expert's rows should fill about one tile, so that
+    its weights are read (and dequantized) once, with little padding."""
+    mean = rows / experts
+    return 16 if mean <= 8 else 32 if mean <= 32 else 64
+
+
+# ---- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dropless::awq_linear", mutates_args=())
+def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
+    x_MI = x_MI.contiguous()
+    M, N = x_MI.shape[0], scales.shape[-1]
+    out = x_MI.new_empty(M, N)
+    if M == 0:
+        return out
+    if M <= GEMV_MAX_TOKENS:
+        split = gemv_split(M, N, x_MI.shape[1], x_MI.device)
+        if split == 1:
+            _gemv(x_MI, qweight, qzeros, scales, out, n=N)
+        else:
+            out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
+            _gemv(x_MI, qweight, qzeros, scales, out_PMN, n=N, split_k=split)
+            out = out_PMN.sum(0).to(x_MI.dtype)
+    else:
+        _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
+    return out
+
+
+@_linear_op.register_fake
+def _(x_MI, qweight, qzeros, scales):
+    return x_MI.new_empty(x_MI.shape[0], scales.shape[-1])
+
+
+@torch.library.custom_op("dropless::awq_moe_decode", mutates_args=())
+def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Tensor, gqz: Tensor,
+               gsc: Tensor, dqw: Tensor, dqz: Tensor, dsc: Tensor) -> Tensor:
+    """Rows are the slots themselves (no sort): h = SwiGLU per slot, then down with the routing
+    weight and the K-sum."""
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    K, F_ = expert_ids_TK.shape[1], dqw.shape[1]
+    R = T * K
+    if R == 0:
+        return torch.zeros_like(x_TD)
+    expert_S = expert_ids_TK.reshape(-1)
+    w_S = weights_TK.reshape(-1)
+    gu_split = 0
+    if gemv_split(R, F_, D, x_TD.device) == 1:   # enough programs: gate, up, SwiGLU in one pass
+        h = x_TD.new_empty(R, F_)
+        _gemv(x_TD, gqw, gqz, gsc, h, n=F_, rows_per_token=K, expert=expert_S, swiglu=True)
+    else:   # batch 1: gate|up as fp32 partials (split reduction); the down GEMV sums them and
+            # applies SwiGLU as it reads them
+        split = gemv_split(R, 2 * F_, D, x_TD.device)
+        h = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
+        _gemv(x_TD, gqw, gqz, gsc, h, n=2 * F_, rows_per_token=K, expert=expert_S, split_k=split)
+        gu_split = split
+    split = gemv_split(R, D, F_, x_TD.device)
+    y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
+    _gemv(h, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split,
+          gu_split=gu_split)
+    return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
+
+
+@_decode_op.register_fake
+def _(x_TD, expert_ids_TK, weights_TK, gqw, gqz, gsc, dqw, dqz, dsc):
+    return x_TD.new_empty(x_TD.shape)
+
+
+@torch.library.custom_op("dropless::awq_experts", mutates_args=())
+def _experts_op(x_RD: Tensor, counts_E: Tensor, gqw: Tensor, gqz: Tensor, gsc: Tensor,
+                dqw: Tensor, dqz: Tensor, dsc: Tensor) -> Tensor:
+    """Expert-contiguous rows in, rows out (already dispatched: expert parallelism, capacity)."""
+    x_RD = x_RD.contiguous()
+    R, D = x_RD.shape
+    F_, E = dqw.shape[1], counts_E.numel()
+    y_RD = x_RD.new_empty(R, D)
+    if R == 0:
+        return y_RD
+    block_m = _block_m(R, E)
+    tiles = tile_map(counts_E, R, block_m)
+    h_RF = x_RD.new_empty(R, F_)
+    _grouped(x_RD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, block_m=block_m,
+             swiglu=True)
+    _grouped(h_RF, dqw, dqz, dsc, y_RD, n=D, num_rows=R, tiles=tiles, block_m=block_m)
+    return y_RD
+
+
+@_experts_op.register_fake
+def _(x_RD, counts_E, gqw, gqz, gsc, dqw, dqz, dsc):
+    return x_RD.new_empty(x_RD.shape)
+
+
+@torch.library.custom_op("dropless::awq_fused_experts", mutates_args=())
+def _fused_op(x_TD: Tensor, weights_TK: Tensor, slot_of_row_R: Tensor, counts_E: Tensor,
+              gqw: Tensor, gqz: Tensor, gsc: Tensor, dqw: Tensor, dqz: Tensor,
+              dsc: Tensor) -> Tensor:
+    """Token rows gathered in the gate|up kernel; the down kernel scales by the routing weight and
+    scatters to slot order; then the deterministic K-sum."""
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    R, K, F_, E = slot_of_row_R.numel(), weights_TK.shape[1], dqw.shape[1], counts_E.numel()
+    if R == 0:
+        return torch.zeros_like(x_TD)
+    block_m = _block_m(R, E)
+    tiles = tile_map(counts_E, R, block_m)
+    token_R = slot_of_row_R // K
+    w_R = weights_TK.reshape(-1)[slot_of_row_R].to(torch.float32).contiguous()
+    h_RF = x_TD.new_empty(R, F_)
+    _grouped(x_TD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, block_m=block_m,
+             a_row=token_R, swiglu=True)
+    y_SD = torch.empty(R, D, device=x_TD.device, dtype=torch.float32)
+    _grouped(h_RF, dqw, dqz, dsc, y_SD, n=D, num_rows=R, tiles=tiles, block_m=block_m,
+             out_row=slot_of_row_R, scale=w_R)
+    return y_SD.view(T, K, D).sum(1).to(x_TD.dtype)
+
+
+@_fused_op.register_fake
+def _(x_TD, weights_TK, slot_of_row_R, counts_E, gqw, gqz, gsc, dqw, dqz, dsc):
+    return x_TD.new_empty(x_TD.shape)
+
+
+# ---- functional API --------------------------------------------------------------------------------
+
+def _autocast(x: Tensor) -> Tensor:
+    """Custom ops are invisible to autocast: take its compute dtype here, as F.linear would."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
+    """x_MI @ dequant(W): the kernels where they run, the reference elsewhere."""
+    x_MI = _autocast(x_MI)
+    if kernels_run(x_MI):
+        return _linear_op(x_MI, qweight, qzeros, scales)
+    return reference_linear(x_MI, qweight, qzeros, scales)
+
+
+def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
+    x_RD = _autocast(x_RD)
+    if kernels_run(x_RD):
+        return _experts_op(x_RD, counts_E, *packed)
+    return reference_experts(x_RD, counts_E, *packed)
+
+
+def awq_moe_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor,
+                   *packed: Tensor) -> Tensor:
+    x_TD = _autocast(x_TD)
+    if kernels_run(x_TD):
+        return _decode_op(x_TD, expert_ids_TK, weights_TK, *packed)
+    return reference_decode(x_TD, expert_ids_TK, weights_TK, *packed)
+
+
+def decode_pays(num_rows: int, num_experts: int) -> bool:
+    """The per-slot GEMV re-reads an expert's weights for each of its rows: worth it while experts
+    see about one row each (decode); past that the grouped kernel reads each expert once."""
+    return num_rows <= max(16, num_experts)
+
+
+def awq_fused_experts(x_TD: Tensor, plan: Plan, weights_TK: Tensor, *packed: Tensor) -> Tensor:
+    """The MoE layer's fused path (dropless plans): decode kernel for a few rows, else grouped."""
+    assert plan.keep_S is None, "the fused path takes dropless plans only"
+    x_TD = _autocast(x_TD)
+    R, E = plan.slot_of_row_R.numel(), plan.counts_E.numel()
+    if not kernels_run(x_TD):
+        y_RD = reference_experts(reference.dispatch(x_TD, plan), plan.counts_E, *packed)
+        return reference.combine(y_RD, plan, weights_TK)
+    if decode_pays(R, E):
+        # expert of every slot from the plan, on the device (output_size: no sync)
+        experts = torch.arange(E, device=x_TD.device)
+        expert_R = torch.repeat_interleave(experts, plan.counts_E, output_size=R)
+        expert_S = torch.empty_like(expert_R).index_put_((plan.slot_of_row_R,), expert_R)
+        return _decode_op(x_TD, expert_S.view(weights_TK.shape), weights_TK, *packed)
+    return _fused_op(x_TD, weights_TK, plan.slot_of_row_R, plan.counts_E, *packed)

@@ -1,0 +1,187 @@
+"""Triton kernels for int4 (AWQ GEMM layout) weights. Imported only by `awq.py`'s launchers, so that
+importing dropless never needs triton.
+
+Legend: R rows (routed slots or tokens), KD reduction length (input features), N output columns of
+one product, WN the packed matrix's full width (2N for gate|up, N otherwise), GS group size.
+
+Weight contract (per expert, row-major, contiguous inside one expert):
+  qweight int32 [KD, WN/8], qzeros int32 [KD/GS, WN/8], scales fp16/bf16/fp32 [KD/GS, WN];
+  w[k, n] = (nibble(qweight[k, n/8], n%8) - nibble(qzeros[k/GS, n/8], n%8)) * scales[k/GS, n],
+  column c of a run of eight in nibble (c%2)*4 + c/2 (AutoAWQ's order).
+A reduction step covers BLOCK_K rows inside one group (BLOCK_K divides GS), so one row of zeros and
+scales serves the whole tile. Weights are dequantized in registers; accumulation is fp32.
+
+- `awq_gemv_kernel` (decode, a few rows): one program per (row, column tile, K split); each row
+  gathers its token and reads its own expert's weights. No tensor cores: at batch 1 the cost is
+  reading the packed weights once.
+- `awq_grouped_kernel` (prefill): expert-contiguous row tiles (the tile map of triton_grouped) x
+  column tiles, tl.dot on the dequantized tile in the activation dtype.
+Both can fuse SwiGLU (gate and up columns in one pass) and a per-row scale (routing weight).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
+                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GATHER_UNPACK: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
+    divides GS), columns `cols` (pcols = their int32s, cols // 8).
+
+    Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
+    (interleave, as vLLM's Triton AWQ kernel does), or let each column load its own copy (the same
+    cache line serves all eight; no register shuffle). Which is faster is measured, not assumed:
+    benchmarks/awq.py runs both."""
+    ks = tl.arange(0, BLOCK_K)
+    c = cols % 8
+    shift = ((c % 2) * 4 + c // 2) * 4
+    g = k0 // GS
+    if GATHER_UNPACK:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
+                         mask=col_ok[None, :], other=0)
+        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
+    else:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                         mask=pc_ok[None, :], other=0)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+    q = (packed >> shift[None, :]) & 0xF
+    z = (zp >> shift) & 0xF
+    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (q - z[None, :]).to(tl.float32) * s[None, :]
+
+
+@triton.jit
+def awq_gemv_kernel(
+    # x [*, KD]: row r reads row r // rows_per_token. With GU_SPLIT > 0, x holds fp32 gate|up
+    # partials [GU_SPLIT, *, 2 KD] instead, summed and passed through SwiGLU as they are read.
+    x_ptr, stride_xs, stride_xm, rows_per_token,
+    # out [SPLIT_K, R, N] (fp32 partials) or [R, N]
+    out_ptr, stride_os, stride_om,
+    # packed weights, one matrix per expert (stride 0 for a single linear)
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    # per row: expert (any int), scale (any float)
+    expert_ptr, scale_ptr,
+    N, KD, WN,
+    GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr, GU_SPLIT: tl.constexpr,
+    GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
+):
+    r = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    e = 0
+    if HAS_EXPERT:
+        e = tl.load(expert_ptr + r).to(tl.int64)
+    src = (r // rows_per_token).to(tl.int64)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    pc_ok = pcols < N // 8
+    qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
+    ks = tl.arange(0, BLOCK_K)
+    k_len = KD // SPLIT_K   # a multiple of BLOCK_K * UNROLL (the launcher checks)
+    # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # UNROLL steps per iteration in one basic block: their independent loads are issued together
+    # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
+    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+        for step in tl.static_range(UNROLL):
+            k0 = k_outer + step * BLOCK_K
+            if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
+                g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for sp in tl.static_range(GU_SPLIT):
+                    row = x_ptr + sp * stride_xs + src * stride_xm + k0 + ks
+                    g += tl.load(row)
+                    u += tl.load(row + KD)
+                x = g * tl.sigmoid(g) * u
+            else:
+                x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
+            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K,
+                              BLOCK_N, GATHER_UNPACK)
+            acc2 += x[:, None] * w
+            if SWIGLU:   # the up columns sit N to the right of the gate columns
+                w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
+                                     GS, BLOCK_K, BLOCK_N, GATHER_UNPACK)
+                acc2_up += x[:, None] * w_up
+    acc = tl.sum(acc2, axis=0)
+    acc_up = tl.sum(acc2_up, axis=0)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + r).to(tl.float32)
+    out = out_ptr + split * stride_os + r * stride_om + cols
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def awq_grouped_kernel(
+    # a [*, KD] (rows through a_row when GATHER); c [*, N] (rows through out_row when SCATTER)
+    a_ptr, stride_am,
+    c_ptr, stride_cm,
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    # tile map (expert and first row per row tile, row end per expert); ignored when DENSE
+    tile_expert_ptr, tile_row_ptr, row_end_ptr,
+    a_row_ptr, out_row_ptr, scale_ptr,
+    num_rows, N, KD, WN,
+    GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GATHER_UNPACK: tl.constexpr,
+):
+    m_tile = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    if DENSE:
+        expert = 0
+        row0 = m_tile * BLOCK_M
+        row_end = num_rows
+    else:
+        expert = tl.load(tile_expert_ptr + m_tile)
+        row0 = tl.load(tile_row_ptr + m_tile)
+        row_end = tl.load(row_end_ptr + tl.maximum(expert, 0))
+    if expert >= 0:   # padding tiles of the tile map carry expert -1
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows = tl.where(row_ok, rows, row0).to(tl.int64)   # padding rows read a valid row
+        src = rows
+        if GATHER:
+            src = tl.load(a_row_ptr + rows).to(tl.int64)
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        pc_ok = pcols < N // 8
+        qw = qw_ptr + expert * stride_qe
+        qz = qz_ptr + expert * stride_ze
+        sc = sc_ptr + expert * stride_se
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(0, KD, BLOCK_K):
+            a = tl.load(a_ptr + src[:, None] * stride_am + (k0 + ks)[None, :])
+            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K, BLOCK_N,
+                              GATHER_UNPACK)
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
+                                     GS, BLOCK_K, BLOCK_N, GATHER_UNPACK)
+                acc_up = tl.dot(a, w_up.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if SCALE:
+            acc = acc * tl.load(scale_ptr + rows)[:, None]
+        out_rows = rows
+        if SCATTER:
+            out_rows = tl.load(out_row_ptr + rows).to(tl.int64)
+        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

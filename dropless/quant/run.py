@@ -1,0 +1,126 @@
+"""The quantized run directory: load a source (run or Hugging Face directory), pick calibration
+windows, quantize, and write the result atomically (a temp directory renamed into place).
+
+A quantized run directory is a run directory (`checkpoint.pt` + `tokenizer.json`) whose checkpoint
+also holds `quant` (the QuantConfig): `checkpoint.load_run` then swaps the packed modules in before
+loading. The source's `train_config` is kept, so `dropless eval` finds the same validation split.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dropless import data
+from dropless.errors import DroplessError
+from dropless.quant.modules import QuantConfig
+
+
+def work_dtype(cfg, device: torch.device) -> torch.dtype:
+    """float32 (exact folding, exact searches) unless the float32 model would take more than half
+    of the GPU: then bf16 weights and activations, the searches still in float32."""
+    from dropless.model import Transformer
+
+    if device.type != "cuda":
+        return torch.float32
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(cfg).parameters())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.float32 if 4 * params < total / 2 else torch.bfloat16
+
+
+def load_source(src: str | Path, device: torch.device):
+    """-> (model in its working dtype, tokenizer, train_config dict or None) from a run or HF
+    directory."""
+    from dropless.checkpoint import load_run
+    from dropless.tokenizer import tokenizer_from_json
+
+    src = Path(src)
+    if (src / "config.json").is_file():
+        from dropless.hf import load_hf_dir, read_hf_config
+        from dropless.hf_config import config_from_hf
+        if read_hf_config(src).get("quantization_config"):
+            raise DroplessError(f"{src} is already quantized")
+        dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+        model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
+        if tok_json is None:
+            raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
+        return model, tokenizer_from_json(tok_json), None
+    model, tok, state = load_run(src, device)
+    if "quant" in state:
+        raise DroplessError(f"{src} is already quantized (quant={state['quant']})")
+    return model.to(work_dtype(model.cfg, device)), tok, state.get("train_config")
+
+
+def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
+                       cache_dir: str | None) -> torch.Tensor:
+    """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
+    the embedded stdlib corpus), so that validation text is never calibrated on."""
+    docs = data.read_documents(calib_data)
+    tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir())
+    if len(tokens.train) < seq_len + 2:
+        raise DroplessError(f"--calib-data: its training split has {len(tokens.train)} tokens, too "
+                            f"few for --calib-seq-len {seq_len}")
+    return data.eval_batches(tokens.train, samples, seq_len, 1)[0][0]
+
+
+def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 128,
+                 calib_data: str | None = None, calib_samples: int = 128,
+                 calib_seq_len: int = 512, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict:
+    """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes)."""
+    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
+    from dropless.quant.calibrate import quantize_model
+    from dropless.quant.modules import QuantizedExperts, check_quantizable
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DroplessError(f"--out {out}: exists and is not an empty directory")
+    for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
+        if value < 1:
+            raise DroplessError(f"{name} {value} is invalid: must be >= 1")
+    try:
+        qcfg = QuantConfig(bits=bits, group_size=group_size)
+    except ValueError as e:
+        raise DroplessError(str(e).replace("bits=", "--bits ").replace("group_size=",
+                                                                      "--group-size ")) from None
+    device = torch.device(device)
+    model, tok, train_config = load_source(src, device)
+    try:
+        check_quantizable(model.cfg, qcfg)
+    except ValueError as e:
+        raise DroplessError(f"{src}: cannot quantize with --group-size {group_size}: {e}") from None
+    if calib_seq_len > model.cfg.max_seq_len:
+        raise DroplessError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_seq_len="
+                            f"{model.cfg.max_seq_len}")
+    cache_dir = (train_config or {}).get("cache_dir")
+    tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir)
+    float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
+                             for m in model.moe_layers()) * 2   # as bf16
+    quantize_model(model, tokens, qcfg, progress=progress)
+    state = {"model_config": config_to_dict(model.cfg), "quant": asdict(qcfg),
+             "model": {k: v.cpu() for k, v in model.state_dict().items()},
+             "tokenizer": tok.to_json(), "step": 0}
+    if train_config is not None:
+        state["train_config"] = train_config
+    # 1. everything into a temp directory beside OUT; 2. rename it into place
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_checkpoint(tmp / CHECKPOINT, state)
+        (tmp / "tokenizer.json").write_text(tok.to_json())
+        if out.exists():
+            out.rmdir()   # empty (checked above): rename cannot replace it otherwise
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    packed = sum(m.experts.nbytes() for m in model.moe_layers()
+                 if isinstance(m.experts, QuantizedExperts))
+    return {"out": str(out), "layers": len(model.layers), "expert_bytes_bf16": float_expert_bytes,
+            "expert_bytes_int4": packed}

@@ -1,0 +1,188 @@
+"""The int4 Triton kernels (dropless/ops/awq.py) against the dequantize-then-matmul reference.
+
+On the CPU they run under the Triton interpreter (fp32/fp16 only: its bf16 arithmetic is wrong) at
+small shapes; the gpu-marked tests run bf16 at model shapes, the MoE layer end to end, CUDA graph
+capture and the custom ops' fake implementations.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
+pytest.importorskip("triton")
+
+from dropless.ops import awq, reference  # noqa: E402
+from dropless.quant.pack import dequantize, quantize_packed  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def rel(out, ref):
+    assert not torch.isnan(out).any()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def packed_experts(E, D, F, group, gen):
+    gate_up = torch.randn(E, D, 2 * F, generator=gen) * D ** -0.5
+    down = torch.randn(E, F, D, generator=gen) * F ** -0.5
+    return [t.to(DEVICE) for t in (*quantize_packed(gate_up, group), *quantize_packed(down, group))]
+
+
+def routing(T, E, K, mode, gen):
+    logits = torch.randn(T, E, generator=gen)
+    if mode == "one":
+        logits[:, :K] += 100
+    elif mode == "few":
+        logits[:, E // 2:] -= 100
+    weights, ids = logits.softmax(-1).topk(K, dim=-1)
+    return weights.to(DEVICE), ids.to(DEVICE)
+
+
+def oracle(x_TD, ids_TK, weights_TK, packed):
+    """float64 loop over slots with the dequantized weights (independent of the reference path)."""
+    gqw, gqz, gsc, dqw, dqz, dsc = packed
+    y = torch.zeros(x_TD.shape, dtype=torch.float64, device=x_TD.device)
+    for t in range(x_TD.shape[0]):
+        for k in range(ids_TK.shape[1]):
+            e = int(ids_TK[t, k])
+            g, u = (x_TD[t].double() @ dequantize(gqw[e], gqz[e], gsc[e], torch.float64)).chunk(2)
+            h = torch.nn.functional.silu(g) * u
+            y[t] += weights_TK[t, k].double() * (h @ dequantize(dqw[e], dqz[e], dsc[e], torch.float64))
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I,O,group", [(1, 128, 64, 128), (5, 64, 72, 32), (40, 128, 64, 64),
+                                         (17, 64, 200, 64)])
+def test_linear(M, I, O, group, dtype):
+    gen = torch.Generator().manual_seed(M * I + O)
+    packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(I, O, generator=gen), group)]
+    x = torch.randn(M, I, generator=gen).to(DEVICE, dtype)
+    out = awq._linear_op(x, *packed)
+    assert out.dtype == dtype and out.shape == (M, O)
+    ref = x.double() @ dequantize(*packed, torch.float64)
+    assert rel(out, ref) < TOL[dtype]
+
+
+CASES = [  # T, D, F, E, K, routing, group
+    (3, 64, 64, 4, 2, "random", 64),     # decode-sized
+    (1, 128, 64, 8, 1, "random", 32),    # one token, one expert
+    (6, 64, 64, 4, 4, "random", 64),     # K == E
+    (12, 64, 64, 8, 2, "few", 32),       # experts with zero tokens
+    (24, 64, 128, 1, 1, "one", 64),      # a single expert
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,F,E,K,mode,group", CASES)
+def test_moe_paths(T, D, F, E, K, mode, group, dtype):
+    """decode (per slot), fused grouped (gather + scatter) and experts over dispatched rows."""
+    gen = torch.Generator().manual_seed(T * 7 + E)
+    packed = packed_experts(E, D, F, group, gen)
+    weights, ids = routing(T, E, K, mode, gen)
+    x = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
+    ref = oracle(x, ids, weights, packed)
+    assert rel(awq._decode_op(x, ids, weights, *packed), ref) < TOL[dtype]
+    plan = reference.make_plan(ids, E)
+    fused = awq._fused_op(x, weights, plan.slot_of_row_R, plan.counts_E, *packed)
+    assert fused.dtype == dtype and rel(fused, ref) < TOL[dtype]
+    rows = awq._experts_op(reference.dispatch(x, plan), plan.counts_E, *packed)
+    assert rel(reference.combine(rows, plan, weights), ref) < TOL[dtype]
+    # the plan-driven fused entry point picks a kernel by size; both agree with the oracle
+    assert rel(awq.awq_fused_experts(x, plan, weights, *packed), ref) < TOL[dtype]
+
+
+def test_gather_unpack(monkeypatch):
+    """The other way of spreading int32s over columns (DROPLESS_AWQ_UNPACK=gather)."""
+    monkeypatch.setenv(awq.UNPACK_ENV, "gather")
+    test_moe_paths(*CASES[3], torch.float32)
+    test_linear(17, 64, 200, 64, torch.float16)
+
+
+def test_decode_narrow_tiles_and_split_k(monkeypatch):
+    """As on a GPU with many multiprocessors: split reductions for gate|up (SwiGLU afterwards)
+    and for down."""
+    monkeypatch.setattr(awq, "_num_sms", lambda device: 64)
+    gen = torch.Generator().manual_seed(5)
+    packed = packed_experts(4, 256, 256, 32, gen)
+    weights, ids = routing(2, 4, 2, "random", gen)
+    assert awq.gemv_split(4, 512, 256, "cpu") == 2 and awq.gemv_split(4, 256, 256, "cpu") == 2
+    x = torch.randn(2, 256, generator=gen).to(DEVICE)
+    assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
+
+
+def test_reference_paths_match_oracle():
+    gen = torch.Generator().manual_seed(3)
+    packed = [t.cpu() for t in packed_experts(4, 64, 64, 32, gen)]
+    weights, ids = routing(9, 4, 2, "few", gen)
+    weights, ids = weights.cpu(), ids.cpu()
+    x = torch.randn(9, 64, generator=gen, dtype=torch.float64)
+    ref = oracle(x, ids, weights, packed)
+    assert rel(awq.reference_decode(x, ids, weights, *packed), ref) < 1e-10
+    plan = reference.make_plan(ids, 4)
+    rows = awq.reference_experts(reference.dispatch(x, plan), plan.counts_E, *packed)
+    assert rel(reference.combine(rows, plan, weights), ref) < 1e-10
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,F,E,K", [(1, 2048, 768, 128, 8), (64, 2048, 768, 128, 8),
+                                       (1, 4096, 1024, 8, 2), (200, 1024, 512, 16, 2)])
+def test_moe_bf16_model_shapes(T, D, F, E, K):
+    gen = torch.Generator().manual_seed(T)
+    packed = packed_experts(E, D, F, 128, gen)
+    weights, ids = routing(T, E, K, "random", gen)
+    x = torch.randn(T, D, generator=gen).to(DEVICE, torch.bfloat16)
+    plan = reference.make_plan(ids, E)
+    ref = awq.reference_decode(x.float(), ids, weights, *packed).double()
+    for out in (awq._decode_op(x, ids, weights, *packed),
+                awq._fused_op(x, weights, plan.slot_of_row_R, plan.counts_E, *packed)):
+        assert rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_and_fake():
+    gen = torch.Generator().manual_seed(0)
+    packed = packed_experts(16, 256, 128, 128, gen)
+    weights, ids = routing(2, 16, 2, "random", gen)
+    x = torch.randn(2, 256, generator=gen).to(DEVICE, torch.bfloat16)
+    eager = awq._decode_op(x, ids, weights, *packed)
+    graph = torch.cuda.CUDAGraph()
+    awq._decode_op(x, ids, weights, *packed)   # warm-up compiles the kernels outside the capture
+    with torch.cuda.graph(graph):
+        captured = awq._decode_op(x, ids, weights, *packed)
+    graph.replay()
+    assert torch.equal(captured, eager)
+    lin = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 128, generator=gen), 128)]
+    torch.library.opcheck(awq._linear_op, (x, *lin))
+    torch.library.opcheck(awq._decode_op, (x, ids, weights, *packed))
+    compiled = torch.compile(lambda a: awq._decode_op(a, ids, weights, *packed), fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("T", [3, 40])   # the layer's decode path (no plan), then the grouped one
+def test_moe_layer_with_int4_experts(T):
+    from dropless import MoE, MoEConfig
+    from dropless.quant.modules import QuantizedExperts
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2)).to(DEVICE)
+    q = QuantizedExperts(4, 64, 64, 64, device=DEVICE)
+    q.gate_up.set_from(moe.experts.gate_up.detach())
+    q.down.set_from(moe.experts.down.detach())
+    assert q.decodes(torch.zeros(T, 64, device=DEVICE), 2) == (T == 3)
+    moe.experts.gate_up.data = q.gate_up.dequantize()
+    moe.experts.down.data = q.down.dequantize()
+    x = torch.randn(T, 64, device=DEVICE)
+    with torch.no_grad():
+        y_ref, aux_ref = moe(x)
+        moe.experts = q
+        y, aux = moe(x)
+    assert rel(y, y_ref) < 1e-5
+    assert torch.equal(aux.tokens_per_expert, aux_ref.tokens_per_expert) and aux.dropped == 0
