@@ -228,6 +228,9 @@ def _generate(args) -> int:
         tok = tokenizer_from_json(tok_json)
     else:
         model, tok, _ = load_run(args.run_dir, resolve_device(args.device))
+    if tok.vocab_size > model.cfg.vocab_size:   # ids past the embedding: refuse before decoding
+        raise DroplessError(f"{args.run_dir}: the tokenizer has {tok.vocab_size} tokens, the model "
+                            f"only {model.cfg.vocab_size}: they do not belong together")
     prompts = args.prompt or ["def "]
     ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):

@@ -279,3 +279,17 @@ def test_broken_pipe_exits_quietly(trained_run):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run, monkeypatch):
+    import dropless.checkpoint as checkpoint
+
+    real = checkpoint.load_run
+
+    def mismatched(run_dir, device):
+        model, tok, state = real(run_dir, device)
+        tok.vocab_size = model.cfg.vocab_size + 1
+        return model, tok, state
+
+    monkeypatch.setattr(checkpoint, "load_run", mismatched)
+    _fails(capsys, ["generate", str(trained_run)], "do not belong together")
