@@ -28,7 +28,6 @@ from torch import Tensor
 from dropless.ops.reference import Plan
 
 BLOCK_M = 128   # rows per tile; the tile map pads every expert to whole tiles of this many rows
-MIN_BLOCK_N = 64  # the smallest column tile among the autotuned configs
 # epilogue codes of grouped_mm_kernel, mirrored here so that this module imports without triton
 _EPI_PLAIN, _EPI_SWIGLU, _EPI_SWIGLU_BWD = 0, 1, 2
 
@@ -172,7 +171,9 @@ def _fused_experts_backward_op(
     dy_TD, x_TD = dy_TD.contiguous(), x_TD.contiguous()
     # 1. d[g | u] from dy gathered per row through down^T; SwiGLU backward and d(w) in the epilogue
     dgu_RF2 = x_TD.new_empty(R, 2 * F)
-    dw_partial = torch.empty(-(-F // MIN_BLOCK_N), R, device=x_TD.device, dtype=torch.float32)
+    # one partial d(w) per column tile: sized for the narrowest tile the autotuner may choose
+    dw_partial = torch.empty(-(-F // _kernels().MIN_BLOCK_N), R, device=x_TD.device,
+                             dtype=torch.float32)
     _grouped_mm(dy_TD, down_EFD.transpose(1, 2), dgu_RF2, tiles, n=F, epilogue=_EPI_SWIGLU_BWD,
                 a_row=token_of_row_R, scale=w_R, gu=gu_RF2, dscale=dw_partial)
     block_n = _kernels().grouped_mm_kernel.best_config.kwargs["BLOCK_N"]

@@ -42,6 +42,8 @@ else:
         for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
                                  (64, 128, 64, 4, 4)]
     ]
+# the narrowest column tile any config may pick: the launcher sizes per-tile partial sums by it
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _MM_CONFIGS)
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=["N", "KD", "EPILOGUE"])
