@@ -97,8 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", metavar="RUN_DIR", help="write a run as a Hugging Face directory")
     conv.add_argument("--model-type", help="with --to-hf: HF architecture (default: inferred)")
 
-    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
-    info.add_argument("--preset", required=True)
+    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
+                                       "--preset: every preset, side by side)")
+    info.add_argument("--preset")
     info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
     return parser
 
@@ -250,15 +251,18 @@ def _convert(args) -> int:
 
 
 def _info(args) -> int:
-    from dropless.config import get_preset
-    from dropless.info import format_stats, model_stats
+    from dropless.config import PRESETS, get_preset
+    from dropless.info import format_stats, model_stats, preset_table
 
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
+    if args.preset is None:
+        print(preset_table(PRESETS, args.seq_len))
+        return 0
     try:
         cfg = get_preset(args.preset)
     except ValueError as e:
         raise DroplessError(str(e)) from None
-    if args.seq_len is not None and args.seq_len <= 0:
-        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
     print(f"preset {args.preset}")
     print(format_stats(model_stats(cfg, args.seq_len)))
     return 0
