@@ -186,7 +186,8 @@ def _parse(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--warm-steps", type=int, help="warm-up steps per model before its timed run "
                                                   "(default 3 on CUDA, 0 on CPU)")
-    p.add_argument("--out", help="parent of the run directories (default runs/moe_vs_dense-TIME)")
+    p.add_argument("--out", help="parent of the run directories (default runs/moe_vs_dense-TIME); "
+                                 "finished runs in it are reused")
     p.add_argument("--json", type=Path, help="write settings, table and curves here")
     p.add_argument("--plot", type=Path, help="write the two-panel PNG here")
     return p.parse_args(argv)
@@ -194,39 +195,53 @@ def _parse(argv):
 
 def run(args) -> dict:
     from dropless import data
+    from dropless.checkpoint import CHECKPOINT
     from dropless.config import PRESETS, TrainConfig
+    from dropless.errors import DroplessError
     from dropless.info import model_stats
     from dropless.plots import read_metrics
     from dropless.tokenizer import tokenizer_from_json
     from dropless.train import resolve_device, train
 
-    family = FAMILY_DEFAULTS[args.preset]
-    steps = args.steps or family["steps"]
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "warmup",
+                                          "eval_every") if getattr(args, k) is not None}
+    shape = FAMILY_DEFAULTS[args.preset] | given
+    steps = shape["steps"]
+    shape = {"warmup": steps // 10, "eval_every": max(1, steps // 20)} | shape
     out = Path(args.out or f"runs/moe_vs_dense-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
         out=str(out), preset=args.preset, data=args.data, tokenizer=args.tokenizer,
-        vocab=args.vocab, steps=steps, batch_size=args.batch_size or family["batch_size"],
-        seq_len=args.seq_len or family["seq_len"], lr=args.lr or family["lr"],
-        warmup=steps // 10 if args.warmup is None else args.warmup,
-        min_lr_ratio=args.min_lr_ratio, eval_every=args.eval_every or max(1, steps // 20),
-        eval_batches=args.eval_batches, ckpt_every=steps, seed=args.seed, device=args.device,
-        cache_dir=args.cache_dir, sample_tokens=0)
-    base = replace(base, log_every=base.eval_every)
+        vocab=args.vocab, min_lr_ratio=args.min_lr_ratio, eval_batches=args.eval_batches,
+        log_every=shape["eval_every"], ckpt_every=steps, seed=args.seed, device=args.device,
+        cache_dir=args.cache_dir, sample_tokens=0, **shape)
     device = resolve_device(args.device)
     warm_steps = args.warm_steps if args.warm_steps is not None else 3 * (device.type == "cuda")
+    settings = {k: v for k, v in asdict(base).items() if k not in ("out", "preset")}
+    # a run finished by an earlier call with the same settings is reused: a comparison cut short
+    # (a time limit) continues where it stopped
+    saved = out / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise DroplessError(f"{out} holds runs made with other settings ({saved}): choose "
+                            "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings))
     runs = []
     for preset in (f"{args.preset}-dense", args.preset, f"{args.preset}-2x"):
-        if warm_steps:
-            scratch = out / f"warmup-{preset}"
-            train(replace(base, preset=preset, out=str(scratch), steps=warm_steps, warmup=1,
-                          eval_every=warm_steps, eval_batches=1, ckpt_every=warm_steps),
-                  progress=False)
-            shutil.rmtree(scratch)
-            _release(device)
         cfg = replace(base, preset=preset, out=str(out / preset))
-        summary = train(cfg, progress=False)
-        _release(device)
-        run_dir = Path(summary["run_dir"])
+        run_dir = Path(cfg.out)
+        if (run_dir / CHECKPOINT).is_file():
+            print(f"{preset}: reusing the finished run in {run_dir}", flush=True)
+        else:
+            if warm_steps:
+                scratch = out / f"warmup-{preset}"
+                shutil.rmtree(scratch, ignore_errors=True)
+                train(replace(base, preset=preset, out=str(scratch), steps=warm_steps, warmup=1,
+                              eval_every=warm_steps, eval_batches=1, ckpt_every=warm_steps),
+                      progress=False)
+                shutil.rmtree(scratch)
+                _release(device)
+            train(cfg, progress=False)
+            _release(device)
         vocab = tokenizer_from_json((run_dir / "tokenizer.json").read_text()).vocab_size
         model_cfg = replace(PRESETS[preset], vocab_size=vocab,
                             max_seq_len=max(PRESETS[preset].max_seq_len, cfg.seq_len))
@@ -239,7 +254,7 @@ def run(args) -> dict:
                      "flops_per_token": stats["train_flops_per_token"],
                      "curve": val_curve(read_metrics(run_dir / "metrics.jsonl"))})
         last = runs[-1]["curve"][-1]
-        print(f"{preset}: {summary['step']} steps, {last['tokens']:,} tokens in "
+        print(f"{preset}: {runs[-1]['curve'][-1]['step']} steps, {last['tokens']:,} tokens in "
               f"{last['seconds']:.1f} s of training ({last['tokens'] / last['seconds']:,.0f} "
               f"tokens/s), final val loss {last['val_loss']:.4f}", flush=True)
     assert len({r["curve"][-1]["tokens"] for r in runs}) == 1, "every model sees the same tokens"
@@ -251,7 +266,6 @@ def run(args) -> dict:
               "vocab": tok.vocab_size,
               "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
               "epochs": runs[0]["curve"][-1]["tokens"] / len(tokens.train)}
-    settings = {k: v for k, v in asdict(base).items() if k not in ("out", "preset")}
     return {"settings": settings | {"warm_steps": warm_steps}, "corpus": corpus,
             "environment": _environment(device), "target_val_loss": target, "rows": rows,
             "curves": {r["preset"]: r["curve"] for r in runs}}
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         result = run(args)
-    except DroplessError as e:
+    except (DroplessError, ValueError) as e:   # a user mistake: one line, no traceback
         print(f"moe_vs_dense: error: {e}", file=sys.stderr)
         return 1
     s, c, env = result["settings"], result["corpus"], result["environment"]

@@ -97,14 +97,13 @@ def test_preset_table_lists_partners_side_by_side():
     assert "151.44 MFLOP" in small and "151.05 MFLOP" in dense
 
 
-def test_runs_three_models_on_cpu(tmp_path, corpus):
+def test_runs_three_models_on_cpu(tmp_path, corpus, capsys):
     out = tmp_path / "runs"
-    code = bench.main(["--device", "cpu", "--preset", "tiny", "--steps", "6", "--batch-size", "4",
-                       "--seq-len", "32", "--tokenizer", "bytes", "--eval-every", "3",
-                       "--eval-batches", "1", "--data", str(corpus), "--cache-dir",
-                       str(tmp_path / "cache"), "--out", str(out), "--json",
-                       str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
-    assert code == 0
+    flags = ["--device", "cpu", "--preset", "tiny", "--steps", "6", "--batch-size", "4",
+             "--seq-len", "32", "--tokenizer", "bytes", "--eval-every", "3", "--eval-batches", "1",
+             "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert bench.main([*flags, "--json", str(tmp_path / "r.json"),
+                       "--plot", str(tmp_path / "r.png")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert [r["preset"] for r in result["rows"]] == ["tiny-dense", "tiny", "tiny-2x"]
     for row in result["rows"]:
@@ -118,6 +117,13 @@ def test_runs_three_models_on_cpu(tmp_path, corpus):
     assert result["target_val_loss"] == result["rows"][0]["final_val_loss"]
     assert result["corpus"]["train_tokens"] > 0 and result["settings"]["min_lr_ratio"] == 1.0
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    # the same command again reuses the finished runs; other settings in the same --out are refused
+    capsys.readouterr()
+    assert bench.main([*flags, "--json", str(tmp_path / "again.json")]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert json.loads((tmp_path / "again.json").read_text())["rows"] == result["rows"]
+    assert bench.main([*flags, "--lr", "1e-3"]) == 1
+    assert "holds runs made with other settings" in capsys.readouterr().err
 
 
 def test_info_without_preset_prints_the_table(capsys):
