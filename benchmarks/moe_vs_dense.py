@@ -35,15 +35,16 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-# each family's run, sized for the time budget (small: three runs in ~5 minutes on one H200)
+# each family's run; small is sized for ~5 minutes in all on one H200 (estimated: three runs of
+# 9.8 M tokens at 150-300k tokens/s, plus warm-ups, BPE training and checkpoints)
 FAMILY_DEFAULTS = {
-    "tiny": dict(batch_size=16, seq_len=128, steps=900, lr=3e-3),
-    "small": dict(batch_size=32, seq_len=512, steps=600, lr=1e-3),
-    "medium": dict(batch_size=16, seq_len=1024, steps=600, lr=1e-3),
+    "tiny": dict(batch_size=16, seq_len=128, steps=900, lr=3e-3, eval_batches=4),
+    "small": dict(batch_size=32, seq_len=512, steps=600, lr=1e-3, eval_batches=16),
+    "medium": dict(batch_size=16, seq_len=1024, steps=600, lr=1e-3, eval_batches=16),
 }
 
 
-# ---- reading runs (pure functions; tested in tests/test_moe_vs_dense.py) ----------------------------
+# ---- reading runs (pure functions; tested in tests/test_moe_vs_dense.py) -------------------------
 
 def val_curve(records: list[dict]) -> list[dict]:
     """A run's evaluation points: step, tokens, training seconds so far and validation loss."""
@@ -177,7 +178,7 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, help="LR warmup steps (default steps / 10)")
     p.add_argument("--min-lr-ratio", type=float, default=1.0, help="1 = constant LR after warmup")
     p.add_argument("--eval-every", type=int, help="validation every N steps (default steps / 20)")
-    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--eval-batches", type=int, help="validation batches (family default)")
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--data", help="corpus (default: this Python's stdlib .py files)")
@@ -203,15 +204,15 @@ def run(args) -> dict:
     from dropless.tokenizer import tokenizer_from_json
     from dropless.train import resolve_device, train
 
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "warmup",
-                                          "eval_every") if getattr(args, k) is not None}
+    flags = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_batches")
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     shape = FAMILY_DEFAULTS[args.preset] | given
     steps = shape["steps"]
     shape = {"warmup": steps // 10, "eval_every": max(1, steps // 20)} | shape
     out = Path(args.out or f"runs/moe_vs_dense-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
         out=str(out), preset=args.preset, data=args.data, tokenizer=args.tokenizer,
-        vocab=args.vocab, min_lr_ratio=args.min_lr_ratio, eval_batches=args.eval_batches,
+        vocab=args.vocab, min_lr_ratio=args.min_lr_ratio,
         log_every=shape["eval_every"], ckpt_every=steps, seed=args.seed, device=args.device,
         cache_dir=args.cache_dir, sample_tokens=0, **shape)
     device = resolve_device(args.device)
@@ -254,7 +255,7 @@ def run(args) -> dict:
                      "flops_per_token": stats["train_flops_per_token"],
                      "curve": val_curve(read_metrics(run_dir / "metrics.jsonl"))})
         last = runs[-1]["curve"][-1]
-        print(f"{preset}: {runs[-1]['curve'][-1]['step']} steps, {last['tokens']:,} tokens in "
+        print(f"{preset}: {last['step']} steps, {last['tokens']:,} tokens in "
               f"{last['seconds']:.1f} s of training ({last['tokens'] / last['seconds']:,.0f} "
               f"tokens/s), final val loss {last['val_loss']:.4f}", flush=True)
     assert len({r["curve"][-1]["tokens"] for r in runs}) == 1, "every model sees the same tokens"
@@ -292,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.plot:
+        tokens_per_step = s["batch_size"] * s["seq_len"]
         title = (f"{result['rows'][1]['preset']} vs dense at equal FLOPs per token "
-                 f"({env['device']}, {s['steps']} steps x {s['batch_size'] * s['seq_len']:,} tokens)")
+                 f"({env['device']}, {s['steps']} steps x {tokens_per_step:,} tokens)")
         plot([{"preset": r["preset"], "ffn": r["ffn"], "curve": result["curves"][r["preset"]]}
               for r in result["rows"]], result["target_val_loss"], args.plot, title)
         print(f"plot: {args.plot}")

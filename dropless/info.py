@@ -81,7 +81,8 @@ def family_order(names: list[str]) -> list[str]:
 
 def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) -> str:
     """One line per preset: shape, parameters and training FLOPs per token, side by side (each at
-    its own max_seq_len unless `seq_len` is given; `dropless train` swaps in the tokenizer's vocab)."""
+    its own max_seq_len unless `seq_len` is given; `dropless train` swaps in the tokenizer's
+    vocab)."""
     header = ("preset", "layers", "dim", "FFN", "vocab", "total params", "active params",
               "train FLOPs/token", "seq")
     rows = [header]
@@ -95,9 +96,9 @@ def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) ->
             ffn = f"{moe.num_experts} x {moe.hidden_dim}, top-{moe.top_k}"
             if cfg.first_dense_layers:
                 ffn += f" ({cfg.first_dense_layers} dense)"
-        rows.append((name, str(cfg.num_layers), str(cfg.dim), ffn, str(cfg.vocab_size), _human(stats["total_params"]),
-                     _human(stats["active_params"]), _human(stats["train_flops_per_token"], "FLOP"),
-                     str(stats["seq_len"])))
+        rows.append((name, str(cfg.num_layers), str(cfg.dim), ffn, str(cfg.vocab_size),
+                     _human(stats["total_params"]), _human(stats["active_params"]),
+                     _human(stats["train_flops_per_token"], "FLOP"), str(stats["seq_len"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip()

@@ -1,4 +1,5 @@
-"""benchmarks/moe_vs_dense.py: reading the runs (curves, crossing, table) and one CPU run end to end."""
+"""benchmarks/moe_vs_dense.py: reading runs (curves, crossing, table), one CPU run end to end;
+the equal-compute presets it trains and `dropless info`'s table of them."""
 
 import importlib.util
 import json
