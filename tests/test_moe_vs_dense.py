@@ -132,3 +132,17 @@ def test_info_without_preset_prints_the_table(capsys):
 
     assert cli.main(["info", "--seq-len", "512"]) == 0
     assert capsys.readouterr().out.strip() == preset_table(PRESETS, 512)
+
+
+def test_dense_ffn_starts_like_an_expert():
+    import torch
+
+    from dropless.model import Transformer
+
+    torch.manual_seed(0)
+    dense, moe = Transformer(PRESETS["tiny-dense"]), Transformer(PRESETS["tiny"])
+    ffn, experts = dense.layers[0].ffn, moe.layers[0].ffn.experts
+    for weight, fan_in in ((ffn.gate_proj.weight, 128), (ffn.up_proj.weight, 128),
+                           (ffn.down_proj.weight, 256), (experts.gate_up, 128),
+                           (experts.down, 128)):
+        assert weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.03)
