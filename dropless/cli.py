@@ -130,8 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...}')
     ev.add_argument("--device", default="auto")
 
-    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset")
-    info.add_argument("--preset", required=True)
+    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
+                                       "--preset: every preset, side by side)")
+    info.add_argument("--preset")
     info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
     return parser
 
@@ -355,15 +356,18 @@ def _eval(args) -> int:
 
 
 def _info(args) -> int:
-    from dropless.config import get_preset
-    from dropless.info import format_stats, model_stats
+    from dropless.config import PRESETS, get_preset
+    from dropless.info import format_stats, model_stats, preset_table
 
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
+    if args.preset is None:
+        print(preset_table(PRESETS, args.seq_len))
+        return 0
     try:
         cfg = get_preset(args.preset)
     except ValueError as e:
         raise DroplessError(str(e)) from None
-    if args.seq_len is not None and args.seq_len <= 0:
-        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
     print(f"preset {args.preset}")
     print(format_stats(model_stats(cfg, args.seq_len)))
     return 0

@@ -7,7 +7,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Backend = Literal["auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse"]
@@ -201,6 +201,28 @@ PRESETS: dict[str, ModelConfig] = {
                                    topk_groups=4, num_shared_experts=1, balance_loss_coef=1e-4,
                                    bias_update_rate=1e-3)),
 }
+
+
+def dense_match(cfg: ModelConfig) -> ModelConfig:
+    """The dense model of an MoE's compute per token: every block a dense SwiGLU of hidden
+    top_k * hidden_dim, the FLOPs of the k experts a token uses. Only the router's matmul (dim x E
+    per layer, under 1% of the FLOPs of these presets) has no dense counterpart."""
+    return replace(cfg, first_dense_layers=cfg.num_layers,
+                   dense_hidden_dim=cfg.moe.top_k * cfg.moe.hidden_dim)
+
+
+def more_experts(cfg: ModelConfig, factor: int) -> ModelConfig:
+    """`factor` x the experts at the same top-k and hidden: the same compute per token, `factor` x
+    the expert parameters."""
+    return replace(cfg, moe=replace(cfg.moe, num_experts=factor * cfg.moe.num_experts))
+
+
+# The trainable MoE presets' partners (benchmarks/moe_vs_dense.py): NAME-dense has the MoE's
+# compute per token without experts, NAME-2x twice the experts at that same compute.
+for _name in ("tiny", "small", "medium"):
+    PRESETS[f"{_name}-dense"] = dense_match(PRESETS[_name])
+    PRESETS[f"{_name}-2x"] = more_experts(PRESETS[_name], 2)
+del _name
 
 
 def get_preset(name: str) -> ModelConfig:

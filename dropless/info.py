@@ -71,3 +71,35 @@ def format_stats(stats: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def family_order(names: list[str]) -> list[str]:
+    """Each MoE preset followed by its partners (NAME-dense, NAME-2x), the rest in order."""
+    base = [n for n in names if not n.endswith(("-dense", "-2x"))]
+    return sorted(names, key=lambda n: base.index(n.removesuffix("-dense").removesuffix("-2x")))
+
+
+def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) -> str:
+    """One line per preset: shape, parameters and training FLOPs per token, side by side (each at
+    its own max_seq_len unless `seq_len` is given; `dropless train` swaps in the tokenizer's
+    vocab)."""
+    header = ("preset", "layers", "dim", "FFN", "vocab", "total params", "active params",
+              "train FLOPs/token", "seq")
+    rows = [header]
+    for name in family_order(list(presets)):
+        cfg = presets[name]
+        stats = model_stats(cfg, seq_len)
+        moe = cfg.moe
+        if cfg.first_dense_layers == cfg.num_layers:
+            ffn = f"dense {cfg.dense_hidden}"
+        else:
+            ffn = f"{moe.num_experts} x {moe.hidden_dim}, top-{moe.top_k}"
+            if cfg.first_dense_layers:
+                ffn += f" ({cfg.first_dense_layers} dense)"
+        rows.append((name, str(cfg.num_layers), str(cfg.dim), ffn, str(cfg.vocab_size),
+                     _human(stats["total_params"]), _human(stats["active_params"]),
+                     _human(stats["train_flops_per_token"], "FLOP"), str(stats["seq_len"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)

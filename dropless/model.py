@@ -179,6 +179,9 @@ class Transformer(nn.Module):
                         lin.bias.zero_()
             # residual projections start small so deep stacks train stably
             layer.attn.o_proj.weight.mul_((2 * self.cfg.num_layers) ** -0.5)
+            if not layer.is_moe:   # a dense FFN starts like an expert: dense vs MoE is like for like
+                for lin in (layer.ffn.gate_proj, layer.ffn.up_proj, layer.ffn.down_proj):
+                    nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=self.cfg.dim ** -0.5)
 

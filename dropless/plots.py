@@ -99,7 +99,7 @@ def write_plots(run_dir: Path, baseline: float | None = None) -> list[Path]:
         return []
     paths = [run_dir / "loss.png"]
     plot_losses(records, paths[0], baseline)
-    if any("expert_load" in r for r in records):
+    if any(r.get("expert_load") for r in records):   # dense models log an empty list
         paths.append(run_dir / "expert_load.png")
         plot_expert_load(records, paths[1])
     return paths
