@@ -122,6 +122,23 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return model.to(device).eval(), tokenizer_from_json(state["tokenizer"]), state
 
 
+def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one
+    with a config.json), the model in `dtype` when given: what generate and serve read."""
+    from dropless.tokenizer import tokenizer_from_json
+
+    if (Path(path) / "config.json").is_file():
+        from dropless.hf import load_hf_dir
+        try:
+            model, tok_json = load_hf_dir(path, dtype=dtype or torch.float32, device=device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+        if tok_json is None:
+            raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
+        return model, tokenizer_from_json(tok_json)
+    model, tokenizer, _ = load_run(path, device)
+    return (model if dtype is None else model.to(dtype)), tokenizer
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether the run holds a complete checkpoint (single-process or distributed)."""
     from dropless.parallel import checkpoint as dckpt

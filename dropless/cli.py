@@ -204,7 +204,7 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from dropless.checkpoint import load_run
+    from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
     from dropless.train import resolve_device
 
@@ -217,18 +217,7 @@ def _generate(args) -> int:
         raise DroplessError(f"--top-k {args.top_k} is invalid: must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DroplessError(f"--top-p {args.top_p} is invalid: must be in (0, 1]")
-    if os.path.isfile(os.path.join(args.run_dir, "config.json")):   # a Hugging Face directory
-        from dropless.hf import load_hf_dir
-        from dropless.tokenizer import tokenizer_from_json
-        try:
-            model, tok_json = load_hf_dir(args.run_dir, device=resolve_device(args.device))
-        except ValueError as e:
-            raise DroplessError(str(e)) from None
-        if tok_json is None:
-            raise DroplessError(f"{args.run_dir} has no tokenizer.json: cannot encode the prompt")
-        tok = tokenizer_from_json(tok_json)
-    else:
-        model, tok, _ = load_run(args.run_dir, resolve_device(args.device))
+    model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
     if tok.vocab_size > model.cfg.vocab_size:   # ids past the embedding: refuse before decoding
         raise DroplessError(f"{args.run_dir}: the tokenizer has {tok.vocab_size} tokens, the model "
                             f"only {model.cfg.vocab_size}: they do not belong together")

@@ -52,6 +52,23 @@ def group_limited_mask(select_TE: torch.Tensor, num_groups: int, topk_groups: in
     return keep_TG.repeat_interleave(E // num_groups, dim=1)
 
 
+def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig):
+    """(weights_TK, expert_ids_TK): top-k of the selection scores (scores + the selection-only
+    bias, then the group limit); weights gathered from the unbiased scores, renormalised if
+    `norm_topk_prob`, times `route_scale`. Shared by the Router and the decode path (serve)."""
+    select_TE = scores_TE.detach()
+    if bias_E is not None:
+        select_TE = select_TE + bias_E.to(scores_TE.dtype)
+    if cfg.num_groups is not None:
+        keep_TE = group_limited_mask(select_TE, cfg.num_groups, cfg.topk_groups)
+        select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
+    expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, expert_ids_TK)
+    if cfg.norm_topk_prob:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
+    return weights_TK * cfg.route_scale, expert_ids_TK
+
+
 class _UpcastLinear(torch.autograd.Function):
     """logits = x.to(dtype) @ w.to(dtype)^T, keeping x in its own dtype for backward (autograd
     would keep the upcast copy: T*D*4 bytes, twice a bf16 x) and upcasting it again there.
@@ -108,19 +125,8 @@ class Router(nn.Module):
         else:
             scores_TE = logits_TE.sigmoid()
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        # 2. selection scores: + bias (selection only), then the group limit
-        select_TE = scores_TE.detach()
-        if self.bias is not None:
-            select_TE = select_TE + self.bias.to(compute_dtype)
-        if cfg.num_groups is not None:
-            keep_TE = group_limited_mask(select_TE, cfg.num_groups, cfg.topk_groups)
-            select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
-        expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-        # 3. weights from the unbiased scores
-        weights_TK = scores_TE.gather(1, expert_ids_TK)
-        if cfg.norm_topk_prob:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
-        weights_TK = weights_TK * cfg.route_scale
+        # 2. top-k by the selection scores, weights from the unbiased scores
+        weights_TK, expert_ids_TK = select_experts(scores_TE, self.bias, cfg)
         # zero (still in the graph) when a loss is off or there are no tokens to average over
         zero = logits_TE.sum() * 0
         has_tokens = x_TD.shape[0] > 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dropless.experts import Experts
 from dropless.moe import MoE
 from dropless.ops.triton_gemv import experts_gemv   # imports triton only when first run
-from dropless.router import Router, group_limited_mask
+from dropless.router import Router, select_experts
 
 
 def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,15 +35,7 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     dtype = torch.promote_types(x_TD.dtype, torch.float32)
     logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
-    select_TE = scores_TE if router.bias is None else scores_TE + router.bias.to(dtype)
-    if cfg.num_groups is not None:
-        keep_TE = group_limited_mask(select_TE, cfg.num_groups, cfg.topk_groups)
-        select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
-    expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-    weights_TK = scores_TE.gather(1, expert_ids_TK)
-    if cfg.norm_topk_prob:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
-    return weights_TK * cfg.route_scale, expert_ids_TK
+    return select_experts(scores_TE, router.bias, cfg)
 
 
 def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str = "cpu") -> str:

@@ -46,26 +46,14 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     """A `dropless train` run directory or a Hugging Face model directory. EOS ids come from
     generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
     config's eos_token; the chat template from tokenizer_config.json's `chat_template`."""
-    from dropless.tokenizer import tokenizer_from_json
+    from dropless.checkpoint import load_model_dir
 
     root = Path(path)
     if not root.is_dir():
         raise DroplessError(f"{path}: no such directory")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hf_config = _read_json(root / "config.json")
-    if hf_config:
-        from dropless.hf import load_hf_dir
-        try:
-            model, tok_json = load_hf_dir(root, dtype=dtype, device=device)
-        except ValueError as e:
-            raise DroplessError(str(e)) from None
-        if tok_json is None:
-            raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
-        tokenizer = tokenizer_from_json(tok_json)
-    else:
-        from dropless.checkpoint import load_run
-        model, tokenizer, _ = load_run(root, device)
-        model = model.to(dtype)
+    model, tokenizer = load_model_dir(root, device, dtype)
     tok_config = _read_json(root / "tokenizer_config.json")
     special = {k: _token_text(tok_config.get(k)) for k in ("bos_token", "eos_token")}
     eos = _read_json(root / "generation_config.json").get("eos_token_id",
