@@ -244,7 +244,7 @@ PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run (`dropless train`). The defaults train `tiny` on the embedded stdlib corpus
-    in about five minutes on a 2-core CPU."""
+    in about two minutes on a 2-core CPU."""
 
     out: str                          # run directory
     preset: str = "tiny"
