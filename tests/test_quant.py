@@ -174,8 +174,10 @@ def test_quantize_refuses_existing_out_and_quantized_src(trained, capsys, corpus
 
 @pytest.mark.gpu
 def test_quantized_model_kernels_match_reference_on_gpu():
-    """quantize_model on the GPU; the model's forward through the int4 kernels (bf16 autocast,
-    prefill and cached decode) against the same packed weights on the CPU reference path."""
+    """quantize_model on the GPU; the model's forward through the int4 kernels (prefill and
+    cached decode) against the same packed weights on the CPU reference path. Compared in fp32:
+    under bf16 autocast this random tiny model's logits move by ~0.16 (relative) on the CPU
+    alone (routing near-ties flip), far more than any kernel error."""
     from dropless.generate import generate
 
     model = tiny_model().cuda()
@@ -184,9 +186,8 @@ def test_quantized_model_kernels_match_reference_on_gpu():
     tokens = torch.randint(0, 256, (3, 40))
     with torch.no_grad():
         ref = copy.deepcopy(q).cpu()(tokens)[0]
-        with torch.autocast("cuda", torch.bfloat16):
-            out = q(tokens.cuda())[0].float().cpu()
-        assert rel_err(out, ref) < 2e-2
+        out = q(tokens.cuda())[0].float().cpu()
+        assert rel_err(out, ref) < 5e-3
         prompt = tokens[0, :8].tolist()
         cpu_q = copy.deepcopy(q).cpu()
         assert generate(q, [prompt], 12, temperature=0) == generate(cpu_q, [prompt], 12,
