@@ -189,7 +189,9 @@ class Transformer(nn.Module):
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
     def set_backend(self, backend: str) -> None:
-        """Choose the MoE expert backend ("auto", "reference", "grouped", ...) for every layer."""
+        """Override the MoE expert backend ("auto", "reference", "grouped", ...) of every layer
+        for this model object (calibration forces the unfused path); `MoEConfig.backend`, which
+        checkpoints save, stays the backend the model was built with."""
         for moe in self.moe_layers():
             moe.experts.backend = backend
 

@@ -172,6 +172,11 @@ def train_step(model: nn.Module, forward, opt, batches, amp, cfg: TrainConfig, r
     return lm_sum / len(batches), aux_sum / len(batches), grad_norm, loads_LE
 
 
+def _architecture(model_config: dict) -> dict:
+    """A saved model config without the expert backend, which a resumed run may change."""
+    return {**model_config, "moe": {**model_config["moe"], "backend": None}}
+
+
 def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision: str):
     """The model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
     sharded parameters), restored from the checkpoint when resuming."""
@@ -181,7 +186,6 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(rt.device)
-    model.set_backend(cfg.backend)
     single_state = state is not None and "dcp_path" not in state
     if single_state:
         if rt.world > 1:
@@ -224,9 +228,12 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_text(tok.to_json())
     preset = PRESETS[cfg.preset]
+    # the one source of the expert backend: --backend, recorded in the model config that is saved
     model_cfg = replace(preset, vocab_size=tok.vocab_size,
-                        max_seq_len=max(preset.max_seq_len, cfg.seq_len))
-    if state is not None and state["model_config"] != config_to_dict(model_cfg):
+                        max_seq_len=max(preset.max_seq_len, cfg.seq_len),
+                        moe=replace(preset.moe, backend=cfg.backend))
+    if state is not None and _architecture(state["model_config"]) != _architecture(
+            config_to_dict(model_cfg)):
         raise DroplessError(f"config mismatch on resume: preset {cfg.preset!r} no longer "
                             "matches the model in the checkpoint")
     baseline = data.unigram_entropy(tokens.val, tok.vocab_size)
@@ -370,7 +377,7 @@ def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
             return None
         sample_model = Transformer(model_cfg)
         sample_model.load_state_dict(full)
-        sample_model.to(rt.device).set_backend(cfg.backend)
+        sample_model.to(rt.device)
     prompt = tok.encode(SAMPLE_PROMPT).tolist()
     new = generate(sample_model, [prompt],
                    min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),

@@ -92,3 +92,16 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert all(p.dim() == 1 for n, p in model.named_parameters() if n in exempt - {"embed.weight"})
     assert any("experts.gate_up" in n for n in decayed)
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
+
+
+def test_saved_model_config_records_the_backend_that_ran(small_cfg):
+    """--backend has one source: the model config the checkpoint saves (and a resume may change)."""
+    first = train(small_cfg(steps=2, eval_every=2, backend="reference", sample_tokens=0),
+                  progress=False)
+    run = Path(first["run_dir"])
+    assert load_checkpoint(run / CHECKPOINT)["model_config"]["moe"]["backend"] == "reference"
+    model, _, _ = load_run(run)
+    assert {moe.experts.backend for moe in model.moe_layers()} == {"reference"}
+    cfg, state = resume_config(run, {"steps": 3, "backend": "grouped"})
+    assert train(cfg, state=state, progress=False)["finished"]
+    assert load_checkpoint(run / CHECKPOINT)["model_config"]["moe"]["backend"] == "grouped"
