@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
           f"each run {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens "
           f"({c['epochs']:.2f} epochs), lr {s['lr']:g} (warmup {s['warmup']}, min ratio "
           f"{s['min_lr_ratio']:g}), seed {s['seed']}\n")
+    if c["epochs"] > 2:   # seen on a GPU machine whose stdlib was a third of this one's
+        print(f"WARNING: {c['epochs']:.1f} epochs of a {c['train_tokens']:,}-token corpus: the "
+              "models overfit, so the table measures memorisation more than learning; give "
+              "--data a larger corpus or fewer --steps\n")
     print(format_table(result["target_val_loss"], result["rows"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
