@@ -18,33 +18,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import subprocess
-import time
 
 import torch
 
 from dropless import MoE, MoEConfig, ops
 from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
+from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
           "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
 GROUP = 128
-
-
-def bench(fn, device) -> float:
-    """Median milliseconds after warm-up (CUDA events through triton's do_bench on the GPU)."""
-    if device.type == "cuda":
-        import triton
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def graphed(fn, x):

@@ -31,6 +31,7 @@ import torch
 from dropless import Transformer, get_preset
 from dropless.info import model_stats
 from dropless.serve import Engine, Request, SamplingParams
+from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
 BANDWIDTH = 4.24e12   # bytes/s, H200 measured device-to-device copy
 
@@ -80,15 +81,7 @@ def step_ms(engine: Engine, batch: int) -> float:
     """Median ms of one decode step of `batch` rows (the captured graph on CUDA)."""
     fn = (lambda: engine._run_decode(batch, True))
     fn()
-    if engine.device.type == "cuda":
-        import triton
-        return triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return bench(fn, engine.device)
 
 
 def run_hf(model: Transformer, prompts_by_batch: dict, new: int, device, dtype) -> dict:
