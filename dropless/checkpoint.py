@@ -128,7 +128,7 @@ def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = N
     from dropless.tokenizer import tokenizer_from_json
 
     if (Path(path) / "config.json").is_file():
-        from dropless.hf import load_hf_dir
+        from dropless.convert import load_hf_dir
         try:
             model, tok_json = load_hf_dir(path, dtype=dtype or torch.float32, device=device)
         except ValueError as e:

@@ -283,7 +283,7 @@ def _serve(args) -> int:
 
 
 def _convert(args) -> int:
-    from dropless import hf
+    from dropless.convert import convert_from_hf, convert_to_hf
 
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -297,14 +297,14 @@ def _convert(args) -> int:
                             "overwrite it; choose a new directory")
     try:
         if args.to_safetensors:
-            from dropless.parallel.checkpoint import convert
-            n = convert(args.path, args.to_safetensors)
+            from dropless.parallel.checkpoint import convert as to_safetensors
+            n = to_safetensors(args.path, args.to_safetensors)
             print(f"wrote {n} tensors to {args.to_safetensors}")
             return 0
         if args.from_hf:
-            hf.convert_from_hf(args.from_hf, args.path)
+            convert_from_hf(args.from_hf, args.path)
         else:
-            hf.convert_to_hf(args.to_hf, args.path, args.model_type)
+            convert_to_hf(args.to_hf, args.path, args.model_type)
     except DroplessError:
         raise
     except ValueError as e:   # the HF reader's errors name what is wrong; one line, no traceback

@@ -20,19 +20,11 @@ from dropless.errors import DroplessError
 
 def load_any(path: str | Path, device: torch.device):
     """-> (model, tokenizer, train_config dict or None) of a run or Hugging Face directory."""
-    from dropless.checkpoint import load_run
-    from dropless.tokenizer import tokenizer_from_json
+    from dropless.checkpoint import load_model_dir, load_run
 
     path = Path(path)
     if (path / "config.json").is_file():
-        from dropless.hf import load_hf_dir
-        try:
-            model, tok_json = load_hf_dir(path, device=device)
-        except ValueError as e:
-            raise DroplessError(str(e)) from None
-        if tok_json is None:
-            raise DroplessError(f"{path} has no tokenizer.json: the text cannot be encoded")
-        return model, tokenizer_from_json(tok_json), None
+        return (*load_model_dir(path, device), None)
     model, tok, state = load_run(path, device)
     return model, tok, state.get("train_config")
 

@@ -261,7 +261,7 @@ def small_tokenizer(vocab_size):
 
 
 def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
-    from dropless.hf import load_hf_dir, save_hf_dir
+    from dropless.convert import load_hf_dir, save_hf_dir
     from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
 
     tok = small_tokenizer(60).to_str()

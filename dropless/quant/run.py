@@ -41,7 +41,8 @@ def load_source(src: str | Path, device: torch.device):
 
     src = Path(src)
     if (src / "config.json").is_file():
-        from dropless.hf import load_hf_dir, read_hf_config
+        from dropless.convert import load_hf_dir
+        from dropless.hf import read_hf_config
         from dropless.hf_config import config_from_hf
         if read_hf_config(src).get("quantization_config"):
             raise DroplessError(f"{src} is already quantized")

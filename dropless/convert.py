@@ -1,0 +1,70 @@
+"""Hugging Face model directories as a whole, and the `dropless convert` command: reading one with
+its tokenizer (checked against the model before any weight is read), writing one that is
+self-contained, and converting between them and dropless run directories. The tensors themselves
+are `dropless.hf`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dropless.hf import _config, from_hf, to_hf
+from dropless.model import Transformer
+
+
+def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """-> (model in eval mode, the directory's tokenizer.json text or None). The config and the
+    tokenizer are checked (its ids must fit the model's vocabulary) before any weight is read."""
+    from dropless.tokenizer import tokenizer_from_json
+
+    path = Path(path)
+    _, cfg = _config(path)
+    tokenizer = path / "tokenizer.json"
+    text = None
+    if tokenizer.exists():
+        try:
+            text = tokenizer.read_text()
+            tok = tokenizer_from_json(text)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{tokenizer}: {err}") from None
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{tokenizer} has {tok.vocab_size} tokens but config.json has "
+                             f"vocab_size={cfg.vocab_size}: the tokenizer must fit the model")
+    return from_hf(path, dtype, device).eval(), text
+
+
+def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
+                model_type: str | None = None) -> None:
+    """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
+    is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
+    from dropless.tokenizer import tokenizer_from_json
+
+    to_hf(model, path, model_type)
+    if tokenizer_json is not None:
+        (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
+
+
+def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None:
+    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
+
+    if tokenizer_json is None:
+        raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT, {"model_config": config_to_dict(model.cfg),
+                                       "model": model.state_dict(), "tokenizer": tokenizer_json,
+                                       "step": 0})
+
+
+def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
+    """HF model directory -> dropless run directory (model, config and tokenizer; `generate` reads it)."""
+    model, tokenizer_json = load_hf_dir(hf_dir)
+    _save_run(Path(out), model, tokenizer_json)
+
+
+def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
+    """dropless run directory -> HF model directory that `from_pretrained` loads."""
+    from dropless.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    save_hf_dir(model, Path(out), tokenizer.to_json(), model_type)
