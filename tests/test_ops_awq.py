@@ -5,21 +5,14 @@ small shapes; the gpu-marked tests run bf16 at model shapes, the MoE layer end t
 capture and the custom ops' fake implementations.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
-pytest.importorskip("triton")
+from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 
-from dropless.ops import awq, reference  # noqa: E402
-from dropless.quant.pack import dequantize, quantize_packed  # noqa: E402
+from dropless.ops import awq, reference
+from dropless.quant.pack import dequantize, quantize_packed
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def rel(out, ref):

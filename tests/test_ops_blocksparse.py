@@ -6,19 +6,13 @@ Runs on a GPU when there is one, else on the CPU under the Triton interpreter (f
 interpreter's bf16 arithmetic is wrong), at small shapes with blocks of 64 rows (128 on the GPU).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
-pytest.importorskip("triton")
+from test_ops_triton import DEVICE, DTYPES, TOL, rel, routing   # first: it sets up Triton
 
-from test_ops_triton import DEVICE, DTYPES, TOL, rel, routing  # noqa: E402
-
-from dropless import ops  # noqa: E402
-from dropless.ops import reference, triton_blocksparse  # noqa: E402
+from dropless import ops
+from dropless.ops import reference, triton_blocksparse
 
 BLOCK = 128 if DEVICE == "cuda" else 64
 

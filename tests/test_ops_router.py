@@ -3,22 +3,17 @@
 Runs on a GPU when there is one, else on the CPU under the Triton interpreter (fp32).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
-pytest.importorskip("triton")
+from triton_env import DEVICE   # first: it sets up Triton
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from dropless import MoEConfig  # noqa: E402
-from dropless.ops import triton_router  # noqa: E402
-from dropless.router import Router  # noqa: E402
+from dropless import MoEConfig
+from dropless.ops import triton_router
+from dropless.router import Router
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("E,K,kw", [

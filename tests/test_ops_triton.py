@@ -5,21 +5,15 @@ interpreter's bf16 arithmetic is wrong), at small shapes with the kernels' large
 """
 
 import functools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
-pytest.importorskip("triton")
+from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 
-from dropless import MoE, MoEConfig, ops  # noqa: E402
-from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped  # noqa: E402
+from dropless import MoE, MoEConfig, ops
+from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def rel(out, ref):

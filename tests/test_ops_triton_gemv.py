@@ -2,22 +2,15 @@
 
 On a GPU when there is one, else on the CPU under the Triton interpreter (fp32/fp16 only)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are first imported
-pytest.importorskip("triton")
+from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 
-from dropless import MoE, MoEConfig  # noqa: E402
-from dropless.serve.moe_decode import moe_decode  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from dropless import MoE, MoEConfig
+from dropless.serve.moe_decode import moe_decode
+from tests.conftest import rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
