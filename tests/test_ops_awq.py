@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
+from test_ops_triton import routing as triton_routing
 
 from dropless.ops import awq, reference
 from dropless.quant.pack import dequantize, quantize_packed
@@ -27,12 +28,8 @@ def packed_experts(E, D, F, group, gen):
 
 
 def routing(T, E, K, mode, gen):
-    logits = torch.randn(T, E, generator=gen)
-    if mode == "one":
-        logits[:, :K] += 100
-    elif mode == "few":
-        logits[:, E // 2:] -= 100
-    weights, ids = logits.softmax(-1).topk(K, dim=-1)
+    """test_ops_triton's random or skewed routing, on the test device."""
+    weights, ids = triton_routing(T, E, K, mode, gen)
     return weights.to(DEVICE), ids.to(DEVICE)
 
 
