@@ -105,7 +105,7 @@ def hf_provider(cfg, precision: str, tokens_BT):
     return step
 
 
-def profile(step, warmup: int) -> int:
+def profile(step, warmup: int) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for _ in range(warmup):
@@ -115,8 +115,15 @@ def profile(step, warmup: int) -> int:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    return 0
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total_us = sum(e.self_device_time_total for e in events)
+    print(f"GPU time per step: {total_us / 3e3:.1f} ms over {sum(e.count for e in events) // 3} "
+          "kernels")
+    print("| ms per step | share | calls per step | kernel |")
+    print("|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:45]:
+        print(f"| {e.self_device_time_total / 3e3:.2f} | {e.self_device_time_total / total_us:.1%} "
+              f"| {e.count // 3} | {e.key[:110]} |")
 
 
 def main() -> int:
@@ -127,8 +134,8 @@ def main() -> int:
                         help="comma-separated subset of the table's rows, or all")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", metavar="PROVIDER",
-                        help="instead of the table: where one provider's step spends its GPU time "
-                             "(torch.profiler, top kernels)")
+                        help="instead of the table: where each of these providers' steps (comma-"
+                             "separated) spends its GPU time (torch.profiler, top kernels)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train.py needs a CUDA GPU")
@@ -148,7 +155,12 @@ def main() -> int:
         "dropless bf16 compiled": lambda: dropless_provider(cfg, "bf16", True, tokens_BT),
     }
     if args.profile:
-        return profile(providers[args.profile](), args.warmup)
+        for name in args.profile.split(","):
+            print(f"\n## {name}")
+            profile(providers[name](), args.warmup)
+            gc.collect()
+            torch.cuda.empty_cache()
+        return 0
     wanted = list(providers) if args.providers == "all" else args.providers.split(",")
     import transformers
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
