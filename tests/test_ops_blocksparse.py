@@ -81,6 +81,30 @@ def test_triton_swiglu_matches_torch(dtype):
     assert rel(dgu, dgu_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [48, 300])   # one column block; several with a ragged last one
+def test_triton_swiglu_weighted_matches_torch(dtype, N):
+    """The routing weight folded into the SwiGLU passes (grouped_lowmem on CUDA): w * h forward;
+    backward w * h again, dw = <dh', h> per row and dh = w * dh' in place, against float64."""
+    from dropless.ops import triton_swiglu
+    gen = torch.Generator().manual_seed(N)
+    R = 37
+    gu = torch.randn(R, 2 * N, generator=gen).to(DEVICE, dtype)
+    dhw = torch.randn(R, N, generator=gen).to(DEVICE, dtype)
+    w = torch.rand(R, generator=gen).to(DEVICE, dtype)
+    g, u = gu.double().chunk(2, dim=-1)
+    h_ref = torch.nn.functional.silu(g) * u
+    w_ref = w.double().unsqueeze(-1)
+    hw = triton_swiglu.swiglu(gu, w)
+    dh = dhw.clone()
+    hw2, dw = triton_swiglu.swiglu_weighted_backward(gu, dh, w)
+    assert torch.equal(hw, hw2)
+    assert rel(hw, h_ref * w_ref) < TOL[dtype]
+    assert rel(dw, (dhw.double() * h_ref).sum(-1)) < TOL[dtype]
+    assert rel(dh, dhw.double() * w_ref) < TOL[dtype]
+    assert dw.dtype == w.dtype and dw.shape == (R,)
+
+
 @pytest.mark.parametrize("K,capacity", [(2, None), (4, 6)])
 def test_triton_dispatch_matches_reference(K, capacity):
     """The CUDA dispatch (gather; backward K-sum by the combine kernel) against reference.dispatch."""

@@ -116,7 +116,9 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu_RF2, offs_E, down_EFD, w_R=None):
         ctx.save_for_backward(gu_RF2, offs_E, down_EFD, w_R)
-        h_RF = triton_swiglu.swiglu(gu_RF2) if _fused_elementwise(gu_RF2) else _swiglu_act(gu_RF2)[3]
+        if _fused_elementwise(gu_RF2):   # the weight applied inside the SwiGLU pass
+            return _gmm(triton_swiglu.swiglu(gu_RF2, w_R), down_EFD, offs=offs_E)
+        h_RF = _swiglu_act(gu_RF2)[3]
         if w_R is not None:
             h_RF.mul_(w_R.unsqueeze(-1))   # h is ours: no second R*F buffer
         return _gmm(h_RF, down_EFD, offs=offs_E)
@@ -162,20 +164,20 @@ def _weighted_backward(gu_RF2, offs_E, down_EFD, w_R, dy_RD):
     dy and three R*F buffers (dh', h and the products for dw), as [g | u], dy, dh and d[g | u]
     later and in the unweighted backward."""
     dhw_RF = _gmm(dy_RD, down_EFD.transpose(-2, -1), offs=offs_E)
-    fused = _fused_elementwise(gu_RF2)
-    if fused:
-        h_RF = triton_swiglu.swiglu(gu_RF2)
-    else:
-        g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
+    if _fused_elementwise(gu_RF2):
+        # one Triton pass: w * h, dw and dh = w * dh' (in place); then d[g | u] from dh
+        hw_RF, dw_R = triton_swiglu.swiglu_weighted_backward(gu_RF2, dhw_RF, w_R)
+        ddown_EFD = _gmm(hw_RF.transpose(-2, -1), dy_RD, offs=offs_E)
+        del hw_RF
+        return (triton_swiglu.swiglu_backward(gu_RF2, dhw_RF, want_h=False), None, ddown_EFD,
+                dw_R)
+    g_RF, u_RF, silu_RF, h_RF = _swiglu_act(gu_RF2)
     dw_R = (dhw_RF * h_RF).sum(-1, dtype=torch.float32).to(w_R.dtype)
     w_R1 = w_R.unsqueeze(-1)
     ddown_EFD = _gmm(h_RF.mul_(w_R1).transpose(-2, -1), dy_RD, offs=offs_E)
     del h_RF
     dh_RF = dhw_RF.mul_(w_R1)
-    if fused:
-        dgu_RF2 = triton_swiglu.swiglu_backward(gu_RF2, dh_RF, want_h=False)
-    else:
-        dgu_RF2 = _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF)
+    dgu_RF2 = _swiglu_backward_cpu(gu_RF2, g_RF, u_RF, silu_RF, dh_RF)
     return dgu_RF2, None, ddown_EFD, dw_R
 
 

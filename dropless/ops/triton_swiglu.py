@@ -23,12 +23,29 @@ def _kernels():
     return triton_swiglu_kernels
 
 
-def swiglu(gu_R2N: Tensor) -> Tensor:
-    """h_RN = silu(g) * u for contiguous gu_R2N = [g | u]."""
+def swiglu(gu_R2N: Tensor, w_R: Tensor | None = None) -> Tensor:
+    """h_RN = silu(g) * u for contiguous gu_R2N = [g | u]; times w_R per row when given (the
+    routing weights, in gu's dtype: h is rounded before the product, as h.mul_(w) rounds)."""
     R, N = gu_R2N.shape[0], gu_R2N.shape[1] // 2
     h = gu_R2N.new_empty(R, N)
-    _kernels().swiglu_kernel[(max(1, -(-R * N // BLOCK)),)](gu_R2N, h, N, R * N, BLOCK=BLOCK)
+    _kernels().swiglu_kernel[(max(1, -(-R * N // BLOCK)),)](
+        gu_R2N, h if w_R is None else w_R.contiguous(), h, N, R * N, HAS_W=w_R is not None,
+        BLOCK=BLOCK)
     return h
+
+
+def swiglu_weighted_backward(gu_R2N: Tensor, dhw_RN: Tensor, w_R: Tensor):
+    """For y = (w * h) @ down and dh' = dy @ down^T (dhw_RN, contiguous, overwritten with
+    dh = w * dh'): returns (hw_RN = w * h for d(down), dw_R = <dh', h> per row). One pass over
+    [g | u] and dh' in place of the five PyTorch passes of the same rounding steps."""
+    R, N = dhw_RN.shape
+    assert dhw_RN.is_contiguous()
+    hw = torch.empty_like(dhw_RN)
+    dw = w_R.new_empty(R)
+    block_n = min(256, max(16, 1 << (N - 1).bit_length()))
+    _kernels().swiglu_weighted_backward_kernel[(max(1, -(-R // 4)),)](
+        gu_R2N, dhw_RN, w_R.contiguous(), hw, dw, R, N, BLOCK_R=4, BLOCK_N=block_n)
+    return hw, dw
 
 
 def swiglu_backward(gu_R2N: Tensor, dh_RN: Tensor, want_h: bool = True):

@@ -13,15 +13,49 @@ import triton.language as tl
 
 
 @triton.jit
-def swiglu_kernel(gu_ptr, h_ptr, N, numel, BLOCK: tl.constexpr):
+def swiglu_kernel(gu_ptr, w_ptr, h_ptr, N, numel, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """h = silu(g) * u, times the row's routing weight w[row] if HAS_W (h rounded first, as
+    PyTorch's h.mul_(w) would see it)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < numel
     row = idx // N
     col = idx % N
+    dtype = h_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * N + col, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * N + N + col, mask=ok, other=0.0).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(h_ptr + idx, (silu * u).to(h_ptr.dtype.element_ty), mask=ok)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    h = silu * u
+    if HAS_W:
+        h = h.to(dtype).to(tl.float32) * tl.load(w_ptr + row, mask=ok, other=0.0).to(tl.float32)
+    tl.store(h_ptr + idx, h.to(dtype), mask=ok)
+
+
+@triton.jit
+def swiglu_weighted_backward_kernel(gu_ptr, dhw_ptr, w_ptr, hw_ptr, dw_ptr, R, N,
+                                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward of y = (w * h) @ down for h = silu(g) * u, given dh' = dy @ down^T: writes
+    hw = w * h (for d(down)), dw[row] = sum_n dh' * h (fp32 sum of the products rounded to the
+    storage dtype, as PyTorch's (dh' * h).sum(-1, dtype=float32)) and dh = w * dh' in place over
+    dh'. One program per BLOCK_R rows, walking the row in BLOCK_N columns."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dtype = hw_ptr.dtype.element_ty
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (cols < N)[None, :]
+        gu_at = gu_ptr + rows[:, None] * 2 * N + cols[None, :]
+        at = rows[:, None] * N + cols[None, :]
+        g = tl.load(gu_at, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_at + N, mask=ok, other=0.0).to(tl.float32)
+        dhw = tl.load(dhw_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        h = (silu * u).to(dtype).to(tl.float32)
+        acc += tl.sum((dhw * h).to(dtype).to(tl.float32), axis=1)
+        tl.store(hw_ptr + at, (h * w).to(dtype), mask=ok)
+        tl.store(dhw_ptr + at, (dhw * w).to(dtype), mask=ok)
+    tl.store(dw_ptr + rows, acc.to(dw_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
