@@ -277,7 +277,10 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     recent = deque(maxlen=20)
     val_loss = None
     saved_step = step if state is not None else -1
-    start_step, start_time = step, time.perf_counter()
+    start_time = time.perf_counter()
+    # tokens/s counts from the end of this process's first step (compilation, kernel autotuning
+    # and the allocator's first growth happen there: seconds that a long run does not pay again)
+    rate_step, rate_time, warm = step, start_time, False
     clock = start_time
     paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
@@ -307,10 +310,15 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             window["steps"] += 1
             window["loads"] += loads_LE.cpu()
             now = time.perf_counter()
-            rate = tokens_per_step * (step - start_step) / (now - start_time - paused)
-            postfix = {"loss": f"{loss:.3f}", "tok_s": f"{rate:,.0f}"}
-            if mfu(rate) is not None:
-                postfix["mfu"] = f"{mfu(rate):.1%}"
+            if not warm and step < cfg.steps:   # the warm-up step ends: the clock starts (a
+                rate_step, rate_time, paused = step, now, 0.0   # run of one step keeps it)
+            warm = True
+            postfix = {"loss": f"{loss:.3f}"}
+            if step > rate_step:
+                rate = tokens_per_step * (step - rate_step) / (now - rate_time - paused)
+                postfix["tok_s"] = f"{rate:,.0f}"
+                if mfu(rate) is not None:
+                    postfix["mfu"] = f"{mfu(rate):.1%}"
             bar.set_postfix(postfix, refresh=False)
             bar.update()
             if on_step is not None:
@@ -347,13 +355,15 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             checkpoint()
     if log is not None:
         log.file.close()
-    elapsed = time.perf_counter() - start_time
+    loop_end = time.perf_counter()
+    elapsed = loop_end - start_time
 
     # 4. plots and a sample
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
     sample = _sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens else None
-    tokens_per_s = tokens_per_step * (step - start_step) / max(elapsed - paused, 1e-9)
+    tokens_per_s = (tokens_per_step * (step - rate_step)
+                    / max(loop_end - rate_time - paused, 1e-9))
     return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,
