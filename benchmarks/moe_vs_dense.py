@@ -183,6 +183,10 @@ def _parse(argv):
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--data", help="corpus (default: this Python's stdlib .py files)")
+    p.add_argument("--site-packages-mb", type=float, metavar="MB",
+                   help="instead of --data: the first MB megabytes of the .py files of this "
+                        "Python's site-packages (sorted by path), written as OUT/corpus.jsonl: "
+                        "a larger corpus already on the machine (no download)")
     p.add_argument("--cache-dir", help="token cache (default ~/.cache/dropless/tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -195,6 +199,34 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def site_packages_corpus(path: Path, megabytes: float) -> Path:
+    """A .jsonl corpus (one document per file) of the .py files of this Python's site-packages, in
+    path order, up to `megabytes` of text: larger than the stdlib, and already on every machine
+    that has torch. Written once; an existing file is reused."""
+    import sysconfig
+
+    if path.is_file():
+        return path
+    root = Path(sysconfig.get_paths()["purelib"])
+    budget, lines = int(megabytes * 2**20), []
+    for file in sorted(root.rglob("*.py")):
+        if budget <= 0:
+            break
+        if not file.is_file() or "__pycache__" in file.parts:
+            continue
+        text = file.read_bytes().decode("utf-8", errors="replace")
+        if text.strip() and "\x00" not in text:
+            lines.append(json.dumps({"text": text}))
+            budget -= len(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    print(f"corpus: {len(lines):,} .py files of {root} ({megabytes - budget / 2**20:.0f} MB) "
+          f"-> {path}", flush=True)
+    return path
+
+
 def run(args) -> dict:
     from dropless import data
     from dropless.checkpoint import CHECKPOINT
@@ -205,12 +237,16 @@ def run(args) -> dict:
     from dropless.tokenizer import tokenizer_from_json
     from dropless.train import resolve_device, train
 
+    out = Path(args.out or f"runs/moe_vs_dense-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.site_packages_mb:
+        if args.data:
+            raise DroplessError("give --data or --site-packages-mb, not both")
+        args.data = str(site_packages_corpus(out / "corpus.jsonl", args.site_packages_mb))
     flags = ("steps", "batch_size", "seq_len", "lr", "warmup", "eval_every", "eval_batches")
     given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     shape = FAMILY_DEFAULTS[args.preset] | given
     steps = shape["steps"]
     shape = {"warmup": steps // 10, "eval_every": max(1, steps // 20)} | shape
-    out = Path(args.out or f"runs/moe_vs_dense-{time.strftime('%Y%m%d-%H%M%S')}")
     base = TrainConfig(
         out=str(out), preset=args.preset, data=args.data, tokenizer=args.tokenizer,
         vocab=args.vocab, min_lr_ratio=args.min_lr_ratio,
@@ -264,7 +300,9 @@ def run(args) -> dict:
     tokens = data.load_tokens(data.read_documents(base.data), tok, Path(base.cache_dir) if
                               base.cache_dir else data.default_cache_dir())   # cached: no re-encode
     target, rows = summarize(runs)
-    corpus = {"name": base.data or "stdlib .py files", "tokenizer": base.tokenizer,
+    name = (f"the first {args.site_packages_mb:g} MB of site-packages .py files"
+            if args.site_packages_mb else base.data or "stdlib .py files")
+    corpus = {"name": name, "tokenizer": base.tokenizer,
               "vocab": tok.vocab_size,
               "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
               "epochs": runs[0]["curve"][-1]["tokens"] / len(tokens.train)}
