@@ -197,7 +197,7 @@ def _parse(argv):
 
 def run(args) -> dict:
     from dropless import data
-    from dropless.checkpoint import CHECKPOINT
+    from dropless.checkpoint import latest
     from dropless.config import PRESETS, TrainConfig
     from dropless.errors import DroplessError
     from dropless.info import model_stats
@@ -231,7 +231,7 @@ def run(args) -> dict:
     for preset in (f"{args.preset}-dense", args.preset, f"{args.preset}-2x"):
         cfg = replace(base, preset=preset, out=str(out / preset))
         run_dir = Path(cfg.out)
-        if (run_dir / CHECKPOINT).is_file():
+        if latest(run_dir) is not None:
             print(f"{preset}: reusing the finished run in {run_dir}", flush=True)
         else:
             if warm_steps:

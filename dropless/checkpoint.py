@@ -1,12 +1,21 @@
-"""Atomic single-file checkpoints, and loading a trained run back for generation.
+"""Checkpoints, one format for one process and many: torch.distributed.checkpoint (DCP). Every rank
+writes its own shards (one process writes them all, no process group needed); a checkpoint loads at
+any mesh, or in one process, with identical params and AdamW state: DCP reshards.
 
-File layout: a magic line, the sha256 of the payload (hex) on the second line, then the payload (a
-`torch.save` of plain values and tensors, loaded with `weights_only=True`). The checksum turns any
-truncated or corrupted file into a clear error instead of a confusing unpickling failure.
+Layout: RUN_DIR/dcp/step-00000010/ holds the DCP files (`.metadata`, `__<rank>_0.distcp`),
+`state.json` (plain values from rank 0: step, schedule, data key, RNG, log window, configs,
+tokenizer) and `COMPLETE`: JSON with the step and the sha256 of every other file. The two newest
+checkpoints are kept.
 
-Atomicity: the file is written to `<name>.tmp-<pid>`, fsynced, then `os.replace`d over the previous
-checkpoint and the directory fsynced. A crash at any point leaves either the old complete checkpoint
-or the new complete one, never a partial file under the real name.
+Atomicity: every rank writes into `dcp/.step-00000010.tmp` (DCP fsyncs its files); after a barrier
+rank 0 writes the manifest, renames the directory into place and fsyncs `dcp/`. A kill at any moment
+leaves the previous checkpoint whole; the next save removes the interrupted temp directory.
+
+Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
+the file, never weights of 3e38), and nothing read runs code or reaches outside its directory:
+`.metadata` (a pickle) goes through an unpickler that admits only DCP's own metadata classes and
+must name only files beside it, non-tensor values in the shards load with `weights_only=True`, and
+the rest is JSON.
 
 Ownership: the process writing a run directory holds an exclusive lock on its `.lock` file (released
 by the kernel when the process dies, however it dies); the file also marks the directory as a
@@ -17,22 +26,34 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
+import json
 import os
+import pickle
+import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.config import ModelConfig, MoEConfig
 from dropless.errors import DroplessError
 
-CHECKPOINT = "checkpoint.pt"
+DCP_DIR = "dcp"
+MARKER = "COMPLETE"
+STATE = "state.json"
+KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
 LOCK = ".lock"
-MAGIC = b"dropless checkpoint v1\n"
-# test hook: seconds to sleep between the fsynced temp file and the rename (the kill window)
+# test hook: seconds to sleep between the fsynced temp file (or directory) and its rename
 PAUSE_ENV = "DROPLESS_SAVE_PAUSE_S"
 
 
@@ -44,7 +65,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, *chunks: bytes, pause: bool = False) -> None:
+def _pause() -> None:
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
+
+
+def write_atomic(path: Path, *chunks: bytes) -> None:
     """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
     for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
         stale.unlink()
@@ -58,39 +84,172 @@ def write_atomic(path: Path, *chunks: bytes, pause: bool = False) -> None:
     except OSError as e:   # a full disk: name the file (write errors carry no filename)
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
-    if pause and os.environ.get(PAUSE_ENV):
-        time.sleep(float(os.environ[PAUSE_ENV]))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getbuffer()
-    write_atomic(path, MAGIC, hashlib.sha256(payload).hexdigest().encode() + b"\n", payload,
-                 pause=True)
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise DroplessError(f"{path.parent}: no checkpoint found ({path.name} is missing); "
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / DCP_DIR / f"step-{step:08d}"
+
+
+def _state_dicts(model: nn.Module, optimizer) -> dict:
+    """What DCP saves and loads: the model's (and optimizer's) state keyed by parameter name."""
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    return {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+
+
+def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
+         state: dict | None = None) -> Path:
+    """Collective: every rank calls it (or one process). `state`: JSON values saved beside the
+    tensors. Returns the checkpoint directory."""
+    path = step_dir(run_dir, step)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".step-*.tmp"):
+            warnings.warn(f"{stale}: removing an interrupted checkpoint save", stacklevel=2)
+            shutil.rmtree(stale)
+    _barrier()   # the temp directory is fresh before any rank writes into it
+    with warnings.catch_warnings():   # "no process group: saving in one process" is intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
+    if _rank() == 0:
+        write_atomic(tmp / STATE, json.dumps({"step": step, **(state or {})}).encode())
+    _barrier()   # every rank's shards are on disk before the manifest says so
+    if _rank() == 0:
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": sums}).encode())
+        _pause()   # test hook: the kill window before the rename
+        if path.exists():   # an older save of this step without its manifest (see latest)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        for old in sorted(path.parent.glob("step-*"))[:-KEEP]:
+            shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verify(path: Path, names: list[str] | None = None) -> None:
+    """Check `names` (default: every file the manifest lists) against the manifest's checksums."""
+    try:
+        sums = json.loads((path / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
+                            "an older dropless without checksums)") from None
+    for name in names or [".metadata", *sums]:
+        if name not in sums or not (path / name).is_file() or _sha256(path / name) != sums[name]:
+            raise DroplessError(f"{path / name}: checkpoint file is damaged or missing "
+                                "(checksum mismatch)")
+
+
+# What a DCP `.metadata` pickle may name: DCP's metadata dataclasses and the torch values inside
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """Reads `.metadata` once, up front, so that a refusal is one clear error (inside dcp.load it
+    would be wrapped in a CheckpointException with tracebacks)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            with open(path / ".metadata", "rb") as f:
+                self.metadata = _MetadataUnpickler(f).load()
+        except Exception as e:   # anything but DCP's metadata is refused, never run
+            raise DroplessError(f"{path / '.metadata'}: not a DCP metadata file ({e})") from None
+        for info in (self.metadata.storage_data or {}).values():
+            if Path(info.relative_path).name != info.relative_path:
+                raise DroplessError(f"{path / '.metadata'}: names {info.relative_path!r}, not a "
+                                    "file of its checkpoint directory")
+        self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
+
+    def read_metadata(self, *args, **kwargs):
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class _SafePlanner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):   # non-tensor values: plain data only
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory; one without its manifest is skipped with a
+    warning."""
+    root = Path(run_dir) / DCP_DIR
+    for path in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
+        if (path / MARKER).is_file():
+            return path
+        warnings.warn(f"{path}: incomplete checkpoint (no {MARKER} manifest); skipping it and "
+                      "using the previous one", stacklevel=2)
+    return None
+
+
+def read_state(path: Path) -> dict:
+    """The JSON values saved with the checkpoint at `path`, step included."""
+    _verify(path, [STATE])
+    return json.loads((path / STATE).read_text())
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    path = latest(run_dir)
+    if path is None:
+        raise DroplessError(f"{run_dir}: no checkpoint found (no complete {DCP_DIR}/step-*); "
                             "is this a run directory of `dropless train`?")
+    return path
+
+
+def load(path: Path, model: nn.Module, optimizer=None) -> dict:
+    """Load into `model` (and `optimizer`) as laid out NOW (any mesh, or one process without a
+    process group); DCP reshards. Returns the JSON state saved with it."""
+    state = _state_dicts(model, optimizer)
+    _verify(path)   # every rank reads every file once more: the price of knowing they are intact
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DroplessError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
-    header = len(MAGIC) + 65
-    if not data.startswith(MAGIC) or len(data) < header:
-        raise DroplessError(f"{path}: not a dropless checkpoint (corrupt or truncated)")
-    payload = memoryview(data)[header:]
-    if hashlib.sha256(payload).hexdigest().encode() != data[len(MAGIC):header - 1]:
-        raise DroplessError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
-    try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:   # intact bytes, unloadable content (e.g. written by a newer version)
-        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        with warnings.catch_warnings():   # "no process group: loading in one process" is intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
+        cause = next(iter(e.failures.values()), (e,))[0]
+        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    set_state_dict(model, optimizer if optimizer is not None else [],
+                   model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+    return read_state(path)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -102,23 +261,21 @@ def config_from_dict(d: dict) -> ModelConfig:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu"):
-    """-> (model in eval mode, tokenizer, checkpoint state) of a `dropless train` run directory."""
+    """-> (model in eval mode, tokenizer, saved state) of a run directory's newest checkpoint,
+    written by any mesh (or by `dropless quantize`: packed int4 modules)."""
     from dropless.model import Transformer
     from dropless.tokenizer import tokenizer_from_json
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DroplessError(f"{run_dir}: no such run directory")
-    state = latest_state(run_dir)
+    path = latest_path(run_dir)
+    state = read_state(path)
     model = Transformer(config_from_dict(state["model_config"]))
-    if "quant" in state:   # written by `dropless quantize`: packed int4 modules
+    if "quant" in state:
         from dropless.quant.modules import QuantConfig, quantize_modules
         quantize_modules(model, QuantConfig(**state["quant"]))
-    if "dcp_path" in state:   # a distributed run's checkpoint, gathered into this one process
-        from dropless.parallel import checkpoint as dckpt
-        dckpt.load(Path(state["dcp_path"]), model)
-    else:
-        model.load_state_dict(state["model"])
+    load(path, model)
     return model.to(device).eval(), tokenizer_from_json(state["tokenizer"]), state
 
 
@@ -138,12 +295,6 @@ def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = N
         return model, tokenizer_from_json(tok_json)
     model, tokenizer, _ = load_run(path, device)
     return (model if dtype is None else model.to(dtype)), tokenizer
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    """Whether the run holds a complete checkpoint (single-process or distributed)."""
-    from dropless.parallel import checkpoint as dckpt
-
-    return (Path(run_dir) / CHECKPOINT).is_file() or dckpt.latest(run_dir) is not None
 
 
 @contextmanager
@@ -170,7 +321,7 @@ def claim_run_dir(run_dir: Path, new: bool):
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         try:
-            if new and has_checkpoint(run_dir):
+            if new and latest(run_dir) is not None:
                 raise DroplessError(f"{run_dir} already holds a run: pass --resume to continue "
                                     "it, or choose another --out")
             yield
@@ -179,22 +330,3 @@ def claim_run_dir(run_dir: Path, new: bool):
                 (run_dir / LOCK).unlink()
                 if created:
                     run_dir.rmdir()
-
-
-def latest_state(run_dir: str | Path) -> dict:
-    """The newest checkpoint of a run: checkpoint.pt (single process) or the newest complete
-    distributed one (dropless.parallel.checkpoint) found under RUN_DIR/dcp, whose state holds
-    everything but the tensors, plus `dcp_path` to load them from."""
-    from dropless.parallel import checkpoint as dckpt
-
-    single = Path(run_dir) / CHECKPOINT
-    state = load_checkpoint(single) if single.is_file() else None
-    if state is not None and "dcp_path" in state:   # never follow a path read from a file
-        raise DroplessError(f"{single}: field 'dcp_path' is not allowed (a checkpoint must not "
-                            "point outside its run directory)")
-    path = dckpt.latest(run_dir)
-    if path is not None:
-        extra = dckpt.read_extra(path)
-        if state is None or state["step"] < extra["step"]:
-            return {**extra, "dcp_path": str(path)}
-    return load_checkpoint(single) if state is None else state
