@@ -197,7 +197,7 @@ def _parse(argv):
 
 def run(args) -> dict:
     from dropless import data
-    from dropless.checkpoint import latest
+    from dropless.parallel.checkpoint import latest
     from dropless.config import PRESETS, TrainConfig
     from dropless.errors import DroplessError
     from dropless.info import model_stats

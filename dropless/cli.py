@@ -177,7 +177,7 @@ def _train(args) -> int:
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
-        from dropless.checkpoint import latest
+        from dropless.parallel.checkpoint import latest
         if latest(args.out) is not None:
             args.resume = args.out
     if args.resume is not None:

@@ -47,7 +47,8 @@ def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     """HF model directory -> dropless run directory (model, config and tokenizer; `generate` reads it)."""
-    from dropless.checkpoint import config_to_dict, save
+    from dropless.checkpoint import config_to_dict
+    from dropless.parallel.checkpoint import save
 
     model, tokenizer_json = load_hf_dir(hf_dir)
     if tokenizer_json is None:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless import data
-from dropless import checkpoint as ckpt
+from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError

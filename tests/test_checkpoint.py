@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import subprocess_env
-from dropless import checkpoint as ckpt
 from dropless import cli
-from dropless.checkpoint import PAUSE_ENV, latest_path, load_run, read_state
+from dropless.checkpoint import load_run
+from dropless.parallel import checkpoint as ckpt
+from dropless.parallel.checkpoint import PAUSE_ENV, latest_path, read_state
 from dropless.config import PRESETS
 from dropless.errors import DroplessError
 from dropless.model import Transformer

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import subprocess_env
 from dropless import cli
-from dropless import checkpoint as ckpt
+from dropless.checkpoint import load_run
+from dropless.parallel import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_resume_config_mismatch(capsys, trained_run):
 
 
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
-    model, _, state = ckpt.load_run(trained_run)
+    model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
               {k: state[k] for k in ("model_config", "tokenizer")})
     _fails(capsys, ["train", "--resume", str(tmp_path / "converted")], "without training state")

@@ -10,7 +10,7 @@ import torch
 from conftest import oracle, rel_err
 
 from dropless import MoE, MoEConfig, ops
-from dropless import checkpoint as ckpt
+from dropless.parallel import checkpoint as ckpt
 from dropless.config import PRESETS
 from dropless.model import Transformer
 from dropless.train import train

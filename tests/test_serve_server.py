@@ -20,7 +20,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from dropless import ModelConfig, MoEConfig, Transformer  # noqa: E402
-from dropless.checkpoint import config_to_dict, save  # noqa: E402
+from dropless.checkpoint import config_to_dict  # noqa: E402
+from dropless.parallel.checkpoint import save  # noqa: E402
 from dropless.generate import greedy_recompute  # noqa: E402
 from dropless.serve.engine import Engine  # noqa: E402
 from dropless.serve.server import create_app  # noqa: E402

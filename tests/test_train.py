@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dropless.checkpoint import latest_path, load_run, read_state
+from dropless.checkpoint import load_run
+from dropless.parallel.checkpoint import latest_path, read_state
 from dropless.config import TrainConfig
 from dropless.optim import lr_at, make_optimizer
 from dropless.train import resume_config, train

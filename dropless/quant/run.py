@@ -74,7 +74,8 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                  calib_seq_len: int = 512, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict:
     """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes)."""
-    from dropless.checkpoint import config_to_dict, save
+    from dropless.checkpoint import config_to_dict
+    from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from _dist import device, launch, layouts
 from dropless import ModelConfig, MoEConfig, Transformer
-from dropless import checkpoint as ckpt
 from dropless.checkpoint import config_to_dict
 from dropless.convert import convert_to_safetensors
 from dropless.errors import DroplessError
 from dropless.parallel import ParallelConfig, build_mesh, parallelize
+from dropless.parallel import checkpoint as ckpt
 from dropless.parallel.fsdp import full_state
 from dropless.tokenizer import ByteTokenizer
 

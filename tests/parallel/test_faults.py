@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dropless import checkpoint as ckpt
-from dropless.checkpoint import PAUSE_ENV, config_from_dict
+from dropless.checkpoint import config_from_dict
 from dropless.model import Transformer
+from dropless.parallel import checkpoint as ckpt
+from dropless.parallel.checkpoint import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 

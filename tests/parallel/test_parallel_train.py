@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from _dist import launch
-from dropless import checkpoint as ckpt
 from dropless.checkpoint import config_from_dict, load_run
 from dropless.config import TrainConfig
 from dropless.model import Transformer
+from dropless.parallel import checkpoint as ckpt
 from dropless.train import resume_config, train
 
 # fp32: losses agree to ~1e-7; the gradient norm, a norm of sums reduced in another order, drifts

@@ -1,0 +1,246 @@
+"""Checkpoints, one format for one process and many: torch.distributed.checkpoint (DCP). Every rank
+writes its own shards (one process writes them all, no process group needed); a checkpoint loads at
+any mesh, or in one process, with identical params and AdamW state: DCP reshards.
+
+Layout: RUN_DIR/dcp/step-00000010/ holds the DCP files (`.metadata`, `__<rank>_0.distcp`),
+`state.json` (plain values from rank 0: step, schedule, data key, RNG, log window, configs,
+tokenizer) and `COMPLETE`: JSON with the step and the sha256 of every other file. The two newest
+checkpoints are kept.
+
+Atomicity: every rank writes into `dcp/.step-00000010.tmp` (DCP fsyncs its files); after a barrier
+rank 0 writes the manifest, renames the directory into place and fsyncs `dcp/`. A kill at any moment
+leaves the previous checkpoint whole; the next save removes the interrupted temp directory.
+
+Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
+the file, never weights of 3e38), and nothing read runs code or reaches outside its directory:
+`.metadata` (a pickle) goes through an unpickler that admits only DCP's own metadata classes and
+must name only files beside it, non-tensor values in the shards load with `weights_only=True`, and
+the rest is JSON.
+
+It lives in parallel/ because it is torch.distributed, which nothing outside parallel/ imports; run
+directories (the lock, loading a run for generation) are `dropless.checkpoint`'s, on top of this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from dropless.errors import DroplessError
+
+DCP_DIR = "dcp"
+MARKER = "COMPLETE"
+STATE = "state.json"
+KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
+# test hook: seconds to sleep between the fsynced temp file (or directory) and its rename
+PAUSE_ENV = "DROPLESS_SAVE_PAUSE_S"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pause() -> None:
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
+
+
+def write_atomic(path: Path, *chunks: bytes) -> None:
+    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
+        stale.unlink()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:   # a full disk: name the file (write errors carry no filename)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / DCP_DIR / f"step-{step:08d}"
+
+
+def _state_dicts(model: nn.Module, optimizer) -> dict:
+    """What DCP saves and loads: the model's (and optimizer's) state keyed by parameter name."""
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    return {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+
+
+def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
+         state: dict | None = None) -> Path:
+    """Collective: every rank calls it (or one process). `state`: JSON values saved beside the
+    tensors. Returns the checkpoint directory."""
+    path = step_dir(run_dir, step)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".step-*.tmp"):
+            warnings.warn(f"{stale}: removing an interrupted checkpoint save", stacklevel=2)
+            shutil.rmtree(stale)
+    _barrier()   # the temp directory is fresh before any rank writes into it
+    with warnings.catch_warnings():   # "no process group: saving in one process" is intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
+    if _rank() == 0:
+        write_atomic(tmp / STATE, json.dumps({"step": step, **(state or {})}).encode())
+    _barrier()   # every rank's shards are on disk before the manifest says so
+    if _rank() == 0:
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": sums}).encode())
+        _pause()   # test hook: the kill window before the rename
+        if path.exists():   # an older save of this step without its manifest (see latest)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        for old in sorted(path.parent.glob("step-*"))[:-KEEP]:
+            shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verify(path: Path, names: list[str] | None = None) -> None:
+    """Check `names` (default: every file the manifest lists) against the manifest's checksums."""
+    try:
+        sums = json.loads((path / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
+                            "an older dropless without checksums)") from None
+    for name in names or [".metadata", *sums]:
+        if name not in sums or not (path / name).is_file() or _sha256(path / name) != sums[name]:
+            raise DroplessError(f"{path / name}: checkpoint file is damaged or missing "
+                                "(checksum mismatch)")
+
+
+# What a DCP `.metadata` pickle may name: DCP's metadata dataclasses and the torch values inside
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """Reads `.metadata` once, up front, so that a refusal is one clear error (inside dcp.load it
+    would be wrapped in a CheckpointException with tracebacks)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            with open(path / ".metadata", "rb") as f:
+                self.metadata = _MetadataUnpickler(f).load()
+        except Exception as e:   # anything but DCP's metadata is refused, never run
+            raise DroplessError(f"{path / '.metadata'}: not a DCP metadata file ({e})") from None
+        for info in (self.metadata.storage_data or {}).values():
+            if Path(info.relative_path).name != info.relative_path:
+                raise DroplessError(f"{path / '.metadata'}: names {info.relative_path!r}, not a "
+                                    "file of its checkpoint directory")
+        self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
+
+    def read_metadata(self, *args, **kwargs):
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class _SafePlanner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):   # non-tensor values: plain data only
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory; one without its manifest is skipped with a
+    warning."""
+    root = Path(run_dir) / DCP_DIR
+    for path in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
+        if (path / MARKER).is_file():
+            return path
+        warnings.warn(f"{path}: incomplete checkpoint (no {MARKER} manifest); skipping it and "
+                      "using the previous one", stacklevel=2)
+    return None
+
+
+def read_state(path: Path) -> dict:
+    """The JSON values saved with the checkpoint at `path`, step included."""
+    _verify(path, [STATE])
+    return json.loads((path / STATE).read_text())
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    path = latest(run_dir)
+    if path is None:
+        raise DroplessError(f"{run_dir}: no checkpoint found (no complete {DCP_DIR}/step-*); "
+                            "is this a run directory of `dropless train`?")
+    return path
+
+
+def load(path: Path, model: nn.Module, optimizer=None) -> dict:
+    """Load into `model` (and `optimizer`) as laid out NOW (any mesh, or one process without a
+    process group); DCP reshards. Returns the JSON state saved with it."""
+    state = _state_dicts(model, optimizer)
+    _verify(path)   # every rank reads every file once more: the price of knowing they are intact
+    try:
+        with warnings.catch_warnings():   # "no process group: loading in one process" is intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
+        cause = next(iter(e.failures.values()), (e,))[0]
+        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    set_state_dict(model, optimizer if optimizer is not None else [],
+                   model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+    return read_state(path)
