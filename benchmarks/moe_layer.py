@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dropless import ops
-from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped, triton_router
+from dropless.ops import grouped, reference, triton_blocksparse, triton_grouped
 from dropless.router import Router
 
 SHAPES = {  # name: (T, D, F, E, K)
@@ -208,18 +208,12 @@ def run_shape(name, dtype, device, check, profile, only=None):
     # router and permutation overheads, apart from the experts
     router = Router(_router_cfg(D, E, K)).to(device)
     t_router = bench(lambda: router(x.detach()), device)
-    fused_router = "n/a"
-    if triton_grouped.supports(x):   # logits + the fused kernel (no losses)
-        w_r, x_f = router.weight.detach(), x.detach().float()
-        t_fused = bench(lambda: triton_router.route_topk(F.linear(x_f, w_r), K), device)
-        fused_router = f"{t_fused:.3f} ms"
     t_plan = bench(lambda: ops.make_plan(ids, E), device)
     counts_E = ops.expert_counts(ids, E)
     t_tiles = bench(lambda: triton_grouped.tile_map(counts_E, T * K), device)
     t_topo = bench(lambda: triton_blocksparse.topology(counts_E, T * K), device)
     print_table(name, (T, D, Fh, E, K), dtype, device, table, flops)
     print(f"overheads: router (logits, softmax, top-k, losses) {t_router:.3f} ms; "
-          f"fused router (logits, Triton top-k) {fused_router}; "
           f"make_plan (argsort, counts, inverse) {t_plan:.3f} ms; "
           f"fused tile map {t_tiles:.3f} ms; block-sparse topology {t_topo:.3f} ms\n")
 

@@ -229,7 +229,7 @@ def site_packages_corpus(path: Path, megabytes: float) -> Path:
 
 def run(args) -> dict:
     from dropless import data
-    from dropless.checkpoint import CHECKPOINT
+    from dropless.parallel.checkpoint import latest
     from dropless.config import PRESETS, TrainConfig
     from dropless.errors import DroplessError
     from dropless.info import model_stats
@@ -267,7 +267,7 @@ def run(args) -> dict:
     for preset in (f"{args.preset}-dense", args.preset, f"{args.preset}-2x"):
         cfg = replace(base, preset=preset, out=str(out / preset))
         run_dir = Path(cfg.out)
-        if (run_dir / CHECKPOINT).is_file():
+        if latest(run_dir) is not None:
             print(f"{preset}: reusing the finished run in {run_dir}", flush=True)
         else:
             if warm_steps:

@@ -139,14 +139,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def format_summary(s: dict) -> str:
     """The end-of-run report of `dropless train`."""
-    from dropless.checkpoint import CHECKPOINT
     from dropless.train import SAMPLE_PROMPT
 
     if not s["finished"]:
         return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
                 f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
     minutes, seconds = divmod(round(s["elapsed_s"]), 60)
-    checkpoints = "dcp/" if (Path(s["run_dir"]) / "dcp").is_dir() else CHECKPOINT
     lines = [
         f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
         f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
@@ -157,7 +155,7 @@ def format_summary(s: dict) -> str:
         f"{math.exp(s['val_loss']):.2f})",
         f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
         "tokens: the best loss without context)",
-        f"run directory: {s['run_dir']} ({checkpoints}, metrics.jsonl, "
+        f"run directory: {s['run_dir']} (dcp/, metrics.jsonl, "
         + ", ".join(Path(p).name for p in s["plots"]) + ")",
     ]
     if s["sample"] is not None:
@@ -179,8 +177,8 @@ def _train(args) -> int:
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
-        from dropless.checkpoint import has_checkpoint
-        if has_checkpoint(args.out):
+        from dropless.parallel.checkpoint import latest
+        if latest(args.out) is not None:
             args.resume = args.out
     if args.resume is not None:
         run_dir = args.resume or args.out
@@ -283,7 +281,7 @@ def _serve(args) -> int:
 
 
 def _convert(args) -> int:
-    from dropless.convert import convert_from_hf, convert_to_hf
+    from dropless.convert import convert_from_hf, convert_to_hf, convert_to_safetensors
 
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -297,8 +295,7 @@ def _convert(args) -> int:
                             "overwrite it; choose a new directory")
     try:
         if args.to_safetensors:
-            from dropless.parallel.checkpoint import convert as to_safetensors
-            n = to_safetensors(args.path, args.to_safetensors)
+            n = convert_to_safetensors(args.path, args.to_safetensors)
             print(f"wrote {n} tensors to {args.to_safetensors}")
             return 0
         if args.from_hf:

@@ -45,21 +45,16 @@ def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
         (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
-def _save_run(out: Path, model: Transformer, tokenizer_json: str | None) -> None:
-    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
-
-    if tokenizer_json is None:
-        raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / CHECKPOINT, {"model_config": config_to_dict(model.cfg),
-                                       "model": model.state_dict(), "tokenizer": tokenizer_json,
-                                       "step": 0})
-
-
 def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     """HF model directory -> dropless run directory (model, config and tokenizer; `generate` reads it)."""
+    from dropless.checkpoint import config_to_dict
+    from dropless.parallel.checkpoint import save
+
     model, tokenizer_json = load_hf_dir(hf_dir)
-    _save_run(Path(out), model, tokenizer_json)
+    if tokenizer_json is None:
+        raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
+    save(out, 0, model, state={"model_config": config_to_dict(model.cfg),
+                               "tokenizer": tokenizer_json})
 
 
 def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
@@ -68,3 +63,17 @@ def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None =
 
     model, tokenizer, _ = load_run(run_dir)
     save_hf_dir(model, Path(out), tokenizer.to_json(), model_type)
+
+
+def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
+    """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest checkpoint (from any mesh)
+    as one safetensors file, every expert present once and tied weights under each name. Returns
+    the number of tensors."""
+    from safetensors.torch import save_file
+
+    from dropless.checkpoint import load_run
+
+    model = load_run(run_dir)[0]
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out))
+    return len(tensors)

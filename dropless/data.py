@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropless.checkpoint import write_atomic
+from dropless.parallel.checkpoint import write_atomic
 from dropless.errors import DroplessError
 from dropless.tokenizer import Tokenizer
 

@@ -4,8 +4,8 @@ Legend: B batch, T sequence length, V vocab, L MoE layers, E experts.
 
 Scale-out: under torchrun every rank runs this same loop on its slice of each global batch
 (`--batch-size` is global), so 1 and N processes train on the same data; rank 0 alone prints,
-logs and plots; checkpoints are then distributed (dropless.parallel.checkpoint) and load at any
-world size, including one process.
+logs and plots. Checkpoints (dropless.checkpoint) are DCP on 1 and N processes alike and load at
+any world size.
 
 Exact resume: a batch is a pure function of (seed, step, micro-batch) and the checkpoint holds the
 model, AdamW state, step, RNG states and the log window, so on CPU a resumed run's losses are bitwise
@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless import data
-from dropless.checkpoint import (CHECKPOINT, claim_run_dir, config_to_dict, latest_state,
-                                 save_checkpoint)
+from dropless.parallel import checkpoint as ckpt
+from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.optim import lr_at, make_optimizer
@@ -60,7 +60,8 @@ def resolve_device(name: str) -> torch.device:
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The saved run's config with `overrides` (flags given on the command line) applied, and the
     checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
-    state = latest_state(run_dir)
+    path = ckpt.latest_path(run_dir)
+    state = {**ckpt.read_state(path), "path": path}   # where _build_model loads the tensors from
     if "train_config" not in state:
         raise DroplessError(f"{run_dir} holds a model without training state (converted from "
                             "Hugging Face?): `dropless generate` can sample it, --resume cannot")
@@ -181,17 +182,10 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     """The model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
     sharded parameters), restored from the checkpoint when resuming."""
     from dropless.model import Transformer
-    from dropless.parallel import checkpoint as dckpt
     from dropless.parallel import parallelize
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(rt.device)
-    single_state = state is not None and "dcp_path" not in state
-    if single_state:
-        if rt.world > 1:
-            raise DroplessError(f"{cfg.out}: a single-process checkpoint resumes in one process "
-                                "only; distributed runs resume from distributed checkpoints")
-        model.load_state_dict(state["model"])
     if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
@@ -199,13 +193,11 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
         parallelize(model, rt.mesh, mixed_precision=precision == "bf16-mixed")
     opt = make_optimizer(model, cfg)
     if state is not None:
-        if single_state:
-            opt.load_state_dict(state["optimizer"])
-        else:
-            dckpt.load(Path(state["dcp_path"]), model, opt)   # any saved mesh -> this one
-        torch.set_rng_state(state["rng"]["torch"])
+        ckpt.load(state["path"], model, opt)   # any saved mesh -> this one
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
+            torch.cuda.set_rng_state(torch.tensor(state["rng"]["cuda"], dtype=torch.uint8),
+                                     rt.device)
     return model, opt
 
 
@@ -213,10 +205,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     from tqdm.auto import tqdm
 
     from dropless.info import model_stats
-    from dropless.parallel import checkpoint as dckpt
 
     run_dir = Path(cfg.out)
-    ckpt_path = run_dir / CHECKPOINT
     device = rt.device
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
@@ -245,7 +235,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     step = 0
     window = {"loss": 0.0, "aux": 0.0, "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long)}
     if state is not None:
-        step, window = state["step"], state["window"]
+        step, window = state["step"], {**state["window"],
+                                       "loads": torch.tensor(state["window"]["loads"])}
     forward = torch.compile(model) if cfg.compile else model
     amp = autocast_for(precision, device)
     val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
@@ -256,21 +247,17 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     mfu = (lambda tokens_per_s: tokens_per_s * flops_per_token / (peak * rt.world)) if peak \
         else (lambda tokens_per_s: None)
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:   # JSON beside the tensors: RNG states and loads as lists of ints
         extra = {
-            "step": step,
             "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
                          "min_lr_ratio": cfg.min_lr_ratio},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": {"torch": torch.get_rng_state().tolist(),
+                    "cuda": torch.cuda.get_rng_state(device).tolist()
+                    if device.type == "cuda" else None},
             "data": {"key": tokens.key, "seed": cfg.seed},   # batches are f(seed, step)
-            "window": window, "train_config": asdict(cfg),
+            "window": {**window, "loads": window["loads"].tolist()}, "train_config": asdict(cfg),
             "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()}
-        if rt.world > 1:
-            dckpt.save(run_dir, step, model, opt, extra)
-        else:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        **extra})
+        ckpt.save(run_dir, step, model, opt, extra)
 
     # 3. the loop
     log = MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
@@ -376,13 +363,13 @@ def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
     """A short sample from the trained model, on rank 0."""
     from dropless.generate import generate
     from dropless.model import Transformer
-    from dropless.parallel import checkpoint as dckpt
+    from dropless.parallel.fsdp import full_state
 
     sample_model = model
     if rt.world > 1:
         # rank 0 samples alone from the gathered weights: a decoding step of collectives across
         # every rank per token would cost far more than one gather
-        full, _ = dckpt.full_state(model)
+        full, _ = full_state(model)
         if not rt.is_main:
             return None
         sample_model = Transformer(model_cfg)

@@ -1,7 +1,9 @@
 import hashlib
 import json
+import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -13,43 +15,60 @@ import torch
 
 from conftest import subprocess_env
 from dropless import cli
-from dropless.checkpoint import CHECKPOINT, PAUSE_ENV, load_checkpoint, save_checkpoint
+from dropless.checkpoint import load_run
+from dropless.parallel import checkpoint as ckpt
+from dropless.parallel.checkpoint import PAUSE_ENV, latest_path, read_state
+from dropless.config import PRESETS
 from dropless.errors import DroplessError
-from dropless.parallel import checkpoint as dckpt
+from dropless.model import Transformer
 from dropless.train import resume_config, train
 
 
-def test_round_trip_and_no_temp_files(tmp_path):
-    state = {"step": 3, "w": torch.arange(5.0), "nested": {"s": "x", "none": None}}
-    save_checkpoint(tmp_path / CHECKPOINT, state)
-    save_checkpoint(tmp_path / CHECKPOINT, {**state, "step": 4})
-    loaded = load_checkpoint(tmp_path / CHECKPOINT)
-    assert loaded["step"] == 4 and torch.equal(loaded["w"], state["w"])
-    assert loaded["nested"] == state["nested"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+def test_round_trip_keeps_two_and_no_temp_files(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    state = {"nested": {"s": "x", "none": None, "f": 0.1}, "ints": list(range(5))}
+    for step in (3, 4, 5):
+        path = ckpt.save(tmp_path, step, model, None, {**state, "step_seen": step})
+    assert sorted(p.name for p in (tmp_path / ckpt.DCP_DIR).iterdir()) == \
+        ["step-00000004", "step-00000005"]   # the two newest, no temp directory
+    other = Transformer(PRESETS["tiny"])
+    loaded = ckpt.load(path, other)
+    assert loaded == {"step": 5, **state, "step_seen": 5}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  other.state_dict().values()))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
-def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
-    path = tmp_path / CHECKPOINT
-    save_checkpoint(path, {"w": torch.randn(1000)})
-    raw = path.read_bytes()
+@pytest.mark.parametrize("name", ["__0_0.distcp", ckpt.STATE])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage, name):
+    model = Transformer(PRESETS["tiny"])
+    path = ckpt.save(tmp_path, 1, model, None, {"w": list(range(1000))})
+    raw = (path / name).read_bytes()
     if damage == "truncate":
-        path.write_bytes(raw[: len(raw) // 2])
+        (path / name).write_bytes(raw[: len(raw) // 2])
     elif damage == "flip":
         middle = len(raw) // 2
-        path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 1]) + raw[middle + 1:])
+        (path / name).write_bytes(raw[:middle] + bytes([raw[middle] ^ 1]) + raw[middle + 1:])
     elif damage == "garbage":
-        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+        (path / name).write_bytes(b"PK\x03\x04 not a checkpoint")
     else:
-        path.write_bytes(b"")
-    with pytest.raises(DroplessError, match="corrupt or truncated"):
-        load_checkpoint(path)
+        (path / name).write_bytes(b"")
+    with pytest.raises(DroplessError, match=f"{path / name}: checkpoint file is damaged"):
+        ckpt.load(path, model)
+
+
+def test_damaged_manifest_is_a_clear_error(tmp_path):
+    model = Transformer(PRESETS["tiny"])
+    path = ckpt.save(tmp_path, 1, model)
+    (path / ckpt.MARKER).write_bytes(b"{not json")
+    with pytest.raises(DroplessError, match="not a checksum manifest"):
+        ckpt.load(path, model)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(small_cfg, tmp_path):
-    """SIGKILL a training process while it sits between its fsynced temp file and the rename:
-    the previous checkpoint must still load, and the run must resume from it."""
+    """SIGKILL a training process while it sits between its fsynced temp directory and the
+    rename: the previous checkpoint must still load, and the run must resume from it."""
     cfg = small_cfg(steps=2)
     train(cfg, progress=False)
     run = Path(cfg.out)
@@ -57,17 +76,22 @@ def test_kill_during_save_keeps_the_previous_checkpoint(small_cfg, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dropless", "train", "--resume", str(run),
                              "--steps", "4", "--quiet"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    tmp = run / ckpt.DCP_DIR / ".step-00000004.tmp"
     deadline = time.monotonic() + 120
-    while not list(run.glob(f"{CHECKPOINT}.tmp-*")):
+    while not (tmp / ckpt.MARKER).is_file():   # everything fsynced, the rename not yet done
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the save never started"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    assert load_checkpoint(run / CHECKPOINT)["step"] == 2
+    assert latest_path(run).name == "step-00000002"
+    assert read_state(latest_path(run))["step"] == 2
+    load_run(run)   # the previous checkpoint loads whole
     resumed_cfg, state = resume_config(run, {"steps": 4})
-    assert train(resumed_cfg, state=state, progress=False)["step"] == 4
-    assert sorted(p.name for p in run.glob(f"{CHECKPOINT}*")) == [CHECKPOINT]   # stale temp removed
+    with pytest.warns(UserWarning, match="removing an interrupted checkpoint save"):
+        assert train(resumed_cfg, state=state, progress=False)["step"] == 4
+    assert sorted(p.name for p in (run / ckpt.DCP_DIR).iterdir()) == \
+        ["step-00000002", "step-00000004"]   # stale temp directory removed
 
 
 def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
@@ -88,7 +112,7 @@ def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "Traceback" not in err and "interrupted at step" in out
-    step = load_checkpoint(Path(cfg.out) / CHECKPOINT)["step"]
+    step = read_state(latest_path(cfg.out))["step"]
     assert step >= 2 and f"--resume {cfg.out}" in out
     assert cli.main(["train", "--resume", cfg.out, "--steps", str(step + 1), "--quiet"]) == 0
     assert "trained tiny" in capsys.readouterr().out
@@ -109,25 +133,18 @@ class _Payload:
 def _forge(step_dir: Path, name: str, raw: bytes) -> None:
     """An attacker's edit: replace a checkpoint file and fix its checksum in the manifest."""
     (step_dir / name).write_bytes(raw)
-    manifest = json.loads((step_dir / dckpt.MARKER).read_text())
+    manifest = json.loads((step_dir / ckpt.MARKER).read_text())
     manifest["sha256"][name] = hashlib.sha256(raw).hexdigest()
-    (step_dir / dckpt.MARKER).write_text(json.dumps(manifest))
+    (step_dir / ckpt.MARKER).write_text(json.dumps(manifest))
 
 
 @pytest.fixture
 def dcp_run(small_cfg):
-    """A trained single-process run plus a newer DCP checkpoint of it (so loading reads DCP)."""
-    from dropless.checkpoint import config_from_dict
-    from dropless.model import Transformer
-
+    """A trained single-process run: its checkpoint directory and its model."""
     cfg = small_cfg(steps=2, sample_tokens=0)
     train(cfg, progress=False)
     run = Path(cfg.out)
-    state = load_checkpoint(run / CHECKPOINT)
-    model = Transformer(config_from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    extra = {k: v for k, v in state.items() if k not in ("model", "optimizer", "step")}
-    return run, dckpt.save(run, 3, model, None, extra), model
+    return run, latest_path(run), load_run(run)[0]
 
 
 def _commands(run: Path, out: Path) -> list[list[str]]:
@@ -161,20 +178,17 @@ def test_malicious_value_in_a_shard_never_runs(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dropless.config import PRESETS
-    from dropless.model import Transformer
-
     model = Transformer(PRESETS["tiny"])
     opt = torch.optim.AdamW(model.parameters())
     marker = tmp_path / "pwned"
     model_sd, optim_sd = get_state_dict(model, opt)
     optim_sd["param_groups"][0]["lr"] = _Payload(marker)
-    path = dckpt.step_dir(tmp_path, 1)
+    path = ckpt.step_dir(tmp_path, 1)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    dckpt.write_atomic(path / dckpt.MARKER, json.dumps({"step": 1, "sha256": {
-        f.name: dckpt._sha256(f) for f in path.iterdir()}}).encode())
+    ckpt.write_atomic(path / ckpt.MARKER, json.dumps({"step": 1, "sha256": {
+        f.name: ckpt._sha256(f) for f in path.iterdir()}}).encode())
     with pytest.raises(DroplessError, match="checkpoint cannot be loaded"):
-        dckpt.load(path, model, opt)
+        ckpt.load(path, model, opt)
     assert not marker.exists()
 
 
@@ -187,18 +201,23 @@ def test_bit_flipped_shard_is_refused(dcp_run, tmp_path, capsys):
     for argv in _commands(run, tmp_path):
         _fails_with(capsys, argv, f"{shard}: checkpoint file is damaged")
     with pytest.raises(DroplessError, match="damaged"):
-        dckpt.load(step_dir, model)
+        ckpt.load(step_dir, model)
 
 
 def test_checkpoint_cannot_redirect_loading(dcp_run, tmp_path, capsys):
-    """A checkpoint.pt naming a DCP directory elsewhere (here: a real, intact one) is refused."""
+    """A `.metadata` naming shard files elsewhere (here: a real, intact one of another run) is
+    refused; nothing is read from outside the checkpoint directory."""
     run, step_dir, _ = dcp_run
     victim = tmp_path / "victim"
-    victim.mkdir()
-    state = load_checkpoint(run / CHECKPOINT)
-    save_checkpoint(victim / CHECKPOINT, {**state, "step": 9, "dcp_path": str(step_dir)})
-    for argv in _commands(victim, tmp_path)[:2]:
-        _fails_with(capsys, argv, "field 'dcp_path' is not allowed")
+    shutil.copytree(run, victim)
+    victim_dir = latest_path(victim)
+    reader = ckpt._SafeReader(victim_dir)
+    elsewhere = os.path.relpath(step_dir / "__0_0.distcp", victim_dir)
+    for info in reader.metadata.storage_data.values():
+        info.relative_path = elsewhere
+    _forge(victim_dir, ".metadata", pickle.dumps(reader.metadata))
+    for argv in _commands(victim, tmp_path):
+        _fails_with(capsys, argv, f"names {elsewhere!r}, not a file of its checkpoint directory")
 
 
 # ---- one writer per run directory, and kills at any moment ------------------------------------
@@ -242,8 +261,6 @@ def test_two_writers_on_one_run_directory(small_cfg, capsys):
 def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     """SIGKILL `dropless train` at random moments (mid-step, mid-save, mid-eval, ...), restart it
     each time, then finish: the metrics and weights equal an uninterrupted run's, bitwise."""
-    from dropless.checkpoint import has_checkpoint, latest_state
-
     steps = 30
     straight = small_cfg(out=str(tmp_path / "straight"), steps=steps, ckpt_every=3,
                          eval_every=10, sample_tokens=0)
@@ -252,8 +269,8 @@ def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     rng = random.Random(16)
     metrics = Path(cfg.out) / "metrics.jsonl"
     for _ in range(3):
-        resume = ["--resume", cfg.out] if has_checkpoint(cfg.out) else []
-        if resume and latest_state(cfg.out)["step"] == steps:
+        resume = ["--resume", cfg.out] if ckpt.latest(cfg.out) is not None else []
+        if resume and read_state(latest_path(cfg.out))["step"] == steps:
             break   # a slow kill let the run finish
         logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         proc = subprocess.Popen(_train_cmd(cfg, "--steps", str(steps), "--ckpt-every", "3",
@@ -264,7 +281,7 @@ def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
         time.sleep(rng.uniform(0, 0.6))
         proc.kill()
         proc.wait()
-    if has_checkpoint(cfg.out):
+    if ckpt.latest(cfg.out) is not None:
         resumed, state = resume_config(cfg.out, {})
         assert train(resumed, state=state, progress=False)["finished"]
     else:
@@ -273,5 +290,5 @@ def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
               for x in (Path(c.out) / "metrics.jsonl").read_text().splitlines()]
              for c in (straight, cfg)]
     assert lines[0] == lines[1] and len(lines[0]) == steps
-    a, b = (load_checkpoint(Path(c.out) / CHECKPOINT)["model"] for c in (straight, cfg))
+    a, b = (load_run(c.out)[0].state_dict() for c in (straight, cfg))
     assert all(torch.equal(a[k], b[k]) for k in a)

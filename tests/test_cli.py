@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 
 from conftest import subprocess_env
 from dropless import cli
-from dropless.checkpoint import CHECKPOINT
+from dropless.checkpoint import load_run
+from dropless.parallel import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +155,17 @@ def test_run_dir_without_checkpoint(capsys, tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_damaged_checkpoint(capsys, tmp_path, trained_run, damage):
     run = tmp_path / "run"
-    run.mkdir()
-    raw = (trained_run / CHECKPOINT).read_bytes()
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
+    shard = ckpt.latest_path(run) / "__0_0.distcp"
+    raw = shard.read_bytes()
     if damage == "truncated":
         raw = raw[: len(raw) - 1000]
     else:
         raw = raw[:5000] + bytes(100) + raw[5100:]
-    (run / CHECKPOINT).write_bytes(raw)
-    _fails(capsys, ["generate", str(run)], "corrupt or truncated")
-    _fails(capsys, ["train", "--resume", str(run), "--steps", "5"], "corrupt or truncated")
+    shard.write_bytes(raw)
+    _fails(capsys, ["generate", str(run)], f"{shard}: checkpoint file is damaged")
+    _fails(capsys, ["train", "--resume", str(run), "--steps", "5"],
+           f"{shard}: checkpoint file is damaged")
 
 
 def test_resume_config_mismatch(capsys, trained_run):
@@ -172,12 +176,9 @@ def test_resume_config_mismatch(capsys, trained_run):
 
 
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
-    from dropless.checkpoint import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(trained_run / CHECKPOINT)
-    (tmp_path / "converted").mkdir()
-    save_checkpoint(tmp_path / "converted" / CHECKPOINT,
-                    {k: state[k] for k in ("model", "model_config", "tokenizer")})
+    model, _, state = load_run(trained_run)
+    ckpt.save(tmp_path / "converted", 0, model, None,
+              {k: state[k] for k in ("model_config", "tokenizer")})
     _fails(capsys, ["train", "--resume", str(tmp_path / "converted")], "without training state")
     assert cli.main(["generate", str(tmp_path / "converted"), "--max-new-tokens", "2"]) == 0
 
@@ -218,16 +219,17 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
 # ---- nothing written is lost ---------------------------------------------------------------------
 
 def test_convert_never_overwrites(capsys, tmp_path, trained_run):
-    ckpt = (trained_run / CHECKPOINT).read_bytes()
-    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(trained_run / CHECKPOINT)],
-           f"{trained_run / CHECKPOINT} already exists: refusing to overwrite it")
+    existing = trained_run / "tokenizer.json"
+    before = existing.read_bytes()
+    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(existing)],
+           f"{existing} already exists: refusing to overwrite it")
     _fails(capsys, ["convert", "--from-hf", str(tmp_path), str(trained_run)],
            f"{trained_run} already exists and is not an empty directory")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model-00001-of-00002.safetensors").write_text("stale")
     _fails(capsys, ["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")],
            "is not an empty directory: refusing to overwrite it")
-    assert (trained_run / CHECKPOINT).read_bytes() == ckpt
+    assert existing.read_bytes() == before
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
@@ -260,7 +262,7 @@ def test_full_disk_is_one_line(capsys, tmp_path, corpus, monkeypatch):
                      str(tmp_path / "cache"), "--steps", "1", "--sample-tokens", "0"]) == 1
     err = capsys.readouterr().err   # one line naming the file it could not write
     assert re.fullmatch(rf"dropless: error: {tmp_path}/\S+: No space left on device\n", err), err
-    assert not list(out.glob(f"{CHECKPOINT}*")) and not list(tmp_path.glob("cache/*"))
+    assert not (out / ckpt.DCP_DIR).exists() and not list(tmp_path.glob("cache/*"))
 
 
 def test_read_only_directory_is_one_line(capsys, tmp_path, corpus):

@@ -4,14 +4,13 @@ default of `dropless train`, reproduced on CPU), pure bf16, fallbacks reported, 
 import copy
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import oracle, rel_err
 
 from dropless import MoE, MoEConfig, ops
-from dropless.checkpoint import load_checkpoint
+from dropless.parallel import checkpoint as ckpt
 from dropless.config import PRESETS
 from dropless.model import Transformer
 from dropless.train import train
@@ -136,8 +135,8 @@ def test_train_each_precision_learns(small_cfg, precision):
     summary = train(small_cfg(steps=30, warmup=3, eval_every=30, precision=precision,
                               sample_tokens=0), progress=False)
     assert summary["precision"] == precision
-    state = load_checkpoint(Path(summary["run_dir"]) / "checkpoint.pt")
-    dtype = state["model"]["layers.0.ffn.experts.gate_up"].dtype
+    metadata = ckpt._SafeReader(ckpt.latest_path(summary["run_dir"])).metadata
+    dtype = metadata.state_dict_metadata["model.layers.0.ffn.experts.gate_up"].properties.dtype
     assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     losses = [json.loads(line)["loss"] for line in
               open(f"{summary['run_dir']}/metrics.jsonl").read().splitlines()]

@@ -20,7 +20,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from dropless import ModelConfig, MoEConfig, Transformer  # noqa: E402
-from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint  # noqa: E402
+from dropless.checkpoint import config_to_dict  # noqa: E402
+from dropless.parallel.checkpoint import save  # noqa: E402
 from dropless.generate import greedy_recompute  # noqa: E402
 from dropless.serve.engine import Engine  # noqa: E402
 from dropless.serve.server import create_app  # noqa: E402
@@ -44,10 +45,8 @@ def run_dir(tmp_path_factory):
                       max_seq_len=CONTEXT, moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4,
                                                          top_k=2))
     path = tmp_path_factory.mktemp("serve") / "tiny-run"
-    path.mkdir()
-    save_checkpoint(path / CHECKPOINT, {"model_config": config_to_dict(cfg),
-                                        "model": Transformer(cfg).state_dict(),
-                                        "tokenizer": ByteTokenizer().to_json(), "step": 0})
+    save(path, 0, Transformer(cfg), None, {"model_config": config_to_dict(cfg),
+                                           "tokenizer": ByteTokenizer().to_json()})
     return path
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dropless.checkpoint import CHECKPOINT, load_checkpoint, load_run
+from dropless.checkpoint import load_run
+from dropless.parallel.checkpoint import latest_path, read_state
 from dropless.config import TrainConfig
 from dropless.optim import lr_at, make_optimizer
 from dropless.train import resume_config, train
@@ -27,7 +28,7 @@ def test_tiny_model_learns(small_cfg):
     load = records[-1]["expert_load"]
     assert len(load) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in load)   # layers x experts
     assert "val_loss" in records[-1] and "val_loss" not in records[0]
-    for name in ("loss.png", "expert_load.png", "tokenizer.json", CHECKPOINT):
+    for name in ("loss.png", "expert_load.png", "tokenizer.json", "dcp/step-00000050/COMPLETE"):
         assert (Path(summary["run_dir"]) / name).is_file()
     assert summary["sample"].startswith("def ")
 
@@ -44,7 +45,7 @@ def test_resume_is_bitwise_exact(small_cfg, tmp_path):
     split = replace(straight, out=str(tmp_path / "split"))
     first = train(split, progress=False, on_step=ctrl_c_at_3)
     assert not first["finished"] and first["step"] == 3
-    assert load_checkpoint(tmp_path / "split" / CHECKPOINT)["step"] == 3
+    assert read_state(latest_path(tmp_path / "split"))["step"] == 3
     cfg, state = resume_config(tmp_path / "split", {})
     assert cfg == split
     second = train(cfg, state=state, progress=False)
@@ -63,8 +64,7 @@ def test_resume_is_bitwise_exact(small_cfg, tmp_path):
 
 def test_bpe_run_stores_its_tokenizer_and_sizes_the_model(small_cfg, tmp_path):
     summary = train(small_cfg(tokenizer="bpe", vocab=400, steps=2), progress=False)
-    state = load_checkpoint(Path(summary["run_dir"]) / CHECKPOINT)
-    model, tok, _ = load_run(summary["run_dir"])
+    model, tok, state = load_run(summary["run_dir"])
     assert 256 < tok.vocab_size <= 400
     assert state["model_config"]["vocab_size"] == tok.vocab_size == model.embed.num_embeddings
     assert (Path(summary["run_dir"]) / "tokenizer.json").read_text() == tok.to_json()
@@ -99,9 +99,9 @@ def test_saved_model_config_records_the_backend_that_ran(small_cfg):
     first = train(small_cfg(steps=2, eval_every=2, backend="reference", sample_tokens=0),
                   progress=False)
     run = Path(first["run_dir"])
-    assert load_checkpoint(run / CHECKPOINT)["model_config"]["moe"]["backend"] == "reference"
+    assert read_state(latest_path(run))["model_config"]["moe"]["backend"] == "reference"
     model, _, _ = load_run(run)
     assert {moe.experts.backend for moe in model.moe_layers()} == {"reference"}
     cfg, state = resume_config(run, {"steps": 3, "backend": "grouped"})
     assert train(cfg, state=state, progress=False)["finished"]
-    assert load_checkpoint(run / CHECKPOINT)["model_config"]["moe"]["backend"] == "grouped"
+    assert read_state(latest_path(run))["model_config"]["moe"]["backend"] == "grouped"

@@ -1,5 +1,5 @@
 """Scale-out on torch.distributed, applied from outside the model: mesh, expert parallelism (an
-all-to-all dispatcher), FSDP2/HSDP, distributed checkpoints. Importing sets nothing up."""
+all-to-all dispatcher), FSDP2/HSDP, the torchrun runtime. Importing sets nothing up."""
 
 from __future__ import annotations
 

@@ -1,16 +1,24 @@
-"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own
-shards; a checkpoint loads at any mesh (or in one process) with identical params and AdamW state.
+"""Checkpoints, one format for one process and many: torch.distributed.checkpoint (DCP). Every rank
+writes its own shards (one process writes them all, no process group needed); a checkpoint loads at
+any mesh, or in one process, with identical params and AdamW state: DCP reshards.
 
-Layout: RUN_DIR/dcp/step-00000010/ holds the DCP files (`.metadata`, `__<rank>_0.distcp`), `extra.pt`
-(plain values from rank 0: step, schedule, data state, RNG, configs) and, written LAST by rank 0
-after a barrier, the completion marker `COMPLETE`: JSON with the step and the sha256 of every other
-file. A directory without the marker (a crash during the save) is skipped with a warning and the
-previous checkpoint is used, so a kill mid-save loses at most the steps since the previous one.
+Layout: RUN_DIR/dcp/step-00000010/ holds the DCP files (`.metadata`, `__<rank>_0.distcp`),
+`state.json` (plain values from rank 0: step, schedule, data key, RNG, log window, configs,
+tokenizer) and `COMPLETE`: JSON with the step and the sha256 of every other file. The two newest
+checkpoints are kept.
 
-Trust: loading verifies every file against the marker's checksums first (a damaged shard is an
-error naming the file, never weights of 3e38), and nothing read runs code: `.metadata` (a pickle)
-goes through an unpickler that admits only DCP's own metadata classes, and non-tensor values load
-with `weights_only=True` (torch's defaults unpickle both without restriction).
+Atomicity: every rank writes into `dcp/.step-00000010.tmp` (DCP fsyncs its files); after a barrier
+rank 0 writes the manifest, renames the directory into place and fsyncs `dcp/`. A kill at any moment
+leaves the previous checkpoint whole; the next save removes the interrupted temp directory.
+
+Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
+the file, never weights of 3e38), and nothing read runs code or reaches outside its directory:
+`.metadata` (a pickle) goes through an unpickler that admits only DCP's own metadata classes and
+must name only files beside it, non-tensor values in the shards load with `weights_only=True`, and
+the rest is JSON.
+
+It lives in parallel/ because it is torch.distributed, which nothing outside parallel/ imports; run
+directories (the lock, loading a run for generation) are `dropless.checkpoint`'s, on top of this.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -30,15 +39,47 @@ import torch.nn as nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dropless.checkpoint import PAUSE_ENV, write_atomic
 from dropless.errors import DroplessError
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
-EXTRA = "extra.pt"
+STATE = "state.json"
+KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
+# test hook: seconds to sleep between the fsynced temp file (or directory) and its rename
+PAUSE_ENV = "DROPLESS_SAVE_PAUSE_S"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pause() -> None:
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
+
+
+def write_atomic(path: Path, *chunks: bytes) -> None:
+    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
+        stale.unlink()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:   # a full disk: name the file (write errors carry no filename)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _rank() -> int:
@@ -54,23 +95,40 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / DCP_DIR / f"step-{step:08d}"
 
 
-def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
-         extra: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    path = step_dir(run_dir, step)
+def _state_dicts(model: nn.Module, optimizer) -> dict:
+    """What DCP saves and loads: the model's (and optimizer's) state keyed by parameter name."""
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=path)
+    return {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+
+
+def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
+         state: dict | None = None) -> Path:
+    """Collective: every rank calls it (or one process). `state`: JSON values saved beside the
+    tensors. Returns the checkpoint directory."""
+    path = step_dir(run_dir, step)
+    tmp = path.with_name(f".{path.name}.tmp")
     if _rank() == 0:
-        torch.save({"step": step, **(extra or {})}, path / EXTRA)
-    _barrier()   # every rank's shards are on disk before the marker says so
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".step-*.tmp"):
+            warnings.warn(f"{stale}: removing an interrupted checkpoint save", stacklevel=2)
+            shutil.rmtree(stale)
+    _barrier()   # the temp directory is fresh before any rank writes into it
+    with warnings.catch_warnings():   # "no process group: saving in one process" is intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
     if _rank() == 0:
-        sums = {f.name: _sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
-        if os.environ.get(PAUSE_ENV):   # test hook: the kill window before the marker
-            time.sleep(float(os.environ[PAUSE_ENV]))
-        write_atomic(path / MARKER, json.dumps({"step": step, "sha256": sums}).encode())
+        write_atomic(tmp / STATE, json.dumps({"step": step, **(state or {})}).encode())
+    _barrier()   # every rank's shards are on disk before the manifest says so
+    if _rank() == 0:
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": sums}).encode())
+        _pause()   # test hook: the kill window before the rename
+        if path.exists():   # an older save of this step without its manifest (see latest)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        for old in sorted(path.parent.glob("step-*"))[:-KEEP]:
+            shutil.rmtree(old)
     _barrier()
     return path
 
@@ -81,7 +139,7 @@ def _sha256(path: Path) -> str:
 
 
 def _verify(path: Path, names: list[str] | None = None) -> None:
-    """Check `names` (default: every file the marker lists) against the marker's checksums."""
+    """Check `names` (default: every file the manifest lists) against the manifest's checksums."""
     try:
         sums = json.loads((path / MARKER).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -124,6 +182,10 @@ class _SafeReader(dcp.FileSystemReader):
                 self.metadata = _MetadataUnpickler(f).load()
         except Exception as e:   # anything but DCP's metadata is refused, never run
             raise DroplessError(f"{path / '.metadata'}: not a DCP metadata file ({e})") from None
+        for info in (self.metadata.storage_data or {}).values():
+            if Path(info.relative_path).name != info.relative_path:
+                raise DroplessError(f"{path / '.metadata'}: names {info.relative_path!r}, not a "
+                                    "file of its checkpoint directory")
         self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
 
     def read_metadata(self, *args, **kwargs):
@@ -141,28 +203,35 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory; incomplete ones are skipped with a warning."""
+    """The newest complete checkpoint directory; one without its manifest is skipped with a
+    warning."""
     root = Path(run_dir) / DCP_DIR
     for path in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
         if (path / MARKER).is_file():
             return path
-        warnings.warn(f"{path}: incomplete checkpoint (no {MARKER} marker: the save was "
-                      "interrupted); skipping it and using the previous one", stacklevel=2)
+        warnings.warn(f"{path}: incomplete checkpoint (no {MARKER} manifest); skipping it and "
+                      "using the previous one", stacklevel=2)
     return None
 
 
-def read_extra(path: Path) -> dict:
-    _verify(path, [EXTRA])
-    return torch.load(path / EXTRA, weights_only=True)
+def read_state(path: Path) -> dict:
+    """The JSON values saved with the checkpoint at `path`, step included."""
+    _verify(path, [STATE])
+    return json.loads((path / STATE).read_text())
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    path = latest(run_dir)
+    if path is None:
+        raise DroplessError(f"{run_dir}: no checkpoint found (no complete {DCP_DIR}/step-*); "
+                            "is this a run directory of `dropless train`?")
+    return path
 
 
 def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     """Load into `model` (and `optimizer`) as laid out NOW (any mesh, or one process without a
-    process group); DCP reshards. Returns the extra dict saved with it."""
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
+    process group); DCP reshards. Returns the JSON state saved with it."""
+    state = _state_dicts(model, optimizer)
     _verify(path)   # every rank reads every file once more: the price of knowing they are intact
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
@@ -174,25 +243,4 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
                             f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
-    return read_extra(path)
-
-
-def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
-    """Unsharded (model, optimizer) state dicts on CPU, keyed by parameter name; collective, and
-    only rank 0 receives them (the others get empty dicts)."""
-    return get_state_dict(model, optimizer if optimizer is not None else [],
-                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def convert(run_dir: str | Path, out: str | Path) -> int:
-    """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest complete checkpoint (DCP
-    from any mesh, or a single-process checkpoint.pt) as one safetensors file, every expert present
-    once and tied weights under each name. Returns the number of tensors."""
-    from safetensors.torch import save_file
-
-    from dropless.checkpoint import load_run
-
-    model = load_run(run_dir)[0]
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out))
-    return len(tensors)
+    return read_state(path)

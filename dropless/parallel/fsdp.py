@@ -72,3 +72,12 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     for group in by_mesh.values():   # foreach ops cannot mix meshes: one call per mesh
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
+    """Unsharded (model, optimizer) state dicts on CPU, keyed by parameter name; collective, and
+    only rank 0 receives them (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer if optimizer is not None else [],
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,9 +1,9 @@
 """The quantized run directory: load a source (run or Hugging Face directory), pick calibration
 windows, quantize, and write the result atomically (a temp directory renamed into place).
 
-A quantized run directory is a run directory (`checkpoint.pt` + `tokenizer.json`) whose checkpoint
-also holds `quant` (the QuantConfig): `checkpoint.load_run` then swaps the packed modules in before
-loading. The source's `train_config` is kept, so `dropless eval` finds the same validation split.
+A quantized run directory is a run directory (one DCP checkpoint, step 0, + `tokenizer.json`) whose
+saved state also holds `quant` (the QuantConfig): `checkpoint.load_run` then swaps the packed modules
+in before loading. The source's `train_config` is kept, so `dropless eval` finds the same validation split.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                  calib_seq_len: int = 512, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict:
     """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes)."""
-    from dropless.checkpoint import CHECKPOINT, config_to_dict, save_checkpoint
+    from dropless.checkpoint import config_to_dict
+    from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
 
@@ -104,8 +105,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                              for m in model.moe_layers()) * 2   # as bf16
     quantize_model(model, tokens, qcfg, progress=progress)
     state = {"model_config": config_to_dict(model.cfg), "quant": asdict(qcfg),
-             "model": {k: v.cpu() for k, v in model.state_dict().items()},
-             "tokenizer": tok.to_json(), "step": 0}
+             "tokenizer": tok.to_json()}
     if train_config is not None:
         state["train_config"] = train_config
     # 1. everything into a temp directory beside OUT; 2. rename it into place
@@ -113,7 +113,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_checkpoint(tmp / CHECKPOINT, state)
+        save(tmp, 0, model, state=state)
         (tmp / "tokenizer.json").write_text(tok.to_json())
         if out.exists():
             out.rmdir()   # empty (checked above): rename cannot replace it otherwise

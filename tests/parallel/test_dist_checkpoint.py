@@ -1,5 +1,5 @@
 """DCP: saved at (dp_shard=2, ep=2) on 4 ranks, loaded at ep=2 on 2 ranks and in one process with
-identical params and AdamW state; an incomplete checkpoint is skipped; convert keeps every expert;
+identical params and AdamW state; a checkpoint without its manifest is skipped; convert keeps every expert;
 every file is checksummed (a flipped bit in any rank's shard is refused) and a forged `.metadata`
 never runs."""
 
@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from _dist import device, launch, layouts
 from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict
+from dropless.convert import convert_to_safetensors
 from dropless.errors import DroplessError
 from dropless.parallel import ParallelConfig, build_mesh, parallelize
 from dropless.parallel import checkpoint as ckpt
+from dropless.parallel.fsdp import full_state
 from dropless.tokenizer import ByteTokenizer
 
 CFG = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
@@ -43,7 +45,7 @@ def save_body(rank, world, run_dir):
         opt.zero_grad()
         ckpt.save(run_dir, step, model, opt, {"model_config": config_to_dict(CFG),
                                               "tokenizer": ByteTokenizer().to_json()})
-        full = ckpt.full_state(model, opt)
+        full = full_state(model, opt)
         if rank == 0:
             torch.save(full, f"{run_dir}/full-{step}.pt")
 
@@ -64,7 +66,7 @@ def load_body(rank, world, run_dir):
     path = ckpt.latest(run_dir)
     assert path.name == "step-00000002"
     assert ckpt.load(path, model, opt)["step"] == 2
-    full = ckpt.full_state(model, opt)   # gathered on rank 0 only
+    full = full_state(model, opt)   # gathered on rank 0 only
     if rank == 0:
         assert_same(full, torch.load(f"{run_dir}/full-2.pt"))
 
@@ -81,28 +83,28 @@ def test_elastic_resume_incomplete_and_convert(tmp_path, world, backend):
     model, opt = build()
     ckpt.load(ckpt.latest(run_dir), model, opt)
     expected = torch.load(f"{run_dir}/full-2.pt")
-    assert_same(ckpt.full_state(model, opt), expected)
+    assert_same(full_state(model, opt), expected)
     # convert: one file, every expert present once and equal to the trained experts
-    n = ckpt.convert(run_dir, tmp_path / "model.safetensors")
+    n = convert_to_safetensors(run_dir, tmp_path / "model.safetensors")
     tensors = load_file(tmp_path / "model.safetensors")
     assert n == len(tensors) == len(expected[0])
     for k, v in expected[0].items():
         assert torch.equal(tensors[k], v), k
     assert tensors["layers.0.ffn.experts.gate_up"].shape[0] == CFG.moe.num_experts
-    # a save killed before its marker: skipped with a warning, the previous checkpoint loads
+    # a checkpoint without its manifest: skipped with a warning, the previous checkpoint loads
     (ckpt.step_dir(run_dir, 2) / ckpt.MARKER).unlink()
     with pytest.warns(UserWarning, match="incomplete checkpoint"):
         path = ckpt.latest(run_dir)
     assert path.name == "step-00000001"
     model, opt = build()
     ckpt.load(path, model, opt)
-    assert_same(ckpt.full_state(model, opt), torch.load(f"{run_dir}/full-1.pt"))
+    assert_same(full_state(model, opt), torch.load(f"{run_dir}/full-1.pt"))
 
     # integrity: every rank's shard is in the manifest; one flipped bit in any of them is refused
     path = ckpt.step_dir(run_dir, 1)
     manifest = json.loads((path / ckpt.MARKER).read_text())
     assert sorted(manifest["sha256"]) == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
-                                          ckpt.EXTRA]
+                                          ckpt.STATE]
     shard = path / "__3_0.distcp"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:])

@@ -1,5 +1,5 @@
-"""Faults under torchrun: rank 0 killed while it saves (after every rank wrote its shards, before the
-COMPLETE marker) under --max-restarts 1: the job restarts from the previous complete checkpoint,
+"""Faults under torchrun: rank 0 killed while it saves (after every rank wrote its shards into the
+temp directory, before the rename) under --max-restarts 1: the job restarts from the previous complete checkpoint,
 losing only the steps since, and the final parameters equal an uninterrupted run's, bitwise. On the
 CPU (gloo): bitwise resume is a CPU promise (on CUDA, attention's backward accumulates atomically).
 The launcher killed: its workers stop too, instead of training on unsupervised."""
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dropless.checkpoint import PAUSE_ENV, config_from_dict
+from dropless.checkpoint import config_from_dict
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
+from dropless.parallel.checkpoint import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ def stop(job: subprocess.Popen) -> None:
 
 
 def local_rank_0(pid: int) -> int:
-    """The worker of torchrun `pid` with LOCAL_RANK=0 (it writes the completion markers)."""
+    """The worker of torchrun `pid` with LOCAL_RANK=0 (it writes the manifests and renames)."""
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
         if b"LOCAL_RANK=0\0" in Path(f"/proc/{child}/environ").read_bytes():
             return int(child)
@@ -62,7 +63,7 @@ def last_logged_step(run_dir: Path) -> int:
 def final_params(run_dir: Path) -> dict:
     path = ckpt.latest(run_dir)
     assert path.name == "step-00000016"
-    model = Transformer(config_from_dict(ckpt.read_extra(path)["model_config"]))
+    model = Transformer(config_from_dict(ckpt.read_state(path)["model_config"]))
     ckpt.load(path, model)
     return model.state_dict()
 
@@ -78,9 +79,10 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, corpus):
 
     job = torchrun(tmp_path / "killed", corpus, cache, **{PAUSE_ENV: "2"})
     step_10 = ckpt.step_dir(tmp_path / "killed", 10)
+    tmp_10 = step_10.with_name(f".{step_10.name}.tmp")
     try:
-        # the step-10 save has written its shards (.metadata comes last) and waits for its marker
-        while not (step_10 / ".metadata").exists() or not (step_10 / ckpt.EXTRA).exists():
+        # the step-10 save has written its shards and manifest and waits to rename them into place
+        while not (tmp_10 / ckpt.MARKER).exists():
             assert job.poll() is None, log_tail(tmp_path / "killed")
             time.sleep(0.02)
         os.kill(local_rank_0(job.pid), signal.SIGKILL)
@@ -88,7 +90,8 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, corpus):
     finally:
         stop(job)
     log = (tmp_path / "killed.log").read_text()
-    assert "incomplete checkpoint" in log   # the restart skipped step 10 and resumed at step 5
+    # the restart found no step 10, resumed at step 5 and cleared the interrupted save
+    assert "removing an interrupted checkpoint save" in log
     assert last_logged_step(tmp_path / "killed") == 16
 
     expected, got = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
