@@ -212,6 +212,7 @@ class Engine:
         self.positions_B[rows].add_(1).clamp_(max=self.max_len - 1)
         self.steps_B[rows].add_(1)
 
+    @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
     def _run_decode(self, b: int, greedy: bool) -> None:
         if not self.cuda_graphs:
             self.decode_fn(b, greedy)
