@@ -51,6 +51,15 @@ def test_decode_step_matches_forward(kind, compile):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["moe", "mla"])
+def test_decode_step_matches_forward_bf16(kind):
+    model = _model(kind).to(torch.bfloat16)
+    seqs, out = _step_logits(model, False)
+    with torch.no_grad():
+        ref = torch.stack([model(torch.tensor([s]))[0][0, -1] for s in seqs])
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+
+
 def test_compiled_decode_equals_eager():
     model = _model("moe")
     assert torch.equal(_step_logits(model, False)[1].argmax(-1),
