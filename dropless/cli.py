@@ -85,6 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step "
+                                                            "(slower start, faster steps)")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
     srv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR")
@@ -241,7 +243,8 @@ def _generate(args) -> int:
 
     start = time.perf_counter()
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token)
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token,
+                    compile=args.compile)
     elapsed = time.perf_counter() - start
     if streaming:
         sys.stdout.write(decoders[0].decode(b"", final=True) + "\n")

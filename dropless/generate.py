@@ -47,10 +47,12 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
     stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
-    prompt is a request in its own cache slot; row b samples with seed `seed + b`."""
+    prompt is a request in its own cache slot; row b samples with seed `seed + b`. `compile`:
+    torch.compile the engine's decode step (Engine(compile=True))."""
     from dropless.serve.request import Request, SamplingParams
 
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -63,7 +65,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     was_training = model.training
-    engine = _engine_for(model, B, T + max_new_tokens)
+    engine = _engine_for(model, B, T + max_new_tokens, compile)
     requests = []
     for b, prompt in enumerate(prompts):
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -81,17 +83,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 _ENGINES: dict[int, tuple] = {}
 
 
-def _engine_for(model: Transformer, batch: int, max_len: int):
+def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool = False):
     """An engine for this model and shape; on CUDA the last one is kept (with its captured decode
     graphs) and reused by the next call of the same shape on the same weights."""
     from dropless.serve.engine import Engine
 
     p = next(model.parameters())
-    key = (batch, max_len, p.device, p.dtype, p.data_ptr())
+    key = (batch, max_len, p.device, p.dtype, p.data_ptr(), compile)
     kept = _ENGINES.get(id(model))
     if kept is not None and kept[0] == key and kept[1].model is model:
         return kept[1]
-    engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,))
+    engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,), compile=compile)
     if p.device.type == "cuda":
         _ENGINES.clear()   # one kept engine at a time: its KV cache holds device memory
         _ENGINES[id(model)] = (key, engine)

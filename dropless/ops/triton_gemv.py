@@ -36,10 +36,11 @@ def _kernels():
     return gate_up, down, {}
 
 
-def experts_gemv(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EDF2: Tensor,
-                 down_EFD: Tensor) -> Tensor:
-    """y_TD = sum_k weights[t, k] * swiglu_{ids[t, k]}(x[t]); the combine is a [T, 1, K] bmm in
-    the activation dtype, as the training path's."""
+@torch.library.custom_op("dropless::experts_gemv_rows", mutates_args=())
+def experts_gemv_rows(x_TD: Tensor, expert_ids_TK: Tensor, gate_up_EDF2: Tensor,
+                      down_EFD: Tensor) -> Tensor:
+    """y_RD: row t*K + k = swiglu_{ids[t, k]}(x[t]), uncombined. A custom op: opaque to
+    torch.compile (which would otherwise trace into the launches and the autotuner)."""
     T, K = expert_ids_TK.shape
     D, F = x_TD.shape[1], down_EFD.shape[1]
     assert gate_up_EDF2.is_contiguous() and down_EFD.is_contiguous()
@@ -53,5 +54,19 @@ def experts_gemv(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_u
                                                             D, F, K, **blocks)
         down[lambda meta: (R, -(-D // meta["BLOCK_N"]))](h_RF, ids_R, down_EFD, y_RD, F, D,
                                                         **blocks)
+    return y_RD
+
+
+@experts_gemv_rows.register_fake
+def _(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD):
+    return x_TD.new_empty(expert_ids_TK.numel(), x_TD.shape[1])
+
+
+def experts_gemv(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EDF2: Tensor,
+                 down_EFD: Tensor) -> Tensor:
+    """y_TD = sum_k weights[t, k] * swiglu_{ids[t, k]}(x[t]); the combine is a [T, 1, K] bmm in
+    the activation dtype, as the training path's."""
+    T, K = expert_ids_TK.shape
+    y_RD = experts_gemv_rows(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD)
     w_T1K = weights_TK.to(y_RD.dtype).unsqueeze(1)
-    return torch.bmm(w_T1K, y_RD.view(T, K, D)).squeeze(1)
+    return torch.bmm(w_T1K, y_RD.view(T, K, -1)).squeeze(1)

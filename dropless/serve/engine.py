@@ -28,7 +28,7 @@ from collections import deque
 import torch
 
 from dropless.model import Transformer, rope_tables
-from dropless.serve.moe_decode import moe_decode
+from dropless.serve.decode import decode_blocks, make_step
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
@@ -138,9 +138,9 @@ class Engine:
 
     # ---- the model, run over slots of the cache ---------------------------------------------
 
-    def _hidden(self, tokens_BT, positions_BT, caches, decode: bool) -> torch.Tensor:
-        """The model's blocks (as Block.forward), with the decode MoE path for decode steps; the
-        RoPE tables are computed once for all layers."""
+    def _hidden(self, tokens_BT, positions_BT, caches) -> torch.Tensor:
+        """The model's blocks (as Block.forward) over a prompt chunk; the RoPE tables are
+        computed once for all layers."""
         cfg = self.model.cfg
         rope = rope_tables(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size,
                            positions_BT, cfg.rope_theta)
@@ -148,10 +148,7 @@ class Engine:
         for layer, cache in zip(self.model.layers, caches):
             x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache, rope=rope)
             h = layer.ffn_norm(x)
-            if not layer.is_moe:
-                x = x + layer.ffn(h)
-            else:
-                x = x + (moe_decode(layer.ffn, h, self.moe_path) if decode else layer.ffn(h)[0])
+            x = x + (layer.ffn(h)[0] if layer.is_moe else layer.ffn(h))
         return x
 
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -171,8 +168,7 @@ class Engine:
             positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
         rows = slice(slots[0], slots[-1] + 1)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
-        x_nTD = self._hidden(tokens_nT.to(self.device), positions_nT.to(self.device), caches,
-                             decode=False)
+        x_nTD = self._hidden(tokens_nT.to(self.device), positions_nT.to(self.device), caches)
         done = []
         for i, (r, chunk) in enumerate(zip(requests, chunks)):
             r.prefilled += len(chunk)
@@ -202,8 +198,10 @@ class Engine:
         """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
-        x = self._hidden(self.tokens_B[rows].unsqueeze(1), self.positions_B[rows].unsqueeze(1),
-                         caches, decode=True)
+        # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
+        x_bD = self.model.embed(self.tokens_B[rows])
+        step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype)
+        x = decode_blocks(self.model, x_bD, caches, step, self.moe_path).unsqueeze(1)
         logits_bV = self._logits(x[:, -1])
         if greedy:
             next_b = logits_bV.argmax(-1)
@@ -214,6 +212,7 @@ class Engine:
         self.positions_B[rows].add_(1).clamp_(max=self.max_len - 1)
         self.steps_B[rows].add_(1)
 
+    @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
     def _run_decode(self, b: int, greedy: bool) -> None:
         if not self.cuda_graphs:
             self.decode_fn(b, greedy)

@@ -24,16 +24,33 @@ import torch.nn.functional as F
 
 from dropless.experts import Experts
 from dropless.moe import MoE
-from dropless.ops.triton_gemv import experts_gemv   # imports triton only when first run
+from dropless.ops.triton_gemv import experts_gemv_rows   # imports triton when first run
 from dropless.router import Router, select_experts
 
 
 def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK, expert_ids_TK) exactly as Router.forward selects them, without the balance
-    and z losses (a dozen kernels per layer that decoding throws away)."""
+    """(weights_TK, expert_ids_TK) as Router.forward selects them, without the balance and z
+    losses (a dozen kernels per layer that decoding throws away).
+
+    The logits are float32 from x as it comes: on CUDA one bf16 GEMM with float32 output (the
+    products of bf16 values are exact in float32, as after Router's upcast), elsewhere the upcast.
+    Plain softmax top-k (no bias, no groups) takes the top-k of the logits, whose order is the
+    scores', and renormalises as a softmax over those k logits, which equals the renormalised
+    scores: three kernels where the general path takes nine."""
     cfg = router.cfg
     dtype = torch.promote_types(x_TD.dtype, torch.float32)
-    logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
+    if x_TD.device.type == "cuda" and x_TD.dtype in (torch.bfloat16, torch.float16) and (
+            router.weight.dtype == x_TD.dtype):
+        logits_TE = torch.mm(x_TD, router.weight.t(), out_dtype=torch.float32)
+    else:
+        logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
+    if cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None:
+        top_TK, expert_ids_TK = logits_TE.topk(cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            weights_TK = top_TK.softmax(-1)
+        else:
+            weights_TK = logits_TE.softmax(-1).gather(1, expert_ids_TK)
+        return (weights_TK if cfg.route_scale == 1 else weights_TK * cfg.route_scale), expert_ids_TK
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
     return select_experts(scores_TE, router.bias, cfg)
 
@@ -46,42 +63,56 @@ def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str 
     return "triton" if device_type == "cuda" else "gather"
 
 
-def experts_gather(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+def experts_gather(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    """y_TKD: each token through each of its experts, the weights gathered per row."""
     T, K = expert_ids_TK.shape
     ids_R = expert_ids_TK.reshape(-1)
     x_R1D = x_TD.repeat_interleave(K, dim=0).unsqueeze(1)
     h_R1F2 = torch.bmm(x_R1D, gate_up_EDF2[ids_R])
     gate, up = h_R1F2.chunk(2, dim=-1)
-    y_R1D = torch.bmm(F.silu(gate) * up, down_EFD[ids_R])
-    w_T1K = weights_TK.to(y_R1D.dtype).unsqueeze(1)
-    return torch.bmm(w_T1K, y_R1D.view(T, K, -1)).squeeze(1)
+    return torch.bmm(F.silu(gate) * up, down_EFD[ids_R]).view(T, K, -1)
 
 
-def experts_dense(x_TD, weights_TK, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
-    T, E = x_TD.shape[0], gate_up_EDF2.shape[0]
+def experts_triton(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    T, K = expert_ids_TK.shape
+    return experts_gemv_rows(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD).view(T, K, -1)
+
+
+def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
+    """y_TED: every token through every expert."""
     h_ETF2 = torch.matmul(x_TD.unsqueeze(0), gate_up_EDF2)
     gate, up = h_ETF2.chunk(2, dim=-1)
-    y_ETD = torch.bmm(F.silu(gate) * up, down_EFD)
-    # routing weights scattered to [T, E]; the unchosen experts' outputs get weight 0
-    w_TE = torch.zeros(T, E, dtype=weights_TK.dtype, device=x_TD.device).scatter(
-        1, expert_ids_TK, weights_TK)
-    w_T1E = w_TE.to(y_ETD.dtype).unsqueeze(1)
-    return torch.bmm(w_T1E, y_ETD.transpose(0, 1)).squeeze(1)
+    return torch.bmm(F.silu(gate) * up, down_EFD).transpose(0, 1)
 
 
-def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """y = the layer's output for x [..., D] (no aux losses); `path` forces "triton", "gather" or
-    "dense"."""
+def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = the layer's output for x [..., D] (no aux losses), plus `residual` if given (folded
+    into the combine's baddbmm: one kernel less); `path` forces "triton", "gather" or "dense"."""
     x_TD = x.reshape(-1, moe.cfg.dim)
+    T = x_TD.shape[0]
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
     if not isinstance(experts, Experts):   # int4 experts (dropless.quant) decode from packed weights
         y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
+        if residual is not None:
+            y_TD = residual.reshape(T, -1) + y_TD
     else:
-        path = path or choose_path(x_TD.shape[0], moe.cfg.top_k, moe.cfg.num_experts,
-                                   x.device.type)
-        run = {"triton": experts_gemv, "gather": experts_gather, "dense": experts_dense}[path]
-        y_TD = run(x_TD, weights_TK, expert_ids_TK, experts.gate_up, experts.down)
+        path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
+        if path == "dense":
+            # routing weights scattered to [T, E]; the unchosen experts' outputs get weight 0
+            w_TX = torch.zeros(T, moe.cfg.num_experts, dtype=weights_TK.dtype,
+                               device=x.device).scatter(1, expert_ids_TK, weights_TK)
+            y_TXD = experts_dense(x_TD, experts.gate_up, experts.down)
+        else:
+            run = experts_triton if path == "triton" else experts_gather
+            w_TX, y_TXD = weights_TK, run(x_TD, expert_ids_TK, experts.gate_up, experts.down)
+        # the combine: a [T, 1, K] (or [T, 1, E]) bmm in the activation dtype, as training's
+        w_T1X = w_TX.to(y_TXD.dtype).unsqueeze(1)
+        if residual is None:
+            y_TD = torch.bmm(w_T1X, y_TXD).squeeze(1)
+        else:
+            y_TD = torch.baddbmm(residual.reshape(T, 1, -1), w_T1X, y_TXD).squeeze(1)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
         if moe.shared_gate is not None:

@@ -1,0 +1,113 @@
+"""Kernels (CUDA) or aten ops (CPU) of one engine decode step, per layer, for a preset.
+
+    python benchmarks/decode_kernels.py --preset medium                 # H200: eager and compiled
+    python benchmarks/decode_kernels.py --preset tiny --device cpu      # aten ops, eager
+
+One step = `Engine._decode(b, greedy=True)` on random weights (bf16 on CUDA, fp32 on the CPU), run
+outside a CUDA graph so that each launch is seen. Per layer = count(2 layers) - count(1 layer) of
+the preset cut to that depth (the first layer kept MoE), so the embedding, LM head, argmax and
+buffer updates fall out; "rest" is what the step spends outside the layers. On the CPU the count
+is of aten ops that touch data (views, reshapes and allocations excluded: they launch nothing), a
+proxy for CUDA kernels; torch.compile is counted on CUDA only (its CPU kernels are not aten ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dropless import Transformer, get_preset
+from dropless.serve import Engine
+
+# aten ops that only make views or allocate: no kernel
+FREE = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute",
+        "slice", "select", "as_strided", "alias", "detach", "empty", "empty_strided", "reshape",
+        "split", "split_with_sizes", "chunk", "unbind", "lift_fresh", "_reshape_alias",
+        "view_as_real", "view_as_complex", "unfold", "diagonal", "narrow", "promote_types"}
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in FREE:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(cfg, device, dtype):
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Transformer(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def count_step(cfg, device, dtype, batch: int, compile: bool) -> tuple[int, Counter]:
+    model = build(cfg, device, dtype)
+    engine = Engine(model, max_batch=batch, max_len=min(cfg.max_seq_len, 256), buckets=(batch,),
+                    cuda_graphs=False, compile=compile)
+    engine.positions_B.copy_(torch.arange(batch) * 7 + 5)   # rows at different positions
+    with torch.no_grad():
+        for _ in range(3):   # warm-up: Triton autotuning, compilation
+            engine.decode_fn(batch, True)
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.decode_fn(batch, True)
+                torch.cuda.synchronize()
+            kernels = Counter(e.name[:60] for e in prof.events()
+                              if e.device_type == torch.autograd.DeviceType.CUDA)
+            return sum(kernels.values()), kernels
+        mode = AtenOps()
+        with mode:
+            engine.decode_fn(batch, True)
+        return sum(mode.ops.values()), mode.ops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="medium")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the "
+                    "CPU (bf16 there shows the casts a GPU step launches)")
+    ap.add_argument("--top", type=int, default=0, help="also list the N most frequent per layer")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    base = get_preset(args.preset)
+    cut = {n: dataclasses.replace(base, num_layers=n, first_dense_layers=min(
+        base.first_dense_layers, n - 1)) for n in (1, 2)}
+    unit = "kernels" if device.type == "cuda" else "aten ops"
+    modes = [False, True] if device.type == "cuda" else [False]
+    print(f"{args.preset}: {unit} per decode step on {device.type} ({dtype}), torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'':16}{'batch':>6}{'per layer':>11}{'rest':>7}{f'{base.num_layers} layers':>12}")
+    for compile in modes:
+        for b in args.batches:
+            (n1, c1), (n2, c2) = (count_step(cut[n], device, dtype, b, compile) for n in (1, 2))
+            per_layer = n2 - n1
+            name = "compiled" if compile else "eager"
+            print(f"{name:16}{b:6}{per_layer:11}{n1 - per_layer:7}"
+                  f"{n1 - per_layer + base.num_layers * per_layer:12}", flush=True)
+            if args.top:
+                diff = c2 - c1
+                print("    " + ", ".join(f"{k} {v}" for k, v in diff.most_common(args.top)))
+
+
+if __name__ == "__main__":
+    main()
