@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The GPU suite and the product path in ONE call on a machine with 2 GPUs (nvidia-h200-x2): what CI
-# cannot run. Logs and JSON go to $OUT (default /tmp/dropless-gpu). Every stage has a time limit so
-# that the whole fits a 10-minute call; a stage cut short says so in its log.
-# Measured 2026-11-30: the test stages need more than these limits gave them (tests/test_gpu.py
-# alone ~4 min serially: a dozen `dropless train` processes; the NCCL EP test > 120 s): run them
-# with pytest-xdist (`-n 4`, installed there) or in a call of their own.
-#   bash benchmarks/gpu_suite.sh            (wheels for the server stack in .whl/, if any)
+# What CI cannot run, on one GPU (nvidia-h200), in named stages that each fit a 10-minute device
+# call with the others left out. Logs and JSON go to $OUT (default /tmp/dropless-gpu); every stage
+# has a time limit, and a stage cut short says so in its log.
+#   bash benchmarks/gpu_suite.sh tests train layer       # one call
+#   bash benchmarks/gpu_suite.sh decode product          # the next
+# Stages:
+#   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 4 workers)
+#   train    benchmarks/train.py: dropless vs Hugging Face training step, both precision regimes
+#   profile  where the default (bf16-mixed, compiled) training step spends its GPU time
+#   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
+#   decode   decode kernels per layer, benchmarks/decode.py (medium; the Qwen3-30B-A3B shape)
+#   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
+#   awq      benchmarks/awq.py
+#   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
+# Wheels for the server stack (fastapi, uvicorn, ...) in .whl/ are installed first, if any.
 set -u
 O=${OUT:-/tmp/dropless-gpu}
 mkdir -p "$O"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/sp"
-# multicast stays off on shared NVLink hosts
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sp .whl/*.whl \
@@ -28,28 +35,35 @@ stage() {   # stage LOG SECONDS command...: run with a limit, append to LOG
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton',
 triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
-} >"$O/env.log" 2>&1
+} >>"$O/env.log" 2>&1
 
-# 1. two GPUs together: the NCCL suite at world 2, the expert-parallel benchmark at world 2 and 1
-E="$O/ep.log"
-stage "$E" 50 python3 -m pytest -q -m gpu tests/parallel -rs -p no:cacheprovider
-for n in 2 1; do
-  stage "$E" 30 torchrun --standalone --nproc-per-node $n benchmarks/expert_parallel.py --shapes olmoe,qwen3
+for s in "$@"; do
+  L="$O/$s.log"
+  case $s in
+    tests) stage "$L" 200 python3 -m pytest -q -n 4 -m gpu tests -p no:cacheprovider -rf \
+             --ignore=tests/parallel
+           stage "$L" 90 python3 -m pytest -q -n 4 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
+             tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
+    train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
+    profile) stage "$L" 100 python3 benchmarks/train.py --profile "dropless bf16-mixed compiled" ;;
+    layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
+             --providers grouped_mm,grouped_fused ;;
+    decode) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
+            stage "$L" 150 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
+              --json "$O/decode_medium.json"
+            stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
+              --compile --json "$O/decode_medium_compiled.json"
+            stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
+              --no-server --json "$O/decode_qwen3.json" ;;
+    decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
+              --no-server --compile --json "$O/decode_qwen3_compiled.json" ;;
+    product) stage "$L" 200 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
+               --steps 150 --eval-every 150 --ckpt-every 150 --out /tmp/medium-run --sample-tokens 40 ;;
+    awq) stage "$L" 60 python3 benchmarks/awq.py ;;
+    moe) stage "$L" 330 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
+           --site-packages-mb 200 ${MOE_VS_DENSE_ARGS:-} --json "$O/moe_vs_dense.json" \
+           --plot "$O/moe_vs_dense.png" ;;
+    *) echo "unknown stage $s" >>"$L" ;;
+  esac
 done
-
-# 2. one GPU each, side by side
-(
-  export CUDA_VISIBLE_DEVICES=0; L="$O/gpu0.log"
-  stage "$L" 220 python3 -m pytest -q -n 5 -m gpu tests/test_gpu.py -p no:cacheprovider
-  stage "$L" 100 python3 benchmarks/decode.py --json "$O/decode.json"
-  stage "$L" 45 python3 benchmarks/awq.py
-  stage "$L" 35 python3 benchmarks/train.py --profile "dropless bf16-mixed eager"
-) &
-(
-  export CUDA_VISIBLE_DEVICES=1; L="$O/gpu1.log"
-  stage "$L" 330 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense ${MOE_VS_DENSE_ARGS:-} --json "$O/moe_vs_dense.json" --plot "$O/moe_vs_dense.png"
-  stage "$L" 70 python3 -m pytest -q -n 4 -m gpu tests --ignore=tests/parallel --ignore=tests/test_gpu.py -p no:cacheprovider
-  stage "$L" 50 python3 -m pytest -q -n 4 tests/test_ops_triton.py tests/test_ops_triton_gemv.py tests/test_ops_awq.py -p no:cacheprovider
-) &
-wait
 echo "done $(date -u +%T)" >>"$O/env.log"
