@@ -158,7 +158,14 @@ def train_step(model: nn.Module, forward, opt, batches, amp, cfg: TrainConfig, r
         lm_sum += lm.detach()
         aux_sum += aux_loss.detach()
         loads_LE += aux.tokens_per_expert
-    if rt.mesh is None:
+    if rt.mesh is None and opt.defaults.get("fused"):
+        # clipping inside the fused AdamW kernel: it divides every gradient by `grad_scale` as it
+        # reads it (the hook GradScaler uses), which saves clip_grad_norm_'s pass over them all
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = nn.utils.get_total_norm(grads)
+        if cfg.grad_clip:
+            opt.grad_scale = ((grad_norm.float() + 1e-6) / cfg.grad_clip).clamp(min=1.0)
+    elif rt.mesh is None:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     else:   # gradients are DTensors on two meshes (dense, experts)
         from dropless.parallel.fsdp import clip_grad_norm_
@@ -168,6 +175,7 @@ def train_step(model: nn.Module, forward, opt, batches, amp, cfg: TrainConfig, r
         loads_LE = all_reduce_loads(loads_LE, rt.mesh)   # the global batch's loads
         lm_sum, aux_sum = rt.all_mean(lm_sum), rt.all_mean(aux_sum)
     opt.step()
+    opt.grad_scale = None
     opt.zero_grad(set_to_none=True)
     model.update_bias(loads_LE)
     return lm_sum / len(batches), aux_sum / len(batches), grad_norm, loads_LE

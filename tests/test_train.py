@@ -105,3 +105,40 @@ def test_saved_model_config_records_the_backend_that_ran(small_cfg):
     cfg, state = resume_config(run, {"steps": 3, "backend": "grouped"})
     assert train(cfg, state=state, progress=False)["finished"]
     assert read_state(latest_path(run))["model_config"]["moe"]["backend"] == "grouped"
+
+
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
+    """On CUDA the step clips through the fused AdamW's grad_scale (no separate pass over the
+    gradients): same update and grad norm as clip_grad_norm_ + AdamW. Fused AdamW runs on the CPU
+    too, so both paths run here, with a clip small enough to bind."""
+    from dropless.config import PRESETS
+    from dropless.model import Transformer
+    from dropless.parallel.runtime import Runtime
+    from dropless.train import train_step
+
+    cfg = replace(PRESETS["tiny"], vocab_size=64)
+    tcfg = TrainConfig(out="unused", preset="tiny", grad_clip=0.05, lr=1e-2)
+    tokens = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
+    batches = [(tokens[:, :-1], tokens[:, 1:])]
+    results = []
+    for fused, clip in ((False, tcfg.grad_clip), (True, tcfg.grad_clip), (True, 0.0)):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        opt = make_optimizer(model, tcfg)
+        for group in opt.param_groups:
+            # eps 1: the update is ~ the gradient itself, so clipping shows in it (Adam's update
+            # at a small eps hardly depends on the gradients' scale)
+            group["fused"], group["eps"] = fused, 1.0
+        opt.defaults["fused"] = fused
+        L, E = len(model.moe_layers()), cfg.moe.num_experts
+        norm = None
+        for _ in range(2):
+            _, _, norm, _ = train_step(model, model, opt, batches, torch.autocast("cpu", enabled=False),
+                                       replace(tcfg, grad_clip=clip),
+                                       Runtime(device=torch.device("cpu")), L, E)
+        results.append((norm, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (norm_a, params_a), (norm_b, params_b), (_, params_unclipped) = results
+    assert norm_a > 10 * tcfg.grad_clip   # the clip binds
+    torch.testing.assert_close(norm_b, norm_a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(params_b, params_a, rtol=1e-5, atol=1e-7)
+    assert (params_unclipped - params_a).abs().max() > 100 * (params_b - params_a).abs().max()
