@@ -133,6 +133,14 @@ def _row_metadata(weights_TK: Tensor, slot_of_row_R: Tensor):
     return token_of_row_R, w_R
 
 
+def _k_sum(y_SD: Tensor, T: int) -> Tensor:
+    """y_TD[t] = sum_k y_SD[t*K + k], in y's dtype. Autocast stays on inside a custom op's body,
+    and CUDA autocast runs `sum` in float32: the op would return fp32 where its fake says bf16
+    (seen on the H200: the layer's output under autocast was fp32)."""
+    with torch.autocast(y_SD.device.type, enabled=False):
+        return y_SD.view(T, -1, y_SD.shape[-1]).sum(1)
+
+
 @torch.library.custom_op("dropless::fused_experts", mutates_args=())
 def _fused_experts_op(x_TD: Tensor, weights_TK: Tensor, slot_of_row_R: Tensor, counts_E: Tensor,
                       gate_up_EDF2: Tensor, down_EFD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,7 +157,7 @@ def _fused_experts_op(x_TD: Tensor, weights_TK: Tensor, slot_of_row_R: Tensor, c
     y_SD = x_TD.new_empty(R, D)
     _grouped_mm(h_RF, down_EFD, y_SD, tiles, n=D, epilogue=_EPI_PLAIN, out_row=slot_of_row_R,
                 scale=w_R)
-    return y_SD.view(T, -1, D).sum(1), gu_RF2, h_RF
+    return _k_sum(y_SD, T), gu_RF2, h_RF
 
 
 @_fused_experts_op.register_fake
@@ -190,8 +198,7 @@ def _fused_experts_backward_op(
     _wgrad(h_RF, dy_TD, ddown_EFD, counts_E, row_end_E, b_row=token_of_row_R, scale=w_R)
     dgate_up_EDF2 = torch.empty_like(gate_up_EDF2)
     _wgrad(x_TD, dgu_RF2, dgate_up_EDF2, counts_E, row_end_E, a_row=token_of_row_R)
-    return (dx_SD.view(T, -1, D).sum(1), dweights_S.view(weights_TK.shape), dgate_up_EDF2,
-            ddown_EFD)
+    return _k_sum(dx_SD, T), dweights_S.view(weights_TK.shape), dgate_up_EDF2, ddown_EFD
 
 
 @_fused_experts_backward_op.register_fake
