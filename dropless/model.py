@@ -95,8 +95,7 @@ class Attention(nn.Module):
 
     def new_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_size)
-        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device,
-                                                                           dtype=dtype)
+        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in ("k", "v"))
 
     def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
         """`rope`: (cos, sin) of rope_tables(head_size, positions_BT), when the caller has them
@@ -106,9 +105,7 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.q_norm is not None and self.cfg.qk_norm_scope == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, H, Dh).transpose(1, 2)
-        k = k.view(B, T, G, Dh).transpose(1, 2)
-        v = v.view(B, T, G, Dh).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, Dh).transpose(1, 2) for t in (q, k, v))   # [B, H or G, T, Dh]
         if self.q_norm is not None and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope if rope is not None else rope_tables(Dh, positions_BT, self.cfg.rope_theta)
