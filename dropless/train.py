@@ -38,8 +38,7 @@ from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
 RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "eval_batches",
-             "ckpt_every",
-             "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
+             "ckpt_every", "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
              "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
