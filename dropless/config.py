@@ -33,10 +33,6 @@ def _finite(name: str, value, *, positive: bool) -> None:
     _check(ok, name, value, f"must be a finite number {'>' if positive else '>='} 0")
 
 
-def _nonnegative_int(name: str, value) -> None:
-    _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
-
-
 def _choice(name: str, value, choices) -> None:
     _check(value in choices, name, value, f"allowed: {', '.join(map(repr, choices))}")
 
@@ -86,7 +82,8 @@ class MoEConfig:
                    f"leaves {reachable} experts, fewer than top_k={self.top_k}")
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
             _finite(name, getattr(self, name), positive=False)
-        _nonnegative_int("num_shared_experts", self.num_shared_experts)
+        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+               "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
         if self.shared_hidden_dim is not None:
             _positive_int("shared_hidden_dim", self.shared_hidden_dim)
         if self.capacity_factor is not None:
@@ -293,7 +290,8 @@ class TrainConfig:
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
-            _nonnegative_int(name, getattr(self, name))
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         _finite("lr", self.lr, positive=True)
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
