@@ -40,36 +40,36 @@ class Entry:
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
     H, G, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.dim
+    bias = cfg.attention_bias
+
+    def linear(name: str, shape: tuple[int, int], kind="copy", has_bias=False, dl_name=None):
+        """The weight [out, in] of an HF linear `name` (dropless's `dl_name`), then its bias."""
+        to = f"{dl}.{dl_name or name}"
+        yield Entry(f"{hf}.{name}.weight", shape, f"{to}.weight", kind)
+        if has_bias:
+            yield Entry(f"{hf}.{name}.bias", shape[:1], f"{to}.bias", kind)
+
     if cfg.attention == "gqa":
         for name, out in (("q", H * Dh), ("k", G * Dh), ("v", G * Dh)):
-            yield Entry(f"{hf}.{name}_proj.weight", (out, D), f"{dl}.{name}_proj.weight")
-            if cfg.attention_bias:
-                yield Entry(f"{hf}.{name}_proj.bias", (out,), f"{dl}.{name}_proj.bias")
-        yield Entry(f"{hf}.o_proj.weight", (D, H * Dh), f"{dl}.o_proj.weight")
+            yield from linear(f"{name}_proj", (out, D), has_bias=bias)
+        yield from linear("o_proj", (D, H * Dh))
         if cfg.qk_norm:
             per_head = cfg.qk_norm_scope == "head"
             yield Entry(f"{hf}.q_norm.weight", (Dh if per_head else H * Dh,), f"{dl}.q_norm.weight")
             yield Entry(f"{hf}.k_norm.weight", (Dh if per_head else G * Dh,), f"{dl}.k_norm.weight")
         return
     N, P, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-    bias = cfg.attention_bias
     if cfg.q_lora_rank is None:
-        yield Entry(f"{hf}.q_proj.weight", (H * (N + P), D), f"{dl}.q_proj.weight", rope + "q")
+        yield from linear("q_proj", (H * (N + P), D), rope + "q")
     else:
         R = cfg.q_lora_rank
-        yield Entry(f"{hf}.q_a_proj.weight", (R, D), f"{dl}.q_a_proj.weight")
-        if bias:
-            yield Entry(f"{hf}.q_a_proj.bias", (R,), f"{dl}.q_a_proj.bias")
+        yield from linear("q_a_proj", (R, D), has_bias=bias)
         yield Entry(f"{hf}.q_a_layernorm.weight", (R,), f"{dl}.q_a_norm.weight")
-        yield Entry(f"{hf}.q_b_proj.weight", (H * (N + P), R), f"{dl}.q_b_proj.weight", rope + "q")
-    yield Entry(f"{hf}.kv_a_proj_with_mqa.weight", (C + P, D), f"{dl}.kv_a_proj.weight", rope + "kv")
-    if bias:
-        yield Entry(f"{hf}.kv_a_proj_with_mqa.bias", (C + P,), f"{dl}.kv_a_proj.bias", rope + "kv")
+        yield from linear("q_b_proj", (H * (N + P), R), rope + "q")
+    yield from linear("kv_a_proj_with_mqa", (C + P, D), rope + "kv", bias, dl_name="kv_a_proj")
     yield Entry(f"{hf}.kv_a_layernorm.weight", (C,), f"{dl}.kv_a_norm.weight")
-    yield Entry(f"{hf}.kv_b_proj.weight", (H * (N + Dv), C), f"{dl}.kv_b_proj.weight")
-    yield Entry(f"{hf}.o_proj.weight", (D, H * Dv), f"{dl}.o_proj.weight")
-    if bias:
-        yield Entry(f"{hf}.o_proj.bias", (D,), f"{dl}.o_proj.bias")
+    yield from linear("kv_b_proj", (H * (N + Dv), C))
+    yield from linear("o_proj", (D, H * Dv), has_bias=bias)
 
 
 def _swiglu_rows(hf: str, dl: str, dim: int, hidden: int):
