@@ -250,10 +250,9 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     hf_cfg, cfg = _config(path)
     spec = ARCHS[hf_cfg["model_type"]]
     where = _open_tensors(path)
-    file_key = {k: k for k in where}
-    if spec.moe_module != "mlp":   # transformers 5's in-memory name (fused files) is always mlp
-        file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
-        where = {k: where[v] for k, v in file_key.items()}
+    # layout's key -> the file's: transformers 5's in-memory name (fused files) is always mlp
+    file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
+    where = {k: where[v] for k, v in file_key.items()}
     fused = frozenset(i for i in range(cfg.num_layers) if any(
         k.startswith(f"model.layers.{i}.") and k.endswith("experts.gate_up_proj") for k in where))
     rows = layout(cfg, hf_cfg["model_type"], fused, hf_cfg.get("rope_interleave", True) is not False)
