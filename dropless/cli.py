@@ -304,8 +304,6 @@ def _convert(args) -> int:
             convert_from_hf(args.from_hf, args.path)
         else:
             convert_to_hf(args.to_hf, args.path, args.model_type)
-    except DroplessError:
-        raise
     except ValueError as e:   # the HF reader's errors name what is wrong; one line, no traceback
         raise DroplessError(str(e)) from None
     print(f"wrote {args.path}")

@@ -344,11 +344,10 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
-    for n, shard in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    names = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
         save_file(shard, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
