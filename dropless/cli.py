@@ -25,6 +25,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _require(ok: bool, flag: str, value, allowed: str) -> None:
+    if not ok:
+        raise DroplessError(f"{flag} {value} is invalid: {allowed}")
+
+
 # train flags: dest -> (type, help). All default to None so that only the flags given override the
 # TrainConfig defaults (or a resumed run's saved config); help shows TrainConfig's defaults.
 _TRAIN_FLAGS = {
@@ -56,6 +61,7 @@ _TRAIN_FLAGS = {
     "dp_shard": (int, "under torchrun: FSDP degree (0 = world / (dp-replicate * ep))"),
     "dp_replicate": (int, "under torchrun: HSDP replicas"),
 }
+_DECODE_COMPILE = "torch.compile the decode step (slower start, faster steps)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -85,8 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step "
-                                                            "(slower start, faster steps)")
+    gen.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
     srv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR")
@@ -96,8 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-len", type=int, help="context per request, preallocated for every "
                                                  "slot (default: the model's, at most 4096)")
     srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    srv.add_argument("--compile", action="store_true", help="torch.compile the decode step "
-                                                            "(slower start, faster steps)")
+    srv.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
 
     conv = sub.add_parser("convert", help="checkpoints to and from one safetensors file or a "
                                           "Hugging Face directory",
@@ -208,15 +212,11 @@ def _generate(args) -> int:
     from dropless.generate import generate
     from dropless.train import resolve_device
 
-    if args.max_new_tokens <= 0:
-        raise DroplessError(f"--max-new-tokens {args.max_new_tokens} is invalid: must be > 0")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise DroplessError(f"--temperature {args.temperature} is invalid: must be a finite "
-                            "number >= 0")
-    if args.top_k is not None and args.top_k < 1:
-        raise DroplessError(f"--top-k {args.top_k} is invalid: must be >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise DroplessError(f"--top-p {args.top_p} is invalid: must be in (0, 1]")
+    _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
+    _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
+             args.temperature, "must be a finite number >= 0")
+    _require(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be >= 1")
+    _require(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
     model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
     if tok.vocab_size > model.cfg.vocab_size:   # ids past the embedding: refuse before decoding
         raise DroplessError(f"{args.run_dir}: the tokenizer has {tok.vocab_size} tokens, the model "
@@ -268,8 +268,7 @@ def _serve(args) -> int:
     from dropless.serve.text import load_served_model
     from dropless.train import resolve_device
 
-    if args.max_batch < 1:
-        raise DroplessError(f"--max-batch {args.max_batch} is invalid: must be >= 1")
+    _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
     try:
         max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
@@ -305,8 +304,6 @@ def _convert(args) -> int:
             convert_from_hf(args.from_hf, args.path)
         else:
             convert_to_hf(args.to_hf, args.path, args.model_type)
-    except DroplessError:
-        raise
     except ValueError as e:   # the HF reader's errors name what is wrong; one line, no traceback
         raise DroplessError(str(e)) from None
     print(f"wrote {args.path}")
@@ -348,8 +345,7 @@ def _info(args) -> int:
     from dropless.config import PRESETS, get_preset
     from dropless.info import format_stats, model_stats, preset_table
 
-    if args.seq_len is not None and args.seq_len <= 0:
-        raise DroplessError(f"--seq-len {args.seq_len} is invalid: must be > 0")
+    _require(args.seq_len is None or args.seq_len > 0, "--seq-len", args.seq_len, "must be > 0")
     if args.preset is None:
         print(preset_table(PRESETS, args.seq_len))
         return 0

@@ -27,6 +27,12 @@ def _positive_int(name: str, value) -> None:
            "must be a positive integer")
 
 
+def _finite(name: str, value, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > 0 if positive else value >= 0)
+    _check(ok, name, value, f"must be a finite number {'>' if positive else '>='} 0")
+
+
 def _choice(name: str, value, choices) -> None:
     _check(value in choices, name, value, f"allowed: {', '.join(map(repr, choices))}")
 
@@ -75,9 +81,7 @@ class MoEConfig:
             _check(reachable >= self.top_k, "topk_groups", self.topk_groups,
                    f"leaves {reachable} experts, fewer than top_k={self.top_k}")
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
-            value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), name,
-                   value, "must be a finite number >= 0")
+            _finite(name, getattr(self, name), positive=False)
         _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
                "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
         if self.shared_hidden_dim is not None:
@@ -134,9 +138,7 @@ class ModelConfig:
         else:
             _positive_int("head_dim", self.head_dim)
         for name in ("rope_theta", "norm_eps"):   # NaN, 0 or inf here make every logit NaN
-            value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
-                   value, "must be a finite number > 0")
+            _finite(name, getattr(self, name), positive=True)
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
@@ -290,9 +292,7 @@ class TrainConfig:
         for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
-        _check(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "lr",
-               self.lr, "must be a finite number > 0")
+        _finite("lr", self.lr, positive=True)
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
+            _finite(name, getattr(self, name), positive=False)

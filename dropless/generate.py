@@ -33,17 +33,6 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid: must be >= 0")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} is invalid: must be >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} is invalid: must be in (0, 1]")
-
-
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
@@ -55,7 +44,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     torch.compile the engine's decode step (Engine(compile=True))."""
     from dropless.serve.request import Request, SamplingParams
 
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
+    # the engine's own checks of temperature, top_k and top_p, up front (0 new tokens included)
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     B, T = len(prompts), max(len(p) for p in prompts)

@@ -40,36 +40,36 @@ class Entry:
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
     H, G, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.dim
+    bias = cfg.attention_bias
+
+    def linear(name: str, shape: tuple[int, int], kind="copy", has_bias=False, dl_name=None):
+        """The weight [out, in] of an HF linear `name` (dropless's `dl_name`), then its bias."""
+        to = f"{dl}.{dl_name or name}"
+        yield Entry(f"{hf}.{name}.weight", shape, f"{to}.weight", kind)
+        if has_bias:
+            yield Entry(f"{hf}.{name}.bias", shape[:1], f"{to}.bias", kind)
+
     if cfg.attention == "gqa":
         for name, out in (("q", H * Dh), ("k", G * Dh), ("v", G * Dh)):
-            yield Entry(f"{hf}.{name}_proj.weight", (out, D), f"{dl}.{name}_proj.weight")
-            if cfg.attention_bias:
-                yield Entry(f"{hf}.{name}_proj.bias", (out,), f"{dl}.{name}_proj.bias")
-        yield Entry(f"{hf}.o_proj.weight", (D, H * Dh), f"{dl}.o_proj.weight")
+            yield from linear(f"{name}_proj", (out, D), has_bias=bias)
+        yield from linear("o_proj", (D, H * Dh))
         if cfg.qk_norm:
             per_head = cfg.qk_norm_scope == "head"
             yield Entry(f"{hf}.q_norm.weight", (Dh if per_head else H * Dh,), f"{dl}.q_norm.weight")
             yield Entry(f"{hf}.k_norm.weight", (Dh if per_head else G * Dh,), f"{dl}.k_norm.weight")
         return
     N, P, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-    bias = cfg.attention_bias
     if cfg.q_lora_rank is None:
-        yield Entry(f"{hf}.q_proj.weight", (H * (N + P), D), f"{dl}.q_proj.weight", rope + "q")
+        yield from linear("q_proj", (H * (N + P), D), rope + "q")
     else:
         R = cfg.q_lora_rank
-        yield Entry(f"{hf}.q_a_proj.weight", (R, D), f"{dl}.q_a_proj.weight")
-        if bias:
-            yield Entry(f"{hf}.q_a_proj.bias", (R,), f"{dl}.q_a_proj.bias")
+        yield from linear("q_a_proj", (R, D), has_bias=bias)
         yield Entry(f"{hf}.q_a_layernorm.weight", (R,), f"{dl}.q_a_norm.weight")
-        yield Entry(f"{hf}.q_b_proj.weight", (H * (N + P), R), f"{dl}.q_b_proj.weight", rope + "q")
-    yield Entry(f"{hf}.kv_a_proj_with_mqa.weight", (C + P, D), f"{dl}.kv_a_proj.weight", rope + "kv")
-    if bias:
-        yield Entry(f"{hf}.kv_a_proj_with_mqa.bias", (C + P,), f"{dl}.kv_a_proj.bias", rope + "kv")
+        yield from linear("q_b_proj", (H * (N + P), R), rope + "q")
+    yield from linear("kv_a_proj_with_mqa", (C + P, D), rope + "kv", bias, dl_name="kv_a_proj")
     yield Entry(f"{hf}.kv_a_layernorm.weight", (C,), f"{dl}.kv_a_norm.weight")
-    yield Entry(f"{hf}.kv_b_proj.weight", (H * (N + Dv), C), f"{dl}.kv_b_proj.weight")
-    yield Entry(f"{hf}.o_proj.weight", (D, H * Dv), f"{dl}.o_proj.weight")
-    if bias:
-        yield Entry(f"{hf}.o_proj.bias", (D,), f"{dl}.o_proj.bias")
+    yield from linear("kv_b_proj", (H * (N + Dv), C))
+    yield from linear("o_proj", (D, H * Dv), has_bias=bias)
 
 
 def _swiglu_rows(hf: str, dl: str, dim: int, hidden: int):
@@ -250,10 +250,9 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     hf_cfg, cfg = _config(path)
     spec = ARCHS[hf_cfg["model_type"]]
     where = _open_tensors(path)
-    file_key = {k: k for k in where}
-    if spec.moe_module != "mlp":   # transformers 5's in-memory name (fused files) is always mlp
-        file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
-        where = {k: where[v] for k, v in file_key.items()}
+    # layout's key -> the file's: transformers 5's in-memory name (fused files) is always mlp
+    file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
+    where = {k: where[v] for k, v in file_key.items()}
     fused = frozenset(i for i in range(cfg.num_layers) if any(
         k.startswith(f"model.layers.{i}.") and k.endswith("experts.gate_up_proj") for k in where))
     rows = layout(cfg, hf_cfg["model_type"], fused, hf_cfg.get("rope_interleave", True) is not False)
@@ -345,11 +344,10 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
-    for n, shard in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    names = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
         save_file(shard, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

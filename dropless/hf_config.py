@@ -150,6 +150,13 @@ def _bool(hf: dict, name: str, default=False, kind=bool, what="must be true or f
     return value
 
 
+def _arch(model_type) -> Arch:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
+        raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
+                         f"{', '.join(map(repr, ARCHS))}")
+    return ARCHS[model_type]
+
+
 def _refuse(name: str, value, why: str):
     raise ValueError(f"unsupported Hugging Face config: {name}={value!r} ({why})")
 
@@ -192,11 +199,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
 
 def _config_from_hf(hf: dict) -> ModelConfig:
-    model_type = hf.get("model_type")
-    if not isinstance(model_type, str) or model_type not in ARCHS:
-        raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
-                         f"{', '.join(map(repr, ARCHS))}")
-    spec = ARCHS[model_type]
+    spec = _arch(hf.get("model_type"))
     for name, ok, off, why in COMMON_REFUSALS + spec.refuse:
         try:
             allowed = ok(hf.get(name, off), hf)
@@ -297,10 +300,7 @@ def infer_model_type(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
     model_type = model_type or infer_model_type(cfg)
-    if not isinstance(model_type, str) or model_type not in ARCHS:
-        raise ValueError(f"model_type={model_type!r} is not supported: allowed: "
-                         f"{', '.join(map(repr, ARCHS))}")
-    spec, m = ARCHS[model_type], cfg.moe
+    spec, m = _arch(model_type), cfg.moe
     bad = _mismatches(cfg, spec)
     if bad:
         raise ValueError(f"this model cannot be written as HF {model_type!r}: " + "; ".join(bad))
@@ -324,11 +324,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
                   topk_group=m.topk_groups or 1)
     else:
         hf["router_aux_loss_coef"] = m.balance_loss_coef / m.top_k
-    if spec.dense_prefix == "mlp_only_layers":
-        hf["mlp_only_layers"] = list(range(cfg.first_dense_layers))
-    elif spec.dense_prefix:
-        hf[spec.dense_prefix] = cfg.first_dense_layers
-    if spec.dense_prefix:
+    if spec.dense_prefix:   # Qwen's mlp_only_layers lists the layers, DeepSeek's field counts them
+        n = cfg.first_dense_layers
+        hf[spec.dense_prefix] = list(range(n)) if spec.dense_prefix == "mlp_only_layers" else n
         hf["intermediate_size"] = cfg.dense_hidden
     if spec.shared == "shared_expert":
         hf["shared_expert_intermediate_size"] = m.shared_hidden

@@ -95,8 +95,7 @@ class Attention(nn.Module):
 
     def new_cache(self, batch_size, max_len, device, dtype):
         shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_size)
-        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device,
-                                                                           dtype=dtype)
+        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in ("k", "v"))
 
     def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
         """`rope`: (cos, sin) of rope_tables(head_size, positions_BT), when the caller has them
@@ -106,9 +105,7 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.q_norm is not None and self.cfg.qk_norm_scope == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, H, Dh).transpose(1, 2)
-        k = k.view(B, T, G, Dh).transpose(1, 2)
-        v = v.view(B, T, G, Dh).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, Dh).transpose(1, 2) for t in (q, k, v))   # [B, H or G, T, Dh]
         if self.q_norm is not None and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope if rope is not None else rope_tables(Dh, positions_BT, self.cfg.rope_theta)
@@ -172,16 +169,15 @@ class Transformer(nn.Module):
         # a tied embedding is also the LM head: scale it so initial logits have unit variance
         nn.init.normal_(self.embed.weight, std=self.cfg.dim ** -0.5 if self.cfg.tie_embeddings else 1.0)
         for layer in self.layers:
-            for lin in layer.attn.modules():
+            # a dense FFN starts like an expert: dense vs MoE is like for like
+            dense = [] if layer.is_moe else list(layer.ffn.modules())
+            for lin in [*layer.attn.modules(), *dense]:
                 if isinstance(lin, nn.Linear):
                     nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
                     if lin.bias is not None:
                         lin.bias.zero_()
             # residual projections start small so deep stacks train stably
             layer.attn.o_proj.weight.mul_((2 * self.cfg.num_layers) ** -0.5)
-            if not layer.is_moe:   # a dense FFN starts like an expert: dense vs MoE is like for like
-                for lin in (layer.ffn.gate_proj, layer.ffn.up_proj, layer.ffn.down_proj):
-                    nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=self.cfg.dim ** -0.5)
 

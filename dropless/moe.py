@@ -72,12 +72,10 @@ class MoE(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
         if plan is None:
-            aux = MoEAux(route.balance_loss, route.z_loss,
-                         ops.expert_counts(route.expert_ids_TK, self.cfg.num_experts), 0)
+            counts_E, dropped = ops.expert_counts(route.expert_ids_TK, self.cfg.num_experts), 0
         else:
-            aux = MoEAux(route.balance_loss, route.z_loss,
-                         self.dispatcher.tokens_per_expert(plan), plan.dropped)
-        return y_TD.view(x.shape), aux
+            counts_E, dropped = self.dispatcher.tokens_per_expert(plan), plan.dropped
+        return y_TD.view(x.shape), MoEAux(route.balance_loss, route.z_loss, counts_E, dropped)
 
     def update_bias(self, load_E: torch.Tensor) -> None:
         """Aux-loss-free bias step; call once per optimizer step with that step's loads."""

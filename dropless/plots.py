@@ -39,11 +39,9 @@ def plot_losses(records: list[dict], path: Path, baseline: float | None = None) 
                    label=f"unigram baseline ({baseline:.2f})")
     # the first steps' loss is far above the rest: clip the view so the useful range is readable
     later = losses[len(losses) // 10:] + [v for _, v in val] + ([baseline] if baseline else [])
-    ax.set_ylim(0, 1.25 * max(later) if later else None)
-    ax.set_xlim(0, max(steps) if steps else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"Loss per token ({path.parent.name})")
+    ax.set(ylim=(0, 1.25 * max(later) if later else None), xlim=(0, max(steps) if steps else None),
+           xlabel="optimizer step", ylabel="cross-entropy (nats/token)",
+           title=f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -66,8 +64,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
         ax = fig.add_subplot(grid[layer, 0])
         image = ax.imshow(share_NLE[:, layer].T, aspect="auto", interpolation="nearest",
                           extent=(0, steps[-1], E - 0.5, -0.5), **norm)
-        ax.set_ylabel(f"layer {layer}\nexpert")
-        ax.set_yticks(range(E) if E <= 16 else range(0, E, E // 8))
+        ax.set(ylabel=f"layer {layer}\nexpert", yticks=range(E) if E <= 16 else range(0, E, E // 8))
         if layer == 0:
             ax.set_title("Each expert's share of its layer's tokens during training")
         if layer < L - 1:
@@ -82,13 +79,9 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
             ax.text(expert, layer, f"{100 * share:.0f}", ha="center", va="center", fontsize=8,
                     color="white" if dark else "black")
         ax.set_xticks(range(E))
-    ax.set_title("Whole run: % of tokens")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(L))
+    ax.set(title="Whole run: % of tokens", xlabel="expert", ylabel="layer", yticks=range(L))
     fig.colorbar(image, ax=fig.axes, shrink=0.8,
-                 label=f"share of tokens (balanced = 1/{E}; "
-                       f"darkest red = {2 / E:.2f} or more)")
+                 label=f"share of tokens (balanced = 1/{E}; darkest red = {2 / E:.2f} or more)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

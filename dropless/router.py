@@ -100,11 +100,9 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
-        if cfg.bias_update_rate > 0:
-            # selection-only bias of aux-loss-free balancing; saved with checkpoints
-            self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
-        else:
-            self.bias = None
+        # selection-only bias of aux-loss-free balancing; saved with checkpoints (None: off)
+        self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32)
+                             if cfg.bias_update_rate > 0 else None)
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -14,6 +14,7 @@ equal to an uninterrupted run's. The LR schedule is a pure function of (step, co
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -38,8 +39,7 @@ from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 # flags a resumed run may change; every other one must match the checkpoint
 RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "eval_batches",
-             "ckpt_every",
-             "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
+             "ckpt_every", "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
              "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
@@ -99,13 +99,9 @@ def _prepare_data(cfg: TrainConfig, state: dict | None):
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif cfg.tokenizer == "bpe":
-        train_texts, chars = [], 0
-        for text in data.split_documents(docs)[0]:
-            if chars >= BPE_SAMPLE_CHARS:
-                break
-            train_texts.append(text)
-            chars += len(text)
-        tok = train_bpe(train_texts, cfg.vocab)
+        texts = data.split_documents(docs)[0]
+        chars_before = itertools.accumulate(map(len, texts), initial=0)
+        tok = train_bpe([t for t, c in zip(texts, chars_before) if c < BPE_SAMPLE_CHARS], cfg.vocab)
     else:
         tok = ByteTokenizer()
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else data.default_cache_dir()

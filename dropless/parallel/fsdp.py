@@ -40,11 +40,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | No
         mixed_precision = mesh.device_type == "cuda"
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision else MixedPrecisionPolicy())
-    replicate = mesh["dp_replicate"].size() > 1
-    dense_mesh = submesh(mesh, "dp_replicate", "dp_shard_ep") if replicate \
-        else submesh(mesh, "dp_shard_ep")
-    expert_mesh = submesh(mesh, "dp_replicate", "dp_shard") if replicate \
-        else submesh(mesh, "dp_shard")
+    outer = ("dp_replicate",) if mesh["dp_replicate"].size() > 1 else ()   # HSDP's replica axis
+    dense_mesh = submesh(mesh, *outer, "dp_shard_ep")
+    expert_mesh = submesh(mesh, *outer, "dp_shard")
     for block in model.layers:
         experts = block.ffn.experts if block.is_moe else None
         if isinstance(experts, ExpertShard):
