@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh tests train layer       # one call
 #   bash benchmarks/gpu_suite.sh decode product          # the next
 # Stages:
-#   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 4 workers)
+#   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 12 workers)
 #   train    benchmarks/train.py: dropless vs Hugging Face training step, both precision regimes
 #   profile  where the default (bf16-mixed, compiled) training step spends its GPU time
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
@@ -40,9 +40,9 @@ triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda
 for s in "$@"; do
   L="$O/$s.log"
   case $s in
-    tests) stage "$L" 200 python3 -m pytest -q -n 4 -m gpu tests -p no:cacheprovider -rf \
+    tests) stage "$L" 280 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
              --ignore=tests/parallel
-           stage "$L" 90 python3 -m pytest -q -n 4 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
+           stage "$L" 170 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
     train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
     profile) stage "$L" 100 python3 benchmarks/train.py --profile "dropless bf16-mixed compiled" ;;
