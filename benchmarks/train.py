@@ -34,7 +34,7 @@ from dropless.model import Transformer
 from dropless.optim import make_optimizer
 from dropless.parallel.runtime import Runtime
 from dropless.precision import autocast_for, bf16_peak_flops
-from dropless.train import train_step
+from dropless.train import lm_loss, train_step
 
 SEQ, BATCH = 2048, 8
 
@@ -65,14 +65,14 @@ def dropless_provider(cfg, precision: str, compiled: bool, tokens_BT):
             p.data = p.data.to(torch.bfloat16)
     tcfg = TrainConfig(out="unused", preset="medium", precision=precision)
     opt = make_optimizer(model, tcfg)
-    forward = torch.compile(model) if compiled else model
+    loss_fn = torch.compile(lm_loss) if compiled else lm_loss
     amp = autocast_for(precision, device)
     rt = Runtime(device=device)
     L, E = len(model.moe_layers()), cfg.moe.num_experts
     batches = [(tokens_BT[:, :-1].contiguous(), tokens_BT[:, 1:].contiguous())]
 
     def step():
-        train_step(model, forward, opt, batches, amp, tcfg, rt, L, E)
+        train_step(model, loss_fn, opt, batches, amp, tcfg, rt, L, E)
     return step
 
 

@@ -160,6 +160,11 @@ class ModelConfig:
         return self.head_dim or self.dim // self.num_heads
 
     @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of each query/key head (MLA rotates only its rope part)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
+
+    @property
     def dense_hidden(self) -> int:
         return self.dense_hidden_dim or self.moe.hidden_dim * self.moe.top_k
 

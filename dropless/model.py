@@ -143,8 +143,10 @@ class Block(nn.Module):
         self.is_moe = layer_id >= cfg.first_dense_layers
         self.ffn = MoE(cfg.moe) if self.is_moe else SwiGLU(cfg.dim, cfg.dense_hidden)
 
-    def forward(self, x_BTD, positions_BT, layer_cache=None):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, layer_cache=layer_cache)
+    def forward(self, x_BTD, positions_BT, layer_cache=None, rope=None):
+        """`rope`: rope_tables(cfg.rope_dim, positions_BT), shared by every layer of a forward."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, layer_cache=layer_cache,
+                                  rope=rope)
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
             out, aux = self.ffn(h)
@@ -239,10 +241,15 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         else:
             positions_BT = cache.lengths_B.unsqueeze(-1) + torch.arange(T, device=tokens_BT.device)
+        # once per forward, not per layer: under torch.compile a per-layer table is recomputed
+        # (float64 cos/sin per query and key element) inside every layer's forward and backward
+        # kernels; without a cache every row has the same positions, so one row's table serves
+        rope = rope_tables(self.cfg.rope_dim, positions_BT[:1] if cache is None else positions_BT,
+                           self.cfg.rope_theta)
         x = self.embed(tokens_BT)
         balance, z, loads = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, positions_BT, None if cache is None else cache.layers[i])
+            x, aux = layer(x, positions_BT, None if cache is None else cache.layers[i], rope)
             if aux is not None:
                 balance, z = balance + aux.balance_loss, z + aux.z_loss
                 loads.append(aux.tokens_per_expert)

@@ -114,7 +114,7 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
     from dropless.config import PRESETS
     from dropless.model import Transformer
     from dropless.parallel.runtime import Runtime
-    from dropless.train import train_step
+    from dropless.train import lm_loss, train_step
 
     cfg = replace(PRESETS["tiny"], vocab_size=64)
     tcfg = TrainConfig(out="unused", preset="tiny", grad_clip=0.05, lr=1e-2)
@@ -133,7 +133,7 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm():
         L, E = len(model.moe_layers()), cfg.moe.num_experts
         norm = None
         for _ in range(2):
-            _, _, norm, _ = train_step(model, model, opt, batches, torch.autocast("cpu", enabled=False),
+            _, _, norm, _ = train_step(model, lm_loss, opt, batches, torch.autocast("cpu", enabled=False),
                                        replace(tcfg, grad_clip=clip),
                                        Runtime(device=torch.device("cpu")), L, E)
         results.append((norm, torch.cat([p.detach().flatten() for p in model.parameters()])))

@@ -39,7 +39,7 @@ class Step:
 def make_step(cfg, positions_b: torch.Tensor, max_len: int, dtype: torch.dtype) -> Step:
     """The per-step state shared by every layer (a handful of kernels, once)."""
     b, dev = positions_b.shape[0], positions_b.device
-    rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size
+    rope_dim = cfg.rope_dim
     cos, sin = rope_tables(rope_dim, positions_b.unsqueeze(1), cfg.rope_theta)   # [b, 1, R]
     sign = torch.ones(rope_dim, device=dev).index_fill_(0, torch.arange(rope_dim // 2,
                                                                         device=dev), -1.0)

@@ -139,16 +139,13 @@ class Engine:
     # ---- the model, run over slots of the cache ---------------------------------------------
 
     def _hidden(self, tokens_BT, positions_BT, caches) -> torch.Tensor:
-        """The model's blocks (as Block.forward) over a prompt chunk; the RoPE tables are
-        computed once for all layers."""
+        """The model's blocks over a prompt chunk; the RoPE tables are computed once for all
+        layers."""
         cfg = self.model.cfg
-        rope = rope_tables(cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size,
-                           positions_BT, cfg.rope_theta)
+        rope = rope_tables(cfg.rope_dim, positions_BT, cfg.rope_theta)
         x = self.model.embed(tokens_BT)
         for layer, cache in zip(self.model.layers, caches):
-            x = x + layer.attn(layer.attn_norm(x), positions_BT, layer_cache=cache, rope=rope)
-            h = layer.ffn_norm(x)
-            x = x + (layer.ffn(h)[0] if layer.is_moe else layer.ffn(h))
+            x, _ = layer(x, positions_BT, cache, rope)
         return x
 
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
