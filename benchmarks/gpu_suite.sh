@@ -45,7 +45,8 @@ for s in "$@"; do
            stage "$L" 170 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
     train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
-    profile) stage "$L" 100 python3 benchmarks/train.py --profile "dropless bf16-mixed compiled" ;;
+    profile) stage "$L" 170 python3 benchmarks/train.py \
+               --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
     decode) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25

@@ -106,16 +106,22 @@ def hf_provider(cfg, precision: str, tokens_BT):
 
 
 def profile(step, warmup: int) -> None:
+    """Top GPU kernels per step, then the host side: wall time per step with no sync between
+    steps (against GPU time it says whether the step is launch-bound), the host ops that took the
+    most CPU time, and the calls that wait for the GPU (syncs stall the launch queue)."""
+    from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    counters.clear()
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.self_device_time_total > 0]
     total_us = sum(e.self_device_time_total for e in events)
     print(f"GPU time per step: {total_us / 3e3:.1f} ms over {sum(e.count for e in events) // 3} "
           "kernels")
@@ -124,6 +130,27 @@ def profile(step, warmup: int) -> None:
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:45]:
         print(f"| {e.self_device_time_total / 3e3:.2f} | {e.self_device_time_total / total_us:.1%} "
               f"| {e.count // 3} | {e.key[:110]} |")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        step()
+    end.record()
+    end.synchronize()
+    print(f"\nwall time per step, 5 steps back to back: {start.elapsed_time(end) / 5:.1f} ms "
+          f"(GPU busy {total_us / 3e3:.1f} ms)")
+    waits = [e for e in averages if any(w in e.key for w in (
+        "Synchronize", "_local_scalar_dense", "cudaMemcpy", "nonzero", "EventSynchronize"))]
+    print("host calls that may wait for the GPU, per step: " + (", ".join(
+        f"{e.key} x{e.count / 3:g} ({e.cpu_time_total / 3e3:.2f} ms)" for e in waits) or "none"))
+    breaks = sum(counters["graph_break"].values())
+    print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, {breaks} graph breaks"
+          + "".join(f"\n  break: {k[:160]} x{v}" for k, v in counters["graph_break"].items()))
+    host = sorted((e for e in averages if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)[:20]
+    print("| host ms per step (self) | calls per step | op |")
+    print("|---|---|---|")
+    for e in host:
+        print(f"| {e.self_cpu_time_total / 3e3:.2f} | {e.count / 3:g} | {e.key[:100]} |")
 
 
 def main() -> int:
