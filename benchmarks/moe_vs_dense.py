@@ -190,6 +190,9 @@ def _parse(argv):
     p.add_argument("--cache-dir", help="token cache (default ~/.cache/dropless/tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile each model's step (default off: the runs measured so far "
+                        "are eager; `dropless train` compiles by default on one GPU)")
     p.add_argument("--warm-steps", type=int, help="warm-up steps per model before its timed run "
                                                   "(default 3 on CUDA, 0 on CPU)")
     p.add_argument("--out", help="parent of the run directories (default runs/moe_vs_dense-TIME); "
@@ -251,7 +254,7 @@ def run(args) -> dict:
         out=str(out), preset=args.preset, data=args.data, tokenizer=args.tokenizer,
         vocab=args.vocab, min_lr_ratio=args.min_lr_ratio,
         log_every=shape["eval_every"], ckpt_every=steps, seed=args.seed, device=args.device,
-        cache_dir=args.cache_dir, sample_tokens=0, **shape)
+        cache_dir=args.cache_dir, sample_tokens=0, compile=args.compile, **shape)
     device = resolve_device(args.device)
     warm_steps = args.warm_steps if args.warm_steps is not None else 3 * (device.type == "cuda")
     settings = {k: v for k, v in asdict(base).items() if k not in ("out", "preset")}

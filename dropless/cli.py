@@ -75,7 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
         if defaults[dest] is not None:
             text += f" (default {defaults[dest]})"
         train.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, help=text)
-    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model and its loss (default: on for one CUDA "
+                            "process, off on the CPU and under torchrun)")
     train.add_argument("--out", help="run directory (default runs/<timestamp>)")
     train.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR (or --out) from its checkpoint")
@@ -154,6 +156,7 @@ def format_summary(s: dict) -> str:
     lines = [
         f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
         f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
+        + (", compiled" if s.get("compiled") else "")
         + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
         + "; evaluation and checkpoints excluded)",
         f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",

@@ -278,7 +278,7 @@ class TrainConfig:
     # bf16 products under autocast; bf16 = pure bf16 weights and optimizer state (fastest, least
     # exact: updates below bf16's resolution of a weight are lost)
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
-    compile: bool = False
+    compile: bool | None = None       # None = on for one CUDA process (train.resolve_compile)
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
     sample_tokens: int = 200          # tokens of the sample generated at the end; 0 = none
     # scale-out under torchrun (dropless.parallel): world = dp_replicate * dp_shard * ep
@@ -298,6 +298,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         _finite("lr", self.lr, positive=True)
+        _check(self.compile in (None, True, False), "compile", self.compile,
+               "must be true, false or null (auto)")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)

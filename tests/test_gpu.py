@@ -1,6 +1,7 @@
 """The product path on a GPU (tests marked `gpu`: skipped without CUDA; run them on the device with
-`pytest -m gpu`). `dropless train` through the CLI in each precision, resume, --compile, then
-generate and convert from the run; the layer under bf16 autocast on CUDA against the oracle."""
+`pytest -m gpu`). `dropless train` through the CLI in each precision, resume, the compiled
+default, then generate and convert from the run; the layer under bf16 autocast on CUDA against
+the oracle."""
 
 import json
 import subprocess
@@ -45,8 +46,8 @@ def _train(out, cache, *extra, steps=STEPS):
 
 
 def _train_learns(out, cache, precision) -> list[float]:
-    proc = _train(out, cache, "--precision", precision)
-    assert f"tokens/s, {precision}" in proc.stdout, proc.stdout
+    proc = _train(out, cache, "--precision", precision, "--no-compile")
+    assert f"tokens/s, {precision}" in proc.stdout and "compiled" not in proc.stdout, proc.stdout
     losses = _losses(out)
     assert len(losses) == STEPS // 10
     assert sum(losses[-3:]) / 3 < 0.75 * losses[0]
@@ -64,7 +65,7 @@ def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
     losses = _train_learns(straight, cache, precision)
     # half the steps, then resume for the rest: the same trajectory
     split = tmp_path / "split"
-    _train(split, cache, "--precision", precision, steps=STEPS // 2)
+    _train(split, cache, "--precision", precision, "--no-compile", steps=STEPS // 2)
     _dropless("train", "--resume", split, "--steps", STEPS, "--quiet")
     resumed = _losses(split)
     assert len(resumed) == len(losses)
@@ -80,9 +81,10 @@ def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
 
 
 def test_cli_compile_generate_convert(tmp_path, cache):
+    """The default on one GPU: bf16-mixed, compiled."""
     run = tmp_path / "run"
-    proc = _train(run, cache, "--compile", steps=60)
-    assert "bf16-mixed, MFU" in proc.stdout, proc.stdout
+    proc = _train(run, cache, steps=60)
+    assert "bf16-mixed, compiled, MFU" in proc.stdout, proc.stdout
     gen = _dropless("generate", run, "--prompt", "def ", "--max-new-tokens", 40,
                     "--device", "cuda", "--temperature", 0)
     assert gen.stdout.startswith("def ") and len(gen.stdout) > 10

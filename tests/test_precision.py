@@ -1,6 +1,7 @@
 """Mixed precision and the choice of expert backend: bf16 autocast over fp32 weights (the GPU
 default of `dropless train`, reproduced on CPU), pure bf16, fallbacks reported, torch.compile."""
 
+import contextlib
 import copy
 import json
 import warnings
@@ -13,7 +14,7 @@ from dropless import MoE, MoEConfig, ops
 from dropless.parallel import checkpoint as ckpt
 from dropless.config import PRESETS
 from dropless.model import Transformer
-from dropless.train import lm_loss, train
+from dropless.train import lm_loss, resolve_compile, train
 
 BACKENDS = ["reference", "grouped", "grouped_lowmem"]
 CASES = {
@@ -129,23 +130,29 @@ def test_compiled_block_fullgraph_matches_eager():
         assert rel_err(g1[name], g0[name]) < 1e-4, name
 
 
-def test_compiled_training_loss_fullgraph_matches_eager():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_training_loss_fullgraph_matches_eager(device):
     """What `dropless train --compile` compiles, the model with its loss (RoPE tables made once
     for all layers, the logits' upcast inside the loss), is one graph and gives eager's loss and
-    gradients."""
+    gradients; on CUDA under bf16 autocast, as the default precision runs it (the Triton and
+    grouped_mm paths there asked torch.cuda for the device's capability, which split the graph
+    once per MoE layer)."""
     torch.manual_seed(0)
-    model = Transformer(PRESETS["tiny"])
-    x, y = torch.randint(0, 256, (2, 2, 17)).unbind(0)
+    model = Transformer(PRESETS["tiny"]).to(device)
+    x, y = torch.randint(0, 256, (2, 2, 17), device=device).unbind(0)
+    amp = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     results = []
     for fn in (lm_loss, torch.compile(lm_loss, fullgraph=True)):
         model.zero_grad()
-        loss, aux = fn(model, x, y)
+        with amp:
+            loss, aux = fn(model, x, y)
         (loss + aux.balance_loss + aux.z_loss).backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = results
-    assert l0.dtype == torch.float32 and rel_err(l1, l0) < 1e-5
+    tol = 1e-4 if device == "cpu" else 2e-2   # bf16 products: fused kernels round differently
+    assert l0.dtype == torch.float32 and rel_err(l1, l0) < tol / 10
     for name in g0:
-        assert rel_err(g1[name], g0[name]) < 1e-4, name
+        assert rel_err(g1[name], g0[name]) < tol, name
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
@@ -167,5 +174,24 @@ def test_train_compile_runs(small_cfg):
     eager = train(small_cfg(steps=4, eval_every=4, sample_tokens=0), progress=False)
     compiled = train(small_cfg(out=eager["run_dir"] + "-c", steps=4, eval_every=4,
                                sample_tokens=0, compile=True), progress=False)
-    assert compiled["finished"]
+    assert compiled["finished"] and compiled["compiled"] and not eager["compiled"]
     assert abs(compiled["val_loss"] - eager["val_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("flag, device, world, expected", [
+    (None, "cuda", 1, True), (None, "cpu", 1, False), (None, "cuda", 2, False),
+    (False, "cuda", 1, False), (True, "cpu", 1, True), (True, "cuda", 4, True)])
+def test_compile_default_is_on_for_one_cuda_process(flag, device, world, expected):
+    assert resolve_compile(flag, torch.device(device), world) is expected
+
+
+def test_cli_compile_flags_and_config_check():
+    from dropless.cli import _build_parser
+    from dropless.config import TrainConfig
+
+    parser = _build_parser()
+    assert parser.parse_args(["train"]).compile is None
+    assert parser.parse_args(["train", "--compile"]).compile is True
+    assert parser.parse_args(["train", "--no-compile"]).compile is False
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(out="x", compile="yes")

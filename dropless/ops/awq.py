@@ -10,7 +10,6 @@ are [in, ...] matrices, the experts' [E, in, ...] stacks. Inference only (no aut
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dropless.ops import reference
+from dropless.ops.device import has_triton, num_sms
 from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
@@ -38,15 +38,10 @@ def _gather_unpack() -> bool:
     return os.environ.get(UNPACK_ENV, "interleave") == "gather"
 
 
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def kernels_run(x: Tensor) -> bool:
     """Whether the Triton kernels run here: CUDA (or the CPU under TRITON_INTERPRET=1), float
     activations."""
-    if not _have_triton():
+    if not has_triton():
         return False
     on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return on_device and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -91,11 +86,8 @@ def _kernels():
     return triton_awq_kernels
 
 
-@functools.cache
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return num_sms(device.index) if device.type == "cuda" else 1
 
 
 def _expert_strides(qw, qz, sc):

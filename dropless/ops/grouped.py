@@ -19,20 +19,18 @@ applied to h and dh, and dw = <dh', h>), done by PyTorch beside the unchanged Tr
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from dropless.ops import reference, triton_combine, triton_swiglu
+from dropless.ops.device import cuda_capability_major, has_triton
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None   # a path lookup; imports nothing
 
 
 def _fused_elementwise(t: torch.Tensor) -> bool:
     """Whether the elementwise stages and the K-sum run as Triton kernels."""
-    return t.is_cuda and _HAS_TRITON
+    return t.is_cuda and has_triton()
 
 
 @torch.library.custom_op("dropless::grouped_mm", mutates_args=())
@@ -81,7 +79,7 @@ def unsupported(x_RD: torch.Tensor, gate_up_EDF2: torch.Tensor, down_EFD: torch.
     elif device.type == "cuda":
         if dtype != torch.bfloat16:
             return f"grouped_mm on CUDA takes bf16, got {dtype}"
-        if torch.cuda.get_device_capability(device)[0] < 9:
+        if cuda_capability_major(device.index) < 9:
             return "grouped_mm on CUDA needs compute capability 9.0 or newer"
     else:
         return f"grouped_mm does not run on {device.type}"

@@ -19,12 +19,12 @@ the launchers, so this module imports without it.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
+from dropless.ops.device import has_triton, num_sms
 from dropless.ops.reference import Plan
 
 BLOCK_M = 128   # rows per tile; the tile map pads every expert to whole tiles of this many rows
@@ -35,7 +35,7 @@ _EPI_PLAIN, _EPI_SWIGLU, _EPI_SWIGLU_BWD = 0, 1, 2
 def supports(x: Tensor, *weights: Tensor) -> bool:
     """Whether the Triton kernels can run these operands: CUDA (or the CPU under TRITON_INTERPRET=1),
     fp32/bf16/fp16, the weights in the dtype of x."""
-    if importlib.util.find_spec("triton") is None:
+    if not has_triton():
         return False
     on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (on_device and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -71,7 +71,7 @@ def tile_map(counts_E: Tensor, num_rows: int, block_m: int = BLOCK_M):
 def _num_programs(device: torch.device) -> int:
     """Persistent grid size: one program per multiprocessor."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return num_sms(device.index)
     return 4
 
 

@@ -1,0 +1,38 @@
+"""Facts about the machine that the kernels' choices depend on, each looked up once per process.
+
+torch.compile takes their results as constants (`assume_constant_result`: it calls the function
+while tracing instead of tracing into it). Traced, torch.cuda's device queries are calls marked
+as skipped, and on CUDA they split the compiled graph once per MoE layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+_facts: dict = {}
+
+
+def _once(key, compute):
+    if key not in _facts:
+        _facts[key] = compute()
+    return _facts[key]
+
+
+@torch.compiler.assume_constant_result
+def has_triton() -> bool:
+    # a path lookup; imports nothing
+    return _once("triton", lambda: importlib.util.find_spec("triton") is not None)
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability_major(index: int) -> int:
+    return _once(("capability", index), lambda: torch.cuda.get_device_capability(index)[0])
+
+
+@torch.compiler.assume_constant_result
+def num_sms(index: int) -> int:
+    """Multiprocessors of CUDA device `index`: the size of a persistent grid."""
+    return _once(("sms", index),
+                 lambda: torch.cuda.get_device_properties(index).multi_processor_count)
