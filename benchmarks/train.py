@@ -125,7 +125,10 @@ def profile(step, warmup: int) -> None:
             step()
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    events = [e for e in averages if e.self_device_time_total > 0]
+    # the kernels themselves: a CPU op's self device time repeats its kernels' (round 7's first
+    # host-side profile counted them twice)
+    events = [e for e in averages if e.self_device_time_total > 0
+              and e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.self_device_time_total for e in events)
     print(f"GPU time per step: {total_us / 3e3:.1f} ms over {sum(e.count for e in events) // 3} "
           "kernels")
