@@ -170,9 +170,18 @@ def main() -> int:
     parser.add_argument("--profile", metavar="PROVIDER",
                         help="instead of the table: where each of these providers' steps (comma-"
                              "separated) spends its GPU time (torch.profiler, top kernels)")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="A/B: break the compiled graph once per MoE layer where round 6's "
+                             "build did (a device query the compiler cannot trace), to compare "
+                             "with the one-graph step of the same tree")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train.py needs a CUDA GPU")
+    if args.graph_breaks:
+        from dropless.ops import grouped
+        grouped.cuda_capability_major = torch.compiler.disable(
+            lambda index: torch.cuda.get_device_capability(index)[0])
+        print("graph breaks: one per MoE layer (the capability query is not traced)")
     device = torch.device("cuda")
     cfg = replace(PRESETS["medium"], max_seq_len=SEQ)
     stats = model_stats(cfg, SEQ)
