@@ -325,3 +325,20 @@ def test_cli_serve_without_fastapi(monkeypatch, capsys, run_dir):
     assert cli.main(["serve", str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'dropless[serve]'" in err
+
+
+def test_serve_shortens_the_gil_switch_interval(monkeypatch):
+    """The engine thread must get the GIL back within a fraction of a decode step while the event
+    loop writes streams (Python's default lets it wait 5 ms)."""
+    from dropless.serve import server as server_module
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
+        interval=sys.getswitchinterval(), **kw))
+    before = sys.getswitchinterval()
+    try:
+        server_module.serve(None, None, "127.0.0.1", 0)
+    finally:
+        sys.setswitchinterval(before)
+    assert seen["interval"] == pytest.approx(server_module.SWITCH_INTERVAL_S)
+    assert seen["interval"] < 1e-3 and seen["port"] == 0

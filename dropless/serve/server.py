@@ -8,6 +8,7 @@ the event loop through an asyncio queue. Errors have OpenAI's shape:
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
@@ -277,9 +278,17 @@ def create_app(served: ServedModel, engine: Engine):
     return app
 
 
+# How long a thread may hold the GIL while another waits for it. The engine thread lets go of
+# the GIL while the device runs a step; when it wants it back and the event loop is busy
+# (JSON, SSE writes), Python's default makes it wait up to 5 ms, more than a whole decode step.
+SWITCH_INTERVAL_S = 2e-4
+
+
 def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
     (streams included) and the lifespan stops the engine thread."""
     import uvicorn
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
