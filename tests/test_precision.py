@@ -195,3 +195,40 @@ def test_cli_compile_flags_and_config_check():
     assert parser.parse_args(["train", "--no-compile"]).compile is False
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(out="x", compile="yes")
+
+
+def test_import_dropless_is_inert():
+    """`import dropless` loads neither triton nor torch's compiler (importing triton before a test
+    sets TRITON_INTERPRET=1 broke every interpreter-run kernel test once)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dropless, dropless.ops; "
+            "print([m for m in ('triton', 'torch._dynamo', 'torch._inductor') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_device_facts_are_constants_to_the_compiler():
+    """ops.device marks its lookups as torch.compile does with assume_constant_result: traced,
+    a marked function runs once, eagerly, and its result is a constant. An unmarked function
+    that writes to stdout would break the graph (an error under fullgraph)."""
+    import io
+    from contextlib import redirect_stdout
+
+    from dropless.ops.device import _constant
+
+    calls = []
+
+    @_constant
+    def fact(index: int) -> int:
+        print("looked up")   # not traceable: fullgraph fails if dynamo traces into this
+        calls.append(index)
+        return 3
+
+    def f(x):
+        return x * fact(0)
+
+    with redirect_stdout(io.StringIO()):
+        y = torch.compile(f, fullgraph=True)(torch.ones(2))
+    assert y.tolist() == [3.0, 3.0] and calls == [0]

@@ -1,8 +1,8 @@
 """Facts about the machine that the kernels' choices depend on, each looked up once per process.
 
-torch.compile takes their results as constants (`assume_constant_result`: it calls the function
-while tracing instead of tracing into it). Traced, torch.cuda's device queries are calls marked
-as skipped, and on CUDA they split the compiled graph once per MoE layer.
+torch.compile takes their results as constants (`_constant`: it calls the function while
+tracing instead of tracing into it). Traced, torch.cuda's device queries are calls marked as
+skipped, and on CUDA they split the compiled graph once per MoE layer.
 """
 
 from __future__ import annotations
@@ -14,24 +14,33 @@ import torch
 _facts: dict = {}
 
 
+def _constant(fn):
+    """What torch.compiler.assume_constant_result does (it sets this mark and returns fn), without
+    importing torch._dynamo, and triton with it, when dropless is imported: `import dropless`
+    stays inert, and the Triton interpreter (TRITON_INTERPRET=1, read when triton is imported)
+    still works when a test switches it on after importing dropless."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _once(key, compute):
     if key not in _facts:
         _facts[key] = compute()
     return _facts[key]
 
 
-@torch.compiler.assume_constant_result
+@_constant
 def has_triton() -> bool:
     # a path lookup; imports nothing
     return _once("triton", lambda: importlib.util.find_spec("triton") is not None)
 
 
-@torch.compiler.assume_constant_result
+@_constant
 def cuda_capability_major(index: int) -> int:
     return _once(("capability", index), lambda: torch.cuda.get_device_capability(index)[0])
 
 
-@torch.compiler.assume_constant_result
+@_constant
 def num_sms(index: int) -> int:
     """Multiprocessors of CUDA device `index`: the size of a persistent grid."""
     return _once(("sms", index),
