@@ -9,7 +9,6 @@ are [in, ...] matrices, the experts' [E, in, ...] stacks. Inference only (no aut
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -80,8 +79,7 @@ def reference_decode(x_TD, expert_ids_TK, weights_TK, *packed) -> Tensor:
 
 # ---- launchers -------------------------------------------------------------------------------------
 
-@functools.cache
-def _kernels():
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
     from dropless.ops import triton_awq_kernels
     return triton_awq_kernels
 

@@ -21,7 +21,6 @@ implementations and autograd -> `blocksparse_experts`. Triton is imported lazily
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -34,8 +33,7 @@ from dropless.ops.triton_grouped import _precision, supports  # noqa: F401  (sam
 BLOCK = 128   # rows (and sparse columns) per block on the GPU
 
 
-@functools.cache
-def _kernels():
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
     from dropless.ops import triton_blocksparse_kernels
     return triton_blocksparse_kernels
 

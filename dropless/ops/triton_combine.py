@@ -14,7 +14,6 @@ autograd -> `combine`. Triton is imported lazily.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
@@ -24,8 +23,7 @@ from dropless.ops.reference import Plan
 BLOCK_D = 1024
 
 
-@functools.cache
-def _kernels():
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
     from dropless.ops import triton_combine_kernels
     return triton_combine_kernels
 

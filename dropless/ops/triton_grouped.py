@@ -18,7 +18,6 @@ the launchers, so this module imports without it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -42,8 +41,7 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
             and all(w.dtype == x.dtype for w in weights))
 
 
-@functools.cache
-def _kernels():
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
     from dropless.ops import triton_grouped_kernels
     return triton_grouped_kernels
 

@@ -9,7 +9,6 @@ grouped and block-sparse autograd functions, which own the differentiation: no c
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
@@ -17,8 +16,7 @@ from torch import Tensor
 BLOCK = 1024
 
 
-@functools.cache
-def _kernels():
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
     from dropless.ops import triton_swiglu_kernels
     return triton_swiglu_kernels
 
