@@ -59,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_compile(compile: bool | None, device: torch.device, world: int) -> bool:
     """--compile / --no-compile, or by default (None): on for one CUDA process (the loss and the
-    model as one graph: ~1.2x the eager step at medium, after ~40 s of compilation), off on the
+    model as one graph: ~1.25x the eager step at medium, after ~16 s of compilation), off on the
     CPU (compilation outlasts short runs) and under torchrun (collectives inside the graph are not
     tested compiled)."""
     if compile is not None:
@@ -99,8 +99,8 @@ def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor):
 @torch.no_grad()
 def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> float:
     """Mean loss over `windows`; under torchrun each rank takes its slice of every window. Eager
-    under --compile too: a no-grad graph would compile once more (~30 s at medium) to save
-    milliseconds per evaluation."""
+    under --compile too: a no-grad graph would compile once more (seconds) to save milliseconds
+    per evaluation."""
     model.eval()
     losses = []
     for x_BT, y_BT in windows:
