@@ -238,7 +238,8 @@ def run(args) -> dict:
     from dropless.info import model_stats
     from dropless.plots import read_metrics
     from dropless.tokenizer import tokenizer_from_json
-    from dropless.train import resolve_device, train
+    from dropless.precision import resolve_device
+    from dropless.train import train
 
     out = Path(args.out or f"runs/moe_vs_dense-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.site_packages_mb:

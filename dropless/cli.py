@@ -213,7 +213,7 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
-    from dropless.train import resolve_device
+    from dropless.precision import resolve_device
 
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
@@ -269,7 +269,7 @@ def _serve(args) -> int:
     from dropless.serve.engine import Engine
     from dropless.serve.server import serve
     from dropless.serve.text import load_served_model
-    from dropless.train import resolve_device
+    from dropless.precision import resolve_device
 
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
@@ -315,7 +315,7 @@ def _convert(args) -> int:
 
 def _quantize(args) -> int:
     from dropless.quant.run import quantize_run
-    from dropless.train import resolve_device
+    from dropless.precision import resolve_device
 
     if not os.path.isdir(args.src):
         raise DroplessError(f"{args.src}: no such run or Hugging Face directory")

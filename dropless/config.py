@@ -278,7 +278,7 @@ class TrainConfig:
     # bf16 products under autocast; bf16 = pure bf16 weights and optimizer state (fastest, least
     # exact: updates below bf16's resolution of a weight are lost)
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
-    compile: bool | None = None       # None = on for one CUDA process (train.resolve_compile)
+    compile: bool | None = None       # None = on for one CUDA process (precision.resolve_compile)
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
     sample_tokens: int = 200          # tokens of the sample generated at the end; 0 = none
     # scale-out under torchrun (dropless.parallel): world = dp_replicate * dp_shard * ep

@@ -32,7 +32,8 @@ def load_any(path: str | Path, device: torch.device):
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory)."""
-    from dropless.train import evaluate, resolve_device
+    from dropless.precision import resolve_device
+    from dropless.train import evaluate
 
     dev = resolve_device(device)
     model, tok, saved = load_any(path, dev)

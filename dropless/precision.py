@@ -1,4 +1,5 @@
-"""Numeric precision of training: what `--precision` means, and the GPU peak that MFU divides by.
+"""How a run uses its device: which device, numeric precision (what `--precision` means), whether
+it compiles, and the GPU peak that MFU divides by.
 
 fp32: everything in float32. bf16-mixed: float32 master weights, gradients and AdamW state, bf16
 products under autocast (the grouped experts cast at the op as F.linear does; the router's logits
@@ -12,6 +13,30 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
+from dropless.errors import DroplessError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DroplessError(f"--device {name!r} is not a device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DroplessError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_compile(compile: bool | None, device: torch.device, world: int) -> bool:
+    """--compile / --no-compile, or by default (None): on for one CUDA process (the loss and the
+    model as one graph: ~1.25x the eager step at medium, after ~16 s of compilation), off on the
+    CPU (compilation outlasts short runs) and under torchrun (collectives inside the graph are not
+    tested compiled)."""
+    if compile is not None:
+        return compile
+    return device.type == "cuda" and world == 1
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

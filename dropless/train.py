@@ -33,7 +33,8 @@ from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.optim import lr_at, make_optimizer
 from dropless.runlog import MetricsLog, StopOnInterrupt
-from dropless.precision import autocast_for, bf16_peak_flops, resolve_precision
+from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, resolve_device,
+                                resolve_precision)
 from dropless.plots import write_plots
 from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
@@ -43,28 +44,6 @@ RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "ev
              "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DroplessError(f"--device {name!r} is not a device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DroplessError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_compile(compile: bool | None, device: torch.device, world: int) -> bool:
-    """--compile / --no-compile, or by default (None): on for one CUDA process (the loss and the
-    model as one graph: ~1.25x the eager step at medium, after ~16 s of compilation), off on the
-    CPU (compilation outlasts short runs) and under torchrun (collectives inside the graph are not
-    tested compiled)."""
-    if compile is not None:
-        return compile
-    return device.type == "cuda" and world == 1
 
 
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:

@@ -14,7 +14,8 @@ from dropless import MoE, MoEConfig, ops
 from dropless.parallel import checkpoint as ckpt
 from dropless.config import PRESETS
 from dropless.model import Transformer
-from dropless.train import lm_loss, resolve_compile, train
+from dropless.precision import resolve_compile
+from dropless.train import lm_loss, train
 
 BACKENDS = ["reference", "grouped", "grouped_lowmem"]
 CASES = {
