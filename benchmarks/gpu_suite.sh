@@ -8,7 +8,8 @@
 #   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 12 workers)
 #   train    benchmarks/train.py: dropless vs Hugging Face training step, both precision regimes
 #   profile  where the compiled training steps (bf16-mixed, bf16) spend their GPU and host time
-#   ab       the compiled steps as one graph and broken once per MoE layer (round 7's question)
+#   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
+#            once per MoE layer (round 7's question: the broken build timed 12 ms faster)
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
 #   decode   decode kernels per layer, benchmarks/decode.py (medium; the Qwen3-30B-A3B shape)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
@@ -46,10 +47,10 @@ for s in "$@"; do
            stage "$L" 170 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
     train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
-    ab)    stage "$L" 150 python3 benchmarks/train.py --steps 20 \
-             --providers "dropless bf16-mixed compiled,dropless bf16 compiled"
-           stage "$L" 150 python3 benchmarks/train.py --steps 20 --graph-breaks \
-             --providers "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
+    ab)    stage "$L" 170 python3 benchmarks/train.py \
+             --profile "dropless bf16-mixed compiled,dropless bf16 compiled"
+           stage "$L" 170 python3 benchmarks/train.py --graph-breaks \
+             --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     profile) stage "$L" 170 python3 benchmarks/train.py \
                --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \

@@ -137,14 +137,9 @@ def profile(step, warmup: int) -> None:
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:45]:
         print(f"| {e.self_device_time_total / 3e3:.2f} | {e.self_device_time_total / total_us:.1%} "
               f"| {e.count // 3} | {e.key[:110]} |")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        step()
-    end.record()
-    end.synchronize()
-    print(f"\nwall time per step, 5 steps back to back: {start.elapsed_time(end) / 5:.1f} ms "
-          f"(GPU busy {total_us / 3e3:.1f} ms)")
+    wall_ms, _ = time_steps(step, 10, 0)
+    print(f"\nwall time per step, median of 10 back to back (as the table times them): "
+          f"{wall_ms:.1f} ms (GPU busy {total_us / 3e3:.1f} ms)")
     waits = [e for e in averages if any(w in e.key for w in (
         "Synchronize", "_local_scalar_dense", "cudaMemcpy", "nonzero", "EventSynchronize"))]
     print("host calls that may wait for the GPU, per step: " + (", ".join(
