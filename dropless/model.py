@@ -37,6 +37,9 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+ROPE_TABLE_MAX = 2**16   # positions kept as a table (fp32, <= 64 MiB at rope_dim 128)
+
+
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float):
     """cos/sin [*, head_dim] for the half-split rotation (pairs i and i + head_dim/2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
@@ -164,7 +167,26 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._set_rope_tables(None)
         self.reset_parameters()
+
+    def _set_rope_tables(self, device) -> None:
+        """RoPE cos/sin of positions [0, min(max_seq_len, ROPE_TABLE_MAX)) as fp32 buffers, not
+        saved. Computed per forward instead, torch.compile inlines the cos/sin into every layer's
+        norm+RoPE kernels, forward and backward (round 8's profile of the one-graph step: ~15 ms
+        of a 101 ms step); a buffer is a graph input, read, not recomputed."""
+        n = min(self.cfg.max_seq_len, ROPE_TABLE_MAX)
+        cos, sin = rope_tables(self.cfg.rope_dim, torch.arange(n, device=device), self.cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the tables, and a model built on the meta device has none to
+        # copy: they are rebuilt, fp32, on the device the weights went to
+        del self._buffers["rope_cos"], self._buffers["rope_sin"]
+        super()._apply(fn, recurse)
+        self._set_rope_tables(self.embed.weight.device)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -241,11 +263,13 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         else:
             positions_BT = cache.lengths_B.unsqueeze(-1) + torch.arange(T, device=tokens_BT.device)
-        # once per forward, not per layer: under torch.compile a per-layer table is recomputed
-        # (float64 cos/sin per query and key element) inside every layer's forward and backward
-        # kernels; without a cache every row has the same positions, so one row's table serves
-        rope = rope_tables(self.cfg.rope_dim, positions_BT[:1] if cache is None else positions_BT,
-                           self.cfg.rope_theta)
+        # once per forward, shared by every layer; without a cache every row has the same
+        # positions, so one row's table serves
+        if cache is None and T <= self.rope_cos.shape[0]:
+            rope = self.rope_cos[:T].unsqueeze(0), self.rope_sin[:T].unsqueeze(0)
+        else:
+            rope = rope_tables(self.cfg.rope_dim, positions_BT[:1] if cache is None else
+                               positions_BT, self.cfg.rope_theta)
         x = self.embed(tokens_BT)
         balance, z, loads = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.layers):

@@ -192,3 +192,31 @@ def test_cuda_training_forward_check_is_sync_free():
 def test_model_config_refuses_non_finite_eps_and_theta(field, value):
     with pytest.raises(ValueError, match=f"{field}=.* is invalid: must be a finite number > 0"):
         dataclasses.replace(get_preset("tiny"), **{field: value})
+
+
+def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables():
+    from dropless.model import rope_tables
+    model = tiny()
+    cos, sin = rope_tables(model.cfg.rope_dim, torch.arange(64), model.cfg.rope_theta)
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    assert not any("rope" in k for k in model.state_dict())
+    tokens = torch.randint(0, 64, (2, 9))
+    want = model(tokens)[0]
+    model.to(torch.bfloat16)   # the weights round; the table stays exact
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos)
+    model.float()
+    torch.testing.assert_close(model(tokens)[0], want, rtol=2e-2, atol=2e-2)
+    # past the table (long contexts keep no table beyond ROPE_TABLE_MAX) the tables are computed
+    import dropless.model as m
+    short, full = m.ROPE_TABLE_MAX, tiny()
+    try:
+        m.ROPE_TABLE_MAX = 4
+        model = tiny()
+        assert model.rope_cos.shape[0] == 4
+        torch.testing.assert_close(model(tokens)[0], full(tokens)[0], rtol=0, atol=0)
+    finally:
+        m.ROPE_TABLE_MAX = short
+    with torch.device("meta"):   # built on meta, then moved: tables are rebuilt, not copied
+        model = tiny()
+    model.to_empty(device="cpu")
+    assert torch.equal(model.rope_cos, cos)
