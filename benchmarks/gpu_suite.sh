@@ -15,7 +15,8 @@
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
 #   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
-# Wheels for the server stack (fastapi, uvicorn, ...) in .whl/ are installed first, if any.
+# Wheels for the server stack (fastapi, uvicorn, openai, ...: benchmarks/device-wheels.txt says how
+# to fetch them) in .whl/ are installed first, if any.
 set -u
 O=${OUT:-/tmp/dropless-gpu}
 mkdir -p "$O"
@@ -44,7 +45,7 @@ for s in "$@"; do
   case $s in
     tests) stage "$L" 280 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
              --ignore=tests/parallel
-           stage "$L" 170 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
+           stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
     train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
