@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dropless.files import read_small_text
 from dropless.hf import _config, from_hf, to_hf
 from dropless.model import Transformer
 
@@ -24,7 +25,7 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     text = None
     if tokenizer.exists():
         try:
-            text = tokenizer.read_text()
+            text = read_small_text(tokenizer)
             tok = tokenizer_from_json(text)
         except (OSError, ValueError) as err:
             raise ValueError(f"{tokenizer}: {err}") from None

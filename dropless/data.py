@@ -26,6 +26,7 @@ import torch
 
 from dropless.parallel.checkpoint import write_atomic
 from dropless.errors import DroplessError
+from dropless.files import read_small_json
 from dropless.tokenizer import Tokenizer
 
 VAL_PERCENT = 5
@@ -171,7 +172,7 @@ def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
 def _check_entry(entry: Path) -> str | None:
     """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256."""
     try:
-        meta = json.loads((entry / "meta.json").read_text())
+        meta = read_small_json(entry / "meta.json")
         for split in ("train", "val"):
             data = (entry / f"{split}.bin").read_bytes()
             if hashlib.sha256(data).hexdigest() != meta[f"{split}_sha256"]:
@@ -221,7 +222,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
             shutil.rmtree(tmp, ignore_errors=True)
         if problem := _check_entry(entry):
             raise DroplessError(f"{entry}: token cache entry cannot be built ({problem})")
-    meta = json.loads((entry / "meta.json").read_text())
+    meta = read_small_json(entry / "meta.json")
     train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",
                             shape=(meta[f"{split}_tokens"],)) for split in ("train", "val"))
     return TokenData(train, val, key)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dropless.config import ModelConfig
+from dropless.files import read_small_json
 from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_type
 from dropless.model import Transformer
 
@@ -157,7 +158,7 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = json.loads(index.read_text())["weight_map"].values()
+            names = read_small_json(index)["weight_map"].values()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
                              f"({type(err).__name__}: {err})") from None
@@ -230,7 +231,7 @@ def read_hf_config(path) -> dict:
     if not config.exists():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
-        return json.loads(config.read_text())
+        return read_small_json(config)
     except (OSError, ValueError) as err:
         raise ValueError(f"{config} is not readable JSON: {err}") from None
 

@@ -147,6 +147,34 @@ def dcp_run(small_cfg):
     return run, latest_path(run), load_run(run)[0]
 
 
+def test_oversized_or_special_manifest_is_refused_unread(tmp_path):
+    """A sparse 8 GiB `COMPLETE` is refused by its size, a FIFO by its kind: no read, no hang."""
+    model = Transformer(PRESETS["tiny"])
+    path = ckpt.save(tmp_path, 1, model)
+    with open(path / ckpt.MARKER, "r+b") as f:
+        f.truncate(2**33)
+    with pytest.raises(DroplessError, match="not a checksum manifest"):
+        ckpt.load(path, model)
+    (path / ckpt.MARKER).unlink()
+    os.mkfifo(path / ckpt.MARKER)
+    with pytest.raises(DroplessError, match="not a checksum manifest"):
+        ckpt.read_state(path)
+
+
+def test_symlinked_checkpoint_file_is_refused(tmp_path):
+    """A shard replaced by a link to an identical copy elsewhere passes every checksum, yet is
+    refused: a link could as well make the loader read any file of the machine into a model."""
+    model = Transformer(PRESETS["tiny"])
+    path = ckpt.save(tmp_path / "run", 1, model)
+    shard = path / "__0_0.distcp"
+    copy = tmp_path / "elsewhere.distcp"
+    shutil.copy(shard, copy)
+    shard.unlink()
+    shard.symlink_to(copy)
+    with pytest.raises(DroplessError, match="a symbolic link"):
+        ckpt.load(path, model)
+
+
 def _commands(run: Path, out: Path) -> list[list[str]]:
     return [["generate", str(run), "--max-new-tokens", "2"],
             ["train", "--resume", str(run), "--steps", "5", "--quiet"],

@@ -589,3 +589,22 @@ def test_every_preset_round_trips_through_its_spec():
                                    moe=dataclasses.replace(
             back.moe, z_loss_coef=cfg.moe.z_loss_coef, balance_loss_coef=cfg.moe.balance_loss_coef))
         assert back == cfg, name
+
+
+@pytest.mark.parametrize("kind", ["sparse", "fifo", "non-utf8"])
+def test_config_json_that_cannot_be_small_text_is_refused_unread(tmp_path, kind):
+    """A stranger's config.json: a sparse 8 GiB file (refused by its size, never read), a FIFO
+    (never opened: it would hang), bytes that are not UTF-8; one line each, naming the file."""
+    import os
+
+    config = tmp_path / "config.json"
+    if kind == "sparse":
+        with open(config, "wb") as f:
+            f.truncate(2**33)
+    elif kind == "fifo":
+        os.mkfifo(config)
+    else:
+        config.write_bytes(b'{"model_type": "\xff"}')
+    want = {"sparse": "over the", "fifo": "not a regular file", "non-utf8": "not readable JSON"}
+    with pytest.raises(ValueError, match=f"{config}.*{want[kind]}"):
+        from_hf(tmp_path)

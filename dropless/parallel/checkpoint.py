@@ -42,9 +42,11 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.errors import DroplessError
+from dropless.files import read_small_json
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
+MAX_METADATA = 2**30   # DCP's .metadata: ~50 MB for 150k tensors; a pickle bigger is refused
 STATE = "state.json"
 KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
 # test hook: seconds to sleep between the fsynced temp file (or directory) and its rename
@@ -140,14 +142,22 @@ def _sha256(path: Path) -> str:
 
 def _verify(path: Path, names: list[str] | None = None) -> None:
     """Check `names` (default: every file the manifest lists) against the manifest's checksums."""
+    if path.is_symlink():
+        raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
-        sums = json.loads((path / MARKER).read_text())["sha256"]
+        sums = read_small_json(path / MARKER)["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
     for name in names or [".metadata", *sums]:
-        if name not in sums or not (path / name).is_file() or _sha256(path / name) != sums[name]:
-            raise DroplessError(f"{path / name}: checkpoint file is damaged or missing "
+        file = path / name
+        if file.is_symlink():   # dropless writes none: one would make it read a file elsewhere
+            raise DroplessError(f"{file}: a symbolic link; checkpoint files must be the "
+                                "directory's own regular files")
+        if (name not in sums or not file.is_file()
+                or (name == ".metadata" and file.stat().st_size > MAX_METADATA)
+                or _sha256(file) != sums[name]):
+            raise DroplessError(f"{file}: checkpoint file is damaged or missing "
                                 "(checksum mismatch)")
 
 
@@ -217,7 +227,7 @@ def latest(run_dir: str | Path) -> Path | None:
 def read_state(path: Path) -> dict:
     """The JSON values saved with the checkpoint at `path`, step included."""
     _verify(path, [STATE])
-    return json.loads((path / STATE).read_text())
+    return read_small_json(path / STATE)
 
 
 def latest_path(run_dir: str | Path) -> Path:

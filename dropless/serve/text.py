@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dropless.errors import DroplessError
+from dropless.files import read_small_json
 from dropless.model import Transformer
 from dropless.tokenizer import Tokenizer
 
@@ -33,7 +34,7 @@ class ServedModel:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_small_json(path) if path.exists() else {}
     except (OSError, ValueError) as e:
         raise DroplessError(f"{path}: cannot read ({e})") from None
 

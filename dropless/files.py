@@ -1,0 +1,39 @@
+"""Reading the small files of a directory someone else may have written (configs, manifests,
+indexes, tokenizers): regular files only, of bounded size, so that a FIFO cannot hang a command
+and a sparse terabyte-sized `config.json` cannot exhaust memory."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from dropless.errors import DroplessError
+
+MAX_SMALL_FILE = 256 * 2**20   # the largest Hub tokenizer.json files are ~35 MB
+
+
+def read_small_text(path: str | Path, limit: int = MAX_SMALL_FILE) -> str:
+    """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over `limit`
+    bytes (checked before reading)."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise DroplessError(f"{path}: not a regular file (a FIFO, device or directory is "
+                                "not read)")
+        if info.st_size > limit:
+            raise DroplessError(f"{path}: {info.st_size:,} bytes, over the {limit:,} a file of "
+                                "this kind may have")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise DroplessError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > limit:   # grew while being read
+        raise DroplessError(f"{path}: over the {limit:,} bytes a file of this kind may have")
+    return data.decode("utf-8", errors="strict")
+
+
+def read_small_json(path: str | Path, limit: int = MAX_SMALL_FILE):
+    """`read_small_text` parsed as JSON (ValueError, a DroplessError included, when it is not)."""
+    return json.loads(read_small_text(path, limit))
