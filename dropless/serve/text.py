@@ -5,7 +5,6 @@ chat prompts, and incremental detokenisation with stop strings.
 from __future__ import annotations
 
 import codecs
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
