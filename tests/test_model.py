@@ -194,7 +194,8 @@ def test_model_config_refuses_non_finite_eps_and_theta(field, value):
         dataclasses.replace(get_preset("tiny"), **{field: value})
 
 
-def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables():
+def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables(monkeypatch):
+    import dropless.model as m
     from dropless.model import rope_tables
     model = tiny()
     cos, sin = rope_tables(model.cfg.rope_dim, torch.arange(64), model.cfg.rope_theta)
@@ -207,15 +208,12 @@ def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables():
     model.float()
     torch.testing.assert_close(model(tokens)[0], want, rtol=2e-2, atol=2e-2)
     # past the table (long contexts keep no table beyond ROPE_TABLE_MAX) the tables are computed
-    import dropless.model as m
-    short, full = m.ROPE_TABLE_MAX, tiny()
-    try:
-        m.ROPE_TABLE_MAX = 4
-        model = tiny()
-        assert model.rope_cos.shape[0] == 4
-        torch.testing.assert_close(model(tokens)[0], full(tokens)[0], rtol=0, atol=0)
-    finally:
-        m.ROPE_TABLE_MAX = short
+    full = tiny()
+    monkeypatch.setattr(m, "ROPE_TABLE_MAX", 4)
+    model = tiny()
+    assert model.rope_cos.shape[0] == 4
+    torch.testing.assert_close(model(tokens)[0], full(tokens)[0], rtol=0, atol=0)
+    monkeypatch.undo()
     with torch.device("meta"):   # built on meta, then moved: tables are rebuilt, not copied
         model = tiny()
     model.to_empty(device="cpu")
