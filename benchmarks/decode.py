@@ -152,7 +152,8 @@ def serve_main(args) -> None:
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     served = ServedModel("bench", model, BPETokenizer(tok), (), DEFAULT_CHAT_TEMPLATE, {})
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.prompt + args.new)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.prompt + args.new,
+                    admit_delay=args.admit_delay_ms[0] / 1e3)
     serve(served, engine, "127.0.0.1", args.serve_port)
 
 
@@ -193,13 +194,17 @@ async def _round(port, prompts, new):
             "itl_ms": statistics.median(itl) * 1e3, "completion_tokens": tokens}
 
 
-def run_server(args, vocab) -> dict:
+def _engine_counters(httpx, port) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["engine"]
+
+
+def run_server(args, vocab, delay_ms: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve-port", str(port), "--preset", args.preset,
            "--device", args.device, "--max-batch", str(max(args.clients)), "--prompt",
-           str(args.prompt), "--new", str(args.new)]
+           str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
         "PYTHONPATH")]))}
@@ -217,9 +222,13 @@ def run_server(args, vocab) -> dict:
         out = {}
         for n in args.clients:
             prompts = prompts_for(n, args.prompt, vocab, seed=n)
-            asyncio.run(_round(port, prompts, 8))   # warm-up: captures the buckets it meets
+            asyncio.run(_round(port, prompts, 8))   # warm-up
+            before = _engine_counters(httpx, port)
             out[n] = asyncio.run(_round(port, prompts, args.new))
-            print(f"server {n} clients: {out[n]}", flush=True)
+            after = _engine_counters(httpx, port)   # what the engine did in the timed round
+            out[n].update({k: after.get(k, 0) - before.get(k, 0) for k in after},
+                          admit_delay_ms=delay_ms)
+            print(f"server {n} clients, admit delay {delay_ms} ms: {out[n]}", flush=True)
         return out
     finally:
         proc.terminate()
@@ -243,6 +252,8 @@ def main():
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--admit-delay-ms", type=float, nargs="+", default=[0.0],
+                    help="the server engine's admit_delay; several: one server each, side by side")
     args = ap.parse_args()
     if args.serve_port:
         return serve_main(args)
@@ -299,9 +310,11 @@ def main():
     if device != "cpu":
         torch.cuda.empty_cache()
     if not args.no_server:
-        served = guarded(lambda: run_server(args, cfg.vocab_size))
-        for n in args.clients:
-            res[f"server_{n}_clients"] = served.get(n, served)
+        for i, delay in enumerate(args.admit_delay_ms):
+            served = guarded(lambda: run_server(args, cfg.vocab_size, delay))
+            for n in args.clients:   # the first delay's rows are the table's server rows
+                res[f"server_{n}_clients" + (f"_delay{delay:g}ms" if i else "")] = served.get(
+                    n, served)
     print_table(res, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -326,11 +339,13 @@ def print_table(res: dict, args) -> None:
     for key in [k for k in res if k.startswith("server_") and "tokens_per_s" in res[k]]:
         r = res[key]
         print(f"{key:32}{r['tokens_per_s']:12,.0f}   TTFT {r['ttft_ms']:.1f} ms, "
-              f"inter-token {r['itl_ms']:.2f} ms")
-    if "tokens_per_s" in res.get("engine_bs32", {}) and "tokens_per_s" in res.get(
-            "server_32_clients", {}):
-        print(f"server 32 clients / engine bs32: "
-              f"{res['server_32_clients']['tokens_per_s'] / res['engine_bs32']['tokens_per_s']:.2f}")
+              f"inter-token {r['itl_ms']:.2f} ms, {r.get('prefills', 0)} prefill forwards, "
+              f"{r.get('captures', 0)} graph captures")
+    for key in [k for k in res if k.startswith("server_32_clients") and "tokens_per_s" in res[k]]:
+        if "tokens_per_s" not in res.get("engine_bs32", {}):
+            break
+        print(f"{key} / engine bs32: "
+              f"{res[key]['tokens_per_s'] / res['engine_bs32']['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

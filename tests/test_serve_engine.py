@@ -1,4 +1,6 @@
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -150,6 +152,45 @@ def test_engine_eos_stop_callback_and_limits():
         SamplingParams(temperature=math.nan)
 
 
+def test_engine_admit_delay_batches_arrivals():
+    """Held requests are admitted together (one prefill forward) once they fill the free slots
+    or the oldest has waited admit_delay; outputs are unchanged."""
+    model = tiny_model()
+    engine = Engine(model, max_batch=4, max_len=40, admit_delay=60.0)
+    reqs = [engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0)))]
+    engine.step()
+    assert engine.slots == [None] * 4 and len(engine.waiting) == 1   # held: slots are free
+    reqs += [engine.submit(Request(p, SamplingParams(max_tokens=5, temperature=0)))
+             for p in PROMPTS[1:4]]
+    engine.step()   # four waiting fill the four free slots: all admitted, one forward
+    assert engine.stats["prefills"] == 1 and engine.stats["prefill_rows"] == 4
+    engine.run_until_done()
+    assert [r.output for r in reqs] == [greedy_recompute(model, p, 5) for p in PROMPTS[:4]]
+
+    engine = Engine(model, max_batch=4, max_len=40, admit_delay=0.05)
+    late = engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)))
+    engine.step()
+    assert late.prefilled == 0
+    time.sleep(0.06)
+    engine.step()
+    assert late.prefilled == len(PROMPTS[0])
+
+
+def test_engine_thread_sleeps_while_holding_a_request():
+    """serve_forever waits out the admission delay instead of stepping an empty batch."""
+    engine = Engine(tiny_model(), max_batch=4, max_len=40, admit_delay=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        req = engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0)))
+        assert req.done.wait(10) and len(req.output) == 2
+    finally:
+        stop.set()
+        thread.join(10)
+    assert engine.stats["steps"] < 20   # a spinning loop steps thousands of times in 0.2 s
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_cuda_graphs_equal_eager(dtype):
@@ -187,3 +228,27 @@ def test_decode_step_never_syncs():
             engine._decode(b, greedy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_engine_step_with_admission_never_syncs():
+    """A whole engine step (admission, prefill, first-token sampling, decode launch) makes no
+    implicit device sync: host-to-device copies are pinned, first tokens are read with the step's
+    (the one wait is the collect's event, which sync-debug mode does not flag)."""
+    model = tiny_model(moe=MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)).to("cuda")
+    engine = Engine(model, max_batch=4, max_len=32)
+    engine.capture_graphs()
+    for p in PROMPTS[:2]:   # warm-up: prefill kernels compiled and autotuned
+        engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0.5)))
+    engine.run_until_done()
+    torch.cuda.synchronize()
+    requests = [engine.submit(Request(p, SamplingParams(max_tokens=6, temperature=0)))
+                for p in PROMPTS[:3]]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.run_until_done()
+    assert [len(r.output) for r in requests] == [6, 6, 6]

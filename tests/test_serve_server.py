@@ -87,8 +87,18 @@ def reference(served, prompt: str, n: int) -> str:
 def test_models_and_health(server):
     client, served, port = server
     assert [m.id for m in client.models.list().data] == ["tiny-run"]
+    before = health(port)
+    assert before["status"] == "ok" and before["running"] == 0 and before["waiting"] == 0
+    client.completions.create(model="tiny-run", prompt=[1, 2, 3], max_tokens=2, temperature=0)
+    after = health(port)   # one more prefill forward of one row, and at least one step
+    assert after["engine"].get("prefills", 0) == before["engine"].get("prefills", 0) + 1
+    assert after["engine"].get("prefill_rows", 0) == before["engine"].get("prefill_rows", 0) + 1
+    assert after["engine"]["steps"] >= before["engine"].get("steps", 0) + 2
+
+
+def health(port) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
-        assert json.loads(r.read()) == {"status": "ok"}
+        return json.loads(r.read())
 
 
 def test_completion_greedy_equals_recompute_and_stream(server):
@@ -327,18 +337,29 @@ def test_cli_serve_without_fastapi(monkeypatch, capsys, run_dir):
     assert err.count("\n") == 1 and "pip install 'dropless[serve]'" in err
 
 
-def test_serve_shortens_the_gil_switch_interval(monkeypatch):
+def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, capsys):
     """The engine thread must get the GIL back within a fraction of a decode step while the event
-    loop writes streams (Python's default lets it wait 5 ms)."""
+    loop writes streams (Python's default lets it wait 5 ms); every decode graph is captured
+    before the server listens; the engine's counters are printed when it stops."""
+    from collections import Counter
+
     from dropless.serve import server as server_module
 
-    seen = {}
+    class FakeEngine:
+        captured, stats = False, Counter(steps=3, prefill_s=0.25)
+
+        def capture_graphs(self):
+            self.captured = True
+
+    engine, seen = FakeEngine(), {}
+    monkeypatch.setattr(server_module, "create_app", lambda served, engine: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
-        interval=sys.getswitchinterval(), **kw))
+        interval=sys.getswitchinterval(), captured=engine.captured, **kw))
     before = sys.getswitchinterval()
     try:
-        server_module.serve(None, None, "127.0.0.1", 0)
+        server_module.serve(None, engine, "127.0.0.1", 0)
     finally:
         sys.setswitchinterval(before)
     assert seen["interval"] == pytest.approx(server_module.SWITCH_INTERVAL_S)
-    assert seen["interval"] < 1e-3 and seen["port"] == 0
+    assert seen["interval"] < 1e-3 and seen["port"] == 0 and seen["captured"]
+    assert "engine: prefill_s 0.25, steps 3" in capsys.readouterr().err

@@ -7,12 +7,16 @@ One engine `step()`:
 1. admit waiting requests into free slots (lowest first, so active rows stay near the top);
 2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, whole chunks in slot
    order, each run of adjacent slots as one padded batch into those slots' caches; a finished
-   prompt samples its first token;
+   prompt samples its first token into the decode buffers, read back with the step's tokens;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
    decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
    sampling parameters, per-row step counters) that the step itself advances, so the host only
    writes them when a request joins or leaves. The step is launched before the previous step's
-   tokens are read back (one sync per step), so host work overlaps the device's.
+   tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
+   copies go through pinned memory: from pageable memory CUDA waits for the stream first.
+
+A server can hold new requests up to `admit_delay` seconds (or until they fill the free slots) so
+that requests arriving together are prefilled as one batch instead of one eager forward each.
 
 Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
 position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 
 import torch
 
@@ -39,7 +44,7 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
-                 moe_path: str | None = None):
+                 moe_path: str | None = None, admit_delay: float = 0.0):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_batch < 1:
@@ -50,7 +55,7 @@ class Engine:
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.admit_delay = prefill_chunk, admit_delay
         self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
@@ -75,10 +80,16 @@ class Engine:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        # the last launched decode step, not yet read: (event, host tokens, [(slot, request)])
+        # the last launched decode step, not yet read: (event, host tokens, [(slot, request)],
+        # first tokens sampled by this step's prefills [(host tokens, [(slot, request)])])
         self.pending = None
-        pin = p.device.type == "cuda"
-        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.firsts: list = []
+        self.pin = p.device.type == "cuda"
+        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin)
+                            for _ in range(2)]
+        # counts and host seconds, for logs and benchmarks: steps, prefills (forwards),
+        # prefill_rows, prefill_s, captures, capture_s
+        self.stats: Counter = Counter()
         self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
         # specialisation per (bucket, greedy), hence the raised recompile limit
@@ -102,6 +113,7 @@ class Engine:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens "
                              f"({request.params.max_tokens}) = {total} exceeds the context of "
                              f"{self.max_len} tokens")
+        request.arrival = time.perf_counter()
         with self.wakeup:
             self.waiting.append(request)
             self.wakeup.notify()
@@ -111,15 +123,27 @@ class Engine:
         return (bool(self.waiting) or self.pending is not None
                 or any(r is not None for r in self.slots))
 
+    def _admit_wait(self) -> float:
+        """Seconds the oldest waiting request is still held (0: admit now)."""
+        free = self.slots.count(None)
+        if not self.waiting or not free or len(self.waiting) >= free:
+            return 0.0
+        return max(0.0, self.waiting[0].arrival + self.admit_delay - time.perf_counter())
+
+    def _device(self, values, dtype=torch.long) -> torch.Tensor:
+        """A host list on the device without a sync (through pinned memory on CUDA)."""
+        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.pin else host
+
     def _set_row(self, slot: int, **values) -> None:
         for name, value in values.items():
             getattr(self, name + "_B")[slot] = value
 
-    def _set_rows(self, slots: list[int], **values: list) -> None:
-        idx = torch.tensor(slots, device=self.device)
+    def _set_rows(self, slots: list[int], **values) -> None:
+        idx = self._device(slots)
         for name, column in values.items():
             buf = getattr(self, name + "_B")
-            buf[idx] = torch.tensor(column, dtype=buf.dtype).to(self.device, non_blocking=True)
+            buf[idx] = self._device(column, buf.dtype) if isinstance(column, list) else column
 
     def _finish(self, slot: int, reason: str) -> None:
         request = self.slots[slot]
@@ -165,7 +189,7 @@ class Engine:
             positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
         rows = slice(slots[0], slots[-1] + 1)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
-        x_nTD = self._hidden(tokens_nT.to(self.device), positions_nT.to(self.device), caches)
+        x_nTD = self._hidden(self._device(tokens_nT), self._device(positions_nT), caches)
         done = []
         for i, (r, chunk) in enumerate(zip(requests, chunks)):
             r.prefilled += len(chunk)
@@ -180,16 +204,18 @@ class Engine:
                        temperature=[p.temperature for p in params],
                        top_k=[min(p.top_k or vocab, vocab) for p in params],
                        top_p=[p.top_p or 1.0 for p in params])
-        idx = torch.tensor(done_slots, device=self.device)
-        last = torch.tensor([len(chunks[i]) - 1 for i in done], device=self.device)
-        logits = self._logits(x_nTD[torch.tensor(done, device=self.device), last])
+        idx = self._device(done_slots)
+        last = self._device([len(chunks[i]) - 1 for i in done])
+        logits = self._logits(x_nTD[self._device(done), last])
         first = sample(logits, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
                        self.seeds_B[idx], self.steps_B[idx])
-        first = first.tolist()   # sync: the first tokens go to the requests
+        # the first tokens go straight into the decode inputs; the host reads them with this
+        # step's decoded tokens (no sync here)
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
-        for slot, token in zip(done_slots, first):
-            self._emit(slot, token)
+        host = torch.empty(len(done), dtype=torch.long, pin_memory=self.pin)
+        host.copy_(first, non_blocking=True)
+        self.firsts.append((host, [(s, requests[i]) for s, i in zip(done_slots, done)]))
 
     def _decode(self, b: int, greedy: bool) -> None:
         """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
@@ -219,7 +245,18 @@ class Engine:
             graph = self._capture(b, greedy)
         graph.replay()
 
+    @torch.no_grad()
+    def capture_graphs(self) -> None:
+        """Capture every bucket's decode graph now (a server does at start), not when a batch
+        first reaches that size, which stalls every running request for the capture."""
+        if self.cuda_graphs:
+            for b in self.buckets:
+                for greedy in (True, False):
+                    if (b, greedy) not in self.graphs:
+                        self._capture(b, greedy)
+
     def _capture(self, b: int, greedy: bool) -> torch.cuda.CUDAGraph:
+        start = time.perf_counter()
         # warm-up runs advance the buffers: keep them and put them back before the real step
         saved = [t.clone() for t in (self.tokens_B, self.positions_B, self.steps_B)]
         stream = torch.cuda.Stream(self.device)
@@ -236,6 +273,7 @@ class Engine:
         for buf, value in zip((self.tokens_B, self.positions_B, self.steps_B), saved):
             buf.copy_(value)
         self.graphs[(b, greedy)] = graph
+        self.stats.update(captures=1, capture_s=time.perf_counter() - start)
         return graph
 
     # ---- continuous batching ----------------------------------------------------------------
@@ -243,8 +281,9 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Admit, prefill a chunk, decode one token for every decoding request."""
+        self.stats["steps"] += 1
         with self.lock:
-            for slot in range(self.max_batch):
+            for slot in range(self.max_batch if self._admit_wait() == 0 else 0):
                 if not self.waiting:
                     break
                 if self.slots[slot] is None:
@@ -264,11 +303,14 @@ class Engine:
                     break
                 chosen.append(slot)
                 budget -= size
+        start = time.perf_counter()
         while chosen:
             run = [chosen.pop(0)]
             while chosen and chosen[0] == run[-1] + 1:
                 run.append(chosen.pop(0))
             self._prefill(run)
+            self.stats.update(prefills=1, prefill_rows=len(run))
+        self.stats["prefill_s"] += time.perf_counter() - start
         decoding = [s for s, r in enumerate(self.slots)
                     if r is not None and r.prefilled == len(r.prompt)]
         # launch this step before reading the previous one's tokens: the host's bookkeeping (and
@@ -288,17 +330,28 @@ class Engine:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return event, host, [(s, self.slots[s]) for s in decoding]
+        firsts, self.firsts = self.firsts, []
+        return event, host, [(s, self.slots[s]) for s in decoding], firsts
 
-    def _collect(self, event, host, rows) -> None:
-        """Hand a launched step's tokens to the requests that were decoding then (a request that
-        finished meanwhile got one extra token computed; it is dropped here)."""
+    def _collect(self, event, host, rows, firsts) -> None:
+        """Hand a launched step's tokens to the requests that were decoding then, after the first
+        tokens its prefills sampled (a request that finished meanwhile got one extra token
+        computed; it is dropped here)."""
         if event is not None:
             event.synchronize()   # sync: the step's tokens (waits with the GIL released)
+        for first, pairs in firsts:
+            for (slot, request), token in zip(pairs, first.tolist()):
+                if self.slots[slot] is request:
+                    self._emit(slot, token)
         tokens = host.tolist()
         for slot, request in rows:
             if self.slots[slot] is request:
                 self._emit(slot, tokens[slot])
+
+    def _idle(self) -> bool:
+        """Nothing to run but requests still held for admission."""
+        return (self.pending is None and all(r is None for r in self.slots)
+                and self._admit_wait() > 0)
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -309,8 +362,8 @@ class Engine:
         after `stop` is set, finish the requests already admitted or waiting, then return."""
         while True:
             with self.wakeup:
-                while not self.has_work() and not stop.is_set():
-                    self.wakeup.wait(timeout=0.1)
+                while not stop.is_set() and (not self.has_work() or self._idle()):
+                    self.wakeup.wait(timeout=self._admit_wait() or 0.1)
                 if stop.is_set() and not self.has_work():
                     return
             try:
@@ -320,7 +373,7 @@ class Engine:
                 with self.lock:
                     failed = [r for r in self.slots if r is not None] + list(self.waiting)
                     self.slots, self.waiting = [None] * self.max_batch, deque()
-                    self.pending = None
+                    self.pending, self.firsts = None, []
                 self.positions_B.fill_(self.max_len - 1)
                 for request in failed:
                     close(request, "error")

@@ -122,7 +122,12 @@ def create_app(served: ServedModel, engine: Engine):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        """Up, with the engine's load and its counters (steps, prefill forwards and rows, host
+        seconds in prefill, CUDA-graph captures) for monitoring and benchmarks."""
+        with engine.lock:
+            running = sum(r is not None for r in engine.slots)
+            return {"status": "ok", "running": running, "waiting": len(engine.waiting),
+                    "engine": dict(engine.stats)}
 
     @app.get("/v1/models")
     async def models():
@@ -290,5 +295,7 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-
+    engine.capture_graphs()   # every batch bucket before the first request, not in its way
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
+    print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
+          file=sys.stderr)
