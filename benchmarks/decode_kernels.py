@@ -2,6 +2,7 @@
 
     python benchmarks/decode_kernels.py --preset medium                 # H200: eager and compiled
     python benchmarks/decode_kernels.py --preset tiny --device cpu      # aten ops, eager
+    python benchmarks/decode_kernels.py --preset medium --prefill 1 32  # host time of a prefill
 
 One step = `Engine._decode(b, greedy=True)` on random weights (bf16 on CUDA, fp32 on the CPU), run
 outside a CUDA graph so that each launch is seen. Per layer = count(2 layers) - count(1 layer) of
@@ -77,6 +78,51 @@ def count_step(cfg, device, dtype, batch: int, compile: bool) -> tuple[int, Coun
         return sum(mode.ops.values()), mode.ops
 
 
+def profile_prefill(cfg, device, dtype, n: int, prompt: int, top: int) -> None:
+    """Wall time (median of 5) of the engine step that admits and prefills n prompts of `prompt`
+    tokens (and launches the first decode step), then a profile of one: host ops by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dropless.serve import Request, SamplingParams
+    model = build(cfg, device, dtype)
+    engine = Engine(model, max_batch=n, max_len=prompt + 8)
+    engine.capture_graphs()
+    g = torch.Generator().manual_seed(n)
+
+    def submit():
+        for _ in range(n):
+            ids = torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist()
+            engine.submit(Request(ids, SamplingParams(max_tokens=2, temperature=0)))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for rep in range(7):   # two warm-ups
+        submit()
+        sync()
+        start = time.perf_counter()
+        engine.step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+        engine.run_until_done()
+    print(f"prefill step of {n} x {prompt} tokens: {sorted(times[2:])[2]:.1f} ms wall (median of "
+          f"5; warm-ups {times[0]:.0f}, {times[1]:.0f} ms)")
+    submit()
+    sync()
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+    with profile(activities=activities) as prof:
+        engine.step()
+        sync()
+    engine.run_until_done()
+    gpu_us = sum(e.device_time for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"  kernels: {gpu_us / 1e3:.1f} ms of GPU time; host ops by CPU time (self):")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"    {e.key[:60]:60} {e.count:6} calls {e.self_cpu_time_total / 1e3:8.2f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium")
@@ -85,11 +131,18 @@ def main():
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the "
                     "CPU (bf16 there shows the casts a GPU step launches)")
     ap.add_argument("--top", type=int, default=0, help="also list the N most frequent per layer")
+    ap.add_argument("--prefill", type=int, nargs="+", metavar="N",
+                    help="instead: profile the engine step that prefills N prompts")
+    ap.add_argument("--prompt", type=int, default=32, help="--prefill's prompt tokens")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     base = get_preset(args.preset)
+    if args.prefill:
+        for n in args.prefill:
+            profile_prefill(base, device, dtype, n, args.prompt, args.top or 25)
+        return
     cut = {n: dataclasses.replace(base, num_layers=n, first_dense_layers=min(
         base.first_dense_layers, n - 1)) for n in (1, 2)}
     unit = "kernels" if device.type == "cuda" else "aten ops"

@@ -27,10 +27,11 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 from dropless.config import PRESETS, TrainConfig
 from dropless.info import model_stats
-from dropless.model import Transformer
+from dropless.model import SDPA_ORDER, Transformer
 from dropless.optim import make_optimizer
 from dropless.parallel.runtime import Runtime
 from dropless.precision import autocast_for, bf16_peak_flops
@@ -80,7 +81,9 @@ def dropless_provider(cfg, precision: str, compiled: bool, tokens_BT):
     return step
 
 
-def hf_provider(cfg, precision: str, tokens_BT):
+def hf_provider(cfg, precision: str, tokens_BT, attention_order=None):
+    """HF's step; `attention_order`: SDPA backends to try first (dropless's order: cuDNN first),
+    so that the comparison also holds with the attention kernel taken out of it."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     hf_cfg = Qwen3MoeConfig(
@@ -98,11 +101,14 @@ def hf_provider(cfg, precision: str, tokens_BT):
     model.set_experts_implementation("grouped_mm")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     amp = torch.autocast("cuda", torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    order = (lambda: sdpa_kernel(attention_order, set_priority=True)) if attention_order else (
+        nullcontext)
 
     def step():
-        with amp:
+        with amp, order():
             logits = model(input_ids=tokens_BT[:, :-1]).logits
-        F.cross_entropy(logits.float().flatten(0, 1), tokens_BT[:, 1:].flatten()).backward()
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens_BT[:, 1:].flatten())
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -186,6 +192,7 @@ def main() -> int:
     providers = {
         "hf bf16": lambda: hf_provider(cfg, "bf16", tokens_BT),
         "hf bf16-mixed": lambda: hf_provider(cfg, "bf16-mixed", tokens_BT),
+        "hf bf16 cudnn-attention": lambda: hf_provider(cfg, "bf16", tokens_BT, SDPA_ORDER),
         "dropless bf16-mixed eager": lambda: dropless_provider(cfg, "bf16-mixed", False, tokens_BT),
         "dropless bf16-mixed compiled": lambda: dropless_provider(cfg, "bf16-mixed", True,
                                                                   tokens_BT),

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless.config import ModelConfig
-from dropless.model import RMSNorm, apply_rope, causal_mask, rope_tables
+from dropless.model import RMSNorm, apply_rope, causal_attention, causal_mask, rope_tables
 
 # DeepSeek normalises both latents with eps 1e-6 whatever the model's norm_eps is.
 LATENT_NORM_EPS = 1e-6
@@ -77,8 +77,7 @@ class MLAttention(nn.Module):
             kv = F.linear(latent_BTC, self.kv_b_proj.weight).view(B, T, H, N + Dv).transpose(1, 2)
             k_nope, v = kv.split([N, Dv], dim=-1)
             k = torch.cat([k_nope, k_rope.expand(B, H, T, P)], dim=-1)
-            out = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], dim=-1), k, v,
-                                                 is_causal=True, scale=self.scale)
+            out = causal_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, scale=self.scale)
         else:
             # 3b. absorbed form over the compressed cache: one shared "head" of width C + P
             latent_cache, rope_cache = layer_cache

@@ -7,6 +7,7 @@ import torch
 from dropless import ModelConfig, MoEConfig, Transformer, get_preset
 from dropless.generate import generate, greedy_recompute, sample_next
 from dropless.info import model_stats
+from tests.conftest import rel_err
 
 
 def tiny(**kw):
@@ -218,3 +219,32 @@ def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables(monkeypatch):
         model = tiny()
     model.to_empty(device="cpu")
     assert torch.equal(model.rope_cos, cos)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("B,H,G,T,Dh", [(2, 4, 2, 1, 16), (1, 16, 4, 77, 64), (2, 8, 8, 300, 128)])
+def test_causal_attention_matches_math_reference(device, B, H, G, T, Dh):
+    """The training attention (cuDNN first on CUDA) against fp64 math attention: outputs and the
+    gradients of q, k and v; PyTorch's own backend order is left as it was."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dropless.model import causal_attention
+
+    order = torch._C._get_sdp_priority_order()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, n, T, Dh, generator=g) for n in (H, G, G))
+    dout = torch.randn(B, H, T, Dh, generator=g)
+    leaves = [t.to(device, dtype, copy=True).requires_grad_() for t in (q, k, v)]
+    out = causal_attention(*leaves, enable_gqa=G != H)
+    out.backward(dout.to(device, dtype))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=True,
+                                                               enable_gqa=G != H)
+    ref.backward(dout.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel_err(out.cpu(), ref) < tol
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert rel_err(leaf.grad.cpu(), ref_leaf.grad) < tol
+    assert torch._C._get_sdp_priority_order() == order
