@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dropless import get_preset
+from dropless.model import causal_attention
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -48,8 +49,12 @@ def main():
     print(f"{'backend':12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'max rel diff':>14}")
     first = None
     names = args.backends.split(",") if device.type == "cuda" else ["math"]
-    for name in names:
+    model_fn = torch.compile(causal_attention, fullgraph=True)
+    for name in names + ["dropless", "dropless compiled"]:
         def fwd():
+            if name.startswith("dropless"):   # what the model runs, eager and compiled
+                fn = model_fn if name.endswith("compiled") else causal_attention
+                return fn(q, k, v, enable_gqa=G != H)
             with sdpa_kernel(BACKENDS[name]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
 

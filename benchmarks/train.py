@@ -27,11 +27,11 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dropless.config import PRESETS, TrainConfig
 from dropless.info import model_stats
-from dropless.model import SDPA_ORDER, Transformer
+from dropless.model import Transformer
 from dropless.optim import make_optimizer
 from dropless.parallel.runtime import Runtime
 from dropless.precision import autocast_for, bf16_peak_flops
@@ -81,9 +81,9 @@ def dropless_provider(cfg, precision: str, compiled: bool, tokens_BT):
     return step
 
 
-def hf_provider(cfg, precision: str, tokens_BT, attention_order=None):
-    """HF's step; `attention_order`: SDPA backends to try first (dropless's order: cuDNN first),
-    so that the comparison also holds with the attention kernel taken out of it."""
+def hf_provider(cfg, precision: str, tokens_BT, cudnn_attention: bool = False):
+    """HF's step; `cudnn_attention`: its SDPA calls run cuDNN's kernel, as dropless's do, so
+    that the comparison also holds with the attention kernel taken out of it."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     hf_cfg = Qwen3MoeConfig(
@@ -101,8 +101,7 @@ def hf_provider(cfg, precision: str, tokens_BT, attention_order=None):
     model.set_experts_implementation("grouped_mm")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     amp = torch.autocast("cuda", torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-    order = (lambda: sdpa_kernel(attention_order, set_priority=True)) if attention_order else (
-        nullcontext)
+    order = (lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) if cudnn_attention else nullcontext
 
     def step():
         with amp, order():
@@ -192,7 +191,7 @@ def main() -> int:
     providers = {
         "hf bf16": lambda: hf_provider(cfg, "bf16", tokens_BT),
         "hf bf16-mixed": lambda: hf_provider(cfg, "bf16-mixed", tokens_BT),
-        "hf bf16 cudnn-attention": lambda: hf_provider(cfg, "bf16", tokens_BT, SDPA_ORDER),
+        "hf bf16 cudnn-attention": lambda: hf_provider(cfg, "bf16", tokens_BT, cudnn_attention=True),
         "dropless bf16-mixed eager": lambda: dropless_provider(cfg, "bf16-mixed", False, tokens_BT),
         "dropless bf16-mixed compiled": lambda: dropless_provider(cfg, "bf16-mixed", True,
                                                                   tokens_BT),

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dropless.config import ModelConfig
 from dropless.experts import SwiGLU
@@ -81,17 +80,22 @@ def causal_mask(positions_BT: torch.Tensor, num_keys: int) -> torch.Tensor:
     return (keys <= positions_BT.unsqueeze(-1)).unsqueeze(1)
 
 
-# Whole-sequence causal attention (training; prefill without a cache) tries cuDNN's fused kernel
-# first: at the medium preset's shape on an H200, forward + backward take 0.76 ms against 1.22 ms
-# for PyTorch's default choice, flash (benchmarks/attention.py). A backend that cannot take the
-# inputs (the CPU has neither) hands them to the next, as in the default order.
-SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
-    with sdpa_kernel(SDPA_ORDER, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+# Whole-sequence causal attention (training; prefill without a cache) runs cuDNN's fused kernel on
+# CUDA: at the medium preset's shape on an H200, forward + backward take 0.76 ms against 1.22 ms for
+# flash, which scaled_dot_product_attention picks (benchmarks/attention.py). The aten op is called
+# by name: with sdpa_kernel's backend priority set, the compiled training step still ran flash
+# (unchanged 90.0 ms). Shapes cuDNN does not take (head dims that differ or exceed 128, fp32) and
+# the CPU keep sdpa's choice.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    Dh = q.shape[-1]
+    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] == Dh
+            and v.shape[-1] == Dh and Dh % 8 == 0 and Dh <= 128):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, grad, 0.0, True, False, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                          enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):
