@@ -153,7 +153,8 @@ def serve_main(args) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     served = ServedModel("bench", model, BPETokenizer(tok), (), DEFAULT_CHAT_TEMPLATE, {})
     engine = Engine(model, max_batch=args.max_batch, max_len=args.prompt + args.new,
-                    admit_delay=args.admit_delay_ms[0] / 1e3)
+                    admit_delay=args.admit_delay_ms[0] / 1e3,
+                    compile_prefill=args.serve_compile_prefill)
     serve(served, engine, "127.0.0.1", args.serve_port)
 
 
@@ -204,7 +205,8 @@ def run_server(args, vocab, delay_ms: float) -> dict:
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve-port", str(port), "--preset", args.preset,
            "--device", args.device, "--max-batch", str(max(args.clients)), "--prompt",
-           str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)]
+           str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)] + [
+           "--serve-compile-prefill"] * args.serve_compile_prefill
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
         "PYTHONPATH")]))}
@@ -254,6 +256,9 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--admit-delay-ms", type=float, nargs="+", default=[0.0],
                     help="the server engine's admit_delay; several: one server each, side by side")
+    ap.add_argument("--serve-compile-prefill", action="store_true",
+                    help="the server's engine compiles its prefill forward (and the engine is "
+                         "also timed so, as engine_prefill_compiled: the server's baseline)")
     args = ap.parse_args()
     if args.serve_port:
         return serve_main(args)
@@ -269,7 +274,8 @@ def main():
            "floor_ms_per_step_bs1": floor_ms, "compile": args.compile}
     model = build(args.preset, device, dtype)
     prompts = {b: prompts_for(b, args.prompt, cfg.vocab_size, seed=b) for b in args.batches}
-    variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile
+    variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile + [
+        ("engine_prefill_compiled", {"compile_prefill": True})] * args.serve_compile_prefill
     if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
         variants.append(("engine_gather", {"moe_path": "gather"}))
     for b in args.batches:
@@ -327,7 +333,8 @@ def print_table(res: dict, args) -> None:
     print(f"{'':32}{'tokens/s':>12}{'ms/step':>10}{'x floor':>9}{'x HF':>8}")
     for b in args.batches:
         hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
-        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"engine_gather_bs{b}",
+        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"engine_prefill_compiled_bs{b}",
+                     f"engine_gather_bs{b}",
                      f"generate_bs{b}", f"hf_bs{b}"):
             if "tokens_per_s" not in res.get(name, {}):
                 continue
@@ -341,11 +348,11 @@ def print_table(res: dict, args) -> None:
         print(f"{key:32}{r['tokens_per_s']:12,.0f}   TTFT {r['ttft_ms']:.1f} ms, "
               f"inter-token {r['itl_ms']:.2f} ms, {r.get('prefills', 0)} prefill forwards, "
               f"{r.get('captures', 0)} graph captures")
+    base = "engine_prefill_compiled_bs32" if args.serve_compile_prefill else "engine_bs32"
     for key in [k for k in res if k.startswith("server_32_clients") and "tokens_per_s" in res[k]]:
-        if "tokens_per_s" not in res.get("engine_bs32", {}):
+        if "tokens_per_s" not in res.get(base, {}):
             break
-        print(f"{key} / engine bs32: "
-              f"{res[key]['tokens_per_s'] / res['engine_bs32']['tokens_per_s']:.2f}")
+        print(f"{key} / {base}: {res[key]['tokens_per_s'] / res[base]['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

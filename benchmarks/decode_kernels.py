@@ -86,7 +86,7 @@ def profile_prefill(cfg, device, dtype, n: int, prompt: int, top: int) -> None:
     from dropless.serve import Request, SamplingParams
     model = build(cfg, device, dtype)
     engine = Engine(model, max_batch=n, max_len=prompt + 8)
-    engine.capture_graphs()
+    engine.warm_up()
     g = torch.Generator().manual_seed(n)
 
     def submit():

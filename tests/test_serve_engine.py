@@ -152,6 +152,44 @@ def test_engine_eos_stop_callback_and_limits():
         SamplingParams(temperature=math.nan)
 
 
+@pytest.mark.parametrize("chunk", [2, 16])
+def test_engine_prefill_padding_of_the_compiled_path(chunk):
+    """With compile on, a prefill of one row takes a neighbour slot as padding (after it, or
+    before it at the last slot) and a one-token chunk a padding token: outputs are unchanged
+    (run eagerly here: the padding alone)."""
+    model = tiny_model()
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
+    engine.compiled = True
+    prompts, lengths = [[5], [9, 8, 7], [33], [1, 2, 3, 4, 5], [7]], [6, 1, 4, 3, 5]
+    requests = []
+    for p, n in zip(prompts, lengths):   # one at a time: single-row prefills in every slot
+        requests.append(engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=0))))
+        engine.step()
+    engine.run_until_done()
+    assert [r.output for r in requests] == [greedy_recompute(model, p, n)
+                                            for p, n in zip(prompts, lengths)]
+
+
+def test_compiled_prefill_is_one_graph_for_every_shape():
+    import torch._dynamo as dynamo
+
+    model = tiny_model()
+    outputs = []
+    for compile in (False, True):
+        dynamo.reset()
+        engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile=compile)
+        engine.decode_fn = engine._decode   # the decode step eager: only the prefill compiles
+        engine.warm_up()
+        before = dynamo.utils.counters["stats"]["unique_graphs"]
+        requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))
+                    for p in PROMPTS]
+        engine.run_until_done()
+        outputs.append([r.output for r in requests])
+        if compile:   # warm_up compiled it; rows 1..4 and chunks of 1..8 tokens reuse it
+            assert dynamo.utils.counters["stats"]["unique_graphs"] == before
+    assert outputs[0] == outputs[1]
+
+
 def test_engine_admit_delay_batches_arrivals():
     """Held requests are admitted together (one prefill forward) once they fill the free slots
     or the oldest has waited admit_delay; outputs are unchanged."""
@@ -237,7 +275,7 @@ def test_engine_step_with_admission_never_syncs():
     (the one wait is the collect's event, which sync-debug mode does not flag)."""
     model = tiny_model(moe=MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)).to("cuda")
     engine = Engine(model, max_batch=4, max_len=32)
-    engine.capture_graphs()
+    engine.warm_up()
     for p in PROMPTS[:2]:   # warm-up: prefill kernels compiled and autotuned
         engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0.5)))
     engine.run_until_done()

@@ -348,7 +348,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     class FakeEngine:
         captured, stats = False, Counter(steps=3, prefill_s=0.25)
 
-        def capture_graphs(self):
+        def warm_up(self):
             self.captured = True
 
     engine, seen = FakeEngine(), {}

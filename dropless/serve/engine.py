@@ -15,8 +15,8 @@ One engine `step()`:
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
    copies go through pinned memory: from pageable memory CUDA waits for the stream first.
 
-A server can hold new requests up to `admit_delay` seconds (or until they fill the free slots) so
-that requests arriving together are prefilled as one batch instead of one eager forward each.
+A server can hold new requests up to `admit_delay` seconds (or until they fill the free slots):
+requests arriving together then prefill as one batch, not one forward each.
 
 Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
 position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
@@ -44,6 +44,7 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
+                 compile_prefill: bool | None = None,
                  moe_path: str | None = None, admit_delay: float = 0.0):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
@@ -82,23 +83,26 @@ class Engine:
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         # the last launched decode step, not yet read: (event, host tokens, [(slot, request)],
         # first tokens sampled by this step's prefills [(host tokens, [(slot, request)])])
-        self.pending = None
-        self.firsts: list = []
+        self.pending, self.firsts = None, []
         self.pin = p.device.type == "cuda"
-        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin)
-                            for _ in range(2)]
-        # counts and host seconds, for logs and benchmarks: steps, prefills (forwards),
-        # prefill_rows, prefill_s, captures, capture_s
-        self.stats: Counter = Counter()
-        self.flip = 0
+        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin) for _ in "ab"]
+        # for logs and benchmarks: steps, prefills (forwards), prefill_rows, prefill_s (host
+        # seconds), captures, capture_s
+        self.stats, self.flip = Counter(), 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
-        # specialisation per (bucket, greedy), hence the raised recompile limit
-        self.decode_fn = self._decode
+        # specialisation per (bucket, greedy), hence the raised recompile limit. The prefill
+        # forward compiles once, dynamic in rows and tokens (`_prefill_forward`): eagerly it
+        # launches ~100 kernels per layer, tens of ms of host time that stall every request
+        # (compile_prefill: default `compile`)
+        self.compiled = compile if compile_prefill is None else compile_prefill
+        self.decode_fn, self.hidden_fn = self._decode, self._hidden
         if compile:
             import torch._dynamo as dynamo
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit,
                                                  4 * len(self.buckets))
             self.decode_fn = torch.compile(self._decode, dynamic=False)
+        if self.compiled:
+            self.hidden_fn = torch.compile(self._hidden)
         self.graph_pool = None
 
     # ---- requests ---------------------------------------------------------------------------
@@ -172,6 +176,18 @@ class Engine:
             x, _ = layer(x, positions_BT, cache, rope)
         return x
 
+    def _prefill_forward(self, tokens_nT, positions_nT, lo: int, hi: int) -> torch.Tensor:
+        """The blocks over a chunk into cache slots [lo, hi); compiled, one graph for every shape
+        (rows and tokens marked dynamic; the caller pads them to >= 2, as 1 is specialised)."""
+        caches = [tuple(t[lo:hi] for t in cache) for cache in self.caches]
+        if self.compiled:
+            for t in (tokens_nT, positions_nT, *[t for cache in caches for t in cache]):
+                if self.max_batch > 1:   # one slot: always one row
+                    torch._dynamo.mark_dynamic(t, 0)
+            for t in (tokens_nT, positions_nT):
+                torch._dynamo.mark_dynamic(t, 1)
+        return self.hidden_fn(tokens_nT, positions_nT, caches)
+
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.norm(x_BD))
 
@@ -182,14 +198,17 @@ class Engine:
         requests = [self.slots[s] for s in slots]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
-        tokens_nT = torch.zeros(n, T, dtype=torch.long)
-        positions_nT = torch.full((n, T), self.max_len - 1, dtype=torch.long)
-        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+        # compiled: a padding row (neighbour slot, scratch position) and token where there is one
+        lo = slots[0] - (self.compiled and n == 1 and slots[0] + 1 == self.max_batch > 1)
+        hi = max(slots[-1] + 1, min(lo + 2, self.max_batch) if self.compiled else 0)
+        T = max(T, 1 + self.compiled)
+        tokens_nT = torch.zeros(hi - lo, T, dtype=torch.long)
+        positions_nT = torch.full((hi - lo, T), self.max_len - 1, dtype=torch.long)
+        for i, (r, chunk) in enumerate(zip(requests, chunks), start=slots[0] - lo):
             tokens_nT[i, :len(chunk)] = torch.tensor(chunk)
             positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
-        rows = slice(slots[0], slots[-1] + 1)
-        caches = [tuple(t[rows] for t in cache) for cache in self.caches]
-        x_nTD = self._hidden(self._device(tokens_nT), self._device(positions_nT), caches)
+        x_nTD = self._prefill_forward(self._device(tokens_nT), self._device(positions_nT), lo, hi)
+        x_nTD = x_nTD[slots[0] - lo:slots[0] - lo + n]
         done = []
         for i, (r, chunk) in enumerate(zip(requests, chunks)):
             r.prefilled += len(chunk)
@@ -246,9 +265,14 @@ class Engine:
         graph.replay()
 
     @torch.no_grad()
-    def capture_graphs(self) -> None:
-        """Capture every bucket's decode graph now (a server does at start), not when a batch
-        first reaches that size, which stalls every running request for the capture."""
+    def warm_up(self) -> None:
+        """Capture every bucket's decode graph and compile the prefill now (a server does at
+        start), not when a request first needs them, which stalls every running request."""
+        if self.compiled:   # rows of three tokens at the scratch position (3: no size in common)
+            rows = min(2, self.max_batch)
+            self._prefill_forward(torch.zeros(rows, 3, dtype=torch.long, device=self.device),
+                                  torch.full((rows, 3), self.max_len - 1, device=self.device),
+                                  0, rows)
         if self.cuda_graphs:
             for b in self.buckets:
                 for greedy in (True, False):
@@ -348,10 +372,9 @@ class Engine:
             if self.slots[slot] is request:
                 self._emit(slot, tokens[slot])
 
-    def _idle(self) -> bool:
-        """Nothing to run but requests still held for admission."""
-        return (self.pending is None and all(r is None for r in self.slots)
-                and self._admit_wait() > 0)
+    def _idle(self) -> bool:   # nothing to run but requests held for admission
+        return self.pending is None and self.slots.count(None) == self.max_batch and (
+            self._admit_wait() > 0)
 
     def run_until_done(self) -> None:
         while self.has_work():

@@ -295,7 +295,7 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine.capture_graphs()   # every batch bucket before the first request, not in its way
+    engine.warm_up()   # every batch bucket before the first request, not in its way
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
     print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
           file=sys.stderr)
