@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dropless.files import read_small_text
-from dropless.hf import _config, from_hf, to_hf
+from dropless.hf import from_hf, read_hf_config, to_hf
+from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
 
 
@@ -20,7 +21,7 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     from dropless.tokenizer import tokenizer_from_json
 
     path = Path(path)
-    _, cfg = _config(path)
+    cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
     tokenizer = path / "tokenizer.json"
     text = None
     if tokenizer.exists():
