@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 Backend = Literal["auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse"]
-BACKENDS = ("auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse")
-SCORE_FUNCS = ("softmax", "sigmoid")
-ATTENTIONS = ("gqa", "mla")
-QK_NORM_SCOPES = ("head", "proj")
+BACKENDS = get_args(Backend)
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -22,9 +19,9 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
-def _positive_int(name: str, value) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-           "must be a positive integer")
+def _int_min(name: str, value, low: int = 1) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value,
+           f"must be an integer >= {low}")
 
 
 def _finite(name: str, value, *, positive: bool) -> None:
@@ -35,6 +32,13 @@ def _finite(name: str, value, *, positive: bool) -> None:
 
 def _choice(name: str, value, choices) -> None:
     _check(value in choices, name, value, f"allowed: {', '.join(map(repr, choices))}")
+
+
+def _check_choices(cfg) -> None:
+    """Each Literal-typed field of `cfg` holds one of the values its annotation allows."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        if get_origin(hint) is Literal:
+            _choice(name, getattr(cfg, name), get_args(hint))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,18 +65,17 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("dim", "hidden_dim", "num_experts", "top_k"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         _check(self.top_k <= self.num_experts, "top_k", self.top_k,
                f"must be between 1 and num_experts={self.num_experts}")
-        _choice("score_func", self.score_func, SCORE_FUNCS)
-        _choice("backend", self.backend, BACKENDS)
+        _check_choices(self)
         _check(self.route_scale > 0, "route_scale", self.route_scale, "must be > 0")
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError(f"num_groups={self.num_groups!r} and topk_groups={self.topk_groups!r} "
                              "are invalid: set both (group-limited routing) or neither")
         if self.num_groups is not None:
-            _positive_int("num_groups", self.num_groups)
-            _positive_int("topk_groups", self.topk_groups)
+            _int_min("num_groups", self.num_groups)
+            _int_min("topk_groups", self.topk_groups)
             _check(self.num_experts % self.num_groups == 0, "num_groups", self.num_groups,
                    f"must divide num_experts={self.num_experts}")
             _check(self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
@@ -82,10 +85,9 @@ class MoEConfig:
                    f"leaves {reachable} experts, fewer than top_k={self.top_k}")
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
             _finite(name, getattr(self, name), positive=False)
-        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
-               "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        _int_min("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_hidden_dim is not None:
-            _positive_int("shared_hidden_dim", self.shared_hidden_dim)
+            _int_min("shared_hidden_dim", self.shared_hidden_dim)
         if self.capacity_factor is not None:
             _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
                    and math.isfinite(self.capacity_factor), "capacity_factor",
@@ -129,28 +131,27 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                f"must divide num_heads={self.num_heads}")
         if self.head_dim is None:
             _check(self.dim % self.num_heads == 0, "num_heads", self.num_heads,
                    f"must divide dim={self.dim} (or set head_dim)")
         else:
-            _positive_int("head_dim", self.head_dim)
+            _int_min("head_dim", self.head_dim)
         for name in ("rope_theta", "norm_eps"):   # NaN, 0 or inf here make every logit NaN
             _finite(name, getattr(self, name), positive=True)
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
         if self.dense_hidden_dim is not None:
-            _positive_int("dense_hidden_dim", self.dense_hidden_dim)
-        _choice("attention", self.attention, ATTENTIONS)
-        _choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+            _int_min("dense_hidden_dim", self.dense_hidden_dim)
+        _check_choices(self)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _positive_int(name, getattr(self, name))
+                _int_min(name, getattr(self, name))
             if self.q_lora_rank is not None:
-                _positive_int("q_lora_rank", self.q_lora_rank)
+                _int_min("q_lora_rank", self.q_lora_rank)
         _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
                "must be a MoEConfig")
         _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
@@ -244,9 +245,6 @@ PRESET_TRAINING: dict[str, dict] = {
     "medium": dict(batch_size=8, seq_len=2048, lr=1e-3),
 }
 
-TOKENIZERS = ("bytes", "bpe")
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -288,15 +286,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
-        _choice("tokenizer", self.tokenizer, TOKENIZERS)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("precision", self.precision, PRECISIONS)
+        _check_choices(self)
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
+            _int_min(name, getattr(self, name), 0)
         _finite("lr", self.lr, positive=True)
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")
