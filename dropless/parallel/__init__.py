@@ -22,10 +22,7 @@ def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) 
     if mesh.size() == 1:
         return model
     ep = mesh["ep"].size()
-    if ep > 1:
-        # every rank's loss is a mean over its own tokens; FSDP averages dense gradients over all
-        # ranks but expert gradients over world / ep ranks, and an expert's gradient already sums
-        # all ep ranks' tokens: 1 / ep brings it to the global-batch mean (see fsdp.py)
+    if ep > 1:   # an expert's gradient already sums all ep ranks' tokens (see fsdp.py)
         apply_ep(model, mesh, grad_scale=1.0 / ep, counts_group=dp_group(mesh))
     else:
         use_global_balance(model, mesh)
