@@ -232,25 +232,22 @@ def _generate(args) -> int:
     if longest > model.cfg.max_seq_len:
         raise DroplessError(f"prompt + --max-new-tokens = {longest} tokens exceeds the model's "
                             f"max_seq_len={model.cfg.max_seq_len}")
-    # multi-byte characters may span tokens: decode each stream incrementally
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+    # one prompt streams; multi-byte characters may span tokens: decode incrementally
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     streaming = len(prompts) == 1
     if streaming:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        print(prompts[0], end="", flush=True)
 
     def on_token(row: int, token: int) -> None:
-        if streaming:
-            sys.stdout.write(decoders[row].decode(tok.token_bytes(token)))
-            sys.stdout.flush()
+        print(decoder.decode(tok.token_bytes(token)), end="", flush=True)
 
     start = time.perf_counter()
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token,
-                    compile=args.compile)
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    on_token=on_token if streaming else None, compile=args.compile)
     elapsed = time.perf_counter() - start
     if streaming:
-        sys.stdout.write(decoders[0].decode(b"", final=True) + "\n")
+        print(decoder.decode(b"", final=True))
     else:
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
             print(f"--- [{i}] ---\n{prompt}{tok.decode(out)}")
