@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
+from dropless.precision import resolve_device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,7 +214,6 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
-    from dropless.precision import resolve_device
 
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
@@ -261,15 +261,12 @@ def _serve(args) -> int:
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
-    import torch
-
     from dropless.serve.engine import Engine
     from dropless.serve.server import serve
     from dropless.serve.text import load_served_model
-    from dropless.precision import resolve_device
 
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
-    served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
+    served = load_served_model(args.model_dir, resolve_device(args.device))
     try:
         max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
@@ -312,7 +309,6 @@ def _convert(args) -> int:
 
 def _quantize(args) -> int:
     from dropless.quant.run import quantize_run
-    from dropless.precision import resolve_device
 
     if not os.path.isdir(args.src):
         raise DroplessError(f"{args.src}: no such run or Hugging Face directory")
