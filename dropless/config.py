@@ -7,7 +7,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_args, get_origin, get_type_hints
 
 Backend = Literal["auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse"]
@@ -237,6 +237,31 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown: allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """The parallel layout (dropless.parallel.mesh): world size = the product of the degrees."""
+
+    dp_replicate: int = 1   # HSDP replica groups (full copies of the sharded state)
+    dp_shard: int = 1       # FSDP degree among ranks that do not split experts
+    ep: int = 1             # expert-parallel degree: experts split this many ways
+
+    def __post_init__(self):
+        for f in fields(self):   # dp_shard 0 = the rest of the world (parallel.runtime)
+            _int_min(f.name, getattr(self, f.name), 0 if f.name == "dp_shard" else 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep
+
+    def check(self, world_size: int, num_experts: int | None = None) -> None:
+        """Raise if this layout does not fit the launched world or the model's experts."""
+        if self.world_size != world_size:
+            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
+                             f"the world size {world_size}")
+        if num_experts is not None and num_experts % self.ep:
+            raise ValueError(f"ep={self.ep} is invalid: must divide num_experts={num_experts}")
 
 
 # flags a preset changes from TrainConfig's (tiny-sized) defaults when the command line leaves
