@@ -11,6 +11,7 @@ would, and the only data state a checkpoint needs is the cache key that proves t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -159,9 +160,7 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer, val_percent: in
 
 def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
     sep = tokenizer.encode(DOC_SEPARATOR)
-    parts = []
-    for ids in tokenizer.encode_batch(texts):
-        parts += [ids, sep]
+    parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
     return np.concatenate(parts[:-1]).astype(dtype)
 
 
@@ -210,10 +209,8 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         tmp.mkdir(parents=True)
         try:
             _build(tmp, docs, tokenizer, val_percent)
-            try:
+            with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
-            except OSError:   # another process finished the same entry first
-                pass
         finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
         if problem := _check_entry(entry):

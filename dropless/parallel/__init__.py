@@ -12,9 +12,7 @@ __all__ = ["ParallelConfig", "build_mesh", "parallelize"]
 
 def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) -> nn.Module:
     """Everything a training run applies, in order: expert parallelism (ep > 1) or, without it,
-    global balance-loss counts; then FSDP2/HSDP. A 1-rank mesh leaves the model untouched.
-    Each step swaps objects behind a documented interface (dispatcher, experts); the model code
-    stays as it is."""
+    global balance-loss counts; then FSDP2/HSDP. A 1-rank mesh leaves the model untouched."""
     from dropless.parallel.expert_parallel import apply_ep
     from dropless.parallel.fsdp import apply_fsdp
     from dropless.parallel.loads import dp_group, use_global_balance
