@@ -34,7 +34,6 @@ class Entry:
     kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
                               # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
     expert: int = -1
-    dtypes: tuple[str, ...] = FLOAT_DTYPES   # what the file may store it as
 
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
@@ -191,9 +190,8 @@ def _check(where, rows, ignore) -> None:
     misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
                  if k in where and where[k][1] != s]
     # a float weight typed as integers would otherwise be read as reinterpreted bits
-    mistyped = [f"{where[r.hf_key][0].name}: {r.hf_key} is {where[r.hf_key][2]} (allowed: "
-                f"{', '.join(r.dtypes)})" for r in rows
-                if r.hf_key in where and where[r.hf_key][2] not in r.dtypes]
+    mistyped = [f"{where[k][0].name}: {k} is {where[k][2]} (allowed: {', '.join(FLOAT_DTYPES)})"
+                for k in expected if k in where and where[k][2] not in FLOAT_DTYPES]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
                  ("of the wrong dtype", mistyped)) if v]
