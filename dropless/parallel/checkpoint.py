@@ -62,15 +62,14 @@ def _pause() -> None:
         time.sleep(float(os.environ[PAUSE_ENV]))
 
 
-def write_atomic(path: Path, *chunks: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
     for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
         stale.unlink()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:   # a full disk: name the file (write errors carry no filename)
