@@ -174,8 +174,8 @@ def _model(*, dim: int, moe: dict, **kw) -> ModelConfig:
     return ModelConfig(dim=dim, moe=MoEConfig(dim=dim, **moe), **kw)
 
 
-# Presets. tiny and small train here, medium on a GPU; the others mirror public model shapes for `info` and benchmarks
-# and are only ever built on the meta device.
+# Presets. tiny and small train here, medium on a GPU; the others mirror public model shapes for
+# `info` and benchmarks and are only ever built on the meta device.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _model(vocab_size=256, dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
                    max_seq_len=512, tie_embeddings=True,
@@ -297,9 +297,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
-    # auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed = fp32 master weights and AdamW state,
-    # bf16 products under autocast; bf16 = pure bf16 weights and optimizer state (fastest, least
-    # exact: updates below bf16's resolution of a weight are lost)
+    # auto = bf16-mixed on CUDA, fp32 on CPU; what each one means: dropless.precision
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     compile: bool | None = None       # None = on for one CUDA process (precision.resolve_compile)
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
