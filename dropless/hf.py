@@ -200,7 +200,7 @@ def _check(where, rows, ignore) -> None:
 
 
 def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
-    F = cfg.moe.hidden_dim
+    E, D, F = cfg.moe.num_experts, cfg.dim, cfg.moe.hidden_dim
     if row.kind.startswith("copy"):
         state[row.key] = t
     elif row.kind in ("rope_q", "rope_kv"):
@@ -208,7 +208,6 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
     elif row.kind in ("gate_up", "down_all"):
         state[row.key] = t.transpose(1, 2)   # HF [E, out, in] -> dropless [E, in, out]
     else:
-        E, D = cfg.moe.num_experts, cfg.dim
         if row.key not in state:
             shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
             state[row.key] = torch.empty(shape, dtype=t.dtype)

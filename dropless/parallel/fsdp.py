@@ -15,6 +15,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -71,7 +72,5 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
     """Unsharded (model, optimizer) state dicts on CPU, keyed by parameter name; collective, and
     only rank 0 receives them (the others get empty dicts)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     return get_state_dict(model, optimizer if optimizer is not None else [],
                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
