@@ -1,5 +1,5 @@
-"""Checkpoints in one format for one process and many: torch.distributed.checkpoint (DCP). Every rank
-writes its own shards (one process writes them all); a checkpoint loads at any mesh, or in one
+"""Checkpoints in one format for one process and many: torch.distributed.checkpoint (DCP). Every
+rank writes its own shards (one process writes them all); a checkpoint loads at any mesh, or in one
 process, with identical params and AdamW state: DCP reshards. (Run directories, on top of this,
 are `dropless.checkpoint`'s; this is here because only parallel/ imports torch.distributed.)
 
