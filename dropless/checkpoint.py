@@ -18,7 +18,9 @@ import torch
 
 from dropless.config import ModelConfig, MoEConfig
 from dropless.errors import DroplessError
+from dropless.model import Transformer
 from dropless.parallel.checkpoint import latest, latest_path, load, read_state
+from dropless.tokenizer import tokenizer_from_json
 
 LOCK = ".lock"
 
@@ -34,9 +36,6 @@ def config_from_dict(d: dict) -> ModelConfig:
 def load_run(run_dir: str | Path, device: str = "cpu"):
     """-> (model in eval mode, tokenizer, saved state) of a run directory's newest checkpoint,
     written by any mesh (or by `dropless quantize`: packed int4 modules)."""
-    from dropless.model import Transformer
-    from dropless.tokenizer import tokenizer_from_json
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DroplessError(f"{run_dir}: no such run directory")
@@ -53,8 +52,6 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one
     with a config.json), the model in `dtype` when given: what generate and serve read."""
-    from dropless.tokenizer import tokenizer_from_json
-
     if (Path(path) / "config.json").is_file():
         from dropless.convert import load_hf_dir
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
+from dropless.precision import resolve_device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,7 +214,6 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
-    from dropless.precision import resolve_device
 
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
@@ -232,25 +232,22 @@ def _generate(args) -> int:
     if longest > model.cfg.max_seq_len:
         raise DroplessError(f"prompt + --max-new-tokens = {longest} tokens exceeds the model's "
                             f"max_seq_len={model.cfg.max_seq_len}")
-    # multi-byte characters may span tokens: decode each stream incrementally
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+    # one prompt streams; multi-byte characters may span tokens: decode incrementally
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     streaming = len(prompts) == 1
     if streaming:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        print(prompts[0], end="", flush=True)
 
     def on_token(row: int, token: int) -> None:
-        if streaming:
-            sys.stdout.write(decoders[row].decode(tok.token_bytes(token)))
-            sys.stdout.flush()
+        print(decoder.decode(tok.token_bytes(token)), end="", flush=True)
 
     start = time.perf_counter()
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=on_token,
-                    compile=args.compile)
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    on_token=on_token if streaming else None, compile=args.compile)
     elapsed = time.perf_counter() - start
     if streaming:
-        sys.stdout.write(decoders[0].decode(b"", final=True) + "\n")
+        print(decoder.decode(b"", final=True))
     else:
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
             print(f"--- [{i}] ---\n{prompt}{tok.decode(out)}")
@@ -264,15 +261,12 @@ def _serve(args) -> int:
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
-    import torch
-
     from dropless.serve.engine import Engine
     from dropless.serve.server import serve
     from dropless.serve.text import load_served_model
-    from dropless.precision import resolve_device
 
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
-    served = load_served_model(args.model_dir, torch.device(resolve_device(args.device)))
+    served = load_served_model(args.model_dir, resolve_device(args.device))
     try:
         max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
@@ -315,7 +309,6 @@ def _convert(args) -> int:
 
 def _quantize(args) -> int:
     from dropless.quant.run import quantize_run
-    from dropless.precision import resolve_device
 
     if not os.path.isdir(args.src):
         raise DroplessError(f"{args.src}: no such run or Hugging Face directory")

@@ -7,14 +7,11 @@ value and what is allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, get_args, get_origin, get_type_hints
 
 Backend = Literal["auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse"]
-BACKENDS = ("auto", "reference", "grouped", "grouped_lowmem", "triton", "blocksparse")
-SCORE_FUNCS = ("softmax", "sigmoid")
-ATTENTIONS = ("gqa", "mla")
-QK_NORM_SCOPES = ("head", "proj")
+BACKENDS = get_args(Backend)
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -22,9 +19,9 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
-def _positive_int(name: str, value) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-           "must be a positive integer")
+def _int_min(name: str, value, low: int = 1) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value,
+           f"must be an integer >= {low}")
 
 
 def _finite(name: str, value, *, positive: bool) -> None:
@@ -35,6 +32,13 @@ def _finite(name: str, value, *, positive: bool) -> None:
 
 def _choice(name: str, value, choices) -> None:
     _check(value in choices, name, value, f"allowed: {', '.join(map(repr, choices))}")
+
+
+def _check_choices(cfg) -> None:
+    """Each Literal-typed field of `cfg` holds one of the values its annotation allows."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        if get_origin(hint) is Literal:
+            _choice(name, getattr(cfg, name), get_args(hint))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,18 +65,17 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("dim", "hidden_dim", "num_experts", "top_k"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         _check(self.top_k <= self.num_experts, "top_k", self.top_k,
                f"must be between 1 and num_experts={self.num_experts}")
-        _choice("score_func", self.score_func, SCORE_FUNCS)
-        _choice("backend", self.backend, BACKENDS)
+        _check_choices(self)
         _check(self.route_scale > 0, "route_scale", self.route_scale, "must be > 0")
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError(f"num_groups={self.num_groups!r} and topk_groups={self.topk_groups!r} "
                              "are invalid: set both (group-limited routing) or neither")
         if self.num_groups is not None:
-            _positive_int("num_groups", self.num_groups)
-            _positive_int("topk_groups", self.topk_groups)
+            _int_min("num_groups", self.num_groups)
+            _int_min("topk_groups", self.topk_groups)
             _check(self.num_experts % self.num_groups == 0, "num_groups", self.num_groups,
                    f"must divide num_experts={self.num_experts}")
             _check(self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
@@ -82,10 +85,9 @@ class MoEConfig:
                    f"leaves {reachable} experts, fewer than top_k={self.top_k}")
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
             _finite(name, getattr(self, name), positive=False)
-        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
-               "num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        _int_min("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_hidden_dim is not None:
-            _positive_int("shared_hidden_dim", self.shared_hidden_dim)
+            _int_min("shared_hidden_dim", self.shared_hidden_dim)
         if self.capacity_factor is not None:
             _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
                    and math.isfinite(self.capacity_factor), "capacity_factor",
@@ -129,28 +131,27 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                f"must divide num_heads={self.num_heads}")
         if self.head_dim is None:
             _check(self.dim % self.num_heads == 0, "num_heads", self.num_heads,
                    f"must divide dim={self.dim} (or set head_dim)")
         else:
-            _positive_int("head_dim", self.head_dim)
+            _int_min("head_dim", self.head_dim)
         for name in ("rope_theta", "norm_eps"):   # NaN, 0 or inf here make every logit NaN
             _finite(name, getattr(self, name), positive=True)
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
         if self.dense_hidden_dim is not None:
-            _positive_int("dense_hidden_dim", self.dense_hidden_dim)
-        _choice("attention", self.attention, ATTENTIONS)
-        _choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+            _int_min("dense_hidden_dim", self.dense_hidden_dim)
+        _check_choices(self)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _positive_int(name, getattr(self, name))
+                _int_min(name, getattr(self, name))
             if self.q_lora_rank is not None:
-                _positive_int("q_lora_rank", self.q_lora_rank)
+                _int_min("q_lora_rank", self.q_lora_rank)
         _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
                "must be a MoEConfig")
         _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
@@ -173,8 +174,8 @@ def _model(*, dim: int, moe: dict, **kw) -> ModelConfig:
     return ModelConfig(dim=dim, moe=MoEConfig(dim=dim, **moe), **kw)
 
 
-# Presets. tiny and small train here, medium on a GPU; the others mirror public model shapes for `info` and benchmarks
-# and are only ever built on the meta device.
+# Presets. tiny and small train here, medium on a GPU; the others mirror public model shapes for
+# `info` and benchmarks and are only ever built on the meta device.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _model(vocab_size=256, dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
                    max_seq_len=512, tie_embeddings=True,
@@ -238,14 +239,36 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """The parallel layout (dropless.parallel.mesh): world size = the product of the degrees."""
+
+    dp_replicate: int = 1   # HSDP replica groups (full copies of the sharded state)
+    dp_shard: int = 1       # FSDP degree among ranks that do not split experts
+    ep: int = 1             # expert-parallel degree: experts split this many ways
+
+    def __post_init__(self):
+        for f in fields(self):   # dp_shard 0 = the rest of the world (parallel.runtime)
+            _int_min(f.name, getattr(self, f.name), 0 if f.name == "dp_shard" else 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep
+
+    def check(self, world_size: int, num_experts: int | None = None) -> None:
+        """Raise if this layout does not fit the launched world or the model's experts."""
+        if self.world_size != world_size:
+            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
+                             f"the world size {world_size}")
+        if num_experts is not None and num_experts % self.ep:
+            raise ValueError(f"ep={self.ep} is invalid: must divide num_experts={num_experts}")
+
+
 # flags a preset changes from TrainConfig's (tiny-sized) defaults when the command line leaves
 # them out: `dropless train --preset medium` trains at the shape it was measured at
 PRESET_TRAINING: dict[str, dict] = {
     "medium": dict(batch_size=8, seq_len=2048, lr=1e-3),
 }
-
-TOKENIZERS = ("bytes", "bpe")
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,9 +297,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"              # "auto" = cuda when available, else cpu
     backend: Backend = "auto"
-    # auto = bf16-mixed on CUDA, fp32 on CPU; bf16-mixed = fp32 master weights and AdamW state,
-    # bf16 products under autocast; bf16 = pure bf16 weights and optimizer state (fastest, least
-    # exact: updates below bf16's resolution of a weight are lost)
+    # auto = bf16-mixed on CUDA, fp32 on CPU; what each one means: dropless.precision
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     compile: bool | None = None       # None = on for one CUDA process (precision.resolve_compile)
     cache_dir: str | None = None      # token cache; None = $XDG_CACHE_HOME/dropless/tokens
@@ -288,15 +309,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
-        _choice("tokenizer", self.tokenizer, TOKENIZERS)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("precision", self.precision, PRECISIONS)
+        _check_choices(self)
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
-            _positive_int(name, getattr(self, name))
+            _int_min(name, getattr(self, name))
         for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
+            _int_min(name, getattr(self, name), 0)
         _finite("lr", self.lr, positive=True)
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")

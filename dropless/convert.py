@@ -9,18 +9,20 @@ from pathlib import Path
 
 import torch
 
+from dropless.checkpoint import config_to_dict, load_run
 from dropless.files import read_small_text
-from dropless.hf import _config, from_hf, to_hf
+from dropless.hf import from_hf, read_hf_config, to_hf
+from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
+from dropless.parallel.checkpoint import save
+from dropless.tokenizer import tokenizer_from_json
 
 
 def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     """-> (model in eval mode, the directory's tokenizer.json text or None). The config and the
     tokenizer are checked (its ids must fit the model's vocabulary) before any weight is read."""
-    from dropless.tokenizer import tokenizer_from_json
-
     path = Path(path)
-    _, cfg = _config(path)
+    cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
     tokenizer = path / "tokenizer.json"
     text = None
     if tokenizer.exists():
@@ -39,8 +41,6 @@ def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
                 model_type: str | None = None) -> None:
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
-    from dropless.tokenizer import tokenizer_from_json
-
     to_hf(model, path, model_type)
     if tokenizer_json is not None:
         (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
@@ -48,9 +48,6 @@ def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     """HF model directory -> dropless run directory (model, config and tokenizer; `generate` reads it)."""
-    from dropless.checkpoint import config_to_dict
-    from dropless.parallel.checkpoint import save
-
     model, tokenizer_json = load_hf_dir(hf_dir)
     if tokenizer_json is None:
         raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
@@ -60,8 +57,6 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
 
 def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
     """dropless run directory -> HF model directory that `from_pretrained` loads."""
-    from dropless.checkpoint import load_run
-
     model, tokenizer, _ = load_run(run_dir)
     save_hf_dir(model, Path(out), tokenizer.to_json(), model_type)
 
@@ -71,8 +66,6 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
     as one safetensors file, every expert present once and tied weights under each name. Returns
     the number of tensors."""
     from safetensors.torch import save_file
-
-    from dropless.checkpoint import load_run
 
     model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ would, and the only data state a checkpoint needs is the cache key that proves t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,8 +42,11 @@ def default_cache_dir() -> Path:
 
 # ---- reading documents ---------------------------------------------------------------------------
 
-def _read_text(path: Path, shown: str) -> str:
+def _read_text(path: Path, shown: str) -> str | None:
+    """None unless `path` (links followed) is a regular file: FIFOs block, devices never end."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
         raw = path.read_bytes()
     except OSError as e:
         raise DroplessError(f"--data {shown}: cannot read {path} ({e.strerror or e})") from None
@@ -57,13 +61,14 @@ def stdlib_documents() -> list[tuple[str, str]]:
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
         for name in sorted(f for f in files if f.endswith(".py")):
             path = Path(folder, name)
-            docs.append((path.relative_to(root).as_posix(), _read_text(path, "<stdlib>")))
+            if (text := _read_text(path, "<stdlib>")) is not None:
+                docs.append((path.relative_to(root).as_posix(), text))
     return docs
 
 
-def _jsonl_documents(path: Path, shown: str) -> list[tuple[str, str]]:
+def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
     docs = []
-    for lineno, line in enumerate(_read_text(path, shown).splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -72,16 +77,8 @@ def _jsonl_documents(path: Path, shown: str) -> list[tuple[str, str]]:
             raise DroplessError(f"--data {shown}: line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DroplessError(f'--data {shown}: line {lineno} has no "text" string field')
-        docs.append((f"{path.name}:{lineno}", record["text"]))
+        docs.append((f"{name}:{lineno}", record["text"]))
     return docs
-
-
-def _is_regular(path: Path, shown: str) -> bool:
-    """Whether `path` (links followed) is a regular file: FIFOs would block, devices never end."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError as e:
-        raise DroplessError(f"--data {shown}: cannot read {path} ({e.strerror or e})") from None
 
 
 def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
@@ -90,7 +87,7 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(f for f in files if not f.startswith(".")):
             path = Path(folder, name)
-            if not _is_regular(path, shown) or "\x00" in (text := _read_text(path, shown)):
+            if (text := _read_text(path, shown)) is None or "\x00" in text:
                 skipped.append(path.relative_to(root).as_posix())
             else:
                 docs.append((path.relative_to(root).as_posix(), text))
@@ -113,14 +110,14 @@ def read_documents(data: str | None) -> list[tuple[str, str]]:
             raise DroplessError(f"--data {data}: no such file or directory")
         if path.is_dir():
             docs = _walk(path, data)
-        elif not _is_regular(path, data):
+        elif (text := _read_text(path, data)) is None:
             raise DroplessError(f"--data {data}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = _jsonl_documents(path, data)
+            docs = _jsonl_documents(path.name, text, data)
+        elif "\x00" in text:
+            raise DroplessError(f"--data {data}: a binary file (it holds NUL bytes), not text")
         else:
-            docs = [(path.name, _read_text(path, data))]
-            if "\x00" in docs[0][1]:
-                raise DroplessError(f"--data {data}: a binary file (it holds NUL bytes), not text")
+            docs = [(path.name, text)]
     if not any(text.strip() for _, text in docs):
         raise DroplessError(f"--data {data}: no text found (empty)")
     return docs
@@ -163,9 +160,7 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer, val_percent: in
 
 def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
     sep = tokenizer.encode(DOC_SEPARATOR)
-    parts = []
-    for ids in tokenizer.encode_batch(texts):
-        parts += [ids, sep]
+    parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
     return np.concatenate(parts[:-1]).astype(dtype)
 
 
@@ -214,10 +209,8 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         tmp.mkdir(parents=True)
         try:
             _build(tmp, docs, tokenizer, val_percent)
-            try:
+            with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
-            except OSError:   # another process finished the same entry first
-                pass
         finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
         if problem := _check_entry(entry):

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from dropless import data
+from dropless.checkpoint import load_model_dir, load_run
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
+from dropless.precision import resolve_device
 
 
 def load_any(path: str | Path, device: torch.device):
     """-> (model, tokenizer, train_config dict or None) of a run or Hugging Face directory."""
-    from dropless.checkpoint import load_model_dir, load_run
-
     path = Path(path)
     if (path / "config.json").is_file():
         return (*load_model_dir(path, device), None)
@@ -32,7 +32,6 @@ def load_any(path: str | Path, device: torch.device):
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory)."""
-    from dropless.precision import resolve_device
     from dropless.train import evaluate
 
     dev = resolve_device(device)

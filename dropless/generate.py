@@ -1,6 +1,6 @@
 """Autoregressive sampling with a KV cache: batched prompts of any lengths, streaming callback.
 
-Legend: B batch, T prompt length (padded), V vocab.
+Legend: B batch, T longest prompt.
 """
 
 from __future__ import annotations
@@ -10,27 +10,6 @@ from typing import Callable
 import torch
 
 from dropless.model import Transformer
-
-
-def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row: greedy when temperature == 0, else softmax sampling after the
-    top-k and nucleus (top-p) filters."""
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    logits = logits_BV.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass before it already reaches top_p (the first always stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
@@ -72,7 +51,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return [r.output for r in requests]
 
 
-_ENGINES: dict[int, tuple] = {}
+_KEPT: list[tuple] = []   # [(key, engine)]: one at a time, its KV cache holds device memory
 
 
 def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool = False):
@@ -81,14 +60,12 @@ def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool = Fa
     from dropless.serve.engine import Engine
 
     p = next(model.parameters())
-    key = (batch, max_len, p.device, p.dtype, p.data_ptr(), compile)
-    kept = _ENGINES.get(id(model))
-    if kept is not None and kept[0] == key and kept[1].model is model:
-        return kept[1]
+    key = (id(model), batch, max_len, p.device, p.dtype, p.data_ptr(), compile)
+    if _KEPT and _KEPT[0][0] == key and _KEPT[0][1].model is model:
+        return _KEPT[0][1]
     engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,), compile=compile)
     if p.device.type == "cuda":
-        _ENGINES.clear()   # one kept engine at a time: its KV cache holds device memory
-        _ENGINES[id(model)] = (key, engine)
+        _KEPT[:] = [(key, engine)]
     return engine
 
 

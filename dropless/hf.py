@@ -1,13 +1,11 @@
 """Hugging Face interop: `from_hf(dir)` reads a HF model directory (config.json + safetensors, single
-or sharded) into a dropless Transformer; `to_hf(model, dir)` writes one that
-`transformers.AutoModelForCausalLM.from_pretrained` loads. transformers is never imported.
+or sharded) into a dropless Transformer; `to_hf(model, dir)` writes one that transformers loads.
 
 Legend: E experts, D model dim, F expert hidden, H heads, N no-rope head dim, P rope head dim,
 C kv latent rank.
 
-The tensor map is one table (`layout`): each row names a HF tensor, its shape, the dropless tensor it
-fills and how (`kind`). Reading checks the file against the table and reports every missing,
-unexpected and misshapen tensor at once; writing walks the same table backwards.
+The tensor map is one table (`layout`) of (HF tensor, shape, dropless tensor, `kind`). Reading
+checks the file against it and reports every problem at once; writing walks it backwards.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ class Entry:
     kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
                               # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
     expert: int = -1
-    dtypes: tuple[str, ...] = FLOAT_DTYPES   # what the file may store it as
 
 
 def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
@@ -54,10 +51,9 @@ def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
         for name, out in (("q", H * Dh), ("k", G * Dh), ("v", G * Dh)):
             yield from linear(f"{name}_proj", (out, D), has_bias=bias)
         yield from linear("o_proj", (D, H * Dh))
-        if cfg.qk_norm:
-            per_head = cfg.qk_norm_scope == "head"
-            yield Entry(f"{hf}.q_norm.weight", (Dh if per_head else H * Dh,), f"{dl}.q_norm.weight")
-            yield Entry(f"{hf}.k_norm.weight", (Dh if per_head else G * Dh,), f"{dl}.k_norm.weight")
+        for name, heads in (("q", H), ("k", G)) if cfg.qk_norm else ():
+            width = Dh if cfg.qk_norm_scope == "head" else heads * Dh
+            yield Entry(f"{hf}.{name}_norm.weight", (width,), f"{dl}.{name}_norm.weight")
         return
     N, P, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
     if cfg.q_lora_rank is None:
@@ -74,9 +70,8 @@ def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
 
 
 def _swiglu_rows(hf: str, dl: str, dim: int, hidden: int):
-    yield Entry(f"{hf}.gate_proj.weight", (hidden, dim), f"{dl}.gate_proj.weight")
-    yield Entry(f"{hf}.up_proj.weight", (hidden, dim), f"{dl}.up_proj.weight")
-    yield Entry(f"{hf}.down_proj.weight", (dim, hidden), f"{dl}.down_proj.weight")
+    shapes = {"gate_proj": (hidden, dim), "up_proj": (hidden, dim), "down_proj": (dim, hidden)}
+    return [Entry(f"{hf}.{n}.weight", shape, f"{dl}.{n}.weight") for n, shape in shapes.items()]
 
 
 def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = frozenset(),
@@ -195,9 +190,8 @@ def _check(where, rows, ignore) -> None:
     misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
                  if k in where and where[k][1] != s]
     # a float weight typed as integers would otherwise be read as reinterpreted bits
-    mistyped = [f"{where[r.hf_key][0].name}: {r.hf_key} is {where[r.hf_key][2]} (allowed: "
-                f"{', '.join(r.dtypes)})" for r in rows
-                if r.hf_key in where and where[r.hf_key][2] not in r.dtypes]
+    mistyped = [f"{where[k][0].name}: {k} is {where[k][2]} (allowed: {', '.join(FLOAT_DTYPES)})"
+                for k in expected if k in where and where[k][2] not in FLOAT_DTYPES]
     problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
                  ("of the wrong dtype", mistyped)) if v]
@@ -206,7 +200,7 @@ def _check(where, rows, ignore) -> None:
 
 
 def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
-    F = cfg.moe.hidden_dim
+    E, D, F = cfg.moe.num_experts, cfg.dim, cfg.moe.hidden_dim
     if row.kind.startswith("copy"):
         state[row.key] = t
     elif row.kind in ("rope_q", "rope_kv"):
@@ -214,7 +208,6 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
     elif row.kind in ("gate_up", "down_all"):
         state[row.key] = t.transpose(1, 2)   # HF [E, out, in] -> dropless [E, in, out]
     else:
-        E, D = cfg.moe.num_experts, cfg.dim
         if row.key not in state:
             shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
             state[row.key] = torch.empty(shape, dtype=t.dtype)
@@ -236,19 +229,14 @@ def read_hf_config(path) -> dict:
         raise ValueError(f"{config} is not readable JSON: {err}") from None
 
 
-def _config(path: Path) -> tuple[dict, ModelConfig]:
-    """(config.json, its checked ModelConfig); any problem is one line naming the file."""
-    hf_cfg = read_hf_config(path)
-    return hf_cfg, config_from_hf(hf_cfg, str(path / "config.json"))
-
-
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     """Read a HF model directory into a dropless Transformer (weights cast to `dtype`; the router's
     selection bias stays float32)."""
     from safetensors import safe_open
 
     path = Path(path)
-    hf_cfg, cfg = _config(path)
+    hf_cfg = read_hf_config(path)
+    cfg = config_from_hf(hf_cfg, str(path / "config.json"))
     spec = ARCHS[hf_cfg["model_type"]]
     where = _open_tensors(path)
     # layout's key -> the file's: transformers 5's in-memory name (fused files) is always mlp
@@ -329,26 +317,23 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     from dropless.quant import hf_awq
     if hf_awq.is_quantized(model):   # AutoAWQ GEMM tensors for the packed modules
         hf_cfg["quantization_config"] = hf_awq.quantization_config(model, model_type)
-    shards, size = [{}], 0
+    shards, sizes = [{}], [0]
     for row in layout(cfg, model_type):
         tensors = hf_awq.packed_tensors(state, row, cfg) or {row.hf_key: _hf_tensor(state, row, cfg)}
         for hf_key, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            if shards[-1] and sizes[-1] + t.nbytes > max_shard_bytes:
                 shards.append({})
-                size = 0
+                sizes.append(0)
             shards[-1][hf_key] = t
-            size += nbytes
+            sizes[-1] += t.nbytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return
-    names = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
-    for name, shard in zip(names, shards):
+    n = len(shards)
+    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for name, shard in zip(names if n > 1 else ["model.safetensors"], shards):
         save_file(shard, path / name, metadata={"format": "pt"})
-    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if n > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -25,6 +25,7 @@ MAX_TENSORS = 2**20           # expert tensors in the file layout (DeepSeek-V3 h
 DEEPSEEK_BALANCE_COEF = 1e-4          # DeepSeek-V3's sequence-wise loss weight
 DEEPSEEK_BIAS_RATE = 1e-3             # aux-loss-free bias update rate of DeepSeek-V3
 _REQUIRED = object()
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 # (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
 # config_to_hf unless None), why it is refused otherwise)
@@ -246,12 +247,10 @@ def _config_from_hf(hf: dict) -> ModelConfig:
     if spec.qk_norm:
         common.update(qk_norm=True, qk_norm_scope=spec.qk_norm)
     if spec.mla:
-        nope, rope = _int(hf, "qk_nope_head_dim"), _int(hf, "qk_rope_head_dim")
-        common.update(attention="mla", q_lora_rank=_int(hf, "q_lora_rank", None),
-                      kv_lora_rank=_int(hf, "kv_lora_rank"), qk_nope_head_dim=nope,
-                      qk_rope_head_dim=rope, v_head_dim=_int(hf, "v_head_dim"))
+        mla = {n: _int(hf, n, None if n == "q_lora_rank" else _REQUIRED) for n in MLA_FIELDS}
+        common.update(mla, attention="mla")
         if dim % heads:
-            common["head_dim"] = nope + rope
+            common["head_dim"] = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
     else:
         head_dim = _int(hf, "head_dim", dim // heads or 1) if spec.head_dim else dim // heads
         if head_dim != dim // heads or dim % heads:
@@ -333,7 +332,6 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
     elif spec.shared:
         hf["n_shared_experts"] = m.num_shared_experts
     if spec.mla:
-        hf.update(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
-                  qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
-                  v_head_dim=cfg.v_head_dim, rope_interleave=True, num_nextn_predict_layers=0)
+        hf.update({n: getattr(cfg, n) for n in MLA_FIELDS}, rope_interleave=True,
+                  num_nextn_predict_layers=0)
     return hf

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 
 from dropless.config import ModelConfig
+from dropless.model import Transformer
 
 
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
-    from dropless.model import Transformer
-
     seq_len = seq_len or cfg.max_seq_len
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dropless import ModelConfig, MoEConfig, Transformer, get_preset
-from dropless.generate import generate, greedy_recompute, sample_next
+from dropless.generate import generate, greedy_recompute
 from dropless.info import model_stats
 from tests.conftest import rel_err
 
@@ -60,13 +60,16 @@ def test_kv_cache_logits_equal_full_forward():
 
 
 def test_sampling_filters_and_seed():
-    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
-    assert sample_next(logits, 0, None, None, None).item() == 2
-    g = torch.Generator().manual_seed(0)
-    picks = {sample_next(logits, 1.0, 2, None, g).item() for _ in range(100)}
-    assert picks <= {2, 3}
-    picks = {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(50)}
-    assert picks == {2}
+    from dropless.serve.sampling import sample   # what generate samples with (the engine's)
+
+    def picks(temperature: float, top_k: int, top_p: float, n: int) -> set[int]:
+        rows = (torch.full((n,), temperature), torch.full((n,), top_k), torch.full((n,), top_p),
+                torch.arange(n), torch.zeros(n, dtype=torch.long))
+        return set(sample(torch.tensor([[0.0, 1.0, 5.0, 2.0]]).expand(n, 4), *rows).tolist())
+
+    assert picks(0.0, 4, 1.0, 1) == {2}
+    assert picks(1.0, 2, 1.0, 100) <= {2, 3}
+    assert picks(1.0, 4, 0.5, 50) == {2}
     model = tiny()
     a = generate(model, [[1, 2]], 10, temperature=1.0, seed=7)
     b = generate(model, [[1, 2]], 10, temperature=1.0, seed=7)

@@ -12,9 +12,7 @@ __all__ = ["ParallelConfig", "build_mesh", "parallelize"]
 
 def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) -> nn.Module:
     """Everything a training run applies, in order: expert parallelism (ep > 1) or, without it,
-    global balance-loss counts; then FSDP2/HSDP. A 1-rank mesh leaves the model untouched.
-    Each step swaps objects behind a documented interface (dispatcher, experts); the model code
-    stays as it is."""
+    global balance-loss counts; then FSDP2/HSDP. A 1-rank mesh leaves the model untouched."""
     from dropless.parallel.expert_parallel import apply_ep
     from dropless.parallel.fsdp import apply_fsdp
     from dropless.parallel.loads import dp_group, use_global_balance
@@ -22,10 +20,7 @@ def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) 
     if mesh.size() == 1:
         return model
     ep = mesh["ep"].size()
-    if ep > 1:
-        # every rank's loss is a mean over its own tokens; FSDP averages dense gradients over all
-        # ranks but expert gradients over world / ep ranks, and an expert's gradient already sums
-        # all ep ranks' tokens: 1 / ep brings it to the global-batch mean (see fsdp.py)
+    if ep > 1:   # an expert's gradient already sums all ep ranks' tokens (see fsdp.py)
         apply_ep(model, mesh, grad_scale=1.0 / ep, counts_group=dp_group(mesh))
     else:
         use_global_balance(model, mesh)

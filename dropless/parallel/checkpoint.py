@@ -1,11 +1,11 @@
-"""Checkpoints, one format for one process and many: torch.distributed.checkpoint (DCP). Every rank
-writes its own shards (one process writes them all, no process group needed); a checkpoint loads at
-any mesh, or in one process, with identical params and AdamW state: DCP reshards.
+"""Checkpoints in one format for one process and many: torch.distributed.checkpoint (DCP). Every
+rank writes its own shards (one process writes them all); a checkpoint loads at any mesh, or in one
+process, with identical params and AdamW state: DCP reshards. (Run directories, on top of this,
+are `dropless.checkpoint`'s; this is here because only parallel/ imports torch.distributed.)
 
 Layout: RUN_DIR/dcp/step-00000010/ holds the DCP files (`.metadata`, `__<rank>_0.distcp`),
-`state.json` (plain values from rank 0: step, schedule, data key, RNG, log window, configs,
-tokenizer) and `COMPLETE`: JSON with the step and the sha256 of every other file. The two newest
-checkpoints are kept.
+`state.json` (rank 0's plain values: step, schedule, data key, RNG, configs, tokenizer) and
+`COMPLETE`: JSON with the step and the sha256 of every other file. The two newest are kept.
 
 Atomicity: every rank writes into `dcp/.step-00000010.tmp` (DCP fsyncs its files); after a barrier
 rank 0 writes the manifest, renames the directory into place and fsyncs `dcp/`. A kill at any moment
@@ -13,12 +13,8 @@ leaves the previous checkpoint whole; the next save removes the interrupted temp
 
 Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
 the file, never weights of 3e38), and nothing read runs code or reaches outside its directory:
-`.metadata` (a pickle) goes through an unpickler that admits only DCP's own metadata classes and
-must name only files beside it, non-tensor values in the shards load with `weights_only=True`, and
-the rest is JSON.
-
-It lives in parallel/ because it is torch.distributed, which nothing outside parallel/ imports; run
-directories (the lock, loading a run for generation) are `dropless.checkpoint`'s, on top of this.
+`.metadata` (a pickle) goes through an unpickler that admits only DCP's metadata classes and must
+name only files beside it, non-tensor values load with `weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -66,15 +62,14 @@ def _pause() -> None:
         time.sleep(float(os.environ[PAUSE_ENV]))
 
 
-def write_atomic(path: Path, *chunks: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
     for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
         stale.unlink()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:   # a full disk: name the file (write errors carry no filename)

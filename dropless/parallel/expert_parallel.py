@@ -4,10 +4,9 @@ Legend: T tokens, D model dim, E experts (global), e local experts (E / P), K to
 S token rows this rank sends (one per token and destination rank), N token rows it receives,
 R expert rows it computes (one per received token and local expert chosen).
 
-Applied from outside: `apply_ep(model, mesh)` replaces each MoE's `experts` by an `ExpertShard`
-(this rank's experts, DTensor weights sharded on the expert dim) and its dispatcher by an
-`AllToAllDispatcher`, both objects with the interfaces `MoE.forward` already calls
-(dropless.dispatch.Dispatcher); the model code is unchanged.
+Applied from outside: `apply_ep(model, mesh)` swaps each MoE's `experts` for an `ExpertShard` (this
+rank's experts as DTensors) and its dispatcher for an `AllToAllDispatcher`, behind the interfaces
+`MoE.forward` already calls (dropless.dispatch.Dispatcher).
 
 The exchange sends each token once to every rank that owns at least one of its experts (not once
 per expert): with top-8 routing over 2 ranks that is ~2 rows per token instead of 8, and the

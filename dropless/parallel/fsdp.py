@@ -1,16 +1,12 @@
-"""FSDP2 over the data-parallel axes: one `fully_shard` per transformer block, then the root.
-
-Dense parameters: sharded over `dp_shard_ep` (all ranks of a replica), replicated across
-`dp_replicate` (HSDP) when it is > 1. Expert parameters (already Shard(0) over `ep` when ep > 1):
-their own `fully_shard` over the ranks that do not split experts, `dp_shard` (x `dp_replicate`),
-sharded on dim 1 so the expert dim stays whole per ep rank.
+"""FSDP2 over the data-parallel axes of mesh.py's layout: one `fully_shard` per transformer block,
+then the root; the experts (Shard(0) over `ep`) get their own, on dim 1 so the expert dim stays
+whole per ep rank.
 
 Gradient scale: every rank's loss is a mean over its own tokens, and FSDP averages gradients over
-its mesh. An expert's local gradient already sums the contributions of all ep ranks' tokens (the
-all-to-all backward brings them home), so expert weight gradients are also scaled by 1 / ep
-(`parallelize` builds the ExpertShards with grad_scale = 1 / ep; FSDP's own divide factor needs
-PREMUL_SUM, which gloo lacks, and behaves differently across torch versions on 1-rank meshes).
-Both then equal the gradient of the mean loss over the global batch.
+its mesh. An expert's local gradient already sums all ep ranks' tokens (the all-to-all backward
+brings them home), so `parallelize` builds the ExpertShards with grad_scale = 1 / ep (FSDP's own
+divide factor needs PREMUL_SUM, which gloo lacks, and varies across torch versions on 1-rank
+meshes). Both then equal the gradient of the mean loss over the global batch.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -33,7 +30,7 @@ def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
         return mesh[names[0]] if len(names) == 1 else mesh[names]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | None = None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool | None = None):
     """Shard `model` (a Transformer, after apply_ep) in place. `mixed_precision` (default: on for
     CUDA meshes) computes in bf16 and reduces gradients in fp32; master weights stay fp32."""
     if mixed_precision is None:
@@ -75,7 +72,5 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 def full_state(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
     """Unsharded (model, optimizer) state dicts on CPU, keyed by parameter name; collective, and
     only rank 0 receives them (the others get empty dicts)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     return get_state_dict(model, optimizer if optimizer is not None else [],
                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))

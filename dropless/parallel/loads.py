@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from dropless.dispatch import LocalDispatcher
-from dropless.parallel.expert_parallel import moe_modules
+from dropless.parallel.expert_parallel import AllToAllDispatcher, moe_modules
 
 
 def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
@@ -37,12 +37,9 @@ class DataParallelDispatcher(LocalDispatcher):
 
     def __init__(self, num_experts: int, capacity_factor: float | None, group: dist.ProcessGroup):
         super().__init__(num_experts, capacity_factor)
-        self.group = group
+        self.counts_group = group
 
-    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        counts_E = counts_E.clone()
-        dist.all_reduce(counts_E, group=self.group)
-        return counts_E
+    global_counts = AllToAllDispatcher.global_counts   # the same sum over counts_group
 
 
 def use_global_balance(model: nn.Module, mesh: DeviceMesh) -> nn.Module:

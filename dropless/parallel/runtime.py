@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from dropless.parallel.mesh import ParallelConfig
+from dropless.parallel.mesh import ParallelConfig, build_mesh
 
 
 @dataclass
@@ -33,7 +34,6 @@ class Runtime:
         """Mean over ranks (of per-rank means over equal token counts = the global mean)."""
         if self.world == 1:
             return value
-        import torch.distributed as dist
         value = value.detach().clone()
         dist.all_reduce(value)
         return value / self.world
@@ -47,12 +47,10 @@ class Runtime:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
             dist.barrier()
 
     def shutdown(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
             gc.collect()   # graphs holding collectives go first: avoids a flaky abort at exit
             dist.destroy_process_group()
 
@@ -78,13 +76,8 @@ def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) ->
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Runtime(device=device)
-    import torch.distributed as dist
-
-    from dropless.parallel.mesh import build_mesh
-
     if "TORCHELASTIC_RUN_ID" in os.environ:   # started by torchrun (not by a test's spawn)
         _exit_with_launcher()
-
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
