@@ -57,8 +57,8 @@ for s in "$@"; do
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
     decode) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
-            stage "$L" 150 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
-              --json "$O/decode_medium.json"
+            stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
+              --admit-delay-ms 2 --serve-compile-prefill --json "$O/decode_medium.json"
             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
               --compile --json "$O/decode_medium_compiled.json"
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \

@@ -105,6 +105,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                                  "slot (default: the model's, at most 4096)")
     srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     srv.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
+    srv.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the prompt forward once at start (default: on CUDA; an "
+                          "eager one holds every running request for tens of ms)")
+    srv.add_argument("--admit-delay-ms", type=float, default=2.0,
+                     help="hold a new request up to this long so that requests arriving together "
+                          "prefill as one batch (default 2)")
 
     conv = sub.add_parser("convert", help="checkpoints to and from one safetensors file or a "
                                           "Hugging Face directory",
@@ -266,11 +272,17 @@ def _serve(args) -> int:
     from dropless.serve.text import load_served_model
 
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
+    _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
+             "must be in [0, 1000]")
     served = load_served_model(args.model_dir, resolve_device(args.device))
+    compile_prefill = args.compile_prefill
+    if compile_prefill is None:
+        compile_prefill = args.compile or next(served.model.parameters()).is_cuda
     try:
         max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
-                        compile=args.compile)
+                        compile=args.compile, compile_prefill=compile_prefill,
+                        admit_delay=args.admit_delay_ms / 1e3)
     except ValueError as e:
         raise DroplessError(str(e)) from None
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "

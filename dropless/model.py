@@ -84,13 +84,13 @@ def causal_mask(positions_BT: torch.Tensor, num_keys: int) -> torch.Tensor:
 # CUDA: at the medium preset's shape on an H200, forward + backward take 0.76 ms against 1.22 ms for
 # flash, which scaled_dot_product_attention picks (benchmarks/attention.py). The aten op is called
 # by name: with sdpa_kernel's backend priority set, the compiled training step still ran flash
-# (unchanged 90.0 ms). Shapes cuDNN does not take (head dims that differ or exceed 128, fp32) and
-# the CPU keep sdpa's choice.
+# (unchanged 90.0 ms). Shapes cuDNN does not take (head dims that differ or exceed 128, fp32, one
+# token: "s_q = s_kv = 1 is not supported") and the CPU keep sdpa's choice.
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     Dh = q.shape[-1]
     if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] == Dh
-            and v.shape[-1] == Dh and Dh % 8 == 0 and Dh <= 128):
+            and v.shape[-1] == Dh and Dh % 8 == 0 and Dh <= 128 and q.shape[-2] > 1):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, grad, 0.0, True, False, scale=scale)[0]

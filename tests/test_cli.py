@@ -295,3 +295,12 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run,
 
     monkeypatch.setattr(checkpoint, "load_run", mismatched)
     _fails(capsys, ["generate", str(trained_run)], "do not belong together")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "--max-batch 0 is invalid"),
+    (["--admit-delay-ms", "-1"], "--admit-delay-ms -1.0 is invalid: must be in [0, 1000]"),
+    (["--admit-delay-ms", "nan"], "--admit-delay-ms nan is invalid"),
+])
+def test_serve_rejects_bad_values(capsys, trained_run, flags, message):
+    _fails(capsys, ["serve", str(trained_run), *flags], message)

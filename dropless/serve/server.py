@@ -295,7 +295,11 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine.warm_up()   # every batch bucket before the first request, not in its way
+    start = time.perf_counter()
+    print("warming up: decode graphs" + (" and the compiled prefill" if engine.compiled else ""),
+          file=sys.stderr, flush=True)
+    engine.warm_up()   # before the first request, not in its way
+    print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
     print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
           file=sys.stderr)
