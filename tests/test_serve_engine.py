@@ -177,8 +177,7 @@ def test_compiled_prefill_is_one_graph_for_every_shape():
     outputs = []
     for compile in (False, True):
         dynamo.reset()
-        engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile=compile)
-        engine.decode_fn = engine._decode   # the decode step eager: only the prefill compiles
+        engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile_prefill=compile)
         engine.warm_up()
         before = dynamo.utils.counters["stats"]["unique_graphs"]
         requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))

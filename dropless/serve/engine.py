@@ -44,7 +44,7 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
-                 compile_prefill: bool | None = None,
+                 compile_prefill: bool = False,
                  moe_path: str | None = None, admit_delay: float = 0.0):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
@@ -93,8 +93,8 @@ class Engine:
         # specialisation per (bucket, greedy), hence the raised recompile limit. The prefill
         # forward compiles once, dynamic in rows and tokens (`_prefill_forward`): eagerly it
         # launches ~100 kernels per layer, tens of ms of host time that stall every request
-        # (compile_prefill: default `compile`)
-        self.compiled = compile if compile_prefill is None else compile_prefill
+        # (a server's choice: a one-off generate would spend more compiling it than running it)
+        self.compiled = compile_prefill
         self.decode_fn, self.hidden_fn = self._decode, self._hidden
         if compile:
             import torch._dynamo as dynamo
