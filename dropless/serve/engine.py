@@ -85,17 +85,16 @@ class Engine:
         # first tokens sampled by this step's prefills [(host tokens, [(slot, request)])])
         self.pending, self.firsts = None, []
         self.pin = p.device.type == "cuda"
-        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin) for _ in "ab"]
-        # for logs and benchmarks: steps, prefills (forwards), prefill_rows, prefill_s (host
-        # seconds), captures, capture_s
-        self.stats, self.flip = Counter(), 0
+        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin) for _ in range(2)]
+        # for logs and benchmarks (every key from the start: /health copies it from another thread)
+        self.stats = Counter(steps=0, prefills=0, prefill_rows=0, prefill_s=0.0, captures=0,
+                             capture_s=0.0)
+        self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
         # specialisation per (bucket, greedy), hence the raised recompile limit. The prefill
         # forward compiles once, dynamic in rows and tokens (`_prefill_forward`): eagerly it
         # launches ~100 kernels per layer, tens of ms of host time that stall every request
-        # (a server's choice: a one-off generate would spend more compiling it than running it)
-        self.compiled = compile_prefill
-        self.decode_fn, self.hidden_fn = self._decode, self._hidden
+        self.decode_fn, self.hidden_fn, self.compiled = self._decode, self._hidden, compile_prefill
         if compile:
             import torch._dynamo as dynamo
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit,
@@ -228,8 +227,7 @@ class Engine:
         logits = self._logits(x_nTD[self._device(done), last])
         first = sample(logits, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
                        self.seeds_B[idx], self.steps_B[idx])
-        # the first tokens go straight into the decode inputs; the host reads them with this
-        # step's decoded tokens (no sync here)
+        # into the decode inputs; the host reads them with this step's decoded tokens (no sync)
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
         host = torch.empty(len(done), dtype=torch.long, pin_memory=self.pin)
@@ -358,9 +356,8 @@ class Engine:
         return event, host, [(s, self.slots[s]) for s in decoding], firsts
 
     def _collect(self, event, host, rows, firsts) -> None:
-        """Hand a launched step's tokens to the requests that were decoding then, after the first
-        tokens its prefills sampled (a request that finished meanwhile got one extra token
-        computed; it is dropped here)."""
+        """A launched step's tokens to the requests then decoding, after its prefills' first tokens
+        (one computed for a request that finished meanwhile is dropped here)."""
         if event is not None:
             event.synchronize()   # sync: the step's tokens (waits with the GIL released)
         for first, pairs in firsts:
