@@ -43,11 +43,11 @@ triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda
 for s in "$@"; do
   L="$O/$s.log"
   case $s in
-    tests) stage "$L" 280 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
+    tests) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
              --ignore=tests/parallel
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_awq.py tests/test_ops_blocksparse.py -p no:cacheprovider -rf ;;
-    train) stage "$L" 240 python3 benchmarks/train.py --json "$O/train.json" ;;
+    train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
              --profile "dropless bf16-mixed compiled,dropless bf16 compiled"
            stage "$L" 170 python3 benchmarks/train.py --graph-breaks \
@@ -65,7 +65,7 @@ for s in "$@"; do
               --no-server --json "$O/decode_qwen3.json" ;;
     decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --compile --json "$O/decode_qwen3_compiled.json" ;;
-    product) stage "$L" 200 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
+    product) stage "$L" 300 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
                --steps 150 --eval-every 150 --ckpt-every 150 --out /tmp/medium-run --sample-tokens 40 ;;
     awq) stage "$L" 60 python3 benchmarks/awq.py ;;
     moe) stage "$L" 330 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
