@@ -189,6 +189,23 @@ def test_compiled_prefill_is_one_graph_for_every_shape():
     assert outputs[0] == outputs[1]
 
 
+def test_engine_prefill_that_does_not_compile_runs_eagerly_with_a_warning(caplog):
+    model = tiny_model()
+    engine = Engine(model, max_batch=2, max_len=40, compile_prefill=True)
+
+    def broken(*args):
+        raise RuntimeError("backend compiler failed\ndetails")
+
+    engine.hidden_fn = broken
+    with caplog.at_level("WARNING", logger="dropless.serve"):
+        engine.warm_up()
+    assert "did not compile (RuntimeError: backend compiler failed)" in caplog.text
+    assert not engine.compiled
+    req = engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)))
+    engine.run_until_done()
+    assert req.output == greedy_recompute(model, PROMPTS[0], 3)
+
+
 def test_engine_admit_delay_batches_arrivals():
     """Held requests are admitted together (one prefill forward) once they fill the free slots
     or the oldest has waited admit_delay; outputs are unchanged."""

@@ -38,14 +38,15 @@ from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
 __all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
+log = logging.getLogger("dropless.serve")
 
 
 class Engine:
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
-                 compile_prefill: bool = False,
-                 moe_path: str | None = None, admit_delay: float = 0.0):
+                 compile_prefill: bool = False, moe_path: str | None = None,
+                 admit_delay: float = 0.0):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_batch < 1:
@@ -87,8 +88,8 @@ class Engine:
         self.pin = p.device.type == "cuda"
         self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin) for _ in range(2)]
         # for logs and benchmarks (every key from the start: /health copies it from another thread)
-        self.stats = Counter(steps=0, prefills=0, prefill_rows=0, prefill_s=0.0, captures=0,
-                             capture_s=0.0)
+        self.stats = Counter(dict.fromkeys(["steps", "prefills", "prefill_rows", "prefill_s",
+                                            "captures", "capture_s"], 0))
         self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
         # specialisation per (bucket, greedy), hence the raised recompile limit. The prefill
@@ -133,8 +134,7 @@ class Engine:
             return 0.0
         return max(0.0, self.waiting[0].arrival + self.admit_delay - time.perf_counter())
 
-    def _device(self, values, dtype=torch.long) -> torch.Tensor:
-        """A host list on the device without a sync (through pinned memory on CUDA)."""
+    def _device(self, values, dtype=torch.long) -> torch.Tensor:   # no sync: pinned on CUDA
         host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
         return host.pin_memory().to(self.device, non_blocking=True) if self.pin else host
 
@@ -166,8 +166,7 @@ class Engine:
     # ---- the model, run over slots of the cache ---------------------------------------------
 
     def _hidden(self, tokens_BT, positions_BT, caches) -> torch.Tensor:
-        """The model's blocks over a prompt chunk; the RoPE tables are computed once for all
-        layers."""
+        """The model's blocks over a prompt chunk (RoPE tables once for all layers)."""
         cfg = self.model.cfg
         rope = rope_tables(cfg.rope_dim, positions_BT, cfg.rope_theta)
         x = self.model.embed(tokens_BT)
@@ -180,20 +179,17 @@ class Engine:
         (rows and tokens marked dynamic; the caller pads them to >= 2, as 1 is specialised)."""
         caches = [tuple(t[lo:hi] for t in cache) for cache in self.caches]
         if self.compiled:
-            for t in (tokens_nT, positions_nT, *[t for cache in caches for t in cache]):
-                if self.max_batch > 1:   # one slot: always one row
-                    torch._dynamo.mark_dynamic(t, 0)
-            for t in (tokens_nT, positions_nT):
-                torch._dynamo.mark_dynamic(t, 1)
+            rows = (tokens_nT, positions_nT, *sum(caches, ())) if self.max_batch > 1 else ()
+            for t, dim in [(t, 0) for t in rows] + [(tokens_nT, 1), (positions_nT, 1)]:
+                torch._dynamo.mark_dynamic(t, dim)
         return self.hidden_fn(tokens_nT, positions_nT, caches)
 
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.norm(x_BD))
 
     def _prefill(self, slots: list[int]) -> None:
-        """The next prompt chunk of each request in a run of adjacent slots, as one padded forward.
-        Padding sits at the scratch position S - 1; a request whose prompt is now all in the cache
-        samples its first token from its last prompt position."""
+        """The next prompt chunk of each request in a run of adjacent slots, as one padded forward
+        (padding at the scratch position S - 1); a finished prompt samples its first token."""
         requests = [self.slots[s] for s in slots]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
@@ -264,13 +260,17 @@ class Engine:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Capture every bucket's decode graph and compile the prefill now (a server does at
-        start), not when a request first needs them, which stalls every running request."""
+        """Capture every decode graph and compile the prefill now (a server does at start), not
+        when a request first needs them, stalling every running request."""
         if self.compiled:   # rows of three tokens at the scratch position (3: no size in common)
             rows = min(2, self.max_batch)
-            self._prefill_forward(torch.zeros(rows, 3, dtype=torch.long, device=self.device),
-                                  torch.full((rows, 3), self.max_len - 1, device=self.device),
-                                  0, rows)
+            scratch = torch.full((rows, 3), self.max_len - 1, device=self.device)
+            try:
+                self._prefill_forward(torch.zeros_like(scratch), scratch, 0, rows)
+            except Exception as e:   # a model the compiler cannot take is still served, eagerly
+                log.warning("the prefill forward did not compile (%s: %s); it runs eagerly",
+                            type(e).__name__, (str(e).splitlines() or [""])[0])
+                self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
             for b in self.buckets:
                 for greedy in (True, False):
@@ -389,7 +389,7 @@ class Engine:
             try:
                 self.step()
             except Exception:   # a failed step fails its requests, never the server
-                logging.getLogger("dropless.serve").exception("engine step failed")
+                log.exception("engine step failed")
                 with self.lock:
                     failed = [r for r in self.slots if r is not None] + list(self.waiting)
                     self.slots, self.waiting = [None] * self.max_batch, deque()
