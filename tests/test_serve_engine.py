@@ -159,7 +159,7 @@ def test_engine_prefill_padding_of_the_compiled_path(chunk):
     (run eagerly here: the padding alone)."""
     model = tiny_model()
     engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
-    engine.compiled = True
+    shapes = padded_forward(engine)
     prompts, lengths = [[5], [9, 8, 7], [33], [1, 2, 3, 4, 5], [7]], [6, 1, 4, 3, 5]
     requests = []
     for p, n in zip(prompts, lengths):   # one at a time: single-row prefills in every slot
@@ -168,6 +168,21 @@ def test_engine_prefill_padding_of_the_compiled_path(chunk):
     engine.run_until_done()
     assert [r.output for r in requests] == [greedy_recompute(model, p, n)
                                             for p, n in zip(prompts, lengths)]
+    assert min(min(shape) for shape in shapes) >= 2 and (2, 2) in shapes   # one row, one token
+
+
+def padded_forward(engine) -> list:
+    """Turn on the compiled path's padding with the eager forward; returns the list of the
+    [rows, tokens] shapes the forward then gets."""
+    engine.compiled, shapes = True, []
+
+    def forward(tokens_nT, positions_nT, caches):
+        shapes.append(tuple(tokens_nT.shape))
+        assert all(t.shape[0] == tokens_nT.shape[0] for cache in caches for t in cache)
+        return engine._hidden(tokens_nT, positions_nT, caches)
+
+    engine.hidden_fn = forward
+    return shapes
 
 
 def test_compiled_prefill_is_one_graph_for_every_shape():
@@ -204,6 +219,41 @@ def test_engine_prefill_that_does_not_compile_runs_eagerly_with_a_warning(caplog
     req = engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)))
     engine.run_until_done()
     assert req.output == greedy_recompute(model, PROMPTS[0], 3)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_engine_random_traffic_equals_recompute(padded):
+    """Requests of random prompt lengths (1-12), limits (1-6 tokens) and EOS ids arrive over
+    random steps, some cancelled: every finished output is greedy recompute up to its first EOS;
+    with the compiled path's padding (run eagerly) as without."""
+    import random
+
+    model = tiny_model()
+    rng = random.Random(7)
+    engine = Engine(model, max_batch=3, max_len=24, prefill_chunk=rng.choice([2, 5, 16]))
+    shapes = padded_forward(engine) if padded else [(2, 2)]
+    requests, expected = [], {}
+    for step in range(60):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            prompt = [rng.randrange(64) for _ in range(rng.randint(1, 12))]
+            n = rng.randint(1, 6)
+            ref = greedy_recompute(model, prompt, n)
+            eos = (rng.choice(ref),) if rng.random() < 0.3 else ()
+            r = engine.submit(Request(prompt, SamplingParams(max_tokens=n, temperature=0),
+                                      eos_ids=eos))
+            cut = next((i + 1 for i, t in enumerate(ref) if t in eos), n)
+            requests.append(r)
+            expected[id(r)] = (ref[:cut], "stop" if cut < n or ref[cut - 1] in eos else "length")
+        if requests and rng.random() < 0.05:
+            rng.choice(requests).cancel()
+        engine.step()
+    engine.run_until_done()
+    assert len(requests) > 30 and min(min(shape) for shape in shapes) >= 2
+    for r in requests:
+        if r.finish_reason == "cancelled":
+            assert r.output == expected[id(r)][0][:len(r.output)]
+        else:
+            assert (r.output, r.finish_reason) == expected[id(r)]
 
 
 def test_engine_admit_delay_batches_arrivals():
