@@ -346,7 +346,8 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     from dropless.serve import server as server_module
 
     class FakeEngine:
-        captured, compiled, stats = False, True, Counter(steps=3, prefill_s=0.25)
+        captured, compiled, cuda_graphs = False, True, False
+        stats = Counter(steps=3, prefill_s=0.25)
 
         def warm_up(self):
             self.captured = True
@@ -363,4 +364,4 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     assert seen["interval"] == pytest.approx(server_module.SWITCH_INTERVAL_S)
     assert seen["interval"] < 1e-3 and seen["port"] == 0 and seen["captured"]
     err = capsys.readouterr().err
-    assert "compiled prefill" in err and "engine: prefill_s 0.25, steps 3" in err
+    assert "warming up: the compiled prefill\n" in err and "engine: prefill_s 0.25, steps 3" in err

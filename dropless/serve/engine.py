@@ -175,8 +175,7 @@ class Engine:
         return x
 
     def _prefill_forward(self, tokens_nT, positions_nT, lo: int, hi: int) -> torch.Tensor:
-        """The blocks over a chunk into cache slots [lo, hi); compiled, one graph for every shape
-        (rows and tokens marked dynamic; the caller pads them to >= 2, as 1 is specialised)."""
+        """The blocks over a chunk into cache slots [lo, hi); compiled: dynamic rows and tokens."""
         caches = [tuple(t[lo:hi] for t in cache) for cache in self.caches]
         if self.compiled:
             rows = (tokens_nT, positions_nT, *sum(caches, ())) if self.max_batch > 1 else ()
@@ -188,14 +187,15 @@ class Engine:
         return self.model.lm_head(self.model.norm(x_BD))
 
     def _prefill(self, slots: list[int]) -> None:
-        """The next prompt chunk of each request in a run of adjacent slots, as one padded forward
-        (padding at the scratch position S - 1); a finished prompt samples its first token."""
+        """The next prompt chunk of each request in a run of adjacent slots, as one forward."""
         requests = [self.slots[s] for s in slots]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
-        # compiled: a padding row (neighbour slot, scratch position) and token where there is one
-        lo = slots[0] - (self.compiled and n == 1 and slots[0] + 1 == self.max_batch > 1)
-        hi = max(slots[-1] + 1, min(lo + 2, self.max_batch) if self.compiled else 0)
+        # compiled: a lone row gets a neighbour slot (at its scratch position) as padding, and a
+        # lone token a padding token, so no size is 1
+        lo, hi = slots[0], slots[-1] + 1
+        if self.compiled and n == 1 and self.max_batch > 1:
+            lo, hi = (lo, hi + 1) if hi < self.max_batch else (lo - 1, hi)
         T = max(T, 1 + self.compiled)
         tokens_nT = torch.zeros(hi - lo, T, dtype=torch.long)
         positions_nT = torch.full((hi - lo, T), self.max_len - 1, dtype=torch.long)

@@ -295,11 +295,13 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    start = time.perf_counter()
-    print("warming up: decode graphs" + (" and the compiled prefill" if engine.compiled else ""),
-          file=sys.stderr, flush=True)
-    engine.warm_up()   # before the first request, not in its way
-    print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    work = [w for w, on in (("decode graphs", engine.cuda_graphs),
+                            ("the compiled prefill", engine.compiled)) if on]
+    if work:   # before the first request, not in its way
+        start = time.perf_counter()
+        print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
+        engine.warm_up()
+        print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
     print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
           file=sys.stderr)
