@@ -69,7 +69,7 @@ def dropless_provider(cfg, precision: str, compiled: bool, tokens_BT):
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
     tcfg = TrainConfig(out="unused", preset="medium", precision=precision)
-    opt = make_optimizer(model, tcfg)
+    opt = make_optimizer(model, tcfg, working_copies=precision == "bf16-mixed")
     loss_fn = torch.compile(lm_loss) if compiled else lm_loss
     amp = autocast_for(precision, device)
     rt = Runtime(device=device)

@@ -31,7 +31,7 @@ from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
-from dropless.optim import lr_at, make_optimizer
+from dropless.optim import lr_at, make_optimizer, total_norm
 from dropless.runlog import MetricsLog, StopOnInterrupt
 from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, resolve_device,
                                 resolve_precision)
@@ -67,11 +67,13 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
     return cfg, state
 
 
-def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor):
+def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, params=None):
     """(mean next-token cross-entropy in float32, the model's aux). The loss is part of the function
     that `--compile` compiles, so the logits' upcast fuses into the loss kernels: no float32 copy
-    of the [B*T, V] logits nor of their gradient (~4 GB of traffic per step at the medium shape)."""
-    logits_BTV, aux = model(x_BT)
+    of the [B*T, V] logits nor of their gradient (~4 GB of traffic per step at the medium shape).
+    `params`: tensors that stand in for some of the model's parameters (bf16-mixed's working
+    copies, MasterAdamW)."""
+    logits_BTV, aux = torch.func.functional_call(model, params, (x_BT,)) if params else model(x_BT)
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten()), aux
 
 
@@ -144,23 +146,21 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     loads_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+    params = opt.working_params()
     for x_BT, y_BT in batches:
         with amp:
-            lm, aux = loss_fn(model, x_BT, y_BT)
+            lm, aux = loss_fn(model, x_BT, y_BT, params)
         aux_loss = aux.balance_loss + aux.z_loss
         ((lm + aux_loss) / len(batches)).backward()
         lm_sum += lm.detach()
         aux_sum += aux_loss.detach()
         loads_LE += aux.tokens_per_expert
-    if rt.mesh is None and opt.defaults.get("fused"):
-        # clipping inside the fused AdamW kernel: it divides every gradient by `grad_scale` as it
-        # reads it (the hook GradScaler uses), which saves clip_grad_norm_'s pass over them all
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = nn.utils.get_total_norm(grads)
+    if rt.mesh is None:
+        # clipping inside the fused AdamW kernels where they run: they divide every gradient
+        # as they read it (the hook GradScaler uses), which saves a pass over them all
+        grad_norm = total_norm(opt.gradients())
         if cfg.grad_clip:
-            opt.grad_scale = ((grad_norm.float() + 1e-6) / cfg.grad_clip).clamp(min=1.0)
-    elif rt.mesh is None:
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            opt.divide_gradients(((grad_norm + 1e-6) / cfg.grad_clip).clamp(min=1.0))
     else:   # gradients are DTensors on two meshes (dense, experts)
         from dropless.parallel.fsdp import clip_grad_norm_
         from dropless.parallel.loads import all_reduce_loads
@@ -169,7 +169,6 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
         loads_LE = all_reduce_loads(loads_LE, rt.mesh)   # the global batch's loads
         lm_sum, aux_sum = rt.all_mean(lm_sum), rt.all_mean(aux_sum)
     opt.step()
-    opt.grad_scale = None
     opt.zero_grad(set_to_none=True)
     model.update_bias(loads_LE)
     return lm_sum / len(batches), aux_sum / len(batches), grad_norm, loads_LE
@@ -193,7 +192,7 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
             p.data = p.data.to(torch.bfloat16)
     if rt.mesh is not None:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16
         parallelize(model, rt.mesh, mixed_precision=precision == "bf16-mixed")
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, working_copies=precision == "bf16-mixed" and rt.mesh is None)
     if state is not None:
         ckpt.load(state["path"], model, opt)   # any saved mesh -> this one
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
