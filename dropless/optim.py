@@ -68,10 +68,27 @@ class MasterAdamW(torch.optim.AdamW):
         super().__init__(groups, **kwargs)
         self.masters = masters
         self.working: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}   # fp32 gradient sums over micro-batches
         self._name_of = {id(p): name for name, p in masters.items()}
 
     def _copy_of(self, p: torch.Tensor) -> torch.Tensor | None:
         return self.working.get(self._name_of.get(id(p)))
+
+    def _grad_of_copy(self, p: torch.Tensor) -> torch.Tensor | None:
+        name = self._name_of.get(id(p))
+        return self.sums[name] if name in self.sums else self.working[name].grad
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """After each micro-batch's backward when there are several: the copies' bf16 gradients
+        move into fp32 sums, as autocast's fp32 gradients accumulate (not summed in bf16)."""
+        for name, w in self.working.items():
+            if w.grad is not None:
+                if name in self.sums:
+                    self.sums[name].add_(w.grad)
+                else:
+                    self.sums[name] = w.grad.float()
+                w.grad = None
 
     def working_params(self) -> dict[str, torch.Tensor]:
         if not self.working and self.masters:
@@ -84,8 +101,7 @@ class MasterAdamW(torch.optim.AdamW):
         grads = []
         for group in self.param_groups:
             for p in group["params"]:
-                w = self._copy_of(p)
-                g = p.grad if w is None else w.grad
+                g = p.grad if self._copy_of(p) is None else self._grad_of_copy(p)
                 if g is not None:
                     grads.append(g)
         return grads
@@ -109,9 +125,9 @@ class MasterAdamW(torch.optim.AdamW):
         super().step()   # the parameters without a copy (the masters' own .grad stays None)
         scale, self.copy_scale, self.grad_scale = getattr(self, "copy_scale", None), None, None
         for group in self.param_groups:
-            todo = [(p, w) for p in group["params"]
-                    if (w := self._copy_of(p)) is not None and w.grad is not None]
-            for p, w in todo:
+            todo = [(p, w, g) for p in group["params"] if (w := self._copy_of(p)) is not None
+                    and (g := self._grad_of_copy(p)) is not None]
+            for p, _, _ in todo:
                 state = self.state[p]
                 if not state:   # AdamW's own state layout: checkpoints load into either class
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -119,16 +135,17 @@ class MasterAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if not todo:
                 continue
-            counts = [self.state[p]["step"] for p, _ in todo]
+            counts = [self.state[p]["step"] for p, _, _ in todo]
             torch._foreach_add_(counts, 1.0)
-            for (p, w), count in zip(todo, counts):
+            for (p, w, g), count in zip(todo, counts):
                 state = self.state[p]
-                triton_adamw.step(p, w.grad, state["exp_avg"], state["exp_avg_sq"], w, count,
+                triton_adamw.step(p, g, state["exp_avg"], state["exp_avg_sq"], w, count,
                                   scale, lr=group["lr"], weight_decay=group["weight_decay"],
                                   betas=group["betas"], eps=group["eps"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        self.sums = {}
         for w in self.working.values():
             w.grad = None
 

@@ -152,6 +152,8 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
             lm, aux = loss_fn(model, x_BT, y_BT, params)
         aux_loss = aux.balance_loss + aux.z_loss
         ((lm + aux_loss) / len(batches)).backward()
+        if len(batches) > 1:
+            opt.accumulate()
         lm_sum += lm.detach()
         aux_sum += aux_loss.detach()
         loads_LE += aux.tokens_per_expert

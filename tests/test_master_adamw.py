@@ -54,10 +54,11 @@ def test_working_copies_give_autocasts_gradients():
         assert torch.equal(b[name].float(), a[name]), name
 
 
-@pytest.mark.parametrize("clip", [0.05, 0.0])
-def test_working_copies_train_as_autocast_over_fp32_weights(clip):
+@pytest.mark.parametrize("clip, micro", [(0.05, 1), (0.0, 1), (0.05, 2)])
+def test_working_copies_train_as_autocast_over_fp32_weights(clip, micro):
     """train_step under bf16 autocast: torch's AdamW over fp32 weights against MasterAdamW's bf16
-    working copies, clipping binding or off. The first step is the same to fp32 rounding (grad
+    working copies, clipping binding or off, one micro-batch or two (gradients summed in fp32,
+    as autocast's are). The first step is the same to fp32 rounding (grad
     norm, every fp32 weight); later steps drift only as far as bf16 roundings of weights that
     differ in their last fp32 bit can take them. The copies stay bf16 of the masters, and the
     optimizer state has AdamW's layout (checkpoints load into either)."""
@@ -72,8 +73,9 @@ def test_working_copies_train_as_autocast_over_fp32_weights(clip):
         L, E = len(model.moe_layers()), model.cfg.moe.num_experts
         trace, first = [], None
         for t in tokens:
-            trace.append(torch.stack(train_step(model, lm_loss, opt, [(t[:, :-1], t[:, 1:])], amp,
-                                                tcfg, rt, L, E)[::2]))
+            batches = [(b[:, :-1], b[:, 1:]) for b in t.chunk(micro)]
+            trace.append(torch.stack(train_step(model, lm_loss, opt, batches, amp, tcfg, rt, L,
+                                                E)[::2]))
             first = first if first is not None else [p.detach().clone() for p in model.parameters()]
         runs.append((model, opt, torch.stack(trace), first))
     (_, ref_opt, ref_trace, ref_first), (model, opt, trace, first) = runs
@@ -84,6 +86,7 @@ def test_working_copies_train_as_autocast_over_fp32_weights(clip):
     torch.testing.assert_close(trace, ref_trace, rtol=2e-2, atol=0)
     if clip:
         assert (trace[:, 1] > 10 * clip).all()   # the clip binds
+    assert not opt.sums
     for name, w in opt.working.items():
         assert w.dtype == torch.bfloat16 and w.grad is None
         assert torch.equal(w, opt.masters[name].detach().to(torch.bfloat16)), name
@@ -93,11 +96,11 @@ def test_working_copies_train_as_autocast_over_fp32_weights(clip):
         assert state[i].keys() == ref_state[i].keys() and float(state[i]["step"]) == 4.0
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_triton_adamw_kernel_matches_its_formula(scaled):
+@pytest.mark.parametrize("scaled, summed", [(False, False), (True, False), (True, True)])
+def test_triton_adamw_kernel_matches_its_formula(scaled, summed):
     """The kernel against `step_reference` over three steps (on the GPU with a bf16 copy; under the
     CPU interpreter, whose bf16 arithmetic is wrong, with an fp16 copy), at a size that is not a
-    multiple of the block."""
+    multiple of the block; gradients in the copy's dtype, or fp32 (`summed` micro-batches)."""
     gen = torch.Generator().manual_seed(0)
     n = triton_adamw.BLOCK * 2 + 77
     copy_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -108,14 +111,17 @@ def test_triton_adamw_kernel_matches_its_formula(scaled):
         w = p.to(copy_dtype)
         count = torch.zeros((), device=DEVICE)
         for i in range(3):
-            g = torch.randn(n, generator=torch.Generator().manual_seed(i)).to(DEVICE, copy_dtype)
+            g = torch.randn(n, generator=torch.Generator().manual_seed(i)).to(
+                DEVICE, torch.float32 if summed else copy_dtype)
             count += 1
             scale = torch.tensor(2.5, device=DEVICE) if scaled else None
             fn(p, g, m, v, w, count, scale, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95),
                eps=1e-8)
         runs.append((p, m, v, w))
-    for got, want in zip(*runs):
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(runs[0][:3], runs[1][:3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for p, _, _, w in runs:   # the copy is the master rounded (1 ulp apart where the masters are)
+        assert torch.equal(w, p.to(copy_dtype))
     assert not torch.equal(runs[0][0], p0.to(DEVICE))
 
 

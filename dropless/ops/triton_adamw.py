@@ -24,8 +24,9 @@ BLOCK = 4096
 def step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor, count: Tensor,
          scale: Tensor | None, *, lr: float, weight_decay: float, betas: tuple[float, float],
          eps: float) -> None:
-    """In place: p, m, v (fp32) and w = bf16(p), from g (w's gradient); `count`: the step number
-    after this step, a one-element fp32 tensor on p's device."""
+    """In place: p, m, v (fp32) and w = bf16(p), from g (w's gradient: bf16, or fp32 when summed
+    over micro-batches); `count`: the step number after this step, a one-element fp32 tensor on
+    p's device."""
     fn = launch if p.is_cuda else step_reference
     fn(p, g, m, v, w, count, scale, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 

@@ -9,9 +9,10 @@ import triton.language as tl
 @triton.jit
 def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, step_ptr, scale_ptr, numel, lr, weight_decay,
                  beta1, beta2, eps, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """One AdamW step of fp32 master weights p from working-copy gradients g (bf16), moments m
-    and v (fp32); writes p, m, v and the working copy w = bf16(p). `step_ptr`: the step count
-    after this step (fp32, on the device: no host sync); `scale_ptr`: the gradients' divisor."""
+    """One AdamW step of fp32 master weights p from working-copy gradients g (bf16, or fp32 sums
+    over micro-batches) and moments m, v (fp32); writes p, m, v and the working copy w = bf16(p).
+    `step_ptr`: the step count after this step (fp32, on the device: no host sync); `scale_ptr`:
+    the gradients' divisor."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < numel
     step = tl.load(step_ptr)
