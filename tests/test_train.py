@@ -4,6 +4,7 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from dropless.checkpoint import load_run
@@ -33,9 +34,11 @@ def test_tiny_model_learns(small_cfg):
     assert summary["sample"].startswith("def ")
 
 
-def test_resume_is_bitwise_exact(small_cfg, tmp_path):
-    """6 steps straight == 3 steps, Ctrl-C (checkpoint), resume for the other 3; with grad accum."""
-    straight = small_cfg(out=str(tmp_path / "straight"), grad_accum=2)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_resume_is_bitwise_exact(small_cfg, tmp_path, precision):
+    """6 steps straight == 3 steps, Ctrl-C (checkpoint), resume for the other 3; with grad accum.
+    bf16-mixed: the resumed run's working copies are made from the loaded fp32 masters."""
+    straight = small_cfg(out=str(tmp_path / "straight"), grad_accum=2, precision=precision)
     train(straight, progress=False)
 
     def ctrl_c_at_3(step, loss):
