@@ -50,6 +50,13 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # like an expert (std fan_in^-0.5), not nn.Linear's default (std (3 fan_in)^-0.5): a shared
+        # expert would otherwise start with ~1/5 of a routed expert's output scale
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -260,6 +260,16 @@ def test_state_dict_layout():
     assert "router.bias" not in make().state_dict()
 
 
+def test_shared_expert_starts_like_a_routed_expert():
+    """Each weight of the shared SwiGLU has std fan_in^-0.5, as the routed experts' (and the
+    dense FFN's, tests/test_moe_vs_dense.py); nn.Linear's default gave (3 fan_in)^-0.5."""
+    moe = make(dim=256, hidden_dim=128, num_shared_experts=2)
+    for weight, fan_in in ((moe.experts.gate_up, 256), (moe.experts.down, 128),
+                           (moe.shared.gate_proj.weight, 256), (moe.shared.up_proj.weight, 256),
+                           (moe.shared.down_proj.weight, 256)):
+        assert weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.03)
+
+
 def test_expert_formula_matches_state_dict_contract():
     moe = make(num_experts=1, top_k=1, num_shared_experts=0)
     x = torch.randn(4, 16)
