@@ -69,8 +69,12 @@ for s in "$@"; do
     product) stage "$L" 300 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
                --steps 150 --eval-every 150 --ckpt-every 150 --out /tmp/medium-run --sample-tokens 40 ;;
     awq) stage "$L" 60 python3 benchmarks/awq.py ;;
-    moe) stage "$L" 330 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
-           --site-packages-mb 200 ${MOE_VS_DENSE_ARGS:-} --json "$O/moe_vs_dense.json" \
+    # tiny at ~84 training tokens per dense parameter (52 M byte tokens per model): round 10's CPU
+    # study found the MoE ahead of its dense match only once the dense model is capacity-bound
+    # (small at 0.5 tokens per parameter, round 7, was level); MOE_VS_DENSE_ARGS replaces these
+    moe) stage "$L" 540 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
+           --site-packages-mb 200 ${MOE_VS_DENSE_ARGS:---preset tiny --tokenizer bytes --batch-size 128 \
+           --seq-len 256 --steps 1600 --lr 3e-3 --eval-batches 8} --json "$O/moe_vs_dense.json" \
            --plot "$O/moe_vs_dense.png" ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
