@@ -74,7 +74,7 @@ for s in "$@"; do
     # (small at 0.5 tokens per parameter, round 7, was level); MOE_VS_DENSE_ARGS replaces these
     moe) stage "$L" 540 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
            --site-packages-mb 200 ${MOE_VS_DENSE_ARGS:---preset tiny --tokenizer bytes --batch-size 128 \
-           --seq-len 256 --steps 1600 --lr 3e-3 --eval-batches 8} --json "$O/moe_vs_dense.json" \
+           --seq-len 256 --steps 1600 --lr 3e-3 --eval-batches 8 --compile} --json "$O/moe_vs_dense.json" \
            --plot "$O/moe_vs_dense.png" ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
