@@ -14,6 +14,8 @@
 #   decode   decode kernels per layer, benchmarks/decode.py (medium; the Qwen3-30B-A3B shape)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
+#   awqmodel benchmarks/awq_model.py: int4 perplexity of a GPU-trained small run; quantization
+#            time and batch-1 decode (bf16 vs int4) at the Qwen3-30B-A3B shape
 #   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
 # Wheels for the server stack (fastapi, uvicorn, openai, ...: benchmarks/device-wheels.txt says how
 # to fetch them) in .whl/ are installed first, if any.
@@ -69,6 +71,9 @@ for s in "$@"; do
     product) stage "$L" 300 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
                --steps 150 --eval-every 150 --ckpt-every 150 --out /tmp/medium-run --sample-tokens 40 ;;
     awq) stage "$L" 60 python3 benchmarks/awq.py ;;
+    awqmodel) stage "$L" 240 python3 benchmarks/awq_model.py --train small --train-steps 600 \
+                --json "$O/awq_small.json"
+              stage "$L" 330 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --json "$O/awq_30b.json" ;;
     # tiny at ~84 training tokens per dense parameter (52 M byte tokens per model): round 10's CPU
     # study found the MoE ahead of its dense match only once the dense model is capacity-bound
     # (small at 0.5 tokens per parameter, round 7, was level); MOE_VS_DENSE_ARGS replaces these
