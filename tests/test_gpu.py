@@ -59,6 +59,17 @@ def test_cli_train_on_cuda_fp32_learns(tmp_path, cache):
     _train_learns(tmp_path / "run", cache, "fp32")
 
 
+def test_cli_train_on_cuda_bf16_mixed_grad_accum_learns(tmp_path, cache):
+    """bf16-mixed with two micro-batches: the working copies' gradients summed in fp32 (the AdamW
+    kernel's fp32-gradient variant) train as one micro-batch does."""
+    out = tmp_path / "run"
+    proc = _train(out, cache, "--precision", "bf16-mixed", "--no-compile", "--grad-accum", 2,
+                  "--batch-size", 8)
+    assert "tokens/s, bf16-mixed" in proc.stdout, proc.stdout
+    losses = _losses(out)
+    assert len(losses) == STEPS // 10 and sum(losses[-3:]) / 3 < 0.75 * losses[0]
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
 def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
     straight = tmp_path / "straight"
