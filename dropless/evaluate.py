@@ -20,27 +20,20 @@ from dropless.errors import DroplessError
 from dropless.precision import resolve_device
 
 
-def load_any(path: str | Path, device: torch.device):
-    """-> (model, tokenizer, train_config dict or None) of a run or Hugging Face directory."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return (*load_model_dir(path, device), None)
-    model, tok, state = load_run(path, device)
-    return model, tok, state.get("train_config")
-
-
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory)."""
     from dropless.train import evaluate
 
     dev = resolve_device(device)
-    model, tok, saved = load_any(path, dev)
-    defaults = TrainConfig(out=str(path))
-    saved = saved or {}
-    batch_size = saved.get("batch_size", defaults.batch_size)
-    seq_len = min(saved.get("seq_len", defaults.seq_len), model.cfg.max_seq_len)
-    batches = saved.get("eval_batches", defaults.eval_batches)
+    if (Path(path) / "config.json").is_file():
+        (model, tok), saved = load_model_dir(path, dev), {}
+    else:
+        model, tok, state = load_run(path, dev)
+        saved = state.get("train_config") or {}
+    batch_size = saved.get("batch_size", TrainConfig.batch_size)
+    seq_len = min(saved.get("seq_len", TrainConfig.seq_len), model.cfg.max_seq_len)
+    batches = saved.get("eval_batches", TrainConfig.eval_batches)
     docs = data.read_documents(data_path if data_path is not None else saved.get("data"))
     cache = saved.get("cache_dir")
     tokens = data.load_tokens(docs, tok, Path(cache) if cache else data.default_cache_dir())

@@ -198,13 +198,10 @@ class _SafeReader(dcp.FileSystemReader):
         return self.metadata
 
 
-class _SafePlanner(dcp.DefaultLoadPlanner):
+class _SafePlanner(dcp.DefaultLoadPlanner):   # built with its default flatten_state_dict=True
     def load_bytes(self, read_item, value):   # non-tensor values: plain data only
         obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
 
 
 def latest(run_dir: str | Path) -> Path | None:
