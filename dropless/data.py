@@ -123,16 +123,16 @@ def read_documents(data: str | None) -> list[tuple[str, str]]:
     return docs
 
 
-def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
-    digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 100 < val_percent
+def _hash64(text: str) -> int:
+    """A 64-bit hash of `text`, the same on every machine and in every process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def split_documents(docs: list[tuple[str, str]], val_percent: int = VAL_PERCENT):
     """-> (train texts, validation texts). By document name; when that leaves one side empty (a
     single file, a handful of documents) the concatenated text is cut at (100 - val_percent)%."""
-    train = [text for name, text in docs if not is_validation(name, val_percent)]
-    val = [text for name, text in docs if is_validation(name, val_percent)]
+    train = [text for name, text in docs if _hash64(name) % 100 >= val_percent]
+    val = [text for name, text in docs if _hash64(name) % 100 < val_percent]
     if not train or not val:
         text = DOC_SEPARATOR.join(text for _, text in docs)
         cut = len(text) * (100 - val_percent) // 100
@@ -223,11 +223,6 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
 
 # ---- batches -------------------------------------------------------------------------------------
 
-def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    digest = hashlib.sha256(f"dropless-batch|{seed}|{step}|{micro}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
     w_BT = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return w_BT[:, :-1], w_BT[:, 1:]
@@ -236,7 +231,7 @@ def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
 def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int,
               micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) int64 [B, T]: random windows chosen only by (seed, step, micro)."""
-    gen = batch_generator(seed, step, micro)
+    gen = torch.Generator().manual_seed(_hash64(f"dropless-batch|{seed}|{step}|{micro}") >> 1)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
     return _windows(tokens, starts.tolist(), seq_len)
 

@@ -8,16 +8,13 @@ The windows and the loss are training's own (`data.eval_batches`, `train.evaluat
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
-
-import torch
 
 from dropless import data
 from dropless.checkpoint import load_model_dir, load_run
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
-from dropless.precision import resolve_device
+from dropless.precision import autocast_for, resolve_device, resolve_precision
 
 
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
@@ -41,6 +38,5 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
     windows = data.eval_batches(tokens.val, batch_size, seq_len, batches)
-    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    loss = evaluate(model, windows, dev, amp)
+    loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
     return {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": batch_size * seq_len * batches}
