@@ -24,10 +24,11 @@ def _int_min(name: str, value, low: int = 1, *, optional: bool = False) -> None:
     _check(ok or (optional and value is None), name, value, f"must be an integer >= {low}")
 
 
-def _finite(name: str, value, *, positive: bool) -> None:
+def _finite(name: str, value, *, positive: bool, optional: bool = False) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (
         value > 0 if positive else value >= 0)
-    _check(ok, name, value, f"must be a finite number {'>' if positive else '>='} 0")
+    _check(ok or (optional and value is None), name, value,
+           f"must be {'None or ' if optional else ''}a finite number {'>' if positive else '>='} 0")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -87,10 +88,7 @@ class MoEConfig:
             _finite(name, getattr(self, name), positive=False)
         _int_min("num_shared_experts", self.num_shared_experts, 0)
         _int_min("shared_hidden_dim", self.shared_hidden_dim, optional=True)
-        if self.capacity_factor is not None:
-            _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
-                   and math.isfinite(self.capacity_factor), "capacity_factor",
-                   self.capacity_factor, "must be None (dropless) or a number > 0")
+        _finite("capacity_factor", self.capacity_factor, positive=True, optional=True)
 
     @property
     def shared_hidden(self) -> int:

@@ -36,10 +36,6 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "active_params": active,
         "train_flops_per_token": 6 * matmul + attn_flops,
         "seq_len": seq_len,
-        "weights_bytes_fp32": 4 * total,
-        "weights_bytes_bf16": 2 * total,
-        "grads_bytes_fp32": 4 * total,
-        "adam_bytes_fp32": 8 * total,
     }
 
 
@@ -55,18 +51,19 @@ def _gib(n: int) -> str:
 
 
 def format_stats(stats: dict) -> str:
+    """`model_stats` as a table, with the memory of the fp32 training state (bytes per parameter:
+    4 weights, 4 gradients, 8 AdamW's m and v)."""
+    total = stats["total_params"]
     rows = [
         ("total parameters", f"{stats['total_params']:,} ({_human(stats['total_params'])})"),
         ("active parameters per token", f"{stats['active_params']:,} "
                                         f"({_human(stats['active_params'])})"),
         (f"training FLOPs per token (seq {stats['seq_len']})",
          _human(stats["train_flops_per_token"], "FLOP")),
-        ("weights fp32 / bf16", f"{_gib(stats['weights_bytes_fp32'])} / "
-                                f"{_gib(stats['weights_bytes_bf16'])}"),
-        ("gradients fp32", _gib(stats["grads_bytes_fp32"])),
-        ("Adam state fp32 (m, v)", _gib(stats["adam_bytes_fp32"])),
-        ("weights + grads + Adam", _gib(stats["weights_bytes_fp32"] + stats["grads_bytes_fp32"]
-                                        + stats["adam_bytes_fp32"])),
+        ("weights fp32 / bf16", f"{_gib(4 * total)} / {_gib(2 * total)}"),
+        ("gradients fp32", _gib(4 * total)),
+        ("Adam state fp32 (m, v)", _gib(8 * total)),
+        ("weights + grads + Adam", _gib(16 * total)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
