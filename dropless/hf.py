@@ -154,7 +154,7 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     if index.exists():
         try:
             names = read_small_json(index)["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
                              f"({type(err).__name__}: {err})") from None
         files = sorted({_inside(path, f, index) for f in names})
@@ -229,7 +229,7 @@ def read_hf_config(path) -> dict:
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
         return read_small_json(config)
-    except (OSError, ValueError) as err:
+    except ValueError as err:   # read_small_json reports OSErrors as DroplessError
         raise ValueError(f"{config} is not readable JSON: {err}") from None
 
 
