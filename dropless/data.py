@@ -158,12 +158,6 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
-def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
-    sep = tokenizer.encode(DOC_SEPARATOR)
-    parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
-    return np.concatenate(parts[:-1]).astype(dtype)
-
-
 def _check_entry(entry: Path) -> str | None:
     """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256."""
     try:
@@ -182,8 +176,10 @@ def _check_entry(entry: Path) -> str | None:
 def _build(folder: Path, docs, tokenizer: Tokenizer) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
+    sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
     for split, texts in zip(("train", "val"), split_documents(docs)):
-        raw = _encode(texts, tokenizer, dtype).tobytes()
+        parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
+        raw = np.concatenate(parts[:-1]).astype(dtype).tobytes()
         write_atomic(folder / f"{split}.bin", raw)
         meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
         meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()

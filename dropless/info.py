@@ -69,12 +69,6 @@ def format_stats(stats: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def family_order(names: list[str]) -> list[str]:
-    """Each MoE preset followed by its partners (NAME-dense, NAME-2x), the rest in order."""
-    base = [n for n in names if not n.endswith(("-dense", "-2x"))]
-    return sorted(names, key=lambda n: base.index(n.removesuffix("-dense").removesuffix("-2x")))
-
-
 def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) -> str:
     """One line per preset: shape, parameters and training FLOPs per token, side by side (each at
     its own max_seq_len unless `seq_len` is given; `dropless train` swaps in the tokenizer's
@@ -82,7 +76,9 @@ def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) ->
     header = ("preset", "layers", "dim", "FFN", "vocab", "total params", "active params",
               "train FLOPs/token", "seq")
     rows = [header]
-    for name in family_order(list(presets)):
+    base = [n for n in presets if not n.endswith(("-dense", "-2x"))]   # each followed by its partners
+    order = sorted(presets, key=lambda n: base.index(n.removesuffix("-dense").removesuffix("-2x")))
+    for name in order:
         cfg = presets[name]
         stats = model_stats(cfg, seq_len)
         moe = cfg.moe
