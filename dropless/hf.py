@@ -257,7 +257,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         from dropless.quant.hf_awq import AwqFile
         awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
         where = awq.where
-    _check(where, rows, lambda k: (bool(mtp) and k.startswith(mtp))
+    _check(where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
            or (cfg.tie_embeddings and k == "lm_head.weight"))
     state, handles = {}, {}
     for row in rows:
