@@ -1,7 +1,5 @@
-"""Hugging Face model directories as a whole, and the `dropless convert` command: reading one with
-its tokenizer (checked against the model before any weight is read), writing one that is
-self-contained, and converting between them and dropless run directories. The tensors themselves
-are `dropless.hf`'s."""
+"""Hugging Face model directories as a whole (with their tokenizer.json), and `dropless convert`
+between them and dropless run directories. The tensors themselves are `dropless.hf`'s."""
 
 from __future__ import annotations
 
