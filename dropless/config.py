@@ -19,15 +19,16 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
-def _int_min(name: str, value, low: int = 1) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value,
-           f"must be an integer >= {low}")
+def _int_min(name: str, value, low: int = 1, *, optional: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    _check(ok or (optional and value is None), name, value, f"must be an integer >= {low}")
 
 
-def _finite(name: str, value, *, positive: bool) -> None:
+def _finite(name: str, value, *, positive: bool, optional: bool = False) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (
         value > 0 if positive else value >= 0)
-    _check(ok, name, value, f"must be a finite number {'>' if positive else '>='} 0")
+    _check(ok or (optional and value is None), name, value,
+           f"must be {'None or ' if optional else ''}a finite number {'>' if positive else '>='} 0")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -86,12 +87,8 @@ class MoEConfig:
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
             _finite(name, getattr(self, name), positive=False)
         _int_min("num_shared_experts", self.num_shared_experts, 0)
-        if self.shared_hidden_dim is not None:
-            _int_min("shared_hidden_dim", self.shared_hidden_dim)
-        if self.capacity_factor is not None:
-            _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
-                   and math.isfinite(self.capacity_factor), "capacity_factor",
-                   self.capacity_factor, "must be None (dropless) or a number > 0")
+        _int_min("shared_hidden_dim", self.shared_hidden_dim, optional=True)
+        _finite("capacity_factor", self.capacity_factor, positive=True, optional=True)
 
     @property
     def shared_hidden(self) -> int:
@@ -144,14 +141,12 @@ class ModelConfig:
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
-        if self.dense_hidden_dim is not None:
-            _int_min("dense_hidden_dim", self.dense_hidden_dim)
+        _int_min("dense_hidden_dim", self.dense_hidden_dim, optional=True)
         _check_choices(self)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _int_min(name, getattr(self, name))
-            if self.q_lora_rank is not None:
-                _int_min("q_lora_rank", self.q_lora_rank)
+            _int_min("q_lora_rank", self.q_lora_rank, optional=True)
         _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
                "must be a MoEConfig")
         _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")

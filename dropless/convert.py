@@ -1,7 +1,5 @@
-"""Hugging Face model directories as a whole, and the `dropless convert` command: reading one with
-its tokenizer (checked against the model before any weight is read), writing one that is
-self-contained, and converting between them and dropless run directories. The tensors themselves
-are `dropless.hf`'s."""
+"""Hugging Face model directories as a whole (with their tokenizer.json), and `dropless convert`
+between them and dropless run directories. The tensors themselves are `dropless.hf`'s."""
 
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
         try:
             text = read_small_text(tokenizer)
             tok = tokenizer_from_json(text)
-        except (OSError, ValueError) as err:
+        except ValueError as err:
             raise ValueError(f"{tokenizer}: {err}") from None
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"{tokenizer} has {tok.vocab_size} tokens but config.json has "
@@ -37,13 +35,11 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     return from_hf(path, dtype, device).eval(), text
 
 
-def save_hf_dir(model: Transformer, path, tokenizer_json: str | None = None,
-                model_type: str | None = None) -> None:
+def save_hf_dir(model: Transformer, path, tokenizer_json: str, model_type: str | None = None) -> None:
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
     to_hf(model, path, model_type)
-    if tokenizer_json is not None:
-        (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
+    (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:

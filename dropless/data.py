@@ -30,7 +30,7 @@ from dropless.errors import DroplessError
 from dropless.files import read_small_json
 from dropless.tokenizer import Tokenizer
 
-VAL_PERCENT = 5
+VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
 DOC_SEPARATOR = "\n\n"
 CACHE_VERSION = "1"
 
@@ -123,19 +123,19 @@ def read_documents(data: str | None) -> list[tuple[str, str]]:
     return docs
 
 
-def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
-    digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 100 < val_percent
+def _hash64(text: str) -> int:
+    """A 64-bit hash of `text`, the same on every machine and in every process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def split_documents(docs: list[tuple[str, str]], val_percent: int = VAL_PERCENT):
+def split_documents(docs: list[tuple[str, str]]):
     """-> (train texts, validation texts). By document name; when that leaves one side empty (a
-    single file, a handful of documents) the concatenated text is cut at (100 - val_percent)%."""
-    train = [text for name, text in docs if not is_validation(name, val_percent)]
-    val = [text for name, text in docs if is_validation(name, val_percent)]
+    single file, a handful of documents) the concatenated text is cut at (100 - VAL_PERCENT)%."""
+    train = [text for name, text in docs if _hash64(name) % 100 >= VAL_PERCENT]
+    val = [text for name, text in docs if _hash64(name) % 100 < VAL_PERCENT]
     if not train or not val:
         text = DOC_SEPARATOR.join(text for _, text in docs)
-        cut = len(text) * (100 - val_percent) // 100
+        cut = len(text) * (100 - VAL_PERCENT) // 100
         train, val = [text[:cut]], [text[cut:]]
     return train, val
 
@@ -149,19 +149,13 @@ class TokenData:
     key: str              # hash of (documents, tokenizer, split): checkpoints record it
 
 
-def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer, val_percent: int) -> str:
-    h = hashlib.sha256(f"{CACHE_VERSION}|{val_percent}|".encode())
+def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION}|{VAL_PERCENT}|".encode())
     h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
     for name, text in docs:
         h.update(hashlib.sha256(name.encode()).digest())
         h.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
     return h.hexdigest()[:32]
-
-
-def _encode(texts: list[str], tokenizer: Tokenizer, dtype) -> np.ndarray:
-    sep = tokenizer.encode(DOC_SEPARATOR)
-    parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
-    return np.concatenate(parts[:-1]).astype(dtype)
 
 
 def _check_entry(entry: Path) -> str | None:
@@ -179,26 +173,27 @@ def _check_entry(entry: Path) -> str | None:
     return None
 
 
-def _build(folder: Path, docs, tokenizer: Tokenizer, val_percent: int) -> None:
+def _build(folder: Path, docs, tokenizer: Tokenizer) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
-    for split, texts in zip(("train", "val"), split_documents(docs, val_percent)):
-        raw = _encode(texts, tokenizer, dtype).tobytes()
+    sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
+    for split, texts in zip(("train", "val"), split_documents(docs)):
+        parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
+        raw = np.concatenate(parts[:-1]).astype(dtype).tobytes()
         write_atomic(folder / f"{split}.bin", raw)
         meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
         meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
 
 
-def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
-                val_percent: int = VAL_PERCENT) -> TokenData:
+def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path) -> TokenData:
     """Token ids of both splits as read-only memmaps, tokenized once per (documents, tokenizer)
     and reused from `cache_dir/<key>/` afterwards. The entry is built in a temp dir and renamed into
     place, so an interrupted build is never mistaken for a complete one; an entry that fails its
     checksums (damaged, tampered with) is rebuilt, never trained on."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
-    key = cache_key(docs, tokenizer, val_percent)
+    key = cache_key(docs, tokenizer)
     entry = cache_dir / key
     if entry.exists() and (problem := _check_entry(entry)):
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
@@ -208,7 +203,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            _build(tmp, docs, tokenizer, val_percent)
+            _build(tmp, docs, tokenizer)
             with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
         finally:   # a failed build (a full disk) leaves nothing behind
@@ -223,11 +218,6 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
 
 # ---- batches -------------------------------------------------------------------------------------
 
-def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    digest = hashlib.sha256(f"dropless-batch|{seed}|{step}|{micro}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
     w_BT = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return w_BT[:, :-1], w_BT[:, 1:]
@@ -236,7 +226,7 @@ def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
 def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int,
               micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) int64 [B, T]: random windows chosen only by (seed, step, micro)."""
-    gen = batch_generator(seed, step, micro)
+    gen = torch.Generator().manual_seed(_hash64(f"dropless-batch|{seed}|{step}|{micro}") >> 1)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
     return _windows(tokens, starts.tolist(), seq_len)
 

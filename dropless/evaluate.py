@@ -8,25 +8,13 @@ The windows and the loss are training's own (`data.eval_batches`, `train.evaluat
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
-
-import torch
 
 from dropless import data
 from dropless.checkpoint import load_model_dir, load_run
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
-from dropless.precision import resolve_device
-
-
-def load_any(path: str | Path, device: torch.device):
-    """-> (model, tokenizer, train_config dict or None) of a run or Hugging Face directory."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return (*load_model_dir(path, device), None)
-    model, tok, state = load_run(path, device)
-    return model, tok, state.get("train_config")
+from dropless.precision import autocast_for, resolve_device, resolve_precision
 
 
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
@@ -35,12 +23,14 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     from dropless.train import evaluate
 
     dev = resolve_device(device)
-    model, tok, saved = load_any(path, dev)
-    defaults = TrainConfig(out=str(path))
-    saved = saved or {}
-    batch_size = saved.get("batch_size", defaults.batch_size)
-    seq_len = min(saved.get("seq_len", defaults.seq_len), model.cfg.max_seq_len)
-    batches = saved.get("eval_batches", defaults.eval_batches)
+    if (Path(path) / "config.json").is_file():
+        (model, tok), saved = load_model_dir(path, dev), {}
+    else:
+        model, tok, state = load_run(path, dev)
+        saved = state.get("train_config") or {}
+    batch_size = saved.get("batch_size", TrainConfig.batch_size)
+    seq_len = min(saved.get("seq_len", TrainConfig.seq_len), model.cfg.max_seq_len)
+    batches = saved.get("eval_batches", TrainConfig.eval_batches)
     docs = data.read_documents(data_path if data_path is not None else saved.get("data"))
     cache = saved.get("cache_dir")
     tokens = data.load_tokens(docs, tok, Path(cache) if cache else data.default_cache_dir())
@@ -48,6 +38,5 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
     windows = data.eval_batches(tokens.val, batch_size, seq_len, batches)
-    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    loss = evaluate(model, windows, dev, amp)
+    loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
     return {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": batch_size * seq_len * batches}

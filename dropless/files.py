@@ -13,10 +13,10 @@ from dropless.errors import DroplessError
 MAX_SMALL_FILE = 256 * 2**20   # the largest Hub tokenizer.json files are ~35 MB
 
 
-def read_small_text(path: str | Path, limit: int = MAX_SMALL_FILE) -> str:
-    """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over `limit`
-    bytes (checked before reading)."""
-    path = Path(path)
+def read_small_text(path: str | Path) -> str:
+    """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over
+    MAX_SMALL_FILE bytes (checked before reading)."""
+    path, limit = Path(path), MAX_SMALL_FILE
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
@@ -34,6 +34,6 @@ def read_small_text(path: str | Path, limit: int = MAX_SMALL_FILE) -> str:
     return data.decode("utf-8", errors="strict")
 
 
-def read_small_json(path: str | Path, limit: int = MAX_SMALL_FILE):
+def read_small_json(path: str | Path):
     """`read_small_text` parsed as JSON (ValueError, a DroplessError included, when it is not)."""
-    return json.loads(read_small_text(path, limit))
+    return json.loads(read_small_text(path))

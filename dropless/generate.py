@@ -14,13 +14,11 @@ from dropless.model import Transformer
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, eos_id: int | None = None,
-             on_token: Callable[[int, int], None] | None = None,
+             seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
              compile: bool = False) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
-    stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
-    prompt is a request in its own cache slot; row b samples with seed `seed + b`. `compile`:
-    torch.compile the engine's decode step (Engine(compile=True))."""
+    """Continue each prompt by `max_new_tokens` tokens; returns only the new tokens. Runs on the
+    inference engine (dropless.serve): each prompt is a request in its own cache slot; row b
+    samples with seed `seed + b`. `compile`: torch.compile the engine's decode step."""
     from dropless.serve.request import Request, SamplingParams
 
     if max_new_tokens < 0:
@@ -42,8 +40,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=None if seed is None else seed + b)
         callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
-        requests.append(engine.submit(Request(prompt, params, eos_ids=() if eos_id is None
-                                              else (eos_id,), on_token=callback)))
+        requests.append(engine.submit(Request(prompt, params, on_token=callback)))
     try:
         engine.run_until_done()
     finally:
@@ -54,7 +51,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 _KEPT: list[tuple] = []   # [(key, engine)]: one at a time, its KV cache holds device memory
 
 
-def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool = False):
+def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool):
     """An engine for this model and shape; on CUDA the last one is kept (with its captured decode
     graphs) and reused by the next call of the same shape on the same weights."""
     from dropless.serve.engine import Engine

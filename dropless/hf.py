@@ -31,12 +31,12 @@ class Entry:
     hf_key: str
     shape: tuple[int, ...]
     key: str                  # dropless state_dict key
-    kind: str = "copy"        # copy (also copy_q, copy_kv) | gate | up | down (one expert)
-                              # | gate_up | down_all (fused) | rope_q | rope_kv (interleaved rope)
+    kind: str = "copy"        # copy | gate | up | down (one expert) | gate_up | down_all (fused)
+                              # | rope_q | rope_kv (interleaved rope rows)
     expert: int = -1
 
 
-def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
+def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: bool):
     H, G, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.dim
     bias = cfg.attention_bias
 
@@ -56,14 +56,15 @@ def _attention_rows(cfg: ModelConfig, hf: str, dl: str, rope: str):
             yield Entry(f"{hf}.{name}_norm.weight", (width,), f"{dl}.{name}_norm.weight")
         return
     N, P, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+    q_kind, kv_kind = ("rope_q", "rope_kv") if rope else ("copy", "copy")
     if cfg.q_lora_rank is None:
-        yield from linear("q_proj", (H * (N + P), D), rope + "q")
+        yield from linear("q_proj", (H * (N + P), D), q_kind)
     else:
         R = cfg.q_lora_rank
         yield from linear("q_a_proj", (R, D), has_bias=bias)
         yield Entry(f"{hf}.q_a_layernorm.weight", (R,), f"{dl}.q_a_norm.weight")
-        yield from linear("q_b_proj", (H * (N + P), R), rope + "q")
-    yield from linear("kv_a_proj_with_mqa", (C + P, D), rope + "kv", bias, dl_name="kv_a_proj")
+        yield from linear("q_b_proj", (H * (N + P), R), q_kind)
+    yield from linear("kv_a_proj_with_mqa", (C + P, D), kv_kind, bias, dl_name="kv_a_proj")
     yield Entry(f"{hf}.kv_a_layernorm.weight", (C,), f"{dl}.kv_a_norm.weight")
     yield from linear("kv_b_proj", (H * (N + Dv), C))
     yield from linear("o_proj", (D, H * Dv), has_bias=bias)
@@ -79,14 +80,13 @@ def layout(cfg: ModelConfig, model_type: str, fused_layers: frozenset[int] = fro
     """Every HF tensor of the model, in file order. `fused_layers`: layers whose experts are stored
     as one gate_up_proj [E, 2F, D] and one down_proj [E, D, F] instead of one set per expert.
     `rope_interleave` (DeepSeek's config flag): the rope rows of q and kv_a come in pairs."""
-    rope = "rope_" if rope_interleave else "copy_"
     spec, D, m = ARCHS[model_type], cfg.dim, cfg.moe
     E, F = m.num_experts, m.hidden_dim
     rows = [Entry("model.embed_tokens.weight", (cfg.vocab_size, D), "embed.weight")]
     for i in range(cfg.num_layers):
         hf, dl = f"model.layers.{i}", f"layers.{i}"
         rows.append(Entry(f"{hf}.input_layernorm.weight", (D,), f"{dl}.attn_norm.weight"))
-        rows.extend(_attention_rows(cfg, f"{hf}.self_attn", f"{dl}.attn", rope))
+        rows.extend(_attention_rows(cfg, f"{hf}.self_attn", f"{dl}.attn", rope_interleave))
         rows.append(Entry(f"{hf}.post_attention_layernorm.weight", (D,), f"{dl}.ffn_norm.weight"))
         if i < cfg.first_dense_layers:
             rows.extend(_swiglu_rows(f"{hf}.mlp", f"{dl}.ffn", D, cfg.dense_hidden))
@@ -154,7 +154,7 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     if index.exists():
         try:
             names = read_small_json(index)["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
                              f"({type(err).__name__}: {err})") from None
         files = sorted({_inside(path, f, index) for f in names})
@@ -199,9 +199,14 @@ def _check(where, rows, ignore) -> None:
         raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
+def _expert_cols(row: Entry, F: int) -> slice:
+    """The columns of one expert's tensor in dropless's gate_up [E, D, 2F] or down [E, F, D]."""
+    return {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
+
+
 def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
     E, D, F = cfg.moe.num_experts, cfg.dim, cfg.moe.hidden_dim
-    if row.kind.startswith("copy"):
+    if row.kind == "copy":
         state[row.key] = t
     elif row.kind in ("rope_q", "rope_kv"):
         state[row.key] = t[_rope_perm(cfg, row.kind, t.shape[0], to_half_split=True)]
@@ -211,8 +216,7 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
         if row.key not in state:
             shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
             state[row.key] = torch.empty(shape, dtype=t.dtype)
-        cols = {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
-        state[row.key][row.expert, :, cols] = t.T
+        state[row.key][row.expert, :, _expert_cols(row, F)] = t.T
 
 
 def read_hf_config(path) -> dict:
@@ -225,7 +229,7 @@ def read_hf_config(path) -> dict:
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
         return read_small_json(config)
-    except (OSError, ValueError) as err:
+    except ValueError as err:   # read_small_json reports OSErrors as DroplessError
         raise ValueError(f"{config} is not readable JSON: {err}") from None
 
 
@@ -253,7 +257,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         from dropless.quant.hf_awq import AwqFile
         awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
         where = awq.where
-    _check(where, rows, lambda k: (bool(mtp) and k.startswith(mtp))
+    _check(where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
            or (cfg.tie_embeddings and k == "lm_head.weight"))
     state, handles = {}, {}
     for row in rows:
@@ -288,14 +292,12 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
 
 def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
     t = state[row.key]
-    F = cfg.moe.hidden_dim
     if row.kind in ("rope_q", "rope_kv"):
         t = t[_rope_perm(cfg, row.kind, t.shape[0], to_half_split=False)]
     elif row.kind in ("gate_up", "down_all"):
         t = t.transpose(1, 2)
-    elif not row.kind.startswith("copy"):
-        cols = {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
-        t = t[row.expert, :, cols].T
+    elif row.kind != "copy":
+        t = t[row.expert, :, _expert_cols(row, cfg.moe.hidden_dim)].T
     return t.detach().contiguous().clone()
 
 

@@ -30,21 +30,20 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_d
 # (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
 # config_to_hf unless None), why it is refused otherwise)
 Refusal = tuple[str, Callable[[Any, dict], bool], Any, str]
-_NO_O_BIAS = ("attention_bias", lambda v, hf: not v, False, "an o_proj bias is not implemented")
+
+
 def _quantization_ok(value, hf: dict) -> bool:
     """AutoAWQ GEMM checkpoints are read (dropless.quant); anything else is refused by name."""
-    if not value:
-        return True
-    from dropless.quant.hf_awq import awq_settings
-    awq_settings(hf)   # raises a ValueError naming the unsupported method or field
+    if value:
+        from dropless.quant.hf_awq import awq_settings
+        awq_settings(hf)   # raises a ValueError naming the unsupported method or field
     return True
 
 
+_NO_O_BIAS = ("attention_bias", lambda v, hf: not v, False, "an o_proj bias is not implemented")
 COMMON_REFUSALS: tuple[Refusal, ...] = (
     ("hidden_act", lambda v, hf: v == "silu", "silu", "experts must be SwiGLU"),
-    # the one place quantized checkpoints are refused (a reader for them replaces this row)
-    ("quantization_config", lambda v, hf: _quantization_ok(v, hf), None,
-     "only AutoAWQ GEMM checkpoints are read"),
+    ("quantization_config", _quantization_ok, None, "only AutoAWQ GEMM checkpoints are read"),
     ("attention_dropout", lambda v, hf: not v, 0.0, "attention dropout is not implemented"),
 )
 

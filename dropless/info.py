@@ -36,10 +36,6 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "active_params": active,
         "train_flops_per_token": 6 * matmul + attn_flops,
         "seq_len": seq_len,
-        "weights_bytes_fp32": 4 * total,
-        "weights_bytes_bf16": 2 * total,
-        "grads_bytes_fp32": 4 * total,
-        "adam_bytes_fp32": 8 * total,
     }
 
 
@@ -55,27 +51,22 @@ def _gib(n: int) -> str:
 
 
 def format_stats(stats: dict) -> str:
+    """`model_stats` as a table, with the memory of the fp32 training state (bytes per parameter:
+    4 weights, 4 gradients, 8 AdamW's m and v)."""
+    total = stats["total_params"]
     rows = [
         ("total parameters", f"{stats['total_params']:,} ({_human(stats['total_params'])})"),
         ("active parameters per token", f"{stats['active_params']:,} "
                                         f"({_human(stats['active_params'])})"),
         (f"training FLOPs per token (seq {stats['seq_len']})",
          _human(stats["train_flops_per_token"], "FLOP")),
-        ("weights fp32 / bf16", f"{_gib(stats['weights_bytes_fp32'])} / "
-                                f"{_gib(stats['weights_bytes_bf16'])}"),
-        ("gradients fp32", _gib(stats["grads_bytes_fp32"])),
-        ("Adam state fp32 (m, v)", _gib(stats["adam_bytes_fp32"])),
-        ("weights + grads + Adam", _gib(stats["weights_bytes_fp32"] + stats["grads_bytes_fp32"]
-                                        + stats["adam_bytes_fp32"])),
+        ("weights fp32 / bf16", f"{_gib(4 * total)} / {_gib(2 * total)}"),
+        ("gradients fp32", _gib(4 * total)),
+        ("Adam state fp32 (m, v)", _gib(8 * total)),
+        ("weights + grads + Adam", _gib(16 * total)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def family_order(names: list[str]) -> list[str]:
-    """Each MoE preset followed by its partners (NAME-dense, NAME-2x), the rest in order."""
-    base = [n for n in names if not n.endswith(("-dense", "-2x"))]
-    return sorted(names, key=lambda n: base.index(n.removesuffix("-dense").removesuffix("-2x")))
 
 
 def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) -> str:
@@ -85,7 +76,9 @@ def preset_table(presets: dict[str, ModelConfig], seq_len: int | None = None) ->
     header = ("preset", "layers", "dim", "FFN", "vocab", "total params", "active params",
               "train FLOPs/token", "seq")
     rows = [header]
-    for name in family_order(list(presets)):
+    base = [n for n in presets if not n.endswith(("-dense", "-2x"))]   # each followed by its partners
+    order = sorted(presets, key=lambda n: base.index(n.removesuffix("-dense").removesuffix("-2x")))
+    for name in order:
         cfg = presets[name]
         stats = model_stats(cfg, seq_len)
         moe = cfg.moe

@@ -24,7 +24,7 @@ def _pyplot():
     return plt
 
 
-def plot_losses(records: list[dict], path: Path, baseline: float | None = None) -> None:
+def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
     plt = _pyplot()
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
@@ -34,12 +34,10 @@ def plot_losses(records: list[dict], path: Path, baseline: float | None = None) 
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4,
                 label=f"validation (last {val[-1][1]:.2f})")
-    if baseline is not None:
-        ax.axhline(baseline, color="gray", ls="--", lw=1,
-                   label=f"unigram baseline ({baseline:.2f})")
+    ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"unigram baseline ({baseline:.2f})")
     # the first steps' loss is far above the rest: clip the view so the useful range is readable
-    later = losses[len(losses) // 10:] + [v for _, v in val] + ([baseline] if baseline else [])
-    ax.set(ylim=(0, 1.25 * max(later) if later else None), xlim=(0, max(steps) if steps else None),
+    later = losses[len(losses) // 10:] + [v for _, v in val] + [baseline]
+    ax.set(ylim=(0, 1.25 * max(later)), xlim=(0, max(steps)),
            xlabel="optimizer step", ylabel="cross-entropy (nats/token)",
            title=f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)
@@ -86,7 +84,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(run_dir: Path, baseline: float | None = None) -> list[Path]:
+def write_plots(run_dir: Path, baseline: float) -> list[Path]:   # baseline: the unigram entropy
     records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         return []

@@ -48,8 +48,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """bf16-mixed: autocast to bf16 (every matmul, the grouped experts included, casts at the op;
-    the router stays fp32 by contract). fp32 and pure bf16 need no autocast."""
+    """bf16-mixed autocasts to bf16 (what it covers: see above); fp32 and bf16 need none."""
     if precision == "bf16-mixed":
         return torch.autocast(device.type, torch.bfloat16)
     return nullcontext()

@@ -66,7 +66,7 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
     second = data.load_tokens(docs, ByteTokenizer(), tmp_path)
     assert second.key == first.key and np.array_equal(second.val, first.val)
     assert [p.name for p in tmp_path.iterdir()] == [first.key]   # no temp dirs left behind
-    changed = data.cache_key(docs[:-1], ByteTokenizer(), data.VAL_PERCENT)
+    changed = data.cache_key(docs[:-1], ByteTokenizer())
     assert changed != first.key
 
 

@@ -45,7 +45,7 @@ MARKER = "COMPLETE"
 MAX_METADATA = 2**30   # DCP's .metadata: ~50 MB for 150k tensors; a pickle bigger is refused
 STATE = "state.json"
 KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
-# test hook: seconds to sleep between the fsynced temp file (or directory) and its rename
+# test hook: seconds `save` sleeps between the complete temp directory and its rename
 PAUSE_ENV = "DROPLESS_SAVE_PAUSE_S"
 
 
@@ -55,11 +55,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pause() -> None:
-    if os.environ.get(PAUSE_ENV):
-        time.sleep(float(os.environ[PAUSE_ENV]))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -119,7 +114,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
     if _rank() == 0:
         sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": sums}).encode())
-        _pause()   # test hook: the kill window before the rename
+        if os.environ.get(PAUSE_ENV):   # test hook: the kill window before the rename
+            time.sleep(float(os.environ[PAUSE_ENV]))
         if path.exists():   # an older save of this step without its manifest (see latest)
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -141,7 +137,7 @@ def _verify(path: Path, names: list[str] | None = None) -> None:
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
         sums = read_small_json(path / MARKER)["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
     for name in names or [".metadata", *sums]:
@@ -198,13 +194,10 @@ class _SafeReader(dcp.FileSystemReader):
         return self.metadata
 
 
-class _SafePlanner(dcp.DefaultLoadPlanner):
+class _SafePlanner(dcp.DefaultLoadPlanner):   # built with its default flatten_state_dict=True
     def load_bytes(self, read_item, value):   # non-tensor values: plain data only
         obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
 
 
 def latest(run_dir: str | Path) -> Path | None:
