@@ -14,11 +14,13 @@ from dropless.model import Transformer
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+             seed: int | None = None, eos_id: int | None = None,
+             on_token: Callable[[int, int], None] | None = None,
              compile: bool = False) -> list[list[int]]:
-    """Continue each prompt by `max_new_tokens` tokens; returns only the new tokens. Runs on the
-    inference engine (dropless.serve): each prompt is a request in its own cache slot; row b
-    samples with seed `seed + b`. `compile`: torch.compile the engine's decode step."""
+    """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
+    stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
+    prompt is a request in its own cache slot; row b samples with seed `seed + b`. `compile`:
+    torch.compile the engine's decode step."""
     from dropless.serve.request import Request, SamplingParams
 
     if max_new_tokens < 0:
@@ -40,7 +42,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=None if seed is None else seed + b)
         callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
-        requests.append(engine.submit(Request(prompt, params, on_token=callback)))
+        eos = () if eos_id is None else (eos_id,)
+        requests.append(engine.submit(Request(prompt, params, eos_ids=eos, on_token=callback)))
     try:
         engine.run_until_done()
     finally:

@@ -48,6 +48,19 @@ def test_kv_cache_greedy_equals_recompute(kw):
         assert o == greedy_recompute(model, p, 20)
 
 
+def test_generate_stops_each_row_after_its_eos():
+    """eos_id: a row ends with the first EOS it samples (kept); the other rows run on."""
+    model = tiny()
+    prompts = [[1, 2, 3], [9, 8]]
+    free = generate(model, prompts, 12, temperature=0)
+    eos = free[0][4]
+    out = generate(model, prompts, 12, temperature=0, eos_id=eos)
+    for row, full in zip(out, free):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert row == full[:end]
+    assert len(out[0]) <= 5 < len(free[0])
+
+
 def test_kv_cache_logits_equal_full_forward():
     from dropless.model import KVCache
     model = tiny().eval()
