@@ -211,13 +211,13 @@ class Transformer(nn.Module):
         # a tied embedding is also the LM head: scale it so initial logits have unit variance
         nn.init.normal_(self.embed.weight, std=self.cfg.dim ** -0.5 if self.cfg.tie_embeddings else 1.0)
         for layer in self.layers:
-            # a dense FFN starts like an expert: dense vs MoE is like for like
-            dense = [] if layer.is_moe else list(layer.ffn.modules())
-            for lin in [*layer.attn.modules(), *dense]:
+            for lin in layer.attn.modules():
                 if isinstance(lin, nn.Linear):
                     nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
                     if lin.bias is not None:
                         lin.bias.zero_()
+            if not layer.is_moe:   # a dense FFN starts like an expert (SwiGLU's own init)
+                layer.ffn.reset_parameters()
             # residual projections start small so deep stacks train stably
             layer.attn.o_proj.weight.mul_((2 * self.cfg.num_layers) ** -0.5)
         if not self.cfg.tie_embeddings:

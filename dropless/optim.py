@@ -26,7 +26,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, working_copies: bool =
     embeddings are exempt; the router's bias is a buffer, so the optimizer never sees it).
     `working_copies` (bf16-mixed on one process): the matmul weights train through bf16 copies
     (MasterAdamW)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = _embedding_ids(model)
     decay, no_decay = [], []
     for p in model.parameters():   # tied weights appear once
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
@@ -39,13 +39,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, working_copies: bool =
                        lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
+def _embedding_ids(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def matmul_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights autocast casts to bf16 at every use: linear layers' and experts' weights. Not
     the router's (fp32 by the layer contract), nor a weight tied to an embedding (its lookup reads
     fp32), nor norms and biases."""
     from dropless.experts import Experts
 
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = _embedding_ids(model)
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module.weight) not in embeddings:
@@ -69,6 +73,7 @@ class MasterAdamW(torch.optim.AdamW):
         self.masters = masters
         self.working: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}   # fp32 gradient sums over micro-batches
+        self.copy_scale: torch.Tensor | None = None   # the copies' clipping divisor, this step
         self._name_of = {id(p): name for name, p in masters.items()}
 
     def _copy_of(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -123,7 +128,7 @@ class MasterAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         assert closure is None, "MasterAdamW takes no closure"
         super().step()   # the parameters without a copy (the masters' own .grad stays None)
-        scale, self.copy_scale, self.grad_scale = getattr(self, "copy_scale", None), None, None
+        scale, self.copy_scale, self.grad_scale = self.copy_scale, None, None
         for group in self.param_groups:
             todo = [(p, w, g) for p in group["params"] if (w := self._copy_of(p)) is not None
                     and (g := self._grad_of_copy(p)) is not None]
