@@ -74,11 +74,13 @@ for s in "$@"; do
     awqmodel) stage "$L" 240 python3 benchmarks/awq_model.py --train small --train-steps 600 \
                 --json "$O/awq_small.json"
               stage "$L" 330 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --json "$O/awq_30b.json" ;;
-    # tiny at ~84 training tokens per dense parameter (52 M byte tokens per model): round 10's CPU
-    # study found the MoE ahead of its dense match only once the dense model is capacity-bound
-    # (small at 0.5 tokens per parameter, round 7, was level); MOE_VS_DENSE_ARGS replaces these
+    # tiny at ~340 training tokens per dense parameter (210 M byte tokens per model, 0.7 epochs):
+    # the MoE pulls ahead once the dense model is capacity-bound (round 10's CPU study; round 11:
+    # at 84 tokens per parameter 16 experts needed 0.60x the tokens, at 340 0.47x). Batches of
+    # 131k tokens: at 33k a tiny step is host-bound (~2 ms of kernels in 11 ms), which hides the
+    # FLOPs the comparison is about. About 3.5 minutes; MOE_VS_DENSE_ARGS replaces these
     moe) stage "$L" 540 python3 benchmarks/moe_vs_dense.py --device cuda --out /tmp/moe_vs_dense \
-           --site-packages-mb 200 ${MOE_VS_DENSE_ARGS:---preset tiny --tokenizer bytes --batch-size 128 \
+           --site-packages-mb 300 ${MOE_VS_DENSE_ARGS:---preset tiny --tokenizer bytes --batch-size 512 \
            --seq-len 256 --steps 1600 --lr 3e-3 --eval-batches 8 --compile} --json "$O/moe_vs_dense.json" \
            --plot "$O/moe_vs_dense.png" ;;
     *) echo "unknown stage $s" >>"$L" ;;
