@@ -82,13 +82,18 @@ def check_case(rank, world, mesh, case, E, K, dtype):
         grad = getattr(moe.experts, name).grad
         assert grad.to_local().shape[0] == E // world
         assert rel_err(grad.full_tensor(), getattr(ref.experts, name).grad) < tol, name
-    # replicated params: the ranks' gradients sum to the global one
+    # replicated params: the ranks' gradients sum to the global one. The error is measured against
+    # a floor of 1 (these gradients' norms are 10-60): at top-1 with renormalized weights (w = p/p)
+    # the router's gradient through the combine cancels exactly, leaving only the balance loss's
+    # (~4e-4 for ("random", 2, 1)), while the cancellation leaves fp32 noise of ~1e-6 that differs
+    # between one process and EP (other rows, other orders): 4e-3 of that tiny reference
     for (name, p), (_, p_ref) in zip(moe.named_parameters(), ref.named_parameters()):
         if "experts" in name:
             continue
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.distributed.all_reduce(grad)
-        assert rel_err(grad, p_ref.grad) < tol, name
+        err = (grad.double() - p_ref.grad.double()).norm() / max(p_ref.grad.double().norm(), 1.0)
+        assert err < tol, name
 
 
 @pytest.mark.timeout(120)
