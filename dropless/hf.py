@@ -199,9 +199,10 @@ def _check(where, rows, ignore) -> None:
         raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
-def _expert_cols(row: Entry, F: int) -> slice:
-    """The columns of one expert's tensor in dropless's gate_up [E, D, 2F] or down [E, F, D]."""
-    return {"gate": slice(0, F), "up": slice(F, 2 * F), "down": slice(None)}[row.kind]
+def expert_cols(kind: str, width: int) -> slice:
+    """One expert's columns in a stack whose last dim is gate then up, `width` each (F in dropless's
+    gate_up [E, D, 2F], F/8 or F in the AWQ buffers), or all of a down stack's."""
+    return {"gate": slice(0, width), "up": slice(width, 2 * width), "down": slice(None)}[kind]
 
 
 def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
@@ -216,7 +217,7 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
         if row.key not in state:
             shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
             state[row.key] = torch.empty(shape, dtype=t.dtype)
-        state[row.key][row.expert, :, _expert_cols(row, F)] = t.T
+        state[row.key][row.expert, :, expert_cols(row.kind, F)] = t.T
 
 
 def read_hf_config(path) -> dict:
@@ -297,7 +298,7 @@ def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
     elif row.kind in ("gate_up", "down_all"):
         t = t.transpose(1, 2)
     elif row.kind != "copy":
-        t = t[row.expert, :, _expert_cols(row, cfg.moe.hidden_dim)].T
+        t = t[row.expert, :, expert_cols(row.kind, cfg.moe.hidden_dim)].T
     return t.detach().contiguous().clone()
 
 

@@ -161,6 +161,25 @@ def test_oversized_or_special_manifest_is_refused_unread(tmp_path):
         ckpt.read_state(path)
 
 
+@pytest.mark.parametrize("how", ["grown", "planted"])
+def test_oversized_shard_is_refused_unhashed(tmp_path, monkeypatch, how):
+    """A shard grown sparse to 10 GiB, or a sparse one planted and listed in a forged manifest, is
+    refused by its size against the model being loaded before any file is hashed (hashing it
+    would take minutes)."""
+    model = Transformer(PRESETS["tiny"])
+    path = ckpt.save(tmp_path, 1, model)
+    shard = path / ("__0_0.distcp" if how == "grown" else "__1_0.distcp")
+    with open(shard, "ab") as f:
+        f.truncate(10 * 2**30)
+    if how == "planted":
+        manifest = json.loads((path / ckpt.MARKER).read_text())
+        manifest["sha256"][shard.name] = "0" * 64
+        (path / ckpt.MARKER).write_text(json.dumps(manifest))
+    monkeypatch.setattr(ckpt, "_sha256", lambda file: pytest.fail(f"{file} was hashed"))
+    with pytest.raises(DroplessError, match=f"{shard}: the checkpoint's shards reach"):
+        ckpt.load(path, model)
+
+
 def test_symlinked_checkpoint_file_is_refused(tmp_path):
     """A shard replaced by a link to an identical copy elsewhere passes every checksum, yet is
     refused: a link could as well make the loader read any file of the machine into a model."""

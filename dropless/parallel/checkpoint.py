@@ -12,9 +12,11 @@ rank 0 writes the manifest, renames the directory into place and fsyncs `dcp/`. 
 leaves the previous checkpoint whole; the next save removes the interrupted temp directory.
 
 Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
-the file, never weights of 3e38), and nothing read runs code or reaches outside its directory:
-`.metadata` (a pickle) goes through an unpickler that admits only DCP's metadata classes and must
-name only files beside it, non-tensor values load with `weights_only=True`, the rest is JSON.
+the file, never weights of 3e38), after checking by size alone that the files fit the model being
+loaded (a planted sparse file of terabytes is refused, not hashed for hours), and nothing read runs
+code or reaches outside its directory: `.metadata` (a pickle) goes through an unpickler that admits
+only DCP's metadata classes and must name only files beside it, non-tensor values load with
+`weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.errors import DroplessError
-from dropless.files import read_small_json
+from dropless.files import MAX_SMALL_FILE, read_small_json
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -131,8 +133,23 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _verify(path: Path, names: list[str] | None = None) -> None:
-    """Check `names` (default: every file the manifest lists) against the manifest's checksums."""
+def _max_shard_bytes(model: nn.Module) -> int:
+    """The most bytes a checkpoint of `model` can hold in its shards, counted from the model (never
+    from a file, which could raise it) at global sizes (a DTensor's numel is global): its state and
+    AdamW's two moments per parameter (saved by training whether or not this load asks for them),
+    at 4 bytes an element or more (an fp32 checkpoint may load into bf16), doubled for DCP's ~1.5 KB
+    header per chunk (every FSDP rank writes a chunk of every tensor), plus 64 MiB for non-tensor
+    values."""
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * max(t.element_size(), 4)
+    moments = sum(2 * nbytes(p) for p in model.parameters())
+    return 2 * (sum(nbytes(t) for t in model.state_dict().values()) + moments) + 64 * 2**20
+
+
+def _verify(path: Path, names: list[str] | None = None, max_shard_bytes: int = 0) -> None:
+    """Check `names` (default: every file the manifest lists) against the manifest's checksums.
+    Sizes come first, by stat alone, so that no file is hashed unbounded: `.metadata` and
+    state.json have caps of their own, the other files (DCP's shards) `max_shard_bytes` in all."""
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
@@ -140,16 +157,24 @@ def _verify(path: Path, names: list[str] | None = None) -> None:
     except (ValueError, KeyError, TypeError):
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
-    for name in names or [".metadata", *sums]:
-        file = path / name
+    files = [path / name for name in names or [".metadata", *sums]]
+    caps, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, 0
+    damaged = "checkpoint file is damaged or missing (checksum mismatch)"
+    for file in files:
         if file.is_symlink():   # dropless writes none: one would make it read a file elsewhere
             raise DroplessError(f"{file}: a symbolic link; checkpoint files must be the "
                                 "directory's own regular files")
-        if (name not in sums or not file.is_file()
-                or (name == ".metadata" and file.stat().st_size > MAX_METADATA)
-                or _sha256(file) != sums[name]):
-            raise DroplessError(f"{file}: checkpoint file is damaged or missing "
-                                "(checksum mismatch)")
+        if file.name not in sums or not file.is_file() or (
+                file.name in caps and file.stat().st_size > caps[file.name]):
+            raise DroplessError(f"{file}: {damaged}")
+        shard_bytes += 0 if file.name in caps else file.stat().st_size
+        if shard_bytes > max_shard_bytes:
+            raise DroplessError(f"{file}: the checkpoint's shards reach {shard_bytes:,} bytes "
+                                f"with this one, over the {max_shard_bytes:,} that the model "
+                                "being loaded can need")
+    for file in files:
+        if _sha256(file) != sums[file.name]:
+            raise DroplessError(f"{file}: {damaged}")
 
 
 # What a DCP `.metadata` pickle may name: DCP's metadata dataclasses and the torch values inside
@@ -230,7 +255,8 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     """Load into `model` (and `optimizer`) as laid out NOW (any mesh, or one process without a
     process group); DCP reshards. Returns the JSON state saved with it."""
     state = _state_dicts(model, optimizer)
-    _verify(path)   # every rank reads every file once more: the price of knowing they are intact
+    # every rank reads every file once more: the price of knowing they are intact
+    _verify(path, max_shard_bytes=_max_shard_bytes(model))
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from dropless.hf import expert_cols
 from dropless.quant.pack import PACK, dequantize
 
 PARTS = ("qweight", "qzeros", "scales")
@@ -120,9 +121,7 @@ class AwqFile:
                 shape = {"qweight": (E, in_f, out_f // PACK), "qzeros": (E, G, out_f // PACK),
                          "scales": (E, G, out_f)}[part]
                 state[key] = torch.zeros(shape, dtype=t.dtype)
-            cols = t.shape[-1]
-            start = cols if row.kind == "up" else 0
-            state[key][row.expert, :, start:start + cols] = t
+            state[key][row.expert, :, expert_cols(row.kind, t.shape[-1])] = t
 
     def dequantized(self, row) -> torch.Tensor | None:
         """A quantized linear that dropless holds in float: its weight [out, in]; else None."""
@@ -146,10 +145,7 @@ def packed_tensors(state: dict, row, cfg) -> dict[str, torch.Tensor] | None:
     for part in PARTS:
         t = state[f"{row.key}.{part}"]
         if row.kind in EXPERT_KINDS:
-            t = t[row.expert]
-            if row.kind != "down":
-                half = t.shape[-1] // 2
-                t = t[..., :half] if row.kind == "gate" else t[..., half:]
+            t = t[row.expert, :, expert_cols(row.kind, t.shape[-1] // 2)]
         out[f"{prefix}.{part}"] = t.contiguous().clone()
     return out
 
