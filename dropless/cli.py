@@ -180,6 +180,40 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+class _StopWhenReaderLeaves:
+    """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
+    (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
+    saved) instead of dying at its next evaluation line with every step since the last checkpoint
+    lost. Later output is discarded."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_left = stream, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._left()
+
+    def _left(self) -> None:
+        from dropless.runlog import request_stop
+
+        if not self.reader_left:
+            self.reader_left = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            request_stop()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _train(args) -> int:
     from dropless.train import resume_config, train
 
@@ -211,9 +245,20 @@ def _train(args) -> int:
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None
-    summary = train(cfg, state=state, progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
-        print(format_summary(summary))
+    stdout, stderr = _StopWhenReaderLeaves(sys.stdout), _StopWhenReaderLeaves(sys.stderr)
+    sys.stdout, sys.stderr = stdout, stderr
+    try:
+        summary = train(cfg, state=state, progress=not args.quiet)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
+            print(format_summary(summary), flush=True)
+        if stdout.reader_left or stderr.reader_left:
+            if not summary["finished"]:   # say why the run stopped, where someone may still read
+                print(f"dropless: the output pipe closed: stopped at step {summary['step']}/"
+                      f"{summary['steps']}, checkpoint saved; resume with: dropless train "
+                      f"--resume {summary['run_dir']}", file=sys.stderr, flush=True)
+            return 141   # as for `generate ... | head`: 128 + SIGPIPE
+    finally:
+        sys.stdout, sys.stderr = stdout.stream, stderr.stream
     return 0 if summary["finished"] else 130
 
 
