@@ -3,6 +3,7 @@ between them and dropless run directories. The tensors themselves are `dropless.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,8 +48,25 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     model, tokenizer_json = load_hf_dir(hf_dir)
     if tokenizer_json is None:
         raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
-    save(out, 0, model, state={"model_config": config_to_dict(model.cfg),
-                               "tokenizer": tokenizer_json})
+    state = {"model_config": config_to_dict(model.cfg), "tokenizer": tokenizer_json}
+    qcfg = _quant_config(model)
+    if qcfg is not None:   # an AutoAWQ directory: load_run must swap the same packed modules in
+        state["quant"] = asdict(qcfg)
+    save(out, 0, model, state=state)
+
+
+def _quant_config(model: Transformer):
+    """The QuantConfig of the packed modules from_hf kept (AutoAWQ), as `dropless quantize` saves
+    it; None for a float model."""
+    from dropless.quant.modules import Int4Weight, QuantConfig, QuantizedExperts, QuantizedLinear
+
+    weights = [m for m in model.modules() if isinstance(m, Int4Weight)]
+    if not weights:
+        return None
+    w = weights[0]
+    return QuantConfig(group_size=w.qweight.shape[-2] // w.qzeros.shape[-2],
+                       attention=any(isinstance(m, QuantizedLinear) for m in model.modules()),
+                       experts=any(isinstance(m, QuantizedExperts) for m in model.modules()))
 
 
 def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:

@@ -145,6 +145,12 @@ def test_quantize_then_eval(trained, corpus, capsys):
     tokens = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.allclose(again(tokens)[0], q(tokens)[0], atol=1e-5, rtol=0)
+    # convert --from-hf of that directory is a quantized run directory again, the same model
+    assert main(["convert", "--from-hf", str(trained / "hf"), str(trained / "from_hf")]) == 0
+    back, _, _ = load_run(trained / "from_hf")
+    assert isinstance(back.layers[0].ffn.experts, QuantizedExperts)
+    with torch.no_grad():
+        assert torch.equal(back(tokens)[0], again(tokens)[0])
     # generate reads the quantized run
     assert main(["generate", str(out), "--max-new-tokens", "5", "--temperature", "0"]) == 0
 
