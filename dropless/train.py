@@ -54,6 +54,10 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
     if "train_config" not in state:
         raise DroplessError(f"{run_dir} holds a model without training state (converted from "
                             "Hugging Face?): `dropless generate` can sample it, --resume cannot")
+    if "quant" in state:   # it keeps the source's train_config (for eval), not its training state
+        raise DroplessError(f"{run_dir} holds a quantized model (`dropless quantize`): `dropless "
+                            "generate`, `eval` and `serve` read it, --resume cannot; resume the "
+                            "run it was quantized from")
     saved = state["train_config"]
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]

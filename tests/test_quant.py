@@ -153,6 +153,11 @@ def test_quantize_then_eval(trained, corpus, capsys):
         assert torch.equal(back(tokens)[0], again(tokens)[0])
     # generate reads the quantized run
     assert main(["generate", str(out), "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    # it holds the source's train_config for eval, but no training state to resume
+    assert main(["train", "--resume", str(out), "--steps", "50"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: ") and "quantized model" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args,match", [
