@@ -102,6 +102,10 @@ def create_app(served: ServedModel, engine: Engine):
         yield
         stop_engine.set()   # uvicorn has drained the connections: finish what is left, then stop
         await asyncio.to_thread(thread.join)
+        # here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down, and the
+        # process dies of it before uvicorn.run returns
+        print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
+              file=sys.stderr, flush=True)
 
     app = FastAPI(title="dropless", lifespan=lifespan)
 
@@ -291,7 +295,7 @@ SWITCH_INTERVAL_S = 2e-4
 
 def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
-    (streams included) and the lifespan stops the engine thread."""
+    (streams included) and the lifespan stops the engine thread and prints its counters."""
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -303,5 +307,3 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
         engine.warm_up()
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
-    print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
-          file=sys.stderr)
