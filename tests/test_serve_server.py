@@ -189,6 +189,9 @@ def test_errors_have_openai_shape(server, kw, status, param):
     ("/v1/chat/completions", b'[1, 2]', 400),
     ("/v1/chat/completions", b'{"model": "tiny-run", "messages": "hi"}', 400),
     ("/v1/nothing", b'{}', 404),
+    ("/v1/completions", b'{"model": "tiny-run", "prompt": "a", "stream": "false"}', 400),
+    ("/v1/chat/completions", b'{"model": "tiny-run", "messages": [{"role": "user", "content": '
+                             b'"a"}], "stream": true, "stream_options": "usage"}', 400),
 ])
 def test_bad_bodies(server, path, data, status):
     _, _, port = server
