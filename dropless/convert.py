@@ -3,6 +3,7 @@ between them and dropless run directories. The tensors themselves are `dropless.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,10 +37,20 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     return from_hf(path, dtype, device).eval(), text
 
 
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes through a private temp file (mode 0600) renamed into place; a model file
+    is for others to read, like every other file written here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf_dir(model: Transformer, path, tokenizer_json: str, model_type: str | None = None) -> None:
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
     to_hf(model, path, model_type)
+    for shard in Path(path).glob("*.safetensors"):
+        _readable_as_umask_allows(shard)
     (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
@@ -84,4 +95,5 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
     model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(out))
+    _readable_as_umask_allows(Path(out))
     return len(tensors)

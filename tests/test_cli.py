@@ -233,6 +233,18 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
+def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
+    umask = os.umask(0o022)
+    try:
+        assert cli.main(["convert", str(trained_run), "--to-safetensors",
+                         str(tmp_path / "m.safetensors")]) == 0
+        assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(umask)
+    for path in [tmp_path / "m.safetensors", *(tmp_path / "hf").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path   # not safetensors' private 0600
+
+
 def test_new_run_refuses_a_foreign_directory(capsys, tmp_path, corpus):
     out = tmp_path / "out"
     out.mkdir()
