@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dropless.checkpoint import config_to_dict, load_run
+from dropless.errors import DroplessError
 from dropless.files import read_small_text
 from dropless.hf import from_hf, read_hf_config, to_hf
 from dropless.hf_config import config_from_hf
@@ -90,10 +91,14 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
     """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest checkpoint (from any mesh)
     as one safetensors file, every expert present once and tied weights under each name. Returns
     the number of tensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out))
+    try:
+        save_file(tensors, str(out))
+    except SafetensorError as e:   # its I/O errors are not OSErrors: a missing directory, ...
+        raise DroplessError(f"{out}: cannot write ({e})") from None
     _readable_as_umask_allows(Path(out))
     return len(tensors)

@@ -245,6 +245,13 @@ def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
         assert path.stat().st_mode & 0o777 == 0o644, path   # not safetensors' private 0600
 
 
+def test_convert_to_safetensors_into_no_directory_is_one_line(capsys, tmp_path, trained_run):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "missing" / "m.safetensors", tmp_path / "file" / "m.safetensors"):
+        _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(out)],
+               f"dropless: error: {out}: cannot write (")
+
+
 def test_new_run_refuses_a_foreign_directory(capsys, tmp_path, corpus):
     out = tmp_path / "out"
     out.mkdir()
