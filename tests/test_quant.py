@@ -164,6 +164,8 @@ def test_quantize_then_eval(trained, corpus, capsys):
     (["--group-size", "48"], "--group-size 48 is invalid"),
     (["--bits", "3"], "--bits 3 is invalid"),
     (["--calib-samples", "0"], "--calib-samples 0 is invalid"),
+    (["--calib-data", "/nonexistent/calib.txt"],   # the flag given, not train's --data
+     "dropless: error: --calib-data /nonexistent/calib.txt: no such file or directory"),
 ])
 def test_quantize_errors(trained, capsys, args, match):
     assert main(["quantize", str(trained / "run"), "--out", str(trained / "bad"), *args]) == 1

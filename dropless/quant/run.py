@@ -61,7 +61,7 @@ def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
                        cache_dir: str | None) -> torch.Tensor:
     """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
     the embedded stdlib corpus), so that validation text is never calibrated on."""
-    docs = data.read_documents(calib_data)
+    docs = data.read_documents(calib_data, "--calib-data")
     tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir())
     if len(tokens.train) < seq_len + 2:
         raise DroplessError(f"--calib-data: its training split has {len(tokens.train)} tokens, too "
