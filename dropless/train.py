@@ -125,9 +125,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel import runtime
     from dropless.parallel.mesh import ParallelConfig
 
+    device = resolve_device(cfg.device)   # its own message, not an "invalid parallel layout"
     try:
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
-        rt = runtime.init(pcfg, resolve_device(cfg.device), PRESETS[cfg.preset].moe.num_experts)
+        rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
     except ValueError as e:
         raise DroplessError(f"invalid parallel layout: {e}") from None
     try:

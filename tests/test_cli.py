@@ -82,7 +82,7 @@ def test_python_dash_m_works():
     (["--eval-every", "0"], "eval_every=0 is invalid"),
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
     (["--tokenizer", "words"], "tokenizer='words' is invalid"),
-    (["--device", "tpu9"], "--device 'tpu9' is not a device"),
+    (["--device", "tpu9"], "error: --device 'tpu9' is not a device"),   # not a "parallel layout"
 ])
 def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
     _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
