@@ -222,6 +222,12 @@ def _train(args) -> int:
     for dest in ("data", "cache_dir"):   # absolute, so a resume from elsewhere finds them
         if dest in overrides:
             overrides[dest] = os.path.abspath(overrides[dest])
+    layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and math.prod(
+            v or 1 for v in layout.values()) > 1:   # else they would be ignored without a word
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        raise DroplessError(f"{flags} needs several processes and this is one: start it with "
+                            "torchrun --nproc-per-node N -m dropless train ...")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
         raise DroplessError("under torchrun, pass --out RUN_DIR: every rank (and every restart) "
                             "must agree on the run directory")

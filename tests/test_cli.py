@@ -83,6 +83,8 @@ def test_python_dash_m_works():
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
     (["--tokenizer", "words"], "tokenizer='words' is invalid"),
     (["--device", "tpu9"], "error: --device 'tpu9' is not a device"),   # not a "parallel layout"
+    (["--ep", "2"], "--ep 2 needs several processes and this is one: start it with torchrun"),
+    (["--dp-shard", "2", "--ep", "1"], "--dp-shard 2 --ep 1 needs several processes"),
 ])
 def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
     _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
