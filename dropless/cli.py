@@ -11,6 +11,7 @@ import codecs
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -325,6 +326,12 @@ def _serve(args) -> int:
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
+    _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
+    try:   # before the model loads: a busy port or a bad host is one line, at once
+        socket.create_server((args.host, args.port)).close()
+    except OSError as e:
+        raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
+                            f"{e.strerror or e}") from None
     served = load_served_model(args.model_dir, resolve_device(args.device))
     compile_prefill = args.compile_prefill
     if compile_prefill is None:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -346,6 +347,15 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run,
     (["--max-batch", "0"], "--max-batch 0 is invalid"),
     (["--admit-delay-ms", "-1"], "--admit-delay-ms -1.0 is invalid: must be in [0, 1000]"),
     (["--admit-delay-ms", "nan"], "--admit-delay-ms nan is invalid"),
+    (["--port", "70000"], "--port 70000 is invalid: must be in [1, 65535]"),   # not a traceback
+    (["--port=-1"], "--port -1 is invalid"),
 ])
 def test_serve_rejects_bad_values(capsys, trained_run, flags, message):
     _fails(capsys, ["serve", str(trained_run), *flags], message)
+
+
+def test_serve_on_a_busy_port_is_one_line(capsys, trained_run):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        _fails(capsys, ["serve", str(trained_run), "--port", str(port)],
+               f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use")
