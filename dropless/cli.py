@@ -336,8 +336,11 @@ def _serve(args) -> int:
     compile_prefill = args.compile_prefill
     if compile_prefill is None:
         compile_prefill = args.compile or next(served.model.parameters()).is_cuda
+    context = served.model.cfg.max_seq_len
+    _require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
+             f"must be in [2, {context}] (the model's max_seq_len)")
     try:
-        max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
+        max_len = args.max_len or min(context, 4096)
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
                         compile=args.compile, compile_prefill=compile_prefill,
                         admit_delay=args.admit_delay_ms / 1e3)

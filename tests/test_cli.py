@@ -349,6 +349,7 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run,
     (["--admit-delay-ms", "nan"], "--admit-delay-ms nan is invalid"),
     (["--port", "70000"], "--port 70000 is invalid: must be in [1, 65535]"),   # not a traceback
     (["--port=-1"], "--port -1 is invalid"),
+    (["--max-len", "0"], "--max-len 0 is invalid: must be in [2, "),   # not "the default"
 ])
 def test_serve_rejects_bad_values(capsys, trained_run, flags, message):
     _fails(capsys, ["serve", str(trained_run), *flags], message)
