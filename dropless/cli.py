@@ -241,6 +241,9 @@ def _train(args) -> int:
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")
+        if args.resume and args.out and os.path.realpath(args.resume) != os.path.realpath(args.out):
+            raise DroplessError(f"--resume {args.resume} and --out {args.out} name different "
+                                "directories: a run continues where it is; pass one of them")
         if not os.path.isdir(run_dir):
             raise DroplessError(f"{run_dir}: no such run directory")
         cfg, state = resume_config(run_dir, overrides)

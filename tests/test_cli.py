@@ -178,6 +178,13 @@ def test_resume_config_mismatch(capsys, trained_run):
     _fails(capsys, ["train", "--resume", str(trained_run)], "already finished 2 steps")
 
 
+def test_resume_and_out_must_agree(capsys, tmp_path, trained_run):
+    """--out is not where a resumed run's checkpoints would go: it was ignored without a word."""
+    _fails(capsys, ["train", "--resume", str(trained_run), "--out", str(tmp_path / "elsewhere"),
+                    "--steps", "3"], "name different directories")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
     model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
