@@ -185,6 +185,18 @@ def test_resume_and_out_must_agree(capsys, tmp_path, trained_run):
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_eval_of_a_run_whose_data_is_gone_names_the_run_data(capsys, tmp_path, corpus):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir",
+                     str(tmp_path / "cache"), "--steps", "1", "--batch-size", "2", "--seq-len",
+                     "16", "--sample-tokens", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(data)
+    _fails(capsys, ["eval", str(tmp_path / "run")],   # not "--data", which was not passed
+           f"dropless: error: the run's --data {data}: no such file or directory")
+
+
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
     model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
