@@ -99,7 +99,7 @@ def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> f
 
 
 def _prepare_data(cfg: TrainConfig, state: dict | None):
-    docs = data.read_documents(cfg.data)
+    docs = data.read_documents(cfg.data, "--data" if state is None else "the run's --data")
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif cfg.tokenizer == "bpe":

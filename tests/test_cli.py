@@ -185,7 +185,7 @@ def test_resume_and_out_must_agree(capsys, tmp_path, trained_run):
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_eval_of_a_run_whose_data_is_gone_names_the_run_data(capsys, tmp_path, corpus):
+def test_eval_and_resume_of_a_run_whose_data_is_gone_name_the_run_data(capsys, tmp_path, corpus):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir",
@@ -194,6 +194,8 @@ def test_eval_of_a_run_whose_data_is_gone_names_the_run_data(capsys, tmp_path, c
     capsys.readouterr()
     shutil.rmtree(data)
     _fails(capsys, ["eval", str(tmp_path / "run")],   # not "--data", which was not passed
+           f"dropless: error: the run's --data {data}: no such file or directory")
+    _fails(capsys, ["train", "--resume", str(tmp_path / "run"), "--steps", "2"],
            f"dropless: error: the run's --data {data}: no such file or directory")
 
 
