@@ -183,6 +183,12 @@ def test_quantize_refuses_existing_out_and_quantized_src(trained, capsys, corpus
         assert "already quantized" in capsys.readouterr().err
     assert main(["eval", str(trained / "nope")]) == 1
     assert "no such run" in capsys.readouterr().err
+    (trained / "badhf").mkdir(exist_ok=True)
+    (trained / "badhf" / "config.json").write_text('{"model_type": "mixtral"')
+    assert main(["quantize", str(trained / "badhf"), "--out", str(trained / "qbad")]) == 1
+    err = capsys.readouterr().err   # the HF reader's ValueError, as one line
+    assert err.startswith("dropless: error: ") and "config.json is not readable JSON" in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.gpu

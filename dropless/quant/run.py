@@ -44,10 +44,13 @@ def load_source(src: str | Path, device: torch.device):
         from dropless.convert import load_hf_dir
         from dropless.hf import read_hf_config
         from dropless.hf_config import config_from_hf
-        if read_hf_config(src).get("quantization_config"):
-            raise DroplessError(f"{src} is already quantized")
-        dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
-        model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
+        try:   # the HF reader's errors name the file and what is wrong: one line, no traceback
+            if read_hf_config(src).get("quantization_config"):
+                raise DroplessError(f"{src} is already quantized")
+            dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+            model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
         if tok_json is None:
             raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
         return model, tokenizer_from_json(tok_json), None
