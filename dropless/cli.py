@@ -11,6 +11,7 @@ import codecs
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -180,6 +181,40 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+class _StopWhenReaderLeaves:
+    """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
+    (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
+    saved) instead of dying at its next evaluation line with every step since the last checkpoint
+    lost. Later output is discarded."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_left = stream, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._left()
+
+    def _left(self) -> None:
+        from dropless.runlog import request_stop
+
+        if not self.reader_left:
+            self.reader_left = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            request_stop()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _train(args) -> int:
     from dropless.train import resume_config, train
 
@@ -188,6 +223,12 @@ def _train(args) -> int:
     for dest in ("data", "cache_dir"):   # absolute, so a resume from elsewhere finds them
         if dest in overrides:
             overrides[dest] = os.path.abspath(overrides[dest])
+    layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and math.prod(
+            v or 1 for v in layout.values()) > 1:   # else they would be ignored without a word
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        raise DroplessError(f"{flags} needs several processes and this is one: start it with "
+                            "torchrun --nproc-per-node N -m dropless train ...")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
         raise DroplessError("under torchrun, pass --out RUN_DIR: every rank (and every restart) "
                             "must agree on the run directory")
@@ -200,6 +241,9 @@ def _train(args) -> int:
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")
+        if args.resume and args.out and os.path.realpath(args.resume) != os.path.realpath(args.out):
+            raise DroplessError(f"--resume {args.resume} and --out {args.out} name different "
+                                "directories: a run continues where it is; pass one of them")
         if not os.path.isdir(run_dir):
             raise DroplessError(f"{run_dir}: no such run directory")
         cfg, state = resume_config(run_dir, overrides)
@@ -211,9 +255,20 @@ def _train(args) -> int:
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None
-    summary = train(cfg, state=state, progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
-        print(format_summary(summary))
+    stdout, stderr = _StopWhenReaderLeaves(sys.stdout), _StopWhenReaderLeaves(sys.stderr)
+    sys.stdout, sys.stderr = stdout, stderr
+    try:
+        summary = train(cfg, state=state, progress=not args.quiet)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for the run
+            print(format_summary(summary), flush=True)
+        if stdout.reader_left or stderr.reader_left:
+            if not summary["finished"]:   # say why the run stopped, where someone may still read
+                print(f"dropless: the output pipe closed: stopped at step {summary['step']}/"
+                      f"{summary['steps']}, checkpoint saved; resume with: dropless train "
+                      f"--resume {summary['run_dir']}", file=sys.stderr, flush=True)
+            return 141   # as for `generate ... | head`: 128 + SIGPIPE
+    finally:
+        sys.stdout, sys.stderr = stdout.stream, stderr.stream
     return 0 if summary["finished"] else 130
 
 
@@ -274,12 +329,21 @@ def _serve(args) -> int:
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
+    _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
+    try:   # before the model loads: a busy port or a bad host is one line, at once
+        socket.create_server((args.host, args.port)).close()
+    except OSError as e:
+        raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
+                            f"{e.strerror or e}") from None
     served = load_served_model(args.model_dir, resolve_device(args.device))
     compile_prefill = args.compile_prefill
     if compile_prefill is None:
         compile_prefill = args.compile or next(served.model.parameters()).is_cuda
+    context = served.model.cfg.max_seq_len
+    _require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
+             f"must be in [2, {context}] (the model's max_seq_len)")
     try:
-        max_len = args.max_len or min(served.model.cfg.max_seq_len, 4096)
+        max_len = args.max_len or min(context, 4096)
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
                         compile=args.compile, compile_prefill=compile_prefill,
                         admit_delay=args.admit_delay_ms / 1e3)

@@ -3,11 +3,14 @@ between them and dropless run directories. The tensors themselves are `dropless.
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dropless.checkpoint import config_to_dict, load_run
+from dropless.errors import DroplessError
 from dropless.files import read_small_text
 from dropless.hf import from_hf, read_hf_config, to_hf
 from dropless.hf_config import config_from_hf
@@ -35,10 +38,20 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     return from_hf(path, dtype, device).eval(), text
 
 
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes through a private temp file (mode 0600) renamed into place; a model file
+    is for others to read, like every other file written here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf_dir(model: Transformer, path, tokenizer_json: str, model_type: str | None = None) -> None:
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
     to_hf(model, path, model_type)
+    for shard in Path(path).glob("*.safetensors"):
+        _readable_as_umask_allows(shard)
     (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
@@ -47,8 +60,25 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     model, tokenizer_json = load_hf_dir(hf_dir)
     if tokenizer_json is None:
         raise ValueError("the HF directory has no tokenizer.json; a run directory needs one")
-    save(out, 0, model, state={"model_config": config_to_dict(model.cfg),
-                               "tokenizer": tokenizer_json})
+    state = {"model_config": config_to_dict(model.cfg), "tokenizer": tokenizer_json}
+    qcfg = _quant_config(model)
+    if qcfg is not None:   # an AutoAWQ directory: load_run must swap the same packed modules in
+        state["quant"] = asdict(qcfg)
+    save(out, 0, model, state=state)
+
+
+def _quant_config(model: Transformer):
+    """The QuantConfig of the packed modules from_hf kept (AutoAWQ), as `dropless quantize` saves
+    it; None for a float model."""
+    from dropless.quant.modules import Int4Weight, QuantConfig, QuantizedExperts, QuantizedLinear
+
+    weights = [m for m in model.modules() if isinstance(m, Int4Weight)]
+    if not weights:
+        return None
+    w = weights[0]
+    return QuantConfig(group_size=w.qweight.shape[-2] // w.qzeros.shape[-2],
+                       attention=any(isinstance(m, QuantizedLinear) for m in model.modules()),
+                       experts=any(isinstance(m, QuantizedExperts) for m in model.modules()))
 
 
 def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
@@ -61,9 +91,14 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
     """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest checkpoint (from any mesh)
     as one safetensors file, every expert present once and tied weights under each name. Returns
     the number of tensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out))
+    try:
+        save_file(tensors, str(out))
+    except SafetensorError as e:   # its I/O errors are not OSErrors: a missing directory, ...
+        raise DroplessError(f"{out}: cannot write ({e})") from None
+    _readable_as_umask_allows(Path(out))
     return len(tensors)

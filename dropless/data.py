@@ -49,7 +49,7 @@ def _read_text(path: Path, shown: str) -> str | None:
             return None
         raw = path.read_bytes()
     except OSError as e:
-        raise DroplessError(f"--data {shown}: cannot read {path} ({e.strerror or e})") from None
+        raise DroplessError(f"{shown}: cannot read {path} ({e.strerror or e})") from None
     return raw.decode("utf-8", errors="replace")   # a few stdlib test files are not UTF-8
 
 
@@ -61,7 +61,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
         for name in sorted(f for f in files if f.endswith(".py")):
             path = Path(folder, name)
-            if (text := _read_text(path, "<stdlib>")) is not None:
+            if (text := _read_text(path, "--data <stdlib>")) is not None:
                 docs.append((path.relative_to(root).as_posix(), text))
     return docs
 
@@ -74,9 +74,9 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DroplessError(f"--data {shown}: line {lineno} is not valid JSON ({e.msg})") from None
+            raise DroplessError(f"{shown}: line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DroplessError(f'--data {shown}: line {lineno} has no "text" string field')
+            raise DroplessError(f'{shown}: line {lineno} has no "text" string field')
         docs.append((f"{name}:{lineno}", record["text"]))
     return docs
 
@@ -92,34 +92,35 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
             else:
                 docs.append((path.relative_to(root).as_posix(), text))
     if skipped:
-        warnings.warn(f"--data {shown}: skipped {len(skipped)} binary or non-regular files "
+        warnings.warn(f"{shown}: skipped {len(skipped)} binary or non-regular files "
                       f"(FIFOs, devices, ...): {', '.join(skipped[:5])}"
                       + (" ..." if len(skipped) > 5 else ""), stacklevel=3)
     return docs
 
 
-def read_documents(data: str | None) -> list[tuple[str, str]]:
+def read_documents(data: str | None, flag: str = "--data") -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
     binary and non-regular files skipped), a `.jsonl` with a "text" field per line, or None for the
-    stdlib."""
+    stdlib. `flag`: the option the user named `data` with, for the messages."""
+    shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
     else:
         path = Path(data)
         if not path.exists():
-            raise DroplessError(f"--data {data}: no such file or directory")
+            raise DroplessError(f"{shown}: no such file or directory")
         if path.is_dir():
-            docs = _walk(path, data)
-        elif (text := _read_text(path, data)) is None:
-            raise DroplessError(f"--data {data}: not a regular file (a FIFO, device or socket)")
+            docs = _walk(path, shown)
+        elif (text := _read_text(path, shown)) is None:
+            raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = _jsonl_documents(path.name, text, data)
+            docs = _jsonl_documents(path.name, text, shown)
         elif "\x00" in text:
-            raise DroplessError(f"--data {data}: a binary file (it holds NUL bytes), not text")
+            raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
         else:
             docs = [(path.name, text)]
     if not any(text.strip() for _, text in docs):
-        raise DroplessError(f"--data {data}: no text found (empty)")
+        raise DroplessError(f"{shown}: no text found (empty)")
     return docs
 
 

@@ -31,7 +31,10 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     batch_size = saved.get("batch_size", TrainConfig.batch_size)
     seq_len = min(saved.get("seq_len", TrainConfig.seq_len), model.cfg.max_seq_len)
     batches = saved.get("eval_batches", TrainConfig.eval_batches)
-    docs = data.read_documents(data_path if data_path is not None else saved.get("data"))
+    if data_path is not None:
+        docs = data.read_documents(data_path)
+    else:   # the message must not name a flag the user did not pass
+        docs = data.read_documents(saved.get("data"), "the run's --data")
     cache = saved.get("cache_dir")
     tokens = data.load_tokens(docs, tok, Path(cache) if cache else data.default_cache_dir())
     if len(tokens.val) < seq_len + 2:

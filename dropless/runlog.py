@@ -9,14 +9,17 @@ from pathlib import Path
 
 
 class StopOnInterrupt:
-    """First Ctrl-C: the loop finishes its step, checkpoints and returns. Second: interrupt now."""
+    """First Ctrl-C (or `request_stop()`): the loop finishes its step, checkpoints and returns.
+    Second Ctrl-C: interrupt now."""
 
     requested = False
+    active = None   # the instance whose loop runs now, for request_stop
 
     def __enter__(self):
         self.previous = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
+        StopOnInterrupt.active = self
         return self
 
     def _handle(self, signum, frame):
@@ -25,8 +28,15 @@ class StopOnInterrupt:
         self.requested = True
 
     def __exit__(self, *exc):
+        StopOnInterrupt.active = None
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def request_stop() -> None:
+    """Stop the running training loop as a first Ctrl-C does; nothing when no loop runs."""
+    if StopOnInterrupt.active is not None:
+        StopOnInterrupt.active.requested = True
 
 
 class MetricsLog:

@@ -54,6 +54,10 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
     if "train_config" not in state:
         raise DroplessError(f"{run_dir} holds a model without training state (converted from "
                             "Hugging Face?): `dropless generate` can sample it, --resume cannot")
+    if "quant" in state:   # it keeps the source's train_config (for eval), not its training state
+        raise DroplessError(f"{run_dir} holds a quantized model (`dropless quantize`): `dropless "
+                            "generate`, `eval` and `serve` read it, --resume cannot; resume the "
+                            "run it was quantized from")
     saved = state["train_config"]
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
@@ -95,7 +99,7 @@ def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> f
 
 
 def _prepare_data(cfg: TrainConfig, state: dict | None):
-    docs = data.read_documents(cfg.data)
+    docs = data.read_documents(cfg.data, "--data" if state is None else "the run's --data")
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif cfg.tokenizer == "bpe":
@@ -121,9 +125,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel import runtime
     from dropless.parallel.mesh import ParallelConfig
 
+    device = resolve_device(cfg.device)   # its own message, not an "invalid parallel layout"
     try:
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
-        rt = runtime.init(pcfg, resolve_device(cfg.device), PRESETS[cfg.preset].moe.num_experts)
+        rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
     except ValueError as e:
         raise DroplessError(f"invalid parallel layout: {e}") from None
     try:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,9 @@ def test_python_dash_m_works():
     (["--eval-every", "0"], "eval_every=0 is invalid"),
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
     (["--tokenizer", "words"], "tokenizer='words' is invalid"),
-    (["--device", "tpu9"], "--device 'tpu9' is not a device"),
+    (["--device", "tpu9"], "error: --device 'tpu9' is not a device"),   # not a "parallel layout"
+    (["--ep", "2"], "--ep 2 needs several processes and this is one: start it with torchrun"),
+    (["--dp-shard", "2", "--ep", "1"], "--dp-shard 2 --ep 1 needs several processes"),
 ])
 def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
     _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
@@ -175,6 +178,27 @@ def test_resume_config_mismatch(capsys, trained_run):
     _fails(capsys, ["train", "--resume", str(trained_run)], "already finished 2 steps")
 
 
+def test_resume_and_out_must_agree(capsys, tmp_path, trained_run):
+    """--out is not where a resumed run's checkpoints would go: it was ignored without a word."""
+    _fails(capsys, ["train", "--resume", str(trained_run), "--out", str(tmp_path / "elsewhere"),
+                    "--steps", "3"], "name different directories")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_eval_and_resume_of_a_run_whose_data_is_gone_name_the_run_data(capsys, tmp_path, corpus):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir",
+                     str(tmp_path / "cache"), "--steps", "1", "--batch-size", "2", "--seq-len",
+                     "16", "--sample-tokens", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(data)
+    _fails(capsys, ["eval", str(tmp_path / "run")],   # not "--data", which was not passed
+           f"dropless: error: the run's --data {data}: no such file or directory")
+    _fails(capsys, ["train", "--resume", str(tmp_path / "run"), "--steps", "2"],
+           f"dropless: error: the run's --data {data}: no such file or directory")
+
+
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
     model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
@@ -233,6 +257,25 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
+def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
+    umask = os.umask(0o022)
+    try:
+        assert cli.main(["convert", str(trained_run), "--to-safetensors",
+                         str(tmp_path / "m.safetensors")]) == 0
+        assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(umask)
+    for path in [tmp_path / "m.safetensors", *(tmp_path / "hf").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path   # not safetensors' private 0600
+
+
+def test_convert_to_safetensors_into_no_directory_is_one_line(capsys, tmp_path, trained_run):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "missing" / "m.safetensors", tmp_path / "file" / "m.safetensors"):
+        _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(out)],
+               f"dropless: error: {out}: cannot write (")
+
+
 def test_new_run_refuses_a_foreign_directory(capsys, tmp_path, corpus):
     out = tmp_path / "out"
     out.mkdir()
@@ -283,6 +326,30 @@ def test_broken_pipe_exits_quietly(trained_run):
     assert proc.wait(timeout=120) == 141 and err == "", err
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_train_into_a_closed_pipe_stops_with_a_checkpoint(tmp_path, corpus, stream):
+    """`dropless train | head -1` (or `2>&1 | head -1`): the run stops as on Ctrl-C, with a
+    checkpoint to resume from, instead of dying at its next line with nothing saved."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dropless", "train", "--data", str(corpus),
+                             "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                             "--steps", "20", "--batch-size", "2", "--seq-len", "16",
+                             "--eval-every", "1", "--eval-batches", "1", "--quiet"],
+                            env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stream == "stderr" else subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"step      1: train loss")   # `| head -1`
+    proc.stdout.close()
+    err = b"" if stream == "stderr" else proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and b"Traceback" not in err, err
+    path = ckpt.latest(out)
+    assert path is not None
+    step = ckpt.read_state(path)["step"]
+    assert 1 <= step < 20
+    if stream == "stdout":
+        assert err.decode() == (f"dropless: the output pipe closed: stopped at step {step}/20, "
+                                f"checkpoint saved; resume with: dropless train --resume {out}\n")
+
+
 def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run, monkeypatch):
     import dropless.checkpoint as checkpoint
 
@@ -301,6 +368,16 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run,
     (["--max-batch", "0"], "--max-batch 0 is invalid"),
     (["--admit-delay-ms", "-1"], "--admit-delay-ms -1.0 is invalid: must be in [0, 1000]"),
     (["--admit-delay-ms", "nan"], "--admit-delay-ms nan is invalid"),
+    (["--port", "70000"], "--port 70000 is invalid: must be in [1, 65535]"),   # not a traceback
+    (["--port=-1"], "--port -1 is invalid"),
+    (["--max-len", "0"], "--max-len 0 is invalid: must be in [2, "),   # not "the default"
 ])
 def test_serve_rejects_bad_values(capsys, trained_run, flags, message):
     _fails(capsys, ["serve", str(trained_run), *flags], message)
+
+
+def test_serve_on_a_busy_port_is_one_line(capsys, trained_run):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        _fails(capsys, ["serve", str(trained_run), "--port", str(port)],
+               f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use")

@@ -145,14 +145,27 @@ def test_quantize_then_eval(trained, corpus, capsys):
     tokens = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.allclose(again(tokens)[0], q(tokens)[0], atol=1e-5, rtol=0)
+    # convert --from-hf of that directory is a quantized run directory again, the same model
+    assert main(["convert", "--from-hf", str(trained / "hf"), str(trained / "from_hf")]) == 0
+    back, _, _ = load_run(trained / "from_hf")
+    assert isinstance(back.layers[0].ffn.experts, QuantizedExperts)
+    with torch.no_grad():
+        assert torch.equal(back(tokens)[0], again(tokens)[0])
     # generate reads the quantized run
     assert main(["generate", str(out), "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    # it holds the source's train_config for eval, but no training state to resume
+    assert main(["train", "--resume", str(out), "--steps", "50"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: ") and "quantized model" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args,match", [
     (["--group-size", "48"], "--group-size 48 is invalid"),
     (["--bits", "3"], "--bits 3 is invalid"),
     (["--calib-samples", "0"], "--calib-samples 0 is invalid"),
+    (["--calib-data", "/nonexistent/calib.txt"],   # the flag given, not train's --data
+     "dropless: error: --calib-data /nonexistent/calib.txt: no such file or directory"),
 ])
 def test_quantize_errors(trained, capsys, args, match):
     assert main(["quantize", str(trained / "run"), "--out", str(trained / "bad"), *args]) == 1
@@ -170,6 +183,12 @@ def test_quantize_refuses_existing_out_and_quantized_src(trained, capsys, corpus
         assert "already quantized" in capsys.readouterr().err
     assert main(["eval", str(trained / "nope")]) == 1
     assert "no such run" in capsys.readouterr().err
+    (trained / "badhf").mkdir(exist_ok=True)
+    (trained / "badhf" / "config.json").write_text('{"model_type": "mixtral"')
+    assert main(["quantize", str(trained / "badhf"), "--out", str(trained / "qbad")]) == 1
+    err = capsys.readouterr().err   # the HF reader's ValueError, as one line
+    assert err.startswith("dropless: error: ") and "config.json is not readable JSON" in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -188,6 +189,9 @@ def test_errors_have_openai_shape(server, kw, status, param):
     ("/v1/chat/completions", b'[1, 2]', 400),
     ("/v1/chat/completions", b'{"model": "tiny-run", "messages": "hi"}', 400),
     ("/v1/nothing", b'{}', 404),
+    ("/v1/completions", b'{"model": "tiny-run", "prompt": "a", "stream": "false"}', 400),
+    ("/v1/chat/completions", b'{"model": "tiny-run", "messages": [{"role": "user", "content": '
+                             b'"a"}], "stream": true, "stream_options": "usage"}', 400),
 ])
 def test_bad_bodies(server, path, data, status):
     _, _, port = server
@@ -282,7 +286,9 @@ class CliServer:
         assert [c.choices[0].finish_reason for c in [first, *rest]][-1] == "length"
         # uvicorn re-raises the signal once drained: the exit status says "terminated by SIGTERM"
         assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert b"Finished server process" in self.proc.stdout.read()
+        out = self.proc.stdout.read()
+        assert b"Finished server process" in out
+        assert re.search(rb"\nengine: .*prefills [1-9].*steps [1-9]", out), out[-2000:]   # counters
 
     def kill(self):
         if self.proc.poll() is None:
@@ -340,14 +346,12 @@ def test_cli_serve_without_fastapi(monkeypatch, capsys, run_dir):
 def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, capsys):
     """The engine thread must get the GIL back within a fraction of a decode step while the event
     loop writes streams (Python's default lets it wait 5 ms); every decode graph is captured
-    before the server listens; the engine's counters are printed when it stops."""
-    from collections import Counter
-
+    before the server listens. (The counters printed at stop: test_cli_serve_and_sigterm_drains,
+    in a real process, where uvicorn.run does not return after SIGTERM.)"""
     from dropless.serve import server as server_module
 
     class FakeEngine:
         captured, compiled, cuda_graphs = False, True, False
-        stats = Counter(steps=3, prefill_s=0.25)
 
         def warm_up(self):
             self.captured = True
@@ -364,4 +368,4 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     assert seen["interval"] == pytest.approx(server_module.SWITCH_INTERVAL_S)
     assert seen["interval"] < 1e-3 and seen["port"] == 0 and seen["captured"]
     err = capsys.readouterr().err
-    assert "warming up: the compiled prefill\n" in err and "engine: prefill_s 0.25, steps 3" in err
+    assert "warming up: the compiled prefill\n" in err

@@ -44,10 +44,13 @@ def load_source(src: str | Path, device: torch.device):
         from dropless.convert import load_hf_dir
         from dropless.hf import read_hf_config
         from dropless.hf_config import config_from_hf
-        if read_hf_config(src).get("quantization_config"):
-            raise DroplessError(f"{src} is already quantized")
-        dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
-        model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
+        try:   # the HF reader's errors name the file and what is wrong: one line, no traceback
+            if read_hf_config(src).get("quantization_config"):
+                raise DroplessError(f"{src} is already quantized")
+            dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+            model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
         if tok_json is None:
             raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
         return model, tokenizer_from_json(tok_json), None
@@ -61,7 +64,7 @@ def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
                        cache_dir: str | None) -> torch.Tensor:
     """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
     the embedded stdlib corpus), so that validation text is never calibrated on."""
-    docs = data.read_documents(calib_data)
+    docs = data.read_documents(calib_data, "--calib-data")
     tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir())
     if len(tokens.train) < seq_len + 2:
         raise DroplessError(f"--calib-data: its training split has {len(tokens.train)} tokens, too "

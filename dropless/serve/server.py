@@ -70,6 +70,18 @@ def _stop(body: dict) -> list[str]:
     raise APIError(400, f"stop={stop!r} is invalid: a string or a list of up to 16 strings", "stop")
 
 
+def _stream(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage): booleans, not anything truthy ("false" is truthy)."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if not isinstance(stream, (bool, type(None))):
+        raise APIError(400, f"stream={stream!r} is invalid: must be true or false", "stream")
+    if options is not None and not (isinstance(options, dict) and isinstance(
+            options.get("include_usage"), (bool, type(None)))):
+        raise APIError(400, f"stream_options={options!r} is invalid: an object with an optional "
+                       "boolean include_usage", "stream_options")
+    return bool(stream), bool(options and options.get("include_usage"))
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -102,6 +114,10 @@ def create_app(served: ServedModel, engine: Engine):
         yield
         stop_engine.set()   # uvicorn has drained the connections: finish what is left, then stop
         await asyncio.to_thread(thread.join)
+        # here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down, and the
+        # process dies of it before uvicorn.run returns
+        print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
+              file=sys.stderr, flush=True)
 
     app = FastAPI(title="dropless", lifespan=lifespan)
 
@@ -212,8 +228,7 @@ def create_app(served: ServedModel, engine: Engine):
                            "prompt")
         default_max = engine.max_len - len(prompt_ids) if chat else 16
         params = _sampling(body, len(prompt_ids), engine.max_len, max(default_max, 1))
-        stop, stream = _stop(body), body.get("stream", False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stop, (stream, include_usage) = _stop(body), _stream(body)
         request, queue = start(prompt_ids, params, stop)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         base = {"id": rid, "created": int(time.time()), "model": served.name}
@@ -291,7 +306,7 @@ SWITCH_INTERVAL_S = 2e-4
 
 def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
-    (streams included) and the lifespan stops the engine thread."""
+    (streams included) and the lifespan stops the engine thread and prints its counters."""
     import uvicorn
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -303,5 +318,3 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
         engine.warm_up()
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
-    print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
-          file=sys.stderr)
