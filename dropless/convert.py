@@ -3,7 +3,6 @@ between them and dropless run directories. The tensors themselves are `dropless.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.errors import DroplessError
 from dropless.files import read_small_text
-from dropless.hf import from_hf, read_hf_config, to_hf
+from dropless.hf import from_hf, read_hf_config, save_safetensors, to_hf
 from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
 from dropless.parallel.checkpoint import save
@@ -38,20 +37,10 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
     return from_hf(path, dtype, device).eval(), text
 
 
-def _readable_as_umask_allows(path: Path) -> None:
-    """safetensors writes through a private temp file (mode 0600) renamed into place; a model file
-    is for others to read, like every other file written here."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_hf_dir(model: Transformer, path, tokenizer_json: str, model_type: str | None = None) -> None:
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
     to_hf(model, path, model_type)
-    for shard in Path(path).glob("*.safetensors"):
-        _readable_as_umask_allows(shard)
     (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
 
 
@@ -92,13 +81,11 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
     as one safetensors file, every expert present once and tied weights under each name. Returns
     the number of tensors."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     model = load_run(run_dir)[0]
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     try:
-        save_file(tensors, str(out))
+        save_safetensors(tensors, Path(out))
     except SafetensorError as e:   # its I/O errors are not OSErrors: a missing directory, ...
         raise DroplessError(f"{out}: cannot write ({e})") from None
-    _readable_as_umask_allows(Path(out))
     return len(tensors)

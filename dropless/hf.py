@@ -11,6 +11,7 @@ checks the file against it and reports every problem at once; writing walks it b
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,11 +303,21 @@ def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
     return t.detach().contiguous().clone()
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, the file then readable as the umask allows, like every other file
+    written here (safetensors writes a private 0600 temp file and renames it into place)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def to_hf(model: Transformer, path, model_type: str | None = None,
           max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) that
     transformers loads as `model_type` (default: inferred from the config)."""
-    from safetensors.torch import save_file
 
     cfg = model.cfg
     model_type = model_type or infer_model_type(cfg)
@@ -335,7 +346,7 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     n = len(shards)
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names if n > 1 else ["model.safetensors"], shards):
-        save_file(shard, path / name, metadata={"format": "pt"})
+        save_safetensors(shard, path / name, metadata={"format": "pt"})
     if n > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
