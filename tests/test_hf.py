@@ -608,3 +608,44 @@ def test_config_json_that_cannot_be_small_text_is_refused_unread(tmp_path, kind)
     want = {"sparse": "over the", "fifo": "not a regular file", "non-utf8": "not readable JSON"}
     with pytest.raises(ValueError, match=f"{config}.*{want[kind]}"):
         from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("arch,field", [("mixtral", "rms_norm_eps"), ("olmoe", "rms_norm_eps"),
+                                        ("deepseek_v3", "routed_scaling_factor"),
+                                        ("deepseek_v3", "n_shared_experts")])
+def test_absent_fields_take_the_transformers_defaults(tmp_path, arch, field):
+    """A config.json without a field means transformers' default for it (Mixtral's and OLMoE's
+    rms_norm_eps is 1e-5, DeepSeek-V3's routed_scaling_factor 2.5, one shared expert): reading
+    it otherwise is a different model, silently."""
+    ref = hf_model(arch)
+    assert field in ref.config.to_dict()
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg[field]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want_default = transformers.AutoConfig.for_model(cfg["model_type"]).to_dict()[field]
+    assert getattr(ref.config, field) == want_default   # so the file means the same model
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(from_hf(tmp_path).eval()(tokens)[0], ref(tokens).logits) < 1e-4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rope_interleave", "false", "rope_interleave='false' is invalid: must be true or false"),
+    ("rope_interleave", 0, "rope_interleave=0 is invalid"),
+    # not blamed on num_key_value_heads, whose refusal compares with it
+    ("num_attention_heads", "128", "num_attention_heads='128' is invalid: must be an integer"),
+    ("n_group", None, "n_group=8 is invalid: must be an integer in [1, 4] (the field is absent"),
+])
+def test_deepseek_config_values_name_their_field(field, value, message):
+    import dataclasses
+    from dropless import PRESETS
+    from dropless.hf_config import config_from_hf, config_to_hf
+
+    cfg = PRESETS["deepseek-v3"]
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=4, num_groups=None,
+                                                           topk_groups=None, top_k=2))
+    hf = {**config_to_hf(cfg), field: value}
+    with pytest.raises(ValueError) as err:
+        config_from_hf(hf)
+    assert message in str(err.value), err.value
