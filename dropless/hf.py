@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,6 +304,9 @@ def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
     return t.detach().contiguous().clone()
 
 
+_OUR_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, the file then readable as the umask allows, like every other file
     written here (safetensors writes a private 0600 temp file and renames it into place)."""
@@ -351,3 +355,10 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # a previous save's weights that this one did not overwrite go, as save_pretrained's do: a stale
+    # index (or a stale model.safetensors, which transformers prefers to an index) would be loaded
+    # instead of the weights just written
+    written = {"model.safetensors.index.json", *names} if n > 1 else {"model.safetensors"}
+    for old in path.glob("model*.safetensors*"):
+        if old.name not in written and _OUR_WEIGHTS.fullmatch(old.name):
+            old.unlink()

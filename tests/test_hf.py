@@ -649,3 +649,25 @@ def test_deepseek_config_values_name_their_field(field, value, message):
     with pytest.raises(ValueError) as err:
         config_from_hf(hf)
     assert message in str(err.value), err.value
+
+
+@pytest.mark.parametrize("first,second", [(20_000, 2**40), (2**40, 20_000)])
+def test_to_hf_again_into_the_same_directory_writes_the_new_weights(tmp_path, first, second):
+    """Re-exporting (sharded after single-file, or the reverse) must not leave the previous save's
+    index or model.safetensors behind: either would be loaded instead of the new weights."""
+    old = from_hf_fresh("qwen2_moe", tmp_path / "src")
+    new = from_hf(tmp_path / "src")
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    (tmp_path / "out" / "notes.txt").parent.mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("kept")
+    to_hf(old, tmp_path / "out", max_shard_bytes=first)
+    to_hf(new, tmp_path / "out", max_shard_bytes=second)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "kept"
+    for (k, a), b in zip(new.state_dict().items(), from_hf(tmp_path / "out").state_dict().values()):
+        assert torch.equal(a, b), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert rel_err(hf(tokens).logits, new.eval()(tokens)[0]) < 1e-5
