@@ -185,12 +185,12 @@ def _short(names: list[str]) -> str:
     return ", ".join(names[:_LIST]) + more
 
 
-def _check(where, rows, ignore) -> None:
+def _check(path: Path, where, rows, ignore) -> None:
     expected = {r.hf_key: r.shape for r in rows}
     missing = [k for k in expected if k not in where]
     unexpected = sorted(k for k in where if k not in expected and not ignore(k))
-    misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
-                 if k in where and where[k][1] != s]
+    misshapen = [f"{where[k][0].name}: {k} {list(where[k][1])} (expected {list(s)})"
+                 for k, s in expected.items() if k in where and where[k][1] != s]
     # a float weight typed as integers would otherwise be read as reinterpreted bits
     mistyped = [f"{where[k][0].name}: {k} is {where[k][2]} (allowed: {', '.join(FLOAT_DTYPES)})"
                 for k in expected if k in where and where[k][2] not in FLOAT_DTYPES]
@@ -198,7 +198,7 @@ def _check(where, rows, ignore) -> None:
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
                  ("of the wrong dtype", mistyped)) if v]
     if problems:
-        raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
 def expert_cols(kind: str, width: int) -> slice:
@@ -260,7 +260,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         from dropless.quant.hf_awq import AwqFile
         awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
         where = awq.where
-    _check(where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
+    _check(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
            or (cfg.tie_embeddings and k == "lm_head.weight"))
     state, handles = {}, {}
     for row in rows:

@@ -218,9 +218,10 @@ def test_missing_unexpected_and_misshapen_are_all_listed(mixtral_dir):
     with pytest.raises(ValueError) as err:
         from_hf(mixtral_dir)
     msg = str(err.value)
+    assert msg.startswith(f"{mixtral_dir}: weights do not match config.json:")   # which model
     assert "1 missing: model.layers.1.block_sparse_moe.experts.3.w2.weight" in msg
     assert "1 unexpected: model.layers.0.self_attn.extra.weight" in msg
-    assert "1 misshapen: model.norm.weight [63] (expected [64])" in msg
+    assert "1 misshapen: model.safetensors: model.norm.weight [63] (expected [64])" in msg
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 0.001])
