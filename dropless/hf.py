@@ -260,8 +260,10 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         from dropless.quant.hf_awq import AwqFile
         awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
         where = awq.where
+    # an empty tensor holds no weight: transformers saves DeepSeek's shared experts with
+    # n_shared_experts=0 as [0, D] / [D, 0] tensors
     _check(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
-           or (cfg.tie_embeddings and k == "lm_head.weight"))
+           or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
     state, handles = {}, {}
     for row in rows:
         if awq is not None and awq.keeps_packed(row):

@@ -672,3 +672,25 @@ def test_to_hf_again_into_the_same_directory_writes_the_new_weights(tmp_path, fi
     tokens = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert rel_err(hf(tokens).logits, new.eval()(tokens)[0]) < 1e-5
+
+
+def test_deepseek_without_shared_experts_round_trips(tmp_path):
+    """transformers keeps DeepSeek's shared experts at n_shared_experts=0, as empty tensors
+    ([0, D] / [D, 0]) in its files: they hold no weight and must not make the file unreadable."""
+    cfg = transformers.AutoConfig.for_model("deepseek_v3", **{**COMMON, **ARCHS["deepseek_v3"],
+                                                              "n_shared_experts": 0})
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    randomize(ref.float())
+    ref.eval().save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf").eval()
+    assert model.cfg.moe.num_shared_experts == 0
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        assert rel_err(model(tokens)[0], want) < 1e-4
+    to_hf(model, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back",
+                                                             attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert rel_err(back(tokens).logits, want) < 1e-6
