@@ -165,12 +165,15 @@ def _refuse(name: str, value, why: str):
 
 def _rope_theta(hf: dict, default: float) -> float:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (older files); plain RoPE only."""
-    params = {**_bool(hf, "rope_parameters", {}, dict, "must be an object"),
-              **_bool(hf, "rope_scaling", {}, dict, "must be an object")}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
-                "linear, dynamic, llama3 or longrope scaling")
+    sources = [_bool(hf, "rope_parameters", {}, dict, "must be an object"),
+               _bool(hf, "rope_scaling", {}, dict, "must be an object")]
+    params = {**sources[0], **sources[1]}
+    # each object's own type: transformers applies rope_scaling's legacy "type" even beside a
+    # rope_parameters that says "default"
+    for rope_type in (t for src in sources for t in (src.get("rope_type"), src.get("type"))):
+        if rope_type not in (None, "default"):
+            _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
+                    "linear, dynamic, llama3 or longrope scaling")
     for source in (params, hf):
         if source.get("partial_rotary_factor", 1.0) != 1.0:
             _refuse("partial_rotary_factor", source["partial_rotary_factor"], "must be 1.0")

@@ -195,6 +195,8 @@ def test_config_lacking_a_field(mixtral_dir):
 @pytest.mark.parametrize("field,value,arch", [
     ("sliding_window", 16, "mixtral"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "mixtral"),
+    # the legacy field beside transformers 5's rope_parameters {"rope_type": "default"}: applied
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "mixtral"),
     ("decoder_sparse_step", 2, "qwen2_moe"),
     ("mlp_only_layers", [1], "qwen3_moe"),
     ("use_sliding_window", True, "qwen2_moe"),
@@ -204,7 +206,8 @@ def test_unsupported_features_are_refused(field, value, arch, tmp_path):
     hf_model(arch).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
-    name = "rope_type" if field == "rope_parameters" else field
+    assert "rope_parameters" in cfg
+    name = "rope_type" if field.startswith("rope_") else field
     with pytest.raises(ValueError, match=name):
         from_hf(tmp_path)
 
