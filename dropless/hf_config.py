@@ -25,6 +25,10 @@ MAX_TENSORS = 2**20           # expert tensors in the file layout (DeepSeek-V3 h
 DEEPSEEK_BALANCE_COEF = 1e-4          # DeepSeek-V3's sequence-wise loss weight
 DEEPSEEK_BIAS_RATE = 1e-3             # aux-loss-free bias update rate of DeepSeek-V3
 _REQUIRED = object()
+# ModelConfig / MoEConfig field -> config.json field, for their errors about a file's sizes
+_HF_NAMES = dict(num_kv_heads="num_key_value_heads", num_heads="num_attention_heads",
+                 dim="hidden_size", num_groups="n_group", topk_groups="topk_group",
+                 top_k="num_experts_per_tok")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 # (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
@@ -263,7 +267,15 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         head_dim = _int(hf, "head_dim", dim // heads or 1) if spec.head_dim else dim // heads
         if head_dim != dim // heads or dim % heads:
             common["head_dim"] = head_dim
-    return ModelConfig(moe=MoEConfig(**moe), **common)
+    try:
+        return ModelConfig(moe=MoEConfig(**moe), **common)
+    except ValueError as err:   # sizes that do not fit together: named as dropless names them
+        name = str(err).split("=", 1)[0]
+        hf_names = {**_HF_NAMES, "first_dense_layers": spec.dense_prefix,
+                    "num_experts": spec.experts[0]}
+        if hf_names.get(name) is None:
+            raise
+        raise ValueError(f"{err} ({name} is config.json's {hf_names[name]})") from None
 
 
 # ---- writing ------------------------------------------------------------------------------------------

@@ -370,6 +370,8 @@ def edit_config(path, **fields):
     ("tie_word_embeddings", "yes", "tie_word_embeddings='yes' is invalid: must be true or false"),
     ("router_aux_loss_coef", -0.1, "router_aux_loss_coef=-0.1 is invalid"),
     ("max_position_embeddings", 10**12, "max_position_embeddings=1000000000000 is invalid"),
+    ("num_key_value_heads", 3, "num_kv_heads=3 is invalid: must divide num_heads=4 (num_kv_heads is "
+                               "config.json's num_key_value_heads)"),
     ("quantization_config", {"quant_method": "gptq"}, "quant_method='gptq'"),
     ("sliding_window", "wide", "sliding_window='wide'"),
 ])
@@ -640,6 +642,9 @@ def test_absent_fields_take_the_transformers_defaults(tmp_path, arch, field):
     # not blamed on num_key_value_heads, whose refusal compares with it
     ("num_attention_heads", "128", "num_attention_heads='128' is invalid: must be an integer"),
     ("n_group", None, "n_group=8 is invalid: must be an integer in [1, 4] (the field is absent"),
+    # ModelConfig's own checks, named in the file's terms too
+    ("n_group", 3, "num_groups=3 is invalid: must divide num_experts=4 (num_groups is config.json's "
+                   "n_group)"),
 ])
 def test_deepseek_config_values_name_their_field(field, value, message):
     import dataclasses
