@@ -702,3 +702,27 @@ def test_deepseek_without_shared_experts_round_trips(tmp_path):
                                                              attn_implementation="eager").eval()
     with torch.no_grad():
         assert rel_err(back(tokens).logits, want) < 1e-6
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped(tmp_path):
+    """DeepSeek-V3 files carry num_nextn_predict_layers MTP layers after the last one (as
+    model.layers.{num_hidden_layers + i}.*): skipped, and only those."""
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("deepseek_v3")
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    L = ref.config.num_hidden_layers
+    state[f"model.layers.{L}.eh_proj.weight"] = torch.zeros(64, 128)
+    state[f"model.layers.{L}.enorm.weight"] = torch.ones(64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"2 unexpected: model.layers.{L}.eh_proj.weight"):
+        from_hf(tmp_path)   # the file says num_nextn_predict_layers=0
+    edit_config(tmp_path, num_nextn_predict_layers=1)
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel_err(from_hf(tmp_path).eval()(tokens)[0], ref(tokens).logits) < 1e-4
+    state[f"model.layers.{L + 1}.enorm.weight"] = torch.ones(64)   # past the declared MTP layers
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"1 unexpected: model.layers.{L + 1}.enorm.weight"):
+        from_hf(tmp_path)
