@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +185,12 @@ def _short(names: list[str]) -> str:
     return ", ".join(names[:_LIST]) + more
 
 
-def _check(where, rows, ignore) -> None:
+def _check(path: Path, where, rows, ignore) -> None:
     expected = {r.hf_key: r.shape for r in rows}
     missing = [k for k in expected if k not in where]
     unexpected = sorted(k for k in where if k not in expected and not ignore(k))
-    misshapen = [f"{k} {list(where[k][1])} (expected {list(s)})" for k, s in expected.items()
-                 if k in where and where[k][1] != s]
+    misshapen = [f"{where[k][0].name}: {k} {list(where[k][1])} (expected {list(s)})"
+                 for k, s in expected.items() if k in where and where[k][1] != s]
     # a float weight typed as integers would otherwise be read as reinterpreted bits
     mistyped = [f"{where[k][0].name}: {k} is {where[k][2]} (allowed: {', '.join(FLOAT_DTYPES)})"
                 for k in expected if k in where and where[k][2] not in FLOAT_DTYPES]
@@ -197,7 +198,7 @@ def _check(where, rows, ignore) -> None:
                 (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
                  ("of the wrong dtype", mistyped)) if v]
     if problems:
-        raise ValueError("weights do not match config.json:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
 def expert_cols(kind: str, width: int) -> slice:
@@ -259,8 +260,10 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         from dropless.quant.hf_awq import AwqFile
         awq = AwqFile(hf_cfg, cfg, where, file_key, rows)
         where = awq.where
-    _check(where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
-           or (cfg.tie_embeddings and k == "lm_head.weight"))
+    # an empty tensor holds no weight: transformers saves DeepSeek's shared experts with
+    # n_shared_experts=0 as [0, D] / [D, 0] tensors
+    _check(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
+           or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
     state, handles = {}, {}
     for row in rows:
         if awq is not None and awq.keeps_packed(row):
@@ -301,6 +304,9 @@ def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
     elif row.kind != "copy":
         t = t[row.expert, :, expert_cols(row.kind, cfg.moe.hidden_dim)].T
     return t.detach().contiguous().clone()
+
+
+_OUR_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -351,3 +357,10 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # a previous save's weights that this one did not overwrite go, as save_pretrained's do: a stale
+    # index (or a stale model.safetensors, which transformers prefers to an index) would be loaded
+    # instead of the weights just written
+    written = {"model.safetensors.index.json", *names} if n > 1 else {"model.safetensors"}
+    for old in path.glob("model*.safetensors*"):
+        if old.name not in written and _OUR_WEIGHTS.fullmatch(old.name):
+            old.unlink()

@@ -25,6 +25,10 @@ MAX_TENSORS = 2**20           # expert tensors in the file layout (DeepSeek-V3 h
 DEEPSEEK_BALANCE_COEF = 1e-4          # DeepSeek-V3's sequence-wise loss weight
 DEEPSEEK_BIAS_RATE = 1e-3             # aux-loss-free bias update rate of DeepSeek-V3
 _REQUIRED = object()
+# ModelConfig / MoEConfig field -> config.json field, for their errors about a file's sizes
+_HF_NAMES = dict(num_kv_heads="num_key_value_heads", num_heads="num_attention_heads",
+                 dim="hidden_size", num_groups="n_group", topk_groups="topk_group",
+                 top_k="num_experts_per_tok")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 # (config.json field, ok(value, config), value meaning "off" (assumed when absent; written by
@@ -58,6 +62,7 @@ class Arch:
                                         # (aliases; the first is written)
     expert_hidden: str                  # config.json field: hidden size of one expert
     rope_theta: float = 1e4             # default when config.json has none
+    norm_eps: float = 1e-6              # rms_norm_eps default (transformers' config class's)
     norm_topk: bool | None = False      # norm_topk_prob default; None = always on, no field
     head_dim: bool = False              # head_dim is a free field (else dim // heads exactly)
     qk_norm: str | None = None          # "head" (per head) | "proj" (whole projection)
@@ -84,14 +89,14 @@ _QWEN = dict(experts=("num_experts", "num_local_experts"), expert_hidden="moe_in
 ARCHS: dict[str, Arch] = {
     "mixtral": Arch(
         hf_class="MixtralForCausalLM", experts=("num_local_experts", "num_experts"),
-        expert_hidden="intermediate_size", rope_theta=1e6, norm_topk=None, head_dim=True,
-        moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+        expert_hidden="intermediate_size", rope_theta=1e6, norm_eps=1e-5, norm_topk=None,
+        head_dim=True, moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"),
         refuse=(("sliding_window", lambda v, hf: v is None or v >= hf.get("max_position_embeddings",
                  4096), None, "sliding-window attention is not implemented"),
                 ("router_jitter_noise", lambda v, hf: not v, 0.0, "router jitter is not implemented"))),
     "olmoe": Arch(
         hf_class="OlmoeForCausalLM", experts=("num_experts", "num_local_experts"),
-        expert_hidden="intermediate_size", qk_norm="proj",
+        expert_hidden="intermediate_size", norm_eps=1e-5, qk_norm="proj",
         refuse=(("clip_qkv", lambda v, hf: v is None, None, "q/k/v clipping is not implemented"),
                 _NO_O_BIAS)),
     "qwen2_moe": Arch(hf_class="Qwen2MoeForCausalLM", **_QWEN, bias_field="qkv_bias",
@@ -131,7 +136,8 @@ def _value(hf: dict, name: str, default):
 def _int(hf: dict, name: str, default=_REQUIRED, lo: int = 1, hi: int = LIMITS["dim"]):
     value = _value(hf, name, default)
     if value is not None and (type(value) is not int or not lo <= value <= hi):
-        _bad(name, value, f"must be an integer in [{lo}, {hi}]")
+        absent = " (the field is absent: this is its default)" if hf.get(name) is None else ""
+        _bad(name, value, f"must be an integer in [{lo}, {hi}]{absent}")
     return value
 
 
@@ -163,12 +169,15 @@ def _refuse(name: str, value, why: str):
 
 def _rope_theta(hf: dict, default: float) -> float:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (older files); plain RoPE only."""
-    params = {**_bool(hf, "rope_parameters", {}, dict, "must be an object"),
-              **_bool(hf, "rope_scaling", {}, dict, "must be an object")}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
-                "linear, dynamic, llama3 or longrope scaling")
+    sources = [_bool(hf, "rope_parameters", {}, dict, "must be an object"),
+               _bool(hf, "rope_scaling", {}, dict, "must be an object")]
+    params = {**sources[0], **sources[1]}
+    # each object's own type: transformers applies rope_scaling's legacy "type" even beside a
+    # rope_parameters that says "default"
+    for rope_type in (t for src in sources for t in (src.get("rope_type"), src.get("type"))):
+        if rope_type not in (None, "default"):
+            _refuse("rope_type", rope_type, "only plain RoPE ('default') is implemented; no yarn, "
+                    "linear, dynamic, llama3 or longrope scaling")
     for source in (params, hf):
         if source.get("partial_rotary_factor", 1.0) != 1.0:
             _refuse("partial_rotary_factor", source["partial_rotary_factor"], "must be 1.0")
@@ -179,7 +188,7 @@ def _dense_prefix(hf: dict, spec: Arch, num_layers: int) -> int:
     """Leading dense layers: DeepSeek's first_k_dense_replace, or Qwen's mlp_only_layers when
     they mean 'the first k layers are dense'."""
     if spec.dense_prefix == "first_k_dense_replace":
-        return _int(hf, "first_k_dense_replace", 0, lo=0, hi=num_layers)
+        return _int(hf, "first_k_dense_replace", 3, lo=0, hi=num_layers)   # DeepseekV3Config's
     layers = _value(hf, "mlp_only_layers", [])
     if not (isinstance(layers, list) and all(type(i) is int for i in layers)
             and sorted(layers) == list(range(len(layers)))):
@@ -200,13 +209,6 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
 def _config_from_hf(hf: dict) -> ModelConfig:
     spec = _arch(hf.get("model_type"))
-    for name, ok, off, why in COMMON_REFUSALS + spec.refuse:
-        try:
-            allowed = ok(hf.get(name, off), hf)
-        except TypeError:   # a value of the wrong type
-            allowed = False
-        if not allowed:
-            _refuse(name, hf.get(name), why)
     dim = _int(hf, "hidden_size")
     heads = _int(hf, "num_attention_heads", hi=LIMITS["heads"])
     num_layers = _int(hf, "num_hidden_layers", hi=LIMITS["layers"])
@@ -221,17 +223,27 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         num_heads=heads, num_kv_heads=_int(hf, "num_key_value_heads", heads, hi=LIMITS["heads"]),
         max_seq_len=_int(hf, "max_position_embeddings", 4096, hi=LIMITS["positions"]),
         rope_theta=_rope_theta(hf, spec.rope_theta),
-        norm_eps=_float(hf, "rms_norm_eps", 1e-6, hi=1.0),
+        norm_eps=_float(hf, "rms_norm_eps", spec.norm_eps, hi=1.0),
         tie_embeddings=_bool(hf, "tie_word_embeddings"),
         attention_bias=bool(spec.bias_field) and _bool(hf, spec.bias_field, spec.bias_default))
+    # after the sizes are type-checked: a refusal comparing with one (num_key_value_heads against
+    # num_attention_heads) must not blame itself for the other's bad value
+    for name, ok, off, why in COMMON_REFUSALS + spec.refuse:
+        try:
+            allowed = ok(hf.get(name, off), hf)
+        except TypeError:   # a value of the wrong type
+            allowed = False
+        if not allowed:
+            _refuse(name, hf.get(name), why)
     norm_topk = True if spec.norm_topk is None else _bool(hf, "norm_topk_prob", spec.norm_topk)
     moe = dict(dim=dim, hidden_dim=_int(hf, spec.expert_hidden), num_experts=E, top_k=top_k,
                norm_topk_prob=norm_topk)
     if spec.sigmoid_router:
-        n_group = _int(hf, "n_group", 1, hi=E)
+        # absent fields take DeepseekV3Config's defaults, as transformers would read the file
+        n_group = _int(hf, "n_group", 8, hi=E)
         if n_group > 1:
-            moe.update(num_groups=n_group, topk_groups=_int(hf, "topk_group", 1, hi=n_group))
-        moe.update(score_func="sigmoid", route_scale=_float(hf, "routed_scaling_factor", 1.0),
+            moe.update(num_groups=n_group, topk_groups=_int(hf, "topk_group", 4, hi=n_group))
+        moe.update(score_func="sigmoid", route_scale=_float(hf, "routed_scaling_factor", 2.5),
                    balance_loss_coef=DEEPSEEK_BALANCE_COEF, bias_update_rate=DEEPSEEK_BIAS_RATE)
     else:
         moe["balance_loss_coef"] = top_k * _float(hf, "router_aux_loss_coef", 0.0, lo_open=False)
@@ -239,7 +251,7 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         moe.update(num_shared_experts=1, shared_gate=True,
                    shared_hidden_dim=_int(hf, "shared_expert_intermediate_size"))
     elif spec.shared:
-        moe["num_shared_experts"] = _int(hf, "n_shared_experts", 0, lo=0, hi=LIMITS["experts"])
+        moe["num_shared_experts"] = _int(hf, "n_shared_experts", 1, lo=0, hi=LIMITS["experts"])
     if spec.dense_prefix:
         common.update(first_dense_layers=_dense_prefix(hf, spec, num_layers),
                       dense_hidden_dim=_int(hf, "intermediate_size"))
@@ -247,6 +259,7 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         common.update(qk_norm=True, qk_norm_scope=spec.qk_norm)
     if spec.mla:
         mla = {n: _int(hf, n, None if n == "q_lora_rank" else _REQUIRED) for n in MLA_FIELDS}
+        _bool(hf, "rope_interleave", True)   # read by hf.layout: checked here with the rest
         common.update(mla, attention="mla")
         if dim % heads:
             common["head_dim"] = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
@@ -254,7 +267,15 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         head_dim = _int(hf, "head_dim", dim // heads or 1) if spec.head_dim else dim // heads
         if head_dim != dim // heads or dim % heads:
             common["head_dim"] = head_dim
-    return ModelConfig(moe=MoEConfig(**moe), **common)
+    try:
+        return ModelConfig(moe=MoEConfig(**moe), **common)
+    except ValueError as err:   # sizes that do not fit together: named as dropless names them
+        name = str(err).split("=", 1)[0]
+        hf_names = {**_HF_NAMES, "first_dense_layers": spec.dense_prefix,
+                    "num_experts": spec.experts[0]}
+        if hf_names.get(name) is None:
+            raise
+        raise ValueError(f"{err} ({name} is config.json's {hf_names[name]})") from None
 
 
 # ---- writing ------------------------------------------------------------------------------------------

@@ -195,6 +195,8 @@ def test_config_lacking_a_field(mixtral_dir):
 @pytest.mark.parametrize("field,value,arch", [
     ("sliding_window", 16, "mixtral"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "mixtral"),
+    # the legacy field beside transformers 5's rope_parameters {"rope_type": "default"}: applied
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "mixtral"),
     ("decoder_sparse_step", 2, "qwen2_moe"),
     ("mlp_only_layers", [1], "qwen3_moe"),
     ("use_sliding_window", True, "qwen2_moe"),
@@ -204,7 +206,8 @@ def test_unsupported_features_are_refused(field, value, arch, tmp_path):
     hf_model(arch).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
-    name = "rope_type" if field == "rope_parameters" else field
+    assert "rope_parameters" in cfg
+    name = "rope_type" if field.startswith("rope_") else field
     with pytest.raises(ValueError, match=name):
         from_hf(tmp_path)
 
@@ -218,9 +221,10 @@ def test_missing_unexpected_and_misshapen_are_all_listed(mixtral_dir):
     with pytest.raises(ValueError) as err:
         from_hf(mixtral_dir)
     msg = str(err.value)
+    assert msg.startswith(f"{mixtral_dir}: weights do not match config.json:")   # which model
     assert "1 missing: model.layers.1.block_sparse_moe.experts.3.w2.weight" in msg
     assert "1 unexpected: model.layers.0.self_attn.extra.weight" in msg
-    assert "1 misshapen: model.norm.weight [63] (expected [64])" in msg
+    assert "1 misshapen: model.safetensors: model.norm.weight [63] (expected [64])" in msg
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 0.001])
@@ -366,6 +370,8 @@ def edit_config(path, **fields):
     ("tie_word_embeddings", "yes", "tie_word_embeddings='yes' is invalid: must be true or false"),
     ("router_aux_loss_coef", -0.1, "router_aux_loss_coef=-0.1 is invalid"),
     ("max_position_embeddings", 10**12, "max_position_embeddings=1000000000000 is invalid"),
+    ("num_key_value_heads", 3, "num_kv_heads=3 is invalid: must divide num_heads=4 (num_kv_heads is "
+                               "config.json's num_key_value_heads)"),
     ("quantization_config", {"quant_method": "gptq"}, "quant_method='gptq'"),
     ("sliding_window", "wide", "sliding_window='wide'"),
 ])
@@ -607,4 +613,116 @@ def test_config_json_that_cannot_be_small_text_is_refused_unread(tmp_path, kind)
         config.write_bytes(b'{"model_type": "\xff"}')
     want = {"sparse": "over the", "fifo": "not a regular file", "non-utf8": "not readable JSON"}
     with pytest.raises(ValueError, match=f"{config}.*{want[kind]}"):
+        from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("arch,field", [("mixtral", "rms_norm_eps"), ("olmoe", "rms_norm_eps"),
+                                        ("deepseek_v3", "routed_scaling_factor"),
+                                        ("deepseek_v3", "n_shared_experts")])
+def test_absent_fields_take_the_transformers_defaults(tmp_path, arch, field):
+    """A config.json without a field means transformers' default for it (Mixtral's and OLMoE's
+    rms_norm_eps is 1e-5, DeepSeek-V3's routed_scaling_factor 2.5, one shared expert): reading
+    it otherwise is a different model, silently."""
+    ref = hf_model(arch)
+    assert field in ref.config.to_dict()
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg[field]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want_default = transformers.AutoConfig.for_model(cfg["model_type"]).to_dict()[field]
+    assert getattr(ref.config, field) == want_default   # so the file means the same model
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(from_hf(tmp_path).eval()(tokens)[0], ref(tokens).logits) < 1e-4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rope_interleave", "false", "rope_interleave='false' is invalid: must be true or false"),
+    ("rope_interleave", 0, "rope_interleave=0 is invalid"),
+    # not blamed on num_key_value_heads, whose refusal compares with it
+    ("num_attention_heads", "128", "num_attention_heads='128' is invalid: must be an integer"),
+    ("n_group", None, "n_group=8 is invalid: must be an integer in [1, 4] (the field is absent"),
+    # ModelConfig's own checks, named in the file's terms too
+    ("n_group", 3, "num_groups=3 is invalid: must divide num_experts=4 (num_groups is config.json's "
+                   "n_group)"),
+])
+def test_deepseek_config_values_name_their_field(field, value, message):
+    import dataclasses
+    from dropless import PRESETS
+    from dropless.hf_config import config_from_hf, config_to_hf
+
+    cfg = PRESETS["deepseek-v3"]
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=4, num_groups=None,
+                                                           topk_groups=None, top_k=2))
+    hf = {**config_to_hf(cfg), field: value}
+    with pytest.raises(ValueError) as err:
+        config_from_hf(hf)
+    assert message in str(err.value), err.value
+
+
+@pytest.mark.parametrize("first,second", [(20_000, 2**40), (2**40, 20_000)])
+def test_to_hf_again_into_the_same_directory_writes_the_new_weights(tmp_path, first, second):
+    """Re-exporting (sharded after single-file, or the reverse) must not leave the previous save's
+    index or model.safetensors behind: either would be loaded instead of the new weights."""
+    old = from_hf_fresh("qwen2_moe", tmp_path / "src")
+    new = from_hf(tmp_path / "src")
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    (tmp_path / "out" / "notes.txt").parent.mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("kept")
+    to_hf(old, tmp_path / "out", max_shard_bytes=first)
+    to_hf(new, tmp_path / "out", max_shard_bytes=second)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "kept"
+    for (k, a), b in zip(new.state_dict().items(), from_hf(tmp_path / "out").state_dict().values()):
+        assert torch.equal(a, b), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert rel_err(hf(tokens).logits, new.eval()(tokens)[0]) < 1e-5
+
+
+def test_deepseek_without_shared_experts_round_trips(tmp_path):
+    """transformers keeps DeepSeek's shared experts at n_shared_experts=0, as empty tensors
+    ([0, D] / [D, 0]) in its files: they hold no weight and must not make the file unreadable."""
+    cfg = transformers.AutoConfig.for_model("deepseek_v3", **{**COMMON, **ARCHS["deepseek_v3"],
+                                                              "n_shared_experts": 0})
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    randomize(ref.float())
+    ref.eval().save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf").eval()
+    assert model.cfg.moe.num_shared_experts == 0
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        assert rel_err(model(tokens)[0], want) < 1e-4
+    to_hf(model, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back",
+                                                             attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert rel_err(back(tokens).logits, want) < 1e-6
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped(tmp_path):
+    """DeepSeek-V3 files carry num_nextn_predict_layers MTP layers after the last one (as
+    model.layers.{num_hidden_layers + i}.*): skipped, and only those."""
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("deepseek_v3")
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    L = ref.config.num_hidden_layers
+    state[f"model.layers.{L}.eh_proj.weight"] = torch.zeros(64, 128)
+    state[f"model.layers.{L}.enorm.weight"] = torch.ones(64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"2 unexpected: model.layers.{L}.eh_proj.weight"):
+        from_hf(tmp_path)   # the file says num_nextn_predict_layers=0
+    edit_config(tmp_path, num_nextn_predict_layers=1)
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel_err(from_hf(tmp_path).eval()(tokens)[0], ref(tokens).logits) < 1e-4
+    state[f"model.layers.{L + 1}.enorm.weight"] = torch.ones(64)   # past the declared MTP layers
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"1 unexpected: model.layers.{L + 1}.enorm.weight"):
         from_hf(tmp_path)
