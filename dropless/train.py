@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -135,8 +135,18 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         if cfg.batch_size % rt.world:
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
                                 f"split evenly over {rt.world} ranks")
-        # rank 0 owns the run directory; if it refuses, torchrun stops the other ranks
-        with claim_run_dir(Path(cfg.out), new=state is None) if rt.is_main else nullcontext():
+        with ExitStack() as claim:
+            # rank 0 owns the run directory; the others learn whether it refused before they go
+            # on (else they wait in the next collective for a peer that has exited: a traceback)
+            refused = None
+            if rt.is_main:
+                try:
+                    claim.enter_context(claim_run_dir(Path(cfg.out), new=state is None))
+                except (DroplessError, OSError) as e:   # in use, not a run, unwritable, ...
+                    refused = e
+            if rt.all_mean(torch.tensor(float(refused is not None), device=rt.device)) > 0:
+                raise refused or DroplessError(f"rank 0 refused --out {cfg.out} (its message "
+                                               "says why); stopping this rank")
             return _train(cfg, rt, state, progress, on_step)
     finally:
         rt.shutdown()

@@ -3,6 +3,7 @@ its distributed checkpoint resumes in one process and continues the same traject
 the assertions are fp32-exact, and training on a GPU runs bf16 autocast (the world-2 GPU training
 runs are benchmarks: BENCHMARKS.md)."""
 
+import fcntl
 import json
 import shutil
 from dataclasses import asdict
@@ -13,6 +14,7 @@ import pytest
 from _dist import launch
 from dropless.checkpoint import config_from_dict, load_run
 from dropless.config import TrainConfig
+from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
 from dropless.train import resume_config, train
@@ -64,3 +66,25 @@ def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     assert state["step"] == 5 and cfg.ep == 2
     assert train(cfg, state=state, progress=False)["finished"]
     assert_close(metrics(tmp_path / "resumed"), four, range(6, 11))
+
+
+def refused_body(rank, world, cfg):
+    with pytest.raises(DroplessError) as refusal:
+        train(TrainConfig(**cfg), progress=False)
+    expected = "is in use by another dropless process" if rank == 0 else "rank 0 refused --out"
+    assert expected in str(refusal.value), (rank, str(refusal.value))
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_stops_with_one_error_when_rank_0_cannot_claim_the_run(tmp_path, corpus):
+    """A second job on a run directory in use: rank 0's refusal reaches the other ranks, which
+    stop with a DroplessError of their own instead of waiting in a collective for a rank that has
+    exited (a gloo traceback, or a hang until the timeout)."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a+") as lock:   # another dropless process holds the run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        launch(2, refused_body, asdict(TrainConfig(
+            out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"),
+            steps=2, batch_size=4, seq_len=32, sample_tokens=0)))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]   # nothing written by either job
