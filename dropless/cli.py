@@ -442,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                 "convert": _convert, "serve": _serve, "quantize": _quantize,
                 "eval": _eval}[args.command](args)
     except DroplessError as e:
-        print(f"dropless: error: {e}", file=sys.stderr)
+        # under torchrun every local rank runs the same command line on the same files, so a user
+        # mistake is the same on each: one line per machine (its local rank 0), not one per rank
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"dropless: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dropless: interrupted", file=sys.stderr)

@@ -91,6 +91,20 @@ def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
     _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torchrun_one_rank_per_machine_reports_a_mistake(capsys, monkeypatch, local_rank):
+    """Every rank of a torchrun job raises the same error on a bad command line; the local rank 0
+    alone prints it, the others exit with the same code in silence (one line, not one per rank)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    if local_rank == "0":
+        _fails(capsys, ["train", "--ep", "2"], "under torchrun, pass --out RUN_DIR")
+    else:
+        assert cli.main(["train", "--ep", "2"]) == 1
+        assert capsys.readouterr().err == ""
+
+
 def test_train_rejects_unparsable_numbers(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--steps", "ten"])
