@@ -238,6 +238,10 @@ def _train(args) -> int:
         if latest(args.out) is not None:
             args.resume = args.out
     if args.resume is not None:
+        if layout:   # a layout is given whole: the flags left out take their defaults, not the
+            # run's (--dp-shard 2 on a run trained with --ep 2 means FSDP over 2, not 2 x 2 ranks)
+            overrides = {**{k: getattr(TrainConfig, k) for k in ("dp_replicate", "dp_shard", "ep")},
+                         **overrides}
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")

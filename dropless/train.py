@@ -130,7 +130,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
         rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
     except ValueError as e:
-        raise DroplessError(f"invalid parallel layout: {e}") from None
+        kept = "" if state is None else (   # the layout flags may come from the run
+            f" (resuming: the run's --ep {cfg.ep} --dp-replicate {cfg.dp_replicate} hold unless "
+            "--ep/--dp-shard/--dp-replicate are given)")
+        raise DroplessError(f"invalid parallel layout: {e}{kept}") from None
     try:
         if cfg.batch_size % rt.world:
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "

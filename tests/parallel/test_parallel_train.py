@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from _dist import launch
+from dropless import cli
 from dropless.checkpoint import config_from_dict, load_run
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
@@ -88,3 +89,23 @@ def test_every_rank_stops_with_one_error_when_rank_0_cannot_claim_the_run(tmp_pa
             out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"),
             steps=2, batch_size=4, seq_len=32, sample_tokens=0)))
     assert sorted(p.name for p in out.iterdir()) == [".lock"]   # nothing written by either job
+
+
+def cli_body(rank, world, argv, code):
+    assert cli.main(argv) == code
+
+
+@pytest.mark.timeout(120)
+def test_resume_in_another_layout_takes_the_flags_given_whole(tmp_path, corpus):
+    """A run trained with --ep 2 resumed on the same 2 ranks with --dp-shard 2 continues as FSDP-2:
+    the layout flags left out take their defaults, not the run's (ep 2 x dp_shard 2 needs 4 ranks,
+    and the resume was refused as an invalid layout)."""
+    out = str(tmp_path / "run")
+    flags = ["--device", "cpu", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+             "--batch-size", "4", "--seq-len", "32", "--eval-every", "100", "--ckpt-every", "100",
+             "--log-every", "1", "--sample-tokens", "0", "--quiet"]
+    launch(2, cli_body, ["train", "--ep", "2", "--steps", "2", "--out", out, *flags], 0)
+    launch(2, cli_body, ["train", "--resume", out, "--dp-shard", "2", "--steps", "4", *flags], 0)
+    saved = ckpt.read_state(ckpt.latest(out))["train_config"]
+    assert (saved["ep"], saved["dp_shard"], saved["dp_replicate"]) == (1, 2, 1)
+    assert sorted(metrics(out)) == [1, 2, 3, 4]
