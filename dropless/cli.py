@@ -234,8 +234,10 @@ def _train(args) -> int:
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
-        from dropless.parallel.checkpoint import latest
-        if latest(args.out) is not None:
+        # this job wrote; a run that was in --out before it started stays refused, as at first
+        from dropless.parallel.checkpoint import latest, read_state
+        path, job = latest(args.out), os.environ.get("TORCHELASTIC_RUN_ID")
+        if path is not None and read_state(path).get("job") == job:
             args.resume = args.out
     if args.resume is not None:
         if layout:   # a layout is given whole: the flags left out take their defaults, not the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import deque
 from contextlib import ExitStack
@@ -287,7 +288,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             "window": {"loss": window["loss"].item(), "aux": window["aux"].item(),
                        "steps": window["steps"], "loads": window["loads"].tolist()},
             "train_config": asdict(cfg),
-            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()}
+            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json(),
+            # the torchrun job that wrote it: a restart of that job (and only of it) resumes it
+            "job": os.environ.get("TORCHELASTIC_RUN_ID")}
         ckpt.save(run_dir, step, model, opt, extra)
 
     # 3. the loop

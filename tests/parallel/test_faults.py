@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from dropless.checkpoint import config_from_dict
+from dropless.config import TrainConfig
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
 from dropless.parallel.checkpoint import PAUSE_ENV
+from dropless.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +32,7 @@ def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, **env_vars) -> s
            "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
            "--out", str(out), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")   # a file, not a pipe: a full pipe would block
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -97,6 +99,25 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, corpus):
     expected, got = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.timeout(200)
+def test_a_restart_does_not_resume_the_run_its_first_attempt_refused(tmp_path, corpus):
+    """A new run (no --resume) into an --out that already holds a run is refused; torchrun
+    --max-restarts then restarts the job, and the restart must refuse it again rather than take
+    the old run's checkpoint for its own and train it on."""
+    out, cache = tmp_path / "old", tmp_path / "cache"
+    train(TrainConfig(out=str(out), device="cpu", data=str(corpus), cache_dir=str(cache), steps=5,
+                      batch_size=4, seq_len=32, warmup=2, eval_every=100, eval_batches=1,
+                      ckpt_every=5, log_every=1, sample_tokens=0, ep=2), progress=False)
+    job = torchrun(out, corpus, cache)
+    try:
+        assert job.wait(timeout=150) != 0, log_tail(out)
+    finally:
+        stop(job)
+    log = (tmp_path / "old.log").read_text()
+    assert log.count("already holds a run: pass --resume") == 2, log[-3000:]   # both attempts
+    assert ckpt.latest(out).name == "step-00000005" and last_logged_step(out) == 5
 
 
 def _alive(pid: int) -> bool:
