@@ -306,8 +306,19 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
+
+    def stop_now(stop) -> bool:
+        """Whether to leave the loop; under torchrun every rank must leave after the same step, so
+        they decide it together, here: a stop requested later on one rank (Ctrl-C, or the output
+        pipe closing while rank 0 logs) waits for the next step's decision, never makes that rank
+        leave alone while the others go on into the next step's collectives."""
+        if rt.world == 1:
+            return stop.requested
+        flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
+        return bool(flag > 0)   # sync: every rank must agree to stop
+
     with StopOnInterrupt() as stop, bar:
-        while step < cfg.steps and not stop.requested:
+        while step < cfg.steps and not stop_now(stop):
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -320,9 +331,6 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             lm, aux_loss, grad_norm, loads_LE = train_step(model, loss_fn, opt, batches, amp,
                                                            cfg, rt, L, E)
             step += 1
-            if rt.world > 1:   # a Ctrl-C seen by any rank stops every rank after the same step
-                flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
-                stop.requested = bool(flag > 0)   # sync: every rank must agree to stop
 
             recent.append(lm.detach())
             window["loss"] += lm.detach()

@@ -18,6 +18,7 @@ from dropless.config import TrainConfig
 from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
+from dropless.runlog import request_stop
 from dropless.train import resume_config, train
 
 # fp32: losses agree to ~1e-7; the gradient norm, a norm of sums reduced in another order, drifts
@@ -109,3 +110,24 @@ def test_resume_in_another_layout_takes_the_flags_given_whole(tmp_path, corpus):
     saved = ckpt.read_state(ckpt.latest(out))["train_config"]
     assert (saved["ep"], saved["dp_shard"], saved["dp_replicate"]) == (1, 2, 1)
     assert sorted(metrics(out)) == [1, 2, 3, 4]
+
+
+def stop_on_rank_0_body(rank, world, cfg):
+    def on_step(step, loss):   # as the output pipe closing under rank 0's log line at step 3
+        if rank == 0 and step == 3:
+            request_stop()
+    summary = train(TrainConfig(**cfg), progress=False, on_step=on_step)
+    assert (summary["finished"], summary["step"]) == (False, 3), (rank, summary["step"])
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_requested_on_one_rank_after_a_step_stops_every_rank_together(tmp_path, corpus):
+    """A stop that rank 0 alone sees after the ranks agreed on the step's stop flag (its output
+    pipe closed while it logged): every rank stops after the same step and they write one
+    checkpoint together; rank 0 used to leave the loop alone and save while the others went on
+    into the next step's collectives (a hang until the collective timeout)."""
+    out = tmp_path / "run"
+    launch(2, stop_on_rank_0_body, asdict(TrainConfig(
+        out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), ep=2,
+        steps=8, batch_size=4, seq_len=32, eval_every=100, ckpt_every=100, sample_tokens=0)))
+    assert ckpt.latest(out).name == "step-00000003"
