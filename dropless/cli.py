@@ -244,6 +244,8 @@ def _train(args) -> int:
             # run's (--dp-shard 2 on a run trained with --ep 2 means FSDP over 2, not 2 x 2 ranks)
             overrides = {**{k: getattr(TrainConfig, k) for k in ("dp_replicate", "dp_shard", "ep")},
                          **overrides}
+        else:   # the run's ep and replicas; its FSDP degree is what this world leaves of them
+            overrides["dp_shard"] = 0
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")

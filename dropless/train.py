@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
     except ValueError as e:
         kept = "" if state is None else (   # the layout flags may come from the run
-            f" (resuming: the run's --ep {cfg.ep} --dp-replicate {cfg.dp_replicate} hold unless "
+            f" (resuming: --ep {cfg.ep} --dp-replicate {cfg.dp_replicate} are the run's unless "
             "--ep/--dp-shard/--dp-replicate are given)")
         raise DroplessError(f"invalid parallel layout: {e}{kept}") from None
     try:

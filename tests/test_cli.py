@@ -14,6 +14,8 @@ import pytest
 from conftest import subprocess_env
 from dropless import cli
 from dropless.checkpoint import load_run
+from dropless.config import TrainConfig
+from dropless.errors import DroplessError
 from dropless.parallel import checkpoint as ckpt
 
 
@@ -103,6 +105,29 @@ def test_under_torchrun_one_rank_per_machine_reports_a_mistake(capsys, monkeypat
     else:
         assert cli.main(["train", "--ep", "2"]) == 1
         assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, layout", [
+    ([], "dp_replicate=1 dp_shard=0 ep=2"),   # the run's ep; FSDP over what this world leaves
+    (["--dp-shard", "2"], "dp_replicate=1 dp_shard=2 ep=1"),   # the flags given: the layout
+])
+def test_resume_under_torchrun_fits_the_layout_to_the_new_world(capsys, monkeypatch, tmp_path,
+                                                               corpus, flags, layout):
+    """A run trained as --ep 2 --dp-shard 2 (4 ranks, as in the README) resumed on 2 ranks: without
+    layout flags it keeps ep 2 and lets the world size its FSDP degree (it kept dp_shard 2 and was
+    refused: 2 x 2 != 2); with some, those make the whole layout (--dp-shard 2 kept ep 2)."""
+    import dropless.train
+
+    out = tmp_path / "run"
+    dropless.train.train(TrainConfig(out=str(out), device="cpu", data=str(corpus), steps=1,
+                                     cache_dir=str(tmp_path / "cache"), batch_size=2, seq_len=16,
+                                     sample_tokens=0, ep=2, dp_shard=2), progress=False)
+
+    def layout_of(cfg, **_):   # what train() would be asked to run on the 2 ranks
+        raise DroplessError(f"dp_replicate={cfg.dp_replicate} dp_shard={cfg.dp_shard} ep={cfg.ep}")
+    monkeypatch.setattr(dropless.train, "train", layout_of)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(capsys, ["train", "--resume", str(out), "--steps", "2", *flags], layout)
 
 
 def test_train_rejects_unparsable_numbers(capsys):
