@@ -151,7 +151,11 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
             if rt.all_mean(torch.tensor(float(refused is not None), device=rt.device)) > 0:
                 raise refused or DroplessError(f"rank 0 refused --out {cfg.out} (its message "
                                                "says why); stopping this rank")
-            return _train(cfg, rt, state, progress, on_step)
+            summary = _train(cfg, rt, state, progress, on_step)
+        # rank 0 still writes the plots and reports: a rank that exited first with 130 (a stopped
+        # run) would make torchrun kill it halfway, its message unsaid
+        rt.barrier()
+        return summary
     finally:
         rt.shutdown()
 

@@ -24,9 +24,10 @@ from dropless.train import train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, **env_vars) -> subprocess.Popen:
+def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, restarts: int = 1, stdout=None,
+             **env_vars) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "dropless", "train", "--ep", "2", "--device", "cpu",
+           "--max-restarts", str(restarts), "-m", "dropless", "train", "--ep", "2", "--device", "cpu",
            "--data", str(corpus), "--cache-dir", str(cache), "--steps", "16", "--batch-size", "4",
            "--seq-len", "32", "--warmup", "2", "--eval-every", "100", "--eval-batches", "1",
            "--ckpt-every", "5", "--log-every", "1", "--sample-tokens", "0", "--quiet",
@@ -34,8 +35,8 @@ def torchrun(out: Path, corpus: Path, cache: Path, *flags: str, **env_vars) -> s
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")   # a file, not a pipe: a full pipe would block
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=stdout or log,
+                            stderr=log if stdout else subprocess.STDOUT, start_new_session=True)
 
 
 def log_tail(out: Path) -> str:
@@ -118,6 +119,25 @@ def test_a_restart_does_not_resume_the_run_its_first_attempt_refused(tmp_path, c
     log = (tmp_path / "old.log").read_text()
     assert log.count("already holds a run: pass --resume") == 2, log[-3000:]   # both attempts
     assert ckpt.latest(out).name == "step-00000005" and last_logged_step(out) == 5
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_output_pipe_stops_the_job_and_rank_0_says_so(tmp_path, corpus):
+    """`torchrun ... dropless train | head -1`: every rank stops after the same step, a checkpoint
+    is saved, and rank 0 says on stderr how to resume; the other ranks wait for it, where they
+    exited (130) at once and torchrun killed rank 0 before it had said anything."""
+    out = tmp_path / "piped"
+    job = torchrun(out, corpus, tmp_path / "cache", "--steps", "100000", "--eval-every", "2",
+                   restarts=0, stdout=subprocess.PIPE)
+    try:
+        assert job.stdout.readline().startswith(b"step      2: train loss"), log_tail(out)
+        job.stdout.close()   # the reader leaves
+        assert job.wait(timeout=100) != 0
+    finally:
+        stop(job)
+    step = ckpt.read_state(ckpt.latest(out))["step"]
+    assert f"the output pipe closed: stopped at step {step}/100000, checkpoint saved" in \
+        log_tail(out)
 
 
 def _alive(pid: int) -> bool:
