@@ -174,3 +174,33 @@ def test_workers_stop_when_the_launcher_dies(tmp_path, corpus):
         for pid in workers if "workers" in locals() else []:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_workers_stop_when_the_launcher_dies_while_they_start(tmp_path, corpus):
+    """The launcher killed while its workers still import torch (before the watchdog starts): by
+    then their parent is the process that adopted them, and the watchdog used to watch that one,
+    so they waited for the dead launcher's rendezvous for its 30-minute timeout."""
+    out = tmp_path / "early"
+    job = torchrun(out, corpus, tmp_path / "cache", restarts=0)
+    try:
+        workers = []
+        while len(workers) < 2 or not all(b"libtorch" in Path(f"/proc/{w}/maps").read_bytes()
+                                          for w in workers):   # dropless imported, torch loading
+            assert job.poll() is None, log_tail(out)
+            workers = [int(p) for p in
+                       Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+            time.sleep(0.01)
+        assert not (out / "dcp").exists()   # nowhere near the first step yet
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, "workers outlived their launcher"
+            time.sleep(0.1)
+        assert "the launcher (pid" in (out.parent / f"{out.name}.log").read_text()
+    finally:
+        stop(job)
+        for pid in workers if "workers" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
