@@ -51,9 +51,9 @@ def stop(job: subprocess.Popen) -> None:
 
 def local_rank_0(pid: int) -> int:
     """The worker of torchrun `pid` with LOCAL_RANK=0 (it writes the manifests and renames)."""
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    for child in children(pid):
         if b"LOCAL_RANK=0\0" in Path(f"/proc/{child}/environ").read_bytes():
-            return int(child)
+            return child
     raise AssertionError("no worker with LOCAL_RANK=0")
 
 
@@ -147,22 +147,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def kill_launcher(job: subprocess.Popen, workers: list[int], seconds: float) -> None:
+    """SIGKILL the launcher alone; its workers must stop within `seconds`."""
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + seconds
+    while any(map(_alive, workers)):
+        assert time.monotonic() < deadline, "workers outlived their launcher"
+        time.sleep(0.1)
+
+
+def stop_all(job: subprocess.Popen, workers: list[int]) -> None:
+    stop(job)
+    for pid in filter(_alive, workers):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(120)
 def test_workers_stop_when_the_launcher_dies(tmp_path, corpus):
     out = tmp_path / "orphans"
-    job = torchrun(out, corpus, tmp_path / "cache", "--steps", "100000")
+    job, workers = torchrun(out, corpus, tmp_path / "cache", "--steps", "100000"), []
     try:
         while last_logged_step(out) < 1:
             assert job.poll() is None, log_tail(out)
             time.sleep(0.05)
-        workers = [int(p) for p in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+        workers = children(job.pid)
         assert len(workers) == 2
-        os.kill(job.pid, signal.SIGKILL)   # the launcher alone
-        job.wait()
-        deadline = time.monotonic() + 15
-        while any(map(_alive, workers)):
-            assert time.monotonic() < deadline, "workers outlived their launcher"
-            time.sleep(0.1)
+        kill_launcher(job, workers, 15)
         logged = last_logged_step(out)
         time.sleep(1)
         assert last_logged_step(out) == logged   # nobody writes the run any more
@@ -170,10 +185,7 @@ def test_workers_stop_when_the_launcher_dies(tmp_path, corpus):
         # print a traceback after that line, so look in the whole log, not its tail
         assert "the launcher (pid" in (out.parent / f"{out.name}.log").read_text()
     finally:
-        stop(job)
-        for pid in workers if "workers" in locals() else []:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_all(job, workers)
 
 
 @pytest.mark.timeout(120)
@@ -182,25 +194,15 @@ def test_workers_stop_when_the_launcher_dies_while_they_start(tmp_path, corpus):
     then their parent is the process that adopted them, and the watchdog used to watch that one,
     so they waited for the dead launcher's rendezvous for its 30-minute timeout."""
     out = tmp_path / "early"
-    job = torchrun(out, corpus, tmp_path / "cache", restarts=0)
+    job, workers = torchrun(out, corpus, tmp_path / "cache", restarts=0), []
     try:
-        workers = []
         while len(workers) < 2 or not all(b"libtorch" in Path(f"/proc/{w}/maps").read_bytes()
                                           for w in workers):   # dropless imported, torch loading
             assert job.poll() is None, log_tail(out)
-            workers = [int(p) for p in
-                       Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+            workers = children(job.pid)
             time.sleep(0.01)
         assert not (out / "dcp").exists()   # nowhere near the first step yet
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait()
-        deadline = time.monotonic() + 30
-        while any(map(_alive, workers)):
-            assert time.monotonic() < deadline, "workers outlived their launcher"
-            time.sleep(0.1)
+        kill_launcher(job, workers, 30)
         assert "the launcher (pid" in (out.parent / f"{out.name}.log").read_text()
     finally:
-        stop(job)
-        for pid in workers if "workers" in locals() else []:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_all(job, workers)
