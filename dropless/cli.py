@@ -234,10 +234,18 @@ def _train(args) -> int:
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         # torchrun --max-restarts restarted the job: continue from the last complete checkpoint
-        from dropless.parallel.checkpoint import latest
-        if latest(args.out) is not None:
+        # this job wrote; a run that was in --out before it started stays refused, as at first
+        from dropless.parallel.checkpoint import latest, read_state
+        path, job = latest(args.out), os.environ.get("TORCHELASTIC_RUN_ID")
+        if path is not None and read_state(path).get("job") == job:
             args.resume = args.out
     if args.resume is not None:
+        if layout:   # a layout is given whole: the flags left out take their defaults, not the
+            # run's (--dp-shard 2 on a run trained with --ep 2 means FSDP over 2, not 2 x 2 ranks)
+            overrides = {**{k: getattr(TrainConfig, k) for k in ("dp_replicate", "dp_shard", "ep")},
+                         **overrides}
+        else:   # the run's ep and replicas; its FSDP degree is what this world leaves of them
+            overrides["dp_shard"] = 0
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")
@@ -442,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                 "convert": _convert, "serve": _serve, "quantize": _quantize,
                 "eval": _eval}[args.command](args)
     except DroplessError as e:
-        print(f"dropless: error: {e}", file=sys.stderr)
+        # under torchrun every local rank runs the same command line on the same files, so a user
+        # mistake is the same on each: one line per machine (its local rank 0), not one per rank
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"dropless: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dropless: interrupted", file=sys.stderr)

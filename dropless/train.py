@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -130,14 +131,31 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
         rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
     except ValueError as e:
-        raise DroplessError(f"invalid parallel layout: {e}") from None
+        kept = "" if state is None else (   # the layout flags may come from the run
+            f" (resuming: --ep {cfg.ep} --dp-replicate {cfg.dp_replicate} are the run's unless "
+            "--ep/--dp-shard/--dp-replicate are given)")
+        raise DroplessError(f"invalid parallel layout: {e}{kept}") from None
     try:
         if cfg.batch_size % rt.world:
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
                                 f"split evenly over {rt.world} ranks")
-        # rank 0 owns the run directory; if it refuses, torchrun stops the other ranks
-        with claim_run_dir(Path(cfg.out), new=state is None) if rt.is_main else nullcontext():
-            return _train(cfg, rt, state, progress, on_step)
+        with ExitStack() as claim:
+            # rank 0 owns the run directory; the others learn whether it refused before they go
+            # on (else they wait in the next collective for a peer that has exited: a traceback)
+            refused = None
+            if rt.is_main:
+                try:
+                    claim.enter_context(claim_run_dir(Path(cfg.out), new=state is None))
+                except (DroplessError, OSError) as e:   # in use, not a run, unwritable, ...
+                    refused = e
+            if rt.all_mean(torch.tensor(float(refused is not None), device=rt.device)) > 0:
+                raise refused or DroplessError(f"rank 0 refused --out {cfg.out} (its message "
+                                               "says why); stopping this rank")
+            summary = _train(cfg, rt, state, progress, on_step)
+        # rank 0 still writes the plots and reports: a rank that exited first with 130 (a stopped
+        # run) would make torchrun kill it halfway, its message unsaid
+        rt.barrier()
+        return summary
     finally:
         rt.shutdown()
 
@@ -274,7 +292,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             "window": {"loss": window["loss"].item(), "aux": window["aux"].item(),
                        "steps": window["steps"], "loads": window["loads"].tolist()},
             "train_config": asdict(cfg),
-            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json()}
+            "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json(),
+            # the torchrun job that wrote it: a restart of that job (and only of it) resumes it
+            "job": os.environ.get("TORCHELASTIC_RUN_ID")}
         ckpt.save(run_dir, step, model, opt, extra)
 
     # 3. the loop
@@ -290,8 +310,19 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
+
+    def stop_now(stop) -> bool:
+        """Whether to leave the loop; under torchrun every rank must leave after the same step, so
+        they decide it together, here: a stop requested later on one rank (Ctrl-C, or the output
+        pipe closing while rank 0 logs) waits for the next step's decision, never makes that rank
+        leave alone while the others go on into the next step's collectives."""
+        if rt.world == 1:
+            return stop.requested
+        flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
+        return bool(flag > 0)   # sync: every rank must agree to stop
+
     with StopOnInterrupt() as stop, bar:
-        while step < cfg.steps and not stop.requested:
+        while step < cfg.steps and not stop_now(stop):
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -304,9 +335,6 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
             lm, aux_loss, grad_norm, loads_LE = train_step(model, loss_fn, opt, batches, amp,
                                                            cfg, rt, L, E)
             step += 1
-            if rt.world > 1:   # a Ctrl-C seen by any rank stops every rank after the same step
-                flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
-                stop.requested = bool(flag > 0)   # sync: every rank must agree to stop
 
             recent.append(lm.detach())
             window["loss"] += lm.detach()

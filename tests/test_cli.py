@@ -14,6 +14,8 @@ import pytest
 from conftest import subprocess_env
 from dropless import cli
 from dropless.checkpoint import load_run
+from dropless.config import TrainConfig
+from dropless.errors import DroplessError
 from dropless.parallel import checkpoint as ckpt
 
 
@@ -89,6 +91,43 @@ def test_python_dash_m_works():
 ])
 def test_train_rejects_bad_numbers_and_names(capsys, tmp_path, flags, message):
     _fails(capsys, ["train", "--out", str(tmp_path / "run"), *flags], message)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torchrun_one_rank_per_machine_reports_a_mistake(capsys, monkeypatch, local_rank):
+    """Every rank of a torchrun job raises the same error on a bad command line; the local rank 0
+    alone prints it, the others exit with the same code in silence (one line, not one per rank)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    if local_rank == "0":
+        _fails(capsys, ["train", "--ep", "2"], "under torchrun, pass --out RUN_DIR")
+    else:
+        assert cli.main(["train", "--ep", "2"]) == 1
+        assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, layout", [
+    ([], "dp_replicate=1 dp_shard=0 ep=2"),   # the run's ep; FSDP over what this world leaves
+    (["--dp-shard", "2"], "dp_replicate=1 dp_shard=2 ep=1"),   # the flags given: the layout
+])
+def test_resume_under_torchrun_fits_the_layout_to_the_new_world(capsys, monkeypatch, tmp_path,
+                                                               corpus, flags, layout):
+    """A run trained as --ep 2 --dp-shard 2 (4 ranks, as in the README) resumed on 2 ranks: without
+    layout flags it keeps ep 2 and lets the world size its FSDP degree (it kept dp_shard 2 and was
+    refused: 2 x 2 != 2); with some, those make the whole layout (--dp-shard 2 kept ep 2)."""
+    import dropless.train
+
+    out = tmp_path / "run"
+    dropless.train.train(TrainConfig(out=str(out), device="cpu", data=str(corpus), steps=1,
+                                     cache_dir=str(tmp_path / "cache"), batch_size=2, seq_len=16,
+                                     sample_tokens=0, ep=2, dp_shard=2), progress=False)
+
+    def layout_of(cfg, **_):   # what train() would be asked to run on the 2 ranks
+        raise DroplessError(f"dp_replicate={cfg.dp_replicate} dp_shard={cfg.dp_shard} ep={cfg.ep}")
+    monkeypatch.setattr(dropless.train, "train", layout_of)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(capsys, ["train", "--resume", str(out), "--steps", "2", *flags], layout)
 
 
 def test_train_rejects_unparsable_numbers(capsys):

@@ -59,7 +59,9 @@ def _exit_with_launcher(poll_s: float = 1.0) -> None:
     """Stop this worker when its launcher (torchrun) dies: orphaned workers would otherwise go on
     training and writing the run directory. The parent's death shows as a new parent pid (a
     polling thread, not PR_SET_PDEATHSIG, which fires when the spawning *thread* exits)."""
-    parent = os.getppid()
+    from dropless import STARTED_BY
+
+    parent = STARTED_BY   # the launcher, read at import: it may be gone already
 
     def watch():
         while os.getppid() == parent:

@@ -3,6 +3,7 @@ its distributed checkpoint resumes in one process and continues the same traject
 the assertions are fp32-exact, and training on a GPU runs bf16 autocast (the world-2 GPU training
 runs are benchmarks: BENCHMARKS.md)."""
 
+import fcntl
 import json
 import shutil
 from dataclasses import asdict
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 
 from _dist import launch
+from dropless import cli
 from dropless.checkpoint import config_from_dict, load_run
 from dropless.config import TrainConfig
+from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
+from dropless.runlog import request_stop
 from dropless.train import resume_config, train
 
 # fp32: losses agree to ~1e-7; the gradient norm, a norm of sums reduced in another order, drifts
@@ -64,3 +68,66 @@ def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     assert state["step"] == 5 and cfg.ep == 2
     assert train(cfg, state=state, progress=False)["finished"]
     assert_close(metrics(tmp_path / "resumed"), four, range(6, 11))
+
+
+def refused_body(rank, world, cfg):
+    with pytest.raises(DroplessError) as refusal:
+        train(TrainConfig(**cfg), progress=False)
+    expected = "is in use by another dropless process" if rank == 0 else "rank 0 refused --out"
+    assert expected in str(refusal.value), (rank, str(refusal.value))
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_stops_with_one_error_when_rank_0_cannot_claim_the_run(tmp_path, corpus):
+    """A second job on a run directory in use: rank 0's refusal reaches the other ranks, which
+    stop with a DroplessError of their own instead of waiting in a collective for a rank that has
+    exited (a gloo traceback, or a hang until the timeout)."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a+") as lock:   # another dropless process holds the run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        launch(2, refused_body, asdict(TrainConfig(
+            out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"),
+            steps=2, batch_size=4, seq_len=32, sample_tokens=0)))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]   # nothing written by either job
+
+
+def cli_body(rank, world, argv, code):
+    assert cli.main(argv) == code
+
+
+@pytest.mark.timeout(120)
+def test_resume_in_another_layout_takes_the_flags_given_whole(tmp_path, corpus):
+    """A run trained with --ep 2 resumed on the same 2 ranks with --dp-shard 2 continues as FSDP-2:
+    the layout flags left out take their defaults, not the run's (ep 2 x dp_shard 2 needs 4 ranks,
+    and the resume was refused as an invalid layout)."""
+    out = str(tmp_path / "run")
+    flags = ["--device", "cpu", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+             "--batch-size", "4", "--seq-len", "32", "--eval-every", "100", "--ckpt-every", "100",
+             "--log-every", "1", "--sample-tokens", "0", "--quiet"]
+    launch(2, cli_body, ["train", "--ep", "2", "--steps", "2", "--out", out, *flags], 0)
+    launch(2, cli_body, ["train", "--resume", out, "--dp-shard", "2", "--steps", "4", *flags], 0)
+    saved = ckpt.read_state(ckpt.latest(out))["train_config"]
+    assert (saved["ep"], saved["dp_shard"], saved["dp_replicate"]) == (1, 2, 1)
+    assert sorted(metrics(out)) == [1, 2, 3, 4]
+
+
+def stop_on_rank_0_body(rank, world, cfg):
+    def on_step(step, loss):   # as the output pipe closing under rank 0's log line at step 3
+        if rank == 0 and step == 3:
+            request_stop()
+    summary = train(TrainConfig(**cfg), progress=False, on_step=on_step)
+    assert (summary["finished"], summary["step"]) == (False, 3), (rank, summary["step"])
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_requested_on_one_rank_after_a_step_stops_every_rank_together(tmp_path, corpus):
+    """A stop that rank 0 alone sees after the ranks agreed on the step's stop flag (its output
+    pipe closed while it logged): every rank stops after the same step and they write one
+    checkpoint together; rank 0 used to leave the loop alone and save while the others went on
+    into the next step's collectives (a hang until the collective timeout)."""
+    out = tmp_path / "run"
+    launch(2, stop_on_rank_0_body, asdict(TrainConfig(
+        out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), ep=2,
+        steps=8, batch_size=4, seq_len=32, eval_every=100, ckpt_every=100, sample_tokens=0)))
+    assert ckpt.latest(out).name == "step-00000003"
