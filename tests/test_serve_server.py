@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from dropless import ModelConfig, MoEConfig, Transformer  # noqa: E402
+from dropless import DroplessError, ModelConfig, MoEConfig, Transformer  # noqa: E402
 from dropless.checkpoint import config_to_dict  # noqa: E402
 from dropless.parallel.checkpoint import save  # noqa: E402
 from dropless.generate import greedy_recompute  # noqa: E402
@@ -369,3 +369,27 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     assert seen["interval"] < 1e-3 and seen["port"] == 0 and seen["captured"]
     err = capsys.readouterr().err
     assert "warming up: the compiled prefill\n" in err
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("generation_config.json", [], "must hold a JSON object, not list"),
+    ("tokenizer_config.json", [1], "must hold a JSON object, not list"),
+    ("tokenizer_config.json", {"eos_token": 5}, "eos_token: must be a string"),
+    ("tokenizer_config.json", {"chat_template": [{"name": "x"}]}, "chat_template must be"),
+    ("tokenizer_config.json", {"chat_template": 3}, "chat_template must be"),
+    ("generation_config.json", {"eos_token_id": "x"}, "eos_token_id='x' is invalid"),
+    ("generation_config.json", {"eos_token_id": 1.5}, "eos_token_id=1.5 is invalid"),
+    ("generation_config.json", {"eos_token_id": [3, 100000]}, "is invalid: an id or a list"),
+    ("generation_config.json", {"eos_token_id": True}, "eos_token_id=True is invalid"),
+])
+def test_bad_generation_and_tokenizer_configs_are_one_line(run_dir, tmp_path, name, content, message):
+    # these files come from strangers: an AttributeError / KeyError / TypeError traceback, or EOS
+    # ids that never stop a request (accepted silently), used to follow
+    import shutil
+
+    model_dir = tmp_path / "bad"
+    shutil.copytree(run_dir, model_dir)
+    (model_dir / name).write_text(json.dumps(content))
+    with pytest.raises(DroplessError, match=re.escape(message)) as e:
+        load_served_model(str(model_dir), torch.device("cpu"))
+    assert name in str(e.value)

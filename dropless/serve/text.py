@@ -33,13 +33,41 @@ class ServedModel:
 
 def _read_json(path: Path) -> dict:
     try:
-        return read_small_json(path) if path.exists() else {}
+        data = read_small_json(path) if path.exists() else {}
     except (OSError, ValueError) as e:
         raise DroplessError(f"{path}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
-def _token_text(value) -> str:
-    return value.get("content", "") if isinstance(value, dict) else (value or "")
+def _token_text(value, where: str) -> str:
+    text = value.get("content", "") if isinstance(value, dict) else (value or "")
+    if not isinstance(text, str):
+        raise DroplessError(f"{where}: must be a string or {{\"content\": string}}, got {value!r}")
+    return text
+
+
+def _eos_ids(eos, vocab_size: int, where: str) -> tuple[int, ...]:
+    """EOS ids as token ids of the model: an id that is not one would never stop a request."""
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    for i in ids:
+        if type(i) is not int or not 0 <= i < vocab_size:
+            raise DroplessError(f"{where}: eos_token_id={eos!r} is invalid: an id or a list of ids "
+                                f"in [0, {vocab_size})")
+    return tuple(ids)
+
+
+def _chat_template(value, where: str) -> str:
+    """A template string, or Hugging Face's list of named ones (the "default", else the first)."""
+    if isinstance(value, list) and value and all(
+            isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+        return next((t["template"] for t in value if t.get("name") == "default"),
+                    value[0]["template"])
+    if not isinstance(value, str):
+        raise DroplessError(f"{where}: chat_template must be a string or a list of "
+                            f'{{"name", "template"}} objects, got {type(value).__name__}')
+    return value
 
 
 def load_served_model(path: str, device: torch.device) -> ServedModel:
@@ -54,17 +82,17 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hf_config = _read_json(root / "config.json")
     model, tokenizer = load_model_dir(root, device, dtype)
-    tok_config = _read_json(root / "tokenizer_config.json")
-    special = {k: _token_text(tok_config.get(k)) for k in ("bos_token", "eos_token")}
-    eos = _read_json(root / "generation_config.json").get("eos_token_id",
-                                                          hf_config.get("eos_token_id"))
+    tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
+    tok_config = _read_json(tok_path)
+    special = {k: _token_text(tok_config.get(k), f"{tok_path}: {k}")
+               for k in ("bos_token", "eos_token")}
+    gen_config = _read_json(gen_path)
+    where = gen_path if "eos_token_id" in gen_config else root / "config.json"
+    eos = gen_config.get("eos_token_id", hf_config.get("eos_token_id"))
     if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
-        eos = tokenizer.tok.token_to_id(special["eos_token"])
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    template = tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
-    if isinstance(template, list):   # named templates: use "default"
-        template = next((t["template"] for t in template if t.get("name") == "default"),
-                        template[0]["template"])
+        eos, where = tokenizer.tok.token_to_id(special["eos_token"]), f"{tok_path}: eos_token"
+    eos_ids = _eos_ids(eos, model.cfg.vocab_size, str(where))
+    template = _chat_template(tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, tok_path)
     return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
 
 
