@@ -16,13 +16,19 @@ from pathlib import Path
 
 import torch
 
-from dropless.config import ModelConfig, MoEConfig
+from dropless.config import ModelConfig, MoEConfig, TrainConfig
 from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.parallel.checkpoint import latest, latest_path, load, read_state
 from dropless.tokenizer import tokenizer_from_json
 
 LOCK = ".lock"
+
+
+# flags a resumed run may change; every other one must match the checkpoint
+RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "eval_batches",
+             "ckpt_every", "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
+             "dp_replicate")
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -98,3 +104,36 @@ def claim_run_dir(run_dir: Path, new: bool):
                 (run_dir / LOCK).unlink()
                 if created:
                     run_dir.rmdir()
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The saved run's config with `overrides` (flags given on the command line) applied, and the
+    checkpoint. Overriding anything outside RESUMABLE is a config mismatch. The parallel layout
+    given (ep, dp_shard, dp_replicate) is taken whole, the ones left out at their defaults (--dp-shard
+    2 on a run trained with --ep 2 means FSDP over 2, not 2 x 2 ranks); none given keeps the run's
+    ep and replicas, its FSDP degree being what the new world leaves of them."""
+    layout = ("dp_replicate", "dp_shard", "ep")
+    if any(k in overrides for k in layout):
+        overrides = {**{k: getattr(TrainConfig, k) for k in layout}, **overrides}
+    else:
+        overrides = {**overrides, "dp_shard": 0}
+    path = latest_path(run_dir)
+    state = {**read_state(path), "path": path}   # where _build_model loads the tensors from
+    if "train_config" not in state:
+        raise DroplessError(f"{run_dir} holds a model without training state (converted from "
+                            "Hugging Face?): `dropless generate` can sample it, --resume cannot")
+    if "quant" in state:   # it keeps the source's train_config (for eval), not its training state
+        raise DroplessError(f"{run_dir} holds a quantized model (`dropless quantize`): `dropless "
+                            "generate`, `eval` and `serve` read it, --resume cannot; resume the "
+                            "run it was quantized from")
+    saved = state["train_config"]
+    clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
+               for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
+    if clashes:
+        raise DroplessError("config mismatch on resume: " + "; ".join(clashes)
+                            + "; leave these flags out to continue the run as it was")
+    cfg = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
+    if cfg.steps <= state["step"]:
+        raise DroplessError(f"{run_dir}: the run already finished {state['step']} steps; "
+                            f"pass --steps larger than {state['step']} to train further")
+    return cfg, state

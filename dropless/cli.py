@@ -15,7 +15,6 @@ import socket
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
@@ -153,70 +152,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_summary(s: dict) -> str:
-    """The end-of-run report of `dropless train`."""
-    from dropless.train import SAMPLE_PROMPT
-
-    if not s["finished"]:
-        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
-                f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
-    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
-    lines = [
-        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
-        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
-        + (", compiled" if s.get("compiled") else "")
-        + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
-        + "; evaluation and checkpoints excluded)",
-        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
-        f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
-        f"{math.exp(s['val_loss']):.2f})",
-        f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
-        "tokens: the best loss without context)",
-        f"run directory: {s['run_dir']} (dcp/, metrics.jsonl, "
-        + ", ".join(Path(p).name for p in s["plots"]) + ")",
-    ]
-    if s["sample"] is not None:
-        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
-                  "-" * 60, s["sample"], "-" * 60]
-    return "\n".join(lines)
-
-
-class _StopWhenReaderLeaves:
-    """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
-    (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
-    saved) instead of dying at its next evaluation line with every step since the last checkpoint
-    lost. Later output is discarded."""
-
-    def __init__(self, stream):
-        self.stream, self.reader_left = stream, False
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self._left()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self._left()
-
-    def _left(self) -> None:
-        from dropless.runlog import request_stop
-
-        if not self.reader_left:
-            self.reader_left = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            request_stop()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def _train(args) -> int:
-    from dropless.train import resume_config, train
+    from dropless.checkpoint import resume_config
+    from dropless.runlog import StopWhenReaderLeaves, format_summary
+    from dropless.train import train
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
@@ -240,12 +179,6 @@ def _train(args) -> int:
         if path is not None and read_state(path).get("job") == job:
             args.resume = args.out
     if args.resume is not None:
-        if layout:   # a layout is given whole: the flags left out take their defaults, not the
-            # run's (--dp-shard 2 on a run trained with --ep 2 means FSDP over 2, not 2 x 2 ranks)
-            overrides = {**{k: getattr(TrainConfig, k) for k in ("dp_replicate", "dp_shard", "ep")},
-                         **overrides}
-        else:   # the run's ep and replicas; its FSDP degree is what this world leaves of them
-            overrides["dp_shard"] = 0
         run_dir = args.resume or args.out
         if not run_dir:
             raise DroplessError("--resume needs a run directory: --resume RUN_DIR")
@@ -263,7 +196,7 @@ def _train(args) -> int:
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None
-    stdout, stderr = _StopWhenReaderLeaves(sys.stdout), _StopWhenReaderLeaves(sys.stderr)
+    stdout, stderr = StopWhenReaderLeaves(sys.stdout), StopWhenReaderLeaves(sys.stderr)
     sys.stdout, sys.stderr = stdout, stderr
     try:
         summary = train(cfg, state=state, progress=not args.quiet)

@@ -1,8 +1,11 @@
-"""What a training run keeps beside the loop: the metrics log, and stopping cleanly on Ctrl-C."""
+"""What a training run keeps beside the loop: the metrics log, and stopping cleanly on Ctrl-C or
+when its output pipe closes."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -39,6 +42,38 @@ def request_stop() -> None:
         StopOnInterrupt.active.requested = True
 
 
+class StopWhenReaderLeaves:
+    """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
+    (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
+    saved) instead of dying at its next evaluation line with every step since the last checkpoint
+    lost. Later output is discarded."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_left = stream, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._left()
+
+    def _left(self) -> None:
+        if not self.reader_left:
+            self.reader_left = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            request_stop()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class MetricsLog:
     """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step
     (logged by the run after its last save) are dropped so the file reads as one straight run."""
@@ -58,3 +93,31 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+
+def format_summary(s: dict) -> str:
+    """The end-of-run report of `dropless train`."""
+    from dropless.train import SAMPLE_PROMPT
+
+    if not s["finished"]:
+        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
+                f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
+    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
+    lines = [
+        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
+        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
+        + (", compiled" if s.get("compiled") else "")
+        + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
+        + "; evaluation and checkpoints excluded)",
+        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
+        f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
+        f"{math.exp(s['val_loss']):.2f})",
+        f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "
+        "tokens: the best loss without context)",
+        f"run directory: {s['run_dir']} (dcp/, metrics.jsonl, "
+        + ", ".join(Path(p).name for p in s["plots"]) + ")",
+    ]
+    if s["sample"] is not None:
+        lines += [f"sample (temperature 0.8, top-k 40) from {SAMPLE_PROMPT!r}:",
+                  "-" * 60, s["sample"], "-" * 60]
+    return "\n".join(lines)

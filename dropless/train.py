@@ -39,37 +39,8 @@ from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, 
 from dropless.plots import write_plots
 from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
-# flags a resumed run may change; every other one must match the checkpoint
-RESUMABLE = ("out", "steps", "device", "backend", "precision", "eval_every", "eval_batches",
-             "ckpt_every", "log_every", "compile", "cache_dir", "sample_tokens", "ep", "dp_shard",
-             "dp_replicate")
 BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
-
-
-def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
-    """The saved run's config with `overrides` (flags given on the command line) applied, and the
-    checkpoint. Overriding anything outside RESUMABLE is a config mismatch."""
-    path = ckpt.latest_path(run_dir)
-    state = {**ckpt.read_state(path), "path": path}   # where _build_model loads the tensors from
-    if "train_config" not in state:
-        raise DroplessError(f"{run_dir} holds a model without training state (converted from "
-                            "Hugging Face?): `dropless generate` can sample it, --resume cannot")
-    if "quant" in state:   # it keeps the source's train_config (for eval), not its training state
-        raise DroplessError(f"{run_dir} holds a quantized model (`dropless quantize`): `dropless "
-                            "generate`, `eval` and `serve` read it, --resume cannot; resume the "
-                            "run it was quantized from")
-    saved = state["train_config"]
-    clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
-               for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
-    if clashes:
-        raise DroplessError("config mismatch on resume: " + "; ".join(clashes)
-                            + "; leave these flags out to continue the run as it was")
-    cfg = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
-    if cfg.steps <= state["step"]:
-        raise DroplessError(f"{run_dir}: the run already finished {state['step']} steps; "
-                            f"pass --steps larger than {state['step']} to train further")
-    return cfg, state
 
 
 def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, params=None):

@@ -21,7 +21,8 @@ from dropless.parallel.checkpoint import PAUSE_ENV, latest_path, read_state
 from dropless.config import PRESETS
 from dropless.errors import DroplessError
 from dropless.model import Transformer
-from dropless.train import resume_config, train
+from dropless.checkpoint import resume_config
+from dropless.train import train
 
 
 def test_round_trip_keeps_two_and_no_temp_files(tmp_path):

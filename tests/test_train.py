@@ -11,7 +11,8 @@ from dropless.checkpoint import load_run
 from dropless.parallel.checkpoint import latest_path, read_state
 from dropless.config import TrainConfig
 from dropless.optim import lr_at, make_optimizer
-from dropless.train import resume_config, train
+from dropless.checkpoint import resume_config
+from dropless.train import train
 
 
 def _metrics(run_dir) -> list[dict]:

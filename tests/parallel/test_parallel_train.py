@@ -19,7 +19,8 @@ from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.parallel import checkpoint as ckpt
 from dropless.runlog import request_stop
-from dropless.train import resume_config, train
+from dropless.checkpoint import resume_config
+from dropless.train import train
 
 # fp32: losses agree to ~1e-7; the gradient norm, a norm of sums reduced in another order, drifts
 # a little more over the steps
