@@ -11,7 +11,7 @@ import torch
 from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 from test_ops_triton import routing as triton_routing
 
-from dropless.ops import awq, reference
+from dropless.ops import awq, gemv, reference
 from dropless.quant.pack import dequantize, quantize_packed
 
 
@@ -97,11 +97,11 @@ def test_gather_unpack(monkeypatch):
 def test_decode_narrow_tiles_and_split_k(monkeypatch):
     """As on a GPU with many multiprocessors: split reductions for gate|up (SwiGLU afterwards)
     and for down."""
-    monkeypatch.setattr(awq, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(gemv, "_num_sms", lambda device: 64)
     gen = torch.Generator().manual_seed(5)
     packed = packed_experts(4, 256, 256, 32, gen)
     weights, ids = routing(2, 4, 2, "random", gen)
-    assert awq.gemv_split(4, 512, 256, "cpu") == 2 and awq.gemv_split(4, 256, 256, "cpu") == 2
+    assert gemv.gemv_split(4, 512, 256, "cpu") == 2 and gemv.gemv_split(4, 256, 256, "cpu") == 2
     x = torch.randn(2, 256, generator=gen).to(DEVICE)
     assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
 

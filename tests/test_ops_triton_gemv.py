@@ -1,4 +1,4 @@
-"""The decode expert GEMV kernels against the training path of the MoE layer.
+"""The decode expert GEMV kernel (plain weights) against the training path of the MoE layer.
 
 On a GPU when there is one, else on the CPU under the Triton interpreter (fp32/fp16 only)."""
 
@@ -8,14 +8,21 @@ import torch
 from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 
 from dropless import MoE, MoEConfig
+from dropless.ops import gemv
 from dropless.serve.moe_decode import moe_decode
 from tests.conftest import rel_err
 
 
 
+@pytest.mark.parametrize("sms", [None, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,D,F,E,K", [(1, 64, 96, 8, 2), (3, 40, 24, 4, 4), (2, 128, 64, 16, 3)])
-def test_gemv_path_matches_training_path(dtype, T, D, F, E, K):
+@pytest.mark.parametrize("T,D,F,E,K", [(1, 64, 96, 8, 2), (3, 40, 24, 4, 4), (2, 128, 64, 16, 3),
+                                       (1, 256, 128, 8, 8)])
+def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, monkeypatch):
+    """sms 64: as on a GPU, split reductions (gate|up partials summed and SwiGLU'd by the down
+    GEMV as it reads them); D 40 / F 24: reductions not a multiple of the block, masked."""
+    if sms:
+        monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
     torch.manual_seed(0)
     moe = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, num_shared_experts=1))
     moe = moe.to(DEVICE, dtype).eval()

@@ -16,16 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dropless.ops import reference
-from dropless.ops.device import has_triton, num_sms
+from dropless.ops.device import has_triton
+from dropless.ops.gemv import decode_experts, gemv, gemv_split
 from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
 
-# tiles chosen by register counts from ptxas at sm_90 (no spills): GEMV 80 registers with SwiGLU,
-# grouped 128 (16-row tiles, 4 warps) to 182 (64-row tiles, 8 warps)
-GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 32
-GEMV_UNROLL = 4    # reduction steps per GEMV iteration (79 registers plain, 139 with SwiGLU)
-GEMV_WAVES = 6     # GEMV grids are split until they hold this many programs per multiprocessor
+# tiles chosen by register counts from ptxas at sm_90 (no spills): grouped 128 (16-row tiles,
+# 4 warps) to 182 (64-row tiles, 8 warps); the GEMV's are in gemv.py
 GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # how the kernels spread packed int32s over columns: "interleave" in registers or "gather" loads
@@ -84,56 +82,12 @@ def _kernels():   # not cached: torch.compile traces it (an import is a dict loo
     return triton_awq_kernels
 
 
-def _num_sms(device: torch.device) -> int:
-    return num_sms(device.index) if device.type == "cuda" else 1
-
-
 def _expert_strides(qw, qz, sc):
     return (qw.stride(0), qz.stride(0), sc.stride(0)) if qw.dim() == 3 else (0, 0, 0)
 
 
-def _gemv_step(kd: int) -> int:
-    """Reduction rows per GEMV iteration: BLOCK_K x UNROLL, the largest that divides kd."""
-    unroll = GEMV_UNROLL
-    while kd % (GEMV_BLOCK_K * unroll):
-        unroll //= 2
-    return GEMV_BLOCK_K * unroll
-
-
-def gemv_split(rows: int, n: int, kd: int, device) -> int:
-    """Split the reduction until the grid fills the GPU GEMV_WAVES times over: at batch 1 the rows
-    alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
-    fp32, summed afterwards (deterministic, no atomics)."""
-    units = kd // _gemv_step(kd)
-    split = min(units, max(1, -(-GEMV_WAVES * _num_sms(device) // (rows * -(-n // GEMV_BLOCK_N)))))
-    while units % split:
-        split -= 1
-    return split
-
-
-def _gemv(x, qw, qz, sc, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False,
-          split_k=1, gu_split=0) -> None:
-    """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
-    with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up partials and SwiGLU is applied on read."""
-    rows = out.shape[-2]
-    kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
-    gs = kd // qz.shape[-2]
-    wn = qw.shape[-1] * PACK
-    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n)
-    assert gs % GEMV_BLOCK_K == 0 and kd % split_k == 0
-    step = _gemv_step(kd // split_k)
-    unroll = step // GEMV_BLOCK_K if not _gather_unpack() else min(2, step // GEMV_BLOCK_K)
-    assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
-    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
-    _kernels().awq_gemv_kernel[grid](
-        x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
-        out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
-        qw, qz, sc, *_expert_strides(qw, qz, sc),
-        out if expert is None else expert, out if scale is None else scale,
-        n, kd, wn,
-        GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
-        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
-        GATHER_UNPACK=_gather_unpack(), UNROLL=unroll, num_warps=4)
+def _gemv(x, qw, qz, sc, out, **kw) -> None:
+    gemv(x, (qw, qz, sc), out, gather_unpack=_gather_unpack(), **kw)
 
 
 def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
@@ -200,31 +154,9 @@ def _(x_MI, qweight, qzeros, scales):
 @torch.library.custom_op("dropless::awq_moe_decode", mutates_args=())
 def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Tensor, gqz: Tensor,
                gsc: Tensor, dqw: Tensor, dqz: Tensor, dsc: Tensor) -> Tensor:
-    """Rows are the slots themselves (no sort): h = SwiGLU per slot, then down with the routing
-    weight and the K-sum."""
-    x_TD = x_TD.contiguous()
-    T, D = x_TD.shape
-    K, F_ = expert_ids_TK.shape[1], dqw.shape[1]
-    R = T * K
-    if R == 0:
-        return torch.zeros_like(x_TD)
-    expert_S = expert_ids_TK.reshape(-1)
-    w_S = weights_TK.reshape(-1)
-    gu_split = 0
-    if gemv_split(R, F_, D, x_TD.device) == 1:   # enough programs: gate, up, SwiGLU in one pass
-        h = x_TD.new_empty(R, F_)
-        _gemv(x_TD, gqw, gqz, gsc, h, n=F_, rows_per_token=K, expert=expert_S, swiglu=True)
-    else:   # batch 1: gate|up as fp32 partials (split reduction); the down GEMV sums them and
-            # applies SwiGLU as it reads them
-        split = gemv_split(R, 2 * F_, D, x_TD.device)
-        h = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
-        _gemv(x_TD, gqw, gqz, gsc, h, n=2 * F_, rows_per_token=K, expert=expert_S, split_k=split)
-        gu_split = split
-    split = gemv_split(R, D, F_, x_TD.device)
-    y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
-    _gemv(h, dqw, dqz, dsc, y_PSD, n=D, expert=expert_S, scale=w_S, split_k=split,
-          gu_split=gu_split)
-    return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
+    """decode_experts (gemv.py) on packed weights."""
+    return decode_experts(x_TD, expert_ids_TK, weights_TK, (gqw, gqz, gsc), (dqw, dqz, dsc),
+                          _gather_unpack())
 
 
 @_decode_op.register_fake

@@ -11,12 +11,11 @@ Weight contract (per expert, row-major, contiguous inside one expert):
 A reduction step covers BLOCK_K rows inside one group (BLOCK_K divides GS), so one row of zeros and
 scales serves the whole tile. Weights are dequantized in registers; accumulation is fp32.
 
-- `awq_gemv_kernel` (decode, a few rows): one program per (row, column tile, K split); each row
-  gathers its token and reads its own expert's weights. No tensor cores: at batch 1 the cost is
-  reading the packed weights once.
 - `awq_grouped_kernel` (prefill): expert-contiguous row tiles (the tile map of triton_grouped) x
   column tiles, tl.dot on the dequantized tile in the activation dtype.
-Both can fuse SwiGLU (gate and up columns in one pass) and a per-row scale (routing weight).
+- decode (a few rows) runs the GEMV kernel of triton_gemv_kernels.py, which reads plain or int4
+  weights with the same `_dequant_tile`.
+It can fuse SwiGLU (gate and up columns in one pass) and a per-row scale (routing weight).
 """
 
 from __future__ import annotations
@@ -24,105 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
-                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GATHER_UNPACK: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
-    divides GS), columns `cols` (pcols = their int32s, cols // 8).
-
-    Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
-    (interleave, as vLLM's Triton AWQ kernel does), or let each column load its own copy (the same
-    cache line serves all eight; no register shuffle). Which is faster is measured, not assumed:
-    benchmarks/awq.py runs both."""
-    ks = tl.arange(0, BLOCK_K)
-    c = cols % 8
-    shift = ((c % 2) * 4 + c // 2) * 4
-    g = k0 // GS
-    if GATHER_UNPACK:
-        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
-                         mask=col_ok[None, :], other=0)
-        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
-    else:
-        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
-                         mask=pc_ok[None, :], other=0)
-        packed = tl.interleave(packed, packed)
-        packed = tl.interleave(packed, packed)
-        packed = tl.interleave(packed, packed)
-        zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
-        zp = tl.interleave(zp, zp)
-        zp = tl.interleave(zp, zp)
-        zp = tl.interleave(zp, zp)
-    q = (packed >> shift[None, :]) & 0xF
-    z = (zp >> shift) & 0xF
-    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (q - z[None, :]).to(tl.float32) * s[None, :]
-
-
-@triton.jit
-def awq_gemv_kernel(
-    # x [*, KD]: row r reads row r // rows_per_token. With GU_SPLIT > 0, x holds fp32 gate|up
-    # partials [GU_SPLIT, *, 2 KD] instead, summed and passed through SwiGLU as they are read.
-    x_ptr, stride_xs, stride_xm, rows_per_token,
-    # out [SPLIT_K, R, N] (fp32 partials) or [R, N]
-    out_ptr, stride_os, stride_om,
-    # packed weights, one matrix per expert (stride 0 for a single linear)
-    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
-    # per row: expert (any int), scale (any float)
-    expert_ptr, scale_ptr,
-    N, KD, WN,
-    GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr, GU_SPLIT: tl.constexpr,
-    GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
-):
-    r = tl.program_id(0)
-    n_tile = tl.program_id(1)
-    split = tl.program_id(2)
-    e = 0
-    if HAS_EXPERT:
-        e = tl.load(expert_ptr + r).to(tl.int64)
-    src = (r // rows_per_token).to(tl.int64)
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    pc_ok = pcols < N // 8
-    qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
-    ks = tl.arange(0, BLOCK_K)
-    k_len = KD // SPLIT_K   # a multiple of BLOCK_K * UNROLL (the launcher checks)
-    # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    # UNROLL steps per iteration in one basic block: their independent loads are issued together
-    # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
-    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
-        for step in tl.static_range(UNROLL):
-            k0 = k_outer + step * BLOCK_K
-            if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
-                g = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                u = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                for sp in tl.static_range(GU_SPLIT):
-                    row = x_ptr + sp * stride_xs + src * stride_xm + k0 + ks
-                    g += tl.load(row)
-                    u += tl.load(row + KD)
-                x = g * tl.sigmoid(g) * u
-            else:
-                x = tl.load(x_ptr + src * stride_xm + k0 + ks).to(tl.float32)
-            w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K,
-                              BLOCK_N, GATHER_UNPACK)
-            acc2 += x[:, None] * w
-            if SWIGLU:   # the up columns sit N to the right of the gate columns
-                w_up = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
-                                     GS, BLOCK_K, BLOCK_N, GATHER_UNPACK)
-                acc2_up += x[:, None] * w_up
-    acc = tl.sum(acc2, axis=0)
-    acc_up = tl.sum(acc2_up, axis=0)
-    if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    if SCALE:
-        acc = acc * tl.load(scale_ptr + r).to(tl.float32)
-    out = out_ptr + split * stride_os + r * stride_om + cols
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+from dropless.ops.triton_gemv_kernels import _dequant_tile
 
 
 @triton.jit

@@ -1,69 +1,150 @@
-"""Expert GEMV kernels for decoding: each routed row multiplies its own expert's weights, read in
-place by expert id (no gathered copy, no sort).
+"""The GEMV kernel of decoding: a few rows, each through its own matrix (a routed slot through its
+expert, read in place by id: no gathered copy, no sort), with plain (bf16/fp16/fp32) or int4 (AWQ
+GEMM layout) weights. Imported only by gemv.py's launchers, so that importing dropless never needs
+triton.
 
-Shape contract (R routed rows = T*K, D model dim, F expert hidden, E experts):
-  gate_up_gemv: x [T, D], ids [R], gate_up [E, D, 2F] -> h [R, F] = silu(x[r // K] @ g) * (x[r // K] @ u)
-  down_gemv:    h [R, F], ids [R], down [E, F, D]     -> y [R, D] = h[r] @ down[ids[r]]
-One program computes BLOCK_N outputs of one row, looping over the input dim in BLOCK_K chunks;
-accumulation in float32, output in the input's dtype. Weights must be contiguous.
+Legend: R rows, KD reduction length (input features), N output columns of one product, WN the
+matrix's full width (2N for gate|up, N otherwise), GS the int4 group size.
+
+Weight contract (per expert, row-major, contiguous inside one expert):
+  plain  w [KD, WN];
+  int4   qweight int32 [KD, WN/8], qzeros int32 [KD/GS, WN/8], scales fp16/bf16/fp32 [KD/GS, WN];
+         w[k, n] = (nibble(qweight[k, n/8], n%8) - nibble(qzeros[k/GS, n/8], n%8)) * scales[k/GS, n],
+         column c of a run of eight in nibble (c%2)*4 + c/2 (AutoAWQ's order).
+A reduction step covers BLOCK_K rows (inside one group: BLOCK_K divides GS), so one row of zeros and
+scales serves the whole tile. Weights are dequantized in registers; accumulation is fp32.
 """
+
+from __future__ import annotations
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def gate_up_gemv_kernel(
-    # tensors
-    x_ptr, ids_ptr, w_ptr, h_ptr,
-    # sizes
-    D, F, TOP_K,
-    # meta
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < F
-    expert = tl.load(ids_ptr + row).to(tl.int64)
-    x_row = x_ptr + (row // TOP_K).to(tl.int64) * D
-    w_expert = w_ptr + expert * D * 2 * F
-    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        xv = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        tile = w_expert + offs_k[:, None] * (2 * F) + offs_n[None, :]
-        mask = k_ok[:, None] & n_ok[None, :]
-        g = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(tile + F, mask=mask, other=0.0).to(tl.float32)
-        acc_g += tl.sum(xv[:, None] * g, axis=0)
-        acc_u += tl.sum(xv[:, None] * u, axis=0)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(h_ptr + row.to(tl.int64) * F + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
+                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GATHER_UNPACK: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
+    divides GS), columns `cols` (pcols = their int32s, cols // 8).
+
+    Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
+    (interleave), or let each column load its own copy (the same cache line serves all eight; no
+    register shuffle). Which is faster is measured, not assumed: benchmarks/awq.py runs both."""
+    ks = tl.arange(0, BLOCK_K)
+    c = cols % 8
+    shift = ((c % 2) * 4 + c // 2) * 4
+    g = k0 // GS
+    if GATHER_UNPACK:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
+                         mask=col_ok[None, :], other=0)
+        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
+    else:
+        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                         mask=pc_ok[None, :], other=0)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+        zp = tl.interleave(zp, zp)
+    q = (packed >> shift[None, :]) & 0xF
+    z = (zp >> shift) & 0xF
+    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (q - z[None, :]).to(tl.float32) * s[None, :]
 
 
 @triton.jit
-def down_gemv_kernel(
-    # tensors
-    h_ptr, ids_ptr, w_ptr, y_ptr,
-    # sizes
-    F, D,
-    # meta
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _row(ptr, k0, KD, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """fp32 [BLOCK_K]: ptr[k0:k0 + BLOCK_K], zero past KD when MASK_K."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        v = tl.load(ptr + ks, mask=ks < KD, other=0.0)
+    else:
+        v = tl.load(ptr + ks)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _tile(qw_ptr, qz_ptr, sc_ptr, k0, KD, WN, pcols, pc_ok, cols, col_ok,
+          QUANT: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+          GATHER_UNPACK: tl.constexpr, MASK_K: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N] of the weight at rows k0.., columns `cols`: int4 dequantized, or
+    plain (rows past KD read as 0 when MASK_K)."""
+    if QUANT:
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok, GS,
+                          BLOCK_K, BLOCK_N, GATHER_UNPACK)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = col_ok[None, :]
+        if MASK_K:
+            mask = mask & (ks < KD)[:, None]
+        w = tl.load(qw_ptr + ks[:, None] * WN + cols[None, :], mask=mask, other=0.0)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def gemv_kernel(
+    # x [*, KD]: row r reads row r // rows_per_token. With GU_SPLIT > 0, x holds fp32 gate|up
+    # partials [GU_SPLIT, *, 2 KD] instead, summed and passed through SwiGLU as they are read.
+    x_ptr, stride_xs, stride_xm, rows_per_token,
+    # out [SPLIT_K, R, N] (fp32 partials) or [R, N]
+    out_ptr, stride_os, stride_om,
+    # weights, one matrix per expert (stride 0 for a single linear); plain: qw_ptr only
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    # per row: expert (any int), scale (any float)
+    expert_ptr, scale_ptr,
+    N, KD, WN,
+    QUANT: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    GU_SPLIT: tl.constexpr, GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
+    MASK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < D
-    expert = tl.load(ids_ptr + row).to(tl.int64)
-    h_row = h_ptr + row.to(tl.int64) * F
-    w_expert = w_ptr + expert * F * D
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < F
-        hv = tl.load(h_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_expert + offs_k[:, None] * D + offs_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(hv[:, None] * w, axis=0)
-    tl.store(y_ptr + row.to(tl.int64) * D + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    r = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    e = 0
+    if HAS_EXPERT:
+        e = tl.load(expert_ptr + r).to(tl.int64)
+    src = (r // rows_per_token).to(tl.int64)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    pc_ok = pcols < N // 8
+    qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
+    # a multiple of BLOCK_K * UNROLL (the launcher checks), or all of KD (MASK_K, SPLIT_K 1)
+    k_len = KD // SPLIT_K
+    # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # UNROLL steps per iteration in one basic block: their independent loads are issued together
+    # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
+    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+        for step in tl.static_range(UNROLL):
+            k0 = k_outer + step * BLOCK_K
+            if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
+                g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for sp in tl.static_range(GU_SPLIT):
+                    row = x_ptr + sp * stride_xs + src * stride_xm
+                    g += _row(row, k0, KD, BLOCK_K, MASK_K)
+                    u += _row(row + KD, k0, KD, BLOCK_K, MASK_K)
+                x = g * tl.sigmoid(g) * u
+            else:
+                x = _row(x_ptr + src * stride_xm, k0, KD, BLOCK_K, MASK_K)
+            w = _tile(qw, qz, sc, k0, KD, WN, pcols, pc_ok, cols, col_ok, QUANT, GS, BLOCK_K,
+                      BLOCK_N, GATHER_UNPACK, MASK_K)
+            acc2 += x[:, None] * w
+            if SWIGLU:   # the up columns sit N to the right of the gate columns
+                w_up = _tile(qw, qz, sc, k0, KD, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
+                             QUANT, GS, BLOCK_K, BLOCK_N, GATHER_UNPACK, MASK_K)
+                acc2_up += x[:, None] * w_up
+    acc = tl.sum(acc2, axis=0)
+    acc_up = tl.sum(acc2_up, axis=0)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + r).to(tl.float32)
+    out = out_ptr + split * stride_os + r * stride_om + cols
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)

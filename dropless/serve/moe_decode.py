@@ -7,14 +7,15 @@ grouped matmul over expert-contiguous rows: right for thousands of tokens, pure 
 Here, with T at most the decode batch, one of two shapes of the same math is used:
 
 - "triton" (few rows, on CUDA): two Triton GEMVs that read each row's expert weights in place by
-  id (dropless/ops/triton_gemv.py); reads only the experts used, once.
+  id, the second scaling by the routing weight, then the K-sum in fp32 (dropless/ops/gemv.py,
+  the kernel the int4 experts decode with); reads only the experts used, once.
 - "gather" (few rows, elsewhere): copy the chosen experts' weights into [R, D, 2F] and [R, F, D] and
   run two batched GEMVs; reads only the experts used, twice.
 - "dense" (T*K comparable to E): every expert on every token, [E, T, D] x [E, D, 2F], then zero
   routing weight for unchosen (token, expert) pairs; reads every expert once, with no gather.
 
-Both combine with a [T, 1, K] (or [T, 1, E]) batched matmul in the activation dtype, as the training
-path's combine does, so outputs agree with it to rounding.
+"gather" and "dense" combine with a [T, 1, K] (or [T, 1, E]) batched matmul in the activation dtype,
+as the training path's combine does; outputs agree with it to rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from dropless.experts import Experts
 from dropless.moe import MoE
-from dropless.ops.triton_gemv import experts_gemv_rows   # imports triton when first run
+from dropless.ops.gemv import experts_decode   # imports triton when first run
 from dropless.router import Router, select_experts
 
 
@@ -73,11 +74,6 @@ def experts_gather(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
     return torch.bmm(F.silu(gate) * up, down_EFD[ids_R]).view(T, K, -1)
 
 
-def experts_triton(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
-    T, K = expert_ids_TK.shape
-    return experts_gemv_rows(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD).view(T, K, -1)
-
-
 def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
     """y_TED: every token through every expert."""
     h_ETF2 = torch.matmul(x_TD.unsqueeze(0), gate_up_EDF2)
@@ -93,20 +89,24 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
     T = x_TD.shape[0]
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
-    if not isinstance(experts, Experts):   # int4 experts (dropless.quant) decode from packed weights
-        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
+    quantized = not isinstance(experts, Experts)
+    path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
+    if quantized or path == "triton":
+        if quantized:   # int4 experts (dropless.quant) decode from packed weights
+            y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
+        else:
+            y_TD = experts_decode(x_TD, expert_ids_TK, weights_TK, experts.gate_up, experts.down)
         if residual is not None:
             y_TD = residual.reshape(T, -1) + y_TD
     else:
-        path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
         if path == "dense":
             # routing weights scattered to [T, E]; the unchosen experts' outputs get weight 0
             w_TX = torch.zeros(T, moe.cfg.num_experts, dtype=weights_TK.dtype,
                                device=x.device).scatter(1, expert_ids_TK, weights_TK)
             y_TXD = experts_dense(x_TD, experts.gate_up, experts.down)
         else:
-            run = experts_triton if path == "triton" else experts_gather
-            w_TX, y_TXD = weights_TK, run(x_TD, expert_ids_TK, experts.gate_up, experts.down)
+            w_TX, y_TXD = weights_TK, experts_gather(x_TD, expert_ids_TK, experts.gate_up,
+                                                     experts.down)
         # the combine: a [T, 1, K] (or [T, 1, E]) bmm in the activation dtype, as training's
         w_T1X = w_TX.to(y_TXD.dtype).unsqueeze(1)
         if residual is None:

@@ -1,0 +1,129 @@
+"""The GEMV of decoding (triton_gemv_kernels.py): a few rows, each through its own expert's matrix
+read in place by id, with plain (bf16/fp16/fp32) or int4 (AWQ) weights; and the decode MoE experts
+built on it. Inference only (no autograd); CUDA, or the CPU under the Triton interpreter.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, R = T*K routed rows (slot t*K + k).
+Weights come as a plain [E, in, out] tensor or an int4 (qweight, qzeros, scales) triple
+(dropless/quant/pack.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dropless.ops.device import num_sms
+from dropless.quant.pack import PACK
+
+# tiles chosen by register counts from ptxas at sm_90 (no spills): 79 registers plain, 139 with
+# SwiGLU, for int4 weights
+GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 32
+GEMV_UNROLL = 4    # reduction steps per GEMV iteration
+GEMV_WAVES = 6     # GEMV grids are split until they hold this many programs per multiprocessor
+
+
+def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
+    from dropless.ops import triton_gemv_kernels
+    return triton_gemv_kernels
+
+
+def _num_sms(device: torch.device) -> int:
+    return num_sms(device.index) if torch.device(device).type == "cuda" else 1
+
+
+def _gemv_step(kd: int) -> int:
+    """Reduction rows per GEMV iteration: BLOCK_K x UNROLL, the largest that divides kd (kd not
+    a multiple of BLOCK_K: the full unroll, the last steps masked)."""
+    unroll = GEMV_UNROLL
+    while unroll > 1 and kd % (GEMV_BLOCK_K * unroll):
+        unroll //= 2
+    return GEMV_BLOCK_K * (unroll if kd % GEMV_BLOCK_K == 0 else GEMV_UNROLL)
+
+
+def gemv_split(rows: int, n: int, kd: int, device) -> int:
+    """Split the reduction until the grid fills the GPU GEMV_WAVES times over: at batch 1 the rows
+    alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
+    fp32, summed afterwards (deterministic, no atomics)."""
+    if kd % GEMV_BLOCK_K:
+        return 1
+    units = kd // _gemv_step(kd)
+    split = min(units, max(1, -(-GEMV_WAVES * _num_sms(device) // (rows * -(-n // GEMV_BLOCK_N)))))
+    while units % split:
+        split -= 1
+    return split
+
+
+def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
+         gu_split=0, gather_unpack=False) -> None:
+    """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
+    w plain [(E,) KD, WN] or an int4 triple; with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up
+    partials and SwiGLU is applied on read."""
+    quant = isinstance(w, tuple)
+    qw, qz, sc = w if quant else (w, w, w)
+    rows = out.shape[-2]
+    kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
+    wn = qw.shape[-1] * PACK if quant else qw.shape[-1]
+    gs = kd // qz.shape[-2] if quant else GEMV_BLOCK_K
+    assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and qw.stride(-1) == 1
+    assert gs % GEMV_BLOCK_K == 0 and kd % split_k == 0
+    mask_k = kd % GEMV_BLOCK_K != 0
+    assert not (mask_k and (quant or split_k > 1))
+    step = _gemv_step(kd // split_k)
+    unroll = step // GEMV_BLOCK_K if not gather_unpack else min(2, step // GEMV_BLOCK_K)
+    assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
+    strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
+    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
+    _kernels().gemv_kernel[grid](
+        x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
+        out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
+        qw, qz, sc, *strides,
+        out if expert is None else expert, out if scale is None else scale,
+        n, kd, wn,
+        QUANT=quant, GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
+        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
+        GATHER_UNPACK=gather_unpack, UNROLL=unroll, MASK_K=mask_k, num_warps=4)
+
+
+def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
+                   gather_unpack: bool = False) -> Tensor:
+    """y[t] = sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]). Rows are the slots themselves (no
+    sort): h = SwiGLU per slot, then down with the routing weight, then the K-sum (and the split
+    partials') in fp32, rounded once."""
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[1]
+    F_ = (down[0] if isinstance(down, tuple) else down).shape[1]
+    R = T * K
+    if R == 0:
+        return torch.zeros_like(x_TD)
+    expert_S = expert_ids_TK.reshape(-1)
+    w_S = weights_TK.reshape(-1)
+    kw = dict(expert=expert_S, gather_unpack=gather_unpack)
+    gu_split = 0
+    if gemv_split(R, F_, D, x_TD.device) == 1:   # enough programs: gate, up, SwiGLU in one pass
+        h = x_TD.new_empty(R, F_)
+        gemv(x_TD, gate_up, h, n=F_, rows_per_token=K, swiglu=True, **kw)
+    else:   # batch 1: gate|up as fp32 partials (split reduction); the down GEMV sums them and
+            # applies SwiGLU as it reads them
+        split = gemv_split(R, 2 * F_, D, x_TD.device)
+        h = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
+        gemv(x_TD, gate_up, h, n=2 * F_, rows_per_token=K, split_k=split, **kw)
+        gu_split = split
+    split = gemv_split(R, D, F_, x_TD.device)
+    y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
+    gemv(h, down, y_PSD, n=D, scale=w_S, split_k=split, gu_split=gu_split, **kw)
+    return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
+
+
+@torch.library.custom_op("dropless::experts_decode", mutates_args=())
+def experts_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up_EDF2: Tensor,
+                   down_EFD: Tensor) -> Tensor:
+    """decode_experts with plain weights. A custom op: opaque to torch.compile (which would
+    otherwise trace into the launches) and captured whole by CUDA graphs."""
+    assert gate_up_EDF2.is_contiguous() and down_EFD.is_contiguous()
+    return decode_experts(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD)
+
+
+@experts_decode.register_fake
+def _(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD):
+    return x_TD.new_empty(x_TD.shape)
