@@ -101,7 +101,8 @@ def test_decode_narrow_tiles_and_split_k(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     packed = packed_experts(4, 256, 256, 32, gen)
     weights, ids = routing(2, 4, 2, "random", gen)
-    assert gemv.gemv_split(4, 512, 256, "cpu") == 2 and gemv.gemv_split(4, 256, 256, "cpu") == 2
+    assert gemv.gemv_split(4, 512, 256, "cpu", "int4") == 2
+    assert gemv.gemv_split(4, 256, 256, "cpu", "int4") == 2
     x = torch.randn(2, 256, generator=gen).to(DEVICE)
     assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
 

@@ -134,7 +134,7 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) ->
     if M == 0:
         return out
     if M <= GEMV_MAX_TOKENS:
-        split = gemv_split(M, N, x_MI.shape[1], x_MI.device)
+        split = gemv_split(M, N, x_MI.shape[1], x_MI.device, "int4")
         if split == 1:
             _gemv(x_MI, qweight, qzeros, scales, out, n=N)
         else:

@@ -15,11 +15,11 @@ from torch import Tensor
 from dropless.ops.device import num_sms
 from dropless.quant.pack import PACK
 
-# tiles chosen by register counts from ptxas at sm_90 (no spills): 79 registers plain, 139 with
-# SwiGLU, for int4 weights
-GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 32
-GEMV_UNROLL = 4    # reduction steps per GEMV iteration
-GEMV_WAVES = 6     # GEMV grids are split until they hold this many programs per multiprocessor
+# (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
+# this many programs per multiprocessor), by weight kind. int4: chosen by register counts from
+# ptxas at sm_90 (no spills: 79 registers, 139 with SwiGLU). Plain bf16: the fastest of a sweep of
+# 24 on the H200 at the medium and Qwen3-30B-A3B expert shapes (BENCHMARKS.md, round 12).
+TILES = {"plain": (32, 32, 4, 4), "int4": (64, 32, 4, 6)}
 
 
 def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
@@ -31,26 +31,33 @@ def _num_sms(device: torch.device) -> int:
     return num_sms(device.index) if torch.device(device).type == "cuda" else 1
 
 
-def _gemv_step(kd: int) -> int:
+def _gemv_step(kd: int, kind: str) -> int:
     """Reduction rows per GEMV iteration: BLOCK_K x UNROLL, the largest that divides kd (kd not
     a multiple of BLOCK_K: the full unroll, the last steps masked)."""
-    unroll = GEMV_UNROLL
-    while unroll > 1 and kd % (GEMV_BLOCK_K * unroll):
+    _, block_k, unroll, _ = TILES[kind]
+    if kd % block_k:
+        return block_k * unroll
+    while unroll > 1 and kd % (block_k * unroll):
         unroll //= 2
-    return GEMV_BLOCK_K * (unroll if kd % GEMV_BLOCK_K == 0 else GEMV_UNROLL)
+    return block_k * unroll
 
 
-def gemv_split(rows: int, n: int, kd: int, device) -> int:
-    """Split the reduction until the grid fills the GPU GEMV_WAVES times over: at batch 1 the rows
+def gemv_split(rows: int, n: int, kd: int, device, kind: str = "plain") -> int:
+    """Split the reduction until the grid fills the GPU WAVES times over: at batch 1 the rows
     alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
     fp32, summed afterwards (deterministic, no atomics)."""
-    if kd % GEMV_BLOCK_K:
+    block_n, block_k, _, waves = TILES[kind]
+    if kd % block_k:
         return 1
-    units = kd // _gemv_step(kd)
-    split = min(units, max(1, -(-GEMV_WAVES * _num_sms(device) // (rows * -(-n // GEMV_BLOCK_N)))))
+    units = kd // _gemv_step(kd, kind)
+    split = min(units, max(1, -(-waves * _num_sms(device) // (rows * -(-n // block_n)))))
     while units % split:
         split -= 1
     return split
+
+
+def _kind(w) -> str:
+    return "int4" if isinstance(w, tuple) else "plain"
 
 
 def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
@@ -60,26 +67,28 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     partials and SwiGLU is applied on read."""
     quant = isinstance(w, tuple)
     qw, qz, sc = w if quant else (w, w, w)
+    kind = _kind(w)
+    block_n, block_k, _, _ = TILES[kind]
     rows = out.shape[-2]
     kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
     wn = qw.shape[-1] * PACK if quant else qw.shape[-1]
-    gs = kd // qz.shape[-2] if quant else GEMV_BLOCK_K
+    gs = kd // qz.shape[-2] if quant else block_k
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and qw.stride(-1) == 1
-    assert gs % GEMV_BLOCK_K == 0 and kd % split_k == 0
-    mask_k = kd % GEMV_BLOCK_K != 0
+    assert gs % block_k == 0 and kd % split_k == 0
+    mask_k = kd % block_k != 0
     assert not (mask_k and (quant or split_k > 1))
-    step = _gemv_step(kd // split_k)
-    unroll = step // GEMV_BLOCK_K if not gather_unpack else min(2, step // GEMV_BLOCK_K)
+    step = _gemv_step(kd // split_k, kind)
+    unroll = step // block_k if not gather_unpack else min(2, step // block_k)
     assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
-    grid = (rows, -(-n // GEMV_BLOCK_N), split_k)
+    grid = (rows, -(-n // block_n), split_k)
     _kernels().gemv_kernel[grid](
         x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
         out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
         qw, qz, sc, *strides,
         out if expert is None else expert, out if scale is None else scale,
         n, kd, wn,
-        QUANT=quant, GS=gs, BLOCK_K=GEMV_BLOCK_K, BLOCK_N=GEMV_BLOCK_N, SPLIT_K=split_k,
+        QUANT=quant, GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
         HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
         GATHER_UNPACK=gather_unpack, UNROLL=unroll, MASK_K=mask_k, num_warps=4)
 
@@ -99,17 +108,17 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
     expert_S = expert_ids_TK.reshape(-1)
     w_S = weights_TK.reshape(-1)
     kw = dict(expert=expert_S, gather_unpack=gather_unpack)
-    gu_split = 0
-    if gemv_split(R, F_, D, x_TD.device) == 1:   # enough programs: gate, up, SwiGLU in one pass
+    kind, gu_split = _kind(down), 0
+    if gemv_split(R, F_, D, x_TD.device, kind) == 1:   # enough programs: SwiGLU in one pass
         h = x_TD.new_empty(R, F_)
         gemv(x_TD, gate_up, h, n=F_, rows_per_token=K, swiglu=True, **kw)
     else:   # batch 1: gate|up as fp32 partials (split reduction); the down GEMV sums them and
             # applies SwiGLU as it reads them
-        split = gemv_split(R, 2 * F_, D, x_TD.device)
+        split = gemv_split(R, 2 * F_, D, x_TD.device, kind)
         h = torch.empty(split, R, 2 * F_, device=x_TD.device, dtype=torch.float32)
         gemv(x_TD, gate_up, h, n=2 * F_, rows_per_token=K, split_k=split, **kw)
         gu_split = split
-    split = gemv_split(R, D, F_, x_TD.device)
+    split = gemv_split(R, D, F_, x_TD.device, kind)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
     gemv(h, down, y_PSD, n=D, scale=w_S, split_k=split, gu_split=gu_split, **kw)
     return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
