@@ -27,7 +27,18 @@ def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, monkeypatch)
     moe = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, num_shared_experts=1))
     moe = moe.to(DEVICE, dtype).eval()
     x = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    residual = torch.randn(T, D, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         ref, _ = moe(x)
         out = moe_decode(moe, x, "triton")
+        # the residual is added in the kernel that sums the slots, in fp32
+        out_res = moe_decode(moe, x, "triton", residual=residual)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out_res, ref + residual) < TOL[dtype]
+
+
+def test_gemv_path_no_tokens():
+    moe = MoE(MoEConfig(dim=64, hidden_dim=32, num_experts=4, top_k=2)).to(DEVICE).eval()
+    x, residual = torch.empty(0, 64, device=DEVICE), torch.empty(0, 64, device=DEVICE)
+    with torch.no_grad():
+        assert moe_decode(moe, x, "triton", residual=residual).shape == (0, 64)

@@ -20,6 +20,7 @@ from dropless.quant.pack import PACK
 # ptxas at sm_90 (no spills: 79 registers, 139 with SwiGLU). Plain bf16: the fastest of a sweep of
 # 24 on the H200 at the medium and Qwen3-30B-A3B expert shapes (BENCHMARKS.md, round 12).
 TILES = {"plain": (32, 32, 4, 4), "int4": (64, 32, 4, 6)}
+SUM_BLOCK = 256    # columns per program of the slot sum
 
 
 def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
@@ -94,17 +95,17 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
 
 
 def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
-                   gather_unpack: bool = False) -> Tensor:
-    """y[t] = sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]). Rows are the slots themselves (no
-    sort): h = SwiGLU per slot, then down with the routing weight, then the K-sum (and the split
-    partials') in fp32, rounded once."""
+                   gather_unpack: bool = False, residual_TD: Tensor | None = None) -> Tensor:
+    """y[t] = (residual[t] +) sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]). Rows are the slots
+    themselves (no sort): h = SwiGLU per slot, then down with the routing weight, then one kernel
+    sums the K slots and the split partials in fp32 (with the residual) and rounds once."""
     x_TD = x_TD.contiguous()
     T, D = x_TD.shape
     K = expert_ids_TK.shape[1]
     F_ = (down[0] if isinstance(down, tuple) else down).shape[1]
     R = T * K
     if R == 0:
-        return torch.zeros_like(x_TD)
+        return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.clone()
     expert_S = expert_ids_TK.reshape(-1)
     w_S = weights_TK.reshape(-1)
     kw = dict(expert=expert_S, gather_unpack=gather_unpack)
@@ -121,18 +122,24 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
     split = gemv_split(R, D, F_, x_TD.device, kind)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
     gemv(h, down, y_PSD, n=D, scale=w_S, split_k=split, gu_split=gu_split, **kw)
-    return y_PSD.view(split, T, K, D).sum((0, 2)).to(x_TD.dtype)
+    y_TD = torch.empty_like(x_TD)
+    res = None if residual_TD is None else residual_TD.contiguous()
+    _kernels().sum_slots_kernel[(T, -(-D // SUM_BLOCK))](
+        y_PSD, y_TD if res is None else res, y_TD, T, D, K, split,
+        HAS_RES=res is not None, BLOCK=SUM_BLOCK, num_warps=4)
+    return y_TD
 
 
 @torch.library.custom_op("dropless::experts_decode", mutates_args=())
 def experts_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up_EDF2: Tensor,
-                   down_EFD: Tensor) -> Tensor:
+                   down_EFD: Tensor, residual_TD: Tensor | None = None) -> Tensor:
     """decode_experts with plain weights. A custom op: opaque to torch.compile (which would
     otherwise trace into the launches) and captured whole by CUDA graphs."""
     assert gate_up_EDF2.is_contiguous() and down_EFD.is_contiguous()
-    return decode_experts(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD)
+    return decode_experts(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD,
+                          residual_TD=residual_TD)
 
 
 @experts_decode.register_fake
-def _(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD):
+def _(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD, residual_TD=None):
     return x_TD.new_empty(x_TD.shape)

@@ -148,3 +148,21 @@ def gemv_kernel(
         acc = acc * tl.load(scale_ptr + r).to(tl.float32)
     out = out_ptr + split * stride_os + r * stride_om + cols
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def sum_slots_kernel(p_ptr, res_ptr, out_ptr, T, D, K, SPLIT,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = (residual[t] +) sum over s < SPLIT, k < K of p[s, t, k], p fp32 [SPLIT, T, K, D]:
+    the split partials and the K slots of a token in one pass, rounded once."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT):
+        for k in range(K):
+            row = ((s * T + t) * K + k).to(tl.int64)
+            acc += tl.load(p_ptr + row * D + cols, mask=ok, other=0.0)
+    if HAS_RES:
+        acc += tl.load(res_ptr + t.to(tl.int64) * D + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)

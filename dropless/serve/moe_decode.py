@@ -46,7 +46,8 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     else:
         logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
     if cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None:
-        top_TK, expert_ids_TK = logits_TE.topk(cfg.top_k, dim=-1)
+        # unsorted: the slots' order does not matter to the sum, and the sort is a kernel
+        top_TK, expert_ids_TK = logits_TE.topk(cfg.top_k, dim=-1, sorted=False)
         if cfg.norm_topk_prob:
             weights_TK = top_TK.softmax(-1)
         else:
@@ -91,13 +92,14 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
     experts = moe.experts
     quantized = not isinstance(experts, Experts)
     path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
-    if quantized or path == "triton":
-        if quantized:   # int4 experts (dropless.quant) decode from packed weights
-            y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
-        else:
-            y_TD = experts_decode(x_TD, expert_ids_TK, weights_TK, experts.gate_up, experts.down)
+    residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
+    if quantized:   # int4 experts (dropless.quant) decode from packed weights
+        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
         if residual is not None:
-            y_TD = residual.reshape(T, -1) + y_TD
+            y_TD = residual_TD + y_TD
+    elif path == "triton":   # the residual added in the kernel that sums the slots
+        y_TD = experts_decode(x_TD, expert_ids_TK, weights_TK, experts.gate_up, experts.down,
+                              residual_TD)
     else:
         if path == "dense":
             # routing weights scattered to [T, E]; the unchosen experts' outputs get weight 0
@@ -112,7 +114,7 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
         if residual is None:
             y_TD = torch.bmm(w_T1X, y_TXD).squeeze(1)
         else:
-            y_TD = torch.baddbmm(residual.reshape(T, 1, -1), w_T1X, y_TXD).squeeze(1)
+            y_TD = torch.baddbmm(residual_TD.unsqueeze(1), w_T1X, y_TXD).squeeze(1)
     if moe.shared is not None:
         shared_TD = moe.shared(x_TD)
         if moe.shared_gate is not None:
