@@ -48,7 +48,8 @@ for s in "$@"; do
     tests) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
              --ignore=tests/parallel
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
-             tests/test_ops_awq.py tests/test_ops_blocksparse.py tests/test_master_adamw.py \
+             tests/test_ops_triton_rope.py tests/test_ops_awq.py tests/test_ops_blocksparse.py \
+             tests/test_master_adamw.py \
              -p no:cacheprovider -rf ;;
     train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \

@@ -1,11 +1,12 @@
 """The engine's decode step (dropless/serve/decode.py) against the model's own forward: one token
-per row, rows at different positions, eager and torch.compile'd."""
+per row, rows at different positions, eager and torch.compile'd; GQA's attention prologue as the
+torch ops (the CPU's path) and as the Triton kernel (CUDA's, run here under the interpreter)."""
 
 import pytest
 import torch
 
 from dropless import MoEConfig, Transformer
-from dropless.serve import Engine
+from dropless.serve import Engine, decode
 from tests.conftest import rel_err
 from tests.test_mla import mla_config
 from tests.test_serve_engine import tiny_model
@@ -14,11 +15,27 @@ LENGTHS = [5, 1, 9]   # tokens already in each row's cache; the step adds one mo
 
 
 def _model(kind):
+    """kind: "moe" (qk-norm per head), "proj" (qk-norm over the whole projection) or "mla"."""
     if kind == "mla":
         torch.manual_seed(0)
         return Transformer(mla_config()).eval()
     moe = MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)
-    return tiny_model(qk_norm=True, first_dense_layers=1, moe=moe)
+    scope = "proj" if kind == "proj" else "head"
+    return tiny_model(qk_norm=True, qk_norm_scope=scope, first_dense_layers=1, moe=moe)
+
+
+@pytest.fixture
+def prologue(request, monkeypatch):
+    """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted."""
+    if request.param == "triton":
+        if pytest.importorskip("triton_env").DEVICE == "cuda":   # first: it sets up Triton
+            pytest.skip("no interpreter with a GPU: the gpu-marked engine tests run the kernel")
+        monkeypatch.setattr(decode, "fused_prologue", lambda q: True)
+
+
+KINDS = pytest.mark.parametrize("kind,prologue", [
+    ("moe", "torch"), ("moe", "triton"), ("proj", "torch"), ("proj", "triton"), ("mla", "torch")],
+    indirect=["prologue"])
 
 
 def _step_logits(model, compile):
@@ -41,9 +58,9 @@ def _step_logits(model, compile):
     return seqs, captured["l"][:len(seqs)]
 
 
-@pytest.mark.parametrize("kind", ["moe", "mla"])
+@KINDS
 @pytest.mark.parametrize("compile", [False, True])
-def test_decode_step_matches_forward(kind, compile):
+def test_decode_step_matches_forward(kind, prologue, compile):
     model = _model(kind)
     seqs, out = _step_logits(model, compile)
     with torch.no_grad():
@@ -51,8 +68,8 @@ def test_decode_step_matches_forward(kind, compile):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["moe", "mla"])
-def test_decode_step_matches_forward_bf16(kind):
+@KINDS
+def test_decode_step_matches_forward_bf16(kind, prologue):
     model = _model(kind).to(torch.bfloat16)
     seqs, out = _step_logits(model, False)
     with torch.no_grad():

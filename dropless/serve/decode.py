@@ -9,10 +9,12 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
 1. once per step (`Step`): RoPE tables with the rotation's sign folded into sin, the additive mask
    of each row's visible cache positions, the flat cache indices each row writes;
 2. per layer: norms as one F.rms_norm in the activation dtype (it accumulates in float32
-   internally, as RMSNorm's upcast does), RoPE as flip + multiply-add (no chunk/cat), cache writes
-   as index_copy_ into a flat view, one SDPA per layer with the step's mask (grouped queries as
-   query rows of their kv head, never expanded), the residual folded into the output projection's
-   addmm and the MoE combine's baddbmm.
+   internally, as RMSNorm's upcast does); GQA's prologue (per-head q/k norms, RoPE, both cache
+   writes) as one Triton kernel on CUDA (dropless/ops/triton_rope.py), elsewhere as the torch ops
+   it fuses: RoPE as flip + multiply-add (no chunk/cat), cache writes as index_copy_ into a flat
+   view; one SDPA per layer with the step's mask (grouped queries as query rows of their kv head,
+   never expanded), the residual folded into the output projection's addmm and the MoE combine's
+   baddbmm.
 Results agree with the model's forward to rounding (tests/test_serve_decode.py).
 """
 
@@ -25,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless.model import Attention, RMSNorm, rope_tables
+from dropless.ops.device import has_triton
+from dropless.ops.triton_rope import norm_rope_cache   # imports triton when first run
 from dropless.serve.moe_decode import moe_decode
 
 
@@ -71,6 +75,13 @@ def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
     return torch.addcmul(x * step.cos_b1R, swapped, step.sin_b1R).to(x.dtype)
 
 
+def fused_prologue(q: torch.Tensor) -> bool:
+    """Whether gqa's per-head norms, RoPE and cache writes run as one Triton kernel: on CUDA. The
+    CPU serves with the torch ops (tests run the kernel there too, under the Triton interpreter,
+    by patching this function)."""
+    return q.is_cuda and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and has_triton()
+
+
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + lin(x) for 2-D x; one addmm for a bias-free nn.Linear."""
     if type(lin) is nn.Linear and lin.bias is None:
@@ -85,13 +96,19 @@ def gqa(attn: Attention, x_bD: torch.Tensor, residual_bD, cache, step: Step) -> 
     q, k, v = attn.q_proj(x_bD), attn.k_proj(x_bD), attn.v_proj(x_bD)
     if attn.q_norm is not None and cfg.qk_norm_scope == "proj":
         q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-    q, k, v = q.view(b, H, Dh), k.view(b, G, Dh), v.view(b * G, Dh)
-    if attn.q_norm is not None and cfg.qk_norm_scope == "head":
-        q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-    q, k = rope(q, step), rope(k, step)
+    q, k, v = q.view(b, H, Dh), k.view(b, G, Dh), v.view(b, G, Dh)
+    head_norm = attn.q_norm is not None and cfg.qk_norm_scope == "head"
     k_cache, v_cache = cache                                        # [b, G, S, Dh]
-    k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.reshape(b * G, Dh).to(k_cache.dtype))
-    v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.to(v_cache.dtype))
+    if fused_prologue(q):   # the norms, RoPE and both cache writes in one kernel
+        q_w, k_w = (attn.q_norm.weight, attn.k_norm.weight) if head_norm else (None, None)
+        q = norm_rope_cache(q, k, v, q_w, k_w, cfg.norm_eps, step.cos_b1R, step.sin_b1R,
+                            k_cache, v_cache, step.write_idx)
+    else:
+        if head_norm:
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+        q, k = rope(q, step), rope(k, step)
+        k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.view(b * G, Dh).to(k_cache.dtype))
+        v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.view(b * G, Dh).to(v_cache.dtype))
     # grouped queries as query rows of their kv head: [b, G, H/G, Dh] against the cache as stored
     out = F.scaled_dot_product_attention(q.view(b, G, H // G, Dh), k_cache.to(q.dtype),
                                          v_cache.to(q.dtype), attn_mask=step.mask_b11S)

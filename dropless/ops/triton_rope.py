@@ -1,0 +1,47 @@
+"""Launcher of the decode step's attention prologue (triton_rope_kernels.py): per-head RMSNorm of q
+and k, RoPE, and the writes of k and v into the KV cache, in one launch where the torch ops take
+about a dozen (each ~2-5 us of a launch-bound step, even in a CUDA graph). Inference only (no
+autograd); the torch ops stay the reference (dropless/serve/decode.py `gqa`).
+
+Legend: b rows, H heads, G kv heads, Dh head dim, S cache length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def _kernel():
+    from dropless.ops.triton_rope_kernels import norm_rope_cache_kernel
+    return norm_rope_cache_kernel
+
+
+@torch.library.custom_op("dropless::norm_rope_cache", mutates_args=("k_cache", "v_cache"))
+def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | None,
+                    k_w: Tensor | None, eps: float, cos_b1D: Tensor, sin_b1D: Tensor,
+                    k_cache: Tensor, v_cache: Tensor, write_idx: Tensor) -> Tensor:
+    """q after RMSNorm (per head, when the weights q_w, k_w [Dh] are given) and RoPE (cos, and sin
+    with the rotation's sign folded in, float32 as decode.Step holds them); k after the same and
+    v are written to the flat cache rows write_idx [b * G] of k_cache, v_cache [b, G, S, Dh]."""
+    b, H, Dh = q_bHD.shape
+    G = k_bGD.shape[1]
+    assert Dh % 2 == 0 and k_bGD.dtype == q_bHD.dtype and k_cache.is_contiguous() \
+        and v_cache.is_contiguous() and (q_w is None) == (k_w is None)
+    norm = q_w is not None
+    if not norm:
+        q_w = k_w = q_bHD   # not read
+    q_out = q_bHD.new_empty(b, H, Dh)
+    _kernel()[(b, H + G)](
+        q_bHD.contiguous(), k_bGD.contiguous(), v_bGD.contiguous(), q_w, k_w,
+        cos_b1D.contiguous(), sin_b1D.contiguous(), write_idx, q_out, k_cache, v_cache,
+        H, G, Dh, eps, NORM=norm, BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1)
+    return q_out
+
+
+@norm_rope_cache.register_fake
+def _(q_bHD, k_bGD, v_bGD, q_w, k_w, eps, cos_b1D, sin_b1D, k_cache, v_cache, write_idx):
+    return q_bHD.new_empty(q_bHD.shape)
