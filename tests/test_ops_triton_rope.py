@@ -19,14 +19,20 @@ from tests.conftest import rel_err
 S = 16   # cache length
 
 
-def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE):
+def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE, fused=False):
     """Kernel vs torch ops for b rows at different positions. norm: None (no qk-norm) or the norm
-    weights' dtype, "x" for the activations' (decode.rms_norm runs F.rms_norm, else the module)."""
+    weights' dtype, "x" for the activations' (decode.rms_norm runs F.rms_norm, else the module).
+    fused: q, k, v as views of one [b, (H + 2G) Dh] product, as the engine's fused projection
+    gives them (rows strided, read in place)."""
     torch.manual_seed(0)
     cfg = ModelConfig(dim=H * Dh, num_heads=H, num_kv_heads=G, head_dim=Dh,
                       moe=MoEConfig(dim=H * Dh))
     step = make_step(cfg, (torch.arange(b, device=device) * 5 + 5) % S, S, dtype)
     q, k, v = (torch.randn(b, n, Dh, device=device, dtype=dtype) for n in (H, G, G))
+    if fused:
+        q, k, v = (t.view(b, -1, Dh) for t in torch.cat([q, k, v], 1).flatten(1).split(
+            [H * Dh, G * Dh, G * Dh], dim=1))
+        assert not q.is_contiguous() or b == 1
     k_cache, v_cache = (torch.randn(b, G, S, Dh, device=device, dtype=dtype) for _ in range(2))
     k_cache_ref, v_cache_ref = k_cache.clone(), v_cache.clone()
     # the torch ops of decode.gqa
@@ -37,8 +43,8 @@ def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE):
             weights = tuple(n.weight.uniform_(0.5, 1.5) for n in norms)
         q_ref, k_ref = rms_norm(norms[0], q), rms_norm(norms[1], k)
     q_ref, k_ref = rope(q_ref, step), rope(k_ref, step)
-    k_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, k_ref.view(-1, Dh))
-    v_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, v.view(-1, Dh))
+    k_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, k_ref.reshape(-1, Dh))
+    v_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(-1, Dh))
     # the kernel
     q_out = norm_rope_cache(q, k, v, *weights, 1e-6, step.cos_b1R, step.sin_b1R, k_cache, v_cache,
                             step.write_idx)
@@ -60,6 +66,12 @@ def test_prologue_matches_torch_ops(dtype, norm, H, G, b, Dh):
     check_prologue(b, H, G, Dh, dtype, norm)
 
 
+@pytest.mark.parametrize("norm", [None, "x"])
+@pytest.mark.parametrize("H,G", [(4, 4), (8, 2), (1, 1)])
+def test_prologue_reads_fused_projection_views(norm, H, G):
+    check_prologue(3, H, G, 64, torch.float32, norm, fused=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,Dh", [(1, 128), (8, 128), (5, 256)])
@@ -67,3 +79,4 @@ def test_prologue_on_cuda_at_qwen3_shape(dtype, b, Dh):
     """Qwen3-30B-A3B's attention (32 heads, 4 kv heads, head_dim 128, per-head qk-norm), a batch of
     decode rows, and Dh 256."""
     check_prologue(b, 32, 4, Dh, dtype, "x", device="cuda")
+    check_prologue(b, 32, 4, Dh, dtype, "x", device="cuda", fused=True)

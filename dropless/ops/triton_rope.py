@@ -20,6 +20,15 @@ def _kernel():
     return norm_rope_cache_kernel
 
 
+def _rows(x_bHD: Tensor) -> Tensor:
+    """x itself when its heads are contiguous inside each row (rows at any stride, as in views
+    of a fused q|k|v projection), else a contiguous copy."""
+    H, Dh = x_bHD.shape[1:]
+    if x_bHD.stride(2) == 1 and (x_bHD.stride(1) == Dh or H == 1):
+        return x_bHD
+    return x_bHD.contiguous()
+
+
 @torch.library.custom_op("dropless::norm_rope_cache", mutates_args=("k_cache", "v_cache"))
 def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | None,
                     k_w: Tensor | None, eps: float, cos_b1D: Tensor, sin_b1D: Tensor,
@@ -35,10 +44,14 @@ def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | N
     if not norm:
         q_w = k_w = q_bHD   # not read
     q_out = q_bHD.new_empty(b, H, Dh)
+    q_bHD, k_bGD, v_bGD = (_rows(t) for t in (q_bHD, k_bGD, v_bGD))
+    if k_bGD.stride(0) != v_bGD.stride(0):
+        k_bGD, v_bGD = k_bGD.contiguous(), v_bGD.contiguous()
     _kernel()[(b, H + G)](
-        q_bHD.contiguous(), k_bGD.contiguous(), v_bGD.contiguous(), q_w, k_w,
+        q_bHD, k_bGD, v_bGD, q_w, k_w,
         cos_b1D.contiguous(), sin_b1D.contiguous(), write_idx, q_out, k_cache, v_cache,
-        H, G, Dh, eps, NORM=norm, BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1)
+        H, G, Dh, q_bHD.stride(0), k_bGD.stride(0), eps, NORM=norm,
+        BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1)
     return q_out
 
 

@@ -1,8 +1,9 @@
 """The attention prologue of a decode step as one kernel: per-head RMSNorm of q and k, RoPE, and
 the KV-cache writes.
 
-Shape contract (b rows, H heads, G kv heads, Dh head dim, even; all contiguous):
-  q [b, H, Dh], k [b, G, Dh], v [b, G, Dh] (activation dtype), q_w / k_w [Dh] (NORM only),
+Shape contract (b rows, H heads, G kv heads, Dh head dim, even):
+  q [b, H, Dh], k [b, G, Dh], v [b, G, Dh] (activation dtype; heads contiguous inside a row, rows
+  stride_q / stride_kv apart: views of one fused q|k|v projection work), q_w / k_w [Dh] (NORM only),
   cos / sin [b, Dh] float32 (sin with rotate_half's sign folded in), idx [b * G] flat cache rows
   -> q_out [b, H, Dh] = rope(norm(q)); k_cache[idx] = rope(norm(k)), v_cache[idx] = v, where the
   caches are seen as flat rows of Dh and cast to their dtype.
@@ -23,7 +24,7 @@ def norm_rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, idx_ptr, q_out_ptr,
     k_cache_ptr, v_cache_ptr,
     # sizes
-    H, G, Dh, eps,
+    H, G, Dh, stride_q, stride_kv, eps,
     # meta
     NORM: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -34,10 +35,10 @@ def norm_rope_cache_kernel(
     ok = offs < half
     # 1. the head, as two halves, and its norm weight
     if head < H:
-        x_row = q_ptr + (row * H + head).to(tl.int64) * Dh
+        x_row = q_ptr + row.to(tl.int64) * stride_q + head * Dh
         w_ptr = q_w_ptr
     else:
-        x_row = k_ptr + (row * G + head - H).to(tl.int64) * Dh
+        x_row = k_ptr + row.to(tl.int64) * stride_kv + (head - H) * Dh
         w_ptr = k_w_ptr
     x1 = tl.load(x_row + offs, mask=ok, other=0.0)
     x2 = tl.load(x_row + half + offs, mask=ok, other=0.0)
@@ -67,5 +68,6 @@ def norm_rope_cache_kernel(
         tl.store(k_cache_ptr + dst + offs, y1.to(cache_ty), mask=ok)
         tl.store(k_cache_ptr + dst + half + offs, y2.to(cache_ty), mask=ok)
         offs_v = tl.arange(0, 2 * BLOCK)
-        v = tl.load(v_ptr + kv * Dh + offs_v, mask=offs_v < Dh)
+        v_row = v_ptr + row.to(tl.int64) * stride_kv + (head - H) * Dh
+        v = tl.load(v_row + offs_v, mask=offs_v < Dh)
         tl.store(v_cache_ptr + dst + offs_v, v.to(v_cache_ptr.dtype.element_ty), mask=offs_v < Dh)

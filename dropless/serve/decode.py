@@ -89,11 +89,29 @@ def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch
     return residual + lin(x)
 
 
-def gqa(attn: Attention, x_bD: torch.Tensor, residual_bD, cache, step: Step) -> torch.Tensor:
+def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of GQA's q, k and v projections stacked into one, or None where they are not
+    three plain nn.Linear alike in dtype and bias (int4 projections, MLA): at a few rows each
+    projection is a launch-bound GEMV, and one GEMV over the stack reads the same bytes. A copy:
+    the model's own weights stay as they are (attention's q/k/v are ~2% of an MoE's bytes)."""
+    lins = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if not all(type(lin) is nn.Linear for lin in lins) or \
+            len({(lin.weight.dtype, lin.bias is None) for lin in lins}) != 1:
+        return None
+    bias = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+    return torch.cat([lin.weight.detach() for lin in lins]), bias
+
+
+def gqa(attn: Attention, x_bD: torch.Tensor, residual_bD, cache, step: Step,
+        qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """`qkv`: fuse_qkv(attn), the three projections as one."""
     cfg = attn.cfg
     b = x_bD.shape[0]
     H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-    q, k, v = attn.q_proj(x_bD), attn.k_proj(x_bD), attn.v_proj(x_bD)
+    if qkv is not None:   # views of one [b, (H + 2G) Dh] product
+        q, k, v = F.linear(x_bD, *qkv).split([H * Dh, G * Dh, G * Dh], dim=-1)
+    else:
+        q, k, v = attn.q_proj(x_bD), attn.k_proj(x_bD), attn.v_proj(x_bD)
     if attn.q_norm is not None and cfg.qk_norm_scope == "proj":
         q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
     q, k, v = q.view(b, H, Dh), k.view(b, G, Dh), v.view(b, G, Dh)
@@ -107,15 +125,15 @@ def gqa(attn: Attention, x_bD: torch.Tensor, residual_bD, cache, step: Step) -> 
         if head_norm:
             q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = rope(q, step), rope(k, step)
-        k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.view(b * G, Dh).to(k_cache.dtype))
-        v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.view(b * G, Dh).to(v_cache.dtype))
+        k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.reshape(b * G, Dh).to(k_cache.dtype))
+        v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(b * G, Dh).to(v_cache.dtype))
     # grouped queries as query rows of their kv head: [b, G, H/G, Dh] against the cache as stored
     out = F.scaled_dot_product_attention(q.view(b, G, H // G, Dh), k_cache.to(q.dtype),
                                          v_cache.to(q.dtype), attn_mask=step.mask_b11S)
     return linear_add(attn.o_proj, out.reshape(b, H * Dh), residual_bD)
 
 
-def mla(attn, x_bD: torch.Tensor, residual_bD, cache, step: Step) -> torch.Tensor:
+def mla(attn, x_bD: torch.Tensor, residual_bD, cache, step: Step, qkv=None) -> torch.Tensor:
     """MLAttention's absorbed form over the compressed cache (latent [b, S, C], rope key
     [b, S, P]), all heads as query rows of the one shared latent "head"."""
     cfg = attn.cfg
@@ -140,12 +158,13 @@ def mla(attn, x_bD: torch.Tensor, residual_bD, cache, step: Step) -> torch.Tenso
     return linear_add(attn.o_proj, out.reshape(b, H * Dv), residual_bD)
 
 
-def decode_blocks(model, x_bD: torch.Tensor, caches, step: Step,
-                  moe_path: str | None = None) -> torch.Tensor:
-    """The model's blocks for one token per row: x_bD the embedded tokens -> the last hidden."""
+def decode_blocks(model, x_bD: torch.Tensor, caches, step: Step, moe_path: str | None = None,
+                  qkvs: list | None = None) -> torch.Tensor:
+    """The model's blocks for one token per row: x_bD the embedded tokens -> the last hidden.
+    `qkvs`: per layer, fuse_qkv of its attention (or None)."""
     attention = mla if model.cfg.attention == "mla" else gqa
-    for layer, cache in zip(model.layers, caches):
-        x_bD = attention(layer.attn, rms_norm(layer.attn_norm, x_bD), x_bD, cache, step)
+    for layer, cache, qkv in zip(model.layers, caches, qkvs or [None] * len(caches)):
+        x_bD = attention(layer.attn, rms_norm(layer.attn_norm, x_bD), x_bD, cache, step, qkv)
         h_bD = rms_norm(layer.ffn_norm, x_bD)
         if layer.is_moe:
             x_bD = moe_decode(layer.ffn, h_bD, moe_path, residual=x_bD)

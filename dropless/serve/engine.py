@@ -33,7 +33,7 @@ from collections import Counter, deque
 import torch
 
 from dropless.model import Transformer, rope_tables
-from dropless.serve.decode import decode_blocks, make_step
+from dropless.serve.decode import decode_blocks, fuse_qkv, make_step
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
@@ -68,6 +68,10 @@ class Engine:
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]
+        # GQA's q, k, v projections stacked, one GEMV per layer (a copy, taken now: weights
+        # changed after the engine is built are not seen by its decode step)
+        self.qkvs = [fuse_qkv(layer.attn) if cfg.attention == "gqa" else None
+                     for layer in model.layers]
         # 2. the decode step's static state, one row per slot
         B, dev = max_batch, p.device
         self.tokens_B = torch.zeros(B, dtype=torch.long, device=dev)
@@ -237,7 +241,7 @@ class Engine:
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
         x_bD = self.model.embed(self.tokens_B[rows])
         step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype)
-        x = decode_blocks(self.model, x_bD, caches, step, self.moe_path).unsqueeze(1)
+        x = decode_blocks(self.model, x_bD, caches, step, self.moe_path, self.qkvs).unsqueeze(1)
         logits_bV = self._logits(x[:, -1])
         if greedy:
             next_b = logits_bV.argmax(-1)
