@@ -263,13 +263,14 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.dp_replicate * self.dp_shard * self.ep
 
-    def check(self, world_size: int, num_experts: int | None = None) -> None:
-        """Raise if this layout does not fit the launched world or the model's experts."""
-        if self.world_size != world_size:
-            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
-                             f"the world size {world_size}")
+    def check(self, world_size: int | None = None, num_experts: int | None = None) -> None:
+        """Raise if this layout does not fit the model's experts or the launched world (in this
+        order: --ep 3 of 8 experts is the mistake to name, whatever the world size)."""
         if num_experts is not None and num_experts % self.ep:
             raise ValueError(f"ep={self.ep} is invalid: must divide num_experts={num_experts}")
+        if world_size is not None and self.world_size != world_size:
+            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
+                             f"the world size {world_size}")
 
 
 # flags a preset changes from TrainConfig's (tiny-sized) defaults when the command line leaves

@@ -130,6 +130,15 @@ def test_resume_under_torchrun_fits_the_layout_to_the_new_world(capsys, monkeypa
     _fails(capsys, ["train", "--resume", str(out), "--steps", "2", *flags], layout)
 
 
+def test_ep_that_does_not_divide_the_experts_is_named_first(capsys, monkeypatch, tmp_path):
+    """--ep 3 of tiny's 8 experts on 2 ranks: the experts are the mistake (the world size was
+    named first: 'dp_replicate*ep=3 is invalid: must divide the world size 2')."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    _fails(capsys, ["train", "--ep", "3", "--out", str(tmp_path / "run")],
+           "invalid parallel layout: ep=3 is invalid: must divide num_experts=8")
+
+
 def test_train_rejects_unparsable_numbers(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--steps", "ten"])
