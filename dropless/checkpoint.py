@@ -19,7 +19,7 @@ import torch
 from dropless.config import ModelConfig, MoEConfig, TrainConfig
 from dropless.errors import DroplessError
 from dropless.model import Transformer
-from dropless.parallel.checkpoint import latest, latest_path, load, read_state
+from dropless.parallel.checkpoint import STATE, latest, latest_path, load, read_state, verify
 from dropless.tokenizer import tokenizer_from_json
 
 LOCK = ".lock"
@@ -35,8 +35,51 @@ def config_to_dict(cfg: ModelConfig) -> dict:
     return asdict(cfg)
 
 
-def config_from_dict(d: dict) -> ModelConfig:
-    return ModelConfig(**{**d, "moe": MoEConfig(**d["moe"])})
+def _from_json(cls, d, where: str, **fixed):
+    """cls(**d, **fixed) of a JSON object read from a file: every error (not an object, an unknown
+    field, a value out of range or of the wrong type) is one line naming `where`."""
+    if not isinstance(d, dict):
+        raise DroplessError(f"{where}: must be a JSON object, not {type(d).__name__}")
+    try:
+        return cls(**{**d, **fixed})
+    except (TypeError, ValueError) as e:
+        raise DroplessError(f"{where}: {e}") from None
+
+
+def config_from_dict(d: dict, where: str = "model_config") -> ModelConfig:
+    """The ModelConfig `config_to_dict` saved, checked as any ModelConfig is (LIMITS included);
+    fields it lacks (a run of an older dropless) take their defaults."""
+    moe = isinstance(d, dict) and _from_json(MoEConfig, d.get("moe"), f"{where}.moe")
+    return _from_json(ModelConfig, d, where, moe=moe)
+
+
+def _saved_model(path: Path, state: dict):
+    """-> (a function building the model that the checkpoint at `path` holds, its tokenizer), from
+    its state.json: every value checked, and the checkpoint's shards found able to hold that model
+    (on the meta device) before any of its memory exists; run directories come from strangers."""
+    where = path / STATE
+    cfg = config_from_dict(state.get("model_config"), f"{where}: model_config")
+    try:
+        tokenizer = tokenizer_from_json(state.get("tokenizer"))
+    except (TypeError, ValueError) as e:
+        raise DroplessError(f"{where}: tokenizer: {e}") from None
+    if tokenizer.vocab_size > cfg.vocab_size:   # ids past the embedding
+        raise DroplessError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                            f"only {cfg.vocab_size}: they do not belong together")
+    qcfg = None
+    if "quant" in state:
+        from dropless.quant.modules import QuantConfig, quantize_modules
+        qcfg = _from_json(QuantConfig, state["quant"], f"{where}: quant")
+
+    def build() -> Transformer:
+        model = Transformer(cfg)
+        if qcfg is not None:
+            quantize_modules(model, qcfg)
+        return model
+    with torch.device("meta"):
+        model = build()
+    verify(path, model, sizes_only=True)
+    return build, tokenizer
 
 
 def load_run(run_dir: str | Path, device: str = "cpu"):
@@ -47,12 +90,10 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise DroplessError(f"{run_dir}: no such run directory")
     path = latest_path(run_dir)
     state = read_state(path)
-    model = Transformer(config_from_dict(state["model_config"]))
-    if "quant" in state:
-        from dropless.quant.modules import QuantConfig, quantize_modules
-        quantize_modules(model, QuantConfig(**state["quant"]))
+    build, tokenizer = _saved_model(path, state)
+    model = build()
     load(path, model)
-    return model.to(device).eval(), tokenizer_from_json(state["tokenizer"]), state
+    return model.to(device).eval(), tokenizer, state
 
 
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
@@ -126,13 +167,16 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
         raise DroplessError(f"{run_dir} holds a quantized model (`dropless quantize`): `dropless "
                             "generate`, `eval` and `serve` read it, --resume cannot; resume the "
                             "run it was quantized from")
+    _saved_model(path, state)   # what train rebuilds from the run's preset and tokenizer
     saved = state["train_config"]
+    _from_json(TrainConfig, saved, f"{path / STATE}: train_config")   # before it is compared
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
     if clashes:
         raise DroplessError("config mismatch on resume: " + "; ".join(clashes)
                             + "; leave these flags out to continue the run as it was")
-    cfg = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
+    cfg = _from_json(TrainConfig, saved, "invalid training config",
+                     **{**overrides, "out": str(run_dir)})
     if cfg.steps <= state["step"]:
         raise DroplessError(f"{run_dir}: the run already finished {state['step']} steps; "
                             f"pass --steps larger than {state['step']} to train further")

@@ -19,14 +19,23 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
-def _int_min(name: str, value, low: int = 1, *, optional: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    _check(ok or (optional and value is None), name, value, f"must be an integer >= {low}")
+# Upper bounds on sizes, far above any public model (DeepSeek-V3: 61 layers, 256 experts, dim 7168;
+# vocabularies stay under 300k), so that a config read from a file (a run's state.json, a Hugging
+# Face config.json) cannot ask for a 10^9-expert model: it is refused before a tensor exists.
+LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24)
+
+
+def _int_in(name: str, value, low: int = 1, high: int | None = None, *,
+            optional: bool = False) -> None:
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= low
+          and (high is None or value <= high))
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+    _check(ok or (optional and value is None), name, value, f"must be an integer {allowed}")
 
 
 def _finite(name: str, value, *, positive: bool, optional: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
-        value > 0 if positive else value >= 0)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > 0 if positive else value >= 0))
     _check(ok or (optional and value is None), name, value,
            f"must be {'None or ' if optional else ''}a finite number {'>' if positive else '>='} 0")
 
@@ -36,10 +45,11 @@ def _choice(name: str, value, choices) -> None:
 
 
 def _check_choices(cfg) -> None:
-    """Each Literal-typed field of `cfg` holds one of the values its annotation allows."""
+    """Each Literal-typed field of `cfg` holds one of the values its annotation allows, and each
+    bool field a bool (a config file's "false" would otherwise read as true)."""
     for name, hint in get_type_hints(type(cfg)).items():
-        if get_origin(hint) is Literal:
-            _choice(name, getattr(cfg, name), get_args(hint))
+        if get_origin(hint) is Literal or hint is bool:
+            _choice(name, getattr(cfg, name), get_args(hint) or (False, True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,18 +75,19 @@ class MoEConfig:
     backend: Backend = "auto"
 
     def __post_init__(self):
-        for name in ("dim", "hidden_dim", "num_experts", "top_k"):
-            _int_min(name, getattr(self, name))
+        for name, high in (("dim", LIMITS["dim"]), ("hidden_dim", LIMITS["dim"]),
+                           ("num_experts", LIMITS["experts"]), ("top_k", None)):
+            _int_in(name, getattr(self, name), high=high)
         _check(self.top_k <= self.num_experts, "top_k", self.top_k,
                f"must be between 1 and num_experts={self.num_experts}")
         _check_choices(self)
-        _check(self.route_scale > 0, "route_scale", self.route_scale, "must be > 0")
+        _finite("route_scale", self.route_scale, positive=True)
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError(f"num_groups={self.num_groups!r} and topk_groups={self.topk_groups!r} "
                              "are invalid: set both (group-limited routing) or neither")
         if self.num_groups is not None:
-            _int_min("num_groups", self.num_groups)
-            _int_min("topk_groups", self.topk_groups)
+            _int_in("num_groups", self.num_groups)
+            _int_in("topk_groups", self.topk_groups)
             _check(self.num_experts % self.num_groups == 0, "num_groups", self.num_groups,
                    f"must divide num_experts={self.num_experts}")
             _check(self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
@@ -86,8 +97,8 @@ class MoEConfig:
                    f"leaves {reachable} experts, fewer than top_k={self.top_k}")
         for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
             _finite(name, getattr(self, name), positive=False)
-        _int_min("num_shared_experts", self.num_shared_experts, 0)
-        _int_min("shared_hidden_dim", self.shared_hidden_dim, optional=True)
+        _int_in("num_shared_experts", self.num_shared_experts, 0, LIMITS["experts"])
+        _int_in("shared_hidden_dim", self.shared_hidden_dim, high=LIMITS["dim"], optional=True)
         _finite("capacity_factor", self.capacity_factor, positive=True, optional=True)
 
     @property
@@ -127,26 +138,28 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
-            _int_min(name, getattr(self, name))
+        for name, kind in (("vocab_size", "vocab"), ("dim", "dim"), ("num_layers", "layers"),
+                           ("num_heads", "heads"), ("num_kv_heads", "heads"),
+                           ("max_seq_len", "positions")):
+            _int_in(name, getattr(self, name), high=LIMITS[kind])
         _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                f"must divide num_heads={self.num_heads}")
         if self.head_dim is None:
             _check(self.dim % self.num_heads == 0, "num_heads", self.num_heads,
                    f"must divide dim={self.dim} (or set head_dim)")
         else:
-            _int_min("head_dim", self.head_dim)
+            _int_in("head_dim", self.head_dim, high=LIMITS["dim"])
         for name in ("rope_theta", "norm_eps"):   # NaN, 0 or inf here make every logit NaN
             _finite(name, getattr(self, name), positive=True)
         _check(isinstance(self.first_dense_layers, int)
                and 0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
                self.first_dense_layers, f"must be between 0 and num_layers={self.num_layers}")
-        _int_min("dense_hidden_dim", self.dense_hidden_dim, optional=True)
+        _int_in("dense_hidden_dim", self.dense_hidden_dim, high=LIMITS["dim"], optional=True)
         _check_choices(self)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _int_min(name, getattr(self, name))
-            _int_min("q_lora_rank", self.q_lora_rank, optional=True)
+                _int_in(name, getattr(self, name), high=LIMITS["dim"])
+            _int_in("q_lora_rank", self.q_lora_rank, high=LIMITS["dim"], optional=True)
         _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
                "must be a MoEConfig")
         _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")
@@ -244,19 +257,20 @@ class ParallelConfig:
 
     def __post_init__(self):
         for f in fields(self):   # dp_shard 0 = the rest of the world (parallel.runtime)
-            _int_min(f.name, getattr(self, f.name), 0 if f.name == "dp_shard" else 1)
+            _int_in(f.name, getattr(self, f.name), 0 if f.name == "dp_shard" else 1)
 
     @property
     def world_size(self) -> int:
         return self.dp_replicate * self.dp_shard * self.ep
 
-    def check(self, world_size: int, num_experts: int | None = None) -> None:
-        """Raise if this layout does not fit the launched world or the model's experts."""
-        if self.world_size != world_size:
-            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
-                             f"the world size {world_size}")
+    def check(self, world_size: int | None = None, num_experts: int | None = None) -> None:
+        """Raise if this layout does not fit the model's experts or the launched world (in this
+        order: --ep 3 of 8 experts is the mistake to name, whatever the world size)."""
         if num_experts is not None and num_experts % self.ep:
             raise ValueError(f"ep={self.ep} is invalid: must divide num_experts={num_experts}")
+        if world_size is not None and self.world_size != world_size:
+            raise ValueError(f"dp_replicate*dp_shard*ep={self.world_size} is invalid: must equal "
+                             f"the world size {world_size}")
 
 
 # flags a preset changes from TrainConfig's (tiny-sized) defaults when the command line leaves
@@ -307,9 +321,9 @@ class TrainConfig:
         _check_choices(self)
         for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                      "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
-            _int_min(name, getattr(self, name))
+            _int_in(name, getattr(self, name))
         for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
-            _int_min(name, getattr(self, name), 0)
+            _int_in(name, getattr(self, name), 0)
         _finite("lr", self.lr, positive=True)
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")

@@ -35,5 +35,18 @@ def read_small_text(path: str | Path) -> str:
 
 
 def read_small_json(path: str | Path):
-    """`read_small_text` parsed as JSON (ValueError, a DroplessError included, when it is not)."""
-    return json.loads(read_small_text(path))
+    """`read_small_text` parsed as JSON; DroplessError, naming `path` once, when it is not."""
+    try:
+        return json.loads(read_small_text(path))
+    except DroplessError:
+        raise
+    except ValueError as err:   # not UTF-8, not JSON
+        raise DroplessError(f"{path} is not readable JSON: {err}") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """`read_small_json` of a file that must hold a JSON object (a config, a checkpoint state)."""
+    data = read_small_json(path)
+    if not isinstance(data, dict):
+        raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data

@@ -154,9 +154,10 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
+        index_json = read_small_json(index)   # its errors name the file
         try:
-            names = read_small_json(index)["weight_map"].values()
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            names = index_json["weight_map"].values()
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
                              f"({type(err).__name__}: {err})") from None
         files = sorted({_inside(path, f, index) for f in names})
@@ -230,10 +231,7 @@ def read_hf_config(path) -> dict:
     config = path / "config.json"
     if not config.exists():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        return read_small_json(config)
-    except ValueError as err:   # read_small_json reports OSErrors as DroplessError
-        raise ValueError(f"{config} is not readable JSON: {err}") from None
+    return read_small_json(config)
 
 
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:

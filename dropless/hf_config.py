@@ -12,13 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dropless.config import ModelConfig, MoEConfig
+from dropless.config import LIMITS, ModelConfig, MoEConfig
 
-# Upper bounds on config.json values, far above any public model (DeepSeek-V3: 61 layers, 256
-# experts, dim 7168; vocabularies stay under 300k), so that a 10^9-expert file is refused before a
-# single tensor or table row exists. Weights are then read tensor by tensor, each checked against
-# the file's declared shape, so no size in config.json alone can make the reader allocate.
-LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24)
+# config.json's sizes are checked against ModelConfig's LIMITS as they are read, under the file's
+# names; weights are then read tensor by tensor, each checked against the file's declared shape,
+# so no size in config.json alone can make the reader allocate.
 MAX_TENSORS = 2**20           # expert tensors in the file layout (DeepSeek-V3 has ~47k)
 # HF's Switch loss counts f_i over T tokens (balanced value K * coef); dropless over T*K (balanced
 # value coef). Imported coefficients are multiplied by K so training pushes equally hard.

@@ -18,7 +18,7 @@ from dropless import cli
 from dropless.checkpoint import load_run
 from dropless.parallel import checkpoint as ckpt
 from dropless.parallel.checkpoint import PAUSE_ENV, latest_path, read_state
-from dropless.config import PRESETS
+from dropless.config import PRESETS, TrainConfig
 from dropless.errors import DroplessError
 from dropless.model import Transformer
 from dropless.checkpoint import resume_config
@@ -266,6 +266,125 @@ def test_checkpoint_cannot_redirect_loading(dcp_run, tmp_path, capsys):
     _forge(victim_dir, ".metadata", pickle.dumps(reader.metadata))
     for argv in _commands(victim, tmp_path):
         _fails_with(capsys, argv, f"names {elsewhere!r}, not a file of its checkpoint directory")
+
+
+# ---- a forged state.json: checked, and sized by the weights beside it, before any allocation ----
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> Path:
+    root = tmp_path_factory.mktemp("forge")
+    train(TrainConfig(out=str(root / "run"), data=str(corpus), cache_dir=str(root / "cache"),
+                      steps=2, batch_size=2, seq_len=16, sample_tokens=0), progress=False)
+    return root / "run"
+
+
+@pytest.fixture
+def forged_run(trained, tmp_path, monkeypatch):
+    """A copy of a trained run to forge, and from here on a failure once torch.empty (what
+    nn.Linear, nn.Embedding and the experts allocate with) has made more than 2^24 elements off
+    the meta device: a size from a forged file must be refused before it is allocated."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns(".lock"))
+    real, made = torch.empty, [0]
+
+    def empty(*size, **kwargs):
+        if torch.device(kwargs.get("device") or torch.get_default_device()).type != "meta":
+            made[0] += real(*size, **{**kwargs, "device": "meta"}).numel()
+            if made[0] > 2**24:
+                pytest.fail(f"{made[0]:,} elements allocated for a forged checkpoint")
+        return real(*size, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    return run, latest_path(run)
+
+
+def _run_commands(run: Path, out: Path) -> list[list[str]]:
+    return [*_commands(run, out), ["eval", str(run)], ["quantize", str(run), "--out", str(out / "q")]]
+
+
+_ABSENT = object()
+
+
+def _wide_tokenizer() -> str:
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.WordLevel({"a": 0, "b": 300}, unk_token="a")).to_str()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_config.moe.num_experts", 10**9,
+     "state.json: model_config.moe: num_experts=1000000000 is invalid: must be an integer in [1, 4096]"),
+    ("model_config.num_layers", 10**8,
+     "state.json: model_config: num_layers=100000000 is invalid: must be an integer in [1, 1024]"),
+    ("model_config.dim", 10**7, "model_config: dim=10000000 is invalid: must be an integer in [1, "),
+    ("model_config.vocab_size", 10**10, "vocab_size=10000000000 is invalid"),
+    ("model_config.max_seq_len", 2**40, "max_seq_len=1099511627776 is invalid"),
+    # within the limits, but more than the weights beside it can hold
+    ("model_config.moe.hidden_dim", 2**18, "shards hold 2"),
+    ("model_config.num_layers", 1024, "they cannot hold it"),
+    ("model_config.dim", "128", "model_config: dim='128' is invalid: must be an integer"),
+    ("model_config.num_layers", True, "num_layers=True is invalid"),
+    ("model_config.norm_eps", float("nan"), "norm_eps=nan is invalid: must be a finite number > 0"),
+    ("model_config.norm_eps", -1e-5, "norm_eps=-1e-05 is invalid"),
+    ("model_config.rope_theta", float("inf"), "rope_theta=inf is invalid"),
+    ("model_config.moe.route_scale", "2", "model_config.moe: route_scale='2' is invalid"),
+    ("model_config.tie_embeddings", "false", "tie_embeddings='false' is invalid"),
+    ("model_config.experts", 8, "unexpected keyword argument 'experts'"),
+    ("model_config.moe", _ABSENT, "model_config.moe: must be a JSON object, not NoneType"),
+    ("model_config", _ABSENT, "model_config: must be a JSON object, not NoneType"),
+    ("model_config", [1], "model_config: must be a JSON object, not list"),
+    ("quant", [4], "quant: must be a JSON object, not list"),
+    ("quant", {"group_size": 3}, "quant: group_size=3 is invalid"),
+    ("tokenizer", 5, "tokenizer: the JSON object must be str"),
+    ("tokenizer", _wide_tokenizer(), "the tokenizer has 301 tokens, the model only 256"),
+])
+def test_forged_state_json_is_one_line_before_any_allocation(forged_run, tmp_path, capsys, field,
+                                                             value, message):
+    """num_experts 10^9 allocated 512 GB, num_layers 10^8 built layers for hours, and the other
+    values were tracebacks: every command names the file, the field and what is allowed."""
+    run, step_dir = forged_run
+    state = json.loads((step_dir / ckpt.STATE).read_text())
+    *parents, name = field.split(".")
+    target = state
+    for key in parents:
+        target = target[key]
+    if value is _ABSENT:
+        del target[name]
+    else:
+        target[name] = value
+    _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
+    for argv in _run_commands(run, tmp_path):
+        if field == "quant" and argv[0] == "train":   # refused first as a quantized run
+            continue
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"dropless: error: {step_dir}"), err
+        assert message in err, err
+
+
+@pytest.mark.parametrize("raw,message", [(b"[1, 2]", "must hold a JSON object, not list"),
+                                         (b'{"step": 2', "is not readable JSON")])
+def test_state_json_that_is_not_an_object_is_one_line(forged_run, tmp_path, capsys, raw, message):
+    run, step_dir = forged_run
+    _forge(step_dir, ckpt.STATE, raw)
+    for argv in _run_commands(run, tmp_path):
+        _fails_with(capsys, argv, f"{step_dir / ckpt.STATE}{':' if raw[0] == 91 else ''} {message}")
+
+
+def test_a_field_an_older_run_lacks_takes_its_default(forged_run, capsys):
+    run, step_dir = forged_run
+    state = json.loads((step_dir / ckpt.STATE).read_text())
+    del state["model_config"]["qk_norm_scope"], state["model_config"]["moe"]["shared_gate"]
+    _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
+    assert cli.main(["generate", str(run), "--max-new-tokens", "2"]) == 0
+
+
+def test_shards_too_small_for_the_model_are_refused(tmp_path):
+    """The weights on disk must be able to hold the model (2 bytes a weight at least): loading a
+    checkpoint of `tiny` into four times its layers is refused by stat, not a DCP 'missing key'."""
+    path = ckpt.save(tmp_path, 1, Transformer(PRESETS["tiny"]))
+    deeper = Transformer(replace(PRESETS["tiny"], num_layers=16))
+    with pytest.raises(DroplessError, match=f"{path}: the checkpoint's shards hold .* they cannot "
+                                            "hold it"):
+        ckpt.load(path, deeper)
 
 
 # ---- one writer per run directory, and kills at any moment ------------------------------------

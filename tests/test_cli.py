@@ -130,6 +130,15 @@ def test_resume_under_torchrun_fits_the_layout_to_the_new_world(capsys, monkeypa
     _fails(capsys, ["train", "--resume", str(out), "--steps", "2", *flags], layout)
 
 
+def test_ep_that_does_not_divide_the_experts_is_named_first(capsys, monkeypatch, tmp_path):
+    """--ep 3 of tiny's 8 experts on 2 ranks: the experts are the mistake (the world size was
+    named first: 'dp_replicate*ep=3 is invalid: must divide the world size 2')."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    _fails(capsys, ["train", "--ep", "3", "--out", str(tmp_path / "run")],
+           "invalid parallel layout: ep=3 is invalid: must divide num_experts=8")
+
+
 def test_train_rejects_unparsable_numbers(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--steps", "ten"])
@@ -215,6 +224,8 @@ def test_resume_config_mismatch(capsys, trained_run):
                     "--seq-len", "64"], "config mismatch on resume: --seq-len 64 (the run used 16); "
                     "--lr 0.5 (the run used 0.003)")
     _fails(capsys, ["train", "--resume", str(trained_run)], "already finished 2 steps")
+    _fails(capsys, ["train", "--resume", str(trained_run), "--steps", "-1"],   # not a traceback
+           "invalid training config: steps=-1 is invalid: must be an integer >= 1")
 
 
 def test_resume_and_out_must_agree(capsys, tmp_path, trained_run):
@@ -387,20 +398,6 @@ def test_train_into_a_closed_pipe_stops_with_a_checkpoint(tmp_path, corpus, stre
     if stream == "stdout":
         assert err.decode() == (f"dropless: the output pipe closed: stopped at step {step}/20, "
                                 f"checkpoint saved; resume with: dropless train --resume {out}\n")
-
-
-def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, trained_run, monkeypatch):
-    import dropless.checkpoint as checkpoint
-
-    real = checkpoint.load_run
-
-    def mismatched(run_dir, device):
-        model, tok, state = real(run_dir, device)
-        tok.vocab_size = model.cfg.vocab_size + 1
-        return model, tok, state
-
-    monkeypatch.setattr(checkpoint, "load_run", mismatched)
-    _fails(capsys, ["generate", str(trained_run)], "do not belong together")
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -597,10 +597,11 @@ def test_every_preset_round_trips_through_its_spec():
         assert back == cfg, name
 
 
-@pytest.mark.parametrize("kind", ["sparse", "fifo", "non-utf8"])
+@pytest.mark.parametrize("kind", ["sparse", "fifo", "non-utf8", "directory"])
 def test_config_json_that_cannot_be_small_text_is_refused_unread(tmp_path, kind):
     """A stranger's config.json: a sparse 8 GiB file (refused by its size, never read), a FIFO
-    (never opened: it would hang), bytes that are not UTF-8; one line each, naming the file."""
+    (never opened: it would hang), bytes that are not UTF-8, a directory; one line each, naming
+    the file once."""
     import os
 
     config = tmp_path / "config.json"
@@ -609,11 +610,15 @@ def test_config_json_that_cannot_be_small_text_is_refused_unread(tmp_path, kind)
             f.truncate(2**33)
     elif kind == "fifo":
         os.mkfifo(config)
+    elif kind == "directory":
+        config.mkdir()
     else:
         config.write_bytes(b'{"model_type": "\xff"}')
-    want = {"sparse": "over the", "fifo": "not a regular file", "non-utf8": "not readable JSON"}
-    with pytest.raises(ValueError, match=f"{config}.*{want[kind]}"):
+    want = {"sparse": "over the", "fifo": "not a regular file", "non-utf8": "not readable JSON",
+            "directory": "not a regular file"}
+    with pytest.raises(ValueError, match=f"{config}.*{want[kind]}") as err:
         from_hf(tmp_path)
+    assert str(err.value).count(str(config)) == 1, err.value
 
 
 @pytest.mark.parametrize("arch,field", [("mixtral", "rms_norm_eps"), ("olmoe", "rms_norm_eps"),

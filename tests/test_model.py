@@ -212,6 +212,22 @@ def test_model_config_refuses_non_finite_eps_and_theta(field, value):
         dataclasses.replace(get_preset("tiny"), **{field: value})
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(num_layers=1025), "num_layers=1025 is invalid: must be an integer in [1, 1024]"),
+    (dict(vocab_size=2**24 + 1), "vocab_size=16777217 is invalid: must be an integer in [1, "),
+    (dict(moe=dict(num_experts=4097)), "num_experts=4097 is invalid: must be an integer in [1, 4096]"),
+    (dict(moe=dict(route_scale="2")), "route_scale='2' is invalid: must be a finite number > 0"),
+    (dict(moe=dict(route_scale=float("inf"))), "route_scale=inf is invalid"),
+    (dict(tie_embeddings="false"), "tie_embeddings='false' is invalid: allowed: False, True"),
+])
+def test_model_config_bounds_sizes_and_checks_types(change, message):
+    """The bounds a config file's sizes must pass (dropless.config.LIMITS), and types: a 'false'
+    read as true, a string compared with a number (a TypeError traceback)."""
+    cfg = get_preset("tiny")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **change.pop("moe", {})), **change)
+
+
 def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables(monkeypatch):
     import dropless.model as m
     from dropless.model import rope_tables

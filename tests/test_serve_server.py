@@ -381,6 +381,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     ("generation_config.json", {"eos_token_id": 1.5}, "eos_token_id=1.5 is invalid"),
     ("generation_config.json", {"eos_token_id": [3, 100000]}, "is invalid: an id or a list"),
     ("generation_config.json", {"eos_token_id": True}, "eos_token_id=True is invalid"),
+    ("config.json", "a directory", "config.json: not a regular file"),
 ])
 def test_bad_generation_and_tokenizer_configs_are_one_line(run_dir, tmp_path, name, content, message):
     # these files come from strangers: an AttributeError / KeyError / TypeError traceback, or EOS
@@ -389,7 +390,10 @@ def test_bad_generation_and_tokenizer_configs_are_one_line(run_dir, tmp_path, na
 
     model_dir = tmp_path / "bad"
     shutil.copytree(run_dir, model_dir)
-    (model_dir / name).write_text(json.dumps(content))
+    if content == "a directory":
+        (model_dir / name).mkdir()
+    else:
+        (model_dir / name).write_text(json.dumps(content))
     with pytest.raises(DroplessError, match=re.escape(message)) as e:
         load_served_model(str(model_dir), torch.device("cpu"))
-    assert name in str(e.value)
+    assert str(e.value).count(str(model_dir / name)) == 1, e.value   # named, and only once

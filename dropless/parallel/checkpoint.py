@@ -13,7 +13,9 @@ leaves the previous checkpoint whole; the next save removes the interrupted temp
 
 Trust: loading verifies every file against the manifest first (a damaged shard is an error naming
 the file, never weights of 3e38), after checking by size alone that the files fit the model being
-loaded (a planted sparse file of terabytes is refused, not hashed for hours), and nothing read runs
+loaded (a planted sparse file of terabytes is refused, not hashed for hours; shards too small to
+hold the model are refused too, so that a forged state.json cannot describe a model larger than the
+weights that came with it: `verify` refuses it before it is allocated), and nothing read runs
 code or reaches outside its directory: `.metadata` (a pickle) goes through an unpickler that admits
 only DCP's metadata classes and must name only files beside it, non-tensor values load with
 `weights_only=True`, the rest is JSON.
@@ -40,7 +42,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.errors import DroplessError
-from dropless.files import MAX_SMALL_FILE, read_small_json
+from dropless.files import MAX_SMALL_FILE, read_json_object, read_small_json
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -133,23 +135,31 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _max_shard_bytes(model: nn.Module) -> int:
-    """The most bytes a checkpoint of `model` can hold in its shards, counted from the model (never
-    from a file, which could raise it) at global sizes (a DTensor's numel is global): its state and
+def _shard_bytes(model: nn.Module) -> tuple[int, int]:
+    """The fewest and the most bytes a checkpoint of `model` can hold in its shards, counted from
+    the model (never from a file, which could move them; on the meta device it costs no memory) at
+    global sizes (a DTensor's numel is global). Fewest: each tensor of its state once, at 2 bytes
+    an element (bf16, the narrowest float saved) or its own size when narrower. Most: its state and
     AdamW's two moments per parameter (saved by training whether or not this load asks for them),
     at 4 bytes an element or more (an fp32 checkpoint may load into bf16), doubled for DCP's ~1.5 KB
     header per chunk (every FSDP rank writes a chunk of every tensor), plus 64 MiB for non-tensor
     values."""
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * max(t.element_size(), 4)
+    state = model.state_dict(keep_vars=True)
+    distinct = {id(t): t for t in state.values()}.values()   # a tied weight has two names
+    fewest = sum(t.numel() * min(t.element_size(), 2) for t in distinct)
     moments = sum(2 * nbytes(p) for p in model.parameters())
-    return 2 * (sum(nbytes(t) for t in model.state_dict().values()) + moments) + 64 * 2**20
+    return fewest, 2 * (sum(nbytes(t) for t in state.values()) + moments) + 64 * 2**20
 
 
-def _verify(path: Path, names: list[str] | None = None, max_shard_bytes: int = 0) -> None:
+def verify(path: Path, model: nn.Module | None = None, names: list[str] | None = None,
+           sizes_only: bool = False) -> None:
     """Check `names` (default: every file the manifest lists) against the manifest's checksums.
     Sizes come first, by stat alone, so that no file is hashed unbounded: `.metadata` and
-    state.json have caps of their own, the other files (DCP's shards) `max_shard_bytes` in all."""
+    state.json have caps of their own, the other files (DCP's shards) must fit `model`'s state
+    (`_shard_bytes`). With `sizes_only`, a `model` on the meta device is checked before its memory
+    exists."""
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
@@ -159,6 +169,7 @@ def _verify(path: Path, names: list[str] | None = None, max_shard_bytes: int = 0
                             "an older dropless without checksums)") from None
     files = [path / name for name in names or [".metadata", *sums]]
     caps, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, 0
+    fewest, most = _shard_bytes(model) if model is not None else (0, 0)
     damaged = "checkpoint file is damaged or missing (checksum mismatch)"
     for file in files:
         if file.is_symlink():   # dropless writes none: one would make it read a file elsewhere
@@ -168,13 +179,18 @@ def _verify(path: Path, names: list[str] | None = None, max_shard_bytes: int = 0
                 file.name in caps and file.stat().st_size > caps[file.name]):
             raise DroplessError(f"{file}: {damaged}")
         shard_bytes += 0 if file.name in caps else file.stat().st_size
-        if shard_bytes > max_shard_bytes:
+        if shard_bytes > most:
             raise DroplessError(f"{file}: the checkpoint's shards reach {shard_bytes:,} bytes "
-                                f"with this one, over the {max_shard_bytes:,} that the model "
-                                "being loaded can need")
-    for file in files:
+                                f"with this one, over the {most:,} that the model being loaded "
+                                "can need")
+    # shards too small for the model are hashed even so (they are small): a damaged one is named
+    for file in () if sizes_only and shard_bytes >= fewest else files:
         if _sha256(file) != sums[file.name]:
             raise DroplessError(f"{file}: {damaged}")
+    if shard_bytes < fewest:
+        raise DroplessError(f"{path}: the checkpoint's shards hold {shard_bytes:,} bytes, fewer "
+                            f"than the {fewest:,} of the model being loaded (2 bytes a weight): "
+                            "they cannot hold it (a state.json describing another model?)")
 
 
 # What a DCP `.metadata` pickle may name: DCP's metadata dataclasses and the torch values inside
@@ -239,8 +255,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def read_state(path: Path) -> dict:
     """The JSON values saved with the checkpoint at `path`, step included."""
-    _verify(path, [STATE])
-    return read_small_json(path / STATE)
+    verify(path, names=[STATE])
+    return read_json_object(path / STATE)
 
 
 def latest_path(run_dir: str | Path) -> Path:
@@ -256,7 +272,7 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     process group); DCP reshards. Returns the JSON state saved with it."""
     state = _state_dicts(model, optimizer)
     # every rank reads every file once more: the price of knowing they are intact
-    _verify(path, max_shard_bytes=_max_shard_bytes(model))
+    verify(path, model)
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")

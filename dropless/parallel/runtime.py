@@ -78,6 +78,8 @@ def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) ->
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Runtime(device=device)
+    pcfg = pcfg or ParallelConfig()
+    pcfg.check(num_experts=num_experts)   # before the world size's check, which dp_shard 0 makes
     if "TORCHELASTIC_RUN_ID" in os.environ:   # started by torchrun (not by a test's spawn)
         _exit_with_launcher()
     if device.type == "cuda":
@@ -86,14 +88,13 @@ def init(pcfg: ParallelConfig | None, device: torch.device, num_experts: int) ->
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get(
             "LOCAL_WORLD_SIZE", str(world)))))
-    pcfg = pcfg or ParallelConfig()
     if pcfg.dp_shard == 0:
         rest, rem = divmod(world, pcfg.dp_replicate * pcfg.ep)
         if rem or rest == 0:
             raise ValueError(f"dp_replicate*ep={pcfg.dp_replicate * pcfg.ep} is invalid: must "
                              f"divide the world size {world}")
         pcfg = ParallelConfig(dp_replicate=pcfg.dp_replicate, dp_shard=rest, ep=pcfg.ep)
-    pcfg.check(world, num_experts)
+    pcfg.check(world)
     if not dist.is_initialized():
         # keys under a per-attempt prefix: after a torchrun restart, ranks otherwise read a dead
         # peer's address left in the store by the previous attempt ("Connection refused")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dropless.errors import DroplessError
-from dropless.files import read_small_json
+from dropless.files import read_json_object
 from dropless.model import Transformer
 from dropless.tokenizer import Tokenizer
 
@@ -32,13 +32,7 @@ class ServedModel:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = read_small_json(path) if path.exists() else {}
-    except (OSError, ValueError) as e:
-        raise DroplessError(f"{path}: cannot read ({e})") from None
-    if not isinstance(data, dict):
-        raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json_object(path) if path.exists() else {}
 
 
 def _token_text(value, where: str) -> str:

@@ -21,7 +21,8 @@ from dropless.parallel import checkpoint as ckpt
 from dropless.parallel.fsdp import full_state
 from dropless.tokenizer import ByteTokenizer
 
-CFG = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+# vocab 256: the byte tokenizer saved beside it must fit the model (load_run checks)
+CFG = ModelConfig(vocab_size=256, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
                   tie_embeddings=True,
                   moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2, bias_update_rate=1e-3))
 
