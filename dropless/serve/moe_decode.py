@@ -85,7 +85,7 @@ def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """y = the layer's output for x [..., D] (no aux losses), plus `residual` if given (folded
-    into the combine's baddbmm: one kernel less); `path` forces "triton", "gather" or "dense"."""
+    into the combine: one kernel less); `path` forces "triton", "gather" or "dense"."""
     x_TD = x.reshape(-1, moe.cfg.dim)
     T = x_TD.shape[0]
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
