@@ -83,6 +83,11 @@ def test_python_dash_m_works():
     (["--grad-accum", "0"], "grad_accum=0 is invalid"),
     (["--warmup=-1"], "warmup=-1 is invalid"),
     (["--eval-every", "0"], "eval_every=0 is invalid"),
+    # sizes of what is allocated: within a run's train_config too (`dropless eval` reads them)
+    (["--batch-size", str(10**12)], "batch_size*seq_len=128000000000000 is invalid: must be at"),
+    (["--eval-batches", str(10**12)], "eval_batches*batch_size*seq_len=2048000000000000 is inv"),
+    (["--seq-len", str(2**30)], "seq_len=1073741824 is invalid: must be an integer in [1, 1677"),
+    (["--seed", str(2**64)], "seed=18446744073709551616 is invalid"),   # torch.manual_seed's range
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
     (["--tokenizer", "words"], "tokenizer='words' is invalid"),
     (["--device", "tpu9"], "error: --device 'tpu9' is not a device"),   # not a "parallel layout"
