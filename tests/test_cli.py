@@ -286,6 +286,30 @@ def test_info_unknown_preset(capsys):
     _fails(capsys, ["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len 0 is invalid")
 
 
+@pytest.mark.parametrize("entry", ["python -m dropless", "the console script"])
+def test_ctrl_c_while_loading_is_quiet(entry):
+    """A Ctrl-C in the seconds `import torch` takes (a torchrun worker stopped as it starts) was a
+    KeyboardInterrupt traceback: both entry points exit 130 with one line. The interrupt is made
+    to arrive at torch's import, whichever module asks for it first."""
+    import tomllib
+
+    script = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, function = script["project"]["scripts"]["dropless"].split(":")
+    start = ("import runpy; runpy.run_module('dropless', run_name='__main__', alter_sys=True)"
+             if entry == "python -m dropless" else
+             f"import importlib; sys.exit(importlib.import_module({module!r}).{function}())")
+    code = ("import sys\n"
+            "class CtrlC:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name == 'torch':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, CtrlC())\n"
+            "sys.argv = ['dropless', 'info']\n" + start)
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "dropless: interrupted\n")
+
+
 def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dropless", "train", "--data",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
