@@ -9,9 +9,19 @@ STARTED_BY = _os.getppid()
 
 from dropless.config import PRESETS, MoEConfig, ModelConfig, TrainConfig, get_preset
 from dropless.errors import DroplessError
-from dropless.moe import MoE, MoEAux
-from dropless.model import ModelAux, Transformer
-from dropless.hf import from_hf, to_hf
+
+# what imports torch (seconds) loads on first use: `python -m dropless` imports this package before
+# its entry point (__main__.py) can catch a Ctrl-C, so that must be quick
+_LAZY = {"MoE": "moe", "MoEAux": "moe", "ModelAux": "model", "Transformer": "model",
+         "from_hf": "hf", "to_hf": "hf"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dropless' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"dropless.{_LAZY[name]}"), name)
+
 
 __all__ = ["from_hf", "to_hf", "MoE", "MoEAux", "ModelAux", "Transformer", "MoEConfig", "ModelConfig",
            "TrainConfig", "DroplessError", "PRESETS", "get_preset"]

@@ -82,14 +82,23 @@ def _saved_model(path: Path, state: dict):
     return build, tokenizer
 
 
+def saved_train_config(state: dict) -> TrainConfig | None:
+    """The TrainConfig of the run whose checkpoint `state` is (load_run's, resume_config's),
+    checked as every TrainConfig is (its sizes bounded): how --resume, eval and quantize read it.
+    None for a model without one (converted from Hugging Face)."""
+    if "train_config" not in state:
+        return None
+    return _from_json(TrainConfig, state["train_config"], f"{state['path'] / STATE}: train_config")
+
+
 def load_run(run_dir: str | Path, device: str = "cpu"):
-    """-> (model in eval mode, tokenizer, saved state) of a run directory's newest checkpoint,
-    written by any mesh (or by `dropless quantize`: packed int4 modules)."""
+    """-> (model in eval mode, tokenizer, saved state + its "path") of a run directory's newest
+    checkpoint, written by any mesh (or by `dropless quantize`: packed int4 modules)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DroplessError(f"{run_dir}: no such run directory")
     path = latest_path(run_dir)
-    state = read_state(path)
+    state = {**read_state(path), "path": path}
     build, tokenizer = _saved_model(path, state)
     model = build()
     load(path, model)
@@ -147,6 +156,36 @@ def claim_run_dir(run_dir: Path, new: bool):
                     run_dir.rmdir()
 
 
+def _check_training_state(where: Path, state: dict) -> None:
+    """What `train` restores on --resume besides the tensors, checked as read: a forged value is
+    one line naming the file and the field, on every rank alike, before any process group."""
+    def ints(v, n: int, high: int) -> bool:   # a list of n integers in [0, high]
+        return isinstance(v, list) and len(v) == n and all(
+            type(x) is int and 0 <= x <= high for x in v)
+
+    cfg = config_from_dict(state["model_config"])   # checked by _saved_model
+    L, E = cfg.num_layers - cfg.first_dense_layers, cfg.moe.num_experts
+    data, rng, window = (state.get(k) if isinstance(state.get(k), dict) else {}
+                         for k in ("data", "rng", "window"))
+    loads = window.get("loads")
+    for field, ok, allowed in (
+            ("step", ints([state.get("step")], 1, 2**63 - 1), "an integer >= 0"),
+            ("data.key", isinstance(data.get("key"), str), "a string"),
+            ("rng.torch", ints(rng.get("torch"), torch.get_rng_state().numel(), 255),
+             f"{torch.get_rng_state().numel()} bytes (torch.get_rng_state)"),
+            # torch.cuda.get_rng_state(): a Philox seed and offset, 8 bytes each
+            ("rng.cuda", rng.get("cuda") is None or ints(rng["cuda"], 16, 255),
+             "null or 16 bytes"),
+            *((f"window.{k}", type(window.get(k)) in (int, float), "a number")
+              for k in ("loss", "aux")),
+            ("window.steps", ints([window.get("steps")], 1, 2**63 - 1), "an integer >= 0"),
+            ("window.loads", isinstance(loads, list) and len(loads) == L
+             and all(ints(row, E, 2**63 - 1) for row in loads),
+             f"{L} lists (MoE layers) of {E} integers >= 0 (experts)")):
+        if not ok:
+            raise DroplessError(f"{where}: {field} is invalid: must be {allowed}")
+
+
 def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The saved run's config with `overrides` (flags given on the command line) applied, and the
     checkpoint. Overriding anything outside RESUMABLE is a config mismatch. The parallel layout
@@ -168,8 +207,9 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
                             "generate`, `eval` and `serve` read it, --resume cannot; resume the "
                             "run it was quantized from")
     _saved_model(path, state)   # what train rebuilds from the run's preset and tokenizer
+    _check_training_state(path / STATE, state)
+    saved_train_config(state)   # before it is compared
     saved = state["train_config"]
-    _from_json(TrainConfig, saved, f"{path / STATE}: train_config")   # before it is compared
     clashes = [f"--{k.replace('_', '-')} {v} (the run used {saved[k]})"
                for k, v in overrides.items() if k not in RESUMABLE and saved.get(k) != v]
     if clashes:

@@ -22,7 +22,10 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 # Upper bounds on sizes, far above any public model (DeepSeek-V3: 61 layers, 256 experts, dim 7168;
 # vocabularies stay under 300k), so that a config read from a file (a run's state.json, a Hugging
 # Face config.json) cannot ask for a 10^9-expert model: it is refused before a tensor exists.
-LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24)
+# `tokens` bounds a training config's global micro-batch and its evaluation's windows (held whole
+# on the host as int64: 512 MiB): DeepSeek-V3's whole optimizer step (15360 x 4096) fits in one.
+LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24,
+              tokens=2**26)
 
 
 def _int_in(name: str, value, low: int = 1, high: int | None = None, *,
@@ -45,11 +48,16 @@ def _choice(name: str, value, choices) -> None:
 
 
 def _check_choices(cfg) -> None:
-    """Each Literal-typed field of `cfg` holds one of the values its annotation allows, and each
-    bool field a bool (a config file's "false" would otherwise read as true)."""
+    """Each Literal-typed field of `cfg` holds one of the values its annotation allows, each
+    bool field a bool (a config file's "false" would otherwise read as true), and each str field
+    a string (a path: a config file's number would be a TypeError where it is opened)."""
     for name, hint in get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
         if get_origin(hint) is Literal or hint is bool:
-            _choice(name, getattr(cfg, name), get_args(hint) or (False, True))
+            _choice(name, value, get_args(hint) or (False, True))
+        elif hint in (str, str | None):
+            _check(isinstance(value, str) or (value is None and hint is not str), name, value,
+                   "must be a string" + (" or null" if hint is not str else ""))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,11 +327,20 @@ class TrainConfig:
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
         _check_choices(self)
-        for name in ("vocab", "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
-                     "eval_batches", "ckpt_every", "log_every", "ep", "dp_replicate"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                     "ckpt_every", "log_every", "ep", "dp_replicate"):
             _int_in(name, getattr(self, name))
-        for name in ("warmup", "seed", "sample_tokens", "dp_shard"):
+        _int_in("vocab", self.vocab, high=LIMITS["vocab"])
+        _int_in("seq_len", self.seq_len, high=LIMITS["positions"])
+        for name in ("warmup", "sample_tokens", "dp_shard"):
             _int_in(name, getattr(self, name), 0)
+        _int_in("seed", self.seed, 0, 2**64 - 1)   # torch.manual_seed's range
+        # a run's train_config comes from strangers too (`dropless eval` sizes its windows by it)
+        for name, tokens in (("batch_size*seq_len", self.batch_size * self.seq_len),
+                             ("eval_batches*batch_size*seq_len",
+                              self.eval_batches * self.batch_size * self.seq_len)):
+            _check(tokens <= LIMITS["tokens"], name, tokens,
+                   f"must be at most {LIMITS['tokens']} tokens")
         _finite("lr", self.lr, positive=True)
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")

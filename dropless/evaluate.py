@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from dropless import data
-from dropless.checkpoint import load_model_dir, load_run
+from dropless.checkpoint import load_model_dir, load_run, saved_train_config
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
 from dropless.precision import autocast_for, resolve_device, resolve_precision
@@ -24,22 +24,22 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
 
     dev = resolve_device(device)
     if (Path(path) / "config.json").is_file():
-        (model, tok), saved = load_model_dir(path, dev), {}
+        (model, tok), cfg = load_model_dir(path, dev), None
     else:
         model, tok, state = load_run(path, dev)
-        saved = state.get("train_config") or {}
-    batch_size = saved.get("batch_size", TrainConfig.batch_size)
-    seq_len = min(saved.get("seq_len", TrainConfig.seq_len), model.cfg.max_seq_len)
-    batches = saved.get("eval_batches", TrainConfig.eval_batches)
+        cfg = saved_train_config(state)
+    cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
+    seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
     if data_path is not None:
         docs = data.read_documents(data_path)
     else:   # the message must not name a flag the user did not pass
-        docs = data.read_documents(saved.get("data"), "the run's --data")
-    cache = saved.get("cache_dir")
-    tokens = data.load_tokens(docs, tok, Path(cache) if cache else data.default_cache_dir())
+        docs = data.read_documents(cfg.data, "the run's --data")
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else data.default_cache_dir()
+    tokens = data.load_tokens(docs, tok, cache)
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
-    windows = data.eval_batches(tokens.val, batch_size, seq_len, batches)
+    windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches)
     loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": batch_size * seq_len * batches}
+    return {"val_loss": loss, "val_ppl": math.exp(loss),
+            "tokens": cfg.batch_size * seq_len * cfg.eval_batches}

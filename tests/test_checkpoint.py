@@ -341,6 +341,15 @@ def test_forged_state_json_is_one_line_before_any_allocation(forged_run, tmp_pat
     """num_experts 10^9 allocated 512 GB, num_layers 10^8 built layers for hours, and the other
     values were tracebacks: every command names the file, the field and what is allowed."""
     run, step_dir = forged_run
+    _forge_field(step_dir, field, value)
+    for argv in _run_commands(run, tmp_path):
+        if field == "quant" and argv[0] == "train":   # refused first as a quantized run
+            continue
+        _fails_naming(capsys, argv, step_dir, message)
+
+
+def _forge_field(step_dir: Path, field: str, value) -> None:
+    """Set (or, given _ABSENT, delete) the dotted `field` of the checkpoint's state.json."""
     state = json.loads((step_dir / ckpt.STATE).read_text())
     *parents, name = field.split(".")
     target = state
@@ -351,13 +360,45 @@ def test_forged_state_json_is_one_line_before_any_allocation(forged_run, tmp_pat
     else:
         target[name] = value
     _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
-    for argv in _run_commands(run, tmp_path):
-        if field == "quant" and argv[0] == "train":   # refused first as a quantized run
-            continue
-        assert cli.main(argv) == 1, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"dropless: error: {step_dir}"), err
-        assert message in err, err
+
+
+def _fails_naming(capsys, argv, step_dir: Path, message: str) -> None:
+    assert cli.main(argv) == 1, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dropless: error: {step_dir}"), err
+    assert message in err, err
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # the run's training config, which eval and quantize read too (eval sizes its windows by it)
+    ("train_config.batch_size", 10**12,
+     "state.json: train_config: batch_size*seq_len=16000000000000 is invalid: must be at most"),
+    ("train_config.eval_batches", 10**12, "eval_batches*batch_size*seq_len=32000000000000 is inv"),
+    ("train_config.seq_len", "16", "train_config: seq_len='16' is invalid"),
+    ("train_config.cache_dir", 5, "cache_dir=5 is invalid: must be a string or null"),
+    ("train_config.data", ["a.txt"], "data=['a.txt'] is invalid: must be a string or null"),
+    ("train_config", [1], "train_config: must be a JSON object, not list"),
+    # the training state that --resume restores
+    ("step", "2", "state.json: step is invalid: must be an integer >= 0"),
+    ("step", -1, "step is invalid"),
+    ("data", 5, "data.key is invalid: must be a string"),
+    ("rng.torch", [0, 1, 2], "rng.torch is invalid: must be 5056 bytes"),
+    ("rng.torch", [256] * 5056, "rng.torch is invalid"),
+    ("rng.cuda", [0] * 3, "rng.cuda is invalid: must be null or 16 bytes"),
+    ("window", _ABSENT, "window.loss is invalid: must be a number"),
+    ("window.aux", "0.1", "window.aux is invalid"),
+    ("window.steps", 1.5, "window.steps is invalid: must be an integer >= 0"),
+    ("window.loads", [[1]], "window.loads is invalid: must be 4 lists (MoE layers) of 8 integers"),
+])
+def test_forged_training_state_is_one_line(forged_run, tmp_path, capsys, field, value, message):
+    """Each was a traceback (a TypeError, an unpack of a long, a reshape) of `train --resume`, or
+    for the training config of `eval` and `quantize` too, or an allocation that the size asked."""
+    run, step_dir = forged_run
+    _forge_field(step_dir, field, value)
+    resume = ["train", "--resume", str(run), "--steps", "5", "--quiet"]
+    readers = _run_commands(run, tmp_path)[-2:] if "train_config" in field else []   # eval, quant
+    for argv in [resume, *readers]:
+        _fails_naming(capsys, argv, step_dir, message)
 
 
 @pytest.mark.parametrize("raw,message", [(b"[1, 2]", "must hold a JSON object, not list"),

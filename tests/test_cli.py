@@ -83,6 +83,11 @@ def test_python_dash_m_works():
     (["--grad-accum", "0"], "grad_accum=0 is invalid"),
     (["--warmup=-1"], "warmup=-1 is invalid"),
     (["--eval-every", "0"], "eval_every=0 is invalid"),
+    # sizes of what is allocated: within a run's train_config too (`dropless eval` reads them)
+    (["--batch-size", str(10**12)], "batch_size*seq_len=128000000000000 is invalid: must be at"),
+    (["--eval-batches", str(10**12)], "eval_batches*batch_size*seq_len=2048000000000000 is inv"),
+    (["--seq-len", str(2**30)], "seq_len=1073741824 is invalid: must be an integer in [1, 1677"),
+    (["--seed", str(2**64)], "seed=18446744073709551616 is invalid"),   # torch.manual_seed's range
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
     (["--tokenizer", "words"], "tokenizer='words' is invalid"),
     (["--device", "tpu9"], "error: --device 'tpu9' is not a device"),   # not a "parallel layout"
@@ -279,6 +284,30 @@ def test_generate_rejects_bad_values(capsys, trained_run, flags, message):
 def test_info_unknown_preset(capsys):
     _fails(capsys, ["info", "--preset", "gigantic"], "preset='gigantic' is unknown")
     _fails(capsys, ["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len 0 is invalid")
+
+
+@pytest.mark.parametrize("entry", ["python -m dropless", "the console script"])
+def test_ctrl_c_while_loading_is_quiet(entry):
+    """A Ctrl-C in the seconds `import torch` takes (a torchrun worker stopped as it starts) was a
+    KeyboardInterrupt traceback: both entry points exit 130 with one line. The interrupt is made
+    to arrive at torch's import, whichever module asks for it first."""
+    import tomllib
+
+    script = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, function = script["project"]["scripts"]["dropless"].split(":")
+    start = ("import runpy; runpy.run_module('dropless', run_name='__main__', alter_sys=True)"
+             if entry == "python -m dropless" else
+             f"import importlib; sys.exit(importlib.import_module({module!r}).{function}())")
+    code = ("import sys\n"
+            "class CtrlC:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name == 'torch':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, CtrlC())\n"
+            "sys.argv = ['dropless', 'info']\n" + start)
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "dropless: interrupted\n")
 
 
 def test_errors_have_no_traceback_in_a_real_process(tmp_path):

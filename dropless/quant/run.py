@@ -34,9 +34,9 @@ def work_dtype(cfg, device: torch.device) -> torch.dtype:
 
 
 def load_source(src: str | Path, device: torch.device):
-    """-> (model in its working dtype, tokenizer, train_config dict or None) from a run or HF
+    """-> (model in its working dtype, tokenizer, TrainConfig or None) from a run or HF
     directory."""
-    from dropless.checkpoint import load_run
+    from dropless.checkpoint import load_run, saved_train_config
     from dropless.tokenizer import tokenizer_from_json
 
     src = Path(src)
@@ -57,7 +57,7 @@ def load_source(src: str | Path, device: torch.device):
     model, tok, state = load_run(src, device)
     if "quant" in state:
         raise DroplessError(f"{src} is already quantized (quant={state['quant']})")
-    return model.to(work_dtype(model.cfg, device)), tok, state.get("train_config")
+    return model.to(work_dtype(model.cfg, device)), tok, saved_train_config(state)
 
 
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
@@ -102,7 +102,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     if calib_seq_len > model.cfg.max_seq_len:
         raise DroplessError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_seq_len="
                             f"{model.cfg.max_seq_len}")
-    cache_dir = (train_config or {}).get("cache_dir")
+    cache_dir = train_config and train_config.cache_dir
     tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir)
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
                              for m in model.moe_layers()) * 2   # as bf16
@@ -110,7 +110,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     state = {"model_config": config_to_dict(model.cfg), "quant": asdict(qcfg),
              "tokenizer": tok.to_json()}
     if train_config is not None:
-        state["train_config"] = train_config
+        state["train_config"] = asdict(train_config)
     # 1. everything into a temp directory beside OUT; 2. rename it into place
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
