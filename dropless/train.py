@@ -111,17 +111,14 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
                                 f"split evenly over {rt.world} ranks")
         with ExitStack() as claim:
-            # rank 0 owns the run directory; the others learn whether it refused before they go
-            # on (else they wait in the next collective for a peer that has exited: a traceback)
+            # rank 0 owns the run directory; the others learn whether it refused before they go on
             refused = None
             if rt.is_main:
                 try:
                     claim.enter_context(claim_run_dir(Path(cfg.out), new=state is None))
                 except (DroplessError, OSError) as e:   # in use, not a run, unwritable, ...
                     refused = e
-            if rt.all_mean(torch.tensor(float(refused is not None), device=rt.device)) > 0:
-                raise refused or DroplessError(f"rank 0 refused --out {cfg.out} (its message "
-                                               "says why); stopping this rank")
+            rt.raise_if_main_failed(refused, f"refused --out {cfg.out}")
             summary = _train(cfg, rt, state, progress, on_step)
         # rank 0 still writes the plots and reports: a rank that exited first with 130 (a stopped
         # run) would make torchrun kill it halfway, its message unsaid
@@ -207,11 +204,16 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     device = rt.device
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
-    if not rt.is_main:
-        rt.barrier()
-    tok, tokens = _prepare_data(cfg, state)
+    failed = None
     if rt.is_main:
-        rt.barrier()
+        try:
+            tok, tokens = _prepare_data(cfg, state)
+        except (DroplessError, OSError) as e:   # no --data, a changed one on --resume, ...
+            failed = e
+    rt.raise_if_main_failed(failed, "could not prepare the data")
+    if not rt.is_main:
+        tok, tokens = _prepare_data(cfg, state)
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_text(tok.to_json())
     preset = PRESETS[cfg.preset]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dropless.errors import DroplessError
 from dropless.parallel.mesh import ParallelConfig, build_mesh
 
 
@@ -44,6 +45,16 @@ class Runtime:
             return x_B
         rows = x_B.shape[0] // self.world
         return x_B[self.rank * rows:(self.rank + 1) * rows]
+
+    def raise_if_main_failed(self, error: Exception | None, what: str) -> None:
+        """A barrier that tells every rank whether rank 0 failed (`error` there, else None): then
+        rank 0 raises its `error` and the others a DroplessError saying rank 0 `what`, instead of
+        waiting in the next collective for a peer that has exited (a gloo traceback, or a hang
+        until the timeout)."""
+        failed = self.all_mean(torch.tensor(float(error is not None), device=self.device))
+        if failed > 0:   # sync: every rank goes on, or none
+            raise error or DroplessError(f"rank 0 {what} (its message says why); stopping this "
+                                         "rank")
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -122,6 +122,21 @@ def test_a_restart_does_not_resume_the_run_its_first_attempt_refused(tmp_path, c
 
 
 @pytest.mark.timeout(120)
+def test_every_rank_stops_with_one_error_line_when_rank_0_cannot_read_the_data(tmp_path, corpus):
+    """Rank 0 reads --data (and fills the token cache) while the others wait; its error reaches
+    them, and they stop quietly, where they failed in that wait with a gloo traceback."""
+    out, missing = tmp_path / "run", tmp_path / "missing.txt"
+    job = torchrun(out, corpus, tmp_path / "cache", "--data", str(missing), restarts=0)
+    try:
+        assert job.wait(timeout=100) != 0, log_tail(out)
+    finally:
+        stop(job)
+    log = log_tail(out)
+    assert log.count("dropless: error:") == 1 and "RuntimeError" not in log, log
+    assert f"dropless: error: --data {missing}: no such file or directory" in log, log
+
+
+@pytest.mark.timeout(120)
 def test_a_closed_output_pipe_stops_the_job_and_rank_0_says_so(tmp_path, corpus):
     """`torchrun ... dropless train | head -1`: every rank stops after the same step, a checkpoint
     is saved, and rank 0 says on stderr how to resume; the other ranks wait for it, where they
