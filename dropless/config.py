@@ -344,6 +344,6 @@ class TrainConfig:
         _finite("lr", self.lr, positive=True)
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)
+        _check(self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")

@@ -377,6 +377,7 @@ def _fails_naming(capsys, argv, step_dir: Path, message: str) -> None:
     ("train_config.seq_len", "16", "train_config: seq_len='16' is invalid"),
     ("train_config.cache_dir", 5, "cache_dir=5 is invalid: must be a string or null"),
     ("train_config.data", ["a.txt"], "data=['a.txt'] is invalid: must be a string or null"),
+    ("train_config.min_lr_ratio", "0.1", "min_lr_ratio='0.1' is invalid: must be a finite number"),
     ("train_config", [1], "train_config: must be a JSON object, not list"),
     # the training state that --resume restores
     ("step", "2", "state.json: step is invalid: must be an integer >= 0"),
