@@ -159,16 +159,15 @@ def _train(args) -> int:
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
-    for dest in ("data", "cache_dir"):   # absolute, so a resume from elsewhere finds them
-        if dest in overrides:
-            overrides[dest] = os.path.abspath(overrides[dest])
+    for dest in {"data", "cache_dir"} & overrides.keys():   # absolute, for a resume elsewhere
+        overrides[dest] = os.path.abspath(overrides[dest])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and math.prod(
-            v or 1 for v in layout.values()) > 1:   # else they would be ignored without a word
+    if world == 1 and math.prod(v or 1 for v in layout.values()) > 1:   # not ignored silently
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
         raise DroplessError(f"{flags} needs several processes and this is one: start it with "
                             "torchrun --nproc-per-node N -m dropless train ...")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.out or args.resume):
+    if world > 1 and not (args.out or args.resume):
         raise DroplessError("under torchrun, pass --out RUN_DIR: every rank (and every restart) "
                             "must agree on the run directory")
     if args.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:

@@ -111,14 +111,10 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
             raise DroplessError(f"--batch-size {cfg.batch_size} is invalid: the global batch must "
                                 f"split evenly over {rt.world} ranks")
         with ExitStack() as claim:
-            # rank 0 owns the run directory; the others learn whether it refused before they go on
-            refused = None
-            if rt.is_main:
-                try:
-                    claim.enter_context(claim_run_dir(Path(cfg.out), new=state is None))
-                except (DroplessError, OSError) as e:   # in use, not a run, unwritable, ...
-                    refused = e
-            rt.raise_if_main_failed(refused, f"refused --out {cfg.out}")
+            # rank 0 owns the run directory (in use, not a run, unwritable: refused on every rank)
+            rt.main_first(lambda: claim.enter_context(claim_run_dir(Path(cfg.out),
+                                                                    new=state is None)),
+                          f"refused --out {cfg.out}")
             summary = _train(cfg, rt, state, progress, on_step)
         # rank 0 still writes the plots and reports: a rank that exited first with 130 (a stopped
         # run) would make torchrun kill it halfway, its message unsaid
@@ -204,16 +200,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     device = rt.device
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
-    failed = None
+    prepared = rt.main_first(lambda: _prepare_data(cfg, state), "could not prepare the data")
+    tok, tokens = prepared or _prepare_data(cfg, state)
     if rt.is_main:
-        try:
-            tok, tokens = _prepare_data(cfg, state)
-        except (DroplessError, OSError) as e:   # no --data, a changed one on --resume, ...
-            failed = e
-    rt.raise_if_main_failed(failed, "could not prepare the data")
-    if not rt.is_main:
-        tok, tokens = _prepare_data(cfg, state)
-    else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.json").write_text(tok.to_json())
     preset = PRESETS[cfg.preset]

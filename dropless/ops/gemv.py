@@ -66,9 +66,9 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
     w plain [(E,) KD, WN] or an int4 triple; with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up
     partials and SwiGLU is applied on read."""
-    quant = isinstance(w, tuple)
-    qw, qz, sc = w if quant else (w, w, w)
     kind = _kind(w)
+    quant = kind == "int4"
+    qw, qz, sc = w if quant else (w, w, w)
     block_n, block_k, _, _ = TILES[kind]
     rows = out.shape[-2]
     kd = x.shape[-1] // 2 if gu_split else x.shape[-1]

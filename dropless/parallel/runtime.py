@@ -46,15 +46,22 @@ class Runtime:
         rows = x_B.shape[0] // self.world
         return x_B[self.rank * rows:(self.rank + 1) * rows]
 
-    def raise_if_main_failed(self, error: Exception | None, what: str) -> None:
-        """A barrier that tells every rank whether rank 0 failed (`error` there, else None): then
-        rank 0 raises its `error` and the others a DroplessError saying rank 0 `what`, instead of
-        waiting in the next collective for a peer that has exited (a gloo traceback, or a hang
-        until the timeout)."""
+    def main_first(self, fn, what: str):
+        """fn() on rank 0 (its result there, None elsewhere), then a barrier that tells every rank
+        whether it failed (a DroplessError or OSError): rank 0 raises its error and the others a
+        DroplessError saying rank 0 `what`, instead of waiting in the next collective for a peer
+        that has exited (a gloo traceback, or a hang until the timeout)."""
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except (DroplessError, OSError) as e:   # a user's mistake, a disk's refusal
+                error = e
         failed = self.all_mean(torch.tensor(float(error is not None), device=self.device))
         if failed > 0:   # sync: every rank goes on, or none
             raise error or DroplessError(f"rank 0 {what} (its message says why); stopping this "
                                          "rank")
+        return result
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -4,7 +4,8 @@ sync (a CUDA graph per batch-size bucket on CUDA), and continuous batching.
 Legend: B slots (max batch), b a bucket's rows, T tokens of a chunk, S cache length, V vocab.
 
 One engine `step()`:
-1. admit waiting requests into free slots (lowest first, so active rows stay near the top);
+1. admit waiting requests into free slots (lowest first, so active rows stay near the top), held up
+   to `admit_delay` s or until they fill the free slots, so that arrivals together prefill as one;
 2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, whole chunks in slot
    order, each run of adjacent slots as one padded batch into those slots' caches; a finished
    prompt samples its first token into the decode buffers, read back with the step's tokens;
@@ -14,9 +15,6 @@ One engine `step()`:
    writes them when a request joins or leaves. The step is launched before the previous step's
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
    copies go through pinned memory: from pageable memory CUDA waits for the stream first.
-
-A server can hold new requests up to `admit_delay` seconds (or until they fill the free slots):
-requests arriving together then prefill as one batch, not one forward each.
 
 Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
 position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
@@ -68,10 +66,8 @@ class Engine:
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]
-        # GQA's q, k, v projections stacked, one GEMV per layer (a copy, taken now: weights
-        # changed after the engine is built are not seen by its decode step)
-        self.qkvs = [fuse_qkv(layer.attn) if cfg.attention == "gqa" else None
-                     for layer in model.layers]
+        # GQA's q|k|v weights stacked once (a copy: weight changes after this are not seen)
+        self.qkvs = [fuse_qkv(layer.attn) for layer in model.layers]
         # 2. the decode step's static state, one row per slot
         B, dev = max_batch, p.device
         self.tokens_B = torch.zeros(B, dtype=torch.long, device=dev)
