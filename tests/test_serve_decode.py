@@ -44,18 +44,31 @@ KINDS = pytest.mark.parametrize("kind,prologue", [
     indirect=["prologue"])
 
 
-def _step_logits(model, compile):
-    """Logits of one decode step for rows holding LENGTHS tokens (prefilled by the engine)."""
+def _step_logits(model, compile, short=False):
+    """Logits of one decode step for rows holding LENGTHS tokens, prefilled one row at a time
+    through the model's blocks or (`short`) all rows as one padded batch through the decode
+    step's path (several tokens per row; padding at the scratch position)."""
     torch.manual_seed(1)
     seqs = [torch.randint(0, model.cfg.vocab_size, (n + 1,)).tolist() for n in LENGTHS]
     engine = Engine(model, max_batch=4, max_len=16, compile=compile)
+    tokens = torch.zeros(len(seqs), max(LENGTHS), dtype=torch.long)
+    positions = torch.full_like(tokens, engine.max_len - 1)
     for slot, seq in enumerate(seqs):
         engine._set_row(slot, tokens=seq[-1], positions=len(seq) - 1)
-        tok = torch.tensor([seq[:-1]])
-        pos = torch.arange(len(seq) - 1).unsqueeze(0)
+        tokens[slot, :len(seq) - 1] = torch.tensor(seq[:-1])
+        positions[slot, :len(seq) - 1] = torch.arange(len(seq) - 1)
         caches = [tuple(t[slot:slot + 1] for t in c) for c in engine.caches]
         with torch.no_grad():
-            engine._hidden(tok, pos, caches)
+            if not short:
+                engine._hidden(tokens[slot:slot + 1, :len(seq) - 1],
+                               positions[slot:slot + 1, :len(seq) - 1], caches)
+    if short:
+        with torch.no_grad():
+            x = engine._prefill_forward(tokens, positions, 0, len(seqs), short=True)
+            last = torch.tensor(LENGTHS) - 1
+            prefilled = engine._logits(x[torch.arange(len(seqs)), last])
+            ref = torch.stack([model(torch.tensor([s[:-1]]))[0][0, -1] for s in seqs])
+        assert rel_err(prefilled, ref) < (1e-5 if ref.dtype == torch.float32 else 2e-2)
     captured = {}
     logits = engine._logits
     engine._logits = lambda x: captured.setdefault("l", logits(x))
@@ -65,10 +78,12 @@ def _step_logits(model, compile):
 
 
 @KINDS
-@pytest.mark.parametrize("compile", [False, True])
-def test_decode_step_matches_forward(kind, prologue, compile):
+@pytest.mark.parametrize("compile,short", [(False, False), (True, False), (False, True)])
+def test_decode_step_matches_forward(kind, prologue, compile, short):
+    """One token per row; with `short`, the prompts before it went through the same path, several
+    tokens per row (the engine's prefill of short chunks)."""
     model = _model(kind)
-    seqs, out = _step_logits(model, compile)
+    seqs, out = _step_logits(model, compile, short)
     with torch.no_grad():
         ref = torch.stack([model(torch.tensor([s]))[0][0, -1] for s in seqs])
     assert rel_err(out, ref) < 1e-5
@@ -77,7 +92,7 @@ def test_decode_step_matches_forward(kind, prologue, compile):
 @KINDS
 def test_decode_step_matches_forward_bf16(kind, prologue):
     model = _model(kind).to(torch.bfloat16)
-    seqs, out = _step_logits(model, False)
+    seqs, out = _step_logits(model, False, short=True)
     with torch.no_grad():
         ref = torch.stack([model(torch.tensor([s]))[0][0, -1] for s in seqs])
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2

@@ -91,9 +91,13 @@ def test_sampling_is_a_function_of_seed_and_step():
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [33], [5] * 13, [2, 40, 41, 3, 3]]
 
 
-@pytest.mark.parametrize("chunk", [3, 16])
+@pytest.mark.parametrize("chunk,step_tokens,lengths", [(3, 0, None), (16, 0, None),
+                                                       (3, 128, (5, 9, 17)), (16, 20, (12,))])
 @pytest.mark.parametrize("model_kw", [{}, dict(qk_norm=True, first_dense_layers=1), "mla"])
-def test_engine_continuous_batching_equals_recompute(model_kw, chunk):
+def test_engine_continuous_batching_equals_recompute(model_kw, chunk, step_tokens, lengths):
+    """step_tokens: prefill chunks of up to that many tokens (rows x tokens) through the decode
+    step's path (0: every chunk through the model's blocks; 20: some of each); lengths: context
+    buckets (decode steps read the first 5, 9, 17 or 40 cache positions)."""
     if model_kw == "mla":
         torch.manual_seed(0)
         model = Transformer(mla_config()).eval()
@@ -101,7 +105,8 @@ def test_engine_continuous_batching_equals_recompute(model_kw, chunk):
         model = tiny_model(**model_kw)
     # 3 slots for 5 requests: requests join as others leave; prompts prefill in chunks of 3, or
     # several at once as one padded batch
-    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk,
+                    prefill_step_tokens=step_tokens, lengths=lengths)
     lengths = [12, 3, 9, 1, 6]
     requests = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=0)))
                 for p, n in zip(PROMPTS, lengths)]
@@ -158,7 +163,7 @@ def test_engine_prefill_padding_of_the_compiled_path(chunk):
     before it at the last slot) and a one-token chunk a padding token: outputs are unchanged
     (run eagerly here: the padding alone)."""
     model = tiny_model()
-    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk)
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=chunk, prefill_step_tokens=0)
     shapes = padded_forward(engine)
     prompts, lengths = [[5], [9, 8, 7], [33], [1, 2, 3, 4, 5], [7]], [6, 1, 4, 3, 5]
     requests = []
@@ -192,7 +197,8 @@ def test_compiled_prefill_is_one_graph_for_every_shape():
     outputs = []
     for compile in (False, True):
         dynamo.reset()
-        engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile_prefill=compile)
+        engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile_prefill=compile,
+                        prefill_step_tokens=0)
         engine.warm_up()
         before = dynamo.utils.counters["stats"]["unique_graphs"]
         requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))
@@ -225,12 +231,19 @@ def test_engine_prefill_that_does_not_compile_runs_eagerly_with_a_warning(caplog
 def test_engine_random_traffic_equals_recompute(padded):
     """Requests of random prompt lengths (1-12), limits (1-6 tokens) and EOS ids arrive over
     random steps, some cancelled: every finished output is greedy recompute up to its first EOS;
-    with the compiled path's padding (run eagerly) as without."""
+    with the compiled path's padding (run eagerly) as without; without, with a context bucket
+    of every length (a step reads no more cache positions than its rows need)."""
     import random
 
     model = tiny_model()
     rng = random.Random(7)
-    engine = Engine(model, max_batch=3, max_len=24, prefill_chunk=rng.choice([2, 5, 16]))
+    engine = Engine(model, max_batch=3, max_len=24, prefill_chunk=rng.choice([2, 5, 16]),
+                    prefill_step_tokens=0 if padded else 12,
+                    lengths=None if padded else tuple(range(1, 25)))
+    lengths = []
+    if not padded:   # the buckets steps choose
+        decode = engine.decode_fn
+        engine.decode_fn = lambda b, greedy, n: (lengths.append(n), decode(b, greedy, n))
     shapes = padded_forward(engine) if padded else [(2, 2)]
     requests, expected = [], {}
     for step in range(60):
@@ -249,6 +262,7 @@ def test_engine_random_traffic_equals_recompute(padded):
         engine.step()
     engine.run_until_done()
     assert len(requests) > 30 and min(min(shape) for shape in shapes) >= 2
+    assert padded or len(set(lengths)) > 10
     for r in requests:
         if r.finish_reason == "cancelled":
             assert r.output == expected[id(r)][0][:len(r.output)]
@@ -303,7 +317,8 @@ def test_engine_cuda_graphs_equal_eager(dtype):
     model = tiny_model(qk_norm=True, moe=moe).to("cuda", dtype)
     outs = []
     for graphs in (False, True):
-        engine = Engine(model, max_batch=4, max_len=48, prefill_chunk=4, cuda_graphs=graphs)
+        engine = Engine(model, max_batch=4, max_len=48, prefill_chunk=4, cuda_graphs=graphs,
+                        lengths=(8, 16))
         reqs = [engine.submit(Request(p, SamplingParams(max_tokens=n, temperature=t, seed=5)))
                 for p, n, t in zip(PROMPTS, [12, 3, 9, 1, 6], [0, 0.8, 0, 1.0, 0])]
         engine.run_until_done()

@@ -1,8 +1,10 @@
-"""The engine's decode step through the model's blocks: one new token per row, each row at its own
-position, with the work that is the same for every layer done once per step.
+"""The engine's decode step through the model's blocks: T new tokens per row (1 when decoding; a
+short prompt chunk when prefilling), each row at its own positions, with the work that is the same
+for every layer done once per step.
 
-Legend: b rows, D model dim, H heads, G kv heads, Dh head dim, S cache length, C kv latent rank,
-N no-rope / P rope head dim (MLA), Dv value head dim.
+Legend: b rows, T tokens per row, n = b * T, D model dim, H heads, G kv heads, Dh head dim, S cache
+length, Q = T * (query rows per token) attention query rows per cache row, C kv latent rank, N
+no-rope / P rope head dim (MLA), Dv value head dim.
 
 The same math as Block.forward over a KV cache (dropless/model.py, dropless/mla.py), in fewer
 kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even in a CUDA graph):
@@ -34,30 +36,41 @@ from dropless.serve.moe_decode import moe_decode
 
 @dataclass
 class Step:
-    cos_b1R: torch.Tensor     # float32 [b, 1, R], R the rope dim (broadcast over heads)
-    sin_b1R: torch.Tensor     # float32, sign folded in: [-sin, sin] of the half-split pairs
-    mask_b11S: torch.Tensor   # additive, activation dtype: 0 where visible, -inf after the row
-    write_idx: torch.Tensor   # int64 flat cache rows: GQA [b * G] into [b*G*S, Dh]; MLA [b]
+    cos_n1R: torch.Tensor     # float32 [n, 1, R], R the rope dim (broadcast over heads)
+    sin_n1R: torch.Tensor     # float32, sign folded in: [-sin, sin] of the half-split pairs
+    mask_b1QS: torch.Tensor   # additive, activation dtype: 0 where visible, -inf after the token;
+                              # [b, 1, 1, S] when T = 1 (broadcast over a row's query rows)
+    write_idx: torch.Tensor   # int64 flat cache rows: GQA [n * G] into [b*G*S, Dh]; MLA [n]
+    tokens: int = 1           # T
+    length: int = 0           # cache positions attention reads: [0, length), a bucket <= S
 
 
-def make_step(cfg, positions_b: torch.Tensor, max_len: int, dtype: torch.dtype) -> Step:
-    """The per-step state shared by every layer (a handful of kernels, once)."""
-    b, dev = positions_b.shape[0], positions_b.device
+def make_step(cfg, positions: torch.Tensor, max_len: int, dtype: torch.dtype,
+              length: int | None = None) -> Step:
+    """The per-step state shared by every layer (a handful of kernels, once). positions [b] (one
+    token per row) or [b, T] (row-major tokens: x rows are (row, token) pairs); attention reads
+    cache positions [0, length) (default: all max_len); writes may go anywhere in the cache."""
+    positions_bT = positions.view(positions.shape[0], -1)
+    (b, T), dev = positions_bT.shape, positions.device
     rope_dim = cfg.rope_dim
-    cos, sin = rope_tables(rope_dim, positions_b.unsqueeze(1), cfg.rope_theta)   # [b, 1, R]
+    cos, sin = rope_tables(rope_dim, positions_bT.reshape(-1, 1), cfg.rope_theta)   # [n, 1, R]
     sign = torch.ones(rope_dim, device=dev).index_fill_(0, torch.arange(rope_dim // 2,
                                                                         device=dev), -1.0)
-    keys_S = torch.arange(max_len, device=dev)
-    mask = torch.zeros(b, 1, 1, max_len, device=dev, dtype=dtype).masked_fill_(
-        keys_S > positions_b.view(b, 1, 1, 1), float("-inf"))
+    length = length or max_len
+    keys_S = torch.arange(length, device=dev)
+    mask = torch.zeros(b, 1, T, length, device=dev, dtype=dtype).masked_fill_(
+        keys_S > positions_bT.view(b, 1, T, 1), float("-inf"))
+    if T > 1:   # each token's mask for each of its query rows: MLA's heads, GQA's group
+        per_token = cfg.num_heads // (1 if cfg.attention == "mla" else cfg.num_kv_heads)
+        mask = mask.unsqueeze(3).expand(b, 1, T, per_token, length).reshape(b, 1, -1, length)
     rows = torch.arange(b, device=dev).unsqueeze(1)
     if cfg.attention == "mla":
-        idx = (rows.squeeze(1) * max_len + positions_b)
+        idx = (rows * max_len + positions_bT).reshape(-1)
     else:
         G = cfg.num_kv_heads
         heads = torch.arange(G, device=dev)
-        idx = ((rows * G + heads) * max_len + positions_b.unsqueeze(1)).reshape(-1)
-    return Step(cos, sin * sign, mask, idx)
+        idx = ((rows.unsqueeze(2) * G + heads) * max_len + positions_bT.unsqueeze(2)).reshape(-1)
+    return Step(cos, sin * sign, mask, idx, T, length)
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +82,10 @@ def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
-    """apply_rope for x [b, heads, R]: x * cos + rotate_half(x) * sin in float32, where
-    rotate_half's halves swap by a flip of the [2, R/2] view and its sign is in step.sin_b1R."""
+    """apply_rope for x [n, heads, R]: x * cos + rotate_half(x) * sin in float32, where
+    rotate_half's halves swap by a flip of the [2, R/2] view and its sign is in step.sin_n1R."""
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    return torch.addcmul(x * step.cos_b1R, swapped, step.sin_b1R).to(x.dtype)
+    return torch.addcmul(x * step.cos_n1R, swapped, step.sin_n1R).to(x.dtype)
 
 
 def fused_prologue(q: torch.Tensor) -> bool:
@@ -102,72 +115,80 @@ def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return torch.cat([lin.weight.detach() for lin in lins]), bias
 
 
-def gqa(attn: Attention, x_bD: torch.Tensor, residual_bD, cache, step: Step,
+def gqa(attn: Attention, x_nD: torch.Tensor, residual_nD, cache, step: Step,
         qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """`qkv`: fuse_qkv(attn), the three projections as one."""
     cfg = attn.cfg
-    b = x_bD.shape[0]
+    n, T = x_nD.shape[0], step.tokens
+    b = n // T
     H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-    if qkv is not None:   # views of one [b, (H + 2G) Dh] product
-        q, k, v = F.linear(x_bD, *qkv).split([H * Dh, G * Dh, G * Dh], dim=-1)
+    if qkv is not None:   # views of one [n, (H + 2G) Dh] product
+        q, k, v = F.linear(x_nD, *qkv).split([H * Dh, G * Dh, G * Dh], dim=-1)
     else:
-        q, k, v = attn.q_proj(x_bD), attn.k_proj(x_bD), attn.v_proj(x_bD)
+        q, k, v = attn.q_proj(x_nD), attn.k_proj(x_nD), attn.v_proj(x_nD)
     if attn.q_norm is not None and cfg.qk_norm_scope == "proj":
         q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-    q, k, v = q.view(b, H, Dh), k.view(b, G, Dh), v.view(b, G, Dh)
+    q, k, v = q.view(n, H, Dh), k.view(n, G, Dh), v.view(n, G, Dh)
     head_norm = attn.q_norm is not None and cfg.qk_norm_scope == "head"
     k_cache, v_cache = cache                                        # [b, G, S, Dh]
     if fused_prologue(q):   # the norms, RoPE and both cache writes in one kernel
         q_w, k_w = (attn.q_norm.weight, attn.k_norm.weight) if head_norm else (None, None)
-        q = norm_rope_cache(q, k, v, q_w, k_w, cfg.norm_eps, step.cos_b1R, step.sin_b1R,
+        q = norm_rope_cache(q, k, v, q_w, k_w, cfg.norm_eps, step.cos_n1R, step.sin_n1R,
                             k_cache, v_cache, step.write_idx)
     else:
         if head_norm:
             q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = rope(q, step), rope(k, step)
-        k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.reshape(b * G, Dh).to(k_cache.dtype))
-        v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(b * G, Dh).to(v_cache.dtype))
-    # grouped queries as query rows of their kv head: [b, G, H/G, Dh] against the cache as stored
-    out = F.scaled_dot_product_attention(q.view(b, G, H // G, Dh), k_cache.to(q.dtype),
-                                         v_cache.to(q.dtype), attn_mask=step.mask_b11S)
-    return linear_add(attn.o_proj, out.reshape(b, H * Dh), residual_bD)
+        k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.reshape(n * G, Dh).to(k_cache.dtype))
+        v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(n * G, Dh).to(v_cache.dtype))
+    # grouped queries as query rows of their kv head, [b, G, T * H/G, Dh], against the cache as
+    # stored (never expanded); the transposes are views at T = 1
+    q_bGQD = q.view(b, T, G, H // G, Dh).transpose(1, 2).reshape(b, G, -1, Dh)
+    S = step.length   # the cache's first S positions (views)
+    out = F.scaled_dot_product_attention(q_bGQD, k_cache[:, :, :S].to(q.dtype),
+                                         v_cache[:, :, :S].to(q.dtype), attn_mask=step.mask_b1QS)
+    out = out.view(b, G, T, H // G, Dh).transpose(1, 2).reshape(n, H * Dh)
+    return linear_add(attn.o_proj, out, residual_nD)
 
 
-def mla(attn, x_bD: torch.Tensor, residual_bD, cache, step: Step, qkv=None) -> torch.Tensor:
+def mla(attn, x_nD: torch.Tensor, residual_nD, cache, step: Step, qkv=None) -> torch.Tensor:
     """MLAttention's absorbed form over the compressed cache (latent [b, S, C], rope key
-    [b, S, P]), all heads as query rows of the one shared latent "head"."""
+    [b, S, P]), every token's heads as query rows of the one shared latent "head"."""
     cfg = attn.cfg
-    b = x_bD.shape[0]
+    n = x_nD.shape[0]
+    b = n // step.tokens
     H, C = cfg.num_heads, cfg.kv_lora_rank
     N, P, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    q_nope, q_rope = attn._query(x_bD).view(b, H, N + P).split([N, P], dim=-1)
-    latent_bC, k_rope_bP = attn.kv_a_proj(x_bD).split([C, P], dim=-1)
-    latent_bC = rms_norm(attn.kv_a_norm, latent_bC)
-    q_rope, k_rope = rope(q_rope, step), rope(k_rope_bP.unsqueeze(1), step)
+    q_nope, q_rope = attn._query(x_nD).view(n, H, N + P).split([N, P], dim=-1)
+    latent_nC, k_rope_nP = attn.kv_a_proj(x_nD).split([C, P], dim=-1)
+    latent_nC = rms_norm(attn.kv_a_norm, latent_nC)
+    q_rope, k_rope = rope(q_rope, step), rope(k_rope_nP.unsqueeze(1), step)
     latent_cache, rope_cache = cache
-    latent_cache.view(-1, C).index_copy_(0, step.write_idx, latent_bC.to(latent_cache.dtype))
-    rope_cache.view(-1, P).index_copy_(0, step.write_idx, k_rope.view(b, P).to(rope_cache.dtype))
+    latent_cache.view(-1, C).index_copy_(0, step.write_idx, latent_nC.to(latent_cache.dtype))
+    rope_cache.view(-1, P).index_copy_(0, step.write_idx, k_rope.view(n, P).to(rope_cache.dtype))
     w_uk, w_uv = attn.kv_b_proj.weight.view(H, N + Dv, C).split([N, Dv], dim=1)
-    q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)
-    query = torch.cat([q_latent, q_rope], dim=-1).unsqueeze(1)      # [b, 1, H, C + P]
-    latent = latent_cache.to(query.dtype).unsqueeze(1)               # [b, 1, S, C]
-    key = torch.cat([latent, rope_cache.to(query.dtype).unsqueeze(1)], dim=-1)
-    out_latent = F.scaled_dot_product_attention(query, key, latent, attn_mask=step.mask_b11S,
-                                                scale=attn.scale).squeeze(1)   # [b, H, C]
-    out = torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
-    return linear_add(attn.o_proj, out.reshape(b, H * Dv), residual_bD)
+    q_latent = torch.einsum("nhk,hkc->nhc", q_nope, w_uk)
+    query = torch.cat([q_latent, q_rope], dim=-1).view(b, 1, -1, C + P)   # [b, 1, T*H, C + P]
+    S = step.length   # the cache's first S positions
+    latent = latent_cache[:, :S].to(query.dtype).unsqueeze(1)              # [b, 1, S, C]
+    key = torch.cat([latent, rope_cache[:, :S].to(query.dtype).unsqueeze(1)], dim=-1)
+    out_latent = F.scaled_dot_product_attention(query, key, latent, attn_mask=step.mask_b1QS,
+                                                scale=attn.scale).view(n, H, C)
+    out = torch.einsum("nhc,hvc->nhv", out_latent, w_uv)
+    return linear_add(attn.o_proj, out.reshape(n, H * Dv), residual_nD)
 
 
-def decode_blocks(model, x_bD: torch.Tensor, caches, step: Step, moe_path: str | None = None,
+def decode_blocks(model, x_nD: torch.Tensor, caches, step: Step, moe_path: str | None = None,
                   qkvs: list | None = None) -> torch.Tensor:
-    """The model's blocks for one token per row: x_bD the embedded tokens -> the last hidden.
-    `qkvs`: per layer, fuse_qkv of its attention (or None)."""
+    """The model's blocks for step.tokens tokens per row: x_nD the embedded tokens (rows in
+    (row, token) order) -> their last hidden states. `qkvs`: per layer, fuse_qkv of its attention
+    (or None)."""
     attention = mla if model.cfg.attention == "mla" else gqa
     for layer, cache, qkv in zip(model.layers, caches, qkvs or [None] * len(caches)):
-        x_bD = attention(layer.attn, rms_norm(layer.attn_norm, x_bD), x_bD, cache, step, qkv)
-        h_bD = rms_norm(layer.ffn_norm, x_bD)
+        x_nD = attention(layer.attn, rms_norm(layer.attn_norm, x_nD), x_nD, cache, step, qkv)
+        h_nD = rms_norm(layer.ffn_norm, x_nD)
         if layer.is_moe:
-            x_bD = moe_decode(layer.ffn, h_bD, moe_path, residual=x_bD)
+            x_nD = moe_decode(layer.ffn, h_nD, moe_path, residual=x_nD)
         else:
-            x_bD = x_bD + layer.ffn(h_bD)
-    return x_bD
+            x_nD = x_nD + layer.ffn(h_nD)
+    return x_nD

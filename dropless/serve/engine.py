@@ -7,8 +7,10 @@ One engine `step()`:
 1. admit waiting requests into free slots (lowest first, so active rows stay near the top), held up
    to `admit_delay` s or until they fill the free slots, so that arrivals together prefill as one;
 2. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, whole chunks in slot
-   order, each run of adjacent slots as one padded batch into those slots' caches; a finished
-   prompt samples its first token into the decode buffers, read back with the step's tokens;
+   order, each run of adjacent slots as one padded batch into those slots' caches (a batch of at
+   most `prefill_step_tokens` tokens through the decode step's few kernels, a longer one through
+   the model's blocks); a finished prompt samples its first token into the decode buffers, read
+   back with the step's tokens;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
    decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
    sampling parameters, per-row step counters) that the step itself advances, so the host only
@@ -23,6 +25,7 @@ tokens sit at positions <= S - 2, and the causal mask hides everything past a ro
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -32,6 +35,8 @@ import torch
 
 from dropless.model import Transformer, rope_tables
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step
+from dropless.serve.graphs import Graphs
+from dropless.serve.moe_decode import step_tokens_cap
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
@@ -44,7 +49,8 @@ class Engine:
                  prefill_chunk: int = 1024, cuda_graphs: bool | None = None,
                  buckets: tuple[int, ...] | None = None, compile: bool = False,
                  compile_prefill: bool = False, moe_path: str | None = None,
-                 admit_delay: float = 0.0):
+                 admit_delay: float = 0.0, prefill_step_tokens: int = 128,
+                 lengths: tuple[int, ...] | None = None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_batch < 1:
@@ -57,12 +63,19 @@ class Engine:
         self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
         self.prefill_chunk, self.admit_delay = prefill_chunk, admit_delay
         self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
+        # short prompt chunks run the decode step's path: ~15 kernels a layer where the blocks
+        # launch ~100 (tens of ms of host time for a 32-token prompt)
+        self.step_tokens = min(prefill_step_tokens, step_tokens_cap(model))
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
                                                 for i in range(max_batch.bit_length() + 1)}))
         if self.buckets[-1] < max_batch:
             raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
                              f"{max_batch}")
+        # context buckets: a step's attention reads the first `length` cache positions, the
+        # smallest bucket past every decoding row's position (a served cache holds thousands)
+        self.lengths = tuple(sorted({min(n, max_len) for n in lengths or ()} | {max_len} | {
+            256 << i for i in range(16) if lengths is None and 256 << i < max_len}))
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]
@@ -70,18 +83,15 @@ class Engine:
         self.qkvs = [fuse_qkv(layer.attn) for layer in model.layers]
         # 2. the decode step's static state, one row per slot
         B, dev = max_batch, p.device
-        self.tokens_B = torch.zeros(B, dtype=torch.long, device=dev)
-        self.positions_B = torch.full((B,), max_len - 1, dtype=torch.long, device=dev)
-        self.steps_B = torch.zeros(B, dtype=torch.long, device=dev)
-        self.seeds_B = torch.zeros(B, dtype=torch.long, device=dev)
-        self.temperature_B = torch.zeros(B, dtype=torch.float32, device=dev)
-        self.top_k_B = torch.full((B,), cfg.vocab_size, dtype=torch.long, device=dev)
-        self.top_p_B = torch.ones(B, dtype=torch.float32, device=dev)
+        for name, fill, dtype in [("tokens", 0, torch.long), ("positions", max_len - 1, torch.long),
+                                  ("steps", 0, torch.long), ("seeds", 0, torch.long),
+                                  ("temperature", 0, torch.float32), ("top_k", cfg.vocab_size,
+                                  torch.long), ("top_p", 1, torch.float32)]:   # self.tokens_B...
+            setattr(self, name + "_B", torch.full((B,), fill, dtype=dtype, device=dev))
         self.slots: list[Request | None] = [None] * B
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         # the last launched decode step, not yet read: (event, host tokens, [(slot, request)],
         # first tokens sampled by this step's prefills [(host tokens, [(slot, request)])])
         self.pending, self.firsts = None, []
@@ -92,18 +102,18 @@ class Engine:
                                             "captures", "capture_s"], 0))
         self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
-        # specialisation per (bucket, greedy), hence the raised recompile limit. The prefill
-        # forward compiles once, dynamic in rows and tokens (`_prefill_forward`): eagerly it
-        # launches ~100 kernels per layer, tens of ms of host time that stall every request
+        # specialisation per (bucket, greedy), hence the raised recompile limit. The blocks'
+        # prefill forward compiles once, dynamic in rows and tokens (`_prefill_forward`)
         self.decode_fn, self.hidden_fn, self.compiled = self._decode, self._hidden, compile_prefill
         if compile:
             import torch._dynamo as dynamo
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit,
-                                                 4 * len(self.buckets))
+                                                 4 * len(self.buckets) * len(self.lengths))
             self.decode_fn = torch.compile(self._decode, dynamic=False)
         if self.compiled:
             self.hidden_fn = torch.compile(self._hidden)
-        self.graph_pool = None
+        self.graphs = Graphs(self.decode_fn, dev, [self.tokens_B, self.positions_B, self.steps_B],
+                             self.stats)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -174,9 +184,16 @@ class Engine:
             x, _ = layer(x, positions_BT, cache, rope)
         return x
 
-    def _prefill_forward(self, tokens_nT, positions_nT, lo: int, hi: int) -> torch.Tensor:
-        """The blocks over a chunk into cache slots [lo, hi); compiled: dynamic rows and tokens."""
+    def _prefill_forward(self, tokens_nT, positions_nT, lo: int, hi: int,
+                         short: bool = False) -> torch.Tensor:
+        """The blocks over a chunk into cache slots [lo, hi) -> x_nTD; `short`: through the decode
+        step's path; compiled: dynamic rows and tokens."""
         caches = [tuple(t[lo:hi] for t in cache) for cache in self.caches]
+        if short:
+            x_mD = self.model.embed(tokens_nT).flatten(0, 1)
+            step = make_step(self.model.cfg, positions_nT, self.max_len, x_mD.dtype)
+            x_mD = decode_blocks(self.model, x_mD, caches, step, None, self.qkvs)
+            return x_mD.view(*tokens_nT.shape, -1)
         if self.compiled:
             rows = (tokens_nT, positions_nT, *sum(caches, ())) if self.max_batch > 1 else ()
             for t, dim in [(t, 0) for t in rows] + [(tokens_nT, 1), (positions_nT, 1)]:
@@ -191,18 +208,21 @@ class Engine:
         requests = [self.slots[s] for s in slots]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
+        short = n * T <= self.step_tokens
         # compiled: a lone row gets a neighbour slot (at its scratch position) as padding, and a
         # lone token a padding token, so no size is 1
         lo, hi = slots[0], slots[-1] + 1
-        if self.compiled and n == 1 and self.max_batch > 1:
+        padded = self.compiled and not short
+        if padded and n == 1 and self.max_batch > 1:
             lo, hi = (lo, hi + 1) if hi < self.max_batch else (lo - 1, hi)
-        T = max(T, 1 + self.compiled)
+        T = max(T, 1 + padded)
         tokens_nT = torch.zeros(hi - lo, T, dtype=torch.long)
         positions_nT = torch.full((hi - lo, T), self.max_len - 1, dtype=torch.long)
         for i, (r, chunk) in enumerate(zip(requests, chunks), start=slots[0] - lo):
             tokens_nT[i, :len(chunk)] = torch.tensor(chunk)
             positions_nT[i, :len(chunk)] = torch.arange(r.prefilled, r.prefilled + len(chunk))
-        x_nTD = self._prefill_forward(self._device(tokens_nT), self._device(positions_nT), lo, hi)
+        x_nTD = self._prefill_forward(self._device(tokens_nT), self._device(positions_nT), lo, hi,
+                                      short)
         x_nTD = x_nTD[slots[0] - lo:slots[0] - lo + n]
         done = []
         for i, (r, chunk) in enumerate(zip(requests, chunks)):
@@ -230,13 +250,15 @@ class Engine:
         host.copy_(first, non_blocking=True)
         self.firsts.append((host, [(s, requests[i]) for s, i in zip(done_slots, done)]))
 
-    def _decode(self, b: int, greedy: bool) -> None:
-        """One token for rows [0, b): reads and advances the static buffers (no host sync)."""
+    def _decode(self, b: int, greedy: bool, length: int | None = None) -> None:
+        """One token for rows [0, b) whose positions are < length (their attention reads that
+        many cache positions; rows at the scratch position S - 1 get garbage): reads and
+        advances the static buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
         x_bD = self.model.embed(self.tokens_B[rows])
-        step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype)
+        step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype, length)
         x = decode_blocks(self.model, x_bD, caches, step, self.moe_path, self.qkvs).unsqueeze(1)
         logits_bV = self._logits(x[:, -1])
         if greedy:
@@ -249,14 +271,9 @@ class Engine:
         self.steps_B[rows].add_(1)
 
     @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
-    def _run_decode(self, b: int, greedy: bool) -> None:
-        if not self.cuda_graphs:
-            self.decode_fn(b, greedy)
-            return
-        graph = self.graphs.get((b, greedy))
-        if graph is None:
-            graph = self._capture(b, greedy)
-        graph.replay()
+    def _run_decode(self, b: int, greedy: bool, length: int | None = None) -> None:
+        key = (b, greedy, length or self.max_len)
+        self.graphs.replay(*key) if self.cuda_graphs else self.decode_fn(*key)
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -272,31 +289,9 @@ class Engine:
                             type(e).__name__, (str(e).splitlines() or [""])[0])
                 self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
-            for b in self.buckets:
-                for greedy in (True, False):
-                    if (b, greedy) not in self.graphs:
-                        self._capture(b, greedy)
-
-    def _capture(self, b: int, greedy: bool) -> torch.cuda.CUDAGraph:
-        start = time.perf_counter()
-        # warm-up runs advance the buffers: keep them and put them back before the real step
-        saved = [t.clone() for t in (self.tokens_B, self.positions_B, self.steps_B)]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.decode_fn(b, greedy)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.decode_fn(b, greedy)
-        for buf, value in zip((self.tokens_B, self.positions_B, self.steps_B), saved):
-            buf.copy_(value)
-        self.graphs[(b, greedy)] = graph
-        self.stats.update(captures=1, capture_s=time.perf_counter() - start)
-        return graph
+            for key in itertools.product(self.buckets, (True, False), self.lengths):
+                if key not in self.graphs:
+                    self.graphs.capture(*key)
 
     # ---- continuous batching ----------------------------------------------------------------
 
@@ -344,7 +339,10 @@ class Engine:
     def _launch(self, decoding: list[int]):
         b = next(size for size in self.buckets if size > decoding[-1])
         greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
-        self._run_decode(b, greedy)
+        # a row feeds position <= prompt + output + 1: two of its tokens may not be read yet
+        # (a prompt finished this step decodes at once: first token and last step's in flight)
+        reach = max(len(r.prompt) + len(r.output) for r in map(self.slots.__getitem__, decoding))
+        self._run_decode(b, greedy, next(n for n in self.lengths if n > reach + 1))
         host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
         self.flip ^= 1
         host[:b].copy_(self.tokens_B[:b], non_blocking=True)
