@@ -11,7 +11,10 @@
 #   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
 #            once per MoE layer (round 7's question: the broken build timed 12 ms faster)
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
-#   decode   decode kernels per layer, benchmarks/decode.py (medium; the Qwen3-30B-A3B shape)
+#   serve    the serving tests (engine, decode step, server; gpu-marked and not) and the decode kernels
+#            tests: the inference path alone
+#   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape)
+#   decodec  decode kernels per layer, benchmarks/decode.py with compiled decode steps (medium)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
 #   awqmodel benchmarks/awq_model.py: int4 perplexity of a GPU-trained small run; quantization
@@ -60,13 +63,16 @@ for s in "$@"; do
                --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
-    decode) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
-            stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
+    serve) stage "$L" 240 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
+             tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py \
+             -p no:cacheprovider -rf ;;
+    decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --json "$O/decode_medium.json"
-            stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
-              --compile --json "$O/decode_medium_compiled.json"
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --json "$O/decode_qwen3.json" ;;
+    decodec) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
+             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
+               --compile --json "$O/decode_medium_compiled.json" ;;
     decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --compile --json "$O/decode_qwen3_compiled.json" ;;
     product) stage "$L" 300 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \

@@ -46,7 +46,7 @@ def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE, fused=False):
     k_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, k_ref.reshape(-1, Dh))
     v_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(-1, Dh))
     # the kernel
-    q_out = norm_rope_cache(q, k, v, *weights, 1e-6, step.cos_b1R, step.sin_b1R, k_cache, v_cache,
+    q_out = norm_rope_cache(q, k, v, *weights, 1e-6, step.cos_n1R, step.sin_n1R, k_cache, v_cache,
                             step.write_idx)
     written = torch.zeros(b * G * S, dtype=torch.bool, device=device)
     written[step.write_idx] = True

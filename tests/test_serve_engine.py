@@ -116,6 +116,19 @@ def test_engine_continuous_batching_equals_recompute(model_kw, chunk, step_token
         assert r.finish_reason == "length" and r.done.is_set()
 
 
+@pytest.mark.parametrize("lengths", [None, (3, 6, 9)])
+def test_engine_request_that_fills_the_context(lengths):
+    """prompt + max_tokens == the cache length (what generate() sizes): the last steps run in the
+    largest context bucket."""
+    model = tiny_model()
+    engine = Engine(model, max_batch=2, max_len=12, lengths=lengths)
+    requests = [engine.submit(Request(p, SamplingParams(max_tokens=12 - len(p), temperature=0)))
+                for p in ([1, 2, 3], [4] * 11)]
+    engine.run_until_done()
+    assert [r.output for r in requests] == [greedy_recompute(model, r.prompt, 12 - len(r.prompt))
+                                            for r in requests]
+
+
 def test_engine_seeded_sampling_independent_of_batch():
     model = tiny_model()
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=3)

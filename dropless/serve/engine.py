@@ -342,7 +342,7 @@ class Engine:
         # a row feeds position <= prompt + output + 1: two of its tokens may not be read yet
         # (a prompt finished this step decodes at once: first token and last step's in flight)
         reach = max(len(r.prompt) + len(r.output) for r in map(self.slots.__getitem__, decoding))
-        self._run_decode(b, greedy, next(n for n in self.lengths if n > reach + 1))
+        self._run_decode(b, greedy, next((n for n in self.lengths if n > reach + 1), None))
         host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
         self.flip ^= 1
         host[:b].copy_(self.tokens_B[:b], non_blocking=True)
