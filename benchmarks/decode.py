@@ -6,7 +6,10 @@ Face `generate` on the same weights, and `dropless serve` under concurrent strea
     python benchmarks/decode.py --preset tiny --device cpu --new 16 --clients 1 4   # smoke test
 
 Greedy decoding of random prompts (`--prompt` tokens, `--new` new tokens) on random bf16 weights
-built directly on the device. tokens/s counts new tokens over the whole call (prefill included);
+built directly on the device. tokens/s counts new tokens over the whole call (prefill included;
+short prompts prefill through the decode step's path, "engine_blocks_prefill" through the model's
+blocks, round 12's way); with `--context N` every slot's cache holds N positions, as a server's
+does, and "engine_one_length" reads all N every step (no context buckets);
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
 one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
@@ -249,6 +252,7 @@ def main():
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--context", type=int, help="the engine's cache length (default prompt + new)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with torch.compile'd decode steps")
     ap.add_argument("--json", help="write the results here")
@@ -271,20 +275,26 @@ def main():
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "prompt": args.prompt, "new": args.new, "active_params": stats["active_params"],
-           "floor_ms_per_step_bs1": floor_ms, "compile": args.compile}
+           "floor_ms_per_step_bs1": floor_ms, "compile": args.compile,
+           "context": args.context or args.prompt + args.new}
     model = build(args.preset, device, dtype)
     prompts = {b: prompts_for(b, args.prompt, cfg.vocab_size, seed=b) for b in args.batches}
     variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile + [
-        ("engine_prefill_compiled", {"compile_prefill": True})] * args.serve_compile_prefill
+        ("engine_prefill_compiled", {"compile_prefill": True})] * args.serve_compile_prefill + [
+        ("engine_blocks_prefill", {"prefill_step_tokens": 0})] + [
+        ("engine_one_length", {"lengths": (args.context,)})] * bool(args.context)
+    max_len, step_tokens = args.context or args.prompt + args.new, 0
     if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
         variants.append(("engine_gather", {"moe_path": "gather"}))
     for b in args.batches:
         for name, kw in variants:
-            if name == "engine_gather" and b != 1:
-                continue
+            if name == "engine_gather" and b != 1 or name == "engine_blocks_prefill" and (
+                    b * args.prompt > step_tokens):
+                continue   # blocks: the same prefill path as "engine" (prompts over step_tokens)
             try:
-                engine = Engine(model, max_batch=b, max_len=args.prompt + args.new, buckets=(b,),
-                                **kw)
+                engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,), **kw)
+                if name == "engine":
+                    step_tokens = engine.step_tokens
                 dt = time_engine(engine, prompts[b], args.new, device)
                 r = {"tokens_per_s": b * args.new / dt, "ms_per_call_step": dt / args.new * 1e3,
                      "ms_per_step": step_ms(engine, b)}
@@ -333,9 +343,9 @@ def print_table(res: dict, args) -> None:
     print(f"{'':32}{'tokens/s':>12}{'ms/step':>10}{'x floor':>9}{'x HF':>8}")
     for b in args.batches:
         hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
-        for name in (f"engine_bs{b}", f"engine_compiled_bs{b}", f"engine_prefill_compiled_bs{b}",
-                     f"engine_gather_bs{b}",
-                     f"generate_bs{b}", f"hf_bs{b}"):
+        for name in [f"{v}_bs{b}" for v in ("engine", "engine_compiled", "engine_prefill_compiled",
+                                            "engine_blocks_prefill", "engine_one_length",
+                                            "engine_gather", "generate", "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue
             r = res[name]

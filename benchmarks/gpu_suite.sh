@@ -13,7 +13,8 @@
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
 #   serve    the serving tests (engine, decode step, server; gpu-marked and not) and the decode kernels
 #            tests: the inference path alone
-#   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape)
+#   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
+#            with a served cache of 4096 positions, with and without context buckets)
 #   decodec  decode kernels per layer, benchmarks/decode.py with compiled decode steps (medium)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
@@ -69,7 +70,9 @@ for s in "$@"; do
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --json "$O/decode_medium.json"
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
-              --no-server --json "$O/decode_qwen3.json" ;;
+              --no-server --json "$O/decode_qwen3.json"
+            stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf \
+              --no-server --context 4096 --json "$O/decode_medium_4096.json" ;;
     decodec) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
              stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
                --compile --json "$O/decode_medium_compiled.json" ;;
