@@ -105,6 +105,33 @@ def test_expert_without_tokens_warns_and_rounds():
     assert q.layers[0].ffn.experts.gate_up.qweight[5].any()
 
 
+def test_engine_short_prefill_through_int4_experts(monkeypatch):
+    """int4 experts decode per slot: the engine takes prompt chunks through the decode step's
+    path only while slots <= experts (tiny: 8 experts, top-2, so 4 tokens); both prefill paths
+    give the same tokens, with int4 attention projections too."""
+    from dropless.serve import Engine, Request, SamplingParams, engine as engine_module
+
+    q = quantize_model(tiny_model(), torch.randint(0, 256, (4, 32)), QuantConfig(group_size=64),
+                       progress=False)
+    blocks = engine_module.decode_blocks
+    short_chunks = []   # tokens of the chunks that took the decode step's path
+    monkeypatch.setattr(engine_module, "decode_blocks", lambda model, x, caches, step, *a: (
+        short_chunks.append(step.tokens) if step.tokens > 1 else None,
+        blocks(model, x, caches, step, *a))[1])
+    outputs = []
+    for step_tokens in (128, 0):
+        engine = Engine(q, max_batch=2, max_len=40, prefill_step_tokens=step_tokens)
+        assert engine.step_tokens == (4 if step_tokens else 0)
+        requests = []
+        for prompt in ([3, 1, 4], [1, 5, 9, 2, 6, 5, 3]):   # a short chunk, then a long one
+            requests.append(engine.submit(Request(prompt, SamplingParams(max_tokens=5,
+                                                                         temperature=0))))
+            engine.step()
+        engine.run_until_done()
+        outputs.append([r.output for r in requests])
+    assert outputs[0] == outputs[1] and short_chunks == [3]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
     """A tiny run trained briefly: enough structure that quantization error shows in the loss."""

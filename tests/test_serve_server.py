@@ -353,8 +353,8 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     class FakeEngine:
         captured, compiled, cuda_graphs = False, True, False
 
-        def warm_up(self):
-            self.captured = True
+        def warm_up(self, progress=False):
+            self.captured = progress
 
     engine, seen = FakeEngine(), {}
     monkeypatch.setattr(server_module, "create_app", lambda served, engine: None)

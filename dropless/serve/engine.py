@@ -32,6 +32,7 @@ import time
 from collections import Counter, deque
 
 import torch
+from tqdm.auto import tqdm
 
 from dropless.model import Transformer, rope_tables
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step
@@ -276,7 +277,7 @@ class Engine:
         self.graphs.replay(*key) if self.cuda_graphs else self.decode_fn(*key)
 
     @torch.no_grad()
-    def warm_up(self) -> None:
+    def warm_up(self, progress: bool = False) -> None:
         """Capture every decode graph and compile the prefill now (a server does at start), not
         when a request first needs them, stalling every running request."""
         if self.compiled:   # rows of three tokens at the scratch position (3: no size in common)
@@ -289,7 +290,8 @@ class Engine:
                             type(e).__name__, (str(e).splitlines() or [""])[0])
                 self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
-            for key in itertools.product(self.buckets, (True, False), self.lengths):
+            keys = list(itertools.product(self.buckets, (True, False), self.lengths))
+            for key in tqdm(keys, "decode graphs", disable=not progress, unit="graph"):
                 if key not in self.graphs:
                     self.graphs.capture(*key)
 

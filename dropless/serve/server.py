@@ -315,6 +315,6 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
     if work:   # before the first request, not in its way
         start = time.perf_counter()
         print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
-        engine.warm_up()
+        engine.warm_up(progress=True)
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
