@@ -64,7 +64,7 @@ def _step_logits(model, compile, short=False):
                                positions[slot:slot + 1, :len(seq) - 1], caches)
     if short:
         with torch.no_grad():
-            x = engine._prefill_forward(tokens, positions, 0, len(seqs), short=True)
+            x = engine._prefill_forward(tokens, positions, 0, len(seqs), short=max(LENGTHS))
             last = torch.tensor(LENGTHS) - 1
             prefilled = engine._logits(x[torch.arange(len(seqs)), last])
             ref = torch.stack([model(torch.tensor([s[:-1]]))[0][0, -1] for s in seqs])

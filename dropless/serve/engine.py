@@ -64,8 +64,7 @@ class Engine:
         self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
         self.prefill_chunk, self.admit_delay = prefill_chunk, admit_delay
         self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
-        # short prompt chunks run the decode step's path: ~15 kernels a layer where the blocks
-        # launch ~100 (tens of ms of host time for a 32-token prompt)
+        # short prompt chunks take the decode step's path: ~15 kernels a layer, not the blocks' ~100
         self.step_tokens = min(prefill_step_tokens, step_tokens_cap(model))
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
@@ -186,13 +185,13 @@ class Engine:
         return x
 
     def _prefill_forward(self, tokens_nT, positions_nT, lo: int, hi: int,
-                         short: bool = False) -> torch.Tensor:
+                         short: int = 0) -> torch.Tensor:
         """The blocks over a chunk into cache slots [lo, hi) -> x_nTD; `short`: through the decode
-        step's path; compiled: dynamic rows and tokens."""
+        step's path, reading that many cache positions; compiled: dynamic rows and tokens."""
         caches = [tuple(t[lo:hi] for t in cache) for cache in self.caches]
         if short:
             x_mD = self.model.embed(tokens_nT).flatten(0, 1)
-            step = make_step(self.model.cfg, positions_nT, self.max_len, x_mD.dtype)
+            step = make_step(self.model.cfg, positions_nT, self.max_len, x_mD.dtype, short)
             x_mD = decode_blocks(self.model, x_mD, caches, step, None, self.qkvs)
             return x_mD.view(*tokens_nT.shape, -1)
         if self.compiled:
@@ -209,7 +208,8 @@ class Engine:
         requests = [self.slots[s] for s in slots]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
-        short = n * T <= self.step_tokens
+        reach = max(r.prefilled + len(c) for r, c in zip(requests, chunks))   # positions < reach
+        short = next(m for m in self.lengths if m >= reach) if n * T <= self.step_tokens else 0
         # compiled: a lone row gets a neighbour slot (at its scratch position) as padding, and a
         # lone token a padding token, so no size is 1
         lo, hi = slots[0], slots[-1] + 1
