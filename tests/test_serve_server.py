@@ -245,9 +245,36 @@ def test_text_stream_holds_back_stop_prefixes():
     assert "".join(pieces) == "xx" and not stream.stopped
     assert stream.push(ord("d")) == "abd"
     assert stream.push(ord("a")) == "" and stream.push(ord("b")) == ""
-    assert stream.push(ord("c")) == "" and stream.stopped and stream.text == "xxabd"
+    assert stream.push(ord("c")) == "" and stream.stopped and stream.finish() == ""
     multi = TextStream(ByteTokenizer(), [], eos_ids=(0,))
     assert multi.push(0xC3) == "" and multi.push(0xA9) == "é" and multi.push(0) == ""
+
+
+def test_text_stream_is_the_text_cut_at_the_first_stop_to_complete():
+    """Random texts and stop strings: the streamed deltas concatenate to the shortest prefix of
+    the text that holds a stop string, cut where the first stop string in it starts (the whole
+    text if none); the stream keeps only the tail a stop string can still reach."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 40)))
+        stop = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4)))
+                for _ in range(rng.randint(0, 3))]
+        stream, out = TextStream(ByteTokenizer(), stop), ""
+        for byte in text.encode():
+            out += stream.push(byte)
+            assert len(stream.text) <= len(text) - len(out) + max(map(len, stop), default=0)
+            if stream.stopped:
+                break
+        out += stream.finish()
+        expected = text
+        for end in range(len(text) + 1):
+            found = [i for i in (text[:end].find(s) for s in stop) if i >= 0]
+            if found:
+                expected = text[:min(found)]
+                break
+        assert out == expected, (text, stop)
 
 
 class CliServer:

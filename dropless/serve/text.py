@@ -112,15 +112,18 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: list[str], eos_ids=()):
         self.tokenizer, self.stop, self.eos_ids = tokenizer, [s for s in stop if s], set(eos_ids)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""       # everything decoded so far
-        self.sent = 0        # characters of text already returned
+        self.longest = max(map(len, self.stop), default=0)
+        self.text = ""       # the decoded text not yet sent, after the last sent characters a
+        self.sent = 0        # stop string could start in; `sent` of them were returned
         self.stopped = False
 
     def push(self, token: int) -> str:
         """The new text this token makes safe to send; sets `stopped` on a stop string."""
         if token not in self.eos_ids:
             self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        if not self.stop:
+            return self._take(len(self.text))
+        start = max(0, self.sent - self.longest)
         cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
@@ -139,4 +142,6 @@ class TextStream:
     def _take(self, end: int) -> str:
         delta = self.text[self.sent:max(end, self.sent)]
         self.sent += len(delta)
+        drop = max(0, self.sent - self.longest)   # sent text no stop string can reach any more
+        self.text, self.sent = self.text[drop:], self.sent - drop
         return delta
