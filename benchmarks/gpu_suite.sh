@@ -53,7 +53,7 @@ for s in "$@"; do
              --ignore=tests/parallel
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_triton_rope.py tests/test_ops_awq.py tests/test_ops_blocksparse.py \
-             tests/test_master_adamw.py \
+             tests/test_master_adamw.py tests/test_ops_triton_attention.py \
              -p no:cacheprovider -rf ;;
     train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
@@ -66,7 +66,7 @@ for s in "$@"; do
              --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 240 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py \
-             -p no:cacheprovider -rf ;;
+             tests/test_ops_triton_attention.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --json "$O/decode_medium.json"
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dropless.ops.device import num_sms
+from dropless.ops.triton_grouped import _precision
 
 BLOCK_N = 64           # keys per tile, and the least chunk a split takes
 CPU_PROGRAMS = 16      # the interpreter's stand-in for an SM count: enough to exercise splits
@@ -35,10 +36,14 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def num_splits(b: int, G: int, length: int, programs: int) -> int:
     """Key chunks per (row, kv head): enough for b * G * splits to reach `programs` (2x the SMs),
     none shorter than BLOCK_N keys."""
-    return max(1, min(-(-programs // (b * G)), -(-length // BLOCK_N)))
+    return max(1, min(_cdiv(programs, b * G), _cdiv(length, BLOCK_N)))
 
 
 @torch.library.custom_op("dropless::decode_attention", mutates_args=())
@@ -57,8 +62,8 @@ def decode_attention(q_bHD: Tensor, k_cache: Tensor, v_cache: Tensor, positions_
     if splits <= 0:
         programs = 2 * num_sms(q_bHD.device.index) if q_bHD.is_cuda else CPU_PROGRAMS
         splits = num_splits(b, G, length, programs)
-    chunk = -(-(-(-length // splits)) // BLOCK_N) * BLOCK_N   # a whole number of tiles
-    splits = -(-length // chunk)
+    chunk = _cdiv(_cdiv(length, splits), BLOCK_N) * BLOCK_N   # a whole number of tiles
+    splits = _cdiv(length, chunk)   # every chunk starts below length
     out = q_bHD.new_empty(b, H, Dh)
     direct = splits == 1
     if direct:   # not read
@@ -66,17 +71,16 @@ def decode_attention(q_bHD: Tensor, k_cache: Tensor, v_cache: Tensor, positions_
     else:
         m, l = (q_bHD.new_empty(b, H, splits, dtype=torch.float32) for _ in range(2))
         acc = q_bHD.new_empty(b, H, splits, Dh, dtype=torch.float32)
-    k = _kernels()
-    k.decode_split_kernel[(b, G, splits)](
+    kernels = _kernels()
+    kernels.decode_split_kernel[(b, G, splits)](
         q_bHD, k_cache, v_cache, positions_b, out, m, l, acc,
         length, chunk, math.log2(math.e) / math.sqrt(Dh),
         q_bHD.stride(0), q_bHD.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         GROUP=H // G, DH=Dh, BLOCK_H=max(16, _pow2(H // G)), BLOCK_N=BLOCK_N,
-        DIRECT=direct, DOT_PRECISION="ieee" if q_bHD.dtype == torch.float32 else "tf32",
-        num_warps=4)
+        DIRECT=direct, DOT_PRECISION=_precision(q_bHD), num_warps=4)
     if not direct:
-        k.decode_combine_kernel[(b * H,)](m, l, acc, out, splits, DH=Dh,
-                                          BLOCK_S=_pow2(splits), num_warps=1)
+        kernels.decode_combine_kernel[(b * H,)](m, l, acc, out, splits, DH=Dh,
+                                                BLOCK_S=_pow2(splits), num_warps=1)
     return out
 
 
