@@ -102,6 +102,20 @@ def test_route_topk_all_tokens_same_experts(T, K, dtype, monkeypatch):
         assert torch.allclose(weights_TK, torch.full_like(weights_TK, 1 / K))
 
 
+@pytest.mark.parametrize("K", [2, 8])
+def test_route_topk_non_finite_logits_still_give_k_distinct_experts(K):
+    """Inputs with inf make logits of +-inf and NaN: the ids must still be K distinct experts in
+    range (the experts' kernels read weights by them), every slot written."""
+    router = make_router(64, 8, K, torch.float32)
+    x_TD = torch.randn(4, 64, device=DEVICE)
+    x_TD[1, 5] = float("inf")
+    x_TD[2] = float("-inf")
+    x_TD[3, :2] = torch.tensor([float("inf"), float("-inf")])
+    ids_TK = route_topk(x_TD, router.weight, K, True, 1.0)[1]
+    assert ids_TK.min() >= 0 and ids_TK.max() < 8
+    assert all(len(set(row)) == K for row in ids_TK.tolist())
+
+
 def test_route_dispatches_to_the_kernels(monkeypatch):
     """route with the gate on (as on CUDA) gives the kernels' routing, for the plain router only."""
     router = make_router(64, 60, 8, torch.float32)

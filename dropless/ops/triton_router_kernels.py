@@ -62,16 +62,18 @@ def router_topk_kernel(
     t = tl.program_id(0)
     es = tl.arange(0, BLOCK_E)
     e_ok = es < E
-    # 1. the token's logits: the sum of the split partials; lanes past E are -inf, never chosen
+    # 1. the token's logits: the sum of the split partials (lanes past E: 0, masked below)
     logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for p in range(P):
         logits += tl.load(part_ptr + (p * T + t).to(tl.int64) * E + es, mask=e_ok, other=0.0)
-    logits = tl.where(e_ok, logits, float("-inf"))
     # 2. K rounds of max with the index; a chosen lane is marked by its slot (-1: not chosen) and
-    # leaves the candidates. Ties go to the lowest index first. Logits are finite (finite
-    # inputs), so a -inf lane is never a real candidate and K <= E always finds one.
+    # leaves the candidates as -inf. Every real lane's key is above -inf (a -inf logit ranks as
+    # the lowest finite value, NaN above everything, as torch.topk ranks it), so K <= E rounds
+    # take K distinct real experts and write every slot, whatever the logits. Ties go to the
+    # lowest index first.
+    cand = tl.where(logits != logits, float("inf"), tl.maximum(logits, -3.4028234663852886e38))
+    cand = tl.where(e_ok, cand, float("-inf"))
     slot = tl.full((BLOCK_E,), -1, dtype=tl.int32)
-    cand = logits
     for k in range(K):
         _, best = tl.max(cand, axis=0, return_indices=True, return_indices_tie_break_left=True)
         slot = tl.where(es == best, k, slot)
@@ -79,7 +81,7 @@ def router_topk_kernel(
     chosen = slot >= 0
     # 3. softmax: over the chosen logits (NORM_TOPK) or all E, gathered at the chosen; the first
     # round's maximum is the maximum of both
-    top = tl.max(logits, axis=0)
+    top = tl.max(tl.where(e_ok, logits, float("-inf")), axis=0)
     p_E = tl.where(e_ok, tl.exp(logits - top), 0.0)
     if NORM_TOPK:
         denom = tl.sum(tl.where(chosen, p_E, 0.0), axis=0)
