@@ -1,7 +1,7 @@
 """The engine's decode step (dropless/serve/decode.py) against the model's own forward: one token
-per row, rows at different positions, eager and torch.compile'd; GQA's attention prologue as the
-torch ops (the CPU's path) and as the Triton kernel (CUDA's, run here under the interpreter), and
-with it the split-KV attention kernel in place of SDPA ("attention": CUDA's whole path)."""
+per row, rows at different positions, eager and torch.compile'd; GQA's attention prologue, its
+attention and the MoE router as the torch ops (the CPU's path) and as the Triton kernels (CUDA's,
+run here under the interpreter)."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ except pytest.skip.Exception:   # no triton: the kernel cases skip
     KERNEL_DEVICE = None
 
 from dropless import MoEConfig, Transformer
-from dropless.serve import Engine, decode
+from dropless.serve import Engine, decode, moe_decode
 from tests.conftest import rel_err
 from tests.test_mla import mla_config
 from tests.test_serve_engine import tiny_model
@@ -31,23 +31,26 @@ def _model(kind):
 
 
 @pytest.fixture
-def prologue(request, monkeypatch):
+def kernels(request, monkeypatch):
     """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted;
-    "attention" its attention kernel too (at one token per row: prefill chunks keep SDPA)."""
-    if request.param in ("triton", "attention"):
+    "triton+router" the MoE router's kernels too; "attention" the prologue and the split-KV
+    attention kernel (at one token per row: prefill chunks keep SDPA); "all" CUDA's whole path."""
+    if request.param != "torch":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
                         "or no triton")
         monkeypatch.setattr(decode, "fused_prologue", lambda q: True)
-    if request.param == "attention":
+    if request.param in ("attention", "all"):
         monkeypatch.setattr(decode, "fused_attention", lambda q: True)
+    if request.param in ("triton+router", "all"):
+        monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
     return request.param
 
 
-KINDS = pytest.mark.parametrize("kind,prologue", [
-    ("moe", "torch"), ("moe", "triton"), ("moe", "attention"), ("proj", "torch"),
-    ("proj", "triton"), ("mla", "torch")],
-    indirect=["prologue"])
+KINDS = pytest.mark.parametrize("kind,kernels", [
+    ("moe", "torch"), ("moe", "triton"), ("moe", "triton+router"), ("moe", "attention"),
+    ("moe", "all"), ("proj", "torch"), ("proj", "triton"), ("mla", "torch")],
+    indirect=["kernels"])
 
 
 def _step_logits(model, compile, short=False):
@@ -85,7 +88,7 @@ def _step_logits(model, compile, short=False):
 
 @KINDS
 @pytest.mark.parametrize("compile,short", [(False, False), (True, False), (False, True)])
-def test_decode_step_matches_forward(kind, prologue, compile, short):
+def test_decode_step_matches_forward(kind, kernels, compile, short):
     """One token per row; with `short`, the prompts before it went through the same path, several
     tokens per row (the engine's prefill of short chunks)."""
     model = _model(kind)
@@ -96,8 +99,8 @@ def test_decode_step_matches_forward(kind, prologue, compile, short):
 
 
 @KINDS
-def test_decode_step_matches_forward_bf16(kind, prologue):
-    if prologue == "attention":   # the prologue kernel only casts to bf16; this one multiplies
+def test_decode_step_matches_forward_bf16(kind, kernels):
+    if kernels in ("attention", "all"):   # the prologue kernel only casts to bf16; this multiplies
         pytest.skip("the interpreter's bf16 tl.dot is wrong (tests/triton_env.py)")
     model = _model(kind).to(torch.bfloat16)
     seqs, out = _step_logits(model, False, short=True)
