@@ -202,28 +202,37 @@ def _engine_counters(httpx, port) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["engine"]
 
 
-def run_server(args, vocab, delay_ms: float) -> dict:
+def start_server(script: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    """`python script --serve-port PORT *flags` in a subprocess (the repository on its path),
+    once its /health answers: (process, port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, __file__, "--serve-port", str(port), "--preset", args.preset,
-           "--device", args.device, "--max-batch", str(max(args.clients)), "--prompt",
-           str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)] + [
-           "--serve-compile-prefill"] * args.serve_compile_prefill
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
         "PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, script, "--serve-port", str(port), *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    httpx = _httpx()
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, port
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"{script}: the server did not answer in 2 minutes")
+
+
+def run_server(args, vocab, delay_ms: float) -> dict:
+    proc, port = start_server(__file__, [
+        "--preset", args.preset, "--device", args.device, "--max-batch", str(max(args.clients)),
+        "--prompt", str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)] +
+        ["--serve-compile-prefill"] * args.serve_compile_prefill)
     try:
         httpx = _httpx()
-        for _ in range(600):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stderr.read().decode()[-2000:])
-                time.sleep(0.2)
         out = {}
         for n in args.clients:
             prompts = prompts_for(n, args.prompt, vocab, seed=n)

@@ -23,6 +23,9 @@
 #   awqmodel benchmarks/awq_model.py: int4 perplexity of a GPU-trained small run; quantization
 #            time and batch-1 decode (bf16 vs int4) at the Qwen3-30B-A3B shape
 #   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
+# The caller writes the commit into .commit_under_test with the hash spelled out in the command
+# (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
+# `git rev-parse` there named an older commit than the tree it ran (round 13).
 # Wheels for the server stack (fastapi, uvicorn, openai, ...: benchmarks/device-wheels.txt says how
 # to fetch them) in .whl/ are installed first, if any.
 set -u
