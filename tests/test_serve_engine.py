@@ -9,6 +9,7 @@ from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.generate import greedy_recompute
 from dropless.moe import MoE
 from dropless.serve import Engine, Request, SamplingParams
+from dropless.serve.decode import MLA_QUERY_ROWS, step_tokens_cap
 from dropless.serve.moe_decode import choose_path, moe_decode
 from dropless.serve.sampling import sample
 from tests.conftest import TOLERANCE, rel_err
@@ -50,6 +51,16 @@ def test_moe_decode_matches_training_path(path, T, E, K, extra, dtype):
 def test_choose_path():
     assert choose_path(1, 8, 64) == "gather" and choose_path(32, 8, 64) == "dense"
     assert choose_path(1, 4, 4) == "dense"
+
+
+def test_short_prefill_cap():
+    """MLA's short prefill mask has a row per (token, head): at most MLA_QUERY_ROWS of them; GQA
+    with plain experts has no cap of its own (int4 experts: tests/test_quant.py)."""
+    torch.manual_seed(0)
+    mla = Transformer(mla_config())
+    assert step_tokens_cap(mla) == MLA_QUERY_ROWS // mla.cfg.num_heads
+    assert step_tokens_cap(tiny_model()) > 1 << 40
+    assert Engine(mla, max_batch=1, max_len=8).step_tokens == min(128, step_tokens_cap(mla))
 
 
 # ---- sampling ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dropless.experts import Experts
 from dropless.model import Attention, RMSNorm, rope_tables
 from dropless.ops.device import has_triton
 from dropless.ops.triton_attention import decode_attention   # imports triton when first run
@@ -74,6 +75,21 @@ def make_step(cfg, positions: torch.Tensor, max_len: int, dtype: torch.dtype,
         heads = torch.arange(G, device=dev)
         idx = ((rows.unsqueeze(2) * G + heads) * max_len + positions_bT.unsqueeze(2)).reshape(-1)
     return Step(cos, sin * sign, mask, idx, positions_bT, T, length)
+
+
+MLA_QUERY_ROWS = 4096   # a short prefill's query rows (tokens x heads) through MLA's one latent head
+
+
+def step_tokens_cap(model) -> int:
+    """The most tokens the decode step's path should take at once (a short prefill). int4 experts
+    decode per slot, re-reading an expert for each of its rows, which pays only while slots <=
+    experts; MLA's mask has a row per (token, head), and DeepSeek-V3 has 128 heads."""
+    caps = [m.cfg.num_experts // m.cfg.top_k for m in (lay.ffn for lay in model.layers
+                                                       if lay.is_moe)
+            if not isinstance(m.experts, Experts)]
+    if model.cfg.attention == "mla":
+        caps.append(MLA_QUERY_ROWS // model.cfg.num_heads)
+    return max(1, min(caps)) if caps else 1 << 62
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:

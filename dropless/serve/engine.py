@@ -35,9 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dropless.model import Transformer, rope_tables
-from dropless.serve.decode import decode_blocks, fuse_qkv, make_step
+from dropless.serve.decode import decode_blocks, fuse_qkv, make_step, step_tokens_cap
 from dropless.serve.graphs import Graphs
-from dropless.serve.moe_decode import step_tokens_cap
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 

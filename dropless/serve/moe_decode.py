@@ -81,15 +81,6 @@ def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str 
     return "triton" if device_type == "cuda" else "gather"
 
 
-def step_tokens_cap(model) -> int:
-    """The most tokens a decode step's path should take at once: int4 experts decode per slot,
-    re-reading an expert for each of its rows, which pays only while slots <= experts."""
-    caps = [m.cfg.num_experts // m.cfg.top_k for m in (lay.ffn for lay in model.layers
-                                                       if lay.is_moe)
-            if not isinstance(m.experts, Experts)]
-    return max(1, min(caps)) if caps else 1 << 62
-
-
 def experts_gather(x_TD, expert_ids_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:
     """y_TKD: each token through each of its experts, the weights gathered per row."""
     T, K = expert_ids_TK.shape
