@@ -262,6 +262,9 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--context", type=int, help="the engine's cache length (default prompt + new)")
+    ap.add_argument("--prefill-step-tokens", type=int, nargs="+", default=[],
+                    help="also time the engine with these prefill_step_tokens (e.g. 1024: a "
+                         "batch-32 prompt through the decode step's path), as engine_stepN")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with torch.compile'd decode steps")
     ap.add_argument("--json", help="write the results here")
@@ -291,7 +294,8 @@ def main():
     variants = [("engine", {})] + [("engine_compiled", {"compile": True})] * args.compile + [
         ("engine_prefill_compiled", {"compile_prefill": True})] * args.serve_compile_prefill + [
         ("engine_blocks_prefill", {"prefill_step_tokens": 0})] + [
-        ("engine_one_length", {"lengths": (args.context,)})] * bool(args.context)
+        ("engine_one_length", {"lengths": (args.context,)})] * bool(args.context) + [
+        (f"engine_step{n}", {"prefill_step_tokens": n}) for n in args.prefill_step_tokens]
     max_len, step_tokens = args.context or args.prompt + args.new, 0
     if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
         variants.append(("engine_gather", {"moe_path": "gather"}))
@@ -354,6 +358,7 @@ def print_table(res: dict, args) -> None:
         hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
         for name in [f"{v}_bs{b}" for v in ("engine", "engine_compiled", "engine_prefill_compiled",
                                             "engine_blocks_prefill", "engine_one_length",
+                                            *(f"engine_step{n}" for n in args.prefill_step_tokens),
                                             "engine_gather", "generate", "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue

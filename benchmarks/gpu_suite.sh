@@ -73,7 +73,8 @@ for s in "$@"; do
              tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py \
              tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
-              --admit-delay-ms 2 --serve-compile-prefill --json "$O/decode_medium.json"
+              --admit-delay-ms 2 --serve-compile-prefill --prefill-step-tokens 1024 \
+              --json "$O/decode_medium.json"
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --json "$O/decode_qwen3.json"
             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf \

@@ -26,7 +26,7 @@ def tiny_model(**kw):
 
 # ---- the decode MoE path against the training path ---------------------------------------------
 
-@pytest.mark.parametrize("path", ["gather", "dense"])
+@pytest.mark.parametrize("path", ["gather", "dense", "grouped"])
 @pytest.mark.parametrize("T,E,K,extra", [
     (1, 8, 2, {}),                                   # one token
     (5, 4, 4, {}),                                   # K == E
@@ -50,7 +50,8 @@ def test_moe_decode_matches_training_path(path, T, E, K, extra, dtype):
 
 def test_choose_path():
     assert choose_path(1, 8, 64) == "gather" and choose_path(32, 8, 64) == "dense"
-    assert choose_path(1, 4, 4) == "dense"
+    assert choose_path(1, 4, 4) == "dense" and choose_path(1, 8, 64, "cuda") == "triton"
+    assert choose_path(129, 8, 64) == "grouped" and choose_path(129, 8, 64, grouped=False) == "dense"
 
 
 def test_short_prefill_cap():
@@ -138,6 +139,26 @@ def test_engine_request_that_fills_the_context(lengths):
     engine.run_until_done()
     assert [r.output for r in requests] == [greedy_recompute(model, r.prompt, 12 - len(r.prompt))
                                             for r in requests]
+
+
+def test_engine_short_prefill_of_many_rows_takes_the_grouped_path(monkeypatch):
+    """A short prefill of more rows than DENSE_MAX_TOKENS runs the MoE layers' own path (patched
+    down to 4 tokens here): outputs are greedy recompute, with MLA and shared experts too."""
+    from dropless.serve import moe_decode as md
+
+    monkeypatch.setattr(md, "DENSE_MAX_TOKENS", 4)
+    paths = []
+    choose = md.choose_path
+    monkeypatch.setattr(md, "choose_path", lambda *a: paths.append(choose(*a)) or paths[-1])
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2, num_shared_experts=1)
+    for model in (tiny_model(moe=moe), Transformer(mla_config()).eval()):
+        engine = Engine(model, max_batch=3, max_len=40)
+        requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))
+                    for p in PROMPTS[:3]]
+        engine.run_until_done()
+        assert [r.output for r in requests] == [greedy_recompute(model, p, 4) for p in PROMPTS[:3]]
+    assert "grouped" in paths
 
 
 def test_engine_seeded_sampling_independent_of_batch():

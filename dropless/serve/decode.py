@@ -217,7 +217,8 @@ def decode_blocks(model, x_nD: torch.Tensor, caches, step: Step, moe_path: str |
         x_nD = attention(layer.attn, rms_norm(layer.attn_norm, x_nD), x_nD, cache, step, qkv)
         h_nD = rms_norm(layer.ffn_norm, x_nD)
         if layer.is_moe:
-            x_nD = moe_decode(layer.ffn, h_nD, moe_path, residual=x_nD)
+            # a decode step (one token per row) stays off the layer's own path: it is graphed
+            x_nD = moe_decode(layer.ffn, h_nD, moe_path, x_nD, grouped=step.tokens > 1)
         else:
             x_nD = x_nD + layer.ffn(h_nD)
     return x_nD

@@ -73,9 +73,17 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return select_experts(scores_TE, router.bias, cfg)
 
 
-def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str = "cpu") -> str:
+DENSE_MAX_TOKENS = 128   # "dense" does experts / top-k times the FLOPs; past this, they show
+
+
+def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str = "cpu",
+                grouped: bool = True) -> str:
     """Few rows (under half the experts): the chosen experts only, read in place by the Triton
-    GEMVs on CUDA, gathered elsewhere; else every expert, dense."""
+    GEMVs on CUDA, gathered elsewhere; up to DENSE_MAX_TOKENS every expert, dense (reading each
+    expert once costs more than its FLOPs on an H200 up to ~190 tokens); past that, if `grouped`
+    (a prefill: not captured in a CUDA graph), the layer's own path."""
+    if grouped and num_tokens > DENSE_MAX_TOKENS:
+        return "grouped"
     if 2 * num_tokens * top_k >= num_experts:
         return "dense"
     return "triton" if device_type == "cuda" else "gather"
@@ -99,15 +107,19 @@ def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None, grouped: bool = True) -> torch.Tensor:
     """y = the layer's output for x [..., D] (no aux losses), plus `residual` if given (folded
-    into the combine: one kernel less); `path` forces "triton", "gather" or "dense"."""
+    into the combine: one kernel less); `path` forces "triton", "gather", "dense" or "grouped";
+    `grouped`: whether choose_path may pick it."""
     x_TD = x.reshape(-1, moe.cfg.dim)
     T = x_TD.shape[0]
+    path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type, grouped)
+    if path == "grouped":   # MoE.forward: routing, sort, grouped matmul, shared experts
+        y = moe(x)[0]
+        return y if residual is None else residual + y
     weights_TK, expert_ids_TK = route(moe.router, x_TD)
     experts = moe.experts
     quantized = not isinstance(experts, Experts)
-    path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type)
     residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
     if quantized:   # int4 experts (dropless.quant) decode from packed weights
         y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
