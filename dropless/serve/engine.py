@@ -71,8 +71,9 @@ class Engine:
         if self.buckets[-1] < max_batch:
             raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
                              f"{max_batch}")
-        # context buckets: a step's attention reads the first `length` cache positions, the
-        # smallest bucket past every decoding row's position (a served cache holds thousands)
+        # context buckets: a step's attention reads the first `length` cache positions, the smallest
+        # bucket past every decoding row's position; compiled steps default to one (a compile each)
+        lengths = (max_len,) if lengths is None and compile else lengths
         self.lengths = tuple(sorted({min(n, max_len) for n in lengths or ()} | {max_len} | {
             256 << i for i in range(16) if lengths is None and 256 << i < max_len}))
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
