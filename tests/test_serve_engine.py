@@ -64,6 +64,13 @@ def test_short_prefill_cap():
     assert Engine(mla, max_batch=1, max_len=8).step_tokens == min(128, step_tokens_cap(mla))
 
 
+def test_context_buckets():
+    model = tiny_model(max_seq_len=2048)
+    assert Engine(model, max_len=2000).lengths == (256, 512, 1024, 2000)
+    assert Engine(model, max_len=2000, lengths=(100, 3000)).lengths == (100, 2000)
+    assert Engine(model, max_len=2000, compile=True).lengths == (2000,)   # a compile each
+
+
 # ---- sampling ------------------------------------------------------------------------------------
 
 def _rows(B, temperature, top_k, top_p, V):

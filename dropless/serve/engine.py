@@ -12,7 +12,8 @@ One engine `step()`:
    the model's blocks); a finished prompt samples its first token into the decode buffers, read
    back with the step's tokens;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
-   decoding slot. The step's inputs and outputs live in static device buffers (tokens, positions,
+   decoding slot, attending to cache positions [0, n), n the smallest context bucket past every
+   decoding row's position (garbage rows at S - 1 attend to all n). The step's inputs and outputs live in static device buffers (tokens, positions,
    sampling parameters, per-row step counters) that the step itself advances, so the host only
    writes them when a request joins or leaves. The step is launched before the previous step's
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
@@ -71,8 +72,8 @@ class Engine:
         if self.buckets[-1] < max_batch:
             raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
                              f"{max_batch}")
-        # context buckets: a step's attention reads the first `length` cache positions, the
-        # smallest bucket past every decoding row's position (a served cache holds thousands)
+        # context buckets (docstring, 3.); compiled steps default to one (a compile each)
+        lengths = (max_len,) if lengths is None and compile else lengths
         self.lengths = tuple(sorted({min(n, max_len) for n in lengths or ()} | {max_len} | {
             256 << i for i in range(16) if lengths is None and 256 << i < max_len}))
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
