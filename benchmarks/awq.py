@@ -5,7 +5,9 @@ small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
 
 Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
-nearest, group 128). Weights are random, built on the GPU. Times are medians (triton's do_bench,
+nearest, group 128). "bf16 decode" is the bf16 layer the way the inference engine runs it
+(dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens): the speedups
+are against the faster of the two bf16 rows. Weights are random, built on the GPU. Times are medians (triton's do_bench,
 CUDA events) of a forward under no_grad, eager and replayed from a CUDA graph (what an inference
 engine runs; launch overhead dominates the eager numbers at batch 1). "check" is the int4 layer's
 relative error against the bf16 layer holding the dequantized int4 weights (the same function).
@@ -25,6 +27,8 @@ import torch
 from dropless import MoE, MoEConfig, ops
 from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
+from dropless.ops.gemv import experts_decode
+from dropless.serve.moe_decode import choose_path, moe_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
@@ -92,11 +96,14 @@ def main():
                 y_q, y_d = int4(x)[0].float(), deq(x)[0].float()
                 check = ((y_q - y_d).norm() / y_d.norm()).item()
                 times = {}
-                for label, layer, unpack in (("bf16", bf16, None), ("int4", int4, "interleave"),
+                for label, layer, unpack in (("bf16", bf16, None), ("bf16 decode", bf16, None),
+                                             ("int4", int4, "interleave"),
                                              ("int4 gather", int4, "gather")):
                     if unpack:
                         os.environ[awq_ops.UNPACK_ENV] = unpack
                     fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
+                    if label == "bf16 decode":
+                        fn = lambda t: moe_decode(bf16, t)   # noqa: E731
                     times[label] = bench(lambda: fn(x), device)
                     replay = None if args.no_graph or device.type != "cuda" else graphed(fn, x)
                     times[label + " graph"] = bench(replay, device) if replay else float("nan")
@@ -104,7 +111,13 @@ def main():
                     # for bf16; int4 the way its layer runs them (decode, or the fused kernels)
                     route = bf16.router(x)
                     ids, w = route.expert_ids_TK, route.weights_TK
-                    if layer is bf16:
+                    if label == "bf16 decode":   # the engine's: by size, as moe_decode picks
+                        path = choose_path(T, K, E, device.type)
+                        experts = (lambda t: experts_decode(t, ids, w, bf16.experts.gate_up,
+                                                            bf16.experts.down)) if (
+                            path == "triton" or device.type == "cpu") else (
+                            lambda t: moe_decode(bf16, t, path))
+                    elif layer is bf16:
                         def experts(t):
                             plan = ops.make_plan(ids, E)
                             y_RD = bf16.experts(ops.dispatch(t, plan), plan.counts_E)
@@ -124,14 +137,15 @@ def main():
     print("\nms per MoE layer forward (median). eager / graph: the whole layer (router included),"
           " eagerly or replayed from a CUDA graph; experts: the experts alone on the layer's "
           "routing (graph). int4 unpacks int32s by interleave (default) or 'gather' "
-          "(DROPLESS_AWQ_UNPACK=gather); speedup = bf16 / the faster int4.")
+          "(DROPLESS_AWQ_UNPACK=gather); speedup = the faster bf16 / the faster int4.")
     kinds = ["", " graph", " experts"]
-    head = " ".join(f"{p + k:>19}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
+    providers = ("bf16", "bf16 decode", "int4", "int4 gather")
+    head = " ".join(f"{p + k:>19}" for k in kinds for p in providers)
     print(f"{'shape':8} {'T':>3} {head} " + " ".join(f"{'speedup' + k:>16}" for k in kinds)
           + f" {'check':>9}")
     for name, T, t, check in rows:
-        cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in ("bf16", "int4", "int4 gather"))
-        ups = " ".join(f"{t['bf16' + k] / min(t['int4' + k], t['int4 gather' + k]):>15.2f}x"
+        cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in providers)
+        ups = " ".join(f"{min(t['bf16' + k], t['bf16 decode' + k]) / min(t['int4' + k], t['int4 gather' + k]):>15.2f}x"
                        for k in kinds)
         print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
 
