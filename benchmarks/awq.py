@@ -7,10 +7,11 @@ Both layers are the same `dropless.MoE` (same router weights, same routing): "bf
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
 nearest, group 128). "bf16 decode" is the bf16 layer the way the inference engine runs it
 (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens): the speedups
-are against the faster of the two bf16 rows. Weights are random, built on the GPU. Times are medians (triton's do_bench,
-CUDA events) of a forward under no_grad, eager and replayed from a CUDA graph (what an inference
-engine runs; launch overhead dominates the eager numbers at batch 1). "check" is the int4 layer's
-relative error against the bf16 layer holding the dequantized int4 weights (the same function).
+are against the faster of the two bf16 rows. Weights are random, built on the GPU. Times are
+medians (triton's do_bench, CUDA events) of a forward under no_grad, eager and replayed from a
+CUDA graph (what an inference engine runs; launch overhead dominates the eager numbers at batch
+1). "check" is the int4 layer's relative error against the bf16 layer holding the dequantized
+int4 weights (the same function).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -145,8 +146,10 @@ def main():
           + f" {'check':>9}")
     for name, T, t, check in rows:
         cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in providers)
-        ups = " ".join(f"{min(t['bf16' + k], t['bf16 decode' + k]) / min(t['int4' + k], t['int4 gather' + k]):>15.2f}x"
-                       for k in kinds)
+        best = {k: (min(t["bf16" + k], t["bf16 decode" + k]), min(t["int4" + k],
+                                                                  t["int4 gather" + k]))
+                for k in kinds}
+        ups = " ".join(f"{best[k][0] / best[k][1]:>15.2f}x" for k in kinds)
         print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
 
 

@@ -77,7 +77,7 @@ def make_step(cfg, positions: torch.Tensor, max_len: int, dtype: torch.dtype,
     return Step(cos, sin * sign, mask, idx, positions_bT, T, length)
 
 
-MLA_QUERY_ROWS = 4096   # a short prefill's query rows (tokens x heads) through MLA's one latent head
+MLA_QUERY_ROWS = 4096   # a short prefill's query rows (tokens x heads) through MLA's latent head
 
 
 def step_tokens_cap(model) -> int:

@@ -13,7 +13,7 @@ One engine `step()`:
    back with the step's tokens;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
    decoding slot, attending to cache positions [0, n), n the smallest context bucket past every
-   decoding row's position (garbage rows at S - 1 attend to all n). The step's inputs and outputs live in static device buffers (tokens, positions,
+   decoding row's position. Inputs and outputs live in static device buffers (tokens, positions,
    sampling parameters, per-row step counters) that the step itself advances, so the host only
    writes them when a request joins or leaves. The step is launched before the previous step's
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
