@@ -15,6 +15,7 @@
 #            tests: the inference path alone
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
 #            with a served cache of 4096 positions, with and without context buckets)
+#   gemv     benchmarks/gemv_tiles.py: the decode experts' GEMV tiles swept, bf16 and int4 at batch 1
 #   decodec  decode kernels per layer, benchmarks/decode.py with compiled decode steps (medium)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
@@ -77,6 +78,7 @@ for s in "$@"; do
               --no-server --json "$O/decode_qwen3.json"
             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf \
               --no-server --context 4096 --json "$O/decode_medium_4096.json" ;;
+    gemv) stage "$L" 420 python3 benchmarks/gemv_tiles.py --shapes qwen3 medium --tokens 1 ;;
     decodec) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
              stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
                --compile --json "$O/decode_medium_compiled.json" ;;
