@@ -16,6 +16,7 @@
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
 #            with a served cache of 4096 positions, with and without context buckets)
 #   attn     benchmarks/decode_attention.py: SDPA vs the split-KV decode attention kernel, graphed
+#   gemv     benchmarks/gemv_tiles.py: the decode experts' GEMV tiles swept, bf16 and int4 at batch 1
 #   decodec  decode kernels per layer, the router's torch ops vs its kernels (benchmarks/router.py),
 #            benchmarks/decode.py with compiled decode steps (medium)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
@@ -80,6 +81,7 @@ for s in "$@"; do
             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf \
               --no-server --context 4096 --json "$O/decode_medium_4096.json" ;;
     attn) stage "$L" 120 python3 benchmarks/decode_attention.py ;;
+    gemv) stage "$L" 420 python3 benchmarks/gemv_tiles.py --shapes qwen3 medium --tokens 1 ;;
     decodec) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
              stage "$L" 60 python3 benchmarks/router.py --preset qwen3-30b-a3b
              stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \

@@ -1,0 +1,105 @@
+"""The decode experts' GEMV tiles (dropless/ops/gemv.py TILES), swept: bf16 and int4 expert weights
+at the medium, Qwen3-30B-A3B and Mixtral expert shapes, a few tokens, every (BLOCK_N, BLOCK_K,
+UNROLL, WAVES) in the grid. Prints us per call (median of CUDA-graph replays), the bandwidth of the
+expert bytes read, the error against the current tiles' output, and each kind's best.
+
+    python benchmarks/gemv_tiles.py                       # H200: minutes (each tile compiles)
+    python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 4 --kinds int4
+    TRITON_INTERPRET=1 python benchmarks/gemv_tiles.py --device cpu --shapes cpu --quick  # smoke
+
+The int4 "speedup" column is the best bf16 time over the best int4 time at the same shape and
+tokens: issue 12's batch-1 goal (>= 2.5x) at the level of the experts alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from dropless.ops import gemv
+from dropless.quant.modules import QuantizedExperts
+from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
+
+SHAPES = {"medium": (1024, 512, 64, 8), "qwen3": (2048, 768, 128, 8),   # D, F, E, K
+          "mixtral": (4096, 14336, 8, 2), "cpu": (128, 128, 8, 2)}
+GROUP = 128
+GRID = {"BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64), "UNROLL": (2, 4, 8), "WAVES": (2, 4, 6, 8)}
+QUICK = {"BLOCK_N": (32, 64), "BLOCK_K": (32,), "UNROLL": (2, 4), "WAVES": (4,)}
+
+
+def graphed(fn, device):
+    """fn replayed from a CUDA graph (the engine's way), or fn itself on a CPU."""
+    if device.type != "cuda":
+        return fn
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["medium", "qwen3", "mixtral"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--kinds", nargs="+", default=["plain", "int4"], choices=["plain", "int4"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="a small grid")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    grid = QUICK if args.quick else GRID
+    current = dict(gemv.TILES)
+    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}; current TILES {current}")
+    print(f"{'shape':8}{'T':>3} {'kind':6}{'BLOCK_N':>8}{'BLOCK_K':>8}{'UNROLL':>7}{'WAVES':>6}"
+          f"{'us':>9}{'GB/s':>8}{'err':>10}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name in args.shapes:
+        D, F, E, K = SHAPES[name]
+        torch.manual_seed(0)
+        gate_up = torch.randn(E, D, 2 * F, device=device, dtype=dtype) * D ** -0.5
+        down = torch.randn(E, F, D, device=device, dtype=dtype) * F ** -0.5
+        q = QuantizedExperts(E, D, F, GROUP, device=device)
+        q.gate_up.set_from(gate_up)
+        q.down.set_from(down)
+        weights = {"plain": (gate_up, down), "int4": (q.gate_up.packed, q.down.packed)}
+        nbytes = {"plain": 3 * D * F * gate_up.element_size(),
+                  "int4": q.nbytes() / E}   # per expert
+        for T in args.tokens:
+            x = torch.randn(T, D, device=device, dtype=dtype)
+            ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+            w = torch.rand(T, K, device=device).softmax(-1)
+            used = ids.unique().numel()
+            best = {}
+            for kind in args.kinds:
+                gu, dn = weights[kind]
+                gemv.TILES.update(current)
+                ref = gemv.decode_experts(x, ids, w, gu, dn).float()
+                for bn, bk, un, wv in itertools.product(*grid.values()):
+                    gemv.TILES[kind] = (bn, bk, un, wv)
+                    try:
+                        y = gemv.decode_experts(x, ids, w, gu, dn).float()
+                        err = ((y - ref).norm() / ref.norm()).item()
+                        us = bench(graphed(lambda: gemv.decode_experts(x, ids, w, gu, dn),
+                                           device), device) * 1e3
+                    except Exception as e:   # a tile the kernel's asserts or resources refuse
+                        print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}  "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
+                        continue
+                    gbs = used * nbytes[kind] / us / 1e3
+                    print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}{us:9.1f}{gbs:8.0f}"
+                          f"{err:10.1e}", flush=True)
+                    if err < 1e-2 and us < best.get(kind, (float("inf"),))[0]:
+                        best[kind] = (us, (bn, bk, un, wv))
+                gemv.TILES.update(current)
+            for kind, (us, tile) in best.items():
+                print(f"best {name} T={T} {kind}: {tile} {us:.1f} us")
+            if len(best) == 2:
+                print(f"speedup {name} T={T}: int4 {best['plain'][0] / best['int4'][0]:.2f}x bf16")
+
+
+if __name__ == "__main__":
+    main()
