@@ -11,7 +11,7 @@ except pytest.skip.Exception:   # no triton: the kernel cases skip
     KERNEL_DEVICE = None
 
 from dropless import MoEConfig, Transformer
-from dropless.serve import Engine, decode
+from dropless.serve import Engine, decode, moe_decode
 from tests.conftest import rel_err
 from tests.test_mla import mla_config
 from tests.test_serve_engine import tiny_model
@@ -31,12 +31,16 @@ def _model(kind):
 
 @pytest.fixture
 def prologue(request, monkeypatch):
-    """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted."""
+    """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted, and
+    the MoE layers choose their decode paths as on CUDA (a short prefill runs them dense)."""
     if request.param == "triton":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
                         "or no triton")
         monkeypatch.setattr(decode, "fused_prologue", lambda q: True)
+        choose = moe_decode.choose_path
+        monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu", grouped=False:
+                            choose(T, K, E, "cuda", grouped))
 
 
 KINDS = pytest.mark.parametrize("kind,prologue", [
