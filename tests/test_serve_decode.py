@@ -32,7 +32,8 @@ def _model(kind):
 
 @pytest.fixture
 def kernels(request, monkeypatch):
-    """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted;
+    """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted, and
+    the MoE layers choose their decode paths as on CUDA (a short prefill runs them dense);
     "triton+router" the MoE router's kernels too; "attention" the prologue and the split-KV
     attention kernel (at one token per row: prefill chunks keep SDPA); "all" CUDA's whole path."""
     if request.param != "torch":
@@ -40,6 +41,9 @@ def kernels(request, monkeypatch):
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
                         "or no triton")
         monkeypatch.setattr(decode, "fused_prologue", lambda q: True)
+        choose = moe_decode.choose_path
+        monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu", grouped=False:
+                            choose(T, K, E, "cuda", grouped))
     if request.param in ("attention", "all"):
         monkeypatch.setattr(decode, "fused_attention", lambda q: True)
     if request.param in ("triton+router", "all"):

@@ -51,8 +51,11 @@ def test_moe_decode_matches_training_path(path, T, E, K, extra, dtype):
 def test_choose_path():
     assert choose_path(1, 8, 64) == "gather" and choose_path(32, 8, 64) == "dense"
     assert choose_path(1, 4, 4) == "dense" and choose_path(1, 8, 64, "cuda") == "triton"
-    assert choose_path(129, 8, 64) == "grouped"
-    assert choose_path(129, 8, 64, grouped=False) == "dense"   # a decode step: graphed
+    # a prefill may take the layer's own path: past 128 tokens, or on a CPU (FLOPs cost there)
+    assert choose_path(129, 8, 64, "cuda", grouped=True) == "grouped"
+    assert choose_path(128, 8, 64, "cuda", grouped=True) == "dense"
+    assert choose_path(32, 8, 64, "cpu", grouped=True) == "grouped"
+    assert choose_path(129, 8, 64, "cuda") == "dense"   # a decode step: graphed
 
 
 def test_short_prefill_cap():

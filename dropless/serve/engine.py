@@ -64,7 +64,7 @@ class Engine:
         self.device, self.max_batch, self.max_len = p.device, max_batch, max_len
         self.prefill_chunk, self.admit_delay = prefill_chunk, admit_delay
         self.moe_path = moe_path   # force a decode MoE path (moe_decode.py); None: by size
-        # short prompt chunks take the decode step's path: ~15 kernels a layer, not the blocks' ~100
+        # short prompt chunks take the decode step's path: 26 ops a layer, not the blocks' 57
         self.step_tokens = min(prefill_step_tokens, step_tokens_cap(model))
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)

@@ -77,15 +77,15 @@ DENSE_MAX_TOKENS = 128   # "dense" does experts / top-k times the FLOPs; past th
 
 
 def choose_path(num_tokens: int, top_k: int, num_experts: int, device_type: str = "cpu",
-                grouped: bool = True) -> str:
+                grouped: bool = False) -> str:
     """Few rows (under half the experts): the chosen experts only, read in place by the Triton
     GEMVs on CUDA, gathered elsewhere; up to DENSE_MAX_TOKENS every expert, dense (reading each
-    expert once costs more than its FLOPs on an H200 up to ~190 tokens); past that, if `grouped`
-    (a prefill: not captured in a CUDA graph), the layer's own path."""
-    if grouped and num_tokens > DENSE_MAX_TOKENS:
-        return "grouped"
+    expert once costs more than its FLOPs on an H200 up to ~190 tokens); past that, or on a CPU
+    (where the FLOPs cost), if `grouped` (a prefill: not captured in a CUDA graph), the layer's
+    own path."""
     if 2 * num_tokens * top_k >= num_experts:
-        return "dense"
+        few = num_tokens <= DENSE_MAX_TOKENS and device_type == "cuda"
+        return "grouped" if grouped and not few else "dense"
     return "triton" if device_type == "cuda" else "gather"
 
 
@@ -107,7 +107,7 @@ def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
-               residual: torch.Tensor | None = None, grouped: bool = True) -> torch.Tensor:
+               residual: torch.Tensor | None = None, grouped: bool = False) -> torch.Tensor:
     """y = the layer's output for x [..., D] (no aux losses), plus `residual` if given (folded
     into the combine: one kernel less); `path` forces "triton", "gather", "dense" or "grouped";
     `grouped`: whether choose_path may pick it."""
