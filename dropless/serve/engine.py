@@ -200,6 +200,9 @@ class Engine:
                 torch._dynamo.mark_dynamic(t, dim)
         return self.hidden_fn(tokens_nT, positions_nT, caches)
 
+    def _length(self, reach: int) -> int:   # the smallest context bucket holding positions < reach
+        return next((n for n in self.lengths if n >= reach), self.max_len)
+
     def _logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.norm(x_BD))
 
@@ -209,7 +212,7 @@ class Engine:
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in requests]
         n, T = len(slots), max(map(len, chunks))
         reach = max(r.prefilled + len(c) for r, c in zip(requests, chunks))   # positions < reach
-        short = next(m for m in self.lengths if m >= reach) if n * T <= self.step_tokens else 0
+        short = self._length(reach) if n * T <= self.step_tokens else 0
         # compiled: a lone row gets a neighbour slot (at its scratch position) as padding, and a
         # lone token a padding token, so no size is 1
         lo, hi = slots[0], slots[-1] + 1
@@ -252,9 +255,8 @@ class Engine:
         self.firsts.append((host, [(s, requests[i]) for s, i in zip(done_slots, done)]))
 
     def _decode(self, b: int, greedy: bool, length: int | None = None) -> None:
-        """One token for rows [0, b) whose positions are < length (their attention reads that
-        many cache positions; rows at the scratch position S - 1 get garbage): reads and
-        advances the static buffers (no host sync)."""
+        """One token for rows [0, b), attending to cache positions [0, length) (the scratch rows
+        at S - 1 get garbage): reads and advances the static buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
@@ -341,16 +343,14 @@ class Engine:
     def _launch(self, decoding: list[int]):
         b = next(size for size in self.buckets if size > decoding[-1])
         greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
-        # a row feeds position <= prompt + output + 1: two of its tokens may not be read yet
-        # (a prompt finished this step decodes at once: first token and last step's in flight)
-        reach = max(len(r.prompt) + len(r.output) for r in map(self.slots.__getitem__, decoding))
-        self._run_decode(b, greedy, next((n for n in self.lengths if n > reach + 1), None))
+        # a row feeds position <= prompt + output + 1 (its first token and last step's unread)
+        reach = max(len(self.slots[s].prompt) + len(self.slots[s].output) for s in decoding) + 2
+        self._run_decode(b, greedy, self._length(reach))
         host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
         self.flip ^= 1
         host[:b].copy_(self.tokens_B[:b], non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
             event.record()
         firsts, self.firsts = self.firsts, []
         return event, host, [(s, self.slots[s]) for s in decoding], firsts

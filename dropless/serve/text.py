@@ -123,8 +123,8 @@ class TextStream:
             self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
         if not self.stop:
             return self._take(len(self.text))
-        start = max(0, self.sent - self.longest)
-        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        # text holds at most `longest` sent characters (_take drops the rest): search all of it
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             self.text = self.text[:cut]
