@@ -59,14 +59,30 @@ def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool):
     graphs) and reused by the next call of the same shape on the same weights."""
     from dropless.serve.engine import Engine
 
+    from dropless.serve.decode import fuse_qkv
+
     p = next(model.parameters())
-    key = (id(model), batch, max_len, p.device, p.dtype, p.data_ptr(), compile)
+    # every parameter's address: the kept graphs read them, so a replaced one needs a new engine
+    key = (id(model), batch, max_len, p.device, p.dtype, compile,
+           tuple(q.data_ptr() for q in model.parameters()))
     if _KEPT and _KEPT[0][0] == key and _KEPT[0][1].model is model:
-        return _KEPT[0][1]
+        engine = _KEPT[0][1]
+        # weights changed in place since (an optimizer step, load_state_dict) are read where they
+        # are, but the engine's stacked q|k|v are a copy: refreshed, in place (the graphs read it)
+        for layer, kept in zip(model.layers, engine.qkvs):
+            for old, new in zip(kept or (), fuse_qkv(layer.attn) or ()):
+                if old is not None:
+                    old.copy_(new)
+        return engine
     engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,), compile=compile)
-    if p.device.type == "cuda":
+    if _keeps(p.device):
         _KEPT[:] = [(key, engine)]
     return engine
+
+
+def _keeps(device: torch.device) -> bool:
+    """Whether the last engine is kept for the next call: on CUDA, for its captured graphs."""
+    return device.type == "cuda"
 
 
 @torch.no_grad()

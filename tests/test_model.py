@@ -61,6 +61,34 @@ def test_generate_stops_each_row_after_its_eos():
     assert len(out[0]) <= 5 < len(free[0])
 
 
+def test_kept_engine_sees_weight_changes(monkeypatch):
+    """generate() keeps its last engine (on CUDA, for the captured graphs; here by patching): a
+    later call after the weights changed in place (an optimizer step, load_state_dict) or were
+    replaced samples from the new weights, the stacked q|k|v copy included."""
+    import dropless.generate as gen
+
+    monkeypatch.setattr(gen, "_keeps", lambda device: True)
+    monkeypatch.setattr(gen, "_KEPT", [])
+    model = tiny()
+    prompts = [[1, 2, 3], [9, 8]]
+    assert generate(model, prompts, 8, temperature=0) == [greedy_recompute(model, p, 8)
+                                                          for p in prompts]
+    engine = gen._KEPT[0][1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    logits, aux = model(torch.randint(0, 64, (2, 16)))
+    (logits.square().mean() + aux.balance_loss).backward()
+    optimizer.step()
+    with torch.no_grad():   # and a change that only q/k/v see
+        model.layers[0].attn.k_proj.weight.mul_(-3)
+    out = generate(model, prompts, 8, temperature=0)
+    assert gen._KEPT[0][1] is engine   # reused
+    assert out == [greedy_recompute(model, p, 8) for p in prompts]
+    model.layers[1].attn.v_proj.weight = torch.nn.Parameter(torch.randn(16, 32))
+    out = generate(model, prompts, 8, temperature=0)
+    assert gen._KEPT[0][1] is not engine   # a replaced parameter: a new engine
+    assert out == [greedy_recompute(model, p, 8) for p in prompts]
+
+
 def test_kv_cache_logits_equal_full_forward():
     from dropless.model import KVCache
     model = tiny().eval()

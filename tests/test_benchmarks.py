@@ -1,0 +1,219 @@
+"""The benchmark scripts as a user runs them (`python benchmarks/X.py ...`, from benchmarks/ where
+they import their siblings), at the smallest settings that still take the code paths of their GPU
+run that a CPU can: a script that breaks fails here, not on a rented GPU. Each test reads what the
+script printed (or its --json): every row there, numbers finite and positive, and its correctness
+columns within tolerance (the scripts catch a failing provider and go on, so their exit status
+alone says little). No timing bounds but those the scripts' own invariants set.
+
+Left out:
+- GPU-only: gemv_tiles.py (the Triton driver), expert_parallel.py and train_scaling.py (several
+  GPUs), train.py (CUDA events, exits without CUDA: its medium-preset step is what it measures).
+- awq.py: bf16 throughout, and on the CPU it runs only under TRITON_INTERPRET=1 (its "bf16
+  decode" row calls the Triton GEMV): ~15 s for one token count, and the interpreter's bf16 is
+  wrong (tests/triton_env.py), its check column ~1e11 from 16 tokens up. Its kernels are tested
+  in tests/test_ops_awq.py.
+- decode.py's --compile and --serve-compile-prefill: torch.compile of the decode step and of the
+  prefill, tens of seconds on the CPU (the engine's compiled prefill: tests/test_serve_engine.py).
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import subprocess_env
+from dropless import ModelConfig, MoEConfig, Transformer
+from dropless.checkpoint import config_to_dict
+from dropless.config import TrainConfig
+from dropless.parallel.checkpoint import save
+from dropless.tokenizer import ByteTokenizer
+
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args) -> str:
+    """`python script *args` in benchmarks/: its stdout (its stderr on failure)."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=BENCHMARKS,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def positive(*values) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def table(out: str, header: str) -> list[list[str]]:
+    """The whitespace-split rows under the line that starts with `header`, up to a blank line."""
+    lines = out[out.index(header):].splitlines()[1:]
+    return [line.split() for line in lines[:lines.index("") if "" in lines else None]]
+
+
+# ---- decode.py --------------------------------------------------------------------------------
+
+NEW, BATCHES, CLIENTS = 16, (1, 32), (1, 4)
+
+
+def check_engine_rows(res: dict, variants: list[str], out: str) -> None:
+    """Every variant at every batch ran; all decode the same greedy tokens (same fp32 weights);
+    the table lists each row."""
+    printed = {row[0] for row in table(out, "tiny on cpu")}
+    for b in BATCHES:
+        # prompts of b * 32 tokens over the engine's 128 take the blocks' path anyway: no row
+        names = [v for v in variants if v != "engine_blocks_prefill" or b * 32 <= 128]
+        rows = [res[f"{v}_bs{b}"] for v in names]
+        assert all("error" not in r for r in rows), rows
+        assert all(positive(r["tokens_per_s"], r["ms_per_step"], r["ms_per_call_step"])
+                   for r in rows)
+        assert len(rows[0]["first_tokens"]) == 8
+        assert all(r["first_tokens"] == rows[0]["first_tokens"] for r in rows), rows
+        assert positive(res[f"generate_bs{b}"]["tokens_per_s"])
+        assert {f"{v}_bs{b}" for v in names + ["generate"]} <= printed
+    assert "engine_blocks_prefill_bs32" not in res
+
+
+def test_decode_engine_hf_and_server(tmp_path):
+    """decode.py's GPU run on `tiny`: engine variants, generate(), HF, two servers' admit delays."""
+    out = run("decode.py", "--preset", "tiny", "--device", "cpu", "--new", NEW, "--batches",
+              *BATCHES, "--clients", *CLIENTS, "--admit-delay-ms", 0, 2,
+              "--prefill-step-tokens", 1024, "--json", tmp_path / "decode.json")
+    res = json.loads((tmp_path / "decode.json").read_text())
+    assert (res["preset"], res["device"], res["new"], res["context"]) == ("tiny", "cpu", NEW, 48)
+    check_engine_rows(res, ["engine", "engine_blocks_prefill", "engine_step1024"], out)
+    for b in BATCHES:   # HF generate on the same weights: the same greedy tokens in fp32
+        hf = res[f"hf_bs{b}"]
+        assert hf["first_tokens"] == res[f"engine_bs{b}"]["first_tokens"], hf
+        assert hf["leading_tokens_equal_to_engine"] == 8 and positive(hf["tokens_per_s"])
+    printed = {row[0]: row for row in table(out, "tiny on cpu")}
+    for n in CLIENTS:
+        for key, delay in ((f"server_{n}_clients", 0), (f"server_{n}_clients_delay2ms", 2)):
+            r = res[key]
+            assert "error" not in r, r
+            assert r["completion_tokens"] == n * NEW and r["prefill_rows"] == n
+            assert r["prefills"] >= 1 and r["steps"] >= NEW - 1 and r["admit_delay_ms"] == delay
+            assert positive(r["tokens_per_s"], r["ttft_ms"], r["itl_ms"])
+            assert "TTFT" in printed[key]
+
+
+def test_decode_served_context(tmp_path):
+    """--context: every cache holds 128 positions; engine_one_length reads all of them."""
+    out = run("decode.py", "--preset", "tiny", "--device", "cpu", "--new", NEW, "--batches",
+              *BATCHES, "--no-hf", "--no-server", "--context", 128, "--json",
+              tmp_path / "decode.json")
+    res = json.loads((tmp_path / "decode.json").read_text())
+    assert res["context"] == 128
+    check_engine_rows(res, ["engine", "engine_blocks_prefill", "engine_one_length"], out)
+    assert not any(k.startswith(("hf_", "server_")) for k in res)
+
+
+# ---- decode_kernels.py ------------------------------------------------------------------------
+
+def test_decode_kernels_counts_aten_ops():
+    out = run("decode_kernels.py", "--preset", "tiny", "--device", "cpu", "--batches", 1, 32,
+              "--top", 40)
+    assert "tiny: aten ops per decode step on cpu (torch.float32)" in out
+    rows = table(out, " " * 16 + " batch")
+    assert [row[:2] for row in rows[::2]] == [["eager", "1"], ["eager", "32"]]
+    for row, top in zip(rows[::2], rows[1::2]):
+        per_layer, rest, total = map(int, row[2:])
+        assert per_layer > 0 and rest > 0 and total == rest + 4 * per_layer   # tiny: 4 layers
+        ops = dict(zip(top[::2], (int(c.rstrip(",")) for c in top[1::2])))
+        assert len(ops) == len(top) // 2 and all(c > 0 for c in ops.values())
+        assert list(ops.values()) == sorted(ops.values(), reverse=True)
+        assert {"mm", "bmm", "addmm"} & set(ops), ops   # a layer's matmuls are counted
+
+
+def test_decode_kernels_prefill_profile():
+    out = run("decode_kernels.py", "--preset", "tiny", "--device", "cpu", "--prefill", 1, 4,
+              "--top", 8)
+    for n in (1, 4):
+        wall = re.search(rf"prefill step of {n} x 32 tokens: ([\d.]+) ms wall", out)
+        assert wall and positive(float(wall[1])), out
+    ops = re.findall(r"^    (.{60}) +(\d+) calls +([\d.]+) ms$", out, re.M)
+    assert len(ops) == 2 * 8 and all(int(calls) > 0 for _, calls, _ in ops)
+    assert "aten::mm" in {name.strip() for name, _, _ in ops}
+
+
+# ---- attention.py, moe_layer.py ---------------------------------------------------------------
+
+def test_attention_backends_agree():
+    out = run("attention.py", "--preset", "tiny", "--device", "cpu", "--batch", 2, "--seq", 64)
+    assert "not run" not in out, out
+    rows = {" ".join(row[:-4]): [float(v) for v in row[-4:]] for row in table(out, "backend")}
+    assert list(rows) == ["math", "dropless", "dropless compiled"]   # the CPU has math only
+    for fwd_ms, step_ms, _, diff in rows.values():
+        assert positive(fwd_ms, step_ms) and 0 <= diff < 1e-5   # fp32, against math
+
+
+def test_moe_layer_providers_match_the_loop():
+    out = run("moe_layer.py", "--device", "cpu", "--shapes", "cpu-tiny", "--check")
+    checks = dict(re.findall(r"^# check (\S+): rel err y, dx, dw, dgate_up, ddown = (.+)$", out,
+                             re.M))
+    assert list(checks) == ["reference_loop", "grouped_mm_round1", "grouped_mm", "grouped_fused"]
+    for errs in checks.values():
+        assert all(float(e) < 1e-5 for e in errs.split(", ")), checks   # fp32
+    assert "### cpu-tiny: T 100, D 64, F 96, E 4, K 2, float32, cpu" in out
+    rows = {row[1]: row[3:-1:2] for row in table(out, "| provider")[1:] if row[0] == "|"}
+    assert list(rows) == ["dense_equiv", *checks, "capacity_bmm_1.25", "hf_mixtral_block"]
+    for fwd_ms, tflops, _, step_ms, step_tflops, _, _, _ in rows.values():
+        assert positive(*map(float, (fwd_ms, tflops, step_ms, step_tflops)))
+    assert rows["dense_equiv"][2] == rows["dense_equiv"][5] == "1.00"
+    overheads = re.search(r"^overheads: router .*", out, re.M)[0]
+    assert positive(*map(float, re.findall(r"([\d.]+) ms", overheads)))
+    assert overheads.count(" ms") == 4
+
+
+# ---- serve_host.py, awq_model.py --------------------------------------------------------------
+
+def test_serve_host_streams_below_the_simulated_device():
+    out = run("serve_host.py", "--step-ms", 0, 1.5, "--clients", 2)
+    rows = table(out, " step ms")
+    assert [row[:2] for row in rows] == [["0.00", "2"], ["1.50", "2"]]
+    for step_ms, _, tokens_s, ceiling, ratio, ttft, itl in rows:
+        assert positive(float(tokens_s.replace(",", "")), float(ttft), float(itl))
+        if step_ms == "0.00":
+            assert ceiling == ratio == "-"
+        else:   # 256 tokens need 255 steps of 1.5 ms at least, whatever the machine
+            assert ceiling == "1,333" and 0 < float(ratio) <= 256 / 255 + 0.01
+
+
+@pytest.fixture
+def awq_run(tmp_path, corpus):
+    """A run directory of one MoE layer on the test corpus (quantize_run's 128 windows of 512
+    tokens take ~4 s a layer here), with small evaluation windows."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, dim=128, num_layers=1, num_heads=4, num_kv_heads=2,
+                      max_seq_len=512, moe=MoEConfig(dim=128, hidden_dim=128, num_experts=4,
+                                                     top_k=2))
+    path = tmp_path / "run"
+    train_cfg = TrainConfig(out=str(path), data=str(corpus), cache_dir=str(tmp_path / "cache"),
+                            batch_size=4, seq_len=32, eval_batches=1)
+    save(path, 0, Transformer(cfg), None, {"model_config": config_to_dict(cfg),
+                                           "tokenizer": ByteTokenizer().to_json(),
+                                           "train_config": asdict(train_cfg)})
+    return path
+
+
+def test_awq_model_quality_and_big(tmp_path, awq_run):
+    out = run("awq_model.py", "--device", "cpu", "--run", awq_run, "--big", "tiny",
+              "--calib-samples", 4, "--calib-seq-len", 32, "--work", tmp_path / "work",
+              "--json", tmp_path / "awq.json")
+    res = json.loads((tmp_path / "awq.json").read_text())
+    q, big = res["quality"], res["big"]
+    assert q["eval_tokens"] == 4 * 32 and positive(q["quantize_s"], q["val_loss_bf16"],
+                                                     q["val_loss_int4"])
+    assert 0.95 < q["ppl_ratio"] < 1.05   # int4 of a random model: about its fp32 perplexity
+    assert 0.25 < q["expert_bytes_ratio"] < 0.27   # 4 bits, a scale and zero per 128 weights
+    assert big["preset"] == "tiny" and big["calib"] == [4, 32]
+    assert positive(big["quantize_s"], big["decode_bf16_tokens_per_s"],
+                    big["decode_int4_tokens_per_s"], big["decode_ratio"])
+    assert len(table(out, "| measurement")) == 1 + 4 + 2   # the rule, quality's rows, big's
