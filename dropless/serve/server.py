@@ -43,13 +43,14 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
 
 
 def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, default_max,
-                         lambda v: v >= 1, "must be an integer >= 1")
+    # either name (max_tokens null or absent: max_completion_tokens), and errors say which
+    name = ("max_completion_tokens" if body.get("max_tokens") is None
+            and body.get("max_completion_tokens") is not None else "max_tokens")
+    max_tokens = _number(body, name, int, default_max, lambda v: v >= 1, "must be an integer >= 1")
     if num_prompt + max_tokens > max_len:
-        raise APIError(400, f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = "
+        raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
                        f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
-                       "max_tokens", code="context_length_exceeded")
+                       name, code="context_length_exceeded")
     _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
     top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
     return SamplingParams(
@@ -156,7 +157,7 @@ def create_app(served: ServedModel, engine: Engine):
     async def parse(http_request) -> dict:
         try:
             body = json.loads(await http_request.body())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:   # nested too deep: was a 500
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
