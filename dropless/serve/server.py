@@ -219,11 +219,19 @@ def create_app(served: ServedModel, engine: Engine):
             if done:
                 return
 
+    async def disconnected(http_request) -> None:
+        """Returns once the client has gone (its body is read: the next message is that)."""
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def text_of(queue) -> str:
+        return "".join([d async for d in deltas(queue)])
+
     def usage(request: Request) -> dict:
         n, m = len(request.prompt), len(request.output)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
-    async def respond(body: dict, prompt: str | list[int], chat: bool):
+    async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
@@ -254,7 +262,16 @@ def create_app(served: ServedModel, engine: Engine):
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            text = "".join([d async for d in deltas(queue)])
+            # a client that leaves (a timeout, Ctrl-C) cancels its request, as a stream's does:
+            # its slot would go on generating for nobody, up to the whole context
+            text, left = (asyncio.ensure_future(text_of(queue)),
+                          asyncio.ensure_future(disconnected(http_request)))
+            try:
+                await asyncio.wait((text, left), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+                request.cancel()   # a no-op once finished
+            text = await text   # soon when cancelled: the engine drops it at its next step
             return {**base, "object": kind, "choices": [choice(text, finish_reason())],
                     "usage": usage(request)}
 
@@ -269,7 +286,11 @@ def create_app(served: ServedModel, engine: Engine):
                     yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
                 async for text in deltas(queue):
                     yield f"data: {head}{json.dumps(text)}{tail}\n\n"
-                last = choice(None if chat else "", finish_reason())
+                try:
+                    last = choice(None if chat else "", finish_reason())
+                except APIError as e:   # the engine failed: an error event, which clients raise
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
                 yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
                 if include_usage:
                     yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
@@ -289,7 +310,7 @@ def create_app(served: ServedModel, engine: Engine):
         if not isinstance(prompt, str) and not ok_ids:
             raise APIError(400, "prompt is invalid: a string, a list of one string, or a list of "
                            "token ids", "prompt")
-        return await respond(body, prompt, chat=False)
+        return await respond(http_request, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
@@ -301,7 +322,7 @@ def create_app(served: ServedModel, engine: Engine):
         except Exception as e:   # the template raised or does not render these messages
             raise APIError(400, f"the chat template failed on these messages: {e}",
                            "messages") from None
-        return await respond(body, prompt, chat=True)
+        return await respond(http_request, body, prompt, chat=True)
 
     return app
 
