@@ -21,6 +21,13 @@ from dropless.serve.text import ServedModel, TextStream, render_chat
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
 
+# OpenAI parameters not implemented here, with the value that asks for nothing (clients send it):
+# any other value is refused, never silently ignored (a reply without the echo or logprobs asked
+# for, or sampled without the penalties, would look like the model's doing)
+NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
+                   "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
+                   "response_format": {"type": "text"}, "tools": []}
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -63,6 +70,13 @@ def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> Sa
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
 
 
+def _implemented(body: dict) -> None:
+    for name, nothing in NOT_IMPLEMENTED.items():
+        if body.get(name) is not None and body[name] != nothing:
+            raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
+                           f"{json.dumps(nothing)} or null)", name)
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -93,9 +107,14 @@ def _messages(body: dict) -> list[dict]:
     out = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):   # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content
-                              if isinstance(p, dict) and p.get("type") == "text")
+        # content parts: text only (an image dropped silently would go unanswered unnoticed)
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages item {m!r} is invalid: content parts must be "
+                               '{"type": "text", "text": string}; this server takes text only',
+                               "messages")
+            content = "".join(p["text"] for p in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
                            "messages")
@@ -239,6 +258,7 @@ def create_app(served: ServedModel, engine: Engine):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
         default_max = engine.max_len - len(prompt_ids) if chat else 16
+        _implemented(body)
         params = _sampling(body, len(prompt_ids), engine.max_len, max(default_max, 1))
         stop, (stream, include_usage) = _stop(body), _stream(body)
         request, queue = start(prompt_ids, params, stop)
