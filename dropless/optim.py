@@ -12,7 +12,10 @@ from dropless.ops import triton_adamw
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup over `warmup` steps (the last at lr), then cosine decay from lr, reaching
+    lr * min_lr_ratio at step == steps, one past the last step a run takes (steps - 1): that step's
+    lr is above the floor by at most (lr - min) * pi^2 / (4 n^2), n = steps - warmup. (Ending the
+    cosine on the last step itself would make a one-step run, or one decay step, train at the floor.)"""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))

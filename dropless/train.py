@@ -128,7 +128,9 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
     """One optimizer step over `batches` (the micro-batches, already on the device): forward and
     backward of LM + MoE losses, gradient clipping, AdamW, the aux-loss-free bias step. No host
     sync. `loss_fn`: lm_loss or its compiled form. Returns the step's mean LM loss, mean aux
-    loss, grad norm and global loads [L, E]."""
+    loss, grad norm and global loads [L, E]. The balance loss is taken per micro-batch (f and P
+    over its tokens, Megatron-Core's default); the LM and z losses are per-token means, so
+    their average over the equal micro-batches is the whole step's."""
     device = rt.device
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)

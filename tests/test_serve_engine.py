@@ -73,6 +73,12 @@ def test_context_buckets():
     assert Engine(model, max_len=2000).lengths == (256, 512, 1024, 2000)
     assert Engine(model, max_len=2000, lengths=(100, 3000)).lengths == (100, 2000)
     assert Engine(model, max_len=2000, compile=True).lengths == (2000,)   # a compile each
+    assert Engine(model, max_batch=6, max_len=64).buckets == (1, 2, 4, 6)
+    assert Engine(model, max_batch=6, max_len=64, buckets=(2, 9)).buckets == (2, 6)
+    for bad in (dict(lengths=(0, 8)), dict(lengths=(-4,)), dict(buckets=(2.5,)),
+                dict(buckets=(True,))):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* must be integers >= 1"):
+            Engine(model, max_len=64, **bad)
 
 
 # ---- sampling ------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class InProcessServer:
 
     def __init__(self, model_dir):
         self.served = load_served_model(str(model_dir), torch.device("cpu"))
-        engine = Engine(self.served.model, max_batch=4, prefill_chunk=16)
+        self.engine = engine = Engine(self.served.model, max_batch=4, prefill_chunk=16)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.served, engine),
                                                     host="127.0.0.1", port=self.port,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from dropless.model import Transformer, rope_tables
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step, step_tokens_cap
-from dropless.serve.graphs import Graphs
+from dropless.serve.graphs import Graphs, sizes
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
@@ -67,15 +67,10 @@ class Engine:
         # short prompt chunks take the decode step's path: 26 ops a layer, not the blocks' 57
         self.step_tokens = min(prefill_step_tokens, step_tokens_cap(model))
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.buckets = tuple(sorted(buckets or {min(1 << i, max_batch)
-                                                for i in range(max_batch.bit_length() + 1)}))
-        if self.buckets[-1] < max_batch:
-            raise ValueError(f"buckets={buckets} is invalid: the largest must be >= max_batch="
-                             f"{max_batch}")
+        self.buckets = sizes("buckets", buckets, max_batch, (1 << i for i in range(21)))
         # context buckets (docstring, 3.); compiled steps default to one (a compile each)
-        lengths = (max_len,) if lengths is None and compile else lengths
-        self.lengths = tuple(sorted({min(n, max_len) for n in lengths or ()} | {max_len} | {
-            256 << i for i in range(16) if lengths is None and 256 << i < max_len}))
+        self.lengths = sizes("lengths", lengths, max_len, () if compile else (
+            256 << i for i in range(16)))
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -45,3 +45,13 @@ class Graphs:
         self.graphs[key] = graph
         self.stats.update(captures=1, capture_s=time.perf_counter() - start)
         return graph
+
+
+def sizes(name: str, given: Iterable[int] | None, top: int, default: Iterable[int]
+          ) -> tuple[int, ...]:
+    """The sizes graphs are keyed by (batch rows, context positions), sorted: `given` (None: those
+    of `default` below `top`), capped at `top`, which is always one of them."""
+    chosen = [n for n in default if n < top] if given is None else list(given)
+    if not all(type(n) is int and n >= 1 for n in chosen):
+        raise ValueError(f"{name}={given} is invalid: must be integers >= 1")
+    return tuple(sorted({min(n, top) for n in chosen} | {top}))

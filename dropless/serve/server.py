@@ -21,6 +21,13 @@ from dropless.serve.text import ServedModel, TextStream, render_chat
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
 
+# OpenAI parameters not implemented here, with the value that asks for nothing (clients send it):
+# any other value is refused, never silently ignored (a reply without the echo or logprobs asked
+# for, or sampled without the penalties, would look like the model's doing)
+NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
+                   "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
+                   "response_format": {"type": "text"}, "tools": []}
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -43,13 +50,14 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
 
 
 def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, default_max,
-                         lambda v: v >= 1, "must be an integer >= 1")
+    # either name (max_tokens null or absent: max_completion_tokens), and errors say which
+    name = ("max_completion_tokens" if body.get("max_tokens") is None
+            and body.get("max_completion_tokens") is not None else "max_tokens")
+    max_tokens = _number(body, name, int, default_max, lambda v: v >= 1, "must be an integer >= 1")
     if num_prompt + max_tokens > max_len:
-        raise APIError(400, f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = "
+        raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
                        f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
-                       "max_tokens", code="context_length_exceeded")
+                       name, code="context_length_exceeded")
     _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
     top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
     return SamplingParams(
@@ -60,6 +68,13 @@ def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> Sa
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
+
+
+def _implemented(body: dict) -> None:
+    for name, nothing in NOT_IMPLEMENTED.items():
+        if body.get(name) is not None and body[name] != nothing:
+            raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
+                           f"{json.dumps(nothing)} or null)", name)
 
 
 def _stop(body: dict) -> list[str]:
@@ -92,9 +107,14 @@ def _messages(body: dict) -> list[dict]:
     out = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):   # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content
-                              if isinstance(p, dict) and p.get("type") == "text")
+        # content parts: text only (an image dropped silently would go unanswered unnoticed)
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages item {m!r} is invalid: content parts must be "
+                               '{"type": "text", "text": string}; this server takes text only',
+                               "messages")
+            content = "".join(p["text"] for p in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
                            "messages")
@@ -156,7 +176,7 @@ def create_app(served: ServedModel, engine: Engine):
     async def parse(http_request) -> dict:
         try:
             body = json.loads(await http_request.body())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:   # nested too deep: was a 500
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -218,11 +238,19 @@ def create_app(served: ServedModel, engine: Engine):
             if done:
                 return
 
+    async def disconnected(http_request) -> None:
+        """Returns once the client has gone (its body is read: the next message is that)."""
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def text_of(queue) -> str:
+        return "".join([d async for d in deltas(queue)])
+
     def usage(request: Request) -> dict:
         n, m = len(request.prompt), len(request.output)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
-    async def respond(body: dict, prompt: str | list[int], chat: bool):
+    async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
@@ -230,6 +258,7 @@ def create_app(served: ServedModel, engine: Engine):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
         default_max = engine.max_len - len(prompt_ids) if chat else 16
+        _implemented(body)
         params = _sampling(body, len(prompt_ids), engine.max_len, max(default_max, 1))
         stop, (stream, include_usage) = _stop(body), _stream(body)
         request, queue = start(prompt_ids, params, stop)
@@ -253,7 +282,16 @@ def create_app(served: ServedModel, engine: Engine):
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            text = "".join([d async for d in deltas(queue)])
+            # a client that leaves (a timeout, Ctrl-C) cancels its request, as a stream's does:
+            # its slot would go on generating for nobody, up to the whole context
+            text, left = (asyncio.ensure_future(text_of(queue)),
+                          asyncio.ensure_future(disconnected(http_request)))
+            try:
+                await asyncio.wait((text, left), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+                request.cancel()   # a no-op once finished
+            text = await text   # soon when cancelled: the engine drops it at its next step
             return {**base, "object": kind, "choices": [choice(text, finish_reason())],
                     "usage": usage(request)}
 
@@ -268,7 +306,11 @@ def create_app(served: ServedModel, engine: Engine):
                     yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
                 async for text in deltas(queue):
                     yield f"data: {head}{json.dumps(text)}{tail}\n\n"
-                last = choice(None if chat else "", finish_reason())
+                try:
+                    last = choice(None if chat else "", finish_reason())
+                except APIError as e:   # the engine failed: an error event, which clients raise
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
                 yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
                 if include_usage:
                     yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
@@ -288,7 +330,7 @@ def create_app(served: ServedModel, engine: Engine):
         if not isinstance(prompt, str) and not ok_ids:
             raise APIError(400, "prompt is invalid: a string, a list of one string, or a list of "
                            "token ids", "prompt")
-        return await respond(body, prompt, chat=False)
+        return await respond(http_request, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
@@ -300,7 +342,7 @@ def create_app(served: ServedModel, engine: Engine):
         except Exception as e:   # the template raised or does not render these messages
             raise APIError(400, f"the chat template failed on these messages: {e}",
                            "messages") from None
-        return await respond(body, prompt, chat=True)
+        return await respond(http_request, body, prompt, chat=True)
 
     return app
 
