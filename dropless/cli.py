@@ -330,7 +330,7 @@ def _quantize(args) -> int:
                      calib_seq_len=args.calib_seq_len, device=resolve_device(args.device),
                      progress=not args.quiet)
     print(f"wrote {s['out']}: {s['layers']} layers, experts {s['expert_bytes_int4'] / 2**20:.2f} MiB "
-          f"int4 ({s['expert_bytes_int4'] / s['expert_bytes_bf16']:.3f}x their bf16 bytes)")
+          f"int4 ({s['expert_bytes_int4'] / max(s['expert_bytes_bf16'], 1):.3f}x their bf16 bytes)")
     return 0
 
 

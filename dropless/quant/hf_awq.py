@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dropless.hf import expert_cols
-from dropless.quant.pack import PACK, dequantize
+from dropless.quant.pack import GROUP_SIZES, PACK, dequantize
 
 PARTS = ("qweight", "qzeros", "scales")
 EXPERT_KINDS = ("gate", "up", "down")
@@ -39,7 +39,11 @@ def awq_settings(hf_cfg: dict) -> tuple[int, int]:
     if version != "gemm":
         raise ValueError(f"unsupported Hugging Face config: quantization_config.version="
                          f"{q.get('version')!r} (only the 'gemm' packing is read)")
-    return 4, int(q.get("group_size", 128))
+    group = q.get("group_size", 128)
+    if group not in GROUP_SIZES:   # 0 would divide by zero below
+        raise ValueError(f"unsupported Hugging Face config: quantization_config.group_size="
+                         f"{group!r} (allowed: {', '.join(map(str, GROUP_SIZES))})")
+    return 4, int(group)
 
 
 def _is_attention(row, cfg) -> bool:

@@ -95,6 +95,11 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                                                                       "--group-size ")) from None
     device = torch.device(device)
     model, tok, train_config = load_source(src, device)
+    # a NaN or inf turns its whole group NaN (the scale is the group's range); sync: per weight
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DroplessError(f"{src}: cannot quantize non-finite (NaN or inf) weights: "
+                            f"{', '.join(bad)}")
     try:
         check_quantizable(model.cfg, qcfg)
     except ValueError as e:
