@@ -57,9 +57,8 @@ _KEPT: list[tuple] = []   # [(key, engine)]: one at a time, its KV cache holds d
 def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool):
     """An engine for this model and shape; on CUDA the last one is kept (with its captured decode
     graphs) and reused by the next call of the same shape on the same weights."""
+    from dropless.serve.decode import restack_qkv
     from dropless.serve.engine import Engine
-
-    from dropless.serve.decode import fuse_qkv
 
     p = next(model.parameters())
     # every parameter's address: the kept graphs read them, so a replaced one needs a new engine
@@ -67,12 +66,7 @@ def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool):
            tuple(q.data_ptr() for q in model.parameters()))
     if _KEPT and _KEPT[0][0] == key and _KEPT[0][1].model is model:
         engine = _KEPT[0][1]
-        # weights changed in place since (an optimizer step, load_state_dict) are read where they
-        # are, but the engine's stacked q|k|v are a copy: refreshed, in place (the graphs read it)
-        for layer, kept in zip(model.layers, engine.qkvs):
-            for old, new in zip(kept or (), fuse_qkv(layer.attn) or ()):
-                if old is not None:
-                    old.copy_(new)
+        restack_qkv(model, engine.qkvs)   # its q|k|v copy: weights change in place
         return engine
     engine = Engine(model, max_batch=batch, max_len=max_len, buckets=(batch,), compile=compile)
     if _keeps(p.device):

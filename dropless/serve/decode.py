@@ -141,6 +141,17 @@ def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return torch.cat([lin.weight.detach() for lin in lins]), bias
 
 
+@torch.no_grad()
+def restack_qkv(model, qkvs: list) -> None:
+    """fuse_qkv of each layer again, into the stacks `qkvs` already holds (the buffers an
+    engine's captured graphs read): after the weights changed in place (an optimizer step,
+    load_state_dict)."""
+    for layer, kept in zip(model.layers, qkvs):
+        for old, new in zip(kept or (), fuse_qkv(layer.attn) or ()):
+            if old is not None:
+                old.copy_(new)
+
+
 def gqa(attn: Attention, x_nD: torch.Tensor, residual_nD, cache, step: Step,
         qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """`qkv`: fuse_qkv(attn), the three projections as one."""

@@ -74,7 +74,7 @@ class Engine:
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
         self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
                        for layer in model.layers]
-        # GQA's q|k|v weights stacked once (a copy: weight changes after this are not seen)
+        # GQA's q|k|v weights stacked once (a copy: decode.restack_qkv after weights change)
         self.qkvs = [fuse_qkv(layer.attn) for layer in model.layers]
         # 2. the decode step's static state, one row per slot
         B, dev = max_batch, p.device
