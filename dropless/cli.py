@@ -336,7 +336,6 @@ def _quantize(args) -> int:
 
 def _eval(args) -> int:
     import json
-
     from dropless.evaluate import evaluate_dir
 
     if not os.path.isdir(args.path):
@@ -362,19 +361,18 @@ def _info(args) -> int:
         cfg = get_preset(args.preset)
     except ValueError as e:
         raise DroplessError(str(e)) from None
-    print(f"preset {args.preset}")
-    print(format_stats(model_stats(cfg, args.seq_len)))
+    print(f"preset {args.preset}\n{format_stats(model_stats(cfg, args.seq_len))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning   # one line per warning while a command runs
     warnings.formatwarning = lambda message, *_, **__: f"dropless: warning: {message}\n"
     try:
         if args.command == "example":
             from dropless.example import run_example
-            run_example()
-            return 0
+            return run_example() or 0
         return {"train": _train, "generate": _generate, "info": _info,
                 "convert": _convert, "serve": _serve, "quantize": _quantize,
                 "eval": _eval}[args.command](args)
@@ -394,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"dropless: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    finally:   # main() called from Python leaves the caller's warnings as they were
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

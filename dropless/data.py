@@ -27,7 +27,7 @@ import torch
 
 from dropless.parallel.checkpoint import write_atomic
 from dropless.errors import DroplessError
-from dropless.files import read_small_json
+from dropless.files import read_small_json, temp_beside
 from dropless.tokenizer import Tokenizer
 
 VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
@@ -200,8 +200,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
         shutil.rmtree(entry)
     if not entry.exists():
-        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_beside(entry)
         tmp.mkdir(parents=True)
         try:
             _build(tmp, docs, tokenizer)

@@ -1,10 +1,15 @@
 """Reading the small files of a directory someone else may have written (configs, manifests,
 indexes, tokenizers): regular files only, of bounded size, so that a FIFO cannot hang a command
-and a sparse terabyte-sized `config.json` cannot exhaust memory."""
+and a sparse terabyte-sized `config.json` cannot exhaust memory; and the temp paths writes go
+through before their rename into place."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -50,3 +55,29 @@ def read_json_object(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def temp_beside(path: Path, hidden: bool = False) -> Path:
+    """This process's temp path beside `path` (`[.]NAME.tmp-HOST-PID`), to fill and then rename
+    into place, after removing the ones that processes of this host that have ended (killed mid-
+    write) left behind; another host's (a shared file system) are left alone."""
+    host, me = socket.gethostname().replace("-", "_"), os.getpid()
+    base = f"{'.' * hidden}{path.name}.tmp-"
+    for stale in path.parent.glob(f"{glob.escape(base)}*"):
+        stale_host, _, pid = stale.name[len(base):].rpartition("-")
+        if stale_host == host and pid.isdigit() and (int(pid) == me or not _running(int(pid))):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return path.with_name(f"{base}{host}-{me}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # exists, owned by someone else
+        return True
+    return True

@@ -63,6 +63,17 @@ def test_info_matches_hand_count(capsys):
     assert f"{total:,}" in out and f"{active:,}" in out and total == 1_807_488
 
 
+def test_main_leaves_the_callers_warning_format(capsys):
+    """`dropless: warning: ...` lines while a command runs; a caller's own format afterwards,
+    after a success and after a user mistake alike."""
+    import warnings
+    before = warnings.formatwarning
+    assert cli.main(["info", "--preset", "tiny"]) == 0
+    assert warnings.formatwarning is before
+    assert cli.main(["info", "--preset", "gigantic"]) == 1
+    assert warnings.formatwarning is before
+
+
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "dropless", "info", "--preset", "small"],
                             env=subprocess_env(), capture_output=True,

@@ -135,6 +135,23 @@ def test_non_finite_source_refused(tmp_path, corpus, capsys):
     assert not (tmp_path / "q").exists()
 
 
+def test_weights_whose_fp16_scales_overflow_refused(tmp_path, corpus, capsys):
+    """A group's scale is its range / 15 in fp16: 1e6 would store inf and dequantize to NaN; the
+    router and the embeddings stay in float, so theirs do not matter."""
+    def blow_up(model):
+        model.layers[1].ffn.experts.down[0, 0, 0] = 1e6
+        model.layers[0].attn.o_proj.weight[0, 0] = -6e5
+        model.layers[0].ffn.router.weight[0, 0] = 1e6
+        model.embed.weight[0, 0] = 1e6
+    run = make_run(tmp_path / "run", PRESETS["tiny"], blow_up)
+    assert quantize(run, tmp_path / "q", corpus) == 1
+    err = error_line(capsys)
+    assert "over 491,280 in magnitude" in err
+    names = err.strip().rpartition(": ")[2].split(", ")
+    assert names == ["layers.0.attn.o_proj.weight", "layers.1.ffn.experts.down"]
+    assert not (tmp_path / "q").exists()
+
+
 def test_out_that_exists(trained, corpus, capsys):
     (trained / "a_file").write_text("keep")
     (trained / "full").mkdir()

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.errors import DroplessError
-from dropless.files import MAX_SMALL_FILE, read_json_object, read_small_json
+from dropless.files import MAX_SMALL_FILE, read_json_object, read_small_json, temp_beside
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -63,9 +63,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
-    for stale in path.parent.glob(f"{path.name}.tmp-*"):   # left by a process killed mid-save
-        stale.unlink()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

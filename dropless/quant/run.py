@@ -17,7 +17,10 @@ import torch
 
 from dropless import data
 from dropless.errors import DroplessError
+from dropless.files import temp_beside
 from dropless.quant.modules import QuantConfig
+
+MAX_WEIGHT = torch.finfo(torch.float16).max * 15 / 2   # over it a group's fp16 scale can overflow
 
 
 def work_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -100,6 +103,12 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     if bad:
         raise DroplessError(f"{src}: cannot quantize non-finite (NaN or inf) weights: "
                             f"{', '.join(bad)}")
+    # a group's fp16 scale is its range / 15, and the range holds 0
+    huge = [name for name, p in model.named_parameters() if name.startswith("layers.")
+            and p.dim() >= 2 and "router" not in name and p.abs().max() > MAX_WEIGHT]
+    if huge:
+        raise DroplessError(f"{src}: cannot quantize weights over {MAX_WEIGHT:,.0f} in magnitude "
+                            f"(their int4 groups' fp16 scales overflow): {', '.join(huge)}")
     try:
         check_quantizable(model.cfg, qcfg)
     except ValueError as e:
@@ -117,8 +126,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     if train_config is not None:
         state["train_config"] = asdict(train_config)
     # 1. everything into a temp directory beside OUT; 2. rename it into place
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_beside(out, hidden=True)
     tmp.mkdir(parents=True)
     try:
         save(tmp, 0, model, state=state)

@@ -1,0 +1,77 @@
+"""Temp paths beside what a command writes (dropless/files.py `temp_beside`): a process killed
+mid-write leaves its temp behind, and the next write removes it, but never a temp that a process
+still running (here or on another host sharing the file system) is filling."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+from dropless import data
+from dropless.files import temp_beside
+from dropless.parallel.checkpoint import write_atomic
+from dropless.tokenizer import ByteTokenizer
+
+HOST = socket.gethostname().replace("-", "_")
+
+
+def ended_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_beside_removes_only_what_ended_processes_of_this_host_left(tmp_path):
+    out = tmp_path / "run"
+    dead = tmp_path / f"run.tmp-{HOST}-{ended_pid()}"
+    dead.mkdir()
+    (dead / "part").write_text("half written")
+    dead_file = tmp_path / f"run.tmp-{HOST}-{ended_pid()}"
+    dead_file.write_text("x")
+    live = tmp_path / f"run.tmp-{HOST}-{os.getppid()}"   # our parent: running
+    live.mkdir()
+    other_host = tmp_path / f"run.tmp-{HOST}x-{ended_pid()}"   # a host sharing the disk
+    other_host.mkdir()
+    mine = tmp_path / f"run.tmp-{HOST}-{os.getpid()}"   # an earlier failed try of this process
+    mine.mkdir()
+    unrelated = tmp_path / f"runner.tmp-{HOST}-{ended_pid()}"
+    unrelated.mkdir()
+    tmp = temp_beside(out)
+    assert tmp == mine and not tmp.exists()
+    assert not dead.exists() and not dead_file.exists()
+    assert live.exists() and other_host.exists() and unrelated.exists()
+
+
+def test_temp_beside_hidden_names_and_glob_characters(tmp_path):
+    out = tmp_path / "q[1]"
+    stale = tmp_path / f".q[1].tmp-{HOST}-{ended_pid()}"
+    stale.mkdir()
+    visible = tmp_path / f"q[1].tmp-{HOST}-{ended_pid()}"   # not the hidden family
+    visible.mkdir()
+    assert temp_beside(out, hidden=True).name == f".q[1].tmp-{HOST}-{os.getpid()}"
+    assert not stale.exists() and visible.exists()
+
+
+def test_write_atomic_clears_a_killed_writers_temp(tmp_path):
+    path = tmp_path / "state.json"
+    stale = tmp_path / f"state.json.tmp-{HOST}-{ended_pid()}"
+    stale.write_bytes(b"{")
+    write_atomic(path, b"{}")
+    assert path.read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_token_cache_clears_a_killed_builders_temp(tmp_path):
+    docs = [(f"doc{i}", f"document {i}: " + "hello world, " * 40) for i in range(20)]
+    cache = tmp_path / "cache"
+    first = data.load_tokens(docs, ByteTokenizer(), cache)
+    (key,) = [p.name for p in cache.iterdir()]
+    stale = cache / f"{key}.tmp-{HOST}-{ended_pid()}"
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"\0" * 64)
+    shutil.rmtree(cache / key)   # so that the next load builds the entry again
+    again = data.load_tokens(docs, ByteTokenizer(), cache)
+    assert [p.name for p in cache.iterdir()] == [key]
+    assert (first.train == again.train).all()
