@@ -9,7 +9,8 @@ Greedy decoding of random prompts (`--prompt` tokens, `--new` new tokens) on ran
 built directly on the device. tokens/s counts new tokens over the whole call (prefill included;
 short prompts prefill through the decode step's path, "engine_blocks_prefill" through the model's
 blocks, round 12's way); with `--context N` every slot's cache holds N positions, as a server's
-does, and "engine_one_length" reads all N every step (no context buckets);
+does, and "engine_one_length" reads all N every step (no context buckets); "engine_no_kernels"
+(GPU) decodes with SDPA and the router's torch ops instead of the attention and router kernels;
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
 one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
@@ -33,7 +34,8 @@ import torch
 
 from dropless import Transformer, get_preset
 from dropless.info import model_stats
-from dropless.serve import Engine, Request, SamplingParams
+from dropless.serve import Engine, Request, SamplingParams, moe_decode
+from dropless.serve import decode as serve_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
 BANDWIDTH = 4.24e12   # bytes/s, H200 measured device-to-device copy
@@ -297,15 +299,21 @@ def main():
         ("engine_one_length", {"lengths": (args.context,)})] * bool(args.context) + [
         (f"engine_step{n}", {"prefill_step_tokens": n}) for n in args.prefill_step_tokens]
     max_len, step_tokens = args.context or args.prompt + args.new, 0
-    if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs
-        variants.append(("engine_gather", {"moe_path": "gather"}))
+    if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs; the step
+        # without the attention and router kernels (SDPA and the router's torch ops)
+        variants += [("engine_gather", {"moe_path": "gather"}),
+                     ("engine_no_kernels", {"decode_kernels": False})]
     for b in args.batches:
         for name, kw in variants:
             if name == "engine_gather" and b != 1 or name == "engine_blocks_prefill" and (
                     b * args.prompt > step_tokens):
                 continue   # blocks: the same prefill path as "engine" (prompts over step_tokens)
+            gates = (serve_decode.fused_attention, moe_decode.fused_router)
+            if kw.get("decode_kernels") is False:
+                serve_decode.fused_attention = moe_decode.fused_router = lambda t: False
             try:
-                engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,), **kw)
+                engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,),
+                                **{k: v for k, v in kw.items() if k != "decode_kernels"})
                 if name == "engine":
                     step_tokens = engine.step_tokens
                 dt = time_engine(engine, prompts[b], args.new, device)
@@ -319,6 +327,7 @@ def main():
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:1000]}
+            serve_decode.fused_attention, moe_decode.fused_router = gates
             res[f"{name}_bs{b}"] = r
             print(f"{name} bs{b}: {r}", flush=True)
             engine = None   # frees its KV cache and graphs
@@ -359,7 +368,8 @@ def print_table(res: dict, args) -> None:
         for name in [f"{v}_bs{b}" for v in ("engine", "engine_compiled", "engine_prefill_compiled",
                                             "engine_blocks_prefill", "engine_one_length",
                                             *(f"engine_step{n}" for n in args.prefill_step_tokens),
-                                            "engine_gather", "generate", "hf")]:
+                                            "engine_gather", "engine_no_kernels", "generate",
+                                            "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue
             r = res[name]

@@ -15,8 +15,10 @@
 #            tests: the inference path alone
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
 #            with a served cache of 4096 positions, with and without context buckets)
+#   attn     benchmarks/decode_attention.py: SDPA vs the split-KV decode attention kernel, graphed
 #   gemv     benchmarks/gemv_tiles.py: the decode experts' GEMV tiles swept, bf16 and int4 at batch 1
-#   decodec  decode kernels per layer, benchmarks/decode.py with compiled decode steps (medium)
+#   decodec  decode kernels per layer, the router's torch ops vs its kernels (benchmarks/router.py),
+#            benchmarks/decode.py with compiled decode steps (medium)
 #   product  `dropless train --preset medium --tokenizer bpe --vocab 32768` as a user runs it
 #   awq      benchmarks/awq.py
 #   awqmodel benchmarks/awq_model.py: int4 perplexity of a GPU-trained small run; quantization
@@ -56,8 +58,8 @@ for s in "$@"; do
     tests) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
              --ignore=tests/parallel
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
-             tests/test_ops_triton_rope.py tests/test_ops_awq.py tests/test_ops_blocksparse.py \
-             tests/test_master_adamw.py \
+             tests/test_ops_triton_rope.py tests/test_ops_triton_router.py tests/test_ops_awq.py \
+             tests/test_ops_blocksparse.py tests/test_master_adamw.py tests/test_ops_triton_attention.py \
              -p no:cacheprovider -rf ;;
     train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
@@ -70,7 +72,7 @@ for s in "$@"; do
              --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 240 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py \
-             -p no:cacheprovider -rf ;;
+             tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --prefill-step-tokens 1024 \
               --json "$O/decode_medium.json"
@@ -78,8 +80,10 @@ for s in "$@"; do
               --no-server --json "$O/decode_qwen3.json"
             stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf \
               --no-server --context 4096 --json "$O/decode_medium_4096.json" ;;
+    attn) stage "$L" 120 python3 benchmarks/decode_attention.py ;;
     gemv) stage "$L" 420 python3 benchmarks/gemv_tiles.py --shapes qwen3 medium --tokens 1 ;;
     decodec) stage "$L" 60 python3 benchmarks/decode_kernels.py --preset medium --batches 1 32 --top 25
+             stage "$L" 60 python3 benchmarks/router.py --preset qwen3-30b-a3b
              stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
                --compile --json "$O/decode_medium_compiled.json" ;;
     decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \

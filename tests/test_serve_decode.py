@@ -1,6 +1,7 @@
 """The engine's decode step (dropless/serve/decode.py) against the model's own forward: one token
-per row, rows at different positions, eager and torch.compile'd; GQA's attention prologue as the
-torch ops (the CPU's path) and as the Triton kernel (CUDA's, run here under the interpreter)."""
+per row, rows at different positions, eager and torch.compile'd; GQA's attention prologue, its
+attention and the MoE router as the torch ops (the CPU's path) and as the Triton kernels (CUDA's,
+run here under the interpreter)."""
 
 import pytest
 import torch
@@ -30,10 +31,12 @@ def _model(kind):
 
 
 @pytest.fixture
-def prologue(request, monkeypatch):
+def kernels(request, monkeypatch):
     """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted, and
-    the MoE layers choose their decode paths as on CUDA (a short prefill runs them dense)."""
-    if request.param == "triton":
+    the MoE layers choose their decode paths as on CUDA (a short prefill runs them dense);
+    "triton+router" the MoE router's kernels too; "attention" the prologue and the split-KV
+    attention kernel (at one token per row: prefill chunks keep SDPA); "all" CUDA's whole path."""
+    if request.param != "torch":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
                         "or no triton")
@@ -41,11 +44,17 @@ def prologue(request, monkeypatch):
         choose = moe_decode.choose_path
         monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu", grouped=False:
                             choose(T, K, E, "cuda", grouped))
+    if request.param in ("attention", "all"):
+        monkeypatch.setattr(decode, "fused_attention", lambda q: True)
+    if request.param in ("triton+router", "all"):
+        monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
+    return request.param
 
 
-KINDS = pytest.mark.parametrize("kind,prologue", [
-    ("moe", "torch"), ("moe", "triton"), ("proj", "torch"), ("proj", "triton"), ("mla", "torch")],
-    indirect=["prologue"])
+KINDS = pytest.mark.parametrize("kind,kernels", [
+    ("moe", "torch"), ("moe", "triton"), ("moe", "triton+router"), ("moe", "attention"),
+    ("moe", "all"), ("proj", "torch"), ("proj", "triton"), ("mla", "torch")],
+    indirect=["kernels"])
 
 
 def _step_logits(model, compile, short=False):
@@ -83,7 +92,7 @@ def _step_logits(model, compile, short=False):
 
 @KINDS
 @pytest.mark.parametrize("compile,short", [(False, False), (True, False), (False, True)])
-def test_decode_step_matches_forward(kind, prologue, compile, short):
+def test_decode_step_matches_forward(kind, kernels, compile, short):
     """One token per row; with `short`, the prompts before it went through the same path, several
     tokens per row (the engine's prefill of short chunks)."""
     model = _model(kind)
@@ -94,7 +103,9 @@ def test_decode_step_matches_forward(kind, prologue, compile, short):
 
 
 @KINDS
-def test_decode_step_matches_forward_bf16(kind, prologue):
+def test_decode_step_matches_forward_bf16(kind, kernels):
+    if kernels in ("attention", "all"):   # the prologue kernel only casts to bf16; this multiplies
+        pytest.skip("the interpreter's bf16 tl.dot is wrong (tests/triton_env.py)")
     model = _model(kind).to(torch.bfloat16)
     seqs, out = _step_logits(model, False, short=True)
     with torch.no_grad():

@@ -15,8 +15,9 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
    writes) as one Triton kernel on CUDA (dropless/ops/triton_rope.py), elsewhere as the torch ops
    it fuses: RoPE as flip + multiply-add (no chunk/cat), cache writes as index_copy_ into a flat
    view; one SDPA per layer with the step's mask (grouped queries as query rows of their kv head,
-   never expanded), the residual folded into the output projection's addmm and the MoE combine's
-   baddbmm.
+   never expanded; at one token per row on CUDA a split-KV Triton kernel that takes each row's
+   position instead of the mask, dropless/ops/triton_attention.py), the residual folded into the
+   output projection's addmm and the MoE combine's baddbmm.
 Results agree with the model's forward to rounding (tests/test_serve_decode.py).
 """
 
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from dropless.experts import Experts
 from dropless.model import Attention, RMSNorm, rope_tables
 from dropless.ops.device import has_triton
-from dropless.ops.triton_rope import norm_rope_cache   # imports triton when first run
+from dropless.ops.triton_attention import decode_attention   # imports triton when first run
+from dropless.ops.triton_rope import norm_rope_cache
 from dropless.serve.moe_decode import moe_decode
 
 
@@ -42,6 +44,7 @@ class Step:
     mask_b1QS: torch.Tensor   # additive, activation dtype: 0 where visible, -inf after the token;
                               # [b, 1, 1, S] when T = 1 (broadcast over a row's query rows)
     write_idx: torch.Tensor   # int64 flat cache rows: GQA [n * G] into [b*G*S, Dh]; MLA [n]
+    positions_bT: torch.Tensor  # int64 [b, T], each token's (the fused attention masks by them)
     tokens: int = 1           # T
     length: int = 0           # cache positions attention reads: [0, length), a bucket <= S
 
@@ -71,7 +74,7 @@ def make_step(cfg, positions: torch.Tensor, max_len: int, dtype: torch.dtype,
         G = cfg.num_kv_heads
         heads = torch.arange(G, device=dev)
         idx = ((rows.unsqueeze(2) * G + heads) * max_len + positions_bT.unsqueeze(2)).reshape(-1)
-    return Step(cos, sin * sign, mask, idx, T, length)
+    return Step(cos, sin * sign, mask, idx, positions_bT, T, length)
 
 
 MLA_QUERY_ROWS = 4096   # a short prefill's query rows (tokens x heads) through MLA's latent head
@@ -109,6 +112,13 @@ def fused_prologue(q: torch.Tensor) -> bool:
     CPU serves with the torch ops (tests run the kernel there too, under the Triton interpreter,
     by patching this function)."""
     return q.is_cuda and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and has_triton()
+
+
+def fused_attention(q: torch.Tensor) -> bool:
+    """Whether gqa's attention at one token per row runs as the split-KV Triton kernel: on CUDA,
+    for head dims tl.dot takes (a power of two >= 16); tests patch it on, as fused_prologue."""
+    Dh = q.shape[-1]
+    return fused_prologue(q) and Dh >= 16 and Dh & (Dh - 1) == 0
 
 
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -168,10 +178,13 @@ def gqa(attn: Attention, x_nD: torch.Tensor, residual_nD, cache, step: Step,
         q, k = rope(q, step), rope(k, step)
         k_cache.view(-1, Dh).index_copy_(0, step.write_idx, k.reshape(n * G, Dh).to(k_cache.dtype))
         v_cache.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(n * G, Dh).to(v_cache.dtype))
+    S = step.length   # the cache's first S positions (views)
+    if T == 1 and fused_attention(q):   # each row's position masks in the kernel; cache as stored
+        out = decode_attention(q, k_cache, v_cache, step.positions_bT.view(b), S)
+        return linear_add(attn.o_proj, out.view(n, H * Dh), residual_nD)
     # grouped queries as query rows of their kv head, [b, G, T * H/G, Dh], against the cache as
     # stored (never expanded); the transposes are views at T = 1
     q_bGQD = q.view(b, T, G, H // G, Dh).transpose(1, 2).reshape(b, G, -1, Dh)
-    S = step.length   # the cache's first S positions (views)
     out = F.scaled_dot_product_attention(q_bGQD, k_cache[:, :, :S].to(q.dtype),
                                          v_cache[:, :, :S].to(q.dtype), attn_mask=step.mask_b1QS)
     out = out.view(b, G, T, H // G, Dh).transpose(1, 2).reshape(n, H * Dh)

@@ -25,8 +25,20 @@ import torch.nn.functional as F
 
 from dropless.experts import Experts
 from dropless.moe import MoE
+from dropless.ops.device import has_triton
 from dropless.ops.gemv import experts_decode   # imports triton when first run
+from dropless.ops.triton_router import route_topk   # imports triton when first run
 from dropless.router import Router, select_experts
+
+FUSED_ROUTER_MAX_TOKENS = 64   # the router kernel's grid is laid out for decode-sized T
+
+
+def fused_router(x_TD: torch.Tensor) -> bool:
+    """Whether route's plain softmax top-k runs as the two Triton kernels of
+    dropless/ops/triton_router.py: on CUDA, for decode-sized T. The CPU routes with the torch ops
+    (tests run the kernels there too, under the Triton interpreter, by patching this function)."""
+    return x_TD.is_cuda and x_TD.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
+        x_TD.shape[0] <= FUSED_ROUTER_MAX_TOKENS) and has_triton()
 
 
 def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,15 +49,19 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     products of bf16 values are exact in float32, as after Router's upcast), elsewhere the upcast.
     Plain softmax top-k (no bias, no groups) takes the top-k of the logits, whose order is the
     scores', and renormalises as a softmax over those k logits, which equals the renormalised
-    scores: three kernels where the general path takes nine."""
+    scores: three kernels where the general path takes nine; on CUDA (`fused_router`) two."""
     cfg = router.cfg
+    plain = cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None
+    if plain and fused_router(x_TD):
+        return route_topk(x_TD, router.weight, cfg.top_k, cfg.norm_topk_prob,
+                          float(cfg.route_scale))
     dtype = torch.promote_types(x_TD.dtype, torch.float32)
     if x_TD.device.type == "cuda" and x_TD.dtype in (torch.bfloat16, torch.float16) and (
             router.weight.dtype == x_TD.dtype):
         logits_TE = torch.mm(x_TD, router.weight.t(), out_dtype=torch.float32)
     else:
         logits_TE = F.linear(x_TD.to(dtype), router.weight.to(dtype))
-    if cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None:
+    if plain:
         # unsorted: the slots' order does not matter to the sum, and the sort is a kernel
         top_TK, expert_ids_TK = logits_TE.topk(cfg.top_k, dim=-1, sorted=False)
         if cfg.norm_topk_prob:

@@ -1,0 +1,92 @@
+"""Launcher of the decode step's router (triton_router_kernels.py): the float32 logits, the top-k
+and the softmax of the plain softmax router in two launches where the torch ops take three or four
+(each ~2-5 us of a launch-bound step, even in a CUDA graph). Inference only (no autograd); no host
+sync and shapes fixed by the inputs, so CUDA graphs capture it; the torch ops stay the reference
+(dropless/serve/moe_decode.py `route`).
+
+Legend: T tokens, D model dim, E experts, K top-k, P split-D partials.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from dropless.ops.device import num_sms
+
+# The logits grid: each program accumulates BLOCK_T x BLOCK_E x BLOCK_D float32 products (at most
+# TILE: 32 registers a thread at 4 warps); the experts' blocks shrink, then D is split, until the
+# grid holds WAVES programs per multiprocessor (at T = 1 the router's 512 KB at the Qwen3-30B-A3B
+# shape is read by ~500 programs instead of a few). A first guess, not yet measured on a GPU.
+TILE = 4096
+MAX_BLOCK_T, MAX_BLOCK_D = 8, 512
+WAVES = 4
+
+
+@functools.cache
+def _kernels():
+    from dropless.ops import triton_router_kernels
+    return triton_router_kernels
+
+
+def _num_sms(device: torch.device) -> int:
+    return num_sms(device.index) if device.type == "cuda" else 1
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def logits_tiles(T: int, E: int, D: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_D, D_SPLIT) of the logits grid for `sms` multiprocessors."""
+    block_t, block_d = min(_pow2(T), MAX_BLOCK_T), min(_pow2(D), MAX_BLOCK_D)
+    block_e = max(1, min(_pow2(E), TILE // (block_t * block_d)))
+    target = WAVES * sms
+    token_blocks = -(-T // block_t)
+    while block_e > 1 and token_blocks * -(-E // block_e) < target:
+        block_e //= 2
+    programs = token_blocks * -(-E // block_e)
+    chunks = -(-D // block_d)
+    split = min(chunks, max(1, target // programs))
+    return block_t, block_e, block_d, -(-chunks // split) * block_d
+
+
+@torch.library.custom_op("dropless::route_topk", mutates_args=())
+def route_topk(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool,
+               route_scale: float) -> tuple[Tensor, Tensor]:
+    """(weights_TK float32, expert_ids_TK int64) of the softmax router: logits = x @ W^T in
+    float32, their top-k (slot k the k-th largest), the softmax over those k (`norm_topk_prob`) or
+    over all E gathered at them, times `route_scale`. x and W in any float dtypes but float64."""
+    T, D = x_TD.shape
+    E = weight_ED.shape[0]
+    assert weight_ED.shape[1] == D and 1 <= top_k <= E
+    weights_TK = torch.empty(T, top_k, device=x_TD.device, dtype=torch.float32)
+    ids_TK = torch.empty(T, top_k, device=x_TD.device, dtype=torch.int64)
+    if T == 0:
+        return weights_TK, ids_TK
+    if x_TD.stride(1) != 1:
+        x_TD = x_TD.contiguous()
+    weight_ED = weight_ED.contiguous()
+    block_t, block_e, block_d, d_split = logits_tiles(T, E, D, _num_sms(x_TD.device))
+    P = -(-D // d_split)
+    part_PTE = torch.empty(P, T, E, device=x_TD.device, dtype=torch.float32)
+    kernels = _kernels()
+    # 1. the logits, as P split-D partials
+    kernels.router_logits_kernel[(-(-T // block_t), -(-E // block_e), P)](
+        x_TD, weight_ED, part_PTE, T, E, D, x_TD.stride(0), d_split,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
+    # 2. per token: the partials' sum, K rounds of argmax, the softmax
+    block = _pow2(E)
+    kernels.router_topk_kernel[(T,)](
+        part_PTE, weights_TK, ids_TK, T, E, top_k, P, route_scale,
+        NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4)
+    return weights_TK, ids_TK
+
+
+@route_topk.register_fake
+def _(x_TD, weight_ED, top_k, norm_topk_prob, route_scale):
+    T = x_TD.shape[0]
+    return (x_TD.new_empty(T, top_k, dtype=torch.float32),
+            x_TD.new_empty(T, top_k, dtype=torch.int64))

@@ -1,0 +1,94 @@
+"""The plain softmax top-k router of a decode step as two kernels: the logits, then per token the
+top-k and the softmax. Imported only by triton_router.py's launcher, so that importing dropless
+never needs triton.
+
+Legend: T tokens, D model dim, E experts, K top-k, P split-D partials.
+
+Shape contract:
+  router_logits_kernel: x [T, D] (rows stride_x apart, features contiguous), w [E, D] contiguous,
+    any float dtypes -> part [P, T, E] float32, part[p] = x[:, Dp] @ w[:, Dp]^T over the p-th
+    run of D_SPLIT features. Grid (cdiv(T, BLOCK_T), cdiv(E, BLOCK_E), P): at T = 1 the
+    experts alone give too few programs to read w fast, so D is split too; the partials are
+    summed by the next kernel (deterministic, no atomics).
+  router_topk_kernel: part [P, T, E] -> weights [T, K] float32, ids [T, K] int64. Grid (T,).
+    Slot k holds the k-th largest logit (sorted, which the unsorted contract allows).
+Numerics: products and sums in float32 of the inputs as loaded (bf16/fp16 products are exact in
+float32), as the torch path's float32 GEMM; the softmax as torch's, exp(l - max) / sum.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def router_logits_kernel(
+    # tensors
+    x_ptr, w_ptr, part_ptr,
+    # sizes
+    T, E, D, stride_x, D_SPLIT,
+    # meta
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(2)
+    t_ok, e_ok = ts < T, es < E
+    d_lo = split * D_SPLIT
+    d_hi = tl.minimum(d_lo + D_SPLIT, D)
+    x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + es.to(tl.int64)[:, None] * D
+    # elementwise products accumulate across the D loop; one reduction at the end
+    acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < d_hi
+        x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    logits = tl.sum(acc, axis=2)
+    out = part_ptr + (split * T + ts).to(tl.int64)[:, None] * E + es[None, :]
+    tl.store(out, logits, mask=t_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def router_topk_kernel(
+    # tensors
+    part_ptr, weights_ptr, ids_ptr,
+    # sizes
+    T, E, K, P, route_scale,
+    # meta
+    NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    t = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    # 1. the token's logits: the sum of the split partials (lanes past E: 0, masked below)
+    logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for p in range(P):
+        logits += tl.load(part_ptr + (p * T + t).to(tl.int64) * E + es, mask=e_ok, other=0.0)
+    # 2. K rounds of max with the index; a chosen lane is marked by its slot (-1: not chosen) and
+    # leaves the candidates as -inf. Every real lane's key is above -inf (a -inf logit ranks as
+    # the lowest finite value, NaN above everything, as torch.topk ranks it), so K <= E rounds
+    # take K distinct real experts and write every slot, whatever the logits. Ties go to the
+    # lowest index first.
+    cand = tl.where(logits != logits, float("inf"), tl.maximum(logits, -3.4028234663852886e38))
+    cand = tl.where(e_ok, cand, float("-inf"))
+    slot = tl.full((BLOCK_E,), -1, dtype=tl.int32)
+    for k in range(K):
+        _, best = tl.max(cand, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        slot = tl.where(es == best, k, slot)
+        cand = tl.where(es == best, float("-inf"), cand)
+    chosen = slot >= 0
+    # 3. softmax: over the chosen logits (NORM_TOPK) or all E, gathered at the chosen; the first
+    # round's maximum is the maximum of both
+    top = tl.max(tl.where(e_ok, logits, float("-inf")), axis=0)
+    p_E = tl.where(e_ok, tl.exp(logits - top), 0.0)
+    if NORM_TOPK:
+        denom = tl.sum(tl.where(chosen, p_E, 0.0), axis=0)
+    else:
+        denom = tl.sum(p_E, axis=0)
+    w = p_E / denom * route_scale   # scaled after the normalisation, as the torch path (x 1: exact)
+    # 4. each chosen expert to its slot
+    out = t.to(tl.int64) * K + slot
+    tl.store(weights_ptr + out, w, mask=chosen)
+    tl.store(ids_ptr + out, es.to(tl.int64), mask=chosen)
