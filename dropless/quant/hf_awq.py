@@ -27,6 +27,8 @@ ATTENTION = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weig
 def awq_settings(hf_cfg: dict) -> tuple[int, int]:
     """(bits, group_size) of an AutoAWQ GEMM config; any other quantization is refused by name."""
     q = hf_cfg["quantization_config"]
+    if not isinstance(q, dict):
+        raise ValueError(f"quantization_config={q!r} is invalid: must be an object")
     method = q.get("quant_method")
     if method != "awq":
         raise ValueError(f"unsupported Hugging Face config: quantization_config.quant_method="

@@ -1,0 +1,43 @@
+"""Hugging Face directories as a user meets them, without transformers: malformed files, tokenizers
+that do not cover the model's vocabulary, models that no HF architecture can hold."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dropless import Transformer, get_preset
+from dropless.cli import main
+from dropless.convert import save_hf_dir
+from dropless.tokenizer import ByteTokenizer
+
+
+def hf_dir(path, tokenizer_json=None, **cfg_kw):
+    """A small HF directory written by dropless (with a tokenizer.json), and its model."""
+    cfg = dataclasses.replace(get_preset("tiny"), num_layers=2, max_seq_len=64, **cfg_kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    save_hf_dir(model, path, tokenizer_json or ByteTokenizer().to_json())
+    return model
+
+
+def edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **fields}))
+
+
+def fails_in_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dropless: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("value", ["awq", [1], 4])
+def test_quantization_config_that_is_not_an_object_is_one_line(tmp_path, capsys, value):
+    hf_dir(tmp_path / "hf")
+    edit_config(tmp_path / "hf", quantization_config=value)
+    fails_in_one_line(capsys, ["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
+                      f"quantization_config={value!r} is invalid: must be an object")
+
+
