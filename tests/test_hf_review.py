@@ -3,10 +3,14 @@ that do not cover the model's vocabulary, models that no HF architecture can hol
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import subprocess_env
 from dropless import Transformer, get_preset
 from dropless.cli import main
 from dropless.convert import save_hf_dir
@@ -39,5 +43,25 @@ def test_quantization_config_that_is_not_an_object_is_one_line(tmp_path, capsys,
     edit_config(tmp_path / "hf", quantization_config=value)
     fails_in_one_line(capsys, ["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
                       f"quantization_config={value!r} is invalid: must be an object")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_weights_that_are_not_regular_files_are_refused_unread(tmp_path, kind, indexed):
+    """A FIFO named like a weight file would block the reader forever (it opens it to mmap)."""
+    hf_dir(tmp_path)
+    name = "model-00001-of-00001.safetensors" if indexed else "model.safetensors"
+    (tmp_path / "model.safetensors").unlink()
+    if indexed:
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed_tokens.weight": name}}))
+    os.mkfifo(tmp_path / name) if kind == "fifo" else (tmp_path / name).mkdir()
+    code = "import sys; from dropless import from_hf; from_hf(sys.argv[1])"
+    try:   # a child process: safetensors blocks in open() holding the GIL, so no thread returns
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("from_hf blocked on a FIFO")
+    assert "not a regular file" in run.stderr and name in run.stderr, run.stderr
 
 
