@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import subprocess_env
-from dropless import Transformer, get_preset
+from dropless import Transformer, get_preset, to_hf
 from dropless.cli import main
 from dropless.convert import save_hf_dir
-from dropless.tokenizer import ByteTokenizer
+from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
 
 def hf_dir(path, tokenizer_json=None, **cfg_kw):
@@ -63,5 +63,28 @@ def test_weights_that_are_not_regular_files_are_refused_unread(tmp_path, kind, i
     except subprocess.TimeoutExpired:
         pytest.fail("from_hf blocked on a FIFO")
     assert "not a regular file" in run.stderr and name in run.stderr, run.stderr
+
+
+def test_tokens_outside_the_tokenizer_are_printable(tmp_path):
+    """Models pad their vocabulary past the tokenizer's ids (Qwen: 151,936 rows for 151,665
+    tokens), and special tokens are stored as their text, not in the byte-level alphabet."""
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50], 300)
+    tok.tok.add_special_tokens(["<｜end▁of▁sentence｜>"])
+    tok = tokenizer_from_json(tok.to_json())
+    special = tok.vocab_size - 1
+    assert tok.token_bytes(special) == "<｜end▁of▁sentence｜>".encode()
+    assert tok.token_bytes(tok.vocab_size + 5) == b""
+    assert tok.decode([tok.encode("def")[0], special, tok.vocab_size]) == "def<｜end▁of▁sentence｜>"
+
+
+def test_generate_from_an_hf_dir_whose_model_outvocabs_its_tokenizer(tmp_path, capsys):
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50], 300)
+    model = hf_dir(tmp_path, tok.to_json(), vocab_size=320, tie_embeddings=False)
+    with torch.no_grad():   # every next token is one the tokenizer does not have
+        model.lm_head.weight[tok.vocab_size:] *= 1000
+    to_hf(model, tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "def \n"
 
 
