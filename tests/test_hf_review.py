@@ -88,3 +88,15 @@ def test_generate_from_an_hf_dir_whose_model_outvocabs_its_tokenizer(tmp_path, c
     assert capsys.readouterr().out == "def \n"
 
 
+def test_softmax_routing_with_a_selection_bias_is_not_exported(tmp_path):
+    """No softmax architecture has a router bias: writing one would silently drop it and route
+    differently."""
+    tiny = get_preset("tiny")
+    cfg = dataclasses.replace(tiny, moe=dataclasses.replace(tiny.moe, bias_update_rate=1e-3))
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.ffn.router.bias.normal_()
+    with pytest.raises(ValueError, match="moe.bias_update_rate=0.001"):
+        to_hf(model, tmp_path)
+    assert not any(tmp_path.iterdir())
