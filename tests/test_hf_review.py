@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import subprocess_env
-from dropless import Transformer, get_preset, to_hf
+from dropless import Transformer, from_hf, get_preset, to_hf
 from dropless.cli import main
 from dropless.convert import save_hf_dir
 from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
@@ -100,3 +100,26 @@ def test_softmax_routing_with_a_selection_bias_is_not_exported(tmp_path):
     with pytest.raises(ValueError, match="moe.bias_update_rate=0.001"):
         to_hf(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("reshape", [lambda t: t.flatten(), lambda t: t[None]])
+def test_awq_qweight_of_the_wrong_rank_names_the_tensor(tmp_path, reshape):
+    from safetensors.torch import load_file, save_file
+    from dropless.quant.pack import quantize_packed
+
+    hf_dir(tmp_path)
+    state, awq = load_file(tmp_path / "model.safetensors"), {}
+    for key, t in state.items():
+        if key.endswith((".w1.weight", ".w2.weight", ".w3.weight")):
+            packed = quantize_packed(t.T, 32)
+            awq.update({f"{key[:-len('weight')]}{part}": p
+                        for part, p in zip(("qweight", "qzeros", "scales"), packed)})
+        else:
+            awq[key] = t
+    bad = "model.layers.0.block_sparse_moe.experts.0.w1"
+    awq[f"{bad}.qweight"] = reshape(awq[f"{bad}.qweight"])
+    save_file(awq, tmp_path / "model.safetensors")
+    edit_config(tmp_path, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32,
+                                               "zero_point": True, "version": "gemm"})
+    with pytest.raises(ValueError, match=f"{bad}: AWQ shapes qweight"):
+        from_hf(tmp_path)

@@ -67,9 +67,10 @@ class AwqFile:
             missing = [f"{p}.{part}" for part in PARTS if f"{p}.{part}" not in where]
             if missing:
                 raise ValueError(f"AWQ tensors missing: {', '.join(missing)}")
-            (fq, (I, P), dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            (fq, qs, dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            I, P = qs if len(qs) == 2 else (0, 0)   # a qweight of another rank fits no group
             if zs != (I // group, P) or ss != (I // group, P * PACK) or I % group:
-                raise ValueError(f"{p}: AWQ shapes qweight {[I, P]}, qzeros {list(zs)}, scales "
+                raise ValueError(f"{p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
                                  f"{list(ss)} do not fit group_size={group}")
             if (dq, dz) != ("I32", "I32") or ds not in ("F16", "BF16", "F32"):
                 raise ValueError(f"{fq.name}: {p} AWQ dtypes qweight {dq}, qzeros {dz}, scales "
