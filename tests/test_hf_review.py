@@ -123,3 +123,19 @@ def test_awq_qweight_of_the_wrong_rank_names_the_tensor(tmp_path, reshape):
                                                "zero_point": True, "version": "gemm"})
     with pytest.raises(ValueError, match=f"{bad}: AWQ shapes qweight"):
         from_hf(tmp_path)
+
+
+def test_an_odd_head_dim_is_refused_before_any_work(tmp_path, capsys):
+    """RoPE rotates pairs of dims: an odd head width (weights to match) was read, and then the
+    first forward crashed with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir(tmp_path)
+    edit_config(tmp_path, head_dim=33)
+    state = load_file(tmp_path / "model.safetensors")
+    for key in [k for k in state if ".self_attn." in k]:
+        out, dim = state[key].shape
+        state[key] = torch.zeros((dim, 4 * 33) if "o_proj" in key else (out // 32 * 33, dim))
+    save_file(state, tmp_path / "model.safetensors")
+    fails_in_one_line(capsys, ["generate", str(tmp_path), "--max-new-tokens", "4"],
+                      "head_dim=33 is invalid: must be even")
