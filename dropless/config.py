@@ -168,6 +168,9 @@ class ModelConfig:
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _int_in(name, getattr(self, name), high=LIMITS["dim"])
             _int_in("q_lora_rank", self.q_lora_rank, high=LIMITS["dim"], optional=True)
+        # RoPE rotates dim i with dim i + rope_dim/2: an odd width has no such pairs
+        _check(self.rope_dim % 2 == 0, "qk_rope_head_dim" if self.attention == "mla" else
+               "head_dim", self.rope_dim, "must be even (RoPE rotates pairs of dims)")
         _check(isinstance(self.moe, MoEConfig), "moe", type(self.moe).__name__,
                "must be a MoEConfig")
         _check(self.moe.dim == self.dim, "moe.dim", self.moe.dim, f"must equal dim={self.dim}")

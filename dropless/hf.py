@@ -168,6 +168,11 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
         files = [_inside(path, f.name, f) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights found (torch .bin files are not read)")
+    # safetensors opens a file to map it: a FIFO would block that open forever
+    odd = [f.name for f in files if not f.is_file()]
+    if odd:
+        raise ValueError(f"{path}: weights {odd} are not a regular file (a FIFO, device or "
+                         "directory is not read)")
     where = {}
     for f in files:
         try:

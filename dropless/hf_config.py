@@ -305,6 +305,8 @@ def _mismatches(cfg: ModelConfig, spec: Arch) -> list[str]:
         checks.append((m.num_shared_experts == 0, f"moe.num_shared_experts={m.num_shared_experts}"))
     if not spec.sigmoid_router:
         checks += [(m.route_scale == 1.0, f"moe.route_scale={m.route_scale}"),
+                   (m.bias_update_rate == 0, f"moe.bias_update_rate={m.bias_update_rate} (no "
+                    "router bias on softmax scores)"),
                    (m.num_groups is None, f"moe.num_groups={m.num_groups}")]
     return [what for ok, what in checks if not ok]
 

@@ -68,6 +68,8 @@ class BPETokenizer:
         self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._byte_of = _byte_alphabet()
         self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
+        # added (special) tokens are stored as their text, not in the byte-level alphabet
+        self._added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
@@ -81,10 +83,14 @@ class BPETokenizer:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The token's exact bytes (for byte-level BPE; other tokenizers: its decoded text)."""
+        """The token's exact bytes (for byte-level BPE; other tokenizers: its decoded text). An
+        id the tokenizer lacks (a model's vocabulary padded past it) has none."""
         if not self._byte_level:
             return self.tok.decode([token_id]).encode()
-        return bytes(self._byte_of[c] for c in self.tok.id_to_token(token_id))
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self.tok.id_to_token(token_id)
+        return b"" if piece is None else bytes(self._byte_of[c] for c in piece)
 
     def to_json(self) -> str:
         return self.tok.to_str()

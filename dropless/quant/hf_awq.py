@@ -27,6 +27,8 @@ ATTENTION = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weig
 def awq_settings(hf_cfg: dict) -> tuple[int, int]:
     """(bits, group_size) of an AutoAWQ GEMM config; any other quantization is refused by name."""
     q = hf_cfg["quantization_config"]
+    if not isinstance(q, dict):
+        raise ValueError(f"quantization_config={q!r} is invalid: must be an object")
     method = q.get("quant_method")
     if method != "awq":
         raise ValueError(f"unsupported Hugging Face config: quantization_config.quant_method="
@@ -65,9 +67,10 @@ class AwqFile:
             missing = [f"{p}.{part}" for part in PARTS if f"{p}.{part}" not in where]
             if missing:
                 raise ValueError(f"AWQ tensors missing: {', '.join(missing)}")
-            (fq, (I, P), dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            (fq, qs, dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            I, P = qs if len(qs) == 2 else (0, 0)   # a qweight of another rank fits no group
             if zs != (I // group, P) or ss != (I // group, P * PACK) or I % group:
-                raise ValueError(f"{p}: AWQ shapes qweight {[I, P]}, qzeros {list(zs)}, scales "
+                raise ValueError(f"{p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
                                  f"{list(ss)} do not fit group_size={group}")
             if (dq, dz) != ("I32", "I32") or ds not in ("F16", "BF16", "F32"):
                 raise ValueError(f"{fq.name}: {p} AWQ dtypes qweight {dq}, qzeros {dz}, scales "

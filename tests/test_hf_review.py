@@ -1,0 +1,141 @@
+"""Hugging Face directories as a user meets them, without transformers: malformed files, tokenizers
+that do not cover the model's vocabulary, models that no HF architecture can hold."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import subprocess_env
+from dropless import Transformer, from_hf, get_preset, to_hf
+from dropless.cli import main
+from dropless.convert import save_hf_dir
+from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
+
+
+def hf_dir(path, tokenizer_json=None, **cfg_kw):
+    """A small HF directory written by dropless (with a tokenizer.json), and its model."""
+    cfg = dataclasses.replace(get_preset("tiny"), num_layers=2, max_seq_len=64, **cfg_kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    save_hf_dir(model, path, tokenizer_json or ByteTokenizer().to_json())
+    return model
+
+
+def edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **fields}))
+
+
+def fails_in_one_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dropless: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("value", ["awq", [1], 4])
+def test_quantization_config_that_is_not_an_object_is_one_line(tmp_path, capsys, value):
+    hf_dir(tmp_path / "hf")
+    edit_config(tmp_path / "hf", quantization_config=value)
+    fails_in_one_line(capsys, ["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
+                      f"quantization_config={value!r} is invalid: must be an object")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_weights_that_are_not_regular_files_are_refused_unread(tmp_path, kind, indexed):
+    """A FIFO named like a weight file would block the reader forever (it opens it to mmap)."""
+    hf_dir(tmp_path)
+    name = "model-00001-of-00001.safetensors" if indexed else "model.safetensors"
+    (tmp_path / "model.safetensors").unlink()
+    if indexed:
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed_tokens.weight": name}}))
+    os.mkfifo(tmp_path / name) if kind == "fifo" else (tmp_path / name).mkdir()
+    code = "import sys; from dropless import from_hf; from_hf(sys.argv[1])"
+    try:   # a child process: safetensors blocks in open() holding the GIL, so no thread returns
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("from_hf blocked on a FIFO")
+    assert "not a regular file" in run.stderr and name in run.stderr, run.stderr
+
+
+def test_tokens_outside_the_tokenizer_are_printable(tmp_path):
+    """Models pad their vocabulary past the tokenizer's ids (Qwen: 151,936 rows for 151,665
+    tokens), and special tokens are stored as their text, not in the byte-level alphabet."""
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50], 300)
+    tok.tok.add_special_tokens(["<｜end▁of▁sentence｜>"])
+    tok = tokenizer_from_json(tok.to_json())
+    special = tok.vocab_size - 1
+    assert tok.token_bytes(special) == "<｜end▁of▁sentence｜>".encode()
+    assert tok.token_bytes(tok.vocab_size + 5) == b""
+    assert tok.decode([tok.encode("def")[0], special, tok.vocab_size]) == "def<｜end▁of▁sentence｜>"
+
+
+def test_generate_from_an_hf_dir_whose_model_outvocabs_its_tokenizer(tmp_path, capsys):
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50], 300)
+    model = hf_dir(tmp_path, tok.to_json(), vocab_size=320, tie_embeddings=False)
+    with torch.no_grad():   # every next token is one the tokenizer does not have
+        model.lm_head.weight[tok.vocab_size:] *= 1000
+    to_hf(model, tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "def \n"
+
+
+def test_softmax_routing_with_a_selection_bias_is_not_exported(tmp_path):
+    """No softmax architecture has a router bias: writing one would silently drop it and route
+    differently."""
+    tiny = get_preset("tiny")
+    cfg = dataclasses.replace(tiny, moe=dataclasses.replace(tiny.moe, bias_update_rate=1e-3))
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.ffn.router.bias.normal_()
+    with pytest.raises(ValueError, match="moe.bias_update_rate=0.001"):
+        to_hf(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("reshape", [lambda t: t.flatten(), lambda t: t[None]])
+def test_awq_qweight_of_the_wrong_rank_names_the_tensor(tmp_path, reshape):
+    from safetensors.torch import load_file, save_file
+    from dropless.quant.pack import quantize_packed
+
+    hf_dir(tmp_path)
+    state, awq = load_file(tmp_path / "model.safetensors"), {}
+    for key, t in state.items():
+        if key.endswith((".w1.weight", ".w2.weight", ".w3.weight")):
+            packed = quantize_packed(t.T, 32)
+            awq.update({f"{key[:-len('weight')]}{part}": p
+                        for part, p in zip(("qweight", "qzeros", "scales"), packed)})
+        else:
+            awq[key] = t
+    bad = "model.layers.0.block_sparse_moe.experts.0.w1"
+    awq[f"{bad}.qweight"] = reshape(awq[f"{bad}.qweight"])
+    save_file(awq, tmp_path / "model.safetensors")
+    edit_config(tmp_path, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32,
+                                               "zero_point": True, "version": "gemm"})
+    with pytest.raises(ValueError, match=f"{bad}: AWQ shapes qweight"):
+        from_hf(tmp_path)
+
+
+def test_an_odd_head_dim_is_refused_before_any_work(tmp_path, capsys):
+    """RoPE rotates pairs of dims: an odd head width (weights to match) was read, and then the
+    first forward crashed with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir(tmp_path)
+    edit_config(tmp_path, head_dim=33)
+    state = load_file(tmp_path / "model.safetensors")
+    for key in [k for k in state if ".self_attn." in k]:
+        out, dim = state[key].shape
+        state[key] = torch.zeros((dim, 4 * 33) if "o_proj" in key else (out // 32 * 33, dim))
+    save_file(state, tmp_path / "model.safetensors")
+    fails_in_one_line(capsys, ["generate", str(tmp_path), "--max-new-tokens", "4"],
+                      "head_dim=33 is invalid: must be even")
