@@ -1,11 +1,13 @@
-"""dropless train as a user runs it: what a resumed run reports, and runs that go wrong."""
+"""dropless train and info as a user runs them: what a resumed run reports, runs that go wrong."""
 
 import json
 import signal
 import types
 from dataclasses import replace
 
-from dropless import data
+import pytest
+
+from dropless import cli, data
 from dropless import train as train_module
 from dropless.checkpoint import resume_config
 from dropless.plots import write_plots
@@ -60,3 +62,12 @@ def test_a_diverged_run_still_gets_its_plots(tmp_path):
     paths = write_plots(tmp_path, baseline=3.0)
     assert [p.name for p in paths] == ["loss.png", "expert_load.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.parametrize("preset", [[], ["--preset", "tiny"]])
+def test_info_refuses_a_context_too_long_to_count(capsys, preset):
+    """A sequence length past any model's positions is one line, not an OverflowError from
+    formatting its FLOPs."""
+    assert cli.main(["info", *preset, "--seq-len", str(10**400)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: --seq-len") and err.count("\n") == 1, err
