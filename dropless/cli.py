@@ -159,7 +159,7 @@ def _train(args) -> int:
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
-    for dest in {"data", "cache_dir"} & overrides.keys():   # absolute, for a resume elsewhere
+    for dest in [k for k in ("data", "cache_dir") if overrides.get(k)]:   # absolute: resumable
         overrides[dest] = os.path.abspath(overrides[dest])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
@@ -188,7 +188,7 @@ def _train(args) -> int:
             raise DroplessError(f"{run_dir}: no such run directory")
         cfg, state = resume_config(run_dir, overrides)
     else:
-        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if args.out is None else args.out
         try:
             preset = overrides.get("preset", TrainConfig.preset)
             cfg = TrainConfig(out=out, **{**PRESET_TRAINING.get(preset, {}), **overrides})

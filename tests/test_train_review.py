@@ -71,3 +71,17 @@ def test_info_refuses_a_context_too_long_to_count(capsys, preset):
     assert cli.main(["info", *preset, "--seq-len", str(10**400)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dropless: error: --seq-len") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--data", "--cache-dir", "--out"])
+def test_an_empty_path_is_refused_not_the_working_directory(capsys, tmp_path, monkeypatch, corpus,
+                                                            flag):
+    """`--data "$DATA"` with DATA unset used to train on every file under the working directory;
+    an empty --cache-dir wrote the token cache there, an empty --out fell back to runs/<time>."""
+    monkeypatch.chdir(tmp_path)
+    paths = {"--data": str(corpus), "--cache-dir": "cache", "--out": "run", flag: ""}
+    argv = ["train", *(x for kv in paths.items() for x in kv), "--steps", "1", "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: ") and "must name a path" in err, err
+    assert list(tmp_path.iterdir()) == []
