@@ -179,6 +179,9 @@ def _check_training_state(where: Path, state: dict) -> None:
             *((f"window.{k}", type(window.get(k)) in (int, float), "a number")
               for k in ("loss", "aux")),
             ("window.steps", ints([window.get("steps")], 1, 2**63 - 1), "an integer >= 0"),
+            ("window.recent", isinstance(window.get("recent", []), list)   # absent: older runs
+             and all(type(x) in (int, float) for x in window.get("recent", [])),
+             "a list of numbers (the last steps' losses)"),
             ("window.loads", isinstance(loads, list) and len(loads) == L
              and all(ints(row, E, 2**63 - 1) for row in loads),
              f"{L} lists (MoE layers) of {E} integers >= 0 (experts)")):

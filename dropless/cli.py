@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 
-from dropless.config import BACKENDS, PRESET_TRAINING, TrainConfig
+from dropless.config import BACKENDS, LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
 from dropless.precision import resolve_device
 
@@ -159,7 +159,7 @@ def _train(args) -> int:
 
     overrides = {dest: getattr(args, dest) for dest in [*_TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
-    for dest in {"data", "cache_dir"} & overrides.keys():   # absolute, for a resume elsewhere
+    for dest in [k for k in ("data", "cache_dir") if overrides.get(k)]:   # absolute: resumable
         overrides[dest] = os.path.abspath(overrides[dest])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
@@ -188,7 +188,7 @@ def _train(args) -> int:
             raise DroplessError(f"{run_dir}: no such run directory")
         cfg, state = resume_config(run_dir, overrides)
     else:
-        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if args.out is None else args.out
         try:
             preset = overrides.get("preset", TrainConfig.preset)
             cfg = TrainConfig(out=out, **{**PRESET_TRAINING.get(preset, {}), **overrides})
@@ -273,9 +273,8 @@ def _serve(args) -> int:
         raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
                             f"{e.strerror or e}") from None
     served = load_served_model(args.model_dir, resolve_device(args.device))
-    compile_prefill = args.compile_prefill
-    if compile_prefill is None:
-        compile_prefill = args.compile or next(served.model.parameters()).is_cuda
+    compile_prefill = args.compile_prefill if args.compile_prefill is not None else (
+        args.compile or next(served.model.parameters()).is_cuda)
     context = served.model.cfg.max_seq_len
     _require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
              f"must be in [2, {context}] (the model's max_seq_len)")
@@ -353,7 +352,8 @@ def _info(args) -> int:
     from dropless.config import PRESETS, get_preset
     from dropless.info import format_stats, model_stats, preset_table
 
-    _require(args.seq_len is None or args.seq_len > 0, "--seq-len", args.seq_len, "must be > 0")
+    _require(args.seq_len is None or 0 < args.seq_len <= LIMITS["positions"], "--seq-len",
+             args.seq_len, f"must be in [1, {LIMITS['positions']}] (as train's)")
     if args.preset is None:
         print(preset_table(PRESETS, args.seq_len))
         return 0

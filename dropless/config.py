@@ -350,3 +350,5 @@ class TrainConfig:
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)
         _check(self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for name in ("out", "data", "cache_dir"):   # "" would be the working directory, silently
+            _check(getattr(self, name) != "", name, "", "must name a path (or be left out)")

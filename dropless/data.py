@@ -68,7 +68,9 @@ def stdlib_documents() -> list[tuple[str, str]]:
 
 def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
+    # U+2028, NEL or \x1c (json.dumps(..., ensure_ascii=False) writes them as they are)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

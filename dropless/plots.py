@@ -6,6 +6,7 @@ Matplotlib is imported lazily with the Agg backend (no display needed, nothing c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
         ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4,
                 label=f"validation (last {val[-1][1]:.2f})")
     ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"unigram baseline ({baseline:.2f})")
-    # the first steps' loss is far above the rest: clip the view so the useful range is readable
+    # the first steps' loss is far above the rest: clip the view so the useful range is readable;
+    # a diverged run's inf and NaN losses (matplotlib refuses them as limits) are left out of it
     later = losses[len(losses) // 10:] + [v for _, v in val] + [baseline]
-    ax.set(ylim=(0, 1.25 * max(later)), xlim=(0, max(steps)),
+    ax.set(ylim=(0, 1.25 * max(filter(math.isfinite, later))), xlim=(0, max(steps)),
            xlabel="optimizer step", ylabel="cross-entropy (nats/token)",
            title=f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)

@@ -254,7 +254,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                     if device.type == "cuda" else None},
             "data": {"key": tokens.key, "seed": cfg.seed},   # batches are f(seed, step)
             "window": {"loss": window["loss"].item(), "aux": window["aux"].item(),
-                       "steps": window["steps"], "loads": window["loads"].tolist()},
+                       "steps": window["steps"], "loads": window["loads"].tolist(),
+                       "recent": torch.stack(list(recent)).tolist() if recent else []},
             "train_config": asdict(cfg),
             "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json(),
             # the torchrun job that wrote it: a restart of that job (and only of it) resumes it
@@ -263,14 +264,16 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
 
     # 3. the loop
     log = MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
-    recent = deque(maxlen=20)   # the last steps' losses, on the device
+    # the last steps' losses, on the device; a resumed run's summary takes in those before it
+    recent = deque((torch.tensor(x, dtype=torch.float32, device=device)
+                    for x in saved.get("recent", [])), maxlen=20)
     val_loss = None
     saved_step = step if state is not None else -1
     start_time = time.perf_counter()
     # tokens/s counts from the end of this process's first step (compilation, kernel autotuning
     # and the allocator's first growth happen there: seconds that a long run does not pay again)
     rate_step, rate_time, warm = step, start_time, False
-    clock = start_time
+    clock, clock_step = start_time, step   # a resumed window holds steps of the run before it
     paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
@@ -329,7 +332,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                 record = {"step": step, "loss": window["loss"].item() / window["steps"],
                           "aux_loss": window["aux"].item() / window["steps"], "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens": step * tokens_per_step,
-                          "tokens_per_s": round(tokens_per_step * window["steps"] / (now - clock)),
+                          "tokens_per_s": round(tokens_per_step * (step - clock_step)
+                                                / (now - clock)),
                           "expert_load": (loads / loads.sum(-1, keepdim=True).clamp(min=1))
                           .round(decimals=4).tolist()}
                 if evaluate_now:
@@ -345,7 +349,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
                 window = {"loss": torch.zeros((), dtype=torch.float64, device=device),
                           "aux": torch.zeros((), dtype=torch.float64, device=device),
                           "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long, device=device)}
-                clock = time.perf_counter()   # eval time does not count against tokens/s
+                clock, clock_step = time.perf_counter(), step   # eval time is not in tokens/s
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_start = time.perf_counter()
                 checkpoint()

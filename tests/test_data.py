@@ -79,6 +79,16 @@ def test_jsonl(tmp_path):
         data.read_documents(str(path))
 
 
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and NEL raw inside a string; CRLF ends
+    are fine too."""
+    text = "one\u2028two\u2029three\x85four"
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n" + '{"text": "b"}\r\n',
+                    encoding="utf-8", newline="")
+    assert data.read_documents(str(path)) == [("docs.jsonl:1", text), ("docs.jsonl:2", "b")]
+
 def test_directory_skips_hidden_binary_and_special_files(tmp_path):
     """FIFOs would block the read forever and devices never end: skipped, with one warning."""
     (tmp_path / "a.txt").write_text("alpha")

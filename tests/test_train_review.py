@@ -1,0 +1,87 @@
+"""dropless train and info as a user runs them: what a resumed run reports, runs that go wrong."""
+
+import json
+import signal
+import types
+from dataclasses import replace
+
+import pytest
+
+from dropless import cli, data
+from dropless import train as train_module
+from dropless.checkpoint import resume_config
+from dropless.plots import write_plots
+from dropless.train import train
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_reports_as_an_uninterrupted_one(small_cfg, tmp_path, monkeypatch):
+    """Stopped between two metrics lines and resumed: the summary's train loss (the last 20
+    steps) includes the steps before the checkpoint, and a line's tokens/s counts only the steps
+    this process timed. The clock advances one second per batch, so every line reads exactly
+    one step's tokens per second."""
+    now = [0.0]
+    get_batch = data.get_batch
+
+    def timed_batch(*args, **kwargs):
+        now[0] += 1.0
+        return get_batch(*args, **kwargs)
+    monkeypatch.setattr(data, "get_batch", timed_batch)
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    cfg = small_cfg(out=str(tmp_path / "straight"), log_every=4, eval_every=100, sample_tokens=0)
+    straight = train(cfg, progress=False)
+
+    def ctrl_c_at_2(step, loss):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+    split = replace(cfg, out=str(tmp_path / "split"))
+    assert not train(split, progress=False, on_step=ctrl_c_at_2)["finished"]
+    resumed_cfg, state = resume_config(tmp_path / "split", {})
+    resumed = train(resumed_cfg, state=state, progress=False)
+
+    assert resumed["train_loss"] == straight["train_loss"]
+    per_step = cfg.batch_size * cfg.seq_len
+    for run in ("straight", "split"):
+        records = _metrics(tmp_path / run)
+        assert [r["step"] for r in records] == [4, 6]
+        assert [r["tokens_per_s"] for r in records] == [per_step, per_step], run
+
+
+def test_a_diverged_run_still_gets_its_plots(tmp_path):
+    """A learning rate far too high makes the losses inf or NaN: the run ends with its plots and
+    summary, not with matplotlib's traceback about the axis limits."""
+    loads = [[0.5, 0.5]]
+    lines = [{"step": 1, "loss": 5.0, "expert_load": loads},
+             {"step": 2, "loss": float("inf"), "expert_load": loads},
+             {"step": 3, "loss": float("nan"), "val_loss": float("nan"), "expert_load": loads}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    paths = write_plots(tmp_path, baseline=3.0)
+    assert [p.name for p in paths] == ["loss.png", "expert_load.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.parametrize("preset", [[], ["--preset", "tiny"]])
+def test_info_refuses_a_context_too_long_to_count(capsys, preset):
+    """A sequence length past any model's positions is one line, not an OverflowError from
+    formatting its FLOPs."""
+    assert cli.main(["info", *preset, "--seq-len", str(10**400)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: --seq-len") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--data", "--cache-dir", "--out"])
+def test_an_empty_path_is_refused_not_the_working_directory(capsys, tmp_path, monkeypatch, corpus,
+                                                            flag):
+    """`--data "$DATA"` with DATA unset used to train on every file under the working directory;
+    an empty --cache-dir wrote the token cache there, an empty --out fell back to runs/<time>."""
+    monkeypatch.chdir(tmp_path)
+    paths = {"--data": str(corpus), "--cache-dir": "cache", "--out": "run", flag: ""}
+    argv = ["train", *(x for kv in paths.items() for x in kv), "--steps", "1", "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dropless: error: ") and "must name a path" in err, err
+    assert list(tmp_path.iterdir()) == []
