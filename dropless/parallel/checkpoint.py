@@ -173,7 +173,7 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
-        sums = read_small_json(path / MARKER)["sha256"]
+        sums = dict(read_small_json(path / MARKER)["sha256"])   # {name: hex digest}, no list
     except (ValueError, KeyError, TypeError):
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None

@@ -1,7 +1,8 @@
 """Scale-out failures an adversarial review found: what a distributed checkpoint save does when the
 disk refuses its shards (one error naming the checkpoint on every rank, no traceback, nothing left
-behind, the previous checkpoint whole)."""
+behind, the previous checkpoint whole), and a malformed manifest refused in one line."""
 
+import json
 import resource
 
 import pytest
@@ -51,3 +52,14 @@ def test_a_save_the_disk_refuses_is_one_error_and_leaves_the_previous_checkpoint
     assert_previous_checkpoint_whole(tmp_path / "one")
     launch(2, full_disk_body, str(tmp_path / "two"))
     assert_previous_checkpoint_whole(tmp_path / "two")
+
+
+@pytest.mark.parametrize("sums", [[".metadata", "__0_0.distcp", "state.json"], ".metadata state.json"])
+def test_a_manifest_whose_checksums_are_not_a_mapping_is_refused_in_one_line(tmp_path, sums):
+    """A COMPLETE whose "sha256" lists the names (or is one string naming them) passed the name
+    checks (`in` a list, a substring) and failed as a TypeError traceback indexing it by name."""
+    torch.manual_seed(0)
+    path = ckpt.save(tmp_path, 1, Transformer(CFG))
+    (path / ckpt.MARKER).write_text(json.dumps({"step": 1, "sha256": sums}))
+    with pytest.raises(DroplessError, match="not a checksum manifest"):
+        ckpt.load(path, Transformer(CFG))
