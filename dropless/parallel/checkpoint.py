@@ -107,9 +107,15 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
             warnings.warn(f"{stale}: removing an interrupted checkpoint save", stacklevel=2)
             shutil.rmtree(stale)
     _barrier()   # the temp directory is fresh before any rank writes into it
-    with warnings.catch_warnings():   # "no process group: saving in one process" is intended
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
+    try:
+        with warnings.catch_warnings():   # "no process group: saving in one process" is intended
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
+    except CheckpointException as e:   # raised on every rank: a full disk, a refused write
+        if _rank() == 0:   # every rank is done writing; its partial shards would fill the disk
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DroplessError(f"{path}: the checkpoint of step {step} could not be written "
+                            f"({_cause(e)}); the previous checkpoint, if any, is whole") from None
     if _rank() == 0:
         write_atomic(tmp / STATE, json.dumps({"step": step, **(state or {})}).encode())
     _barrier()   # every rank's shards are on disk before the manifest says so
@@ -126,6 +132,12 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
             shutil.rmtree(old)
     _barrier()
     return path
+
+
+def _cause(e: CheckpointException) -> str:
+    """The first rank's failure in one line (DCP wraps each rank's in a traceback)."""
+    cause = next(iter(e.failures.values()), (e,))[0]
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
 def _sha256(path: Path) -> str:
@@ -161,7 +173,7 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
-        sums = read_small_json(path / MARKER)["sha256"]
+        sums = dict(read_small_json(path / MARKER)["sha256"])   # {name: hex digest}, no list
     except (ValueError, KeyError, TypeError):
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
@@ -276,9 +288,7 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
-        cause = next(iter(e.failures.values()), (e,))[0]
-        raise DroplessError(f"{path}: checkpoint cannot be loaded ({type(cause).__name__}: "
-                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+        raise DroplessError(f"{path}: checkpoint cannot be loaded ({_cause(e)})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
     return read_state(path)
