@@ -181,11 +181,11 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
     caps, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, 0
     fewest, most = _shard_bytes(model) if model is not None else (0, 0)
     damaged = "checkpoint file is damaged or missing (checksum mismatch)"
-    for file in files:
+    for file in files:   # a manifest's names are the directory's own files: none reach out of it
         if file.is_symlink():   # dropless writes none: one would make it read a file elsewhere
             raise DroplessError(f"{file}: a symbolic link; checkpoint files must be the "
                                 "directory's own regular files")
-        if file.name not in sums or not file.is_file() or (
+        if file.parent != path or file.name not in sums or not file.is_file() or (
                 file.name in caps and file.stat().st_size > caps[file.name]):
             raise DroplessError(f"{file}: {damaged}")
         shard_bytes += 0 if file.name in caps else file.stat().st_size

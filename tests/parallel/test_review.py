@@ -1,6 +1,6 @@
 """Scale-out failures an adversarial review found: what a distributed checkpoint save does when the
 disk refuses its shards (one error naming the checkpoint on every rank, no traceback, nothing left
-behind, the previous checkpoint whole), and a malformed manifest refused in one line."""
+behind, the previous checkpoint whole), and a malformed or forged manifest refused in one line."""
 
 import json
 import resource
@@ -63,3 +63,20 @@ def test_a_manifest_whose_checksums_are_not_a_mapping_is_refused_in_one_line(tmp
     (path / ckpt.MARKER).write_text(json.dumps({"step": 1, "sha256": sums}))
     with pytest.raises(DroplessError, match="not a checksum manifest"):
         ckpt.load(path, Transformer(CFG))
+
+
+@pytest.mark.parametrize("name", ["../outside", "sub/x"])
+def test_a_manifest_naming_a_file_outside_its_directory_is_refused(tmp_path, name):
+    """A forged COMPLETE listing `../outside` next to `outside` had the file beside the checkpoint
+    directory hashed as if it were one of its own."""
+    torch.manual_seed(0)
+    path = ckpt.save(tmp_path, 1, Transformer(CFG))
+    manifest = json.loads((path / ckpt.MARKER).read_text())
+    target = path / name
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(b"x")
+    manifest["sha256"].update({name: ckpt._sha256(target), target.name: ckpt._sha256(target)})
+    (path / ckpt.MARKER).write_text(json.dumps(manifest))
+    with pytest.raises(DroplessError, match="damaged or missing") as refusal:
+        ckpt.load(path, Transformer(CFG))
+    assert name in str(refusal.value)
