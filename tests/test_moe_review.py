@@ -87,3 +87,19 @@ def test_selection_bias_stays_fp32_when_the_model_goes_low_precision(dtype):
     model = Transformer(cfg).to(dtype)
     assert all(m.router.bias.dtype == torch.float32 for m in model.moe_layers())
 
+
+def test_capacity_layer_compiles_fullgraph():
+    """A capacity plan's row count is data-dependent: combine's `R == 0` test broke a
+    fullgraph compile of the layer (the README promises a whole block compiles so)."""
+    moe = make(capacity_factor=1.0, backend="grouped")
+    compiled = torch.compile(copy.deepcopy(moe), fullgraph=True)
+    x = torch.randn(7, 16)
+    outs = []
+    for run in (moe, compiled):
+        xi = x.clone().requires_grad_(True)
+        y, aux = run(xi)
+        (y.square().sum() + aux.balance_loss).backward()
+        outs.append((y, xi.grad, aux.dropped))
+    (y0, g0, d0), (y1, g1, d1) = outs
+    assert d0 == d1 > 0
+    assert rel_err(y1, y0) < 1e-5 and rel_err(g1, g0) < 1e-5
