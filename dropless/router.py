@@ -110,6 +110,16 @@ class Router(nn.Module):
         if self.bias is not None:
             self.bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # the selection bias stays (at least) float32 when the module goes to bf16/fp16, as
+        # from_hf keeps it: bf16 rounds a bias near 1 by up to 2^-8, more than the gaps between
+        # experts' sigmoid scores, and changes which experts a served model picks
+        bias = self.bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.bias.element_size() < 4:
+            self.bias = bias.to(self.bias.device, torch.float32)
+        return self
+
     def forward(self, x_TD: torch.Tensor, global_counts=None) -> Routing:
         """`global_counts` (Dispatcher.global_counts): this call's counts [E] -> the whole batch's,
         over which the balance loss's f is taken; None = this call is the whole batch."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 
 @dataclass
@@ -126,8 +127,10 @@ def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.T
     """Expert rows -> tokens: y[t] = sum_k weights[t, k] * y_rows[row(t, k)], as a batched matmul
     (fp32 accumulation for low-precision inputs), never an index_add."""
     T, K = weights_TK.shape
-    if y_RD.shape[0] == 0:
-        # every slot dropped (or no tokens): keep the graph connected to the weights
+    # no tokens: keep the graph connected to the weights. Under a capacity plan R is
+    # data-dependent, unknown to torch.compile: taken as nonzero there, as it is whenever T > 0
+    # (every capacity is >= 1); a plain `== 0` on it breaks a fullgraph compile
+    if guard_or_false(y_RD.shape[0] == 0):
         return (weights_TK.sum(-1, keepdim=True) * 0).to(y_RD.dtype).expand(T, y_RD.shape[-1])
     y_SD = _GatherRows.apply(y_RD, plan.row_of_slot_S, plan.slot_of_row_R, None, 1)
     if plan.keep_S is not None:
