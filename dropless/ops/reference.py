@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 
 @dataclass
@@ -129,8 +128,10 @@ def combine(y_RD: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.T
     T, K = weights_TK.shape
     # no tokens: keep the graph connected to the weights. Under a capacity plan R is
     # data-dependent, unknown to torch.compile: taken as nonzero there, as it is whenever T > 0
-    # (every capacity is >= 1); a plain `== 0` on it breaks a fullgraph compile
-    if guard_or_false(y_RD.shape[0] == 0):
+    # (every capacity is >= 1); a plain `== 0` on it breaks a fullgraph compile. (Eager never
+    # imports symbolic_shapes, which pulls in sympy: a compile has it loaded already.)
+    if (torch.fx.experimental.symbolic_shapes.guard_or_false(y_RD.shape[0] == 0)
+            if torch.compiler.is_compiling() else y_RD.shape[0] == 0):
         return (weights_TK.sum(-1, keepdim=True) * 0).to(y_RD.dtype).expand(T, y_RD.shape[-1])
     y_SD = _GatherRows.apply(y_RD, plan.row_of_slot_S, plan.slot_of_row_R, None, 1)
     if plan.keep_S is not None:
