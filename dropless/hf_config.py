@@ -60,6 +60,7 @@ class Arch:
                                         # (aliases; the first is written)
     expert_hidden: str                  # config.json field: hidden size of one expert
     rope_theta: float = 1e4             # default when config.json has none
+    max_positions: int = 4096           # max_position_embeddings default
     norm_eps: float = 1e-6              # rms_norm_eps default (transformers' config class's)
     norm_topk: bool | None = False      # norm_topk_prob default; None = always on, no field
     head_dim: bool = False              # head_dim is a free field (else dim // heads exactly)
@@ -83,14 +84,15 @@ _QWEN_REFUSALS = (("use_sliding_window", lambda v, hf: not v, False,
                   ("decoder_sparse_step", lambda v, hf: v in (None, 1), 1,
                    "MoE on every layer only; interleaved dense layers are not implemented"))
 _QWEN = dict(experts=("num_experts", "num_local_experts"), expert_hidden="moe_intermediate_size",
-             dense_prefix="mlp_only_layers")
+             dense_prefix="mlp_only_layers", max_positions=32768)
 ARCHS: dict[str, Arch] = {
     "mixtral": Arch(
         hf_class="MixtralForCausalLM", experts=("num_local_experts", "num_experts"),
-        expert_hidden="intermediate_size", rope_theta=1e6, norm_eps=1e-5, norm_topk=None,
-        head_dim=True, moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+        expert_hidden="intermediate_size", rope_theta=1e6, max_positions=131072, norm_eps=1e-5,
+        norm_topk=None, head_dim=True, moe_module="block_sparse_moe",
+        expert_names=("w1", "w3", "w2"),
         refuse=(("sliding_window", lambda v, hf: v is None or v >= hf.get("max_position_embeddings",
-                 4096), None, "sliding-window attention is not implemented"),
+                 131072), None, "sliding-window attention is not implemented"),
                 ("router_jitter_noise", lambda v, hf: not v, 0.0, "router jitter is not implemented"))),
     "olmoe": Arch(
         hf_class="OlmoeForCausalLM", experts=("num_experts", "num_local_experts"),
@@ -219,7 +221,7 @@ def _config_from_hf(hf: dict) -> ModelConfig:
     common = dict(
         vocab_size=_int(hf, "vocab_size", hi=LIMITS["vocab"]), dim=dim, num_layers=num_layers,
         num_heads=heads, num_kv_heads=_int(hf, "num_key_value_heads", heads, hi=LIMITS["heads"]),
-        max_seq_len=_int(hf, "max_position_embeddings", 4096, hi=LIMITS["positions"]),
+        max_seq_len=_int(hf, "max_position_embeddings", spec.max_positions, hi=LIMITS["positions"]),
         rope_theta=_rope_theta(hf, spec.rope_theta),
         norm_eps=_float(hf, "rms_norm_eps", spec.norm_eps, hi=1.0),
         tie_embeddings=_bool(hf, "tie_word_embeddings"),

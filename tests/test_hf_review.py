@@ -1,5 +1,6 @@
-"""Hugging Face directories as a user meets them, without transformers: malformed files, tokenizers
-that do not cover the model's vocabulary, models that no HF architecture can hold."""
+"""Hugging Face directories as a user meets them, without transformers (but for its config
+defaults): malformed files, tokenizers that do not cover the model's vocabulary, models that no HF
+architecture can hold, fields a config.json leaves out."""
 
 import dataclasses
 import json
@@ -139,3 +140,15 @@ def test_an_odd_head_dim_is_refused_before_any_work(tmp_path, capsys):
     save_file(state, tmp_path / "model.safetensors")
     fails_in_one_line(capsys, ["generate", str(tmp_path), "--max-new-tokens", "4"],
                       "head_dim=33 is invalid: must be even")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_absent_max_position_embeddings_is_transformers_default(model_type):
+    """The context an HF config without max_position_embeddings means is its config class's
+    default (Mixtral 131072, the Qwen MoEs 32768), not 4096 for every architecture."""
+    transformers = pytest.importorskip("transformers")
+    from dropless.hf_config import config_from_hf
+    hf = transformers.AutoConfig.for_model(model_type).to_dict()
+    default = hf.pop("max_position_embeddings")
+    hf.update(num_hidden_layers=2, layer_types=None, first_k_dense_replace=1)
+    assert config_from_hf(hf).max_seq_len == default
