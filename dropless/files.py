@@ -78,6 +78,6 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:   # exists, owned by someone else
-        return True
+    except PermissionError:   # exists, owned by someone else
+        pass
     return True

@@ -265,8 +265,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     # 3. the loop
     log = MetricsLog(run_dir / "metrics.jsonl", keep_through=step) if rt.is_main else None
     # the last steps' losses, on the device; a resumed run's summary takes in those before it
-    recent = deque((torch.tensor(x, dtype=torch.float32, device=device)
-                    for x in saved.get("recent", [])), maxlen=20)
+    recent = deque(torch.tensor(saved.get("recent", [])[-20:], dtype=torch.float32,
+                                device=device).unbind(), maxlen=20)   # one copy, however long
     val_loss = None
     saved_step = step if state is not None else -1
     start_time = time.perf_counter()
