@@ -10,7 +10,8 @@ built directly on the device. tokens/s counts new tokens over the whole call (pr
 short prompts prefill through the decode step's path, "engine_blocks_prefill" through the model's
 blocks, round 12's way); with `--context N` every slot's cache holds N positions, as a server's
 does, and "engine_one_length" reads all N every step (no context buckets); "engine_no_kernels"
-(GPU) decodes with SDPA and the router's torch ops instead of the attention and router kernels;
+(GPU) decodes with SDPA and the router's torch ops instead of the attention and router kernels,
+"engine_no_linear" with rms_norm + F.linear and addmm instead of the projections' GEMV kernel;
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
 one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
@@ -300,20 +301,25 @@ def main():
         (f"engine_step{n}", {"prefill_step_tokens": n}) for n in args.prefill_step_tokens]
     max_len, step_tokens = args.context or args.prompt + args.new, 0
     if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs; the step
-        # without the attention and router kernels (SDPA and the router's torch ops)
+        # without the attention and router kernels (SDPA and the router's torch ops); without
+        # the projections' GEMV kernel (rms_norm + F.linear, addmm)
         variants += [("engine_gather", {"moe_path": "gather"}),
-                     ("engine_no_kernels", {"decode_kernels": False})]
+                     ("engine_no_kernels", {"decode_kernels": False}),
+                     ("engine_no_linear", {"linear_kernel": False})]
     for b in args.batches:
         for name, kw in variants:
             if name == "engine_gather" and b != 1 or name == "engine_blocks_prefill" and (
                     b * args.prompt > step_tokens):
                 continue   # blocks: the same prefill path as "engine" (prompts over step_tokens)
-            gates = (serve_decode.fused_attention, moe_decode.fused_router)
+            gates = (serve_decode.fused_attention, moe_decode.fused_router,
+                     serve_decode.fused_linear)
             if kw.get("decode_kernels") is False:
                 serve_decode.fused_attention = moe_decode.fused_router = lambda t: False
+            if kw.get("linear_kernel") is False:
+                serve_decode.fused_linear = lambda t: False
             try:
-                engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,),
-                                **{k: v for k, v in kw.items() if k != "decode_kernels"})
+                engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,), **{
+                    k: v for k, v in kw.items() if k not in ("decode_kernels", "linear_kernel")})
                 if name == "engine":
                     step_tokens = engine.step_tokens
                 dt = time_engine(engine, prompts[b], args.new, device)
@@ -327,7 +333,8 @@ def main():
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:1000]}
-            serve_decode.fused_attention, moe_decode.fused_router = gates
+            (serve_decode.fused_attention, moe_decode.fused_router,
+             serve_decode.fused_linear) = gates
             res[f"{name}_bs{b}"] = r
             print(f"{name} bs{b}: {r}", flush=True)
             engine = None   # frees its KV cache and graphs
@@ -368,7 +375,8 @@ def print_table(res: dict, args) -> None:
         for name in [f"{v}_bs{b}" for v in ("engine", "engine_compiled", "engine_prefill_compiled",
                                             "engine_blocks_prefill", "engine_one_length",
                                             *(f"engine_step{n}" for n in args.prefill_step_tokens),
-                                            "engine_gather", "engine_no_kernels", "generate",
+                                            "engine_gather", "engine_no_kernels", "engine_no_linear",
+                                            "generate",
                                             "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue

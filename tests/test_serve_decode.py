@@ -12,6 +12,7 @@ except pytest.skip.Exception:   # no triton: the kernel cases skip
     KERNEL_DEVICE = None
 
 from dropless import MoEConfig, Transformer
+from dropless.ops import triton_linear
 from dropless.serve import Engine, decode, moe_decode
 from tests.conftest import rel_err
 from tests.test_mla import mla_config
@@ -35,7 +36,9 @@ def kernels(request, monkeypatch):
     """Indirectly parametrized: "triton" runs gqa's prologue kernel on the CPU, interpreted, and
     the MoE layers choose their decode paths as on CUDA (a short prefill runs them dense);
     "triton+router" the MoE router's kernels too; "attention" the prologue and the split-KV
-    attention kernel (at one token per row: prefill chunks keep SDPA); "all" CUDA's whole path."""
+    attention kernel (at one token per row: prefill chunks keep SDPA); "linear" the prologue and
+    the projections' GEMV kernel (norm + q|k|v, o_proj + residual; at <= 8 rows); "all" CUDA's
+    whole path."""
     if request.param != "torch":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
@@ -46,6 +49,9 @@ def kernels(request, monkeypatch):
                             choose(T, K, E, "cuda", grouped))
     if request.param in ("attention", "all"):
         monkeypatch.setattr(decode, "fused_attention", lambda q: True)
+    if request.param in ("linear", "all"):   # its row bound as on CUDA
+        monkeypatch.setattr(decode, "fused_linear",
+                            lambda x: 1 <= x.shape[0] <= triton_linear.MAX_TOKENS)
     if request.param in ("triton+router", "all"):
         monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
     return request.param
@@ -53,7 +59,8 @@ def kernels(request, monkeypatch):
 
 KINDS = pytest.mark.parametrize("kind,kernels", [
     ("moe", "torch"), ("moe", "triton"), ("moe", "triton+router"), ("moe", "attention"),
-    ("moe", "all"), ("proj", "torch"), ("proj", "triton"), ("mla", "torch")],
+    ("moe", "all"), ("moe", "linear"), ("proj", "torch"), ("proj", "triton"), ("proj", "all"),
+    ("mla", "torch")],
     indirect=["kernels"])
 
 
@@ -104,7 +111,7 @@ def test_decode_step_matches_forward(kind, kernels, compile, short):
 
 @KINDS
 def test_decode_step_matches_forward_bf16(kind, kernels):
-    if kernels in ("attention", "all"):   # the prologue kernel only casts to bf16; this multiplies
+    if kernels in ("attention", "linear", "all"):   # the prologue kernel only casts to bf16
         pytest.skip("the interpreter's bf16 tl.dot is wrong (tests/triton_env.py)")
     model = _model(kind).to(torch.bfloat16)
     seqs, out = _step_logits(model, False, short=True)

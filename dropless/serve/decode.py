@@ -17,7 +17,9 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
    view; one SDPA per layer with the step's mask (grouped queries as query rows of their kv head,
    never expanded; at one token per row on CUDA a split-KV Triton kernel that takes each row's
    position instead of the mask, dropless/ops/triton_attention.py), the residual folded into the
-   output projection's addmm and the MoE combine's baddbmm.
+   output projection's addmm and the MoE combine's baddbmm; at a few rows on CUDA the attention
+   norm + q|k|v projection and the output projection + residual as one GEMV launch each over the
+   weights as stored (dropless/ops/triton_linear.py).
 Results agree with the model's forward to rounding (tests/test_serve_decode.py).
 """
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from dropless.experts import Experts
 from dropless.model import Attention, RMSNorm, rope_tables
 from dropless.ops.device import has_triton
+from dropless.ops import triton_linear
 from dropless.ops.triton_attention import decode_attention   # imports triton when first run
 from dropless.ops.triton_rope import norm_rope_cache
 from dropless.serve.moe_decode import moe_decode
@@ -107,11 +110,15 @@ def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
     return torch.addcmul(x * step.cos_n1R, swapped, step.sin_n1R).to(x.dtype)
 
 
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and has_triton()
+
+
 def fused_prologue(q: torch.Tensor) -> bool:
     """Whether gqa's per-head norms, RoPE and cache writes run as one Triton kernel: on CUDA. The
     CPU serves with the torch ops (tests run the kernel there too, under the Triton interpreter,
     by patching this function)."""
-    return q.is_cuda and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and has_triton()
+    return _on_gpu(q)
 
 
 def fused_attention(q: torch.Tensor) -> bool:
@@ -121,11 +128,30 @@ def fused_attention(q: torch.Tensor) -> bool:
     return fused_prologue(q) and Dh >= 16 and Dh & (Dh - 1) == 0
 
 
+def fused_linear(x: torch.Tensor) -> bool:
+    """Whether a bias-free projection of x's rows (with the norm before it or the residual after
+    it) runs as the Triton GEMV (dropless/ops/triton_linear.py): on CUDA, at decode-sized row
+    counts; tests patch it on, as fused_prologue."""
+    return _on_gpu(x) and 1 <= x.shape[0] <= triton_linear.MAX_TOKENS
+
+
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + lin(x) for 2-D x; one addmm for a bias-free nn.Linear."""
+    """residual + lin(x) for 2-D x; one addmm (or the GEMV, `fused_linear`) for a bias-free
+    nn.Linear."""
     if type(lin) is nn.Linear and lin.bias is None:
+        if fused_linear(x) and lin.weight.dtype == x.dtype:
+            return triton_linear.linear_rows(x, lin.weight, None, 0.0, residual)
         return torch.addmm(residual, x, lin.weight.t())
     return residual + lin(x)
+
+
+def norm_qkv(norm: RMSNorm, x_nD: torch.Tensor, qkv) -> torch.Tensor:
+    """The attention norm and the fused q|k|v projection [n, (H + 2G) Dh]: one GEMV launch for
+    a bias-free stack at decode-sized n (`fused_linear`), else rms_norm then F.linear."""
+    weight, bias = qkv
+    if bias is None and fused_linear(x_nD) and weight.dtype == x_nD.dtype:
+        return triton_linear.linear_rows(x_nD, weight, norm.weight, norm.eps, None)
+    return F.linear(rms_norm(norm, x_nD), weight, bias)
 
 
 def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -152,16 +178,18 @@ def restack_qkv(model, qkvs: list) -> None:
                 old.copy_(new)
 
 
-def gqa(attn: Attention, x_nD: torch.Tensor, residual_nD, cache, step: Step,
+def gqa(attn: Attention, norm: RMSNorm, residual_nD, cache, step: Step,
         qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-    """`qkv`: fuse_qkv(attn), the three projections as one."""
+    """residual + attention(norm(residual)); `qkv`: fuse_qkv(attn), the three projections as
+    one."""
     cfg = attn.cfg
-    n, T = x_nD.shape[0], step.tokens
+    n, T = residual_nD.shape[0], step.tokens
     b = n // T
     H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     if qkv is not None:   # views of one [n, (H + 2G) Dh] product
-        q, k, v = F.linear(x_nD, *qkv).split([H * Dh, G * Dh, G * Dh], dim=-1)
+        q, k, v = norm_qkv(norm, residual_nD, qkv).split([H * Dh, G * Dh, G * Dh], dim=-1)
     else:
+        x_nD = rms_norm(norm, residual_nD)
         q, k, v = attn.q_proj(x_nD), attn.k_proj(x_nD), attn.v_proj(x_nD)
     if attn.q_norm is not None and cfg.qk_norm_scope == "proj":
         q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
@@ -191,10 +219,12 @@ def gqa(attn: Attention, x_nD: torch.Tensor, residual_nD, cache, step: Step,
     return linear_add(attn.o_proj, out, residual_nD)
 
 
-def mla(attn, x_nD: torch.Tensor, residual_nD, cache, step: Step, qkv=None) -> torch.Tensor:
-    """MLAttention's absorbed form over the compressed cache (latent [b, S, C], rope key
-    [b, S, P]), every token's heads as query rows of the one shared latent "head"."""
+def mla(attn, norm: RMSNorm, residual_nD, cache, step: Step, qkv=None) -> torch.Tensor:
+    """residual + MLAttention(norm(residual)) in its absorbed form over the compressed cache
+    (latent [b, S, C], rope key [b, S, P]), every token's heads as query rows of the one shared
+    latent "head"."""
     cfg = attn.cfg
+    x_nD = rms_norm(norm, residual_nD)
     n = x_nD.shape[0]
     b = n // step.tokens
     H, C = cfg.num_heads, cfg.kv_lora_rank
@@ -225,7 +255,7 @@ def decode_blocks(model, x_nD: torch.Tensor, caches, step: Step, moe_path: str |
     (or None)."""
     attention = mla if model.cfg.attention == "mla" else gqa
     for layer, cache, qkv in zip(model.layers, caches, qkvs or [None] * len(caches)):
-        x_nD = attention(layer.attn, rms_norm(layer.attn_norm, x_nD), x_nD, cache, step, qkv)
+        x_nD = attention(layer.attn, layer.attn_norm, x_nD, cache, step, qkv)
         h_nD = rms_norm(layer.ffn_norm, x_nD)
         if layer.is_moe:
             # a decode step (one token per row) stays off the layer's own path: it is graphed

@@ -1,0 +1,82 @@
+"""The decode step's dense projection kernel (dropless/ops/triton_linear.py) against the torch ops it
+replaces in dropless/serve/decode.py: F.rms_norm then F.linear, and addmm with the residual.
+
+On a GPU when there is one, else on the CPU under the Triton interpreter (bf16 on CUDA only, as the
+other kernels' tests)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
+
+from dropless.ops import triton_linear
+from dropless.ops.triton_linear import linear_rows
+from tests.conftest import rel_err
+
+
+def reference(x, w, norm_w, eps, residual):
+    if norm_w is not None:   # decode.rms_norm's value: float32 statistics, rounded to x's dtype
+        x = F.rms_norm(x.float(), (x.shape[-1],), norm_w.float(), eps).to(x.dtype)
+    y = x.float() @ w.float().t()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def check(T, N, K, dtype, norm, res, eps=1e-6, x=None):
+    g = torch.Generator(device="cpu").manual_seed(T * 1000 + N + K)
+    x = torch.randn(T, K, generator=g).to(DEVICE, dtype) if x is None else x
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(K, generator=g)).to(DEVICE, dtype) if norm else None
+    residual = torch.randn(T, N, generator=g).to(DEVICE, dtype) if res else None
+    out = linear_rows(x, w, norm_w, eps, residual)
+    ref = reference(x, w, norm_w, eps, residual)
+    assert out.shape == (T, N) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,res", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("T,N,K", [(1, 64, 128), (1, 100, 70), (3, 48, 300), (8, 5, 16),
+                                   (2, 33, 1000)])
+def test_linear_rows_matches_torch(T, N, K, dtype, norm, res):
+    """K and N not multiples of the blocks; T not a power of two; a norm and a residual or not."""
+    check(T, N, K, dtype, norm, res)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_linear_rows_tiles_as_on_a_gpu(T, monkeypatch):
+    """The grid as laid out for 132 multiprocessors: the output blocks shrink to fill it, the
+    reduction blocks grow to keep the tile, several reduction steps per iteration."""
+    monkeypatch.setattr(triton_linear, "_num_sms", lambda device: 132)
+    block_t, block_n, block_k, unroll = triton_linear.tiles(T, 2048, 4096, 132)
+    assert block_n < triton_linear.MAX_BLOCK_N and block_k * block_n * block_t == \
+        triton_linear.TILE and unroll > 1
+    check(T, 200, 1100, torch.float32, True, True)
+
+
+def test_linear_rows_strided_rows_and_mixed_dtypes():
+    """x rows at a stride (a view of a wider tensor), the norm weight in float32 over fp16 x (the
+    module's upcast path), a residual that is a view too."""
+    wide = torch.randn(4, 96, device=DEVICE, dtype=torch.float16)
+    x = wide[:, :64]
+    w = torch.randn(40, 64, device=DEVICE, dtype=torch.float16) / 8
+    norm_w = torch.rand(64, device=DEVICE) + 0.5
+    residual = torch.randn(4, 80, device=DEVICE, dtype=torch.float16)[:, 20:60]
+    out = linear_rows(x, w, norm_w, 1e-5, residual)
+    assert rel_err(out, reference(x, w, norm_w, 1e-5, residual)) < TOL[torch.float16]
+
+
+def test_linear_rows_norm_of_zero_row_and_large_values():
+    """A zero row normalises to zero (rsqrt(eps) times 0), not NaN; large activations keep their
+    statistics in float32 (their squares overflow fp16)."""
+    x = torch.zeros(2, 128, device=DEVICE, dtype=torch.float16)
+    x[1] = 300.0
+    check(2, 32, 128, torch.float16, True, False, x=x)
+
+
+def test_linear_rows_refuses_more_rows_than_its_tile():
+    x = torch.randn(triton_linear.MAX_TOKENS + 1, 16, device=DEVICE)
+    with pytest.raises(AssertionError):
+        linear_rows(x, torch.randn(8, 16, device=DEVICE), None, 0.0, None)
