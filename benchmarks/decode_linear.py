@@ -22,7 +22,7 @@ from moe_layer import bench
 
 # name: (D, q|k|v outputs, o_proj inputs) of the preset's attention
 SHAPES = {"medium": (1024, 1536, 1024), "qwen3": (2048, 5120, 4096), "cpu": (128, 192, 128)}
-GRID = {"TILE": (1024, 2048, 4096), "WAVES": (2, 4, 8), "UNROLL": (2, 4, 8), "NUM_WARPS": (4, 8)}
+GRID = {"TILE": (2048, 4096), "WAVES": (2, 4, 8), "UNROLL": (4, 8), "NUM_WARPS": (4, 8)}
 
 
 def cases(D, NQKV, HD, T, device, dtype):
