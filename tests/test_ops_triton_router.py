@@ -13,7 +13,8 @@ from triton_env import DEVICE, DTYPES   # first: it sets up Triton
 
 from dropless.config import MoEConfig
 from dropless.ops import triton_router
-from dropless.ops.triton_router import route_topk
+from dropless.model import RMSNorm
+from dropless.ops.triton_router import norm_route_topk, route_topk
 from dropless.router import Router
 from dropless.serve import moe_decode
 from tests.conftest import rel_err
@@ -114,6 +115,34 @@ def test_route_topk_non_finite_logits_still_give_k_distinct_experts(K):
     ids_TK = route_topk(x_TD, router.weight, K, True, 1.0)[1]
     assert ids_TK.min() >= 0 and ids_TK.max() < 8
     assert all(len(set(row)) == K for row in ids_TK.tolist())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D,E,K", [(1, 64, 8, 2), (3, 96, 60, 8), (33, 1000, 128, 8)])
+def test_norm_route_topk_matches_norm_then_route(T, D, E, K, dtype, monkeypatch):
+    """The MoE layer's RMSNorm folded into the logits kernel: h equals rms_norm(x) in x's dtype
+    (written once, by the first expert block's programs, for every split of D) and the routing
+    equals route(rms_norm(x)); a zero row normalises to 0, not NaN; D split as on a GPU."""
+    monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
+    torch.manual_seed(T)
+    x_TD = (3 * torch.randn(T, D, device=DEVICE)).to(dtype)
+    x_TD[T - 1] = 0 if T > 1 else x_TD[T - 1]   # its logits all tie: compared as h only
+    rows = slice(0, max(1, T - 1))
+    norm = RMSNorm(D, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    router = make_router(D, E, K, dtype)
+    weights_TK, ids_TK, h_TD = norm_route_topk(x_TD, norm.weight, norm.eps, router.weight, K,
+                                               True, 1.0)
+    h_ref = moe_decode.rms_norm(norm, x_TD)
+    # float32 statistics summed in another order: at most a rounding of h apart in bf16/fp16
+    assert h_TD.dtype == dtype and h_TD.is_contiguous() and rel_err(h_TD, h_ref) < (
+        1e-6 if dtype == torch.float32 else 1e-3)
+    assert_same_routing(weights_TK[rows], ids_TK[rows],
+                        *torch_route(router, h_TD[rows], monkeypatch))
+    monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
+    assert all(torch.equal(a, b) for a, b in zip(
+        moe_decode.norm_route(norm, router, x_TD), (weights_TK, ids_TK, h_TD)))
 
 
 def test_route_dispatches_to_the_kernels(monkeypatch):

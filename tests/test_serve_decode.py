@@ -111,8 +111,8 @@ def test_decode_step_matches_forward(kind, kernels, compile, short):
 
 @KINDS
 def test_decode_step_matches_forward_bf16(kind, kernels):
-    if kernels in ("attention", "linear", "all"):   # the prologue kernel only casts to bf16
-        pytest.skip("the interpreter's bf16 tl.dot is wrong (tests/triton_env.py)")
+    if kernels in ("triton+router", "attention", "linear", "all"):   # these kernels round to bf16
+        pytest.skip("the interpreter rounds to bf16 wrongly (tests/triton_env.py); CUDA: gpu tests")
     model = _model(kind).to(torch.bfloat16)
     seqs, out = _step_logits(model, False, short=True)
     with torch.no_grad():

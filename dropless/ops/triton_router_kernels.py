@@ -9,7 +9,11 @@ Shape contract:
     any float dtypes -> part [P, T, E] float32, part[p] = x[:, Dp] @ w[:, Dp]^T over the p-th
     run of D_SPLIT features. Grid (cdiv(T, BLOCK_T), cdiv(E, BLOCK_E), P): at T = 1 the
     experts alone give too few programs to read w fast, so D is split too; the partials are
-    summed by the next kernel (deterministic, no atomics).
+    summed by the next kernel (deterministic, no atomics). With NORM, x is first the RMSNorm
+    of itself (norm_w [D], eps), rounded to x's dtype as F.rms_norm's output is; each program
+    takes its rows' statistics over all of D (a few KB that stay in L2), and the programs of
+    the first expert block write that normalised x to h [T, D] (contiguous, x's dtype): the
+    experts' input, without a norm kernel of its own.
   router_topk_kernel: part [P, T, E] -> weights [T, K] float32, ids [T, K] int64. Grid (T,).
     Slot k holds the k-th largest logit (sorted, which the unsorted contract allows).
 Numerics: products and sums in float32 of the inputs as loaded (bf16/fp16 products are exact in
@@ -23,11 +27,11 @@ import triton.language as tl
 @triton.jit
 def router_logits_kernel(
     # tensors
-    x_ptr, w_ptr, part_ptr,
+    x_ptr, w_ptr, part_ptr, norm_ptr, h_ptr,
     # sizes
-    T, E, D, stride_x, D_SPLIT,
+    T, E, D, stride_x, D_SPLIT, eps,
     # meta
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
 ):
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -37,6 +41,13 @@ def router_logits_kernel(
     d_hi = tl.minimum(d_lo + D_SPLIT, D)
     x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + es.to(tl.int64)[:, None] * D
+    if NORM:   # each row's mean square over all of D
+        sq = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & (ds < D)[None, :], other=0.0)
+            sq += x.to(tl.float32) * x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(sq, axis=1) / D + eps)
     # elementwise products accumulate across the D loop; one reduction at the end
     acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BLOCK_D):
@@ -44,6 +55,12 @@ def router_logits_kernel(
         d_ok = ds < d_hi
         x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_rows + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        if NORM:
+            nw = tl.load(norm_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)
+            if tl.program_id(1) == 0:
+                tl.store(h_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :], x,
+                         mask=t_ok[:, None] & d_ok[None, :])
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     logits = tl.sum(acc, axis=2)
     out = part_ptr + (split * T + ts).to(tl.int64)[:, None] * E + es[None, :]

@@ -37,7 +37,7 @@ from dropless.ops.device import has_triton
 from dropless.ops import triton_linear
 from dropless.ops.triton_attention import decode_attention   # imports triton when first run
 from dropless.ops.triton_rope import norm_rope_cache
-from dropless.serve.moe_decode import moe_decode
+from dropless.serve.moe_decode import moe_decode, rms_norm
 
 
 @dataclass
@@ -93,14 +93,6 @@ def step_tokens_cap(model) -> int:
     if model.cfg.attention == "mla":
         caps.append(MLA_QUERY_ROWS // model.cfg.num_heads)
     return max(1, min(caps)) if caps else 1 << 62
-
-
-def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm.forward in one op when the weight has the input's dtype (bf16 in, bf16 out, float32
-    statistics: the same values as the module's upcast-normalise-downcast)."""
-    if norm.weight.dtype != x.dtype:
-        return norm(x)
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
 def rope(x: torch.Tensor, step: Step) -> torch.Tensor:
@@ -256,10 +248,10 @@ def decode_blocks(model, x_nD: torch.Tensor, caches, step: Step, moe_path: str |
     attention = mla if model.cfg.attention == "mla" else gqa
     for layer, cache, qkv in zip(model.layers, caches, qkvs or [None] * len(caches)):
         x_nD = attention(layer.attn, layer.attn_norm, x_nD, cache, step, qkv)
-        h_nD = rms_norm(layer.ffn_norm, x_nD)
         if layer.is_moe:
             # a decode step (one token per row) stays off the layer's own path: it is graphed
-            x_nD = moe_decode(layer.ffn, h_nD, moe_path, x_nD, grouped=step.tokens > 1)
+            x_nD = moe_decode(layer.ffn, x_nD, moe_path, x_nD, grouped=step.tokens > 1,
+                              norm=layer.ffn_norm)
         else:
-            x_nD = x_nD + layer.ffn(h_nD)
+            x_nD = x_nD + layer.ffn(rms_norm(layer.ffn_norm, x_nD))
     return x_nD

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from dropless.experts import Experts
+from dropless.model import RMSNorm
 from dropless.moe import MoE
 from dropless.ops.device import has_triton
 from dropless.ops.gemv import experts_decode   # imports triton when first run
-from dropless.ops.triton_router import route_topk   # imports triton when first run
+from dropless.ops.triton_router import norm_route_topk, route_topk   # import triton when first run
 from dropless.router import Router, select_experts
 
 FUSED_ROUTER_MAX_TOKENS = 64   # the router kernel's grid is laid out for decode-sized T
@@ -41,6 +42,12 @@ def fused_router(x_TD: torch.Tensor) -> bool:
         x_TD.shape[0] <= FUSED_ROUTER_MAX_TOKENS) and has_triton()
 
 
+def plain_softmax(router: Router) -> bool:
+    """Softmax top-k without a selection bias or groups: what the router kernels compute."""
+    cfg = router.cfg
+    return cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None
+
+
 def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights_TK, expert_ids_TK) as Router.forward selects them, without the balance and z
     losses (a dozen kernels per layer that decoding throws away).
@@ -51,7 +58,7 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     scores', and renormalises as a softmax over those k logits, which equals the renormalised
     scores: three kernels where the general path takes nine; on CUDA (`fused_router`) two."""
     cfg = router.cfg
-    plain = cfg.score_func == "softmax" and router.bias is None and cfg.num_groups is None
+    plain = plain_softmax(router)
     if plain and fused_router(x_TD):
         return route_topk(x_TD, router.weight, cfg.top_k, cfg.norm_topk_prob,
                           float(cfg.route_scale))
@@ -71,6 +78,26 @@ def route(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return (weights_TK if cfg.route_scale == 1 else weights_TK * cfg.route_scale), expert_ids_TK
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
     return select_experts(scores_TE, router.bias, cfg)
+
+
+def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm.forward in one op when the weight has the input's dtype (bf16 in, bf16 out, float32
+    statistics: the same values as the module's upcast-normalise-downcast)."""
+    if norm.weight.dtype != x.dtype:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def norm_route(norm: RMSNorm, router: Router, x_TD: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights_TK, expert_ids_TK, h_TD) of route(router, h_TD), h = rms_norm(norm, x): where
+    route takes the router kernels, the norm goes into their first launch (no kernel of its own)."""
+    cfg = router.cfg
+    if plain_softmax(router) and fused_router(x_TD):
+        return norm_route_topk(x_TD, norm.weight, norm.eps, router.weight, cfg.top_k,
+                               cfg.norm_topk_prob, float(cfg.route_scale))
+    h_TD = rms_norm(norm, x_TD)
+    return *route(router, h_TD), h_TD
 
 
 DENSE_MAX_TOKENS = 128   # "dense" does experts / top-k times the FLOPs; past this, they show
@@ -107,17 +134,22 @@ def experts_dense(x_TD, gate_up_EDF2, down_EFD) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
-               residual: torch.Tensor | None = None, grouped: bool = False) -> torch.Tensor:
+               residual: torch.Tensor | None = None, grouped: bool = False,
+               norm: RMSNorm | None = None) -> torch.Tensor:
     """y = the layer's output for x [..., D] (no aux losses), plus `residual` if given (folded
     into the combine: one kernel less); `path` forces "triton", "gather", "dense" or "grouped";
-    `grouped`: whether choose_path may pick it."""
+    `grouped`: whether choose_path may pick it; `norm`: the RMSNorm before the layer, applied to
+    x here (in the router's first kernel where it runs)."""
     x_TD = x.reshape(-1, moe.cfg.dim)
     T = x_TD.shape[0]
     path = path or choose_path(T, moe.cfg.top_k, moe.cfg.num_experts, x.device.type, grouped)
     if path == "grouped":   # MoE.forward: routing, sort, grouped matmul, shared experts
-        y = moe(x)[0]
+        y = moe(x if norm is None else rms_norm(norm, x))[0]
         return y if residual is None else residual + y
-    weights_TK, expert_ids_TK = route(moe.router, x_TD)
+    if norm is None:
+        weights_TK, expert_ids_TK = route(moe.router, x_TD)
+    else:   # from here on x is the layer's input
+        weights_TK, expert_ids_TK, x_TD = norm_route(norm, moe.router, x_TD)
     experts = moe.experts
     quantized = not isinstance(experts, Experts)
     residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
