@@ -251,9 +251,16 @@ def create_app(served: ServedModel, engine: Engine):
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
+        where = "messages" if chat else "prompt"
+        if isinstance(prompt, str):
+            try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
+                prompt.encode()
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{where} is invalid: {e.reason} "
+                               f"({e.object[e.start:e.end]!r})", where) from None
         prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
+            raise APIError(400, "the prompt is empty", where)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
