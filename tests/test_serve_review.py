@@ -4,6 +4,7 @@ tiny random model of test_serve_server)."""
 import pytest
 
 from tests import test_serve_server_edges as edges
+from tests.test_cli import _fails
 
 live, run_dir = edges.live, edges.run_dir   # the module-scoped fixtures
 MODEL = edges.MODEL
@@ -19,3 +20,12 @@ def test_a_lone_surrogate_is_400_not_500(live, path, body, param):
     and the tokenizer's encode raised, a 500 with a traceback in the server's log."""
     message = edges.refused(live, path, {"model": MODEL, "max_tokens": 2, **body}, param)
     assert "surrogate" in message
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def test_generate_prompt_that_is_not_utf8_is_one_line(capsys, run_dir):
+    """argv's bytes that are not UTF-8 (a Latin-1 terminal's "é") come as lone surrogates: the
+    tokenizer's encode raised UnicodeEncodeError, a traceback."""
+    _fails(capsys, ["generate", str(run_dir), "--prompt", "caf\udce9"],
+           "--prompt 'caf\\udce9' is invalid: must be UTF-8 text")
