@@ -11,10 +11,10 @@ import codecs
 import dataclasses
 import math
 import os
-import socket
 import sys
 import time
 import warnings
+from socket import AF_INET, AF_INET6, create_server
 
 from dropless.config import BACKENDS, LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
@@ -268,8 +268,8 @@ def _serve(args) -> int:
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
-    try:   # before the model loads: a busy port or a bad host is one line, at once
-        socket.create_server((args.host, args.port)).close()
+    try:   # before the model loads: a busy port or a bad host is one line (":": IPv6, as uvicorn)
+        create_server((args.host, args.port), family=AF_INET6 if ":" in args.host else AF_INET).close()
     except OSError as e:
         raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
                             f"{e.strerror or e}") from None

@@ -1,8 +1,11 @@
 """Review findings for `dropless serve` and `dropless generate`, one live server for the module (the
 tiny random model of test_serve_server)."""
 
+import socket
+
 import pytest
 
+from dropless import cli
 from tests import test_serve_server_edges as edges
 from tests.test_cli import _fails
 
@@ -29,3 +32,18 @@ def test_generate_prompt_that_is_not_utf8_is_one_line(capsys, run_dir):
     tokenizer's encode raised UnicodeEncodeError, a traceback."""
     _fails(capsys, ["generate", str(run_dir), "--prompt", "caf\udce9"],
            "--prompt 'caf\\udce9' is invalid: must be UTF-8 text")
+
+
+def test_serve_checks_an_ipv6_host_as_uvicorn_binds_it(capsys, monkeypatch, run_dir):
+    """The port check before the model loads bound an IPv4 socket whatever the host: `--host ::1`
+    (which uvicorn serves) was refused with "Address family for hostname not supported"."""
+    import dropless.serve.server as server
+
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port: print(f"up {host}"))
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as busy:
+        port = busy.getsockname()[1]
+        _fails(capsys, ["serve", str(run_dir), "--host", "::1", "--port", str(port)],
+               f"cannot listen on --host ::1 --port {port}: Address already in use")
+    assert cli.main(["serve", str(run_dir), "--host", "::1", "--port", str(port),
+                     "--device", "cpu"]) == 0
+    assert "up ::1" in capsys.readouterr().out
