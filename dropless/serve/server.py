@@ -72,7 +72,9 @@ def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> Sa
 
 def _implemented(body: dict) -> None:
     for name, nothing in NOT_IMPLEMENTED.items():
-        if body.get(name) is not None and body[name] != nothing:
+        value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
+        if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
+                nothing, bool)):
             raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
                            f"{json.dumps(nothing)} or null)", name)
 
