@@ -11,10 +11,10 @@ import codecs
 import dataclasses
 import math
 import os
-import socket
 import sys
 import time
 import warnings
+from socket import AF_INET, AF_INET6, create_server
 
 from dropless.config import BACKENDS, LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
@@ -221,15 +221,16 @@ def _generate(args) -> int:
              args.temperature, "must be a finite number >= 0")
     _require(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be >= 1")
     _require(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
+    prompts = args.prompt or ["def "]   # argv's bytes that are not UTF-8: lone surrogates
+    bad = [p for p in prompts if any("\ud800" <= c <= "\udfff" for c in p)]
+    _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
     model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
-    prompts = args.prompt or ["def "]
     ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):
         raise DroplessError("--prompt must not be empty")
     longest = max(map(len, ids)) + args.max_new_tokens
-    if longest > model.cfg.max_seq_len:
-        raise DroplessError(f"prompt + --max-new-tokens = {longest} tokens exceeds the model's "
-                            f"max_seq_len={model.cfg.max_seq_len}")
+    _require(longest <= model.cfg.max_seq_len, "--max-new-tokens", args.max_new_tokens, f"prompt "
+             f"+ it = {longest} tokens exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     # one prompt streams; multi-byte characters may span tokens: decode incrementally
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     streaming = len(prompts) == 1
@@ -267,8 +268,8 @@ def _serve(args) -> int:
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
-    try:   # before the model loads: a busy port or a bad host is one line, at once
-        socket.create_server((args.host, args.port)).close()
+    try:   # before the model loads: a busy port or a bad host is one line (":": IPv6, as uvicorn)
+        create_server((args.host, args.port), family=AF_INET6 if ":" in args.host else AF_INET).close()
     except OSError as e:
         raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
                             f"{e.strerror or e}") from None
@@ -278,11 +279,10 @@ def _serve(args) -> int:
     context = served.model.cfg.max_seq_len
     _require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
              f"must be in [2, {context}] (the model's max_seq_len)")
+    max_len = args.max_len or min(context, 4096)
     try:
-        max_len = args.max_len or min(context, 4096)
-        engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len,
-                        compile=args.compile, compile_prefill=compile_prefill,
-                        admit_delay=args.admit_delay_ms / 1e3)
+        engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len, compile=args.compile,
+                        compile_prefill=compile_prefill, admit_delay=args.admit_delay_ms / 1e3)
     except ValueError as e:
         raise DroplessError(str(e)) from None
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "

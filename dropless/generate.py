@@ -38,14 +38,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     was_training = model.training
     engine = _engine_for(model, B, T + max_new_tokens, compile)
     requests = []
-    for b, prompt in enumerate(prompts):
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=None if seed is None else seed + b)
-        callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
-        eos = () if eos_id is None else (eos_id,)
-        requests.append(engine.submit(Request(prompt, params, eos_ids=eos, on_token=callback)))
     try:
+        for b, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=None if seed is None else seed + b)
+            callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
+            eos = () if eos_id is None else (eos_id,)
+            requests.append(engine.submit(Request(prompt, params, eos_ids=eos, on_token=callback)))
         engine.run_until_done()
+    except BaseException:
+        # Ctrl-C, a raising on_token, a refused prompt: the kept engine's queue and slots hold
+        # this call's requests, which the next call would decode (and call back) too
+        _KEPT.clear()
+        raise
     finally:
         model.train(was_training)
     return [r.output for r in requests]

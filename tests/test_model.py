@@ -89,6 +89,31 @@ def test_kept_engine_sees_weight_changes(monkeypatch):
     assert out == [greedy_recompute(model, p, 8) for p in prompts]
 
 
+@pytest.mark.parametrize("fail", ["on_token", "bad-id"])
+def test_a_failed_call_leaves_nothing_in_the_kept_engine(monkeypatch, fail):
+    """A call stopped midway (Ctrl-C, a raising on_token) or refused on its last prompt left its
+    requests in the kept engine (on CUDA): the next call of that shape decoded them too, and
+    their on_token printed into its output."""
+    import dropless.generate as gen
+
+    monkeypatch.setattr(gen, "_keeps", lambda device: True)
+    monkeypatch.setattr(gen, "_KEPT", [])
+    model, prompts, seen = tiny(), [[1, 2, 3], [9, 8]], []
+    generate(model, prompts, 8, temperature=0)   # an engine of this shape, kept
+
+    def on_token(row, token):
+        seen.append(row)
+        if len(seen) == 3:
+            raise RuntimeError("on_token failed")   # as Ctrl-C does
+
+    with pytest.raises(RuntimeError if fail == "on_token" else ValueError):
+        generate(model, prompts if fail == "on_token" else [[1, 2, 3], [64]], 8,
+                 temperature=0, on_token=on_token)
+    seen.clear()
+    out = generate(model, prompts, 8, temperature=0, on_token=lambda row, token: None)
+    assert out == [greedy_recompute(model, p, 8) for p in prompts] and not seen
+
+
 def test_kv_cache_logits_equal_full_forward():
     from dropless.model import KVCache
     model = tiny().eval()

@@ -72,7 +72,9 @@ def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> Sa
 
 def _implemented(body: dict) -> None:
     for name, nothing in NOT_IMPLEMENTED.items():
-        if body.get(name) is not None and body[name] != nothing:
+        value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
+        if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
+                nothing, bool)):
             raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
                            f"{json.dumps(nothing)} or null)", name)
 
@@ -251,9 +253,16 @@ def create_app(served: ServedModel, engine: Engine):
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
+        where = "messages" if chat else "prompt"
+        if isinstance(prompt, str):
+            try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
+                prompt.encode()
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{where} is invalid: {e.reason} "
+                               f"({e.object[e.start:e.end]!r})", where) from None
         prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
+            raise APIError(400, "the prompt is empty", where)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")

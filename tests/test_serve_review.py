@@ -1,0 +1,59 @@
+"""Review findings for `dropless serve` and `dropless generate`, one live server for the module (the
+tiny random model of test_serve_server)."""
+
+import socket
+
+import pytest
+
+from dropless import cli
+from tests import test_serve_server_edges as edges
+from tests.test_cli import _fails
+
+live, run_dir = edges.live, edges.run_dir   # the module-scoped fixtures
+MODEL = edges.MODEL
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udcff"]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud83d"}]}, "messages"),
+])
+def test_a_lone_surrogate_is_400_not_500(live, path, body, param):
+    """JSON may spell a lone surrogate ("\\ud800"), which json.loads keeps: UTF-8 cannot encode it,
+    and the tokenizer's encode raised, a 500 with a traceback in the server's log."""
+    message = edges.refused(live, path, {"model": MODEL, "max_tokens": 2, **body}, param)
+    assert "surrogate" in message
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def test_generate_prompt_that_is_not_utf8_is_one_line(capsys, run_dir):
+    """argv's bytes that are not UTF-8 (a Latin-1 terminal's "é") come as lone surrogates: the
+    tokenizer's encode raised UnicodeEncodeError, a traceback."""
+    _fails(capsys, ["generate", str(run_dir), "--prompt", "caf\udce9"],
+           "--prompt 'caf\\udce9' is invalid: must be UTF-8 text")
+
+
+def test_serve_checks_an_ipv6_host_as_uvicorn_binds_it(capsys, monkeypatch, run_dir):
+    """The port check before the model loads bound an IPv4 socket whatever the host: `--host ::1`
+    (which uvicorn serves) was refused with "Address family for hostname not supported"."""
+    import dropless.serve.server as server
+
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port: print(f"up {host}"))
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as busy:
+        port = busy.getsockname()[1]
+        _fails(capsys, ["serve", str(run_dir), "--host", "::1", "--port", str(port)],
+               f"cannot listen on --host ::1 --port {port}: Address already in use")
+    assert cli.main(["serve", str(run_dir), "--host", "::1", "--port", str(port),
+                     "--device", "cpu"]) == 0
+    assert "up ::1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logprobs": 0}, "logprobs"),       # a completion's logprobs=0: the sampled tokens' logprobs
+    ({"best_of": True}, "best_of"), ({"echo": 0}, "echo"),
+])
+def test_not_implemented_parameters_are_refused_whatever_their_type(live, fields, param):
+    """0 == False and True == 1 in Python: logprobs=0, which asks a completion for the sampled
+    tokens' log probabilities, passed as the no-op false, and the reply came without them."""
+    edges.refused(live, "/v1/completions", {"model": MODEL, "prompt": "a", **fields}, param)
