@@ -1,0 +1,36 @@
+"""AWQ int4 bugs an adversarial review found: each test failed before its fix."""
+
+import pytest
+
+from dropless import ModelConfig, MoEConfig, Transformer
+from dropless.checkpoint import config_to_dict
+from dropless.cli import main
+from dropless.parallel.checkpoint import save
+from dropless.tokenizer import ByteTokenizer
+from tests.test_quant_edges import error_line
+
+
+@pytest.fixture(autouse=True)
+def reference_path(monkeypatch):
+    """The CPU reference path, even when a kernel test switched the interpreter on earlier."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+CFG = ModelConfig(vocab_size=256, dim=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                  max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2, dim=64, hidden_dim=48))
+
+
+@pytest.mark.parametrize("argv", [["eval", "{run}", "--device", "cpu"],
+                                  ["generate", "{run}", "--max-new-tokens", "2"],
+                                  ["convert", "--to-hf", "{run}", "{hf}"]])
+def test_run_whose_quant_does_not_fit_its_model(tmp_path, capsys, argv):
+    """A run directory (from a stranger) whose saved `quant` cannot hold its model's shapes (hidden
+    48 is no whole number of 32-wide groups) is one error line naming state.json, not a
+    ValueError traceback from building the packed modules."""
+    run = tmp_path / "run"
+    save(run, 0, Transformer(CFG), state={
+        "model_config": config_to_dict(CFG), "tokenizer": ByteTokenizer().to_json(),
+        "quant": {"bits": 4, "group_size": 32, "attention": True, "experts": True}})
+    assert main([a.format(run=run, hf=tmp_path / "hf") for a in argv]) == 1
+    err = error_line(capsys)
+    assert "state.json: quant: " in err and "input features 48 are not a multiple of" in err
