@@ -34,3 +34,14 @@ def test_run_whose_quant_does_not_fit_its_model(tmp_path, capsys, argv):
     assert main([a.format(run=run, hf=tmp_path / "hf") for a in argv]) == 1
     err = error_line(capsys)
     assert "state.json: quant: " in err and "input features 48 are not a multiple of" in err
+
+
+def test_quantize_hf_dir_whose_config_is_not_an_object(tmp_path, capsys):
+    """config.json holding a JSON list: one line naming it, as eval and convert say, not an
+    AttributeError traceback from looking up quantization_config in it."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    assert main(["quantize", str(tmp_path / "hf"), "--out", str(tmp_path / "q"), "--quiet",
+                 "--device", "cpu"]) == 1
+    assert "config.json: must hold a JSON object, not list" in error_line(capsys)
+    assert not (tmp_path / "q").exists()

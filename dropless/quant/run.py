@@ -48,9 +48,11 @@ def load_source(src: str | Path, device: torch.device):
         from dropless.hf import read_hf_config
         from dropless.hf_config import config_from_hf
         try:   # the HF reader's errors name the file and what is wrong: one line, no traceback
-            if read_hf_config(src).get("quantization_config"):
+            hf_cfg = read_hf_config(src)
+            cfg = config_from_hf(hf_cfg, str(src / "config.json"))   # checks it is an object
+            if hf_cfg.get("quantization_config"):
                 raise DroplessError(f"{src} is already quantized")
-            dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+            dtype = work_dtype(cfg, device)
             model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
         except ValueError as e:
             raise DroplessError(str(e)) from None
