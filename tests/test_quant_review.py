@@ -1,13 +1,17 @@
 """AWQ int4 bugs an adversarial review found: each test failed before its fix."""
 
+import dataclasses
+import warnings
+
 import pytest
 
 from dropless import ModelConfig, MoEConfig, Transformer
-from dropless.checkpoint import config_to_dict
+from dropless.checkpoint import config_to_dict, load_run
 from dropless.cli import main
 from dropless.parallel.checkpoint import save
 from dropless.tokenizer import ByteTokenizer
 from tests.test_quant_edges import error_line
+from tests.test_quant_run import make_run, quantize
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +49,18 @@ def test_quantize_hf_dir_whose_config_is_not_an_object(tmp_path, capsys):
                  "--device", "cpu"]) == 1
     assert "config.json: must hold a JSON object, not list" in error_line(capsys)
     assert not (tmp_path / "q").exists()
+
+
+
+def test_quantize_into_the_current_directory(tmp_path, corpus, monkeypatch):
+    """--out . (an empty working directory) is that directory: the temp path beside it had an
+    empty name, a ValueError traceback after the whole calibration."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, hidden_dim=64))
+    src = make_run(tmp_path / "src", cfg)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # experts without calibration tokens
+        assert quantize(src, ".", corpus, "--group-size", "32") == 0
+    assert "quant" in load_run(tmp_path / "here")[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "src"]   # no temp left

@@ -87,7 +87,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))   # `.` names the directory it is (a temp goes beside it)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DroplessError(f"--out {out}: exists and is not an empty directory")
     for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
