@@ -64,3 +64,15 @@ def test_quantize_into_the_current_directory(tmp_path, corpus, monkeypatch):
         assert quantize(src, ".", corpus, "--group-size", "32") == 0
     assert "quant" in load_run(tmp_path / "here")[2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "src"]   # no temp left
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_devices_that_cannot_run_refused(tmp_path, capsys, command, device):
+    """--device meta (no data) or mps: one line, not NotImplementedError 'Cannot copy out of
+    meta tensor' (or a missing-backend RuntimeError) from deep in the load."""
+    run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64)))
+    out = ["--out", str(tmp_path / "q")] if command == "quantize" else []
+    assert main([command, str(run), *out, "--device", device]) == 1
+    assert f"--device {device}: only cpu and cuda are supported" in error_line(capsys)
