@@ -1,6 +1,8 @@
 """AWQ int4 bugs an adversarial review found: each test failed before its fix."""
 
 import dataclasses
+import json
+import math
 import warnings
 
 import pytest
@@ -76,3 +78,15 @@ def test_devices_that_cannot_run_refused(tmp_path, capsys, command, device):
     out = ["--out", str(tmp_path / "q")] if command == "quantize" else []
     assert main([command, str(run), *out, "--device", device]) == 1
     assert f"--device {device}: only cpu and cuda are supported" in error_line(capsys)
+
+
+def test_eval_of_a_loss_past_exp_range(tmp_path, corpus, capsys):
+    """A model whose loss passes ~709 nats (huge logits: a broken quantization, a stranger's
+    weights) reports an infinite perplexity, not an OverflowError traceback from math.exp."""
+    def huge_logits(model):
+        model.norm.weight.mul_(1e4)
+    run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64)), huge_logits)
+    assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["val_loss"] > 1000 and r["val_ppl"] == math.inf
