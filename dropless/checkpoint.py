@@ -68,8 +68,12 @@ def _saved_model(path: Path, state: dict):
                             f"only {cfg.vocab_size}: they do not belong together")
     qcfg = None
     if "quant" in state:
-        from dropless.quant.modules import QuantConfig, quantize_modules
+        from dropless.quant.modules import QuantConfig, check_quantizable, quantize_modules
         qcfg = _from_json(QuantConfig, state["quant"], f"{where}: quant")
+        try:   # the packed modules need whole groups: refuse here, not as build()'s ValueError
+            check_quantizable(cfg, qcfg)
+        except ValueError as e:
+            raise DroplessError(f"{where}: quant: {e}") from None
 
     def build() -> Transformer:
         model = Transformer(cfg)

@@ -41,5 +41,6 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
                             f"sequences of {seq_len}")
     windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches)
     loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
-    return {"val_loss": loss, "val_ppl": math.exp(loss),
+    # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
+    return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),
             "tokens": cfg.batch_size * seq_len * cfg.eval_batches}

@@ -24,6 +24,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise DroplessError(f"--device {name!r} is not a device (try cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):   # meta holds no data; nothing here targets mps, xpu
+        raise DroplessError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DroplessError(f"--device {name}: CUDA is not available on this machine")
     return device

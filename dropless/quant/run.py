@@ -48,9 +48,11 @@ def load_source(src: str | Path, device: torch.device):
         from dropless.hf import read_hf_config
         from dropless.hf_config import config_from_hf
         try:   # the HF reader's errors name the file and what is wrong: one line, no traceback
-            if read_hf_config(src).get("quantization_config"):
+            hf_cfg = read_hf_config(src)
+            cfg = config_from_hf(hf_cfg, str(src / "config.json"))   # checks it is an object
+            if hf_cfg.get("quantization_config"):
                 raise DroplessError(f"{src} is already quantized")
-            dtype = work_dtype(config_from_hf(read_hf_config(src)), device)
+            dtype = work_dtype(cfg, device)
             model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
         except ValueError as e:
             raise DroplessError(str(e)) from None
@@ -85,7 +87,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))   # `.` names the directory it is (a temp goes beside it)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DroplessError(f"--out {out}: exists and is not an empty directory")
     for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):

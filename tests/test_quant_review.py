@@ -1,0 +1,92 @@
+"""AWQ int4 bugs an adversarial review found: each test failed before its fix."""
+
+import dataclasses
+import json
+import math
+import warnings
+
+import pytest
+
+from dropless import ModelConfig, MoEConfig, Transformer
+from dropless.checkpoint import config_to_dict, load_run
+from dropless.cli import main
+from dropless.parallel.checkpoint import save
+from dropless.tokenizer import ByteTokenizer
+from tests.test_quant_edges import error_line
+from tests.test_quant_run import make_run, quantize
+
+
+@pytest.fixture(autouse=True)
+def reference_path(monkeypatch):
+    """The CPU reference path, even when a kernel test switched the interpreter on earlier."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+CFG = ModelConfig(vocab_size=256, dim=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                  max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2, dim=64, hidden_dim=48))
+
+
+@pytest.mark.parametrize("argv", [["eval", "{run}", "--device", "cpu"],
+                                  ["generate", "{run}", "--max-new-tokens", "2"],
+                                  ["convert", "--to-hf", "{run}", "{hf}"]])
+def test_run_whose_quant_does_not_fit_its_model(tmp_path, capsys, argv):
+    """A run directory (from a stranger) whose saved `quant` cannot hold its model's shapes (hidden
+    48 is no whole number of 32-wide groups) is one error line naming state.json, not a
+    ValueError traceback from building the packed modules."""
+    run = tmp_path / "run"
+    save(run, 0, Transformer(CFG), state={
+        "model_config": config_to_dict(CFG), "tokenizer": ByteTokenizer().to_json(),
+        "quant": {"bits": 4, "group_size": 32, "attention": True, "experts": True}})
+    assert main([a.format(run=run, hf=tmp_path / "hf") for a in argv]) == 1
+    err = error_line(capsys)
+    assert "state.json: quant: " in err and "input features 48 are not a multiple of" in err
+
+
+def test_quantize_hf_dir_whose_config_is_not_an_object(tmp_path, capsys):
+    """config.json holding a JSON list: one line naming it, as eval and convert say, not an
+    AttributeError traceback from looking up quantization_config in it."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    assert main(["quantize", str(tmp_path / "hf"), "--out", str(tmp_path / "q"), "--quiet",
+                 "--device", "cpu"]) == 1
+    assert "config.json: must hold a JSON object, not list" in error_line(capsys)
+    assert not (tmp_path / "q").exists()
+
+
+
+def test_quantize_into_the_current_directory(tmp_path, corpus, monkeypatch):
+    """--out . (an empty working directory) is that directory: the temp path beside it had an
+    empty name, a ValueError traceback after the whole calibration."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, hidden_dim=64))
+    src = make_run(tmp_path / "src", cfg)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # experts without calibration tokens
+        assert quantize(src, ".", corpus, "--group-size", "32") == 0
+    assert "quant" in load_run(tmp_path / "here")[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "src"]   # no temp left
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_devices_that_cannot_run_refused(tmp_path, capsys, command, device):
+    """--device meta (no data) or mps: one line, not NotImplementedError 'Cannot copy out of
+    meta tensor' (or a missing-backend RuntimeError) from deep in the load."""
+    run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64)))
+    out = ["--out", str(tmp_path / "q")] if command == "quantize" else []
+    assert main([command, str(run), *out, "--device", device]) == 1
+    assert f"--device {device}: only cpu and cuda are supported" in error_line(capsys)
+
+
+def test_eval_of_a_loss_past_exp_range(tmp_path, corpus, capsys):
+    """A model whose loss passes ~709 nats (huge logits: a broken quantization, a stranger's
+    weights) reports an infinite perplexity, not an OverflowError traceback from math.exp."""
+    def huge_logits(model):
+        model.norm.weight.mul_(1e4)
+    run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64)), huge_logits)
+    assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["val_loss"] > 1000 and r["val_ppl"] == math.inf
