@@ -16,7 +16,9 @@
    shapes and on how many tokens each expert receives, not on the text), timed wall-clock.
 3. Decode at batch 1 through the inference engine (decode.time_engine: greedy, prompt 32, 128
    new tokens, the decode step as a CUDA graph), the bf16 model before quantization and the int4
-   model after: tokens/s and their ratio. (On a CPU the "bf16" model is fp32.)
+   model after: tokens/s and their ratio. (On a CPU the "bf16" model is fp32.) On a GPU the bf16
+   model also decodes without the projection GEMV kernel and the norm folded into the router
+   (dropless/ops/triton_linear.py, norm_route_topk): what those two are worth, same run.
 """
 
 from __future__ import annotations
@@ -58,11 +60,32 @@ def decode_tokens_per_s(model, device: str, prompt: int = 32, new: int = 128) ->
                              device)
 
 
+def without_projection_kernels(model, device: str) -> float:
+    """decode_tokens_per_s with the dense projections as rms_norm + F.linear and addmm (no
+    linear_rows GEMV) and the MoE norm as its own kernel (the router's torch ops)."""
+    from dropless.serve import decode, moe_decode
+    gates = decode.fused_linear, moe_decode.norm_route
+
+    def norm_then_route(norm, router, x_TD):
+        h_TD = moe_decode.rms_norm(norm, x_TD)
+        return *moe_decode.route(router, h_TD), h_TD
+
+    decode.fused_linear, moe_decode.norm_route = (lambda x: False), norm_then_route
+    try:
+        return decode_tokens_per_s(model, device)
+    finally:
+        decode.fused_linear, moe_decode.norm_route = gates
+
+
 def big(preset: str, device: str, samples: int, seq_len: int) -> dict:
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = build(preset, device, dtype)
     res = {"preset": preset, "calib": [samples, seq_len],
            "decode_bf16_tokens_per_s": decode_tokens_per_s(model, device)}
+    if device != "cpu":
+        res["decode_bf16_no_projection_kernels"] = without_projection_kernels(model, device)
+        print(f"bf16 decode: {res['decode_bf16_tokens_per_s']:.1f} tokens/s; without the "
+              f"projection kernels {res['decode_bf16_no_projection_kernels']:.1f}", flush=True)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.vocab_size, (samples, seq_len), generator=g)
     sync(device)

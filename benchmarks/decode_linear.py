@@ -1,7 +1,10 @@
 """The decode step's dense projections at a few tokens: the torch ops (rms_norm + F.linear over the
 fused q|k|v weight; addmm of o_proj with the residual) against the GEMV kernel
-(dropless/ops/triton_linear.py), and the kernel's tiles swept. us per call (median of CUDA-graph
-replays through triton's do_bench, which flushes L2 between them), GB/s of the weight bytes.
+(dropless/ops/triton_linear.py), and the kernel's tiles swept. us per call: one CUDA graph of
+CALLS calls back to back, over COPIES copies of the weights (more bytes than L2 holds: every call
+reads from memory, as a decode step's layers do), timed by triton's do_bench (median), / CALLS.
+A graph of one call would time the host's launch latency with it (~10 us on an idle GPU: every
+kernel measured ~1.1 TB/s that way, round 16). GB/s of the weight bytes.
 
     python benchmarks/decode_linear.py                         # H200: medium and Qwen3-30B-A3B
     python benchmarks/decode_linear.py --tokens 1 --sweep      # and the tile grid at T = 1
@@ -23,23 +26,34 @@ from moe_layer import bench
 # name: (D, q|k|v outputs, o_proj inputs) of the preset's attention
 SHAPES = {"medium": (1024, 1536, 1024), "qwen3": (2048, 5120, 4096), "cpu": (128, 192, 128)}
 GRID = {"TILE": (2048, 4096), "WAVES": (2, 4, 8), "UNROLL": (4, 8), "NUM_WARPS": (4, 8)}
+CALLS, COPIES = 24, 6
 
 
-def cases(D, NQKV, HD, T, device, dtype):
-    """(name, bytes, torch fn, kernel fn) for the two projections of one layer."""
+def repeated(fns, device):
+    """One callable running fns[i % len(fns)] for i < CALLS, as one CUDA graph on a GPU."""
+    def run():
+        for i in range(CALLS):
+            fns[i % len(fns)]()
+    return graphed(run, device) if device.type == "cuda" else run
+
+
+def cases(D, NQKV, HD, T, device, dtype, copies):
+    """(name, bytes, torch fns, kernel fns) for the two projections of one layer, one fn per
+    copy of the weights."""
     g = torch.Generator(device="cpu").manual_seed(T)
     x = torch.randn(T, D, generator=g).to(device, dtype)
     norm_w = (1 + 0.1 * torch.randn(D, generator=g)).to(device, dtype)
-    w_qkv = (torch.randn(NQKV, D, generator=g) * D ** -0.5).to(device, dtype)
     attn = torch.randn(T, HD, generator=g).to(device, dtype)
-    w_o = (torch.randn(D, HD, generator=g) * HD ** -0.5).to(device, dtype)
+    w_qkv = [(torch.randn(NQKV, D, generator=g) * D ** -0.5).to(device, dtype)
+             for _ in range(copies)]
+    w_o = [(torch.randn(D, HD, generator=g) * HD ** -0.5).to(device, dtype) for _ in range(copies)]
     return [
-        ("norm+qkv", w_qkv.numel() * w_qkv.element_size(),
-         lambda: F.linear(F.rms_norm(x, (D,), norm_w, 1e-6), w_qkv),
-         lambda: triton_linear.linear_rows(x, w_qkv, norm_w, 1e-6, None)),
-        ("o_proj+res", w_o.numel() * w_o.element_size(),
-         lambda: torch.addmm(x, attn, w_o.t()),
-         lambda: triton_linear.linear_rows(attn, w_o, None, 0.0, x)),
+        ("norm+qkv", w_qkv[0].numel() * w_qkv[0].element_size(),
+         [lambda w=w: F.linear(F.rms_norm(x, (D,), norm_w, 1e-6), w) for w in w_qkv],
+         [lambda w=w: triton_linear.linear_rows(x, w, norm_w, 1e-6, None) for w in w_qkv]),
+        ("o_proj+res", w_o[0].numel() * w_o[0].element_size(),
+         [lambda w=w: torch.addmm(x, attn, w.t()) for w in w_o],
+         [lambda w=w: triton_linear.linear_rows(attn, w, None, 0.0, x) for w in w_o]),
     ]
 
 
@@ -61,10 +75,11 @@ def main():
     for shape in args.shapes:
         D, NQKV, HD = SHAPES[shape]
         for T in args.tokens:
-            for op, nbytes, ref_fn, fn in cases(D, NQKV, HD, T, device, dtype):
-                ref = ref_fn().float()
+            copies = COPIES if device.type == "cuda" else 1
+            for op, nbytes, ref_fns, fns in cases(D, NQKV, HD, T, device, dtype, copies):
+                ref, fn = ref_fns[0]().float(), fns[0]
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
-                t_ref, t = (bench(graphed(f, device), device) for f in (ref_fn, fn))
+                t_ref, t = (bench(repeated(f, device), device) / CALLS for f in (ref_fns, fns))
                 print(f"{shape:8}{T:3} {op:12}{t_ref * 1e3:10.1f}{t * 1e3:10.1f}"
                       f"{t_ref / t:8.2f}{nbytes / t / 1e6:12.0f}{err:10.1e}", flush=True)
                 if not (args.sweep and T == args.tokens[0]):
@@ -76,7 +91,7 @@ def main():
                         setattr(triton_linear, k, v)
                     try:
                         e = ((fn().float() - ref).norm() / ref.norm()).item()
-                        t_s = bench(graphed(fn, device), device)
+                        t_s = bench(repeated(fns, device), device) / CALLS
                     except Exception as exc:   # e.g. out of registers: keep sweeping
                         print(f"    {setting}: {type(exc).__name__}")
                         continue

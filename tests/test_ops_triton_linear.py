@@ -77,6 +77,6 @@ def test_linear_rows_norm_of_zero_row_and_large_values():
 
 
 def test_linear_rows_refuses_more_rows_than_its_tile():
-    x = torch.randn(triton_linear.MAX_TOKENS + 1, 16, device=DEVICE)
+    x = torch.randn(triton_linear.MAX_ROWS + 1, 16, device=DEVICE)
     with pytest.raises(AssertionError):
         linear_rows(x, torch.randn(8, 16, device=DEVICE), None, 0.0, None)

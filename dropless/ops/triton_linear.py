@@ -17,15 +17,20 @@ from torch import Tensor
 
 from dropless.ops.device import num_sms
 
-MAX_TOKENS = 8       # rows per launch: the program's tile holds every row (weights read once)
-# Each program accumulates BLOCK_T x BLOCK_N x BLOCK_K float32 products (TILE: 16 registers a
+# Rows where decode uses it: the tile holds every row (weights read once). On an H100 at T = 1
+# the kernel beat BLAS (rms_norm + F.linear; addmm) 1.1-1.4x at the medium and Qwen3-30B-A3B
+# shapes; at T = 2 the Qwen3 q|k|v stack was 0.92x and o_proj 1.16x, past that slower
+# (benchmarks/results/h100_r16/call1_linear_*.log)
+MAX_TOKENS = 2
+MAX_ROWS = 8   # what one launch takes (its register tile)
+# Each program accumulates BLOCK_T x BLOCK_N x BLOCK_K float32 products (TILE: 32 registers a
 # thread at 4 warps); output blocks shrink until the grid holds WAVES programs per
-# multiprocessor; UNROLL reduction steps are loaded together. A first guess, swept on the H200 by
-# benchmarks/decode_linear.py.
-TILE = 2048
+# multiprocessor; UNROLL reduction steps are loaded together. The best of a 24-point sweep at the
+# Qwen3-30B-A3B shapes, T = 1, on an H100 (benchmarks/decode_linear.py; within ~10%: the rest)
+TILE = 4096
 MAX_BLOCK_N = 16
-WAVES = 4
-UNROLL = 4
+WAVES = 8
+UNROLL = 8
 NUM_WARPS = 4
 
 
@@ -56,12 +61,12 @@ def tiles(T: int, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
 @torch.library.custom_op("dropless::linear_rows", mutates_args=())
 def linear_rows(x_TK: Tensor, weight_NK: Tensor, norm_weight: Tensor | None, eps: float,
                 residual_TN: Tensor | None) -> Tensor:
-    """(residual +) rms_norm(x) @ W^T for T <= MAX_TOKENS rows, in x's dtype: the norm (when
+    """(residual +) rms_norm(x) @ W^T for T <= MAX_ROWS rows, in x's dtype: the norm (when
     norm_weight [K] is given: F.rms_norm(x, norm_weight, eps), rounded to x's dtype) and the
     residual add [T, N] in the GEMV's launch. W [N, K] as nn.Linear holds it."""
     T, K = x_TK.shape
     N = weight_NK.shape[0]
-    assert weight_NK.shape[1] == K and 1 <= T <= MAX_TOKENS
+    assert weight_NK.shape[1] == K and 1 <= T <= MAX_ROWS
     if x_TK.stride(1) != 1:
         x_TK = x_TK.contiguous()
     weight_NK = weight_NK.contiguous()
