@@ -90,3 +90,23 @@ def test_eval_of_a_loss_past_exp_range(tmp_path, corpus, capsys):
     assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["val_loss"] > 1000 and r["val_ppl"] == math.inf
+
+
+def test_int4_scales_keep_fp16_when_the_model_goes_to_bf16():
+    """A served model is loaded as bf16 (.to(bf16)): the packed scales stay fp16 (bf16 would
+    round them, changing every dequantized weight), codes unchanged; float32 is exact and taken."""
+    import torch
+
+    from dropless.quant.modules import QuantizedExperts, QuantizedLinear
+    torch.manual_seed(0)
+    lin = QuantizedLinear.from_linear(torch.nn.Linear(128, 64, bias=False), 64)
+    experts = QuantizedExperts(4, 128, 64, 64)
+    experts.gate_up.scales.uniform_(1e-3, 1)
+    for module in (lin, experts):
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        module.to(torch.bfloat16)
+        after = module.state_dict()
+        assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+        module.to(torch.float32)
+        assert all(t.dtype == torch.float32 for k, t in module.state_dict().items()
+                   if k.endswith("scales"))

@@ -53,6 +53,16 @@ class Int4Weight(nn.Module):
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.qweight, self.qzeros, self.scales
 
+    def _apply(self, fn, recurse=True):
+        # the scales never go to bf16 with a model (load_model_dir(dtype=bf16), .to(bf16)): every
+        # scale is an fp16 value, which bf16 rounds by up to 2^-9 (3 mantissa bits fewer); a cast
+        # to float32 is exact and allowed
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype == torch.bfloat16 and scales.dtype != torch.bfloat16:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     @torch.no_grad()
     def set_from(self, w: torch.Tensor, max_abs: torch.Tensor | None = None) -> None:
         """Quantize w [..., in, out] (round to nearest, optionally clipped) into the buffers."""
