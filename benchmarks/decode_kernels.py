@@ -10,6 +10,8 @@ the preset cut to that depth (the first layer kept MoE), so the embedding, LM he
 buffer updates fall out; "rest" is what the step spends outside the layers. On the CPU the count
 is of aten ops that touch data (views, reshapes and allocations excluded: they launch nothing), a
 proxy for CUDA kernels; torch.compile is counted on CUDA only (its CPU kernels are not aten ops).
+On CUDA each row also lists the GPU time per layer by kernel, from the same profiled step (kernel
+durations only: the gaps between launches, which a CUDA graph shrinks, are not in it).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def build(cfg, device, dtype):
         torch.set_default_dtype(default)
 
 
-def count_step(cfg, device, dtype, batch: int, compile: bool) -> tuple[int, Counter]:
+def count_step(cfg, device, dtype, batch: int, compile: bool
+               ) -> tuple[int, Counter, Counter | None]:
+    """(kernels or aten ops, their counts by name, on CUDA their GPU microseconds by name)."""
     model = build(cfg, device, dtype)
     engine = Engine(model, max_batch=batch, max_len=min(cfg.max_seq_len, 256), buckets=(batch,),
                     cuda_graphs=False, compile=compile)
@@ -69,13 +73,15 @@ def count_step(cfg, device, dtype, batch: int, compile: bool) -> tuple[int, Coun
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 engine.decode_fn(batch, True)
                 torch.cuda.synchronize()
-            kernels = Counter(e.name[:60] for e in prof.events()
-                              if e.device_type == torch.autograd.DeviceType.CUDA)
-            return sum(kernels.values()), kernels
+            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels, us = Counter(e.name[:60] for e in events), Counter()
+            for e in events:
+                us[e.name[:60]] += e.device_time
+            return sum(kernels.values()), kernels, us
         mode = AtenOps()
         with mode:
             engine.decode_fn(batch, True)
-        return sum(mode.ops.values()), mode.ops
+        return sum(mode.ops.values()), mode.ops, None
 
 
 def profile_prefill(cfg, device, dtype, n: int, prompt: int, top: int) -> None:
@@ -152,7 +158,8 @@ def main():
     print(f"{'':16}{'batch':>6}{'per layer':>11}{'rest':>7}{f'{base.num_layers} layers':>12}")
     for compile in modes:
         for b in args.batches:
-            (n1, c1), (n2, c2) = (count_step(cut[n], device, dtype, b, compile) for n in (1, 2))
+            (n1, c1, us1), (n2, c2, us2) = (count_step(cut[n], device, dtype, b, compile)
+                                            for n in (1, 2))
             per_layer = n2 - n1
             name = "compiled" if compile else "eager"
             print(f"{name:16}{b:6}{per_layer:11}{n1 - per_layer:7}"
@@ -160,6 +167,11 @@ def main():
             if args.top:
                 diff = c2 - c1
                 print("    " + ", ".join(f"{k} {v}" for k, v in diff.most_common(args.top)))
+            if us1 is not None:   # GPU time per layer by kernel (one profiled step, no graph)
+                per = {k: us2[k] - us1.get(k, 0.0) for k in us2}
+                print(f"    GPU us per layer {sum(per.values()):.1f}: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+                    if abs(v) >= 0.05))
 
 
 if __name__ == "__main__":
