@@ -79,7 +79,10 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
             raise DroplessError(f"{shown}: line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DroplessError(f'{shown}: line {lineno} has no "text" string field')
-        docs.append((f"{name}:{lineno}", record["text"]))
+        # a JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no
+        # encoder takes it; U+FFFD, as for a file's bytes that are not UTF-8
+        text = record["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        docs.append((f"{name}:{lineno}", text))
     return docs
 
 
