@@ -75,8 +75,9 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DroplessError(f"{shown}: line {lineno} is not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
+            raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
+                                f"({getattr(e, 'msg', e)})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DroplessError(f'{shown}: line {lineno} has no "text" string field')
         # a JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no

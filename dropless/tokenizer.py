@@ -121,7 +121,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     """ValueError (one line) for anything but a dropless or `tokenizers` tokenizer JSON."""
     try:
         spec = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:   # RecursionError: nested too deep
         raise ValueError(f"not a tokenizer: invalid JSON ({err})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"not a tokenizer: a JSON {type(spec).__name__}, not an object")

@@ -1,7 +1,11 @@
 """Adversarial cases for the data side: corpus files, token cache, tokenizers, run logs."""
 
+import pytest
+
 from dropless import data
-from dropless.tokenizer import ByteTokenizer
+from dropless.errors import DroplessError
+from dropless.files import read_small_json
+from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
 
 
 def test_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path):
@@ -13,3 +17,21 @@ def test_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path):
     assert docs == [("docs.jsonl:1", "a \ufffd\ufffd\ufffd b"), ("docs.jsonl:2", "pair \U0001F600 ok")]
     tokens = data.load_tokens(docs, ByteTokenizer(), tmp_path / "cache")
     assert len(tokens.train) + len(tokens.val) > 0
+
+
+@pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "1" * 5000])
+def test_jsonl_line_too_deep_or_too_long_a_number_is_one_error(tmp_path, value):
+    """RecursionError and int's 4300-digit ValueError are not JSONDecodeErrors: tracebacks."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "x", "extra": ' + value + "}\n")
+    with pytest.raises(DroplessError, match="line 2 is not valid JSON"):
+        data.read_documents(str(path))
+
+
+def test_deeply_nested_json_files_are_one_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DroplessError, match="is not readable JSON"):
+        read_small_json(path)
+    with pytest.raises(ValueError, match="not a tokenizer: invalid JSON"):
+        tokenizer_from_json(path.read_text())
