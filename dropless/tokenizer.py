@@ -90,7 +90,12 @@ class BPETokenizer:
         if token_id in self._added:
             return self._added[token_id].encode()
         piece = self.tok.id_to_token(token_id)
-        return b"" if piece is None else bytes(self._byte_of[c] for c in piece)
+        if piece is None:
+            return b""
+        try:
+            return bytes(self._byte_of[c] for c in piece)
+        except KeyError:   # a piece outside the byte alphabet is its text, as `tokenizers` decodes it
+            return piece.encode()
 
     def to_json(self) -> str:
         return self.tok.to_str()

@@ -5,7 +5,7 @@ import pytest
 from dropless import data
 from dropless.errors import DroplessError
 from dropless.files import read_small_json
-from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
+from dropless.tokenizer import BPETokenizer, ByteTokenizer, _byte_alphabet, tokenizer_from_json
 
 
 def test_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path):
@@ -35,3 +35,17 @@ def test_deeply_nested_json_files_are_one_error(tmp_path):
         read_small_json(path)
     with pytest.raises(ValueError, match="not a tokenizer: invalid JSON"):
         tokenizer_from_json(path.read_text())
+
+
+def test_byte_level_piece_outside_the_alphabet_decodes_as_its_text():
+    """A tokenizer.json may hold pieces that are not byte-alphabet strings (a stray special token
+    never registered as added): the model can still sample them. KeyError mid-generation before;
+    `tokenizers`' own ByteLevel decoder falls back to the piece's text."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    vocab = {**_byte_alphabet(), "Ġhello\u03a9": 256, "<|end|>": 257}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    tok = BPETokenizer(hf)
+    assert tok.token_bytes(256) == "Ġhello\u03a9".encode()
+    assert tok.decode([72, 256, 257]) == hf.decode([72, 256, 257])
