@@ -62,6 +62,10 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tok):
+        # a tokenizer.json saved with truncation or padding on (from a pipeline) would cut every
+        # document and prompt to its max_length and pad the rest: lengths are the caller's business
+        tok.no_truncation()
+        tok.no_padding()
         self.tok = tok
         # the largest id + 1 (ids of a hand-written vocab need not be contiguous): the embedding
         # rows the tokenizer can reach

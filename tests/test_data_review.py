@@ -1,11 +1,14 @@
 """Adversarial cases for the data side: corpus files, token cache, tokenizers, run logs."""
 
+import json
+
 import pytest
 
 from dropless import data
 from dropless.errors import DroplessError
 from dropless.files import read_small_json
-from dropless.tokenizer import BPETokenizer, ByteTokenizer, _byte_alphabet, tokenizer_from_json
+from dropless.tokenizer import (BPETokenizer, ByteTokenizer, _byte_alphabet, tokenizer_from_json,
+                                train_bpe)
 
 
 def test_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path):
@@ -49,3 +52,19 @@ def test_byte_level_piece_outside_the_alphabet_decodes_as_its_text():
     tok = BPETokenizer(hf)
     assert tok.token_bytes(256) == "Ġhello\u03a9".encode()
     assert tok.decode([72, 256, 257]) == hf.decode([72, 256, 257])
+
+
+def test_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts():
+    """`tokenizers` applies a tokenizer.json's "truncation"/"padding" in encode: every document of
+    the token cache (and every prompt) was cut to max_length, or padded with pad ids."""
+    tok = train_bpe(["hello world " * 100], 300)
+    spec = json.loads(tok.to_json())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                          "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "!"}
+    loaded = tokenizer_from_json(json.dumps(spec))
+    text = "hello world " * 10
+    assert loaded.encode(text).tolist() == tok.encode(text).tolist()
+    assert [ids.tolist() for ids in loaded.encode_batch(["hi", text])] == [
+        tok.encode("hi").tolist(), tok.encode(text).tolist()]
