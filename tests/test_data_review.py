@@ -68,3 +68,41 @@ def test_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts():
     assert loaded.encode(text).tolist() == tok.encode(text).tolist()
     assert [ids.tolist() for ids in loaded.encode_batch(["hi", text])] == [
         tok.encode("hi").tolist(), tok.encode(text).tolist()]
+
+
+def _sentencepiece_like():
+    """A BPE as Mixtral's tokenizer.json has it: '▁' for spaces, byte-fallback pieces <0xNN>, and
+    a decoder that strips the text's first space."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(["hello world, how are you?"] * 20, trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"].update({f"<0x{b:02X}>": 80 + b for b in range(256)})
+    spec["model"]["byte_fallback"] = True
+    tok = HFTokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return tokenizer_from_json(tok.to_str())
+
+
+def test_sentencepiece_tokens_stream_with_their_spaces_and_bytes():
+    """generate and serve stream token_bytes: decoded alone, each '▁word' lost its space (the
+    decoder strips a text's first one) and each byte-fallback piece became U+FFFD."""
+    tok = _sentencepiece_like()
+    ids = tok.encode("hello world é😀 how are you").tolist()
+    streamed = b"".join(tok.token_bytes(i) for i in ids).decode()
+    assert streamed == " hello world é😀 how are you"   # a continuation keeps its first space
+    assert tok.decode(ids) == streamed[1:]
+    assert tok.token_bytes(10_000) == b""   # past the vocabulary
+
+
+def test_tokenizer_that_cannot_encode_the_anchor_still_loads():
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel(vocab={"x": 0, "y": 1}))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tokenizer_from_json(hf.to_str())
+    assert tok.encode("x y").tolist() == [0, 1] and tok.token_bytes(1) == b"y"
