@@ -1,9 +1,12 @@
 """Adversarial cases for the data side: corpus files, token cache, tokenizers, run logs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from conftest import subprocess_env
 from dropless import data
 from dropless.errors import DroplessError
 from dropless.files import read_small_json
@@ -106,3 +109,24 @@ def test_tokenizer_that_cannot_encode_the_anchor_still_loads():
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = tokenizer_from_json(hf.to_str())
     assert tok.encode("x y").tolist() == [0, 1] and tok.token_bytes(1) == b"y"
+
+
+def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
+    """Resuming rewrites metrics.jsonl without the steps past the checkpoint: a disk that fills
+    (here: a file size limit) during that rewrite left the run's log cut short, its history lost."""
+    path = tmp_path / "metrics.jsonl"
+    old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 50))
+    path.write_text(old)
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from dropless.runlog import MetricsLog\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+              "try:\n"
+              "    MetricsLog(Path(sys.argv[1]), keep_through=40)\n"
+              "except OSError:\n"
+              "    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert path.read_text() == old
