@@ -89,8 +89,10 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
 
 def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
     docs, skipped = [], []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):   # links to directories are not followed (loops)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        skipped += [Path(folder, d).relative_to(root).as_posix() + "/" for d in dirs
+                    if Path(folder, d).is_symlink()]
         for name in sorted(f for f in files if not f.startswith(".")):
             path = Path(folder, name)
             if (text := _read_text(path, shown)) is None or "\x00" in text:
@@ -99,7 +101,7 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
                 docs.append((path.relative_to(root).as_posix(), text))
     if skipped:
         warnings.warn(f"{shown}: skipped {len(skipped)} binary or non-regular files "
-                      f"(FIFOs, devices, ...): {', '.join(skipped[:5])}"
+                      f"(FIFOs, devices, links to directories, ...): {', '.join(skipped[:5])}"
                       + (" ..." if len(skipped) > 5 else ""), stacklevel=3)
     return docs
 

@@ -130,3 +130,17 @@ def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
     assert path.read_text() == old
+
+
+def test_directory_links_are_not_followed_and_not_skipped_silently(tmp_path):
+    """os.walk does not follow links to directories (a loop would never end): their files were
+    left out of the corpus without a word."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.txt").write_text("beta")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha")
+    (corpus / "linked").symlink_to(tmp_path / "other")
+    (corpus / "loop").symlink_to(corpus)
+    with pytest.warns(UserWarning, match="skipped 2 .*: linked/, loop/"):
+        assert data.read_documents(str(corpus)) == [("a.txt", "alpha")]
