@@ -75,18 +75,24 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DroplessError(f"{shown}: line {lineno} is not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
+            raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
+                                f"({getattr(e, 'msg', e)})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DroplessError(f'{shown}: line {lineno} has no "text" string field')
-        docs.append((f"{name}:{lineno}", record["text"]))
+        # a JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no
+        # encoder takes it; U+FFFD, as for a file's bytes that are not UTF-8
+        text = record["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        docs.append((f"{name}:{lineno}", text))
     return docs
 
 
 def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
     docs, skipped = [], []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):   # links to directories are not followed (loops)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        skipped += [Path(folder, d).relative_to(root).as_posix() + "/" for d in dirs
+                    if Path(folder, d).is_symlink()]
         for name in sorted(f for f in files if not f.startswith(".")):
             path = Path(folder, name)
             if (text := _read_text(path, shown)) is None or "\x00" in text:
@@ -95,7 +101,7 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
                 docs.append((path.relative_to(root).as_posix(), text))
     if skipped:
         warnings.warn(f"{shown}: skipped {len(skipped)} binary or non-regular files "
-                      f"(FIFOs, devices, ...): {', '.join(skipped[:5])}"
+                      f"(FIFOs, devices, links to directories, ...): {', '.join(skipped[:5])}"
                       + (" ..." if len(skipped) > 5 else ""), stacklevel=3)
     return docs
 

@@ -45,7 +45,7 @@ def read_small_json(path: str | Path):
         return json.loads(read_small_text(path))
     except DroplessError:
         raise
-    except ValueError as err:   # not UTF-8, not JSON
+    except (ValueError, RecursionError) as err:   # not UTF-8, not JSON, nested too deep
         raise DroplessError(f"{path} is not readable JSON: {err}") from None
 
 

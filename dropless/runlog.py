@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+from dropless.parallel.checkpoint import write_atomic
+
 
 class StopOnInterrupt:
     """First Ctrl-C (or `request_stop()`): the loop finishes its step, checkpoints and returns.
@@ -87,7 +89,8 @@ class MetricsLog:
                 continue
             if record["step"] <= keep_through:
                 records.append(record)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        # through a temp file: a failed rewrite (a full disk) leaves the whole log as it was
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
         self.file = open(path, "a")
 
     def write(self, record: dict) -> None:

@@ -8,6 +8,7 @@ tokenizer.json of an exported Hugging Face directory).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -62,6 +63,10 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tok):
+        # a tokenizer.json saved with truncation or padding on (from a pipeline) would cut every
+        # document and prompt to its max_length and pad the rest: lengths are the caller's business
+        tok.no_truncation()
+        tok.no_padding()
         self.tok = tok
         # the largest id + 1 (ids of a hand-written vocab need not be contiguous): the embedding
         # rows the tokenizer can reach
@@ -70,6 +75,14 @@ class BPETokenizer:
         self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
         # added (special) tokens are stored as their text, not in the byte-level alphabet
         self._added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        # other decoders see a token after an anchor text that is then cut off: alone, SentencePiece's
+        # decoder strips the token's leading space (every streamed word lost its space)
+        try:
+            self._anchor = tok.encode("a", add_special_tokens=False).ids
+        except Exception:   # tokenizers' own error: "a" has no token and there is no unknown one
+            self._anchor = []
+        self._anchor_text = tok.decode(self._anchor)
+        self._byte_fallback = getattr(tok.model, "byte_fallback", False)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
@@ -86,11 +99,22 @@ class BPETokenizer:
         """The token's exact bytes (for byte-level BPE; other tokenizers: its decoded text). An
         id the tokenizer lacks (a model's vocabulary padded past it) has none."""
         if not self._byte_level:
-            return self.tok.decode([token_id]).encode()
+            piece = self.tok.id_to_token(token_id) or ""
+            if self._byte_fallback and re.fullmatch("<0x[0-9A-F]{2}>", piece):   # alone: U+FFFD
+                return bytes([int(piece[3:5], 16)])
+            text = self.tok.decode([*self._anchor, token_id])
+            if not text.startswith(self._anchor_text):
+                text = self._anchor_text + self.tok.decode([token_id])
+            return text[len(self._anchor_text):].encode()
         if token_id in self._added:
             return self._added[token_id].encode()
         piece = self.tok.id_to_token(token_id)
-        return b"" if piece is None else bytes(self._byte_of[c] for c in piece)
+        if piece is None:
+            return b""
+        try:
+            return bytes(self._byte_of[c] for c in piece)
+        except KeyError:   # a piece outside the byte alphabet is its text, as `tokenizers` decodes it
+            return piece.encode()
 
     def to_json(self) -> str:
         return self.tok.to_str()
@@ -121,7 +145,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     """ValueError (one line) for anything but a dropless or `tokenizers` tokenizer JSON."""
     try:
         spec = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:   # RecursionError: nested too deep
         raise ValueError(f"not a tokenizer: invalid JSON ({err})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"not a tokenizer: a JSON {type(spec).__name__}, not an object")

@@ -1,0 +1,146 @@
+"""Adversarial cases for the data side: corpus files, token cache, tokenizers, run logs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import subprocess_env
+from dropless import data
+from dropless.errors import DroplessError
+from dropless.files import read_small_json
+from dropless.tokenizer import (BPETokenizer, ByteTokenizer, _byte_alphabet, tokenizer_from_json,
+                                train_bpe)
+
+
+def test_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path):
+    """json.loads turns "\\ud800" into a lone surrogate, which no UTF-8 encoder (bytes or BPE)
+    takes: UnicodeEncodeError in the cache build, a traceback from `dropless train`."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a \\ud800 b"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    docs = data.read_documents(str(path))
+    assert docs == [("docs.jsonl:1", "a \ufffd\ufffd\ufffd b"), ("docs.jsonl:2", "pair \U0001F600 ok")]
+    tokens = data.load_tokens(docs, ByteTokenizer(), tmp_path / "cache")
+    assert len(tokens.train) + len(tokens.val) > 0
+
+
+@pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "1" * 5000])
+def test_jsonl_line_too_deep_or_too_long_a_number_is_one_error(tmp_path, value):
+    """RecursionError and int's 4300-digit ValueError are not JSONDecodeErrors: tracebacks."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "x", "extra": ' + value + "}\n")
+    with pytest.raises(DroplessError, match="line 2 is not valid JSON"):
+        data.read_documents(str(path))
+
+
+def test_deeply_nested_json_files_are_one_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DroplessError, match="is not readable JSON"):
+        read_small_json(path)
+    with pytest.raises(ValueError, match="not a tokenizer: invalid JSON"):
+        tokenizer_from_json(path.read_text())
+
+
+def test_byte_level_piece_outside_the_alphabet_decodes_as_its_text():
+    """A tokenizer.json may hold pieces that are not byte-alphabet strings (a stray special token
+    never registered as added): the model can still sample them. KeyError mid-generation before;
+    `tokenizers`' own ByteLevel decoder falls back to the piece's text."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    vocab = {**_byte_alphabet(), "Ġhello\u03a9": 256, "<|end|>": 257}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    tok = BPETokenizer(hf)
+    assert tok.token_bytes(256) == "Ġhello\u03a9".encode()
+    assert tok.decode([72, 256, 257]) == hf.decode([72, 256, 257])
+
+
+def test_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts():
+    """`tokenizers` applies a tokenizer.json's "truncation"/"padding" in encode: every document of
+    the token cache (and every prompt) was cut to max_length, or padded with pad ids."""
+    tok = train_bpe(["hello world " * 100], 300)
+    spec = json.loads(tok.to_json())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                          "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "!"}
+    loaded = tokenizer_from_json(json.dumps(spec))
+    text = "hello world " * 10
+    assert loaded.encode(text).tolist() == tok.encode(text).tolist()
+    assert [ids.tolist() for ids in loaded.encode_batch(["hi", text])] == [
+        tok.encode("hi").tolist(), tok.encode(text).tolist()]
+
+
+def _sentencepiece_like():
+    """A BPE as Mixtral's tokenizer.json has it: '▁' for spaces, byte-fallback pieces <0xNN>, and
+    a decoder that strips the text's first space."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(["hello world, how are you?"] * 20, trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"].update({f"<0x{b:02X}>": 80 + b for b in range(256)})
+    spec["model"]["byte_fallback"] = True
+    tok = HFTokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return tokenizer_from_json(tok.to_str())
+
+
+def test_sentencepiece_tokens_stream_with_their_spaces_and_bytes():
+    """generate and serve stream token_bytes: decoded alone, each '▁word' lost its space (the
+    decoder strips a text's first one) and each byte-fallback piece became U+FFFD."""
+    tok = _sentencepiece_like()
+    ids = tok.encode("hello world é😀 how are you").tolist()
+    streamed = b"".join(tok.token_bytes(i) for i in ids).decode()
+    assert streamed == " hello world é😀 how are you"   # a continuation keeps its first space
+    assert tok.decode(ids) == streamed[1:]
+    assert tok.token_bytes(10_000) == b""   # past the vocabulary
+
+
+def test_tokenizer_that_cannot_encode_the_anchor_still_loads():
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel(vocab={"x": 0, "y": 1}))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tokenizer_from_json(hf.to_str())
+    assert tok.encode("x y").tolist() == [0, 1] and tok.token_bytes(1) == b"y"
+
+
+def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
+    """Resuming rewrites metrics.jsonl without the steps past the checkpoint: a disk that fills
+    (here: a file size limit) during that rewrite left the run's log cut short, its history lost."""
+    path = tmp_path / "metrics.jsonl"
+    old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 50))
+    path.write_text(old)
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from dropless.runlog import MetricsLog\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+              "try:\n"
+              "    MetricsLog(Path(sys.argv[1]), keep_through=40)\n"
+              "except OSError:\n"
+              "    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert path.read_text() == old
+
+
+def test_directory_links_are_not_followed_and_not_skipped_silently(tmp_path):
+    """os.walk does not follow links to directories (a loop would never end): their files were
+    left out of the corpus without a word."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.txt").write_text("beta")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha")
+    (corpus / "linked").symlink_to(tmp_path / "other")
+    (corpus / "loop").symlink_to(corpus)
+    with pytest.warns(UserWarning, match="skipped 2 .*: linked/, loop/"):
+        assert data.read_documents(str(corpus)) == [("a.txt", "alpha")]
