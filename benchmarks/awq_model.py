@@ -62,7 +62,7 @@ def decode_tokens_per_s(model, device: str, prompt: int = 32, new: int = 128) ->
 
 def without_projection_kernels(model, device: str) -> float:
     """decode_tokens_per_s with the dense projections as rms_norm + F.linear and addmm (no
-    linear_rows GEMV) and the MoE norm as its own kernel (the router's torch ops)."""
+    linear_rows GEMV) and the MoE norm as its own kernel before the router kernels."""
     from dropless.serve import decode, moe_decode
     gates = decode.fused_linear, moe_decode.norm_route
 
