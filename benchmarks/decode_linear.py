@@ -20,21 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from dropless.ops import triton_linear
-from gemv_tiles import graphed   # this script's folder
+from gemv_tiles import CALLS, repeated   # this script's folder
 from moe_layer import bench
 
 # name: (D, q|k|v outputs, o_proj inputs) of the preset's attention
 SHAPES = {"medium": (1024, 1536, 1024), "qwen3": (2048, 5120, 4096), "cpu": (128, 192, 128)}
 GRID = {"TILE": (2048, 4096), "WAVES": (2, 4, 8), "UNROLL": (4, 8), "NUM_WARPS": (4, 8)}
-CALLS, COPIES = 24, 6
-
-
-def repeated(fns, device):
-    """One callable running fns[i % len(fns)] for i < CALLS, as one CUDA graph on a GPU."""
-    def run():
-        for i in range(CALLS):
-            fns[i % len(fns)]()
-    return graphed(run, device) if device.type == "cuda" else run
+COPIES = 6
 
 
 def cases(D, NQKV, HD, T, device, dtype, copies):

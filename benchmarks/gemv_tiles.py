@@ -1,7 +1,11 @@
 """The decode experts' GEMV tiles (dropless/ops/gemv.py TILES), swept: bf16 and int4 expert weights
 at the medium, Qwen3-30B-A3B and Mixtral expert shapes, a few tokens, every (BLOCK_N, BLOCK_K,
-UNROLL, WAVES) in the grid. Prints us per call (median of CUDA-graph replays), the bandwidth of the
-expert bytes read, the error against the current tiles' output, and each kind's best.
+UNROLL, WAVES) in the grid. Prints us per call: one CUDA graph of CALLS calls, each routing to its
+own draw of experts (more expert bytes than L2 holds: every call reads from memory, as a decode
+step's layers do), timed by triton's do_bench (median), / CALLS. A graph of ONE call times the
+host's launch latency with it (round 16: every kernel then read ~1.1 TB/s; round 12's sweep was
+timed that way). Also the bandwidth of the expert bytes read, the error against the current
+tiles' output, and each kind's best.
 
     python benchmarks/gemv_tiles.py                       # H200: minutes (each tile compiles)
     python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 4 --kinds int4
@@ -25,6 +29,7 @@ from moe_layer import bench   # the benchmarks' one timing helper (this script's
 SHAPES = {"medium": (1024, 512, 64, 8), "qwen3": (2048, 768, 128, 8),   # D, F, E, K
           "mixtral": (4096, 14336, 8, 2), "cpu": (128, 128, 8, 2)}
 GROUP = 128
+CALLS = 24
 GRID = {"BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64), "UNROLL": (2, 4, 8), "WAVES": (2, 4, 6, 8)}
 QUICK = {"BLOCK_N": (32, 64), "BLOCK_K": (32,), "UNROLL": (2, 4), "WAVES": (4,)}
 
@@ -39,6 +44,14 @@ def graphed(fn, device):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def repeated(fns, device, calls=CALLS):
+    """One callable running fns[i % len(fns)] for i < calls, as one CUDA graph on a GPU."""
+    def run():
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return graphed(run, device) if device.type == "cuda" else run
 
 
 def main():
@@ -70,9 +83,11 @@ def main():
                   "int4": q.nbytes() / E}   # per expert
         for T in args.tokens:
             x = torch.randn(T, D, device=device, dtype=dtype)
-            ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+            draws = [torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+                     for _ in range(CALLS if device.type == "cuda" else 1)]
+            ids = draws[0]
             w = torch.rand(T, K, device=device).softmax(-1)
-            used = ids.unique().numel()
+            used = sum(d.unique().numel() for d in draws) / len(draws)
             best = {}
             for kind in args.kinds:
                 gu, dn = weights[kind]
@@ -83,8 +98,8 @@ def main():
                     try:
                         y = gemv.decode_experts(x, ids, w, gu, dn).float()
                         err = ((y - ref).norm() / ref.norm()).item()
-                        us = bench(graphed(lambda: gemv.decode_experts(x, ids, w, gu, dn),
-                                           device), device) * 1e3
+                        fns = [lambda d=d: gemv.decode_experts(x, d, w, gu, dn) for d in draws]
+                        us = bench(repeated(fns, device, len(fns)), device) * 1e3 / len(fns)
                     except Exception as e:   # a tile the kernel's asserts or resources refuse
                         print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}  "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
