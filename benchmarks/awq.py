@@ -9,8 +9,8 @@ nearest, group 128). "bf16 decode" is the bf16 layer the way the inference engin
 (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens): the speedups
 are against the faster of the two bf16 rows. Weights are random, built on the GPU. Times are
 medians (triton's do_bench, CUDA events) of a forward under no_grad, eager and replayed from a
-CUDA graph (what an inference engine runs; launch overhead dominates the eager numbers at batch
-1). "check" is the int4 layer's relative error against the bf16 layer holding the dequantized
+CUDA graph of 24 calls on 24 inputs (what an inference engine runs; launch overhead dominates the
+eager numbers at batch 1; times are per call). "check" is the int4 layer's relative error against the bf16 layer holding the dequantized
 int4 weights (the same function).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
@@ -35,20 +35,25 @@ from moe_layer import bench   # the benchmarks' one timing helper (this script's
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
           "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
 GROUP = 128
+CALLS = 24   # inputs per graph (each routed anew): times are per call
 
 
-def graphed(fn, x):
-    """fn replayed from a CUDA graph (None when the path cannot be captured)."""
+def graphed(fn, xs):
+    """fn(x) for every x in xs, replayed from ONE CUDA graph (None when the path cannot be
+    captured). Several inputs, each routed to its own experts: a graph of one call would time
+    the host's launch latency with it (round 16), and repeating one input would read its experts
+    from L2."""
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                fn(x)
+                fn(xs[0])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn(x)
+            for x in xs:
+                fn(x)
         return graph.replay
     except Exception as err:   # a host sync inside the path: report eager only
         print(f"  (no CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:80]})")
@@ -92,11 +97,24 @@ def main():
         print(f"{name}: D={D} F={F} E={E} K={K}: experts {bf16_bytes / 2**20:.0f} MiB bf16, "
               f"{q.nbytes() / 2**20:.0f} MiB int4 ({q.nbytes() / bf16_bytes:.3f}x)")
         for T in map(int, args.tokens.split(",")):
-            x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+            xs = [torch.randn(T, D, device=device, dtype=torch.bfloat16)
+                  for _ in range(CALLS if device.type == "cuda" else 1)]
+            x = xs[0]
+
+            def per_call(f, inputs):   # ms per call of f over the inputs, graphed where asked
+                replay = None if args.no_graph or device.type != "cuda" else graphed(f, inputs)
+                return bench(replay, device) / len(inputs) if replay else bench(
+                    lambda: f(inputs[0]), device)
+
             with torch.no_grad():
                 y_q, y_d = int4(x)[0].float(), deq(x)[0].float()
                 check = ((y_q - y_d).norm() / y_d.norm()).item()
                 times = {}
+                # (x, ids, w) per input: the experts alone run on their layer's routing
+                routed = []
+                for t in xs:
+                    route = bf16.router(t)
+                    routed.append((t, route.expert_ids_TK, route.weights_TK))
                 for label, layer, unpack in (("bf16", bf16, None), ("bf16 decode", bf16, None),
                                              ("int4", int4, "interleave"),
                                              ("int4 gather", int4, "gather")):
@@ -104,32 +122,33 @@ def main():
                         os.environ[awq_ops.UNPACK_ENV] = unpack
                     fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
                     if label == "bf16 decode":
-                        fn = lambda t: moe_decode(bf16, t)   # noqa: E731
+                        fn = lambda t, m=bf16: moe_decode(m, t)   # noqa: E731
                     times[label] = bench(lambda: fn(x), device)
-                    replay = None if args.no_graph or device.type != "cuda" else graphed(fn, x)
-                    times[label + " graph"] = bench(replay, device) if replay else float("nan")
-                    # the experts alone, on the layer's routing: plan, dispatch, experts, combine
-                    # for bf16; int4 the way its layer runs them (decode, or the fused kernels)
-                    route = bf16.router(x)
-                    ids, w = route.expert_ids_TK, route.weights_TK
+                    times[label + " graph"] = (per_call(fn, xs) if not args.no_graph
+                                               else float("nan"))
+                    # the experts alone: plan, dispatch, experts, combine for bf16; int4 the way
+                    # its layer runs them (decode, or the fused kernels)
                     if label == "bf16 decode":   # the engine's: by size, as moe_decode picks
                         path = choose_path(T, K, E, device.type)
-                        experts = (lambda t: experts_decode(t, ids, w, bf16.experts.gate_up,
-                                                            bf16.experts.down)) if (
-                            path == "triton" or device.type == "cpu") else (
-                            lambda t: moe_decode(bf16, t, path))
+                        if path == "triton" or device.type == "cpu":
+                            def experts(r, m=bf16):
+                                return experts_decode(r[0], r[1], r[2], m.experts.gate_up,
+                                                      m.experts.down)
+                        else:
+                            def experts(r, m=bf16, path=path):
+                                return moe_decode(m, r[0], path)
                     elif layer is bf16:
-                        def experts(t):
-                            plan = ops.make_plan(ids, E)
-                            y_RD = bf16.experts(ops.dispatch(t, plan), plan.counts_E)
-                            return ops.combine(y_RD, plan, w)
+                        def experts(r, m=bf16):
+                            plan = ops.make_plan(r[1], E)
+                            y_RD = m.experts(ops.dispatch(r[0], plan), plan.counts_E)
+                            return ops.combine(y_RD, plan, r[2])
                     elif q.decodes(x, K):
-                        experts = lambda t: q.decode(t, ids, w)   # noqa: E731
+                        def experts(r, q=q):
+                            return q.decode(*r)
                     else:
-                        experts = lambda t: q.fused(t, ops.make_plan(ids, E), w)   # noqa: E731
-                    replay = None if args.no_graph or device.type != "cuda" else graphed(experts, x)
-                    times[label + " experts"] = (bench(replay, device) if replay
-                                                 else bench(lambda: experts(x), device))
+                        def experts(r, q=q):
+                            return q.fused(r[0], ops.make_plan(r[1], E), r[2])
+                    times[label + " experts"] = per_call(experts, routed)
                 os.environ.pop(awq_ops.UNPACK_ENV)
             rows.append((name, T, times, check))
         del bf16, int4, deq, q
