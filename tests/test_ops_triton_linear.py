@@ -80,3 +80,19 @@ def test_linear_rows_refuses_more_rows_than_its_tile():
     x = torch.randn(triton_linear.MAX_ROWS + 1, 16, device=DEVICE)
     with pytest.raises(AssertionError):
         linear_rows(x, torch.randn(8, 16, device=DEVICE), None, 0.0, None)
+
+
+def test_linear_rows_strided_norm_weight_and_wrong_shapes():
+    """A norm weight that is a strided view is read as its values (the kernel indexes it as
+    contiguous); a residual or norm weight of the wrong shape is refused, not read past its end."""
+    g = torch.Generator(device="cpu").manual_seed(7)
+    x = torch.randn(2, 64, generator=g).to(DEVICE)
+    w = (torch.randn(24, 64, generator=g) / 8).to(DEVICE)
+    norm_w = (1 + torch.rand(128, generator=g)).to(DEVICE)[::2]
+    assert not norm_w.is_contiguous()
+    out = linear_rows(x, w, norm_w, 1e-6, None)
+    assert rel_err(out, reference(x, w, norm_w, 1e-6, None)) < TOL[torch.float32]
+    with pytest.raises(AssertionError):
+        linear_rows(x, w, None, 0.0, torch.randn(1, 24, device=DEVICE))   # [1, N] would broadcast
+    with pytest.raises(AssertionError):
+        linear_rows(x, w, torch.ones(32, device=DEVICE), 1e-6, None)

@@ -71,6 +71,10 @@ def linear_rows(x_TK: Tensor, weight_NK: Tensor, norm_weight: Tensor | None, eps
         x_TK = x_TK.contiguous()
     weight_NK = weight_NK.contiguous()
     out = x_TK.new_empty(T, N)
+    assert norm_weight is None or norm_weight.shape == (K,)
+    assert residual_TN is None or residual_TN.shape == (T, N)
+    if norm_weight is not None:
+        norm_weight = norm_weight.contiguous()
     if residual_TN is not None and residual_TN.stride(1) != 1:
         residual_TN = residual_TN.contiguous()
     block_t, block_n, block_k, unroll = tiles(T, N, K, _num_sms(x_TK.device))
