@@ -397,4 +397,4 @@ def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
     new = generate(sample_model, [prompt],
                    min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
                    temperature=0.8, top_k=40, seed=cfg.seed)[0]
-    return SAMPLE_PROMPT + tok.decode(new)
+    return SAMPLE_PROMPT + tok.decode(new, continuation=True)
