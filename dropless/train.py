@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     tok, tokens = prepared or _prepare_data(cfg, state)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "tokenizer.json").write_text(tok.to_json())
+        ckpt.write_atomic(run_dir / "tokenizer.json", tok.to_json().encode())
     preset = PRESETS[cfg.preset]
     # the one source of the expert backend: --backend, recorded in the model config that is saved
     model_cfg = replace(preset, vocab_size=tok.vocab_size,
