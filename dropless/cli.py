@@ -249,7 +249,7 @@ def _generate(args) -> int:
         print(decoder.decode(b"", final=True))
     else:
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
-            print(f"--- [{i}] ---\n{prompt}{tok.decode(out)}")
+            print(f"--- [{i}] ---\n{prompt}{tok.decode(out, continuation=True)}")
     num_new = sum(map(len, outs))
     print(f"{num_new} tokens in {elapsed:.2f} s ({num_new / elapsed:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -4,7 +4,8 @@ Legend: B batch, T sequence length.
 
 The default corpus is embedded in every Python install: the interpreter's own standard-library `.py`
 files (site-packages excluded), so training never downloads anything. Documents go to validation by a
-hash of their name, so the split does not depend on file order, machine or seed. A batch is a pure
+hash of their name, so the split does not depend on file order, machine or seed (a corpus this leaves
+lopsided is cut by position, in the documents' sorted order). A batch is a pure
 function of (seed, step, micro-batch): a resumed run sees exactly the batches an uninterrupted one
 would, and the only data state a checkpoint needs is the cache key that proves the tokens match.
 """
@@ -68,6 +69,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
 
 def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
     docs = []
+    text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
     # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
     # U+2028, NEL or \x1c (json.dumps(..., ensure_ascii=False) writes them as they are)
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -137,12 +139,27 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def split_documents(docs: list[tuple[str, str]]):
-    """-> (train texts, validation texts). By document name; when that leaves one side empty (a
-    single file, a handful of documents) the concatenated text is cut at (100 - VAL_PERCENT)%."""
+def _split_by_name(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
     train = [text for name, text in docs if _hash64(name) % 100 >= VAL_PERCENT]
     val = [text for name, text in docs if _hash64(name) % 100 < VAL_PERCENT]
-    if not train or not val:
+    return train, val
+
+
+def _cut_by_position(train: list[str], val: list[str]) -> bool:
+    """Whether a side of the split by name has under half its share of the characters: a single
+    file, a handful of documents, or a validation side of only tiny or empty files (which left a
+    large corpus a few validation tokens)."""
+    total = sum(map(len, train)) + sum(map(len, val))
+    return (not train or not val or 200 * sum(map(len, val)) < total * VAL_PERCENT
+            or 200 * sum(map(len, train)) < total * (100 - VAL_PERCENT))
+
+
+def split_documents(docs: list[tuple[str, str]]):
+    """-> (train texts, validation texts). By document name; when that leaves a side under half
+    its share of the text (see _cut_by_position) the concatenated text, in the documents' order,
+    is cut at (100 - VAL_PERCENT)%."""
+    train, val = _split_by_name(docs)
+    if _cut_by_position(train, val):
         text = DOC_SEPARATOR.join(text for _, text in docs)
         cut = len(text) * (100 - VAL_PERCENT) // 100
         train, val = [text[:cut]], [text[cut:]]
@@ -160,6 +177,11 @@ class TokenData:
 
 def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{VAL_PERCENT}|".encode())
+    # a corpus cut by position only since the cut took tiny sides too (before, only an empty one)
+    # has other tokens than its cache entries and checkpoints hold: a new key; the rest keep theirs
+    train, val = _split_by_name(docs)
+    if train and val and _cut_by_position(train, val):
+        h.update(b"cut-small-side|")
     h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
     for name, text in docs:
         h.update(hashlib.sha256(name.encode()).digest())

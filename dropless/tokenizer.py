@@ -26,11 +26,14 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+    def decode(self, ids: Iterable[int], continuation: bool = False) -> str:
+        """Ids past the bytes (a model's vocabulary larger than 256) have no text and are skipped,
+        as ids past a BPE tokenizer's vocabulary are. Bytes have no space to strip, so a
+        `continuation` decodes as a whole text does."""
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        return bytes([token_id])
+        return bytes([token_id]) if 0 <= token_id < 256 else b""
 
     def to_json(self) -> str:
         return json.dumps({"type": "bytes"})
@@ -90,10 +93,14 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts)]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        if not self._byte_level:
-            return self.tok.decode(list(ids))
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids: Iterable[int], continuation: bool = False) -> str:
+        """The text of `ids`; ids the tokenizer lacks are skipped. A whole text decodes as
+        `tokenizers` does, which for SentencePiece ("▁word") strips the text's first space. A
+        `continuation` (new tokens after a prompt) decodes as its tokens stream, their
+        `token_bytes` joined, so the space before its first word is kept."""
+        if continuation or self._byte_level:
+            return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        return self.tok.decode(list(ids))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's exact bytes (for byte-level BPE; other tokenizers: its decoded text). An

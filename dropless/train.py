@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     tok, tokens = prepared or _prepare_data(cfg, state)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "tokenizer.json").write_text(tok.to_json())
+        ckpt.write_atomic(run_dir / "tokenizer.json", tok.to_json().encode())
     preset = PRESETS[cfg.preset]
     # the one source of the expert backend: --backend, recorded in the model config that is saved
     model_cfg = replace(preset, vocab_size=tok.vocab_size,
@@ -397,4 +397,4 @@ def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
     new = generate(sample_model, [prompt],
                    min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
                    temperature=0.8, top_k=40, seed=cfg.seed)[0]
-    return SAMPLE_PROMPT + tok.decode(new)
+    return SAMPLE_PROMPT + tok.decode(new, continuation=True)

@@ -1,5 +1,6 @@
 """Adversarial cases for the data side: corpus files, token cache, tokenizers, run logs."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -144,3 +145,51 @@ def test_directory_links_are_not_followed_and_not_skipped_silently(tmp_path):
     (corpus / "loop").symlink_to(corpus)
     with pytest.warns(UserWarning, match="skipped 2 .*: linked/, loop/"):
         assert data.read_documents(str(corpus)) == [("a.txt", "alpha")]
+
+
+def test_jsonl_with_a_utf8_bom_is_read(tmp_path):
+    """Windows editors (and PowerShell's Out-File) start UTF-8 files with a BOM: the first line
+    was refused as invalid JSON."""
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "alpha"}\n{"text": "beta"}\n')
+    assert data.read_documents(str(path)) == [("docs.jsonl:1", "alpha"), ("docs.jsonl:2", "beta")]
+
+
+def _tiny_validation_corpus():
+    """400 files; those the name hash picks for validation are empty (an __init__.py)."""
+    picked = [data._hash64(f"pkg{i}/__init__.py") % 100 < data.VAL_PERCENT for i in range(400)]
+    assert sum(picked) > 5
+    return [(f"pkg{i}/__init__.py", "" if p else f"value_{i} = {i} * 2\n" * 40)
+            for i, p in enumerate(picked)]
+
+
+def test_validation_of_only_tiny_documents_is_refused_no_more(tmp_path):
+    """A large corpus whose documents that the name hash picks for validation are empty or tiny
+    had a validation split of a few tokens: `train` refused it for any --seq-len. A side under
+    half its share of the text is cut from the whole instead, as a single file is."""
+    docs = _tiny_validation_corpus()
+    train, val = data.split_documents(docs)
+    total = sum(len(text) for _, text in docs)
+    assert sum(map(len, val)) >= total * data.VAL_PERCENT // 200
+    assert data.split_documents(docs) == (train, val)   # deterministic
+    tokens = data.load_tokens(docs, ByteTokenizer(), tmp_path / "cache")
+    data.check_length(tokens, 256)
+
+
+def _key_before_the_cut_rule(docs) -> str:
+    h = hashlib.sha256(f"{data.CACHE_VERSION}|{data.VAL_PERCENT}|".encode())
+    h.update(hashlib.sha256(ByteTokenizer().to_json().encode()).digest())
+    for name, text in docs:
+        h.update(hashlib.sha256(name.encode()).digest())
+        h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()[:32]
+
+
+def test_only_corpora_split_differently_get_a_new_cache_key():
+    """A checkpoint records the cache key that proves its tokens: a corpus now cut by position
+    needs a new one (a cache entry of the old split must not be reused), the others keep theirs,
+    so their caches and checkpoints stay valid."""
+    same = [(f"pkg/mod{i}.py", f"text {i}\n" * 30) for i in range(400)]
+    assert data.cache_key(same, ByteTokenizer()) == _key_before_the_cut_rule(same)
+    cut = _tiny_validation_corpus()
+    assert data.cache_key(cut, ByteTokenizer()) != _key_before_the_cut_rule(cut)

@@ -1,6 +1,7 @@
 """dropless train and info as a user runs them: what a resumed run reports, runs that go wrong."""
 
 import json
+import os
 import signal
 import types
 from dataclasses import replace
@@ -85,3 +86,21 @@ def test_an_empty_path_is_refused_not_the_working_directory(capsys, tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith("dropless: error: ") and "must name a path" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_replaces_the_tokenizer_json_never_rewrites_it_in_place(small_cfg, tmp_path):
+    """Every start writes run_dir/tokenizer.json. Rewritten in place (truncate, then write), a
+    crash or full disk midway left a run whose tokenizer is cut short, and a reader (`generate` on
+    the run) could read half of it; through a temp file and a rename, the old file stays whole
+    until the new one replaces it. A hard link to the old file (a `cp -al` backup) shows which."""
+    def ctrl_c_at_1(step, loss):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+    cfg = small_cfg(steps=2, eval_every=100, sample_tokens=0)
+    assert not train(cfg, progress=False, on_step=ctrl_c_at_1)["finished"]
+    path = tmp_path / "run" / "tokenizer.json"
+    old = path.read_text()
+    os.link(path, tmp_path / "backup.json")
+    resumed_cfg, state = resume_config(tmp_path / "run", {})
+    assert train(resumed_cfg, state=state, progress=False)["finished"]
+    assert path.read_text() == old and not path.samefile(tmp_path / "backup.json")

@@ -1,0 +1,28 @@
+import json
+
+import pytest
+
+from dropless.plots import read_metrics, write_plots
+
+
+def test_malformed_metrics_lines_are_skipped_with_a_warning(tmp_path):
+    """A run killed mid-write leaves a partial last line in metrics.jsonl: read_metrics (and so
+    the plots of every later `dropless train`) raised JSONDecodeError on it."""
+    good = [{"step": s, "loss": 4.0 - s, "expert_load": [[0.5, 0.5]]} for s in (1, 2, 3)]
+    lines = [json.dumps(good[0]), "", json.dumps(good[1]), "[1, 2]", json.dumps(good[2]),
+             '{"step": 4, "lo']
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 2 malformed lines \(4, 6\)"):
+        assert read_metrics(path) == good
+    with pytest.warns(UserWarning, match="skipped 2"):
+        assert [p.name for p in write_plots(tmp_path, baseline=3.0)] == ["loss.png",
+                                                                        "expert_load.png"]
+
+
+def test_well_formed_metrics_read_without_a_warning(tmp_path, recwarn):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(tmp_path / "absent.jsonl") == []
+    assert not recwarn.list
