@@ -110,3 +110,49 @@ def test_int4_scales_keep_fp16_when_the_model_goes_to_bf16():
         module.to(torch.float32)
         assert all(t.dtype == torch.float32 for k, t in module.state_dict().items()
                    if k.endswith("scales"))
+
+
+DENSE = ModelConfig(vocab_size=256, dim=64, num_layers=2, first_dense_layers=2, num_heads=2,
+                    num_kv_heads=1, max_seq_len=64, dense_hidden_dim=64,
+                    moe=MoEConfig(num_experts=4, top_k=2, dim=64, hidden_dim=48))
+DENSE_MLA = dataclasses.replace(DENSE, attention="mla", kv_lora_rank=32, qk_nope_head_dim=16,
+                                qk_rope_head_dim=16, v_head_dim=16)
+
+
+def test_dense_model_is_checked_for_what_it_has(tmp_path, corpus):
+    """A model without MoE layers builds no experts: the expert shapes of its MoEConfig (hidden
+    48, no whole 32-wide groups) refused it although only its attention is quantized."""
+    from dropless.quant.modules import QuantConfig, check_quantizable
+
+    check_quantizable(DENSE, QuantConfig(group_size=32))
+    with pytest.raises(ValueError, match="experts.down: input features 48"):
+        check_quantizable(dataclasses.replace(DENSE, first_dense_layers=1),
+                          QuantConfig(group_size=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert quantize(make_run(tmp_path / "run", DENSE), tmp_path / "q", corpus,
+                        "--group-size", "32") == 0
+    assert load_run(tmp_path / "q")[2]["quant"]["group_size"] == 32
+
+
+@pytest.mark.parametrize("cfg,qcfg", [
+    (DENSE_MLA, {}),
+    (DENSE, {"attention": False}),
+    (dataclasses.replace(CFG, attention="mla", kv_lora_rank=32, qk_nope_head_dim=16,
+                         qk_rope_head_dim=16, v_head_dim=16), {"experts": False}),
+])
+def test_nothing_to_quantize(cfg, qcfg):
+    from dropless.quant.modules import QuantConfig, check_quantizable
+
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        check_quantizable(cfg, QuantConfig(group_size=32, **qcfg))
+
+
+def test_quantize_of_a_model_with_nothing_to_quantize(tmp_path, corpus, capsys):
+    """No MoE layer and MLA attention (whose projections stay float): quantize wrote a
+    'quantized' run holding the float model; now one line says why nothing was done."""
+    assert quantize(make_run(tmp_path / "run", DENSE_MLA), tmp_path / "q", corpus) == 1
+    err = error_line(capsys)
+    assert "nothing to quantize" in err and "no MoE layer" in err and "mla" in err
+    assert not (tmp_path / "q").exists()
+

@@ -106,8 +106,8 @@ def test_dims_that_do_not_split_into_groups(tmp_path, corpus, capsys):
                       moe=MoEConfig(dim=96, hidden_dim=64, num_experts=4, top_k=2))
     run = make_run(tmp_path / "run", cfg)
     assert quantize(run, tmp_path / "q", corpus, "--group-size", "64") == 1
-    assert ("cannot quantize with --group-size 64: experts.gate_up: input features 96 are not a "
-            "multiple of group_size=64") in error_line(capsys)
+    assert ("cannot quantize: experts.gate_up: input features 96 are not a multiple of "
+            "--group-size 64") in error_line(capsys)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert quantize(run, tmp_path / "q", corpus, "--group-size", "32") == 0

@@ -113,8 +113,9 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                             f"(their int4 groups' fp16 scales overflow): {', '.join(huge)}")
     try:
         check_quantizable(model.cfg, qcfg)
-    except ValueError as e:
-        raise DroplessError(f"{src}: cannot quantize with --group-size {group_size}: {e}") from None
+    except ValueError as e:   # the shape errors name group_size=: the flag that set it
+        raise DroplessError(f"{src}: cannot quantize: "
+                            f"{str(e).replace('group_size=', '--group-size ')}") from None
     if calib_seq_len > model.cfg.max_seq_len:
         raise DroplessError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_seq_len="
                             f"{model.cfg.max_seq_len}")
