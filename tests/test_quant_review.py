@@ -156,3 +156,24 @@ def test_quantize_of_a_model_with_nothing_to_quantize(tmp_path, corpus, capsys):
     assert "nothing to quantize" in err and "no MoE layer" in err and "mla" in err
     assert not (tmp_path / "q").exists()
 
+
+@pytest.mark.parametrize("flags,match,max_seq_len", [
+    (["--calib-samples", str(2**62)], f"--calib-samples {2**62} is invalid: must be in [1, 65536]",
+     64),
+    (["--calib-samples", "16385", "--calib-seq-len", "64"],
+     "--calib-samples 16385 is invalid: must be in [1, 16384] with --calib-seq-len 64", 64),
+    (["--calib-seq-len", str(2**20 + 1)], f"--calib-seq-len {2**20 + 1} is invalid: must be in "
+     f"[1, {2**20}] (the model's max_seq_len={2**21}; at most 1,048,576 calibration tokens)",
+     2**21),
+])
+def test_calibration_size_bounded(tmp_path, corpus, capsys, flags, match, max_seq_len):
+    """Every layer's calibration activations are held at once: --calib-samples had no upper
+    bound (2**62 was a ValueError traceback from numpy, a large one ran out of memory); at most
+    2**20 tokens in all, refused in one line naming the range (before the model loads)."""
+    cfg = dataclasses.replace(CFG, max_seq_len=max_seq_len, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64))
+    run = make_run(tmp_path / "run", cfg)
+    assert quantize(run, tmp_path / "q", corpus, "--group-size", "32", *flags) == 1
+    assert match in error_line(capsys)
+    assert not (tmp_path / "q").exists()
+

@@ -91,7 +91,8 @@ def test_group_sizes_then_eval(trained, corpus, group, capsys):
     (["--group-size", "0"], "--group-size 0 is invalid: allowed: (32, 64, 128)"),
     (["--group-size", "256"], "--group-size 256 is invalid"),
     (["--bits", "8"], "--bits 8 is invalid: only 4-bit weights are implemented"),
-    (["--calib-seq-len", "513"], "--calib-seq-len 513 exceeds the model's max_seq_len=512"),
+    (["--calib-seq-len", "513"], "--calib-seq-len 513 is invalid: must be in [1, 512] (the model's "
+                                "max_seq_len=512"),
     (["--calib-samples", "-1"], "--calib-samples -1 is invalid"),
 ])
 def test_quantize_flags_refused(trained, corpus, capsys, flags, match):
