@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import math
 import warnings
 
 import pytest
@@ -88,8 +87,8 @@ def test_eval_of_a_loss_past_exp_range(tmp_path, corpus, capsys):
     run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
         CFG.moe, hidden_dim=64)), huge_logits)
     assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["val_loss"] > 1000 and r["val_ppl"] == math.inf
+    r = strict_json(capsys.readouterr().out)
+    assert r["val_loss"] > 1000 and r["val_ppl"] is None   # infinite: null in strict JSON
 
 
 def test_int4_scales_keep_fp16_when_the_model_goes_to_bf16():
@@ -176,4 +175,23 @@ def test_calibration_size_bounded(tmp_path, corpus, capsys, flags, match, max_se
     assert quantize(run, tmp_path / "q", corpus, "--group-size", "32", *flags) == 1
     assert match in error_line(capsys)
     assert not (tmp_path / "q").exists()
+
+
+def strict_json(text: str):
+    """RFC 8259 JSON only: Python's json writes and reads NaN and Infinity, which jq, JavaScript
+    and most other readers reject."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_of_a_nan_loss_is_strict(tmp_path, corpus, capsys):
+    """A NaN loss (NaN weights) printed `{"val_loss": NaN, "val_ppl": NaN}`, which no strict JSON
+    reader accepts: non-finite values are null."""
+    def poison(model):
+        model.norm.weight[0] = float("nan")
+    run = make_run(tmp_path / "run", dataclasses.replace(CFG, moe=dataclasses.replace(
+        CFG.moe, hidden_dim=64)), poison)
+    assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
+    assert strict_json(capsys.readouterr().out) == {"val_loss": None, "val_ppl": None}
 
