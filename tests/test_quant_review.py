@@ -195,3 +195,67 @@ def test_eval_json_of_a_nan_loss_is_strict(tmp_path, corpus, capsys):
     assert main(["eval", str(run), "--device", "cpu", "--data", str(corpus), "--json"]) == 0
     assert strict_json(capsys.readouterr().out) == {"val_loss": None, "val_ppl": None}
 
+
+@pytest.fixture(scope="module")
+def awq_dir(tmp_path_factory):
+    """An AutoAWQ Mixtral directory with a tokenizer.json, as `convert --from-hf` needs."""
+    from tests.test_hf import hf_model, small_tokenizer
+    from tests.test_quant_hf import write_awq
+
+    root = tmp_path_factory.mktemp("awq")
+    hf_model("mixtral").save_pretrained(root / "src")
+    awq, _ = write_awq(root / "src", root)
+    (awq / "tokenizer.json").write_text(small_tokenizer(60).to_str())
+    return awq
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("value", [1e6, float("inf"), float("nan"), 1e-30])
+def test_awq_scales_fp16_cannot_hold_refused(awq_dir, tmp_path, capsys, dtype, value):
+    """The packed modules keep fp16 scales (a run directory loads them into fp16 buffers): an F32
+    or BF16 scale past 65504 was written as inf (a tiny one as 0) without a word, and a file's
+    NaN or inf scale made its groups NaN. Refused, naming the tensor; scales that fit load
+    exactly, in whatever float dtype the file holds them."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.scales"
+    if dtype == "float16" and value in (1e6, 1e-30):
+        pytest.skip("the file's dtype cannot hold it")
+    shutil.copytree(awq_dir, tmp_path / "awq")
+    state = load_file(tmp_path / "awq" / "model.safetensors")
+    state.update({k: t.to(getattr(torch, dtype)) for k, t in state.items() if k.endswith("scales")})
+    save_file(state, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", "--from-hf", str(tmp_path / "awq"), str(tmp_path / "ok")]) == 0
+    scales = load_run(tmp_path / "ok")[0].layers[0].ffn.experts.gate_up.scales
+    assert torch.equal(scales[1, :, :scales.shape[-1] // 2], state[name].half())
+    capsys.readouterr()
+    state[name][1, 3] = value
+    save_file(state, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", "--from-hf", str(tmp_path / "awq"), str(tmp_path / "bad")]) == 1
+    assert name in error_line(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_awq_nan_scale_of_a_dequantized_linear_refused(awq_dir, tmp_path):
+    """Attention quantized only in part is dequantized into float modules: a NaN scale there
+    made its group's float weights NaN without a word."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dropless import from_hf
+    from dropless.quant.pack import dequantize
+
+    shutil.copytree(awq_dir, tmp_path / "awq")
+    state = load_file(tmp_path / "awq" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"   # float in the file: the other projections dequantize
+    state[f"{q}.weight"] = dequantize(*(state.pop(f"{q}.{p}") for p in
+                                        ("qweight", "qzeros", "scales"))).T.contiguous()
+    state["model.layers.1.self_attn.k_proj.scales"][0, 1] = float("nan")
+    save_file(state, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_proj.scales\[0, 1\] = nan "
+                                         "is not finite"):
+        from_hf(tmp_path / "awq")
