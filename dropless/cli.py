@@ -142,7 +142,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run or HF directory")
     ev.add_argument("path", metavar="RUN_DIR|HF_DIR")
     ev.add_argument("--data", help="text to take the validation split from (default: the run's)")
-    ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...}')
+    ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...} '
+                                                       "(null where not finite: strict JSON)")
     ev.add_argument("--device", default="auto")
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
@@ -334,14 +335,13 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
-    from dropless.evaluate import evaluate_dir
+    from dropless.evaluate import evaluate_dir, result_json
 
     if not os.path.isdir(args.path):
         raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
     r = evaluate_dir(args.path, args.data, args.device)
     if args.json:
-        print(json.dumps({"val_loss": r["val_loss"], "val_ppl": r["val_ppl"]}))
+        print(result_json(r))
     else:
         print(f"val loss {r['val_loss']:.4f} nats/token (perplexity {r['val_ppl']:.3f}) over "
               f"{r['tokens']:,} tokens")

@@ -7,6 +7,7 @@ The windows and the loss are training's own (`data.eval_batches`, `train.evaluat
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -44,3 +45,10 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
     return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),
             "tokens": cfg.batch_size * seq_len * cfg.eval_batches}
+
+
+def result_json(r: dict) -> str:
+    """`eval --json`'s line: strict JSON (RFC 8259 has no NaN or Infinity, which jq and JavaScript
+    refuse), a non-finite loss or perplexity written as null."""
+    return json.dumps({k: r[k] if math.isfinite(r[k]) else None for k in ("val_loss", "val_ppl")},
+                      allow_nan=False)

@@ -91,7 +91,8 @@ def test_group_sizes_then_eval(trained, corpus, group, capsys):
     (["--group-size", "0"], "--group-size 0 is invalid: allowed: (32, 64, 128)"),
     (["--group-size", "256"], "--group-size 256 is invalid"),
     (["--bits", "8"], "--bits 8 is invalid: only 4-bit weights are implemented"),
-    (["--calib-seq-len", "513"], "--calib-seq-len 513 exceeds the model's max_seq_len=512"),
+    (["--calib-seq-len", "513"], "--calib-seq-len 513 is invalid: must be in [1, 512] (the model's "
+                                "max_seq_len=512"),
     (["--calib-samples", "-1"], "--calib-samples -1 is invalid"),
 ])
 def test_quantize_flags_refused(trained, corpus, capsys, flags, match):
@@ -106,8 +107,8 @@ def test_dims_that_do_not_split_into_groups(tmp_path, corpus, capsys):
                       moe=MoEConfig(dim=96, hidden_dim=64, num_experts=4, top_k=2))
     run = make_run(tmp_path / "run", cfg)
     assert quantize(run, tmp_path / "q", corpus, "--group-size", "64") == 1
-    assert ("cannot quantize with --group-size 64: experts.gate_up: input features 96 are not a "
-            "multiple of group_size=64") in error_line(capsys)
+    assert ("cannot quantize: experts.gate_up: input features 96 are not a multiple of "
+            "--group-size 64") in error_line(capsys)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert quantize(run, tmp_path / "q", corpus, "--group-size", "32") == 0

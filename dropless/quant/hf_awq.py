@@ -105,6 +105,20 @@ class AwqFile:
                                  f"{err}") from err
         return out
 
+    def _check_scales(self, hf_key: str, scales: torch.Tensor, packed: bool) -> None:
+        """A NaN or inf scale makes its whole group NaN; a scale kept packed must also fit the
+        fp16 of Int4Weight's buffers (a run directory loads into them): an F32 or BF16 one past
+        65504 would silently become inf there, a tiny one 0."""
+        name = f"{hf_key[:-len('.weight')]}.scales"
+        held = scales.to(torch.float16) if packed else scales
+        bad = ~torch.isfinite(held) | ((held == 0) & (scales != 0))
+        if bad.any():   # sync: one check per tensor
+            where = tuple(i.item() for i in bad.nonzero()[0])
+            what = ("is not finite" if not torch.isfinite(scales[where]) else "is outside "
+                    "fp16, which packed int4 weights keep their scales in (6e-8 to 65504)")
+            raise ValueError(f"{self.files[name]}: {name}{list(where)} = "
+                             f"{scales[where].item():g} {what}")
+
     def keeps_packed(self, row) -> bool:
         if row.hf_key not in self.quantized:
             return False
@@ -114,6 +128,7 @@ class AwqFile:
     def fill_packed(self, state: dict, row) -> None:
         """The three packed tensors into the quantized module's buffers, unchanged."""
         packed = self._read(row.hf_key)
+        self._check_scales(row.hf_key, packed[2], packed=True)
         if row.kind not in EXPERT_KINDS:
             for part, t in zip(PARTS, packed):
                 state[f"{row.key}.{part}"] = t
@@ -134,7 +149,9 @@ class AwqFile:
         """A quantized linear that dropless holds in float: its weight [out, in]; else None."""
         if row.hf_key not in self.quantized:
             return None
-        return dequantize(*self._read(row.hf_key)).T.contiguous()
+        packed = self._read(row.hf_key)
+        self._check_scales(row.hf_key, packed[2], packed=False)
+        return dequantize(*packed).T.contiguous()
 
 
 # ---- writing ---------------------------------------------------------------------------------------

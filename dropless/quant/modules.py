@@ -166,12 +166,21 @@ def quantize_modules(model, qcfg: QuantConfig) -> None:
 
 
 def check_quantizable(cfg, qcfg: QuantConfig) -> None:
-    """Every quantized matrix must split into whole groups and whole int32 columns."""
+    """Something is quantized, and every quantized matrix the model has splits into whole groups
+    and whole int32 columns (a model without MoE layers builds no experts: cfg.moe's shapes are
+    not its own)."""
+    num_moe = cfg.num_layers - cfg.first_dense_layers
+    experts, attention = qcfg.experts and num_moe > 0, qcfg.attention and cfg.attention == "gqa"
+    if not (experts or attention):
+        raise ValueError(f"nothing to quantize: int4 holds the routed experts and GQA attention "
+                         f"projections; this model has {num_moe or 'no'} MoE layer"
+                         f"{'' if num_moe == 1 else 's'} and {cfg.attention} attention (quant: "
+                         f"experts={qcfg.experts}, attention={qcfg.attention})")
     m = cfg.moe
-    if qcfg.experts:
+    if experts:
         check_shape(m.dim, 2 * m.hidden_dim, qcfg.group_size, "experts.gate_up")
         check_shape(m.hidden_dim, m.dim, qcfg.group_size, "experts.down")
-    if qcfg.attention and cfg.attention == "gqa":
+    if attention:
         H, G, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         check_shape(cfg.dim, G * Dh, qcfg.group_size, "attn.k_proj")
         check_shape(cfg.dim, H * Dh, qcfg.group_size, "attn.q_proj")

@@ -21,6 +21,10 @@ from dropless.files import temp_beside
 from dropless.quant.modules import QuantConfig
 
 MAX_WEIGHT = torch.finfo(torch.float16).max * 15 / 2   # over it a group's fp16 scale can overflow
+# calibration holds every layer's inputs for all its tokens at once (the scale and clip searches
+# read them all): memory grows with --calib-samples x --calib-seq-len, so both are bounded; 16x
+# AutoAWQ's 128 x 512
+MAX_CALIB_TOKENS = 2**20
 
 
 def work_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -93,6 +97,10 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
         if value < 1:
             raise DroplessError(f"{name} {value} is invalid: must be >= 1")
+    if calib_seq_len <= MAX_CALIB_TOKENS < calib_samples * calib_seq_len:   # before any load
+        raise DroplessError(f"--calib-samples {calib_samples} is invalid: must be in [1, "
+                            f"{MAX_CALIB_TOKENS // calib_seq_len}] with --calib-seq-len "
+                            f"{calib_seq_len} (at most {MAX_CALIB_TOKENS:,} calibration tokens)")
     try:
         qcfg = QuantConfig(bits=bits, group_size=group_size)
     except ValueError as e:
@@ -113,11 +121,14 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                             f"(their int4 groups' fp16 scales overflow): {', '.join(huge)}")
     try:
         check_quantizable(model.cfg, qcfg)
-    except ValueError as e:
-        raise DroplessError(f"{src}: cannot quantize with --group-size {group_size}: {e}") from None
-    if calib_seq_len > model.cfg.max_seq_len:
-        raise DroplessError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_seq_len="
-                            f"{model.cfg.max_seq_len}")
+    except ValueError as e:   # the shape errors name group_size=: the flag that set it
+        raise DroplessError(f"{src}: cannot quantize: "
+                            f"{str(e).replace('group_size=', '--group-size ')}") from None
+    longest = min(model.cfg.max_seq_len, MAX_CALIB_TOKENS)
+    if calib_seq_len > longest:
+        raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
+                            f"{longest}] (the model's max_seq_len={model.cfg.max_seq_len}; at "
+                            f"most {MAX_CALIB_TOKENS:,} calibration tokens)")
     cache_dir = train_config and train_config.cache_dir
     tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir)
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
