@@ -1,5 +1,8 @@
 """The OpenAI request's fields, checked: every mistake is an APIError (OpenAI's error shape, with
-the field's name), raised before any work is done on the request."""
+the field's name), raised before any work is done on the request; and the bounds on its size,
+checked before its body is parsed or its prompt tokenized. The event loop parses every request:
+a multi-megabyte prompt tokenized there stalled every other client.
+"""
 
 import json
 
@@ -11,6 +14,21 @@ from dropless.serve.request import SamplingParams
 NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
                    "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
                    "response_format": {"type": "text"}, "tools": []}
+
+
+# A prompt of more characters than this per token of the context is refused untokenized: a token
+# is about 4 characters of English text, and no usual tokenizer's are 32 on average.
+CHARS_PER_TOKEN = 32
+
+
+def max_prompt_chars(max_len: int) -> int:
+    return CHARS_PER_TOKEN * max_len
+
+
+def max_body_bytes(max_len: int) -> int:
+    """JSON spells a character in at most 12 bytes (an escaped surrogate pair); 1 MiB for the rest
+    of the body (other messages, stop strings)."""
+    return 12 * max_prompt_chars(max_len) + (1 << 20)
 
 
 class APIError(Exception):
@@ -106,3 +124,30 @@ def chat_messages(body: dict) -> list[dict]:
                            "messages")
         out.append({**m, "content": content})
     return out
+
+
+def check_prompt_size(prompt: str, where: str, max_len: int) -> None:
+    limit = max_prompt_chars(max_len)
+    if len(prompt) > limit:
+        raise APIError(400, f"{where} is too long: {len(prompt)} characters, and this server takes "
+                       f"at most {limit} ({CHARS_PER_TOKEN} a token of its {max_len}-token "
+                       "context)", where, code="context_length_exceeded")
+
+
+async def read_body(http_request, limit: int) -> bytes:
+    """The request's body, refused with a 413 past `limit` bytes before the rest is read: at once
+    when its Content-Length says so, else (chunked) as it comes."""
+    def too_large(size: str):
+        return APIError(413, f"the request body ({size} bytes) is too large: this server takes at "
+                        f"most {limit} bytes", code="request_too_large")
+
+    size = http_request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise too_large(size)
+    chunks, size = [], 0
+    async for chunk in http_request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+    return b"".join(chunks)

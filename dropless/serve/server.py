@@ -1,8 +1,9 @@
 """`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. One engine
-thread steps the continuous batch; each HTTP request is an engine Request whose tokens come back to
-the event loop through an asyncio queue. Errors have OpenAI's shape:
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
+POST /v1/chat/completions. One engine thread steps the continuous batch; each HTTP request is an
+engine Request whose tokens come back to the event loop through an asyncio queue. Prompts are
+rendered and tokenized in worker threads, not on the event loop. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -15,8 +16,9 @@ import uuid
 from contextlib import asynccontextmanager
 
 from dropless.serve.engine import Engine
-from dropless.serve.fields import (APIError, chat_messages, check_implemented, sampling_params,
-                                   stop_strings, stream_flags)
+from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
+                                   max_body_bytes, read_body, sampling_params, stop_strings,
+                                   stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import ServedModel, TextStream, render_chat
 
@@ -70,21 +72,30 @@ def create_app(served: ServedModel, engine: Engine):
             return {"status": "ok", "running": running, "waiting": len(engine.waiting),
                     "engine": dict(engine.stats)}
 
+    card = {"id": served.name, "object": "model", "created": 0, "owned_by": "dropless"}
+
+    def known(model) -> None:
+        if model != served.name:
+            raise APIError(404, f"model {model!r} does not exist; this server has {served.name!r}",
+                           "model", "invalid_request_error", "model_not_found")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model",
-                                            "created": 0, "owned_by": "dropless"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")   # path: an id may hold a "/" (org/name)
+    async def model(model: str):
+        known(model)
+        return card
 
     async def parse(http_request) -> dict:
-        try:
-            body = json.loads(await http_request.body())
+        try:   # bounded before it is read: parsing it holds up the event loop
+            body = json.loads(await read_body(http_request, max_body_bytes(engine.max_len)))
         except (ValueError, RecursionError) as e:   # nested too deep: was a 500
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        if body.get("model") != served.name:
-            raise APIError(404, f"model {body.get('model')!r} does not exist; this server has "
-                           f"{served.name!r}", "model", "invalid_request_error", "model_not_found")
+        known(body.get("model"))
         return body
 
     # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
@@ -155,22 +166,30 @@ def create_app(served: ServedModel, engine: Engine):
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         where = "messages" if chat else "prompt"
         if isinstance(prompt, str):
+            check_prompt_size(prompt, where, engine.max_len)   # before the tokenizer's work
             try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
                 prompt.encode()
             except UnicodeEncodeError as e:
                 raise APIError(400, f"{where} is invalid: {e.reason} "
                                f"({e.object[e.start:e.end]!r})", where) from None
-        prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
-        if not prompt_ids:
+            prompt = (await asyncio.to_thread(served.tokenizer.encode, prompt)).tolist()
+        if not prompt:
             raise APIError(400, "the prompt is empty", where)
-        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt_ids):
+        default_max = engine.max_len - len(prompt) if chat else 16
+        check_implemented(body)
+        # the context's length before a scan of every token id (a list of ids is not bounded yet)
+        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1))
+        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
-        default_max = engine.max_len - len(prompt_ids) if chat else 16
-        check_implemented(body)
-        params = sampling_params(body, len(prompt_ids), engine.max_len, max(default_max, 1))
         stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
-        request, queue = start(prompt_ids, params, stop)
+        request, queue = start(prompt, params, stop)
+        # the client leaving, at any point, cancels its request (a no-op once it finished): its
+        # slot would go on generating for nobody, up to the whole context. Not only the stream's
+        # `finally`: Starlette cancels a stream whose client left before its first chunk without
+        # ever starting the generator
+        left = asyncio.ensure_future(disconnected(http_request))
+        left.add_done_callback(lambda _: request.cancel())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         base = {"id": rid, "created": int(time.time()), "model": served.name}
         kind = "chat.completion" if chat else "text_completion"
@@ -180,7 +199,7 @@ def create_app(served: ServedModel, engine: Engine):
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             if not stream:
                 return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish}
+                        "logprobs": None, "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text else {})
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -191,15 +210,11 @@ def create_app(served: ServedModel, engine: Engine):
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            # a client that leaves (a timeout, Ctrl-C) cancels its request, as a stream's does:
-            # its slot would go on generating for nobody, up to the whole context
-            text, left = (asyncio.ensure_future(text_of(queue)),
-                          asyncio.ensure_future(disconnected(http_request)))
+            text = asyncio.ensure_future(text_of(queue))
             try:
                 await asyncio.wait((text, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                left.cancel()
-                request.cancel()   # a no-op once finished
+                left.cancel()   # and so the request: a no-op once finished
             text = await text   # soon when cancelled: the engine drops it at its next step
             return {**base, "object": kind, "choices": [choice(text, finish_reason())],
                     "usage": usage(request)}
@@ -225,7 +240,7 @@ def create_app(served: ServedModel, engine: Engine):
                     yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                request.cancel()   # a no-op once finished; frees the slot if the client left
+                left.cancel()   # and so the request: a no-op once finished
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -244,8 +259,9 @@ def create_app(served: ServedModel, engine: Engine):
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
         body = await parse(http_request)
-        try:
-            prompt = render_chat(served.chat_template, chat_messages(body), served.special_tokens)
+        try:   # a template compiles and renders for ms: off the event loop
+            prompt = await asyncio.to_thread(render_chat, served.chat_template, chat_messages(body),
+                                             served.special_tokens)
         except APIError:
             raise
         except Exception as e:   # the template raised or does not render these messages
