@@ -11,6 +11,7 @@ import codecs
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -265,7 +266,6 @@ def _serve(args) -> int:
     from dropless.serve.server import serve
     from dropless.serve.text import load_served_model
 
-    _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
@@ -284,8 +284,8 @@ def _serve(args) -> int:
     try:
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len, compile=args.compile,
                         compile_prefill=compile_prefill, admit_delay=args.admit_delay_ms / 1e3)
-    except ValueError as e:
-        raise DroplessError(str(e)) from None
+    except ValueError as e:   # its "max_batch=0 is invalid" (or too large) in the flags' names
+        raise DroplessError(re.sub("max_(batch|len)=", r"--max-\1 ", str(e))) from None
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "
           f"(max batch {args.max_batch}, context {engine.max_len})", file=sys.stderr)
     serve(served, engine, args.host, args.port)

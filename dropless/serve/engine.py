@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from dropless.model import Transformer, rope_tables
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step, step_tokens_cap
 from dropless.serve.graphs import Graphs, sizes
+from dropless.serve.kv_cache import new_kv_cache
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.sampling import sample
 
@@ -72,8 +73,7 @@ class Engine:
         self.lengths = sizes("lengths", lengths, max_len, () if compile else (
             256 << i for i in range(16)))
         # 1. the KV cache: per layer, slots x positions (MLA layers: the compressed latent cache)
-        self.caches = [layer.attn.new_cache(max_batch, max_len, p.device, p.dtype)
-                       for layer in model.layers]
+        self.caches = new_kv_cache(model, max_batch, max_len)   # a ValueError if it cannot fit
         # GQA's q|k|v weights stacked once (a copy: decode.restack_qkv after weights change)
         self.qkvs = [fuse_qkv(layer.attn) for layer in model.layers]
         # 2. the decode step's static state, one row per slot

@@ -1,8 +1,9 @@
 """`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. One engine
-thread steps the continuous batch; each HTTP request is an engine Request whose tokens come back to
-the event loop through an asyncio queue. Errors have OpenAI's shape:
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
+POST /v1/chat/completions. One engine thread steps the continuous batch; each HTTP request is an
+engine Request whose tokens come back to the event loop through an asyncio queue. Prompts are
+rendered and tokenized in worker threads, not on the event loop. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -15,113 +16,14 @@ import uuid
 from contextlib import asynccontextmanager
 
 from dropless.serve.engine import Engine
+from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
+                                   max_body_bytes, read_body, sampling_params, stop_strings,
+                                   stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import ServedModel, TextStream, render_chat
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
-
-# OpenAI parameters not implemented here, with the value that asks for nothing (clients send it):
-# any other value is refused, never silently ignored (a reply without the echo or logprobs asked
-# for, or sampled without the penalties, would look like the model's doing)
-NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
-                   "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
-                   "response_format": {"type": "text"}, "tools": []}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _number(body: dict, name: str, kind, default, ok, allowed: str):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
-        raise APIError(400, f"{name}={value!r} is invalid: {allowed}", name)
-    return value
-
-
-def _sampling(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
-    # either name (max_tokens null or absent: max_completion_tokens), and errors say which
-    name = ("max_completion_tokens" if body.get("max_tokens") is None
-            and body.get("max_completion_tokens") is not None else "max_tokens")
-    max_tokens = _number(body, name, int, default_max, lambda v: v >= 1, "must be an integer >= 1")
-    if num_prompt + max_tokens > max_len:
-        raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
-                       f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
-                       name, code="context_length_exceeded")
-    _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
-    top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(_number(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 1e4,
-                                  "must be in [0, 10000]")),
-        top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
-                            "must be in (0, 1]")),
-        top_k=None if top_k in (None, -1) else top_k,
-        seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
-
-
-def _implemented(body: dict) -> None:
-    for name, nothing in NOT_IMPLEMENTED.items():
-        value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
-        if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
-                nothing, bool)):
-            raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
-                           f"{json.dumps(nothing)} or null)", name)
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) for s in stop):
-        return stop
-    raise APIError(400, f"stop={stop!r} is invalid: a string or a list of up to 16 strings", "stop")
-
-
-def _stream(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage): booleans, not anything truthy ("false" is truthy)."""
-    stream, options = body.get("stream"), body.get("stream_options")
-    if not isinstance(stream, (bool, type(None))):
-        raise APIError(400, f"stream={stream!r} is invalid: must be true or false", "stream")
-    if options is not None and not (isinstance(options, dict) and isinstance(
-            options.get("include_usage"), (bool, type(None)))):
-        raise APIError(400, f"stream_options={options!r} is invalid: an object with an optional "
-                       "boolean include_usage", "stream_options")
-    return bool(stream), bool(options and options.get("include_usage"))
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages is invalid: a non-empty list of {role, content}", "messages")
-    out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        # content parts: text only (an image dropped silently would go unanswered unnoticed)
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages item {m!r} is invalid: content parts must be "
-                               '{"type": "text", "text": string}; this server takes text only',
-                               "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
-                           "messages")
-        out.append({**m, "content": content})
-    return out
 
 
 def create_app(served: ServedModel, engine: Engine):
@@ -170,21 +72,30 @@ def create_app(served: ServedModel, engine: Engine):
             return {"status": "ok", "running": running, "waiting": len(engine.waiting),
                     "engine": dict(engine.stats)}
 
+    card = {"id": served.name, "object": "model", "created": 0, "owned_by": "dropless"}
+
+    def known(model) -> None:
+        if model != served.name:
+            raise APIError(404, f"model {model!r} does not exist; this server has {served.name!r}",
+                           "model", "invalid_request_error", "model_not_found")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model",
-                                            "created": 0, "owned_by": "dropless"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")   # path: an id may hold a "/" (org/name)
+    async def model(model: str):
+        known(model)
+        return card
 
     async def parse(http_request) -> dict:
-        try:
-            body = json.loads(await http_request.body())
+        try:   # bounded before it is read: parsing it holds up the event loop
+            body = json.loads(await read_body(http_request, max_body_bytes(engine.max_len)))
         except (ValueError, RecursionError) as e:   # nested too deep: was a 500
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        if body.get("model") != served.name:
-            raise APIError(404, f"model {body.get('model')!r} does not exist; this server has "
-                           f"{served.name!r}", "model", "invalid_request_error", "model_not_found")
+        known(body.get("model"))
         return body
 
     # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
@@ -255,22 +166,30 @@ def create_app(served: ServedModel, engine: Engine):
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         where = "messages" if chat else "prompt"
         if isinstance(prompt, str):
+            check_prompt_size(prompt, where, engine.max_len)   # before the tokenizer's work
             try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
                 prompt.encode()
             except UnicodeEncodeError as e:
                 raise APIError(400, f"{where} is invalid: {e.reason} "
                                f"({e.object[e.start:e.end]!r})", where) from None
-        prompt_ids = prompt if isinstance(prompt, list) else served.tokenizer.encode(prompt).tolist()
-        if not prompt_ids:
+            prompt = (await asyncio.to_thread(served.tokenizer.encode, prompt)).tolist()
+        if not prompt:
             raise APIError(400, "the prompt is empty", where)
-        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt_ids):
+        default_max = engine.max_len - len(prompt) if chat else 16
+        check_implemented(body)
+        # the context's length before a scan of every token id (a list of ids is not bounded yet)
+        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1))
+        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
-        default_max = engine.max_len - len(prompt_ids) if chat else 16
-        _implemented(body)
-        params = _sampling(body, len(prompt_ids), engine.max_len, max(default_max, 1))
-        stop, (stream, include_usage) = _stop(body), _stream(body)
-        request, queue = start(prompt_ids, params, stop)
+        stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
+        request, queue = start(prompt, params, stop)
+        # the client leaving, at any point, cancels its request (a no-op once it finished): its
+        # slot would go on generating for nobody, up to the whole context. Not only the stream's
+        # `finally`: Starlette cancels a stream whose client left before its first chunk without
+        # ever starting the generator
+        left = asyncio.ensure_future(disconnected(http_request))
+        left.add_done_callback(lambda _: request.cancel())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         base = {"id": rid, "created": int(time.time()), "model": served.name}
         kind = "chat.completion" if chat else "text_completion"
@@ -280,7 +199,7 @@ def create_app(served: ServedModel, engine: Engine):
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             if not stream:
                 return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish}
+                        "logprobs": None, "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text else {})
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -291,15 +210,11 @@ def create_app(served: ServedModel, engine: Engine):
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            # a client that leaves (a timeout, Ctrl-C) cancels its request, as a stream's does:
-            # its slot would go on generating for nobody, up to the whole context
-            text, left = (asyncio.ensure_future(text_of(queue)),
-                          asyncio.ensure_future(disconnected(http_request)))
+            text = asyncio.ensure_future(text_of(queue))
             try:
                 await asyncio.wait((text, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                left.cancel()
-                request.cancel()   # a no-op once finished
+                left.cancel()   # and so the request: a no-op once finished
             text = await text   # soon when cancelled: the engine drops it at its next step
             return {**base, "object": kind, "choices": [choice(text, finish_reason())],
                     "usage": usage(request)}
@@ -325,7 +240,7 @@ def create_app(served: ServedModel, engine: Engine):
                     yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                request.cancel()   # a no-op once finished; frees the slot if the client left
+                left.cancel()   # and so the request: a no-op once finished
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -344,8 +259,9 @@ def create_app(served: ServedModel, engine: Engine):
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
         body = await parse(http_request)
-        try:
-            prompt = render_chat(served.chat_template, _messages(body), served.special_tokens)
+        try:   # a template compiles and renders for ms: off the event loop
+            prompt = await asyncio.to_thread(render_chat, served.chat_template, chat_messages(body),
+                                             served.special_tokens)
         except APIError:
             raise
         except Exception as e:   # the template raised or does not render these messages

@@ -1,0 +1,153 @@
+"""The OpenAI request's fields, checked: every mistake is an APIError (OpenAI's error shape, with
+the field's name), raised before any work is done on the request; and the bounds on its size,
+checked before its body is parsed or its prompt tokenized. The event loop parses every request:
+a multi-megabyte prompt tokenized there stalled every other client.
+"""
+
+import json
+
+from dropless.serve.request import SamplingParams
+
+# OpenAI parameters not implemented here, with the value that asks for nothing (clients send it):
+# any other value is refused, never silently ignored (a reply without the echo or logprobs asked
+# for, or sampled without the penalties, would look like the model's doing)
+NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
+                   "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
+                   "response_format": {"type": "text"}, "tools": []}
+
+
+# A prompt of more characters than this per token of the context is refused untokenized: a token
+# is about 4 characters of English text, and no usual tokenizer's are 32 on average.
+CHARS_PER_TOKEN = 32
+
+
+def max_prompt_chars(max_len: int) -> int:
+    return CHARS_PER_TOKEN * max_len
+
+
+def max_body_bytes(max_len: int) -> int:
+    """JSON spells a character in at most 12 bytes (an escaped surrogate pair); 1 MiB for the rest
+    of the body (other messages, stop strings)."""
+    return 12 * max_prompt_chars(max_len) + (1 << 20)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _number(body: dict, name: str, kind, default, ok, allowed: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise APIError(400, f"{name}={value!r} is invalid: {allowed}", name)
+    return value
+
+
+def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
+    # either name (max_tokens null or absent: max_completion_tokens), and errors say which
+    name = ("max_completion_tokens" if body.get("max_tokens") is None
+            and body.get("max_completion_tokens") is not None else "max_tokens")
+    max_tokens = _number(body, name, int, default_max, lambda v: v >= 1, "must be an integer >= 1")
+    if num_prompt + max_tokens > max_len:
+        raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
+                       f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
+                       name, code="context_length_exceeded")
+    _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
+    top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(_number(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 1e4,
+                                  "must be in [0, 10000]")),
+        top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
+                            "must be in (0, 1]")),
+        top_k=None if top_k in (None, -1) else top_k,
+        seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
+
+
+def check_implemented(body: dict) -> None:
+    for name, nothing in NOT_IMPLEMENTED.items():
+        value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
+        if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
+                nothing, bool)):
+            raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
+                           f"{json.dumps(nothing)} or null)", name)
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) for s in stop):
+        return stop
+    raise APIError(400, f"stop={stop!r} is invalid: a string or a list of up to 16 strings", "stop")
+
+
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage): booleans, not anything truthy ("false" is truthy)."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if not isinstance(stream, (bool, type(None))):
+        raise APIError(400, f"stream={stream!r} is invalid: must be true or false", "stream")
+    if options is not None and not (isinstance(options, dict) and isinstance(
+            options.get("include_usage"), (bool, type(None)))):
+        raise APIError(400, f"stream_options={options!r} is invalid: an object with an optional "
+                       "boolean include_usage", "stream_options")
+    return bool(stream), bool(options and options.get("include_usage"))
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages is invalid: a non-empty list of {role, content}", "messages")
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        # content parts: text only (an image dropped silently would go unanswered unnoticed)
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages item {m!r} is invalid: content parts must be "
+                               '{"type": "text", "text": string}; this server takes text only',
+                               "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
+                           "messages")
+        out.append({**m, "content": content})
+    return out
+
+
+def check_prompt_size(prompt: str, where: str, max_len: int) -> None:
+    limit = max_prompt_chars(max_len)
+    if len(prompt) > limit:
+        raise APIError(400, f"{where} is too long: {len(prompt)} characters, and this server takes "
+                       f"at most {limit} ({CHARS_PER_TOKEN} a token of its {max_len}-token "
+                       "context)", where, code="context_length_exceeded")
+
+
+async def read_body(http_request, limit: int) -> bytes:
+    """The request's body, refused with a 413 past `limit` bytes before the rest is read: at once
+    when its Content-Length says so, else (chunked) as it comes."""
+    def too_large(size: str):
+        return APIError(413, f"the request body ({size} bytes) is too large: this server takes at "
+                        f"most {limit} bytes", code="request_too_large")
+
+    size = http_request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise too_large(size)
+    chunks, size = [], 0
+    async for chunk in http_request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+    return b"".join(chunks)
