@@ -395,3 +395,5 @@ def test_sse_wire_format(live):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    # with include_usage every earlier chunk says "usage": null (as OpenAI's stream does)
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])

@@ -221,6 +221,8 @@ def create_app(served: ServedModel, engine: Engine):
 
         async def events():
             chunk = {**base, "object": kind + ".chunk" if chat else kind}
+            if include_usage:   # every chunk carries the field, null until the last one's
+                chunk["usage"] = None
             # every delta's event is the same JSON around its text: serialised once, each text
             # spliced in (a whole chunk's json.dumps costs ~10x its text's, per token)
             head, tail = json.dumps({**chunk, "choices": [choice(MARK, None)]}).split(
