@@ -376,8 +376,7 @@ def print_table(res: dict, args) -> None:
                                             "engine_blocks_prefill", "engine_one_length",
                                             *(f"engine_step{n}" for n in args.prefill_step_tokens),
                                             "engine_gather", "engine_no_kernels", "engine_no_linear",
-                                            "generate",
-                                            "hf")]:
+                                            "generate", "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue
             r = res[name]
