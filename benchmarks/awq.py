@@ -5,13 +5,14 @@ small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
 
 Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
-nearest, group 128). "bf16 decode" is the bf16 layer the way the inference engine runs it
-(dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens): the speedups
-are against the faster of the two bf16 rows. Weights are random, built on the GPU. Times are
+nearest, group 128). "bf16 decode" / "int4 decode" are the layers the way the inference engine
+runs them (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens); "int4
+gather" is the int4 layer with the kernels' other unpacking (DROPLESS_AWQ_UNPACK=gather: each
+column loads its own int32). Speedups: the fastest bf16 column over the fastest int4 one. Weights are random, built on the GPU. Times are
 medians (triton's do_bench, CUDA events) of a forward under no_grad, eager and replayed from a
 CUDA graph of 24 calls on 24 inputs (what an inference engine runs; launch overhead dominates the
-eager numbers at batch 1; times are per call). "check" is the int4 layer's relative error against the bf16 layer holding the dequantized
-int4 weights (the same function).
+eager numbers at batch 1; times are per call). "check" is the int4 layer's relative error
+against the bf16 layer holding the dequantized int4 weights (the same function).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -36,6 +37,8 @@ SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F
           "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
 GROUP = 128
 CALLS = 24   # inputs per graph (each routed anew): times are per call
+PROVIDERS = (("bf16", "bf16", None), ("bf16 decode", "bf16", None), ("int4", "int4", None),
+             ("int4 decode", "int4", None), ("int4 gather", "int4", "gather"))
 
 
 def graphed(fn, xs):
@@ -115,14 +118,13 @@ def main():
                 for t in xs:
                     route = bf16.router(t)
                     routed.append((t, route.expert_ids_TK, route.weights_TK))
-                for label, layer, unpack in (("bf16", bf16, None), ("bf16 decode", bf16, None),
-                                             ("int4", int4, "interleave"),
-                                             ("int4 gather", int4, "gather")):
-                    if unpack:
-                        os.environ[awq_ops.UNPACK_ENV] = unpack
+                layers = {"bf16": bf16, "int4": int4}
+                for label, layer, unpack in PROVIDERS:
+                    layer = layers[layer]
+                    os.environ[awq_ops.UNPACK_ENV] = unpack or "interleave"
                     fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
-                    if label == "bf16 decode":
-                        fn = lambda t, m=bf16: moe_decode(m, t)   # noqa: E731
+                    if "decode" in label:   # the engine's entry
+                        fn = lambda t, m=layer: moe_decode(m, t)   # noqa: E731
                     times[label] = bench(lambda: fn(x), device)
                     times[label + " graph"] = (per_call(fn, xs) if not args.no_graph
                                                else float("nan"))
@@ -142,7 +144,7 @@ def main():
                             plan = ops.make_plan(r[1], E)
                             y_RD = m.experts(ops.dispatch(r[0], plan), plan.counts_E)
                             return ops.combine(y_RD, plan, r[2])
-                    elif q.decodes(x, K):
+                    elif q.decodes(x, K) or "decode" in label:
                         def experts(r, q=q):
                             return q.decode(*r)
                     else:
@@ -156,18 +158,16 @@ def main():
             torch.cuda.empty_cache()
     print("\nms per MoE layer forward (median). eager / graph: the whole layer (router included),"
           " eagerly or replayed from a CUDA graph; experts: the experts alone on the layer's "
-          "routing (graph). int4 unpacks int32s by interleave (default) or 'gather' "
-          "(DROPLESS_AWQ_UNPACK=gather); speedup = the faster bf16 / the faster int4.")
+          "routing (graph). speedup = the fastest bf16 / the fastest int4.")
     kinds = ["", " graph", " experts"]
-    providers = ("bf16", "bf16 decode", "int4", "int4 gather")
+    providers = [label for label, _, _ in PROVIDERS]
     head = " ".join(f"{p + k:>19}" for k in kinds for p in providers)
     print(f"{'shape':8} {'T':>3} {head} " + " ".join(f"{'speedup' + k:>16}" for k in kinds)
           + f" {'check':>9}")
     for name, T, t, check in rows:
         cells = " ".join(f"{t[p + k]:>19.4f}" for k in kinds for p in providers)
-        best = {k: (min(t["bf16" + k], t["bf16 decode" + k]), min(t["int4" + k],
-                                                                  t["int4 gather" + k]))
-                for k in kinds}
+        best = {k: tuple(min(t[p + k] for p in providers if p.startswith(kind))
+                         for kind in ("bf16", "int4")) for k in kinds}
         ups = " ".join(f"{best[k][0] / best[k][1]:>15.2f}x" for k in kinds)
         print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
 

@@ -27,7 +27,7 @@ from dropless.quant.pack import PACK, dequantize
 GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # how the kernels spread packed int32s over columns: "interleave" in registers or "gather" loads
-# (see _dequant_tile); benchmarks/awq.py times both
+# (see _group_params); benchmarks/awq.py times both
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 
 

@@ -80,6 +80,8 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     assert not (mask_k and (quant or split_k > 1))
     step = _gemv_step(kd // split_k, kind)
     unroll = step // block_k if not gather_unpack else min(2, step // block_k)
+    while quant and gs % (block_k * unroll):   # an iteration inside one group (the kernel's
+        unroll //= 2                             # zero points and scales: once per iteration)
     assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
     grid = (rows, -(-n // block_n), split_k)

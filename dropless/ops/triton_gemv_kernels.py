@@ -22,37 +22,63 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
-                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _spread(v, GATHER_UNPACK: tl.constexpr):
+    """v [..., n] (int32s of packed columns) repeated eight times in place: [..., 8n]."""
+    if not GATHER_UNPACK:
+        v = tl.interleave(v, v)
+        v = tl.interleave(v, v)
+        v = tl.interleave(v, v)
+    return v
+
+
+@triton.jit
+def _group_params(qz_ptr, sc_ptr, g, WN, pcols, pc_ok, cols, col_ok,
                   GATHER_UNPACK: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
-    divides GS), columns `cols` (pcols = their int32s, cols // 8).
+    """(2^23 + zero point, scale), fp32 [BLOCK_N], of group g at columns `cols` (pcols = their
+    int32s, cols // 8).
 
     Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
     (interleave), or let each column load its own copy (the same cache line serves all eight; no
     register shuffle). Which is faster is measured, not assumed: benchmarks/awq.py runs both."""
+    c = cols % 8
+    if GATHER_UNPACK:
+        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
+    else:
+        zp = _spread(tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0), False)
+    z = ((zp >> (((c % 2) * 4 + c // 2) * 4)) & 0xF).to(tl.float32) + 8388608.0
+    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return z, s
+
+
+@triton.jit
+def _dequant_rows(qw_ptr, k0, WN, pcols, pc_ok, cols, col_ok, z, BLOCK_K: tl.constexpr,
+                  GATHER_UNPACK: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight before scaling (nibble - zero
+    point), all in the group of z (from _group_params)."""
     ks = tl.arange(0, BLOCK_K)
     c = cols % 8
-    shift = ((c % 2) * 4 + c // 2) * 4
-    g = k0 // GS
     if GATHER_UNPACK:
         packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
                          mask=col_ok[None, :], other=0)
-        zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
     else:
-        packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
-                         mask=pc_ok[None, :], other=0)
-        packed = tl.interleave(packed, packed)
-        packed = tl.interleave(packed, packed)
-        packed = tl.interleave(packed, packed)
-        zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
-        zp = tl.interleave(zp, zp)
-        zp = tl.interleave(zp, zp)
-        zp = tl.interleave(zp, zp)
-    q = (packed >> shift[None, :]) & 0xF
-    z = (zp >> shift) & 0xF
-    s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (q - z[None, :]).to(tl.float32) * s[None, :]
+        packed = _spread(tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                                 mask=pc_ok[None, :], other=0), False)
+    # a nibble q becomes the float 2^23 + q by OR-ing it under 2^23's exponent (0x4B000000): one
+    # logic op where an int-to-float conversion per weight (a quarter-rate instruction on sm_90)
+    # kept the int4 GEMV compute-bound
+    q = ((packed >> (((c % 2) * 4 + c // 2) * 4)[None, :]) & 0xF) | 0x4B000000
+    return q.to(tl.float32, bitcast=True) - z[None, :]
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok,
+                  GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GATHER_UNPACK: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight (inside one group: BLOCK_K
+    divides GS)."""
+    z, s = _group_params(qz_ptr, sc_ptr, k0 // GS, WN, pcols, pc_ok, cols, col_ok, GATHER_UNPACK)
+    return _dequant_rows(qw_ptr, k0, WN, pcols, pc_ok, cols, col_ok, z, BLOCK_K,
+                         GATHER_UNPACK) * s[None, :]
 
 
 @triton.jit
@@ -67,21 +93,14 @@ def _row(ptr, k0, KD, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
 
 
 @triton.jit
-def _tile(qw_ptr, qz_ptr, sc_ptr, k0, KD, WN, pcols, pc_ok, cols, col_ok,
-          QUANT: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-          GATHER_UNPACK: tl.constexpr, MASK_K: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N] of the weight at rows k0.., columns `cols`: int4 dequantized, or
-    plain (rows past KD read as 0 when MASK_K)."""
-    if QUANT:
-        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, WN, pcols, pc_ok, cols, col_ok, GS,
-                          BLOCK_K, BLOCK_N, GATHER_UNPACK)
-    else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = col_ok[None, :]
-        if MASK_K:
-            mask = mask & (ks < KD)[:, None]
-        w = tl.load(qw_ptr + ks[:, None] * WN + cols[None, :], mask=mask, other=0.0)
-    return w.to(tl.float32)
+def _plain_tile(w_ptr, k0, KD, WN, cols, col_ok, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N] of a plain weight at rows k0.., columns `cols` (rows past KD read
+    as 0 when MASK_K)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    mask = col_ok[None, :]
+    if MASK_K:
+        mask = mask & (ks < KD)[:, None]
+    return tl.load(w_ptr + ks[:, None] * WN + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -121,6 +140,16 @@ def gemv_kernel(
     # UNROLL steps per iteration in one basic block: their independent loads are issued together
     # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
     for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+        if QUANT:   # an iteration stays inside one group (the launcher sees to it): its zero
+                    # points and scales once
+            z, s = _group_params(qz, sc, k_outer // GS, WN, pcols, pc_ok, cols, col_ok,
+                                 GATHER_UNPACK)
+            if SWIGLU:
+                z_up, s_up = _group_params(qz, sc, k_outer // GS, WN, pcols + N // 8, pc_ok,
+                                           cols + N, col_ok, GATHER_UNPACK)
+            # the iteration's unscaled products, scaled once at its end
+            group = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            group_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for step in tl.static_range(UNROLL):
             k0 = k_outer + step * BLOCK_K
             if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
@@ -133,13 +162,23 @@ def gemv_kernel(
                 x = g * tl.sigmoid(g) * u
             else:
                 x = _row(x_ptr + src * stride_xm, k0, KD, BLOCK_K, MASK_K)
-            w = _tile(qw, qz, sc, k0, KD, WN, pcols, pc_ok, cols, col_ok, QUANT, GS, BLOCK_K,
-                      BLOCK_N, GATHER_UNPACK, MASK_K)
-            acc2 += x[:, None] * w
+            if QUANT:
+                group += x[:, None] * _dequant_rows(qw, k0, WN, pcols, pc_ok, cols, col_ok, z,
+                                                    BLOCK_K, GATHER_UNPACK)
+            else:
+                acc2 += x[:, None] * _plain_tile(qw, k0, KD, WN, cols, col_ok, BLOCK_K, MASK_K)
             if SWIGLU:   # the up columns sit N to the right of the gate columns
-                w_up = _tile(qw, qz, sc, k0, KD, WN, pcols + N // 8, pc_ok, cols + N, col_ok,
-                             QUANT, GS, BLOCK_K, BLOCK_N, GATHER_UNPACK, MASK_K)
-                acc2_up += x[:, None] * w_up
+                if QUANT:
+                    group_up += x[:, None] * _dequant_rows(
+                        qw, k0, WN, pcols + N // 8, pc_ok, cols + N, col_ok, z_up, BLOCK_K,
+                        GATHER_UNPACK)
+                else:
+                    acc2_up += x[:, None] * _plain_tile(qw, k0, KD, WN, cols + N, col_ok,
+                                                        BLOCK_K, MASK_K)
+        if QUANT:
+            acc2 += group * s[None, :]
+            if SWIGLU:
+                acc2_up += group_up * s_up[None, :]
     acc = tl.sum(acc2, axis=0)
     acc_up = tl.sum(acc2_up, axis=0)
     if SWIGLU:
