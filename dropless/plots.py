@@ -5,35 +5,12 @@ Matplotlib is imported lazily with the Agg backend (no display needed, nothing c
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl. A line that is not a JSON object (the partial last line of a
-    run killed mid-write) is skipped, with one warning that counts them."""
-    if not path.is_file():
-        return []
-    records, bad = [], []
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):   # RecursionError: nested too deep
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append(lineno)
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} malformed lines ({shown})", stacklevel=2)
-    return records
+from dropless.runlog import read_metrics
 
 
 def _pyplot():

@@ -193,3 +193,27 @@ def test_only_corpora_split_differently_get_a_new_cache_key():
     assert data.cache_key(same, ByteTokenizer()) == _key_before_the_cut_rule(same)
     cut = _tiny_validation_corpus()
     assert data.cache_key(cut, ByteTokenizer()) != _key_before_the_cut_rule(cut)
+
+
+def test_metrics_log_is_strict_json_and_resumes_over_nulls_and_non_records(tmp_path):
+    """A NaN or infinite loss was written as `NaN`/`Infinity`, which strict JSON readers (jq, JS,
+    other languages' parsers) refuse: it is null. Resuming over a log with nulls, and with lines
+    that are JSON but not records (`[]`, `3`), raised TypeError instead of skipping them."""
+    from dropless.runlog import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n[]\n3\n{"step": 2, "loss": null}\n'
+                    '{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    with pytest.warns(UserWarning, match=r"skipped 3 malformed lines \(2, 3, 6\)"):
+        log = MetricsLog(path, keep_through=3)
+    log.write({"step": 4, "loss": float("nan"), "val_loss": float("inf"),
+               "expert_load": [[float("-inf"), 0.5]]})
+    log.file.close()
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in path.read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": None},
+                       {"step": 3, "loss": 1.0},
+                       {"step": 4, "loss": None, "val_loss": None, "expert_load": [[None, 0.5]]}]
