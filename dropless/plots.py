@@ -5,11 +5,13 @@ Matplotlib is imported lazily with the Agg backend (no display needed, nothing c
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
+from dropless.files import write_atomic
 from dropless.runlog import read_metrics
 
 
@@ -18,6 +20,13 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """The PNG rendered in memory, then written whole: a full disk leaves the previous one."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    write_atomic(path, png.getvalue())
 
 
 def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
@@ -39,7 +48,7 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
            title=f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -77,7 +86,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     ax.set(title="Whole run: % of tokens", xlabel="expert", ylabel="layer", yticks=range(L))
     fig.colorbar(image, ax=fig.axes, shrink=0.8,
                  label=f"share of tokens (balanced = 1/{E}; darkest red = {2 / E:.2f} or more)")
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
     plt.close(fig)
 
 

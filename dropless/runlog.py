@@ -11,7 +11,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from dropless.parallel.checkpoint import write_atomic
+from dropless.files import write_atomic
 
 
 class StopOnInterrupt:

@@ -152,3 +152,30 @@ def test_absent_max_position_embeddings_is_transformers_default(model_type):
     default = hf.pop("max_position_embeddings")
     hf.update(num_hidden_layers=2, layer_types=None, first_k_dense_replace=1)
     assert config_from_hf(hf).max_seq_len == default
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_failed_rewrite_of_an_hf_dir_leaves_its_files_whole(tmp_path, name):
+    """Converting again into an HF directory on a disk that fills (here: a file size limit)
+    truncated config.json or tokenizer.json in place: the previous, working directory destroyed."""
+    path = tmp_path / "hf"
+    hf_dir(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    script = ("import resource, signal, sys\n"
+              "import torch\n"
+              "from dropless import Transformer, convert, get_preset\n"
+              "from dropless.tokenizer import ByteTokenizer\n"
+              "model = Transformer(get_preset('tiny'))\n"
+              "if sys.argv[2] == 'tokenizer.json':   # the weights and config.json are written\n"
+              "    convert.to_hf = lambda *args, **kwargs: None\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
+              "try:\n"
+              "    convert.save_hf_dir(model, sys.argv[1], ByteTokenizer().to_json())\n"
+              "except OSError:\n"
+              "    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path), name], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert len(before[name]) > 200   # the limit cuts the file
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before   # no temp file left either

@@ -1,8 +1,11 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
+from conftest import subprocess_env
 from dropless.plots import read_metrics, write_plots
 
 
@@ -45,3 +48,26 @@ def test_null_values_read_as_nan_and_non_records_are_skipped(tmp_path):
     assert math.isnan(records[1]["expert_load"][0][0])
     path.write_text("\n".join(lines[:1] + lines[-1:]) + "\n")
     assert [p.name for p in write_plots(tmp_path, baseline=3.0)] == ["loss.png", "expert_load.png"]
+
+
+def test_a_plot_that_fails_midway_leaves_the_previous_one(tmp_path):
+    """A full disk (here: a file size limit) while a plot was saved truncated the previous run's
+    PNG in place."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    (path,) = write_plots(tmp_path, baseline=3.0)
+    before = path.read_bytes()
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "import matplotlib.pyplot\n"
+              "from dropless.plots import write_plots\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+              "try:\n"
+              "    write_plots(Path(sys.argv[1]), baseline=2.5)\n"
+              "except OSError:\n"
+              "    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
