@@ -2,12 +2,10 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_out_of_space
 from dropless import data
 from dropless.errors import DroplessError
 from dropless.files import read_small_json
@@ -118,18 +116,8 @@ def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
     path = tmp_path / "metrics.jsonl"
     old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 50))
     path.write_text(old)
-    script = ("import resource, signal, sys\n"
-              "from pathlib import Path\n"
-              "from dropless.runlog import MetricsLog\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
-              "try:\n"
-              "    MetricsLog(Path(sys.argv[1]), keep_through=40)\n"
-              "except OSError:\n"
-              "    sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(path)], env=subprocess_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 3, result.stderr
+    assert run_out_of_space("from pathlib import Path\nfrom dropless.runlog import MetricsLog",
+                            "MetricsLog(Path(sys.argv[1]), keep_through=40)", path, limit=200) == 3
     assert path.read_text() == old
 
 

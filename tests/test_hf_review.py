@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import subprocess_env
+from conftest import run_out_of_space, subprocess_env
 from dropless import Transformer, from_hf, get_preset, to_hf
 from dropless.cli import main
 from dropless.convert import save_hf_dir
@@ -161,21 +161,12 @@ def test_a_failed_rewrite_of_an_hf_dir_leaves_its_files_whole(tmp_path, name):
     path = tmp_path / "hf"
     hf_dir(path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    script = ("import resource, signal, sys\n"
-              "import torch\n"
-              "from dropless import Transformer, convert, get_preset\n"
-              "from dropless.tokenizer import ByteTokenizer\n"
-              "model = Transformer(get_preset('tiny'))\n"
-              "if sys.argv[2] == 'tokenizer.json':   # the weights and config.json are written\n"
-              "    convert.to_hf = lambda *args, **kwargs: None\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
-              "try:\n"
-              "    convert.save_hf_dir(model, sys.argv[1], ByteTokenizer().to_json())\n"
-              "except OSError:\n"
-              "    sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(path), name], env=subprocess_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 3, result.stderr
+    setup = ("from dropless import Transformer, convert, get_preset\n"
+             "from dropless.tokenizer import ByteTokenizer\n"
+             "model = Transformer(get_preset('tiny'))\n"
+             "if sys.argv[2] == 'tokenizer.json':   # the weights and config.json are written\n"
+             "    convert.to_hf = lambda *args, **kwargs: None")
+    act = "convert.save_hf_dir(model, sys.argv[1], ByteTokenizer().to_json())"
+    assert run_out_of_space(setup, act, path, name, limit=200) == 3
     assert len(before[name]) > 200   # the limit cuts the file
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before   # no temp file left either

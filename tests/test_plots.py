@@ -1,11 +1,9 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_out_of_space
 from dropless.plots import read_metrics, write_plots
 
 
@@ -56,18 +54,9 @@ def test_a_plot_that_fails_midway_leaves_the_previous_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
     (path,) = write_plots(tmp_path, baseline=3.0)
     before = path.read_bytes()
-    script = ("import resource, signal, sys\n"
-              "from pathlib import Path\n"
-              "import matplotlib.pyplot\n"
-              "from dropless.plots import write_plots\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-              "try:\n"
-              "    write_plots(Path(sys.argv[1]), baseline=2.5)\n"
-              "except OSError:\n"
-              "    sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=subprocess_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 3, result.stderr
+    setup = ("import matplotlib.pyplot\nfrom pathlib import Path\n"
+             "from dropless.plots import write_plots")
+    assert run_out_of_space(setup, "write_plots(Path(sys.argv[1]), baseline=2.5)", tmp_path,
+                            limit=1000) == 3
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
