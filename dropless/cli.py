@@ -15,7 +15,6 @@ import re
 import sys
 import time
 import warnings
-from socket import AF_INET, AF_INET6, create_server
 
 from dropless.config import BACKENDS, LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
@@ -263,17 +262,17 @@ def _serve(args) -> int:
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
     from dropless.serve.engine import Engine
-    from dropless.serve.server import serve
+    from dropless.serve.server import check_listen, serve
     from dropless.serve.text import load_served_model
 
+    # what can be checked without the model, before it loads (minutes, for a large one)
+    _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
+    _require(args.max_len is None or args.max_len >= 2, "--max-len", args.max_len,
+             "must be in [2, the model's max_seq_len]")
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
-    try:   # before the model loads: a busy port or a bad host is one line (":": IPv6, as uvicorn)
-        create_server((args.host, args.port), family=AF_INET6 if ":" in args.host else AF_INET).close()
-    except OSError as e:
-        raise DroplessError(f"cannot listen on --host {args.host} --port {args.port}: "
-                            f"{e.strerror or e}") from None
+    check_listen(args.host, args.port)
     served = load_served_model(args.model_dir, resolve_device(args.device))
     compile_prefill = args.compile_prefill if args.compile_prefill is not None else (
         args.compile or next(served.model.parameters()).is_cuda)

@@ -10,7 +10,7 @@ import torch
 
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.errors import DroplessError
-from dropless.files import read_small_text
+from dropless.files import read_small_text, write_atomic
 from dropless.hf import from_hf, read_hf_config, save_safetensors, to_hf
 from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
@@ -41,7 +41,8 @@ def save_hf_dir(model: Transformer, path, tokenizer_json: str, model_type: str |
     """to_hf plus tokenizer.json, so the directory is self-contained (dropless's raw-byte tokenizer
     is written as the equivalent byte-level `tokenizers` one: ids 0..255 are the bytes)."""
     to_hf(model, path, model_type)
-    (Path(path) / "tokenizer.json").write_text(tokenizer_from_json(tokenizer_json).to_hf_json())
+    write_atomic(Path(path) / "tokenizer.json",
+                 tokenizer_from_json(tokenizer_json).to_hf_json().encode())
 
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:

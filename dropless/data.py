@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropless.parallel.checkpoint import write_atomic
 from dropless.errors import DroplessError
-from dropless.files import read_small_json, temp_beside
+from dropless.files import read_small_json, temp_beside, write_atomic
 from dropless.tokenizer import Tokenizer
 
 VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation

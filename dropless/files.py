@@ -1,7 +1,8 @@
 """Reading the small files of a directory someone else may have written (configs, manifests,
 indexes, tokenizers): regular files only, of bounded size, so that a FIFO cannot hang a command
-and a sparse terabyte-sized `config.json` cannot exhaust memory; and the temp paths writes go
-through before their rename into place."""
+and a sparse terabyte-sized `config.json` cannot exhaust memory. Writing what a command outputs:
+all of it or none of it, through a temp path beside it and a rename into place, so that a full
+disk or a kill mid-write leaves the previous file whole."""
 
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ def read_json_object(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:   # a full disk: name the file (write errors carry no filename)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    fsync_dir(path.parent)
 
 
 def temp_beside(path: Path, hidden: bool = False) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dropless.config import ModelConfig
-from dropless.files import read_small_json
+from dropless.files import read_small_json, write_atomic
 from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_type
 from dropless.model import Transformer
 
@@ -351,7 +351,7 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
             sizes[-1] += t.nbytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    write_atomic(path / "config.json", (json.dumps(hf_cfg, indent=2) + "\n").encode())
     n = len(shards)
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names if n > 1 else ["model.safetensors"], shards):
@@ -359,7 +359,8 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     if n > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_atomic(path / "model.safetensors.index.json",
+                     (json.dumps(index, indent=2) + "\n").encode())
     # a previous save's weights that this one did not overwrite go, as save_pretrained's do: a stale
     # index (or a stale model.safetensors, which transformers prefers to an index) would be loaded
     # instead of the weights just written

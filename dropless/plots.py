@@ -5,35 +5,14 @@ Matplotlib is imported lazily with the Agg backend (no display needed, nothing c
 
 from __future__ import annotations
 
-import json
+import io
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl. A line that is not a JSON object (the partial last line of a
-    run killed mid-write) is skipped, with one warning that counts them."""
-    if not path.is_file():
-        return []
-    records, bad = [], []
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):   # RecursionError: nested too deep
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append(lineno)
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} malformed lines ({shown})", stacklevel=2)
-    return records
+from dropless.files import write_atomic
+from dropless.runlog import read_metrics
 
 
 def _pyplot():
@@ -41,6 +20,13 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """The PNG rendered in memory, then written whole: a full disk leaves the previous one."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    write_atomic(path, png.getvalue())
 
 
 def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
@@ -62,7 +48,7 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> None:
            title=f"Loss per token ({path.parent.name})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -100,7 +86,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     ax.set(title="Whole run: % of tokens", xlabel="expert", ylabel="layer", yticks=range(L))
     fig.colorbar(image, ax=fig.axes, shrink=0.8,
                  label=f"share of tokens (balanced = 1/{E}; darkest red = {2 / E:.2f} or more)")
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -8,9 +8,10 @@ import math
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 
-from dropless.parallel.checkpoint import write_atomic
+from dropless.files import write_atomic
 
 
 class StopOnInterrupt:
@@ -76,25 +77,59 @@ class StopWhenReaderLeaves:
         return getattr(self.stream, name)
 
 
+def _leaves(value, leaf):
+    """`value` with `leaf` applied to every value that is not a list or a dict."""
+    if isinstance(value, dict):
+        return {k: _leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
+def _json_line(record: dict) -> str:
+    """One line of strict JSON: a non-finite float (a diverged loss) is null, not the `NaN` or
+    `Infinity` that Python's json writes and other readers (jq, JavaScript, ...) refuse."""
+    finite = _leaves(record, lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, null read back as NaN. A line that is not a record (the
+    partial last line of a run killed mid-write, JSON that is not an object with an int step) is
+    skipped, with one warning that counts them."""
+    if not path.is_file():
+        return []
+    records, bad = [], []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):   # RecursionError: nested too deep
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(_leaves(record, lambda v: math.nan if v is None else v))
+        else:
+            bad.append(lineno)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} malformed lines ({shown})", stacklevel=2)
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step
-    (logged by the run after its last save) are dropped so the file reads as one straight run."""
+    (logged by the run after its last save), and lines that are not records, are dropped so the
+    file reads as one straight run."""
 
     def __init__(self, path: Path, keep_through: int):
-        records = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:   # a line cut short by a crash
-                continue
-            if record["step"] <= keep_through:
-                records.append(record)
+        records = [r for r in read_metrics(path) if r["step"] <= keep_through]
         # through a temp file: a failed rewrite (a full disk) leaves the whole log as it was
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_atomic(path, "".join(map(_json_line, records)).encode())
         self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(_json_line(record))
         self.file.flush()
 
 

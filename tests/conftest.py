@@ -1,5 +1,7 @@
 import copy
 import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -60,6 +62,19 @@ def one_thread():
 def subprocess_env() -> dict:
     repo = Path(__file__).resolve().parents[1]
     return {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+
+
+def run_out_of_space(setup: str, act: str, *argv, limit: int) -> int:
+    """Python `setup`, then `act` with no file allowed past `limit` bytes (a disk that fills),
+    in a fresh interpreter (argv in sys.argv[1:]); its exit code: 3 when `act` raised OSError."""
+    script = (f"import resource, signal, sys\n{setup}\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+              f"try:\n    {act}\nexcept OSError:\n    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script, *map(str, argv)], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode
 
 
 @pytest.fixture(scope="session")

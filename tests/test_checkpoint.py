@@ -119,6 +119,22 @@ def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
     assert "trained tiny" in capsys.readouterr().out
 
 
+def test_resume_over_a_metrics_log_with_nulls_and_non_records(small_cfg):
+    """A resumed run rereads metrics.jsonl: a null loss (how a NaN one is written) or a line that
+    is JSON but not a record (`[]`, `3`, left by another tool) crashed it with a TypeError."""
+    cfg = small_cfg(steps=2, sample_tokens=0)
+    train(cfg, progress=False)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    first, *rest = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([json.dumps({**json.loads(first), "loss": None}), "[]", "3",
+                                   *rest]) + "\n")
+    resumed, state = resume_config(cfg.out, {"steps": 4})
+    with pytest.warns(UserWarning, match=r"skipped 2 malformed lines \(2, 3\)"):
+        assert train(resumed, state=state, progress=False)["finished"]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["loss"] is None
+
+
 # ---- nothing read runs code, nothing points outside the run, damage is refused ----------------
 
 class _Payload:

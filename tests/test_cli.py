@@ -441,14 +441,24 @@ def test_train_into_a_closed_pipe_stops_with_a_checkpoint(tmp_path, corpus, stre
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--max-batch", "0"], "--max-batch 0 is invalid"),
+    (["--max-batch", "0"], "--max-batch 0 is invalid: must be >= 1"),
+    (["--max-batch=-3"], "--max-batch -3 is invalid: must be >= 1"),
     (["--admit-delay-ms", "-1"], "--admit-delay-ms -1.0 is invalid: must be in [0, 1000]"),
     (["--admit-delay-ms", "nan"], "--admit-delay-ms nan is invalid"),
     (["--port", "70000"], "--port 70000 is invalid: must be in [1, 65535]"),   # not a traceback
     (["--port=-1"], "--port -1 is invalid"),
     (["--max-len", "0"], "--max-len 0 is invalid: must be in [2, "),   # not "the default"
+    (["--max-len=-5"], "--max-len -5 is invalid: must be in [2, the model's max_seq_len]"),
 ])
-def test_serve_rejects_bad_values(capsys, trained_run, flags, message):
+def test_serve_rejects_bad_values_before_loading_the_model(capsys, monkeypatch, trained_run,
+                                                           flags, message):
+    """--max-batch 0 was refused only once the model had loaded: minutes, for a large one."""
+    from dropless.serve import text
+
+    def load(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(text, "load_served_model", load)
     _fails(capsys, ["serve", str(trained_run), *flags], message)
 
 

@@ -2,12 +2,10 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_out_of_space
 from dropless import data
 from dropless.errors import DroplessError
 from dropless.files import read_small_json
@@ -118,18 +116,8 @@ def test_metrics_log_rewrite_on_resume_is_atomic(tmp_path):
     path = tmp_path / "metrics.jsonl"
     old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 50))
     path.write_text(old)
-    script = ("import resource, signal, sys\n"
-              "from pathlib import Path\n"
-              "from dropless.runlog import MetricsLog\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))\n"
-              "try:\n"
-              "    MetricsLog(Path(sys.argv[1]), keep_through=40)\n"
-              "except OSError:\n"
-              "    sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(path)], env=subprocess_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 3, result.stderr
+    assert run_out_of_space("from pathlib import Path\nfrom dropless.runlog import MetricsLog",
+                            "MetricsLog(Path(sys.argv[1]), keep_through=40)", path, limit=200) == 3
     assert path.read_text() == old
 
 
@@ -193,3 +181,27 @@ def test_only_corpora_split_differently_get_a_new_cache_key():
     assert data.cache_key(same, ByteTokenizer()) == _key_before_the_cut_rule(same)
     cut = _tiny_validation_corpus()
     assert data.cache_key(cut, ByteTokenizer()) != _key_before_the_cut_rule(cut)
+
+
+def test_metrics_log_is_strict_json_and_resumes_over_nulls_and_non_records(tmp_path):
+    """A NaN or infinite loss was written as `NaN`/`Infinity`, which strict JSON readers (jq, JS,
+    other languages' parsers) refuse: it is null. Resuming over a log with nulls, and with lines
+    that are JSON but not records (`[]`, `3`), raised TypeError instead of skipping them."""
+    from dropless.runlog import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n[]\n3\n{"step": 2, "loss": null}\n'
+                    '{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    with pytest.warns(UserWarning, match=r"skipped 3 malformed lines \(2, 3, 6\)"):
+        log = MetricsLog(path, keep_through=3)
+    log.write({"step": 4, "loss": float("nan"), "val_loss": float("inf"),
+               "expert_load": [[float("-inf"), 0.5]]})
+    log.file.close()
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in path.read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": None},
+                       {"step": 3, "loss": 1.0},
+                       {"step": 4, "loss": None, "val_loss": None, "expert_load": [[None, 0.5]]}]

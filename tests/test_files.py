@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from dropless import data
-from dropless.files import temp_beside
-from dropless.parallel.checkpoint import write_atomic
+from dropless.files import temp_beside, write_atomic
 from dropless.tokenizer import ByteTokenizer
 
 HOST = socket.gethostname().replace("-", "_")
@@ -75,3 +76,20 @@ def test_token_cache_clears_a_killed_builders_temp(tmp_path):
     again = data.load_tokens(docs, ByteTokenizer(), cache)
     assert [p.name for p in cache.iterdir()] == [key]
     assert (first.train == again.train).all()
+
+
+def test_write_atomic_that_fails_at_the_rename_leaves_the_old_file_and_no_temp(tmp_path,
+                                                                              monkeypatch):
+    """The rename can fail too (a directory in the way, a read-only mount): the temp file it was
+    to move stayed behind, full size, until the next write of that path."""
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        write_atomic(path, b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert path.read_text() == "old"

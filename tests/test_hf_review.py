@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import subprocess_env
+from conftest import run_out_of_space, subprocess_env
 from dropless import Transformer, from_hf, get_preset, to_hf
 from dropless.cli import main
 from dropless.convert import save_hf_dir
@@ -152,3 +152,21 @@ def test_absent_max_position_embeddings_is_transformers_default(model_type):
     default = hf.pop("max_position_embeddings")
     hf.update(num_hidden_layers=2, layer_types=None, first_k_dense_replace=1)
     assert config_from_hf(hf).max_seq_len == default
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_failed_rewrite_of_an_hf_dir_leaves_its_files_whole(tmp_path, name):
+    """Converting again into an HF directory on a disk that fills (here: a file size limit)
+    truncated config.json or tokenizer.json in place: the previous, working directory destroyed."""
+    path = tmp_path / "hf"
+    hf_dir(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    setup = ("from dropless import Transformer, convert, get_preset\n"
+             "from dropless.tokenizer import ByteTokenizer\n"
+             "model = Transformer(get_preset('tiny'))\n"
+             "if sys.argv[2] == 'tokenizer.json':   # the weights and config.json are written\n"
+             "    convert.to_hf = lambda *args, **kwargs: None")
+    act = "convert.save_hf_dir(model, sys.argv[1], ByteTokenizer().to_json())"
+    assert run_out_of_space(setup, act, path, name, limit=200) == 3
+    assert len(before[name]) > 200   # the limit cuts the file
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before   # no temp file left either

@@ -1,7 +1,9 @@
 import json
+import math
 
 import pytest
 
+from conftest import run_out_of_space
 from dropless.plots import read_metrics, write_plots
 
 
@@ -26,3 +28,35 @@ def test_well_formed_metrics_read_without_a_warning(tmp_path, recwarn):
     assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
     assert read_metrics(tmp_path / "absent.jsonl") == []
     assert not recwarn.list
+
+
+def test_null_values_read_as_nan_and_non_records_are_skipped(tmp_path):
+    """metrics.jsonl writes a diverged run's non-finite loss as null (strict JSON): read back as
+    NaN, so the plots leave it out of their range instead of raising TypeError on None. JSON that is
+    not a record (a list, a number, an object without an int step) is skipped like a cut line."""
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 3.0, "expert_load": [[0.5, 0.5]]}', "[]", "3", '{"loss": 1}',
+             '{"step": null}', '{"step": 2, "loss": null, "val_loss": null, '
+             '"expert_load": [[null, 0.5]]}']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 4 malformed lines \(2, 3, 4, 5\)"):
+        records = read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert math.isnan(records[1]["loss"]) and math.isnan(records[1]["val_loss"])
+    assert math.isnan(records[1]["expert_load"][0][0])
+    path.write_text("\n".join(lines[:1] + lines[-1:]) + "\n")
+    assert [p.name for p in write_plots(tmp_path, baseline=3.0)] == ["loss.png", "expert_load.png"]
+
+
+def test_a_plot_that_fails_midway_leaves_the_previous_one(tmp_path):
+    """A full disk (here: a file size limit) while a plot was saved truncated the previous run's
+    PNG in place."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    (path,) = write_plots(tmp_path, baseline=3.0)
+    before = path.read_bytes()
+    setup = ("import matplotlib.pyplot\nfrom pathlib import Path\n"
+             "from dropless.plots import write_plots")
+    assert run_out_of_space(setup, "write_plots(Path(sys.argv[1]), baseline=2.5)", tmp_path,
+                            limit=1000) == 3
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]

@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dropless.errors import DroplessError
-from dropless.files import MAX_SMALL_FILE, read_json_object, read_small_json, temp_beside
+from dropless.files import (MAX_SMALL_FILE, fsync_dir, read_json_object, read_small_json,
+                            write_atomic)
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -51,29 +52,6 @@ STATE = "state.json"
 KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
 # test hook: seconds `save` sleeps between the complete temp directory and its rename
 PAUSE_ENV = "DROPLESS_SAVE_PAUSE_S"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
-    tmp = temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:   # a full disk: name the file (write errors carry no filename)
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _rank() -> int:
@@ -127,7 +105,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
         if path.exists():   # an older save of this step without its manifest (see latest)
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         for old in sorted(path.parent.glob("step-*"))[:-KEEP]:
             shutil.rmtree(old)
     _barrier()

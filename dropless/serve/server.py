@@ -14,7 +14,9 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from socket import AF_INET, AF_INET6, create_server
 
+from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
                                    max_body_bytes, read_body, sampling_params, stop_strings,
@@ -278,6 +280,16 @@ def create_app(served: ServedModel, engine: Engine):
 # the GIL while the device runs a step; when it wants it back and the event loop is busy
 # (JSON, SSE writes), Python's default makes it wait up to 5 ms, more than a whole decode step.
 SWITCH_INTERVAL_S = 2e-4
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will (":" in the host: IPv6) and let it go: a busy port or a
+    bad host is one line before the model loads, not a traceback after it."""
+    try:
+        create_server((host, port), family=AF_INET6 if ":" in host else AF_INET).close()
+    except OSError as e:
+        raise DroplessError(f"cannot listen on --host {host} --port {port}: "
+                            f"{e.strerror or e}") from None
 
 
 def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
