@@ -22,13 +22,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _spread(v, GATHER_UNPACK: tl.constexpr):
+def _spread(v):
     """v [..., n] (int32s of packed columns) repeated eight times in place: [..., 8n]."""
-    if not GATHER_UNPACK:
-        v = tl.interleave(v, v)
-        v = tl.interleave(v, v)
-        v = tl.interleave(v, v)
-    return v
+    v = tl.interleave(v, v)
+    v = tl.interleave(v, v)
+    return tl.interleave(v, v)
+
+
+@triton.jit
+def _shift(cols):
+    """The bit offset of each column's nibble in its int32 (AWQ's order)."""
+    c = cols % 8
+    return ((c % 2) * 4 + c // 2) * 4
 
 
 @triton.jit
@@ -40,12 +45,11 @@ def _group_params(qz_ptr, sc_ptr, g, WN, pcols, pc_ok, cols, col_ok,
     Two ways to spread each int32 over its eight columns: load it once and repeat it in registers
     (interleave), or let each column load its own copy (the same cache line serves all eight; no
     register shuffle). Which is faster is measured, not assumed: benchmarks/awq.py runs both."""
-    c = cols % 8
     if GATHER_UNPACK:
         zp = tl.load(qz_ptr + g * (WN // 8) + cols // 8, mask=col_ok, other=0)
     else:
-        zp = _spread(tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0), False)
-    z = ((zp >> (((c % 2) * 4 + c // 2) * 4)) & 0xF).to(tl.float32) + 8388608.0
+        zp = _spread(tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0))
+    z = ((zp >> _shift(cols)) & 0xF).to(tl.float32) + 8388608.0
     s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
     return z, s
 
@@ -56,17 +60,16 @@ def _dequant_rows(qw_ptr, k0, WN, pcols, pc_ok, cols, col_ok, z, BLOCK_K: tl.con
     """fp32 [BLOCK_K, BLOCK_N]: rows k0..k0+BLOCK_K of the weight before scaling (nibble - zero
     point), all in the group of z (from _group_params)."""
     ks = tl.arange(0, BLOCK_K)
-    c = cols % 8
     if GATHER_UNPACK:
         packed = tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + (cols // 8)[None, :],
                          mask=col_ok[None, :], other=0)
     else:
         packed = _spread(tl.load(qw_ptr + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
-                                 mask=pc_ok[None, :], other=0), False)
+                                 mask=pc_ok[None, :], other=0))
     # a nibble q becomes the float 2^23 + q by OR-ing it under 2^23's exponent (0x4B000000): one
     # logic op where an int-to-float conversion per weight (a quarter-rate instruction on sm_90)
     # kept the int4 GEMV compute-bound
-    q = ((packed >> (((c % 2) * 4 + c // 2) * 4)[None, :]) & 0xF) | 0x4B000000
+    q = ((packed >> _shift(cols)[None, :]) & 0xF) | 0x4B000000
     return q.to(tl.float32, bitcast=True) - z[None, :]
 
 
