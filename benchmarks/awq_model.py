@@ -13,7 +13,8 @@
 2. Quantization time (`--big PRESET`): the preset with random bf16 weights built on the device
    (decode.build: a 30 B model never exists in fp32), AWQ-quantized in place by quantize_model on
    `--calib-samples` random token windows of `--calib-seq-len` (the searches' cost depends on the
-   shapes and on how many tokens each expert receives, not on the text), timed wall-clock.
+   shapes and on how many tokens each expert receives, not on the text), timed wall-clock; with
+   `--rtn` rounded to nearest instead (quantize_rtn), to measure decode alone.
 3. Decode at batch 1 through the inference engine (decode.time_engine: greedy, prompt 32, 128
    new tokens, the decode step as a CUDA graph), the bf16 model before quantization and the int4
    model after: tokens/s and their ratio. (On a CPU the "bf16" model is fp32.) On a GPU the bf16
@@ -35,7 +36,7 @@ from decode import build, prompts_for, sync, time_engine   # this script's folde
 from dropless.config import TrainConfig, get_preset
 from dropless.evaluate import evaluate_dir
 from dropless.quant.calibrate import quantize_model
-from dropless.quant.modules import QuantConfig
+from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.quant.run import quantize_run
 from dropless.serve.engine import Engine
 from dropless.train import train
@@ -77,10 +78,10 @@ def without_projection_kernels(model, device: str) -> float:
         decode.fused_linear, moe_decode.norm_route = gates
 
 
-def big(preset: str, device: str, samples: int, seq_len: int) -> dict:
+def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False) -> dict:
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = build(preset, device, dtype)
-    res = {"preset": preset, "calib": [samples, seq_len],
+    res = {"preset": preset, "calib": [samples, seq_len] if not rtn else "none (round to nearest)",
            "decode_bf16_tokens_per_s": decode_tokens_per_s(model, device)}
     if device != "cpu":
         res["decode_bf16_no_projection_kernels"] = without_projection_kernels(model, device)
@@ -90,7 +91,10 @@ def big(preset: str, device: str, samples: int, seq_len: int) -> dict:
     tokens = torch.randint(0, model.cfg.vocab_size, (samples, seq_len), generator=g)
     sync(device)
     start = time.perf_counter()
-    quantize_model(model, tokens, QuantConfig())
+    if rtn:
+        quantize_rtn(model, QuantConfig())
+    else:
+        quantize_model(model, tokens, QuantConfig())
     sync(device)
     res["quantize_s"] = time.perf_counter() - start
     res["decode_int4_tokens_per_s"] = decode_tokens_per_s(model, device)
@@ -107,6 +111,8 @@ def main() -> int:
     ap.add_argument("--big", metavar="PRESET", help="time quantization and decode at this preset")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--rtn", action="store_true", help="--big: round to nearest instead of AWQ "
+                    "(seconds, not minutes; decode speed does not depend on the values)")
     ap.add_argument("--work", help="where runs are written (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -126,7 +132,8 @@ def main() -> int:
         res["quality"] = quality(run_dir, args.device, work)
     if args.big:
         get_preset(args.big)   # a clear error before anything is built
-        res["big"] = big(args.big, args.device, args.calib_samples, args.calib_seq_len)
+        res["big"] = big(args.big, args.device, args.calib_samples, args.calib_seq_len,
+                         args.rtn)
     print("| measurement | bf16 | int4 | int4 / bf16 |")
     print("|---|---|---|---|")
     if "quality" in res:
@@ -138,8 +145,9 @@ def main() -> int:
         print(f"| quantize_run seconds | | {q['quantize_s']:.1f} | |")
     if "big" in res:
         b = res["big"]
-        print(f"| {b['preset']}: quantize seconds ({b['calib'][0]} x {b['calib'][1]} tokens) | | "
-              f"{b['quantize_s']:.1f} | |")
+        calib = (f"{b['calib'][0]} x {b['calib'][1]} tokens" if isinstance(b["calib"], list)
+                 else b["calib"])
+        print(f"| {b['preset']}: quantize seconds ({calib}) | | {b['quantize_s']:.1f} | |")
         print(f"| {b['preset']}: decode tokens/s, batch 1 | {b['decode_bf16_tokens_per_s']:.1f} | "
               f"{b['decode_int4_tokens_per_s']:.1f} | {b['decode_ratio']:.2f} |")
     if args.json:

@@ -3,15 +3,18 @@
     python benchmarks/decode_kernels.py --preset medium                 # H200: eager and compiled
     python benchmarks/decode_kernels.py --preset tiny --device cpu      # aten ops, eager
     python benchmarks/decode_kernels.py --preset medium --prefill 1 32  # host time of a prefill
+    python benchmarks/decode_kernels.py --preset qwen3-30b-a3b --int4 --batches 1  # int4 step
 
 One step = `Engine._decode(b, greedy=True)` on random weights (bf16 on CUDA, fp32 on the CPU), run
-outside a CUDA graph so that each launch is seen. Per layer = count(2 layers) - count(1 layer) of
-the preset cut to that depth (the first layer kept MoE), so the embedding, LM head, argmax and
-buffer updates fall out; "rest" is what the step spends outside the layers. On the CPU the count
-is of aten ops that touch data (views, reshapes and allocations excluded: they launch nothing), a
-proxy for CUDA kernels; torch.compile is counted on CUDA only (its CPU kernels are not aten ops).
-On CUDA each row also lists the GPU time per layer by kernel, from the same profiled step (kernel
-durations only: the gaps between launches, which a CUDA graph shrinks, are not in it).
+outside a CUDA graph so that each launch is seen; `--int4`: the experts and attention projections
+rounded to int4 (quantize_rtn: the kernels' speed does not depend on the values). Per layer =
+count(2 layers) - count(1 layer) of the preset cut to that depth (the first layer kept MoE), so
+the embedding, LM head, argmax and buffer updates fall out; "rest" is what the step spends
+outside the layers. On the CPU the count is of aten ops that touch data (views, reshapes and
+allocations excluded: they launch nothing), a proxy for CUDA kernels; torch.compile is counted on
+CUDA only (its CPU kernels are not aten ops). On CUDA each row also lists the GPU time per layer
+by kernel, from the same profiled step (kernel durations only: the gaps between launches, which a
+CUDA graph shrinks, are not in it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dropless import Transformer, get_preset
+from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve import Engine
 
 # aten ops that only make views or allocate: no kernel
@@ -46,21 +50,22 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(cfg, device, dtype):
+def build(cfg, device, dtype, int4=False):
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return Transformer(cfg).eval()
+            model = Transformer(cfg).eval()
     finally:
         torch.set_default_dtype(default)
+    return quantize_rtn(model, QuantConfig()) if int4 else model
 
 
-def count_step(cfg, device, dtype, batch: int, compile: bool
+def count_step(cfg, device, dtype, batch: int, compile: bool, int4: bool = False
                ) -> tuple[int, Counter, Counter | None]:
     """(kernels or aten ops, their counts by name, on CUDA their GPU microseconds by name)."""
-    model = build(cfg, device, dtype)
+    model = build(cfg, device, dtype, int4)
     engine = Engine(model, max_batch=batch, max_len=min(cfg.max_seq_len, 256), buckets=(batch,),
                     cuda_graphs=False, compile=compile)
     engine.positions_B.copy_(torch.arange(batch) * 7 + 5)   # rows at different positions
@@ -140,6 +145,7 @@ def main():
     ap.add_argument("--prefill", type=int, nargs="+", metavar="N",
                     help="instead: profile the engine step that prefills N prompts")
     ap.add_argument("--prompt", type=int, default=32, help="--prefill's prompt tokens")
+    ap.add_argument("--int4", action="store_true", help="int4 experts and attention projections")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -153,13 +159,14 @@ def main():
         base.first_dense_layers, n - 1)) for n in (1, 2)}
     unit = "kernels" if device.type == "cuda" else "aten ops"
     modes = [False, True] if device.type == "cuda" else [False]
-    print(f"{args.preset}: {unit} per decode step on {device.type} ({dtype}), torch {torch.__version__}, "
+    print(f"{args.preset}{' int4' if args.int4 else ''}: {unit} per decode step on "
+          f"{device.type} ({dtype}), torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'':16}{'batch':>6}{'per layer':>11}{'rest':>7}{f'{base.num_layers} layers':>12}")
     for compile in modes:
         for b in args.batches:
-            (n1, c1, us1), (n2, c2, us2) = (count_step(cut[n], device, dtype, b, compile)
-                                            for n in (1, 2))
+            (n1, c1, us1), (n2, c2, us2) = (count_step(cut[n], device, dtype, b, compile,
+                                                       args.int4) for n in (1, 2))
             per_layer = n2 - n1
             name = "compiled" if compile else "eager"
             print(f"{name:16}{b:6}{per_layer:11}{n1 - per_layer:7}"

@@ -49,14 +49,18 @@ def oracle(x_TD, ids_TK, weights_TK, packed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,I,O,group", [(1, 128, 64, 128), (5, 64, 72, 32), (40, 128, 64, 64),
                                          (17, 64, 200, 64)])
-def test_linear(M, I, O, group, dtype):
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear(M, I, O, group, dtype, residual):
+    """(residual +) x @ W: the GEMV (<= 16 rows; the residual in the partials' sum) and the
+    grouped kernel."""
     gen = torch.Generator().manual_seed(M * I + O)
     packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(I, O, generator=gen), group)]
     x = torch.randn(M, I, generator=gen).to(DEVICE, dtype)
-    out = awq._linear_op(x, *packed)
+    res = torch.randn(M, O, generator=gen).to(DEVICE, dtype) if residual else None
+    out = awq._linear_op(x, *packed, res)
     assert out.dtype == dtype and out.shape == (M, O)
     ref = x.double() @ dequantize(*packed, torch.float64)
-    assert rel(out, ref) < TOL[dtype]
+    assert rel(out, ref if res is None else ref + res.double()) < TOL[dtype]
 
 
 CASES = [  # T, D, F, E, K, routing, group
@@ -78,6 +82,8 @@ def test_moe_paths(T, D, F, E, K, mode, group, dtype):
     x = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
     ref = oracle(x, ids, weights, packed)
     assert rel(awq._decode_op(x, ids, weights, *packed), ref) < TOL[dtype]
+    res = torch.randn(T, D, generator=gen).to(DEVICE, dtype)   # added in the slot-sum kernel
+    assert rel(awq._decode_op(x, ids, weights, *packed, res), ref + res.double()) < TOL[dtype]
     plan = reference.make_plan(ids, E)
     fused = awq._fused_op(x, weights, plan.slot_of_row_R, plan.counts_E, *packed)
     assert fused.dtype == dtype and rel(fused, ref) < TOL[dtype]
@@ -91,7 +97,7 @@ def test_gather_unpack(monkeypatch):
     """The other way of spreading int32s over columns (DROPLESS_AWQ_UNPACK=gather)."""
     monkeypatch.setenv(awq.UNPACK_ENV, "gather")
     test_moe_paths(*CASES[3], torch.float32)
-    test_linear(17, 64, 200, 64, torch.float16)
+    test_linear(17, 64, 200, 64, torch.float16, residual=True)
 
 
 def test_decode_narrow_tiles_and_split_k(monkeypatch):
@@ -105,6 +111,14 @@ def test_decode_narrow_tiles_and_split_k(monkeypatch):
     assert gemv.gemv_split(4, 256, 256, "cpu", "int4") == 2
     x = torch.randn(2, 256, generator=gen).to(DEVICE)
     assert rel(awq._decode_op(x, ids, weights, *packed), oracle(x, ids, weights, packed)) < 1e-5
+    # a linear's split partials summed with the residual in one kernel
+    assert gemv.gemv_split(2, 512, 256, "cpu", "int4") == 2
+    res = torch.randn(2, 256, generator=gen).to(DEVICE)
+    lin = packed[0][0], packed[1][0], packed[2][0]   # expert 0's gate|up as one [256, 512] linear
+    out = awq._linear_op(x, *lin, torch.zeros(2, 512, device=DEVICE))
+    assert rel(out, x.double() @ dequantize(*lin, torch.float64)) < 1e-5
+    out = awq._linear_op(x, *lin, res.repeat(1, 2))
+    assert rel(out, x.double() @ dequantize(*lin, torch.float64) + res.repeat(1, 2).double()) < 1e-5
 
 
 def test_reference_paths_match_oracle():

@@ -13,6 +13,7 @@ except pytest.skip.Exception:   # no triton: the kernel cases skip
 
 from dropless import MoEConfig, Transformer
 from dropless.ops import triton_linear
+from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve import Engine, decode, moe_decode
 from tests.conftest import rel_err
 from tests.test_mla import mla_config
@@ -22,13 +23,16 @@ LENGTHS = [5, 1, 9]   # tokens already in each row's cache; the step adds one mo
 
 
 def _model(kind):
-    """kind: "moe" (qk-norm per head), "proj" (qk-norm over the whole projection) or "mla"."""
+    """kind: "moe" (qk-norm per head), "proj" (qk-norm over the whole projection), "mla" or
+    "int4" ("moe" with int4 attention projections and experts: the stacked q|k|v and the
+    residual adds inside the int4 kernels)."""
     if kind == "mla":
         torch.manual_seed(0)
         return Transformer(mla_config()).eval()
     moe = MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)
     scope = "proj" if kind == "proj" else "head"
-    return tiny_model(qk_norm=True, qk_norm_scope=scope, first_dense_layers=1, moe=moe)
+    model = tiny_model(qk_norm=True, qk_norm_scope=scope, first_dense_layers=1, moe=moe)
+    return quantize_rtn(model, QuantConfig(group_size=32)) if kind == "int4" else model
 
 
 @pytest.fixture
@@ -60,7 +64,7 @@ def kernels(request, monkeypatch):
 KINDS = pytest.mark.parametrize("kind,kernels", [
     ("moe", "torch"), ("moe", "triton"), ("moe", "triton+router"), ("moe", "attention"),
     ("moe", "all"), ("moe", "linear"), ("proj", "torch"), ("proj", "triton"), ("proj", "all"),
-    ("mla", "torch")],
+    ("mla", "torch"), ("int4", "torch"), ("int4", "all")],
     indirect=["kernels"])
 
 
@@ -71,7 +75,7 @@ def _step_logits(model, compile, short=False):
     torch.manual_seed(1)
     seqs = [torch.randint(0, model.cfg.vocab_size, (n + 1,)).tolist() for n in LENGTHS]
     engine = Engine(model, max_batch=4, max_len=16, compile=compile)
-    tokens = torch.zeros(len(seqs), max(LENGTHS), dtype=torch.long)
+    tokens = torch.zeros(len(seqs), max(LENGTHS), dtype=torch.long, device=engine.device)
     positions = torch.full_like(tokens, engine.max_len - 1)
     for slot, seq in enumerate(seqs):
         engine._set_row(slot, tokens=seq[-1], positions=len(seq) - 1)
@@ -85,9 +89,10 @@ def _step_logits(model, compile, short=False):
     if short:
         with torch.no_grad():
             x = engine._prefill_forward(tokens, positions, 0, len(seqs), short=max(LENGTHS))
-            last = torch.tensor(LENGTHS) - 1
-            prefilled = engine._logits(x[torch.arange(len(seqs)), last])
-            ref = torch.stack([model(torch.tensor([s[:-1]]))[0][0, -1] for s in seqs])
+            last = torch.tensor(LENGTHS, device=engine.device) - 1
+            prefilled = engine._logits(x[torch.arange(len(seqs), device=engine.device), last])
+            ref = torch.stack([model(torch.tensor([s[:-1]], device=engine.device))[0][0, -1]
+                               for s in seqs])
         assert rel_err(prefilled, ref) < (1e-5 if ref.dtype == torch.float32 else 2e-2)
     captured = {}
     logits = engine._logits
@@ -109,15 +114,30 @@ def test_decode_step_matches_forward(kind, kernels, compile, short):
     assert rel_err(out, ref) < 1e-5
 
 
-@KINDS
-def test_decode_step_matches_forward_bf16(kind, kernels):
-    if kernels in ("triton+router", "attention", "linear", "all"):   # these kernels round to bf16
-        pytest.skip("the interpreter rounds to bf16 wrongly (tests/triton_env.py); CUDA: gpu tests")
-    model = _model(kind).to(torch.bfloat16)
+def _bf16_matches_forward(model):
     seqs, out = _step_logits(model, False, short=True)
     with torch.no_grad():
-        ref = torch.stack([model(torch.tensor([s]))[0][0, -1] for s in seqs])
+        ref = torch.stack([model(torch.tensor([s], device=out.device))[0][0, -1] for s in seqs])
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+
+
+@KINDS
+def test_decode_step_matches_forward_bf16(kind, kernels):
+    # these kernels round to bf16 (the int4 ones run wherever the interpreter is on)
+    if kernels in ("triton+router", "attention", "linear", "all") or (
+            kind == "int4" and KERNEL_DEVICE == "cpu"):
+        pytest.skip("the interpreter rounds to bf16 wrongly (tests/triton_env.py); CUDA: gpu tests")
+    _bf16_matches_forward(_model(kind).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moe", "int4"])
+def test_decode_step_matches_forward_bf16_on_gpu(kind):
+    """CUDA's whole decode path in bf16 (the projections' GEMVs, the int4 kernels with their
+    residual adds, the stacked int4 q|k|v) against the model's forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _bf16_matches_forward(_model(kind).to("cuda", torch.bfloat16))
 
 
 def test_compiled_decode_equals_eager():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dropless.ops import reference
 from dropless.ops.device import has_triton
-from dropless.ops.gemv import decode_experts, gemv, gemv_split
+from dropless.ops.gemv import decode_experts, gemv, gemv_split, sum_partials
 from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
@@ -127,7 +127,10 @@ def _block_m(rows: int, experts: int) -> int:
 # ---- custom ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("dropless::awq_linear", mutates_args=())
-def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
+def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
+               residual_MN: Tensor | None = None) -> Tensor:
+    """(residual +) x @ dequant(W), in x's dtype. GEMV rows: the split partials (fp32) and the
+    residual summed in one kernel, rounded once."""
     x_MI = x_MI.contiguous()
     M, N = x_MI.shape[0], scales.shape[-1]
     out = x_MI.new_empty(M, N)
@@ -135,32 +138,32 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) ->
         return out
     if M <= GEMV_MAX_TOKENS:
         split = gemv_split(M, N, x_MI.shape[1], x_MI.device, "int4")
-        if split == 1:
+        if split == 1 and residual_MN is None:
             _gemv(x_MI, qweight, qzeros, scales, out, n=N)
-        else:
-            out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
-            _gemv(x_MI, qweight, qzeros, scales, out_PMN, n=N, split_k=split)
-            out = out_PMN.sum(0).to(x_MI.dtype)
-    else:
-        _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
-    return out
+            return out
+        out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
+        _gemv(x_MI, qweight, qzeros, scales, out_PMN, n=N, split_k=split)
+        return sum_partials(out_PMN, 1, residual_MN, x_MI.dtype)
+    _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
+    return out if residual_MN is None else out.add_(residual_MN)
 
 
 @_linear_op.register_fake
-def _(x_MI, qweight, qzeros, scales):
+def _(x_MI, qweight, qzeros, scales, residual_MN=None):
     return x_MI.new_empty(x_MI.shape[0], scales.shape[-1])
 
 
 @torch.library.custom_op("dropless::awq_moe_decode", mutates_args=())
 def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Tensor, gqz: Tensor,
-               gsc: Tensor, dqw: Tensor, dqz: Tensor, dsc: Tensor) -> Tensor:
-    """decode_experts (gemv.py) on packed weights."""
+               gsc: Tensor, dqw: Tensor, dqz: Tensor, dsc: Tensor,
+               residual_TD: Tensor | None = None) -> Tensor:
+    """decode_experts (gemv.py) on packed weights (plus the residual, in its last kernel)."""
     return decode_experts(x_TD, expert_ids_TK, weights_TK, (gqw, gqz, gsc), (dqw, dqz, dsc),
-                          _gather_unpack())
+                          _gather_unpack(), residual_TD)
 
 
 @_decode_op.register_fake
-def _(x_TD, expert_ids_TK, weights_TK, gqw, gqz, gsc, dqw, dqz, dsc):
+def _(x_TD, expert_ids_TK, weights_TK, gqw, gqz, gsc, dqw, dqz, dsc, residual_TD=None):
     return x_TD.new_empty(x_TD.shape)
 
 
@@ -226,12 +229,14 @@ def _autocast(x: Tensor) -> Tensor:
     return x
 
 
-def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
-    """x_MI @ dequant(W): the kernels where they run, the reference elsewhere."""
+def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
+               residual_MN: Tensor | None = None) -> Tensor:
+    """(residual_MN +) x_MI @ dequant(W): the kernels where they run, the reference elsewhere."""
     x_MI = _autocast(x_MI)
     if kernels_run(x_MI):
-        return _linear_op(x_MI, qweight, qzeros, scales)
-    return reference_linear(x_MI, qweight, qzeros, scales)
+        return _linear_op(x_MI, qweight, qzeros, scales, residual_MN)
+    y_MN = reference_linear(x_MI, qweight, qzeros, scales)
+    return y_MN if residual_MN is None else residual_MN + y_MN
 
 
 def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
@@ -241,12 +246,13 @@ def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
     return reference_experts(x_RD, counts_E, *packed)
 
 
-def awq_moe_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor,
-                   *packed: Tensor) -> Tensor:
+def awq_moe_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, *packed: Tensor,
+                   residual_TD: Tensor | None = None) -> Tensor:
     x_TD = _autocast(x_TD)
     if kernels_run(x_TD):
-        return _decode_op(x_TD, expert_ids_TK, weights_TK, *packed)
-    return reference_decode(x_TD, expert_ids_TK, weights_TK, *packed)
+        return _decode_op(x_TD, expert_ids_TK, weights_TK, *packed, residual_TD)
+    y_TD = reference_decode(x_TD, expert_ids_TK, weights_TK, *packed)
+    return y_TD if residual_TD is None else residual_TD + y_TD
 
 
 def decode_pays(num_rows: int, num_experts: int) -> bool:

@@ -124,10 +124,20 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
     split = gemv_split(R, D, F_, x_TD.device, kind)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
     gemv(h, down, y_PSD, n=D, scale=w_S, split_k=split, gu_split=gu_split, **kw)
-    y_TD = torch.empty_like(x_TD)
+    return sum_partials(y_PSD, K, residual_TD, x_TD.dtype)
+
+
+def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> Tensor:
+    """y[t] = (residual[t] +) sum over the P split partials and a token's `slots` rows of the fp32
+    partials y_PRD [P, T * slots, D], in one kernel, rounded once to `dtype` (default: the
+    residual's)."""
+    P, R, D = y_PRD.shape
+    T = R // slots
+    y_TD = y_PRD.new_empty(T, D, dtype=dtype or residual_TD.dtype)
     res = None if residual_TD is None else residual_TD.contiguous()
     _kernels().sum_slots_kernel[(T, -(-D // SUM_BLOCK))](
-        y_PSD, y_TD if res is None else res, y_TD, T, D, K, split,
+        y_PRD, y_TD if res is None else res, y_TD, T, D, slots, P,
         HAS_RES=res is not None, BLOCK=SUM_BLOCK, num_warps=4)
     return y_TD
 

@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dropless.quant.awq import act_stat, search_clip, search_scale
-from dropless.quant.pack import quantize_packed
 from dropless.quant.modules import (QuantConfig, QuantizedExperts, QuantizedLinear,
                                     check_quantizable)
 
@@ -138,15 +137,9 @@ def _experts(layer, cap: _Capture, gs: int, name: str):
     q = QuantizedExperts(E, gate_up.shape[1], F_, gs, device=gate_up.device)
     q.backend = experts.backend
     for e in range(E):
-        _set_one(q.gate_up, e, gate_up[e], clip_gu[e])
-        _set_one(q.down, e, down[e], clip_dn[e])
+        q.gate_up.set_from(gate_up[e], clip_gu[e], index=e)
+        q.down.set_from(down[e], clip_dn[e], index=e)
     moe.experts = q
-
-
-def _set_one(weight, e: int, w: torch.Tensor, max_abs) -> None:
-    G = weight.qzeros.shape[-2]
-    for buf, t in zip(weight.packed, quantize_packed(w, w.shape[0] // G, max_abs)):
-        buf[e].copy_(t)
 
 
 @torch.no_grad()

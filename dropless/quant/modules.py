@@ -64,11 +64,13 @@ class Int4Weight(nn.Module):
         return self
 
     @torch.no_grad()
-    def set_from(self, w: torch.Tensor, max_abs: torch.Tensor | None = None) -> None:
-        """Quantize w [..., in, out] (round to nearest, optionally clipped) into the buffers."""
+    def set_from(self, w: torch.Tensor, max_abs: torch.Tensor | None = None,
+                 index: int | None = None) -> None:
+        """Quantize w [..., in, out] (round to nearest, optionally clipped) into the buffers, or
+        into matrix `index` of a stack (w [in, out])."""
         group_size = w.shape[-2] // self.qzeros.shape[-2]
         for buf, t in zip(self.packed, quantize_packed(w, group_size, max_abs)):
-            buf.copy_(t)
+            (buf if index is None else buf[index]).copy_(t)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(*self.packed, dtype=dtype)
@@ -98,10 +100,17 @@ class QuantizedLinear(nn.Module):
             q.bias.data = lin.bias.detach().clone()
         return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(residual +) x @ dequant(W) + bias; the residual is added in the kernels' last launch
+        (an inference engine's decode step: one kernel less)."""
+        if residual is not None and self.bias is None:
+            y = awq_ops.awq_linear(x.reshape(-1, self.in_features), *self.weight.packed,
+                                   residual.reshape(-1, self.out_features))
+            return y.view(residual.shape)
         y = awq_ops.awq_linear(x.reshape(-1, self.in_features), *self.weight.packed)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if residual is None else residual + y
 
 
 class QuantizedExperts(nn.Module):
@@ -133,12 +142,13 @@ class QuantizedExperts(nn.Module):
         return awq_ops.kernels_run(x_TD) and awq_ops.decode_pays(x_TD.shape[0] * top_k,
                                                                  self.down.qweight.shape[0])
 
-    def decode(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-               weights_TK: torch.Tensor) -> torch.Tensor:
-        """y_TD = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), straight from the routing (no plan,
-        no sort): one program per (slot, column tile) reads its expert's packed weights."""
+    def decode(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+               residual_TD: torch.Tensor | None = None) -> torch.Tensor:
+        """y_TD = (residual[t] +) sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), straight from
+        the routing (no plan, no sort): one program per (slot, column tile) reads its expert's
+        packed weights; the residual is added in the last kernel."""
         return awq_ops.awq_moe_decode(x_TD, expert_ids_TK, weights_TK, *self.gate_up.packed,
-                                      *self.down.packed)
+                                      *self.down.packed, residual_TD=residual_TD)
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
@@ -163,6 +173,29 @@ def quantize_modules(model, qcfg: QuantConfig) -> None:
             m = cfg.moe
             layer.ffn.experts = QuantizedExperts(m.num_experts, m.dim, m.hidden_dim,
                                                  qcfg.group_size, device)
+
+
+@torch.no_grad()
+def quantize_rtn(model, qcfg: QuantConfig):
+    """Round every weight AWQ would quantize to nearest, in place (no calibration, no scale or
+    clip search): seconds instead of minutes, for benchmarks of the int4 kernels on a whole model,
+    whose speed does not depend on the values. Expert by expert (bounded float32 temporaries).
+    Returns the model."""
+    check_quantizable(model.cfg, qcfg)
+    gs = qcfg.group_size
+    for layer in model.layers:
+        if qcfg.attention and model.cfg.attention == "gqa":
+            for name in ATTENTION_PROJECTIONS:
+                setattr(layer.attn, name, QuantizedLinear.from_linear(getattr(layer.attn, name), gs))
+        if layer.is_moe and qcfg.experts:
+            old = layer.ffn.experts
+            q = QuantizedExperts(old.down.shape[0], old.gate_up.shape[1], old.down.shape[1], gs,
+                                 device=old.down.device)
+            for new, w in ((q.gate_up, old.gate_up), (q.down, old.down)):
+                for e in range(w.shape[0]):
+                    new.set_from(w[e], index=e)
+            layer.ffn.experts = q
+    return model
 
 
 def check_quantizable(cfg, qcfg: QuantConfig) -> None:

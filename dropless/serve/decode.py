@@ -35,8 +35,10 @@ from dropless.experts import Experts
 from dropless.model import Attention, RMSNorm, rope_tables
 from dropless.ops.device import has_triton
 from dropless.ops import triton_linear
+from dropless.ops.awq import awq_linear
 from dropless.ops.triton_attention import decode_attention   # imports triton when first run
 from dropless.ops.triton_rope import norm_rope_cache
+from dropless.quant.modules import QuantizedLinear
 from dropless.serve.moe_decode import moe_decode, rms_norm
 
 
@@ -129,34 +131,55 @@ def fused_linear(x: torch.Tensor) -> bool:
 
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + lin(x) for 2-D x; one addmm (or the GEMV, `fused_linear`) for a bias-free
-    nn.Linear."""
+    nn.Linear; an int4 QuantizedLinear adds the residual in its kernels' last launch."""
     if type(lin) is nn.Linear and lin.bias is None:
         if fused_linear(x) and lin.weight.dtype == x.dtype:
             return triton_linear.linear_rows(x, lin.weight, None, 0.0, residual)
         return torch.addmm(residual, x, lin.weight.t())
+    if isinstance(lin, QuantizedLinear):
+        return lin(x, residual)
     return residual + lin(x)
 
 
 def norm_qkv(norm: RMSNorm, x_nD: torch.Tensor, qkv) -> torch.Tensor:
     """The attention norm and the fused q|k|v projection [n, (H + 2G) Dh]: one GEMV launch for
-    a bias-free stack at decode-sized n (`fused_linear`), else rms_norm then F.linear."""
+    a bias-free plain stack at decode-sized n (`fused_linear`), else rms_norm then the product
+    (F.linear, or awq_linear for an int4 stack)."""
     weight, bias = qkv
+    if isinstance(weight, tuple):   # int4: (qweight, qzeros, scales) of the stack
+        y = awq_linear(rms_norm(norm, x_nD), *weight)
+        return y if bias is None else y + bias.to(y.dtype)
     if bias is None and fused_linear(x_nD) and weight.dtype == x_nD.dtype:
         return triton_linear.linear_rows(x_nD, weight, norm.weight, norm.eps, None)
     return F.linear(rms_norm(norm, x_nD), weight, bias)
 
 
-def fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _stacked(lins: list[nn.Module]):
+    """The q|k|v weights as one: plain [(H + 2G) Dh, D] rows, or an int4 triple whose packed
+    output columns are concatenated (each projection's columns are whole int32s)."""
+    if all(type(lin) is nn.Linear for lin in lins) and len({lin.weight.dtype for lin in lins}) == 1:
+        return torch.cat([lin.weight.detach() for lin in lins])
+    if all(isinstance(lin, QuantizedLinear) for lin in lins) and \
+            len({lin.weight.qzeros.shape[-2] for lin in lins}) == 1:
+        return tuple(torch.cat(parts, dim=-1) for parts in zip(*(lin.weight.packed
+                                                                  for lin in lins)))
+    return None
+
+
+def fuse_qkv(attn) -> tuple[torch.Tensor | tuple, torch.Tensor | None] | None:
     """(weight, bias) of GQA's q, k and v projections stacked into one, or None where they are not
-    three plain nn.Linear alike in dtype and bias (int4 projections, MLA): at a few rows each
-    projection is a launch-bound GEMV, and one GEMV over the stack reads the same bytes. A copy:
-    the model's own weights stay as they are (attention's q/k/v are ~2% of an MoE's bytes)."""
+    three plain nn.Linear alike in dtype, or three int4 QuantizedLinear alike in group size, with
+    biases on all or none (MLA: None): at a few rows each projection is a launch-bound GEMV, and
+    one GEMV over the stack reads the same bytes. A copy: the model's own weights stay as they are
+    (attention's q/k/v are ~2% of an MoE's bytes)."""
     lins = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-    if not all(type(lin) is nn.Linear for lin in lins) or \
-            len({(lin.weight.dtype, lin.bias is None) for lin in lins}) != 1:
+    if any(lin is None for lin in lins) or len({lin.bias is None for lin in lins}) != 1:
+        return None
+    weight = _stacked(lins)
+    if weight is None:
         return None
     bias = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
-    return torch.cat([lin.weight.detach() for lin in lins]), bias
+    return weight, bias
 
 
 @torch.no_grad()
@@ -164,8 +187,11 @@ def restack_qkv(model, qkvs: list) -> None:
     """fuse_qkv of each layer again, into the stacks `qkvs` already holds (the buffers an
     engine's captured graphs read): after the weights changed in place (an optimizer step,
     load_state_dict)."""
+    def flat(pair):
+        return [t for part in pair or () for t in (part if isinstance(part, tuple) else (part,))]
+
     for layer, kept in zip(model.layers, qkvs):
-        for old, new in zip(kept or (), fuse_qkv(layer.attn) or ()):
+        for old, new in zip(flat(kept), flat(fuse_qkv(layer.attn))):
             if old is not None:
                 old.copy_(new)
 

@@ -154,9 +154,7 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
     quantized = not isinstance(experts, Experts)
     residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
     if quantized:   # int4 experts (dropless.quant) decode from packed weights
-        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK)
-        if residual is not None:
-            y_TD = residual_TD + y_TD
+        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK, residual_TD)
     elif path == "triton":   # the residual added in the kernel that sums the slots
         y_TD = experts_decode(x_TD, expert_ids_TK, weights_TK, experts.gate_up, experts.down,
                               residual_TD)
