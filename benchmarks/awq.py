@@ -6,9 +6,11 @@ small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
 Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
 nearest, group 128). "bf16 decode" / "int4 decode" are the layers the way the inference engine
-runs them (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens); "int4
-gather" is the int4 layer with the kernels' other unpacking (DROPLESS_AWQ_UNPACK=gather: each
-column loads its own int32). Speedups: the fastest bf16 column over the fastest int4 one. Weights are random, built on the GPU. Times are
+runs them (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens), with
+the default unpacking of the int32s (DROPLESS_AWQ_UNPACK=nibble); "int4 decode ilv" spreads them
+over columns in registers (interleave); "int4 gather" is the int4 layer with each column loading
+its own int32 (gather). Speedups: the fastest bf16 column over the fastest int4 one. Weights are
+random, built on the GPU. Times are
 medians (triton's do_bench, CUDA events) of a forward under no_grad, eager and replayed from a
 CUDA graph of 24 calls on 24 inputs (what an inference engine runs; launch overhead dominates the
 eager numbers at batch 1; times are per call). "check" is the int4 layer's relative error
@@ -38,7 +40,8 @@ SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F
 GROUP = 128
 CALLS = 24   # inputs per graph (each routed anew): times are per call
 PROVIDERS = (("bf16", "bf16", None), ("bf16 decode", "bf16", None), ("int4", "int4", None),
-             ("int4 decode", "int4", None), ("int4 gather", "int4", "gather"))
+             ("int4 decode", "int4", None), ("int4 decode ilv", "int4", "interleave"),
+             ("int4 gather", "int4", "gather"))
 
 
 def graphed(fn, xs):
@@ -121,7 +124,7 @@ def main():
                 layers = {"bf16": bf16, "int4": int4}
                 for label, layer, unpack in PROVIDERS:
                     layer = layers[layer]
-                    os.environ[awq_ops.UNPACK_ENV] = unpack or "interleave"
+                    os.environ[awq_ops.UNPACK_ENV] = unpack or awq_ops.UNPACKS[0]
                     fn = lambda t, layer=layer: layer(t)[0]   # noqa: E731
                     if "decode" in label:   # the engine's entry
                         fn = lambda t, m=layer: moe_decode(m, t)   # noqa: E731

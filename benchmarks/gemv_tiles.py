@@ -9,6 +9,8 @@ tiles' output, and each kind's best.
 
     python benchmarks/gemv_tiles.py                       # H200: minutes (each tile compiles)
     python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 4 --kinds int4
+    python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 --kinds int4 --unpack interleave \
+        --tiles 64,32,4,6 128,32,4,6    # the other int4 kernel, two tiles
     TRITON_INTERPRET=1 python benchmarks/gemv_tiles.py --device cpu --shapes cpu --quick  # smoke
 
 The int4 "speedup" column is the best bf16 time over the best int4 time at the same shape and
@@ -23,6 +25,7 @@ import itertools
 import torch
 
 from dropless.ops import gemv
+from dropless.ops.awq import UNPACKS
 from dropless.quant.modules import QuantizedExperts
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 
@@ -61,12 +64,18 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=["plain", "int4"], choices=["plain", "int4"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="a small grid")
+    ap.add_argument("--tiles", nargs="+", metavar="BN,BK,UNROLL,WAVES",
+                    help="these tiles instead of a grid")
+    ap.add_argument("--unpack", default=UNPACKS[0], choices=UNPACKS,
+                    help="how the int4 kernels read the packed int32s (DROPLESS_AWQ_UNPACK)")
     args = ap.parse_args()
     device = torch.device(args.device)
     grid = QUICK if args.quick else GRID
+    tiles = (list(itertools.product(*grid.values())) if not args.tiles else
+             [tuple(int(v) for v in t.split(",")) for t in args.tiles])
     current = dict(gemv.TILES)
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
-          f"{torch.__version__}; current TILES {current}")
+          f"{torch.__version__}; current TILES {current}; int4 unpack {args.unpack}")
     print(f"{'shape':8}{'T':>3} {'kind':6}{'BLOCK_N':>8}{'BLOCK_K':>8}{'UNROLL':>7}{'WAVES':>6}"
           f"{'us':>9}{'GB/s':>8}{'err':>10}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -93,12 +102,13 @@ def main():
                 gu, dn = weights[kind]
                 gemv.TILES.update(current)
                 ref = gemv.decode_experts(x, ids, w, gu, dn).float()
-                for bn, bk, un, wv in itertools.product(*grid.values()):
+                for bn, bk, un, wv in tiles:
                     gemv.TILES[kind] = (bn, bk, un, wv)
                     try:
-                        y = gemv.decode_experts(x, ids, w, gu, dn).float()
+                        y = gemv.decode_experts(x, ids, w, gu, dn, args.unpack).float()
                         err = ((y - ref).norm() / ref.norm()).item()
-                        fns = [lambda d=d: gemv.decode_experts(x, d, w, gu, dn) for d in draws]
+                        fns = [lambda d=d: gemv.decode_experts(x, d, w, gu, dn, args.unpack)
+                               for d in draws]
                         us = bench(repeated(fns, device, len(fns)), device) * 1e3 / len(fns)
                     except Exception as e:   # a tile the kernel's asserts or resources refuse
                         print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}  "

@@ -93,11 +93,22 @@ def test_moe_paths(T, D, F, E, K, mode, group, dtype):
     assert rel(awq.awq_fused_experts(x, plan, weights, *packed), ref) < TOL[dtype]
 
 
-def test_gather_unpack(monkeypatch):
-    """The other way of spreading int32s over columns (DROPLESS_AWQ_UNPACK=gather)."""
-    monkeypatch.setenv(awq.UNPACK_ENV, "gather")
+@pytest.mark.parametrize("unpack", ["interleave", "gather"])
+def test_other_unpackings(monkeypatch, unpack):
+    """The other ways of reading the int32s (DROPLESS_AWQ_UNPACK): spread over columns in
+    registers or by each column's own load, instead of nibble by nibble (the default)."""
+    monkeypatch.setenv(awq.UNPACK_ENV, unpack)
     test_moe_paths(*CASES[3], torch.float32)
     test_linear(17, 64, 200, 64, torch.float16, residual=True)
+    test_decode_narrow_tiles_and_split_k(monkeypatch)
+
+
+def test_unknown_unpacking_is_refused(monkeypatch):
+    monkeypatch.setenv(awq.UNPACK_ENV, "bogus")
+    x = torch.randn(1, 64, device=DEVICE)
+    packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(64, 64), 64)]
+    with pytest.raises(ValueError, match="DROPLESS_AWQ_UNPACK='bogus' is invalid: allowed: nibble"):
+        awq._linear_op(x, *packed)
 
 
 def test_decode_narrow_tiles_and_split_k(monkeypatch):

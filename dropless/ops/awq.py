@@ -26,13 +26,19 @@ from dropless.quant.pack import PACK, dequantize
 # 4 warps) to 182 (64-row tiles, 8 warps); the GEMV's are in gemv.py
 GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
-# how the kernels spread packed int32s over columns: "interleave" in registers or "gather" loads
-# (see _group_params); benchmarks/awq.py times both
+# how the kernels read packed int32s: the GEMV "nibble" by nibble in packed order
+# (gemv_nibble_kernel), or spread over columns: "interleave" in registers or "gather" loads (see
+# _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
+# times them
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
+UNPACKS = ("nibble", "interleave", "gather")
 
 
-def _gather_unpack() -> bool:
-    return os.environ.get(UNPACK_ENV, "interleave") == "gather"
+def _unpack() -> str:
+    unpack = os.environ.get(UNPACK_ENV) or UNPACKS[0]
+    if unpack not in UNPACKS:
+        raise ValueError(f"{UNPACK_ENV}={unpack!r} is invalid: allowed: {', '.join(UNPACKS)}")
+    return unpack
 
 
 def kernels_run(x: Tensor) -> bool:
@@ -87,7 +93,7 @@ def _expert_strides(qw, qz, sc):
 
 
 def _gemv(x, qw, qz, sc, out, **kw) -> None:
-    gemv(x, (qw, qz, sc), out, gather_unpack=_gather_unpack(), **kw)
+    gemv(x, (qw, qz, sc), out, unpack=_unpack(), **kw)
 
 
 def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
@@ -114,7 +120,7 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
         GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
         SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        GATHER_UNPACK=_gather_unpack(), num_warps=4 if block_m == 16 else 8, num_stages=3)
+        GATHER_UNPACK=_unpack() == "gather", num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
 def _block_m(rows: int, experts: int) -> int:
@@ -159,7 +165,7 @@ def _decode_op(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gqw: Ten
                residual_TD: Tensor | None = None) -> Tensor:
     """decode_experts (gemv.py) on packed weights (plus the residual, in its last kernel)."""
     return decode_experts(x_TD, expert_ids_TK, weights_TK, (gqw, gqz, gsc), (dqw, dqz, dsc),
-                          _gather_unpack(), residual_TD)
+                          _unpack(), residual_TD)
 
 
 @_decode_op.register_fake

@@ -62,10 +62,12 @@ def _kind(w) -> str:
 
 
 def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
-         gu_split=0, gather_unpack=False) -> None:
+         gu_split=0, unpack="nibble") -> None:
     """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
     w plain [(E,) KD, WN] or an int4 triple; with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up
-    partials and SwiGLU is applied on read."""
+    partials and SwiGLU is applied on read. `unpack`: how int4 kernels read the packed int32s:
+    "nibble" (gemv_nibble_kernel; with SwiGLU: as "interleave"), "interleave" or "gather"
+    (gemv_kernel)."""
     kind = _kind(w)
     quant = kind == "int4"
     qw, qz, sc = w if quant else (w, w, w)
@@ -79,12 +81,24 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     mask_k = kd % block_k != 0
     assert not (mask_k and (quant or split_k > 1))
     step = _gemv_step(kd // split_k, kind)
+    gather_unpack = unpack == "gather"
     unroll = step // block_k if not gather_unpack else min(2, step // block_k)
     while quant and gs % (block_k * unroll):   # an iteration inside one group (the kernel's
         unroll //= 2                             # zero points and scales: once per iteration)
     assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
     grid = (rows, -(-n // block_n), split_k)
+    if quant and unpack == "nibble" and not swiglu:
+        _kernels().gemv_nibble_kernel[grid](
+            x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
+            out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
+            qw, qz, sc, *strides,
+            out if expert is None else expert, out if scale is None else scale,
+            n, kd, wn,
+            GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
+            HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
+            UNROLL=unroll, num_warps=4)
+        return
     _kernels().gemv_kernel[grid](
         x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
         out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
@@ -97,7 +111,7 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
 
 
 def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
-                   gather_unpack: bool = False, residual_TD: Tensor | None = None) -> Tensor:
+                   unpack: str = "nibble", residual_TD: Tensor | None = None) -> Tensor:
     """y[t] = (residual[t] +) sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]). Rows are the slots
     themselves (no sort): h = SwiGLU per slot, then down with the routing weight, then one kernel
     sums the K slots and the split partials in fp32 (with the residual) and rounds once."""
@@ -110,7 +124,7 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
         return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.clone()
     expert_S = expert_ids_TK.reshape(-1)
     w_S = weights_TK.reshape(-1)
-    kw = dict(expert=expert_S, gather_unpack=gather_unpack)
+    kw = dict(expert=expert_S, unpack=unpack)
     kind, gu_split = _kind(down), 0
     if gemv_split(R, F_, D, x_TD.device, kind) == 1:   # enough programs: SwiGLU in one pass
         h = x_TD.new_empty(R, F_)

@@ -96,6 +96,22 @@ def _row(ptr, k0, KD, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
 
 
 @triton.jit
+def _x_step(x_ptr, stride_xs, row_offset, k0, KD, GU_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+            MASK_K: tl.constexpr):
+    """fp32 [BLOCK_K]: a row's x at k0.., or with GU_SPLIT > 0, h = silu(g) * u from the previous
+    GEMV's split gate|up partials [GU_SPLIT, *, 2 KD]."""
+    if GU_SPLIT > 0:
+        g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for sp in tl.static_range(GU_SPLIT):
+            row = x_ptr + sp * stride_xs + row_offset
+            g += _row(row, k0, KD, BLOCK_K, MASK_K)
+            u += _row(row + KD, k0, KD, BLOCK_K, MASK_K)
+        return g * tl.sigmoid(g) * u
+    return _row(x_ptr + row_offset, k0, KD, BLOCK_K, MASK_K)
+
+
+@triton.jit
 def _plain_tile(w_ptr, k0, KD, WN, cols, col_ok, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
     """fp32 [BLOCK_K, BLOCK_N] of a plain weight at rows k0.., columns `cols` (rows past KD read
     as 0 when MASK_K)."""
@@ -155,16 +171,7 @@ def gemv_kernel(
             group_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for step in tl.static_range(UNROLL):
             k0 = k_outer + step * BLOCK_K
-            if GU_SPLIT > 0:   # h = silu(g) * u from the previous GEMV's split partials
-                g = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                u = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                for sp in tl.static_range(GU_SPLIT):
-                    row = x_ptr + sp * stride_xs + src * stride_xm
-                    g += _row(row, k0, KD, BLOCK_K, MASK_K)
-                    u += _row(row + KD, k0, KD, BLOCK_K, MASK_K)
-                x = g * tl.sigmoid(g) * u
-            else:
-                x = _row(x_ptr + src * stride_xm, k0, KD, BLOCK_K, MASK_K)
+            x = _x_step(x_ptr, stride_xs, src * stride_xm, k0, KD, GU_SPLIT, BLOCK_K, MASK_K)
             if QUANT:
                 group += x[:, None] * _dequant_rows(qw, k0, WN, pcols, pc_ok, cols, col_ok, z,
                                                     BLOCK_K, GATHER_UNPACK)
@@ -190,6 +197,124 @@ def gemv_kernel(
         acc = acc * tl.load(scale_ptr + r).to(tl.float32)
     out = out_ptr + split * stride_os + r * stride_om + cols
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _nibble(v, J: tl.constexpr):
+    """fp32 2^23 + nibble_J(v) * 16^J (J < 4; the nibble left in place), by its bits: one logic
+    op per weight (AND then OR, one LOP3), no shift, no int-to-float conversion. Exact: the
+    nibble sits in the mantissa's low 16 bits."""
+    return ((v & (0xF << (4 * J))) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_scale(zp, sc_ptr, g, WN, pcols, pc_ok, J: tl.constexpr, HI: tl.constexpr):
+    """(2^23 + zero * 16^J, scale / 16^J), fp32 [BLOCK_N / 8], of nibble J + 4 HI of the
+    int32s pcols (zp: their packed zero points, shifted right by 16 when HI): column
+    8 pcol + 2 J + HI in AWQ's order."""
+    s = tl.load(sc_ptr + g * WN + pcols * 8 + (2 * J + HI), mask=pc_ok, other=0.0)
+    return _nibble(zp, J), s.to(tl.float32) * (1.0 / (1 << (4 * J)))
+
+
+@triton.jit
+def _store_nibble(out, acc2, pcols, pc_ok, scale, J: tl.constexpr, HI: tl.constexpr):
+    tl.store(out + pcols * 8 + (2 * J + HI), (tl.sum(acc2, axis=0) * scale).to(
+        out.dtype.element_ty), mask=pc_ok)
+
+
+@triton.jit
+def gemv_nibble_kernel(
+    x_ptr, stride_xs, stride_xm, rows_per_token,
+    out_ptr, stride_os, stride_om,
+    qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
+    expert_ptr, scale_ptr,
+    N, KD, WN,
+    GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, GU_SPLIT: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """gemv_kernel's int4 product (no SwiGLU epilogue) in the weights' packed order: nibble j of
+    every int32 is a [BLOCK_K, BLOCK_N / 8] tile of its own (column 8 p + AWQ_ORDER[j]) with its
+    own accumulator, so no int32 is spread over columns in registers (no shuffles, no per-column
+    shift): a weight costs one LOP3, one FADD (the zero point) and one FFMA. Nibbles 0-3 are read
+    in place, 4-7 from the int32 shifted right by 16 (one shift per eight weights); the power of
+    16 each keeps is folded into its scale."""
+    r = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    e = 0
+    if HAS_EXPERT:
+        e = tl.load(expert_ptr + r).to(tl.int64)
+    src = (r // rows_per_token).to(tl.int64)
+    pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    pc_ok = pcols < N // 8
+    ks = tl.arange(0, BLOCK_K)
+    qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
+    k_len = KD // SPLIT_K   # a multiple of BLOCK_K * UNROLL, an iteration inside one group
+    a0 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a4 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a5 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a6 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    a7 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+        g = k_outer // GS
+        zp = tl.load(qz + g * (WN // 8) + pcols, mask=pc_ok, other=0)
+        zh = zp >> 16
+        z0, s0 = _zero_scale(zp, sc, g, WN, pcols, pc_ok, 0, 0)
+        z1, s1 = _zero_scale(zp, sc, g, WN, pcols, pc_ok, 1, 0)
+        z2, s2 = _zero_scale(zp, sc, g, WN, pcols, pc_ok, 2, 0)
+        z3, s3 = _zero_scale(zp, sc, g, WN, pcols, pc_ok, 3, 0)
+        z4, s4 = _zero_scale(zh, sc, g, WN, pcols, pc_ok, 0, 1)
+        z5, s5 = _zero_scale(zh, sc, g, WN, pcols, pc_ok, 1, 1)
+        z6, s6 = _zero_scale(zh, sc, g, WN, pcols, pc_ok, 2, 1)
+        z7, s7 = _zero_scale(zh, sc, g, WN, pcols, pc_ok, 3, 1)
+        # the iteration's unscaled products, scaled once at its end
+        p0 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p1 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p2 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p3 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p4 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p5 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p6 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        p7 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
+        for step in tl.static_range(UNROLL):
+            k0 = k_outer + step * BLOCK_K
+            x = _x_step(x_ptr, stride_xs, src * stride_xm, k0, KD, GU_SPLIT, BLOCK_K,
+                        False)[:, None]
+            lo = tl.load(qw + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
+                         mask=pc_ok[None, :], other=0)
+            hi = lo >> 16
+            p0 += x * (_nibble(lo, 0) - z0[None, :])
+            p1 += x * (_nibble(lo, 1) - z1[None, :])
+            p2 += x * (_nibble(lo, 2) - z2[None, :])
+            p3 += x * (_nibble(lo, 3) - z3[None, :])
+            p4 += x * (_nibble(hi, 0) - z4[None, :])
+            p5 += x * (_nibble(hi, 1) - z5[None, :])
+            p6 += x * (_nibble(hi, 2) - z6[None, :])
+            p7 += x * (_nibble(hi, 3) - z7[None, :])
+        a0 += p0 * s0[None, :]
+        a1 += p1 * s1[None, :]
+        a2 += p2 * s2[None, :]
+        a3 += p3 * s3[None, :]
+        a4 += p4 * s4[None, :]
+        a5 += p5 * s5[None, :]
+        a6 += p6 * s6[None, :]
+        a7 += p7 * s7[None, :]
+    scale = 1.0
+    if SCALE:
+        scale = tl.load(scale_ptr + r).to(tl.float32)
+    out = out_ptr + split * stride_os + r * stride_om
+    _store_nibble(out, a0, pcols, pc_ok, scale, 0, 0)
+    _store_nibble(out, a1, pcols, pc_ok, scale, 1, 0)
+    _store_nibble(out, a2, pcols, pc_ok, scale, 2, 0)
+    _store_nibble(out, a3, pcols, pc_ok, scale, 3, 0)
+    _store_nibble(out, a4, pcols, pc_ok, scale, 0, 1)
+    _store_nibble(out, a5, pcols, pc_ok, scale, 1, 1)
+    _store_nibble(out, a6, pcols, pc_ok, scale, 2, 1)
+    _store_nibble(out, a7, pcols, pc_ok, scale, 3, 1)
 
 
 @triton.jit
