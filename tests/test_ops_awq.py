@@ -177,7 +177,10 @@ def test_cuda_graph_and_fake():
     assert torch.equal(captured, eager)
     lin = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 128, generator=gen), 128)]
     torch.library.opcheck(awq._linear_op, (x, *lin))
+    torch.library.opcheck(awq._linear_op, (x, *lin, torch.randn(2, 128, device=DEVICE,
+                                                                dtype=x.dtype)))
     torch.library.opcheck(awq._decode_op, (x, ids, weights, *packed))
+    torch.library.opcheck(awq._decode_op, (x, ids, weights, *packed, torch.randn_like(x)))
     compiled = torch.compile(lambda a: awq._decode_op(a, ids, weights, *packed), fullgraph=True)
     assert torch.equal(compiled(x), eager)
 
@@ -186,6 +189,7 @@ def test_cuda_graph_and_fake():
 def test_moe_layer_with_int4_experts(T):
     from dropless import MoE, MoEConfig
     from dropless.quant.modules import QuantizedExperts
+    from dropless.serve.moe_decode import moe_decode
 
     torch.manual_seed(0)
     moe = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2)).to(DEVICE)
@@ -200,5 +204,9 @@ def test_moe_layer_with_int4_experts(T):
         y_ref, aux_ref = moe(x)
         moe.experts = q
         y, aux = moe(x)
-    assert rel(y, y_ref) < 1e-5
+        # the engine's entry (no aux losses; the residual added): per slot, or past a slot per
+        # expert the grouped kernels, which read each expert once
+        res = torch.randn(T, 64, device=DEVICE)
+        y_engine = moe_decode(moe, x, residual=res)
+    assert rel(y, y_ref) < 1e-5 and rel(y_engine, y_ref + res) < 1e-5
     assert torch.equal(aux.tokens_per_expert, aux_ref.tokens_per_expert) and aux.dropped == 0

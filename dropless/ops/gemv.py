@@ -16,10 +16,14 @@ from dropless.ops.device import num_sms
 from dropless.quant.pack import PACK
 
 # (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
-# this many programs per multiprocessor), by weight kind. int4: chosen by register counts from
-# ptxas at sm_90 (no spills: 79 registers, 139 with SwiGLU). Plain bf16: the fastest of a sweep of
-# 24 on the H200 at the medium and Qwen3-30B-A3B expert shapes (BENCHMARKS.md, round 12).
-TILES = {"plain": (32, 32, 4, 4), "int4": (64, 32, 4, 6)}
+# this many programs per multiprocessor), by weight kind. int4: the fastest of 8 tiles at the
+# Qwen3-30B-A3B expert shape, batch 1, on an H100 (round 19, benchmarks/gemv_tiles.py: 23.7 us
+# against 27.7 for round 12's (64, 32, 4, 6)); 158 registers at sm_90, no spills. With SwiGLU the
+# int4 tile is at most INT4_SWIGLU_BLOCK_N wide (143 registers; 128 wide takes 252). Plain bf16:
+# the fastest of a sweep of 24 on the H200 at the medium and Qwen3-30B-A3B expert shapes
+# (BENCHMARKS.md, round 12).
+TILES = {"plain": (32, 32, 4, 4), "int4": (128, 32, 4, 4)}
+INT4_SWIGLU_BLOCK_N = 64
 SUM_BLOCK = 256    # columns per program of the slot sum
 
 
@@ -72,6 +76,8 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     quant = kind == "int4"
     qw, qz, sc = w if quant else (w, w, w)
     block_n, block_k, _, _ = TILES[kind]
+    if quant and swiglu:
+        block_n = min(block_n, INT4_SWIGLU_BLOCK_N)
     rows = out.shape[-2]
     kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
     wn = qw.shape[-1] * PACK if quant else qw.shape[-1]

@@ -14,6 +14,10 @@ Here, with T at most the decode batch, one of two shapes of the same math is use
 - "dense" (T*K comparable to E): every expert on every token, [E, T, D] x [E, D, 2F], then zero
   routing weight for unchosen (token, expert) pairs; reads every expert once, with no gather.
 
+int4 experts (dropless.quant) run per slot from their packed weights (the same GEMV kernels) while
+experts see about one row each, past that through the grouped int4 kernels over a plan, which read
+each expert once.
+
 "gather" and "dense" combine with a [T, 1, K] (or [T, 1, E]) batched matmul in the activation dtype,
 as the training path's combine does; outputs agree with it to rounding.
 """
@@ -153,8 +157,14 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
     experts = moe.experts
     quantized = not isinstance(experts, Experts)
     residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
-    if quantized:   # int4 experts (dropless.quant) decode from packed weights
-        y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK, residual_TD)
+    if quantized:   # int4 experts (dropless.quant) from packed weights: per slot while experts
+        # see about one row each, past that the grouped kernels over a plan (each expert read once)
+        if experts.decodes(x_TD, moe.cfg.top_k) or not experts.fuses_dispatch(x_TD):
+            y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK, residual_TD)
+        else:
+            plan = moe.dispatcher.plan(expert_ids_TK)
+            y_TD = experts.fused(x_TD, plan, weights_TK)
+            y_TD = y_TD if residual_TD is None else residual_TD + y_TD
     elif path == "triton":   # the residual added in the kernel that sums the slots
         y_TD = experts_decode(x_TD, expert_ids_TK, weights_TK, experts.gate_up, experts.down,
                               residual_TD)
