@@ -42,3 +42,39 @@ def test_gemv_path_no_tokens():
     x, residual = torch.empty(0, 64, device=DEVICE), torch.empty(0, 64, device=DEVICE)
     with torch.no_grad():
         assert moe_decode(moe, x, "triton", residual=residual).shape == (0, 64)
+
+
+def test_pipelined_loops_match(monkeypatch):
+    """DROPLESS_GEMV_STAGES: the decode GEMVs (plain, int4) and the projections' kernel with
+    software-pipelined loops give what the plain loops give (on a GPU the loads are staged
+    through shared memory; the interpreter runs the same loop)."""
+    from dropless.ops import awq
+    from dropless.ops.triton_linear import linear_rows
+    from dropless.quant.pack import quantize_packed
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=256, hidden_dim=128, num_experts=8, top_k=2)).to(DEVICE).eval()
+    x = torch.randn(1, 256, device=DEVICE)
+    w = torch.randn(96, 256, device=DEVICE)
+    packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 64), 128)]
+    monkeypatch.setattr(gemv, "_num_sms", lambda device: 64)   # split reductions, several steps
+
+    def run():
+        with torch.no_grad():
+            return (moe_decode(moe, x, "triton"), linear_rows(x, w, None, 0.0, None),
+                    awq._linear_op(x, *packed))
+
+    monkeypatch.setattr(gemv, "STAGES", {"plain": 1, "int4": 1, "linear": 1})
+    monkeypatch.delenv(gemv.STAGES_ENV, raising=False)   # whatever the environment says
+    plain = run()
+    monkeypatch.setenv(gemv.STAGES_ENV, "plain=3,int4=2,linear=3")
+    assert [gemv.stages(k) for k in ("plain", "int4", "linear")] == [3, 2, 3]
+    for a, b in zip(run(), plain):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("value", ["plain=0", "dense=2", "int4", "int4=x", "linear=9"])
+def test_stages_override_is_checked(value, monkeypatch):
+    monkeypatch.setenv(gemv.STAGES_ENV, value)
+    with pytest.raises(ValueError, match="DROPLESS_GEMV_STAGES: .* is invalid: allowed: KERNEL=N"):
+        gemv.stages("plain")

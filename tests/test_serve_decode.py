@@ -144,3 +144,27 @@ def test_compiled_decode_equals_eager():
     model = _model("moe")
     assert torch.equal(_step_logits(model, False)[1].argmax(-1),
                        _step_logits(model, True)[1].argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moe", "int4"])
+def test_pdl_step_equals_plain_launches_on_gpu(kind, monkeypatch):
+    """DROPLESS_PDL=1 (programmatic dependent launch of the decode kernels): every kernel waits
+    for the one before it on entry, so the step's logits are bitwise those of plain launches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model(kind).to("cuda", torch.bfloat16)
+    monkeypatch.setenv("DROPLESS_PDL", "0")   # whatever the environment says
+    plain = _step_logits(model, False, short=True)[1]
+    monkeypatch.setenv("DROPLESS_PDL", "1")
+    assert torch.equal(_step_logits(model, False, short=True)[1], plain)
+
+
+def test_pdl_switch(monkeypatch):
+    from dropless.ops.device import PDL_ENV, pdl_launch
+
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert pdl_launch(torch.device("cpu")) == {}   # a CUDA feature (sm_90+): never on the CPU
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="DROPLESS_PDL='yes' is invalid: allowed: 0, 1"):
+        pdl_launch(torch.device("cpu"))

@@ -8,6 +8,7 @@ skipped, and on CUDA they split the compiled graph once per MoE layer.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -45,3 +46,18 @@ def num_sms(index: int) -> int:
     """Multiprocessors of CUDA device `index`: the size of a persistent grid."""
     return _once(("sms", index),
                  lambda: torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+PDL_ENV = "DROPLESS_PDL"
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch options for the decode step's Triton kernels: with DROPLESS_PDL=1 on sm_90 and
+    newer, programmatic dependent launch ({"PDL": True, "launch_pdl": True}: each kernel waits
+    for the one before it on entry (triton_pdl.pdl_start), so that its launch and ramp overlap
+    that kernel's last wave), else none. Off by default until measured on the product path."""
+    if os.environ.get(PDL_ENV, "0") not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={os.environ[PDL_ENV]!r} is invalid: allowed: 0, 1")
+    on = (os.environ.get(PDL_ENV) == "1" and device.type == "cuda"
+          and cuda_capability_major(device.index or 0) >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {}

@@ -9,10 +9,12 @@ Weights come as a plain [E, in, out] tensor or an int4 (qweight, qzeros, scales)
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms
+from dropless.ops.device import num_sms, pdl_launch
 from dropless.quant.pack import PACK
 
 # (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
@@ -24,6 +26,11 @@ from dropless.quant.pack import PACK
 # (BENCHMARKS.md, round 12).
 TILES = {"plain": (32, 32, 4, 4), "int4": (128, 32, 4, 4)}
 INT4_SWIGLU_BLOCK_N = 64
+# Software-pipelining stages of the decode GEMV loops (1: none), by kernel: these GEMVs and the
+# projections' (triton_linear.py). DROPLESS_GEMV_STAGES="plain=3,int4=2,linear=3" overrides
+# them (benchmarks/gemv_tiles.py --stages sweeps them).
+STAGES = {"plain": 1, "int4": 1, "linear": 1}
+STAGES_ENV = "DROPLESS_GEMV_STAGES"
 SUM_BLOCK = 256    # columns per program of the slot sum
 
 
@@ -34,6 +41,19 @@ def _kernels():   # not cached: torch.compile traces it (an import is a dict loo
 
 def _num_sms(device: torch.device) -> int:
     return num_sms(device.index) if torch.device(device).type == "cuda" else 1
+
+
+def stages(kind: str) -> int:
+    """STAGES[kind], or its DROPLESS_GEMV_STAGES override."""
+    chosen = dict(STAGES)
+    for item in filter(None, os.environ.get(STAGES_ENV, "").split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in STAGES or not value.strip().isdigit() or \
+                not 1 <= int(value) <= 8:
+            raise ValueError(f"{STAGES_ENV}: {item!r} is invalid: allowed: KERNEL=N, KERNEL one "
+                             f"of {', '.join(STAGES)}, N in 1..8, separated by commas")
+        chosen[name.strip()] = int(value)
+    return chosen[kind]
 
 
 def _gemv_step(kd: int, kind: str) -> int:
@@ -103,7 +123,7 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
             n, kd, wn,
             GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
             HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
-            UNROLL=unroll, num_warps=4)
+            UNROLL=unroll, STAGES=stages(kind), num_warps=4, **pdl_launch(x.device))
         return
     _kernels().gemv_kernel[grid](
         x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
@@ -113,7 +133,8 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
         n, kd, wn,
         QUANT=quant, GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
         HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
-        GATHER_UNPACK=gather_unpack, UNROLL=unroll, MASK_K=mask_k, num_warps=4)
+        GATHER_UNPACK=gather_unpack, UNROLL=unroll, MASK_K=mask_k, STAGES=stages(kind),
+        num_warps=4, **pdl_launch(x.device))
 
 
 def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
@@ -158,7 +179,8 @@ def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = Non
     res = None if residual_TD is None else residual_TD.contiguous()
     _kernels().sum_slots_kernel[(T, -(-D // SUM_BLOCK))](
         y_PRD, y_TD if res is None else res, y_TD, T, D, slots, P,
-        HAS_RES=res is not None, BLOCK=SUM_BLOCK, num_warps=4)
+        HAS_RES=res is not None, BLOCK=SUM_BLOCK, num_warps=4,
+        **pdl_launch(y_PRD.device))
     return y_TD
 
 

@@ -20,6 +20,8 @@ length, splits key chunks of `chunk` keys, a multiple of BLOCK_N):
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_pdl import pdl_start
+
 
 @triton.jit
 def decode_split_kernel(
@@ -32,7 +34,9 @@ def decode_split_kernel(
     # meta
     GROUP: tl.constexpr, DH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,7 +95,9 @@ def decode_combine_kernel(
     splits,
     # meta
     DH: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     rh = tl.program_id(0).to(tl.int64)   # row * H + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, DH)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_pdl import pdl_start
+
 
 @triton.jit
 def _spread(v):
@@ -137,8 +139,10 @@ def gemv_kernel(
     QUANT: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
     GU_SPLIT: tl.constexpr, GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
-    MASK_K: tl.constexpr,
+    MASK_K: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     r = tl.program_id(0)
     n_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,9 +160,11 @@ def gemv_kernel(
     # 2-D partial sums, reduced over k once after the loop (not a cross-thread reduction per step)
     acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     acc2_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    # UNROLL steps per iteration in one basic block: their independent loads are issued together
-    # (the loop itself is not software-pipelined), which is what keeps enough bytes in flight
-    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+    # UNROLL steps per iteration in one basic block: their independent loads are issued together,
+    # which is what keeps enough bytes in flight; STAGES > 1 also software-pipelines the loop
+    # (Triton stages the next iterations' loads through shared memory)
+    for k_outer in tl.range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL,
+                            num_stages=STAGES):
         if QUANT:   # an iteration stays inside one group (the launcher sees to it): its zero
                     # points and scales once
             z, s = _group_params(qz, sc, k_outer // GS, WN, pcols, pc_ok, cols, col_ok,
@@ -231,7 +237,8 @@ def gemv_nibble_kernel(
     N, KD, WN,
     GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, GU_SPLIT: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """gemv_kernel's int4 product (no SwiGLU epilogue) in the weights' packed order: nibble j of
     every int32 is a [BLOCK_K, BLOCK_N / 8] tile of its own (column 8 p + AWQ_ORDER[j]) with its
@@ -239,6 +246,7 @@ def gemv_nibble_kernel(
     shift): a weight costs one LOP3, one FADD (the zero point) and one FFMA. Nibbles 0-3 are read
     in place, 4-7 from the int32 shifted right by 16 (one shift per eight weights); the power of
     16 each keeps is folded into its scale."""
+    pdl_start(PDL)
     r = tl.program_id(0)
     n_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -259,7 +267,8 @@ def gemv_nibble_kernel(
     a5 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
     a6 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
     a7 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
-    for k_outer in range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL):
+    for k_outer in tl.range(split * k_len, (split + 1) * k_len, BLOCK_K * UNROLL,
+                            num_stages=STAGES):
         g = k_outer // GS
         zp = tl.load(qz + g * (WN // 8) + pcols, mask=pc_ok, other=0)
         zh = zp >> 16
@@ -319,9 +328,10 @@ def gemv_nibble_kernel(
 
 @triton.jit
 def sum_slots_kernel(p_ptr, res_ptr, out_ptr, T, D, K, SPLIT,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = (residual[t] +) sum over s < SPLIT, k < K of p[s, t, k], p fp32 [SPLIT, T, K, D]:
     the split partials and the K slots of a token in one pass, rounded once."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < D

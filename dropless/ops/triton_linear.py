@@ -15,7 +15,8 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms
+from dropless.ops.device import num_sms, pdl_launch
+from dropless.ops.gemv import stages
 
 # Rows where decode uses it: the tile holds every row (weights read once). On an H100 at T = 1
 # the kernel beat BLAS (rms_norm + F.linear; addmm) 1.1-1.4x at the medium and Qwen3-30B-A3B
@@ -83,7 +84,8 @@ def linear_rows(x_TK: Tensor, weight_NK: Tensor, norm_weight: Tensor | None, eps
         out if residual_TN is None else residual_TN, out, T, N, K, x_TK.stride(0),
         0 if residual_TN is None else residual_TN.stride(0), eps,
         NORM=norm_weight is not None, RES=residual_TN is not None, BLOCK_T=block_t,
-        BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll, num_warps=NUM_WARPS)
+        BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll, STAGES=stages("linear"),
+        num_warps=NUM_WARPS, **pdl_launch(x_TK.device))
     return out
 
 

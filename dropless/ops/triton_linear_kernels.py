@@ -19,6 +19,8 @@ Numerics: products and sums in float32 of the values as loaded; one rounding of 
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_pdl import pdl_start
+
 
 @triton.jit
 def linear_rows_kernel(
@@ -28,8 +30,10 @@ def linear_rows_kernel(
     T, N, K, stride_x, stride_r, eps,
     # meta
     NORM: tl.constexpr, RES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     n_ok, t_ok = ns < N, ts < T
@@ -46,7 +50,7 @@ def linear_rows_kernel(
     # elementwise products accumulate across the K loop; one reduction at the end. UNROLL steps
     # per iteration in one basic block: their independent loads are in flight together
     acc = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k_outer in range(0, K, BLOCK_K * UNROLL):
+    for k_outer in tl.range(0, K, BLOCK_K * UNROLL, num_stages=STAGES):
         for step in tl.static_range(UNROLL):
             ks = k_outer + step * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < K

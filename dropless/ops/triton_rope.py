@@ -13,6 +13,8 @@ import functools
 import torch
 from torch import Tensor
 
+from dropless.ops.device import pdl_launch
+
 
 @functools.cache
 def _kernel():
@@ -51,7 +53,8 @@ def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | N
         q_bHD, k_bGD, v_bGD, q_w, k_w,
         cos_b1D.contiguous(), sin_b1D.contiguous(), write_idx, q_out, k_cache, v_cache,
         H, G, Dh, q_bHD.stride(0), k_bGD.stride(0), eps, NORM=norm,
-        BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1)
+        BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1,
+        **pdl_launch(q_bHD.device))
     return q_out
 
 

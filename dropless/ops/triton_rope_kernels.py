@@ -17,6 +17,8 @@ activation dtype (as F.rms_norm returns it); the rotation in float32, rounded at
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_pdl import pdl_start
+
 
 @triton.jit
 def norm_rope_cache_kernel(
@@ -27,7 +29,9 @@ def norm_rope_cache_kernel(
     H, G, Dh, stride_q, stride_kv, eps,
     # meta
     NORM: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     half = Dh // 2

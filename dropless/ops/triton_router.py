@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms
+from dropless.ops.device import num_sms, pdl_launch
 
 # The logits grid: each program accumulates BLOCK_T x BLOCK_E x BLOCK_D float32 products (at most
 # TILE: 32 registers a thread at 4 warps); the experts' blocks shrink, then D is split, until the
@@ -77,12 +77,13 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
         x_TD, weight_ED, part_PTE, x_TD if norm_weight is None else norm_weight,
         x_TD if h_TD is None else h_TD, T, E, D, x_TD.stride(0), d_split, eps,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, NORM=norm_weight is not None,
-        num_warps=4)
+        num_warps=4, **pdl_launch(x_TD.device))
     # 2. per token: the partials' sum, K rounds of argmax, the softmax
     block = _pow2(E)
     kernels.router_topk_kernel[(T,)](
         part_PTE, weights_TK, ids_TK, T, E, top_k, P, route_scale,
-        NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4)
+        NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4,
+        **pdl_launch(x_TD.device))
     return weights_TK, ids_TK, h_TD
 
 

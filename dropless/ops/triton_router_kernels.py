@@ -23,6 +23,8 @@ float32), as the torch path's float32 GEMM; the softmax as torch's, exp(l - max)
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_pdl import pdl_start
+
 
 @triton.jit
 def router_logits_kernel(
@@ -32,7 +34,9 @@ def router_logits_kernel(
     T, E, D, stride_x, D_SPLIT, eps,
     # meta
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(2)
@@ -75,7 +79,9 @@ def router_topk_kernel(
     T, E, K, P, route_scale,
     # meta
     NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     t = tl.program_id(0)
     es = tl.arange(0, BLOCK_E)
     e_ok = es < E
