@@ -114,28 +114,19 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
     grid = (rows, -(-n // block_n), split_k)
-    if quant and unpack == "nibble" and not swiglu:
-        _kernels().gemv_nibble_kernel[grid](
-            x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
+    args = (x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
             out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
             qw, qz, sc, *strides,
             out if expert is None else expert, out if scale is None else scale,
-            n, kd, wn,
-            GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
-            HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
-            UNROLL=unroll, STAGES=stages(kind), num_warps=4, **pdl_launch(x.device))
-        return
-    _kernels().gemv_kernel[grid](
-        x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
-        out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
-        qw, qz, sc, *strides,
-        out if expert is None else expert, out if scale is None else scale,
-        n, kd, wn,
-        QUANT=quant, GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
-        HAS_EXPERT=expert is not None, SCALE=scale is not None, SWIGLU=swiglu, GU_SPLIT=gu_split,
-        GATHER_UNPACK=gather_unpack, UNROLL=unroll, MASK_K=mask_k, STAGES=stages(kind),
-        num_warps=4, **pdl_launch(x.device))
-
+            n, kd, wn)
+    meta = dict(GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
+                HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
+                UNROLL=unroll, STAGES=stages(kind), num_warps=4, **pdl_launch(x.device))
+    if quant and unpack == "nibble" and not swiglu:
+        _kernels().gemv_nibble_kernel[grid](*args, **meta)
+    else:
+        _kernels().gemv_kernel[grid](*args, QUANT=quant, SWIGLU=swiglu,
+                                     GATHER_UNPACK=gather_unpack, MASK_K=mask_k, **meta)
 
 def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
                    unpack: str = "nibble", residual_TD: Tensor | None = None) -> Tensor:

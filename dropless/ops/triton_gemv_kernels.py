@@ -98,6 +98,16 @@ def _row(ptr, k0, KD, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
 
 
 @triton.jit
+def _program(expert_ptr, rows_per_token, HAS_EXPERT: tl.constexpr):
+    """(row, column tile, split, the row's expert (0 without), its x row) of this program."""
+    r = tl.program_id(0)
+    e = 0
+    if HAS_EXPERT:
+        e = tl.load(expert_ptr + r).to(tl.int64)
+    return r, tl.program_id(1), tl.program_id(2), e, (r // rows_per_token).to(tl.int64)
+
+
+@triton.jit
 def _x_step(x_ptr, stride_xs, row_offset, k0, KD, GU_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
             MASK_K: tl.constexpr):
     """fp32 [BLOCK_K]: a row's x at k0.., or with GU_SPLIT > 0, h = silu(g) * u from the previous
@@ -143,13 +153,7 @@ def gemv_kernel(
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
-    r = tl.program_id(0)
-    n_tile = tl.program_id(1)
-    split = tl.program_id(2)
-    e = 0
-    if HAS_EXPERT:
-        e = tl.load(expert_ptr + r).to(tl.int64)
-    src = (r // rows_per_token).to(tl.int64)
+    r, n_tile, split, e, src = _program(expert_ptr, rows_per_token, HAS_EXPERT)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
@@ -247,13 +251,7 @@ def gemv_nibble_kernel(
     in place, 4-7 from the int32 shifted right by 16 (one shift per eight weights); the power of
     16 each keeps is folded into its scale."""
     pdl_start(PDL)
-    r = tl.program_id(0)
-    n_tile = tl.program_id(1)
-    split = tl.program_id(2)
-    e = 0
-    if HAS_EXPERT:
-        e = tl.load(expert_ptr + r).to(tl.int64)
-    src = (r // rows_per_token).to(tl.int64)
+    r, n_tile, split, e, src = _program(expert_ptr, rows_per_token, HAS_EXPERT)
     pcols = n_tile * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     pc_ok = pcols < N // 8
     ks = tl.arange(0, BLOCK_K)
