@@ -19,7 +19,9 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
    position instead of the mask, dropless/ops/triton_attention.py), the residual folded into the
    output projection's addmm and the MoE combine's baddbmm; at a few rows on CUDA the attention
    norm + q|k|v projection and the output projection + residual as one GEMV launch each over the
-   weights as stored (dropless/ops/triton_linear.py).
+   weights as stored (dropless/ops/triton_linear.py); int4 projections (dropless.quant) stacked
+   q|k|v as one int4 product, and the residual added in the int4 kernels' last launch (the split
+   partials' sum), as the int4 experts add theirs.
 Results agree with the model's forward to rounding (tests/test_serve_decode.py).
 """
 
