@@ -27,6 +27,7 @@
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
+# All logs also land in $O/all.tgz (the device returns at most 8 files).
 # Wheels for the server stack (fastapi, uvicorn, openai, ...: benchmarks/device-wheels.txt says how
 # to fetch them) in .whl/ are installed first, if any.
 set -u
@@ -107,3 +108,6 @@ for s in "$@"; do
   esac
 done
 echo "done $(date -u +%T)" >>"$O/env.log"
+# the device tool brings back at most 8 files from $OUT (round 19 lost a ninth, the tests' log):
+# everything again as one archive
+tar czf "/tmp/dropless-gpu-all.tgz" -C "$O" . && mv /tmp/dropless-gpu-all.tgz "$O/all.tgz"
