@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import subprocess
 
 import torch
 
@@ -33,7 +32,7 @@ from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
 from dropless.ops.gemv import experts_decode
 from dropless.serve.moe_decode import choose_path, moe_decode
-from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
+from moe_layer import bench, commit   # the benchmarks' one timing helper (this script's folder)
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
           "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
@@ -92,9 +91,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    print(f"# {name}, torch {torch.__version__}, commit {commit}")
+    print(f"# {name}, torch {torch.__version__}, commit {commit()}")
     rows = []
     for name in args.shapes.split(","):
         D, F, E, K = SHAPES[name]

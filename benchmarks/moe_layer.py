@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,21 @@ SHAPES = {  # name: (T, D, F, E, K)
     "cpu-fine": (512, 256, 128, 32, 8),
     "cpu-tiny": (100, 64, 96, 4, 2),   # tests/test_benchmarks.py; R = 200: not a multiple of 64
 }
+
+
+def commit() -> str:
+    """The commit under test: .commit_under_test at the repository root where the caller wrote it
+    (the device's copy of .git can be stale: round 19's awq.py log named an older commit), else
+    git's HEAD, else ""."""
+    root = Path(__file__).resolve().parent.parent
+    written = root / ".commit_under_test"
+    if written.is_file():
+        return written.read_text().strip()
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=root, timeout=10).stdout.strip()
+    except OSError:
+        return ""
 
 
 def bench(fn, device) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 
 import torch
 
@@ -22,7 +21,7 @@ from dropless import get_preset
 from dropless.ops.triton_router import route_topk
 from dropless.router import Router
 from dropless.serve import moe_decode
-from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
+from moe_layer import bench, commit   # the benchmarks' one timing helper (this script's folder)
 
 
 def torch_ops(router, x_TD):
@@ -69,11 +68,9 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     router = Router(cfg).to(device, dtype).requires_grad_(False)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     print(f"{args.preset}: D {cfg.dim}, E {cfg.num_experts}, K {cfg.top_k}, {dtype}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
-          f"{torch.__version__}, commit {commit}, {datetime.date.today()}")
+          f"{torch.__version__}, commit {commit()}, {datetime.date.today()}")
     print(f"{'T':>4}{'torch us':>10}{'triton us':>11}  agrees")
     with torch.no_grad():
         for T in args.tokens:

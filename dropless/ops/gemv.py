@@ -128,6 +128,7 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
         _kernels().gemv_kernel[grid](*args, QUANT=quant, SWIGLU=swiglu,
                                      GATHER_UNPACK=gather_unpack, MASK_K=mask_k, **meta)
 
+
 def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up, down,
                    unpack: str = "nibble", residual_TD: Tensor | None = None) -> Tensor:
     """y[t] = (residual[t] +) sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]). Rows are the slots
