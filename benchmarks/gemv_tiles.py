@@ -11,6 +11,8 @@ tiles' output, and each kind's best.
     python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 4 --kinds int4
     python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 --kinds int4 --unpack interleave \
         --tiles 64,32,4,6 128,32,4,6    # the other int4 kernel, two tiles
+    python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 --tiles 128,32,4,4 --stages 1 2 \
+        --warps 4 8                     # loop pipelining and warps per program, swept
     TRITON_INTERPRET=1 python benchmarks/gemv_tiles.py --device cpu --shapes cpu --quick  # smoke
 
 The int4 "speedup" column is the best bf16 time over the best int4 time at the same shape and
@@ -69,6 +71,8 @@ def main():
                     help="these tiles instead of a grid")
     ap.add_argument("--unpack", default=UNPACKS[0], choices=UNPACKS,
                     help="how the int4 kernels read the packed int32s (DROPLESS_AWQ_UNPACK)")
+    ap.add_argument("--warps", type=int, nargs="+", default=[0], metavar="N",
+                    help="warps per program to sweep (0: the kind's default, gemv.WARPS)")
     ap.add_argument("--stages", type=int, nargs="+", default=[0], metavar="N",
                     help="software-pipelining stages of the loops to sweep (DROPLESS_GEMV_STAGES; "
                          "0: the kind's default, gemv.STAGES)")
@@ -81,7 +85,7 @@ def main():
     print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
           f"{torch.__version__}; current TILES {current}; int4 unpack {args.unpack}")
     print(f"{'shape':8}{'T':>3} {'kind':6}{'BLOCK_N':>8}{'BLOCK_K':>8}{'UNROLL':>7}{'WAVES':>6}"
-          f"{'STAGES':>7}{'us':>9}{'GB/s':>8}{'err':>10}")
+          f"{'STAGES':>7}{'WARPS':>6}{'us':>9}{'GB/s':>8}{'err':>10}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name in args.shapes:
         D, F, E, K = SHAPES[name]
@@ -106,10 +110,12 @@ def main():
                 gu, dn = weights[kind]
                 gemv.TILES.update(current)
                 ref = gemv.decode_experts(x, ids, w, gu, dn).float()
-                for (bn, bk, un, wv), st in itertools.product(tiles, args.stages):
+                warps = dict(gemv.WARPS)
+                for (bn, bk, un, wv), st, wp in itertools.product(tiles, args.stages, args.warps):
                     gemv.TILES[kind] = (bn, bk, un, wv)
                     st = st or gemv.STAGES[kind]
                     os.environ[gemv.STAGES_ENV] = f"{kind}={st}"
+                    wp = gemv.WARPS[kind] = wp or warps[kind]
                     try:
                         y = gemv.decode_experts(x, ids, w, gu, dn, args.unpack).float()
                         err = ((y - ref).norm() / ref.norm()).item()
@@ -117,15 +123,16 @@ def main():
                                for d in draws]
                         us = bench(repeated(fns, device, len(fns)), device) * 1e3 / len(fns)
                     except Exception as e:   # a tile the kernel's asserts or resources refuse
-                        print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}{st:>7}  "
+                        print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}{st:>7}{wp:>6}  "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
                         continue
                     gbs = used * nbytes[kind] / us / 1e3
-                    print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}{st:>7}{us:9.1f}"
-                          f"{gbs:8.0f}{err:10.1e}", flush=True)
+                    print(f"{name:8}{T:>3} {kind:6}{bn:>8}{bk:>8}{un:>7}{wv:>6}{st:>7}{wp:>6}"
+                          f"{us:9.1f}{gbs:8.0f}{err:10.1e}", flush=True)
                     if err < 1e-2 and us < best.get(kind, (float("inf"),))[0]:
-                        best[kind] = (us, (bn, bk, un, wv, st))
+                        best[kind] = (us, (bn, bk, un, wv, st, wp))
                 gemv.TILES.update(current)
+                gemv.WARPS.update(warps)
                 os.environ.pop(gemv.STAGES_ENV)
             for kind, (us, tile) in best.items():
                 print(f"best {name} T={T} {kind}: {tile} {us:.1f} us")

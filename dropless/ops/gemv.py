@@ -31,6 +31,7 @@ INT4_SWIGLU_BLOCK_N = 64
 # them (benchmarks/gemv_tiles.py --stages sweeps them).
 STAGES = {"plain": 1, "int4": 1, "linear": 1}
 STAGES_ENV = "DROPLESS_GEMV_STAGES"
+WARPS = {"plain": 4, "int4": 4}   # warps per program (benchmarks/gemv_tiles.py --warps)
 SUM_BLOCK = 256    # columns per program of the slot sum
 
 
@@ -121,7 +122,8 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
             n, kd, wn)
     meta = dict(GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
                 HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
-                UNROLL=unroll, STAGES=stages(kind), num_warps=4, **pdl_launch(x.device))
+                UNROLL=unroll, STAGES=stages(kind), num_warps=WARPS[kind],
+                **pdl_launch(x.device))
     if quant and unpack == "nibble" and not swiglu:
         _kernels().gemv_nibble_kernel[grid](*args, **meta)
     else:
