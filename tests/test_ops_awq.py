@@ -210,3 +210,27 @@ def test_moe_layer_with_int4_experts(T):
         y_engine = moe_decode(moe, x, residual=res)
     assert rel(y, y_ref) < 1e-5 and rel(y_engine, y_ref + res) < 1e-5
     assert torch.equal(aux.tokens_per_expert, aux_ref.tokens_per_expert) and aux.dropped == 0
+
+
+def test_int4_decode_with_a_capacity_factor():
+    """moe_decode of an int4 layer with a capacity factor, past one slot per expert: its plan
+    would drop slots (the grouped kernels take dropless plans only), so every slot decodes, as
+    in a layer without one."""
+    from dropless import MoE, MoEConfig
+    from dropless.quant.modules import QuantizedExperts
+    from dropless.serve.moe_decode import moe_decode
+
+    layers = []
+    for capacity in (None, 1.25):
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2,
+                            capacity_factor=capacity)).to(DEVICE)
+        q = QuantizedExperts(4, 64, 64, 64, device=DEVICE)
+        q.gate_up.set_from(moe.experts.gate_up.detach())
+        q.down.set_from(moe.experts.down.detach())
+        moe.experts = q
+        layers.append(moe)
+    x = torch.randn(40, 64, device=DEVICE)
+    with torch.no_grad():
+        plain, capped = (moe_decode(m, x) for m in layers)
+    assert not layers[1].dispatcher.fusable and rel(capped, plain) < 1e-6

@@ -139,6 +139,7 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
     residual summed in one kernel, rounded once."""
     x_MI = x_MI.contiguous()
     M, N = x_MI.shape[0], scales.shape[-1]
+    assert residual_MN is None or residual_MN.shape == (M, N)
     out = x_MI.new_empty(M, N)
     if M == 0:
         return out
@@ -242,7 +243,7 @@ def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
     if kernels_run(x_MI):
         return _linear_op(x_MI, qweight, qzeros, scales, residual_MN)
     y_MN = reference_linear(x_MI, qweight, qzeros, scales)
-    return y_MN if residual_MN is None else residual_MN + y_MN
+    return y_MN if residual_MN is None else (residual_MN + y_MN).to(y_MN.dtype)
 
 
 def awq_experts(x_RD: Tensor, counts_E: Tensor, *packed: Tensor) -> Tensor:
@@ -258,7 +259,7 @@ def awq_moe_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, *pac
     if kernels_run(x_TD):
         return _decode_op(x_TD, expert_ids_TK, weights_TK, *packed, residual_TD)
     y_TD = reference_decode(x_TD, expert_ids_TK, weights_TK, *packed)
-    return y_TD if residual_TD is None else residual_TD + y_TD
+    return y_TD if residual_TD is None else (residual_TD + y_TD).to(y_TD.dtype)
 
 
 def decode_pays(num_rows: int, num_experts: int) -> bool:

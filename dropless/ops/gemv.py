@@ -68,11 +68,20 @@ def _gemv_step(kd: int, kind: str) -> int:
     return block_k * unroll
 
 
-def gemv_split(rows: int, n: int, kd: int, device, kind: str = "plain") -> int:
+def _block_n(kind: str, swiglu: bool) -> int:
+    """Output columns per program: the kind's tile, int4 with SwiGLU at most INT4_SWIGLU_BLOCK_N."""
+    block_n = TILES[kind][0]
+    return min(block_n, INT4_SWIGLU_BLOCK_N) if kind == "int4" and swiglu else block_n
+
+
+def gemv_split(rows: int, n: int, kd: int, device, kind: str = "plain",
+               swiglu: bool = False) -> int:
     """Split the reduction until the grid fills the GPU WAVES times over: at batch 1 the rows
     alone leave most multiprocessors idle, and a GEMV needs many loads in flight. The partials are
-    fp32, summed afterwards (deterministic, no atomics)."""
-    block_n, block_k, _, waves = TILES[kind]
+    fp32, summed afterwards (deterministic, no atomics). `swiglu`: the grid of the one-pass
+    gate|up GEMV (n = the hidden size)."""
+    _, block_k, _, waves = TILES[kind]
+    block_n = _block_n(kind, swiglu)
     if kd % block_k:
         return 1
     units = kd // _gemv_step(kd, kind)
@@ -96,9 +105,7 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     kind = _kind(w)
     quant = kind == "int4"
     qw, qz, sc = w if quant else (w, w, w)
-    block_n, block_k, _, _ = TILES[kind]
-    if quant and swiglu:
-        block_n = min(block_n, INT4_SWIGLU_BLOCK_N)
+    block_n, block_k = _block_n(kind, swiglu), TILES[kind][1]
     rows = out.shape[-2]
     kd = x.shape[-1] // 2 if gu_split else x.shape[-1]
     wn = qw.shape[-1] * PACK if quant else qw.shape[-1]
@@ -142,12 +149,13 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
     F_ = (down[0] if isinstance(down, tuple) else down).shape[1]
     R = T * K
     if R == 0:
-        return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.clone()
+        return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.to(x_TD.dtype,
+                                                                                  copy=True)
     expert_S = expert_ids_TK.reshape(-1)
     w_S = weights_TK.reshape(-1)
     kw = dict(expert=expert_S, unpack=unpack)
     kind, gu_split = _kind(down), 0
-    if gemv_split(R, F_, D, x_TD.device, kind) == 1:   # enough programs: SwiGLU in one pass
+    if gemv_split(R, F_, D, x_TD.device, kind, swiglu=True) == 1:   # SwiGLU in one pass
         h = x_TD.new_empty(R, F_)
         gemv(x_TD, gate_up, h, n=F_, rows_per_token=K, swiglu=True, **kw)
     else:   # batch 1: gate|up as fp32 partials (split reduction); the down GEMV sums them and

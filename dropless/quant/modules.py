@@ -103,7 +103,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(residual +) x @ dequant(W) + bias; the residual is added in the kernels' last launch
         (an inference engine's decode step: one kernel less)."""
-        if residual is not None and self.bias is None:
+        if residual is not None and self.bias is None and \
+                residual.shape == (*x.shape[:-1], self.out_features):
             y = awq_ops.awq_linear(x.reshape(-1, self.in_features), *self.weight.packed,
                                    residual.reshape(-1, self.out_features))
             return y.view(residual.shape)

@@ -159,7 +159,9 @@ def moe_decode(moe: MoE, x: torch.Tensor, path: str | None = None,
     residual_TD = None if residual is None else residual.reshape(T, moe.cfg.dim)
     if quantized:   # int4 experts (dropless.quant) from packed weights: per slot while experts
         # see about one row each, past that the grouped kernels over a plan (each expert read once)
-        if experts.decodes(x_TD, moe.cfg.top_k) or not experts.fuses_dispatch(x_TD):
+        # (a capacity factor's plan drops slots: decode keeps them all, as before)
+        if experts.decodes(x_TD, moe.cfg.top_k) or not (moe.dispatcher.fusable and
+                                                         experts.fuses_dispatch(x_TD)):
             y_TD = experts.decode(x_TD, expert_ids_TK, weights_TK, residual_TD)
         else:
             plan = moe.dispatcher.plan(expert_ids_TK)
