@@ -78,3 +78,18 @@ def test_stages_override_is_checked(value, monkeypatch):
     monkeypatch.setenv(gemv.STAGES_ENV, value)
     with pytest.raises(ValueError, match="DROPLESS_GEMV_STAGES: .* is invalid: allowed: KERNEL=N"):
         gemv.stages("plain")
+
+
+@pytest.mark.parametrize("P,slots,T,D", [(1, 1, 1, 64), (3, 8, 1, 200), (5, 8, 2, 300),
+                                         (2, 3, 3, 40), (1, 40, 1, 33)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_sum_partials(P, slots, T, D, residual):
+    """The slot sum against torch: P split partials x `slots` rows per token, whole tiles and a
+    last partial one (P * slots over the kernel's 32 rows a tile: 40), columns past the block."""
+    gen = torch.Generator().manual_seed(P * 100 + slots)
+    y = torch.randn(P, T * slots, D, generator=gen).to(DEVICE)
+    res = torch.randn(T, D, generator=gen).to(DEVICE, torch.float16) if residual else None
+    out = gemv.sum_partials(y, slots, res, torch.float16)
+    ref = y.view(P, T, slots, D).sum((0, 2)) + (0 if res is None else res.float())
+    assert out.dtype == torch.float16 and out.shape == (T, D)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)

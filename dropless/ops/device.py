@@ -48,6 +48,11 @@ def num_sms(index: int) -> int:
                  lambda: torch.cuda.get_device_properties(index).multi_processor_count)
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): a Triton block that holds n."""
+    return 1 << (n - 1).bit_length()
+
+
 PDL_ENV = "DROPLESS_PDL"
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch
+from dropless.ops.device import num_sms, pdl_launch, pow2
 from dropless.quant.pack import PACK
 
 # (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
@@ -32,7 +32,9 @@ INT4_SWIGLU_BLOCK_N = 64
 STAGES = {"plain": 1, "int4": 1, "linear": 1}
 STAGES_ENV = "DROPLESS_GEMV_STAGES"
 WARPS = {"plain": 4, "int4": 4}   # warps per program (benchmarks/gemv_tiles.py --warps)
-SUM_BLOCK = 256    # columns per program of the slot sum
+# The slot sum's tile: SUM_TILE fp32 values (32 registers a thread at 4 warps) of up to
+# SUM_MAX_ROWS partial rows by SUM_MAX_BLOCK columns
+SUM_TILE, SUM_MAX_ROWS, SUM_MAX_BLOCK = 4096, 32, 256
 
 
 def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
@@ -89,6 +91,7 @@ def gemv_split(rows: int, n: int, kd: int, device, kind: str = "plain",
     while units % split:
         split -= 1
     return split
+
 
 
 def _kind(w) -> str:
@@ -179,9 +182,11 @@ def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = Non
     T = R // slots
     y_TD = y_PRD.new_empty(T, D, dtype=dtype or residual_TD.dtype)
     res = None if residual_TD is None else residual_TD.contiguous()
-    _kernels().sum_slots_kernel[(T, -(-D // SUM_BLOCK))](
+    block_j = min(pow2(P * slots), SUM_MAX_ROWS)
+    block = min(SUM_MAX_BLOCK, SUM_TILE // block_j)
+    _kernels().sum_slots_kernel[(T, -(-D // block))](
         y_PRD, y_TD if res is None else res, y_TD, T, D, slots, P,
-        HAS_RES=res is not None, BLOCK=SUM_BLOCK, num_warps=4,
+        HAS_RES=res is not None, BLOCK_J=block_j, BLOCK=block, num_warps=4,
         **pdl_launch(y_PRD.device))
     return y_TD
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch
+from dropless.ops.device import num_sms, pdl_launch, pow2
 from dropless.ops.triton_grouped import _precision
 
 BLOCK_N = 64           # keys per tile, and the least chunk a split takes
@@ -31,9 +31,6 @@ def _kernels():
     from dropless.ops import triton_attention_kernels
     return triton_attention_kernels
 
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -76,12 +73,12 @@ def decode_attention(q_bHD: Tensor, k_cache: Tensor, v_cache: Tensor, positions_
         q_bHD, k_cache, v_cache, positions_b, out, m, l, acc,
         length, chunk, math.log2(math.e) / math.sqrt(Dh),
         q_bHD.stride(0), q_bHD.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        GROUP=H // G, DH=Dh, BLOCK_H=max(16, _pow2(H // G)), BLOCK_N=BLOCK_N,
+        GROUP=H // G, DH=Dh, BLOCK_H=max(16, pow2(H // G)), BLOCK_N=BLOCK_N,
         DIRECT=direct, DOT_PRECISION=_precision(q_bHD), num_warps=4,
         **pdl_launch(q_bHD.device))
     if not direct:
         kernels.decode_combine_kernel[(b * H,)](m, l, acc, out, splits, DH=Dh,
-                                                BLOCK_S=_pow2(splits), num_warps=1,
+                                                BLOCK_S=pow2(splits), num_warps=1,
                                                 **pdl_launch(q_bHD.device))
     return out
 

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch
+from dropless.ops.device import num_sms, pdl_launch, pow2
 from dropless.ops.gemv import stages
 
 # Rows where decode uses it: the tile holds every row (weights read once). On an H100 at T = 1
@@ -41,9 +41,6 @@ def _kernel():
     return linear_rows_kernel
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
 
 def _num_sms(device: torch.device) -> int:
     return num_sms(device.index) if device.type == "cuda" else 1
@@ -51,11 +48,11 @@ def _num_sms(device: torch.device) -> int:
 
 def tiles(T: int, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_N, BLOCK_K, UNROLL) for `sms` multiprocessors."""
-    block_t = _pow2(T)
+    block_t = pow2(T)
     block_n = MAX_BLOCK_N
     while block_n > 2 and -(-N // block_n) < WAVES * sms:
         block_n //= 2
-    block_k = max(16, min(_pow2(K), TILE // (block_t * block_n)))
+    block_k = max(16, min(pow2(K), TILE // (block_t * block_n)))
     return block_t, block_n, block_k, max(1, min(UNROLL, -(-K // block_k)))
 
 

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch
+from dropless.ops.device import num_sms, pdl_launch, pow2
 
 # The logits grid: each program accumulates BLOCK_T x BLOCK_E x BLOCK_D float32 products (at most
 # TILE: 32 registers a thread at 4 warps); the experts' blocks shrink, then D is split, until the
@@ -36,14 +36,11 @@ def _num_sms(device: torch.device) -> int:
     return num_sms(device.index) if device.type == "cuda" else 1
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
 
 def logits_tiles(T: int, E: int, D: int, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_E, BLOCK_D, D_SPLIT) of the logits grid for `sms` multiprocessors."""
-    block_t, block_d = min(_pow2(T), MAX_BLOCK_T), min(_pow2(D), MAX_BLOCK_D)
-    block_e = max(1, min(_pow2(E), TILE // (block_t * block_d)))
+    block_t, block_d = min(pow2(T), MAX_BLOCK_T), min(pow2(D), MAX_BLOCK_D)
+    block_e = max(1, min(pow2(E), TILE // (block_t * block_d)))
     target = WAVES * sms
     token_blocks = -(-T // block_t)
     while block_e > 1 and token_blocks * -(-E // block_e) < target:
@@ -79,7 +76,7 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, NORM=norm_weight is not None,
         num_warps=4, **pdl_launch(x_TD.device))
     # 2. per token: the partials' sum, K rounds of argmax, the softmax
-    block = _pow2(E)
+    block = pow2(E)
     kernels.router_topk_kernel[(T,)](
         part_PTE, weights_TK, ids_TK, T, E, top_k, P, route_scale,
         NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4,
