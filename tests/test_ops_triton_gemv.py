@@ -14,13 +14,25 @@ from tests.conftest import rel_err
 
 
 
+def counters_at_rest() -> bool:
+    """Every arrival counter back at zero (the last program to arrive rearms its own)."""
+    from dropless.ops import device
+    return all(int(buf.count_nonzero()) == 0 for kept in device._counters.values()
+               for buf in kept)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("sms", [None, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,D,F,E,K", [(1, 64, 96, 8, 2), (3, 40, 24, 4, 4), (2, 128, 64, 16, 3),
                                        (1, 256, 128, 8, 8)])
-def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, monkeypatch):
+def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, fused, monkeypatch):
     """sms 64: as on a GPU, split reductions (gate|up partials summed and SwiGLU'd by the down
-    GEMV as it reads them); D 40 / F 24: reductions not a multiple of the block, masked."""
+    GEMV as it reads them); D 40 / F 24: reductions not a multiple of the block, masked. fused:
+    the slots and splits summed by the down GEMV's last program to arrive (DROPLESS_FUSED_REDUCE)
+    instead of a launch of their own."""
+    from dropless.ops.device import FUSED_REDUCE_ENV
+    monkeypatch.setenv(FUSED_REDUCE_ENV, "1" if fused else "0")
     if sms:
         monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
     torch.manual_seed(0)
@@ -35,6 +47,38 @@ def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, monkeypatch)
         out_res = moe_decode(moe, x, "triton", residual=residual)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
     assert rel_err(out_res, ref + residual) < TOL[dtype]
+    assert counters_at_rest()
+
+
+def test_fused_reduce_matches_its_own_launch(monkeypatch):
+    """The last program's sum equals the separate slot-sum launch's (fp32 partials, the same
+    order), for the plain and the int4 down GEMV, with and without the residual, over several
+    calls that share the counters."""
+    from dropless.ops import awq, device
+    from dropless.ops.device import FUSED_REDUCE_ENV
+    from dropless.quant.pack import quantize_packed
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=256, hidden_dim=128, num_experts=8, top_k=4)).to(DEVICE).eval()
+    x, res = torch.randn(3, 256, device=DEVICE), torch.randn(3, 256, device=DEVICE)
+    packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 192), 64)]
+    monkeypatch.setattr(gemv, "_num_sms", lambda device: 64)   # split reductions
+
+    def run():
+        with torch.no_grad():
+            return (moe_decode(moe, x, "triton"), moe_decode(moe, x, "triton", residual=res),
+                    awq._linear_op(x, *packed), awq._linear_op(x, *packed, res[:, :192]))
+
+    monkeypatch.setenv(FUSED_REDUCE_ENV, "0")
+    apart = run()
+    monkeypatch.setenv(FUSED_REDUCE_ENV, "1")
+    for _ in range(2):
+        for a, b in zip(run(), apart):
+            assert rel_err(a, b) < 1e-6
+    assert device._counters and counters_at_rest()   # used, and left at zero
+    monkeypatch.setenv(FUSED_REDUCE_ENV, "on")
+    with pytest.raises(ValueError, match="DROPLESS_FUSED_REDUCE='on' is invalid: allowed: 0, 1"):
+        run()
 
 
 def test_gemv_path_no_tokens():

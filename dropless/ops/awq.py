@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dropless.ops import reference
 from dropless.ops.device import has_triton
-from dropless.ops.gemv import decode_experts, gemv, gemv_split, sum_partials
+from dropless.ops.gemv import decode_experts, gemv, gemv_split, gemv_sum
 from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
@@ -149,8 +149,8 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
             _gemv(x_MI, qweight, qzeros, scales, out, n=N)
             return out
         out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
-        _gemv(x_MI, qweight, qzeros, scales, out_PMN, n=N, split_k=split)
-        return sum_partials(out_PMN, 1, residual_MN, x_MI.dtype)
+        return gemv_sum(x_MI, (qweight, qzeros, scales), out_PMN, n=N, residual_TD=residual_MN,
+                        dtype=x_MI.dtype, split_k=split, unpack=_unpack())
     _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
     return out if residual_MN is None else out.add_(residual_MN)
 

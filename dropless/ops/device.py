@@ -56,13 +56,46 @@ def pow2(n: int) -> int:
 PDL_ENV = "DROPLESS_PDL"
 
 
+def _switch(name: str) -> bool:
+    """An on/off environment switch: unset or "0" off, "1" on, anything else refused."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r} is invalid: allowed: 0, 1")
+    return value == "1"
+
+
 def pdl_launch(device: torch.device) -> dict:
     """Launch options for the decode step's Triton kernels: with DROPLESS_PDL=1 on sm_90 and
     newer, programmatic dependent launch ({"PDL": True, "launch_pdl": True}: each kernel waits
     for the one before it on entry (triton_pdl.pdl_start), so that its launch and ramp overlap
     that kernel's last wave), else none. Off by default until measured on the product path."""
-    if os.environ.get(PDL_ENV, "0") not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV}={os.environ[PDL_ENV]!r} is invalid: allowed: 0, 1")
-    on = (os.environ.get(PDL_ENV) == "1" and device.type == "cuda"
+    on = (_switch(PDL_ENV) and device.type == "cuda"
           and cuda_capability_major(device.index or 0) >= 9)
     return {"PDL": True, "launch_pdl": True} if on else {}
+
+
+FUSED_REDUCE_ENV = "DROPLESS_FUSED_REDUCE"
+COUNTERS = 1 << 16   # int32 arrival counters per device at first (256 KB); more on demand
+_counters: dict = {}
+
+
+def fused_reduce() -> bool:
+    """Whether the decode kernels that end in a sum over their programs' partials (the experts'
+    and int4 projections' split and slot partials, the router's split logits, split-KV
+    attention's chunks) finish it in the last program to arrive (triton_sync.last_to_arrive)
+    instead of a launch of its own: DROPLESS_FUSED_REDUCE=1. Off by default until measured on
+    the product path (a kernel boundary costs ~2 us of a decode step)."""
+    return _switch(FUSED_REDUCE_ENV)
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 arrival counters at zero on `device` (triton_sync.last_to_arrive): a view of one
+    buffer per device, which the kernels leave at zero (the last program to arrive resets its
+    counter), so kernels that use it must run one after another (one stream), as a decode step's
+    do. A larger buffer replaces it when needed; the old one stays allocated, since CUDA graphs
+    captured with it still write there."""
+    key = (device.type, device.index)
+    kept = _counters.setdefault(key, [])
+    if not kept or kept[-1].numel() < n:
+        kept.append(torch.zeros(max(n, COUNTERS), dtype=torch.int32, device=device))
+    return kept[-1][:n]

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch, pow2
+from dropless.ops.device import counters, fused_reduce, num_sms, pdl_launch, pow2
 from dropless.quant.pack import PACK
 
 # (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
@@ -98,13 +98,20 @@ def _kind(w) -> str:
     return "int4" if isinstance(w, tuple) else "plain"
 
 
+def _sum_block_j(rows: int, block: int) -> int:
+    """Partial rows per tile of a slot sum over `block` columns (SUM_TILE values a tile)."""
+    return max(1, min(pow2(rows), SUM_MAX_ROWS, SUM_TILE // block))
+
+
 def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
-         gu_split=0, unpack="nibble") -> None:
+         gu_split=0, unpack="nibble", total=None, residual=None, slots=1) -> None:
     """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
     w plain [(E,) KD, WN] or an int4 triple; with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up
     partials and SwiGLU is applied on read. `unpack`: how int4 kernels read the packed int32s:
     "nibble" (gemv_nibble_kernel; with SwiGLU: as "interleave"), "interleave" or "gather"
-    (gemv_kernel)."""
+    (gemv_kernel). With `total` [R / slots, n]: also total = (residual +) the sum of the fp32
+    partials out [split_k, R, n] over splits and each `slots` consecutive rows, rounded once,
+    by the last program to arrive at each (token, column tile)."""
     kind = _kind(w)
     quant = kind == "int4"
     qw, qz, sc = w if quant else (w, w, w)
@@ -125,15 +132,22 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
     assert x.stride(-1) == 1 and (not gu_split or x.dtype == torch.float32)
     strides = tuple(t.stride(0) if t.dim() == 3 else 0 for t in (qw, qz, sc))
     grid = (rows, -(-n // block_n), split_k)
+    if total is not None:
+        assert out.dtype == torch.float32 and out.is_contiguous() and rows % slots == 0
+        assert total.shape == (rows // slots, n) and total.is_contiguous()
+        assert residual is None or (residual.shape == total.shape and residual.is_contiguous())
+    cnt = out if total is None else counters(x.device, rows // slots * grid[1])
     args = (x, x.stride(0) if gu_split else 0, x.stride(-2), rows_per_token,
             out, out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
             qw, qz, sc, *strides,
             out if expert is None else expert, out if scale is None else scale,
+            out if total is None else total, out if residual is None else residual, cnt, slots,
             n, kd, wn)
     meta = dict(GS=gs, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
                 HAS_EXPERT=expert is not None, SCALE=scale is not None, GU_SPLIT=gu_split,
                 UNROLL=unroll, STAGES=stages(kind), num_warps=WARPS[kind],
-                **pdl_launch(x.device))
+                TOTAL=total is not None, HAS_RES=residual is not None,
+                BLOCK_J=_sum_block_j(split_k * slots, block_n), **pdl_launch(x.device))
     if quant and unpack == "nibble" and not swiglu:
         _kernels().gemv_nibble_kernel[grid](*args, **meta)
     else:
@@ -169,8 +183,23 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
         gu_split = split
     split = gemv_split(R, D, F_, x_TD.device, kind)
     y_PSD = torch.empty(split, R, D, device=x_TD.device, dtype=torch.float32)
-    gemv(h, down, y_PSD, n=D, scale=w_S, split_k=split, gu_split=gu_split, **kw)
-    return sum_partials(y_PSD, K, residual_TD, x_TD.dtype)
+    return gemv_sum(h, down, y_PSD, n=D, slots=K, residual_TD=residual_TD, dtype=x_TD.dtype,
+                    scale=w_S, split_k=split, gu_split=gu_split, **kw)
+
+
+def gemv_sum(x, w, y_PRD: Tensor, *, n: int, slots: int = 1, residual_TD: Tensor | None = None,
+             dtype: torch.dtype | None = None, **kw) -> Tensor:
+    """gemv(x, w, y_PRD, **kw) into fp32 partials [P, T * slots, n], then their sum over the P
+    splits and each token's slots, with the residual, rounded once to `dtype` (default: the
+    residual's): [T, n]. The sum is the GEMV's own last step where device.fused_reduce() says so,
+    else one sum_partials launch."""
+    if not fused_reduce():
+        gemv(x, w, y_PRD, n=n, **kw)
+        return sum_partials(y_PRD, slots, residual_TD, dtype)
+    total = y_PRD.new_empty(y_PRD.shape[1] // slots, n, dtype=dtype or residual_TD.dtype)
+    res = None if residual_TD is None else residual_TD.contiguous()
+    gemv(x, w, y_PRD, n=n, slots=slots, total=total, residual=res, **kw)
+    return total
 
 
 def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = None,
@@ -182,8 +211,8 @@ def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = Non
     T = R // slots
     y_TD = y_PRD.new_empty(T, D, dtype=dtype or residual_TD.dtype)
     res = None if residual_TD is None else residual_TD.contiguous()
-    block_j = min(pow2(P * slots), SUM_MAX_ROWS)
-    block = min(SUM_MAX_BLOCK, SUM_TILE // block_j)
+    block = min(SUM_MAX_BLOCK, SUM_TILE // min(pow2(P * slots), SUM_MAX_ROWS))
+    block_j = _sum_block_j(P * slots, block)
     _kernels().sum_slots_kernel[(T, -(-D // block))](
         y_PRD, y_TD if res is None else res, y_TD, T, D, slots, P,
         HAS_RES=res is not None, BLOCK_J=block_j, BLOCK=block, num_warps=4,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from dropless.ops.triton_pdl import pdl_start
+from dropless.ops.triton_sync import last_to_arrive, rearm
 
 
 @triton.jit
@@ -135,6 +136,43 @@ def _plain_tile(w_ptr, k0, KD, WN, cols, col_ok, BLOCK_K: tl.constexpr, MASK_K: 
 
 
 @triton.jit
+def _sum_rows(p_ptr, stride_s, stride_m, t, slots, split, cols, ok, BLOCK_J: tl.constexpr):
+    """fp32 [BLOCK]: the sum over s < split, k < slots of the fp32 partial rows
+    p[s * stride_s + (t * slots + k) * stride_m + cols], BLOCK_J rows loaded at a time as one tile
+    (their loads in flight together), in a fixed order. From L2 (".cg"): other programs, or the
+    kernel before, wrote them."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for j0 in range(0, split * slots, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)          # row j: split j // slots, slot j % slots
+        rows = (j // slots).to(tl.int64) * stride_s + (t * slots + j % slots).to(tl.int64) * stride_m
+        tile = tl.load(p_ptr + rows[:, None] + cols[None, :],
+                       mask=(j < split * slots)[:, None] & ok[None, :], other=0.0,
+                       cache_modifier=".cg")
+        acc += tl.sum(tile, axis=0)
+    return acc
+
+
+@triton.jit
+def _sum_tail(out_ptr, stride_os, stride_om, total_ptr, res_ptr, cnt_ptr, r, n_tile, slots, N,
+              SPLIT_K: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_J: tl.constexpr):
+    """After a program stored its fp32 partial: the last of its token's slots x SPLIT_K programs
+    at this column tile to arrive sums them all (and the residual) into total [T, N], rounded
+    once (what sum_slots_kernel does in a launch of its own)."""
+    t = r // slots
+    cnt = cnt_ptr + t * tl.num_programs(1) + n_tile
+    if last_to_arrive(cnt, slots * SPLIT_K):
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = cols < N
+        acc = _sum_rows(out_ptr, stride_os, stride_om, t, slots, SPLIT_K, cols, ok, BLOCK_J)
+        if HAS_RES:
+            acc += tl.load(res_ptr + t.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(total_ptr + t.to(tl.int64) * N + cols, acc.to(total_ptr.dtype.element_ty),
+                 mask=ok)
+        rearm(cnt)
+
+
+@triton.jit
 def gemv_kernel(
     # x [*, KD]: row r reads row r // rows_per_token. With GU_SPLIT > 0, x holds fp32 gate|up
     # partials [GU_SPLIT, *, 2 KD] instead, summed and passed through SwiGLU as they are read.
@@ -145,11 +183,15 @@ def gemv_kernel(
     qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
     # per row: expert (any int), scale (any float)
     expert_ptr, scale_ptr,
+    # with TOTAL: total [R / slots, N] = (residual [R / slots, N] +) the sum of out over splits and
+    # each `slots` consecutive rows, in the last program to arrive (int32 counters cnt)
+    total_ptr, res_ptr, cnt_ptr, slots,
     N, KD, WN,
     QUANT: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
     GU_SPLIT: tl.constexpr, GATHER_UNPACK: tl.constexpr, UNROLL: tl.constexpr,
-    MASK_K: tl.constexpr, STAGES: tl.constexpr,
+    MASK_K: tl.constexpr, STAGES: tl.constexpr, TOTAL: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
@@ -207,6 +249,9 @@ def gemv_kernel(
         acc = acc * tl.load(scale_ptr + r).to(tl.float32)
     out = out_ptr + split * stride_os + r * stride_om + cols
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    if TOTAL:
+        _sum_tail(out_ptr, stride_os, stride_om, total_ptr, res_ptr, cnt_ptr, r, n_tile, slots, N,
+                  SPLIT_K, HAS_RES, BLOCK_N, BLOCK_J)
 
 
 @triton.jit
@@ -238,10 +283,12 @@ def gemv_nibble_kernel(
     out_ptr, stride_os, stride_om,
     qw_ptr, qz_ptr, sc_ptr, stride_qe, stride_ze, stride_se,
     expert_ptr, scale_ptr,
+    total_ptr, res_ptr, cnt_ptr, slots,
     N, KD, WN,
     GS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, GU_SPLIT: tl.constexpr,
-    UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr, STAGES: tl.constexpr, TOTAL: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """gemv_kernel's int4 product (no SwiGLU epilogue) in the weights' packed order: nibble j of
@@ -322,6 +369,9 @@ def gemv_nibble_kernel(
     _store_nibble(out, a5, pcols, pc_ok, scale, 1, 1)
     _store_nibble(out, a6, pcols, pc_ok, scale, 2, 1)
     _store_nibble(out, a7, pcols, pc_ok, scale, 3, 1)
+    if TOTAL:
+        _sum_tail(out_ptr, stride_os, stride_om, total_ptr, res_ptr, cnt_ptr, r, n_tile, slots, N,
+                  SPLIT_K, HAS_RES, BLOCK_N, BLOCK_J)
 
 
 @triton.jit
@@ -329,20 +379,13 @@ def sum_slots_kernel(p_ptr, res_ptr, out_ptr, T, D, K, SPLIT,
                      HAS_RES: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr = False):
     """out[t] = (residual[t] +) sum over s < SPLIT, k < K of p[s, t, k], p fp32 [SPLIT, T, K, D]:
-    the split partials and the K slots of a token in one pass, rounded once. The SPLIT * K rows
-    are loaded BLOCK_J at a time as one tile (their loads in flight together: a loop of one row
-    at a time waited for each, ~0.3 us of L2 latency apiece), then summed in a fixed order."""
+    the split partials and the K slots of a token in one pass (BLOCK_J rows a tile: a loop of
+    one row at a time waited ~0.3 us of L2 latency for each), rounded once."""
     pdl_start(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < D
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j0 in range(0, SPLIT * K, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)          # row j: split j // K, slot j % K
-        rows = ((j // K) * T + t) * K + j % K
-        tile = tl.load(p_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                       mask=(j < SPLIT * K)[:, None] & ok[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0)
+    acc = _sum_rows(p_ptr, T * K * D, D, t, K, SPLIT, cols, ok, BLOCK_J)
     if HAS_RES:
         acc += tl.load(res_ptr + t.to(tl.int64) * D + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
