@@ -10,15 +10,8 @@ from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 from dropless import MoE, MoEConfig
 from dropless.ops import gemv
 from dropless.serve.moe_decode import moe_decode
-from tests.conftest import rel_err
+from tests.conftest import counters_at_rest, rel_err
 
-
-
-def counters_at_rest() -> bool:
-    """Every arrival counter back at zero (the last program to arrive rearms its own)."""
-    from dropless.ops import device
-    return all(int(buf.count_nonzero()) == 0 for kept in device._counters.values()
-               for buf in kept)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -47,14 +40,14 @@ def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, fused, monke
         out_res = moe_decode(moe, x, "triton", residual=residual)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
     assert rel_err(out_res, ref + residual) < TOL[dtype]
-    assert counters_at_rest()
+    assert not fused or counters_at_rest()
 
 
 def test_fused_reduce_matches_its_own_launch(monkeypatch):
     """The last program's sum equals the separate slot-sum launch's (fp32 partials, the same
     order), for the plain and the int4 down GEMV, with and without the residual, over several
     calls that share the counters."""
-    from dropless.ops import awq, device
+    from dropless.ops import awq
     from dropless.ops.device import FUSED_REDUCE_ENV
     from dropless.quant.pack import quantize_packed
 
@@ -75,7 +68,7 @@ def test_fused_reduce_matches_its_own_launch(monkeypatch):
     for _ in range(2):
         for a, b in zip(run(), apart):
             assert rel_err(a, b) < 1e-6
-    assert device._counters and counters_at_rest()   # used, and left at zero
+    assert counters_at_rest()   # used, and left at zero
     monkeypatch.setenv(FUSED_REDUCE_ENV, "on")
     with pytest.raises(ValueError, match="DROPLESS_FUSED_REDUCE='on' is invalid: allowed: 0, 1"):
         run()

@@ -1,5 +1,6 @@
 """Launcher of the decode step's router (triton_router_kernels.py): the float32 logits, the top-k
-and the softmax of the plain softmax router in two launches where the torch ops take three or four
+and the softmax of the plain softmax router in two launches (one with DROPLESS_FUSED_REDUCE=1: the
+top-k in the logits kernel's last program per token block) where the torch ops take three or four
 (each ~2-5 us of a launch-bound step, even in a CUDA graph), optionally with the MoE layer's RMSNorm
 before it folded into the first (norm_route_topk). Inference only (no autograd); no host
 sync and shapes fixed by the inputs, so CUDA graphs capture it; the torch ops stay the reference
@@ -15,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch, pow2
+from dropless.ops.device import counters, fused_reduce, num_sms, pdl_launch, pow2
 
 # The logits grid: each program accumulates BLOCK_T x BLOCK_E x BLOCK_D float32 products (at most
 # TILE: 32 registers a thread at 4 warps); the experts' blocks shrink, then D is split, until the
@@ -69,14 +70,22 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
     P = -(-D // d_split)
     part_PTE = torch.empty(P, T, E, device=x_TD.device, dtype=torch.float32)
     kernels = _kernels()
-    # 1. the logits, as P split-D partials (and the normalised x, with a norm)
-    kernels.router_logits_kernel[(-(-T // block_t), -(-E // block_e), P)](
+    block = pow2(E)
+    fused = fused_reduce()
+    grid = (-(-T // block_t), -(-E // block_e), P)
+    # 1. the logits, as P split-D partials (and the normalised x, with a norm); fused: then 2.
+    # in the last program of each token block
+    kernels.router_logits_kernel[grid](
         x_TD, weight_ED, part_PTE, x_TD if norm_weight is None else norm_weight,
         x_TD if h_TD is None else h_TD, T, E, D, x_TD.stride(0), d_split, eps,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, NORM=norm_weight is not None,
+        weights_ptr=weights_TK, ids_ptr=ids_TK,
+        cnt_ptr=counters(x_TD.device, grid[0]) if fused else ids_TK, K=top_k,
+        route_scale=route_scale, TOPK=fused, NORM_TOPK=norm_topk_prob, TOPK_BLOCK_E=block,
         num_warps=4, **pdl_launch(x_TD.device))
+    if fused:
+        return weights_TK, ids_TK, h_TD
     # 2. per token: the partials' sum, K rounds of argmax, the softmax
-    block = pow2(E)
     kernels.router_topk_kernel[(T,)](
         part_PTE, weights_TK, ids_TK, T, E, top_k, P, route_scale,
         NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4,

@@ -15,7 +15,9 @@ Shape contract:
     the first expert block write that normalised x to h [T, D] (contiguous, x's dtype): the
     experts' input, without a norm kernel of its own.
   router_topk_kernel: part [P, T, E] -> weights [T, K] float32, ids [T, K] int64. Grid (T,).
-    Slot k holds the k-th largest logit (sorted, which the unsorted contract allows).
+    Slot k holds the k-th largest logit (sorted, which the unsorted contract allows). With TOPK
+    (device.fused_reduce), router_logits_kernel does this itself: the last of a token block's
+    programs to arrive (triton_sync.py), one launch instead of two.
 Numerics: products and sums in float32 of the inputs as loaded (bf16/fp16 products are exact in
 float32), as the torch path's float32 GEMM; the softmax as torch's, exp(l - max) / sum.
 """
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from dropless.ops.triton_pdl import pdl_start
+from dropless.ops.triton_sync import last_to_arrive, rearm
 
 
 @triton.jit
@@ -34,6 +37,10 @@ def router_logits_kernel(
     T, E, D, stride_x, D_SPLIT, eps,
     # meta
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+    # TOPK: router_topk_kernel's work too, for each token block in the last of its programs to
+    # arrive (int32 counters cnt, one per token block)
+    weights_ptr, ids_ptr, cnt_ptr, K, route_scale,
+    TOPK: tl.constexpr, NORM_TOPK: tl.constexpr, TOPK_BLOCK_E: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
@@ -69,6 +76,15 @@ def router_logits_kernel(
     logits = tl.sum(acc, axis=2)
     out = part_ptr + (split * T + ts).to(tl.int64)[:, None] * E + es[None, :]
     tl.store(out, logits, mask=t_ok[:, None] & e_ok[None, :])
+    if TOPK:
+        cnt = cnt_ptr + tl.program_id(0)
+        if last_to_arrive(cnt, tl.num_programs(1) * tl.num_programs(2)):
+            for i in range(BLOCK_T):
+                t = tl.program_id(0) * BLOCK_T + i
+                if t < T:
+                    _topk_row(part_ptr, weights_ptr, ids_ptr, t, T, E, K, tl.num_programs(2),
+                              route_scale, NORM_TOPK, TOPK_BLOCK_E)
+            rearm(cnt)
 
 
 @triton.jit
@@ -82,13 +98,22 @@ def router_topk_kernel(
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
-    t = tl.program_id(0)
+    _topk_row(part_ptr, weights_ptr, ids_ptr, tl.program_id(0), T, E, K, P, route_scale,
+              NORM_TOPK, BLOCK_E)
+
+
+@triton.jit
+def _topk_row(part_ptr, weights_ptr, ids_ptr, t, T, E, K, P, route_scale,
+              NORM_TOPK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Token t's top-k experts and their weights from the split logits part [P, T, E] (from L2:
+    other programs wrote them)."""
     es = tl.arange(0, BLOCK_E)
     e_ok = es < E
     # 1. the token's logits: the sum of the split partials (lanes past E: 0, masked below)
     logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for p in range(P):
-        logits += tl.load(part_ptr + (p * T + t).to(tl.int64) * E + es, mask=e_ok, other=0.0)
+        logits += tl.load(part_ptr + (p * T + t).to(tl.int64) * E + es, mask=e_ok, other=0.0,
+                          cache_modifier=".cg")
     # 2. K rounds of max with the index; a chosen lane is marked by its slot (-1: not chosen) and
     # leaves the candidates as -inf. Every real lane's key is above -inf (a -inf logit ranks as
     # the lowest finite value, NaN above everything, as torch.topk ranks it), so K <= E rounds
