@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 
 from dropless.config import ModelConfig, MoEConfig
-from dropless.ops.triton_attention import BLOCK_N, decode_attention, num_splits
+from dropless.ops.triton_attention import BLOCK_N, decode_attention, fused_combine, num_splits
 from dropless.serve.decode import make_step
-from tests.conftest import rel_err
+from tests.conftest import counters_at_rest, rel_err
 
 
 def check_attention(b, G, group, Dh, length, dtype, S=None, splits=0, device=DEVICE,
@@ -57,23 +57,42 @@ def test_decode_attention_matches_sdpa(dtype, length, group, G, b):
     check_attention(b, G, group, 64, length, dtype)
 
 
+@pytest.fixture(params=[False, True], ids=["combine-launch", "fused-combine"])
+def fused(request, monkeypatch):
+    """Both ways of combining the splits: the combine kernel's own launch, and the split kernel's
+    last program per (row, kv head) (DROPLESS_DECODE_FUSION=1)."""
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if request.param else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("splits", [1, 2, 4, 9])   # 9 asks for more chunks than 200 keys fill
-def test_decode_attention_any_split(splits):
+def test_decode_attention_any_split(splits, fused):
     """The same output one split at a time (no combine kernel) or merged from several, including
     chunks past a row's position (no work: an empty partial) and a short last chunk."""
     check_attention(3, 2, 4, 64, 200, torch.float32, splits=splits)
+    assert fused_combine(splits, 4, 64) == (fused and splits > 1)
+    assert not fused_combine(splits, 4, 64) or counters_at_rest()
 
 
-def test_decode_attention_head_dim_128_full_cache():
+def test_decode_attention_head_dim_128_full_cache(fused):
     """Dh 128, and length == S (the engine's full-length graph: the scratch row at S - 1 is the
     last key of the bucket, attended as a real row)."""
     check_attention(3, 2, 8, 128, 130, torch.float32, S=130, splits=3)
 
 
-def test_decode_attention_mixed_positions():
+def test_decode_attention_mixed_positions(fused):
     """Rows at many positions of one batch, each chunk of each row cut at its own position."""
     positions = torch.tensor([0, 1, 63, 64, 65, 127, 128, 199])
     check_attention(8, 2, 4, 64, 200, torch.float32, splits=4, positions=positions)
+
+
+def test_fused_combine_only_for_few_splits(fused):
+    """The split kernel's last program combines a group's heads only while that is at most
+    FUSED_COMBINE_TILES tiles (8 heads of 128: 4 splits a tile, so 16 splits); past that the
+    combine launch spreads the work, and the result is the same either way (20 splits here)."""
+    assert fused_combine(16, 8, 128) == fused and not fused_combine(17, 8, 128)
+    assert fused_combine(64, 1, 64) == fused
+    check_attention(1, 1, 8, 128, 20 * BLOCK_N, torch.float32, splits=20)
 
 
 def test_num_splits():

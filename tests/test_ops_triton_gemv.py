@@ -22,10 +22,10 @@ from tests.conftest import counters_at_rest, rel_err
 def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, fused, monkeypatch):
     """sms 64: as on a GPU, split reductions (gate|up partials summed and SwiGLU'd by the down
     GEMV as it reads them); D 40 / F 24: reductions not a multiple of the block, masked. fused:
-    the slots and splits summed by the down GEMV's last program to arrive (DROPLESS_FUSED_REDUCE)
+    the slots and splits summed by the down GEMV's last program to arrive (DROPLESS_DECODE_FUSION)
     instead of a launch of their own."""
-    from dropless.ops.device import FUSED_REDUCE_ENV
-    monkeypatch.setenv(FUSED_REDUCE_ENV, "1" if fused else "0")
+    from dropless.ops.device import DECODE_FUSION_ENV
+    monkeypatch.setenv(DECODE_FUSION_ENV, "1" if fused else "0")
     if sms:
         monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
     torch.manual_seed(0)
@@ -43,12 +43,12 @@ def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, fused, monke
     assert not fused or counters_at_rest()
 
 
-def test_fused_reduce_matches_its_own_launch(monkeypatch):
+def test_fused_sum_matches_its_own_launch(monkeypatch):
     """The last program's sum equals the separate slot-sum launch's (fp32 partials, the same
     order), for the plain and the int4 down GEMV, with and without the residual, over several
     calls that share the counters."""
     from dropless.ops import awq
-    from dropless.ops.device import FUSED_REDUCE_ENV
+    from dropless.ops.device import DECODE_FUSION_ENV
     from dropless.quant.pack import quantize_packed
 
     torch.manual_seed(0)
@@ -62,15 +62,15 @@ def test_fused_reduce_matches_its_own_launch(monkeypatch):
             return (moe_decode(moe, x, "triton"), moe_decode(moe, x, "triton", residual=res),
                     awq._linear_op(x, *packed), awq._linear_op(x, *packed, res[:, :192]))
 
-    monkeypatch.setenv(FUSED_REDUCE_ENV, "0")
+    monkeypatch.setenv(DECODE_FUSION_ENV, "0")
     apart = run()
-    monkeypatch.setenv(FUSED_REDUCE_ENV, "1")
+    monkeypatch.setenv(DECODE_FUSION_ENV, "1")
     for _ in range(2):
         for a, b in zip(run(), apart):
             assert rel_err(a, b) < 1e-6
     assert counters_at_rest()   # used, and left at zero
-    monkeypatch.setenv(FUSED_REDUCE_ENV, "on")
-    with pytest.raises(ValueError, match="DROPLESS_FUSED_REDUCE='on' is invalid: allowed: 0, 1"):
+    monkeypatch.setenv(DECODE_FUSION_ENV, "on")
+    with pytest.raises(ValueError, match="DROPLESS_DECODE_FUSION='on' is invalid: allowed: 0, 1"):
         run()
 
 

@@ -68,8 +68,8 @@ def test_route_topk_matches_torch_ops(T, E, K, D, dtype, monkeypatch):
 def test_route_topk_split_d_as_on_a_gpu(T, fused, monkeypatch):
     """The logits grid as laid out for 132 multiprocessors: at T = 1 the experts' blocks shrink to
     one and D is split into partials that the top-k kernel sums (D not a multiple of the block);
-    fused: that sum and the top-k in the logits kernel's last program (DROPLESS_FUSED_REDUCE)."""
-    monkeypatch.setenv("DROPLESS_FUSED_REDUCE", "1" if fused else "0")
+    fused: that sum and the top-k in the logits kernel's last program (DROPLESS_DECODE_FUSION)."""
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if fused else "0")
     monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
     block_t, block_e, block_d, d_split = triton_router.logits_tiles(T, 128, 1000, 132)
     assert block_e == 1 and d_split < 1000
@@ -179,7 +179,7 @@ def test_route_topk_on_cuda_at_qwen3_shape(T, dtype, monkeypatch):
 
 @pytest.mark.parametrize("T", [1, 3, 33])
 def test_fused_topk_equals_the_topk_launch(T, monkeypatch):
-    """DROPLESS_FUSED_REDUCE=1: the logits kernel's last program per token block (33 tokens: five
+    """DROPLESS_DECODE_FUSION=1: the logits kernel's last program per token block (33 tokens: five
     blocks of 8, the last partial) takes the top-k that router_topk_kernel takes in a launch of its
     own, from the same partials: the same ids and weights, bit for bit, with the norm folded in
     and without; the arrival counters are left at zero."""
@@ -190,7 +190,7 @@ def test_fused_topk_equals_the_topk_launch(T, monkeypatch):
     router = make_router(1000, 128, 8, torch.float32)
     outs = {}
     for fused in ("0", "1"):
-        monkeypatch.setenv("DROPLESS_FUSED_REDUCE", fused)
+        monkeypatch.setenv("DROPLESS_DECODE_FUSION", fused)
         outs[fused] = (*route_topk(x_TD, router.weight, 8, True, 1.0),
                        *norm_route_topk(x_TD, norm_w, 1e-6, router.weight, 8, False, 2.5))
     assert all(torch.equal(a, b) for a, b in zip(outs["0"], outs["1"]))

@@ -15,7 +15,7 @@ from dropless import MoEConfig, Transformer
 from dropless.ops import triton_linear
 from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve import Engine, decode, moe_decode
-from tests.conftest import rel_err
+from tests.conftest import counters_at_rest, rel_err
 from tests.test_mla import mla_config
 from tests.test_serve_engine import tiny_model
 
@@ -42,7 +42,8 @@ def kernels(request, monkeypatch):
     "triton+router" the MoE router's kernels too; "attention" the prologue and the split-KV
     attention kernel (at one token per row: prefill chunks keep SDPA); "linear" the prologue and
     the projections' GEMV kernel (norm + q|k|v, o_proj + residual; at <= 8 rows); "all" CUDA's
-    whole path."""
+    whole path; "all+fused" with DROPLESS_DECODE_FUSION=1 (the sums after the router's logits,
+    split-KV attention and the GEMVs' split and slot partials in those kernels' last programs)."""
     if request.param != "torch":
         if KERNEL_DEVICE != "cpu":
             pytest.skip("no interpreter with a GPU (the gpu-marked engine tests run the kernel), "
@@ -51,20 +52,22 @@ def kernels(request, monkeypatch):
         choose = moe_decode.choose_path
         monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu", grouped=False:
                             choose(T, K, E, "cuda", grouped))
-    if request.param in ("attention", "all"):
+    everything = request.param in ("all", "all+fused")
+    if request.param == "attention" or everything:
         monkeypatch.setattr(decode, "fused_attention", lambda q: True)
-    if request.param in ("linear", "all"):   # every row count a launch takes (CUDA: <= 2)
+    if request.param == "linear" or everything:   # every row count a launch takes (CUDA: <= 2)
         monkeypatch.setattr(decode, "fused_linear",
                             lambda x: 1 <= x.shape[0] <= triton_linear.MAX_ROWS)
-    if request.param in ("triton+router", "all"):
+    if request.param == "triton+router" or everything:
         monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if request.param == "all+fused" else "0")
     return request.param
 
 
 KINDS = pytest.mark.parametrize("kind,kernels", [
     ("moe", "torch"), ("moe", "triton"), ("moe", "triton+router"), ("moe", "attention"),
-    ("moe", "all"), ("moe", "linear"), ("proj", "torch"), ("proj", "triton"), ("proj", "all"),
-    ("mla", "torch"), ("int4", "torch"), ("int4", "all")],
+    ("moe", "all"), ("moe", "all+fused"), ("moe", "linear"), ("proj", "torch"), ("proj", "triton"),
+    ("proj", "all"), ("mla", "torch"), ("int4", "torch"), ("int4", "all"), ("int4", "all+fused")],
     indirect=["kernels"])
 
 
@@ -124,7 +127,7 @@ def _bf16_matches_forward(model):
 @KINDS
 def test_decode_step_matches_forward_bf16(kind, kernels):
     # these kernels round to bf16 (the int4 ones run wherever the interpreter is on)
-    if kernels in ("triton+router", "attention", "linear", "all") or (
+    if kernels in ("triton+router", "attention", "linear", "all", "all+fused") or (
             kind == "int4" and KERNEL_DEVICE == "cpu"):
         pytest.skip("the interpreter rounds to bf16 wrongly (tests/triton_env.py); CUDA: gpu tests")
     _bf16_matches_forward(_model(kind).to(torch.bfloat16))
@@ -158,6 +161,28 @@ def test_pdl_step_equals_plain_launches_on_gpu(kind, monkeypatch):
     plain = _step_logits(model, False, short=True)[1]
     monkeypatch.setenv("DROPLESS_PDL", "1")
     assert torch.equal(_step_logits(model, False, short=True)[1], plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moe", "int4"])
+def test_decode_fusion_step_on_gpu(kind, monkeypatch):
+    """DROPLESS_DECODE_FUSION=1 on CUDA, with and without PDL: the sums of the split and slot
+    partials, the router's split logits and split-KV attention's chunks in the last program to
+    arrive (release-acquire counters across multiprocessors, which the interpreter cannot race)
+    give the separate launches' logits: the same sums in the same order, in tiles of other widths
+    (bf16: within a rounding), over repeated steps that reuse the counters."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model(kind).to("cuda", torch.bfloat16)
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "0")
+    monkeypatch.setenv("DROPLESS_PDL", "0")
+    plain = _step_logits(model, False, short=True)[1].float()
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1")
+    for pdl in ("0", "1", "1"):
+        monkeypatch.setenv("DROPLESS_PDL", pdl)
+        fused = _step_logits(model, False, short=True)[1].float()
+        assert rel_err(fused, plain) < 1e-2 and torch.equal(fused.argmax(-1), plain.argmax(-1))
+    assert counters_at_rest()
 
 
 def test_pdl_switch(monkeypatch):

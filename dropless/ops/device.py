@@ -74,18 +74,19 @@ def pdl_launch(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
-FUSED_REDUCE_ENV = "DROPLESS_FUSED_REDUCE"
+DECODE_FUSION_ENV = "DROPLESS_DECODE_FUSION"
 COUNTERS = 1 << 16   # int32 arrival counters per device at first (256 KB); more on demand
 _counters: dict = {}
 
 
-def fused_reduce() -> bool:
-    """Whether the decode kernels that end in a sum over their programs' partials (the experts'
-    and int4 projections' split and slot partials, the router's split logits, split-KV
-    attention's chunks) finish it in the last program to arrive (triton_sync.last_to_arrive)
-    instead of a launch of its own: DROPLESS_FUSED_REDUCE=1. Off by default until measured on
-    the product path (a kernel boundary costs ~2 us of a decode step)."""
-    return _switch(FUSED_REDUCE_ENV)
+def decode_fusion() -> bool:
+    """DROPLESS_DECODE_FUSION=1: the decode step in fewer launches (a kernel boundary costs ~2 us
+    of a step, even in a CUDA graph). The kernels that end in a sum over their programs'
+    partials (the experts' and int4 projections' split and slot partials, the router's split
+    logits, split-KV attention's chunks) finish it in the last program to arrive
+    (triton_sync.last_to_arrive) instead of a launch of its own. Off by default until measured
+    on the product path."""
+    return _switch(DECODE_FUSION_ENV)
 
 
 def counters(device: torch.device, n: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from dropless.ops.device import counters, fused_reduce, num_sms, pdl_launch, pow2
+from dropless.ops.device import counters, decode_fusion, num_sms, pdl_launch, pow2
 from dropless.quant.pack import PACK
 
 # (BLOCK_N, BLOCK_K, UNROLL: reduction steps per iteration, WAVES: grids are split until they hold
@@ -191,9 +191,9 @@ def gemv_sum(x, w, y_PRD: Tensor, *, n: int, slots: int = 1, residual_TD: Tensor
              dtype: torch.dtype | None = None, **kw) -> Tensor:
     """gemv(x, w, y_PRD, **kw) into fp32 partials [P, T * slots, n], then their sum over the P
     splits and each token's slots, with the residual, rounded once to `dtype` (default: the
-    residual's): [T, n]. The sum is the GEMV's own last step where device.fused_reduce() says so,
+    residual's): [T, n]. The sum is the GEMV's own last step where device.decode_fusion() says so,
     else one sum_partials launch."""
-    if not fused_reduce():
+    if not decode_fusion():
         gemv(x, w, y_PRD, n=n, **kw)
         return sum_partials(y_PRD, slots, residual_TD, dtype)
     total = y_PRD.new_empty(y_PRD.shape[1] // slots, n, dtype=dtype or residual_TD.dtype)

@@ -19,10 +19,17 @@ import math
 import torch
 from torch import Tensor
 
-from dropless.ops.device import num_sms, pdl_launch, pow2
+from dropless.ops.device import counters, decode_fusion, num_sms, pdl_launch, pow2
 from dropless.ops.triton_grouped import _precision
 
 BLOCK_N = 64           # keys per tile, and the least chunk a split takes
+# The combine's tile: at most COMBINE_TILE float32 values (heads x splits x head dim; 32 registers a
+# thread at 4 warps; twice that spilled at sm_90) at a time. With device.decode_fusion(), the split
+# kernel's last program per (row, kv head) combines its group's heads when that takes at most
+# FUSED_COMBINE_TILES tiles (past that, the combine's own launch spreads the work over b * H
+# programs)
+COMBINE_TILE = 4096
+FUSED_COMBINE_TILES = 4
 CPU_PROGRAMS = 16      # the interpreter's stand-in for an SM count: enough to exercise splits
 
 
@@ -41,6 +48,19 @@ def num_splits(b: int, G: int, length: int, programs: int) -> int:
     """Key chunks per (row, kv head): enough for b * G * splits to reach `programs` (2x the SMs),
     none shorter than BLOCK_N keys."""
     return max(1, min(_cdiv(programs, b * G), _cdiv(length, BLOCK_N)))
+
+
+def combine_tiles(splits: int, group: int, Dh: int) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK_C): a group's heads, and the splits a combine tile holds."""
+    block_g = pow2(group)
+    return block_g, max(1, min(pow2(splits), COMBINE_TILE // (block_g * Dh)))
+
+
+def fused_combine(splits: int, group: int, Dh: int) -> bool:
+    """Whether the split kernel combines the splits itself (device.decode_fusion(), and at most
+    FUSED_COMBINE_TILES tiles of the group's partials for its last program)."""
+    return splits > 1 and decode_fusion() and (
+        splits <= FUSED_COMBINE_TILES * combine_tiles(splits, group, Dh)[1])
 
 
 @torch.library.custom_op("dropless::decode_attention", mutates_args=())
@@ -68,18 +88,22 @@ def decode_attention(q_bHD: Tensor, k_cache: Tensor, v_cache: Tensor, positions_
     else:
         m, l = (q_bHD.new_empty(b, H, splits, dtype=torch.float32) for _ in range(2))
         acc = q_bHD.new_empty(b, H, splits, Dh, dtype=torch.float32)
+    block_g, block_c = combine_tiles(splits, H // G, Dh)
+    combine = not direct and fused_combine(splits, H // G, Dh)
     kernels = _kernels()
     kernels.decode_split_kernel[(b, G, splits)](
         q_bHD, k_cache, v_cache, positions_b, out, m, l, acc,
         length, chunk, math.log2(math.e) / math.sqrt(Dh),
         q_bHD.stride(0), q_bHD.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        GROUP=H // G, DH=Dh, BLOCK_H=max(16, pow2(H // G)), BLOCK_N=BLOCK_N,
-        DIRECT=direct, DOT_PRECISION=_precision(q_bHD), num_warps=4,
-        **pdl_launch(q_bHD.device))
-    if not direct:
-        kernels.decode_combine_kernel[(b * H,)](m, l, acc, out, splits, DH=Dh,
-                                                BLOCK_S=pow2(splits), num_warps=1,
-                                                **pdl_launch(q_bHD.device))
+        GROUP=H // G, DH=Dh, BLOCK_H=max(16, block_g), BLOCK_N=BLOCK_N,
+        DIRECT=direct, DOT_PRECISION=_precision(q_bHD),
+        cnt_ptr=counters(q_bHD.device, b * G) if combine else out, COMBINE=combine,
+        BLOCK_G=block_g, BLOCK_C=block_c, num_warps=4, **pdl_launch(q_bHD.device))
+    if not direct and not combine:
+        kernels.decode_combine_kernel[(b * H,)](
+            m, l, acc, out, splits, DH=Dh,
+            BLOCK_C=combine_tiles(splits, 1, Dh)[1], num_warps=4,
+            **pdl_launch(q_bHD.device))
     return out
 
 

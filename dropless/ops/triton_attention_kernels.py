@@ -14,13 +14,17 @@ length, splits key chunks of `chunk` keys, a multiple of BLOCK_N):
    scale and log2(e) folded into one multiply (exp2). With one split it writes the output itself;
    else the partials (running max m, sum l, unnormalised acc), float32.
 2. `decode_combine_kernel`, grid (b * H,): the splits' partials rescaled to their common max.
-   Split 0 always holds key 0, so every (row, head) has one finite max and a positive sum.
+   Split 0 always holds key 0, so every (row, head) has one finite max and a positive sum. With
+   COMBINE (device.decode_fusion, few splits), decode_split_kernel does this itself: the last of
+   a (row, kv head)'s splits to arrive combines its group's heads (triton_sync.py), one launch
+   instead of two.
 """
 
 import triton
 import triton.language as tl
 
 from dropless.ops.triton_pdl import pdl_start
+from dropless.ops.triton_sync import last_to_arrive, rearm
 
 
 @triton.jit
@@ -34,6 +38,9 @@ def decode_split_kernel(
     # meta
     GROUP: tl.constexpr, DH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # COMBINE: decode_combine_kernel's work for the group's heads, in the last of a (row, kv head)'s
+    # splits to arrive (int32 counters cnt, one per (row, kv head))
+    cnt_ptr, COMBINE: tl.constexpr = False, BLOCK_G: tl.constexpr = 1, BLOCK_C: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
@@ -85,6 +92,12 @@ def decode_split_kernel(
         tl.store(m_ptr + part, m_i, mask=ok_h)
         tl.store(l_ptr + part, l_i, mask=ok_h)
         tl.store(acc_ptr + part[:, None] * DH + offs_d[None, :], acc, mask=ok_h[:, None])
+        if COMBINE:
+            cnt = cnt_ptr + row * tl.num_programs(1) + kv
+            if last_to_arrive(cnt, splits):
+                _combine(m_ptr, l_ptr, acc_ptr, out_ptr, row * H + kv * GROUP, GROUP, splits,
+                         DH, BLOCK_G, BLOCK_C)
+                rearm(cnt)
 
 
 @triton.jit
@@ -94,20 +107,43 @@ def decode_combine_kernel(
     # sizes
     splits,
     # meta
-    DH: tl.constexpr, BLOCK_S: tl.constexpr,
+    DH: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)
-    rh = tl.program_id(0).to(tl.int64)   # row * H + head
-    offs_s = tl.arange(0, BLOCK_S)
+    _combine(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), 1, splits, DH, 1, BLOCK_C)
+
+
+@triton.jit
+def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, rh0, rows, splits, DH: tl.constexpr,
+             BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[rh] for the `rows` (row * H + head) rows from rh0: the splits' partials rescaled to
+    their common max, BLOCK_C splits' [DH] accumulators loaded at a time as one tile (their loads
+    in flight together), from L2 (other programs wrote them). Split 0 always holds key 0, so every
+    (row, head) has one finite max and a positive sum; empty splits weigh exp2(-inf) = 0."""
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < rows
+    rh = (rh0 + g).to(tl.int64)
     offs_d = tl.arange(0, DH)
-    ok = offs_s < splits
-    m = tl.load(m_ptr + rh * splits + offs_s, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + rh * splits + offs_s, mask=ok, other=0.0)
-    m_max = tl.max(m, 0)   # finite: split 0 saw key 0
-    total = tl.sum(l * tl.exp2(m - m_max), 0)   # empty splits weigh exp2(-inf) = 0
-    acc = tl.zeros([DH], tl.float32)
-    for s in range(splits):   # one split's [DH] at a time: registers stay flat in `splits`
-        w = tl.exp2(tl.load(m_ptr + rh * splits + s) - m_max)
-        acc += w * tl.load(acc_ptr + (rh * splits + s) * DH + offs_d)
-    tl.store(out_ptr + rh * DH + offs_d, (acc / total).to(out_ptr.dtype.element_ty))
+    m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for c0 in range(0, splits, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = g_ok[:, None] & (c < splits)[None, :]
+        m = tl.load(m_ptr + rh[:, None] * splits + c[None, :], mask=ok, other=float("-inf"),
+                    cache_modifier=".cg")
+        m_max = tl.maximum(m_max, tl.max(m, 1))
+    m_max = tl.where(g_ok, m_max, 0.0)   # padding rows: finite, never stored
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, DH], tl.float32)
+    for c0 in range(0, splits, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = g_ok[:, None] & (c < splits)[None, :]
+        part = rh[:, None] * splits + c[None, :]
+        w = tl.exp2(tl.load(m_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    - m_max[:, None])
+        total += tl.sum(w * tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg"), 1)
+        a = tl.load(acc_ptr + part[:, :, None] * DH + offs_d[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * a, 1)
+    tl.store(out_ptr + rh[:, None] * DH + offs_d[None, :],
+             (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])

@@ -144,7 +144,8 @@ def _sum_rows(p_ptr, stride_s, stride_m, t, slots, split, cols, ok, BLOCK_J: tl.
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     for j0 in range(0, split * slots, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)          # row j: split j // slots, slot j % slots
-        rows = (j // slots).to(tl.int64) * stride_s + (t * slots + j % slots).to(tl.int64) * stride_m
+        rows = ((j // slots).to(tl.int64) * stride_s
+                + (t * slots + j % slots).to(tl.int64) * stride_m)
         tile = tl.load(p_ptr + rows[:, None] + cols[None, :],
                        mask=(j < split * slots)[:, None] & ok[None, :], other=0.0,
                        cache_modifier=".cg")

@@ -1,5 +1,5 @@
 """Launcher of the decode step's router (triton_router_kernels.py): the float32 logits, the top-k
-and the softmax of the plain softmax router in two launches (one with DROPLESS_FUSED_REDUCE=1: the
+and the softmax of the plain softmax router in two launches (one with DROPLESS_DECODE_FUSION=1: the
 top-k in the logits kernel's last program per token block) where the torch ops take three or four
 (each ~2-5 us of a launch-bound step, even in a CUDA graph), optionally with the MoE layer's RMSNorm
 before it folded into the first (norm_route_topk). Inference only (no autograd); no host
@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import counters, fused_reduce, num_sms, pdl_launch, pow2
+from dropless.ops.device import counters, decode_fusion, num_sms, pdl_launch, pow2
 
 # The logits grid: each program accumulates BLOCK_T x BLOCK_E x BLOCK_D float32 products (at most
 # TILE: 32 registers a thread at 4 warps); the experts' blocks shrink, then D is split, until the
@@ -71,7 +71,7 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
     part_PTE = torch.empty(P, T, E, device=x_TD.device, dtype=torch.float32)
     kernels = _kernels()
     block = pow2(E)
-    fused = fused_reduce()
+    fused = decode_fusion()
     grid = (-(-T // block_t), -(-E // block_e), P)
     # 1. the logits, as P split-D partials (and the normalised x, with a norm); fused: then 2.
     # in the last program of each token block

@@ -16,7 +16,7 @@ Shape contract:
     experts' input, without a norm kernel of its own.
   router_topk_kernel: part [P, T, E] -> weights [T, K] float32, ids [T, K] int64. Grid (T,).
     Slot k holds the k-th largest logit (sorted, which the unsorted contract allows). With TOPK
-    (device.fused_reduce), router_logits_kernel does this itself: the last of a token block's
+    (device.decode_fusion), router_logits_kernel does this itself: the last of a token block's
     programs to arrive (triton_sync.py), one launch instead of two.
 Numerics: products and sums in float32 of the inputs as loaded (bf16/fp16 products are exact in
 float32), as the torch path's float32 GEMM; the softmax as torch's, exp(l - max) / sum.
