@@ -63,6 +63,31 @@ def test_linear(M, I, O, group, dtype, residual):
     assert rel(out, ref if res is None else ref + res.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,sms", [(1, None), (1, 64), (5, 64), (17, None)])
+def test_linear_with_the_norm_first(M, sms, dtype, monkeypatch):
+    """F.rms_norm(x, w, eps) @ W with the norm in the int4 GEMV's launch (the decode step's
+    attention norm + q|k|v, DROPLESS_DECODE_FUSION): rows normalised and rounded to x's dtype as
+    F.rms_norm does, with split reductions (sms 64) and without; past the GEMV's rows (17) the
+    norm runs first as F.rms_norm. The torch reference path (awq_linear off the kernels) too."""
+    if sms:
+        monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
+    gen = torch.Generator().manual_seed(M)
+    packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 192, generator=gen), 64)]
+    x = (3 * torch.randn(M, 256, generator=gen)).to(DEVICE, dtype)
+    norm_w = (0.5 + torch.rand(256, generator=gen)).to(DEVICE, dtype)
+    h = torch.nn.functional.rms_norm(x, (256,), norm_w, 1e-5)
+    ref = h.double() @ dequantize(*packed, torch.float64)
+    out = awq._linear_op(x, *packed, None, norm_w, 1e-5)
+    assert out.dtype == dtype and rel(out, ref) < TOL[dtype]
+    res = torch.randn(M, 192, generator=gen).to(DEVICE, dtype)
+    out = awq._linear_op(x, *packed, res, norm_w, 1e-5)
+    assert rel(out, ref + res.double()) < TOL[dtype]
+    with monkeypatch.context() as m:
+        m.setattr(awq, "kernels_run", lambda x: False)
+        assert rel(awq.awq_linear(x, *packed, norm=(norm_w, 1e-5)), ref) < TOL[dtype]
+
+
 CASES = [  # T, D, F, E, K, routing, group
     (3, 64, 64, 4, 2, "random", 64),     # decode-sized
     (1, 128, 64, 8, 1, "random", 32),    # one token, one expert

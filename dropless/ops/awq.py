@@ -134,29 +134,35 @@ def _block_m(rows: int, experts: int) -> int:
 
 @torch.library.custom_op("dropless::awq_linear", mutates_args=())
 def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
-               residual_MN: Tensor | None = None) -> Tensor:
-    """(residual +) x @ dequant(W), in x's dtype. GEMV rows: the split partials (fp32) and the
-    residual summed in one kernel, rounded once."""
+               residual_MN: Tensor | None = None, norm_weight: Tensor | None = None,
+               eps: float = 0.0) -> Tensor:
+    """(residual +) norm(x) @ dequant(W), in x's dtype; norm(x) = F.rms_norm(x, norm_weight,
+    eps) where norm_weight is given, else x. GEMV rows: the norm in the GEMV's launch (the
+    nibble kernel's), the split partials (fp32) and the residual summed in one kernel, rounded
+    once."""
     x_MI = x_MI.contiguous()
     M, N = x_MI.shape[0], scales.shape[-1]
     assert residual_MN is None or residual_MN.shape == (M, N)
     out = x_MI.new_empty(M, N)
     if M == 0:
         return out
+    norm = None if norm_weight is None else (norm_weight.contiguous(), eps)
+    if norm is not None and (M > GEMV_MAX_TOKENS or _unpack() != "nibble"):
+        x_MI, norm = F.rms_norm(x_MI, (x_MI.shape[1],), norm_weight, eps), None
     if M <= GEMV_MAX_TOKENS:
         split = gemv_split(M, N, x_MI.shape[1], x_MI.device, "int4")
         if split == 1 and residual_MN is None:
-            _gemv(x_MI, qweight, qzeros, scales, out, n=N)
+            _gemv(x_MI, qweight, qzeros, scales, out, n=N, norm=norm)
             return out
         out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
         return gemv_sum(x_MI, (qweight, qzeros, scales), out_PMN, n=N, residual_TD=residual_MN,
-                        dtype=x_MI.dtype, split_k=split, unpack=_unpack())
+                        dtype=x_MI.dtype, split_k=split, unpack=_unpack(), norm=norm)
     _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
     return out if residual_MN is None else out.add_(residual_MN)
 
 
 @_linear_op.register_fake
-def _(x_MI, qweight, qzeros, scales, residual_MN=None):
+def _(x_MI, qweight, qzeros, scales, residual_MN=None, norm_weight=None, eps=0.0):
     return x_MI.new_empty(x_MI.shape[0], scales.shape[-1])
 
 
@@ -237,11 +243,17 @@ def _autocast(x: Tensor) -> Tensor:
 
 
 def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
-               residual_MN: Tensor | None = None) -> Tensor:
-    """(residual_MN +) x_MI @ dequant(W): the kernels where they run, the reference elsewhere."""
+               residual_MN: Tensor | None = None, norm: tuple[Tensor, float] | None = None
+               ) -> Tensor:
+    """(residual_MN +) norm(x_MI) @ dequant(W): the kernels where they run, the reference
+    elsewhere. `norm` (weight in x's dtype, eps): F.rms_norm first, in the GEMV's launch where
+    it can be."""
     x_MI = _autocast(x_MI)
     if kernels_run(x_MI):
-        return _linear_op(x_MI, qweight, qzeros, scales, residual_MN)
+        return _linear_op(x_MI, qweight, qzeros, scales, residual_MN,
+                          *((None, 0.0) if norm is None else norm))
+    if norm is not None:
+        x_MI = F.rms_norm(x_MI, (x_MI.shape[-1],), *norm)
     y_MN = reference_linear(x_MI, qweight, qzeros, scales)
     return y_MN if residual_MN is None else (residual_MN + y_MN).to(y_MN.dtype)
 

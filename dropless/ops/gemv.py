@@ -103,15 +103,19 @@ def _sum_block_j(rows: int, block: int) -> int:
     return max(1, min(pow2(rows), SUM_MAX_ROWS, SUM_TILE // block))
 
 
+NORM_BLOCK = 4096   # the largest x run the norm's statistics load at once
+
+
 def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
-         gu_split=0, unpack="nibble", total=None, residual=None, slots=1) -> None:
+         gu_split=0, unpack="nibble", total=None, residual=None, slots=1, norm=None) -> None:
     """out[(split,) r] = epilogue(x[r // rows_per_token] @ W[expert(r)]) for every row r of out;
     w plain [(E,) KD, WN] or an int4 triple; with gu_split, x is [gu_split, *, 2 KD] fp32 gate|up
     partials and SwiGLU is applied on read. `unpack`: how int4 kernels read the packed int32s:
     "nibble" (gemv_nibble_kernel; with SwiGLU: as "interleave"), "interleave" or "gather"
     (gemv_kernel). With `total` [R / slots, n]: also total = (residual +) the sum of the fp32
     partials out [split_k, R, n] over splits and each `slots` consecutive rows, rounded once,
-    by the last program to arrive at each (token, column tile)."""
+    by the last program to arrive at each (token, column tile). `norm` (weight [KD], eps), int4
+    "nibble" only: x is first F.rms_norm(x, weight, eps), in the GEMV's launch."""
     kind = _kind(w)
     quant = kind == "int4"
     qw, qz, sc = w if quant else (w, w, w)
@@ -149,8 +153,13 @@ def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=Fals
                 TOTAL=total is not None, HAS_RES=residual is not None,
                 BLOCK_J=_sum_block_j(split_k * slots, block_n), **pdl_launch(x.device))
     if quant and unpack == "nibble" and not swiglu:
+        if norm is not None:
+            assert not gu_split and norm[0].shape == (kd,) and norm[0].is_contiguous()
+            meta.update(norm_ptr=norm[0], eps=norm[1], NORM=True,
+                        NORM_BLOCK=min(pow2(kd), NORM_BLOCK))
         _kernels().gemv_nibble_kernel[grid](*args, **meta)
     else:
+        assert norm is None, "the norm prologue is the int4 nibble kernel's"
         _kernels().gemv_kernel[grid](*args, QUANT=quant, SWIGLU=swiglu,
                                      GATHER_UNPACK=gather_unpack, MASK_K=mask_k, **meta)
 

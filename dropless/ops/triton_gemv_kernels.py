@@ -256,6 +256,17 @@ def gemv_kernel(
 
 
 @triton.jit
+def _rstd(row_ptr, KD, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row x = row_ptr[:KD], in float32."""
+    sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d0 in range(0, KD, BLOCK):
+        ds = d0 + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + ds, mask=ds < KD, other=0.0).to(tl.float32)
+        sq += x * x
+    return tl.rsqrt(tl.sum(sq, axis=0) / KD + eps)
+
+
+@triton.jit
 def _nibble(v, J: tl.constexpr):
     """fp32 2^23 + nibble_J(v) * 16^J (J < 4; the nibble left in place), by its bits: one logic
     op per weight (AND then OR, one LOP3), no shift, no int-to-float conversion. Exact: the
@@ -290,6 +301,9 @@ def gemv_nibble_kernel(
     HAS_EXPERT: tl.constexpr, SCALE: tl.constexpr, GU_SPLIT: tl.constexpr,
     UNROLL: tl.constexpr, STAGES: tl.constexpr, TOTAL: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    # NORM: x is first F.rms_norm(x, norm_w, eps) (rounded to x's dtype), each program taking its
+    # row's statistics over all of KD (NORM_BLOCK at a time; a few KB that stay in L2)
+    norm_ptr=None, eps=0.0, NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """gemv_kernel's int4 product (no SwiGLU epilogue) in the weights' packed order: nibble j of
@@ -305,6 +319,8 @@ def gemv_nibble_kernel(
     ks = tl.arange(0, BLOCK_K)
     qw, qz, sc = qw_ptr + e * stride_qe, qz_ptr + e * stride_ze, sc_ptr + e * stride_se
     k_len = KD // SPLIT_K   # a multiple of BLOCK_K * UNROLL, an iteration inside one group
+    if NORM:
+        rstd = _rstd(x_ptr + src * stride_xm, KD, eps, NORM_BLOCK)
     a0 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
     a1 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
     a2 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
@@ -337,8 +353,11 @@ def gemv_nibble_kernel(
         p7 = tl.zeros((BLOCK_K, BLOCK_N // 8), dtype=tl.float32)
         for step in tl.static_range(UNROLL):
             k0 = k_outer + step * BLOCK_K
-            x = _x_step(x_ptr, stride_xs, src * stride_xm, k0, KD, GU_SPLIT, BLOCK_K,
-                        False)[:, None]
+            x = _x_step(x_ptr, stride_xs, src * stride_xm, k0, KD, GU_SPLIT, BLOCK_K, False)
+            if NORM:   # rounded to x's dtype, as F.rms_norm's output is
+                nw = tl.load(norm_ptr + k0 + ks).to(tl.float32)
+                x = (x * rstd * nw).to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = x[:, None]
             lo = tl.load(qw + (k0 + ks)[:, None] * (WN // 8) + pcols[None, :],
                          mask=pc_ok[None, :], other=0)
             hi = lo >> 16

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from dropless.experts import Experts
 from dropless.model import Attention, RMSNorm, rope_tables
-from dropless.ops.device import has_triton
+from dropless.ops.device import decode_fusion, has_triton
 from dropless.ops import triton_linear
 from dropless.ops.awq import awq_linear
 from dropless.ops.triton_attention import decode_attention   # imports triton when first run
@@ -145,11 +145,14 @@ def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch
 
 def norm_qkv(norm: RMSNorm, x_nD: torch.Tensor, qkv) -> torch.Tensor:
     """The attention norm and the fused q|k|v projection [n, (H + 2G) Dh]: one GEMV launch for
-    a bias-free plain stack at decode-sized n (`fused_linear`), else rms_norm then the product
-    (F.linear, or awq_linear for an int4 stack)."""
+    a bias-free plain stack at decode-sized n (`fused_linear`), or for an int4 stack with
+    device.decode_fusion(), else rms_norm then the product (F.linear, or awq_linear)."""
     weight, bias = qkv
     if isinstance(weight, tuple):   # int4: (qweight, qzeros, scales) of the stack
-        y = awq_linear(rms_norm(norm, x_nD), *weight)
+        if decode_fusion() and norm.weight.dtype == x_nD.dtype:   # the norm in the GEMV
+            y = awq_linear(x_nD, *weight, norm=(norm.weight, norm.eps))
+        else:
+            y = awq_linear(rms_norm(norm, x_nD), *weight)
         return y if bias is None else y + bias.to(y.dtype)
     if bias is None and fused_linear(x_nD) and weight.dtype == x_nD.dtype:
         return triton_linear.linear_rows(x_nD, weight, norm.weight, norm.eps, None)
