@@ -19,7 +19,7 @@ from tests.conftest import rel_err
 S = 16   # cache length
 
 
-def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE, fused=False):
+def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE, fused=False, prefetch=None):
     """Kernel vs torch ops for b rows at different positions. norm: None (no qk-norm) or the norm
     weights' dtype, "x" for the activations' (decode.rms_norm runs F.rms_norm, else the module).
     fused: q, k, v as views of one [b, (H + 2G) Dh] product, as the engine's fused projection
@@ -47,7 +47,7 @@ def check_prologue(b, H, G, Dh, dtype, norm, device=DEVICE, fused=False):
     v_cache_ref.view(-1, Dh).index_copy_(0, step.write_idx, v.reshape(-1, Dh))
     # the kernel
     q_out = norm_rope_cache(q, k, v, *weights, 1e-6, step.cos_n1R, step.sin_n1R, k_cache, v_cache,
-                            step.write_idx)
+                            step.write_idx, prefetch)
     written = torch.zeros(b * G * S, dtype=torch.bool, device=device)
     written[step.write_idx] = True
     k_rows, k_rows_ref = k_cache.view(-1, Dh), k_cache_ref.view(-1, Dh)
@@ -80,3 +80,27 @@ def test_prologue_on_cuda_at_qwen3_shape(dtype, b, Dh):
     decode rows, and Dh 256."""
     check_prologue(b, 32, 4, Dh, dtype, "x", device="cuda")
     check_prologue(b, 32, 4, Dh, dtype, "x", device="cuda", fused=True)
+
+
+def test_prefetch_args():
+    """The L2 prefetch is a CUDA (sm_90+) hint: nothing elsewhere; on CUDA whole 16-byte units,
+    at most PREFETCH_MAX_BYTES."""
+    from dropless.ops import triton_rope
+    assert triton_rope.prefetch_args(None) == {}
+    assert triton_rope.prefetch_args(torch.zeros(100)) == {}
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        args = triton_rope.prefetch_args(torch.zeros(1001, device="cuda", dtype=torch.bfloat16))
+        assert args["pf_bytes"] == 2000 and args["PREFETCH"]
+        big = torch.empty(triton_rope.PREFETCH_MAX_BYTES + 64, dtype=torch.uint8, device="cuda")
+        assert triton_rope.prefetch_args(big)["pf_bytes"] == triton_rope.PREFETCH_MAX_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("numel", [1001, 3 << 20, 20 << 20])   # odd bytes; many chunks; past the cap
+def test_prologue_with_prefetch_on_cuda(numel):
+    """With an L2 prefetch of another tensor (a hint: the same results; bulk prefetches of
+    chunks up to the tensor's end, never past it)."""
+    weight = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+    check_prologue(1, 32, 4, 128, torch.bfloat16, "x", device="cuda", fused=True, prefetch=weight)
+    check_prologue(8, 32, 4, 128, torch.bfloat16, "x", device="cuda", prefetch=weight)
+    torch.cuda.synchronize()

@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from dropless.ops.device import pdl_launch
+from dropless.ops.device import cuda_capability_major, pdl_launch
 
 
 @functools.cache
@@ -31,13 +31,29 @@ def _rows(x_bHD: Tensor) -> Tensor:
     return x_bHD.contiguous()
 
 
+PREFETCH_MAX_BYTES = 24 << 20   # at most half an H100's (and H200's) 50 MB L2
+
+
+def prefetch_args(t: Tensor | None) -> dict:
+    """The kernel's L2 prefetch of tensor t (its first PREFETCH_MAX_BYTES, whole 16-byte units):
+    on CUDA at sm_90 and newer (bulk prefetch), else none."""
+    if t is None or not t.is_cuda or cuda_capability_major(t.device.index or 0) < 9:
+        return {}
+    nbytes = min(t.numel() * t.element_size(), PREFETCH_MAX_BYTES) // 16 * 16
+    assert t.is_contiguous() and t.data_ptr() % 16 == 0
+    return dict(pf_ptr=t, pf_bytes=nbytes, PREFETCH=nbytes > 0)
+
+
 @torch.library.custom_op("dropless::norm_rope_cache", mutates_args=("k_cache", "v_cache"))
 def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | None,
                     k_w: Tensor | None, eps: float, cos_b1D: Tensor, sin_b1D: Tensor,
-                    k_cache: Tensor, v_cache: Tensor, write_idx: Tensor) -> Tensor:
+                    k_cache: Tensor, v_cache: Tensor, write_idx: Tensor,
+                    prefetch: Tensor | None = None) -> Tensor:
     """q after RMSNorm (per head, when the weights q_w, k_w [Dh] are given) and RoPE (cos, and sin
     with the rotation's sign folded in, float32 as decode.Step holds them); k after the same and
-    v are written to the flat cache rows write_idx [b * G] of k_cache, v_cache [b, G, S, Dh]."""
+    v are written to the flat cache rows write_idx [b * G] of k_cache, v_cache [b, G, S, Dh].
+    `prefetch`: a contiguous tensor a later kernel reads (the output projection's weight), asked
+    into L2 on the way (prefetch_args)."""
     b, H, Dh = q_bHD.shape
     G = k_bGD.shape[1]
     assert Dh % 2 == 0 and k_bGD.dtype == q_bHD.dtype and k_cache.is_contiguous() \
@@ -54,10 +70,11 @@ def norm_rope_cache(q_bHD: Tensor, k_bGD: Tensor, v_bGD: Tensor, q_w: Tensor | N
         cos_b1D.contiguous(), sin_b1D.contiguous(), write_idx, q_out, k_cache, v_cache,
         H, G, Dh, q_bHD.stride(0), k_bGD.stride(0), eps, NORM=norm,
         BLOCK=1 << (Dh // 2 - 1).bit_length(), num_warps=1,
-        **pdl_launch(q_bHD.device))
+        **prefetch_args(prefetch), **pdl_launch(q_bHD.device))
     return q_out
 
 
 @norm_rope_cache.register_fake
-def _(q_bHD, k_bGD, v_bGD, q_w, k_w, eps, cos_b1D, sin_b1D, k_cache, v_cache, write_idx):
+def _(q_bHD, k_bGD, v_bGD, q_w, k_w, eps, cos_b1D, sin_b1D, k_cache, v_cache, write_idx,
+      prefetch=None):
     return q_bHD.new_empty(q_bHD.shape)

@@ -17,7 +17,7 @@ activation dtype (as F.rms_norm returns it); the rotation in float32, rounded at
 import triton
 import triton.language as tl
 
-from dropless.ops.triton_pdl import pdl_start
+from dropless.ops.triton_pdl import pdl_start, prefetch_l2
 
 
 @triton.jit
@@ -29,11 +29,17 @@ def norm_rope_cache_kernel(
     H, G, Dh, stride_q, stride_kv, eps,
     # meta
     NORM: tl.constexpr, BLOCK: tl.constexpr,
+    # PREFETCH: the programs share an L2 prefetch of pf_bytes from pf_ptr (a later kernel's
+    # weights; before the wait: they do not depend on the kernel before)
+    pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 65536,
     PDL: tl.constexpr = False,
 ):
-    pdl_start(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
+    if PREFETCH:
+        prefetch_l2(pf_ptr, pf_bytes, row * tl.num_programs(1) + head,
+                    tl.num_programs(0) * tl.num_programs(1), PF_CHUNK)
+    pdl_start(PDL)
     half = Dh // 2
     offs = tl.arange(0, BLOCK)
     ok = offs < half

@@ -201,6 +201,19 @@ def restack_qkv(model, qkvs: list) -> None:
                 old.copy_(new)
 
 
+def o_proj_bytes(o_proj: nn.Module) -> torch.Tensor | None:
+    """What the attention prologue asks into L2 with device.decode_fusion(): the output
+    projection's weight (plain), or its packed int4 weight, read after attention, while memory
+    would idle (attention reads only the cache); else None."""
+    if not decode_fusion():
+        return None
+    if type(o_proj) is nn.Linear and o_proj.weight.is_contiguous():
+        return o_proj.weight.detach()
+    if isinstance(o_proj, QuantizedLinear):
+        return o_proj.weight.packed[0]
+    return None
+
+
 def gqa(attn: Attention, norm: RMSNorm, residual_nD, cache, step: Step,
         qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """residual + attention(norm(residual)); `qkv`: fuse_qkv(attn), the three projections as
@@ -222,7 +235,7 @@ def gqa(attn: Attention, norm: RMSNorm, residual_nD, cache, step: Step,
     if fused_prologue(q):   # the norms, RoPE and both cache writes in one kernel
         q_w, k_w = (attn.q_norm.weight, attn.k_norm.weight) if head_norm else (None, None)
         q = norm_rope_cache(q, k, v, q_w, k_w, cfg.norm_eps, step.cos_n1R, step.sin_n1R,
-                            k_cache, v_cache, step.write_idx)
+                            k_cache, v_cache, step.write_idx, o_proj_bytes(attn.o_proj))
     else:
         if head_norm:
             q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
