@@ -20,12 +20,16 @@
    model after: tokens/s and their ratio. (On a CPU the "bf16" model is fp32.) On a GPU the bf16
    model also decodes without the projection GEMV kernel and the norm folded into the router
    (dropless/ops/triton_linear.py, norm_route_topk): what those two are worth, same run.
+   `--ab SWITCH` (an on/off environment switch, e.g. DROPLESS_DECODE_FUSION) also decodes each
+   model with SWITCH=0 and SWITCH=1, alternating, `--reps` times each: medians side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +65,27 @@ def decode_tokens_per_s(model, device: str, prompt: int = 32, new: int = 128) ->
                              device)
 
 
+def decode_ab(model, device: str, switch: str, reps: int) -> dict:
+    """{"0": tokens/s, "1": tokens/s}: decode_tokens_per_s with the environment switch off and on,
+    alternating (each engine captures its graphs with the setting of its time), median of reps;
+    the switch is restored after."""
+    before = os.environ.get(switch)
+    runs: dict = {"0": [], "1": []}
+    try:
+        for _ in range(reps):
+            for value in runs:
+                os.environ[switch] = value
+                runs[value].append(decode_tokens_per_s(model, device))
+    finally:
+        if before is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = before
+    print(f"{switch}: " + ", ".join(f"{v} {[round(x, 1) for x in r]}" for v, r in runs.items()),
+          flush=True)
+    return {value: statistics.median(r) for value, r in runs.items()}
+
+
 def without_projection_kernels(model, device: str) -> float:
     """decode_tokens_per_s with the dense projections as rms_norm + F.linear and addmm (no
     linear_rows GEMV) and the MoE norm as its own kernel before the router kernels."""
@@ -78,11 +103,14 @@ def without_projection_kernels(model, device: str) -> float:
         decode.fused_linear, moe_decode.norm_route = gates
 
 
-def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False) -> dict:
+def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False,
+        ab: str | None = None, reps: int = 3) -> dict:
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = build(preset, device, dtype)
     res = {"preset": preset, "calib": [samples, seq_len] if not rtn else "none (round to nearest)",
            "decode_bf16_tokens_per_s": decode_tokens_per_s(model, device)}
+    if ab:
+        res["ab"] = {"switch": ab, "bf16": decode_ab(model, device, ab, reps)}
     if device != "cpu":
         res["decode_bf16_no_projection_kernels"] = without_projection_kernels(model, device)
         print(f"bf16 decode: {res['decode_bf16_tokens_per_s']:.1f} tokens/s; without the "
@@ -99,6 +127,8 @@ def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False)
     res["quantize_s"] = time.perf_counter() - start
     res["decode_int4_tokens_per_s"] = decode_tokens_per_s(model, device)
     res["decode_ratio"] = res["decode_int4_tokens_per_s"] / res["decode_bf16_tokens_per_s"]
+    if ab:
+        res["ab"]["int4"] = decode_ab(model, device, ab, reps)
     return res
 
 
@@ -113,6 +143,9 @@ def main() -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--rtn", action="store_true", help="--big: round to nearest instead of AWQ "
                     "(seconds, not minutes; decode speed does not depend on the values)")
+    ap.add_argument("--ab", metavar="SWITCH", help="--big: also decode with the environment switch "
+                    "SWITCH=0 and =1 (e.g. DROPLESS_DECODE_FUSION), alternating, --reps each")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", help="where runs are written (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -133,7 +166,7 @@ def main() -> int:
     if args.big:
         get_preset(args.big)   # a clear error before anything is built
         res["big"] = big(args.big, args.device, args.calib_samples, args.calib_seq_len,
-                         args.rtn)
+                         args.rtn, args.ab, args.reps)
     print("| measurement | bf16 | int4 | int4 / bf16 |")
     print("|---|---|---|---|")
     if "quality" in res:
@@ -150,6 +183,12 @@ def main() -> int:
         print(f"| {b['preset']}: quantize seconds ({calib}) | | {b['quantize_s']:.1f} | |")
         print(f"| {b['preset']}: decode tokens/s, batch 1 | {b['decode_bf16_tokens_per_s']:.1f} | "
               f"{b['decode_int4_tokens_per_s']:.1f} | {b['decode_ratio']:.2f} |")
+        if "ab" in b:
+            ab = b["ab"]
+            for v in ("0", "1"):
+                print(f"| {b['preset']}: decode tokens/s, batch 1, {ab['switch']}={v} (median of "
+                      f"{args.reps}) | {ab['bf16'][v]:.1f} | {ab['int4'][v]:.1f} | "
+                      f"{ab['int4'][v] / ab['bf16'][v]:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

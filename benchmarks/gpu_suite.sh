@@ -24,6 +24,10 @@
 #   awqmodel benchmarks/awq_model.py: int4 perplexity of a GPU-trained small run; quantization
 #            time and batch-1 decode (bf16 vs int4) at the Qwen3-30B-A3B shape
 #   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
+#   fusiontests  the serving and kernel tests (gpu-marked and not) with DROPLESS_DECODE_FUSION=1
+#   fusion   DROPLESS_DECODE_FUSION off against on: decode kernels per layer at the Qwen3-30B-A3B
+#            shape (bf16, int4) both ways; the 30B's batch-1 decode, bf16 and int4, alternating,
+#            median of 3 (awq_model.py --ab); medium at batch 1 and 32 both ways
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
@@ -104,6 +108,22 @@ for s in "$@"; do
            --site-packages-mb 300 ${MOE_VS_DENSE_ARGS:---preset tiny --tokenizer bytes --batch-size 512 \
            --seq-len 256 --steps 1600 --lr 3e-3 --eval-batches 8 --compile} --json "$O/moe_vs_dense.json" \
            --plot "$O/moe_vs_dense.png" ;;
+    fusiontests) DROPLESS_DECODE_FUSION=1 stage "$L" 300 python3 -m pytest -q -n 12 \
+                   tests/test_serve_decode.py tests/test_serve_engine.py tests/test_ops_triton_rope.py \
+                   tests/test_ops_triton_gemv.py tests/test_ops_triton_attention.py \
+                   tests/test_ops_triton_router.py tests/test_ops_awq.py -p no:cacheprovider -rf ;;
+    fusion) for f in 0 1; do
+              DROPLESS_DECODE_FUSION=$f stage "$L" 60 python3 benchmarks/decode_kernels.py \
+                --preset qwen3-30b-a3b --batches 1
+              DROPLESS_DECODE_FUSION=$f stage "$L" 60 python3 benchmarks/decode_kernels.py \
+                --preset qwen3-30b-a3b --batches 1 --int4
+            done
+            stage "$L" 300 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --rtn \
+              --ab DROPLESS_DECODE_FUSION --reps 3 --json "$O/fusion_30b.json"
+            for f in 0 1; do
+              DROPLESS_DECODE_FUSION=$f stage "$L" 90 python3 benchmarks/decode.py --preset medium \
+                --batches 1 32 --no-hf --no-server --json "$O/fusion_medium_$f.json"
+            done ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done
