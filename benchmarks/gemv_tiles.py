@@ -5,7 +5,9 @@ own draw of experts (more expert bytes than L2 holds: every call reads from memo
 step's layers do), timed by triton's do_bench (median), / CALLS. A graph of ONE call times the
 host's launch latency with it (round 16: every kernel then read ~1.1 TB/s; round 12's sweep was
 timed that way). Also the bandwidth of the expert bytes read, the error against the current
-tiles' output, and each kind's best.
+tiles' output, and each kind's best. A "floor" row reads the same number of expert bytes (plain)
+with torch's sum over contiguous experts, two launches as the GEMVs take, the same way: what one
+well-tuned streaming read of that size reaches on this GPU, launch ramp and tail included.
 
     python benchmarks/gemv_tiles.py                       # H200: minutes (each tile compiles)
     python benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 4 --kinds int4
@@ -106,6 +108,14 @@ def main():
             w = torch.rand(T, K, device=device).softmax(-1)
             used = sum(d.unique().numel() for d in draws) / len(draws)
             best = {}
+            if "plain" in args.kinds:   # the streaming-read floor of the same bytes
+                n = max(1, round(used))
+                reads = [lambda i=i: (gate_up[i * n % (E - n + 1):][:n].sum(dtype=torch.float32),
+                                      down[i * n % (E - n + 1):][:n].sum(dtype=torch.float32))
+                         for i in range(len(draws))]
+                us = bench(repeated(reads, device, len(reads)), device) * 1e3 / len(reads)
+                print(f"{name:8}{T:>3} {'floor':6}{'torch.sum of the same bytes':>49}{us:9.1f}"
+                      f"{n * nbytes['plain'] / us / 1e3:8.0f}", flush=True)
             for kind in args.kinds:
                 gu, dn = weights[kind]
                 gemv.TILES.update(current)
