@@ -27,9 +27,9 @@
 #   fusiontests  the serving and kernel tests (gpu-marked and not) with DROPLESS_DECODE_FUSION=1
 #   fusion   the experts' GEMVs at the Qwen3-30B-A3B shape against a streaming read of the same
 #            bytes (gemv_tiles.py's floor row); DROPLESS_DECODE_FUSION off against on: decode
-#            kernels per layer at the Qwen3-30B-A3B
-#            shape (bf16, int4) both ways; the 30B's batch-1 decode, bf16 and int4, alternating,
-#            median of 3 (awq_model.py --ab); medium at batch 1 and 32 both ways
+#            kernels per layer at the Qwen3-30B-A3B shape (bf16, int4) both ways; the 30B's
+#            batch-1 decode, bf16 and int4, alternating, median of 3 (awq_model.py --ab);
+#            medium at batch 1 and 32 both ways
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
