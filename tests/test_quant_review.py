@@ -41,6 +41,27 @@ def test_run_whose_quant_does_not_fit_its_model(tmp_path, capsys, argv):
     assert "state.json: quant: " in err and "input features 48 are not a multiple of" in err
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("group_size", 32.0, "group_size=32.0 is invalid: allowed: (32, 64, 128)"),
+    ("bits", 4.0, "bits=4.0 is invalid"),
+    ("attention", "false", "attention='false' is invalid: must be true or false"),
+    ("experts", 1, "experts=1 is invalid: must be true or false"),
+])
+def test_run_whose_quant_has_values_of_the_wrong_type(tmp_path, capsys, field, value, match):
+    """state.json's quant read as JSON: group_size 32.0 passed `in (32, 64, 128)` and was a
+    TypeError traceback where the packed buffers were built; attention "false" read as true.
+    One line naming the field."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, hidden_dim=64))
+    run = tmp_path / "run"
+    quant = {"bits": 4, "group_size": 32, "attention": True, "experts": True, field: value}
+    save(run, 0, Transformer(cfg), state={
+        "model_config": config_to_dict(cfg), "tokenizer": ByteTokenizer().to_json(),
+        "quant": quant})
+    assert main(["generate", str(run), "--max-new-tokens", "2"]) == 1
+    err = error_line(capsys)
+    assert "state.json: quant: " in err and match in err
+
+
 def test_quantize_hf_dir_whose_config_is_not_an_object(tmp_path, capsys):
     """config.json holding a JSON list: one line naming it, as eval and convert say, not an
     AttributeError traceback from looking up quantization_config in it."""
