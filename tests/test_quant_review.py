@@ -260,6 +260,35 @@ def test_awq_scales_fp16_cannot_hold_refused(awq_dir, tmp_path, capsys, dtype, v
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_awq_packed_scales_held_in_fp16_as_their_run_holds_them(awq_dir, tmp_path, dtype):
+    """from_hf kept an F32 or BF16 file's packed scales in that dtype, while `convert --from-hf`
+    saves them into the fp16 buffers of a run: `generate HF_DIR` and `generate RUN` of the same
+    file computed different logits. Both hold the fp16 scales now."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dropless import from_hf
+    from dropless.quant.modules import Int4Weight
+
+    shutil.copytree(awq_dir, tmp_path / "awq")
+    state = load_file(tmp_path / "awq" / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)   # scales fp16 rounds (an F32 export's may be)
+    state.update({k: (t.float() * (1 + 1e-3 * torch.rand(t.shape, generator=gen))).to(
+        getattr(torch, dtype)) for k, t in state.items() if k.endswith("scales")})
+    save_file(state, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    model = from_hf(tmp_path / "awq").eval()
+    assert {m.scales.dtype for m in model.modules() if isinstance(m, Int4Weight)} == \
+        {torch.float16}
+    assert main(["convert", "--from-hf", str(tmp_path / "awq"), str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run")[0]
+    x = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], run(x)[0])
+
+
 def test_awq_nan_scale_of_a_dequantized_linear_refused(awq_dir, tmp_path):
     """Attention quantized only in part is dequantized into float modules: a NaN scale there
     made its group's float weights NaN without a word."""

@@ -129,6 +129,9 @@ class AwqFile:
         """The three packed tensors into the quantized module's buffers, unchanged."""
         packed = self._read(row.hf_key)
         self._check_scales(row.hf_key, packed[2], packed=True)
+        # Int4Weight's scales are fp16 (a run directory loads them into fp16): an F32 or BF16
+        # file's kept as they are made from_hf's model compute other logits than its converted run
+        packed[2] = packed[2].to(torch.float16)
         if row.kind not in EXPERT_KINDS:
             for part, t in zip(PARTS, packed):
                 state[f"{row.key}.{part}"] = t
