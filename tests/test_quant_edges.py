@@ -311,6 +311,8 @@ BAD_TENSORS = {   # edit of the file's tensors -> what the error names
     "qweight of another layout": (lambda s: s.update({f"{W1}.qweight": s[f"{W1}.qweight"].reshape(
         32, 8)}), "qweight [32, 8]"),
     "qzeros missing": (lambda s: s.pop(f"{W1}.qzeros"), f"AWQ tensors missing: {W1}.qzeros"),
+    "a float weight beside the packed one": (lambda s: s.update({f"{W1}.weight": torch.zeros(
+        32, 64)}), f"{W1} is stored twice, as {W1}.weight and as AWQ qweight/qzeros/scales"),
     "a stray scales": (lambda s: s.update({"model.layers.0.block_sparse_moe.gate.scales":
                                            torch.ones(2, 4, dtype=torch.float16)}),
                        "1 unexpected: model.layers.0.block_sparse_moe.gate.scales"),

@@ -68,6 +68,9 @@ class AwqFile:
             if missing:
                 raise ValueError(f"AWQ tensors missing: {', '.join(missing)}")
             (fq, qs, dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            if f"{p}.weight" in where:   # the packed tensors replace it below: which one is meant?
+                raise ValueError(f"{where[f'{p}.weight'][0]}: {p} is stored twice, as {p}.weight "
+                                 "and as AWQ qweight/qzeros/scales")
             I, P = qs if len(qs) == 2 else (0, 0)   # a qweight of another rank fits no group
             if zs != (I // group, P) or ss != (I // group, P * PACK) or I % group:
                 raise ValueError(f"{p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
