@@ -321,9 +321,12 @@ BAD_TENSORS = {   # edit of the file's tensors -> what the error names
 
 @pytest.mark.parametrize("case", BAD_TENSORS)
 def test_malformed_awq_tensors_named(awq_mixtral, tmp_path, case):
+    """Each error names the tensor and the file holding it (the shape and missing-part errors
+    named no file, the dtype error only its base name)."""
     edit, match = BAD_TENSORS[case]
-    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")) as err:
         from_hf(edited(awq_mixtral[1], tmp_path / "awq", tensors=edit))
+    assert str(err.value).startswith(str(tmp_path / "awq"))
 
 
 def test_modules_to_not_convert(awq_mixtral, tmp_path):
