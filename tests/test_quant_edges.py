@@ -311,6 +311,8 @@ BAD_TENSORS = {   # edit of the file's tensors -> what the error names
     "qweight of another layout": (lambda s: s.update({f"{W1}.qweight": s[f"{W1}.qweight"].reshape(
         32, 8)}), "qweight [32, 8]"),
     "qzeros missing": (lambda s: s.pop(f"{W1}.qzeros"), f"AWQ tensors missing: {W1}.qzeros"),
+    "a float weight beside the packed one": (lambda s: s.update({f"{W1}.weight": torch.zeros(
+        32, 64)}), f"{W1} is stored twice, as {W1}.weight and as AWQ qweight/qzeros/scales"),
     "a stray scales": (lambda s: s.update({"model.layers.0.block_sparse_moe.gate.scales":
                                            torch.ones(2, 4, dtype=torch.float16)}),
                        "1 unexpected: model.layers.0.block_sparse_moe.gate.scales"),
@@ -319,9 +321,12 @@ BAD_TENSORS = {   # edit of the file's tensors -> what the error names
 
 @pytest.mark.parametrize("case", BAD_TENSORS)
 def test_malformed_awq_tensors_named(awq_mixtral, tmp_path, case):
+    """Each error names the tensor and the file holding it (the shape and missing-part errors
+    named no file, the dtype error only its base name)."""
     edit, match = BAD_TENSORS[case]
-    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")) as err:
         from_hf(edited(awq_mixtral[1], tmp_path / "awq", tensors=edit))
+    assert str(err.value).startswith(str(tmp_path / "awq"))
 
 
 def test_modules_to_not_convert(awq_mixtral, tmp_path):

@@ -41,6 +41,27 @@ def test_run_whose_quant_does_not_fit_its_model(tmp_path, capsys, argv):
     assert "state.json: quant: " in err and "input features 48 are not a multiple of" in err
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("group_size", 32.0, "group_size=32.0 is invalid: allowed: (32, 64, 128)"),
+    ("bits", 4.0, "bits=4.0 is invalid"),
+    ("attention", "false", "attention='false' is invalid: must be true or false"),
+    ("experts", 1, "experts=1 is invalid: must be true or false"),
+])
+def test_run_whose_quant_has_values_of_the_wrong_type(tmp_path, capsys, field, value, match):
+    """state.json's quant read as JSON: group_size 32.0 passed `in (32, 64, 128)` and was a
+    TypeError traceback where the packed buffers were built; attention "false" read as true.
+    One line naming the field."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, hidden_dim=64))
+    run = tmp_path / "run"
+    quant = {"bits": 4, "group_size": 32, "attention": True, "experts": True, field: value}
+    save(run, 0, Transformer(cfg), state={
+        "model_config": config_to_dict(cfg), "tokenizer": ByteTokenizer().to_json(),
+        "quant": quant})
+    assert main(["generate", str(run), "--max-new-tokens", "2"]) == 1
+    err = error_line(capsys)
+    assert "state.json: quant: " in err and match in err
+
+
 def test_quantize_hf_dir_whose_config_is_not_an_object(tmp_path, capsys):
     """config.json holding a JSON list: one line naming it, as eval and convert say, not an
     AttributeError traceback from looking up quantization_config in it."""
@@ -237,6 +258,35 @@ def test_awq_scales_fp16_cannot_hold_refused(awq_dir, tmp_path, capsys, dtype, v
     assert main(["convert", "--from-hf", str(tmp_path / "awq"), str(tmp_path / "bad")]) == 1
     assert name in error_line(capsys)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_awq_packed_scales_held_in_fp16_as_their_run_holds_them(awq_dir, tmp_path, dtype):
+    """from_hf kept an F32 or BF16 file's packed scales in that dtype, while `convert --from-hf`
+    saves them into the fp16 buffers of a run: `generate HF_DIR` and `generate RUN` of the same
+    file computed different logits. Both hold the fp16 scales now."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dropless import from_hf
+    from dropless.quant.modules import Int4Weight
+
+    shutil.copytree(awq_dir, tmp_path / "awq")
+    state = load_file(tmp_path / "awq" / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)   # scales fp16 rounds (an F32 export's may be)
+    state.update({k: (t.float() * (1 + 1e-3 * torch.rand(t.shape, generator=gen))).to(
+        getattr(torch, dtype)) for k, t in state.items() if k.endswith("scales")})
+    save_file(state, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    model = from_hf(tmp_path / "awq").eval()
+    assert {m.scales.dtype for m in model.modules() if isinstance(m, Int4Weight)} == \
+        {torch.float16}
+    assert main(["convert", "--from-hf", str(tmp_path / "awq"), str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run")[0]
+    x = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], run(x)[0])
 
 
 def test_awq_nan_scale_of_a_dequantized_linear_refused(awq_dir, tmp_path):

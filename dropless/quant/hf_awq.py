@@ -66,14 +66,18 @@ class AwqFile:
         for p in prefixes:
             missing = [f"{p}.{part}" for part in PARTS if f"{p}.{part}" not in where]
             if missing:
-                raise ValueError(f"AWQ tensors missing: {', '.join(missing)}")
+                raise ValueError(f"{where[f'{p}.qweight'][0]}: AWQ tensors missing: "
+                                 f"{', '.join(missing)}")
             (fq, qs, dq), (_, zs, dz), (_, ss, ds) = (where[f"{p}.{part}"] for part in PARTS)
+            if f"{p}.weight" in where:   # the packed tensors replace it below: which one is meant?
+                raise ValueError(f"{where[f'{p}.weight'][0]}: {p} is stored twice, as {p}.weight "
+                                 "and as AWQ qweight/qzeros/scales")
             I, P = qs if len(qs) == 2 else (0, 0)   # a qweight of another rank fits no group
             if zs != (I // group, P) or ss != (I // group, P * PACK) or I % group:
-                raise ValueError(f"{p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
+                raise ValueError(f"{fq}: {p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
                                  f"{list(ss)} do not fit group_size={group}")
             if (dq, dz) != ("I32", "I32") or ds not in ("F16", "BF16", "F32"):
-                raise ValueError(f"{fq.name}: {p} AWQ dtypes qweight {dq}, qzeros {dz}, scales "
+                raise ValueError(f"{fq}: {p} AWQ dtypes qweight {dq}, qzeros {dz}, scales "
                                  f"{ds} (allowed: I32, I32, F16/BF16/F32)")
             for part in PARTS:
                 self.files[f"{p}.{part}"] = where[f"{p}.{part}"][0]
@@ -129,6 +133,9 @@ class AwqFile:
         """The three packed tensors into the quantized module's buffers, unchanged."""
         packed = self._read(row.hf_key)
         self._check_scales(row.hf_key, packed[2], packed=True)
+        # Int4Weight's scales are fp16 (a run directory loads them into fp16): an F32 or BF16
+        # file's kept as they are made from_hf's model compute other logits than its converted run
+        packed[2] = packed[2].to(torch.float16)
         if row.kind not in EXPERT_KINDS:
             for part, t in zip(PARTS, packed):
                 state[f"{row.key}.{part}"] = t

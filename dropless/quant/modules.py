@@ -29,10 +29,15 @@ class QuantConfig:
     experts: bool = True       # the routed experts are QuantizedExperts
 
     def __post_init__(self):
-        if self.bits != 4:
-            raise ValueError(f"bits={self.bits} is invalid: only 4-bit weights are implemented")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size={self.group_size} is invalid: allowed: {GROUP_SIZES}")
+        # a run's state.json comes from strangers: 32.0 is `in GROUP_SIZES` but no buffer shape
+        # (a TypeError traceback at load), and "false" would read as true
+        if type(self.bits) is not int or self.bits != 4:
+            raise ValueError(f"bits={self.bits!r} is invalid: only 4-bit weights are implemented")
+        if type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size!r} is invalid: allowed: {GROUP_SIZES}")
+        for name, value in (("attention", self.attention), ("experts", self.experts)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: must be true or false")
 
 
 class Int4Weight(nn.Module):
