@@ -74,8 +74,8 @@ class AwqFile:
                                  "and as AWQ qweight/qzeros/scales")
             I, P = qs if len(qs) == 2 else (0, 0)   # a qweight of another rank fits no group
             if zs != (I // group, P) or ss != (I // group, P * PACK) or I % group:
-                raise ValueError(f"{fq}: {p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, scales "
-                                 f"{list(ss)} do not fit group_size={group}")
+                raise ValueError(f"{fq}: {p}: AWQ shapes qweight {list(qs)}, qzeros {list(zs)}, "
+                                 f"scales {list(ss)} do not fit group_size={group}")
             if (dq, dz) != ("I32", "I32") or ds not in ("F16", "BF16", "F32"):
                 raise ValueError(f"{fq}: {p} AWQ dtypes qweight {dq}, qzeros {dz}, scales "
                                  f"{ds} (allowed: I32, I32, F16/BF16/F32)")
