@@ -270,6 +270,18 @@ def test_a_chat_template_bos_is_not_doubled_by_the_tokenizer(tmp_path):
     assert prompts == [[bos, *b"<user>hi<assistant>"], [bos, *b"hi"]]
 
 
+def test_chat_templates_may_use_loop_controls():
+    """Hugging Face renders chat templates with jinja2's loopcontrols; Qwen3.5's breaks out of its
+    reversed scan for the last user query. Without them the template did not compile: every chat
+    request to such a model was a 400."""
+    template = ("{% for m in messages[::-1] %}{% if m.role == 'user' %}{{ m.content }}{% break %}"
+                "{% endif %}{% endfor %}|{% for m in messages %}{% if m.role == 'system' %}"
+                "{% continue %}{% endif %}{{ m.role }};{% endfor %}")
+    messages = [{"role": r, "content": c} for r, c in
+                [("system", "s"), ("user", "u1"), ("assistant", "a"), ("user", "u2")]]
+    assert render_chat(template, messages, {}) == "u2|user;assistant;user;"
+
+
 def test_text_stream_holds_back_stop_prefixes():
     stream = TextStream(ByteTokenizer(), ["abc"])
     pieces = [stream.push(t) for t in b"xxab"]

@@ -98,7 +98,10 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict) -> st
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # loopcontrols ({% break %}, {% continue %}): Hugging Face renders templates with them, and
+    # models' templates use them (Qwen3.5's); without them such a template does not compile
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                             **special_tokens)
