@@ -309,6 +309,7 @@ def test_bad_messages(live, messages):
     ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),   # was silently ignored
 ])
 def test_chat_parameters_not_implemented_are_400(live, fields, param):
     refused(live, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, **fields,
