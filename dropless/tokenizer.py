@@ -20,7 +20,7 @@ class ByteTokenizer:
     kind = "bytes"
     vocab_size = 256
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, special: bool = True) -> np.ndarray:   # bytes: no special tokens
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -87,8 +87,10 @@ class BPETokenizer:
         self._anchor_text = tok.decode(self._anchor)
         self._byte_fallback = getattr(tok.model, "byte_fallback", False)
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+    def encode(self, text: str, special: bool = True) -> np.ndarray:
+        """`special=False`: without the special tokens the tokenizer adds around a text (a
+        Llama-style BOS), for a text that spells its own (a rendered chat template)."""
+        return np.asarray(self.tok.encode(text, add_special_tokens=special).ids, dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts)]

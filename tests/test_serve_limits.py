@@ -38,8 +38,8 @@ def test_a_prompt_past_the_character_bound_is_refused_untokenized(live, monkeypa
     from dropless.serve.fields import max_prompt_chars
 
     limit, encode, seen = max_prompt_chars(CONTEXT), live.served.tokenizer.encode, []
-    monkeypatch.setattr(live.served.tokenizer, "encode", lambda text: seen.append(text) or
-                        encode(text))
+    monkeypatch.setattr(live.served.tokenizer, "encode", lambda text, *special: seen.append(text)
+                        or encode(text, *special))
     long = "x" * (limit + 1)
     body = {"prompt": long} if field == "prompt" else {
         "messages": [{"role": "user", "content": long}]}
@@ -56,10 +56,10 @@ def test_tokenizing_does_not_hold_up_other_clients(live, monkeypatch):
     answers meanwhile, and the request completes."""
     encode, started = live.served.tokenizer.encode, threading.Event()
 
-    def slow(text):
+    def slow(text, *special):
         started.set()
         time.sleep(1.0)
-        return encode(text)
+        return encode(text, *special)
 
     monkeypatch.setattr(live.served.tokenizer, "encode", slow)
     with ThreadPoolExecutor(1) as pool:

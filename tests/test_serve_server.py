@@ -239,6 +239,49 @@ def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
         s.stop()
 
 
+def test_a_chat_template_bos_is_not_doubled_by_the_tokenizer(tmp_path):
+    """A Llama-style tokenizer adds BOS to what it encodes, and the model's chat template renders
+    its own "{{ bos_token }}": the chat prompt began with two (HF's apply_chat_template and vLLM
+    encode a rendered chat without the tokenizer's special tokens). A completion keeps its BOS."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
+
+    tok = HFTokenizer.from_str(ByteTokenizer().to_hf_json())
+    tok.add_special_tokens([AddedToken("<s>", special=True)])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    cfg = ModelConfig(vocab_size=264, dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      max_seq_len=CONTEXT, moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4,
+                                                         top_k=2))
+    model_dir = tmp_path / "bos-run"
+    save(model_dir, 0, Transformer(cfg), None, {"model_config": config_to_dict(cfg),
+                                                "tokenizer": tok.to_str()})
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                          "{% endfor %}<assistant>", "bos_token": "<s>"}))
+    s = InProcessServer(model_dir)
+    prompts, submit = [], s.engine.submit
+    s.engine.submit = lambda request: submit(prompts.append(request.prompt) or request)
+    try:
+        s.client.chat.completions.create(model="bos-run", max_tokens=1, messages=[
+            {"role": "user", "content": "hi"}])
+        s.client.completions.create(model="bos-run", prompt="hi", max_tokens=1)
+    finally:
+        s.stop()
+    assert prompts == [[bos, *b"<user>hi<assistant>"], [bos, *b"hi"]]
+
+
+def test_chat_templates_may_use_loop_controls():
+    """Hugging Face renders chat templates with jinja2's loopcontrols; Qwen3.5's breaks out of its
+    reversed scan for the last user query. Without them the template did not compile: every chat
+    request to such a model was a 400."""
+    template = ("{% for m in messages[::-1] %}{% if m.role == 'user' %}{{ m.content }}{% break %}"
+                "{% endif %}{% endfor %}|{% for m in messages %}{% if m.role == 'system' %}"
+                "{% continue %}{% endif %}{{ m.role }};{% endfor %}")
+    messages = [{"role": r, "content": c} for r, c in
+                [("system", "s"), ("user", "u1"), ("assistant", "a"), ("user", "u2")]]
+    assert render_chat(template, messages, {}) == "u2|user;assistant;user;"
+
+
 def test_text_stream_holds_back_stop_prefixes():
     stream = TextStream(ByteTokenizer(), ["abc"])
     pieces = [stream.push(t) for t in b"xxab"]

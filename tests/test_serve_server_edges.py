@@ -195,6 +195,24 @@ def test_long_stop_strings_cost_little_per_token():
     assert out + stream.finish() == "ababab, ba" * 20
 
 
+def test_runs_of_a_stop_strings_first_character_cost_little_per_token():
+    """The hold-back check tried each position of the stop string's first character within its
+    reach, each compared up to the text's end: a long run of that character (a model asked to
+    repeat one), broken once, made every later token cost O(run^2), here ~0.15 s a token on the
+    engine's thread. Two stop strings: one holds the run back while the other's tries fail."""
+    class Runs:   # token 0: 64 "a"s, token 1: a space
+        token_bytes = staticmethod(lambda token: b"a" * 64 if token == 0 else b" ")
+
+    run = "a" * 16_000
+    stream, out = TextStream(Runs(), [run + "b", run + " " + run + "b"] * 8), ""
+    tokens = [0] * (len(run) // 64) + [1] + [0] * 20
+    for token in tokens:
+        start = time.perf_counter()
+        out += stream.push(token)
+        assert time.perf_counter() - start < 0.02
+    assert out + stream.finish() == run + " " + "a" * 64 * 20
+
+
 # ---- parameters and bodies --------------------------------------------------------------------
 
 BODY = '{"model": "tiny-run", "prompt": "hi", "max_tokens": 4, %s}'   # the last key wins
@@ -291,6 +309,7 @@ def test_bad_messages(live, messages):
     ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),   # was silently ignored
 ])
 def test_chat_parameters_not_implemented_are_400(live, fields, param):
     refused(live, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, **fields,

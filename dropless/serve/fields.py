@@ -13,7 +13,8 @@ from dropless.serve.request import SamplingParams
 # for, or sampled without the penalties, would look like the model's doing)
 NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
                    "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
-                   "response_format": {"type": "text"}, "tools": []}
+                   "response_format": {"type": "text"}, "tools": [],
+                   "functions": []}   # tools' deprecated form, which older clients still send
 
 
 # A prompt of more characters than this per token of the context is refused untokenized: a token

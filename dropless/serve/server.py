@@ -22,7 +22,7 @@ from dropless.serve.fields import (APIError, chat_messages, check_implemented, c
                                    max_body_bytes, read_body, sampling_params, stop_strings,
                                    stream_flags)
 from dropless.serve.request import Request, SamplingParams
-from dropless.serve.text import ServedModel, TextStream, render_chat
+from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, render_chat
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
@@ -174,7 +174,10 @@ def create_app(served: ServedModel, engine: Engine):
             except UnicodeEncodeError as e:
                 raise APIError(400, f"{where} is invalid: {e.reason} "
                                f"({e.object[e.start:e.end]!r})", where) from None
-            prompt = (await asyncio.to_thread(served.tokenizer.encode, prompt)).tolist()
+            # a model's chat template renders its own BOS: the tokenizer's would double it (as
+            # HF's apply_chat_template, encode it without); the default template renders none
+            special = not chat or served.chat_template == DEFAULT_CHAT_TEMPLATE
+            prompt = (await asyncio.to_thread(served.tokenizer.encode, prompt, special)).tolist()
         if not prompt:
             raise APIError(400, "the prompt is empty", where)
         default_max = engine.max_len - len(prompt) if chat else 16

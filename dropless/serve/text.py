@@ -98,38 +98,57 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict) -> st
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # loopcontrols ({% break %}, {% continue %}): Hugging Face renders templates with them, and
+    # models' templates use them (Qwen3.5's); without them such a template does not compile
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                             **special_tokens)
 
 
+def _advance(stop: str, fails: list[int], k: int, char: str) -> int:
+    """A KMP matcher of `stop` that has matched its first k characters, given the next one: how
+    many it has matched now. fails[k]: where to fall back to when the next is not stop[k]."""
+    while k and stop[k] != char:
+        k = fails[k]
+    return k + 1 if stop[k] == char else 0
+
+
 class TextStream:
     """Token ids -> text deltas, cut at the first stop string. Text that might be the start of a
     stop string is held back until it is not, so streamed deltas concatenate to exactly the
-    non-streamed text. EOS tokens add no text."""
+    non-streamed text. EOS tokens add no text.
+
+    Each stop string has a KMP matcher fed the text as it comes (`matched[j]`: how many of stop
+    string j's first characters the text ends with, the most held back for it). Its fallback table
+    is built as far as the matcher gets, not up front (on the event loop), and skips the places
+    that would fail on the same character (Knuth's: O(log len) a character at worst). Trying each
+    place a stop string may start instead cost O(len^2) a token, on the engine's thread, after a
+    long run of its first character."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], eos_ids=()):
         self.tokenizer, self.stop, self.eos_ids = tokenizer, [s for s in stop if s], set(eos_ids)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.longest = max(map(len, self.stop), default=0)
-        self.text = ""       # the decoded text not yet sent, after the last sent characters a
-        self.sent = 0        # stop string could start in; `sent` of them were returned
+        self.text = ""   # decoded, not yet sent: what is held back, then the new text
+        self.matched = [0] * len(self.stop)
+        self.fails = [[0] for _ in self.stop]
+        self.borders = [0] * len(self.stop)   # the longest proper border of stop[:len(fails) - 1]
         self.stopped = False
 
     def push(self, token: int) -> str:
         """The new text this token makes safe to send; sets `stopped` on a stop string."""
+        new = len(self.text)
         if token not in self.eos_ids:
             self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
-        if not self.stop:
-            return self._take(len(self.text))
-        # text holds at most `longest` sent characters (_take drops the rest): search all of it
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        # the earliest start among the stop strings that complete in the new text
+        cut = min((i for i in (self._feed(j, new) for j in range(len(self.stop))) if i >= 0),
+                  default=-1)
         if cut >= 0:
             self.stopped = True
             self.text = self.text[:cut]
             return self._take(len(self.text))
-        return self._take(len(self.text) - max(map(self._held, self.stop)))
+        return self._take(len(self.text) - max(self.matched, default=0))
 
     def finish(self) -> str:
         """The held-back rest, once no more tokens come."""
@@ -137,19 +156,20 @@ class TextStream:
             self.text += self.decoder.decode(b"", final=True)
         return self._take(len(self.text))
 
-    def _held(self, stop: str) -> int:
-        """How many characters at the end of the text may start `stop` (the most, < len(stop)).
-        Only where its first character is: trying every length of it cost O(len(stop)^2) a
-        token, on the engine's thread (16 stop strings of 20k characters: 0.15 s a token)."""
-        text = self.text
-        i = text.find(stop[0], max(0, len(text) - len(stop) + 1))
-        while i >= 0 and not stop.startswith(text[i:]):
-            i = text.find(stop[0], i + 1)
-        return len(text) - i if i >= 0 else 0
+    def _feed(self, j: int, new: int) -> int:
+        """Stop string j's matcher over text[new:] -> where its first match starts, else -1."""
+        stop, fails, k = self.stop[j], self.fails[j], self.matched[j]
+        for i in range(new, len(self.text)):
+            k = _advance(stop, fails, k, self.text[i])
+            if k == len(stop):
+                return i + 1 - k
+            if k == len(fails):   # this far the first time: fails[k], from stop[:k]'s border
+                b = _advance(stop, fails, self.borders[j], stop[k - 1]) if k > 1 else 0
+                fails.append(fails[b] if stop[b] == stop[k] else b)
+                self.borders[j] = b
+        self.matched[j] = k
+        return -1
 
     def _take(self, end: int) -> str:
-        delta = self.text[self.sent:max(end, self.sent)]
-        self.sent += len(delta)
-        drop = max(0, self.sent - self.longest)   # sent text no stop string can reach any more
-        self.text, self.sent = self.text[drop:], self.sent - drop
+        delta, self.text = self.text[:end], self.text[end:]
         return delta
