@@ -27,9 +27,10 @@
 #   fusiontests  the serving and kernel tests (gpu-marked and not) with DROPLESS_DECODE_FUSION=1
 #   fusion   the experts' GEMVs at the Qwen3-30B-A3B shape against a streaming read of the same
 #            bytes (gemv_tiles.py's floor row); DROPLESS_DECODE_FUSION off against on: decode
-#            kernels per layer at the Qwen3-30B-A3B shape (bf16, int4) both ways; the 30B's
-#            batch-1 decode, bf16 and int4, alternating, median of 3 (awq_model.py --ab);
-#            medium at batch 1 and 32 both ways
+#            kernels per layer at the Qwen3-30B-A3B shape (bf16, int4) both ways; medium at
+#            batch 1 and 32 both ways (~5 minutes)
+#   fusion30 the 30B's batch-1 decode, bf16 and int4, DROPLESS_DECODE_FUSION off and on
+#            alternating, median of 3 (awq_model.py --ab; ~4 minutes)
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
@@ -122,12 +123,12 @@ for s in "$@"; do
               DROPLESS_DECODE_FUSION=$f stage "$L" 60 python3 benchmarks/decode_kernels.py \
                 --preset qwen3-30b-a3b --batches 1 --int4
             done
-            stage "$L" 300 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --rtn \
-              --ab DROPLESS_DECODE_FUSION --reps 3 --json "$O/fusion_30b.json"
             for f in 0 1; do
               DROPLESS_DECODE_FUSION=$f stage "$L" 90 python3 benchmarks/decode.py --preset medium \
                 --batches 1 32 --no-hf --no-server --json "$O/fusion_medium_$f.json"
             done ;;
+    fusion30) stage "$L" 420 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --rtn \
+                --ab DROPLESS_DECODE_FUSION --reps 3 --json "$O/fusion_30b.json" ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done
