@@ -113,9 +113,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def fresh_counters(monkeypatch) -> None:
+    """No arrival counters yet (dropless.ops.device.counters), for this test only: so that
+    counters_at_rest says whether THIS test used them."""
+    from dropless.ops import device
+    monkeypatch.setattr(device, "_counters", {})
+
+
 def counters_at_rest() -> bool:
-    """The decode kernels' arrival counters (dropless.ops.device.counters) were used and are all
-    back at zero: the last program to arrive rearms its own."""
+    """The decode kernels' arrival counters (dropless.ops.device.counters) were used (since
+    fresh_counters) and are all back at zero: the last program to arrive rearms its own."""
     from dropless.ops import device
     return bool(device._counters) and all(int(buf.count_nonzero()) == 0
                                           for kept in device._counters.values() for buf in kept)

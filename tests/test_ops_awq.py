@@ -63,13 +63,16 @@ def test_linear(M, I, O, group, dtype, residual):
     assert rel(out, ref if res is None else ref + res.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fused", ["0", "1"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,sms", [(1, None), (1, 64), (5, 64), (17, None)])
-def test_linear_with_the_norm_first(M, sms, dtype, monkeypatch):
+def test_linear_with_the_norm_first(M, sms, dtype, fused, monkeypatch):
     """F.rms_norm(x, w, eps) @ W with the norm in the int4 GEMV's launch (the decode step's
     attention norm + q|k|v, DROPLESS_DECODE_FUSION): rows normalised and rounded to x's dtype as
     F.rms_norm does, with split reductions (sms 64) and without; past the GEMV's rows (17) the
-    norm runs first as F.rms_norm. The torch reference path (awq_linear off the kernels) too."""
+    norm runs first as F.rms_norm. The torch reference path (awq_linear off the kernels) too.
+    fused: the split partials summed in the GEMV's last programs (DROPLESS_DECODE_FUSION)."""
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", fused)
     if sms:
         monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
     gen = torch.Generator().manual_seed(M)

@@ -18,7 +18,7 @@ from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 from dropless.config import ModelConfig, MoEConfig
 from dropless.ops.triton_attention import BLOCK_N, decode_attention, fused_combine, num_splits
 from dropless.serve.decode import make_step
-from tests.conftest import counters_at_rest, rel_err
+from tests.conftest import counters_at_rest, fresh_counters, rel_err
 
 
 def check_attention(b, G, group, Dh, length, dtype, S=None, splits=0, device=DEVICE,
@@ -62,6 +62,7 @@ def fused(request, monkeypatch):
     """Both ways of combining the splits: the combine kernel's own launch, and the split kernel's
     last program per (row, kv head) (DROPLESS_DECODE_FUSION=1)."""
     monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if request.param else "0")
+    fresh_counters(monkeypatch)
     return request.param
 
 
@@ -92,6 +93,7 @@ def test_fused_combine_only_for_few_splits(fused):
     combine launch spreads the work, and the result is the same either way (20 splits here)."""
     assert fused_combine(16, 8, 128) == fused and not fused_combine(17, 8, 128)
     assert fused_combine(64, 1, 64) == fused
+    assert not fused_combine(2, 64, 128)   # a group wider than a tile: the combine's launch
     check_attention(1, 1, 8, 128, 20 * BLOCK_N, torch.float32, splits=20)
 
 

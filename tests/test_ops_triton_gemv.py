@@ -10,7 +10,7 @@ from triton_env import DEVICE, DTYPES, TOL   # first: it sets up Triton
 from dropless import MoE, MoEConfig
 from dropless.ops import gemv
 from dropless.serve.moe_decode import moe_decode
-from tests.conftest import counters_at_rest, rel_err
+from tests.conftest import counters_at_rest, fresh_counters, rel_err
 
 
 
@@ -26,6 +26,7 @@ def test_gemv_path_matches_training_path(dtype, T, D, F, E, K, sms, fused, monke
     instead of a launch of their own."""
     from dropless.ops.device import DECODE_FUSION_ENV
     monkeypatch.setenv(DECODE_FUSION_ENV, "1" if fused else "0")
+    fresh_counters(monkeypatch)
     if sms:
         monkeypatch.setattr(gemv, "_num_sms", lambda device: sms)
     torch.manual_seed(0)
@@ -56,6 +57,7 @@ def test_fused_sum_matches_its_own_launch(monkeypatch):
     x, res = torch.randn(3, 256, device=DEVICE), torch.randn(3, 256, device=DEVICE)
     packed = [t.to(DEVICE) for t in quantize_packed(torch.randn(256, 192), 64)]
     monkeypatch.setattr(gemv, "_num_sms", lambda device: 64)   # split reductions
+    fresh_counters(monkeypatch)
 
     def run():
         with torch.no_grad():

@@ -17,7 +17,7 @@ from dropless.model import RMSNorm
 from dropless.ops.triton_router import norm_route_topk, route_topk
 from dropless.router import Router
 from dropless.serve import moe_decode
-from tests.conftest import counters_at_rest, rel_err
+from tests.conftest import counters_at_rest, fresh_counters, rel_err
 
 W_TOL = 1e-5   # the weights: float32 softmaxes of float32 logits summed in another order
 
@@ -181,9 +181,11 @@ def test_route_topk_on_cuda_at_qwen3_shape(T, dtype, monkeypatch):
 def test_fused_topk_equals_the_topk_launch(T, monkeypatch):
     """DROPLESS_DECODE_FUSION=1: the logits kernel's last program per token block (33 tokens: five
     blocks of 8, the last partial) takes the top-k that router_topk_kernel takes in a launch of its
-    own, from the same partials: the same ids and weights, bit for bit, with the norm folded in
-    and without; the arrival counters are left at zero."""
+    own, from the same partials: the same ids (the same sums of the partials) and weights (the
+    softmax's sum in the same order where both kernels have 4 warps, as on a GPU; allowed a
+    rounding), with the norm folded in and without; the arrival counters are left at zero."""
     monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
+    fresh_counters(monkeypatch)
     torch.manual_seed(T)
     x_TD = torch.randn(T, 1000, device=DEVICE)
     norm_w = torch.rand(1000, device=DEVICE) + 0.5
@@ -193,5 +195,6 @@ def test_fused_topk_equals_the_topk_launch(T, monkeypatch):
         monkeypatch.setenv("DROPLESS_DECODE_FUSION", fused)
         outs[fused] = (*route_topk(x_TD, router.weight, 8, True, 1.0),
                        *norm_route_topk(x_TD, norm_w, 1e-6, router.weight, 8, False, 2.5))
-    assert all(torch.equal(a, b) for a, b in zip(outs["0"], outs["1"]))
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b) if a.dtype != torch.float32 else rel_err(a, b) < 1e-6
     assert counters_at_rest()

@@ -15,7 +15,7 @@ from dropless import MoEConfig, Transformer
 from dropless.ops import triton_linear
 from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve import Engine, decode, moe_decode
-from tests.conftest import counters_at_rest, rel_err
+from tests.conftest import counters_at_rest, fresh_counters, rel_err
 from tests.test_mla import mla_config
 from tests.test_serve_engine import tiny_model
 
@@ -173,6 +173,7 @@ def test_decode_fusion_step_on_gpu(kind, monkeypatch):
     (bf16: within a rounding), over repeated steps that reuse the counters."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    fresh_counters(monkeypatch)
     model = _model(kind).to("cuda", torch.bfloat16)
     monkeypatch.setenv("DROPLESS_DECODE_FUSION", "0")
     monkeypatch.setenv("DROPLESS_PDL", "0")
@@ -183,6 +184,65 @@ def test_decode_fusion_step_on_gpu(kind, monkeypatch):
         fused = _step_logits(model, False, short=True)[1].float()
         assert rel_err(fused, plain) < 1e-2 and torch.equal(fused.argmax(-1), plain.argmax(-1))
     assert counters_at_rest()
+
+
+def _long_context_tokens(kind, device, fused, monkeypatch):
+    """Greedy tokens of one row after a 150-token prompt, and which launchers used arrival
+    counters: one row, so the experts decode by GEMV (2 T K < E), and a cache past 64 positions, so
+    split-KV attention splits (the batched step tests above run neither). On the CPU the kernels
+    run under the interpreter, gated on as on CUDA."""
+    from dropless.generate import generate
+    from dropless.ops import gemv, triton_attention, triton_router
+    model = tiny_model(dim=64, max_seq_len=320, qk_norm=True,
+                       moe=MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2))
+    if kind == "int4":
+        model = quantize_rtn(model, QuantConfig(group_size=32))
+    model = model.to(device)
+    if device == "cpu":
+        monkeypatch.setattr(decode, "fused_prologue", lambda q: True)
+        monkeypatch.setattr(decode, "fused_attention", lambda q: True)
+        monkeypatch.setattr(decode, "fused_linear", lambda x: 1 <= x.shape[0] <= 2)
+        monkeypatch.setattr(moe_decode, "fused_router", lambda x: True)
+        choose = moe_decode.choose_path
+        monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu",
+                            grouped=False: choose(T, K, E, "cuda", grouped))
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if fused else "0")
+    used = set()
+    for module in (gemv, triton_attention, triton_router):
+        def spy(dev, n, module=module, counters=module.counters):
+            used.add(module.__name__.rsplit(".", 1)[1])
+            return counters(dev, n)
+        monkeypatch.setattr(module, "counters", spy)
+    prompt = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    return model, prompt, generate(model, [prompt], 3, temperature=0)[0], used
+
+
+@pytest.mark.parametrize("kind", ["moe", "int4"])
+def test_every_fusion_in_a_long_context_step(kind, monkeypatch):
+    """DROPLESS_DECODE_FUSION=1 through the engine, every fused sum on the path (the experts' and
+    int4 linears' partials, the router's top-k, split-KV attention's combine), against the
+    model's own forward."""
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("the interpreter's run (CUDA: test_every_fusion_in_a_long_context_step_on_gpu)")
+    from dropless.generate import greedy_recompute
+    fresh_counters(monkeypatch)
+    model, prompt, tokens, used = _long_context_tokens(kind, "cpu", True, monkeypatch)
+    assert used == {"gemv", "triton_attention", "triton_router"} and counters_at_rest()
+    assert tokens == greedy_recompute(model, prompt, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["moe", "int4"])
+def test_every_fusion_in_a_long_context_step_on_gpu(kind, monkeypatch):
+    """The same on CUDA (fp32: the reductions' other tiles change only roundings): the tokens of
+    the separate launches, counters at rest."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fresh_counters(monkeypatch)
+    plain = _long_context_tokens(kind, "cuda", False, monkeypatch)[2]
+    _, _, tokens, used = _long_context_tokens(kind, "cuda", True, monkeypatch)
+    assert used == {"gemv", "triton_attention", "triton_router"} and counters_at_rest()
+    assert tokens == plain
 
 
 def test_pdl_switch(monkeypatch):

@@ -248,12 +248,15 @@ def awq_linear(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
     """(residual_MN +) norm(x_MI) @ dequant(W): the kernels where they run, the reference
     elsewhere. `norm` (weight in x's dtype, eps): F.rms_norm first, in the GEMV's launch where
     it can be."""
-    x_MI = _autocast(x_MI)
+    cast = _autocast(x_MI)
+    if norm is not None and (cast is not x_MI or not kernels_run(x_MI)):
+        # the norm's statistics from x as it is (F.rms_norm's), then autocast's cast
+        x_MI, norm = _autocast(F.rms_norm(x_MI, (x_MI.shape[-1],), *norm)), None
+    else:
+        x_MI = cast
     if kernels_run(x_MI):
         return _linear_op(x_MI, qweight, qzeros, scales, residual_MN,
                           *((None, 0.0) if norm is None else norm))
-    if norm is not None:
-        x_MI = F.rms_norm(x_MI, (x_MI.shape[-1],), *norm)
     y_MN = reference_linear(x_MI, qweight, qzeros, scales)
     return y_MN if residual_MN is None else (residual_MN + y_MN).to(y_MN.dtype)
 

@@ -98,5 +98,10 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     key = (device.type, device.index)
     kept = _counters.setdefault(key, [])
     if not kept or kept[-1].numel() < n:
+        # captured, the zero fill would run only when the graph replays: uses before that would
+        # read uninitialised counters (the engine runs each step eagerly before capturing it)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{n} arrival counters are first needed inside a CUDA graph "
+                               "capture: run the captured work once before capturing it")
         kept.append(torch.zeros(max(n, COUNTERS), dtype=torch.int32, device=device))
     return kept[-1][:n]

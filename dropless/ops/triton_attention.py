@@ -58,9 +58,11 @@ def combine_tiles(splits: int, group: int, Dh: int) -> tuple[int, int]:
 
 def fused_combine(splits: int, group: int, Dh: int) -> bool:
     """Whether the split kernel combines the splits itself (device.decode_fusion(), and at most
-    FUSED_COMBINE_TILES tiles of the group's partials for its last program)."""
-    return splits > 1 and decode_fusion() and (
-        splits <= FUSED_COMBINE_TILES * combine_tiles(splits, group, Dh)[1])
+    FUSED_COMBINE_TILES tiles of the group's partials for its last program, a group's heads
+    within one tile: wider groups cost the split kernel registers)."""
+    block_g, block_c = combine_tiles(splits, group, Dh)
+    return splits > 1 and decode_fusion() and block_g * Dh <= COMBINE_TILE and (
+        splits <= FUSED_COMBINE_TILES * block_c)
 
 
 @torch.library.custom_op("dropless::decode_attention", mutates_args=())

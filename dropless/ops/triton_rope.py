@@ -36,11 +36,12 @@ PREFETCH_MAX_BYTES = 24 << 20   # at most half an H100's (and H200's) 50 MB L2
 
 def prefetch_args(t: Tensor | None) -> dict:
     """The kernel's L2 prefetch of tensor t (its first PREFETCH_MAX_BYTES, whole 16-byte units):
-    on CUDA at sm_90 and newer (bulk prefetch), else none."""
-    if t is None or not t.is_cuda or cuda_capability_major(t.device.index or 0) < 9:
+    on CUDA at sm_90 and newer (bulk prefetch) for a contiguous, 16-byte aligned t, else none (a
+    hint: nothing else depends on it)."""
+    if t is None or not t.is_cuda or cuda_capability_major(t.device.index or 0) < 9 or \
+            not t.is_contiguous() or t.data_ptr() % 16:
         return {}
     nbytes = min(t.numel() * t.element_size(), PREFETCH_MAX_BYTES) // 16 * 16
-    assert t.is_contiguous() and t.data_ptr() % 16 == 0
     return dict(pf_ptr=t, pf_bytes=nbytes, PREFETCH=nbytes > 0)
 
 
