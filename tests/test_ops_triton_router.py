@@ -181,9 +181,9 @@ def test_route_topk_on_cuda_at_qwen3_shape(T, dtype, monkeypatch):
 def test_fused_topk_equals_the_topk_launch(T, monkeypatch):
     """DROPLESS_DECODE_FUSION=1: the logits kernel's last program per token block (33 tokens: five
     blocks of 8, the last partial) takes the top-k that router_topk_kernel takes in a launch of its
-    own, from the same partials: the same ids (the same sums of the partials) and weights (the
-    softmax's sum in the same order where both kernels have 4 warps, as on a GPU; allowed a
-    rounding), with the norm folded in and without; the arrival counters are left at zero."""
+    own, from the same partials: the same ids (the same sums of the partials) and weights within
+    a rounding (on a GPU the fused softmax sums over 4 warps, the top-k launch's over one), with
+    the norm folded in and without; the arrival counters are left at zero."""
     monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
     fresh_counters(monkeypatch)
     torch.manual_seed(T)

@@ -85,11 +85,13 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
         num_warps=4, **pdl_launch(x_TD.device))
     if fused:
         return weights_TK, ids_TK, h_TD
-    # 2. per token: the partials' sum, K rounds of argmax, the softmax; 4 warps as the logits
-    # kernel has, so that the softmax sums in the same order with the top-k fused or not
+    # 2. per token: the partials' sum, K rounds of argmax, the softmax (one warp: the rounds'
+    # maxima by shuffles alone; fused, the logits kernel's 4 warps sum the softmax in another
+    # order, the same ids and the weights within a rounding)
     kernels.router_topk_kernel[(T,)](
         part_PTE, weights_TK, ids_TK, T, E, top_k, P, route_scale,
-        NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=4, **pdl_launch(x_TD.device))
+        NORM_TOPK=norm_topk_prob, BLOCK_E=block, num_warps=1 if block <= 512 else 4,
+        **pdl_launch(x_TD.device))
     return weights_TK, ids_TK, h_TD
 
 
