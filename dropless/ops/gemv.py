@@ -35,6 +35,7 @@ WARPS = {"plain": 4, "int4": 4}   # warps per program (benchmarks/gemv_tiles.py 
 # The slot sum's tile: SUM_TILE fp32 values (32 registers a thread at 4 warps) of up to
 # SUM_MAX_ROWS partial rows by SUM_MAX_BLOCK columns
 SUM_TILE, SUM_MAX_ROWS, SUM_MAX_BLOCK = 4096, 32, 256
+NORM_BLOCK = 4096   # the most x values the int4 norm prologue's statistics load at once
 
 
 def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
@@ -93,7 +94,6 @@ def gemv_split(rows: int, n: int, kd: int, device, kind: str = "plain",
     return split
 
 
-
 def _kind(w) -> str:
     return "int4" if isinstance(w, tuple) else "plain"
 
@@ -101,9 +101,6 @@ def _kind(w) -> str:
 def _sum_block_j(rows: int, block: int) -> int:
     """Partial rows per tile of a slot sum over `block` columns (SUM_TILE values a tile)."""
     return max(1, min(pow2(rows), SUM_MAX_ROWS, SUM_TILE // block))
-
-
-NORM_BLOCK = 4096   # the largest x run the norm's statistics load at once
 
 
 def gemv(x, w, out, *, n, rows_per_token=1, expert=None, scale=None, swiglu=False, split_k=1,
