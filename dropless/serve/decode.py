@@ -21,7 +21,10 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
    norm + q|k|v projection and the output projection + residual as one GEMV launch each over the
    weights as stored (dropless/ops/triton_linear.py); int4 projections (dropless.quant) stacked
    q|k|v as one int4 product, and the residual added in the int4 kernels' last launch (the split
-   partials' sum), as the int4 experts add theirs.
+   partials' sum), as the int4 experts add theirs. With device.decode_fusion() (not yet the
+   default): those sums, the router's top-k and split-KV attention's combine in the kernels' own
+   last programs, the attention norm inside the int4 q|k|v GEMV, and o_proj's weight asked into
+   L2 by the attention prologue.
 Results agree with the model's forward to rounding (tests/test_serve_decode.py).
 """
 
