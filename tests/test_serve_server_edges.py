@@ -242,6 +242,22 @@ def test_bad_parameters_are_400_naming_them(live, fields, param):
     refused(live, "/v1/completions", (BODY % fields).encode(), param)
 
 
+def test_a_huge_bad_value_is_named_in_a_short_error(live):
+    """An error names the bad value cut to fields.SHOWN_CHARS characters: echoed whole, a
+    rejected body of a megabyte cost a megabyte of reply per bad request."""
+    from dropless.serve.fields import SHOWN_CHARS
+    huge = "x" * 500_000
+    for path, body, param in [
+            ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": {"a": huge}}, "stop"),
+            ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {huge: 1}},
+             "logit_bias"),
+            ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": 1, "content": huge}]},
+             "messages"),
+            ("/v1/completions", {"model": huge, "prompt": "hi"}, "model")]:
+        message = refused(live, path, body, param, 404 if param == "model" else 400)
+        assert len(message) < SHOWN_CHARS + 200 and "(5000" in message, message
+
+
 @pytest.mark.parametrize("fields, completion_tokens", [
     ('"seed": -5', 4), ('"seed": 1000000000000000000000000000000', 4), ('"temperature": null', 4),
     ('"top_k": -1', 4), ('"top_k": 100000000000000000000', 4), ('"n": 1', 4), ('"stop": []', 4),

@@ -32,6 +32,17 @@ def max_body_bytes(max_len: int) -> int:
     return 12 * max_prompt_chars(max_len) + (1 << 20)
 
 
+# An error names the bad value cut to this many characters: a rejected body of a megabyte echoed
+# whole made each bad request cost the server a megabyte of reply
+SHOWN_CHARS = 200
+
+
+def shown(value) -> str:
+    """repr(value) for an error message, cut to SHOWN_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  type: str = "invalid_request_error", code: str | None = None):
@@ -48,7 +59,7 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
-        raise APIError(400, f"{name}={value!r} is invalid: {allowed}", name)
+        raise APIError(400, f"{name}={shown(value)} is invalid: {allowed}", name)
     return value
 
 
@@ -78,7 +89,7 @@ def check_implemented(body: dict) -> None:
         value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
         if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
                 nothing, bool)):
-            raise APIError(400, f"{name}={body[name]!r} is not supported by this server (only "
+            raise APIError(400, f"{name}={shown(body[name])} is not supported by this server (only "
                            f"{json.dumps(nothing)} or null)", name)
 
 
@@ -90,18 +101,19 @@ def stop_strings(body: dict) -> list[str]:
         return [stop]
     if isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) for s in stop):
         return stop
-    raise APIError(400, f"stop={stop!r} is invalid: a string or a list of up to 16 strings", "stop")
+    raise APIError(400, f"stop={shown(stop)} is invalid: a string or a list of up to 16 strings",
+                   "stop")
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
     """(stream, stream_options.include_usage): booleans, not anything truthy ("false" is truthy)."""
     stream, options = body.get("stream"), body.get("stream_options")
     if not isinstance(stream, (bool, type(None))):
-        raise APIError(400, f"stream={stream!r} is invalid: must be true or false", "stream")
+        raise APIError(400, f"stream={shown(stream)} is invalid: must be true or false", "stream")
     if options is not None and not (isinstance(options, dict) and isinstance(
             options.get("include_usage"), (bool, type(None)))):
-        raise APIError(400, f"stream_options={options!r} is invalid: an object with an optional "
-                       "boolean include_usage", "stream_options")
+        raise APIError(400, f"stream_options={shown(options)} is invalid: an object with an "
+                       "optional boolean include_usage", "stream_options")
     return bool(stream), bool(options and options.get("include_usage"))
 
 
@@ -116,13 +128,13 @@ def chat_messages(body: dict) -> list[dict]:
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages item {m!r} is invalid: content parts must be "
+                raise APIError(400, f"messages item {shown(m)} is invalid: content parts must be "
                                '{"type": "text", "text": string}; this server takes text only',
                                "messages")
             content = "".join(p["text"] for p in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages item {m!r} is invalid: needs a string role and content",
-                           "messages")
+            raise APIError(400, f"messages item {shown(m)} is invalid: needs a string role and "
+                           "content", "messages")
         out.append({**m, "content": content})
     return out
 

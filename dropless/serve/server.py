@@ -19,8 +19,8 @@ from socket import AF_INET, AF_INET6, create_server
 from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
-                                   max_body_bytes, read_body, sampling_params, stop_strings,
-                                   stream_flags)
+                                   max_body_bytes, read_body, sampling_params, shown,
+                                   stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, render_chat
 
@@ -78,7 +78,8 @@ def create_app(served: ServedModel, engine: Engine):
 
     def known(model) -> None:
         if model != served.name:
-            raise APIError(404, f"model {model!r} does not exist; this server has {served.name!r}",
+            raise APIError(404, f"model {shown(model)} does not exist; this server has "
+                                f"{served.name!r}",
                            "model", "invalid_request_error", "model_not_found")
 
     @app.get("/v1/models")
