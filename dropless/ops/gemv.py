@@ -219,7 +219,8 @@ def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = Non
     res = None if residual_TD is None else residual_TD.contiguous()
     block = min(SUM_MAX_BLOCK, SUM_TILE // min(pow2(P * slots), SUM_MAX_ROWS))
     block_j = _sum_block_j(P * slots, block)
-    _kernels().sum_slots_kernel[(T, -(-D // block))](
+    from dropless.ops.triton_sum_kernels import sum_slots_kernel
+    sum_slots_kernel[(T, -(-D // block))](
         y_PRD, y_TD if res is None else res, y_TD, T, D, slots, P,
         HAS_RES=res is not None, BLOCK_J=block_j, BLOCK=block, num_warps=4,
         **pdl_launch(y_PRD.device))
