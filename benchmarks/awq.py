@@ -2,6 +2,7 @@
 small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
 
     python benchmarks/awq.py [--shapes qwen3,mixtral] [--tokens 1,64] [--no-graph]
+                             [--tiles 32,64,64,8,3 64,128,64,8,4 ...]
 
 Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
@@ -15,6 +16,10 @@ medians (triton's do_bench, CUDA events) of a forward under no_grad, eager and r
 CUDA graph of 24 calls on 24 inputs (what an inference engine runs; launch overhead dominates the
 eager numbers at batch 1; times are per call). "check" is the int4 layer's relative error
 against the bf16 layer holding the dequantized int4 weights (the same function).
+--tiles sweeps the grouped int4 kernel's tile (BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, through
+DROPLESS_AWQ_TILE) at every T above 1: the int4 experts alone (fused path, graphed) under each
+tile, against the default tile and the best bf16 experts, each checked against the default's
+output.
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -88,11 +93,13 @@ def main():
     parser.add_argument("--tokens", default="1,64")
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiles", nargs="*", default=[],
+                        help="grouped int4 tiles BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES to sweep")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, commit {commit()}")
-    rows = []
+    rows, swept = [], []
     for name in args.shapes.split(","):
         D, F, E, K = SHAPES[name]
         bf16, int4, deq, q = build(D, F, E, K, device)
@@ -152,6 +159,8 @@ def main():
                             return q.fused(r[0], ops.make_plan(r[1], E), r[2])
                     times[label + " experts"] = per_call(experts, routed)
                 os.environ.pop(awq_ops.UNPACK_ENV)
+                if T > 1:
+                    swept += sweep(name, T, args.tiles, q, E, routed, per_call, times)
             rows.append((name, T, times, check))
         del bf16, int4, deq, q
         if device.type == "cuda":
@@ -170,6 +179,40 @@ def main():
                          for kind in ("bf16", "int4")) for k in kinds}
         ups = " ".join(f"{best[k][0] / best[k][1]:>15.2f}x" for k in kinds)
         print(f"{name:8} {T:>3} {cells} {ups} {check:>9.2e}")
+    if swept:
+        print("\nthe grouped int4 kernel's tile (fused experts, graph, ms per call); x default / "
+              "x bf16: the default tile's / the best bf16 experts' time over this one; check: "
+              "relative difference from the default tile's output")
+        print(f"{'shape':8} {'T':>3} {'tile':>18} {'ms':>9} {'x default':>10} {'x bf16':>8} "
+              f"{'check':>9}")
+        for name, T, spec, ms, default, bf16, check in swept:
+            print(f"{name:8} {T:>3} {spec:>18} {ms:>9.4f} {default / ms:>9.2f}x {bf16 / ms:>7.2f}x "
+                  f"{check:>9.2e}")
+
+
+def sweep(name, T, specs, q, E, routed, per_call, times):
+    """(shape, T, tile, ms, default ms, best bf16 ms, check) of the int4 experts under each tile."""
+    def experts(r):
+        return q.fused(r[0], ops.make_plan(r[1], E), r[2])
+
+    with torch.no_grad():
+        ref = experts(routed[0]).float()
+        default = per_call(experts, routed)
+        bf16 = min(times["bf16 experts"], times["bf16 decode experts"])
+        out = []
+        for spec in specs:
+            os.environ[awq_ops.TILE_ENV] = spec
+            try:
+                y = experts(routed[0]).float()
+                check = ((y - ref).norm() / ref.norm()).item()
+                ms = per_call(experts, routed)
+            except Exception as err:   # a tile past the shared memory or registers
+                print(f"  tile {spec}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                ms, check = float("nan"), float("nan")
+            finally:
+                os.environ.pop(awq_ops.TILE_ENV)
+            out.append((name, T, spec, ms, default, bf16, check))
+    return out
 
 
 if __name__ == "__main__":

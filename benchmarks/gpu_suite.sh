@@ -25,12 +25,13 @@
 #            time and batch-1 decode (bf16 vs int4) at the Qwen3-30B-A3B shape
 #   moe      benchmarks/moe_vs_dense.py on a site-packages corpus
 #   fusiontests  the serving and kernel tests (gpu-marked and not) with DROPLESS_DECODE_FUSION=1
-#   fusion   the experts' GEMVs at the Qwen3-30B-A3B shape (5 tiles, 4 and 8 warps) against a
-#            streaming read of the same bytes (gemv_tiles.py's floor row); DROPLESS_DECODE_FUSION
-#            off against on: decode kernels per layer at the Qwen3-30B-A3B shape (bf16, int4)
-#            both ways; medium at batch 1 and 32 both ways (~6 minutes)
+#   fusiongemv  the experts' GEMVs at the Qwen3-30B-A3B shape (5 tiles, 4 and 8 warps) against a
+#            streaming read of the same bytes (gemv_tiles.py's floor row)
+#   fusion   DROPLESS_DECODE_FUSION off against on: decode kernels per layer at the Qwen3-30B-A3B
+#            shape (bf16, int4) both ways; medium at batch 1 and 32 both ways (~4 minutes)
 #   fusion30 the 30B's batch-1 decode, bf16 and int4, DROPLESS_DECODE_FUSION off and on
 #            alternating, median of 3 (awq_model.py --ab; ~4 minutes)
+#   awqtiles the grouped int4 kernel's tile swept at 64 tokens (benchmarks/awq.py --tiles)
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
@@ -115,9 +116,9 @@ for s in "$@"; do
                    tests/test_serve_decode.py tests/test_serve_engine.py tests/test_ops_triton_rope.py \
                    tests/test_ops_triton_gemv.py tests/test_ops_triton_attention.py \
                    tests/test_ops_triton_router.py tests/test_ops_awq.py -p no:cacheprovider -rf ;;
-    fusion) stage "$L" 150 python3 benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 \
-              --tiles 32,32,4,4 32,32,4,8 32,32,8,8 128,32,4,4 256,16,4,4 --warps 4 8
-            for f in 0 1; do
+    fusiongemv) stage "$L" 150 python3 benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 \
+                  --tiles 32,32,4,4 32,32,4,8 32,32,8,8 128,32,4,4 256,16,4,4 --warps 4 8 ;;
+    fusion) for f in 0 1; do
               DROPLESS_DECODE_FUSION=$f stage "$L" 60 python3 benchmarks/decode_kernels.py \
                 --preset qwen3-30b-a3b --batches 1
               DROPLESS_DECODE_FUSION=$f stage "$L" 60 python3 benchmarks/decode_kernels.py \
@@ -129,6 +130,9 @@ for s in "$@"; do
             done ;;
     fusion30) stage "$L" 420 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --rtn \
                 --ab DROPLESS_DECODE_FUSION --reps 3 --json "$O/fusion_30b.json" ;;
+    awqtiles) stage "$L" 240 python3 benchmarks/awq.py --shapes qwen3,mixtral --tokens 64 --tiles \
+                16,64,64,4,3 16,128,64,4,3 16,64,128,4,3 32,64,64,8,3 32,128,64,8,3 32,64,64,4,3 \
+                32,64,64,8,1 32,64,64,8,4 64,64,64,4,3 64,128,64,8,3 64,64,128,8,3 ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done

@@ -131,6 +131,23 @@ def test_other_unpackings(monkeypatch, unpack):
     test_decode_narrow_tiles_and_split_k(monkeypatch)
 
 
+@pytest.mark.parametrize("tile", ["32,32,32,4,1", "16,128,64,8,2"])
+def test_grouped_tile_override(monkeypatch, tile):
+    """DROPLESS_AWQ_TILE (benchmarks/awq.py --tiles) sets the grouped kernel's tile, row tiles of
+    the tile map included, for the experts and the linear alike."""
+    monkeypatch.setenv(awq.TILE_ENV, tile)
+    assert awq._block_m(1000, 1) == int(tile.split(",")[0])
+    test_moe_paths(*CASES[3], torch.float32)
+    test_linear(17, 64, 200, 64, torch.float16, residual=True)
+
+
+@pytest.mark.parametrize("tile", ["32,64,64,8", "32,64,48,8,3", "a,b,c,d,e", "16,64,64,4,0"])
+def test_bad_tile_is_refused(monkeypatch, tile):
+    monkeypatch.setenv(awq.TILE_ENV, tile)
+    with pytest.raises(ValueError, match="DROPLESS_AWQ_TILE=.* is invalid: allowed: five positive"):
+        awq._block_m(64, 8)
+
+
 def test_unknown_unpacking_is_refused(monkeypatch):
     monkeypatch.setenv(awq.UNPACK_ENV, "bogus")
     x = torch.randn(1, 64, device=DEVICE)

@@ -32,6 +32,9 @@ GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # times them
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
+# the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
+# knob: benchmarks/awq.py --tiles); unset, BLOCK_M follows the rows per expert (_block_m)
+TILE_ENV = "DROPLESS_AWQ_TILE"
 
 
 def _unpack() -> str:
@@ -96,6 +99,20 @@ def _gemv(x, qw, qz, sc, out, **kw) -> None:
     gemv(x, (qw, qz, sc), out, unpack=_unpack(), **kw)
 
 
+def _tile_override() -> tuple[int, ...] | None:
+    spec = os.environ.get(TILE_ENV)
+    if not spec:
+        return None
+    try:
+        tile = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 5 or any(v < 1 for v in tile) or any(v & (v - 1) for v in tile[:4]):
+        raise ValueError(f"{TILE_ENV}={spec!r} is invalid: allowed: five positive integers "
+                         "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, the first four powers of two")
+    return tile
+
+
 def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
              scale=None, swiglu=False) -> None:
     """c[out_row(r)] = epilogue(a[a_row(r)] @ W[e(r)]) over expert-contiguous rows (tiles), or
@@ -103,13 +120,19 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
     kd = a.shape[1]
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
-    block_k = min(GROUPED_BLOCK_K, gs)
+    block_n, block_k = GROUPED_BLOCK_N, GROUPED_BLOCK_K
+    warps, stages = (4 if block_m == 16 else 8), 3
+    tile = _tile_override()
+    if tile is not None:
+        assert tile[0] == block_m, "the tile map was built for another BLOCK_M"
+        block_n, block_k, warps, stages = tile[1:]
+    block_k = min(block_k, gs)
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and gs % block_k == 0
     if tiles is None:
         num_m, meta = -(-num_rows // block_m), (c, c, c)
     else:
         num_m, meta = tiles[0].numel(), tiles
-    grid = (num_m, -(-n // GROUPED_BLOCK_N))
+    grid = (num_m, -(-n // block_n))
     _kernels().awq_grouped_kernel[grid](
         a, a.stride(0), c, c.stride(0),
         qw, qz, sc, *_expert_strides(qw, qz, sc),
@@ -117,15 +140,18 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
         c if a_row is None else a_row, c if out_row is None else out_row,
         c if scale is None else scale,
         num_rows, n, kd, wn,
-        GS=gs, BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, DENSE=tiles is None,
+        GS=gs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
         SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        GATHER_UNPACK=_unpack() == "gather", num_warps=4 if block_m == 16 else 8, num_stages=3)
+        GATHER_UNPACK=_unpack() == "gather", num_warps=warps, num_stages=stages)
 
 
 def _block_m(rows: int, experts: int) -> int:
     """Row tile by the mean rows per expert: an expert's rows should fill about one tile, so that
     its weights are read (and dequantized) once, with little padding."""
+    tile = _tile_override()
+    if tile is not None:
+        return tile[0]
     mean = rows / experts
     return 16 if mean <= 8 else 32 if mean <= 32 else 64
 
