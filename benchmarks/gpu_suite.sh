@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh tests train layer       # one call
 #   bash benchmarks/gpu_suite.sh decode product          # the next
 # Stages:
-#   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 12 workers)
+#   tests    every gpu-marked test and the Triton kernel tests (pytest-xdist, 12 workers): the
+#            stages gpu and kernels
 #   train    benchmarks/train.py: dropless vs Hugging Face training step, both precision regimes
 #   profile  where the compiled training steps (bf16-mixed, bf16) spend their GPU and host time
 #   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
@@ -64,12 +65,14 @@ triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda
 for s in "$@"; do
   L="$O/$s.log"
   case $s in
-    tests) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
-             --ignore=tests/parallel
+    tests|gpu) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
+                 --ignore=tests/parallel ;;&
+    tests|kernels)
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_triton_rope.py tests/test_ops_triton_router.py tests/test_ops_awq.py \
              tests/test_ops_blocksparse.py tests/test_master_adamw.py tests/test_ops_triton_attention.py \
              -p no:cacheprovider -rf ;;
+    gpu) ;;
     train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
              --profile "dropless bf16-mixed compiled,dropless bf16 compiled"

@@ -62,6 +62,8 @@ _TRAIN_FLAGS = {
     "dp_shard": (int, "under torchrun: FSDP degree (0 = world / (dp-replicate * ep))"),
     "dp_replicate": (int, "under torchrun: HSDP replicas"),
 }
+CACHE_HELP = ("token cache directory (default: ~/.cache/dropless/tokens; never the run's saved "
+              "one: a run directory may come from someone else)")
 _DECODE_COMPILE = "torch.compile the decode step (slower start, faster steps)"
 
 
@@ -137,6 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib-samples", type=int, default=128)
     quant.add_argument("--calib-seq-len", type=int, default=512)
     quant.add_argument("--device", default="auto")
+    quant.add_argument("--cache-dir", help=CACHE_HELP)
     quant.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run or HF directory")
@@ -145,6 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...} '
                                                        "(null where not finite: strict JSON)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--cache-dir", help=CACHE_HELP)
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
                                        "--preset: every preset, side by side)")
@@ -327,7 +331,7 @@ def _quantize(args) -> int:
     s = quantize_run(args.src, args.out, bits=args.bits, group_size=args.group_size,
                      calib_data=args.calib_data, calib_samples=args.calib_samples,
                      calib_seq_len=args.calib_seq_len, device=resolve_device(args.device),
-                     progress=not args.quiet)
+                     progress=not args.quiet, cache_dir=args.cache_dir)
     print(f"wrote {s['out']}: {s['layers']} layers, experts {s['expert_bytes_int4'] / 2**20:.2f} MiB "
           f"int4 ({s['expert_bytes_int4'] / max(s['expert_bytes_bf16'], 1):.3f}x their bf16 bytes)")
     return 0
@@ -338,7 +342,7 @@ def _eval(args) -> int:
 
     if not os.path.isdir(args.path):
         raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
-    r = evaluate_dir(args.path, args.data, args.device)
+    r = evaluate_dir(args.path, args.data, args.device, args.cache_dir)
     if args.json:
         print(result_json(r))
     else:

@@ -18,9 +18,12 @@ from dropless.errors import DroplessError
 from dropless.precision import autocast_for, resolve_device, resolve_precision
 
 
-def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto") -> dict:
+def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto",
+                 cache_dir: str | None = None) -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
-    length and number of eval batches; TrainConfig's defaults for a Hugging Face directory)."""
+    length and number of eval batches; TrainConfig's defaults for a Hugging Face directory).
+    Tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in the run's saved
+    one: a run directory may come from a stranger, and evaluating it must not write where it says."""
     from dropless.train import evaluate
 
     dev = resolve_device(device)
@@ -35,7 +38,7 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         docs = data.read_documents(data_path)
     else:   # the message must not name a flag the user did not pass
         docs = data.read_documents(cfg.data, "the run's --data")
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else data.default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else data.default_cache_dir()
     tokens = data.load_tokens(docs, tok, cache)
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "

@@ -59,6 +59,19 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_home(tmp_path_factory):
+    """Token caches that commands write by default (eval, quantize: ~/.cache/dropless/tokens) go
+    to a temporary XDG_CACHE_HOME, not the user's home (subprocesses inherit it)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def subprocess_env() -> dict:
     repo = Path(__file__).resolve().parents[1]
     return {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}

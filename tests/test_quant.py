@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -144,6 +145,30 @@ def trained(tmp_path_factory, corpus):
                       eval_batches=2, ckpt_every=100, log_every=10, sample_tokens=0)
     train(cfg, progress=False)
     return root
+
+
+def test_eval_and_quantize_never_write_to_the_runs_saved_cache(tmp_path, corpus, capsys):
+    """A run directory may come from a stranger: its state.json names a cache_dir, and eval and
+    quantize must not write there (they use --cache-dir, default ~/.cache/dropless/tokens)."""
+    from dropless.config import TrainConfig
+    from dropless.train import train
+
+    stranger, mine = tmp_path / "stranger", tmp_path / "mine"
+    train(TrainConfig(out=str(tmp_path / "run"), data=str(corpus), cache_dir=str(stranger),
+                      steps=2, batch_size=2, seq_len=16, warmup=1, eval_every=2, eval_batches=1,
+                      ckpt_every=100, log_every=1, sample_tokens=0), progress=False)
+    assert any(stranger.iterdir())
+    shutil.rmtree(stranger)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json", "--device", "cpu", "--cache-dir",
+                 str(mine)]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+    assert not stranger.exists() and any(mine.iterdir())
+    shutil.rmtree(mine)
+    assert main(["quantize", str(tmp_path / "run"), "--out", str(tmp_path / "q"), "--group-size",
+                 "32", "--calib-data", str(corpus), "--calib-samples", "2", "--calib-seq-len",
+                 "16", "--quiet", "--device", "cpu", "--cache-dir", str(mine)]) == 0
+    assert not stranger.exists() and any(mine.iterdir())
 
 
 def test_quantize_then_eval(trained, corpus, capsys):

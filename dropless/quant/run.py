@@ -84,8 +84,10 @@ def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
 def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 128,
                  calib_data: str | None = None, calib_samples: int = 128,
                  calib_seq_len: int = 512, device: torch.device | str = "cpu",
-                 progress: bool = True) -> dict:
-    """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes)."""
+                 progress: bool = True, cache_dir: str | None = None) -> dict:
+    """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes). Calibration
+    tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in SRC's saved
+    one: SRC may come from a stranger, and quantizing it must not write where it says."""
     from dropless.checkpoint import config_to_dict
     from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
@@ -129,7 +131,6 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
         raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
                             f"{longest}] (the model's max_seq_len={model.cfg.max_seq_len}; at "
                             f"most {MAX_CALIB_TOKENS:,} calibration tokens)")
-    cache_dir = train_config and train_config.cache_dir
     tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir)
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
                              for m in model.moe_layers()) * 2   # as bf16
