@@ -165,6 +165,34 @@ def test_eight_concurrent_requests(server):
     assert together == [reference(served, p, 8 + len(p) % 5) for p in prompts]
 
 
+def test_ignore_eos(server):
+    """An EOS ends a reply (finish_reason stop, its text left out); with ignore_eos the reply
+    goes on to max_tokens (length), EOS tokens counted but still not shown."""
+    client, served, _ = server
+    tokens = greedy_recompute(served.model, list(b"class A:"), 12)
+    eos = tokens[3]
+    saved = served.eos_ids
+    served.eos_ids = (eos,)
+    try:
+        kw = dict(model="tiny-run", prompt="class A:", max_tokens=12, temperature=0)
+        out = client.completions.create(**kw)
+        assert out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens == tokens.index(eos) + 1
+        for stream in (False, True):
+            if stream:
+                chunks = list(client.completions.create(stream=True, extra_body={"ignore_eos": True},
+                                                        **kw))
+                text = "".join(c.choices[0].text for c in chunks)
+                assert chunks[-1].choices[0].finish_reason == "length"
+            else:
+                out = client.completions.create(extra_body={"ignore_eos": True}, **kw)
+                text = out.choices[0].text
+                assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
+            assert text == bytes(t for t in tokens if t != eos).decode("utf-8", errors="replace")
+    finally:
+        served.eos_ids = saved
+
+
 @pytest.mark.parametrize("kw, status, param", [
     (dict(max_tokens=-1), 400, "max_tokens"),
     (dict(temperature=-0.5), 400, "temperature"),
@@ -173,6 +201,7 @@ def test_eight_concurrent_requests(server):
     (dict(max_tokens=CONTEXT), 400, "max_tokens"),
     (dict(stop=7), 400, "stop"),
     (dict(model="gpt-4"), 404, "model"),
+    (dict(extra_body={"ignore_eos": "yes"}), 400, "ignore_eos"),
 ])
 def test_errors_have_openai_shape(server, kw, status, param):
     client, _, port = server

@@ -105,6 +105,16 @@ def stop_strings(body: dict) -> list[str]:
                    "stop")
 
 
+def ignore_eos(body: dict) -> bool:
+    """The extension `ignore_eos` (benchmark clients send it for replies of exactly max_tokens): a
+    boolean, not anything truthy."""
+    value = body.get("ignore_eos")
+    if not isinstance(value, (bool, type(None))):
+        raise APIError(400, f"ignore_eos={shown(value)} is invalid: must be true or false",
+                       "ignore_eos")
+    return bool(value)
+
+
 def stream_flags(body: dict) -> tuple[bool, bool]:
     """(stream, stream_options.include_usage): booleans, not anything truthy ("false" is truthy)."""
     stream, options = body.get("stream"), body.get("stream_options")

@@ -20,7 +20,7 @@ from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
                                    max_body_bytes, read_body, sampling_params, shown,
-                                   stop_strings, stream_flags)
+                                   ignore_eos, stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, render_chat
 
@@ -120,8 +120,9 @@ def create_app(served: ServedModel, engine: Engine):
         if first:
             loop.call_soon_threadsafe(deliver)
 
-    def start(prompt_ids: list[int], params: SamplingParams, stop: list[str]):
-        """Submit to the engine; returns (engine request, asyncio queue of text deltas, then None)."""
+    def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool = True):
+        """Submit to the engine; returns (engine request, asyncio queue of text deltas, then None).
+        eos False: an EOS does not end the request (its text is still left out)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         text = TextStream(served.tokenizer, stop, served.eos_ids)
 
@@ -137,7 +138,7 @@ def create_app(served: ServedModel, engine: Engine):
                 post(loop, queue, rest)
             post(loop, queue, None)
 
-        request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids,
+        request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids if eos else (),
                                         on_token=on_token, on_finish=on_finish))
         return request, queue
 
@@ -189,7 +190,7 @@ def create_app(served: ServedModel, engine: Engine):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
         stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
-        request, queue = start(prompt, params, stop)
+        request, queue = start(prompt, params, stop, not ignore_eos(body))
         # the client leaving, at any point, cancels its request (a no-op once it finished): its
         # slot would go on generating for nobody, up to the whole context. Not only the stream's
         # `finally`: Starlette cancels a stream whose client left before its first chunk without
