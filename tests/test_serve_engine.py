@@ -192,6 +192,19 @@ def test_engine_seeded_sampling_independent_of_batch():
     assert a.output == b.output and all(len(o.output) == 8 for o in others)
 
 
+def test_a_request_cancelled_while_waiting_takes_no_slot():
+    model = tiny_model()
+    engine = Engine(model, max_batch=1, max_len=32)
+    gone = engine.submit(Request([4, 5], SamplingParams(max_tokens=10, temperature=0)))
+    kept = engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0)))
+    gone.cancel()
+    engine.step()
+    assert gone.finish_reason == "cancelled" and gone.output == []
+    assert engine.slots[0] is kept and kept.prefilled == 3   # admitted in the same step
+    engine.run_until_done()
+    assert kept.output == greedy_recompute(model, [1, 2, 3], 4)
+
+
 def test_engine_eos_stop_callback_and_limits():
     model = tiny_model()
     ref = greedy_recompute(model, [1, 2, 3], 10)

@@ -299,6 +299,10 @@ class Engine:
         """Admit, prefill a chunk, decode one token for every decoding request."""
         self.stats["steps"] += 1
         with self.lock:
+            # a request cancelled while it waited never takes a slot (it held one for a step)
+            gone = [r for r in self.waiting if r.cancelled]
+            for request in gone:
+                self.waiting.remove(request)
             for slot in range(self.max_batch if self._admit_wait() == 0 else 0):
                 if not self.waiting:
                     break
@@ -306,6 +310,8 @@ class Engine:
                     request = self.waiting.popleft()
                     self.slots[slot] = request
                     request.prefilled = 0
+        for request in gone:
+            close(request, "cancelled")
         for slot, request in enumerate(self.slots):
             if request is not None and request.cancelled:
                 self._finish(slot, "cancelled")
