@@ -43,6 +43,7 @@ from dropless.quant.calibrate import quantize_model
 from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.quant.run import quantize_run
 from dropless.serve.engine import Engine
+from dropless.serve.request import Request, SamplingParams
 from dropless.train import train
 
 
@@ -65,13 +66,27 @@ def decode_tokens_per_s(model, device: str, prompt: int = 32, new: int = 128) ->
                              device)
 
 
+def greedy_tokens(model, new: int = 64, prompt: int = 32) -> list[int]:
+    engine = Engine(model, max_batch=1, max_len=prompt + new, buckets=(1,))
+    request = engine.submit(Request(prompts_for(1, prompt, model.cfg.vocab_size, seed=2)[0],
+                                    SamplingParams(max_tokens=new, temperature=0)))
+    engine.run_until_done()
+    return request.output
+
+
 def decode_ab(model, device: str, switch: str, reps: int) -> dict:
-    """{"0": tokens/s, "1": tokens/s}: decode_tokens_per_s with the environment switch off and on,
-    alternating (each engine captures its graphs with the setting of its time), median of reps;
-    the switch is restored after."""
+    """{"0": tokens/s, "1": tokens/s, "agree": n}: decode_tokens_per_s with the environment switch
+    off and on, alternating (each engine captures its graphs with the setting of its time), median
+    of reps; agree: how many of 64 greedy tokens the two settings share before they first differ
+    (sums in another order may round apart late; a broken path differs at once). The switch is
+    restored after."""
     before = os.environ.get(switch)
     runs: dict = {"0": [], "1": []}
+    tokens = {}
     try:
+        for value in runs:
+            os.environ[switch] = value
+            tokens[value] = greedy_tokens(model)
         for _ in range(reps):
             for value in runs:
                 os.environ[switch] = value
@@ -81,9 +96,11 @@ def decode_ab(model, device: str, switch: str, reps: int) -> dict:
             os.environ.pop(switch, None)
         else:
             os.environ[switch] = before
-    print(f"{switch}: " + ", ".join(f"{v} {[round(x, 1) for x in r]}" for v, r in runs.items()),
-          flush=True)
-    return {value: statistics.median(r) for value, r in runs.items()}
+    a, b = tokens["0"], tokens["1"]
+    agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    print(f"{switch}: " + ", ".join(f"{v} {[round(x, 1) for x in r]}" for v, r in runs.items())
+          + f"; greedy tokens agree for {agree} of {len(a)}", flush=True)
+    return {**{value: statistics.median(r) for value, r in runs.items()}, "agree": agree}
 
 
 def without_projection_kernels(model, device: str) -> float:
@@ -189,6 +206,8 @@ def main() -> int:
                 print(f"| {b['preset']}: decode tokens/s, batch 1, {ab['switch']}={v} (median of "
                       f"{args.reps}) | {ab['bf16'][v]:.1f} | {ab['int4'][v]:.1f} | "
                       f"{ab['int4'][v] / ab['bf16'][v]:.2f} |")
+            print(f"| {b['preset']}: greedy tokens equal with {ab['switch']} 0 and 1 (of 64) | "
+                  f"{ab['bf16']['agree']} | {ab['int4']['agree']} | |")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -220,3 +220,15 @@ def test_awq_model_quality_and_big(tmp_path, awq_run):
     assert positive(big["quantize_s"], big["decode_bf16_tokens_per_s"],
                     big["decode_int4_tokens_per_s"], big["decode_ratio"])
     assert len(table(out, "| measurement")) == 1 + 4 + 2   # the rule, quality's rows, big's
+
+
+def test_awq_model_ab(tmp_path):
+    """--ab decodes with a switch off and on: speeds, and how far their greedy tokens agree (the
+    CPU runs one path either way: all of them)."""
+    out = run("awq_model.py", "--device", "cpu", "--big", "tiny", "--rtn", "--ab",
+              "DROPLESS_DECODE_FUSION", "--reps", 1, "--json", tmp_path / "ab.json")
+    ab = json.loads((tmp_path / "ab.json").read_text())["big"]["ab"]
+    assert ab["switch"] == "DROPLESS_DECODE_FUSION"
+    assert ab["bf16"]["agree"] == ab["int4"]["agree"] == 64
+    assert positive(ab["bf16"]["0"], ab["bf16"]["1"], ab["int4"]["0"], ab["int4"]["1"])
+    assert "| tiny: greedy tokens equal with DROPLESS_DECODE_FUSION 0 and 1 (of 64) | 64 | 64 |" in out
