@@ -136,7 +136,7 @@ def test_grouped_tile_override(monkeypatch, tile):
     """DROPLESS_AWQ_TILE (benchmarks/awq.py --tiles) sets the grouped kernel's tile, row tiles of
     the tile map included, for the experts and the linear alike."""
     monkeypatch.setenv(awq.TILE_ENV, tile)
-    assert awq._block_m(1000, 1) == int(tile.split(",")[0])
+    assert awq._tile(1000, 1) == tuple(int(v) for v in tile.split(","))
     test_moe_paths(*CASES[3], torch.float32)
     test_linear(17, 64, 200, 64, torch.float16, residual=True)
 
@@ -145,7 +145,7 @@ def test_grouped_tile_override(monkeypatch, tile):
 def test_bad_tile_is_refused(monkeypatch, tile):
     monkeypatch.setenv(awq.TILE_ENV, tile)
     with pytest.raises(ValueError, match="DROPLESS_AWQ_TILE=.* is invalid: allowed: five positive"):
-        awq._block_m(64, 8)
+        awq._tile(64, 8)
 
 
 def test_unknown_unpacking_is_refused(monkeypatch):

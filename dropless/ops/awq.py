@@ -22,9 +22,12 @@ from dropless.ops.reference import Plan
 from dropless.ops.triton_grouped import tile_map
 from dropless.quant.pack import PACK, dequantize
 
-# tiles chosen by register counts from ptxas at sm_90 (no spills): grouped 128 (16-row tiles,
-# 4 warps) to 182 (64-row tiles, 8 warps); the GEMV's are in gemv.py
-GROUPED_BLOCK_N, GROUPED_BLOCK_K = 64, 64
+# the grouped kernel's tile by rows per expert (_tile), from a sweep at 64 tokens (H100, round 21,
+# benchmarks/awq.py --tiles): 16-row tiles read 128 rows of K a step (Qwen3-30B-A3B shape: 0.454 ->
+# 0.421 ms), a few rows per expert take 64-row tiles at 4 warps, not 32 at 8 (Mixtral: 1.397 ->
+# 1.016 ms); past 32 rows per expert (prefill) the tile is round 18's, untimed; the GEMV's are in
+# gemv.py
+GROUPED_BLOCK_N = 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # how the kernels read packed int32s: the GEMV "nibble" by nibble in packed order
 # (gemv_nibble_kernel), or spread over columns: "interleave" in registers or "gather" loads (see
@@ -33,7 +36,7 @@ GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
 # the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
-# knob: benchmarks/awq.py --tiles); unset, BLOCK_M follows the rows per expert (_block_m)
+# knob: benchmarks/awq.py --tiles); unset, the tile follows the rows per expert (_tile)
 TILE_ENV = "DROPLESS_AWQ_TILE"
 
 
@@ -113,19 +116,14 @@ def _tile_override() -> tuple[int, ...] | None:
     return tile
 
 
-def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=None, out_row=None,
+def _grouped(a, qw, qz, sc, c, *, n, num_rows, tile, tiles=None, a_row=None, out_row=None,
              scale=None, swiglu=False) -> None:
     """c[out_row(r)] = epilogue(a[a_row(r)] @ W[e(r)]) over expert-contiguous rows (tiles), or
     over all rows with one matrix (tiles None)."""
     kd = a.shape[1]
     gs = kd // qz.shape[-2]
     wn = qw.shape[-1] * PACK
-    block_n, block_k = GROUPED_BLOCK_N, GROUPED_BLOCK_K
-    warps, stages = (4 if block_m == 16 else 8), 3
-    tile = _tile_override()
-    if tile is not None:
-        assert tile[0] == block_m, "the tile map was built for another BLOCK_M"
-        block_n, block_k, warps, stages = tile[1:]
+    block_m, block_n, block_k, warps, stages = tile
     block_k = min(block_k, gs)
     assert qw.shape[-2] == kd and (wn == 2 * n if swiglu else wn == n) and gs % block_k == 0
     if tiles is None:
@@ -146,14 +144,18 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tiles=None, block_m=16, a_row=Non
         GATHER_UNPACK=_unpack() == "gather", num_warps=warps, num_stages=stages)
 
 
-def _block_m(rows: int, experts: int) -> int:
-    """Row tile by the mean rows per expert: an expert's rows should fill about one tile, so that
-    its weights are read (and dequantized) once, with little padding."""
+def _tile(rows: int, experts: int) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES) of the grouped kernel, by the mean rows per
+    expert: an expert's rows should fill one row tile, so that its weights are read (and
+    dequantized) once. Few rows: 16 (the smallest MMA); more: 64, which at 16 rows per expert
+    beat 32 (padding costs MMAs, but the kernel is bound by the dequantization)."""
     tile = _tile_override()
     if tile is not None:
-        return tile[0]
+        return tile
     mean = rows / experts
-    return 16 if mean <= 8 else 32 if mean <= 32 else 64
+    if mean <= 8:
+        return 16, GROUPED_BLOCK_N, 128, 4, 3
+    return 64, GROUPED_BLOCK_N, 64, 4 if mean <= 32 else 8, 3
 
 
 # ---- custom ops ------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def _linear_op(x_MI: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor,
         out_PMN = torch.empty(split, M, N, device=x_MI.device, dtype=torch.float32)
         return gemv_sum(x_MI, (qweight, qzeros, scales), out_PMN, n=N, residual_TD=residual_MN,
                         dtype=x_MI.dtype, split_k=split, unpack=_unpack(), norm=norm)
-    _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, block_m=_block_m(M, 1))
+    _grouped(x_MI, qweight, qzeros, scales, out, n=N, num_rows=M, tile=_tile(M, 1))
     return out if residual_MN is None else out.add_(residual_MN)
 
 
@@ -216,12 +218,12 @@ def _experts_op(x_RD: Tensor, counts_E: Tensor, gqw: Tensor, gqz: Tensor, gsc: T
     y_RD = x_RD.new_empty(R, D)
     if R == 0:
         return y_RD
-    block_m = _block_m(R, E)
-    tiles = tile_map(counts_E, R, block_m)
+    tile = _tile(R, E)
+    tiles = tile_map(counts_E, R, tile[0])
     h_RF = x_RD.new_empty(R, F_)
-    _grouped(x_RD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, block_m=block_m,
+    _grouped(x_RD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, tile=tile,
              swiglu=True)
-    _grouped(h_RF, dqw, dqz, dsc, y_RD, n=D, num_rows=R, tiles=tiles, block_m=block_m)
+    _grouped(h_RF, dqw, dqz, dsc, y_RD, n=D, num_rows=R, tiles=tiles, tile=tile)
     return y_RD
 
 
@@ -241,15 +243,15 @@ def _fused_op(x_TD: Tensor, weights_TK: Tensor, slot_of_row_R: Tensor, counts_E:
     R, K, F_, E = slot_of_row_R.numel(), weights_TK.shape[1], dqw.shape[1], counts_E.numel()
     if R == 0:
         return torch.zeros_like(x_TD)
-    block_m = _block_m(R, E)
-    tiles = tile_map(counts_E, R, block_m)
+    tile = _tile(R, E)
+    tiles = tile_map(counts_E, R, tile[0])
     token_R = slot_of_row_R // K
     w_R = weights_TK.reshape(-1)[slot_of_row_R].to(torch.float32).contiguous()
     h_RF = x_TD.new_empty(R, F_)
-    _grouped(x_TD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, block_m=block_m,
+    _grouped(x_TD, gqw, gqz, gsc, h_RF, n=F_, num_rows=R, tiles=tiles, tile=tile,
              a_row=token_R, swiglu=True)
     y_SD = torch.empty(R, D, device=x_TD.device, dtype=torch.float32)
-    _grouped(h_RF, dqw, dqz, dsc, y_SD, n=D, num_rows=R, tiles=tiles, block_m=block_m,
+    _grouped(h_RF, dqw, dqz, dsc, y_SD, n=D, num_rows=R, tiles=tiles, tile=tile,
              out_row=slot_of_row_R, scale=w_R)
     return y_SD.view(T, K, D).sum(1).to(x_TD.dtype)
 
