@@ -268,6 +268,34 @@ def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
         s.stop()
 
 
+def test_a_chat_template_error_quoting_the_messages_is_cut_and_escaped(run_dir, tmp_path):
+    """Templates raise with the offending role in the message ("Unexpected message role: " +
+    role): a megabyte role came back whole, and a lone surrogate made the error reply a 500."""
+    import shutil
+
+    from dropless.serve.fields import SHOWN_CHARS
+    model_dir = tmp_path / "strict"
+    shutil.copytree(run_dir, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}{% if m.role != 'user' %}"
+        "{{ raise_exception('Unexpected message role: ' + m.role) }}{% endif %}{{ m.content }}"
+        "{% endfor %}")}))
+    s = InProcessServer(model_dir)
+    try:
+        for role in ["\ud800", "x" * 500_000]:   # json.dumps escapes the surrogate: \\ud800
+            body = {"model": "strict", "messages": [{"role": role, "content": "hi"}]}
+            req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode())
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req)
+            error = json.loads(e.value.read())["error"]
+            assert e.value.code == 400 and error["param"] == "messages", error
+            assert "Unexpected message role" in error["message"]
+            assert len(error["message"]) < SHOWN_CHARS + 100
+    finally:
+        s.stop()
+
+
 def test_a_chat_template_bos_is_not_doubled_by_the_tokenizer(tmp_path):
     """A Llama-style tokenizer adds BOS to what it encodes, and the model's chat template renders
     its own "{{ bos_token }}": the chat prompt began with two (HF's apply_chat_template and vLLM
