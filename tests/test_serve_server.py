@@ -234,6 +234,28 @@ def test_bad_bodies(server, path, data, status):
         assert r.status == 200
 
 
+def test_a_client_that_leaves_mid_body_is_no_server_error(server):
+    """A client gone before its whole body came (a timeout mid-upload, a hostile one) was an
+    unhandled ClientDisconnect: a 500 and a traceback in the server's log for each."""
+    import logging
+
+    client, _, port = server
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)   # the server is reading the body
+        time.sleep(0.2)
+        assert client.completions.create(model="tiny-run", prompt="ok", max_tokens=2).usage
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, errors[0].getMessage()
+
+
 def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
     import shutil
 
