@@ -234,6 +234,28 @@ def test_bad_bodies(server, path, data, status):
         assert r.status == 200
 
 
+def test_a_client_that_leaves_mid_body_is_no_server_error(server):
+    """A client gone before its whole body came (a timeout mid-upload, a hostile one) was an
+    unhandled ClientDisconnect: a 500 and a traceback in the server's log for each."""
+    import logging
+
+    client, _, port = server
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)   # the server is reading the body
+        time.sleep(0.2)
+        assert client.completions.create(model="tiny-run", prompt="ok", max_tokens=2).usage
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, errors[0].getMessage()
+
+
 def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
     import shutil
 
@@ -264,6 +286,34 @@ def test_eos_and_chat_template_from_the_model_dir(run_dir, tmp_path):
             s.client.chat.completions.create(model="with-eos", max_tokens=2, messages=[
                 {"role": "tool", "content": "x"}])
         assert s.client.models.list().data[0].id == "with-eos"
+    finally:
+        s.stop()
+
+
+def test_a_chat_template_error_quoting_the_messages_is_cut_and_escaped(run_dir, tmp_path):
+    """Templates raise with the offending role in the message ("Unexpected message role: " +
+    role): a megabyte role came back whole, and a lone surrogate made the error reply a 500."""
+    import shutil
+
+    from dropless.serve.fields import SHOWN_CHARS
+    model_dir = tmp_path / "strict"
+    shutil.copytree(run_dir, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}{% if m.role != 'user' %}"
+        "{{ raise_exception('Unexpected message role: ' + m.role) }}{% endif %}{{ m.content }}"
+        "{% endfor %}")}))
+    s = InProcessServer(model_dir)
+    try:
+        for role in ["\ud800", "x" * 500_000]:   # json.dumps escapes the surrogate: \\ud800
+            body = {"model": "strict", "messages": [{"role": role, "content": "hi"}]}
+            req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode())
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req)
+            error = json.loads(e.value.read())["error"]
+            assert e.value.code == 400 and error["param"] == "messages", error
+            assert "Unexpected message role" in error["message"]
+            assert len(error["message"]) < SHOWN_CHARS + 100
     finally:
         s.stop()
 

@@ -160,6 +160,8 @@ def check_prompt_size(prompt: str, where: str, max_len: int) -> None:
 async def read_body(http_request, limit: int) -> bytes:
     """The request's body, refused with a 413 past `limit` bytes before the rest is read: at once
     when its Content-Length says so, else (chunked) as it comes."""
+    from starlette.requests import ClientDisconnect
+
     def too_large(size: str):
         return APIError(413, f"the request body ({size} bytes) is too large: this server takes at "
                         f"most {limit} bytes", code="request_too_large")
@@ -168,9 +170,12 @@ async def read_body(http_request, limit: int) -> bytes:
     if size.isdigit() and int(size) > limit:
         raise too_large(size)
     chunks, size = [], 0
-    async for chunk in http_request.stream():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {limit}")
+    try:
+        async for chunk in http_request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit}")
+    except ClientDisconnect:   # not a server error: unhandled, it was a 500 and a logged traceback
+        raise APIError(400, "the client left before sending the whole body") from None
     return b"".join(chunks)

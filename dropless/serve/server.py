@@ -274,7 +274,9 @@ def create_app(served: ServedModel, engine: Engine):
         except APIError:
             raise
         except Exception as e:   # the template raised or does not render these messages
-            raise APIError(400, f"the chat template failed on these messages: {e}",
+            # cut and escaped: a template's message may quote a message's role or content, a
+            # megabyte or a lone surrogate (no UTF-8: the error reply itself failed, a 500)
+            raise APIError(400, f"the chat template failed on these messages: {shown(str(e))}",
                            "messages") from None
         return await respond(http_request, body, prompt, chat=True)
 
