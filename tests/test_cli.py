@@ -347,6 +347,33 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
+@pytest.mark.parametrize("argv", [
+    ["convert", "--to-hf", "RUN", ""], ["convert", "--from-hf", "HF", ""],
+    ["convert", "RUN", "--to-safetensors", ""], ["eval", "RUN", "--data", ""],
+    ["quantize", "RUN", "--out", "", "--quiet"],
+    ["quantize", "RUN", "--out", "Q", "--calib-data", ""],
+    ["generate", ""], ["eval", ""],
+])
+def test_an_empty_path_is_refused(capsys, monkeypatch, tmp_path, trained_run, argv):
+    """"" is the working directory to os and pathlib: `convert --to-hf RUN ''` wrote config.json and
+    the weights into (over) the directory the command ran in, and `eval --data ''` read it."""
+    (tmp_path / "hf").mkdir()
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    names = {"RUN": str(trained_run), "HF": str(tmp_path / "hf"), "Q": str(tmp_path / "q")}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "config.json").write_text("mine")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([names.get(a, a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must name a path, not ''" in err, err
+    assert [p.name for p in cwd.iterdir()] == ["config.json"]
+    assert (cwd / "config.json").read_text() == "mine"
+
+
 def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
     umask = os.umask(0o022)
     try:
