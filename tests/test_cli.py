@@ -265,6 +265,24 @@ def test_eval_and_resume_of_a_run_whose_data_is_gone_name_the_run_data(capsys, t
            f"dropless: error: the run's --data {data}: no such file or directory")
 
 
+def test_resume_over_a_hand_edited_metrics_log(tmp_path, trained_run):
+    """Lines of metrics.jsonl edited to hold a string loss, a list val_loss, ragged or foreign
+    expert loads or a 400-digit step crashed the resumed run's plots at its end, a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
+    metrics = run / "metrics.jsonl"
+    edited = ['{"step": 1, "loss": "low"}', '{"step": 1}',
+              '{"step": 1, "loss": 1, "val_loss": [1]}',
+              '{"step": 1, "loss": 1, "expert_load": [[0.5], [0.5, 0.5]]}',
+              '{"step": 1, "loss": 1, "expert_load": [["a"]]}',
+              '{"step": 1%s, "loss": 1}' % ("0" * 400),
+              '{"step": 1, "loss": 1, "expert_load": [[0.5, 0.5]]}']   # a record, but 1 x 2
+    metrics.write_text("\n".join(edited) + "\n" + metrics.read_text())
+    with pytest.warns(UserWarning, match=r"skipped 6 malformed lines \(1, 2, 3, 4, 5 \.\.\.\)"):
+        assert cli.main(["train", "--resume", str(run), "--steps", "3", "--quiet"]) == 0
+    assert (run / "expert_load.png").is_file()
+
+
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
     model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
