@@ -97,6 +97,7 @@ def test_python_dash_m_works():
     # sizes of what is allocated: within a run's train_config too (`dropless eval` reads them)
     (["--batch-size", str(10**12)], "batch_size*seq_len=128000000000000 is invalid: must be at"),
     (["--eval-batches", str(10**12)], "eval_batches*batch_size*seq_len=2048000000000000 is inv"),
+    (["--grad-accum", str(10**9)], "batch_size*seq_len*grad_accum=2048000000000 is invalid"),
     (["--seq-len", str(2**30)], "seq_len=1073741824 is invalid: must be an integer in [1, 1677"),
     (["--seed", str(2**64)], "seed=18446744073709551616 is invalid"),   # torch.manual_seed's range
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
