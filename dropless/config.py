@@ -348,6 +348,9 @@ class TrainConfig:
             _check(tokens <= LIMITS["tokens"], name, tokens,
                    f"must be at most {LIMITS['tokens']} tokens")
         _finite("lr", self.lr, positive=True)
+        # torch's AdamW passes its first step, lr / (1 - beta1) = 10 lr, as a float32: past ~3e37
+        # that step raised an overflow RuntimeError mid-run, a traceback
+        _check(self.lr <= 1e30, "lr", self.lr, "must be a finite number in (0, 1e30]")
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):

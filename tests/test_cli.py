@@ -87,6 +87,7 @@ def test_python_dash_m_works():
     (["--lr", "0"], "lr=0.0 is invalid"),
     (["--lr=-1e-3"], "lr=-0.001 is invalid"),
     (["--lr", "nan"], "lr=nan is invalid"),
+    (["--lr", "1e300"], "lr=1e+300 is invalid: must be a finite number in (0, 1e30]"),
     (["--grad-clip", "inf"], "grad_clip=inf is invalid"),
     (["--weight-decay", "nan"], "weight_decay=nan is invalid"),
     (["--batch-size", "0"], "batch_size=0 is invalid"),
