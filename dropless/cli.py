@@ -26,6 +26,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _path(text: str) -> str:
+    """An argparse type for paths: "" is the working directory to os and pathlib, so `convert
+    --to-hf RUN ''` wrote into (over) whatever directory the command ran in."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a path, not ''")
+    return text
+
+
 def _require(ok: bool, flag: str, value, allowed: str) -> None:
     if not ok:
         raise DroplessError(f"{flag} {value} is invalid: {allowed}")
@@ -87,7 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     gen = sub.add_parser("generate", help="sample text from a trained run, streamed to stdout")
-    gen.add_argument("run_dir")
+    gen.add_argument("run_dir", type=_path)
     gen.add_argument("--prompt", action="append", help="repeat for a batch of prompts "
                                                        "(default 'def ')")
     gen.add_argument("--max-new-tokens", type=int, default=200)
@@ -118,37 +126,43 @@ def _build_parser() -> argparse.ArgumentParser:
                                           "Hugging Face directory",
                           usage="dropless convert RUN_DIR --to-safetensors OUT | "
                                 "--from-hf HF_DIR OUT | --to-hf RUN_DIR OUT")
-    conv.add_argument("path", help="RUN_DIR with --to-safetensors; the output directory otherwise")
+    conv.add_argument("path", type=_path,
+                      help="RUN_DIR with --to-safetensors; the output directory otherwise")
     way = conv.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to-safetensors", metavar="OUT",
+    way.add_argument("--to-safetensors", metavar="OUT", type=_path,
                      help="write the run's latest checkpoint (any mesh) as one safetensors file "
                           "with every expert")
-    way.add_argument("--from-hf", metavar="HF_DIR", help="read a Hugging Face model directory "
-                                                         "into a run directory")
-    way.add_argument("--to-hf", metavar="RUN_DIR", help="write a run as a Hugging Face directory")
+    way.add_argument("--from-hf", metavar="HF_DIR", type=_path,
+                     help="read a Hugging Face model directory into a run directory")
+    way.add_argument("--to-hf", metavar="RUN_DIR", type=_path,
+                     help="write a run as a Hugging Face directory")
     conv.add_argument("--model-type", help="with --to-hf: HF architecture (default: inferred)")
 
     quant = sub.add_parser("quantize", help="AWQ int4 weights for the experts and attention; "
                                             "writes a quantized run directory")
-    quant.add_argument("src", metavar="SRC", help="run directory or Hugging Face directory")
-    quant.add_argument("--out", required=True, help="the quantized run directory (must not exist)")
+    quant.add_argument("src", metavar="SRC", type=_path,
+                       help="run directory or Hugging Face directory")
+    quant.add_argument("--out", required=True, type=_path,
+                       help="the quantized run directory (must not exist)")
     quant.add_argument("--bits", type=int, default=4)
     quant.add_argument("--group-size", type=int, default=128, help="32, 64 or 128")
-    quant.add_argument("--calib-data", help="calibration text, as train's --data (default: this "
-                                            "Python's stdlib .py files); its training split is used")
+    quant.add_argument("--calib-data", type=_path,
+                       help="calibration text, as train's --data (default: this Python's stdlib "
+                            ".py files); its training split is used")
     quant.add_argument("--calib-samples", type=int, default=128)
     quant.add_argument("--calib-seq-len", type=int, default=512)
     quant.add_argument("--device", default="auto")
-    quant.add_argument("--cache-dir", help=CACHE_HELP)
+    quant.add_argument("--cache-dir", type=_path, help=CACHE_HELP)
     quant.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run or HF directory")
-    ev.add_argument("path", metavar="RUN_DIR|HF_DIR")
-    ev.add_argument("--data", help="text to take the validation split from (default: the run's)")
+    ev.add_argument("path", metavar="RUN_DIR|HF_DIR", type=_path)
+    ev.add_argument("--data", type=_path,
+                    help="text to take the validation split from (default: the run's)")
     ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...} '
                                                        "(null where not finite: strict JSON)")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--cache-dir", help=CACHE_HELP)
+    ev.add_argument("--cache-dir", type=_path, help=CACHE_HELP)
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
                                        "--preset: every preset, side by side)")

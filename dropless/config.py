@@ -22,7 +22,8 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 # Upper bounds on sizes, far above any public model (DeepSeek-V3: 61 layers, 256 experts, dim 7168;
 # vocabularies stay under 300k), so that a config read from a file (a run's state.json, a Hugging
 # Face config.json) cannot ask for a 10^9-expert model: it is refused before a tensor exists.
-# `tokens` bounds a training config's global micro-batch and its evaluation's windows (held whole
+# `tokens` bounds a training config's global micro-batch, its optimizer step (every micro-batch of a
+# step is made before the step, held whole on the device) and its evaluation's windows (held whole
 # on the host as int64: 512 MiB): DeepSeek-V3's whole optimizer step (15360 x 4096) fits in one.
 LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24,
               tokens=2**26)
@@ -340,11 +341,16 @@ class TrainConfig:
         _int_in("seed", self.seed, 0, 2**64 - 1)   # torch.manual_seed's range
         # a run's train_config comes from strangers too (`dropless eval` sizes its windows by it)
         for name, tokens in (("batch_size*seq_len", self.batch_size * self.seq_len),
+                             ("batch_size*seq_len*grad_accum",
+                              self.batch_size * self.seq_len * self.grad_accum),
                              ("eval_batches*batch_size*seq_len",
                               self.eval_batches * self.batch_size * self.seq_len)):
             _check(tokens <= LIMITS["tokens"], name, tokens,
                    f"must be at most {LIMITS['tokens']} tokens")
         _finite("lr", self.lr, positive=True)
+        # torch's AdamW passes its first step, lr / (1 - beta1) = 10 lr, as a float32: past ~3e37
+        # that step raised an overflow RuntimeError mid-run, a traceback
+        _check(self.lr <= 1e30, "lr", self.lr, "must be a finite number in (0, 1e30]")
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):

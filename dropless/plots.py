@@ -57,6 +57,8 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     over the whole run. Colour is centred on the balanced share 1/E (white); red = overloaded."""
     plt = _pyplot()
     records = [r for r in records if "expert_load" in r]
+    shape = np.shape(records[-1]["expert_load"])   # the run's own: an edited line may differ
+    records = [r for r in records if np.shape(r["expert_load"]) == shape]
     steps = np.array([r["step"] for r in records])
     share_NLE = np.array([r["expert_load"] for r in records])
     N, L, E = share_NLE.shape

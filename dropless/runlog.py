@@ -93,10 +93,25 @@ def _json_line(record: dict) -> str:
     return json.dumps(finite, allow_nan=False) + "\n"
 
 
+def _number(v) -> bool:   # a JSON number a plot can draw: a 400-digit int overflows a float
+    return type(v) is float or (type(v) is int and abs(v) < 2**63)
+
+
+def _is_record(r) -> bool:
+    """Whether `r` holds what the plots read, as a run writes it: an int step, a number loss, a
+    number val_loss if any, and an expert_load if any of equal-length rows of numbers (a line
+    edited by hand to hold anything else crashed a resumed run at its end, with a traceback)."""
+    load = r.get("expert_load", []) if isinstance(r, dict) else None
+    return (isinstance(r, dict) and type(r.get("step")) is int and 0 <= r["step"] < 2**63
+            and _number(r.get("loss")) and _number(r.get("val_loss", 0.0))
+            and isinstance(load, list) and all(isinstance(row, list) and len(row) == len(load[0])
+                                               and all(map(_number, row)) for row in load))
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl, null read back as NaN. A line that is not a record (the
-    partial last line of a run killed mid-write, JSON that is not an object with an int step) is
-    skipped, with one warning that counts them."""
+    partial last line of a run killed mid-write, JSON that is not an object as `_is_record` asks)
+    is skipped, with one warning that counts them."""
     if not path.is_file():
         return []
     records, bad = [], []
@@ -107,8 +122,9 @@ def read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except (ValueError, RecursionError):   # RecursionError: nested too deep
             record = None
-        if isinstance(record, dict) and type(record.get("step")) is int:
-            records.append(_leaves(record, lambda v: math.nan if v is None else v))
+        record = _leaves(record, lambda v: math.nan if v is None else v)
+        if _is_record(record):
+            records.append(record)
         else:
             bad.append(lineno)
     if bad:

@@ -87,6 +87,7 @@ def test_python_dash_m_works():
     (["--lr", "0"], "lr=0.0 is invalid"),
     (["--lr=-1e-3"], "lr=-0.001 is invalid"),
     (["--lr", "nan"], "lr=nan is invalid"),
+    (["--lr", "1e300"], "lr=1e+300 is invalid: must be a finite number in (0, 1e30]"),
     (["--grad-clip", "inf"], "grad_clip=inf is invalid"),
     (["--weight-decay", "nan"], "weight_decay=nan is invalid"),
     (["--batch-size", "0"], "batch_size=0 is invalid"),
@@ -97,6 +98,7 @@ def test_python_dash_m_works():
     # sizes of what is allocated: within a run's train_config too (`dropless eval` reads them)
     (["--batch-size", str(10**12)], "batch_size*seq_len=128000000000000 is invalid: must be at"),
     (["--eval-batches", str(10**12)], "eval_batches*batch_size*seq_len=2048000000000000 is inv"),
+    (["--grad-accum", str(10**9)], "batch_size*seq_len*grad_accum=2048000000000 is invalid"),
     (["--seq-len", str(2**30)], "seq_len=1073741824 is invalid: must be an integer in [1, 1677"),
     (["--seed", str(2**64)], "seed=18446744073709551616 is invalid"),   # torch.manual_seed's range
     (["--preset", "gigantic"], "preset='gigantic' is invalid"),
@@ -265,6 +267,24 @@ def test_eval_and_resume_of_a_run_whose_data_is_gone_name_the_run_data(capsys, t
            f"dropless: error: the run's --data {data}: no such file or directory")
 
 
+def test_resume_over_a_hand_edited_metrics_log(tmp_path, trained_run):
+    """Lines of metrics.jsonl edited to hold a string loss, a list val_loss, ragged or foreign
+    expert loads or a 400-digit step crashed the resumed run's plots at its end, a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
+    metrics = run / "metrics.jsonl"
+    edited = ['{"step": 1, "loss": "low"}', '{"step": 1}',
+              '{"step": 1, "loss": 1, "val_loss": [1]}',
+              '{"step": 1, "loss": 1, "expert_load": [[0.5], [0.5, 0.5]]}',
+              '{"step": 1, "loss": 1, "expert_load": [["a"]]}',
+              '{"step": 1%s, "loss": 1}' % ("0" * 400),
+              '{"step": 1, "loss": 1, "expert_load": [[0.5, 0.5]]}']   # a record, but 1 x 2
+    metrics.write_text("\n".join(edited) + "\n" + metrics.read_text())
+    with pytest.warns(UserWarning, match=r"skipped 6 malformed lines \(1, 2, 3, 4, 5 \.\.\.\)"):
+        assert cli.main(["train", "--resume", str(run), "--steps", "3", "--quiet"]) == 0
+    assert (run / "expert_load.png").is_file()
+
+
 def test_model_only_run_cannot_resume(capsys, tmp_path, trained_run):
     model, _, state = load_run(trained_run)
     ckpt.save(tmp_path / "converted", 0, model, None,
@@ -345,6 +365,33 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
            "is not an empty directory: refusing to overwrite it")
     assert existing.read_bytes() == before
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "--to-hf", "RUN", ""], ["convert", "--from-hf", "HF", ""],
+    ["convert", "RUN", "--to-safetensors", ""], ["eval", "RUN", "--data", ""],
+    ["quantize", "RUN", "--out", "", "--quiet"],
+    ["quantize", "RUN", "--out", "Q", "--calib-data", ""],
+    ["generate", ""], ["eval", ""],
+])
+def test_an_empty_path_is_refused(capsys, monkeypatch, tmp_path, trained_run, argv):
+    """"" is the working directory to os and pathlib: `convert --to-hf RUN ''` wrote config.json and
+    the weights into (over) the directory the command ran in, and `eval --data ''` read it."""
+    (tmp_path / "hf").mkdir()
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    names = {"RUN": str(trained_run), "HF": str(tmp_path / "hf"), "Q": str(tmp_path / "q")}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "config.json").write_text("mine")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([names.get(a, a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must name a path, not ''" in err, err
+    assert [p.name for p in cwd.iterdir()] == ["config.json"]
+    assert (cwd / "config.json").read_text() == "mine"
 
 
 def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
