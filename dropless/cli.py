@@ -384,6 +384,11 @@ def _info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    # generated text holds any character: a terminal or pipe that cannot spell one (an ASCII or
+    # latin-1 locale, PYTHONIOENCODING=ascii) gets a replacement, not a UnicodeEncodeError traceback
+    streams = {s: s.errors for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")}
+    for stream in streams:
+        stream.reconfigure(errors="replace")
     formatwarning = warnings.formatwarning   # one line per warning while a command runs
     warnings.formatwarning = lambda message, *_, **__: f"dropless: warning: {message}\n"
     try:
@@ -409,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"dropless: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    finally:   # main() called from Python leaves the caller's warnings as they were
+    finally:   # main() called from Python leaves the caller's warnings and streams as they were
         warnings.formatwarning = formatwarning
+        for stream, errors in streams.items():
+            stream.reconfigure(errors=errors)
 
 
 if __name__ == "__main__":

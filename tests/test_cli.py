@@ -514,3 +514,14 @@ def test_serve_on_a_busy_port_is_one_line(capsys, trained_run):
         port = busy.getsockname()[1]
         _fails(capsys, ["serve", str(trained_run), "--port", str(port)],
                f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use")
+
+
+def test_generate_to_a_stream_that_cannot_spell_the_text(trained_run):
+    """An ASCII locale (or PYTHONIOENCODING=ascii) gets "?" for what it cannot spell, not a
+    UnicodeEncodeError traceback."""
+    result = subprocess.run([sys.executable, "-m", "dropless", "generate", str(trained_run),
+                             "--prompt", "caf\u00e9 \u20ac", "--max-new-tokens", "4"],
+                            env={**subprocess_env(), "PYTHONIOENCODING": "ascii"},
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"caf? ?" in result.stdout and b"Traceback" not in result.stderr
