@@ -187,10 +187,10 @@ def test_compile_default_is_on_for_one_cuda_process(flag, device, world, expecte
 
 
 def test_cli_compile_flags_and_config_check():
-    from dropless.cli import _build_parser
+    from dropless.cli_parser import build_parser
     from dropless.config import TrainConfig
 
-    parser = _build_parser()
+    parser = build_parser()
     assert parser.parse_args(["train"]).compile is None
     assert parser.parse_args(["train", "--compile"]).compile is True
     assert parser.parse_args(["train", "--no-compile"]).compile is False

@@ -301,8 +301,7 @@ class Engine:
         with self.lock:
             # a request cancelled while it waited never takes a slot (it held one for a step)
             gone = [r for r in self.waiting if r.cancelled]
-            for request in gone:
-                self.waiting.remove(request)
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
             for slot in range(self.max_batch if self._admit_wait() == 0 else 0):
                 if not self.waiting:
                     break
