@@ -1,0 +1,155 @@
+"""Does the decode experts' weight layout bound their GEMVs? The engine's experts hold gate|up as
+[E, D, 2F] and down as [E, F, D] (the training layout: output features contiguous), so a batch-1
+GEMV program reads short runs (BLOCK_N columns) of many rows. This times, at one token, in CUDA
+graphs of CALLS calls that each route to their own draw of experts (more bytes than L2 holds):
+
+  floor    torch.sum over the same number of contiguous expert bytes (two launches)
+  current  dropless.ops.gemv.decode_experts on the training layout (3 kernels)
+  kmajor   two kernels on the transposed layout ([E, 2F, D] and [E, D, F]: every output's weights
+           one contiguous run of the reduction axis): gate|up with SwiGLU, then down summing the
+           K slots with their routing weights in the same program (no partials, no sum kernel)
+
+for a sweep of kmajor tiles, with each output checked against `current`.
+
+    python benchmarks/gemv_layout.py                        # H100/H200: ~1 minute
+    TRITON_INTERPRET=1 python benchmarks/gemv_layout.py --device cpu --shapes cpu   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from dropless.ops import gemv
+from gemv_tiles import SHAPES, CALLS, repeated
+from moe_layer import bench
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, F, D, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """h[r, n] = silu(W_e[n] . x[r // K]) * (W_e[F + n] . x[r // K]), W_e [2F, D], e = ids[r]."""
+    r = tl.program_id(0)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.load(ids_ptr + r).to(tl.int64)
+    w = w_ptr + e * 2 * F * D
+    x_row = x_ptr + (r // K) * D
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + ks).to(tl.float32)[None, :]
+        g += x * tl.load(w + ns[:, None] * D + ks[None, :]).to(tl.float32)
+        u += x * tl.load(w + (ns + F)[:, None] * D + ks[None, :]).to(tl.float32)
+    gs = tl.sum(g, axis=1)
+    h = gs * tl.sigmoid(gs) * tl.sum(u, axis=1)
+    tl.store(h_ptr + r * F + ns, h.to(h_ptr.dtype.element_ty))
+
+
+@triton.jit
+def down_kernel(h_ptr, w_ptr, ids_ptr, s_ptr, y_ptr, F, D, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[t, n] = sum_k s[t, k] * (W_{ids[t, k]}[n] . h[t K + k]), W_e [D, F]."""
+    t = tl.program_id(0)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = t * K + k
+        w = w_ptr + tl.load(ids_ptr + r).to(tl.int64) * D * F
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            hv = tl.load(h_ptr + r * F + ks).to(tl.float32)[None, :]
+            acc += hv * tl.load(w + ns[:, None] * F + ks[None, :]).to(tl.float32)
+        y += tl.load(s_ptr + r).to(tl.float32) * tl.sum(acc, axis=1)
+    tl.store(y_ptr + t * D + ns, y.to(y_ptr.dtype.element_ty))
+
+
+def kmajor(x, ids, s, gu_t, dn_t, tile):
+    """decode_experts on the transposed layout; tile = (gate_up BN, BK, warps, down BN, BK,
+    warps)."""
+    T, D = x.shape
+    K = ids.shape[1]
+    F = dn_t.shape[2]
+    gbn, gbk, gw, dbn, dbk, dw = tile
+    h = x.new_empty(T * K, F)
+    gate_up_kernel[(T * K, F // gbn)](x, gu_t, ids, h, F, D, K, gbn, gbk, num_warps=gw)
+    y = torch.empty_like(x)
+    down_kernel[(T, D // dbn)](h, dn_t, ids, s, y, F, D, K, dbn, dbk, num_warps=dw)
+    return y
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["qwen3", "mixtral"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--gate-up", nargs="+", default=["4,512,4", "8,256,4", "8,512,8", "16,256,8",
+                                                      "2,1024,4", "4,1024,8"],
+                    metavar="BN,BK,WARPS")
+    ap.add_argument("--down", nargs="+", default=["4,256,4", "8,256,8", "2,256,4", "4,128,4",
+                                                   "16,128,8"], metavar="BN,BK,WARPS")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, triton {triton.__version__}; T = 1; us per call (median; "
+          f"graph of {CALLS} calls)")
+    for name in args.shapes:
+        D, F, E, K = SHAPES[name]
+        torch.manual_seed(0)
+        gate_up = torch.randn(E, D, 2 * F, device=device, dtype=dtype) * D ** -0.5
+        down = torch.randn(E, F, D, device=device, dtype=dtype) * F ** -0.5
+        gu_t = gate_up.transpose(1, 2).contiguous()
+        dn_t = down.transpose(1, 2).contiguous()
+        x = torch.randn(1, D, device=device, dtype=dtype)
+        s = torch.rand(1, K, device=device).softmax(-1)
+        draws = [torch.randperm(E, device=device)[:K][None] for _ in range(CALLS)]
+        mb = K * 3 * D * F * gate_up.element_size() / 1e6
+        ref = gemv.decode_experts(x, draws[0], s, gate_up, down).float()
+        reads = [lambda i=i: (gate_up[i * K % (E - K + 1):][:K].sum(dtype=torch.float32),
+                              down[i * K % (E - K + 1):][:K].sum(dtype=torch.float32))
+                 for i in range(CALLS)]
+        rows = [("floor", None, repeated(reads, device))]
+        rows.append(("current", ref, repeated(
+            [lambda d=d: gemv.decode_experts(x, d, s, gate_up, down) for d in draws], device)))
+        for g, d in itertools.product(args.gate_up, args.down):
+            tile = tuple(int(v) for v in (g + "," + d).split(","))
+            try:
+                y = kmajor(x, draws[0], s, gu_t, dn_t, tile).float()
+                fn = repeated([lambda d=d: kmajor(x, d, s, gu_t, dn_t, tile) for d in draws],
+                              device)
+            except Exception as exc:   # a tile the compiler or resources refuse
+                print(f"{name:8} kmajor {tile}: {type(exc).__name__}: {str(exc)[:60]}")
+                continue
+            rows.append((f"kmajor {g} | {d}", y, fn))
+        for label, y, fn in rows:
+            us = bench(fn, device) * 1e3 / CALLS
+            err = "" if y is None else f"{((y - ref).norm() / ref.norm()).item():10.1e}"
+            print(f"{name:8} {label:34}{us:9.1f} us {mb / us:7.0f} GB/s{err}", flush=True)
+    if "qwen3" in args.shapes:
+        linears(device, dtype)
+
+
+def linears(device, dtype):
+    """The Qwen3-30B-A3B attention's projections at one token: linear_rows (norm + q|k|v; o_proj
+    + residual) against torch.sum of as many bytes, each of CALLS layers' own weights."""
+    from dropless.ops.triton_linear import linear_rows
+    for label, n, k, norm in (("qkv+norm", 5120, 2048, True), ("o_proj+res", 2048, 4096, False)):
+        ws = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(CALLS)]
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        nw = torch.ones(k, device=device, dtype=dtype) if norm else None
+        res = None if norm else torch.randn(1, n, device=device, dtype=dtype)
+        mb = n * k * ws[0].element_size() / 1e6
+        for what, fns in (("floor", [lambda w=w: w.sum(dtype=torch.float32) for w in ws]),
+                          ("linear_rows", [lambda w=w: linear_rows(x, w, nw, 1e-6, res)
+                                           for w in ws])):
+            us = bench(repeated(fns, device), device) * 1e3 / CALLS
+            print(f"qwen3    {label + ' ' + what:34}{us:9.1f} us {mb / us:7.0f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
