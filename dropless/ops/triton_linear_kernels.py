@@ -19,6 +19,7 @@ Numerics: products and sums in float32 of the values as loaded; one rounding of 
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_norm_kernels import normed, rows_rstd
 from dropless.ops.triton_pdl import pdl_start
 
 
@@ -40,13 +41,7 @@ def linear_rows_kernel(
     x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + ns.to(tl.int64)[:, None] * K
     if NORM:   # each row's mean square, from the row as stored
-        sq = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + ks[None, :], mask=t_ok[:, None] & (ks < K)[None, :], other=0.0)
-            x = x.to(tl.float32)
-            sq += x * x
-        rstd = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
+        rstd = rows_rstd(x_rows, t_ok, K, eps, BLOCK_T, BLOCK_K)
     # elementwise products accumulate across the K loop; one reduction at the end. UNROLL steps
     # per iteration in one basic block: their independent loads are in flight together
     acc = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -57,8 +52,7 @@ def linear_rows_kernel(
             x = tl.load(x_rows + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if NORM:   # rounded to x's dtype, as F.rms_norm's output is
-                nw = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)
+                x = normed(x, rstd, norm_ptr, ks, k_ok)
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     ok = t_ok[:, None] & n_ok[None, :]

@@ -25,6 +25,7 @@ float32), as the torch path's float32 GEMM; the softmax as torch's, exp(l - max)
 import triton
 import triton.language as tl
 
+from dropless.ops.triton_norm_kernels import normed, rows_rstd
 from dropless.ops.triton_pdl import pdl_start
 from dropless.ops.triton_sync import last_to_arrive, rearm
 
@@ -53,12 +54,7 @@ def router_logits_kernel(
     x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + es.to(tl.int64)[:, None] * D
     if NORM:   # each row's mean square over all of D
-        sq = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & (ds < D)[None, :], other=0.0)
-            sq += x.to(tl.float32) * x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(sq, axis=1) / D + eps)
+        rstd = rows_rstd(x_rows, t_ok, D, eps, BLOCK_T, BLOCK_D)
     # elementwise products accumulate across the D loop; one reduction at the end
     acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BLOCK_D):
@@ -67,8 +63,7 @@ def router_logits_kernel(
         x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_rows + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         if NORM:
-            nw = tl.load(norm_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)
+            x = normed(x, rstd, norm_ptr, ds, d_ok)
             if tl.program_id(1) == 0:
                 tl.store(h_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :], x,
                          mask=t_ok[:, None] & d_ok[None, :])
