@@ -134,11 +134,13 @@ def _serve(args) -> int:
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
     from dropless.serve.engine import Engine
-    from dropless.serve.server import check_listen, serve
+    from dropless.serve.server import QUEUE_PER_SLOT, check_listen, serve
     from dropless.serve.text import load_served_model
 
     # what can be checked without the model, before it loads (minutes, for a large one)
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
+    _require(args.max_queue is None or args.max_queue >= 1, "--max-queue", args.max_queue,
+             "must be >= 1")
     _require(args.max_len is None or args.max_len >= 2, "--max-len", args.max_len,
              "must be in [2, the model's max_seq_len]")
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
@@ -157,9 +159,10 @@ def _serve(args) -> int:
                         compile_prefill=compile_prefill, admit_delay=args.admit_delay_ms / 1e3)
     except ValueError as e:   # its "max_batch=0 is invalid" (or too large) in the flags' names
         raise DroplessError(re.sub("max_(batch|len)=", r"--max-\1 ", str(e))) from None
-    print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max batch {args.max_batch}, context {engine.max_len})", file=sys.stderr)
-    serve(served, engine, args.host, args.port)
+    max_queue = args.max_queue or QUEUE_PER_SLOT * args.max_batch
+    print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 (max batch "
+          f"{args.max_batch}, max queue {max_queue}, context {engine.max_len})", file=sys.stderr)
+    serve(served, engine, args.host, args.port, max_queue)
     return 0
 
 

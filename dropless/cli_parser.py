@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    srv.add_argument("--max-queue", type=int,
+                     help="requests that may wait for a slot; past them a request is refused "
+                          "with 429 (default 8 x --max-batch)")
     srv.add_argument("--max-len", type=int, help="context per request, preallocated for every "
                                                  "slot (default: the model's, at most 4096)")
     srv.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")

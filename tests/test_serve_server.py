@@ -52,13 +52,14 @@ def run_dir(tmp_path_factory):
 
 
 class InProcessServer:
-    """uvicorn in a thread of this process, on a free port, with an openai client."""
+    """uvicorn in a thread of this process, on a free port, with an openai client; `app`: more
+    arguments of create_app."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, **app):
         self.served = load_served_model(str(model_dir), torch.device("cpu"))
         self.engine = engine = Engine(self.served.model, max_batch=4, prefill_chunk=16)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.served, engine),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.served, engine, **app),
                                                     host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -506,7 +507,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
             self.captured = progress
 
     engine, seen = FakeEngine(), {}
-    monkeypatch.setattr(server_module, "create_app", lambda served, engine: None)
+    monkeypatch.setattr(server_module, "create_app", lambda served, engine, max_queue: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
         interval=sys.getswitchinterval(), captured=engine.captured, **kw))
     before = sys.getswitchinterval()

@@ -8,13 +8,16 @@ import json
 
 from dropless.serve.request import SamplingParams
 
-# OpenAI parameters not implemented here, with the value that asks for nothing (clients send it):
-# any other value is refused, never silently ignored (a reply without the echo or logprobs asked
-# for, or sampled without the penalties, would look like the model's doing)
-NOT_IMPLEMENTED = {"echo": False, "suffix": "", "best_of": 1, "logprobs": False, "top_logprobs": 0,
-                   "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
-                   "response_format": {"type": "text"}, "tools": [],
-                   "functions": []}   # tools' deprecated form, which older clients still send
+# OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
+# any other value is refused, never silently ignored (a reply without the echo, logprobs or tool
+# call asked for, or sampled without the penalties, would look like the model's doing). A tool or
+# function choice of "auto" asks for nothing when there are no tools (any tool is refused).
+NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logprobs": (False,),
+                   "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
+                   "frequency_penalty": (0,), "response_format": ({"type": "text"},),
+                   "tools": ([],), "tool_choice": ("none", "auto"),
+                   "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
+                   "modalities": (["text"],), "audio": ()}
 
 
 # A prompt of more characters than this per token of the context is refused untokenized: a token
@@ -87,10 +90,11 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int)
 def check_implemented(body: dict) -> None:
     for name, nothing in NOT_IMPLEMENTED.items():
         value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
-        if value is not None and (value != nothing or isinstance(value, bool) != isinstance(
-                nothing, bool)):
-            raise APIError(400, f"{name}={shown(body[name])} is not supported by this server (only "
-                           f"{json.dumps(nothing)} or null)", name)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(
+                v, bool) for v in nothing):
+            allowed = ", ".join(json.dumps(v) for v in nothing)
+            raise APIError(400, f"{name}={shown(value)} is not supported by this server (only "
+                           f"{allowed + ' or ' if allowed else ''}null)", name)
 
 
 def stop_strings(body: dict) -> list[str]:
@@ -124,6 +128,8 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
             options.get("include_usage"), (bool, type(None)))):
         raise APIError(400, f"stream_options={shown(options)} is invalid: an object with an "
                        "optional boolean include_usage", "stream_options")
+    if options is not None and not stream:   # as OpenAI: options for a stream that is not one
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     return bool(stream), bool(options and options.get("include_usage"))
 
 

@@ -3,7 +3,8 @@
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
 POST /v1/chat/completions. One engine thread steps the continuous batch; each HTTP request is an
 engine Request whose tokens come back to the event loop through an asyncio queue. Prompts are
-rendered and tokenized in worker threads, not on the event loop. Errors have OpenAI's shape:
+rendered and tokenized in worker threads, not on the event loop. At most `max_queue` requests wait
+for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -26,14 +27,18 @@ from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, 
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
+# requests that may wait for a slot, by default, per slot: a queue of a few batches' worth keeps the
+# batch full between arrivals, and the last of them is answered within a few batches' replies
+QUEUE_PER_SLOT = 8
 
 
-def create_app(served: ServedModel, engine: Engine):
+def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None):
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     stop_engine = threading.Event()
+    max_queue = QUEUE_PER_SLOT * engine.max_batch if max_queue is None else max_queue
 
     @asynccontextmanager
     async def lifespan(app):
@@ -91,6 +96,17 @@ def create_app(served: ServedModel, engine: Engine):
         known(model)
         return card
 
+    def check_room() -> None:
+        """A 429 once max_queue requests wait for a slot: a flood queued without bound, each
+        waiting client holding a connection and its prompt for a reply that came ever later.
+        Those that free slots take at the next step are not waiting for one."""
+        with engine.lock:
+            queued = len(engine.waiting) - engine.slots.count(None)
+        if queued >= max_queue:
+            raise APIError(429, f"the server is busy: {queued} requests already wait for a slot "
+                           f"(at most {max_queue}); retry later", type="rate_limit_error",
+                           code="rate_limit_exceeded")
+
     async def parse(http_request) -> dict:
         try:   # bounded before it is read: parsing it holds up the event loop
             body = json.loads(await read_body(http_request, max_body_bytes(engine.max_len)))
@@ -99,6 +115,7 @@ def create_app(served: ServedModel, engine: Engine):
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         known(body.get("model"))
+        check_room()   # before the prompt is rendered and tokenized for nothing
         return body
 
     # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
@@ -138,6 +155,7 @@ def create_app(served: ServedModel, engine: Engine):
                 post(loop, queue, rest)
             post(loop, queue, None)
 
+        check_room()   # again: others were submitted while this one was tokenized
         request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids if eos else (),
                                         on_token=on_token, on_finish=on_finish))
         return request, queue
@@ -299,7 +317,8 @@ def check_listen(host: str, port: int) -> None:
                             f"{e.strerror or e}") from None
 
 
-def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
+def serve(served: ServedModel, engine: Engine, host: str, port: int,
+          max_queue: int | None = None) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
     (streams included) and the lifespan stops the engine thread and prints its counters."""
     import uvicorn
@@ -312,4 +331,4 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int) -> None:
         print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
         engine.warm_up(progress=True)
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(served, engine), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(served, engine, max_queue), host=host, port=port, log_level="info")

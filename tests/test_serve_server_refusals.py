@@ -1,0 +1,129 @@
+"""What `dropless serve` refuses rather than do wrong: a request past the bound on those waiting
+for a slot (429), OpenAI parameters it cannot honour (400, their no-op values accepted), and
+stream_options without a stream (400, as OpenAI). One live server for the module (the tiny random
+model of test_serve_server) and one with a queue of one."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dropless import cli
+from tests import test_serve_server_edges as edges
+from tests.test_cli import _fails
+
+live, run_dir = edges.live, edges.run_dir   # the module-scoped fixtures
+MODEL, openai, live_server = edges.MODEL, edges.openai, edges.live_server
+CHAT = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": MODEL, "max_tokens": 2, "prompt": "hi"}
+
+
+# ---- the bound on waiting requests ------------------------------------------------------------
+
+def test_a_full_queue_is_429_and_what_waits_is_served(run_dir, monkeypatch):
+    """A flood queued without bound. With the engine held, four requests wait for the four free
+    slots (they do not count: the next step admits them) and one in the queue of one; the next
+    is a 429 in OpenAI's shape (the openai client's RateLimitError). Those waiting are served."""
+    s = live_server.InProcessServer(run_dir, max_queue=1)
+    gate, step = threading.Event(), s.engine.step
+
+    def held():
+        gate.wait()
+        step()
+
+    monkeypatch.setattr(s.engine, "step", held)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            replies = [pool.submit(s.client.completions.create, **COMPLETION) for _ in range(5)]
+            deadline = time.monotonic() + 30
+            while len(s.engine.waiting) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(s.engine.waiting) == 5
+            code, reply = edges.post(s.port, "/v1/chat/completions", CHAT)
+            assert code == 429 and reply["error"]["type"] == "rate_limit_error", reply
+            assert reply["error"]["code"] == "rate_limit_exceeded" and reply["error"]["param"] is None
+            assert "(at most 1)" in reply["error"]["message"]
+            with pytest.raises(openai.RateLimitError):
+                s.client.completions.create(**COMPLETION)
+            gate.set()
+            assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
+        assert s.client.completions.create(**COMPLETION).usage.completion_tokens == 2
+    finally:
+        gate.set()
+        s.stop()
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-queue", "0"], "--max-queue 0 is invalid: must be >= 1"),
+                                            (["--max-queue=-2"], "--max-queue -2 is invalid: must be >= 1")])
+def test_serve_refuses_a_bad_max_queue_in_one_line(capsys, monkeypatch, run_dir, flags, message):
+    from dropless.serve import text
+
+    monkeypatch.setattr(text, "load_served_model", lambda *a: pytest.fail("the model was loaded"))
+    _fails(capsys, ["serve", str(run_dir), "--port", str(live_server.free_port()), *flags], message)
+
+
+@pytest.mark.parametrize("flags, max_queue", [([], 8 * 3), (["--max-queue", "5"], 5)])
+def test_serve_passes_max_queue_default_a_multiple_of_max_batch(capsys, monkeypatch, run_dir,
+                                                               flags, max_queue):
+    import dropless.serve.server as server
+
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue: print(
+        f"queue {max_queue}"))
+    assert cli.main(["serve", str(run_dir), "--device", "cpu", "--max-batch", "3",
+                     "--port", str(live_server.free_port()), *flags]) == 0
+    out = capsys.readouterr()
+    assert f"queue {max_queue}\n" in out.out and f"max queue {max_queue}," in out.err
+
+
+# ---- parameters it cannot honour --------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, allowed", [
+    ({"tool_choice": "required"}, '"none", "auto" or null'),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, '"none", "auto" or null'),
+    ({"tool_choice": True}, '"none", "auto" or null'),
+    ({"function_call": {"name": "f"}}, '"none", "auto" or null'),
+    ({"modalities": ["text", "audio"]}, '["text"] or null'),
+    ({"modalities": ["audio"]}, '["text"] or null'),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "only null"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "[] or null"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     '{"type": "text"} or null'),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_what_cannot_be_honoured_is_400_naming_it(live, path, fields, allowed):
+    """tool_choice, function_call, modalities and audio were ignored: a client asking for a tool
+    call or audio got plain text, as if the model had chosen it."""
+    body = {**(CHAT if "chat" in path else COMPLETION), **fields}
+    [name] = fields
+    message = edges.refused(live, path, body, name)
+    assert message.startswith(f"{name}=") and "not supported" in message and allowed in message
+
+
+@pytest.mark.parametrize("fields", [
+    {"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}, {"tools": None},
+    {"function_call": "none", "functions": []}, {"response_format": {"type": "text"}}, {"n": 1},
+    {"logprobs": False, "top_logprobs": 0}, {"logprobs": None}, {"logit_bias": {}},
+    {"logit_bias": None}, {"modalities": ["text"]}, {"audio": None},
+    {"stream": False, "stream_options": None},
+])
+def test_the_no_op_values_are_accepted(live, fields):
+    code, reply = edges.post(live.port, "/v1/chat/completions", {**CHAT, **fields})
+    assert code == 200 and reply["usage"]["completion_tokens"] == 2, reply
+
+
+# ---- stream_options without a stream ----------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}])
+@pytest.mark.parametrize("options", [{"include_usage": True}, {}])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_options_without_a_stream_is_400(live, path, stream, options):
+    """Accepted and ignored: OpenAI refuses it, and a client that set include_usage expecting a
+    stream got one reply."""
+    body = {**(CHAT if "chat" in path else COMPLETION), **stream, "stream_options": options}
+    assert "only allowed when stream is true" in edges.refused(live, path, body, "stream_options")
+
+
+def test_the_openai_client_gets_a_bad_request_for_stream_options_alone(live):
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        live.client.chat.completions.create(**CHAT, stream_options={"include_usage": True})
