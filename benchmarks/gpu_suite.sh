@@ -71,7 +71,7 @@ for s in "$@"; do
            stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
              tests/test_ops_triton_rope.py tests/test_ops_triton_router.py tests/test_ops_awq.py \
              tests/test_ops_blocksparse.py tests/test_master_adamw.py tests/test_ops_triton_attention.py \
-             -p no:cacheprovider -rf ;;
+             tests/test_ops_triton_linear.py -p no:cacheprovider -rf ;;
     gpu) ;;
     train) stage "$L" 300 python3 benchmarks/train.py --json "$O/train.json" ;;
     ab)    stage "$L" 170 python3 benchmarks/train.py \
@@ -118,7 +118,8 @@ for s in "$@"; do
     fusiontests) DROPLESS_DECODE_FUSION=1 stage "$L" 300 python3 -m pytest -q -n 12 \
                    tests/test_serve_decode.py tests/test_serve_engine.py tests/test_ops_triton_rope.py \
                    tests/test_ops_triton_gemv.py tests/test_ops_triton_attention.py \
-                   tests/test_ops_triton_router.py tests/test_ops_awq.py -p no:cacheprovider -rf ;;
+                   tests/test_ops_triton_router.py tests/test_ops_awq.py tests/test_ops_triton_linear.py \
+                   -p no:cacheprovider -rf ;;
     fusiongemv) stage "$L" 150 python3 benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 \
                   --tiles 32,32,4,4 32,32,4,8 32,32,8,8 128,32,4,4 256,16,4,4 --warps 4 8 ;;
     fusion) for f in 0 1; do
