@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -45,18 +46,40 @@ def request_stop() -> None:
         StopOnInterrupt.active.requested = True
 
 
+def _to_devnull(stream) -> None:
+    """From now on, `stream`'s file descriptor writes to /dev/null: what is buffered for a reader
+    that went away, and all that follows, is discarded without another BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def discard_closed_output() -> None:
+    """After a BrokenPipeError: stdout and stderr, each whose reader went away (its flush fails),
+    write to /dev/null, so that the interpreter's flush at exit does not fail again."""
+    for stream in filter(None, (sys.stdout, sys.stderr)):   # None: closed at start (`>&-`)
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _to_devnull(stream)
+
+
 class StopWhenReaderLeaves:
     """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
     (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
     saved) instead of dying at its next evaluation line with every step since the last checkpoint
-    lost. Later output is discarded."""
+    lost. Later output is discarded. Each line is flushed as it ends: a block-buffered pipe held
+    them (`| tee log` showed nothing, `| head -1` never had its line until the run ended)."""
 
     def __init__(self, stream):
         self.stream, self.reader_left = stream, False
 
     def write(self, text: str) -> int:
         try:
-            return self.stream.write(text)
+            written = self.stream.write(text)
+            if "\n" in text:
+                self.stream.flush()
+            return written
         except BrokenPipeError:
             self._left()
             return len(text)
@@ -70,7 +93,7 @@ class StopWhenReaderLeaves:
     def _left(self) -> None:
         if not self.reader_left:
             self.reader_left = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            _to_devnull(self.stream)
             request_stop()
 
     def __getattr__(self, name):
