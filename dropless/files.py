@@ -2,10 +2,11 @@
 indexes, tokenizers): regular files only, of bounded size, so that a FIFO cannot hang a command
 and a sparse terabyte-sized `config.json` cannot exhaust memory. Writing what a command outputs:
 all of it or none of it, through a temp path beside it and a rename into place, so that a full
-disk or a kill mid-write leaves the previous file whole."""
+disk or a kill mid-write leaves the previous file whole; a directory likewise (`atomic_dir`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -80,6 +81,26 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yields a temp directory beside `out` to fill; renamed to `out` when the block ends, removed
+    when it raises (or is interrupted), so that a failed or killed write leaves no directory that
+    looks like a whole one (a kill's leftover is a hidden temp that the next one removes). `out`
+    must not exist or be an empty directory: the caller refuses anything else, with its message."""
+    out = Path(os.path.abspath(out))   # `.` names the directory it is (the temp goes beside it)
+    tmp = temp_beside(out, hidden=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()   # empty (checked by the caller): a rename cannot replace it otherwise
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
 
 
 def temp_beside(path: Path, hidden: bool = False) -> Path:
