@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from dropless.errors import DroplessError
@@ -67,19 +68,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
+def write_atomic(path: str | Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `path` through an fsynced temp file and a rename: all of it or none of it. `data`:
+    the bytes, or pieces of them, each written as it comes (a file too long to hold at once)."""
     path = Path(path)
     tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:   # a full disk: name the file (write errors carry no filename)
+    except BaseException as e:   # a full disk, or the pieces' producer failing: no temp left
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        if isinstance(e, OSError):   # name the file (write errors carry no filename)
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     fsync_dir(path.parent)
 
 
