@@ -239,15 +239,7 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # generated text holds any character: a terminal or pipe that cannot spell one (an ASCII or
-    # latin-1 locale, PYTHONIOENCODING=ascii) gets a replacement, not a UnicodeEncodeError traceback
-    streams = {s: s.errors for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")}
-    for stream in streams:
-        stream.reconfigure(errors="replace")
-    formatwarning = warnings.formatwarning   # one line per warning while a command runs
-    warnings.formatwarning = lambda message, *_, **__: f"dropless: warning: {message}\n"
+def _run(args) -> int:
     try:
         if args.command == "example":
             from dropless.example import run_example
@@ -264,13 +256,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dropless: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:   # `dropless ... | head` stopped reading: stop quietly, as `cat` does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit flush
-        return 141   # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+    except BrokenPipeError:   # an OSError, but no error of the command's: main's to handle
+        raise
     except OSError as e:   # disk full, read-only, a file where a directory should be, ...
         where = f"{e.filename}: " if e.filename else ""
         print(f"dropless: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    # generated text holds any character: a terminal or pipe that cannot spell one (an ASCII or
+    # latin-1 locale, PYTHONIOENCODING=ascii) gets a replacement, not a UnicodeEncodeError traceback
+    streams = {s: s.errors for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")}
+    for stream in streams:
+        stream.reconfigure(errors="replace")
+    formatwarning = warnings.formatwarning   # one line per warning while a command runs
+    warnings.formatwarning = lambda message, *_, **__: f"dropless: warning: {message}\n"
+    try:
+        try:
+            return _run(build_parser().parse_args(argv))
+        finally:   # --help and argparse's errors (SystemExit) included
+            # what is still buffered is written now, where a closed pipe is caught below: the
+            # interpreter's flush at exit reports it as "Exception ignored ... BrokenPipeError"
+            # with exit code 120 (stdout into a pipe is block-buffered: `dropless info | true`)
+            for stream in filter(None, (sys.stdout, sys.stderr)):   # None: `>&-`
+                stream.flush()
+    except BrokenPipeError:
+        # `dropless ... | head` stopped reading, in any command or in an error message: stop
+        # quietly, as `cat` or `yes` do, with the exit code a shell reports for a command that
+        # SIGPIPE killed (128 + 13), so `set -o pipefail` scripts still see that output was lost;
+        # Python's recipe (docs: signal, "Note on SIGPIPE"), not SIG_DFL, which would kill a
+        # training run with its steps since the last checkpoint (train stops cleanly instead)
+        from dropless.runlog import discard_closed_output
+        discard_closed_output()
+        return 141
     finally:   # main() called from Python leaves the caller's warnings and streams as they were
         warnings.formatwarning = formatwarning
         for stream, errors in streams.items():

@@ -10,7 +10,7 @@ import torch
 
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.errors import DroplessError
-from dropless.files import read_small_text, write_atomic
+from dropless.files import atomic_dir, read_small_text, write_atomic
 from dropless.hf import from_hf, read_hf_config, save_safetensors, to_hf
 from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
@@ -54,7 +54,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     qcfg = _quant_config(model)
     if qcfg is not None:   # an AutoAWQ directory: load_run must swap the same packed modules in
         state["quant"] = asdict(qcfg)
-    save(out, 0, model, state=state)
+    with atomic_dir(out) as tmp:   # a failed save leaves no half-made run directory in OUT
+        save(tmp, 0, model, state=state)
 
 
 def _quant_config(model: Transformer):
@@ -72,9 +73,13 @@ def _quant_config(model: Transformer):
 
 
 def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
-    """dropless run directory -> HF model directory that `from_pretrained` loads."""
+    """dropless run directory -> HF model directory that `from_pretrained` loads. `out` (absent or
+    an empty directory) appears whole or not at all: config.json, the weights and the tokenizer
+    are written into a temp directory beside it, renamed into place at the end, so an interrupted
+    convert leaves no directory that looks like a model with half its weights."""
     model, tokenizer, _ = load_run(run_dir)
-    save_hf_dir(model, Path(out), tokenizer.to_json(), model_type)
+    with atomic_dir(out) as tmp:
+        save_hf_dir(model, tmp, tokenizer.to_json(), model_type)
 
 
 def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:

@@ -2,16 +2,18 @@
 indexes, tokenizers): regular files only, of bounded size, so that a FIFO cannot hang a command
 and a sparse terabyte-sized `config.json` cannot exhaust memory. Writing what a command outputs:
 all of it or none of it, through a temp path beside it and a rename into place, so that a full
-disk or a kill mid-write leaves the previous file whole."""
+disk or a kill mid-write leaves the previous file whole; a directory likewise (`atomic_dir`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
 import socket
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from dropless.errors import DroplessError
@@ -66,20 +68,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `path` through an fsynced temp file and a rename: all of it or none of it."""
+def write_atomic(path: str | Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `path` through an fsynced temp file and a rename: all of it or none of it. `data`:
+    the bytes, or pieces of them, each written as it comes (a file too long to hold at once)."""
     path = Path(path)
     tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:   # a full disk: name the file (write errors carry no filename)
+    except BaseException as e:   # a full disk, or the pieces' producer failing: no temp left
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        if isinstance(e, OSError):   # name the file (write errors carry no filename)
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yields a temp directory beside `out` to fill; renamed to `out` when the block ends, removed
+    when it raises (or is interrupted), so that a failed or killed write leaves no directory that
+    looks like a whole one (a kill's leftover is a hidden temp that the next one removes). `out`
+    must not exist or be an empty directory: the caller refuses anything else, with its message."""
+    out = Path(os.path.abspath(out))   # `.` names the directory it is (the temp goes beside it)
+    tmp = temp_beside(out, hidden=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()   # empty (checked by the caller): a rename cannot replace it otherwise
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
 
 
 def temp_beside(path: Path, hidden: bool = False) -> Path:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -45,18 +46,40 @@ def request_stop() -> None:
         StopOnInterrupt.active.requested = True
 
 
+def _to_devnull(stream) -> None:
+    """From now on, `stream`'s file descriptor writes to /dev/null: what is buffered for a reader
+    that went away, and all that follows, is discarded without another BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def discard_closed_output() -> None:
+    """After a BrokenPipeError: stdout and stderr, each whose reader went away (its flush fails),
+    write to /dev/null, so that the interpreter's flush at exit does not fail again."""
+    for stream in filter(None, (sys.stdout, sys.stderr)):   # None: closed at start (`>&-`)
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _to_devnull(stream)
+
+
 class StopWhenReaderLeaves:
     """sys.stdout or sys.stderr while `dropless train` runs: when the reader of the pipe goes away
     (`dropless train | head -1`), the run stops as on Ctrl-C (the step finishes, a checkpoint is
     saved) instead of dying at its next evaluation line with every step since the last checkpoint
-    lost. Later output is discarded."""
+    lost. Later output is discarded. Each line is flushed as it ends: a block-buffered pipe held
+    them (`| tee log` showed nothing, `| head -1` never had its line until the run ended)."""
 
     def __init__(self, stream):
         self.stream, self.reader_left = stream, False
 
     def write(self, text: str) -> int:
         try:
-            return self.stream.write(text)
+            written = self.stream.write(text)
+            if "\n" in text:
+                self.stream.flush()
+            return written
         except BrokenPipeError:
             self._left()
             return len(text)
@@ -70,7 +93,7 @@ class StopWhenReaderLeaves:
     def _left(self) -> None:
         if not self.reader_left:
             self.reader_left = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            _to_devnull(self.stream)
             request_stop()
 
     def __getattr__(self, name):
@@ -108,29 +131,53 @@ def _is_record(r) -> bool:
                                                and all(map(_number, row)) for row in load))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl, null read back as NaN. A line that is not a record (the
-    partial last line of a run killed mid-write, JSON that is not an object as `_is_record` asks)
-    is skipped, with one warning that counts them."""
+# the longest metrics.jsonl line held in memory whole: a run's own are far shorter (expert_load at
+# config.LIMITS' largest model, 1024 layers x 4096 experts at ~8 characters a share, is ~34 MB); a
+# longer one (a run directory from elsewhere) is read past a piece at a time and skipped as malformed
+MAX_LINE = 64 * 2**20
+
+
+def _lines(f):
+    """The lines of the binary file `f`, one at a time; None for one over MAX_LINE bytes."""
+    while line := f.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE)
+            line = None
+        yield line
+
+
+def _records(path: Path):
+    """The records of metrics.jsonl as read_metrics gives them, one at a time: the file is read a
+    line at a time, never whole (a stranger's run directory may hold a file of any size)."""
     if not path.is_file():
-        return []
-    records, bad = [], []
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):   # RecursionError: nested too deep
+        return
+    bad = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_lines(f), 1):
+            if line is not None and not line.strip():
+                continue
             record = None
-        record = _leaves(record, lambda v: math.nan if v is None else v)
-        if _is_record(record):
-            records.append(record)
-        else:
-            bad.append(lineno)
+            if line is not None:
+                try:
+                    record = json.loads(line.decode(errors="replace"))
+                except (ValueError, RecursionError):   # RecursionError: nested too deep
+                    pass
+            record = _leaves(record, lambda v: math.nan if v is None else v)
+            if _is_record(record):
+                yield record
+            else:
+                bad.append(lineno)
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} malformed lines ({shown})", stacklevel=2)
-    return records
+        warnings.warn(f"{path}: skipped {len(bad)} malformed lines ({shown})", stacklevel=3)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, null read back as NaN. A line that is not a record (the
+    partial last line of a run killed mid-write, JSON that is not an object as `_is_record` asks,
+    a line over MAX_LINE bytes) is skipped, with one warning that counts them."""
+    return list(_records(path))
 
 
 class MetricsLog:
@@ -139,9 +186,10 @@ class MetricsLog:
     file reads as one straight run."""
 
     def __init__(self, path: Path, keep_through: int):
-        records = [r for r in read_metrics(path) if r["step"] <= keep_through]
-        # through a temp file: a failed rewrite (a full disk) leaves the whole log as it was
-        write_atomic(path, "".join(map(_json_line, records)).encode())
+        kept = (_json_line(r).encode() for r in _records(path) if r["step"] <= keep_through)
+        # streamed through a temp file, a line at a time: a failed rewrite (a full disk) leaves
+        # the whole log as it was, and a long log is never held in memory
+        write_atomic(path, kept)
         self.file = open(path, "a")
 
     def write(self, record: dict) -> None:

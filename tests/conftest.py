@@ -101,6 +101,19 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus) -> Path:
+    """A finished run of `tiny` (2 steps, with a sample) that the command-line tests read and
+    convert; a test that changes a run copies it first."""
+    from dropless import cli
+    root = tmp_path_factory.mktemp("cli")
+    out = root / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(out), "--cache-dir",
+                     str(root / "cache"), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                     "--sample-tokens", "4", "--quiet"]) == 0
+    return out
+
+
 @pytest.fixture
 def small_cfg(tmp_path, corpus):
     """A TrainConfig for fast CPU tests: the tiny preset on short sequences and small batches."""

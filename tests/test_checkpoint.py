@@ -517,3 +517,20 @@ def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     assert lines[0] == lines[1] and len(lines[0]) == steps
     a, b = (load_run(c.out)[0].state_dict() for c in (straight, cfg))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_says_which_flags_resume_lets_change_and_which_it_keeps():
+    """The README said "only --steps and the cadence/device flags may change on resume": not
+    --backend, --precision, --cache-dir, --sample-tokens or the parallel layout, which may, nor
+    which flags must match. Its table now names each train flag in the row the code puts it in."""
+    import re
+
+    from dropless.checkpoint import RESUMABLE
+    from dropless.cli_parser import TRAIN_FLAGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {m[1]: set(re.findall(r"`--([a-z-]+)`", m[2])) for m in
+            re.finditer(r"^\| (may change|must match)[^|]*\| (.*) \|$", readme, re.MULTILINE)}
+    may = {d.replace("_", "-") for d in RESUMABLE if d != "out"} | {"no-compile"}
+    assert rows["may change"] == may
+    assert rows["must match"] == {d.replace("_", "-") for d in TRAIN_FLAGS if d not in RESUMABLE}

@@ -60,3 +60,33 @@ def test_a_plot_that_fails_midway_leaves_the_previous_one(tmp_path):
                             limit=1000) == 3
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("reader", ["plots", "resume"])
+def test_metrics_are_read_a_line_at_a_time(tmp_path, monkeypatch, reader):
+    """metrics.jsonl was read whole into memory by the plots and by every resume (which rewrites
+    it): a run directory from elsewhere may hold a file of any size. A line is held whole only up
+    to MAX_LINE bytes; a longer one is read past in pieces and skipped as malformed."""
+    import tracemalloc
+
+    from dropless import runlog
+
+    monkeypatch.setattr(runlog, "MAX_LINE", 2**20, raising=False)
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:   # a 32 MiB line between two records, then one past the resume
+        f.write(json.dumps(good[0]) + '\n{"step": 3, "loss": 1' + "0" * 2**25 + "}\n")
+        f.write(json.dumps(good[1]) + "\n" + json.dumps({"step": 3, "loss": 0.5}) + "\n")
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match=r"skipped 1 malformed lines \(2\)"):
+            if reader == "plots":
+                assert read_metrics(path)[:2] == good
+            else:
+                runlog.MetricsLog(path, keep_through=2).file.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+    if reader == "resume":
+        assert [json.loads(line) for line in path.read_text().splitlines()] == good

@@ -9,7 +9,6 @@ in before loading. The source's `train_config` is kept, so `dropless eval` finds
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from dropless import data
 from dropless.errors import DroplessError
-from dropless.files import temp_beside
+from dropless.files import atomic_dir
 from dropless.quant.modules import QuantConfig
 
 MAX_WEIGHT = torch.finfo(torch.float16).max * 15 / 2   # over it a group's fp16 scale can overflow
@@ -139,18 +138,9 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
              "tokenizer": tok.to_json()}
     if train_config is not None:
         state["train_config"] = asdict(train_config)
-    # 1. everything into a temp directory beside OUT; 2. rename it into place
-    tmp = temp_beside(out, hidden=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:   # all of it or nothing
         save(tmp, 0, model, state=state)
         (tmp / "tokenizer.json").write_text(tok.to_json())
-        if out.exists():
-            out.rmdir()   # empty (checked above): rename cannot replace it otherwise
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     packed = sum(m.experts.nbytes() for m in model.moe_layers()
                  if isinstance(m.experts, QuantizedExperts))
     return {"out": str(out), "layers": len(model.layers), "expert_bytes_bf16": float_expert_bytes,

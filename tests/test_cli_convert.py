@@ -1,0 +1,57 @@
+"""`dropless convert --to-hf` and `--from-hf` write their output directory whole or not at all."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import subprocess_env
+from dropless import cli, hf
+from dropless.checkpoint import load_model_dir
+from dropless.parallel import checkpoint as ckpt
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("way", ["--to-hf", "--from-hf"])
+def test_an_interrupted_convert_leaves_no_output_directory(capsys, monkeypatch, tmp_path,
+                                                           trained_run, way):
+    """Ctrl-C after config.json (--to-hf) or the checkpoint's shards (--from-hf) were written left
+    them in OUT: a directory that looks like a model with half its files, which the next convert
+    into it refused as not empty."""
+    src = trained_run
+    if way == "--from-hf":
+        src = tmp_path / "hf"
+        assert cli.main(["convert", "--to-hf", str(trained_run), str(src)]) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:   # the weights (or the checkpoint's state) never come
+        patch.setattr(hf, "save_safetensors", _interrupt)
+        patch.setattr(ckpt, "write_atomic", _interrupt)
+        assert cli.main(["convert", way, str(src), str(out)]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # no OUT, no temp left behind
+    capsys.readouterr()
+    assert cli.main(["convert", way, str(src), str(out)]) == 0   # the next one writes it whole
+    assert load_model_dir(out)[0] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])
+
+
+def test_a_killed_convert_leaves_no_output_directory(tmp_path, trained_run):
+    """SIGKILL mid-write: only a hidden temp directory is left, and the next convert beside it
+    removes it (its process is gone)."""
+    out = tmp_path / "hf"
+    script = ("import os, signal, sys\nfrom dropless import cli, hf\n"
+              "hf.save_safetensors = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "cli.main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", script, "convert", "--to-hf", str(trained_run),
+                             str(out)], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not out.exists()
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(".hf.tmp-") and (tmp_path / left / "config.json").is_file()
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(out)]) == 0
+    assert os.listdir(tmp_path) == ["hf"] and (out / "model.safetensors").is_file()
