@@ -161,11 +161,13 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
                              f"({type(err).__name__}: {err})") from None
         files = sorted({_inside(path, f, index) for f in names})
+        mapped = {k: path / f for k, f in index_json["weight_map"].items()}
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ValueError(f"{path}: shard files named in {index.name} are missing: {missing}")
     else:
         files = [_inside(path, f.name, f) for f in sorted(path.glob("*.safetensors"))]
+        mapped = {}
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights found (torch .bin files are not read)")
     # safetensors opens a file to map it: a FIFO would block that open forever
@@ -173,16 +175,26 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     if odd:
         raise ValueError(f"{path}: weights {odd} are not a regular file (a FIFO, device or "
                          "directory is not read)")
-    where = {}
+    where, twice = {}, []
     for f in files:
         try:
             with safe_open(f, "pt") as handle:
                 for k in handle.keys():
                     t = handle.get_slice(k)
+                    if k in where:
+                        twice.append(f"{k} (in {where[k][0].name} and {f.name})")
                     where[k] = (f, tuple(t.get_shape()), t.get_dtype())
         except Exception as err:   # safetensors raises its own error type for a bad header
             raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): "
                              f"{err}") from err
+    # one name, one tensor, in the file the index names: else whichever file came last in sorted
+    # order would be read, silently (transformers follows the index)
+    misplaced = [f"{k} (in {where[k][0].name}, the index says {mapped[k].name})"
+                 for k in mapped if k in where and where[k][0] != mapped[k]]
+    problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
+                (("stored twice", twice), ("not where the index says", misplaced)) if v]
+    if problems:
+        raise ValueError(f"{path}: tensors are ambiguous:\n  " + "\n  ".join(problems))
     return where
 
 

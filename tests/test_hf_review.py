@@ -170,3 +170,27 @@ def test_a_failed_rewrite_of_an_hf_dir_leaves_its_files_whole(tmp_path, name):
     assert run_out_of_space(setup, act, path, name, limit=200) == 3
     assert len(before[name]) > 200   # the limit cuts the file
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before   # no temp file left either
+
+
+def test_a_tensor_in_two_files_or_not_where_the_index_says_is_refused(tmp_path):
+    """from_hf read every file a directory (or its index) names and kept, for a name stored in
+    two, whichever came last in sorted order: a stray `zzz.safetensors` holding a zeroed
+    embedding replaced the model's, silently, with or without an index saying where it lives."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    zeros = torch.zeros_like(state["model.embed_tokens.weight"])
+    save_file({"model.embed_tokens.weight": zeros}, tmp_path / "zzz.safetensors")
+    with pytest.raises(ValueError, match=r"1 stored twice: model.embed_tokens.weight \(in "
+                                         r"model.safetensors and zzz.safetensors\)"):
+        from_hf(tmp_path)
+    # the index names model.safetensors for every tensor, but the embedding is only in zzz
+    index = {"weight_map": {**{k: "model.safetensors" for k in state},
+                            "model.norm.weight": "zzz.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    del state["model.embed_tokens.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"not where the index says: model.embed_tokens.weight "
+                                         r"\(in zzz.safetensors, the index says model.safetensors"):
+        from_hf(tmp_path)

@@ -26,7 +26,8 @@ from dropless.parallel.checkpoint import save  # noqa: E402
 from dropless.generate import greedy_recompute  # noqa: E402
 from dropless.serve.engine import Engine  # noqa: E402
 from dropless.serve.server import create_app  # noqa: E402
-from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, TextStream, load_served_model, render_chat  # noqa: E402
+from dropless.serve.chat_template import render_chat  # noqa: E402
+from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, TextStream, load_served_model  # noqa: E402
 from dropless.tokenizer import ByteTokenizer  # noqa: E402
 from tests.conftest import subprocess_env  # noqa: E402
 
@@ -315,6 +316,30 @@ def test_a_chat_template_error_quoting_the_messages_is_cut_and_escaped(run_dir, 
             assert e.value.code == 400 and error["param"] == "messages", error
             assert "Unexpected message role" in error["message"]
             assert len(error["message"]) < SHOWN_CHARS + 100
+    finally:
+        s.stop()
+
+
+def test_a_chat_template_that_would_take_10_gb_is_a_400_and_the_server_serves_on(run_dir, tmp_path):
+    """The template renders in a child of bounded memory (in-process, a request took 10 GB)."""
+    import shutil
+
+    model_dir = tmp_path / "greedy"
+    shutil.copytree(run_dir, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% if messages[0].content == 'go' %}{{ 'x' * 10**10 }}{% endif %}user: hi\n")}))
+    s = InProcessServer(model_dir)
+    try:
+        body = {"model": "greedy", "messages": [{"role": "user", "content": "go"}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/chat/completions",
+                                     data=json.dumps(body).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        error = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and "MiB of memory" in error["message"], error
+        reply = s.client.chat.completions.create(
+            model="greedy", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.choices[0].finish_reason == "length"
     finally:
         s.stop()
 

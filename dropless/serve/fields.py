@@ -155,10 +155,12 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def check_prompt_size(prompt: str, where: str, max_len: int) -> None:
+def check_prompt_size(prompt: str | None, where: str, max_len: int) -> None:
+    """None: a prompt known to be longer than the bound (a chat template's, cut off there)."""
     limit = max_prompt_chars(max_len)
-    if len(prompt) > limit:
-        raise APIError(400, f"{where} is too long: {len(prompt)} characters, and this server takes "
+    if prompt is None or len(prompt) > limit:
+        size = f"more than {limit}" if prompt is None else len(prompt)
+        raise APIError(400, f"{where} is too long: {size} characters, and this server takes "
                        f"at most {limit} ({CHARS_PER_TOKEN} a token of its {max_len}-token "
                        "context)", where, code="context_length_exceeded")
 

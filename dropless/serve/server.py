@@ -19,11 +19,12 @@ from socket import AF_INET, AF_INET6, create_server
 
 from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
+from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
-                                   max_body_bytes, read_body, sampling_params, shown,
-                                   ignore_eos, stop_strings, stream_flags)
+                                   max_body_bytes, max_prompt_chars, read_body, sampling_params,
+                                   shown, ignore_eos, stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
-from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, render_chat
+from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
@@ -39,6 +40,9 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     stop_engine = threading.Event()
     max_queue = QUEUE_PER_SLOT * engine.max_batch if max_queue is None else max_queue
+    # a longer prompt is refused anyway: the template may render no more
+    renderer = ChatRenderer(served.chat_template, served.special_tokens,
+                            max_prompt_chars(engine.max_len))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -48,6 +52,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         yield
         stop_engine.set()   # uvicorn has drained the connections: finish what is left, then stop
         await asyncio.to_thread(thread.join)
+        renderer.close()
         # here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down, and the
         # process dies of it before uvicorn.run returns
         print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
@@ -287,10 +292,11 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     async def chat_completions(http_request: HTTPRequest):
         body = await parse(http_request)
         try:   # a template compiles and renders for ms: off the event loop
-            prompt = await asyncio.to_thread(render_chat, served.chat_template, chat_messages(body),
-                                             served.special_tokens)
+            prompt = await asyncio.to_thread(renderer.render, chat_messages(body))
         except APIError:
             raise
+        except PromptTooLong:
+            check_prompt_size(None, "messages", engine.max_len)
         except Exception as e:   # the template raised or does not render these messages
             # cut and escaped: a template's message may quote a message's role or content, a
             # megabyte or a lone surrogate (no UTF-8: the error reply itself failed, a 500)

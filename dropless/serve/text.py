@@ -90,23 +90,6 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
 
 
-def render_chat(template: str, messages: list[dict], special_tokens: dict) -> str:
-    """The chat prompt, rendered in jinja2's sandbox (a template is data from the model dir)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    # loopcontrols ({% break %}, {% continue %}): Hugging Face renders templates with them, and
-    # models' templates use them (Qwen3.5's); without them such a template does not compile
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            **special_tokens)
-
-
 def _advance(stop: str, fails: list[int], k: int, char: str) -> int:
     """A KMP matcher of `stop` that has matched its first k characters, given the next one: how
     many it has matched now. fails[k]: where to fall back to when the next is not stop[k]."""
