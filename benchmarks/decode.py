@@ -11,7 +11,9 @@ short prompts prefill through the decode step's path, "engine_blocks_prefill" th
 blocks, round 12's way); with `--context N` every slot's cache holds N positions, as a server's
 does, and "engine_one_length" reads all N every step (no context buckets); "engine_no_kernels"
 (GPU) decodes with SDPA and the router's torch ops instead of the attention and router kernels,
-"engine_no_linear" with rms_norm + F.linear and addmm instead of the projections' GEMV kernel;
+"engine_no_linear" with rms_norm + F.linear and addmm instead of the projections' GEMV kernel,
+"engine_training_layout" with the experts' weights in the training layout (contiguous), not the
+k-major layout serve and generate lay them out in (moe_decode.kmajor_experts);
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
 one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
@@ -34,6 +36,7 @@ import time
 import torch
 
 from dropless import Transformer, get_preset
+from dropless.experts import Experts
 from dropless.info import model_stats
 from dropless.serve import Engine, Request, SamplingParams, moe_decode
 from dropless.serve import decode as serve_decode
@@ -52,7 +55,19 @@ def build(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> Transf
             model = Transformer(get_preset(preset))
     finally:
         torch.set_default_dtype(default)
+    moe_decode.kmajor_experts(model)   # as `dropless serve` and `generate` load a model
     return model.eval()
+
+
+def training_layout(model: Transformer, on: bool) -> None:
+    """The experts' weights contiguous (the training layout: the engine's A/B), or k-major again."""
+    if not on:
+        moe_decode.kmajor_experts(model)
+        return
+    for m in model.modules():
+        if isinstance(m, Experts):
+            for p in (m.gate_up, m.down):
+                p.data = p.data.contiguous()
 
 
 def sync(device):
@@ -303,7 +318,8 @@ def main():
     if device != "cpu":   # the decode MoE path of few rows, without the Triton GEMVs; the step
         # without the attention and router kernels (SDPA and the router's torch ops); without
         # the projections' GEMV kernel (rms_norm + F.linear, addmm)
-        variants += [("engine_gather", {"moe_path": "gather"}),
+        variants += [("engine_training_layout", {"training_layout": True}),
+                     ("engine_gather", {"moe_path": "gather"}),
                      ("engine_no_kernels", {"decode_kernels": False}),
                      ("engine_no_linear", {"linear_kernel": False})]
     for b in args.batches:
@@ -317,9 +333,11 @@ def main():
                 serve_decode.fused_attention = moe_decode.fused_router = lambda t: False
             if kw.get("linear_kernel") is False:
                 serve_decode.fused_linear = lambda t: False
+            training_layout(model, kw.get("training_layout", False))
             try:
                 engine = Engine(model, max_batch=b, max_len=max_len, buckets=(b,), **{
-                    k: v for k, v in kw.items() if k not in ("decode_kernels", "linear_kernel")})
+                    k: v for k, v in kw.items() if k not in ("decode_kernels", "linear_kernel",
+                                                             "training_layout")})
                 if name == "engine":
                     step_tokens = engine.step_tokens
                 dt = time_engine(engine, prompts[b], args.new, device)
@@ -375,7 +393,8 @@ def print_table(res: dict, args) -> None:
         for name in [f"{v}_bs{b}" for v in ("engine", "engine_compiled", "engine_prefill_compiled",
                                             "engine_blocks_prefill", "engine_one_length",
                                             *(f"engine_step{n}" for n in args.prefill_step_tokens),
-                                            "engine_gather", "engine_no_kernels", "engine_no_linear",
+                                            "engine_training_layout", "engine_gather",
+                                            "engine_no_kernels", "engine_no_linear",
                                             "generate", "hf")]:
             if "tokens_per_s" not in res.get(name, {}):
                 continue

@@ -5,9 +5,10 @@ graphs of CALLS calls that each route to their own draw of experts (more bytes t
 
   floor    torch.sum over the same number of contiguous expert bytes (two launches)
   current  dropless.ops.gemv.decode_experts on the training layout (3 kernels)
-  kmajor   two kernels on the transposed layout ([E, 2F, D] and [E, D, F]: every output's weights
-           one contiguous run of the reduction axis): gate|up with SwiGLU, then down summing the
-           K slots with their routing weights in the same program (no partials, no sum kernel)
+  kmajor   gemv.decode_experts_kmajor, two kernels on the transposed layout ([E, 2F, D] and
+           [E, D, F]: every output's weights one contiguous run of the reduction axis): gate|up
+           with SwiGLU, then down summing the K slots with their routing weights in the same
+           program (no partials, no sum kernel); the engine's layout since round 22
 
 for a sweep of kmajor tiles, with each output checked against `current`.
 
@@ -22,76 +23,29 @@ import itertools
 
 import torch
 import triton
-import triton.language as tl
 
 from dropless.ops import gemv
 from gemv_tiles import SHAPES, CALLS, repeated
 from moe_layer import bench
 
 
-@triton.jit
-def gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, F, D, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """h[r, n] = silu(W_e[n] . x[r // K]) * (W_e[F + n] . x[r // K]), W_e [2F, D], e = ids[r]."""
-    r = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.load(ids_ptr + r).to(tl.int64)
-    w = w_ptr + e * 2 * F * D
-    x_row = x_ptr + (r // K) * D
-    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + ks).to(tl.float32)[None, :]
-        g += x * tl.load(w + ns[:, None] * D + ks[None, :]).to(tl.float32)
-        u += x * tl.load(w + (ns + F)[:, None] * D + ks[None, :]).to(tl.float32)
-    gs = tl.sum(g, axis=1)
-    h = gs * tl.sigmoid(gs) * tl.sum(u, axis=1)
-    tl.store(h_ptr + r * F + ns, h.to(h_ptr.dtype.element_ty))
-
-
-@triton.jit
-def down_kernel(h_ptr, w_ptr, ids_ptr, s_ptr, y_ptr, F, D, K: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[t, n] = sum_k s[t, k] * (W_{ids[t, k]}[n] . h[t K + k]), W_e [D, F]."""
-    t = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(K):
-        r = t * K + k
-        w = w_ptr + tl.load(ids_ptr + r).to(tl.int64) * D * F
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            hv = tl.load(h_ptr + r * F + ks).to(tl.float32)[None, :]
-            acc += hv * tl.load(w + ns[:, None] * F + ks[None, :]).to(tl.float32)
-        y += tl.load(s_ptr + r).to(tl.float32) * tl.sum(acc, axis=1)
-    tl.store(y_ptr + t * D + ns, y.to(y_ptr.dtype.element_ty))
-
-
 def kmajor(x, ids, s, gu_t, dn_t, tile):
-    """decode_experts on the transposed layout; tile = (gate_up BN, BK, warps, down BN, BK,
-    warps)."""
-    T, D = x.shape
-    K = ids.shape[1]
-    F = dn_t.shape[2]
-    gbn, gbk, gw, dbn, dbk, dw = tile
-    h = x.new_empty(T * K, F)
-    gate_up_kernel[(T * K, F // gbn)](x, gu_t, ids, h, F, D, K, gbn, gbk, num_warps=gw)
-    y = torch.empty_like(x)
-    down_kernel[(T, D // dbn)](h, dn_t, ids, s, y, F, D, K, dbn, dbk, num_warps=dw)
-    return y
+    """gemv.decode_experts_kmajor on the transposed weights; tile = (gate_up BN, BK, warps,
+    down BN, BK, warps)."""
+    tiles = {"gate_up": tile[:3], "down": tile[3:]}
+    return gemv.decode_experts_kmajor(x, ids, s, gu_t.transpose(1, 2), dn_t.transpose(1, 2),
+                                      tiles=tiles)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["qwen3", "mixtral"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--gate-up", nargs="+", default=["4,512,4", "8,256,4", "8,512,8", "16,256,8",
-                                                      "2,1024,4", "4,1024,8"],
+    # round 22's last sweep (its first, results/h100_r22/gemv_layout_1.log: BLOCK_N 2-16, slower)
+    ap.add_argument("--gate-up", nargs="+", default=["1,1024,4", "1,512,2", "1,2048,8", "2,1024,4"],
                     metavar="BN,BK,WARPS")
-    ap.add_argument("--down", nargs="+", default=["4,256,4", "8,256,8", "2,256,4", "4,128,4",
-                                                   "16,128,8"], metavar="BN,BK,WARPS")
+    ap.add_argument("--down", nargs="+", default=["1,256,2", "1,256,1", "1,128,1", "2,128,1"],
+                    metavar="BN,BK,WARPS")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -129,7 +83,7 @@ def main():
         for label, y, fn in rows:
             us = bench(fn, device) * 1e3 / CALLS
             err = "" if y is None else f"{((y - ref).norm() / ref.norm()).item():10.1e}"
-            print(f"{name:8} {label:34}{us:9.1f} us {mb / us:7.0f} GB/s{err}", flush=True)
+            print(f"{name:8} {label:34}{us:9.1f} us {mb / us:7.2f} TB/s{err}", flush=True)
     if "qwen3" in args.shapes:
         linears(device, dtype)
 
@@ -148,7 +102,7 @@ def linears(device, dtype):
                           ("linear_rows", [lambda w=w: linear_rows(x, w, nw, 1e-6, res)
                                            for w in ws])):
             us = bench(repeated(fns, device), device) * 1e3 / CALLS
-            print(f"qwen3    {label + ' ' + what:34}{us:9.1f} us {mb / us:7.0f} GB/s", flush=True)
+            print(f"qwen3    {label + ' ' + what:34}{us:9.1f} us {mb / us:7.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ for s in "$@"; do
     tests|gpu) stage "$L" 400 python3 -m pytest -q -n 12 -m gpu tests -p no:cacheprovider -rf \
                  --ignore=tests/parallel ;;&
     tests|kernels)
-           stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py \
+           stage "$L" 240 python3 -m pytest -q -n 12 tests/test_ops_triton.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
              tests/test_ops_triton_rope.py tests/test_ops_triton_router.py tests/test_ops_awq.py \
              tests/test_ops_blocksparse.py tests/test_master_adamw.py tests/test_ops_triton_attention.py \
              tests/test_ops_triton_linear.py -p no:cacheprovider -rf ;;
@@ -83,7 +83,7 @@ for s in "$@"; do
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 240 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
-             tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py \
+             tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
              tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --prefill-step-tokens 1024 \
@@ -117,7 +117,7 @@ for s in "$@"; do
            --plot "$O/moe_vs_dense.png" ;;
     fusiontests) DROPLESS_DECODE_FUSION=1 stage "$L" 300 python3 -m pytest -q -n 12 \
                    tests/test_serve_decode.py tests/test_serve_engine.py tests/test_ops_triton_rope.py \
-                   tests/test_ops_triton_gemv.py tests/test_ops_triton_attention.py \
+                   tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py tests/test_ops_triton_attention.py \
                    tests/test_ops_triton_router.py tests/test_ops_awq.py tests/test_ops_triton_linear.py \
                    -p no:cacheprovider -rf ;;
     fusiongemv) stage "$L" 150 python3 benchmarks/gemv_tiles.py --shapes qwen3 --tokens 1 \

@@ -88,6 +88,7 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
+    from dropless.serve.moe_decode import kmajor_experts
 
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
@@ -98,6 +99,7 @@ def _generate(args) -> int:
     bad = [p for p in prompts if any("\ud800" <= c <= "\udfff" for c in p)]
     _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
     model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
+    kmajor_experts(model)   # the decode GEMVs' layout (on CUDA)
     ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):
         raise DroplessError("--prompt must not be empty")

@@ -36,6 +36,11 @@ WARPS = {"plain": 4, "int4": 4}   # warps per program (benchmarks/gemv_tiles.py 
 # SUM_MAX_ROWS partial rows by SUM_MAX_BLOCK columns
 SUM_TILE, SUM_MAX_ROWS, SUM_MAX_BLOCK = 4096, 32, 256
 NORM_BLOCK = 4096   # the most x values the int4 norm prologue's statistics load at once
+# The k-major decode experts (decode_experts_kmajor): (BLOCK_N, BLOCK_K, warps) of the gate|up and
+# of the down kernel. The fastest of a sweep of 36 at batch 1 on an H100 at the Qwen3-30B-A3B and
+# Mixtral expert shapes (round 22, benchmarks/gemv_layout.py: 32.2 us against the training
+# layout's 40.8 at Qwen3, 229 against 287 at Mixtral); wider BLOCK_N was slower at both.
+KMAJOR_TILES = {"gate_up": (1, 1024, 4), "down": (1, 256, 2)}
 
 
 def _kernels():   # not cached: torch.compile traces it (an import is a dict lookup)
@@ -172,8 +177,7 @@ def decode_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate
     F_ = (down[0] if isinstance(down, tuple) else down).shape[1]
     R = T * K
     if R == 0:
-        return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.to(x_TD.dtype,
-                                                                                  copy=True)
+        return _no_slots(x_TD, residual_TD)
     expert_S = expert_ids_TK.reshape(-1)
     w_S = weights_TK.reshape(-1)
     kw = dict(expert=expert_S, unpack=unpack)
@@ -227,11 +231,59 @@ def sum_partials(y_PRD: Tensor, slots: int = 1, residual_TD: Tensor | None = Non
     return y_TD
 
 
+def kmajor(w: Tensor) -> bool:
+    """Whether plain expert weights [E, in, out] are laid out k-major: each output column's `in`
+    weights one contiguous run (the memory of a contiguous [E, out, in])."""
+    return w.transpose(1, 2).is_contiguous()
+
+
+def decode_experts_kmajor(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor,
+                          gate_up_EDF2: Tensor, down_EFD: Tensor,
+                          residual_TD: Tensor | None = None, tiles: dict = KMAJOR_TILES) -> Tensor:
+    """decode_experts on k-major weights (`kmajor`), in two kernels (triton_kmajor_kernels.py):
+    h = SwiGLU per slot (fp32 sums, h rounded once to x's dtype), then per token the down GEMV
+    of its K slots with their routing weights and the residual, in fp32, rounded once. A program
+    reads whole rows of its expert's weights, where the training layout's reads runs of BLOCK_N
+    columns of many rows; and nothing is split, so nothing is summed after."""
+    from dropless.ops.triton_kmajor_kernels import kmajor_down_kernel, kmajor_gate_up_kernel
+    assert kmajor(gate_up_EDF2) and kmajor(down_EFD)
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    K, F_ = expert_ids_TK.shape[1], down_EFD.shape[1]
+    if T * K == 0:
+        return _no_slots(x_TD, residual_TD)
+    ids_S, w_S = expert_ids_TK.reshape(-1).contiguous(), weights_TK.reshape(-1).contiguous()
+    launch = pdl_launch(x_TD.device)
+    bn, bk, warps = tiles["gate_up"]
+    bk = min(bk, pow2(D))
+    h_SF = x_TD.new_empty(T * K, F_)
+    kmajor_gate_up_kernel[(T * K, -(-F_ // bn))](
+        x_TD, gate_up_EDF2, ids_S, h_SF, F_, D, K, bn, bk, EVEN=D % bk == 0 and F_ % bn == 0,
+        num_warps=warps, **launch)
+    bn, bk, warps = tiles["down"]
+    bk = min(bk, pow2(F_))
+    y_TD = torch.empty_like(x_TD)
+    res = y_TD if residual_TD is None else residual_TD.contiguous()
+    kmajor_down_kernel[(T, -(-D // bn))](
+        h_SF, down_EFD, ids_S, w_S, res, y_TD, F_, D, K, bn, bk, EVEN=F_ % bk == 0 and D % bn == 0,
+        HAS_RES=residual_TD is not None, num_warps=warps, **launch)
+    return y_TD
+
+
+def _no_slots(x_TD: Tensor, residual_TD: Tensor | None) -> Tensor:
+    """The experts' output where no slot is routed: 0, plus the residual."""
+    return torch.zeros_like(x_TD) if residual_TD is None else residual_TD.to(x_TD.dtype, copy=True)
+
+
 @torch.library.custom_op("dropless::experts_decode", mutates_args=())
 def experts_decode(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, gate_up_EDF2: Tensor,
                    down_EFD: Tensor, residual_TD: Tensor | None = None) -> Tensor:
-    """decode_experts with plain weights. A custom op: opaque to torch.compile (which would
-    otherwise trace into the launches) and captured whole by CUDA graphs."""
+    """decode_experts with plain weights, contiguous or both k-major (kmajor_experts in
+    serve/moe_decode.py lays them out so for inference). A custom op: opaque to torch.compile
+    (which would otherwise trace into the launches) and captured whole by CUDA graphs."""
+    if kmajor(gate_up_EDF2) and kmajor(down_EFD):
+        return decode_experts_kmajor(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD,
+                                     residual_TD)
     assert gate_up_EDF2.is_contiguous() and down_EFD.is_contiguous()
     return decode_experts(x_TD, expert_ids_TK, weights_TK, gate_up_EDF2, down_EFD,
                           residual_TD=residual_TD)

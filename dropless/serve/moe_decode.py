@@ -8,7 +8,9 @@ Here, with T at most the decode batch, one of two shapes of the same math is use
 
 - "triton" (few rows, on CUDA): two Triton GEMVs that read each row's expert weights in place by
   id, the second scaling by the routing weight, then the K-sum in fp32 (dropless/ops/gemv.py,
-  the kernel the int4 experts decode with); reads only the experts used, once.
+  the kernel the int4 experts decode with); reads only the experts used, once. On weights laid
+  out k-major (kmajor_experts: serve and generate load so), two kernels that read whole rows and
+  sum the K slots in the down GEMV's own program.
 - "gather" (few rows, elsewhere): copy the chosen experts' weights into [R, D, 2F] and [R, F, D] and
   run two batched GEMVs; reads only the experts used, twice.
 - "dense" (T*K comparable to E): every expert on every token, [E, T, D] x [E, D, 2F], then zero
@@ -102,6 +104,26 @@ def norm_route(norm: RMSNorm, router: Router, x_TD: torch.Tensor
                                cfg.norm_topk_prob, float(cfg.route_scale))
     h_TD = rms_norm(norm, x_TD)
     return *route(router, h_TD), h_TD
+
+
+def kmajor_experts(model: torch.nn.Module, device_types: tuple[str, ...] = ("cuda",)) -> int:
+    """Lay every plain (unquantized) expert weight on these device types (where the decode GEMVs
+    run; tests add "cpu") out k-major, in place: the same shapes and
+    values, the memory of the transposed tensor, so that the decode GEMVs read each output's
+    weights as one run (gemv.decode_experts_kmajor: 1.24-1.26x faster at batch 1, BENCHMARKS.md
+    round 22). Every path reads such weights (matmul, bmm and grouped_mm take them strided); for
+    inference only: the fused optimizer and checkpoint writes want contiguous weights. A copy of
+    one tensor at a time. Returns how many moved."""
+    from dropless.ops.gemv import kmajor
+    moved = 0
+    for module in model.modules():
+        if isinstance(module, Experts):
+            for p in (module.gate_up, module.down):
+                if type(p.data) is torch.Tensor and p.device.type in device_types and \
+                        not kmajor(p):   # (not a DTensor shard)
+                    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+                    moved += 1
+    return moved
 
 
 DENSE_MAX_TOKENS = 128   # "dense" does experts / top-k times the FLOPs; past this, they show

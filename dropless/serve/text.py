@@ -69,6 +69,7 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
     config's eos_token; the chat template from tokenizer_config.json's `chat_template`."""
     from dropless.checkpoint import load_model_dir
+    from dropless.serve.moe_decode import kmajor_experts
 
     root = Path(path)
     if not root.is_dir():
@@ -76,6 +77,7 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hf_config = _read_json(root / "config.json")
     model, tokenizer = load_model_dir(root, device, dtype)
+    kmajor_experts(model)   # the decode GEMVs' layout: served weights are never trained
     tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
     tok_config = _read_json(tok_path)
     special = {k: _token_text(tok_config.get(k), f"{tok_path}: {k}")
