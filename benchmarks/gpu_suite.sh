@@ -33,6 +33,9 @@
 #   fusion30 the 30B's batch-1 decode, bf16 and int4, DROPLESS_DECODE_FUSION off and on
 #            alternating, median of 3 (awq_model.py --ab; ~4 minutes)
 #   awqtiles the grouped int4 kernel's tile swept at 64 tokens (benchmarks/awq.py --tiles)
+#   kmajor   the k-major decode experts: their tests and the serving tests, the 30B's batch-1
+#            decode (k-major against the training layout), their GEMVs against the training
+#            layout's (~6 minutes)
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
@@ -137,6 +140,12 @@ for s in "$@"; do
     awqtiles) stage "$L" 240 python3 benchmarks/awq.py --shapes qwen3,mixtral --tokens 64 --tiles \
                 16,64,64,4,3 16,128,64,4,3 16,64,128,4,3 32,64,64,8,3 32,128,64,8,3 32,64,64,4,3 \
                 32,64,64,8,1 32,64,64,8,4 64,64,64,4,3 64,128,64,8,3 64,64,128,8,3 ;;
+    kmajor) stage "$L" 150 python3 -m pytest -q -n 8 tests/test_ops_triton_kmajor.py \
+              tests/test_ops_triton_gemv.py tests/test_serve_server.py tests/test_serve_engine.py \
+              -p no:cacheprovider -rf
+            stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
+              --no-server --json "$O/decode_qwen3_kmajor.json"
+            stage "$L" 60 python3 benchmarks/gemv_layout.py --gate-up 1,1024,4 --down 1,256,2 1,256,1 ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done
