@@ -107,13 +107,13 @@ def norm_route(norm: RMSNorm, router: Router, x_TD: torch.Tensor
 
 
 def kmajor_experts(model: torch.nn.Module, device_types: tuple[str, ...] = ("cuda",)) -> int:
-    """Lay every plain (unquantized) expert weight on these device types (where the decode GEMVs
-    run; tests add "cpu") out k-major, in place: the same shapes and
-    values, the memory of the transposed tensor, so that the decode GEMVs read each output's
-    weights as one run (gemv.decode_experts_kmajor: 1.26-1.27x faster at batch 1, BENCHMARKS.md
-    round 22). Every path reads such weights (matmul, bmm and grouped_mm take them strided); for
-    inference only: the fused optimizer and checkpoint writes want contiguous weights. A copy of
-    one tensor at a time. Returns how many moved."""
+    """Lay every plain (unquantized) expert weight out k-major, in place, on these device types
+    (where the decode GEMVs run; tests add "cpu"): the same shapes and values, the memory of the
+    transposed tensor, so that the decode GEMVs read each output's weights as one run
+    (gemv.decode_experts_kmajor: 1.26-1.27x faster at batch 1, BENCHMARKS.md round 22). Every
+    path reads such weights (matmul, bmm and grouped_mm take them strided); for inference only:
+    the fused optimizer and checkpoint writes want contiguous weights. One tensor is copied at a
+    time. Returns how many moved."""
     from dropless.ops.gemv import kmajor
     moved = 0
     for module in model.modules():
