@@ -100,3 +100,28 @@ def test_every_path_reads_kmajor_weights(dtype):
         assert rel_err(model(tokens)[0], logits) < TOL[dtype]
     if dtype == torch.float32:   # bf16: h rounds where the contiguous path keeps fp32 partials
         assert generate(model, prompts, 6, temperature=0) == before
+
+
+def test_compiled_prefill_on_kmajor_weights(caplog):
+    """`dropless serve` compiles the prefill forward on CUDA by default, and its weights are
+    k-major there: the compiled forward takes the strided weights (no failure, which the engine
+    would report and run eagerly) and gives the eager engine's tokens on the training layout."""
+    from dropless.serve.engine import Engine
+    from dropless.serve.request import Request, SamplingParams
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny")).to(DEVICE).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7] * 3, [9, 8], [5] * 13]
+    outputs = []
+    for compiled in (False, True):
+        if compiled:
+            kmajor_experts(model, HERE)
+        engine = Engine(model, max_batch=4, max_len=64, compile_prefill=compiled,
+                        prefill_step_tokens=0)
+        with caplog.at_level("WARNING", logger="dropless.serve"):
+            engine.warm_up()
+        requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))
+                    for p in prompts]
+        engine.run_until_done()
+        outputs.append([r.output for r in requests])
+        assert engine.compiled == compiled, caplog.text
+    assert outputs[0] == outputs[1]
