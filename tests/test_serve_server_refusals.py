@@ -21,37 +21,50 @@ COMPLETION = {"model": MODEL, "max_tokens": 2, "prompt": "hi"}
 
 # ---- the bound on waiting requests ------------------------------------------------------------
 
-def test_a_full_queue_is_429_and_what_waits_is_served(run_dir, monkeypatch):
-    """A flood queued without bound. With the engine held, four requests wait for the four free
-    slots (they do not count: the next step admits them) and one in the queue of one; the next
-    is a 429 in OpenAI's shape (the openai client's RateLimitError). Those waiting are served."""
+@pytest.fixture
+def held(run_dir, monkeypatch):
+    """A server with a queue of one whose engine steps only once `held.gate` is set, and a pool
+    (`held.pool`) to send it requests. The gate opens before the pool is waited for: the other
+    way round, a failed assertion hung until the held clients' timeouts."""
     s = live_server.InProcessServer(run_dir, max_queue=1)
-    gate, step = threading.Event(), s.engine.step
+    s.gate, s.pool, step = threading.Event(), ThreadPoolExecutor(8), s.engine.step
 
-    def held():
-        gate.wait()
+    def held_step():
+        s.gate.wait()
         step()
 
-    monkeypatch.setattr(s.engine, "step", held)
-    try:
-        with ThreadPoolExecutor(5) as pool:
-            replies = [pool.submit(s.client.completions.create, **COMPLETION) for _ in range(5)]
-            deadline = time.monotonic() + 30
-            while len(s.engine.waiting) < 5 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(s.engine.waiting) == 5
-            code, reply = edges.post(s.port, "/v1/chat/completions", CHAT)
-            assert code == 429 and reply["error"]["type"] == "rate_limit_error", reply
-            assert reply["error"]["code"] == "rate_limit_exceeded" and reply["error"]["param"] is None
-            assert "(at most 1)" in reply["error"]["message"]
-            with pytest.raises(openai.RateLimitError):
-                s.client.completions.create(**COMPLETION)
-            gate.set()
-            assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
-        assert s.client.completions.create(**COMPLETION).usage.completion_tokens == 2
-    finally:
-        gate.set()
-        s.stop()
+    monkeypatch.setattr(s.engine, "step", held_step)
+    yield s
+    s.gate.set()
+    s.pool.shutdown()
+    s.stop()
+
+
+def wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_full_queue_is_429_and_what_waits_is_served(held):
+    """A flood queued without bound. With the engine held, four requests wait for the four free
+    slots (they do not count: the next step admits them) and one in the queue of one; the next
+    is a 429 in OpenAI's shape (the openai client's RateLimitError) with a Retry-After. Those
+    waiting are served."""
+    replies = [held.pool.submit(held.client.completions.create, **COMPLETION) for _ in range(5)]
+    assert wait_for(lambda: len(held.engine.waiting) == 5)
+    code, reply = edges.post(held.port, "/v1/chat/completions", CHAT)
+    assert code == 429 and reply["error"]["type"] == "rate_limit_error", reply
+    assert reply["error"]["code"] == "rate_limit_exceeded" and reply["error"]["param"] is None
+    assert "(at most 1)" in reply["error"]["message"]
+    with pytest.raises(openai.RateLimitError) as busy:
+        held.client.completions.create(**COMPLETION)
+    # the seconds the openai client waits before its retry: without it, 0.5
+    assert busy.value.response.headers["retry-after"] == "1"
+    held.gate.set()
+    assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
+    assert held.client.completions.create(**COMPLETION).usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-queue", "0"], "--max-queue 0 is invalid: must be >= 1"),

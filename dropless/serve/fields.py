@@ -47,10 +47,14 @@ def shown(value) -> str:
 
 
 class APIError(Exception):
+    """`headers`: the reply's HTTP headers besides its JSON body (a 429's Retry-After)."""
+
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

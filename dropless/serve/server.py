@@ -31,6 +31,10 @@ MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
 # requests that may wait for a slot, by default, per slot: a queue of a few batches' worth keeps the
 # batch full between arrivals, and the last of them is answered within a few batches' replies
 QUEUE_PER_SLOT = 8
+# a 429's Retry-After, in seconds: the openai client waits this long before its retry (without
+# it, 0.5 s, then doubling). A place in the queue frees when a reply ends, which no header can
+# foresee; a second is a few hundred decode steps on a GPU
+RETRY_AFTER_S = 1
 
 
 def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None):
@@ -62,7 +66,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
@@ -110,7 +114,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         if queued >= max_queue:
             raise APIError(429, f"the server is busy: {queued} requests already wait for a slot "
                            f"(at most {max_queue}); retry later", type="rate_limit_error",
-                           code="rate_limit_exceeded")
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def parse(http_request) -> dict:
         try:   # bounded before it is read: parsing it holds up the event loop
