@@ -102,11 +102,19 @@ def test_serve_passes_max_queue_default_a_multiple_of_max_batch(capsys, monkeypa
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "[] or null"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      '{"type": "text"} or null'),
+    ({"logprobs": True}, "false or null"),
+    ({"prediction": {"type": "content", "content": "x"}}, "only null"),
+    ({"web_search_options": {}}, "only null"),
+    ({"reasoning_effort": "low"}, "only null"),
+    ({"service_tier": "flex"}, '"auto", "default" or null'),
+    ({"service_tier": "priority"}, '"auto", "default" or null'),
+    ({"store": True}, "false or null"),
 ])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_what_cannot_be_honoured_is_400_naming_it(live, path, fields, allowed):
     """tool_choice, function_call, modalities and audio were ignored: a client asking for a tool
-    call or audio got plain text, as if the model had chosen it."""
+    call or audio got plain text, as if the model had chosen it; and a predicted output, a web
+    search, a reasoning effort, a faster tier or a stored completion went unserved unsaid."""
     body = {**(CHAT if "chat" in path else COMPLETION), **fields}
     [name] = fields
     message = edges.refused(live, path, body, name)
@@ -119,6 +127,11 @@ def test_what_cannot_be_honoured_is_400_naming_it(live, path, fields, allowed):
     {"logprobs": False, "top_logprobs": 0}, {"logprobs": None}, {"logit_bias": {}},
     {"logit_bias": None}, {"modalities": ["text"]}, {"audio": None},
     {"stream": False, "stream_options": None},
+    {"prediction": None, "web_search_options": None, "reasoning_effort": None},
+    {"service_tier": "auto"}, {"service_tier": "default", "store": False},
+    {"service_tier": None, "store": None}, {"parallel_tool_calls": True},
+    {"parallel_tool_calls": False, "tools": []}, {"metadata": {"run": "a"}, "user": "u"},
+    {"metadata": None},
 ])
 def test_the_no_op_values_are_accepted(live, fields):
     code, reply = edges.post(live.port, "/v1/chat/completions", {**CHAT, **fields})
