@@ -3,6 +3,8 @@ for a slot (429), OpenAI parameters it cannot honour (400, their no-op values ac
 stream_options without a stream (400, as OpenAI). One live server for the module (the tiny random
 model of test_serve_server) and one with a queue of one."""
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,33 @@ def test_a_full_queue_is_429_and_what_waits_is_served(held):
     held.gate.set()
     assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
     assert held.client.completions.create(**COMPLETION).usage.completion_tokens == 2
+
+
+def test_a_client_that_left_while_waiting_frees_its_place_at_once(held):
+    """The engine dropped a cancelled request from its queue only at its next step, and till
+    then (a long prefill) it still counted: clients that had given up kept the next out with
+    429s. With the engine held, four requests wait for the free slots and one, whose client
+    then leaves, in the queue of one: the next request is taken before any step runs."""
+    replies = [held.pool.submit(held.client.completions.create, **COMPLETION) for _ in range(4)]
+    assert wait_for(lambda: len(held.engine.waiting) == 4)
+    body = json.dumps(COMPLETION).encode()
+    with socket.create_connection(("127.0.0.1", held.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: len(held.engine.waiting) == 5)
+        assert edges.post(held.port, "/v1/completions", COMPLETION)[0] == 429   # full
+    gone = held.engine.waiting[-1]
+    assert wait_for(lambda: gone.cancelled)
+    assert edges.health(held.port)["waiting"] == 4   # nor is it counted as waiting there
+    steps = held.engine.stats["steps"]
+    later = held.pool.submit(edges.post, held.port, "/v1/completions", COMPLETION)
+    assert wait_for(lambda: len(held.engine.waiting) == 6 or later.done())
+    assert not later.done(), later.result()   # queued (not a 429), and no step has run yet
+    assert held.engine.stats["steps"] == steps
+    held.gate.set()
+    assert later.result(timeout=60)[1]["usage"]["completion_tokens"] == 2
+    assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 4
+    assert gone.done.wait(10) and gone.finish_reason == "cancelled" and gone.output == []
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-queue", "0"], "--max-queue 0 is invalid: must be >= 1"),
