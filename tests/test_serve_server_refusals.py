@@ -3,6 +3,8 @@ for a slot (429), OpenAI parameters it cannot honour (400, their no-op values ac
 stream_options without a stream (400, as OpenAI). One live server for the module (the tiny random
 model of test_serve_server) and one with a queue of one."""
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,37 +23,77 @@ COMPLETION = {"model": MODEL, "max_tokens": 2, "prompt": "hi"}
 
 # ---- the bound on waiting requests ------------------------------------------------------------
 
-def test_a_full_queue_is_429_and_what_waits_is_served(run_dir, monkeypatch):
-    """A flood queued without bound. With the engine held, four requests wait for the four free
-    slots (they do not count: the next step admits them) and one in the queue of one; the next
-    is a 429 in OpenAI's shape (the openai client's RateLimitError). Those waiting are served."""
+@pytest.fixture
+def held(run_dir, monkeypatch):
+    """A server with a queue of one whose engine steps only once `held.gate` is set, and a pool
+    (`held.pool`) to send it requests. The gate opens before the pool is waited for: the other
+    way round, a failed assertion hung until the held clients' timeouts."""
     s = live_server.InProcessServer(run_dir, max_queue=1)
-    gate, step = threading.Event(), s.engine.step
+    s.gate, s.pool, step = threading.Event(), ThreadPoolExecutor(8), s.engine.step
 
-    def held():
-        gate.wait()
+    def held_step():
+        s.gate.wait()
         step()
 
-    monkeypatch.setattr(s.engine, "step", held)
-    try:
-        with ThreadPoolExecutor(5) as pool:
-            replies = [pool.submit(s.client.completions.create, **COMPLETION) for _ in range(5)]
-            deadline = time.monotonic() + 30
-            while len(s.engine.waiting) < 5 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(s.engine.waiting) == 5
-            code, reply = edges.post(s.port, "/v1/chat/completions", CHAT)
-            assert code == 429 and reply["error"]["type"] == "rate_limit_error", reply
-            assert reply["error"]["code"] == "rate_limit_exceeded" and reply["error"]["param"] is None
-            assert "(at most 1)" in reply["error"]["message"]
-            with pytest.raises(openai.RateLimitError):
-                s.client.completions.create(**COMPLETION)
-            gate.set()
-            assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
-        assert s.client.completions.create(**COMPLETION).usage.completion_tokens == 2
-    finally:
-        gate.set()
-        s.stop()
+    monkeypatch.setattr(s.engine, "step", held_step)
+    yield s
+    s.gate.set()
+    s.pool.shutdown()
+    s.stop()
+
+
+def wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_full_queue_is_429_and_what_waits_is_served(held):
+    """A flood queued without bound. With the engine held, four requests wait for the four free
+    slots (they do not count: the next step admits them) and one in the queue of one; the next
+    is a 429 in OpenAI's shape (the openai client's RateLimitError) with a Retry-After. Those
+    waiting are served."""
+    replies = [held.pool.submit(held.client.completions.create, **COMPLETION) for _ in range(5)]
+    assert wait_for(lambda: len(held.engine.waiting) == 5)
+    code, reply = edges.post(held.port, "/v1/chat/completions", CHAT)
+    assert code == 429 and reply["error"]["type"] == "rate_limit_error", reply
+    assert reply["error"]["code"] == "rate_limit_exceeded" and reply["error"]["param"] is None
+    assert "(at most 1)" in reply["error"]["message"]
+    with pytest.raises(openai.RateLimitError) as busy:
+        held.client.completions.create(**COMPLETION)
+    # the seconds the openai client waits before its retry: without it, 0.5
+    assert busy.value.response.headers["retry-after"] == "1"
+    held.gate.set()
+    assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 5
+    assert held.client.completions.create(**COMPLETION).usage.completion_tokens == 2
+
+
+def test_a_client_that_left_while_waiting_frees_its_place_at_once(held):
+    """The engine dropped a cancelled request from its queue only at its next step, and till
+    then (a long prefill) it still counted: clients that had given up kept the next out with
+    429s. With the engine held, four requests wait for the free slots and one, whose client
+    then leaves, in the queue of one: the next request is taken before any step runs."""
+    replies = [held.pool.submit(held.client.completions.create, **COMPLETION) for _ in range(4)]
+    assert wait_for(lambda: len(held.engine.waiting) == 4)
+    body = json.dumps(COMPLETION).encode()
+    with socket.create_connection(("127.0.0.1", held.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: len(held.engine.waiting) == 5)
+        assert edges.post(held.port, "/v1/completions", COMPLETION)[0] == 429   # full
+    gone = held.engine.waiting[-1]
+    assert wait_for(lambda: gone.cancelled)
+    assert edges.health(held.port)["waiting"] == 4   # nor is it counted as waiting there
+    steps = held.engine.stats["steps"]
+    later = held.pool.submit(edges.post, held.port, "/v1/completions", COMPLETION)
+    assert wait_for(lambda: len(held.engine.waiting) == 6 or later.done())
+    assert not later.done(), later.result()   # queued (not a 429), and no step has run yet
+    assert held.engine.stats["steps"] == steps
+    held.gate.set()
+    assert later.result(timeout=60)[1]["usage"]["completion_tokens"] == 2
+    assert [r.result(timeout=60).usage.completion_tokens for r in replies] == [2] * 4
+    assert gone.done.wait(10) and gone.finish_reason == "cancelled" and gone.output == []
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-queue", "0"], "--max-queue 0 is invalid: must be >= 1"),
@@ -89,11 +131,19 @@ def test_serve_passes_max_queue_default_a_multiple_of_max_batch(capsys, monkeypa
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "[] or null"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      '{"type": "text"} or null'),
+    ({"logprobs": True}, "false or null"),
+    ({"prediction": {"type": "content", "content": "x"}}, "only null"),
+    ({"web_search_options": {}}, "only null"),
+    ({"reasoning_effort": "low"}, "only null"),
+    ({"service_tier": "flex"}, '"auto", "default" or null'),
+    ({"service_tier": "priority"}, '"auto", "default" or null'),
+    ({"store": True}, "false or null"),
 ])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_what_cannot_be_honoured_is_400_naming_it(live, path, fields, allowed):
     """tool_choice, function_call, modalities and audio were ignored: a client asking for a tool
-    call or audio got plain text, as if the model had chosen it."""
+    call or audio got plain text, as if the model had chosen it; and a predicted output, a web
+    search, a reasoning effort, a faster tier or a stored completion went unserved unsaid."""
     body = {**(CHAT if "chat" in path else COMPLETION), **fields}
     [name] = fields
     message = edges.refused(live, path, body, name)
@@ -106,6 +156,11 @@ def test_what_cannot_be_honoured_is_400_naming_it(live, path, fields, allowed):
     {"logprobs": False, "top_logprobs": 0}, {"logprobs": None}, {"logit_bias": {}},
     {"logit_bias": None}, {"modalities": ["text"]}, {"audio": None},
     {"stream": False, "stream_options": None},
+    {"prediction": None, "web_search_options": None, "reasoning_effort": None},
+    {"service_tier": "auto"}, {"service_tier": "default", "store": False},
+    {"service_tier": None, "store": None}, {"parallel_tool_calls": True},
+    {"parallel_tool_calls": False, "tools": []}, {"metadata": {"run": "a"}, "user": "u"},
+    {"metadata": None},
 ])
 def test_the_no_op_values_are_accepted(live, fields):
     code, reply = edges.post(live.port, "/v1/chat/completions", {**CHAT, **fields})

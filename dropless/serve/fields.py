@@ -11,13 +11,18 @@ from dropless.serve.request import SamplingParams
 # OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
 # any other value is refused, never silently ignored (a reply without the echo, logprobs or tool
 # call asked for, or sampled without the penalties, would look like the model's doing). A tool or
-# function choice of "auto" asks for nothing when there are no tools (any tool is refused).
+# function choice of "auto" asks for nothing when there are no tools (any tool is refused), nor
+# does parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change
+# no reply: those three are taken as sent. logprobs is a completion's int (0 asks for the sampled
+# tokens') and a chat's bool.
 NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logprobs": (False,),
                    "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
                    "frequency_penalty": (0,), "response_format": ({"type": "text"},),
                    "tools": ([],), "tool_choice": ("none", "auto"),
                    "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
-                   "modalities": (["text"],), "audio": ()}
+                   "modalities": (["text"],), "audio": (), "prediction": (),
+                   "web_search_options": (), "reasoning_effort": (),
+                   "service_tier": ("auto", "default"), "store": (False,)}
 
 
 # A prompt of more characters than this per token of the context is refused untokenized: a token
@@ -47,10 +52,14 @@ def shown(value) -> str:
 
 
 class APIError(Exception):
+    """`headers`: the reply's HTTP headers besides its JSON body (a 429's Retry-After)."""
+
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

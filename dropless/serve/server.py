@@ -31,6 +31,10 @@ MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
 # requests that may wait for a slot, by default, per slot: a queue of a few batches' worth keeps the
 # batch full between arrivals, and the last of them is answered within a few batches' replies
 QUEUE_PER_SLOT = 8
+# a 429's Retry-After, in seconds: the openai client waits this long before its retry (without
+# it, 0.5 s, then doubling). A place in the queue frees when a reply ends, which no header can
+# foresee; a second is a few hundred decode steps on a GPU
+RETRY_AFTER_S = 1
 
 
 def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None):
@@ -62,7 +66,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
@@ -75,13 +79,19 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}",
                                      type="server_error").body(), status_code=500)
 
+    def waiting() -> int:
+        """Requests waiting for a slot, under engine.lock, but not those whose client left: the
+        engine drops them at its next step, and till then (a long prefill's) they kept later
+        clients out with 429s. A scan per arrival (of about max_queue), none in the step."""
+        return sum(not r.cancelled for r in engine.waiting)
+
     @app.get("/health")
     async def health():
         """Up, with the engine's load and its counters (steps, prefill forwards and rows, host
         seconds in prefill, CUDA-graph captures) for monitoring and benchmarks."""
         with engine.lock:
             running = sum(r is not None for r in engine.slots)
-            return {"status": "ok", "running": running, "waiting": len(engine.waiting),
+            return {"status": "ok", "running": running, "waiting": waiting(),
                     "engine": dict(engine.stats)}
 
     card = {"id": served.name, "object": "model", "created": 0, "owned_by": "dropless"}
@@ -106,11 +116,11 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         waiting client holding a connection and its prompt for a reply that came ever later.
         Those that free slots take at the next step are not waiting for one."""
         with engine.lock:
-            queued = len(engine.waiting) - engine.slots.count(None)
+            queued = waiting() - engine.slots.count(None)
         if queued >= max_queue:
             raise APIError(429, f"the server is busy: {queued} requests already wait for a slot "
                            f"(at most {max_queue}); retry later", type="rate_limit_error",
-                           code="rate_limit_exceeded")
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def parse(http_request) -> dict:
         try:   # bounded before it is read: parsing it holds up the event loop
