@@ -343,8 +343,8 @@ def main():
                 dt = time_engine(engine, prompts[b], args.new, device)
                 r = {"tokens_per_s": b * args.new / dt, "ms_per_call_step": dt / args.new * 1e3,
                      "ms_per_step": step_ms(engine, b)}
-                first = engine.submit(Request(prompts[b][0], SamplingParams(max_tokens=8,
-                                                                            temperature=0)))
+                first = engine.submit(Request(prompts[b][0], SamplingParams(
+                    max_tokens=min(8, args.new), temperature=0)))   # the cache holds prompt + new
                 engine.run_until_done()
                 r["first_tokens"] = first.output
             except Exception as e:   # e.g. torch.compile failing on this stack: keep the rest
