@@ -22,10 +22,9 @@ import argparse
 import itertools
 
 import torch
-import triton
 
 from dropless.ops import gemv
-from gemv_tiles import SHAPES, CALLS, repeated
+from gemv_tiles import CALLS, expert_weights, repeated, start
 from moe_layer import bench
 
 
@@ -47,16 +46,9 @@ def main():
     ap.add_argument("--down", nargs="+", default=["1,256,2", "1,256,1", "1,128,1", "2,128,1"],
                     metavar="BN,BK,WARPS")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
-          f"{torch.__version__}, triton {triton.__version__}; T = 1; us per call (median; "
-          f"graph of {CALLS} calls)")
+    device, dtype = start(args.device, f"T = 1; us per call (median; graph of {CALLS} calls)")
     for name in args.shapes:
-        D, F, E, K = SHAPES[name]
-        torch.manual_seed(0)
-        gate_up = torch.randn(E, D, 2 * F, device=device, dtype=dtype) * D ** -0.5
-        down = torch.randn(E, F, D, device=device, dtype=dtype) * F ** -0.5
+        (D, F, E, K), gate_up, down = expert_weights(name, device, dtype)
         gu_t = gate_up.transpose(1, 2).contiguous()
         dn_t = down.transpose(1, 2).contiguous()
         x = torch.randn(1, D, device=device, dtype=dtype)

@@ -42,6 +42,34 @@ GRID = {"BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64), "UNROLL": (2, 4, 8), "WAV
 QUICK = {"BLOCK_N": (32, 64), "BLOCK_K": (32,), "UNROLL": (2, 4), "WAVES": (4,)}
 
 
+def start(device_name: str, what: str):
+    """(device, dtype: bf16 on a GPU, fp32 under the interpreter), after the table's first line:
+    the device, torch and triton, and `what` the table holds."""
+    import triton
+    device = torch.device(device_name)
+    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, triton {triton.__version__}; {what}")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def expert_weights(name: str, device, dtype):
+    """(D, F, E, K) of the shape, and random experts (seed 0): gate|up [E, D, 2F], down [E, F, D]."""
+    D, F, E, K = SHAPES[name]
+    torch.manual_seed(0)
+    gate_up = torch.randn(E, D, 2 * F, device=device, dtype=dtype) * D ** -0.5
+    down = torch.randn(E, F, D, device=device, dtype=dtype) * F ** -0.5
+    return (D, F, E, K), gate_up, down
+
+
+def quantized(gate_up, down, device) -> QuantizedExperts:
+    """The experts rounded to int4 (GROUP) and packed as the engine holds them."""
+    E, D, F2 = gate_up.shape
+    q = QuantizedExperts(E, D, F2 // 2, GROUP, device=device)
+    q.gate_up.set_from(gate_up)
+    q.down.set_from(down)
+    return q
+
+
 def graphed(fn, device):
     """fn replayed from a CUDA graph (the engine's way), or fn itself on a CPU."""
     if device.type != "cuda":
@@ -90,13 +118,8 @@ def main():
           f"{'STAGES':>7}{'WARPS':>6}{'us':>9}{'GB/s':>8}{'err':>10}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name in args.shapes:
-        D, F, E, K = SHAPES[name]
-        torch.manual_seed(0)
-        gate_up = torch.randn(E, D, 2 * F, device=device, dtype=dtype) * D ** -0.5
-        down = torch.randn(E, F, D, device=device, dtype=dtype) * F ** -0.5
-        q = QuantizedExperts(E, D, F, GROUP, device=device)
-        q.gate_up.set_from(gate_up)
-        q.down.set_from(down)
+        (D, F, E, K), gate_up, down = expert_weights(name, device, dtype)
+        q = quantized(gate_up, down, device)
         weights = {"plain": (gate_up, down), "int4": (q.gate_up.packed, q.down.packed)}
         nbytes = {"plain": 3 * D * F * gate_up.element_size(),
                   "int4": q.nbytes() / E}   # per expert

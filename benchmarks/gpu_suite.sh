@@ -36,6 +36,8 @@
 #   kmajor   the k-major decode experts: their tests and the serving tests, the 30B's batch-1
 #            decode (k-major against the training layout), their GEMVs against the training
 #            layout's (~6 minutes)
+#   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
+#            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
 # (`echo 1a2b3c4 > .commit_under_test`): the device's copy of .git can be stale, and
 # `git rev-parse` there named an older commit than the tree it ran (round 13).
@@ -146,6 +148,7 @@ for s in "$@"; do
             stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --json "$O/decode_qwen3_kmajor.json"
             stage "$L" 60 python3 benchmarks/gemv_layout.py --gate-up 1,1024,4 --down 1,256,2 1,256,1 ;;
+    int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done
