@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ from dropless.info import model_stats
 from dropless.serve import Engine, Request, SamplingParams, moe_decode
 from dropless.serve import decode as serve_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
+from serve_clients import engine_counters, httpx_module, start_server, stream_round
 
 BANDWIDTH = 4.24e12   # bytes/s, H200 measured device-to-device copy
 
@@ -179,85 +177,20 @@ def serve_main(args) -> None:
     serve(served, engine, "127.0.0.1", args.serve_port)
 
 
-async def _client(http, url, prompt, new):
-    start, stamps, usage = time.perf_counter(), [], None
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    async with http.stream("POST", url, json=body) as r:
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
-            usage = chunk.get("usage") or usage
-    return start, stamps, usage["completion_tokens"]
-
-
-def _httpx():
-    try:
-        import httpx
-    except ImportError:   # newer openai clients ship the same API as httpx2
-        import httpx2 as httpx
-    return httpx
-
-
-async def _round(port, prompts, new):
-    httpx = _httpx()
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
-        results = await asyncio.gather(*[_client(http, url, p, new) for p in prompts])
-    begin = min(r[0] for r in results)
-    end = max(r[1][-1] for r in results)
-    tokens = sum(r[2] for r in results)
-    ttft = [r[1][0] - r[0] for r in results]
-    itl = [(r[1][-1] - r[1][0]) / max(r[2] - 1, 1) for r in results]
-    return {"tokens_per_s": tokens / (end - begin), "ttft_ms": statistics.median(ttft) * 1e3,
-            "itl_ms": statistics.median(itl) * 1e3, "completion_tokens": tokens}
-
-
-def _engine_counters(httpx, port) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["engine"]
-
-
-def start_server(script: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
-    """`python script --serve-port PORT *flags` in a subprocess (the repository on its path),
-    once its /health answers: (process, port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
-        "PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, script, "--serve-port", str(port), *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    httpx = _httpx()
-    for _ in range(600):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc, port
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"{script}: the server did not answer in 2 minutes")
-
-
 def run_server(args, vocab, delay_ms: float) -> dict:
     proc, port = start_server(__file__, [
         "--preset", args.preset, "--device", args.device, "--max-batch", str(max(args.clients)),
         "--prompt", str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)] +
         ["--serve-compile-prefill"] * args.serve_compile_prefill)
     try:
-        httpx = _httpx()
+        httpx = httpx_module()
         out = {}
         for n in args.clients:
             prompts = prompts_for(n, args.prompt, vocab, seed=n)
-            asyncio.run(_round(port, prompts, 8))   # warm-up
-            before = _engine_counters(httpx, port)
-            out[n] = asyncio.run(_round(port, prompts, args.new))
-            after = _engine_counters(httpx, port)   # what the engine did in the timed round
+            asyncio.run(stream_round(port, prompts, 8))   # warm-up
+            before = engine_counters(httpx, port)
+            out[n] = asyncio.run(stream_round(port, prompts, args.new))
+            after = engine_counters(httpx, port)   # what the engine did in the timed round
             out[n].update({k: after.get(k, 0) - before.get(k, 0) for k in after},
                           admit_delay_ms=delay_ms)
             print(f"server {n} clients, admit delay {delay_ms} ms: {out[n]}", flush=True)

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from decode import _round, build, prompts_for, start_server   # this script's folder
+from decode import build, prompts_for   # this script's folder
+from serve_clients import start_server, stream_round
 
 PROMPT, NEW = 32, 256
 
@@ -71,8 +72,8 @@ def measure(step_ms: float, clients: list[int]) -> None:
     try:
         for n in clients:
             prompts = prompts_for(n, PROMPT, 256, seed=n)
-            asyncio.run(_round(port, prompts, 8))   # warm-up
-            r = asyncio.run(_round(port, prompts, NEW))
+            asyncio.run(stream_round(port, prompts, 8))   # warm-up
+            r = asyncio.run(stream_round(port, prompts, NEW))
             ceiling = f"{n / (step_ms / 1e3):12,.0f}" if step_ms else f"{'-':>12}"
             ratio = f"{r['tokens_per_s'] * step_ms / 1e3 / n:8.2f}" if step_ms else f"{'-':>8}"
             print(f"{step_ms:8.2f}{n:9}{r['tokens_per_s']:12,.0f}{ceiling}{ratio}"
