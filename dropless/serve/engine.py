@@ -299,9 +299,9 @@ class Engine:
         """Admit, prefill a chunk, decode one token for every decoding request."""
         self.stats["steps"] += 1
         with self.lock:
-            # a request cancelled while it waited never takes a slot (it held one for a step)
-            gone = [r for r in self.waiting if r.cancelled]
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            # a request cancelled while it waited never takes a slot (the queue: rebuilt only then)
+            if gone := [r for r in self.waiting if r.cancelled]:
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
             for slot in range(self.max_batch if self._admit_wait() == 0 else 0):
                 if not self.waiting:
                     break
