@@ -7,7 +7,8 @@
 
 One step = `Engine._decode(b, greedy=True)` on random weights (bf16 on CUDA, fp32 on the CPU), run
 outside a CUDA graph so that each launch is seen; `--int4`: the experts and attention projections
-rounded to int4 (quantize_rtn: the kernels' speed does not depend on the values). Per layer =
+rounded to int4 (quantize_rtn: the kernels' speed does not depend on the values); bf16 experts
+are laid out k-major on CUDA, as `dropless serve` loads them. Per layer =
 count(2 layers) - count(1 layer) of the preset cut to that depth (the first layer kept MoE), so
 the embedding, LM head, argmax and buffer updates fall out; "rest" is what the step spends
 outside the layers. On the CPU the count is of aten ops that touch data (views, reshapes and
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dropless import Transformer, get_preset
 from dropless.quant.modules import QuantConfig, quantize_rtn
-from dropless.serve import Engine
+from dropless.serve import Engine, moe_decode
 
 # aten ops that only make views or allocate: no kernel
 FREE = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute",
@@ -59,7 +60,10 @@ def build(cfg, device, dtype, int4=False):
             model = Transformer(cfg).eval()
     finally:
         torch.set_default_dtype(default)
-    return quantize_rtn(model, QuantConfig()) if int4 else model
+    if int4:
+        return quantize_rtn(model, QuantConfig())
+    moe_decode.kmajor_experts(model)   # as `dropless serve` and `generate` load a model
+    return model
 
 
 def count_step(cfg, device, dtype, batch: int, compile: bool, int4: bool = False
