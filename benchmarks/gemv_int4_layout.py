@@ -8,8 +8,8 @@ draw of experts (gemv_tiles.py's method):
   kmajor   two kernels on a k-major repacking of the same codes: per expert, qweight [out, in/8]
            (eight consecutive inputs per int32, input k in bits 4 (k % 8)), and scales and zero
            points [out, in/G] in the scales' dtype. gate|up with SwiGLU, then down summing the K
-           slots with their routing weights in the same program. Each group's dot product is
-           taken on the codes, then scaled: s * (q . x - z * sum(x)), one multiply per weight.
+           slots with their routing weights in the same program. Each weight is dequantized in
+           registers, s (q - z), and the products summed once after the loop.
 
 for a sweep of tiles (BLOCK_N rows, BLOCK_K inputs, warps; BLOCK_K a multiple of 8), each
 output compared with `current` ("err": the same codes, so rounding alone; h is rounded to bf16
