@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from decode import build, prompts_for, sync, time_engine   # this script's folder
+from decode import build, sync   # this script's folder
+from decode_switches import decode_configs, tokens_per_s
 from dropless.config import TrainConfig, get_preset
 from dropless.evaluate import evaluate_dir
 from dropless.quant.calibrate import quantize_model
 from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.quant.run import quantize_run
-from dropless.serve.engine import Engine
-from dropless.serve.request import Request, SamplingParams
 from dropless.train import train
 
 
@@ -60,51 +57,18 @@ def quality(run_dir: str, device: str, work: Path) -> dict:
             "expert_bytes_ratio": summary["expert_bytes_int4"] / summary["expert_bytes_bf16"]}
 
 
-def decode_tokens_per_s(model, device: str, prompt: int = 32, new: int = 128) -> float:
-    engine = Engine(model, max_batch=1, max_len=prompt + new, buckets=(1,))
-    return new / time_engine(engine, prompts_for(1, prompt, model.cfg.vocab_size, seed=1), new,
-                             device)
-
-
-def greedy_tokens(model, new: int = 64, prompt: int = 32) -> list[int]:
-    engine = Engine(model, max_batch=1, max_len=prompt + new, buckets=(1,))
-    request = engine.submit(Request(prompts_for(1, prompt, model.cfg.vocab_size, seed=2)[0],
-                                    SamplingParams(max_tokens=new, temperature=0)))
-    engine.run_until_done()
-    return request.output
-
-
 def decode_ab(model, device: str, switch: str, reps: int) -> dict:
-    """{"0": tokens/s, "1": tokens/s, "agree": n}: decode_tokens_per_s with the environment switch
-    off and on, alternating (each engine captures its graphs with the setting of its time), median
-    of reps; agree: how many of 64 greedy tokens the two settings share before they first differ
-    (sums in another order may round apart late; a broken path differs at once). The switch is
-    restored after."""
-    before = os.environ.get(switch)
-    runs: dict = {"0": [], "1": []}
-    tokens = {}
-    try:
-        for value in runs:
-            os.environ[switch] = value
-            tokens[value] = greedy_tokens(model)
-        for _ in range(reps):
-            for value in runs:
-                os.environ[switch] = value
-                runs[value].append(decode_tokens_per_s(model, device))
-    finally:
-        if before is None:
-            os.environ.pop(switch, None)
-        else:
-            os.environ[switch] = before
-    a, b = tokens["0"], tokens["1"]
-    agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    print(f"{switch}: " + ", ".join(f"{v} {[round(x, 1) for x in r]}" for v, r in runs.items())
-          + f"; greedy tokens agree for {agree} of {len(a)}", flush=True)
-    return {**{value: statistics.median(r) for value, r in runs.items()}, "agree": agree}
+    """{"0": tokens/s, "1": tokens/s, "agree": n}: batch-1 decode with the environment switch
+    off and on, alternating, median of reps (decode_switches.decode_configs); agree: how many of
+    64 greedy tokens the two settings share before they first differ."""
+    off, on = decode_configs(model, device, [{switch: "0"}, {switch: "1"}], reps)
+    print(f"{switch}: 0 {[round(x, 1) for x in off['runs']]}, 1 {[round(x, 1) for x in on['runs']]}"
+          f"; greedy tokens agree for {on['agree']} of 64", flush=True)
+    return {"0": off["median"], "1": on["median"], "agree": on["agree"]}
 
 
 def without_projection_kernels(model, device: str) -> float:
-    """decode_tokens_per_s with the dense projections as rms_norm + F.linear and addmm (no
+    """tokens_per_s with the dense projections as rms_norm + F.linear and addmm (no
     linear_rows GEMV) and the MoE norm as its own kernel before the router kernels."""
     from dropless.serve import decode, moe_decode
     gates = decode.fused_linear, moe_decode.norm_route
@@ -115,7 +79,7 @@ def without_projection_kernels(model, device: str) -> float:
 
     decode.fused_linear, moe_decode.norm_route = (lambda x: False), norm_then_route
     try:
-        return decode_tokens_per_s(model, device)
+        return tokens_per_s(model, device)
     finally:
         decode.fused_linear, moe_decode.norm_route = gates
 
@@ -125,7 +89,7 @@ def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False,
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = build(preset, device, dtype)
     res = {"preset": preset, "calib": [samples, seq_len] if not rtn else "none (round to nearest)",
-           "decode_bf16_tokens_per_s": decode_tokens_per_s(model, device)}
+           "decode_bf16_tokens_per_s": tokens_per_s(model, device)}
     if ab:
         res["ab"] = {"switch": ab, "bf16": decode_ab(model, device, ab, reps)}
     if device != "cpu":
@@ -142,7 +106,7 @@ def big(preset: str, device: str, samples: int, seq_len: int, rtn: bool = False,
         quantize_model(model, tokens, QuantConfig())
     sync(device)
     res["quantize_s"] = time.perf_counter() - start
-    res["decode_int4_tokens_per_s"] = decode_tokens_per_s(model, device)
+    res["decode_int4_tokens_per_s"] = tokens_per_s(model, device)
     res["decode_ratio"] = res["decode_int4_tokens_per_s"] / res["decode_bf16_tokens_per_s"]
     if ab:
         res["ab"]["int4"] = decode_ab(model, device, ab, reps)

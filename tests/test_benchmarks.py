@@ -18,6 +18,7 @@ Left out:
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -232,3 +233,31 @@ def test_awq_model_ab(tmp_path):
     assert ab["bf16"]["agree"] == ab["int4"]["agree"] == 64
     assert positive(ab["bf16"]["0"], ab["bf16"]["1"], ab["int4"]["0"], ab["int4"]["1"])
     assert "| tiny: greedy tokens equal with DROPLESS_DECODE_FUSION 0 and 1 (of 64) | 64 | 64 |" in out
+
+
+def test_decode_switches_alternates_configs_and_restores_the_environment(monkeypatch):
+    """Every config is timed --reps times and its greedy tokens compared with the first's (on the
+    CPU every config runs one path: all 64 agree); a malformed config is refused by name; `under`
+    sets the switches for one call and restores the environment."""
+    out = run("decode_switches.py", "--device", "cpu", "--preset", "tiny", "--new", 8,
+              "--reps", 2, "--configs", "", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1")
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == ["(environment)", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1"]
+    for _, median, runs, ratio, agree in rows:
+        assert positive(float(median), float(ratio), *map(float, runs.split(", ")))
+        assert len(runs.split(", ")) == 2 and agree == "64"
+    assert rows[0][3] == "1.000"
+    failed = subprocess.run([sys.executable, "decode_switches.py", "--device", "cpu", "--configs",
+                             "DROPLESS_PDL"], cwd=BENCHMARKS, capture_output=True, text=True,
+                            env=subprocess_env())
+    assert failed.returncode != 0 and "'DROPLESS_PDL' is invalid: allowed: NAME=VALUE" in \
+        failed.stderr
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from decode_switches import under
+    monkeypatch.delenv("DROPLESS_PDL", raising=False)
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "0")
+    seen = under({"DROPLESS_PDL": "1", "DROPLESS_DECODE_FUSION": "1"},
+                 lambda: (os.environ["DROPLESS_PDL"], os.environ["DROPLESS_DECODE_FUSION"]))
+    assert seen == ("1", "1") and "DROPLESS_PDL" not in os.environ
+    assert os.environ["DROPLESS_DECODE_FUSION"] == "0"

@@ -56,6 +56,31 @@ def test_linear_rows_tiles_as_on_a_gpu(T, monkeypatch):
     check(T, 200, 1100, torch.float32, True, True)
 
 
+def preload(monkeypatch, module):
+    """The module's launches with PRELOAD (the first weight step loaded before the PDL wait): on
+    CUDA with PDL as the switches give it, elsewhere PRELOAD alone (the interpreter has no PDL)."""
+    if DEVICE == "cuda":
+        monkeypatch.setenv("DROPLESS_PDL", "1")
+        monkeypatch.setenv("DROPLESS_PDL_PRELOAD", "1")
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("PDL needs sm_90")
+    else:
+        monkeypatch.setattr(module, "pdl_launch",
+                            lambda device, preload=False: {"PRELOAD": True} if preload else {})
+
+
+@pytest.mark.parametrize("T,N,K,norm,res", [(1, 64, 128, True, True), (1, 100, 70, False, True),
+                                            (3, 48, 300, True, False), (2, 33, 1000, True, True)])
+def test_linear_rows_preloaded_first_step(T, N, K, norm, res, monkeypatch):
+    """PRELOAD: the first BLOCK_K of weights read before the PDL wait, then the loop from there
+    (K under, over and not a multiple of the block); also with the tiles of 132 multiprocessors
+    (a whole reduction in one unrolled iteration)."""
+    preload(monkeypatch, triton_linear)
+    check(T, N, K, torch.float32, norm, res)
+    monkeypatch.setattr(triton_linear, "_num_sms", lambda device: 132)
+    check(T, 200, 1100, torch.float32, norm, res)
+
+
 def test_linear_rows_strided_rows_and_mixed_dtypes():
     """x rows at a stride (a view of a wider tensor), the norm weight in float32 over fp16 x (the
     module's upcast path), a residual that is a view too."""

@@ -76,6 +76,26 @@ def test_route_topk_split_d_as_on_a_gpu(T, fused, monkeypatch):
     check_route(T, 1000, 128, 8, torch.float32, monkeypatch, scales=(1.0,))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+def test_route_topk_preloaded_first_step(T, fused, monkeypatch):
+    """PRELOAD: each program's first step of router weights read before the PDL wait (split D
+    as on a GPU, D not a multiple of the block; unsplit), with the norm folded in or not."""
+    from tests.test_ops_triton_linear import preload
+    preload(monkeypatch, triton_router)
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if fused else "0")
+    check_route(T, 96, 60, 8, torch.float32, monkeypatch, scales=(1.0,))
+    monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
+    check_route(T, 1000, 128, 8, torch.float32, monkeypatch, scales=(1.0,))
+    x_TD = torch.randn(T, 1000, device=DEVICE)
+    norm_w = torch.rand(1000, device=DEVICE) + 0.5
+    router = make_router(1000, 128, 8, torch.float32)
+    weights_TK, ids_TK, h_TD = norm_route_topk(x_TD, norm_w, 1e-6, router.weight, 8, True, 1.0)
+    h_ref = torch.nn.functional.rms_norm(x_TD, (1000,), norm_w, 1e-6)
+    assert rel_err(h_TD, h_ref) < 1e-6
+    assert_same_routing(weights_TK, ids_TK, *torch_route(router, h_TD, monkeypatch))
+
+
 def test_route_topk_mixed_dtypes(monkeypatch):
     """x in fp16, the router weight in float32 (route upcasts x; the kernel loads both)."""
     router = make_router(64, 60, 4, torch.float32)

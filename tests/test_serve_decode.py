@@ -153,14 +153,18 @@ def test_compiled_decode_equals_eager():
 @pytest.mark.parametrize("kind", ["moe", "int4"])
 def test_pdl_step_equals_plain_launches_on_gpu(kind, monkeypatch):
     """DROPLESS_PDL=1 (programmatic dependent launch of the decode kernels): every kernel waits
-    for the one before it on entry, so the step's logits are bitwise those of plain launches."""
+    for the one before it on entry, so the step's logits are bitwise those of plain launches;
+    also with DROPLESS_PDL_PRELOAD=1 (the projections and the router load their first weights
+    before that wait, and sum them in the same order)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = _model(kind).to("cuda", torch.bfloat16)
     monkeypatch.setenv("DROPLESS_PDL", "0")   # whatever the environment says
     plain = _step_logits(model, False, short=True)[1]
     monkeypatch.setenv("DROPLESS_PDL", "1")
-    assert torch.equal(_step_logits(model, False, short=True)[1], plain)
+    for preload in ("0", "1"):
+        monkeypatch.setenv("DROPLESS_PDL_PRELOAD", preload)
+        assert torch.equal(_step_logits(model, False, short=True)[1], plain)
 
 
 @pytest.mark.gpu

@@ -54,6 +54,7 @@ def pow2(n: int) -> int:
 
 
 PDL_ENV = "DROPLESS_PDL"
+PRELOAD_ENV = "DROPLESS_PDL_PRELOAD"
 
 
 def _switch(name: str) -> bool:
@@ -64,14 +65,20 @@ def _switch(name: str) -> bool:
     return value == "1"
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, preload: bool = False) -> dict:
     """Launch options for the decode step's Triton kernels: with DROPLESS_PDL=1 on sm_90 and
     newer, programmatic dependent launch ({"PDL": True, "launch_pdl": True}: each kernel waits
     for the one before it on entry (triton_pdl.pdl_start), so that its launch and ramp overlap
-    that kernel's last wave), else none. Off by default until measured on the product path."""
+    that kernel's last wave), else none. `preload` (a kernel whose weights no kernel of the step
+    writes: the projections, the router): with DROPLESS_PDL_PRELOAD=1 too, {"PRELOAD": True}:
+    it loads its first step of weights before that wait, so that its memory reads overlap the
+    kernel before as well. Off by default until measured on the product path."""
     on = (_switch(PDL_ENV) and device.type == "cuda"
           and cuda_capability_major(device.index or 0) >= 9)
-    return {"PDL": True, "launch_pdl": True} if on else {}
+    if not on:
+        return {}
+    return {"PDL": True, "launch_pdl": True, **({"PRELOAD": True} if preload and
+                                                  _switch(PRELOAD_ENV) else {})}
 
 
 DECODE_FUSION_ENV = "DROPLESS_DECODE_FUSION"

@@ -82,7 +82,7 @@ def linear_rows(x_TK: Tensor, weight_NK: Tensor, norm_weight: Tensor | None, eps
         0 if residual_TN is None else residual_TN.stride(0), eps,
         NORM=norm_weight is not None, RES=residual_TN is not None, BLOCK_T=block_t,
         BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=unroll, STAGES=stages("linear"),
-        num_warps=NUM_WARPS, **pdl_launch(x_TK.device))
+        num_warps=NUM_WARPS, **pdl_launch(x_TK.device, preload=True))
     return out
 
 

@@ -32,20 +32,31 @@ def linear_rows_kernel(
     # meta
     NORM: tl.constexpr, RES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
-    pdl_start(PDL)
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     n_ok, t_ok = ns < N, ts < T
     x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + ns.to(tl.int64)[:, None] * K
+    k_first = 0
+    if PRELOAD:   # the weight does not depend on the kernel before: its first step is loaded
+        ks = tl.arange(0, BLOCK_K)   # before the PDL wait, while that kernel still runs
+        w_first = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+        k_first = BLOCK_K
+    pdl_start(PDL)
     if NORM:   # each row's mean square, from the row as stored
         rstd = rows_rstd(x_rows, t_ok, K, eps, BLOCK_T, BLOCK_K)
     # elementwise products accumulate across the K loop; one reduction at the end. UNROLL steps
     # per iteration in one basic block: their independent loads are in flight together
     acc = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k_outer in tl.range(0, K, BLOCK_K * UNROLL, num_stages=STAGES):
+    if PRELOAD:
+        ks = tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + ks[None, :], mask=t_ok[:, None] & (ks < K)[None, :], other=0.0)
+        if NORM:
+            x = normed(x, rstd, norm_ptr, ks, ks < K)
+        acc += x.to(tl.float32)[:, None, :] * w_first.to(tl.float32)[None, :, :]
+    for k_outer in tl.range(k_first, K, BLOCK_K * UNROLL, num_stages=STAGES):
         for step in tl.static_range(UNROLL):
             ks = k_outer + step * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < K

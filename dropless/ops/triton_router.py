@@ -82,7 +82,7 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
         weights_ptr=weights_TK, ids_ptr=ids_TK,
         cnt_ptr=counters(x_TD.device, grid[0]) if fused else ids_TK, K=top_k,
         route_scale=route_scale, TOPK=fused, NORM_TOPK=norm_topk_prob, TOPK_BLOCK_E=block,
-        num_warps=4, **pdl_launch(x_TD.device))
+        num_warps=4, **pdl_launch(x_TD.device, preload=True))
     if fused:
         return weights_TK, ids_TK, h_TD
     # 2. per token: the partials' sum, K rounds of argmax, the softmax (one warp: the rounds'

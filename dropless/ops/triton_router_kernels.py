@@ -31,6 +31,19 @@ from dropless.ops.triton_sync import last_to_arrive, rearm
 
 
 @triton.jit
+def _x_step(x_rows, ts, t_ok, ds, d_ok, rstd, norm_ptr, h_ptr, D, NORM: tl.constexpr):
+    """fp32 [BLOCK_T, BLOCK_D]: the rows' x at features ds; with NORM normalised (rounded to x's
+    dtype, as F.rms_norm's output), and the first expert block's programs store it to h."""
+    x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    if NORM:
+        x = normed(x, rstd, norm_ptr, ds, d_ok)
+        if tl.program_id(1) == 0:
+            tl.store(h_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :], x,
+                     mask=t_ok[:, None] & d_ok[None, :])
+    return x.to(tl.float32)
+
+
+@triton.jit
 def router_logits_kernel(
     # tensors
     x_ptr, w_ptr, part_ptr, norm_ptr, h_ptr,
@@ -42,9 +55,8 @@ def router_logits_kernel(
     # arrive (int32 counters cnt, one per token block)
     weights_ptr, ids_ptr, cnt_ptr, K, route_scale,
     TOPK: tl.constexpr, NORM_TOPK: tl.constexpr, TOPK_BLOCK_E: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
-    pdl_start(PDL)
     ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(2)
@@ -53,21 +65,27 @@ def router_logits_kernel(
     d_hi = tl.minimum(d_lo + D_SPLIT, D)
     x_rows = x_ptr + ts.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + es.to(tl.int64)[:, None] * D
+    d_first, rstd = d_lo, 0.0
+    if PRELOAD:   # the router's weight is not written by the kernel before: its first step is
+        ds = d_lo + tl.arange(0, BLOCK_D)   # loaded before the PDL wait
+        w_first = tl.load(w_rows + ds[None, :], mask=e_ok[:, None] & (ds < d_hi)[None, :],
+                          other=0.0)
+        d_first = d_lo + BLOCK_D
+    pdl_start(PDL)
     if NORM:   # each row's mean square over all of D
         rstd = rows_rstd(x_rows, t_ok, D, eps, BLOCK_T, BLOCK_D)
     # elementwise products accumulate across the D loop; one reduction at the end
     acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
-    for d0 in range(d_lo, d_hi, BLOCK_D):
+    if PRELOAD:
+        ds = d_lo + tl.arange(0, BLOCK_D)
+        x = _x_step(x_rows, ts, t_ok, ds, ds < d_hi, rstd, norm_ptr, h_ptr, D, NORM)
+        acc += x[:, None, :] * w_first.to(tl.float32)[None, :, :]
+    for d0 in range(d_first, d_hi, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < d_hi
-        x = tl.load(x_rows + ds[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = _x_step(x_rows, ts, t_ok, ds, d_ok, rstd, norm_ptr, h_ptr, D, NORM)
         w = tl.load(w_rows + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        if NORM:
-            x = normed(x, rstd, norm_ptr, ds, d_ok)
-            if tl.program_id(1) == 0:
-                tl.store(h_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :], x,
-                         mask=t_ok[:, None] & d_ok[None, :])
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
     logits = tl.sum(acc, axis=2)
     out = part_ptr + (split * T + ts).to(tl.int64)[:, None] * E + es[None, :]
     tl.store(out, logits, mask=t_ok[:, None] & e_ok[None, :])
