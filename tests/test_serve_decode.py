@@ -257,3 +257,16 @@ def test_pdl_switch(monkeypatch):
     monkeypatch.setenv(PDL_ENV, "yes")
     with pytest.raises(ValueError, match="DROPLESS_PDL='yes' is invalid: allowed: 0, 1"):
         pdl_launch(torch.device("cpu"))
+    from dropless.ops import device
+    monkeypatch.delenv(PDL_ENV)   # unset: on where the GPU has it (sm_90+), DROPLESS_PDL=0 off
+    monkeypatch.setattr(device, "cuda_capability_major", lambda index: 9)
+    cuda = torch.device("cuda", 0)
+    assert pdl_launch(cuda) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("DROPLESS_PDL_PRELOAD", "1")   # only for the kernels that can preload
+    assert pdl_launch(cuda, preload=True) == {"PDL": True, "launch_pdl": True, "PRELOAD": True}
+    assert pdl_launch(cuda) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert pdl_launch(cuda, preload=True) == {}
+    monkeypatch.setattr(device, "cuda_capability_major", lambda index: 8)
+    monkeypatch.delenv(PDL_ENV)
+    assert pdl_launch(cuda) == {}

@@ -57,23 +57,25 @@ PDL_ENV = "DROPLESS_PDL"
 PRELOAD_ENV = "DROPLESS_PDL_PRELOAD"
 
 
-def _switch(name: str) -> bool:
-    """An on/off environment switch: unset or "0" off, "1" on, anything else refused."""
-    value = os.environ.get(name, "0")
+def _switch(name: str, default: bool = False) -> bool:
+    """An on/off environment switch: "0" off, "1" on, unset `default`, anything else refused."""
+    value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r} is invalid: allowed: 0, 1")
     return value == "1"
 
 
 def pdl_launch(device: torch.device, preload: bool = False) -> dict:
-    """Launch options for the decode step's Triton kernels: with DROPLESS_PDL=1 on sm_90 and
-    newer, programmatic dependent launch ({"PDL": True, "launch_pdl": True}: each kernel waits
-    for the one before it on entry (triton_pdl.pdl_start), so that its launch and ramp overlap
-    that kernel's last wave), else none. `preload` (a kernel whose weights no kernel of the step
-    writes: the projections, the router): with DROPLESS_PDL_PRELOAD=1 too, {"PRELOAD": True}:
-    it loads its first step of weights before that wait, so that its memory reads overlap the
-    kernel before as well. Off by default until measured on the product path."""
-    on = (_switch(PDL_ENV) and device.type == "cuda"
+    """Launch options for the decode step's Triton kernels: on sm_90 and newer, unless
+    DROPLESS_PDL=0, programmatic dependent launch ({"PDL": True, "launch_pdl": True}: each kernel
+    waits for the one before it on entry (triton_pdl.pdl_start), so that its launch and ramp
+    overlap that kernel's last wave), else none. On by default since round 23: +5.3% tokens/s at
+    the Qwen3-30B-A3B shape and +9.5% at medium, batch 1 on an H100 (BENCHMARKS.md). `preload`
+    (a kernel whose weights no kernel of the step writes: the projections, the router): with
+    DROPLESS_PDL_PRELOAD=1 too, {"PRELOAD": True}: it loads its first step of weights before
+    that wait, so that its memory reads overlap the kernel before as well; off by default (round
+    23: -1.4% / +1.0%, within the runs' spread)."""
+    on = (_switch(PDL_ENV, default=True) and device.type == "cuda"
           and cuda_capability_major(device.index or 0) >= 9)
     if not on:
         return {}
