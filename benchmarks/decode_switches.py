@@ -3,7 +3,7 @@
 one model, so that which of them pays on the product path is measured side by side:
 
     python benchmarks/decode_switches.py --preset qwen3-30b-a3b \\
-        --configs "" DROPLESS_PDL=1 DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1
+        --configs "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1
     python benchmarks/decode_switches.py --device cpu --preset tiny --configs "" DROPLESS_PDL=1
 
 Each config is a comma-separated list of NAME=VALUE ("" for the environment as it is). The model
@@ -82,8 +82,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", nargs="+", default=["", "DROPLESS_PDL=1",
-                                                     "DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1"])
+    ap.add_argument("--configs", nargs="+", default=["", "DROPLESS_PDL=0",
+                                                     "DROPLESS_PDL_PRELOAD=1"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)

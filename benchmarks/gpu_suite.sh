@@ -38,7 +38,8 @@
 #            layout's (~6 minutes)
 #   switches the tests of the projection and router kernels and of the decode step (PDL, preload),
 #            then benchmarks/decode_switches.py: batch-1 decode of the 30B shape and of medium
-#            under PDL, PDL with the weights' first step preloaded, and that with the decode fusion
+#            as default (PDL on), without PDL, with the weights' first step preloaded, with the
+#            decode fusion
 #            (~6 minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
@@ -155,9 +156,9 @@ for s in "$@"; do
     switches) stage "$L" 150 python3 -m pytest -q -n 8 tests/test_ops_triton_linear.py \
                 tests/test_ops_triton_router.py tests/test_serve_decode.py -p no:cacheprovider -rf
               stage "$L" 300 python3 benchmarks/decode_switches.py --preset qwen3-30b-a3b --configs \
-                "" DROPLESS_PDL=1 DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1 DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1,DROPLESS_DECODE_FUSION=1
+                "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1 DROPLESS_DECODE_FUSION=1
               stage "$L" 90 python3 benchmarks/decode_switches.py --preset medium --configs \
-                "" DROPLESS_PDL=1 DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1 DROPLESS_PDL=1,DROPLESS_PDL_PRELOAD=1,DROPLESS_DECODE_FUSION=1 ;;
+                "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1 DROPLESS_DECODE_FUSION=1 ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
