@@ -7,7 +7,9 @@ small-batch (64 tokens) sizes; plus packed expert bytes against bf16 bytes.
 Both layers are the same `dropless.MoE` (same router weights, same routing): "bf16" holds
 `Experts` (backend auto), "int4" holds `QuantizedExperts` packed from the same weights (round to
 nearest, group 128). "bf16 decode" / "int4 decode" are the layers the way the inference engine
-runs them (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens), with
+runs them (dropless/serve/moe_decode.py: no sort or plan; the Triton GEMVs for few tokens);
+"bf16 kmajor decode" is "bf16 decode" on experts laid out k-major, as `dropless serve` and
+`generate` load them (round 22: its GEMVs 1.27x the training layout's at batch 1), with
 the default unpacking of the int32s (DROPLESS_AWQ_UNPACK=nibble); "int4 decode ilv" spreads them
 over columns in registers (interleave); "int4 gather" is the int4 layer with each column loading
 its own int32 (gather). Speedups: the fastest bf16 column over the fastest int4 one. Weights are
@@ -36,14 +38,15 @@ from dropless import MoE, MoEConfig, ops
 from dropless.ops import awq as awq_ops
 from dropless.quant.modules import QuantizedExperts
 from dropless.ops.gemv import experts_decode
-from dropless.serve.moe_decode import choose_path, moe_decode
+from dropless.serve.moe_decode import choose_path, kmajor_experts, moe_decode
 from moe_layer import bench, commit   # the benchmarks' one timing helper (this script's folder)
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2),   # D, F, E, K
           "cpu": (128, 128, 8, 2)}   # a smoke test of this script (TRITON_INTERPRET=1 --device cpu)
 GROUP = 128
 CALLS = 24   # inputs per graph (each routed anew): times are per call
-PROVIDERS = (("bf16", "bf16", None), ("bf16 decode", "bf16", None), ("int4", "int4", None),
+PROVIDERS = (("bf16", "bf16", None), ("bf16 decode", "bf16", None),
+             ("bf16 kmajor decode", "bf16 kmajor", None), ("int4", "int4", None),
              ("int4 decode", "int4", None), ("int4 decode ilv", "int4", "interleave"),
              ("int4 gather", "int4", "gather"))
 
@@ -84,7 +87,9 @@ def build(D, F, E, K, device):
     int4.experts = q
     deq.experts.gate_up.data = q.gate_up.dequantize(torch.bfloat16)
     deq.experts.down.data = q.down.dequantize(torch.bfloat16)
-    return bf16, int4, deq, q
+    kmajor = copy.deepcopy(bf16)   # as `dropless serve` loads bf16 experts (round 22)
+    kmajor_experts(kmajor, device_types=(torch.device(device).type,))
+    return bf16, kmajor, int4, deq, q
 
 
 def main():
@@ -102,7 +107,7 @@ def main():
     rows, swept = [], []
     for name in args.shapes.split(","):
         D, F, E, K = SHAPES[name]
-        bf16, int4, deq, q = build(D, F, E, K, device)
+        bf16, kmajor, int4, deq, q = build(D, F, E, K, device)
         bf16_bytes = (bf16.experts.gate_up.numel() + bf16.experts.down.numel()) * 2
         print(f"{name}: D={D} F={F} E={E} K={K}: experts {bf16_bytes / 2**20:.0f} MiB bf16, "
               f"{q.nbytes() / 2**20:.0f} MiB int4 ({q.nbytes() / bf16_bytes:.3f}x)")
@@ -125,7 +130,7 @@ def main():
                 for t in xs:
                     route = bf16.router(t)
                     routed.append((t, route.expert_ids_TK, route.weights_TK))
-                layers = {"bf16": bf16, "int4": int4}
+                layers = {"bf16": bf16, "bf16 kmajor": kmajor, "int4": int4}
                 for label, layer, unpack in PROVIDERS:
                     layer = layers[layer]
                     os.environ[awq_ops.UNPACK_ENV] = unpack or awq_ops.UNPACKS[0]
@@ -137,14 +142,14 @@ def main():
                                                else float("nan"))
                     # the experts alone: plan, dispatch, experts, combine for bf16; int4 the way
                     # its layer runs them (decode, or the fused kernels)
-                    if label == "bf16 decode":   # the engine's: by size, as moe_decode picks
-                        path = choose_path(T, K, E, device.type)
+                    if label.startswith("bf16") and "decode" in label:   # the engine's: by
+                        path = choose_path(T, K, E, device.type)     # size, as moe_decode picks
                         if path == "triton" or device.type == "cpu":
-                            def experts(r, m=bf16):
+                            def experts(r, m=layer):
                                 return experts_decode(r[0], r[1], r[2], m.experts.gate_up,
                                                       m.experts.down)
                         else:
-                            def experts(r, m=bf16, path=path):
+                            def experts(r, m=layer, path=path):
                                 return moe_decode(m, r[0], path)
                     elif layer is bf16:
                         def experts(r, m=bf16):
@@ -162,7 +167,7 @@ def main():
                 if T > 1:
                     swept += sweep(name, T, args.tiles, q, E, routed, per_call, times)
             rows.append((name, T, times, check))
-        del bf16, int4, deq, q
+        del bf16, kmajor, int4, deq, q
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("\nms per MoE layer forward (median). eager / graph: the whole layer (router included),"

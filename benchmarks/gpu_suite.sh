@@ -112,7 +112,7 @@ for s in "$@"; do
               --no-server --compile --json "$O/decode_qwen3_compiled.json" ;;
     product) stage "$L" 300 python3 -m dropless train --preset medium --tokenizer bpe --vocab 32768 \
                --steps 150 --eval-every 150 --ckpt-every 150 --out /tmp/medium-run --sample-tokens 40 ;;
-    awq) stage "$L" 60 python3 benchmarks/awq.py ;;
+    awq) stage "$L" 120 python3 benchmarks/awq.py ;;
     awqmodel) stage "$L" 240 python3 benchmarks/awq_model.py --train small --train-steps 600 \
                 --json "$O/awq_small.json"
               stage "$L" 330 python3 benchmarks/awq_model.py --big qwen3-30b-a3b --json "$O/awq_30b.json" ;;
