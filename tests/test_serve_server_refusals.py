@@ -167,6 +167,30 @@ def test_the_no_op_values_are_accepted(live, fields):
     assert code == 200 and reply["usage"]["completion_tokens"] == 2, reply
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"user": 7}, "must be a string"),
+    ({"parallel_tool_calls": "yes"}, "must be true or false"),
+    ({"parallel_tool_calls": 1}, "must be true or false"),
+    ({"metadata": ["run", "a"]}, "an object of at most 16 string values"),
+    ({"metadata": {"run": 1}}, "an object of at most 16 string values"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "an object of at most 16 string values"),
+    ({"metadata": {"k" * 65: "v"}}, "keys of at most 64 characters"),
+    ({"metadata": {"run": "v" * 513}}, "values of at most 512"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_labels_of_the_wrong_type_are_400_naming_them(live, path, fields, message):
+    """user, metadata and parallel_tool_calls change no reply, but a malformed one is the
+    client's mistake to hear about (as OpenAI answers it), not to have served silently; the
+    bounds are OpenAI's (16 pairs, 64-character keys, 512-character values: at them, accepted)."""
+    body = {**(CHAT if "chat" in path else COMPLETION), **fields}
+    [name] = fields
+    assert message in edges.refused(live, path, body, name)
+    at_bounds = {"metadata": {f"{i:064d}": "v" * 512 for i in range(16)}, "user": "",
+                 "parallel_tool_calls": False}
+    code, reply = edges.post(live.port, path, {**body, **at_bounds})
+    assert code == 200 and 1 <= reply["usage"]["completion_tokens"] <= 2, reply
+
+
 # ---- stream_options without a stream ----------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}])

@@ -13,7 +13,7 @@ from dropless.serve.request import SamplingParams
 # call asked for, or sampled without the penalties, would look like the model's doing). A tool or
 # function choice of "auto" asks for nothing when there are no tools (any tool is refused), nor
 # does parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change
-# no reply: those three are taken as sent. logprobs is a completion's int (0 asks for the sampled
+# no reply: those three are taken as sent, once their types are checked (check_labels). logprobs is a completion's int (0 asks for the sampled
 # tokens') and a chat's bool.
 NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logprobs": (False,),
                    "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
@@ -104,6 +104,30 @@ def check_implemented(body: dict) -> None:
             allowed = ", ".join(json.dumps(v) for v in nothing)
             raise APIError(400, f"{name}={shown(value)} is not supported by this server (only "
                            f"{allowed + ' or ' if allowed else ''}null)", name)
+
+
+# OpenAI's documented bounds on metadata: at most 16 pairs, keys of at most 64 characters, values
+# of at most 512, all strings
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def check_labels(body: dict) -> None:
+    """The fields taken as sent without changing the reply (user, metadata, parallel_tool_calls)
+    still have their types: a client whose metadata is malformed is told so, as OpenAI tells it,
+    not served as if it were fine."""
+    user, tools, metadata = body.get("user"), body.get("parallel_tool_calls"), body.get("metadata")
+    if not isinstance(user, (str, type(None))):
+        raise APIError(400, f"user={shown(user)} is invalid: must be a string", "user")
+    if not isinstance(tools, (bool, type(None))):
+        raise APIError(400, f"parallel_tool_calls={shown(tools)} is invalid: must be true or "
+                       "false", "parallel_tool_calls")
+    if metadata is not None and not (
+            isinstance(metadata, dict) and len(metadata) <= METADATA_PAIRS and all(
+                isinstance(v, str) and len(k) <= METADATA_KEY_CHARS and
+                len(v) <= METADATA_VALUE_CHARS for k, v in metadata.items())):
+        raise APIError(400, f"metadata={shown(metadata)} is invalid: an object of at most "
+                       f"{METADATA_PAIRS} string values, keys of at most {METADATA_KEY_CHARS} "
+                       f"characters, values of at most {METADATA_VALUE_CHARS}", "metadata")
 
 
 def stop_strings(body: dict) -> list[str]:

@@ -20,9 +20,9 @@ from socket import AF_INET, AF_INET6, create_server
 from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
-from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_prompt_size,
-                                   max_body_bytes, max_prompt_chars, read_body, sampling_params,
-                                   shown, ignore_eos, stop_strings, stream_flags)
+from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
+                                   check_prompt_size, max_body_bytes, max_prompt_chars, read_body,
+                                   sampling_params, shown, ignore_eos, stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream
 
@@ -217,6 +217,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             raise APIError(400, "the prompt is empty", where)
         default_max = engine.max_len - len(prompt) if chat else 16
         check_implemented(body)
+        check_labels(body)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
         params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1))
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
