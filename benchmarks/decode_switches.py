@@ -6,7 +6,8 @@ one model, so that which of them pays on the product path is measured side by si
         --configs "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1
     python benchmarks/decode_switches.py --device cpu --preset tiny --configs "" DROPLESS_PDL=1
 
-Each config is a comma-separated list of NAME=VALUE ("" for the environment as it is). The model
+Each config is a comma-separated list of NAME=VALUE ("" for the environment as it is); the
+fusion's sites one at a time, e.g. DROPLESS_DECODE_FUSION=topk (device.FUSION_SITES). The model
 is decode.build's (random weights made on the device, experts k-major as serve loads them); each
 timing is decode.time_engine's (greedy, prompt 32, --new tokens, the step a CUDA graph captured
 under that config), `--reps` rounds over all configs, medians reported. "agree": how many of the
@@ -24,6 +25,7 @@ import time
 import torch
 
 from decode import build, prompts_for, time_engine   # this script's folder
+from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve.engine import Engine
 from dropless.serve.request import Request, SamplingParams
 
@@ -87,12 +89,16 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--int4", action="store_true", help="the experts and attention projections "
+                    "rounded to int4 first (quantize_rtn: speed does not depend on the values)")
     args = ap.parse_args()
     configs = [parse_config(c) for c in args.configs]
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     model = build(args.preset, args.device, dtype)
+    if args.int4:
+        quantize_rtn(model, QuantConfig())
     name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
-    print(f"# {args.preset}, batch {args.batch}, {name}, torch {torch.__version__}, "
+    print(f"# {args.preset}{' int4' if args.int4 else ''}, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}; tokens/s (median of {args.reps}, alternating)")
     rows = decode_configs(model, args.device, configs, args.reps, args.batch, args.new)
     base = rows[0]["median"]

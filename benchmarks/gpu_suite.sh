@@ -41,6 +41,8 @@
 #            as default (PDL on), without PDL, with the weights' first step preloaded, with the
 #            decode fusion
 #            (~6 minutes)
+#   sites    the decode fusion's sites one at a time (DROPLESS_DECODE_FUSION=SITE), batch-1
+#            decode of the 30B shape in bf16 and int4 (~9 minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -159,6 +161,11 @@ for s in "$@"; do
                 "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1 DROPLESS_DECODE_FUSION=1
               stage "$L" 90 python3 benchmarks/decode_switches.py --preset medium --configs \
                 "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1 DROPLESS_DECODE_FUSION=1 ;;
+    sites) for q in "" --int4; do
+             stage "$L" 280 python3 benchmarks/decode_switches.py --preset qwen3-30b-a3b $q --configs \
+               "" DROPLESS_DECODE_FUSION=topk DROPLESS_DECODE_FUSION=combine \
+               DROPLESS_DECODE_FUSION=prefetch DROPLESS_DECODE_FUSION=sum DROPLESS_DECODE_FUSION=norm
+           done ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac

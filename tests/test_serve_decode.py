@@ -3,6 +3,8 @@ per row, rows at different positions, eager and torch.compile'd; GQA's attention
 attention and the MoE router as the torch ops (the CPU's path) and as the Triton kernels (CUDA's,
 run here under the interpreter)."""
 
+import re
+
 import pytest
 import torch
 
@@ -210,7 +212,8 @@ def _long_context_tokens(kind, device, fused, monkeypatch):
         choose = moe_decode.choose_path
         monkeypatch.setattr(moe_decode, "choose_path", lambda T, K, E, device="cpu",
                             grouped=False: choose(T, K, E, "cuda", grouped))
-    monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if fused else "0")
+    monkeypatch.setenv("DROPLESS_DECODE_FUSION", fused if isinstance(fused, str) else
+                       "1" if fused else "0")
     used = set()
     for module in (gemv, triton_attention, triton_router):
         def spy(dev, n, module=module, counters=module.counters):
@@ -233,6 +236,40 @@ def test_every_fusion_in_a_long_context_step(kind, monkeypatch):
     model, prompt, tokens, used = _long_context_tokens(kind, "cpu", True, monkeypatch)
     assert used == {"gemv", "triton_attention", "triton_router"} and counters_at_rest()
     assert tokens == greedy_recompute(model, prompt, 3)
+
+
+@pytest.mark.parametrize("sites, launchers", [
+    ("topk", {"triton_router"}), ("combine", {"triton_attention"}), ("sum", {"gemv"}),
+    ("topk+combine", {"triton_router", "triton_attention"}), ("norm+prefetch", set())])
+def test_fusion_sites_one_at_a_time(sites, launchers, monkeypatch):
+    """DROPLESS_DECODE_FUSION=SITE[+SITE...]: only those sites fuse (the launchers that count
+    arrivals are theirs alone), and the step still equals the model's forward (int4: every site
+    is on its path)."""
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("the interpreter's run")
+    from dropless.generate import greedy_recompute
+    from dropless.ops import device
+    fresh_counters(monkeypatch)
+    model, prompt, tokens, used = _long_context_tokens("int4", "cpu", sites, monkeypatch)
+    assert used == launchers and (counters_at_rest() if used else not device._counters)
+    assert tokens == greedy_recompute(model, prompt, 3)
+
+
+def test_fusion_sites_switch(monkeypatch):
+    from dropless.ops.device import DECODE_FUSION_ENV, FUSION_SITES, decode_fusion
+    monkeypatch.setenv(DECODE_FUSION_ENV, "topk+prefetch")
+    assert [decode_fusion(s) for s in FUSION_SITES] == [False, True, False, False, True]
+    for value, on in (("1", True), ("0", False)):
+        monkeypatch.setenv(DECODE_FUSION_ENV, value)
+        assert all(decode_fusion(s) is on for s in FUSION_SITES)
+    monkeypatch.delenv(DECODE_FUSION_ENV)
+    assert not any(decode_fusion(s) for s in FUSION_SITES)
+    for bad in ("topk,combine", "topk+", "yes", "TOPK"):
+        monkeypatch.setenv(DECODE_FUSION_ENV, bad)
+        with pytest.raises(ValueError, match=re.escape(
+                f"DROPLESS_DECODE_FUSION='{bad}' is invalid: allowed: 0, 1, or sites joined by "
+                "'+' from sum, topk, combine, norm, prefetch")):
+            decode_fusion("topk")
 
 
 @pytest.mark.gpu

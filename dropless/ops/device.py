@@ -88,14 +88,32 @@ COUNTERS = 1 << 16   # int32 arrival counters per device at first (256 KB); more
 _counters: dict = {}
 
 
-def decode_fusion() -> bool:
-    """DROPLESS_DECODE_FUSION=1: the decode step in fewer launches (a kernel boundary costs ~2 us
-    of a step, even in a CUDA graph). The kernels that end in a sum over their programs'
-    partials (the experts' and int4 projections' split and slot partials, the router's split
-    logits, split-KV attention's chunks) finish it in the last program to arrive
-    (triton_sync.last_to_arrive) instead of a launch of its own. Off by default until measured
-    on the product path."""
-    return _switch(DECODE_FUSION_ENV)
+# The sites of the fused decode step, each a kernel boundary it removes or a hint it adds:
+#   sum       the experts' slot partials and the int4 projections' split partials, summed by the
+#             GEMV's last program to arrive (no sum_slots launch)
+#   topk      the router's top-k in the logits kernel's last program per token block
+#   combine   split-KV attention's combine in the split kernel's last program per (row, kv head)
+#   norm      the int4 q|k|v GEMV normalising its rows itself (no norm launch)
+#   prefetch  the attention prologue asking L2 for the output projection's weight
+FUSION_SITES = ("sum", "topk", "combine", "norm", "prefetch")
+
+
+def decode_fusion(site: str) -> bool:
+    """Whether the decode step fuses at `site` (FUSION_SITES): DROPLESS_DECODE_FUSION=1 at every
+    site, a list of sites joined by "+" (e.g. topk+combine) at those, unset or 0 at none. A
+    kernel boundary costs ~2 us of a step even in a CUDA graph, but the last-program-to-arrive
+    protocol (triton_sync.last_to_arrive) has its own costs: every site at once was 0.87x at
+    the Qwen3-30B-A3B shape, batch 1 (round 23), hence the sites, to be measured one by one.
+    Off by default."""
+    assert site in FUSION_SITES, site
+    value = os.environ.get(DECODE_FUSION_ENV, "0")
+    if value in ("0", "1"):
+        return value == "1"
+    sites = value.split("+")
+    if any(s not in FUSION_SITES for s in sites):
+        raise ValueError(f"{DECODE_FUSION_ENV}={value!r} is invalid: allowed: 0, 1, or sites "
+                         f"joined by '+' from {', '.join(FUSION_SITES)}")
+    return site in sites
 
 
 def counters(device: torch.device, n: int) -> torch.Tensor:

@@ -201,9 +201,9 @@ def gemv_sum(x, w, y_PRD: Tensor, *, n: int, slots: int = 1, residual_TD: Tensor
              dtype: torch.dtype | None = None, **kw) -> Tensor:
     """gemv(x, w, y_PRD, **kw) into fp32 partials [P, T * slots, n], then their sum over the P
     splits and each token's slots, with the residual, rounded once to `dtype` (default: the
-    residual's): [T, n]. The sum is the GEMV's own last step where device.decode_fusion() says so,
-    else one sum_partials launch."""
-    if not decode_fusion():
+    residual's): [T, n]. The sum is the GEMV's own last step where device.decode_fusion("sum")
+    says so, else one sum_partials launch."""
+    if not decode_fusion("sum"):
         gemv(x, w, y_PRD, n=n, **kw)
         return sum_partials(y_PRD, slots, residual_TD, dtype)
     total = y_PRD.new_empty(y_PRD.shape[1] // slots, n, dtype=dtype or residual_TD.dtype)

@@ -24,9 +24,9 @@ from dropless.ops.triton_grouped import _precision
 
 BLOCK_N = 64           # keys per tile, and the least chunk a split takes
 # The combine's tile: at most COMBINE_TILE float32 values (heads x splits x head dim; 32 registers a
-# thread at 4 warps; twice that spilled at sm_90) at a time. With device.decode_fusion(), the split
-# kernel's last program per (row, kv head) combines its group's heads when that takes at most
-# FUSED_COMBINE_TILES tiles (past that, the combine's own launch spreads the work over b * H
+# thread at 4 warps; twice that spilled at sm_90) at a time. With device.decode_fusion("combine"),
+# the split kernel's last program per (row, kv head) combines its group's heads when that takes at
+# most FUSED_COMBINE_TILES tiles (past that, the combine's own launch spreads the work over b * H
 # programs)
 COMBINE_TILE = 4096
 FUSED_COMBINE_TILES = 4
@@ -57,11 +57,11 @@ def combine_tiles(splits: int, group: int, Dh: int) -> tuple[int, int]:
 
 
 def fused_combine(splits: int, group: int, Dh: int) -> bool:
-    """Whether the split kernel combines the splits itself (device.decode_fusion(), and at most
-    FUSED_COMBINE_TILES tiles of the group's partials for its last program, a group's heads
-    within one tile: wider groups cost the split kernel registers)."""
+    """Whether the split kernel combines the splits itself (device.decode_fusion("combine"), and
+    at most FUSED_COMBINE_TILES tiles of the group's partials for its last program, a group's
+    heads within one tile: wider groups cost the split kernel registers)."""
     block_g, block_c = combine_tiles(splits, group, Dh)
-    return splits > 1 and decode_fusion() and block_g * Dh <= COMBINE_TILE and (
+    return splits > 1 and decode_fusion("combine") and block_g * Dh <= COMBINE_TILE and (
         splits <= FUSED_COMBINE_TILES * block_c)
 
 

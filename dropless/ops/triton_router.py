@@ -71,7 +71,7 @@ def _route(x_TD: Tensor, weight_ED: Tensor, top_k: int, norm_topk_prob: bool, ro
     part_PTE = torch.empty(P, T, E, device=x_TD.device, dtype=torch.float32)
     kernels = _kernels()
     block = pow2(E)
-    fused = decode_fusion()
+    fused = decode_fusion("topk")
     grid = (-(-T // block_t), -(-E // block_e), P)
     # 1. the logits, as P split-D partials (and the normalised x, with a norm); fused: then 2.
     # in the last program of each token block

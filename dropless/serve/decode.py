@@ -21,7 +21,7 @@ kernels, because a decode step is launch-bound (each kernel costs ~2-3 us, even 
    norm + q|k|v projection and the output projection + residual as one GEMV launch each over the
    weights as stored (dropless/ops/triton_linear.py); int4 projections (dropless.quant) stacked
    q|k|v as one int4 product, and the residual added in the int4 kernels' last launch (the split
-   partials' sum), as the int4 experts add theirs. With device.decode_fusion() (not yet the
+   partials' sum), as the int4 experts add theirs. With device.decode_fusion (not yet the
    default): those sums, the router's top-k and split-KV attention's combine in the kernels' own
    last programs, the attention norm inside the int4 q|k|v GEMV, and o_proj's weight asked into
    L2 by the attention prologue.
@@ -149,10 +149,10 @@ def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch
 def norm_qkv(norm: RMSNorm, x_nD: torch.Tensor, qkv) -> torch.Tensor:
     """The attention norm and the fused q|k|v projection [n, (H + 2G) Dh]: one GEMV launch for
     a bias-free plain stack at decode-sized n (`fused_linear`), or for an int4 stack with
-    device.decode_fusion(), else rms_norm then the product (F.linear, or awq_linear)."""
+    device.decode_fusion("norm"), else rms_norm then the product (F.linear, or awq_linear)."""
     weight, bias = qkv
     if isinstance(weight, tuple):   # int4: (qweight, qzeros, scales) of the stack
-        if decode_fusion() and norm.weight.dtype == x_nD.dtype:   # the norm in the GEMV
+        if decode_fusion("norm") and norm.weight.dtype == x_nD.dtype:   # the norm in the GEMV
             y = awq_linear(x_nD, *weight, norm=(norm.weight, norm.eps))
         else:
             y = awq_linear(rms_norm(norm, x_nD), *weight)
@@ -205,10 +205,10 @@ def restack_qkv(model, qkvs: list) -> None:
 
 
 def o_proj_bytes(o_proj: nn.Module) -> torch.Tensor | None:
-    """What the attention prologue asks into L2 with device.decode_fusion(): the output
+    """What the attention prologue asks into L2 with device.decode_fusion("prefetch"): the output
     projection's weight (plain), or its packed int4 weight, read after attention, while memory
     would idle (attention reads only the cache); else None."""
-    if not decode_fusion():
+    if not decode_fusion("prefetch"):
         return None
     if type(o_proj) is nn.Linear and o_proj.weight.is_contiguous():
         return o_proj.weight.detach()
