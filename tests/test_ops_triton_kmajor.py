@@ -36,9 +36,11 @@ def test_kmajor_layout_matches_training_path(dtype, T, D, F, E, K):
         ref, _ = moe(x)
         contiguous = moe_decode(moe, x, "triton", residual=residual)
         before = [p.clone() for p in (moe.experts.gate_up, moe.experts.down)]
+        storage = [p.data_ptr() for p in (moe.experts.gate_up, moe.experts.down)]
         assert kmajor_experts(moe, HERE) == 2 and kmajor_experts(moe, HERE) == 0   # once
         after = (moe.experts.gate_up, moe.experts.down)
         assert all(gemv.kmajor(p) and not p.is_contiguous() for p in after)
+        assert [p.data_ptr() for p in after] == storage   # relaid in place, expert by expert
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         out = moe_decode(moe, x, "triton")
         out_res = moe_decode(moe, x, "triton", residual=residual)
@@ -125,3 +127,16 @@ def test_compiled_prefill_on_kmajor_weights(caplog):
         outputs.append([r.output for r in requests])
         assert engine.compiled == compiled, caplog.text
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 6, 6), (3, 1, 7), (2, 7, 1)])
+def test_relayout_in_place_keeps_values_and_memory(shape):
+    """kmajor_experts' relayout of a contiguous tensor in its own memory: the same values at the
+    same indices, k-major strides, the same storage (E = 1, square and single-row or -column
+    experts, where the transposed block is itself contiguous)."""
+    from dropless.serve.moe_decode import _transposed_in_place
+    w = torch.randn(*shape)
+    ref, ptr = w.clone(), w.data_ptr()
+    out = _transposed_in_place(w)
+    assert out.shape == ref.shape and torch.equal(out, ref) and gemv.kmajor(out)
+    assert out.data_ptr() == ptr and out.untyped_storage().nbytes() == ref.numel() * 4

@@ -112,8 +112,11 @@ def kmajor_experts(model: torch.nn.Module, device_types: tuple[str, ...] = ("cud
     transposed tensor, so that the decode GEMVs read each output's weights as one run
     (gemv.decode_experts_kmajor: 1.26-1.27x faster at batch 1, BENCHMARKS.md round 22). Every
     path reads such weights (matmul, bmm and grouped_mm take them strided); for inference only:
-    the fused optimizer and checkpoint writes want contiguous weights. One tensor is copied at a
-    time. Returns how many moved."""
+    the fused optimizer and checkpoint writes want contiguous weights. A contiguous tensor is
+    relaid in its own memory, one expert at a time (an expert's block of memory is the same in
+    both layouts), so the move needs one expert's memory to spare, not one tensor's (805 MB at
+    the Qwen3-30B-A3B shape: a model that filled the GPU failed to load). Returns how many
+    moved."""
     from dropless.ops.gemv import kmajor
     moved = 0
     for module in model.modules():
@@ -121,9 +124,20 @@ def kmajor_experts(model: torch.nn.Module, device_types: tuple[str, ...] = ("cud
             for p in (module.gate_up, module.down):
                 if type(p.data) is torch.Tensor and p.device.type in device_types and \
                         not kmajor(p):   # (not a DTensor shard)
-                    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+                    p.data = _transposed_in_place(p.data) if p.is_contiguous() else \
+                        p.data.transpose(1, 2).contiguous().transpose(1, 2)
                     moved += 1
     return moved
+
+
+def _transposed_in_place(w_EIO: torch.Tensor) -> torch.Tensor:
+    """w (contiguous [E, I, O]) with the same values k-major, in w's own memory: expert by expert,
+    its block copied out transposed, then written back over itself."""
+    E, I, O = w_EIO.shape
+    w_EOI = w_EIO.as_strided((E, O, I), (I * O, I, 1))   # the same memory, read k-major
+    for e in range(E):
+        w_EOI[e].copy_(w_EIO[e].t().clone())   # the copy is whole before the write
+    return w_EOI.transpose(1, 2)
 
 
 DENSE_MAX_TOKENS = 128   # "dense" does experts / top-k times the FLOPs; past this, they show
