@@ -15,7 +15,9 @@ does, and "engine_one_length" reads all N every step (no context buckets); "engi
 "engine_training_layout" with the experts' weights in the training layout (contiguous), not the
 k-major layout serve and generate lay them out in (moe_decode.kmajor_experts);
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
-one read of the active weights per step: active params x 2 bytes / 4.24 TB/s (H200 measured copy).
+one read of the active weights per step: active params x 2 bytes over this device's bandwidth,
+measured in the run as a copy of 1 GiB (bytes read and written over its median time; 4.24 TB/s on
+an H200; the floor used a fixed 4.24 TB/s before round 23, also on H100s).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
 clients stream token-id prompts from /v1/completions.
 """
@@ -40,7 +42,14 @@ from dropless.serve import decode as serve_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
 from serve_clients import engine_counters, httpx_module, start_server, stream_round
 
-BANDWIDTH = 4.24e12   # bytes/s, H200 measured device-to-device copy
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (64 MiB on a CPU): twice its bytes (read and
+    written) over the median time (moe_layer.bench: warm-up, CUDA events)."""
+    size = 1 << (30 if torch.device(device).type == "cuda" else 26)
+    src = torch.ones(size, dtype=torch.uint8, device=device)   # not timed on untouched pages
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), torch.device(device))
+    return 2 * src.numel() / (ms * 1e-3)
 
 
 def build(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> Transformer:
@@ -234,11 +243,13 @@ def main():
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     cfg = get_preset(args.preset)
     stats = model_stats(cfg)
-    floor_ms = stats["active_params"] * 2 / BANDWIDTH * 1e3
+    bandwidth = copy_bandwidth(device)
+    floor_ms = stats["active_params"] * 2 / bandwidth * 1e3
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "prompt": args.prompt, "new": args.new, "active_params": stats["active_params"],
-           "floor_ms_per_step_bs1": floor_ms, "compile": args.compile,
+           "floor_ms_per_step_bs1": floor_ms, "copy_bandwidth": bandwidth,
+           "compile": args.compile,
            "context": args.context or args.prompt + args.new}
     model = build(args.preset, device, dtype)
     prompts = {b: prompts_for(b, args.prompt, cfg.vocab_size, seed=b) for b in args.batches}
@@ -319,7 +330,8 @@ def main():
 
 def print_table(res: dict, args) -> None:
     print(f"\n{res['preset']} on {res['device']}, torch {res['torch']}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy; floor {res['floor_ms_per_step_bs1']:.3f} ms/step at bs1")
+          f"{args.new} new tokens, greedy; floor {res['floor_ms_per_step_bs1']:.3f} ms/step at bs1 "
+          f"(copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s)")
     print(f"{'':32}{'tokens/s':>12}{'ms/step':>10}{'x floor':>9}{'x HF':>8}")
     for b in args.batches:
         hf = res.get(f"hf_bs{b}", {}).get("tokens_per_s")
