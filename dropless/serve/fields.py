@@ -13,8 +13,8 @@ from dropless.serve.request import SamplingParams
 # call asked for, or sampled without the penalties, would look like the model's doing). A tool or
 # function choice of "auto" asks for nothing when there are no tools (any tool is refused), nor
 # does parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change
-# no reply: those three are taken as sent, once their types are checked (check_labels). logprobs is a completion's int (0 asks for the sampled
-# tokens') and a chat's bool.
+# no reply: those three are taken as sent, once their types are checked (check_labels). logprobs
+# is a completion's int (0 asks for the sampled tokens') and a chat's bool.
 NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logprobs": (False,),
                    "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
                    "frequency_penalty": (0,), "response_format": ({"type": "text"},),
