@@ -98,8 +98,9 @@ def main():
     if args.int4:
         quantize_rtn(model, QuantConfig())
     name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
-    print(f"# {args.preset}{' int4' if args.int4 else ''}, batch {args.batch}, {name}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}; tokens/s (median of {args.reps}, alternating)")
+    print(f"# {args.preset}{' int4' if args.int4 else ''}, batch {args.batch}, {name}, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; tokens/s (median of "
+          f"{args.reps}, alternating)")
     rows = decode_configs(model, args.device, configs, args.reps, args.batch, args.new)
     base = rows[0]["median"]
     print("| config | tokens/s | runs | x first | greedy tokens agree (of 64) |")
