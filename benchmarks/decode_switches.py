@@ -10,7 +10,8 @@ Each config is a comma-separated list of NAME=VALUE ("" for the environment as i
 fusion's sites one at a time, e.g. DROPLESS_DECODE_FUSION=topk (device.FUSION_SITES). The model
 is decode.build's (random weights made on the device, experts k-major as serve loads them); each
 timing is decode.time_engine's (greedy, prompt 32, --new tokens, the step a CUDA graph captured
-under that config), `--reps` rounds over all configs, medians reported. "agree": how many of the
+under that config), `--reps` rounds over all configs, medians reported; "ms/step" is one decode
+step alone (decode.step_ms: no prefill, no host bookkeeping), the steadier figure. "agree": how many of the
 first config's greedy tokens the config reproduces before the first that differs (a sum in
 another order may round apart late; a broken path differs at once).
 """
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from decode import build, prompts_for, time_engine   # this script's folder
+from decode import build, prompts_for, step_ms, time_engine   # this script's folder
 from dropless.quant.modules import QuantConfig, quantize_rtn
 from dropless.serve.engine import Engine
 from dropless.serve.request import Request, SamplingParams
@@ -65,18 +66,28 @@ def tokens_per_s(model, device: str, batch: int = 1, prompt: int = 32, new: int 
                                                          seed=1), new, device)
 
 
+def decode_step_ms(model, batch: int = 1, prompt: int = 32, new: int = 128) -> float:
+    """decode.step_ms: the median ms of one decode step of `batch` rows alone (the captured
+    graph on CUDA), free of the prefill and the host's bookkeeping."""
+    return step_ms(Engine(model, max_batch=batch, max_len=prompt + new, buckets=(batch,)), batch)
+
+
 def decode_configs(model, device: str, configs: list[dict[str, str]], reps: int,
                    batch: int = 1, new: int = 128) -> list[dict]:
-    """[{"config", "runs" (tokens/s), "median", "agree"}] per config, timed alternating."""
+    """[{"config", "runs" (tokens/s), "median", "step_ms", "agree"}] per config, timed
+    alternating; step_ms the median over reps of decode_step_ms."""
     tokens = [under(c, lambda: greedy_tokens(model)) for c in configs]
     runs: list[list[float]] = [[] for _ in configs]
+    steps: list[list[float]] = [[] for _ in configs]
     for _ in range(reps):
-        for c, r in zip(configs, runs):
+        for c, r, st in zip(configs, runs, steps):
             r.append(under(c, lambda: tokens_per_s(model, device, batch, new=new)))
+            st.append(under(c, lambda: decode_step_ms(model, batch, new=new)))
     out = []
-    for c, r, t in zip(configs, runs, tokens):
+    for c, r, st, t in zip(configs, runs, steps, tokens):
         agree = next((i for i, (a, b) in enumerate(zip(tokens[0], t)) if a != b), len(t))
-        out.append({"config": c, "runs": r, "median": statistics.median(r), "agree": agree})
+        out.append({"config": c, "runs": r, "median": statistics.median(r),
+                    "step_ms": statistics.median(st), "agree": agree})
     return out
 
 
@@ -103,12 +114,13 @@ def main():
           f"{args.reps}, alternating)")
     rows = decode_configs(model, args.device, configs, args.reps, args.batch, args.new)
     base = rows[0]["median"]
-    print("| config | tokens/s | runs | x first | greedy tokens agree (of 64) |")
-    print("|---|---|---|---|---|")
+    print("| config | tokens/s | runs | x first | ms/step | greedy tokens agree (of 64) |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         label = ",".join(f"{k}={v}" for k, v in row["config"].items()) or "(environment)"
         print(f"| {label} | {row['median']:.1f} | {', '.join(f'{x:.1f}' for x in row['runs'])} | "
-              f"{row['median'] / base:.3f} | {row['agree']} |", flush=True)
+              f"{row['median'] / base:.3f} | {row['step_ms']:.3f} | {row['agree']} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,8 @@ def test_decode_switches_alternates_configs_and_restores_the_environment(monkeyp
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["(environment)", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1"]
-    for _, median, runs, ratio, agree in rows:
-        assert positive(float(median), float(ratio), *map(float, runs.split(", ")))
+    for _, median, runs, ratio, step, agree in rows:
+        assert positive(float(median), float(ratio), float(step), *map(float, runs.split(", ")))
         assert len(runs.split(", ")) == 2 and agree == "64"
     assert rows[0][3] == "1.000"
     failed = subprocess.run([sys.executable, "decode_switches.py", "--device", "cpu", "--configs",
