@@ -41,8 +41,9 @@
 #            as default (PDL on), without PDL, with the weights' first step preloaded, with the
 #            decode fusion
 #            (~6 minutes)
-#   sites    the decode fusion's sites one at a time (DROPLESS_DECODE_FUSION=SITE), batch-1
-#            decode of the 30B shape in bf16 and int4 (~9 minutes)
+#   sites    the decode fusion's sites one at a time (DROPLESS_DECODE_FUSION=SITE) and attention in
+#            one split up to 512 keys, batch-1 decode of the 30B shape in bf16 and int4 (~9
+#            minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -164,7 +165,8 @@ for s in "$@"; do
     sites) for q in "" --int4; do
              stage "$L" 280 python3 benchmarks/decode_switches.py --preset qwen3-30b-a3b $q --configs \
                "" DROPLESS_DECODE_FUSION=topk DROPLESS_DECODE_FUSION=combine \
-               DROPLESS_DECODE_FUSION=prefetch DROPLESS_DECODE_FUSION=sum DROPLESS_DECODE_FUSION=norm
+               DROPLESS_DECODE_FUSION=prefetch DROPLESS_DECODE_FUSION=sum DROPLESS_DECODE_FUSION=norm \
+               DROPLESS_DECODE_ATTN_ONE_SPLIT=512
            done ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;

@@ -108,6 +108,19 @@ def test_num_splits():
     assert num_splits(1, 1, 1, 264) == 1
 
 
+def test_one_split_for_short_contexts(monkeypatch):
+    """DROPLESS_DECODE_ATTN_ONE_SPLIT=N: contexts up to N keys in one chunk, longer ones split as
+    before; the output is SDPA's either way; a value that is not a count of keys is refused."""
+    monkeypatch.setenv("DROPLESS_DECODE_ATTN_ONE_SPLIT", "256")
+    assert num_splits(1, 4, 160, 264) == 1 and num_splits(1, 4, 256, 264) == 1
+    assert num_splits(1, 4, 257, 264) == 5
+    check_attention(3, 2, 4, 64, 200, torch.float32)
+    for bad in ("-1", "yes", "2.5"):
+        monkeypatch.setenv("DROPLESS_DECODE_ATTN_ONE_SPLIT", bad)
+        with pytest.raises(ValueError, match="allowed: an integer >= 0"):
+            num_splits(1, 4, 160, 264)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("length", [256, 4096])

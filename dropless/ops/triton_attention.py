@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -44,9 +45,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+ONE_SPLIT_ENV = "DROPLESS_DECODE_ATTN_ONE_SPLIT"
+
+
+def one_split_upto() -> int:
+    """DROPLESS_DECODE_ATTN_ONE_SPLIT=N: contexts of at most N keys in one chunk (no partials, no
+    combine launch; each program then reads all its keys alone). 0 (the default): never. An
+    experiment for short contexts, where a split of 64 keys and the combine are two launches of
+    ~2-3 us for little work (benchmarks/decode_switches.py)."""
+    value = os.environ.get(ONE_SPLIT_ENV, "0")
+    if not value.isdigit():
+        raise ValueError(f"{ONE_SPLIT_ENV}={value!r} is invalid: allowed: an integer >= 0 (keys)")
+    return int(value)
+
+
 def num_splits(b: int, G: int, length: int, programs: int) -> int:
     """Key chunks per (row, kv head): enough for b * G * splits to reach `programs` (2x the SMs),
-    none shorter than BLOCK_N keys."""
+    none shorter than BLOCK_N keys; one up to one_split_upto() keys."""
+    if length <= one_split_upto():
+        return 1
     return max(1, min(_cdiv(programs, b * G), _cdiv(length, BLOCK_N)))
 
 
