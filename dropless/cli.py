@@ -88,8 +88,10 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
+    from dropless.ops.device import check_switches
     from dropless.serve.moe_decode import kmajor_experts
 
+    check_switches()   # before a model is loaded, not after
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
              args.temperature, "must be a finite number >= 0")
@@ -135,9 +137,11 @@ def _serve(args) -> int:
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
+    from dropless.ops.device import check_switches
     from dropless.serve.engine import Engine
     from dropless.serve.server import QUEUE_PER_SLOT, check_listen, serve
-    from dropless.serve.text import load_served_model
+
+    check_switches()   # before a model is loaded, not after    from dropless.serve.text import load_served_model
 
     # what can be checked without the model, before it loads (minutes, for a large one)
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")

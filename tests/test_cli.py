@@ -302,6 +302,29 @@ def test_generate_rejects_bad_values(capsys, trained_run, flags, message):
     _fails(capsys, ["generate", str(trained_run), *flags], message)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("DROPLESS_PDL", "yes", "DROPLESS_PDL='yes' is invalid: allowed: 0, 1"),
+    ("DROPLESS_PDL_PRELOAD", "2", "DROPLESS_PDL_PRELOAD='2' is invalid: allowed: 0, 1"),
+    ("DROPLESS_DECODE_FUSION", "top", "DROPLESS_DECODE_FUSION='top' is invalid"),
+    ("DROPLESS_DECODE_ATTN_ONE_SPLIT", "-4", "allowed: an integer >= 0"),
+    ("DROPLESS_GEMV_STAGES", "plain=9", "DROPLESS_GEMV_STAGES: 'plain=9' is invalid"),
+    ("DROPLESS_AWQ_UNPACK", "fast", "DROPLESS_AWQ_UNPACK='fast' is invalid"),
+    ("DROPLESS_AWQ_TILE", "1,2", "DROPLESS_AWQ_TILE='1,2' is invalid"),
+])
+def test_kernel_switches_are_checked_before_a_model_loads(capsys, monkeypatch, trained_run,
+                                                          name, value, message):
+    """A bad decode-kernel switch is a one-line error of generate and serve before any model is
+    loaded (on a GPU it was raised inside the decode step: a traceback, and in a server every
+    request failing), and of the engine (library callers) too."""
+    from dropless import Transformer, get_preset
+    from dropless.serve import Engine
+    monkeypatch.setenv(name, value)
+    _fails(capsys, ["generate", str(trained_run), "--prompt", "a"], message)
+    _fails(capsys, ["serve", str(trained_run / "nowhere")], message)   # not "no such directory"
+    with pytest.raises(DroplessError, match=re.escape(message)):
+        Engine(Transformer(get_preset("tiny")))
+
+
 def test_info_unknown_preset(capsys):
     _fails(capsys, ["info", "--preset", "gigantic"], "preset='gigantic' is unknown")
     _fails(capsys, ["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len 0 is invalid")

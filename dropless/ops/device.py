@@ -116,6 +116,25 @@ def decode_fusion(site: str) -> bool:
     return site in sites
 
 
+def check_switches() -> None:
+    """Read every environment switch of the kernels now (DROPLESS_PDL, DROPLESS_PDL_PRELOAD,
+    DROPLESS_DECODE_FUSION, DROPLESS_DECODE_ATTN_ONE_SPLIT, DROPLESS_GEMV_STAGES,
+    DROPLESS_AWQ_UNPACK, DROPLESS_AWQ_TILE), so that a bad value is refused up front as a
+    DroplessError (one line from the CLI), not from inside a decode step on a GPU: a traceback,
+    and in a server every request failing."""
+    from dropless.errors import DroplessError
+    from dropless.ops import awq, gemv, triton_attention
+    checks = (lambda: _switch(PDL_ENV, default=True), lambda: _switch(PRELOAD_ENV),
+              lambda: decode_fusion(FUSION_SITES[0]), triton_attention.one_split_upto,
+              lambda: [gemv.stages(kind) for kind in gemv.STAGES], awq._unpack,
+              awq._tile_override)
+    for check in checks:
+        try:
+            check()
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+
+
 def counters(device: torch.device, n: int) -> torch.Tensor:
     """n int32 arrival counters at zero on `device` (triton_sync.last_to_arrive): a view of one
     buffer per device, which the kernels leave at zero (the last program to arrive resets its

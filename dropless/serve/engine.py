@@ -1,6 +1,5 @@
 """The decode engine: a KV cache preallocated in slots, chunked prefill, a decode step with no host
 sync (a CUDA graph per batch-size bucket on CUDA), and continuous batching.
-
 Legend: B slots (max batch), b a bucket's rows, T tokens of a chunk, S cache length, V vocab.
 
 One engine `step()`:
@@ -19,9 +18,8 @@ One engine `step()`:
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
    copies go through pinned memory: from pageable memory CUDA waits for the stream first.
 
-Rows of the bucket with no decoding request (free, finished, or still prefilling) compute garbage at
-position S - 1, which no request ever uses: the engine needs prompt + max_tokens <= S, so real
-tokens sit at positions <= S - 2, and the causal mask hides everything past a row's own position.
+Rows of a bucket with no decoding request (free, finished, prefilling) compute garbage at position
+S - 1, which no request uses (prompt + max_tokens <= S: real tokens sit at <= S - 2, masked past).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dropless.model import Transformer, rope_tables
+from dropless.ops.device import check_switches
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step, step_tokens_cap
 from dropless.serve.graphs import Graphs, sizes
 from dropless.serve.kv_cache import new_kv_cache
@@ -53,6 +52,7 @@ class Engine:
                  compile_prefill: bool = False, moe_path: str | None = None,
                  admit_delay: float = 0.0, prefill_step_tokens: int = 128,
                  lengths: tuple[int, ...] | None = None):
+        check_switches()
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_batch < 1:
