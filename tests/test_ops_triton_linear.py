@@ -56,17 +56,26 @@ def test_linear_rows_tiles_as_on_a_gpu(T, monkeypatch):
     check(T, 200, 1100, torch.float32, True, True)
 
 
-def preload(monkeypatch, module):
+def preload(monkeypatch, module) -> list:
     """The module's launches with PRELOAD (the first weight step loaded before the PDL wait): on
-    CUDA with PDL as the switches give it, elsewhere PRELOAD alone (the interpreter has no PDL)."""
+    CUDA with PDL as the switches give it, elsewhere PRELOAD alone (the interpreter has no PDL).
+    Returns the launch options each launch asked for (a launcher that stopped asking for the
+    preload would leave the test checking nothing new)."""
+    from dropless.ops.device import pdl_launch
     if DEVICE == "cuda":
         monkeypatch.setenv("DROPLESS_PDL", "1")
         monkeypatch.setenv("DROPLESS_PDL_PRELOAD", "1")
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("PDL needs sm_90")
-    else:
-        monkeypatch.setattr(module, "pdl_launch",
-                            lambda device, preload=False: {"PRELOAD": True} if preload else {})
+    asked = []
+
+    def launch(device, preload=False):
+        options = pdl_launch(device, preload) if DEVICE == "cuda" else (
+            {"PRELOAD": True} if preload else {})
+        asked.append(options)
+        return options
+    monkeypatch.setattr(module, "pdl_launch", launch)
+    return asked
 
 
 @pytest.mark.parametrize("T,N,K,norm,res", [(1, 64, 128, True, True), (1, 100, 70, False, True),
@@ -75,10 +84,11 @@ def test_linear_rows_preloaded_first_step(T, N, K, norm, res, monkeypatch):
     """PRELOAD: the first BLOCK_K of weights read before the PDL wait, then the loop from there
     (K under, over and not a multiple of the block); also with the tiles of 132 multiprocessors
     (a whole reduction in one unrolled iteration)."""
-    preload(monkeypatch, triton_linear)
+    asked = preload(monkeypatch, triton_linear)
     check(T, N, K, torch.float32, norm, res)
     monkeypatch.setattr(triton_linear, "_num_sms", lambda device: 132)
     check(T, 200, 1100, torch.float32, norm, res)
+    assert len(asked) == 2 and all(options.get("PRELOAD") for options in asked)
 
 
 def test_linear_rows_strided_rows_and_mixed_dtypes():

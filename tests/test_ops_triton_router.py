@@ -82,7 +82,7 @@ def test_route_topk_preloaded_first_step(T, fused, monkeypatch):
     """PRELOAD: each program's first step of router weights read before the PDL wait (split D
     as on a GPU, D not a multiple of the block; unsplit), with the norm folded in or not."""
     from tests.test_ops_triton_linear import preload
-    preload(monkeypatch, triton_router)
+    asked = preload(monkeypatch, triton_router)
     monkeypatch.setenv("DROPLESS_DECODE_FUSION", "1" if fused else "0")
     check_route(T, 96, 60, 8, torch.float32, monkeypatch, scales=(1.0,))
     monkeypatch.setattr(triton_router, "_num_sms", lambda device: 132)
@@ -94,6 +94,9 @@ def test_route_topk_preloaded_first_step(T, fused, monkeypatch):
     h_ref = torch.nn.functional.rms_norm(x_TD, (1000,), norm_w, 1e-6)
     assert rel_err(h_TD, h_ref) < 1e-6
     assert_same_routing(weights_TK, ids_TK, *torch_route(router, h_TD, monkeypatch))
+    # the logits launches asked for it; the top-k launch (no weights of its own) did not
+    assert any(options.get("PRELOAD") for options in asked)
+    assert all(options.get("PRELOAD") or not fused for options in asked)
 
 
 def test_route_topk_mixed_dtypes(monkeypatch):
