@@ -11,17 +11,19 @@ fusion's sites one at a time, e.g. DROPLESS_DECODE_FUSION=topk (device.FUSION_SI
 is decode.build's (random weights made on the device, experts k-major as serve loads them); each
 timing is decode.time_engine's (greedy, prompt 32, --new tokens, the step a CUDA graph captured
 under that config), `--reps` rounds over all configs, medians reported; "ms/step" is one decode
-step alone (decode.step_ms: no prefill, no host bookkeeping), the steadier figure. "agree": how many of the
-first config's greedy tokens the config reproduces before the first that differs (a sum in
-another order may round apart late; a broken path differs at once).
+step alone (decode.step_ms: no prefill, no host bookkeeping), the steadier figure. "agree": how
+many of the first config's greedy tokens the config reproduces before the first that differs (a
+sum in another order may round apart late; a broken path differs at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -100,6 +102,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", help="also write the rows (config, runs, medians, agree) here")
     ap.add_argument("--int4", action="store_true", help="the experts and attention projections "
                     "rounded to int4 first (quantize_rtn: speed does not depend on the values)")
     args = ap.parse_args()
@@ -121,6 +124,11 @@ def main():
         print(f"| {label} | {row['median']:.1f} | {', '.join(f'{x:.1f}' for x in row['runs'])} | "
               f"{row['median'] / base:.3f} | {row['step_ms']:.3f} | {row['agree']} |",
               flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "preset": args.preset, "int4": args.int4, "batch": args.batch, "device": name,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows},
+            indent=2))
 
 
 if __name__ == "__main__":

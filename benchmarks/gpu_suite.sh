@@ -163,7 +163,8 @@ for s in "$@"; do
               stage "$L" 90 python3 benchmarks/decode_switches.py --preset medium --configs \
                 "" DROPLESS_PDL=0 DROPLESS_PDL_PRELOAD=1 DROPLESS_DECODE_FUSION=1 ;;
     sites) for q in "" --int4; do
-             stage "$L" 280 python3 benchmarks/decode_switches.py --preset qwen3-30b-a3b $q --reps 2 --configs \
+             stage "$L" 280 python3 benchmarks/decode_switches.py --preset qwen3-30b-a3b $q --reps 2 \
+               --json "$O/sites${q:+_int4}.json" --configs \
                "" DROPLESS_DECODE_FUSION=topk DROPLESS_DECODE_FUSION=combine \
                DROPLESS_DECODE_FUSION=prefetch DROPLESS_DECODE_FUSION=sum DROPLESS_DECODE_FUSION=norm \
                DROPLESS_DECODE_ATTN_ONE_SPLIT=512

@@ -239,12 +239,17 @@ def test_awq_model_ab(tmp_path):
     assert "| tiny: greedy tokens equal with DROPLESS_DECODE_FUSION 0 and 1 (of 64) | 64 | 64 |" in out
 
 
-def test_decode_switches_alternates_configs_and_restores_the_environment(monkeypatch):
+def test_decode_switches_alternates_configs_and_restores_the_environment(tmp_path, monkeypatch):
     """Every config is timed --reps times and its greedy tokens compared with the first's (on the
     CPU every config runs one path: all 64 agree); a malformed config is refused by name; `under`
     sets the switches for one call and restores the environment."""
     out = run("decode_switches.py", "--device", "cpu", "--preset", "tiny", "--new", 8,
-              "--reps", 2, "--configs", "", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1")
+              "--reps", 2, "--configs", "", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1",
+              "--json", tmp_path / "switches.json")
+    saved = json.loads((tmp_path / "switches.json").read_text())
+    assert [r["config"] for r in saved["rows"]] == [{}, {"DROPLESS_PDL": "1",
+                                                        "DROPLESS_DECODE_FUSION": "1"}]
+    assert all(len(r["runs"]) == 2 and r["agree"] == 64 for r in saved["rows"])
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["(environment)", "DROPLESS_PDL=1,DROPLESS_DECODE_FUSION=1"]
