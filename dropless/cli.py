@@ -140,10 +140,10 @@ def _serve(args) -> int:
     from dropless.ops.device import check_switches
     from dropless.serve.engine import Engine
     from dropless.serve.server import QUEUE_PER_SLOT, check_listen, serve
-
-    check_switches()   # before a model is loaded, not after    from dropless.serve.text import load_served_model
+    from dropless.serve.text import load_served_model
 
     # what can be checked without the model, before it loads (minutes, for a large one)
+    check_switches()
     _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     _require(args.max_queue is None or args.max_queue >= 1, "--max-queue", args.max_queue,
              "must be >= 1")
