@@ -61,45 +61,6 @@ def _products(qw, z, s, rows, x_ptr, k0, W8, NG, G: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
-def int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, h_ptr, F, D, K: tl.constexpr,
-                        G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[r, n] = silu(W[n] . x) * (W[F + n] . x), W the int4 gate|up [2F, D] of expert ids[r]."""
-    r = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.load(ids_ptr + r).to(tl.int64)
-    W8, NG = D // 8, D // G
-    qw, s, z = qw_ptr + e * 2 * F * W8, s_ptr + e * 2 * F * NG, z_ptr + e * 2 * F * NG
-    x_row = x_ptr + (r // K) * D
-    gate = tl.zeros((BLOCK_N, BLOCK_K // 8, 8), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N, BLOCK_K // 8, 8), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        gate += _products(qw, z, s, ns, x_row, k0, W8, NG, G, BLOCK_K)
-        up += _products(qw, z, s, ns + F, x_row, k0, W8, NG, G, BLOCK_K)
-    gs = tl.sum(tl.sum(gate, axis=2), axis=1)
-    us = tl.sum(tl.sum(up, axis=2), axis=1)
-    tl.store(h_ptr + r * F + ns, (gs * tl.sigmoid(gs) * us).to(h_ptr.dtype.element_ty))
-
-
-@triton.jit
-def int4_down_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, wr_ptr, y_ptr, F, D, K: tl.constexpr,
-                     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[t, n] = sum_k wr[t K + k] * (W_{ids[t K + k]}[n] . h[t K + k]), W the int4 down [D, F]."""
-    t = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    W8, NG = F // 8, F // G
-    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(K):
-        r = t * K + k
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        qw, s, z = qw_ptr + e * D * W8, s_ptr + e * D * NG, z_ptr + e * D * NG
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 8, 8), dtype=tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            acc += _products(qw, z, s, ns, h_ptr + r * F, k0, W8, NG, G, BLOCK_K)
-        y += tl.load(wr_ptr + r).to(tl.float32) * tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(y_ptr + t * D + ns, y.to(y_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _nibble(v, J: tl.constexpr):
     """fp32 2^23 + nibble_J(v) * 16^J (J < 4), by one logic op (the library's int4 GEMV trick)."""
     return ((v & (0xF << (4 * J))) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -128,29 +89,62 @@ def _word_sums(qw, z, s, rows, x_ptr, k0, W8, NG, G: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def nib_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, h_ptr, F, D, K: tl.constexpr,
-                       G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int4_gate_up_kernel by per-word sums (_word_sums)."""
+def _zeros(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+    """A program's accumulator: per packed int32 with WORDS, else per weight."""
+    if WORDS:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8, 8), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _step(qw, z, s, rows, x_ptr, k0, W8, NG, G: tl.constexpr, BLOCK_K: tl.constexpr,
+          WORDS: tl.constexpr):
+    """One reduction step into the accumulator's shape: _word_sums with WORDS, else _products."""
+    if WORDS:
+        v = _word_sums(qw, z, s, rows, x_ptr, k0, W8, NG, G, BLOCK_K)
+    else:
+        v = _products(qw, z, s, rows, x_ptr, k0, W8, NG, G, BLOCK_K)
+    return v
+
+
+@triton.jit
+def _row_sums(acc, WORDS: tl.constexpr):
+    """[BLOCK_N]: the accumulator summed once, after the loop."""
+    if WORDS:
+        total = tl.sum(acc, axis=1)
+    else:
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return total
+
+
+@triton.jit
+def int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, h_ptr, F, D, K: tl.constexpr,
+                        G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        WORDS: tl.constexpr):
+    """h[r, n] = silu(W[n] . x) * (W[F + n] . x), W the int4 gate|up [2F, D] of expert ids[r]."""
     r = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.load(ids_ptr + r).to(tl.int64)
     W8, NG = D // 8, D // G
     qw, s, z = qw_ptr + e * 2 * F * W8, s_ptr + e * 2 * F * NG, z_ptr + e * 2 * F * NG
     x_row = x_ptr + (r // K) * D
-    gate = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    gate = _zeros(BLOCK_N, BLOCK_K, WORDS)
+    up = _zeros(BLOCK_N, BLOCK_K, WORDS)
     for k0 in range(0, D, BLOCK_K):
-        gate += _word_sums(qw, z, s, ns, x_row, k0, W8, NG, G, BLOCK_K)
-        up += _word_sums(qw, z, s, ns + F, x_row, k0, W8, NG, G, BLOCK_K)
-    gs = tl.sum(gate, axis=1)
-    us = tl.sum(up, axis=1)
+        gate += _step(qw, z, s, ns, x_row, k0, W8, NG, G, BLOCK_K, WORDS)
+        up += _step(qw, z, s, ns + F, x_row, k0, W8, NG, G, BLOCK_K, WORDS)
+    gs = _row_sums(gate, WORDS)
+    us = _row_sums(up, WORDS)
     tl.store(h_ptr + r * F + ns, (gs * tl.sigmoid(gs) * us).to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
-def nib_down_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, wr_ptr, y_ptr, F, D, K: tl.constexpr,
-                    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int4_down_kernel by per-word sums (_word_sums)."""
+def int4_down_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, wr_ptr, y_ptr, F, D, K: tl.constexpr,
+                     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     WORDS: tl.constexpr):
+    """y[t, n] = sum_k wr[t K + k] * (W_{ids[t K + k]}[n] . h[t K + k]), W the int4 down [D, F]."""
     t = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     W8, NG = F // 8, F // G
@@ -159,10 +153,10 @@ def nib_down_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, ids_ptr, wr_ptr, y_ptr, F, D, K
         r = t * K + k
         e = tl.load(ids_ptr + r).to(tl.int64)
         qw, s, z = qw_ptr + e * D * W8, s_ptr + e * D * NG, z_ptr + e * D * NG
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        acc = _zeros(BLOCK_N, BLOCK_K, WORDS)
         for k0 in range(0, F, BLOCK_K):
-            acc += _word_sums(qw, z, s, ns, h_ptr + r * F, k0, W8, NG, G, BLOCK_K)
-        y += tl.load(wr_ptr + r).to(tl.float32) * tl.sum(acc, axis=1)
+            acc += _step(qw, z, s, ns, h_ptr + r * F, k0, W8, NG, G, BLOCK_K, WORDS)
+        y += tl.load(wr_ptr + r).to(tl.float32) * _row_sums(acc, WORDS)
     tl.store(y_ptr + t * D + ns, y.to(y_ptr.dtype.element_ty))
 
 
@@ -182,7 +176,7 @@ def kmajor_int4(packed):
 
 def int4_kmajor_experts(x, ids, wr, gate_up, down, tile, words=False):
     """The decode experts on kmajor_int4 weights; tile = (gate_up BN, BK, warps, down BN, BK,
-    warps); `words`: the per-word-sum kernels (nib_*), else the elementwise ones."""
+    warps); `words`: by per-word sums (_word_sums), else elementwise (_products)."""
     T, D = x.shape
     K = ids.shape[1]
     F = down[0].shape[2] * 8
@@ -192,13 +186,11 @@ def int4_kmajor_experts(x, ids, wr, gate_up, down, tile, words=False):
         and F % dbk == 0 and gbk % 8 == 0 and dbk % 8 == 0, "a tile must divide the shape"
     h = x.new_empty(T * K, F)
     ids = ids.reshape(-1).contiguous()
-    gate_up_kernel, down_kernel = ((nib_gate_up_kernel, nib_down_kernel) if words else
-                                   (int4_gate_up_kernel, int4_down_kernel))
-    gate_up_kernel[(T * K, F // gbn)](x, *gate_up, ids, h, F, D, K, G, gbn, gbk,
-                                           num_warps=gw)
+    int4_gate_up_kernel[(T * K, F // gbn)](x, *gate_up, ids, h, F, D, K, G, gbn, gbk,
+                                           WORDS=words, num_warps=gw)
     y = torch.empty_like(x)
-    down_kernel[(T, D // dbn)](h, *down, ids, wr.reshape(-1).contiguous(), y, F, D, K,
-                                    G, dbn, dbk, num_warps=dw)
+    int4_down_kernel[(T, D // dbn)](h, *down, ids, wr.reshape(-1).contiguous(), y, F, D, K,
+                                    G, dbn, dbk, WORDS=words, num_warps=dw)
     return y
 
 
@@ -212,8 +204,9 @@ def main():
     ap.add_argument("--down", nargs="+", default=["1,256,2", "2,256,4", "4,256,4", "1,128,1",
                                                    "8,128,4"], metavar="BN,BK,WARPS")
     ap.add_argument("--kernels", nargs="+", choices=["words", "elementwise"], default=["words"],
-                    help="the k-major kernels: per-word sums (nib_*), and/or elementwise "
-                    "products summed once (int4_*: round 23, 2x slower than the current path)")
+                    help="the k-major kernels' reduction: per-word sums (_word_sums), and/or "
+                    "elementwise products summed once (_products: round 23, 2x slower than the "
+                    "current path)")
     ap.add_argument("--check-only", action="store_true",
                     help="compare the outputs, time nothing (the interpreter's smoke test)")
     args = ap.parse_args()
