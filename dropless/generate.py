@@ -66,9 +66,10 @@ def _engine_for(model: Transformer, batch: int, max_len: int, compile: bool):
     from dropless.serve.engine import Engine
 
     p = next(model.parameters())
-    # every parameter's address: the kept graphs read them, so a replaced one needs a new engine
+    # every parameter's address and strides: the kept graphs read them as they were, so a
+    # replaced one, or one laid out anew in its own memory (kmajor_experts), needs a new engine
     key = (id(model), batch, max_len, p.device, p.dtype, compile,
-           tuple(q.data_ptr() for q in model.parameters()))
+           tuple((q.data_ptr(), q.stride()) for q in model.parameters()))
     if _KEPT and _KEPT[0][0] == key and _KEPT[0][1].model is model:
         engine = _KEPT[0][1]
         restack_qkv(model, engine.qkvs)   # its q|k|v copy: weights change in place

@@ -7,6 +7,7 @@ import torch
 from dropless import ModelConfig, MoEConfig, Transformer, get_preset
 from dropless.generate import generate, greedy_recompute
 from dropless.info import format_stats, model_stats
+from dropless.serve.moe_decode import kmajor_experts
 from tests.conftest import rel_err
 
 
@@ -86,6 +87,11 @@ def test_kept_engine_sees_weight_changes(monkeypatch):
     model.layers[1].attn.v_proj.weight = torch.nn.Parameter(torch.randn(16, 32))
     out = generate(model, prompts, 8, temperature=0)
     assert gen._KEPT[0][1] is not engine   # a replaced parameter: a new engine
+    assert out == [greedy_recompute(model, p, 8) for p in prompts]
+    engine = gen._KEPT[0][1]   # experts laid out anew in their own memory: the kept graphs would
+    assert kmajor_experts(model, ("cpu",)) > 0   # read them in the old layout (round 24, GPU)
+    out = generate(model, prompts, 8, temperature=0)
+    assert gen._KEPT[0][1] is not engine
     assert out == [greedy_recompute(model, p, 8) for p in prompts]
 
 
