@@ -318,7 +318,7 @@ def test_engine_random_traffic_equals_recompute(padded):
     lengths = []
     if not padded:   # the buckets steps choose
         decode = engine.decode_fn
-        engine.decode_fn = lambda b, greedy, n: (lengths.append(n), decode(b, greedy, n))
+        engine.decode_fn = lambda b, greedy, n, lp: (lengths.append(n), decode(b, greedy, n, lp))
     shapes = padded_forward(engine) if padded else [(2, 2)]
     requests, expected = [], {}
     for step in range(60):

@@ -49,11 +49,9 @@ def test_serve_checks_an_ipv6_host_as_uvicorn_binds_it(capsys, monkeypatch, run_
     assert "up ::1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"logprobs": 0}, "logprobs"),       # a completion's logprobs=0: the sampled tokens' logprobs
-    ({"best_of": True}, "best_of"), ({"echo": 0}, "echo"),
-])
+@pytest.mark.parametrize("fields, param", [({"best_of": True}, "best_of"), ({"echo": 0}, "echo")])
 def test_not_implemented_parameters_are_refused_whatever_their_type(live, fields, param):
     """0 == False and True == 1 in Python: logprobs=0, which asks a completion for the sampled
-    tokens' log probabilities, passed as the no-op false, and the reply came without them."""
+    tokens' log probabilities, passed as the no-op false, and the reply came without them
+    (logprobs are served now, and a bool there is refused: test_serve_logprobs)."""
     edges.refused(live, "/v1/completions", {"model": MODEL, "prompt": "a", **fields}, param)

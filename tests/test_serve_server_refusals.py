@@ -131,7 +131,6 @@ def test_serve_passes_max_queue_default_a_multiple_of_max_batch(capsys, monkeypa
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "[] or null"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      '{"type": "text"} or null'),
-    ({"logprobs": True}, "false or null"),
     ({"prediction": {"type": "content", "content": "x"}}, "only null"),
     ({"web_search_options": {}}, "only null"),
     ({"reasoning_effort": "low"}, "only null"),

@@ -16,7 +16,8 @@ One engine `step()`:
    sampling parameters, per-row step counters) that the step itself advances, so the host only
    writes them when a request joins or leaves. The step is launched before the previous step's
    tokens are read back (one sync per step), so host work overlaps the device's. Host-to-device
-   copies go through pinned memory: from pageable memory CUDA waits for the stream first.
+   copies go through pinned memory: from pageable memory CUDA waits for the stream first. A step
+   with a row that asks for log-probabilities is a graph of its own that also writes them.
 
 Rows of a bucket with no decoding request (free, finished, prefilling) compute garbage at position
 S - 1, which no request uses (prompt + max_tokens <= S: real tokens sit at <= S - 2, masked past).
@@ -38,8 +39,9 @@ from dropless.ops.device import check_switches
 from dropless.serve.decode import decode_blocks, fuse_qkv, make_step, step_tokens_cap
 from dropless.serve.graphs import Graphs, sizes
 from dropless.serve.kv_cache import new_kv_cache
-from dropless.serve.request import Request, SamplingParams, close
-from dropless.serve.sampling import sample
+from dropless.serve.readback import HostCopy, LogprobEntry, PinnedPair
+from dropless.serve.request import MAX_TOP_LOGPROBS, Request, SamplingParams, close
+from dropless.serve.sampling import sample, top_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
 log = logging.getLogger("dropless.serve")
@@ -83,21 +85,24 @@ class Engine:
                                   ("temperature", 0, torch.float32), ("top_k", cfg.vocab_size,
                                   torch.long), ("top_p", 1, torch.float32)]:   # self.tokens_B...
             setattr(self, name + "_B", torch.full((B,), fill, dtype=dtype, device=dev))
+        # log-probabilities, for the requests that ask: the sampled token's, the top_n most likely
+        self.top_n = min(MAX_TOP_LOGPROBS, cfg.vocab_size)
+        self.logprobs_B = (torch.zeros(B, device=dev), torch.zeros(B, self.top_n, device=dev),
+                           torch.zeros(B, self.top_n, dtype=torch.long, device=dev))
         self.slots: list[Request | None] = [None] * B
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
-        # the last launched decode step, not yet read: (event, host tokens, [(slot, request)],
-        # first tokens sampled by this step's prefills [(host tokens, [(slot, request)])])
+        # the last launched decode step, not yet read: (event, HostCopy, [(slot, request)],
+        # first tokens sampled by this step's prefills [(HostCopy, [(slot, request)])])
         self.pending, self.firsts = None, []
         self.pin = p.device.type == "cuda"
-        self.host_tokens = [torch.zeros(B, dtype=torch.long, pin_memory=self.pin) for _ in range(2)]
+        self.host = PinnedPair(B, self.top_n, self.pin)
         # for logs and benchmarks (every key from the start: /health copies it from another thread)
         self.stats = Counter(dict.fromkeys(["steps", "prefills", "prefill_rows", "prefill_s",
                                             "captures", "capture_s"], 0))
-        self.flip = 0
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
-        # specialisation per (bucket, greedy), hence the raised recompile limit. The blocks'
+        # specialisation per (bucket, greedy, logprobs), hence the raised recompile limit. The blocks'
         # prefill forward compiles once, dynamic in rows and tokens (`_prefill_forward`)
         self.decode_fn, self.hidden_fn, self.compiled = self._decode, self._hidden, compile_prefill
         if compile:
@@ -159,9 +164,11 @@ class Engine:
         self._set_row(slot, positions=self.max_len - 1)   # back to the scratch position
         close(request, reason)
 
-    def _emit(self, slot: int, token: int) -> None:
+    def _emit(self, slot: int, token: int, logprobs: LogprobEntry | None) -> None:
         request = self.slots[slot]
         request.output.append(token)
+        if (n := request.params.logprobs) is not None:
+            request.logprobs.append((logprobs[0], logprobs[1][:n]))
         stop = request.on_token is not None and request.on_token(request, token)
         if token in request.eos_ids or stop:
             self._finish(slot, "stop")
@@ -245,13 +252,16 @@ class Engine:
         # into the decode inputs; the host reads them with this step's decoded tokens (no sync)
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
-        host = torch.empty(len(done), dtype=torch.long, pin_memory=self.pin)
-        host.copy_(first, non_blocking=True)
-        self.firsts.append((host, [(s, requests[i]) for s, i in zip(done_slots, done)]))
+        lp = top_logprobs(logits, first, self.top_n) if any(
+            p.logprobs is not None for p in params) else None
+        self.firsts.append((HostCopy.of(first, lp, pin=self.pin),
+                            [(s, requests[i]) for s, i in zip(done_slots, done)]))
 
-    def _decode(self, b: int, greedy: bool, length: int | None = None) -> None:
+    def _decode(self, b: int, greedy: bool, length: int | None = None,
+                logprobs: bool = False) -> None:
         """One token for rows [0, b), attending to cache positions [0, length) (the scratch rows
-        at S - 1 get garbage): reads and advances the static buffers (no host sync)."""
+        at S - 1 get garbage), and with `logprobs` their log-probabilities: reads and advances
+        the static buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
@@ -265,12 +275,16 @@ class Engine:
             next_b = sample(logits_bV, self.temperature_B[rows], self.top_k_B[rows],
                             self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
         self.tokens_B[rows].copy_(next_b)
+        if logprobs:
+            for buf, value in zip(self.logprobs_B, top_logprobs(logits_bV, next_b, self.top_n)):
+                buf[rows].copy_(value)
         self.positions_B[rows].add_(1).clamp_(max=self.max_len - 1)
         self.steps_B[rows].add_(1)
 
     @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
-    def _run_decode(self, b: int, greedy: bool, length: int | None = None) -> None:
-        key = (b, greedy, length or self.max_len)
+    def _run_decode(self, b: int, greedy: bool, length: int | None = None,
+                    logprobs: bool = False) -> None:
+        key = (b, greedy, length or self.max_len, logprobs)
         self.graphs.replay(*key) if self.cuda_graphs else self.decode_fn(*key)
 
     @torch.no_grad()
@@ -287,7 +301,8 @@ class Engine:
                             type(e).__name__, (str(e).splitlines() or [""])[0])
                 self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
-            keys = list(itertools.product(self.buckets, (True, False), self.lengths))
+            # log-probabilities' graphs are captured when first asked for (few requests do)
+            keys = list(itertools.product(self.buckets, (True, False), self.lengths, (False,)))
             for key in tqdm(keys, "decode graphs", disable=not progress, unit="graph"):
                 if key not in self.graphs:
                     self.graphs.capture(*key)
@@ -345,10 +360,10 @@ class Engine:
         greedy = all(self.slots[s].params.temperature == 0 for s in decoding)
         # a row feeds position <= prompt + output + 1 (its first token and last step's unread)
         reach = max(len(self.slots[s].prompt) + len(self.slots[s].output) for s in decoding) + 2
-        self._run_decode(b, greedy, self._length(reach))
-        host = self.host_tokens[self.flip]   # two buffers: the previous step's is still unread
-        self.flip ^= 1
-        host[:b].copy_(self.tokens_B[:b], non_blocking=True)
+        logprobs = any(self.slots[s].params.logprobs is not None for s in decoding)
+        self._run_decode(b, greedy, self._length(reach), logprobs)
+        host = self.host.copy(self.tokens_B[:b], tuple(t[:b] for t in self.logprobs_B)
+                              if logprobs else None)   # the previous step's: still unread
         event = torch.cuda.Event() if self.device.type == "cuda" else None
         if event is not None:
             event.record()
@@ -361,13 +376,13 @@ class Engine:
         if event is not None:
             event.synchronize()   # sync: the step's tokens (waits with the GIL released)
         for first, pairs in firsts:
-            for (slot, request), token in zip(pairs, first.tolist()):
+            for (slot, request), token, lp in zip(pairs, *first.read()):
                 if self.slots[slot] is request:
-                    self._emit(slot, token)
-        tokens = host.tolist()
+                    self._emit(slot, token, lp)
+        tokens, lps = host.read()
         for slot, request in rows:
             if self.slots[slot] is request:
-                self._emit(slot, tokens[slot])
+                self._emit(slot, tokens[slot], lps[slot])
 
     def _idle(self) -> bool:   # nothing to run but requests held for admission
         return self.pending is None and self.slots.count(None) == self.max_batch and (

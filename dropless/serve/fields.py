@@ -6,18 +6,18 @@ a multi-megabyte prompt tokenized there stalled every other client.
 
 import json
 
-from dropless.serve.request import SamplingParams
+from dropless.serve.request import MAX_TOP_LOGPROBS, SamplingParams
 
 # OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
-# any other value is refused, never silently ignored (a reply without the echo, logprobs or tool
-# call asked for, or sampled without the penalties, would look like the model's doing). A tool or
-# function choice of "auto" asks for nothing when there are no tools (any tool is refused), nor
-# does parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change
-# no reply: those three are taken as sent, once their types are checked (check_labels). logprobs
-# is a completion's int (0 asks for the sampled tokens') and a chat's bool.
-NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logprobs": (False,),
-                   "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
-                   "frequency_penalty": (0,), "response_format": ({"type": "text"},),
+# any other value is refused, never silently ignored (a reply without the echo or tool call asked
+# for, or sampled without the penalties, would look like the model's doing). A tool or function
+# choice of "auto" asks for nothing when there are no tools (any tool is refused), nor does
+# parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change no
+# reply: those three are taken as sent, once their types are checked (check_labels). logprobs and
+# top_logprobs are implemented, and checked per endpoint (logprobs_count).
+NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+                   "presence_penalty": (0,), "frequency_penalty": (0,),
+                   "response_format": ({"type": "text"},),
                    "tools": ([],), "tool_choice": ("none", "auto"),
                    "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
                    "modalities": (["text"],), "audio": (), "prediction": (),
@@ -75,7 +75,8 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
     return value
 
 
-def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int) -> SamplingParams:
+def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
+                    chat: bool) -> SamplingParams:
     # either name (max_tokens null or absent: max_completion_tokens), and errors say which
     name = ("max_completion_tokens" if body.get("max_tokens") is None
             and body.get("max_completion_tokens") is not None else "max_tokens")
@@ -93,12 +94,36 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int)
         top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
-        seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"))
+        seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"),
+        logprobs=logprobs_count(body, chat))
+
+
+def logprobs_count(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs: None for no log-probabilities, else how many of the most likely
+    tokens each output token's lists. A chat asks with logprobs (a boolean) and top_logprobs (an
+    int, only with logprobs true, as OpenAI); a completion with logprobs=n (an int; OpenAI's bound
+    is 5, this server's the chat's 20), and has no top_logprobs: anything but 0 there is refused."""
+    bound = f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"
+    top = body.get("top_logprobs")
+    if not chat:
+        if top is not None and (top != 0 or isinstance(top, bool)):
+            raise APIError(400, f"top_logprobs={shown(top)} is not a completions parameter: "
+                           "logprobs=n asks for each token's n most likely", "top_logprobs")
+        return _number(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, bound)
+    asked = body.get("logprobs")
+    if not isinstance(asked, (bool, type(None))):
+        raise APIError(400, f"logprobs={shown(asked)} is invalid: must be true or false",
+                       "logprobs")
+    n = _number(body, "top_logprobs", int, None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, bound)
+    if n and not asked:   # 0 asks for nothing: clients send it with logprobs false
+        raise APIError(400, f"top_logprobs={n} is only allowed when logprobs is true",
+                       "top_logprobs")
+    return (n or 0) if asked else None
 
 
 def check_implemented(body: dict) -> None:
     for name, nothing in NOT_IMPLEMENTED.items():
-        value = body.get(name)   # a bool is no number here: a completion's logprobs=0 asks for some
+        value = body.get(name)   # a bool is no number here: echo=0 is no false
         if value is not None and not any(value == v and isinstance(value, bool) == isinstance(
                 v, bool) for v in nothing):
             allowed = ", ".join(json.dumps(v) for v in nothing)

@@ -1,5 +1,5 @@
 """CUDA graphs of one function, one graph per key (the engine's decode step: batch bucket, greedy,
-context bucket), all in one memory pool, captured on first use or all at once at start."""
+context bucket, log-probabilities), all in one memory pool, captured on first use or all at once at start."""
 
 from __future__ import annotations
 

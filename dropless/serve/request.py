@@ -8,6 +8,9 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+# The most alternatives a token's logprobs may list (OpenAI's bound on top_logprobs)
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -16,6 +19,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    # None: no log-probabilities; n in [0, MAX_TOP_LOGPROBS]: each output token's, and the n most
+    # likely tokens' at its position (of the model's distribution: before temperature, top-k, top-p)
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -26,13 +32,18 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} is invalid: must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} is invalid: must be None or in "
+                             f"[0, {MAX_TOP_LOGPROBS}]")
 
 
 class Request:
     """One prompt's generation. `on_token(request, token)` runs on the engine's thread after each
     new token and may return True to finish the request (a stop string matched). When the request
     finishes, `finish_reason` is "stop" (EOS, or on_token asked), "length", "cancelled" or "error",
-    `on_finish(request)` runs (engine thread) and `done` is set."""
+    `on_finish(request)` runs (engine thread) and `done` is set. With `params.logprobs` set,
+    `logprobs[i]` is output token i's (logprob, [(token, logprob)] of the params.logprobs most
+    likely, most likely first), appended before on_token sees the token."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
                  on_token: Callable[["Request", int], bool | None] | None = None,
@@ -47,6 +58,7 @@ class Request:
         # any int seeds: folded into the int64 range the device buffers hold
         self.seed = params.seed % (1 << 63) if params.seed is not None else random.getrandbits(63)
         self.output: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
         self.done = threading.Event()
         self.cancelled = False

@@ -54,3 +54,13 @@ def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.
     pick_B = noisy_BV.masked_fill(~keep_BV, float("-inf")).argmax(-1)
     sampled_B = order_BV.gather(1, pick_B.unsqueeze(-1)).squeeze(-1)
     return torch.where(temperature_B == 0, greedy_B, sampled_B)
+
+
+def top_logprobs(logits_BV: torch.Tensor, chosen_B: torch.Tensor, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprob_B of the chosen tokens, top_logprob_Bn, top_id_Bn: the n most likely, most likely
+    first), all of the model's distribution: log_softmax(logits) in float32, before temperature,
+    top-k and top-p."""
+    logp_BV = logits_BV.float().log_softmax(-1)
+    top_Bn, ids_Bn = logp_BV.topk(n, dim=-1)
+    return logp_BV.gather(1, chosen_B.unsqueeze(-1)).squeeze(-1), top_Bn, ids_Bn

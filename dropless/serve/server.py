@@ -2,7 +2,8 @@
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
 POST /v1/chat/completions. One engine thread steps the continuous batch; each HTTP request is an
-engine Request whose tokens come back to the event loop through an asyncio queue. Prompts are
+engine Request whose tokens come back to the event loop through an asyncio queue (their text,
+and with logprobs asked, their log-probabilities, shaped on the event loop). Prompts are
 rendered and tokenized in worker threads, not on the event loop. At most `max_queue` requests wait
 for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
@@ -24,10 +25,12 @@ from dropless.serve.fields import (APIError, chat_messages, check_implemented, c
                                    check_prompt_size, max_body_bytes, max_prompt_chars, read_body,
                                    sampling_params, shown, ignore_eos, stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
-from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream
+from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
+                                 completion_logprobs, token_pieces)
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
+LOGPROBS_MARK = "\ue001"   # and where its logprobs go
 # requests that may wait for a slot, by default, per slot: a queue of a few batches' worth keeps the
 # batch full between arrivals, and the last of them is answered within a few batches' replies
 QUEUE_PER_SLOT = 8
@@ -47,6 +50,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     # a longer prompt is refused anyway: the template may render no more
     renderer = ChatRenderer(served.chat_template, served.special_tokens,
                             max_prompt_chars(engine.max_len))
+    piece = token_pieces(served.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -133,9 +137,9 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         check_room()   # before the prompt is rendered and tokenized for nothing
         return body
 
-    # deltas from the engine thread to the event loop: buffered, with one wake-up of the loop
-    # per batch of them (a step's worth) instead of one per token
-    outbox: list[tuple[asyncio.Queue, str | None]] = []
+    # deltas (text, log-probability entries) from the engine thread to the event loop: buffered,
+    # with one wake-up of the loop per batch of them (a step's worth) instead of one per token
+    outbox: list[tuple[asyncio.Queue, tuple[str, tuple] | None]] = []
     outbox_lock = threading.Lock()
 
     def deliver():
@@ -153,21 +157,27 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             loop.call_soon_threadsafe(deliver)
 
     def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool = True):
-        """Submit to the engine; returns (engine request, asyncio queue of text deltas, then None).
-        eos False: an EOS does not end the request (its text is still left out)."""
+        """Submit to the engine; returns (engine request, asyncio queue of deltas (text, entries),
+        then None). With params.logprobs set, every token pushed but an EOS (it has no text) has
+        an entry (text.Entry). eos False: an EOS does not end the request (its text is still
+        left out)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         text = TextStream(served.tokenizer, stop, served.eos_ids)
+        logprobs = params.logprobs is not None
 
-        def on_token(_, token):
+        def on_token(request, token):
+            offset = text.offset
             delta = text.push(token)
-            if delta:
-                post(loop, queue, delta)
+            entry = ((token, *request.logprobs[-1], offset),) if (
+                logprobs and token not in text.eos_ids) else ()
+            if delta or entry:
+                post(loop, queue, (delta, entry))
             return text.stopped
 
         def on_finish(_):
             rest = text.finish()
             if rest:
-                post(loop, queue, rest)
+                post(loop, queue, (rest, ()))
             post(loop, queue, None)
 
         check_room()   # again: others were submitted while this one was tokenized
@@ -176,15 +186,21 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         return request, queue
 
     async def deltas(queue):
-        """Text deltas as they come; what piled up while we were busy goes out as one."""
+        """(text, entries) as they come; what piled up while we were busy goes out as one. The
+        entries of tokens whose text is held back (a stop string's possible start, a character's
+        first bytes) wait for the next text, or go out with none at the end."""
+        held: list = []
         while True:
             parts = [await queue.get()]
             while not queue.empty() and parts[-1] is not None:
                 parts.append(queue.get_nowait())
             done = parts[-1] is None
-            text = "".join(p for p in parts if p is not None)
-            if text:
-                yield text
+            for _, entries in parts[:len(parts) - done]:
+                held.extend(entries)
+            text = "".join(p[0] for p in parts[:len(parts) - done])
+            if text or (done and held):
+                yield text, held
+                held = []
             if done:
                 return
 
@@ -193,8 +209,12 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         while (await http_request.receive())["type"] != "http.disconnect":
             pass
 
-    async def text_of(queue) -> str:
-        return "".join([d async for d in deltas(queue)])
+    async def text_of(queue) -> tuple[str, list]:
+        texts, entries = [], []
+        async for text, more in deltas(queue):
+            texts.append(text)
+            entries.extend(more)
+        return "".join(texts), entries
 
     def usage(request: Request) -> dict:
         n, m = len(request.prompt), len(request.output)
@@ -219,7 +239,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         check_implemented(body)
         check_labels(body)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
-        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1))
+        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
@@ -235,15 +255,22 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         base = {"id": rid, "created": int(time.time()), "model": served.name}
         kind = "chat.completion" if chat else "text_completion"
 
-        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def choice(text: str | None, finish: str | None, first: bool = False,
+                   logprobs: dict | str | None = None) -> dict:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "text": text or "", "logprobs": logprobs,
+                        "finish_reason": finish}
             if not stream:
                 return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": None, "finish_reason": finish}
+                        "logprobs": logprobs, "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+        def shaped(entries: list) -> dict | None:
+            if params.logprobs is None:
+                return None
+            return (chat_logprobs if chat else completion_logprobs)(entries, piece)
 
         def finish_reason() -> str:
             if request.finish_reason == "error":
@@ -251,28 +278,31 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            text = asyncio.ensure_future(text_of(queue))
+            reply = asyncio.ensure_future(text_of(queue))
             try:
-                await asyncio.wait((text, left), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((reply, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 left.cancel()   # and so the request: a no-op once finished
-            text = await text   # soon when cancelled: the engine drops it at its next step
-            return {**base, "object": kind, "choices": [choice(text, finish_reason())],
+            text, entries = await reply   # soon when cancelled: the engine drops it at its next step
+            return {**base, "object": kind,
+                    "choices": [choice(text, finish_reason(), logprobs=shaped(entries))],
                     "usage": usage(request)}
 
         async def events():
             chunk = {**base, "object": kind + ".chunk" if chat else kind}
             if include_usage:   # every chunk carries the field, null until the last one's
                 chunk["usage"] = None
-            # every delta's event is the same JSON around its text: serialised once, each text
-            # spliced in (a whole chunk's json.dumps costs ~10x its text's, per token)
-            head, tail = json.dumps({**chunk, "choices": [choice(MARK, None)]}).split(
-                json.dumps(MARK))
+            # every delta's event is the same JSON around its text and logprobs: serialised once,
+            # each text spliced in (a whole chunk's json.dumps costs ~10x its text's, per token)
+            head, tail = json.dumps({**chunk, "choices": [
+                choice(MARK, None, logprobs=LOGPROBS_MARK)]}).split(json.dumps(MARK))
+            middle, tail = tail.split(json.dumps(LOGPROBS_MARK))
             try:
                 if chat:
                     yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
-                async for text in deltas(queue):
-                    yield f"data: {head}{json.dumps(text)}{tail}\n\n"
+                async for text, entries in deltas(queue):
+                    logprobs = json.dumps(shaped(entries))
+                    yield f"data: {head}{json.dumps(text)}{middle}{logprobs}{tail}\n\n"
                 try:
                     last = choice(None if chat else "", finish_reason())
                 except APIError as e:   # the engine failed: an error event, which clients raise

@@ -1,10 +1,12 @@
 """Text around the engine: loading a model directory for serving (tokenizer, EOS, chat template),
-chat prompts, and incremental detokenisation with stop strings.
+chat prompts, incremental detokenisation with stop strings, and log-probabilities in OpenAI's
+shapes.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,7 @@ class TextStream:
         self.tokenizer, self.stop, self.eos_ids = tokenizer, [s for s in stop if s], set(eos_ids)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""   # decoded, not yet sent: what is held back, then the new text
+        self.sent = 0    # characters sent
         self.matched = [0] * len(self.stop)
         self.fails = [[0] for _ in self.stop]
         self.borders = [0] * len(self.stop)   # the longest proper border of stop[:len(fails) - 1]
@@ -134,6 +137,12 @@ class TextStream:
             self.text = self.text[:cut]
             return self._take(len(self.text))
         return self._take(len(self.text) - max(self.matched, default=0))
+
+    @property
+    def offset(self) -> int:
+        """Characters decoded so far, sent or held back: where the next token's text begins (a
+        completion's text_offset)."""
+        return self.sent + len(self.text)
 
     def finish(self) -> str:
         """The held-back rest, once no more tokens come."""
@@ -157,4 +166,48 @@ class TextStream:
 
     def _take(self, end: int) -> str:
         delta, self.text = self.text[:end], self.text[end:]
+        self.sent += end
         return delta
+
+
+# ---- log-probabilities ------------------------------------------------------------------------
+# An entry is one output token's (token, logprob, [(token, logprob)] most likely first, offset):
+# the engine's Request.logprobs item with the token and its text_offset. The engine's thread makes
+# them; the event loop shapes them, a token's text from a cache (a BPE token's bytes are a decode).
+
+Entry = tuple[int, float, list[tuple[int, float]], int]
+PIECES_CACHED = 1 << 16
+
+
+def token_pieces(tokenizer: Tokenizer):
+    """token id -> (its text, its bytes): the bytes decoded alone, an incomplete or invalid UTF-8
+    sequence as U+FFFD (OpenAI's "bytes" let a client join the pieces of a character)."""
+    @functools.lru_cache(maxsize=PIECES_CACHED)
+    def piece(token: int) -> tuple[str, bytes]:
+        raw = tokenizer.token_bytes(token)
+        return raw.decode(errors="replace"), raw
+    return piece
+
+
+def chat_logprobs(entries: list[Entry], piece) -> dict:
+    """A chat choice's logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    def one(token: int, logprob: float) -> dict:
+        text, raw = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+    return {"content": [{**one(token, logprob), "top_logprobs": [one(*t) for t in top]}
+                        for token, logprob, top, _ in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[Entry], piece) -> dict:
+    """A completion choice's logprobs: four lists, one item per token. A top_logprobs item maps
+    text to logprob: two tokens of one text (bytes of no whole character: both U+FFFD) keep the
+    likelier's, so it may hold fewer than asked."""
+    tops = []
+    for _, _, top, _ in entries:
+        texts = {}
+        for token, logprob in top:
+            texts.setdefault(piece(token)[0], logprob)
+        tops.append(texts)
+    return {"tokens": [piece(e[0])[0] for e in entries],
+            "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
+            "text_offset": [e[3] for e in entries]}
