@@ -12,7 +12,8 @@
 #   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
 #            once per MoE layer (round 7's question: the broken build timed 12 ms faster)
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
-#   serve    the serving tests (engine, decode step, server; gpu-marked and not) and the decode kernels
+#   serve    the serving tests (engine, decode step, server, logprobs; gpu-marked and not) and the
+#            decode kernels
 #            tests: the inference path alone
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
 #            with a served cache of 4096 positions, with and without context buckets)
@@ -44,6 +45,8 @@
 #   sites    the decode fusion's sites one at a time (DROPLESS_DECODE_FUSION=SITE) and attention in
 #            one split up to 512 keys, batch-1 decode of the 30B shape in bf16 and int4 (~9
 #            minutes)
+#   logprobs benchmarks/logprobs.py: a decode step with and without log-probabilities (medium at
+#            batch 1 and 32, the Qwen3-30B-A3B shape at batch 1)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -96,7 +99,8 @@ for s in "$@"; do
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 330 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
-             tests/test_serve_server.py tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
+             tests/test_serve_server.py tests/test_serve_engine_logprobs.py tests/test_serve_logprobs.py \
+             tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
              tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
               --admit-delay-ms 2 --serve-compile-prefill --prefill-step-tokens 1024 \
@@ -169,6 +173,8 @@ for s in "$@"; do
                DROPLESS_DECODE_FUSION=prefetch DROPLESS_DECODE_FUSION=sum DROPLESS_DECODE_FUSION=norm \
                DROPLESS_DECODE_ATTN_ONE_SPLIT=512
            done ;;
+    logprobs) stage "$L" 120 python3 benchmarks/logprobs.py --preset medium --batches 1 32
+              stage "$L" 150 python3 benchmarks/logprobs.py --preset qwen3-30b-a3b --batches 1 ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
