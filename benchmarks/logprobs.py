@@ -45,7 +45,6 @@ def main():
                 times[logprobs].append(bench(fn, device))
         off, on = (statistics.median(times[k]) for k in (False, True))
         print(f"| {b} | {off:.4f} | {on:.4f} | {on / off:.3f} |", flush=True)
-        del engine
 
 
 if __name__ == "__main__":
