@@ -98,7 +98,7 @@ for s in "$@"; do
                --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
-    serve) stage "$L" 330 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
+    serve) stage "$L" 420 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_serve_engine_logprobs.py tests/test_serve_logprobs.py \
              tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
              tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;

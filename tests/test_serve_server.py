@@ -480,7 +480,8 @@ def test_cli_serve_and_sigterm_drains(run_dir):
 
 @pytest.mark.gpu
 def test_gpu_serve_smoke(run_dir):
-    """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8."""
+    """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8, with and
+    without log-probabilities."""
     server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8")
     client = server.client
     try:
@@ -491,6 +492,15 @@ def test_gpu_serve_smoke(run_dir):
         chat = client.chat.completions.create(model="tiny-run", max_tokens=8,
                                               messages=[{"role": "user", "content": "hi"}])
         assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
+        # log-probabilities: the decode step's graph of its own, captured while serving
+        kw = dict(model="tiny-run", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+                  messages=[{"role": "user", "content": "hi"}])
+        lp = client.chat.completions.create(**kw).choices[0].logprobs.content
+        streamed = [e for c in client.chat.completions.create(stream=True, **kw)
+                    if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert len(lp) == 8 and [e.model_dump() for e in streamed] == [e.model_dump() for e in lp]
+        assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob <= 0
+                   for e in lp)   # greedy: the most likely
 
         def ask(i):
             return client.completions.create(model="tiny-run", prompt=f"x = {i}", max_tokens=12 + i,
