@@ -49,11 +49,11 @@ def observe(engine):
         log.prefills.append((tuple(tokens.shape), short))
         return forward(tokens, positions, lo, hi, short)
 
-    def run_decode(b, greedy, length, logprobs):
+    def run_decode(b, greedy, length, *rest):
         real = engine.positions_B[:b][engine.positions_B[:b] != S - 1]
         assert length in engine.lengths and (real.numel() == 0 or real.max() < length)
         log.decodes.append((b, length))
-        return decode_fn(b, greedy, length, logprobs)
+        return decode_fn(b, greedy, length, *rest)
 
     def prefill_rows(slots):
         requests = [engine.slots[s] for s in slots]

@@ -228,7 +228,7 @@ BODY = '{"model": "tiny-run", "prompt": "hi", "max_tokens": 4, %s}'   # the last
     ('"top_p": NaN', "top_p"), ('"top_p": "1"', "top_p"), ('"top_p": 0', "top_p"),
     ('"top_k": true', "top_k"), ('"top_k": 0', "top_k"), ('"top_k": 1.5', "top_k"),
     ('"seed": 1.5', "seed"), ('"seed": "1"', "seed"), ('"seed": true', "seed"),
-    ('"n": 2', "n"), ('"n": "1"', "n"),
+    ('"n": 0', "n"), ('"n": "1"', "n"),
     ('"stop": 7', "stop"), ('"stop": ["a", 1]', "stop"), ('"stop": {"a": 1}', "stop"),
     ('"stream": "true"', "stream"), ('"stream": 1', "stream"),
     ('"stream": true, "stream_options": {"include_usage": "yes"}', "stream_options"),
@@ -236,8 +236,9 @@ BODY = '{"model": "tiny-run", "prompt": "hi", "max_tokens": 4, %s}'   # the last
     # OpenAI parameters this server does not implement: refused, not silently ignored
     ('"echo": true', "echo"), ('"suffix": "x"', "suffix"),
     ('"best_of": 2', "best_of"), ('"logit_bias": {"1": 5}', "logit_bias"),
-    ('"presence_penalty": 0.5', "presence_penalty"),
-    ('"frequency_penalty": -1', "frequency_penalty"),
+    ('"presence_penalty": 2.5', "presence_penalty"), ('"presence_penalty": "1"', "presence_penalty"),
+    ('"frequency_penalty": -2.01', "frequency_penalty"),
+    ('"frequency_penalty": true', "frequency_penalty"),
 ])
 def test_bad_parameters_are_400_naming_them(live, fields, param):
     refused(live, "/v1/completions", (BODY % fields).encode(), param)
@@ -264,6 +265,7 @@ def test_a_huge_bad_value_is_named_in_a_short_error(live):
     ('"top_k": -1', 4), ('"top_k": 100000000000000000000', 4), ('"n": 1', 4), ('"stop": []', 4),
     ('"stream": null, "stream_options": null', 4), ('"max_tokens": null', 16),
     ('"max_tokens": null, "max_completion_tokens": 5', 5), ('"max_completion_tokens": 5', 4),
+    ('"presence_penalty": 2, "frequency_penalty": -2', 4), ('"presence_penalty": null', 4),
     # the no-op values of what is not implemented, which clients send
     ('"echo": false, "logprobs": null, "suffix": "", "best_of": 1, "logit_bias": {}, '
      '"presence_penalty": 0, "frequency_penalty": 0.0, "user": "u"', 4),
@@ -394,9 +396,11 @@ def test_shutdown_lets_a_non_streamed_request_finish(run_dir, monkeypatch):
     assert not s.thread.is_alive()
 
 
-def test_an_engine_failure_is_an_openai_error_streamed_or_not(live, monkeypatch):
+@pytest.mark.parametrize("n", [1, 2])
+def test_an_engine_failure_is_an_openai_error_streamed_or_not(live, monkeypatch, n):
     """A failed step fails its requests: a 500, or mid-stream an error event the client raises
-    (the stream used to break off without one); the server serves the next request."""
+    (the stream used to break off without one); the server serves the next request. n = 2: a
+    request of two choices, each an engine request of its own."""
     step, calls = live.engine.step, []
 
     def failing():
@@ -406,13 +410,15 @@ def test_an_engine_failure_is_an_openai_error_streamed_or_not(live, monkeypatch)
         step()
 
     monkeypatch.setattr(live.engine, "step", failing)
-    stream = live.client.completions.create(model=MODEL, prompt="a", max_tokens=60, stream=True)
+    stream = live.client.completions.create(model=MODEL, prompt="a", max_tokens=60, stream=True,
+                                            n=n)
     with pytest.raises(openai.APIError, match="generation failed"):
         list(stream)
     with pytest.raises(openai.InternalServerError, match="generation failed"):
-        live.client.completions.create(model=MODEL, prompt="a", max_tokens=60)
+        live.client.completions.create(model=MODEL, prompt="a", max_tokens=60, n=n)
     monkeypatch.undo()
-    assert live.client.completions.create(model=MODEL, prompt="a", max_tokens=3).usage
+    assert len(live.client.completions.create(model=MODEL, prompt="a", max_tokens=3,
+                                              n=n).choices) == n
 
 
 def test_sse_wire_format(live):

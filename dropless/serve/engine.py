@@ -41,7 +41,7 @@ from dropless.serve.graphs import Graphs, sizes
 from dropless.serve.kv_cache import new_kv_cache
 from dropless.serve.readback import HostCopy, LogprobEntry, PinnedPair
 from dropless.serve.request import MAX_TOP_LOGPROBS, Request, SamplingParams, close
-from dropless.serve.sampling import sample, top_logprobs
+from dropless.serve.sampling import penalized, sample, top_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
 log = logging.getLogger("dropless.serve")
@@ -83,12 +83,14 @@ class Engine:
         for name, fill, dtype in [("tokens", 0, torch.long), ("positions", max_len - 1, torch.long),
                                   ("steps", 0, torch.long), ("seeds", 0, torch.long),
                                   ("temperature", 0, torch.float32), ("top_k", cfg.vocab_size,
-                                  torch.long), ("top_p", 1, torch.float32)]:   # self.tokens_B...
+                                  torch.long), ("top_p", 1, torch.float32), ("presence", 0,
+                                  torch.float32), ("frequency", 0, torch.float32)]:
             setattr(self, name + "_B", torch.full((B,), fill, dtype=dtype, device=dev))
         # log-probabilities, for the requests that ask: the sampled token's, the top_n most likely
         self.top_n = min(MAX_TOP_LOGPROBS, cfg.vocab_size)
         self.logprobs_B = (torch.zeros(B, device=dev), torch.zeros(B, self.top_n, device=dev),
                            torch.zeros(B, self.top_n, dtype=torch.long, device=dev))
+        self.counts_BV = None   # each row's output tokens counted, made for the first penalty
         self.slots: list[Request | None] = [None] * B
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -102,13 +104,13 @@ class Engine:
         self.stats = Counter(dict.fromkeys(["steps", "prefills", "prefill_rows", "prefill_s",
                                             "captures", "capture_s"], 0))
         # torch.compile fuses the step's elementwise kernels (fewer launches in each graph); one
-        # specialisation per (bucket, greedy, logprobs), hence the raised recompile limit. The blocks'
+        # specialisation per key of _run_decode, hence the raised recompile limit. The blocks'
         # prefill forward compiles once, dynamic in rows and tokens (`_prefill_forward`)
         self.decode_fn, self.hidden_fn, self.compiled = self._decode, self._hidden, compile_prefill
         if compile:
             import torch._dynamo as dynamo
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit,
-                                                 4 * len(self.buckets) * len(self.lengths))
+                                                 8 * len(self.buckets) * len(self.lengths))
             self.decode_fn = torch.compile(self._decode, dynamic=False)
         if self.compiled:
             self.hidden_fn = torch.compile(self._hidden)
@@ -243,7 +245,9 @@ class Engine:
         self._set_rows(done_slots, steps=[0] * len(done), seeds=[requests[i].seed for i in done],
                        temperature=[p.temperature for p in params],
                        top_k=[min(p.top_k or vocab, vocab) for p in params],
-                       top_p=[p.top_p or 1.0 for p in params])
+                       top_p=[p.top_p or 1.0 for p in params],
+                       presence=[p.presence_penalty for p in params],
+                       frequency=[p.frequency_penalty for p in params])
         idx = self._device(done_slots)
         last = self._device([len(chunks[i]) - 1 for i in done])
         logits = self._logits(x_nTD[self._device(done), last])
@@ -252,16 +256,21 @@ class Engine:
         # into the decode inputs; the host reads them with this step's decoded tokens (no sync)
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
+        if any(p.penalizes for p in params):   # the rows' counts start at their first tokens
+            if self.counts_BV is None:
+                self.counts_BV = torch.zeros(self.max_batch, vocab, device=self.device)
+            self.counts_BV[idx] = 0   # (one_hot would sync: it checks the ids' range)
+            self.counts_BV[idx, first] = 1.0
         lp = top_logprobs(logits, first, self.top_n) if any(
             p.logprobs is not None for p in params) else None
         self.firsts.append((HostCopy.of(first, lp, pin=self.pin),
                             [(s, requests[i]) for s, i in zip(done_slots, done)]))
 
     def _decode(self, b: int, greedy: bool, length: int | None = None,
-                logprobs: bool = False) -> None:
+                logprobs: bool = False, penalties: bool = False) -> None:
         """One token for rows [0, b), attending to cache positions [0, length) (the scratch rows
-        at S - 1 get garbage), and with `logprobs` their log-probabilities: reads and advances
-        the static buffers (no host sync)."""
+        at S - 1 get garbage), with `logprobs` their log-probabilities, with `penalties` sampled
+        from the logits less them: reads and advances the static buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
@@ -269,11 +278,16 @@ class Engine:
         step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype, length)
         x = decode_blocks(self.model, x_bD, caches, step, self.moe_path, self.qkvs).unsqueeze(1)
         logits_bV = self._logits(x[:, -1])
+        scores_bV = penalized(logits_bV, self.counts_BV[rows], self.presence_B[rows],
+                              self.frequency_B[rows]) if penalties else logits_bV
         if greedy:
-            next_b = logits_bV.argmax(-1)
+            next_b = scores_bV.argmax(-1)
         else:
-            next_b = sample(logits_bV, self.temperature_B[rows], self.top_k_B[rows],
+            next_b = sample(scores_bV, self.temperature_B[rows], self.top_k_B[rows],
                             self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
+        if penalties:
+            self.counts_BV[rows].scatter_add_(1, next_b.unsqueeze(-1), torch.ones_like(
+                self.counts_BV[rows, :1]))
         self.tokens_B[rows].copy_(next_b)
         if logprobs:
             for buf, value in zip(self.logprobs_B, top_logprobs(logits_bV, next_b, self.top_n)):
@@ -283,8 +297,8 @@ class Engine:
 
     @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
     def _run_decode(self, b: int, greedy: bool, length: int | None = None,
-                    logprobs: bool = False) -> None:
-        key = (b, greedy, length or self.max_len, logprobs)
+                    logprobs: bool = False, penalties: bool = False) -> None:
+        key = (b, greedy, length or self.max_len, logprobs, penalties)
         self.graphs.replay(*key) if self.cuda_graphs else self.decode_fn(*key)
 
     @torch.no_grad()
@@ -301,8 +315,9 @@ class Engine:
                             type(e).__name__, (str(e).splitlines() or [""])[0])
                 self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
-            # log-probabilities' graphs are captured when first asked for (few requests do)
-            keys = list(itertools.product(self.buckets, (True, False), self.lengths, (False,)))
+            # log-probabilities' and penalties' graphs: captured when first asked for (few ask)
+            keys = list(itertools.product(self.buckets, (True, False), self.lengths, (False,),
+                                          (False,)))
             for key in tqdm(keys, "decode graphs", disable=not progress, unit="graph"):
                 if key not in self.graphs:
                     self.graphs.capture(*key)
@@ -361,7 +376,8 @@ class Engine:
         # a row feeds position <= prompt + output + 1 (its first token and last step's unread)
         reach = max(len(self.slots[s].prompt) + len(self.slots[s].output) for s in decoding) + 2
         logprobs = any(self.slots[s].params.logprobs is not None for s in decoding)
-        self._run_decode(b, greedy, self._length(reach), logprobs)
+        penalties = any(self.slots[s].params.penalizes for s in decoding)
+        self._run_decode(b, greedy, self._length(reach), logprobs, penalties)
         host = self.host.copy(self.tokens_B[:b], tuple(t[:b] for t in self.logprobs_B)
                               if logprobs else None)   # the previous step's: still unread
         event = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -412,4 +428,3 @@ class Engine:
                 self.positions_B.fill_(self.max_len - 1)
                 for request in failed:
                     close(request, "error")
-

@@ -10,13 +10,12 @@ from dropless.serve.request import MAX_TOP_LOGPROBS, SamplingParams
 
 # OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
 # any other value is refused, never silently ignored (a reply without the echo or tool call asked
-# for, or sampled without the penalties, would look like the model's doing). A tool or function
+# for, or sampled without the bias, would look like the model's doing). A tool or function
 # choice of "auto" asks for nothing when there are no tools (any tool is refused), nor does
 # parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change no
 # reply: those three are taken as sent, once their types are checked (check_labels). logprobs and
 # top_logprobs are implemented, and checked per endpoint (logprobs_count).
 NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
-                   "presence_penalty": (0,), "frequency_penalty": (0,),
                    "response_format": ({"type": "text"},),
                    "tools": ([],), "tool_choice": ("none", "auto"),
                    "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
@@ -85,7 +84,6 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
         raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
                        f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
                        name, code="context_length_exceeded")
-    _number(body, "n", int, 1, lambda v: v == 1, "only n=1 is supported")
     top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
     return SamplingParams(
         max_tokens=max_tokens,
@@ -95,7 +93,24 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"),
-        logprobs=logprobs_count(body, chat))
+        logprobs=logprobs_count(body, chat),
+        **{name: float(_number(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2,
+                               "must be in [-2, 2]"))
+           for name in ("presence_penalty", "frequency_penalty")})
+
+
+# OpenAI's bound on n, the choices a request asks for
+MAX_CHOICES = 128
+
+
+def choices_count(body: dict, max_batch: int) -> int:
+    """n: each choice is an engine request of its own, taking a slot, so no more than the
+    engine's slots (one request's choices decode side by side), nor, whatever the batch,
+    MAX_CHOICES."""
+    bound = min(max_batch, MAX_CHOICES)
+    return _number(body, "n", int, 1, lambda v: 1 <= v <= bound,
+                   f"must be an integer in [1, {bound}] (a choice takes one of the engine's "
+                   f"{max_batch} slots; OpenAI's bound is {MAX_CHOICES})")
 
 
 def logprobs_count(body: dict, chat: bool) -> int | None:

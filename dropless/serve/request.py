@@ -22,6 +22,10 @@ class SamplingParams:
     # None: no log-probabilities; n in [0, MAX_TOP_LOGPROBS]: each output token's, and the n most
     # likely tokens' at its position (of the model's distribution: before temperature, top-k, top-p)
     logprobs: int | None = None
+    # OpenAI's penalties on a token's logit: presence once it is in the output, frequency times
+    # how often it is there (the output only, not the prompt)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -35,6 +39,13 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs} is invalid: must be None or in "
                              f"[0, {MAX_TOP_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be in [-2, 2]")
+
+    @property
+    def penalizes(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class Request:

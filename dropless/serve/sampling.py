@@ -64,3 +64,11 @@ def top_logprobs(logits_BV: torch.Tensor, chosen_B: torch.Tensor, n: int
     logp_BV = logits_BV.float().log_softmax(-1)
     top_Bn, ids_Bn = logp_BV.topk(n, dim=-1)
     return logp_BV.gather(1, chosen_B.unsqueeze(-1)).squeeze(-1), top_Bn, ids_Bn
+
+
+def penalized(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence_B: torch.Tensor,
+              frequency_B: torch.Tensor) -> torch.Tensor:
+    """float32 logits less OpenAI's penalties: presence once a token is in the output, frequency
+    times how often (counts_BV: each row's output tokens counted)."""
+    return (logits_BV.float() - frequency_B.unsqueeze(-1) * counts_BV
+            - presence_B.unsqueeze(-1) * (counts_BV > 0).float())

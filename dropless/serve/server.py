@@ -1,15 +1,17 @@
 """`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. One engine thread steps the continuous batch; each HTTP request is an
-engine Request whose tokens come back to the event loop through an asyncio queue (their text,
-and with logprobs asked, their log-probabilities, shaped on the event loop). Prompts are
-rendered and tokenized in worker threads, not on the event loop. At most `max_queue` requests wait
-for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
+POST /v1/chat/completions. One engine thread steps the continuous batch; each choice of an HTTP
+request (OpenAI's n) is an engine Request on the same prompt ids, whose tokens come back to the
+event loop through the HTTP request's asyncio queue (their text, and with logprobs asked, their
+log-probabilities, shaped on the event loop). Prompts are rendered and tokenized in worker threads,
+not on the event loop. At most `max_queue` engine requests wait for a slot; past them a request is
+refused with a 429. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 """
 
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -22,8 +24,9 @@ from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
-                                   check_prompt_size, max_body_bytes, max_prompt_chars, read_body,
-                                   sampling_params, shown, ignore_eos, stop_strings, stream_flags)
+                                   check_prompt_size, choices_count, max_body_bytes,
+                                   max_prompt_chars, read_body, sampling_params, shown, ignore_eos,
+                                   stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, token_pieces)
@@ -115,16 +118,19 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         known(model)
         return card
 
-    def check_room() -> None:
-        """A 429 once max_queue requests wait for a slot: a flood queued without bound, each
-        waiting client holding a connection and its prompt for a reply that came ever later.
-        Those that free slots take at the next step are not waiting for one."""
+    def check_room(n: int = 1) -> None:
+        """A 429 when n more engine requests (a request's choices) would make more than
+        max_queue wait for a slot: a flood queued without bound, each waiting client holding a
+        connection and its prompt for a reply that came ever later. Those that free slots take
+        at the next step are not waiting for one."""
         with engine.lock:
             queued = waiting() - engine.slots.count(None)
-        if queued >= max_queue:
-            raise APIError(429, f"the server is busy: {queued} requests already wait for a slot "
-                           f"(at most {max_queue}); retry later", type="rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if queued + n > max_queue:
+            asks = f", no room for this request's {n} choices" if n > 1 else ""
+            raise APIError(429, f"the server is busy: {max(queued, 0)} requests already wait for "
+                           f"a slot (at most {max_queue}){asks}; retry later",
+                           type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def parse(http_request) -> dict:
         try:   # bounded before it is read: parsing it holds up the event loop
@@ -137,9 +143,9 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         check_room()   # before the prompt is rendered and tokenized for nothing
         return body
 
-    # deltas (text, log-probability entries) from the engine thread to the event loop: buffered,
-    # with one wake-up of the loop per batch of them (a step's worth) instead of one per token
-    outbox: list[tuple[asyncio.Queue, tuple[str, tuple] | None]] = []
+    # deltas (choice, text, log-probability entries) from the engine thread to the event loop:
+    # buffered, with one wake-up of the loop per batch of them (a step's worth), not one per token
+    outbox: list[tuple[asyncio.Queue, tuple[int, str | None, tuple]]] = []
     outbox_lock = threading.Lock()
 
     def deliver():
@@ -156,68 +162,86 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         if first:
             loop.call_soon_threadsafe(deliver)
 
-    def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool = True):
-        """Submit to the engine; returns (engine request, asyncio queue of deltas (text, entries),
-        then None). With params.logprobs set, every token pushed but an EOS (it has no text) has
-        an entry (text.Entry). eos False: an EOS does not end the request (its text is still
-        left out)."""
+    def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool,
+              n: int) -> tuple[list[Request], asyncio.Queue]:
+        """Submit n choices to the engine; returns (their engine requests, one asyncio queue of
+        their deltas (choice, text, entries), each choice's last (choice, None, ())). With
+        params.logprobs set, every token pushed but an EOS (it has no text) has an entry
+        (text.Entry). eos False: an EOS does not end a choice (its text is still left out). With
+        params.seed, choice i samples with seed + i: the choices differ and the request is
+        reproducible (without, each has a random seed of its own)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        text = TextStream(served.tokenizer, stop, served.eos_ids)
         logprobs = params.logprobs is not None
 
-        def on_token(request, token):
-            offset = text.offset
-            delta = text.push(token)
-            entry = ((token, *request.logprobs[-1], offset),) if (
-                logprobs and token not in text.eos_ids) else ()
-            if delta or entry:
-                post(loop, queue, (delta, entry))
-            return text.stopped
+        def submit(choice: int) -> Request:
+            text = TextStream(served.tokenizer, stop, served.eos_ids)
 
-        def on_finish(_):
-            rest = text.finish()
-            if rest:
-                post(loop, queue, (rest, ()))
-            post(loop, queue, None)
+            def on_token(request, token):
+                offset = text.offset
+                delta = text.push(token)
+                entry = ((token, *request.logprobs[-1], offset),) if (
+                    logprobs and token not in text.eos_ids) else ()
+                if delta or entry:
+                    post(loop, queue, (choice, delta, entry))
+                return text.stopped
 
-        check_room()   # again: others were submitted while this one was tokenized
-        request = engine.submit(Request(prompt_ids, params, eos_ids=served.eos_ids if eos else (),
-                                        on_token=on_token, on_finish=on_finish))
-        return request, queue
+            def on_finish(_):
+                rest = text.finish()
+                if rest:
+                    post(loop, queue, (choice, rest, ()))
+                post(loop, queue, (choice, None, ()))
 
-    async def deltas(queue):
-        """(text, entries) as they come; what piled up while we were busy goes out as one. The
+            seeded = params if params.seed is None else dataclasses.replace(
+                params, seed=params.seed + choice)
+            return engine.submit(Request(prompt_ids, seeded, on_token=on_token,
+                                         eos_ids=served.eos_ids if eos else (),
+                                         on_finish=on_finish))
+
+        check_room(n)   # again: others were submitted while this one was tokenized
+        return [submit(i) for i in range(n)], queue
+
+    async def deltas(queue, n: int):
+        """(choice, text, entries, done) as they come, until each of the n choices is done (done:
+        its last, once a choice); what piled up while we were busy goes out as one a choice. The
         entries of tokens whose text is held back (a stop string's possible start, a character's
-        first bytes) wait for the next text, or go out with none at the end."""
-        held: list = []
-        while True:
-            parts = [await queue.get()]
-            while not queue.empty() and parts[-1] is not None:
-                parts.append(queue.get_nowait())
-            done = parts[-1] is None
-            for _, entries in parts[:len(parts) - done]:
-                held.extend(entries)
-            text = "".join(p[0] for p in parts[:len(parts) - done])
-            if text or (done and held):
-                yield text, held
-                held = []
-            if done:
-                return
+        first bytes) wait for their choice's next text, or go out with none at its end."""
+        held: list[list] = [[] for _ in range(n)]
+        while n:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            texts: dict[int, list[str]] = {}   # by choice, in the order they came
+            ended = set()
+            for choice, text, entries in items:
+                parts = texts.setdefault(choice, [])
+                if text is None:
+                    ended.add(choice)
+                else:
+                    parts.append(text)
+                    held[choice].extend(entries)
+            for choice, parts in texts.items():
+                text, done = "".join(parts), choice in ended
+                if text or done:
+                    yield choice, text, held[choice], done
+                    held[choice] = []
+            n -= len(ended)
 
     async def disconnected(http_request) -> None:
         """Returns once the client has gone (its body is read: the next message is that)."""
         while (await http_request.receive())["type"] != "http.disconnect":
             pass
 
-    async def text_of(queue) -> tuple[str, list]:
-        texts, entries = [], []
-        async for text, more in deltas(queue):
-            texts.append(text)
-            entries.extend(more)
-        return "".join(texts), entries
+    async def texts_of(queue, n: int) -> list[tuple[str, list]]:
+        """Each choice's (text, entries), once every choice is done."""
+        texts, entries = [[] for _ in range(n)], [[] for _ in range(n)]
+        async for choice, text, more, _ in deltas(queue, n):
+            texts[choice].append(text)
+            entries[choice].extend(more)
+        return [("".join(t), e) for t, e in zip(texts, entries)]
 
-    def usage(request: Request) -> dict:
-        n, m = len(request.prompt), len(request.output)
+    def usage(requests: list[Request]) -> dict:
+        """The prompt once (the choices share it), and every choice's output."""
+        n, m = len(requests[0].prompt), sum(len(r.output) for r in requests)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
@@ -240,80 +264,97 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         check_labels(body)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
         params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat)
+        n = choices_count(body, engine.max_batch)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
         stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
-        request, queue = start(prompt, params, stop, not ignore_eos(body))
-        # the client leaving, at any point, cancels its request (a no-op once it finished): its
-        # slot would go on generating for nobody, up to the whole context. Not only the stream's
-        # `finally`: Starlette cancels a stream whose client left before its first chunk without
-        # ever starting the generator
+        requests, queue = start(prompt, params, stop, not ignore_eos(body), n)
+        # the client leaving, at any point, cancels its requests (a no-op once they finished):
+        # their slots would go on generating for nobody, up to the whole context. Not only the
+        # stream's `finally`: Starlette cancels a stream whose client left before its first chunk
+        # without ever starting the generator
         left = asyncio.ensure_future(disconnected(http_request))
-        left.add_done_callback(lambda _: request.cancel())
+
+        def cancel(_) -> None:
+            for request in requests:
+                request.cancel()
+
+        left.add_done_callback(cancel)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         base = {"id": rid, "created": int(time.time()), "model": served.name}
         kind = "chat.completion" if chat else "text_completion"
 
-        def choice(text: str | None, finish: str | None, first: bool = False,
+        def choice(index: int, text: str | None, finish: str | None, first: bool = False,
                    logprobs: dict | str | None = None) -> dict:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": logprobs,
+                return {"index": index, "text": text or "", "logprobs": logprobs,
                         "finish_reason": finish}
             if not stream:
-                return {"index": 0, "message": {"role": "assistant", "content": text},
+                return {"index": index, "message": {"role": "assistant", "content": text},
                         "logprobs": logprobs, "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text else {})
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
         def shaped(entries: list) -> dict | None:
             if params.logprobs is None:
                 return None
             return (chat_logprobs if chat else completion_logprobs)(entries, piece)
 
-        def finish_reason() -> str:
+        def finish_reason(request: Request) -> str:
             if request.finish_reason == "error":
                 raise APIError(500, "generation failed", type="server_error")
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            reply = asyncio.ensure_future(text_of(queue))
+            reply = asyncio.ensure_future(texts_of(queue, n))
             try:
                 await asyncio.wait((reply, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                left.cancel()   # and so the request: a no-op once finished
-            text, entries = await reply   # soon when cancelled: the engine drops it at its next step
-            return {**base, "object": kind,
-                    "choices": [choice(text, finish_reason(), logprobs=shaped(entries))],
-                    "usage": usage(request)}
+                left.cancel()   # and so the requests: a no-op once finished
+            replies = await reply   # soon when cancelled: the engine drops them at its next step
+            return {**base, "object": kind, "choices": [
+                choice(i, text, finish_reason(request), logprobs=shaped(entries))
+                for i, (request, (text, entries)) in enumerate(zip(requests, replies))],
+                "usage": usage(requests)}
 
         async def events():
             chunk = {**base, "object": kind + ".chunk" if chat else kind}
             if include_usage:   # every chunk carries the field, null until the last one's
                 chunk["usage"] = None
-            # every delta's event is the same JSON around its text and logprobs: serialised once,
-            # each text spliced in (a whole chunk's json.dumps costs ~10x its text's, per token)
-            head, tail = json.dumps({**chunk, "choices": [
-                choice(MARK, None, logprobs=LOGPROBS_MARK)]}).split(json.dumps(MARK))
-            middle, tail = tail.split(json.dumps(LOGPROBS_MARK))
+            # every delta's event of a choice is the same JSON around its text and logprobs:
+            # serialised once a choice, each text spliced in (head, middle, tail; a whole chunk's
+            # json.dumps costs ~10x its text's, per token)
+            templates = []
+            for i in range(n):
+                head, tail = json.dumps({**chunk, "choices": [
+                    choice(i, MARK, None, logprobs=LOGPROBS_MARK)]}).split(json.dumps(MARK))
+                templates.append((head, *tail.split(json.dumps(LOGPROBS_MARK))))
             try:
-                if chat:
-                    yield f"data: {json.dumps({**chunk, 'choices': [choice('', None, True)]})}\n\n"
-                async for text, entries in deltas(queue):
-                    logprobs = json.dumps(shaped(entries))
-                    yield f"data: {head}{json.dumps(text)}{middle}{logprobs}{tail}\n\n"
-                try:
-                    last = choice(None if chat else "", finish_reason())
-                except APIError as e:   # the engine failed: an error event, which clients raise
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                    return
-                yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
+                if chat:   # each choice's first chunk: its role
+                    for i in range(n):
+                        role = {**chunk, "choices": [choice(i, "", None, True)]}
+                        yield f"data: {json.dumps(role)}\n\n"
+                # the choices' chunks interleave as they come, each ended by its finish_reason's
+                async for i, text, entries, done in deltas(queue, n):
+                    if text or entries:
+                        head, middle, tail = templates[i]
+                        logprobs = json.dumps(shaped(entries))
+                        yield f"data: {head}{json.dumps(text)}{middle}{logprobs}{tail}\n\n"
+                    if done:
+                        try:
+                            last = choice(i, None if chat else "", finish_reason(requests[i]))
+                        except APIError as e:   # the engine failed: an error event clients raise
+                            yield f"data: {json.dumps(e.body())}\n\n"
+                            return
+                        yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
                 if include_usage:
-                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage(request)})}\n\n"
+                    totals = {**chunk, "choices": [], "usage": usage(requests)}
+                    yield f"data: {json.dumps(totals)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                left.cancel()   # and so the request: a no-op once finished
+                left.cancel()   # and so the requests: a no-op once finished
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
