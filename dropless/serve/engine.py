@@ -257,10 +257,13 @@ class Engine:
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
         if any(p.penalizes for p in params):   # the rows' counts start at their first tokens
-            if self.counts_BV is None:
+            if self.counts_BV is None:   # state a step advances: a capture's warm-ups undone
                 self.counts_BV = torch.zeros(self.max_batch, vocab, device=self.device)
-            self.counts_BV[idx] = 0   # (one_hot would sync: it checks the ids' range)
-            self.counts_BV[idx, first] = 1.0
+                self.graphs.state.append(self.counts_BV)
+            # device values only: a Python number put by index is copied from pageable memory (a
+            # sync), and one_hot checks the ids' range (another)
+            self.counts_BV.index_fill_(0, idx, 0)
+            self.counts_BV.index_put_((idx, first), torch.ones_like(first, dtype=torch.float32))
         lp = top_logprobs(logits, first, self.top_n) if any(
             p.logprobs is not None for p in params) else None
         self.firsts.append((HostCopy.of(first, lp, pin=self.pin),
