@@ -138,3 +138,14 @@ def test_penalties_and_logprobs_never_sync():
     requests = submit()
     steps_without_sync(engine, requests)
     assert all(len(r.logprobs) == 6 for r in requests)
+
+
+def test_counts_are_state_a_capture_restores():
+    """The counts are advanced by the decode step: on CUDA a graph's capture runs the step three
+    times first and must undo them (Graphs.state), or every penalized row counted those tokens
+    too (the GPU tests of b1c697d failed so)."""
+    engine = Engine(tiny_model(), max_batch=2, max_len=40)
+    assert engine.counts_BV is None   # made for the first request that asks
+    engine.submit(Request(PROMPTS[0], SamplingParams(max_tokens=2, presence_penalty=1.0)))
+    engine.run_until_done()
+    assert any(t is engine.counts_BV for t in engine.graphs.state)
