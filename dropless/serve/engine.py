@@ -260,8 +260,8 @@ class Engine:
             if self.counts_BV is None:   # state a step advances: a capture's warm-ups undone
                 self.counts_BV = torch.zeros(self.max_batch, vocab, device=self.device)
                 self.graphs.state.append(self.counts_BV)
-            # device values only: one_hot checks the ids' range (a sync); Python numbers put by
-            # index were in the step a GPU test found syncing (round 24, cause not confirmed)
+            # device values only: index_put_ copies a Python number's CPU tensor to the device
+            # blocking (a sync, found by a GPU test), and one_hot checks the ids' range (another)
             self.counts_BV.index_fill_(0, idx, 0)
             self.counts_BV.index_put_((idx, first), torch.ones_like(first, dtype=torch.float32))
         lp = top_logprobs(logits, first, self.top_n) if any(
