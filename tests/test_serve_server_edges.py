@@ -233,8 +233,9 @@ BODY = '{"model": "tiny-run", "prompt": "hi", "max_tokens": 4, %s}'   # the last
     ('"stream": "true"', "stream"), ('"stream": 1', "stream"),
     ('"stream": true, "stream_options": {"include_usage": "yes"}', "stream_options"),
     ('"logprobs": 21', "logprobs"), ('"logprobs": true', "logprobs"),
+    ('"echo": "yes"', "echo"), ('"echo": 1', "echo"),
     # OpenAI parameters this server does not implement: refused, not silently ignored
-    ('"echo": true', "echo"), ('"suffix": "x"', "suffix"),
+    ('"suffix": "x"', "suffix"),
     ('"best_of": 2', "best_of"), ('"logit_bias": {"1": 5}', "logit_bias"),
     ('"presence_penalty": 2.5', "presence_penalty"), ('"presence_penalty": "1"', "presence_penalty"),
     ('"frequency_penalty": -2.01', "frequency_penalty"),

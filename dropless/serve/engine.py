@@ -9,7 +9,8 @@ One engine `step()`:
    order, each run of adjacent slots as one padded batch into those slots' caches (a batch of at
    most `prefill_step_tokens` tokens through the decode step's few kernels, a longer one through
    the model's blocks); a finished prompt samples its first token into the decode buffers, read
-   back with the step's tokens;
+   back with the step's tokens (one only scored, max_tokens 0, finishes instead); a request that
+   asks for its prompt's log-probabilities has them computed from the chunk's hidden states;
 3. decode: one token for every slot in rows [0, b), b the smallest bucket that holds every
    decoding slot, attending to cache positions [0, n), n the smallest context bucket past every
    decoding row's position. Inputs and outputs live in static device buffers (tokens, positions,
@@ -45,6 +46,8 @@ from dropless.serve.sampling import penalized, sample, top_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
 log = logging.getLogger("dropless.serve")
+# prompt log-probabilities: positions whose logits are computed at once (a slice's [T, V] float32)
+PROMPT_SLICE = 256
 
 
 class Engine:
@@ -234,9 +237,15 @@ class Engine:
         x_nTD = x_nTD[slots[0] - lo:slots[0] - lo + n]
         done = []
         for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            if r.params.prompt_logprobs is not None:
+                self._prompt_logprobs(r, x_nTD[i, :len(chunk)])
             r.prefilled += len(chunk)
             if r.prefilled == len(r.prompt):
                 done.append(i)
+        # a prompt only scored (max_tokens 0) ends here: no first token, no decode step
+        for i in [i for i in done if requests[i].params.max_tokens == 0]:
+            self._finish(slots[i], "length")
+        done = [i for i in done if requests[i].params.max_tokens > 0]
         if not done:
             return
         vocab = self.model.cfg.vocab_size
@@ -268,6 +277,22 @@ class Engine:
             p.logprobs is not None for p in params) else None
         self.firsts.append((HostCopy.of(first, lp, pin=self.pin),
                             [(s, requests[i]) for s, i in zip(done_slots, done)]))
+
+    def _prompt_logprobs(self, request: Request, x_TD: torch.Tensor) -> None:
+        """Append to request.prompt_logprobs the entries of the prompt tokens this chunk's
+        positions predict: position j (prompt index prefilled + j) predicts prompt token
+        prefilled + j + 1, the next chunk's first for the last j; the prompt's last position
+        predicts the first output token, not scored here. Logits in slices of PROMPT_SLICE
+        positions: a whole chunk's [T, V] float32 is a GiB at 2048 tokens of a 128k vocabulary."""
+        start, k = request.prefilled, min(request.params.prompt_logprobs, self.top_n)
+        targets = request.prompt[start + 1:start + 1 + len(x_TD)]
+        for a in range(0, len(targets), PROMPT_SLICE):
+            ids = self._device(targets[a:a + PROMPT_SLICE])
+            chosen, top, top_ids = top_logprobs(self._logits(x_TD[a:a + len(ids)]), ids, k)
+            # sync: the values to the host, once a slice, only for the requests that ask
+            request.prompt_logprobs.extend(
+                (c, list(zip(i, t))) for c, t, i in zip(chosen.tolist(), top.tolist(),
+                                                        top_ids.tolist()))
 
     def _decode(self, b: int, greedy: bool, length: int | None = None,
                 logprobs: bool = False, penalties: bool = False) -> None:

@@ -14,7 +14,8 @@ from dropless.serve.request import MAX_TOP_LOGPROBS, SamplingParams
 # choice of "auto" asks for nothing when there are no tools (any tool is refused), nor does
 # parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change no
 # reply: those three are taken as sent, once their types are checked (check_labels). logprobs and
-# top_logprobs are implemented, and checked per endpoint (logprobs_count).
+# top_logprobs are implemented, and checked per endpoint (logprobs_count); so is echo, a
+# completions field only (echo_flag): a chat is refused it here, as OpenAI's chat has none.
 NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
                    "response_format": ({"type": "text"},),
                    "tools": ([],), "tool_choice": ("none", "auto"),
@@ -75,16 +76,24 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
 
 
 def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
-                    chat: bool) -> SamplingParams:
+                    chat: bool, echo: bool = False) -> SamplingParams:
+    """echo: max_tokens may be 0 (the prompt scored only), and logprobs covers the prompt too."""
     # either name (max_tokens null or absent: max_completion_tokens), and errors say which
     name = ("max_completion_tokens" if body.get("max_tokens") is None
             and body.get("max_completion_tokens") is not None else "max_tokens")
-    max_tokens = _number(body, name, int, default_max, lambda v: v >= 1, "must be an integer >= 1")
+    least = 0 if echo else 1
+    max_tokens = _number(body, name, int, default_max, lambda v: v >= least,
+                         f"must be an integer >= {least}" + ("" if chat or echo else
+                                                            " (0 only with echo)"))
     if num_prompt + max_tokens > max_len:
         raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
                        f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
                        name, code="context_length_exceeded")
     top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
+    logprobs = logprobs_count(body, chat)
+    # the engine finishes a request of max_tokens 0 only once it has scored the prompt: one
+    # without logprobs asks for the fewest (its entries are not sent)
+    prompt_logprobs = (0 if max_tokens == 0 and logprobs is None else logprobs) if echo else None
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 1e4,
@@ -93,7 +102,7 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"),
-        logprobs=logprobs_count(body, chat),
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         **{name: float(_number(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2,
                                "must be in [-2, 2]"))
            for name in ("presence_penalty", "frequency_penalty")})
@@ -136,8 +145,20 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
     return (n or 0) if asked else None
 
 
-def check_implemented(body: dict) -> None:
+def echo_flag(body: dict, chat: bool) -> bool:
+    """A completion's echo: a boolean, not anything truthy (a chat's: check_implemented)."""
+    value = body.get("echo")
+    if chat or value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"echo={shown(value)} is invalid: must be true or false", "echo")
+    return value
+
+
+def check_implemented(body: dict, chat: bool) -> None:
     for name, nothing in NOT_IMPLEMENTED.items():
+        if name == "echo" and not chat:   # a completions field (echo_flag)
+            continue
         value = body.get(name)   # a bool is no number here: echo=0 is no false
         if value is not None and not any(value == v and isinstance(value, bool) == isinstance(
                 v, bool) for v in nothing):

@@ -26,19 +26,26 @@ class SamplingParams:
     # how often it is there (the output only, not the prompt)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: none; n in [0, MAX_TOP_LOGPROBS]: each prompt token's but the first (which nothing
+    # predicts) and the n most likely at its position, computed by the prefill (a host sync a
+    # chunk, for the requests that ask). With it, max_tokens may be 0: the prompt scored only
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1 (0 only "
+                             "with prompt_logprobs)")
         if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature} is invalid: must be >= 0")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} is invalid: must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs={self.logprobs} is invalid: must be None or in "
-                             f"[0, {MAX_TOP_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name}={n} is invalid: must be None or in "
+                                 f"[0, {MAX_TOP_LOGPROBS}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be in [-2, 2]")
@@ -54,7 +61,10 @@ class Request:
     finishes, `finish_reason` is "stop" (EOS, or on_token asked), "length", "cancelled" or "error",
     `on_finish(request)` runs (engine thread) and `done` is set. With `params.logprobs` set,
     `logprobs[i]` is output token i's (logprob, [(token, logprob)] of the params.logprobs most
-    likely, most likely first), appended before on_token sees the token."""
+    likely, most likely first), appended before on_token sees the token. With
+    `params.prompt_logprobs` set, `prompt_logprobs[i]` is prompt token i + 1's, of the same form,
+    complete when the prefill ends (before the first token; a request of max_tokens 0 then
+    finishes, "length", with no output)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, *, eos_ids=(),
                  on_token: Callable[["Request", int], bool | None] | None = None,
@@ -70,6 +80,7 @@ class Request:
         self.seed = params.seed % (1 << 63) if params.seed is not None else random.getrandbits(63)
         self.output: list[int] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
         self.done = threading.Event()
         self.cancelled = False

@@ -5,8 +5,9 @@ POST /v1/chat/completions. One engine thread steps the continuous batch; each ch
 request (OpenAI's n) is an engine Request on the same prompt ids, whose tokens come back to the
 event loop through the HTTP request's asyncio queue (their text, and with logprobs asked, their
 log-probabilities, shaped on the event loop). Prompts are rendered and tokenized in worker threads,
-not on the event loop. At most `max_queue` engine requests wait for a slot; past them a request is
-refused with a 429. Errors have OpenAI's shape:
+not on the event loop. A completion's echo puts the prompt's text (and with logprobs, the entries
+the engine's prefill computed for it) before each choice's first delta. At most `max_queue` engine
+requests wait for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -24,12 +25,13 @@ from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
-                                   check_prompt_size, choices_count, max_body_bytes,
+                                   check_prompt_size, choices_count, echo_flag, max_body_bytes,
                                    max_prompt_chars, read_body, sampling_params, shown, ignore_eos,
                                    stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
-                                 completion_logprobs, token_pieces)
+                                 completion_logprobs, prompt_entries, prompt_offsets,
+                                 token_pieces)
 
 
 MARK = "\ue000"   # a private-use character: where a streamed chunk's text goes
@@ -163,21 +165,33 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             loop.call_soon_threadsafe(deliver)
 
     def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool,
-              n: int) -> tuple[list[Request], asyncio.Queue]:
+              n: int, echo: tuple[str, list[int]] | None = None
+              ) -> tuple[list[Request], asyncio.Queue]:
         """Submit n choices to the engine; returns (their engine requests, one asyncio queue of
         their deltas (choice, text, entries), each choice's last (choice, None, ())). With
         params.logprobs set, every token pushed but an EOS (it has no text) has an entry
         (text.Entry). eos False: an EOS does not end a choice (its text is still left out). With
         params.seed, choice i samples with seed + i: the choices differ and the request is
-        reproducible (without, each has a random seed of its own)."""
+        reproducible (without, each has a random seed of its own). echo: (the prompt's text, its
+        tokens' offsets): each choice's first delta is that text, with logprobs its entries (after
+        the prefill, which computes them), and the generated tokens' offsets follow it."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         logprobs = params.logprobs is not None
 
         def submit(choice: int) -> Request:
             text = TextStream(served.tokenizer, stop, served.eos_ids)
+            head, base = [echo] if echo else [], len(echo[0]) if echo else 0
+
+            def opening(request):   # the echoed prompt, once, before the first token's delta
+                if head:
+                    prompt_text, offsets = head.pop()
+                    entries = prompt_entries(request.prompt, request.prompt_logprobs,
+                                             offsets) if logprobs else ()
+                    post(loop, queue, (choice, prompt_text, entries))
 
             def on_token(request, token):
-                offset = text.offset
+                opening(request)
+                offset = base + text.offset
                 delta = text.push(token)
                 entry = ((token, *request.logprobs[-1], offset),) if (
                     logprobs and token not in text.eos_ids) else ()
@@ -185,7 +199,8 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                     post(loop, queue, (choice, delta, entry))
                 return text.stopped
 
-            def on_finish(_):
+            def on_finish(request):
+                opening(request)   # a request of max_tokens 0 has no token
                 rest = text.finish()
                 if rest:
                     post(loop, queue, (choice, rest, ()))
@@ -246,6 +261,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         where = "messages" if chat else "prompt"
+        text = prompt   # echoed as sent (a string) or decoded (token ids)
         if isinstance(prompt, str):
             check_prompt_size(prompt, where, engine.max_len)   # before the tokenizer's work
             try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
@@ -260,16 +276,24 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         if not prompt:
             raise APIError(400, "the prompt is empty", where)
         default_max = engine.max_len - len(prompt) if chat else 16
-        check_implemented(body)
+        check_implemented(body, chat)
         check_labels(body)
+        echo = echo_flag(body, chat)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
-        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat)
+        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat,
+                                 echo)
         n = choices_count(body, engine.max_batch)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
                            "prompt")
         stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
-        requests, queue = start(prompt, params, stop, not ignore_eos(body), n)
+        if echo:   # a long prompt's decode: off the event loop
+            if not isinstance(text, str):
+                text = await asyncio.to_thread(served.tokenizer.decode, prompt)
+            offsets = [] if params.logprobs is None else await asyncio.to_thread(
+                prompt_offsets, served.tokenizer, prompt)
+        requests, queue = start(prompt, params, stop, not ignore_eos(body), n,
+                                (text, offsets) if echo else None)
         # the client leaving, at any point, cancels its requests (a no-op once they finished):
         # their slots would go on generating for nobody, up to the whole context. Not only the
         # stream's `finally`: Starlette cancels a stream whose client left before its first chunk

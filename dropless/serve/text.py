@@ -174,8 +174,26 @@ class TextStream:
 # An entry is one output token's (token, logprob, [(token, logprob)] most likely first, offset):
 # the engine's Request.logprobs item with the token and its text_offset. The engine's thread makes
 # them; the event loop shapes them, a token's text from a cache (a BPE token's bytes are a decode).
+# An echoed prompt's first token has logprob and alternatives None: nothing predicts it.
 
-Entry = tuple[int, float, list[tuple[int, float]], int]
+Entry = tuple[int, float | None, list[tuple[int, float]] | None, int]
+
+
+def prompt_offsets(tokenizer: Tokenizer, prompt: list[int]) -> list[int]:
+    """Where each prompt token's text begins in the prompt's tokens decoded in turn (the echoed
+    text, where the tokens spell it: a special token's text may not be the prompt's)."""
+    decoder, size, out = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, []
+    for token in prompt:
+        out.append(size)
+        size += len(decoder.decode(tokenizer.token_bytes(token)))
+    return out
+
+
+def prompt_entries(prompt: list[int], logprobs: list, offsets: list[int]) -> list[Entry]:
+    """An echoed prompt's entries from the engine's Request.prompt_logprobs (tokens 1 on)."""
+    return [(prompt[0], None, None, offsets[0])] + [
+        (token, logprob, top, offset)
+        for token, (logprob, top), offset in zip(prompt[1:], logprobs, offsets[1:])]
 PIECES_CACHED = 1 << 16
 
 
@@ -201,13 +219,13 @@ def chat_logprobs(entries: list[Entry], piece) -> dict:
 def completion_logprobs(entries: list[Entry], piece) -> dict:
     """A completion choice's logprobs: four lists, one item per token. A top_logprobs item maps
     text to logprob: two tokens of one text (bytes of no whole character: both U+FFFD) keep the
-    likelier's, so it may hold fewer than asked."""
+    likelier's, so it may hold fewer than asked; an echoed prompt's first token's is null."""
     tops = []
     for _, _, top, _ in entries:
         texts = {}
-        for token, logprob in top:
+        for token, logprob in top or ():
             texts.setdefault(piece(token)[0], logprob)
-        tops.append(texts)
+        tops.append(None if top is None else texts)
     return {"tokens": [piece(e[0])[0] for e in entries],
             "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
             "text_offset": [e[3] for e in entries]}
