@@ -194,6 +194,8 @@ def prompt_entries(prompt: list[int], logprobs: list, offsets: list[int]) -> lis
     return [(prompt[0], None, None, offsets[0])] + [
         (token, logprob, top, offset)
         for token, (logprob, top), offset in zip(prompt[1:], logprobs, offsets[1:])]
+
+
 PIECES_CACHED = 1 << 16
 
 
