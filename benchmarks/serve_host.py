@@ -53,7 +53,7 @@ def serve_main(port: int, step_s: float, max_batch: int) -> None:
         def synchronize(self):
             time.sleep(max(0.0, self.at - time.perf_counter()))
 
-    def run_decode(b, greedy, length=None):   # queued behind the previous step, returns at once
+    def run_decode(b, greedy, *rest):   # queued behind the previous step, returns at once
         done_at[0] = max(time.perf_counter(), done_at[0]) + step_s
 
     launch = engine._launch
