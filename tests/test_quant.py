@@ -110,13 +110,13 @@ def test_engine_short_prefill_through_int4_experts(monkeypatch):
     """int4 experts decode per slot: the engine takes prompt chunks through the decode step's
     path only while slots <= experts (tiny: 8 experts, top-2, so 4 tokens); both prefill paths
     give the same tokens, with int4 attention projections too."""
-    from dropless.serve import Engine, Request, SamplingParams, engine as engine_module
+    from dropless.serve import Engine, Request, SamplingParams, prefill as prefill_module
 
     q = quantize_model(tiny_model(), torch.randint(0, 256, (4, 32)), QuantConfig(group_size=64),
                        progress=False)
-    blocks = engine_module.decode_blocks
+    blocks = prefill_module.decode_blocks
     short_chunks = []   # tokens of the chunks that took the decode step's path
-    monkeypatch.setattr(engine_module, "decode_blocks", lambda model, x, caches, step, *a: (
+    monkeypatch.setattr(prefill_module, "decode_blocks", lambda model, x, caches, step, *a: (
         short_chunks.append(step.tokens) if step.tokens > 1 else None,
         blocks(model, x, caches, step, *a))[1])
     outputs = []

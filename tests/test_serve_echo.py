@@ -65,8 +65,8 @@ def test_prompt_logprobs_equal_the_forward(chunk, step_tokens, n):
 
 def test_prompt_logprobs_in_slices(monkeypatch):
     """A chunk longer than a slice of logits: the slices' entries join in order."""
-    from dropless.serve import engine as engine_module
-    monkeypatch.setattr(engine_module, "PROMPT_SLICE", 4)
+    from dropless.serve import prefill as prefill_module
+    monkeypatch.setattr(prefill_module, "PROMPT_SLICE", 4)
     model = tiny_model()
     engine = Engine(model, max_batch=1, max_len=40, prefill_chunk=16, prefill_step_tokens=0)
     request = engine.submit(Request(PROMPT + PROMPTS[3], SamplingParams(

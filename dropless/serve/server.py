@@ -24,6 +24,7 @@ from socket import AF_INET, AF_INET6, create_server
 from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
+from dropless.serve.deltas import Outbox, deltas, disconnected, texts_of, usage
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
                                    check_prompt_size, choices_count, echo_flag, max_body_bytes,
                                    max_prompt_chars, read_body, sampling_params, shown, ignore_eos,
@@ -145,24 +146,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         check_room()   # before the prompt is rendered and tokenized for nothing
         return body
 
-    # deltas (choice, text, log-probability entries) from the engine thread to the event loop:
-    # buffered, with one wake-up of the loop per batch of them (a step's worth), not one per token
-    outbox: list[tuple[asyncio.Queue, tuple[int, str | None, tuple]]] = []
-    outbox_lock = threading.Lock()
-
-    def deliver():
-        with outbox_lock:
-            items = outbox[:]
-            outbox.clear()
-        for queue, item in items:
-            queue.put_nowait(item)
-
-    def post(loop, queue, item) -> None:
-        with outbox_lock:
-            outbox.append((queue, item))
-            first = len(outbox) == 1
-        if first:
-            loop.call_soon_threadsafe(deliver)
+    post = Outbox().post   # deltas from the engine thread to the event loop
 
     def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool,
               n: int, echo: tuple[str, list[int]] | None = None
@@ -214,50 +198,6 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
         check_room(n)   # again: others were submitted while this one was tokenized
         return [submit(i) for i in range(n)], queue
-
-    async def deltas(queue, n: int):
-        """(choice, text, entries, done) as they come, until each of the n choices is done (done:
-        its last, once a choice); what piled up while we were busy goes out as one a choice. The
-        entries of tokens whose text is held back (a stop string's possible start, a character's
-        first bytes) wait for their choice's next text, or go out with none at its end."""
-        held: list[list] = [[] for _ in range(n)]
-        while n:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            texts: dict[int, list[str]] = {}   # by choice, in the order they came
-            ended = set()
-            for choice, text, entries in items:
-                parts = texts.setdefault(choice, [])
-                if text is None:
-                    ended.add(choice)
-                else:
-                    parts.append(text)
-                    held[choice].extend(entries)
-            for choice, parts in texts.items():
-                text, done = "".join(parts), choice in ended
-                if text or done:
-                    yield choice, text, held[choice], done
-                    held[choice] = []
-            n -= len(ended)
-
-    async def disconnected(http_request) -> None:
-        """Returns once the client has gone (its body is read: the next message is that)."""
-        while (await http_request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def texts_of(queue, n: int) -> list[tuple[str, list]]:
-        """Each choice's (text, entries), once every choice is done."""
-        texts, entries = [[] for _ in range(n)], [[] for _ in range(n)]
-        async for choice, text, more, _ in deltas(queue, n):
-            texts[choice].append(text)
-            entries[choice].extend(more)
-        return [("".join(t), e) for t, e in zip(texts, entries)]
-
-    def usage(requests: list[Request]) -> dict:
-        """The prompt once (the choices share it), and every choice's output."""
-        n, m = len(requests[0].prompt), sum(len(r.output) for r in requests)
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
         where = "messages" if chat else "prompt"
