@@ -6,6 +6,7 @@ boundaries); the server's reply against the same, streamed == non-streamed, and 
 import pytest
 import torch
 
+from dropless import MoEConfig
 from dropless.generate import greedy_recompute
 from dropless.serve import Engine, Request, SamplingParams
 from tests import test_serve_server as live_server
@@ -25,7 +26,7 @@ def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
     """[len(ids) - 1, vocab]: log_softmax of one forward's logits at positions 0 .. len - 2, no
     cache: row i scores ids[i + 1]."""
     with torch.no_grad():
-        logits, _ = model(torch.tensor([ids]))
+        logits, _ = model(torch.tensor([ids], device=next(model.parameters()).device))
     return logits[0, :-1].float().log_softmax(-1)
 
 
@@ -74,6 +75,31 @@ def test_prompt_logprobs_in_slices(monkeypatch):
     engine.run_until_done()
     check_entries(request.prompt_logprobs, request.prompt,
                   forward_logprobs(model, request.prompt), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 0.15)])
+def test_prompt_logprobs_on_cuda(dtype, atol):
+    """On CUDA, beside graphed decode steps: a prompt's entries (chunks of 4, a request of
+    max_tokens 0 and one that goes on) against the forward's, the greedy tokens a recompute's."""
+    moe = MoEConfig(dim=32, hidden_dim=32, num_experts=8, top_k=2)
+    model = tiny_model(qk_norm=True, moe=moe).to("cuda", dtype)
+    engine = Engine(model, max_batch=3, max_len=40, prefill_chunk=4, lengths=(8, 16))
+    engine.warm_up()
+    requests = [engine.submit(Request(p, SamplingParams(max_tokens=m, temperature=0,
+                                                        prompt_logprobs=a)))
+                for p, m, a in [(PROMPT, 0, 3), (PROMPTS[0], 6, None), (PROMPTS[3], 5, 1)]]
+    engine.run_until_done()
+    assert requests[0].output == [] and requests[1].prompt_logprobs == []
+    for request in requests[::2]:
+        ref = forward_logprobs(model, request.prompt)
+        assert len(request.prompt_logprobs) == len(request.prompt) - 1
+        for (chosen, top), token, ref_V in zip(request.prompt_logprobs, request.prompt[1:], ref):
+            assert abs(chosen - float(ref_V[token])) <= atol
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+            assert abs(top[0][1] - float(ref_V.max())) <= atol
+    if dtype == torch.float32:
+        assert requests[2].output == greedy_recompute(model, requests[2].prompt, 5)
 
 
 def test_max_tokens_0_scores_the_prompt_and_disturbs_no_one():

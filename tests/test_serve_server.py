@@ -481,7 +481,7 @@ def test_cli_serve_and_sigterm_drains(run_dir):
 @pytest.mark.gpu
 def test_gpu_serve_smoke(run_dir):
     """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8, with and
-    without log-probabilities."""
+    without log-probabilities and penalties; n choices and echo."""
     server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8")
     client = server.client
     try:
@@ -501,6 +501,19 @@ def test_gpu_serve_smoke(run_dir):
         assert len(lp) == 8 and [e.model_dump() for e in streamed] == [e.model_dump() for e in lp]
         assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob <= 0
                    for e in lp)   # greedy: the most likely
+
+        # n choices, penalties (their graphs of their own), echo with max_tokens 0
+        many = client.completions.create(model="tiny-run", prompt="x", max_tokens=10, n=3,
+                                         temperature=0, frequency_penalty=1.5)
+        assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 30
+        assert len({c.text for c in many.choices}) == 1   # greedy: every choice the same
+        scored = client.completions.create(model="tiny-run", prompt="def main():", echo=True,
+                                           logprobs=2, max_tokens=0, temperature=0)
+        entries = scored.choices[0].logprobs
+        assert scored.choices[0].text == "def main():" and scored.usage.completion_tokens == 0
+        assert entries.token_logprobs[0] is None and len(entries.token_logprobs) > 1
+        assert all(v <= 0 and len(top) <= 2 for v, top in zip(entries.token_logprobs[1:],
+                                                               entries.top_logprobs[1:]))
 
         def ask(i):
             return client.completions.create(model="tiny-run", prompt=f"x = {i}", max_tokens=12 + i,
