@@ -12,7 +12,8 @@
 #   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
 #            once per MoE layer (round 7's question: the broken build timed 12 ms faster)
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
-#   serve    the serving tests (engine, decode step, server, logprobs; gpu-marked and not) and the
+#   serve    the serving tests (engine, decode step, server, logprobs, penalties, echo, n; gpu-marked
+#            and not) and the
 #            decode kernels
 #            tests: the inference path alone
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
@@ -100,6 +101,7 @@ for s in "$@"; do
              --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 420 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_serve_engine_logprobs.py tests/test_serve_logprobs.py \
+             tests/test_serve_penalties.py tests/test_serve_echo.py tests/test_serve_choices.py \
              tests/test_ops_triton_rope.py tests/test_ops_triton_gemv.py tests/test_ops_triton_kmajor.py \
              tests/test_ops_triton_attention.py tests/test_ops_triton_router.py -p no:cacheprovider -rf ;;
     decode) stage "$L" 240 python3 benchmarks/decode.py --preset medium --batches 1 32 --clients 1 8 32 \
