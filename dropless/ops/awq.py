@@ -30,9 +30,9 @@ from dropless.quant.pack import PACK, dequantize
 GROUPED_BLOCK_N = 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # how the kernels read packed int32s: the GEMV "nibble" by nibble in packed order
-# (gemv_nibble_kernel), or spread over columns: "interleave" in registers or "gather" loads (see
-# _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
-# times them
+# (gemv_nibble_kernel; the grouped kernel's tiles in packed order, joined into columns), or spread
+# over columns: "interleave" in registers or "gather" loads (see _group_params; the SwiGLU GEMVs
+# under "nibble" interleave); benchmarks/awq.py times them
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
 # the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
@@ -141,7 +141,8 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tile, tiles=None, a_row=None, out
         GS=gs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
         SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        GATHER_UNPACK=_unpack() == "gather", num_warps=warps, num_stages=stages)
+        GATHER_UNPACK=_unpack() == "gather", PACKED=_unpack() == "nibble", num_warps=warps,
+        num_stages=stages)
 
 
 def _tile(rows: int, experts: int) -> tuple[int, ...]:
