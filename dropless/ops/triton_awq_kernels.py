@@ -30,29 +30,30 @@ from dropless.ops.triton_gemv_kernels import _dequant_tile, _nibble
 
 @triton.jit
 def _columns(v0, v1, v2, v3, v4, v5, v6, v7):
-    """[..., 8 n] in column order from the eight nibbles' [..., n] tiles in packed order: column
-    8 i + c of a run is nibble (c % 2) * 4 + c // 2 (AWQ's order). Each join adds the fastest
-    axis, so the slowest of c's three bits is joined first; all in registers, no shuffle."""
+    """[..., n, 2, 2, 2], read as [..., 8 n] in column order, from the eight nibbles' [..., n]
+    tiles in packed order: column 8 i + c of a run is nibble (c % 2) * 4 + c // 2 (AWQ's order).
+    Each join adds the fastest axis, so the slowest of c's three bits is joined first; all in
+    registers, no shuffle. (The caller reshapes: Triton's compiler takes no starred shapes.)"""
     bit2 = tl.join(tl.join(v0, v2), tl.join(v1, v3))   # columns 0, 2, 4, 6: [.., 2 (c/4), 2]
     odd = tl.join(tl.join(v4, v6), tl.join(v5, v7))    # columns 1, 3, 5, 7
-    both = tl.join(bit2, odd)
-    return tl.reshape(both, (*v0.shape[:-1], 8 * v0.shape[-1]))
+    return tl.join(bit2, odd)
 
 
 @triton.jit
-def _packed_group(qz_ptr, sc_ptr, g, WN, pcols, pc_ok, cols, col_ok):
+def _packed_group(qz_ptr, sc_ptr, g, WN, pcols, pc_ok, cols, col_ok, BLOCK_N: tl.constexpr):
     """(2^23 + zero * 16^J, scale / 16^J), fp32 [BLOCK_N] in column order, of group g: J the
     nibble's place in its 16-bit half (the power of 16 a nibble keeps, _nibble)."""
     zp = tl.load(qz_ptr + g * (WN // 8) + pcols, mask=pc_ok, other=0)
     zh = zp >> 16
     z = _columns(_nibble(zp, 0), _nibble(zp, 1), _nibble(zp, 2), _nibble(zp, 3),
                  _nibble(zh, 0), _nibble(zh, 1), _nibble(zh, 2), _nibble(zh, 3))
+    z = tl.reshape(z, (BLOCK_N,))
     s = tl.load(sc_ptr + g * WN + cols, mask=col_ok, other=0.0).to(tl.float32)
     return z, s * tl.exp2(-4.0 * ((cols % 8) // 2).to(tl.float32))
 
 
 @triton.jit
-def _packed_rows(qw_ptr, k0, WN, pcols, pc_ok, z, BLOCK_K: tl.constexpr):
+def _packed_rows(qw_ptr, k0, WN, pcols, pc_ok, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 [BLOCK_K, BLOCK_N]: (nibble - zero) * 16^J at rows k0.., exact (an integer of at most
     four bits times a power of two: exact in bf16 and fp16 too). One logic op and one subtraction
     per weight, one shift per eight."""
@@ -61,7 +62,7 @@ def _packed_rows(qw_ptr, k0, WN, pcols, pc_ok, z, BLOCK_K: tl.constexpr):
     hi = lo >> 16
     q = _columns(_nibble(lo, 0), _nibble(lo, 1), _nibble(lo, 2), _nibble(lo, 3),
                  _nibble(hi, 0), _nibble(hi, 1), _nibble(hi, 2), _nibble(hi, 3))
-    return q - z[None, :]
+    return tl.reshape(q, (BLOCK_K, BLOCK_N)) - z[None, :]
 
 
 @triton.jit
@@ -109,8 +110,8 @@ def awq_grouped_kernel(
         for k0 in range(0, KD, BLOCK_K):
             a = tl.load(a_ptr + src[:, None] * stride_am + (k0 + ks)[None, :])
             if PACKED:   # the step's unscaled product, scaled per column after the dot
-                z, s = _packed_group(qz, sc, k0 // GS, WN, pcols, pc_ok, cols, col_ok)
-                w = _packed_rows(qw, k0, WN, pcols, pc_ok, z, BLOCK_K)
+                z, s = _packed_group(qz, sc, k0 // GS, WN, pcols, pc_ok, cols, col_ok, BLOCK_N)
+                w = _packed_rows(qw, k0, WN, pcols, pc_ok, z, BLOCK_K, BLOCK_N)
                 acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * s[None, :]
             else:
                 w = _dequant_tile(qw, qz, sc, k0, WN, pcols, pc_ok, cols, col_ok, GS, BLOCK_K,
@@ -119,8 +120,8 @@ def awq_grouped_kernel(
             if SWIGLU:   # the up columns sit N to the right of the gate columns
                 if PACKED:
                     z, s = _packed_group(qz, sc, k0 // GS, WN, pcols + N // 8, pc_ok, cols + N,
-                                         col_ok)
-                    w = _packed_rows(qw, k0, WN, pcols + N // 8, pc_ok, z, BLOCK_K)
+                                         col_ok, BLOCK_N)
+                    w = _packed_rows(qw, k0, WN, pcols + N // 8, pc_ok, z, BLOCK_K, BLOCK_N)
                     acc_up += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * s[None, :]
                 else:
                     w = _dequant_tile(qw, qz, sc, k0, WN, pcols + N // 8, pc_ok, cols + N,
