@@ -121,11 +121,18 @@ def test_moe_paths(T, D, F, E, K, mode, group, dtype):
     assert rel(awq.awq_fused_experts(x, plan, weights, *packed), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("unpack", ["interleave", "gather"])
+@pytest.mark.parametrize("unpack", ["interleave", "gather", "packed"])
 def test_other_unpackings(monkeypatch, unpack):
     """The other ways of reading the int32s (DROPLESS_AWQ_UNPACK): spread over columns in
-    registers or by each column's own load, instead of nibble by nibble (the default)."""
-    monkeypatch.setenv(awq.UNPACK_ENV, unpack)
+    registers or by each column's own load, instead of nibble by nibble (the default); "packed":
+    the grouped kernel's tiles in packed order (DROPLESS_AWQ_GROUPED_PACKED=1)."""
+    if unpack == "packed":
+        monkeypatch.setenv(awq.GROUPED_PACKED_ENV, "1")
+        for cases in CASES:
+            test_moe_paths(*cases, torch.float16)
+        test_linear(40, 128, 64, 64, torch.float32, residual=False)
+    else:
+        monkeypatch.setenv(awq.UNPACK_ENV, unpack)
     test_moe_paths(*CASES[3], torch.float32)
     test_linear(17, 64, 200, 64, torch.float16, residual=True)
     test_decode_narrow_tiles_and_split_k(monkeypatch)

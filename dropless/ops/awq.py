@@ -30,14 +30,22 @@ from dropless.quant.pack import PACK, dequantize
 GROUPED_BLOCK_N = 64
 GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # how the kernels read packed int32s: the GEMV "nibble" by nibble in packed order
-# (gemv_nibble_kernel; the grouped kernel's tiles in packed order, joined into columns), or spread
-# over columns: "interleave" in registers or "gather" loads (see _group_params; the SwiGLU GEMVs
-# under "nibble" interleave); benchmarks/awq.py times them
+# (gemv_nibble_kernel), or spread over columns: "interleave" in registers or "gather" loads (see
+# _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
+# times them
+# DROPLESS_AWQ_GROUPED_PACKED=1 (with "nibble"): the grouped kernel dequantizes its tiles in packed
+# order, joins them into columns and scales the dot's result (round 25); opt-in until it is timed
+# on a GPU (compiled for sm_90 and tested under the interpreter only)
+GROUPED_PACKED_ENV = "DROPLESS_AWQ_GROUPED_PACKED"
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
 # the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
 # knob: benchmarks/awq.py --tiles); unset, the tile follows the rows per expert (_tile)
 TILE_ENV = "DROPLESS_AWQ_TILE"
+
+
+def _grouped_packed() -> bool:
+    return os.environ.get(GROUPED_PACKED_ENV) == "1" and _unpack() == "nibble"
 
 
 def _unpack() -> str:
@@ -141,7 +149,7 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tile, tiles=None, a_row=None, out
         GS=gs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
         SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        GATHER_UNPACK=_unpack() == "gather", PACKED=_unpack() == "nibble", num_warps=warps,
+        GATHER_UNPACK=_unpack() == "gather", PACKED=_grouped_packed(), num_warps=warps,
         num_stages=stages)
 
 
