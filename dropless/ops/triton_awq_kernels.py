@@ -12,9 +12,10 @@ A reduction step covers BLOCK_K rows inside one group (BLOCK_K divides GS), so o
 scales serves the whole tile. Weights are dequantized in registers; accumulation is fp32.
 
 - `awq_grouped_kernel` (prefill): expert-contiguous row tiles (the tile map of triton_grouped) x
-  column tiles, tl.dot on the dequantized tile in the activation dtype. By default (PACKED) a tile
-  is dequantized nibble by nibble in packed order, as the GEMV's, and only then joined into column
-  order in registers; the scales multiply the dot's result, not every weight.
+  column tiles, tl.dot on the dequantized tile in the activation dtype. With PACKED (opt-in,
+  DROPLESS_AWQ_GROUPED_PACKED=1, untimed) a tile is dequantized nibble by nibble in packed order,
+  as the GEMV's, and only then joined into column order in registers; the scales multiply the
+  dot's result, not every weight.
 - decode (a few rows) runs the GEMV kernel of triton_gemv_kernels.py, which reads plain or int4
   weights with the same `_dequant_tile`.
 It can fuse SwiGLU (gate and up columns in one pass) and a per-row scale (routing weight).
@@ -78,7 +79,7 @@ def awq_grouped_kernel(
     GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GATHER_UNPACK: tl.constexpr, PACKED: tl.constexpr = True,
+    DOT_PRECISION: tl.constexpr, GATHER_UNPACK: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     m_tile = tl.program_id(0)
     n_tile = tl.program_id(1)
