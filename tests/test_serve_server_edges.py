@@ -236,7 +236,8 @@ BODY = '{"model": "tiny-run", "prompt": "hi", "max_tokens": 4, %s}'   # the last
     ('"echo": "yes"', "echo"), ('"echo": 1', "echo"),
     # OpenAI parameters this server does not implement: refused, not silently ignored
     ('"suffix": "x"', "suffix"),
-    ('"best_of": 2', "best_of"), ('"logit_bias": {"1": 5}', "logit_bias"),
+    ('"best_of": 2', "best_of"), ('"logit_bias": {"1": 500}', "logit_bias"),
+    ('"logit_bias": {"-1": 5}', "logit_bias"), ('"logit_bias": [5]', "logit_bias"),
     ('"presence_penalty": 2.5', "presence_penalty"), ('"presence_penalty": "1"', "presence_penalty"),
     ('"frequency_penalty": -2.01', "frequency_penalty"),
     ('"frequency_penalty": true', "frequency_penalty"),
@@ -267,6 +268,7 @@ def test_a_huge_bad_value_is_named_in_a_short_error(live):
     ('"stream": null, "stream_options": null', 4), ('"max_tokens": null', 16),
     ('"max_tokens": null, "max_completion_tokens": 5', 5), ('"max_completion_tokens": 5', 4),
     ('"presence_penalty": 2, "frequency_penalty": -2', 4), ('"presence_penalty": null', 4),
+    ('"logit_bias": {"1": 5, "2": -100}', 4),
     # the no-op values of what is not implemented, which clients send
     ('"echo": false, "logprobs": null, "suffix": "", "best_of": 1, "logit_bias": {}, '
      '"presence_penalty": 0, "frequency_penalty": 0.0, "user": "u"', 4),

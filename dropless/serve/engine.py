@@ -43,7 +43,7 @@ from dropless.serve.kv_cache import new_kv_cache
 from dropless.serve.prefill import Prefill
 from dropless.serve.readback import LogprobEntry, PinnedPair
 from dropless.serve.request import MAX_TOP_LOGPROBS, Request, SamplingParams, close
-from dropless.serve.sampling import penalized, sample, top_logprobs
+from dropless.serve.sampling import adjusted, sample, top_logprobs
 
 __all__ = ["Engine", "Request", "SamplingParams"]   # Request types re-exported for callers
 log = logging.getLogger("dropless.serve")
@@ -92,7 +92,9 @@ class Engine(Prefill):
         self.top_n = min(MAX_TOP_LOGPROBS, cfg.vocab_size)
         self.logprobs_B = (torch.zeros(B, device=dev), torch.zeros(B, self.top_n, device=dev),
                            torch.zeros(B, self.top_n, dtype=torch.long, device=dev))
-        self.counts_BV = None   # each row's output tokens counted, made for the first penalty
+        # each row's output tokens counted, and its logit_bias: made for the first request that
+        # adjusts its logits (penalties, bias)
+        self.counts_BV = self.bias_BV = None
         self.slots: list[Request | None] = [None] * B
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -126,6 +128,8 @@ class Engine(Prefill):
         if not all(0 <= t < vocab for t in request.prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab}): got "
                              f"{[t for t in request.prompt if not 0 <= t < vocab][:5]}")
+        if bad := [t for t, _ in request.params.logit_bias if t >= vocab]:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {bad[:5]}")
         total = len(request.prompt) + request.params.max_tokens
         if total > self.max_len:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens "
@@ -188,10 +192,11 @@ class Engine(Prefill):
         return self.model.lm_head(self.model.norm(x_BD))
 
     def _decode(self, b: int, greedy: bool, length: int | None = None,
-                logprobs: bool = False, penalties: bool = False) -> None:
+                logprobs: bool = False, adjust: bool = False) -> None:
         """One token for rows [0, b), attending to cache positions [0, length) (the scratch rows
-        at S - 1 get garbage), with `logprobs` their log-probabilities, with `penalties` sampled
-        from the logits less them: reads and advances the static buffers (no host sync)."""
+        at S - 1 get garbage), with `logprobs` their log-probabilities, with `adjust` sampled
+        from the logits plus the rows' biases less their penalties: reads and advances the static
+        buffers (no host sync)."""
         rows = slice(0, b)
         caches = [tuple(t[rows] for t in cache) for cache in self.caches]
         # 1. what every layer shares, once (dropless/serve/decode.py); 2. the blocks
@@ -199,14 +204,14 @@ class Engine(Prefill):
         step = make_step(self.model.cfg, self.positions_B[rows], self.max_len, x_bD.dtype, length)
         x = decode_blocks(self.model, x_bD, caches, step, self.moe_path, self.qkvs).unsqueeze(1)
         logits_bV = self._logits(x[:, -1])
-        scores_bV = penalized(logits_bV, self.counts_BV[rows], self.presence_B[rows],
-                              self.frequency_B[rows]) if penalties else logits_bV
+        scores_bV = adjusted(logits_bV, self.bias_BV[rows], self.counts_BV[rows],
+                             self.presence_B[rows], self.frequency_B[rows]) if adjust else logits_bV
         if greedy:
             next_b = scores_bV.argmax(-1)
         else:
             next_b = sample(scores_bV, self.temperature_B[rows], self.top_k_B[rows],
                             self.top_p_B[rows], self.seeds_B[rows], self.steps_B[rows])
-        if penalties:
+        if adjust:
             self.counts_BV[rows].scatter_add_(1, next_b.unsqueeze(-1), torch.ones_like(
                 self.counts_BV[rows, :1]))
         self.tokens_B[rows].copy_(next_b)
@@ -218,8 +223,8 @@ class Engine(Prefill):
 
     @torch.no_grad()   # callers outside step() (benchmarks) must not record autograd graphs
     def _run_decode(self, b: int, greedy: bool, length: int | None = None,
-                    logprobs: bool = False, penalties: bool = False) -> None:
-        key = (b, greedy, length or self.max_len, logprobs, penalties)
+                    logprobs: bool = False, adjust: bool = False) -> None:
+        key = (b, greedy, length or self.max_len, logprobs, adjust)
         self.graphs.replay(*key) if self.cuda_graphs else self.decode_fn(*key)
 
     @torch.no_grad()
@@ -236,7 +241,7 @@ class Engine(Prefill):
                             type(e).__name__, (str(e).splitlines() or [""])[0])
                 self.compiled, self.hidden_fn = False, self._hidden
         if self.cuda_graphs:
-            # log-probabilities' and penalties' graphs: captured when first asked for (few ask)
+            # log-probabilities' and adjusted logits' graphs: captured when first asked (few ask)
             keys = list(itertools.product(self.buckets, (True, False), self.lengths, (False,),
                                           (False,)))
             for key in tqdm(keys, "decode graphs", disable=not progress, unit="graph"):
@@ -297,8 +302,8 @@ class Engine(Prefill):
         # a row feeds position <= prompt + output + 1 (its first token and last step's unread)
         reach = max(len(self.slots[s].prompt) + len(self.slots[s].output) for s in decoding) + 2
         logprobs = any(self.slots[s].params.logprobs is not None for s in decoding)
-        penalties = any(self.slots[s].params.penalizes for s in decoding)
-        self._run_decode(b, greedy, self._length(reach), logprobs, penalties)
+        adjust = any(self.slots[s].params.adjusts for s in decoding)
+        self._run_decode(b, greedy, self._length(reach), logprobs, adjust)
         host = self.host.copy(self.tokens_B[:b], tuple(t[:b] for t in self.logprobs_B)
                               if logprobs else None)   # the previous step's: still unread
         event = torch.cuda.Event() if self.device.type == "cuda" else None

@@ -6,7 +6,8 @@ a multi-megabyte prompt tokenized there stalled every other client.
 
 import json
 
-from dropless.serve.request import MAX_TOP_LOGPROBS, SamplingParams
+from dropless.serve.request import (LOGIT_BIAS_BOUND, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
+                                    SamplingParams)
 
 # OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
 # any other value is refused, never silently ignored (a reply without the echo or tool call asked
@@ -15,8 +16,9 @@ from dropless.serve.request import MAX_TOP_LOGPROBS, SamplingParams
 # parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change no
 # reply: those three are taken as sent, once their types are checked (check_labels). logprobs and
 # top_logprobs are implemented, and checked per endpoint (logprobs_count); so is echo, a
-# completions field only (echo_flag): a chat is refused it here, as OpenAI's chat has none.
-NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+# completions field only (echo_flag): a chat is refused it here, as OpenAI's chat has none; and
+# logit_bias (logit_bias).
+NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,),
                    "response_format": ({"type": "text"},),
                    "tools": ([],), "tool_choice": ("none", "auto"),
                    "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
@@ -76,8 +78,9 @@ def _number(body: dict, name: str, kind, default, ok, allowed: str):
 
 
 def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
-                    chat: bool, echo: bool = False) -> SamplingParams:
-    """echo: max_tokens may be 0 (the prompt scored only), and logprobs covers the prompt too."""
+                    chat: bool, echo: bool = False, vocab: int | None = None) -> SamplingParams:
+    """echo: max_tokens may be 0 (the prompt scored only), and logprobs covers the prompt too;
+    vocab: the model's, which logit_bias's token ids must be in (None: not checked here)."""
     # either name (max_tokens null or absent: max_completion_tokens), and errors say which
     name = ("max_completion_tokens" if body.get("max_tokens") is None
             and body.get("max_completion_tokens") is not None else "max_tokens")
@@ -102,7 +105,7 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
                             "must be in (0, 1]")),
         top_k=None if top_k in (None, -1) else top_k,
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"),
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body, vocab),
         **{name: float(_number(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2,
                                "must be in [-2, 2]"))
            for name in ("presence_penalty", "frequency_penalty")})
@@ -143,6 +146,31 @@ def logprobs_count(body: dict, chat: bool) -> int | None:
         raise APIError(400, f"top_logprobs={n} is only allowed when logprobs is true",
                        "top_logprobs")
     return (n or 0) if asked else None
+
+
+def logit_bias(body: dict, vocab: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: an object of token ids (as strings, JSON's keys) to biases."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    allowed = (f"must be an object of at most {MAX_LOGIT_BIAS} token ids (strings of digits"
+               f"{f' below {vocab}' if vocab else ''}) to numbers in [-{LOGIT_BIAS_BOUND}, "
+               f"{LOGIT_BIAS_BOUND}]")
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias={shown(value)} is invalid: {allowed}", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        token = (int(key) if isinstance(key, str) and key.isascii() and key.isdigit()
+                 and len(key) <= 12 else None)
+        if (token is None or vocab is not None and token >= vocab or isinstance(bias, bool)
+                or not isinstance(bias, (int, float))
+                or not -LOGIT_BIAS_BOUND <= bias <= LOGIT_BIAS_BOUND):
+            raise APIError(400, f"logit_bias entry {shown(key)}: {shown(bias)} is invalid: "
+                           f"{allowed}", "logit_bias")
+        pairs.append((token, float(bias)))
+    if len({t for t, _ in pairs}) < len(pairs):   # "7" and "007"
+        raise APIError(400, "logit_bias names a token twice (as different strings)", "logit_bias")
+    return tuple(pairs)
 
 
 def echo_flag(body: dict, chat: bool) -> bool:

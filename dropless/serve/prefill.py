@@ -92,15 +92,20 @@ class Prefill:
         idx = self._device(done_slots)
         last = self._device([len(chunks[i]) - 1 for i in done])
         logits = self._logits(x_nTD[self._device(done), last])
-        first = sample(logits, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
+        if any(p.adjusts for p in params) and self.counts_BV is None:
+            self.counts_BV = torch.zeros(self.max_batch, vocab, device=self.device)
+            self.bias_BV = torch.zeros_like(self.counts_BV)
+            self.graphs.state.append(self.counts_BV)   # a step advances it: warm-ups undone
+        if self.bias_BV is not None:   # every row's bias anew: a slot's last request's must go
+            self._set_bias(done_slots, params)
+        # the first token: no output to penalize yet, only the bias
+        scores = logits.float() + self.bias_BV[idx] if any(p.logit_bias for p in params) else logits
+        first = sample(scores, self.temperature_B[idx], self.top_k_B[idx], self.top_p_B[idx],
                        self.seeds_B[idx], self.steps_B[idx])
         # into the decode inputs; the host reads them with this step's decoded tokens (no sync)
         self._set_rows(done_slots, tokens=first, steps=[1] * len(done),
                        positions=[len(requests[i].prompt) for i in done])
         if any(p.penalizes for p in params):   # the rows' counts start at their first tokens
-            if self.counts_BV is None:   # state a step advances: a capture's warm-ups undone
-                self.counts_BV = torch.zeros(self.max_batch, vocab, device=self.device)
-                self.graphs.state.append(self.counts_BV)
             # device values only: index_put_ copies a Python number's CPU tensor to the device
             # blocking (a sync, found by a GPU test), and one_hot checks the ids' range (another)
             self.counts_BV.index_fill_(0, idx, 0)
@@ -109,6 +114,15 @@ class Prefill:
             p.logprobs is not None for p in params) else None
         self.firsts.append((HostCopy.of(first, lp, pin=self.pin),
                             [(s, requests[i]) for s, i in zip(done_slots, done)]))
+
+    def _set_bias(self, slots: list[int], params: list) -> None:
+        """The rows' logit_bias into bias_BV (zeros for a request without), device values only."""
+        self.bias_BV.index_fill_(0, self._device(slots), 0)
+        pairs = [(s, t, v) for s, p in zip(slots, params) for t, v in p.logit_bias]
+        if pairs:
+            rows, tokens, values = zip(*pairs)
+            self.bias_BV.index_put_((self._device(list(rows)), self._device(list(tokens))),
+                                    self._device(list(values), torch.float32))
 
     def _prompt_logprobs(self, request: Request, x_TD: torch.Tensor) -> None:
         """Append to request.prompt_logprobs the entries of the prompt tokens this chunk's

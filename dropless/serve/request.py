@@ -10,6 +10,8 @@ from typing import Callable
 
 # The most alternatives a token's logprobs may list (OpenAI's bound on top_logprobs)
 MAX_TOP_LOGPROBS = 20
+# The most tokens one request's logit_bias may name (ours), and the bound on a bias (OpenAI's)
+MAX_LOGIT_BIAS, LOGIT_BIAS_BOUND = 1024, 100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +32,9 @@ class SamplingParams:
     # predicts) and the n most likely at its position, computed by the prefill (a host sync a
     # chunk, for the requests that ask). With it, max_tokens may be 0: the prompt scored only
     prompt_logprobs: int | None = None
+    # OpenAI's logit_bias: (token id, bias) pairs, each id once, added to the logits before the
+    # penalties and sampling (log-probabilities stay the model's); -100 bans a token, 100 forces it
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -49,10 +54,25 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be in [-2, 2]")
+        ids = [t for t, _ in self.logit_bias]
+        if len(ids) > MAX_LOGIT_BIAS or len(set(ids)) < len(ids):
+            raise ValueError(f"logit_bias names {len(ids)} tokens ({len(set(ids))} distinct): "
+                             f"allowed are at most {MAX_LOGIT_BIAS}, each once")
+        for token, bias in self.logit_bias:
+            if not (isinstance(token, int) and token >= 0
+                    and -LOGIT_BIAS_BOUND <= bias <= LOGIT_BIAS_BOUND):
+                raise ValueError(f"logit_bias entry ({token!r}, {bias!r}) is invalid: a token id "
+                                 f">= 0 and a bias in [-{LOGIT_BIAS_BOUND}, {LOGIT_BIAS_BOUND}]")
 
     @property
     def penalizes(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def adjusts(self) -> bool:
+        """Sampled from adjusted logits (penalties or a bias): the decode step's graphs of their
+        own, with the rows' counts and biases."""
+        return self.penalizes or bool(self.logit_bias)
 
 
 class Request:

@@ -66,9 +66,10 @@ def top_logprobs(logits_BV: torch.Tensor, chosen_B: torch.Tensor, n: int
     return logp_BV.gather(1, chosen_B.unsqueeze(-1)).squeeze(-1), top_Bn, ids_Bn
 
 
-def penalized(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence_B: torch.Tensor,
-              frequency_B: torch.Tensor) -> torch.Tensor:
-    """float32 logits less OpenAI's penalties: presence once a token is in the output, frequency
-    times how often (counts_BV: each row's output tokens counted)."""
-    return (logits_BV.float() - frequency_B.unsqueeze(-1) * counts_BV
+def adjusted(logits_BV: torch.Tensor, bias_BV: torch.Tensor, counts_BV: torch.Tensor,
+             presence_B: torch.Tensor, frequency_B: torch.Tensor) -> torch.Tensor:
+    """float32 logits plus each row's logit_bias (bias_BV), less OpenAI's penalties: presence
+    once a token is in the output, frequency times how often (counts_BV: each row's output tokens
+    counted)."""
+    return (logits_BV.float() + bias_BV - frequency_B.unsqueeze(-1) * counts_BV
             - presence_B.unsqueeze(-1) * (counts_BV > 0).float())

@@ -221,7 +221,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         echo = echo_flag(body, chat)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
         params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat,
-                                 echo)
+                                 echo, served.model.cfg.vocab_size)
         n = choices_count(body, engine.max_batch)
         if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
