@@ -235,7 +235,10 @@ def test_echo_is_the_prompt_then_the_completion(live, fields):
 @pytest.mark.parametrize("logprobs", [None, 2])
 def test_max_tokens_0_streamed(live, logprobs):
     body = {**LM_EVAL, "logprobs": logprobs, "stream_options": {"include_usage": True}}
+    before = len(live.requests)
     chunks = sse(live.port, COMPLETION, body)
+    # without logprobs there is nothing to compute: the reply is the echo, no engine request
+    assert len(live.requests) == before + (logprobs is not None)
     first, last, totals = chunks[0]["choices"][0], chunks[1]["choices"][0], chunks[2]
     assert len(chunks) == 3 and first["text"] == TEXT and last["finish_reason"] == "length"
     assert totals["usage"]["completion_tokens"] == 0

@@ -94,8 +94,8 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
                        name, code="context_length_exceeded")
     top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
     logprobs = logprobs_count(body, chat)
-    # the engine finishes a request of max_tokens 0 only once it has scored the prompt: one
-    # without logprobs asks for the fewest (its entries are not sent)
+    # max_tokens 0 is valid with prompt_logprobs only; without logprobs the server replies with
+    # the echo alone, never submitting the request (server.start)
     prompt_logprobs = (0 if max_tokens == 0 and logprobs is None else logprobs) if echo else None
     return SamplingParams(
         max_tokens=max_tokens,

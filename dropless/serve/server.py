@@ -29,7 +29,7 @@ from dropless.serve.fields import (APIError, chat_messages, check_implemented, c
                                    check_prompt_size, choices_count, echo_flag, max_body_bytes,
                                    max_prompt_chars, read_body, sampling_params, shown, ignore_eos,
                                    stop_strings, stream_flags)
-from dropless.serve.request import Request, SamplingParams
+from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, prompt_entries, prompt_offsets,
                                  token_pieces)
@@ -192,9 +192,12 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
             seeded = params if params.seed is None else dataclasses.replace(
                 params, seed=params.seed + choice)
-            return engine.submit(Request(prompt_ids, seeded, on_token=on_token,
-                                         eos_ids=served.eos_ids if eos else (),
-                                         on_finish=on_finish))
+            request = Request(prompt_ids, seeded, on_token=on_token,
+                              eos_ids=served.eos_ids if eos else (), on_finish=on_finish)
+            if params.max_tokens == 0 and not logprobs:   # the echo alone: nothing to compute
+                close(request, "length")
+                return request
+            return engine.submit(request)
 
         check_room(n)   # again: others were submitted while this one was tokenized
         return [submit(i) for i in range(n)], queue
