@@ -34,8 +34,9 @@ GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
 # times them
 # DROPLESS_AWQ_GROUPED_PACKED=1 (with "nibble"): the grouped kernel dequantizes its tiles in packed
-# order, joins them into columns and scales the dot's result (round 25); opt-in until it is timed
-# on a GPU (compiled for sm_90 and tested under the interpreter only)
+# order, joins them into columns and scales the dot's result (round 25). Opt-in: at 64 tokens on
+# an H100 (round 26) it took the Qwen3-30B-A3B shape's experts from 0.420 to 0.393 ms and Mixtral's
+# from 1.015 to 1.127 ms, on round 21's tiles (tuned for the default)
 GROUPED_PACKED_ENV = "DROPLESS_AWQ_GROUPED_PACKED"
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
