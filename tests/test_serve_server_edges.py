@@ -300,8 +300,9 @@ def test_content_type_methods_and_a_missing_model(live):
     assert refused(live, "/v1/completions", {"prompt": "a"}, "model", 404)
 
 
-@pytest.mark.parametrize("prompt", [[[1, 2]], ["a", "b"], [], "", [True], [1.5], [-1], [256],
-                                    None, 5, {"text": "a"}])
+@pytest.mark.parametrize("prompt", [[["a"]], ["a", [1]], [[1], "a"], [[1], [2.0]], [[]], [],
+                                    "", [True], [1.5], [-1], [256], [[1], [256]], None, 5,
+                                    {"text": "a"}, ["a"] * 129])
 def test_bad_prompts(live, prompt):
     refused(live, "/v1/completions", {"model": MODEL, "prompt": prompt}, "prompt")
 

@@ -75,7 +75,8 @@ async def texts_of(queue, n: int) -> list[tuple[str, list]]:
     return [("".join(t), e) for t, e in zip(texts, entries)]
 
 
-def usage(requests: list[Request]) -> dict:
-    """The prompt once (the choices share it), and every choice's output."""
-    n, m = len(requests[0].prompt), sum(len(r.output) for r in requests)
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+def usage(requests: list[Request], n: int) -> dict:
+    """Each prompt once (its n choices, side by side in `requests`, share it), and every choice's
+    output."""
+    p, m = sum(len(r.prompt) for r in requests[::n]), sum(len(r.output) for r in requests)
+    return {"prompt_tokens": p, "completion_tokens": m, "total_tokens": p + m}

@@ -125,6 +125,26 @@ def choices_count(body: dict, max_batch: int) -> int:
                    f"{max_batch} slots; OpenAI's bound is {MAX_CHOICES})")
 
 
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """A completion's prompts, in OpenAI's four forms: a string, a list of strings, a list of
+    token ids, a list of lists of token ids; at most MAX_CHOICES of them (each its n choices)."""
+    prompt = body.get("prompt")
+
+    def ids(p) -> bool:
+        return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           for t in p)
+    if isinstance(prompt, str) or ids(prompt):   # [] too: "the prompt is empty"
+        return [prompt]
+    if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt)
+                                     or all(ids(p) for p in prompt)):
+        if len(prompt) > MAX_CHOICES:
+            raise APIError(400, f"prompt is a list of {len(prompt)} prompts: at most "
+                           f"{MAX_CHOICES}", "prompt")
+        return prompt
+    raise APIError(400, "prompt is invalid: a string, a list of strings, a list of token ids or "
+                   "a list of lists of token ids", "prompt")
+
+
 def logprobs_count(body: dict, chat: bool) -> int | None:
     """SamplingParams.logprobs: None for no log-probabilities, else how many of the most likely
     tokens each output token's lists. A chat asks with logprobs (a boolean) and top_logprobs (an

@@ -2,7 +2,8 @@
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
 POST /v1/chat/completions. One engine thread steps the continuous batch; each choice of an HTTP
-request (OpenAI's n) is an engine Request on the same prompt ids, whose tokens come back to the
+request (OpenAI's n, for each of a completion's prompts) is an engine Request on its prompt's ids,
+whose tokens come back to the
 event loop through the HTTP request's asyncio queue (their text, and with logprobs asked, their
 log-probabilities, shaped on the event loop). Prompts are rendered and tokenized in worker threads,
 not on the event loop. A completion's echo puts the prompt's text (and with logprobs, the entries
@@ -26,9 +27,9 @@ from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.deltas import Outbox, deltas, disconnected, texts_of, usage
 from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
-                                   check_prompt_size, choices_count, echo_flag, max_body_bytes,
-                                   max_prompt_chars, read_body, sampling_params, shown, ignore_eos,
-                                   stop_strings, stream_flags)
+                                   check_prompt_size, choices_count, completion_prompts,
+                                   echo_flag, max_body_bytes, max_prompt_chars, read_body,
+                                   sampling_params, shown, ignore_eos, stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, prompt_entries, prompt_offsets,
@@ -149,20 +150,21 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     post = Outbox().post   # deltas from the engine thread to the event loop
 
     def start(prompt_ids: list[int], params: SamplingParams, stop: list[str], eos: bool,
-              n: int, echo: tuple[str, list[int]] | None = None
-              ) -> tuple[list[Request], asyncio.Queue]:
-        """Submit n choices to the engine; returns (their engine requests, one asyncio queue of
-        their deltas (choice, text, entries), each choice's last (choice, None, ())). With
+              n: int, queue: asyncio.Queue, first: int = 0,
+              echo: tuple[str, list[int]] | None = None) -> list[Request]:
+        """Submit n choices to the engine, numbered from `first`; returns their engine requests,
+        whose deltas (choice, text, entries), each choice's last (choice, None, ()), go to
+        `queue`. With
         params.logprobs set, every token pushed but an EOS (it has no text) has an entry
         (text.Entry). eos False: an EOS does not end a choice (its text is still left out). With
         params.seed, choice i samples with seed + i: the choices differ and the request is
         reproducible (without, each has a random seed of its own). echo: (the prompt's text, its
         tokens' offsets): each choice's first delta is that text, with logprobs its entries (after
         the prefill, which computes them), and the generated tokens' offsets follow it."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
         logprobs = params.logprobs is not None
 
-        def submit(choice: int) -> Request:
+        def submit(choice: int) -> Request:   # choice: the reply's index
             text = TextStream(served.tokenizer, stop, served.eos_ids)
             head, base = [echo] if echo else [], len(echo[0]) if echo else 0
 
@@ -191,7 +193,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                 post(loop, queue, (choice, None, ()))
 
             seeded = params if params.seed is None else dataclasses.replace(
-                params, seed=params.seed + choice)
+                params, seed=params.seed + choice - first)
             request = Request(prompt_ids, seeded, on_token=on_token,
                               eos_ids=served.eos_ids if eos else (), on_finish=on_finish)
             if params.max_tokens == 0 and not logprobs:   # the echo alone: nothing to compute
@@ -199,12 +201,9 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                 return request
             return engine.submit(request)
 
-        check_room(n)   # again: others were submitted while this one was tokenized
-        return [submit(i) for i in range(n)], queue
+        return [submit(first + i) for i in range(n)]
 
-    async def respond(http_request, body: dict, prompt: str | list[int], chat: bool):
-        where = "messages" if chat else "prompt"
-        text = prompt   # echoed as sent (a string) or decoded (token ids)
+    async def encoded(prompt: str | list[int], where: str, chat: bool) -> list[int]:
         if isinstance(prompt, str):
             check_prompt_size(prompt, where, engine.max_len)   # before the tokenizer's work
             try:   # JSON may spell a lone surrogate ("\ud800"): no UTF-8, no tokenizer takes it
@@ -218,25 +217,38 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             prompt = (await asyncio.to_thread(served.tokenizer.encode, prompt, special)).tolist()
         if not prompt:
             raise APIError(400, "the prompt is empty", where)
-        default_max = engine.max_len - len(prompt) if chat else 16
+        return prompt
+
+    async def respond(http_request, body: dict, prompts: list[str | list[int]], chat: bool):
+        """prompts: a chat's one, or a completion's (each prompt's n choices after the last's)."""
+        where, vocab = "messages" if chat else "prompt", served.model.cfg.vocab_size
+        ids = [await encoded(prompt, where, chat) for prompt in prompts]
         check_implemented(body, chat)
         check_labels(body)
         echo = echo_flag(body, chat)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
-        params = sampling_params(body, len(prompt), engine.max_len, max(default_max, 1), chat,
-                                 echo, served.model.cfg.vocab_size)
+        params = [sampling_params(body, len(p), engine.max_len, max(
+            engine.max_len - len(p) if chat else 16, 1), chat, echo, vocab) for p in ids]
         n = choices_count(body, engine.max_batch)
-        if any(not 0 <= t < served.model.cfg.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {served.model.cfg.vocab_size})",
-                           "prompt")
+        if any(not 0 <= t < vocab for p in ids for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
         stop, (stream, include_usage) = stop_strings(body), stream_flags(body)
-        if echo:   # a long prompt's decode: off the event loop
+        echoes = [None] * len(ids)
+        for j, (text, p) in enumerate(zip(prompts, ids) if echo else ()):
+            # echoed as sent (a string) or decoded (token ids); a long prompt's: off the loop
             if not isinstance(text, str):
-                text = await asyncio.to_thread(served.tokenizer.decode, prompt)
-            offsets = [] if params.logprobs is None else await asyncio.to_thread(
-                prompt_offsets, served.tokenizer, prompt)
-        requests, queue = start(prompt, params, stop, not ignore_eos(body), n,
-                                (text, offsets) if echo else None)
+                text = await asyncio.to_thread(served.tokenizer.decode, p)
+            echoes[j] = (text, [] if params[j].logprobs is None else await asyncio.to_thread(
+                prompt_offsets, served.tokenizer, p))
+        total = len(ids) * n
+        if total > max_queue + engine.max_batch:   # would wait for room forever
+            raise APIError(400, f"{len(ids)} prompts x n={n} = {total} choices: more than this "
+                           f"server takes at once ({max_queue + engine.max_batch})", "prompt")
+        check_room(total)   # again: others were submitted while these were tokenized
+        queue, eos = asyncio.Queue(), not ignore_eos(body)
+        requests = [r for j, p in enumerate(ids)
+                    for r in start(p, params[j], stop, eos, n, queue, j * n, echoes[j])]
+        params = params[0]   # all but max_tokens' default and the context check are the same
         # the client leaving, at any point, cancels its requests (a no-op once they finished):
         # their slots would go on generating for nobody, up to the whole context. Not only the
         # stream's `finally`: Starlette cancels a stream whose client left before its first chunk
@@ -275,7 +287,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             return "stop" if request.finish_reason == "stop" else "length"
 
         if not stream:
-            reply = asyncio.ensure_future(texts_of(queue, n))
+            reply = asyncio.ensure_future(texts_of(queue, total))
             try:
                 await asyncio.wait((reply, left), return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -284,7 +296,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             return {**base, "object": kind, "choices": [
                 choice(i, text, finish_reason(request), logprobs=shaped(entries))
                 for i, (request, (text, entries)) in enumerate(zip(requests, replies))],
-                "usage": usage(requests)}
+                "usage": usage(requests, n)}
 
         async def events():
             chunk = {**base, "object": kind + ".chunk" if chat else kind}
@@ -294,7 +306,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             # serialised once a choice, each text spliced in (head, middle, tail; a whole chunk's
             # json.dumps costs ~10x its text's, per token)
             templates = []
-            for i in range(n):
+            for i in range(total):
                 head, tail = json.dumps({**chunk, "choices": [
                     choice(i, MARK, None, logprobs=LOGPROBS_MARK)]}).split(json.dumps(MARK))
                 templates.append((head, *tail.split(json.dumps(LOGPROBS_MARK))))
@@ -304,7 +316,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                         role = {**chunk, "choices": [choice(i, "", None, True)]}
                         yield f"data: {json.dumps(role)}\n\n"
                 # the choices' chunks interleave as they come, each ended by its finish_reason's
-                async for i, text, entries, done in deltas(queue, n):
+                async for i, text, entries, done in deltas(queue, total):
                     if text or entries:
                         head, middle, tail = templates[i]
                         logprobs = json.dumps(shaped(entries))
@@ -317,7 +329,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                             return
                         yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
                 if include_usage:
-                    totals = {**chunk, "choices": [], "usage": usage(requests)}
+                    totals = {**chunk, "choices": [], "usage": usage(requests, n)}
                     yield f"data: {json.dumps(totals)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -327,15 +339,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     @app.post("/v1/completions")
     async def completions(http_request: HTTPRequest):
         body = await parse(http_request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        ok_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                  for t in prompt)
-        if not isinstance(prompt, str) and not ok_ids:
-            raise APIError(400, "prompt is invalid: a string, a list of one string, or a list of "
-                           "token ids", "prompt")
-        return await respond(http_request, body, prompt, chat=False)
+        return await respond(http_request, body, completion_prompts(body), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
@@ -351,7 +355,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             # megabyte or a lone surrogate (no UTF-8: the error reply itself failed, a 500)
             raise APIError(400, f"the chat template failed on these messages: {shown(str(e))}",
                            "messages") from None
-        return await respond(http_request, body, prompt, chat=True)
+        return await respond(http_request, body, [prompt], chat=True)
 
     return app
 
