@@ -152,6 +152,8 @@ def _serve(args) -> int:
     _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
+    _require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
+             "(hidden)", "must be a non-empty string without surrounding spaces")
     check_listen(args.host, args.port)
     served = load_served_model(args.model_dir, resolve_device(args.device))
     compile_prefill = args.compile_prefill if args.compile_prefill is not None else (
@@ -168,7 +170,10 @@ def _serve(args) -> int:
     max_queue = args.max_queue or QUEUE_PER_SLOT * args.max_batch
     print(f"serving {served.name!r} on http://{args.host}:{args.port}/v1 (max batch "
           f"{args.max_batch}, max queue {max_queue}, context {engine.max_len})", file=sys.stderr)
-    serve(served, engine, args.host, args.port, max_queue)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} without --api-key: whoever reaches the port uses the "
+              "model", file=sys.stderr)
+    serve(served, engine, args.host, args.port, max_queue, args.api_key)
     return 0
 
 

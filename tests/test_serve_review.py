@@ -39,7 +39,8 @@ def test_serve_checks_an_ipv6_host_as_uvicorn_binds_it(capsys, monkeypatch, run_
     (which uvicorn serves) was refused with "Address family for hostname not supported"."""
     import dropless.serve.server as server
 
-    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue: print(f"up {host}"))
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key:
+                        print(f"up {host}"))
     with socket.create_server(("::1", 0), family=socket.AF_INET6) as busy:
         port = busy.getsockname()[1]
         _fails(capsys, ["serve", str(run_dir), "--host", "::1", "--port", str(port)],

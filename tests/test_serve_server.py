@@ -471,8 +471,12 @@ class CliServer:
 
 
 def test_cli_serve_and_sigterm_drains(run_dir):
-    server = CliServer(run_dir, "--device", "cpu", "--max-batch", "2")
+    """With --api-key (the key the clients send): a client without it is refused."""
+    server = CliServer(run_dir, "--device", "cpu", "--max-batch", "2", "--api-key", "x")
     try:
+        stranger = openai.OpenAI(base_url=server.client.base_url, api_key="y", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
         server.stop_and_check()
     finally:
         server.kill()
@@ -555,7 +559,8 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
             self.captured = progress
 
     engine, seen = FakeEngine(), {}
-    monkeypatch.setattr(server_module, "create_app", lambda served, engine, max_queue: None)
+    monkeypatch.setattr(server_module, "create_app",
+                        lambda served, engine, max_queue, api_key: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
         interval=sys.getswitchinterval(), captured=engine.captured, **kw))
     before = sys.getswitchinterval()

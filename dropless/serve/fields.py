@@ -4,6 +4,7 @@ checked before its body is parsed or its prompt tokenized. The event loop parses
 a multi-megabyte prompt tokenized there stalled every other client.
 """
 
+import hmac
 import json
 
 from dropless.serve.request import (LOGIT_BIAS_BOUND, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
@@ -305,6 +306,15 @@ def check_prompt_size(prompt: str | None, where: str, max_len: int) -> None:
         raise APIError(400, f"{where} is too long: {size} characters, and this server takes "
                        f"at most {limit} ({CHARS_PER_TOKEN} a token of its {max_len}-token "
                        "context)", where, code="context_length_exceeded")
+
+
+def check_api_key(authorization: str | None, key: str) -> None:
+    """A 401 unless the Authorization header is "Bearer <key>" (compared in constant time)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "missing or incorrect API key: send the header 'Authorization: "
+                       "Bearer <key>' with the key the server was started with",
+                       code="invalid_api_key")
 
 
 async def read_body(http_request, limit: int) -> bytes:

@@ -1,15 +1,14 @@
 """`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. One engine thread steps the continuous batch; each choice of an HTTP
-request (OpenAI's n, for each of a completion's prompts) is an engine Request on its prompt's ids,
-whose tokens come back to the
-event loop through the HTTP request's asyncio queue (their text, and with logprobs asked, their
-log-probabilities, shaped on the event loop). Prompts are rendered and tokenized in worker threads,
-not on the event loop. A completion's echo puts the prompt's text (and with logprobs, the entries
-the engine's prefill computed for it) before each choice's first delta. At most `max_queue` engine
-requests wait for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
-{"error": {"message", "type", "param", "code"}}.
+POST /v1/chat/completions (all but /health behind the API key, when one is set). One engine thread
+steps the continuous batch; each choice of an HTTP request (OpenAI's n, for each of a completion's
+prompts) is an engine Request on its prompt's ids, whose tokens come back to the event loop
+through the HTTP request's asyncio queue (their text, and with logprobs, their log-probabilities,
+shaped on the event loop). Prompts are rendered and tokenized in worker threads. A completion's
+echo puts the prompt's text (with logprobs, the entries the prefill computed for it) before each
+choice's first delta. At most `max_queue` engine requests wait for a slot; past them a request is
+refused with a 429. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 import asyncio
@@ -26,10 +25,11 @@ from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.deltas import Outbox, deltas, disconnected, texts_of, usage
-from dropless.serve.fields import (APIError, chat_messages, check_implemented, check_labels,
-                                   check_prompt_size, choices_count, completion_prompts,
-                                   echo_flag, max_body_bytes, max_prompt_chars, read_body,
-                                   sampling_params, shown, ignore_eos, stop_strings, stream_flags)
+from dropless.serve.fields import (APIError, chat_messages, check_api_key, check_implemented,
+                                   check_labels, check_prompt_size, choices_count,
+                                   completion_prompts, echo_flag, ignore_eos, max_body_bytes,
+                                   max_prompt_chars, read_body, sampling_params, shown,
+                                   stop_strings, stream_flags)
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, prompt_entries, prompt_offsets,
@@ -47,8 +47,10 @@ QUEUE_PER_SLOT = 8
 RETRY_AFTER_S = 1
 
 
-def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None):
-    from fastapi import FastAPI, Request as HTTPRequest
+def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None,
+               api_key: str | None = None):
+    """api_key: every endpoint but /health asks for it (a bearer token), as OpenAI's."""
+    from fastapi import Depends, FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -73,7 +75,11 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         print("engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(engine.stats.items())),
               file=sys.stderr, flush=True)
 
-    app = FastAPI(title="dropless", lifespan=lifespan)
+    async def authorized(http_request: HTTPRequest):   # before a body is read
+        if api_key is not None and http_request.url.path != "/health":
+            check_api_key(http_request.headers.get("authorization"), api_key)
+
+    app = FastAPI(title="dropless", lifespan=lifespan, dependencies=[Depends(authorized)])
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -377,7 +383,7 @@ def check_listen(host: str, port: int) -> None:
 
 
 def serve(served: ServedModel, engine: Engine, host: str, port: int,
-          max_queue: int | None = None) -> None:
+          max_queue: int | None = None, api_key: str | None = None) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
     (streams included) and the lifespan stops the engine thread and prints its counters."""
     import uvicorn
@@ -390,4 +396,5 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int,
         print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
         engine.warm_up(progress=True)
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(served, engine, max_queue), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(served, engine, max_queue, api_key), host=host, port=port,
+                log_level="info")
