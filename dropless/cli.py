@@ -89,7 +89,9 @@ def _generate(args) -> int:
     from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
     from dropless.ops.device import check_switches
+    from dropless.serve.chat_template import render_chat
     from dropless.serve.moe_decode import kmajor_experts
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, chat_metadata
 
     check_switches()   # before a model is loaded, not after
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
@@ -102,7 +104,18 @@ def _generate(args) -> int:
     _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
     model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
     kmajor_experts(model)   # the decode GEMVs' layout (on CUDA)
-    ids = [tok.encode(p).tolist() for p in prompts]
+    eos_ids, template, special = chat_metadata(args.run_dir, model.cfg.vocab_size, tok)
+    eos = () if args.ignore_eos else eos_ids
+    if args.chat:   # each prompt a user's message; the reply alone is printed
+        try:
+            texts = [render_chat(template, [{"role": "user", "content": p}], special)
+                     for p in prompts]
+        except ValueError as e:   # the template raised or ran past its bounds
+            raise DroplessError(f"{args.run_dir}: the chat template failed: {e}") from None
+        # a model's template spells its own BOS (as the server encodes it)
+        ids = [tok.encode(t, template == DEFAULT_CHAT_TEMPLATE).tolist() for t in texts]
+    else:
+        ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):
         raise DroplessError("--prompt must not be empty")
     longest = max(map(len, ids)) + args.max_new_tokens
@@ -110,23 +123,25 @@ def _generate(args) -> int:
              f"+ it = {longest} tokens exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     # one prompt streams; multi-byte characters may span tokens: decode incrementally
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    streaming = len(prompts) == 1
+    streaming, shown = len(prompts) == 1, [""] * len(prompts) if args.chat else prompts
     if streaming:
-        print(prompts[0], end="", flush=True)
+        print(shown[0], end="", flush=True)
 
     def on_token(row: int, token: int) -> None:
-        print(decoder.decode(tok.token_bytes(token)), end="", flush=True)
+        if token not in eos:   # an EOS ends the row and has no text
+            print(decoder.decode(tok.token_bytes(token)), end="", flush=True)
 
     start = time.perf_counter()
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos or None,
                     on_token=on_token if streaming else None, compile=args.compile)
     elapsed = time.perf_counter() - start
     if streaming:
         print(decoder.decode(b"", final=True))
     else:
-        for i, (prompt, out) in enumerate(zip(prompts, outs)):
-            print(f"--- [{i}] ---\n{prompt}{tok.decode(out, continuation=True)}")
+        for i, (prompt, out) in enumerate(zip(shown, outs)):
+            text = tok.decode([t for t in out if t not in eos], continuation=True)
+            print(f"--- [{i}] ---\n{prompt}{text}")
     num_new = sum(map(len, outs))
     print(f"{num_new} tokens in {elapsed:.2f} s ({num_new / elapsed:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user's message in the model's chat template (its "
+                          "tokenizer_config.json's, else a plain 'role: text' one); the reply "
+                          "alone is printed")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="generate past the model's EOS (default: a row stops there)")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
     srv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR")

@@ -5,7 +5,7 @@ Legend: B batch, T longest prompt.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -14,11 +14,11 @@ from dropless.model import Transformer
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, eos_id: int | None = None,
+             seed: int | None = None, eos_id: int | Sequence[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
              compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
-    stops after its `eos_id`, which it keeps). Runs on the inference engine (dropless.serve): each
+    stops after its `eos_id`, or any of them given several, which it keeps). Runs on the inference engine (dropless.serve): each
     prompt is a request in its own cache slot; row b samples with seed `seed + b`. `compile`:
     torch.compile the engine's decode step."""
     from dropless.serve.request import Request, SamplingParams
@@ -43,7 +43,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=None if seed is None else seed + b)
             callback = None if on_token is None else (lambda _, tok, b=b: on_token(b, tok))
-            eos = () if eos_id is None else (eos_id,)
+            eos = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else eos_id
             requests.append(engine.submit(Request(prompt, params, eos_ids=eos, on_token=callback)))
         engine.run_until_done()
     except BaseException:

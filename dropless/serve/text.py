@@ -67,9 +67,8 @@ def _chat_template(value, where: str) -> str:
 
 
 def load_served_model(path: str, device: torch.device) -> ServedModel:
-    """A `dropless train` run directory or a Hugging Face model directory. EOS ids come from
-    generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
-    config's eos_token; the chat template from tokenizer_config.json's `chat_template`."""
+    """A `dropless train` run directory or a Hugging Face model directory, with what
+    `chat_metadata` reads."""
     from dropless.checkpoint import load_model_dir
     from dropless.serve.moe_decode import kmajor_experts
 
@@ -77,9 +76,19 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     if not root.is_dir():
         raise DroplessError(f"{path}: no such directory")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hf_config = _read_json(root / "config.json")
     model, tokenizer = load_model_dir(root, device, dtype)
     kmajor_experts(model)   # the decode GEMVs' layout: served weights are never trained
+    eos_ids, template, special = chat_metadata(root, model.cfg.vocab_size, tokenizer)
+    return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
+
+
+def chat_metadata(root: Path, vocab_size: int, tokenizer) -> tuple[tuple[int, ...], str, dict]:
+    """(EOS ids, chat template, special tokens) of a model directory. EOS ids come from
+    generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
+    config's eos_token; the chat template from tokenizer_config.json's `chat_template` (else
+    DEFAULT_CHAT_TEMPLATE); the special tokens (bos_token, eos_token) from the tokenizer config."""
+    root = Path(root)
+    hf_config = _read_json(root / "config.json")
     tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
     tok_config = _read_json(tok_path)
     special = {k: _token_text(tok_config.get(k), f"{tok_path}: {k}")
@@ -89,9 +98,9 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     eos = gen_config.get("eos_token_id", hf_config.get("eos_token_id"))
     if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
         eos, where = tokenizer.tok.token_to_id(special["eos_token"]), f"{tok_path}: eos_token"
-    eos_ids = _eos_ids(eos, model.cfg.vocab_size, str(where))
+    eos_ids = _eos_ids(eos, vocab_size, str(where))
     template = _chat_template(tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, tok_path)
-    return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
+    return eos_ids, template, special
 
 
 def _advance(stop: str, fails: list[int], k: int, char: str) -> int:
