@@ -18,9 +18,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              on_token: Callable[[int, int], None] | None = None,
              compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens (a row
-    stops after its `eos_id`, or any of them given several, which it keeps). Runs on the inference engine (dropless.serve): each
-    prompt is a request in its own cache slot; row b samples with seed `seed + b`. `compile`:
-    torch.compile the engine's decode step."""
+    stops after its `eos_id`, or any of them given several, which it keeps). Runs on the
+    inference engine (dropless.serve): each prompt is a request in its own cache slot; row b
+    samples with seed `seed + b`. `compile`: torch.compile the engine's decode step."""
     from dropless.serve.request import Request, SamplingParams
 
     if max_new_tokens < 0:
