@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the prompt forward once at start (default: on CUDA; an "
                           "eager one holds every running request for tens of ms)")
     srv.add_argument("--api-key", default=os.environ.get("DROPLESS_API_KEY"),
-                     help="every endpoint but /health asks for 'Authorization: Bearer KEY' "
-                          "(default: $DROPLESS_API_KEY, which other users cannot read in ps)")
+                     help="every endpoint but /health and /metrics asks for 'Authorization: "
+                          "Bearer KEY' (default: $DROPLESS_API_KEY, which other users cannot "
+                          "read in ps)")
     srv.add_argument("--admit-delay-ms", type=float, default=2.0,
                      help="hold a new request up to this long so that requests arriving together "
                           "prefill as one batch (default 2)")

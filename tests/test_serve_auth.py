@@ -43,6 +43,8 @@ def test_without_the_key_401(guarded, headers):
         assert reply["error"]["code"] == "invalid_api_key" and reply["error"]["type"] == (
             "invalid_request_error") and "Authorization: Bearer <key>" in reply["error"]["message"]
     assert call(guarded.port, "/health", headers)[0] == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{guarded.port}/metrics") as r:   # open too
+        assert r.status == 200
 
 
 def test_with_the_key(guarded):

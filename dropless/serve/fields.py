@@ -308,6 +308,28 @@ def check_prompt_size(prompt: str | None, where: str, max_len: int) -> None:
                        "context)", where, code="context_length_exceeded")
 
 
+def install_error_handlers(app) -> None:
+    """Every error in OpenAI's shape: an APIError as raised, Starlette's own (404, 405) and any
+    other exception (a 500 naming it)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                     type="server_error").body(), status_code=500)
+
+
 def check_api_key(authorization: str | None, key: str) -> None:
     """A 401 unless the Authorization header is "Bearer <key>" (compared in constant time)."""
     scheme, _, given = (authorization or "").partition(" ")

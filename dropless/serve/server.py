@@ -1,14 +1,15 @@
 """`dropless serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine.
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions (all but /health behind the API key, when one is set). One engine thread
-steps the continuous batch; each choice of an HTTP request (OpenAI's n, for each of a completion's
-prompts) is an engine Request on its prompt's ids, whose tokens come back to the event loop
-through the HTTP request's asyncio queue (their text, and with logprobs, their log-probabilities,
-shaped on the event loop). Prompts are rendered and tokenized in worker threads. A completion's
-echo puts the prompt's text (with logprobs, the entries the prefill computed for it) before each
-choice's first delta. At most `max_queue` engine requests wait for a slot; past them a request is
-refused with a 429. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+POST /v1/chat/completions, GET /metrics (all but /health and /metrics behind the API key, when
+one is set). One engine thread steps the continuous batch; each choice of an HTTP request
+(OpenAI's n, for each of a completion's prompts) is an engine Request on its prompt's ids, whose
+tokens come back to the event loop through the HTTP request's asyncio queue (their text, and with
+logprobs, their log-probabilities, shaped on the event loop). Prompts are rendered and tokenized
+in worker threads. A completion's echo puts the prompt's text (with logprobs, the entries the
+prefill computed for it) before each choice's first delta. At most `max_queue` engine requests
+wait for a slot; past them a request is refused with a 429. Errors have OpenAI's shape:
+{"error": {"message", "type", "param", "code"}}.
 """
 
 import asyncio
@@ -27,9 +28,11 @@ from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.deltas import Outbox, deltas, disconnected, texts_of, usage
 from dropless.serve.fields import (APIError, chat_messages, check_api_key, check_implemented,
                                    check_labels, check_prompt_size, choices_count,
-                                   completion_prompts, echo_flag, ignore_eos, max_body_bytes,
+                                   completion_prompts, echo_flag, ignore_eos,
+                                   install_error_handlers, max_body_bytes,
                                    max_prompt_chars, read_body, sampling_params, shown,
                                    stop_strings, stream_flags)
+from dropless.serve.metrics import Metrics
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, prompt_entries, prompt_offsets,
@@ -49,10 +52,9 @@ RETRY_AFTER_S = 1
 
 def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None,
                api_key: str | None = None):
-    """api_key: every endpoint but /health asks for it (a bearer token), as OpenAI's."""
+    """api_key: every endpoint but /health and /metrics asks for it (a bearer token)."""
     from fastapi import Depends, FastAPI, Request as HTTPRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+    from fastapi.responses import PlainTextResponse, StreamingResponse
 
     stop_engine = threading.Event()
     max_queue = QUEUE_PER_SLOT * engine.max_batch if max_queue is None else max_queue
@@ -76,25 +78,16 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
               file=sys.stderr, flush=True)
 
     async def authorized(http_request: HTTPRequest):   # before a body is read
-        if api_key is not None and http_request.url.path != "/health":
+        if api_key is not None and http_request.url.path not in ("/health", "/metrics"):
             check_api_key(http_request.headers.get("authorization"), api_key)
 
     app = FastAPI(title="dropless", lifespan=lifespan, dependencies=[Depends(authorized)])
+    install_error_handlers(app)
+    metrics = Metrics()
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(),
-                            status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}",
-                                     type="server_error").body(), status_code=500)
+    @app.get("/metrics")   # Prometheus' text format; open as /health is
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     def waiting() -> int:
         """Requests waiting for a slot, under engine.lock, but not those whose client left: the
@@ -182,6 +175,8 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                     post(loop, queue, (choice, prompt_text, entries))
 
             def on_token(request, token):
+                if len(request.output) == 1:
+                    metrics.first_token(request)
                 opening(request)
                 offset = base + text.offset
                 delta = text.push(token)
@@ -192,6 +187,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                 return text.stopped
 
             def on_finish(request):
+                metrics.finished(request)
                 opening(request)   # a request of max_tokens 0 has no token
                 rest = text.finish()
                 if rest:
