@@ -27,12 +27,13 @@ def _require(ok: bool, flag: str, value, allowed: str) -> None:
 
 def _train(args) -> int:
     from dropless.checkpoint import resume_config
+    from dropless.finetune import FINETUNE_TRAINING
     from dropless.runlog import StopWhenReaderLeaves, format_summary
     from dropless.train import train
 
     overrides = {dest: getattr(args, dest) for dest in [*TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
-    for dest in [k for k in ("data", "cache_dir") if overrides.get(k)]:   # absolute: resumable
+    for dest in [k for k in ("data", "cache_dir", "init") if overrides.get(k)]:   # absolute
         overrides[dest] = os.path.abspath(overrides[dest])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}
@@ -62,9 +63,14 @@ def _train(args) -> int:
         cfg, state = resume_config(run_dir, overrides)
     else:
         out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if args.out is None else args.out
+        if "init" in overrides and (given := [k for k in ("preset", "tokenizer", "vocab")
+                                              if k in overrides]):
+            raise DroplessError(f"--init takes the model and its tokenizer from {args.init}: "
+                                f"leave out --{' --'.join(given)}")
         try:
             preset = overrides.get("preset", TrainConfig.preset)
-            cfg = TrainConfig(out=out, **{**PRESET_TRAINING.get(preset, {}), **overrides})
+            defaults = FINETUNE_TRAINING if "init" in overrides else PRESET_TRAINING.get(preset, {})
+            cfg = TrainConfig(out=out, **{**defaults, **overrides})
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None

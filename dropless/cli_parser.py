@@ -27,6 +27,8 @@ def _path(text: str) -> str:
 # TrainConfig defaults (or a resumed run's saved config); help shows TrainConfig's defaults.
 TRAIN_FLAGS = {
     "preset": (str, "model preset (see `dropless info`)"),
+    "init": (str, "start from this run's or Hugging Face directory's weights and tokenizer "
+                  "(fine-tuning; --lr then defaults to 2e-5); no --preset, --tokenizer, --vocab"),
     "data": (str, "text file, directory of text files, or .jsonl with a 'text' field "
                   "(default: this Python's stdlib .py files)"),
     "tokenizer": (str, "bytes (vocab 256) or bpe"),

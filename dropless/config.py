@@ -327,6 +327,9 @@ class TrainConfig:
     ep: int = 1                       # expert-parallel degree
     dp_shard: int = 0                 # FSDP degree; 0 = world / (dp_replicate * ep)
     dp_replicate: int = 1             # HSDP replicas
+    # a run or Hugging Face directory whose weights and tokenizer the run starts from (fine-tuning,
+    # dropless.finetune); preset, tokenizer and vocab then do not apply
+    init: str | None = None
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
@@ -356,5 +359,5 @@ class TrainConfig:
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)
         _check(self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        for name in ("out", "data", "cache_dir"):   # "" would be the working directory, silently
+        for name in ("out", "data", "cache_dir", "init"):   # "" would be the working directory
             _check(getattr(self, name) != "", name, "", "must name a path (or be left out)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -281,3 +282,32 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# BPE merges are learned from the first ~16 MB of training text
+BPE_SAMPLE_CHARS = 16_000_000
+
+
+def prepare(cfg, state: dict | None, source=None):
+    """-> (tokenizer, TokenData) of a run (a TrainConfig): a resumed run's saved tokenizer, an
+    --init run's source's (dropless.finetune), else bytes or BPE learned on the training text;
+    the tokens cached, long enough for seq_len, and a resumed run's the same as before."""
+    from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
+
+    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data")
+    if state is not None:
+        tok = tokenizer_from_json(state["tokenizer"])
+    elif source is not None:
+        tok = source.tokenizer
+    elif cfg.tokenizer == "bpe":
+        texts = split_documents(docs)[0]
+        chars_before = itertools.accumulate(map(len, texts), initial=0)
+        tok = train_bpe([t for t, c in zip(texts, chars_before) if c < BPE_SAMPLE_CHARS], cfg.vocab)
+    else:
+        tok = ByteTokenizer()
+    tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    check_length(tokens, cfg.seq_len)
+    if state is not None and state["data"]["key"] != tokens.key:
+        raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "
+                            "since the checkpoint was written")
+    return tok, tokens

@@ -14,13 +14,12 @@ equal to an uninterrupted run's. The LR schedule is a pure function of (step, co
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import time
 from collections import deque
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,16 +29,15 @@ import torch.nn.functional as F
 from dropless import data
 from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
-from dropless.config import PRESETS, TrainConfig
+from dropless.config import TrainConfig
 from dropless.errors import DroplessError
+from dropless.finetune import base_config, load_source, run_config
 from dropless.optim import lr_at, make_optimizer, total_norm
 from dropless.runlog import MetricsLog, StopOnInterrupt
 from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, resolve_device,
                                 resolve_precision)
 from dropless.plots import write_plots
-from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
-BPE_SAMPLE_CHARS = 16_000_000   # BPE merges learned from the first ~16 MB of training text
 SAMPLE_PROMPT = "def "
 
 
@@ -70,25 +68,6 @@ def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> f
     return (loss if rt is None else rt.all_mean(loss)).item()   # sync: the value is logged
 
 
-def _prepare_data(cfg: TrainConfig, state: dict | None):
-    docs = data.read_documents(cfg.data, "--data" if state is None else "the run's --data")
-    if state is not None:
-        tok = tokenizer_from_json(state["tokenizer"])
-    elif cfg.tokenizer == "bpe":
-        texts = data.split_documents(docs)[0]
-        chars_before = itertools.accumulate(map(len, texts), initial=0)
-        tok = train_bpe([t for t, c in zip(texts, chars_before) if c < BPE_SAMPLE_CHARS], cfg.vocab)
-    else:
-        tok = ByteTokenizer()
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else data.default_cache_dir()
-    tokens = data.load_tokens(docs, tok, cache_dir)
-    data.check_length(tokens, cfg.seq_len)
-    if state is not None and state["data"]["key"] != tokens.key:
-        raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "
-                            "since the checkpoint was written")
-    return tok, tokens
-
-
 def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
           on_step=None) -> dict:
     """Train (or, given a checkpoint `state` from `resume_config`, continue) one run; returns a
@@ -98,9 +77,11 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel.mesh import ParallelConfig
 
     device = resolve_device(cfg.device)   # its own message, not an "invalid parallel layout"
+    source = load_source(cfg.init) if cfg.init and state is None else None   # every rank's
+    base = base_config(cfg, state, source)
     try:
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
-        rt = runtime.init(pcfg, device, PRESETS[cfg.preset].moe.num_experts)
+        rt = runtime.init(pcfg, device, base.moe.num_experts)
     except ValueError as e:
         kept = "" if state is None else (   # the layout flags may come from the run
             f" (resuming: --ep {cfg.ep} --dp-replicate {cfg.dp_replicate} are the run's unless "
@@ -115,7 +96,7 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
             rt.main_first(lambda: claim.enter_context(claim_run_dir(Path(cfg.out),
                                                                     new=state is None)),
                           f"refused --out {cfg.out}")
-            summary = _train(cfg, rt, state, progress, on_step)
+            summary = _train(cfg, rt, state, progress, on_step, base, source)
         # rank 0 still writes the plots and reports: a rank that exited first with 130 (a stopped
         # run) would make torchrun kill it halfway, its message unsaid
         rt.barrier()
@@ -170,14 +151,18 @@ def _architecture(model_config: dict) -> dict:
     return {**model_config, "moe": {**model_config["moe"], "backend": None}}
 
 
-def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision: str):
-    """The model and optimizer, seeded, parallelized under torchrun (the optimizer then holds the
-    sharded parameters), restored from the checkpoint when resuming."""
+def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision: str, source):
+    """The model and optimizer, seeded (or the --init source's weights), parallelized under
+    torchrun (the optimizer then holds the sharded parameters), restored from the checkpoint when
+    resuming."""
     from dropless.model import Transformer
     from dropless.parallel import parallelize
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(rt.device)
+    model = Transformer(model_cfg)
+    if source is not None:
+        model.load_state_dict(source.weights)
+    model = model.to(rt.device)
     if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
@@ -193,7 +178,8 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     return model, opt
 
 
-def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) -> dict:
+def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, base,
+           source) -> dict:
     from tqdm.auto import tqdm
 
     from dropless.info import model_stats
@@ -202,16 +188,15 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     device = rt.device
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
-    prepared = rt.main_first(lambda: _prepare_data(cfg, state), "could not prepare the data")
-    tok, tokens = prepared or _prepare_data(cfg, state)
+    prepared = rt.main_first(lambda: data.prepare(cfg, state, source),
+                             "could not prepare the data")
+    tok, tokens = prepared or data.prepare(cfg, state, source)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_atomic(run_dir / "tokenizer.json", tok.to_json().encode())
-    preset = PRESETS[cfg.preset]
     # the one source of the expert backend: --backend, recorded in the model config that is saved
-    model_cfg = replace(preset, vocab_size=tok.vocab_size,
-                        max_seq_len=max(preset.max_seq_len, cfg.seq_len),
-                        moe=replace(preset.moe, backend=cfg.backend))
+    model_cfg = run_config(cfg, base, tok.vocab_size)
+    name = f"{Path(cfg.init).name} (--init)" if cfg.init else cfg.preset
     if state is not None and _architecture(state["model_config"]) != _architecture(
             config_to_dict(model_cfg)):
         raise DroplessError(f"config mismatch on resume: preset {cfg.preset!r} no longer "
@@ -220,7 +205,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
 
     # 2. model, optimizer, precision and the step's cost (for tokens/s and MFU)
     precision = resolve_precision(cfg.precision, device)
-    model, opt = _build_model(cfg, rt, model_cfg, state, precision)
+    model, opt = _build_model(cfg, rt, model_cfg, state, precision, source)
+    source = None   # its weights, now the model's: freed
     L, E = len(model.moe_layers()), model_cfg.moe.num_experts
     step = 0
     # the log window's sums stay on the device (float64: as exact as the host's floats), so that
@@ -276,7 +262,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     clock, clock_step = start_time, step   # a resumed window holds steps of the run before it
     paused = 0.0   # seconds spent evaluating and checkpointing: not training, so not in tokens/s
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (progress and rt.is_main), desc=f"train {cfg.preset}")
+               disable=not (progress and rt.is_main), desc=f"train {name}")
 
     def stop_now(stop) -> bool:
         """Whether to leave the loop; under torchrun every rank must leave after the same step, so
@@ -368,7 +354,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step) ->
     sample = _sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens else None
     tokens_per_s = (tokens_per_step * (step - rate_step)
                     / max(loop_end - rate_time - paused, 1e-9))
-    return {"run_dir": str(run_dir), "preset": cfg.preset, "params": num_params, "step": step,
+    return {"run_dir": str(run_dir), "preset": name, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,
             "compiled": compiled,

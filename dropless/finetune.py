@@ -1,0 +1,60 @@
+"""`dropless train --init SRC`: a run that starts from another model's weights and tokenizer (a
+run directory, or a Hugging Face directory of an architecture `from_hf` reads) instead of a
+preset's random ones: fine-tuning. The model's architecture is the source's (its vocabulary
+included: the tokenizer may have fewer ids than the embedding), its expert backend and context
+length the run's; the optimizer, schedule and data are the run's own, from step 0. The source is
+read as `generate` reads it (every value checked before any weight), in float32 on the CPU; a
+quantized source is refused (train its bf16 or fp32 original). A resumed run takes the
+architecture from its own checkpoint: the source is not read again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dropless.config import PRESETS, ModelConfig, TrainConfig
+from dropless.errors import DroplessError
+
+# what a fine-tuning run takes where the flags leave it: a from-scratch learning rate (3e-3 for
+# tiny) would wreck pretrained weights in a few steps
+FINETUNE_TRAINING = dict(lr=2e-5)
+
+
+@dataclass
+class Source:
+    cfg: ModelConfig
+    tokenizer: object
+    weights: dict[str, torch.Tensor]
+
+
+def load_source(path: str) -> Source:
+    from dropless.checkpoint import load_model_dir
+
+    model, tokenizer = load_model_dir(path, "cpu", torch.float32)
+    weights = model.state_dict()
+    if any(not t.is_floating_point() for t in weights.values()):
+        raise DroplessError(f"--init {path} holds a quantized model (packed int4 weights): it "
+                            "cannot be trained; start from the model it was quantized from")
+    return Source(model.cfg, tokenizer, weights)
+
+
+def base_config(cfg: TrainConfig, state: dict | None, source: Source | None) -> ModelConfig:
+    """The architecture the run trains: the source's (a new --init run), the checkpoint's (a
+    resumed --init run), else the preset's."""
+    from dropless.checkpoint import config_from_dict
+
+    if source is not None:
+        return source.cfg
+    if cfg.init is not None and state is not None:
+        return config_from_dict(state["model_config"])
+    return PRESETS[cfg.preset]
+
+
+def run_config(cfg: TrainConfig, base: ModelConfig, vocab_size: int) -> ModelConfig:
+    """The model config the run saves: the base with the run's context (at least its seq_len) and
+    expert backend; a preset's vocabulary follows the tokenizer, a source's stays its own."""
+    return replace(base, vocab_size=base.vocab_size if cfg.init else vocab_size,
+                   max_seq_len=max(base.max_seq_len, cfg.seq_len),
+                   moe=replace(base.moe, backend=cfg.backend))

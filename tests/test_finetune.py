@@ -1,0 +1,99 @@
+"""`dropless train --init SRC` (dropless.finetune): a run that starts from a run's or a Hugging Face
+directory's weights and tokenizer; its architecture is the source's, its optimizer and schedule its
+own (lr 2e-5 unless given); it resumes from its own checkpoint; wrong combinations and sources that
+cannot be trained are one line."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from dropless import cli
+from dropless.checkpoint import load_model_dir, load_run
+from tests.test_quant_run import quantize
+
+
+def _train(capsys, src, out, corpus, *flags) -> int:
+    code = cli.main(["train", "--init", str(src), "--out", str(out), "--data", str(corpus),
+                     "--cache-dir", str(out.parent / "cache"), "--batch-size", "2",
+                     "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
+                     "--sample-tokens", "0", "--quiet", *flags])
+    capsys.readouterr()
+    return code
+
+
+def _weights(run) -> dict:
+    return load_run(run)[0].state_dict()
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_starts_from_the_source(trained_run, tmp_path, corpus, capsys, hf):
+    """At a learning rate of 1e-12 one step leaves the source's weights as they were: they were
+    loaded, not initialised; the model config (vocabulary included) and tokenizer are the
+    source's, the context at least --seq-len."""
+    src = trained_run
+    if hf:
+        src = tmp_path / "hf"
+        assert cli.main(["convert", "--to-hf", str(trained_run), str(src)]) == 0
+    out = tmp_path / "ft"
+    assert _train(capsys, src, out, corpus, "--steps", "1", "--lr", "1e-12", "--warmup", "0",
+                  "--seq-len", "300") == 0
+    before, after = _weights(trained_run), _weights(out)
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-8)
+    saved, source = load_run(out)[2], load_run(trained_run)[2]
+    assert saved["model_config"]["vocab_size"] == source["model_config"]["vocab_size"]
+    assert saved["model_config"]["max_seq_len"] == max(300, source["model_config"]["max_seq_len"])
+    assert saved["train_config"]["init"] == str(src.resolve())
+    assert json.loads(saved["tokenizer"]) == json.loads(load_model_dir(src)[1].to_json())
+
+
+def test_defaults_resume_and_trains(trained_run, tmp_path, corpus, capsys):
+    out = tmp_path / "ft"
+    assert _train(capsys, trained_run, out, corpus, "--steps", "2", "--lr", "1e-3") == 0
+    run = load_run(out)[2]
+    assert run["step"] == 2 and run["train_config"]["lr"] == 1e-3
+    changed = [k for k, v in _weights(out).items() if not torch.equal(v, _weights(trained_run)[k])]
+    assert changed   # it trained
+    # resumed: the architecture from its own checkpoint, the source not needed any more
+    assert cli.main(["train", "--resume", str(out), "--steps", "3", "--quiet"]) == 0
+    assert load_run(out)[2]["step"] == 3
+    other = tmp_path / "ft2"
+    assert _train(capsys, trained_run, other, corpus, "--steps", "1") == 0
+    assert load_run(other)[2]["train_config"]["lr"] == 2e-5   # fine-tuning's default
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "small"], "--init takes the model and its tokenizer from "),
+    (["--tokenizer", "bpe", "--vocab", "300"], "leave out --tokenizer --vocab"),
+])
+def test_flags_that_do_not_apply(trained_run, tmp_path, corpus, capsys, flags, message):
+    code = cli.main(["train", "--init", str(trained_run), "--out", str(tmp_path / "x"),
+                     "--data", str(corpus), *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_sources_that_cannot_be_trained(trained_run, tmp_path, corpus, capsys):
+    assert cli.main(["train", "--init", str(tmp_path / "none"), "--out", str(tmp_path / "x"),
+                     "--data", str(corpus), "--quiet"]) == 1
+    assert "no such run directory" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # experts without calibration tokens
+        assert quantize(trained_run, tmp_path / "q", corpus, "--group-size", "32") == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--init", str(tmp_path / "q"), "--out", str(tmp_path / "y"),
+                     "--data", str(corpus), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a quantized model (packed int4 weights): it cannot be trained" in err, err
+
+
+def test_eval_and_generate_read_the_run(trained_run, tmp_path, corpus, capsys):
+    out = tmp_path / "ft"
+    assert _train(capsys, trained_run, out, corpus, "--steps", "1") == 0
+    assert cli.main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
+    assert cli.main(["generate", str(out), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
