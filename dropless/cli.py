@@ -175,8 +175,21 @@ def _serve(args) -> int:
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
     _require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
              "(hidden)", "must be a non-empty string without surrounding spaces")
+    name = args.served_model_name
+    _require(name is None or 0 < len(name) <= 256 and name.isprintable(), "--served-model-name",
+             ascii(name), "must be 1 to 256 printable characters")
+    template = None
+    if args.chat_template is not None:   # checked before the model loads: it renders once
+        from dropless.files import read_small_text
+        from dropless.serve.chat_template import render_chat
+        template = read_small_text(args.chat_template)
+        try:
+            render_chat(template, [{"role": "user", "content": "hi"}], {})
+        except ValueError as e:
+            raise DroplessError(f"--chat-template {args.chat_template}: {e}") from None
     check_listen(args.host, args.port)
     served = load_served_model(args.model_dir, resolve_device(args.device))
+    served.name, served.chat_template = name or served.name, template or served.chat_template
     compile_prefill = args.compile_prefill if args.compile_prefill is not None else (
         args.compile or next(served.model.parameters()).is_cuda)
     context = served.model.cfg.max_seq_len

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the prompt forward once at start (default: on CUDA; an "
                           "eager one holds every running request for tens of ms)")
+    srv.add_argument("--served-model-name", metavar="NAME",
+                     help="the model id clients name (default: the directory's name)")
+    srv.add_argument("--chat-template", metavar="FILE", type=_path,
+                     help="a Jinja chat template to use instead of the model's (or the plain "
+                          "default, for a model without one)")
     srv.add_argument("--api-key", default=os.environ.get("DROPLESS_API_KEY"),
                      help="every endpoint but /health and /metrics asks for 'Authorization: "
                           "Bearer KEY' (default: $DROPLESS_API_KEY, which other users cannot "

@@ -56,3 +56,32 @@ def test_not_implemented_parameters_are_refused_whatever_their_type(live, fields
     tokens' log probabilities, passed as the no-op false, and the reply came without them
     (logprobs are served now, and a bool there is refused: test_serve_logprobs)."""
     edges.refused(live, "/v1/completions", {"model": MODEL, "prompt": "a", **fields}, param)
+
+
+def test_served_model_name_and_chat_template(capsys, monkeypatch, run_dir, tmp_path):
+    """--served-model-name is the id clients name; --chat-template replaces the model's, checked
+    by one render before the model loads (a broken one is one line)."""
+    import dropless.serve.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key:
+                        seen.update(name=served.name, template=served.chat_template))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    argv = ["serve", str(run_dir), "--device", "cpu", "--port", str(socket_port())]
+    assert cli.main([*argv, "--served-model-name", "org/tiny", "--chat-template",
+                     str(template)]) == 0
+    assert seen == {"name": "org/tiny", "template": template.read_text()}
+    capsys.readouterr()
+    template.write_text("{% for m in messages %}")
+    _fails(capsys, [*argv, "--chat-template", str(template)], f"--chat-template {template}: ")
+    _fails(capsys, [*argv, "--chat-template", str(tmp_path / "none")], "none")
+    for bad in ["", "a\nb", "x" * 257]:
+        _fails(capsys, [*argv, "--served-model-name", bad],
+               "--served-model-name " + ascii(bad)[:20])
+
+
+def socket_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
