@@ -156,8 +156,9 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         `queue`. With
         params.logprobs set, every token pushed but an EOS (it has no text) has an entry
         (text.Entry). eos False: an EOS does not end a choice (its text is still left out). With
-        params.seed, choice i samples with seed + i: the choices differ and the request is
-        reproducible (without, each has a random seed of its own). echo: (the prompt's text, its
+        params.seed, the prompt's choice i samples with seed + i: the choices differ, and the
+        request is reproducible, the prompt's the same alone or in a batch (without, each has a
+        random seed of its own). echo: (the prompt's text, its
         tokens' offsets): each choice's first delta is that text, with logprobs its entries (after
         the prefill, which computes them), and the generated tokens' offsets follow it."""
         loop = asyncio.get_running_loop()
