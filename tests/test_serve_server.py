@@ -485,8 +485,9 @@ def test_cli_serve_and_sigterm_drains(run_dir):
 @pytest.mark.gpu
 def test_gpu_serve_smoke(run_dir):
     """The product path on CUDA: bf16 weights, CUDA-graph decode steps for buckets 1..8, with and
-    without log-probabilities and penalties; n choices and echo."""
-    server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8")
+    without log-probabilities and penalties; n choices and echo; an API key, a batch of prompts
+    with a logit_bias, /metrics."""
+    server = CliServer(run_dir, "--device", "cuda", "--max-batch", "8", "--api-key", "x")
     client = server.client
     try:
         kw = dict(model="tiny-run", prompt="def main():", max_tokens=20, temperature=0)
@@ -518,6 +519,16 @@ def test_gpu_serve_smoke(run_dir):
         assert entries.token_logprobs[0] is None and len(entries.token_logprobs) > 1
         assert all(v <= 0 and len(top) <= 2 for v, top in zip(entries.token_logprobs[1:],
                                                                entries.top_logprobs[1:]))
+
+        # a batch of prompts, a logit_bias (the adjusted logits' graph): the biased token forced
+        batch = client.completions.create(model="tiny-run", prompt=["a", "bb", "ccc"], max_tokens=6,
+                                          temperature=0, logit_bias={"65": 100})
+        assert [c.text for c in batch.choices] == ["AAAAAA"] * 3
+        assert batch.usage.prompt_tokens == 6
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
+            scraped = r.read().decode()
+        assert re.search(r'^dropless_request_success_total\{finished_reason="length"\} [1-9]',
+                         scraped, re.MULTILINE), scraped[:2000]
 
         def ask(i):
             return client.completions.create(model="tiny-run", prompt=f"x = {i}", max_tokens=12 + i,
