@@ -91,6 +91,20 @@ def test_cli_train_on_cuda_learns_and_resumes(tmp_path, cache, precision):
     assert abs(sum(resumed[half:]) - sum(losses[half:])) < 3e-2 * sum(losses[half:])
 
 
+def test_cli_finetune_from_hf_on_cuda(tmp_path, cache):
+    """--init from a Hugging Face directory (a CUDA run converted), on the default bf16-mixed
+    compiled path: the fine-tune starts where the source ended, not at a fresh model's loss."""
+    run, hf, ft = tmp_path / "run", tmp_path / "hf", tmp_path / "ft"
+    _train(run, cache, "--no-compile", steps=60)
+    _dropless("convert", "--to-hf", run, hf)
+    _dropless("train", "--init", hf, "--out", ft, "--cache-dir", cache, "--steps", 20,
+              "--batch-size", 16, "--seq-len", 256, "--log-every", 10, "--eval-every", 20,
+              "--sample-tokens", 0, "--quiet")
+    source, tuned = _losses(run), _losses(ft)
+    assert tuned[0] < 0.8 * source[0] and abs(tuned[0] - source[-1]) < 0.15 * source[-1], (
+        source, tuned)
+
+
 def test_cli_compile_generate_convert(tmp_path, cache):
     """The default on one GPU: bf16-mixed, compiled."""
     run = tmp_path / "run"
