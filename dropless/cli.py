@@ -33,7 +33,7 @@ def _train(args) -> int:
 
     overrides = {dest: getattr(args, dest) for dest in [*TRAIN_FLAGS, "compile"]
                  if getattr(args, dest) is not None}
-    for dest in [k for k in ("data", "cache_dir", "init") if overrides.get(k)]:   # absolute
+    for dest in [k for k in ("data", "val_data", "cache_dir", "init") if overrides.get(k)]:
         overrides[dest] = os.path.abspath(overrides[dest])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = {k: overrides[k] for k in ("dp_replicate", "dp_shard", "ep") if k in overrides}

@@ -300,6 +300,7 @@ class TrainConfig:
     out: str                          # run directory
     preset: str = "tiny"
     data: str | None = None           # None = the interpreter's stdlib .py files
+    val_data: str | None = None       # validation text; given, all of data trains
     tokenizer: Literal["bytes", "bpe"] = "bytes"
     vocab: int = 4096                 # BPE vocabulary size (the model's vocab follows the tokenizer)
     steps: int = 900
@@ -359,5 +360,5 @@ class TrainConfig:
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)
         _check(self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        for name in ("out", "data", "cache_dir", "init"):   # "" would be the working directory
+        for name in ("out", "data", "val_data", "cache_dir", "init"):   # "": the working dir
             _check(getattr(self, name) != "", name, "", "must name a path (or be left out)")

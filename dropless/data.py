@@ -154,10 +154,13 @@ def _cut_by_position(train: list[str], val: list[str]) -> bool:
             or 200 * sum(map(len, train)) < total * (100 - VAL_PERCENT))
 
 
-def split_documents(docs: list[tuple[str, str]]):
-    """-> (train texts, validation texts). By document name; when that leaves a side under half
-    its share of the text (see _cut_by_position) the concatenated text, in the documents' order,
-    is cut at (100 - VAL_PERCENT)%."""
+def split_documents(docs: list[tuple[str, str]], val_docs: list[tuple[str, str]] | None = None):
+    """-> (train texts, validation texts). Given `val_docs` (--val-data), all of `docs` trains and
+    they validate. Else by document name; when that leaves a side under half its share of the
+    text (see _cut_by_position) the concatenated text, in the documents' order, is cut at
+    (100 - VAL_PERCENT)%."""
+    if val_docs is not None:
+        return [text for _, text in docs], [text for _, text in val_docs]
     train, val = _split_by_name(docs)
     if _cut_by_position(train, val):
         text = DOC_SEPARATOR.join(text for _, text in docs)
@@ -175,15 +178,16 @@ class TokenData:
     key: str              # hash of (documents, tokenizer, split): checkpoints record it
 
 
-def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer) -> str:
+def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
+              val_docs: list[tuple[str, str]] | None = None) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{VAL_PERCENT}|".encode())
     # a corpus cut by position only since the cut took tiny sides too (before, only an empty one)
     # has other tokens than its cache entries and checkpoints hold: a new key; the rest keep theirs
     train, val = _split_by_name(docs)
-    if train and val and _cut_by_position(train, val):
+    if val_docs is None and train and val and _cut_by_position(train, val):
         h.update(b"cut-small-side|")
     h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
-    for name, text in docs:
+    for name, text in docs + ([("", "--val-data:")] + val_docs if val_docs is not None else []):
         h.update(hashlib.sha256(name.encode()).digest())
         h.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
     return h.hexdigest()[:32]
@@ -204,11 +208,11 @@ def _check_entry(entry: Path) -> str | None:
     return None
 
 
-def _build(folder: Path, docs, tokenizer: Tokenizer) -> None:
+def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
-    for split, texts in zip(("train", "val"), split_documents(docs)):
+    for split, texts in zip(("train", "val"), split_documents(docs, val_docs)):
         parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
         raw = np.concatenate(parts[:-1]).astype(dtype).tobytes()
         write_atomic(folder / f"{split}.bin", raw)
@@ -217,14 +221,16 @@ def _build(folder: Path, docs, tokenizer: Tokenizer) -> None:
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
 
 
-def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path) -> TokenData:
-    """Token ids of both splits as read-only memmaps, tokenized once per (documents, tokenizer)
-    and reused from `cache_dir/<key>/` afterwards. The entry is built in a temp dir and renamed into
-    place, so an interrupted build is never mistaken for a complete one; an entry that fails its
-    checksums (damaged, tampered with) is rebuilt, never trained on."""
+def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
+                val_docs: list[tuple[str, str]] | None = None) -> TokenData:
+    """Token ids of both splits (split_documents') as read-only memmaps, tokenized once per
+    (documents, validation documents, tokenizer) and reused from `cache_dir/<key>/` afterwards.
+    The entry is built in a temp dir and renamed into place, so an interrupted build is never
+    mistaken for a complete one; an entry that fails its checksums (damaged, tampered with) is
+    rebuilt, never trained on."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
-    key = cache_key(docs, tokenizer)
+    key = cache_key(docs, tokenizer, val_docs)
     entry = cache_dir / key
     if entry.exists() and (problem := _check_entry(entry)):
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
@@ -233,7 +239,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         tmp = temp_beside(entry)
         tmp.mkdir(parents=True)
         try:
-            _build(tmp, docs, tokenizer)
+            _build(tmp, docs, tokenizer, val_docs)
             with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
         finally:   # a failed build (a full disk) leaves nothing behind
@@ -295,17 +301,20 @@ def prepare(cfg, state: dict | None, source=None):
     from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
     docs = read_documents(cfg.data, "--data" if state is None else "the run's --data")
+    val_docs = None if cfg.val_data is None else read_documents(
+        cfg.val_data, "--val-data" if state is None else "the run's --val-data")
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif source is not None:
         tok = source.tokenizer
     elif cfg.tokenizer == "bpe":
-        texts = split_documents(docs)[0]
+        texts = split_documents(docs, val_docs)[0]
         chars_before = itertools.accumulate(map(len, texts), initial=0)
         tok = train_bpe([t for t, c in zip(texts, chars_before) if c < BPE_SAMPLE_CHARS], cfg.vocab)
     else:
         tok = ByteTokenizer()
-    tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                         val_docs)
     check_length(tokens, cfg.seq_len)
     if state is not None and state["data"]["key"] != tokens.key:
         raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "

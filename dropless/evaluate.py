@@ -34,12 +34,15 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         cfg = saved_train_config(state)
     cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
     seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
+    val_docs = None
     if data_path is not None:
         docs = data.read_documents(data_path)
     else:   # the message must not name a flag the user did not pass
         docs = data.read_documents(cfg.data, "the run's --data")
+        if cfg.val_data is not None:   # the run validated on its --val-data
+            val_docs = data.read_documents(cfg.val_data, "the run's --val-data")
     cache = Path(cache_dir) if cache_dir else data.default_cache_dir()
-    tokens = data.load_tokens(docs, tok, cache)
+    tokens = data.load_tokens(docs, tok, cache, val_docs)
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
