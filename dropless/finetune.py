@@ -4,18 +4,22 @@ preset's random ones: fine-tuning. The model's architecture is the source's (its
 included: the tokenizer may have fewer ids than the embedding), its expert backend and context
 length the run's; the optimizer, schedule and data are the run's own, from step 0. The source is
 read as `generate` reads it (every value checked before any weight), in float32 on the CPU; a
-quantized source is refused (train its bf16 or fp32 original). A resumed run takes the
-architecture from its own checkpoint: the source is not read again.
+quantized source is refused (train its bf16 or fp32 original). Its EOS ids and chat template
+go into the run directory, so `generate --chat` and `serve` treat the run as the source. A
+resumed run takes the architecture from its own checkpoint: the source is not read again.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from dropless.config import PRESETS, ModelConfig, TrainConfig
 from dropless.errors import DroplessError
+from dropless.files import write_atomic
 
 # what a fine-tuning run takes where the flags leave it: a from-scratch learning rate (3e-3 for
 # tiny) would wreck pretrained weights in a few steps
@@ -27,17 +31,35 @@ class Source:
     cfg: ModelConfig
     tokenizer: object
     weights: dict[str, torch.Tensor]
+    chat: tuple   # (EOS ids, chat template, special tokens): dropless.serve.text.chat_metadata
 
 
 def load_source(path: str) -> Source:
     from dropless.checkpoint import load_model_dir
+    from dropless.serve.text import chat_metadata
 
     model, tokenizer = load_model_dir(path, "cpu", torch.float32)
     weights = model.state_dict()
     if any(not t.is_floating_point() for t in weights.values()):
         raise DroplessError(f"--init {path} holds a quantized model (packed int4 weights): it "
                             "cannot be trained; start from the model it was quantized from")
-    return Source(model.cfg, tokenizer, weights)
+    return Source(model.cfg, tokenizer, weights, chat_metadata(path, model.cfg.vocab_size,
+                                                               tokenizer))
+
+
+def write_chat_files(run_dir: Path, source: Source) -> None:
+    """The source's EOS ids and chat template into the run directory, in the files `generate
+    --chat` and `serve` read (generation_config.json, tokenizer_config.json): a fine-tuned
+    instruct model stops and chats as its source did."""
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
+
+    eos_ids, template, special = source.chat
+    if eos_ids:
+        write_atomic(run_dir / "generation_config.json",
+                     json.dumps({"eos_token_id": list(eos_ids)}).encode())
+    if template != DEFAULT_CHAT_TEMPLATE or any(special.values()):
+        write_atomic(run_dir / "tokenizer_config.json",
+                     json.dumps({"chat_template": template, **special}).encode())
 
 
 def base_config(cfg: TrainConfig, state: dict | None, source: Source | None) -> ModelConfig:

@@ -97,3 +97,23 @@ def test_eval_and_generate_read_the_run(trained_run, tmp_path, corpus, capsys):
     assert json.loads(capsys.readouterr().out)["val_loss"] > 0
     assert cli.main(["generate", str(out), "--max-new-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_the_source_chat_files_go_with_the_run(trained_run, tmp_path, corpus, capsys):
+    """A fine-tuned instruct model stops and chats as its source: the source's EOS ids and chat
+    template are written into the run, where generate --chat and serve read them."""
+    from dropless.serve.text import chat_metadata
+
+    hf = tmp_path / "hf"
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(hf)]) == 0
+    template = "<u>{{ messages[0]['content'] }}</u><a>"
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    out = tmp_path / "ft"
+    assert _train(capsys, hf, out, corpus, "--steps", "1") == 0
+    source, tuned = (chat_metadata(d, 256, load_model_dir(d)[1]) for d in (hf, out))
+    assert tuned == source and tuned[:2] == ((7, 9), template)
+    plain = tmp_path / "ft-plain"   # a source without them: none written
+    assert _train(capsys, trained_run, plain, corpus, "--steps", "1") == 0
+    assert not (plain / "tokenizer_config.json").exists()
+    assert not (plain / "generation_config.json").exists()
