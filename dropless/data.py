@@ -67,8 +67,47 @@ def stdlib_documents() -> list[tuple[str, str]]:
     return docs
 
 
-def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
-    docs = []
+# a conversation's rendered text may be this long (the sandboxed renderer's bound)
+CHAT_CHARS = 1 << 24
+
+
+def _conversation(record: dict, shown: str, lineno: int) -> list | None:
+    """A record's "messages" (None: it has none), each an object of string role and content."""
+    messages = record.get("messages")
+    if messages is None:
+        return None
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise DroplessError(f'{shown}: line {lineno}: "messages" must be a non-empty list of '
+                            '{"role": string, "content": string} objects')
+    return messages
+
+
+def _render_all(conversations: list, chat: tuple[str, dict] | None, shown: str) -> list[str]:
+    """Each conversation as the chat template renders it whole (no generation prompt), in the
+    server's sandbox: a template from a model directory is a stranger's code."""
+    from dropless.serve.chat_template import ChatRenderer
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
+
+    template, special = chat or (DEFAULT_CHAT_TEMPLATE, {})
+    renderer = ChatRenderer(template, special, CHAT_CHARS)
+    texts = []
+    try:
+        for lineno, messages in conversations:
+            try:
+                texts.append(renderer.render(messages, add_generation_prompt=False))
+            except ValueError as e:
+                raise DroplessError(f"{shown}: line {lineno}: the chat template failed: "
+                                    f"{e}") from None
+    finally:
+        renderer.close()
+    return texts
+
+
+def _jsonl_documents(name: str, text: str, shown: str,
+                     chat: tuple[str, dict] | None = None) -> list[tuple[str, str]]:
+    docs, conversations = [], []
     text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
     # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
     # U+2028, NEL or \x1c (json.dumps(..., ensure_ascii=False) writes them as they are)
@@ -80,12 +119,20 @@ def _jsonl_documents(name: str, text: str, shown: str) -> list[tuple[str, str]]:
         except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
             raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
                                 f"({getattr(e, 'msg', e)})") from None
+        if isinstance(record, dict) and (messages := _conversation(record, shown, lineno)):
+            conversations.append((lineno, messages))
+            docs.append((f"{name}:{lineno}", None))   # rendered below, all in one child
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DroplessError(f'{shown}: line {lineno} has no "text" string field')
+            raise DroplessError(f'{shown}: line {lineno} has no "text" string field (nor '
+                                '"messages")')
         # a JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no
         # encoder takes it; U+FFFD, as for a file's bytes that are not UTF-8
         text = record["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         docs.append((f"{name}:{lineno}", text))
+    if conversations:
+        rendered = iter(_render_all(conversations, chat, shown))
+        docs = [(n, next(rendered) if t is None else t) for n, t in docs]
     return docs
 
 
@@ -108,10 +155,13 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
     return docs
 
 
-def read_documents(data: str | None, flag: str = "--data") -> list[tuple[str, str]]:
+def read_documents(data: str | None, flag: str = "--data",
+                   chat: tuple[str, dict] | None = None) -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
-    binary and non-regular files skipped), a `.jsonl` with a "text" field per line, or None for the
-    stdlib. `flag`: the option the user named `data` with, for the messages."""
+    binary and non-regular files skipped), a `.jsonl` with a "text" field per line (or a
+    "messages" conversation, rendered by `chat`: (chat template, special tokens), default the
+    plain one), or None for the stdlib. `flag`: the option the user named `data` with, for the
+    messages."""
     shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
@@ -124,7 +174,7 @@ def read_documents(data: str | None, flag: str = "--data") -> list[tuple[str, st
         elif (text := _read_text(path, shown)) is None:
             raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = _jsonl_documents(path.name, text, shown)
+            docs = _jsonl_documents(path.name, text, shown, chat)
         elif "\x00" in text:
             raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
         else:
@@ -298,11 +348,15 @@ def prepare(cfg, state: dict | None, source=None):
     """-> (tokenizer, TokenData) of a run (a TrainConfig): a resumed run's saved tokenizer, an
     --init run's source's (dropless.finetune), else bytes or BPE learned on the training text;
     the tokens cached, long enough for seq_len, and a resumed run's the same as before."""
+    from dropless.serve.text import chat_files
     from dropless.tokenizer import ByteTokenizer, tokenizer_from_json, train_bpe
 
-    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data")
+    # conversations render in the --init source's chat template (a resumed run: the copy in its
+    # directory), else the plain default
+    chat = source.chat[1:] if source is not None else chat_files(Path(cfg.out))
+    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data", chat)
     val_docs = None if cfg.val_data is None else read_documents(
-        cfg.val_data, "--val-data" if state is None else "the run's --val-data")
+        cfg.val_data, "--val-data" if state is None else "the run's --val-data", chat)
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif source is not None:

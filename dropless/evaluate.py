@@ -24,6 +24,7 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory).
     Tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in the run's saved
     one: a run directory may come from a stranger, and evaluating it must not write where it says."""
+    from dropless.serve.text import chat_files
     from dropless.train import evaluate
 
     dev = resolve_device(device)
@@ -34,13 +35,13 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         cfg = saved_train_config(state)
     cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
     seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
-    val_docs = None
+    val_docs, chat = None, chat_files(Path(path))   # conversations: in the model's template
     if data_path is not None:
-        docs = data.read_documents(data_path)
+        docs = data.read_documents(data_path, "--data", chat)
     else:   # the message must not name a flag the user did not pass
-        docs = data.read_documents(cfg.data, "the run's --data")
+        docs = data.read_documents(cfg.data, "the run's --data", chat)
         if cfg.val_data is not None:   # the run validated on its --val-data
-            val_docs = data.read_documents(cfg.val_data, "the run's --val-data")
+            val_docs = data.read_documents(cfg.val_data, "the run's --val-data", chat)
     cache = Path(cache_dir) if cache_dir else data.default_cache_dir()
     tokens = data.load_tokens(docs, tok, cache, val_docs)
     if len(tokens.val) < seq_len + 2:

@@ -16,7 +16,7 @@ import torch
 
 from dropless import data
 from dropless.errors import DroplessError
-from dropless.files import atomic_dir
+from dropless.files import atomic_dir, read_small_text
 from dropless.quant.modules import QuantConfig
 
 MAX_WEIGHT = torch.finfo(torch.float16).max * 15 / 2   # over it a group's fp16 scale can overflow
@@ -68,11 +68,15 @@ def load_source(src: str | Path, device: torch.device):
     return model.to(work_dtype(model.cfg, device)), tok, saved_train_config(state)
 
 
+# what `generate --chat` and `serve` read beside the weights (dropless.serve.text.chat_metadata)
+CHAT_FILES = ("generation_config.json", "tokenizer_config.json")
+
+
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
-                       cache_dir: str | None) -> torch.Tensor:
+                       cache_dir: str | None, chat: tuple | None = None) -> torch.Tensor:
     """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
     the embedded stdlib corpus), so that validation text is never calibrated on."""
-    docs = data.read_documents(calib_data, "--calib-data")
+    docs = data.read_documents(calib_data, "--calib-data", chat)
     tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir())
     if len(tokens.train) < seq_len + 2:
         raise DroplessError(f"--calib-data: its training split has {len(tokens.train)} tokens, too "
@@ -130,7 +134,9 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
         raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
                             f"{longest}] (the model's max_seq_len={model.cfg.max_seq_len}; at "
                             f"most {MAX_CALIB_TOKENS:,} calibration tokens)")
-    tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir)
+    from dropless.serve.text import chat_files
+    tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir,
+                                chat_files(Path(src)))   # conversations: the model's template
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
                              for m in model.moe_layers()) * 2   # as bf16
     quantize_model(model, tokens, qcfg, progress=progress)
@@ -141,6 +147,9 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     with atomic_dir(out) as tmp:   # all of it or nothing
         save(tmp, 0, model, state=state)
         (tmp / "tokenizer.json").write_text(tok.to_json())
+        for name in CHAT_FILES:   # EOS ids and chat template: served as the source is
+            if (Path(src) / name).is_file():
+                (tmp / name).write_text(read_small_text(Path(src) / name))
     packed = sum(m.experts.nbytes() for m in model.moe_layers()
                  if isinstance(m.experts, QuantizedExperts))
     return {"out": str(out), "layers": len(model.layers), "expert_bytes_bf16": float_expert_bytes,

@@ -41,10 +41,12 @@ class ChatRenderer:
                                  "max_chars": max_chars, "memory": self.memory}).encode() + b"\n"
         self.seconds, self.lock, self.child = seconds, threading.Lock(), None
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt. ValueError (one line) when the template does not compile, raises, renders
-        more than max_chars characters (PromptTooLong), or runs past its memory or time."""
-        request = json.dumps({"messages": messages}).encode() + b"\n"
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt (a whole conversation, for training: add_generation_prompt False).
+        ValueError (one line) when the template does not compile, raises, renders more than
+        max_chars characters (PromptTooLong), or runs past its memory or time."""
+        request = json.dumps({"messages": messages,
+                              "add_generation_prompt": add_generation_prompt}).encode() + b"\n"
         with self.lock:
             if self.child is None:
                 self.child = subprocess.Popen([sys.executable, "-I", __file__], bufsize=0,
@@ -122,9 +124,11 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def _render(template, messages: list[dict], special: dict, max_chars: int) -> str:
+def _render(template, messages: list[dict], special: dict, max_chars: int,
+            add_generation_prompt: bool = True) -> str:
     out, size = [], 0
-    for piece in template.generate(messages=messages, add_generation_prompt=True, **special):
+    for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **special):
         size += len(piece)
         if size > max_chars:
             raise PromptTooLong(f"the chat template renders more than {max_chars} characters")
@@ -136,8 +140,10 @@ def _answer(template, line: bytes, setup: dict):
     """(the compiled template, the reply to one request)."""
     try:   # compiled at the first request: constant folding runs the template's arithmetic
         template = _compile(setup["template"]) if template is None else template
-        messages = json.loads(line)["messages"]
-        return template, {"text": _render(template, messages, setup["special"], setup["max_chars"])}
+        request = json.loads(line)
+        return template, {"text": _render(template, request["messages"], setup["special"],
+                                          setup["max_chars"],
+                                          request.get("add_generation_prompt", True) is True)}
     except PromptTooLong as e:
         return template, {"error": str(e), "too_long": True}
     except MemoryError:

@@ -82,25 +82,30 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
 
 
-def chat_metadata(root: Path, vocab_size: int, tokenizer) -> tuple[tuple[int, ...], str, dict]:
-    """(EOS ids, chat template, special tokens) of a model directory. EOS ids come from
-    generation_config.json, else config.json (`eos_token_id`, an id or a list), else the tokenizer
-    config's eos_token; the chat template from tokenizer_config.json's `chat_template` (else
-    DEFAULT_CHAT_TEMPLATE); the special tokens (bos_token, eos_token) from the tokenizer config."""
-    root = Path(root)
-    hf_config = _read_json(root / "config.json")
-    tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
+def chat_files(root: Path) -> tuple[str, dict]:
+    """(chat template, special tokens) of a model directory: tokenizer_config.json's
+    `chat_template` (else DEFAULT_CHAT_TEMPLATE) and its bos_token and eos_token strings."""
+    tok_path = Path(root) / "tokenizer_config.json"
     tok_config = _read_json(tok_path)
     special = {k: _token_text(tok_config.get(k), f"{tok_path}: {k}")
                for k in ("bos_token", "eos_token")}
+    return (_chat_template(tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, tok_path),
+            special)
+
+
+def chat_metadata(root: Path, vocab_size: int, tokenizer) -> tuple[tuple[int, ...], str, dict]:
+    """(EOS ids, chat template, special tokens) of a model directory: `chat_files`' and the EOS
+    ids, from generation_config.json, else config.json (`eos_token_id`, an id or a list), else
+    the tokenizer config's eos_token."""
+    root = Path(root)
+    template, special = chat_files(root)
+    tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
     gen_config = _read_json(gen_path)
     where = gen_path if "eos_token_id" in gen_config else root / "config.json"
-    eos = gen_config.get("eos_token_id", hf_config.get("eos_token_id"))
+    eos = gen_config.get("eos_token_id", _read_json(root / "config.json").get("eos_token_id"))
     if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
         eos, where = tokenizer.tok.token_to_id(special["eos_token"]), f"{tok_path}: eos_token"
-    eos_ids = _eos_ids(eos, vocab_size, str(where))
-    template = _chat_template(tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, tok_path)
-    return eos_ids, template, special
+    return _eos_ids(eos, vocab_size, str(where)), template, special
 
 
 def _advance(stop: str, fails: list[int], k: int, char: str) -> int:

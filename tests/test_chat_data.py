@@ -1,0 +1,81 @@
+"""Conversations as training data: a .jsonl line {"messages": [...]} is rendered whole (no
+generation prompt) by the model's chat template, in the sandboxed renderer; `train --init`
+renders in the source's template, `eval` and `quantize` in the model directory's; a quantized
+model keeps its source's chat files."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from dropless import cli, data
+from dropless.errors import DroplessError
+from tests.test_quant_run import quantize
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+            "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<gen>{% endif %}")
+CHAT = (TEMPLATE, {"bos_token": "^", "eos_token": "$"})
+TALK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def _jsonl(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_conversations_render_whole(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", {"text": "plain"}, {"messages": TALK}, {"text": "last"})
+    docs = data.read_documents(str(path), "--data", CHAT)
+    assert docs == [("d.jsonl:1", "plain"), ("d.jsonl:2", "^<user>hi$<assistant>hello$"),
+                    ("d.jsonl:3", "last")]
+    plain = data.read_documents(str(path))[1][1]   # no template given: the plain default
+    assert plain == "user: hi\nassistant: hello\n"
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"messages": []}, 'line 1: "messages" must be a non-empty list'),
+    ({"messages": [{"role": "user", "content": 5}]}, 'line 1: "messages" must be'),
+    ({"messages": "hi"}, 'line 1: "messages" must be'),
+    ({"other": 1}, 'line 1 has no "text" string field (nor "messages")'),
+])
+def test_bad_conversations(tmp_path, record, says):
+    with pytest.raises(DroplessError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        data.read_documents(str(_jsonl(tmp_path / "d.jsonl", record)))
+
+
+def test_a_template_that_raises_names_the_line(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", {"text": "a"}, {"messages": TALK})
+    with pytest.raises(DroplessError, match="line 2: the chat template failed: no assistants"):
+        data.read_documents(str(path), "--data", ("{{ raise_exception('no assistants') }}", {}))
+
+
+def test_finetune_on_conversations(trained_run, tmp_path, corpus, capsys):
+    """--init from a directory with a chat template: the conversations train in it (the run's
+    token cache holds their rendering), eval reads them the same way, and a quantized copy keeps
+    the chat files."""
+    src = tmp_path / "src"
+    shutil.copytree(trained_run, src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE,
+                                                           "bos_token": "^", "eos_token": "$"}))
+    talks = [{"messages": [{"role": "user", "content": f"question {i} " * 3},
+                           {"role": "assistant", "content": f"answer {i} " * 5}]}
+             for i in range(60)]
+    train = _jsonl(tmp_path / "talks.jsonl", *talks)
+    out, cache = tmp_path / "ft", tmp_path / "cache"
+    assert cli.main(["train", "--init", str(src), "--data", str(train), "--out", str(out),
+                     "--cache-dir", str(cache), "--steps", "2", "--batch-size", "2",
+                     "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
+                     "--sample-tokens", "0", "--quiet"]) == 0
+    [entry] = [p for p in cache.iterdir()]
+    rendered = bytes(open(entry / "train.bin", "rb").read()[::2])   # uint16 byte ids
+    assert b"^<user>question" in rendered and b"answer 1 $" in rendered
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--json", "--cache-dir", str(cache)]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
+    assert len(list(cache.iterdir())) == 1   # the same rendering, the same cache entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert quantize(out, tmp_path / "q", corpus, "--group-size", "32") == 0
+    assert json.loads((tmp_path / "q" / "tokenizer_config.json").read_text())[
+        "chat_template"] == TEMPLATE
