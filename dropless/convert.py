@@ -56,6 +56,18 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
         state["quant"] = asdict(qcfg)
     with atomic_dir(out) as tmp:   # a failed save leaves no half-made run directory in OUT
         save(tmp, 0, model, state=state)
+        copy_chat_files(hf_dir, tmp)
+
+
+# what `generate --chat` and `serve` read beside the weights (dropless.serve.text.chat_metadata):
+# EOS ids and chat template, carried along by convert, quantize and train --init
+CHAT_FILES = ("generation_config.json", "tokenizer_config.json")
+
+
+def copy_chat_files(src: str | Path, dst: Path) -> None:
+    for name in CHAT_FILES:
+        if (Path(src) / name).is_file():
+            write_atomic(dst / name, read_small_text(Path(src) / name).encode())
 
 
 def _quant_config(model: Transformer):
@@ -80,6 +92,7 @@ def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None =
     model, tokenizer, _ = load_run(run_dir)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, tmp, tokenizer.to_json(), model_type)
+        copy_chat_files(run_dir, tmp)
 
 
 def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:

@@ -79,3 +79,18 @@ def test_finetune_on_conversations(trained_run, tmp_path, corpus, capsys):
         assert quantize(out, tmp_path / "q", corpus, "--group-size", "32") == 0
     assert json.loads((tmp_path / "q" / "tokenizer_config.json").read_text())[
         "chat_template"] == TEMPLATE
+
+
+def test_convert_carries_the_chat_files(trained_run, tmp_path):
+    """Both ways: an HF directory's EOS ids and chat template reach the run, and back."""
+    hf, run, back = tmp_path / "hf", tmp_path / "run", tmp_path / "back"
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(hf)]) == 0
+    assert not (hf / "tokenizer_config.json").exists()   # the run had none
+    files = {"tokenizer_config.json": json.dumps({"chat_template": TEMPLATE}),
+             "generation_config.json": json.dumps({"eos_token_id": 3})}
+    for name, text in files.items():
+        (hf / name).write_text(text)
+    assert cli.main(["convert", "--from-hf", str(hf), str(run)]) == 0
+    assert cli.main(["convert", "--to-hf", str(run), str(back)]) == 0
+    for d in (run, back):
+        assert {name: (d / name).read_text() for name in files} == files

@@ -16,7 +16,7 @@ import torch
 
 from dropless import data
 from dropless.errors import DroplessError
-from dropless.files import atomic_dir, read_small_text
+from dropless.files import atomic_dir
 from dropless.quant.modules import QuantConfig
 
 MAX_WEIGHT = torch.finfo(torch.float16).max * 15 / 2   # over it a group's fp16 scale can overflow
@@ -68,10 +68,6 @@ def load_source(src: str | Path, device: torch.device):
     return model.to(work_dtype(model.cfg, device)), tok, saved_train_config(state)
 
 
-# what `generate --chat` and `serve` read beside the weights (dropless.serve.text.chat_metadata)
-CHAT_FILES = ("generation_config.json", "tokenizer_config.json")
-
-
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
                        cache_dir: str | None, chat: tuple | None = None) -> torch.Tensor:
     """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
@@ -92,6 +88,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in SRC's saved
     one: SRC may come from a stranger, and quantizing it must not write where it says."""
     from dropless.checkpoint import config_to_dict
+    from dropless.convert import copy_chat_files
     from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
@@ -147,9 +144,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     with atomic_dir(out) as tmp:   # all of it or nothing
         save(tmp, 0, model, state=state)
         (tmp / "tokenizer.json").write_text(tok.to_json())
-        for name in CHAT_FILES:   # EOS ids and chat template: served as the source is
-            if (Path(src) / name).is_file():
-                (tmp / name).write_text(read_small_text(Path(src) / name))
+        copy_chat_files(src, tmp)   # EOS ids and chat template: served as the source is
     packed = sum(m.experts.nbytes() for m in model.moe_layers()
                  if isinstance(m.experts, QuantizedExperts))
     return {"out": str(out), "layers": len(model.layers), "expert_bytes_bf16": float_expert_bytes,
