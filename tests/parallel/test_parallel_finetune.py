@@ -1,0 +1,27 @@
+"""`train --init` under a 2-rank job (ep=2: each rank keeps half of the source's experts) == one
+process fine-tuning from the same source. CPU (gloo), fp32."""
+
+from dataclasses import asdict
+
+import pytest
+
+from _dist import launch
+from dropless.config import TrainConfig
+from dropless.train import train
+from test_parallel_train import assert_close, metrics, train_body
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus):
+    base = dict(device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), batch_size=4,
+                seq_len=32, warmup=0, eval_every=3, eval_batches=2, ckpt_every=10, log_every=1,
+                sample_tokens=0)
+    train(TrainConfig(out=str(tmp_path / "src"), steps=4, **base), progress=False)
+    tune = dict(base, init=str(tmp_path / "src"), steps=3, lr=1e-3)
+    launch(2, train_body, asdict(TrainConfig(out=str(tmp_path / "two"), ep=2, **tune)))
+    train(TrainConfig(out=str(tmp_path / "one"), **tune), progress=False)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    assert_close(two, one, [1, 2, 3])
+    source = metrics(tmp_path / "src")
+    assert one[1]["loss"] < 0.9 * source[1]["loss"]   # from the source's weights, not a new init
