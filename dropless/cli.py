@@ -91,20 +91,38 @@ def _train(args) -> int:
     return 0 if summary["finished"] else 130
 
 
-def _generate(args) -> int:
-    from dropless.checkpoint import load_model_dir
-    from dropless.generate import generate
+def _sampling_flags(args) -> None:
+    """generate's and chat's flags checked, before a model is loaded, not after."""
     from dropless.ops.device import check_switches
-    from dropless.serve.chat_template import render_chat
-    from dropless.serve.moe_decode import kmajor_experts
-    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, chat_metadata
 
-    check_switches()   # before a model is loaded, not after
+    check_switches()
     _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
     _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
              args.temperature, "must be a finite number >= 0")
     _require(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be >= 1")
     _require(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
+
+
+def _chat(args) -> int:
+    from dropless.chat import run_chat
+    from dropless.checkpoint import load_model_dir
+    from dropless.serve.moe_decode import kmajor_experts
+    from dropless.serve.text import chat_metadata
+
+    _sampling_flags(args)
+    model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
+    kmajor_experts(model)   # the decode GEMVs' layout (on CUDA)
+    return run_chat(model, tok, chat_metadata(args.run_dir, model.cfg.vocab_size, tok), args)
+
+
+def _generate(args) -> int:
+    from dropless.checkpoint import load_model_dir
+    from dropless.generate import generate
+    from dropless.serve.chat_template import render_chat
+    from dropless.serve.moe_decode import kmajor_experts
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, chat_metadata
+
+    _sampling_flags(args)
     prompts = args.prompt or ["def "]   # argv's bytes that are not UTF-8: lone surrogates
     bad = [p for p in prompts if any("\ud800" <= c <= "\udfff" for c in p)]
     _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
@@ -289,7 +307,7 @@ def _run(args) -> int:
         if args.command == "example":
             from dropless.example import run_example
             return run_example() or 0
-        return {"train": _train, "generate": _generate, "info": _info,
+        return {"train": _train, "generate": _generate, "chat": _chat, "info": _info,
                 "convert": _convert, "serve": _serve, "quantize": _quantize,
                 "eval": _eval}[args.command](args)
     except DroplessError as e:

@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true",
                      help="generate past the model's EOS (default: a row stops there)")
 
+    chat = sub.add_parser("chat", help="talk to a model in the terminal: each line a message, "
+                                        "its reply streamed (/exit or EOF ends)")
+    chat.add_argument("run_dir", type=_path, metavar="RUN_DIR|HF_DIR")
+    chat.add_argument("--system", help="a system message first")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="per reply")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--seed", type=int, help="turn i samples with seed + i")
+    chat.add_argument("--device", default="auto", help="auto (cuda when available), cpu, ...")
+    chat.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
+    chat.add_argument("--ignore-eos", action="store_true", help="reply past the model's EOS")
+
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
     srv.add_argument("model_dir", metavar="RUN_DIR|HF_DIR")
     srv.add_argument("--host", default="127.0.0.1")
