@@ -17,7 +17,7 @@ QUIT = ("/exit", "/quit")
 def run_chat(model, tok, chat: tuple, args, lines=None, out=None, err=None) -> int:
     """chat: (EOS ids, chat template, special tokens) of the model's directory."""
     from dropless.generate import generate
-    from dropless.serve.chat_template import ChatRenderer
+    from dropless.serve.chat_template import ChatRenderer, PromptTooLong
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
     lines, out, err = lines or sys.stdin, out or sys.stdout, err or sys.stderr
@@ -28,13 +28,21 @@ def run_chat(model, tok, chat: tuple, args, lines=None, out=None, err=None) -> i
     head = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     interactive = lines is sys.stdin and sys.stdin.isatty()
+    if lines is sys.stdin and hasattr(lines, "reconfigure"):
+        lines.reconfigure(errors="replace")   # bytes that are not UTF-8: U+FFFD, no traceback
 
-    def prompt_ids() -> list[int]:
+    def prompt_ids() -> list[int] | None:
+        """The history rendered and encoded; None when it renders past every context."""
         try:
             text = renderer.render(head + history)
-        except ValueError as e:   # the template raised, or rendered past its bounds
+        except PromptTooLong:
+            return None
+        except ValueError as e:   # the template raised
             raise DroplessError(f"{args.run_dir}: the chat template failed: {e}") from None
         return tok.encode(text, template == DEFAULT_CHAT_TEMPLATE).tolist()
+
+    def too_long(ids) -> bool:
+        return ids is None or len(ids) + args.max_new_tokens > context
 
     turn = 0
     try:
@@ -43,18 +51,20 @@ def run_chat(model, tok, chat: tuple, args, lines=None, out=None, err=None) -> i
                 print("> ", end="", file=err, flush=True)
             if not (line := lines.readline()):   # EOF
                 break
-            message = line.rstrip("\n")
+            # a lone surrogate (a terminal's undecodable byte) has no UTF-8: "?" instead
+            message = line.rstrip("\n").encode("utf-8", "replace").decode("utf-8")
             if message.strip() in QUIT:
                 break
             if not message.strip():
                 continue
             history.append({"role": "user", "content": message})
             ids = prompt_ids()
-            while len(ids) + args.max_new_tokens > context and len(history) > 1:
+            while too_long(ids) and len(history) > 1:
                 del history[:2]   # the oldest user message and its reply
                 ids = prompt_ids()
-            if len(ids) + args.max_new_tokens > context:
-                print(f"dropless: this message ({len(ids)} tokens with the template) + "
+            if too_long(ids):
+                size = "too many" if ids is None else len(ids)
+                print(f"dropless: this message ({size} tokens with the template) + "
                       f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
                       f"{context} tokens: not sent", file=err, flush=True)
                 history.clear()

@@ -53,14 +53,16 @@ def test_eos_ends_a_reply_and_old_turns_make_room(chat_run, monkeypatch, capsys)
     eos = greedy[3]
     (chat_run / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     long = "x" * (context // 2)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"a\n{long}\n{long}\n{'y' * context}\nb\n"))
+    huge = "z" * (40 * context)   # past even the renderer's bound
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        f"a\n{long}\n{long}\n{'y' * context}\n{huge}\nb\u0000\ud800\n"))
     assert cli.main(["chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8",
                      "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     replies = out.split("\n")[:-1]
     assert replies[0] == _reply(model, [{"role": "user", "content": "a"}], 8, (eos,))
-    assert len(replies) == 4   # the message longer than the context was not sent
-    assert "exceeds the model's context" in err and err.count("\n") == 1
+    assert len(replies) == 4   # the messages longer than the context were not sent
+    assert err.count("exceeds the model's context") == err.count("\n") == 2
     # the third long message left room only by dropping the turns before it
     assert replies[2] == _reply(model, [{"role": "user", "content": long}], 8, (eos,))
-    assert replies[3] == _reply(model, [{"role": "user", "content": "b"}], 8, (eos,))
+    assert replies[3] == _reply(model, [{"role": "user", "content": "b\u0000?"}], 8, (eos,))
