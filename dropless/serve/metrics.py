@@ -73,11 +73,8 @@ class Metrics:
                     self.hist["time_per_output_token_seconds"].observe(
                         (now - first) / (len(request.output) - 1))
 
-    def render(self, engine) -> str:
-        with engine.lock:
-            running = sum(r is not None for r in engine.slots)
-            waiting = sum(not r.cancelled for r in engine.waiting)
-            stats = dict(engine.stats)
+    def render(self, running: int, waiting: int, engine: dict) -> str:
+        """running, waiting: requests in a slot and waiting for one; engine: its counters."""
         lines = []
 
         def metric(name: str, kind: str, text: str, samples: list[str]) -> None:
@@ -98,7 +95,7 @@ class Metrics:
                    [f"generation_tokens_total {self.generation_tokens}"])
             for name, text in self.HISTOGRAMS.items():
                 metric(name, "histogram", text, self.hist[name].lines(name))
-        for key, value in sorted(stats.items()):   # steps, prefills, prefill_s, captures, ...
+        for key, value in sorted(engine.items()):   # steps, prefills, prefill_s, captures, ...
             metric(f"engine_{key}_total", "counter", f"the engine's {key} counter", [
                 f"engine_{key}_total {value!r}"])
         return "\n".join(lines) + "\n"

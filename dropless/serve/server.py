@@ -85,24 +85,27 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     install_error_handlers(app)
     metrics = Metrics()
 
-    @app.get("/metrics")   # Prometheus' text format; open as /health is
-    async def prometheus():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
-
     def waiting() -> int:
         """Requests waiting for a slot, under engine.lock, but not those whose client left: the
         engine drops them at its next step, and till then (a long prefill's) they kept later
         clients out with 429s. A scan per arrival (of about max_queue), none in the step."""
         return sum(not r.cancelled for r in engine.waiting)
 
+    def load() -> dict:
+        """The engine's load and its counters (steps, prefill forwards and rows, host seconds in
+        prefill, CUDA-graph captures), read at once under its lock."""
+        with engine.lock:
+            return {"running": sum(r is not None for r in engine.slots), "waiting": waiting(),
+                    "engine": dict(engine.stats)}
+
     @app.get("/health")
     async def health():
-        """Up, with the engine's load and its counters (steps, prefill forwards and rows, host
-        seconds in prefill, CUDA-graph captures) for monitoring and benchmarks."""
-        with engine.lock:
-            running = sum(r is not None for r in engine.slots)
-            return {"status": "ok", "running": running, "waiting": waiting(),
-                    "engine": dict(engine.stats)}
+        """Up, with load(), for monitoring and benchmarks."""
+        return {"status": "ok", **load()}
+
+    @app.get("/metrics")   # Prometheus' text format; open as /health is
+    async def prometheus():
+        return PlainTextResponse(metrics.render(**load()), media_type="text/plain; version=0.0.4")
 
     card = {"id": served.name, "object": "model", "created": 0, "owned_by": "dropless"}
 
