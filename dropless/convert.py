@@ -54,20 +54,11 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> None:
     qcfg = _quant_config(model)
     if qcfg is not None:   # an AutoAWQ directory: load_run must swap the same packed modules in
         state["quant"] = asdict(qcfg)
+    from dropless.serve.text import copy_chat_files
+
     with atomic_dir(out) as tmp:   # a failed save leaves no half-made run directory in OUT
         save(tmp, 0, model, state=state)
-        copy_chat_files(hf_dir, tmp)
-
-
-# what `generate --chat` and `serve` read beside the weights (dropless.serve.text.chat_metadata):
-# EOS ids and chat template, carried along by convert, quantize and train --init
-CHAT_FILES = ("generation_config.json", "tokenizer_config.json")
-
-
-def copy_chat_files(src: str | Path, dst: Path) -> None:
-    for name in CHAT_FILES:
-        if (Path(src) / name).is_file():
-            write_atomic(dst / name, read_small_text(Path(src) / name).encode())
+        copy_chat_files(hf_dir, tmp, model.cfg.vocab_size, tokenizer_from_json(tokenizer_json))
 
 
 def _quant_config(model: Transformer):
@@ -89,10 +80,12 @@ def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None =
     an empty directory) appears whole or not at all: config.json, the weights and the tokenizer
     are written into a temp directory beside it, renamed into place at the end, so an interrupted
     convert leaves no directory that looks like a model with half its weights."""
+    from dropless.serve.text import copy_chat_files
+
     model, tokenizer, _ = load_run(run_dir)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, tmp, tokenizer.to_json(), model_type)
-        copy_chat_files(run_dir, tmp)
+        copy_chat_files(run_dir, tmp, model.cfg.vocab_size, tokenizer)
 
 
 def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:

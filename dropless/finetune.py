@@ -11,15 +11,12 @@ resumed run takes the architecture from its own checkpoint: the source is not re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from dropless.config import PRESETS, ModelConfig, TrainConfig
 from dropless.errors import DroplessError
-from dropless.files import write_atomic
 
 # what a fine-tuning run takes where the flags leave it: a from-scratch learning rate (3e-3 for
 # tiny) would wreck pretrained weights in a few steps
@@ -45,21 +42,6 @@ def load_source(path: str) -> Source:
                             "cannot be trained; start from the model it was quantized from")
     return Source(model.cfg, tokenizer, weights, chat_metadata(path, model.cfg.vocab_size,
                                                                tokenizer))
-
-
-def write_chat_files(run_dir: Path, source: Source) -> None:
-    """The source's EOS ids and chat template into the run directory, in the files `generate
-    --chat` and `serve` read (generation_config.json, tokenizer_config.json): a fine-tuned
-    instruct model stops and chats as its source did."""
-    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
-
-    eos_ids, template, special = source.chat
-    if eos_ids:
-        write_atomic(run_dir / "generation_config.json",
-                     json.dumps({"eos_token_id": list(eos_ids)}).encode())
-    if template != DEFAULT_CHAT_TEMPLATE or any(special.values()):
-        write_atomic(run_dir / "tokenizer_config.json",
-                     json.dumps({"chat_template": template, **special}).encode())
 
 
 def base_config(cfg: TrainConfig, state: dict | None, source: Source | None) -> ModelConfig:

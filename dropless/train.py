@@ -31,7 +31,7 @@ from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
-from dropless.finetune import base_config, load_source, run_config, write_chat_files
+from dropless.finetune import base_config, load_source, run_config
 from dropless.optim import lr_at, make_optimizer, total_norm
 from dropless.runlog import MetricsLog, StopOnInterrupt
 from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, resolve_device,
@@ -194,8 +194,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_atomic(run_dir / "tokenizer.json", tok.to_json().encode())
-        if source is not None:
-            write_chat_files(run_dir, source)
+        if source is not None:   # a fine-tuned instruct model stops and chats as its source
+            from dropless.serve.text import copy_chat_files
+            copy_chat_files(cfg.init, run_dir, source.cfg.vocab_size, source.tokenizer)
     # the one source of the expert backend: --backend, recorded in the model config that is saved
     model_cfg = run_config(cfg, base, tok.vocab_size)
     name = f"{Path(cfg.init).name} (--init)" if cfg.init else cfg.preset

@@ -94,3 +94,26 @@ def test_convert_carries_the_chat_files(trained_run, tmp_path):
     assert cli.main(["convert", "--to-hf", str(run), str(back)]) == 0
     for d in (run, back):
         assert {name: (d / name).read_text() for name in files} == files
+
+
+def test_eos_ids_kept_in_config_json_reach_the_run(trained_run, tmp_path, corpus, capsys):
+    """An HF directory that names its EOS ids in config.json alone: convert and train --init write
+    them into the run's generation_config.json beside the fields it had (a run directory has no
+    config.json, and a model without its EOS runs past it); serve and generate read the same."""
+    from dropless.checkpoint import load_model_dir
+    from dropless.serve.text import chat_metadata
+
+    hf = tmp_path / "hf"
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "eos_token_id": [5, 6]}))
+    (hf / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    run, tuned = tmp_path / "run", tmp_path / "ft"
+    assert cli.main(["convert", "--from-hf", str(hf), str(run)]) == 0
+    assert cli.main(["train", "--init", str(hf), "--data", str(corpus), "--out", str(tuned),
+                     "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "1",
+                     "--eval-batches", "1", "--sample-tokens", "0", "--quiet"]) == 0
+    for d in (run, tuned):
+        assert json.loads((d / "generation_config.json").read_text()) == {
+            "do_sample": True, "eos_token_id": [5, 6]}
+        assert chat_metadata(d, 256, load_model_dir(d)[1])[0] == (5, 6)

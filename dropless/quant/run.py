@@ -88,7 +88,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in SRC's saved
     one: SRC may come from a stranger, and quantizing it must not write where it says."""
     from dropless.checkpoint import config_to_dict
-    from dropless.convert import copy_chat_files
+    from dropless.serve.text import copy_chat_files
     from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
     from dropless.quant.modules import QuantizedExperts, check_quantizable
@@ -144,7 +144,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     with atomic_dir(out) as tmp:   # all of it or nothing
         save(tmp, 0, model, state=state)
         (tmp / "tokenizer.json").write_text(tok.to_json())
-        copy_chat_files(src, tmp)   # EOS ids and chat template: served as the source is
+        copy_chat_files(src, tmp, model.cfg.vocab_size, tok)   # served as the source is
     packed = sum(m.experts.nbytes() for m in model.moe_layers()
                  if isinstance(m.experts, QuantizedExperts))
     return {"out": str(out), "layers": len(model.layers), "expert_bytes_bf16": float_expert_bytes,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import codecs
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dropless.errors import DroplessError
-from dropless.files import read_json_object
+from dropless.files import read_json_object, read_small_text, write_atomic
 from dropless.model import Transformer
 from dropless.tokenizer import Tokenizer
 
@@ -106,6 +107,25 @@ def chat_metadata(root: Path, vocab_size: int, tokenizer) -> tuple[tuple[int, ..
     if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
         eos, where = tokenizer.tok.token_to_id(special["eos_token"]), f"{tok_path}: eos_token"
     return _eos_ids(eos, vocab_size, str(where)), template, special
+
+
+# what `generate --chat` and `serve` read beside the weights (`chat_metadata`): EOS ids and chat
+# template, carried along by convert, quantize and train --init
+CHAT_FILES = ("generation_config.json", "tokenizer_config.json")
+
+
+def copy_chat_files(src, dst: Path, vocab_size: int, tokenizer) -> None:
+    """A model directory's chat files into `dst`, as they are, and its EOS ids into dst's
+    generation_config.json where the source keeps them elsewhere (config.json, its tokenizer's
+    eos_token): a run directory has no config.json, and a model that lost its EOS runs past it."""
+    eos_ids = chat_metadata(src, vocab_size, tokenizer)[0]   # checks what it copies
+    for name in CHAT_FILES:
+        if (Path(src) / name).is_file():
+            write_atomic(dst / name, read_small_text(Path(src) / name).encode())
+    gen = _read_json(dst / "generation_config.json")
+    if eos_ids and "eos_token_id" not in gen:
+        write_atomic(dst / "generation_config.json",
+                     json.dumps({**gen, "eos_token_id": list(eos_ids)}).encode())
 
 
 def _advance(stop: str, fails: list[int], k: int, char: str) -> int:
