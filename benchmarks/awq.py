@@ -21,7 +21,9 @@ against the bf16 layer holding the dequantized int4 weights (the same function).
 --tiles sweeps the grouped int4 kernel's tile (BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, through
 DROPLESS_AWQ_TILE) at every T above 1: the int4 experts alone (fused path, graphed) under each
 tile, against the default tile and the best bf16 experts, each checked against the default's
-output.
+output. A spec may end in ":packed=MODE" (DROPLESS_AWQ_GROUPED_PACKED: 0, 1, small), or be
+"packed=MODE" alone (the default tile), or "default"; specs may repeat, so that
+`--tiles packed=1 default packed=1` times packed against unpacked in one process, alternating.
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -99,7 +101,8 @@ def main():
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiles", nargs="*", default=[],
-                        help="grouped int4 tiles BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES to sweep")
+                        help="grouped int4 tiles BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES to "
+                        "sweep, each optionally :packed=MODE (or packed=MODE, default)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -195,6 +198,17 @@ def main():
                   f"{check:>9.2e}")
 
 
+def spec_env(spec: str) -> dict[str, str]:
+    """The environment of one --tiles spec: "TILE", "TILE:packed=MODE", "packed=MODE", "default"."""
+    env = {}
+    for part in spec.split(":"):
+        if part.startswith("packed="):
+            env[awq_ops.GROUPED_PACKED_ENV] = part[len("packed="):]
+        elif part != "default":
+            env[awq_ops.TILE_ENV] = part
+    return env
+
+
 def sweep(name, T, specs, q, E, routed, per_call, times):
     """(shape, T, tile, ms, default ms, best bf16 ms, check) of the int4 experts under each tile."""
     def experts(r):
@@ -206,7 +220,8 @@ def sweep(name, T, specs, q, E, routed, per_call, times):
         bf16 = min(times["bf16 experts"], times["bf16 decode experts"])
         out = []
         for spec in specs:
-            os.environ[awq_ops.TILE_ENV] = spec
+            env = spec_env(spec)
+            os.environ.update(env)
             try:
                 y = experts(routed[0]).float()
                 check = ((y - ref).norm() / ref.norm()).item()
@@ -215,7 +230,8 @@ def sweep(name, T, specs, q, E, routed, per_call, times):
                 print(f"  tile {spec}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 ms, check = float("nan"), float("nan")
             finally:
-                os.environ.pop(awq_ops.TILE_ENV)
+                for key in env:
+                    os.environ.pop(key)
             out.append((name, T, spec, ms, default, bf16, check))
     return out
 

@@ -49,9 +49,9 @@
 #            minutes)
 #   logprobs benchmarks/logprobs.py: a decode step with and without log-probabilities (medium at
 #            batch 1 and 32, the Qwen3-30B-A3B shape at batch 1)
-#   packed   the int4 tests with the grouped kernel's packed-order dequantization off and on
-#            (DROPLESS_AWQ_GROUPED_PACKED), then benchmarks/awq.py at 64 tokens both ways, twice
-#            alternating (~5 minutes)
+#   packed   the int4 tests (the grouped kernel's packed-order dequantization included), then
+#            benchmarks/awq.py at 64 tokens with DROPLESS_AWQ_GROUPED_PACKED 1, small and 0
+#            alternating in one process, and Mixtral's tiles with it on (~6 minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -183,13 +183,14 @@ for s in "$@"; do
            done ;;
     logprobs) stage "$L" 120 python3 benchmarks/logprobs.py --preset medium --batches 1 32
               stage "$L" 150 python3 benchmarks/logprobs.py --preset qwen3-30b-a3b --batches 1 ;;
-    packed) DROPLESS_AWQ_GROUPED_PACKED=0 stage "$L" 150 python3 -m pytest -q -n 12 tests/test_ops_awq.py \
-              tests/test_quant.py tests/test_serve_decode.py -k "awq or int4 or quant" -p no:cacheprovider -rf
-            DROPLESS_AWQ_GROUPED_PACKED=1 stage "$L" 120 python3 -m pytest -q -n 12 tests/test_ops_awq.py \
-              tests/test_quant.py -p no:cacheprovider -rf
-            for p in 0 1 0 1; do   # the first run compiles cold (round 26: cut at 50 s)
-              DROPLESS_AWQ_GROUPED_PACKED=$p stage "$L" 120 python3 benchmarks/awq.py --tokens 64
-            done ;;
+    packed) stage "$L" 150 python3 -m pytest -q -n 12 tests/test_ops_awq.py tests/test_quant.py \
+              -p no:cacheprovider -rf   # the default, and =1 and =small in test_other_unpackings
+            # one process, alternating: the first spec compiles cold (round 26: cut at 50 s)
+            stage "$L" 240 python3 benchmarks/awq.py --tokens 64 --tiles packed=1 packed=small \
+              default packed=1 packed=small default
+            stage "$L" 150 python3 benchmarks/awq.py --shapes mixtral --tokens 64 --tiles default \
+              64,64,64,4,3:packed=1 32,64,64,4,3:packed=1 64,128,64,8,3:packed=1 \
+              64,64,128,4,3:packed=1 32,128,64,4,3:packed=1 ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac

@@ -121,13 +121,16 @@ def test_moe_paths(T, D, F, E, K, mode, group, dtype):
     assert rel(awq.awq_fused_experts(x, plan, weights, *packed), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("unpack", ["interleave", "gather", "packed"])
+@pytest.mark.parametrize("unpack", ["interleave", "gather", "packed", "packed-small"])
 def test_other_unpackings(monkeypatch, unpack):
     """The other ways of reading the int32s (DROPLESS_AWQ_UNPACK): spread over columns in
     registers or by each column's own load, instead of nibble by nibble (the default); "packed":
-    the grouped kernel's tiles in packed order (DROPLESS_AWQ_GROUPED_PACKED=1)."""
-    if unpack == "packed":
-        monkeypatch.setenv(awq.GROUPED_PACKED_ENV, "1")
+    the grouped kernel's tiles in packed order (DROPLESS_AWQ_GROUPED_PACKED=1), "packed-small":
+    in 16-row tiles only (=small)."""
+    if unpack.startswith("packed"):
+        mode = "small" if unpack == "packed-small" else "1"
+        monkeypatch.setenv(awq.GROUPED_PACKED_ENV, mode)
+        assert [awq._grouped_packed(m) for m in (16, 64)] == [True, mode == "1"]
         for cases in CASES:
             test_moe_paths(*cases, torch.float16)
         test_linear(40, 128, 64, 64, torch.float32, residual=False)
@@ -153,6 +156,13 @@ def test_bad_tile_is_refused(monkeypatch, tile):
     monkeypatch.setenv(awq.TILE_ENV, tile)
     with pytest.raises(ValueError, match="DROPLESS_AWQ_TILE=.* is invalid: allowed: five positive"):
         awq._tile(64, 8)
+
+
+def test_unknown_grouped_packing_is_refused(monkeypatch):
+    monkeypatch.setenv(awq.GROUPED_PACKED_ENV, "yes")
+    with pytest.raises(ValueError, match="DROPLESS_AWQ_GROUPED_PACKED='yes' is invalid: allowed: "
+                                         "0, 1, small"):
+        awq._grouped_packed(16)
 
 
 def test_unknown_unpacking_is_refused(monkeypatch):

@@ -33,11 +33,14 @@ GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # (gemv_nibble_kernel), or spread over columns: "interleave" in registers or "gather" loads (see
 # _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
 # times them
-# DROPLESS_AWQ_GROUPED_PACKED=1 (with "nibble"): the grouped kernel dequantizes its tiles in packed
-# order, joins them into columns and scales the dot's result (round 25). Opt-in: at 64 tokens on
-# an H100 (round 26) it took the Qwen3-30B-A3B shape's experts from 0.420 to 0.393 ms and Mixtral's
-# from 1.015 to 1.127 ms, on round 21's tiles (tuned for the default)
+# DROPLESS_AWQ_GROUPED_PACKED (with "nibble"): whether the grouped kernel dequantizes its tiles in
+# packed order, joins them into columns and scales the dot's result (round 25): "0" never (the
+# default), "1" always, "small" in 16-row tiles only (a few rows per expert). At 64 tokens on an
+# H100 (round 26, not side by side) packed took the Qwen3-30B-A3B shape's experts (16-row tiles)
+# from 0.420 to 0.393 ms and Mixtral's (64-row tiles) from 1.015 to 1.127 ms, on round 21's tiles
+# (tuned for the unpacked kernel)
 GROUPED_PACKED_ENV = "DROPLESS_AWQ_GROUPED_PACKED"
+GROUPED_PACKED = ("0", "1", "small")
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
 # the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
@@ -45,8 +48,12 @@ UNPACKS = ("nibble", "interleave", "gather")
 TILE_ENV = "DROPLESS_AWQ_TILE"
 
 
-def _grouped_packed() -> bool:
-    return os.environ.get(GROUPED_PACKED_ENV) == "1" and _unpack() == "nibble"
+def _grouped_packed(block_m: int) -> bool:
+    mode = os.environ.get(GROUPED_PACKED_ENV) or GROUPED_PACKED[0]
+    if mode not in GROUPED_PACKED:
+        raise ValueError(f"{GROUPED_PACKED_ENV}={mode!r} is invalid: allowed: "
+                         f"{', '.join(GROUPED_PACKED)}")
+    return _unpack() == "nibble" and (mode == "1" or mode == "small" and block_m <= 16)
 
 
 def _unpack() -> str:
@@ -150,8 +157,8 @@ def _grouped(a, qw, qz, sc, c, *, n, num_rows, tile, tiles=None, a_row=None, out
         GS=gs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DENSE=tiles is None,
         GATHER=a_row is not None, SCATTER=out_row is not None, SCALE=scale is not None,
         SWIGLU=swiglu, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        GATHER_UNPACK=_unpack() == "gather", PACKED=_grouped_packed(), num_warps=warps,
-        num_stages=stages)
+        GATHER_UNPACK=_unpack() == "gather", PACKED=_grouped_packed(block_m),
+        num_warps=warps, num_stages=stages)
 
 
 def _tile(rows: int, experts: int) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ scales serves the whole tile. Weights are dequantized in registers; accumulation
 
 - `awq_grouped_kernel` (prefill): expert-contiguous row tiles (the tile map of triton_grouped) x
   column tiles, tl.dot on the dequantized tile in the activation dtype. With PACKED (opt-in,
-  DROPLESS_AWQ_GROUPED_PACKED=1, untimed) a tile is dequantized nibble by nibble in packed order,
+  DROPLESS_AWQ_GROUPED_PACKED: awq.py) a tile is dequantized nibble by nibble in packed order,
   as the GEMV's, and only then joined into column order in registers; the scales multiply the
   dot's result, not every weight.
 - decode (a few rows) runs the GEMV kernel of triton_gemv_kernels.py, which reads plain or int4
