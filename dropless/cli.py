@@ -31,7 +31,8 @@ def _train(args) -> int:
     from dropless.runlog import StopWhenReaderLeaves, format_summary
     from dropless.train import train
 
-    overrides = {dest: getattr(args, dest) for dest in [*TRAIN_FLAGS, "compile"]
+    overrides = {dest: getattr(args, dest)
+                 for dest in [*TRAIN_FLAGS, "compile", "assistant_only_loss"]
                  if getattr(args, dest) is not None}
     for dest in [k for k in ("data", "val_data", "cache_dir", "init") if overrides.get(k)]:
         overrides[dest] = os.path.abspath(overrides[dest])

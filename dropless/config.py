@@ -331,6 +331,8 @@ class TrainConfig:
     # a run or Hugging Face directory whose weights and tokenizer the run starts from (fine-tuning,
     # dropless.finetune); preset, tokenizer and vocab then do not apply
     init: str | None = None
+    # the loss covers only the assistant turns of the conversations in data (dropless.conversations)
+    assistant_only_loss: bool = False
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
@@ -357,6 +359,8 @@ class TrainConfig:
         _check(self.lr <= 1e30, "lr", self.lr, "must be a finite number in (0, 1e30]")
         _check(self.compile in (None, True, False), "compile", self.compile,
                "must be true, false or null (auto)")
+        _check(self.assistant_only_loss in (True, False), "assistant_only_loss",
+               self.assistant_only_loss, "must be true or false")
         for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
             _finite(name, getattr(self, name), positive=False)
         _check(self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")

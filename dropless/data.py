@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dropless.conversations import IGNORE, conversation, cut, encode, pieces, render_all
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
 from dropless.tokenizer import Tokenizer
@@ -67,46 +68,8 @@ def stdlib_documents() -> list[tuple[str, str]]:
     return docs
 
 
-# a conversation's rendered text may be this long (the sandboxed renderer's bound)
-CHAT_CHARS = 1 << 24
-
-
-def _conversation(record: dict, shown: str, lineno: int) -> list | None:
-    """A record's "messages" (None: it has none), each an object of string role and content."""
-    messages = record.get("messages")
-    if messages is None:
-        return None
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in messages)):
-        raise DroplessError(f'{shown}: line {lineno}: "messages" must be a non-empty list of '
-                            '{"role": string, "content": string} objects')
-    return messages
-
-
-def _render_all(conversations: list, chat: tuple[str, dict] | None, shown: str) -> list[str]:
-    """Each conversation as the chat template renders it whole (no generation prompt), in the
-    server's sandbox: a template from a model directory is a stranger's code."""
-    from dropless.serve.chat_template import ChatRenderer
-    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
-
-    template, special = chat or (DEFAULT_CHAT_TEMPLATE, {})
-    renderer = ChatRenderer(template, special, CHAT_CHARS)
-    texts = []
-    try:
-        for lineno, messages in conversations:
-            try:
-                texts.append(renderer.render(messages, add_generation_prompt=False))
-            except ValueError as e:
-                raise DroplessError(f"{shown}: line {lineno}: the chat template failed: "
-                                    f"{e}") from None
-    finally:
-        renderer.close()
-    return texts
-
-
-def _jsonl_documents(name: str, text: str, shown: str,
-                     chat: tuple[str, dict] | None = None) -> list[tuple[str, str]]:
+def _jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | None = None,
+                     assistant_only: bool = False) -> list[tuple[str, str]]:
     docs, conversations = [], []
     text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
     # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
@@ -119,7 +82,7 @@ def _jsonl_documents(name: str, text: str, shown: str,
         except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
             raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
                                 f"({getattr(e, 'msg', e)})") from None
-        if isinstance(record, dict) and (messages := _conversation(record, shown, lineno)):
+        if isinstance(record, dict) and (messages := conversation(record, shown, lineno)):
             conversations.append((lineno, messages))
             docs.append((f"{name}:{lineno}", None))   # rendered below, all in one child
             continue
@@ -131,7 +94,7 @@ def _jsonl_documents(name: str, text: str, shown: str,
         text = record["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         docs.append((f"{name}:{lineno}", text))
     if conversations:
-        rendered = iter(_render_all(conversations, chat, shown))
+        rendered = iter(render_all(conversations, chat, shown, assistant_only))
         docs = [(n, next(rendered) if t is None else t) for n, t in docs]
     return docs
 
@@ -155,13 +118,13 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
     return docs
 
 
-def read_documents(data: str | None, flag: str = "--data",
-                   chat: tuple[str, dict] | None = None) -> list[tuple[str, str]]:
+def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict] | None = None,
+                   assistant_only: bool = False) -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
     binary and non-regular files skipped), a `.jsonl` with a "text" field per line (or a
     "messages" conversation, rendered by `chat`: (chat template, special tokens), default the
-    plain one), or None for the stdlib. `flag`: the option the user named `data` with, for the
-    messages."""
+    plain one; with `assistant_only`, a conversations.Rendered that knows its assistant turns),
+    or None for the stdlib. `flag`: the option the user named `data` with, for the messages."""
     shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
@@ -174,13 +137,17 @@ def read_documents(data: str | None, flag: str = "--data",
         elif (text := _read_text(path, shown)) is None:
             raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = _jsonl_documents(path.name, text, shown, chat)
+            docs = _jsonl_documents(path.name, text, shown, chat, assistant_only)
         elif "\x00" in text:
             raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
         else:
             docs = [(path.name, text)]
     if not any(text.strip() for _, text in docs):
         raise DroplessError(f"{shown}: no text found (empty)")
+    if assistant_only and flag.endswith("--data") and not any(
+            getattr(text, "spans", ()) for _, text in docs):
+        raise DroplessError(f"{shown}: --assistant-only-loss needs conversations with an "
+                            'assistant turn (.jsonl lines {"messages": [...]}); it has none')
     return docs
 
 
@@ -219,6 +186,15 @@ def split_documents(docs: list[tuple[str, str]], val_docs: list[tuple[str, str]]
     return train, val
 
 
+def _split_pieces(docs, val_docs=None) -> tuple[list, list]:
+    """split_documents' split as conversations.pieces (text, in the loss): --assistant-only-loss."""
+    if val_docs is None and _cut_by_position(*_split_by_name(docs)):
+        every = pieces([text for _, text in docs], DOC_SEPARATOR)
+        return cut(every, sum(len(text) for text, _ in every) * (100 - VAL_PERCENT) // 100)
+    train, val = split_documents(docs, val_docs)
+    return pieces(train, DOC_SEPARATOR), pieces(val, DOC_SEPARATOR)
+
+
 # ---- token cache ---------------------------------------------------------------------------------
 
 @dataclass
@@ -226,11 +202,16 @@ class TokenData:
     train: np.ndarray     # memory-mapped token ids
     val: np.ndarray
     key: str              # hash of (documents, tokenizer, split): checkpoints record it
+    # --assistant-only-loss: 1 where the loss covers the token (as a target), else None
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
 
 
 def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
-              val_docs: list[tuple[str, str]] | None = None) -> str:
+              val_docs: list[tuple[str, str]] | None = None, assistant_only: bool = False) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{VAL_PERCENT}|".encode())
+    if assistant_only:   # the same texts, other tokens (a piece at a time) and a mask
+        h.update(b"assistant-only|")
     # a corpus cut by position only since the cut took tiny sides too (before, only an empty one)
     # has other tokens than its cache entries and checkpoints hold: a new key; the rest keep theirs
     train, val = _split_by_name(docs)
@@ -253,18 +234,32 @@ def _check_entry(entry: Path) -> str | None:
                 return f"{split}.bin fails its checksum"
             if len(data) != meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize:
                 return f"{split}.bin has the wrong length"
+            if f"{split}_mask_sha256" in meta:   # a byte a token
+                mask = (entry / f"{split}.mask").read_bytes()
+                if hashlib.sha256(mask).hexdigest() != meta[f"{split}_mask_sha256"]:
+                    return f"{split}.mask fails its checksum"
+                if len(mask) != meta[f"{split}_tokens"]:
+                    return f"{split}.mask has the wrong length"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 
-def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None) -> None:
+def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
+           assistant_only: bool = False) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
-    for split, texts in zip(("train", "val"), split_documents(docs, val_docs)):
-        parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
-        raw = np.concatenate(parts[:-1]).astype(dtype).tobytes()
+    splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
+    for split, texts in zip(("train", "val"), splits):
+        if assistant_only:
+            ids, mask = encode(tokenizer, texts)
+            write_atomic(folder / f"{split}.mask", mask.tobytes())
+            meta[f"{split}_mask_sha256"] = hashlib.sha256(mask.tobytes()).hexdigest()
+        else:
+            parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
+            ids = np.concatenate(parts[:-1])
+        raw = ids.astype(dtype).tobytes()
         write_atomic(folder / f"{split}.bin", raw)
         meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
         meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
@@ -272,7 +267,8 @@ def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None) -> None:
 
 
 def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
-                val_docs: list[tuple[str, str]] | None = None) -> TokenData:
+                val_docs: list[tuple[str, str]] | None = None,
+                assistant_only: bool = False) -> TokenData:
     """Token ids of both splits (split_documents') as read-only memmaps, tokenized once per
     (documents, validation documents, tokenizer) and reused from `cache_dir/<key>/` afterwards.
     The entry is built in a temp dir and renamed into place, so an interrupted build is never
@@ -280,7 +276,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
     rebuilt, never trained on."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
-    key = cache_key(docs, tokenizer, val_docs)
+    key = cache_key(docs, tokenizer, val_docs, assistant_only)
     entry = cache_dir / key
     if entry.exists() and (problem := _check_entry(entry)):
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
@@ -289,7 +285,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         tmp = temp_beside(entry)
         tmp.mkdir(parents=True)
         try:
-            _build(tmp, docs, tokenizer, val_docs)
+            _build(tmp, docs, tokenizer, val_docs, assistant_only)
             with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
         finally:   # a failed build (a full disk) leaves nothing behind
@@ -299,43 +295,59 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
     meta = read_small_json(entry / "meta.json")
     train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",
                             shape=(meta[f"{split}_tokens"],)) for split in ("train", "val"))
-    return TokenData(train, val, key)
+    masks = [np.memmap(entry / f"{split}.mask", dtype=np.uint8, mode="r",
+                       shape=(meta[f"{split}_tokens"],)) if assistant_only else None
+             for split in ("train", "val")]
+    return TokenData(train, val, key, *masks)
 
 
 # ---- batches -------------------------------------------------------------------------------------
 
-def _windows(tokens: np.ndarray, starts: list[int], seq_len: int):
+def _windows(tokens: np.ndarray, starts: list[int], seq_len: int, mask=None):
     w_BT = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-    return w_BT[:, :-1], w_BT[:, 1:]
+    x_BT, y_BT = w_BT[:, :-1], w_BT[:, 1:]
+    if mask is not None:   # targets outside the loss: IGNORE
+        m_BT = torch.from_numpy(np.stack([mask[s + 1:s + seq_len + 1] for s in starts]))
+        y_BT = y_BT.masked_fill(m_BT == 0, IGNORE)
+    return x_BT, y_BT
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, step: int,
-              micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) int64 [B, T]: random windows chosen only by (seed, step, micro)."""
+              micro: int = 0, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) int64 [B, T]: random windows chosen only by (seed, step, micro); targets
+    where `mask` (TokenData's) is 0 are IGNORE."""
     gen = torch.Generator().manual_seed(_hash64(f"dropless-batch|{seed}|{step}|{micro}") >> 1)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
-    return _windows(tokens, starts.tolist(), seq_len)
+    return _windows(tokens, starts.tolist(), seq_len, mask)
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int):
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int,
+                 mask: np.ndarray | None = None):
     """A fixed list of (inputs, targets) windows spread evenly over `tokens` (the same for every
-    seed and step, so validation losses are comparable across runs)."""
+    seed and step, so validation losses are comparable across runs); `mask` as get_batch's."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * num_batches).astype(np.int64)
-    return [_windows(tokens, starts[i:i + batch_size].tolist(), seq_len)
+    return [_windows(tokens, starts[i:i + batch_size].tolist(), seq_len, mask)
             for i in range(0, len(starts), batch_size)]
 
 
 def check_length(data: TokenData, seq_len: int) -> None:
-    for split, tokens in (("training", data.train), ("validation", data.val)):
+    for split, tokens, mask in (("training", data.train, data.train_mask),
+                                ("validation", data.val, data.val_mask)):
         if len(tokens) < seq_len + 2:
             raise DroplessError(f"the {split} split has only {len(tokens)} tokens, too few for "
                                 f"--seq-len {seq_len}: use more data or a shorter --seq-len")
+        if mask is not None and not mask[1:].any():
+            raise DroplessError(f"the {split} split has no assistant tokens for "
+                                "--assistant-only-loss to train or validate on: use more "
+                                "conversations (or --val-data)")
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy in nats/token of the tokens' own unigram distribution: the loss of the best model
-    that ignores context, the baseline a language model has to beat."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+def unigram_entropy(tokens: np.ndarray, vocab_size: int, mask: np.ndarray | None = None) -> float:
+    """Entropy in nats/token of the tokens' own unigram distribution (those the loss covers, where
+    `mask`): the loss of the best model that ignores context, the baseline a language model has
+    to beat."""
+    tokens = np.asarray(tokens) if mask is None else np.asarray(tokens)[np.asarray(mask) != 0]
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -354,9 +366,10 @@ def prepare(cfg, state: dict | None, source=None):
     # conversations render in the --init source's chat template (a resumed run: the copy in its
     # directory), else the plain default
     chat = source.chat[1:] if source is not None else chat_files(Path(cfg.out))
-    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data", chat)
+    only = cfg.assistant_only_loss
+    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data", chat, only)
     val_docs = None if cfg.val_data is None else read_documents(
-        cfg.val_data, "--val-data" if state is None else "the run's --val-data", chat)
+        cfg.val_data, "--val-data" if state is None else "the run's --val-data", chat, only)
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif source is not None:
@@ -368,7 +381,7 @@ def prepare(cfg, state: dict | None, source=None):
     else:
         tok = ByteTokenizer()
     tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
-                         val_docs)
+                         val_docs, only)
     check_length(tokens, cfg.seq_len)
     if state is not None and state["data"]["key"] != tokens.key:
         raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "

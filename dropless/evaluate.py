@@ -36,18 +36,20 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
     seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
     val_docs, chat = None, chat_files(Path(path))   # conversations: in the model's template
+    only = cfg.assistant_only_loss   # the loss the run trained: its val_loss is comparable
     if data_path is not None:
-        docs = data.read_documents(data_path, "--data", chat)
+        docs = data.read_documents(data_path, "--data", chat, only)
     else:   # the message must not name a flag the user did not pass
-        docs = data.read_documents(cfg.data, "the run's --data", chat)
+        docs = data.read_documents(cfg.data, "the run's --data", chat, only)
         if cfg.val_data is not None:   # the run validated on its --val-data
-            val_docs = data.read_documents(cfg.val_data, "the run's --val-data", chat)
+            val_docs = data.read_documents(cfg.val_data, "the run's --val-data", chat, only)
     cache = Path(cache_dir) if cache_dir else data.default_cache_dir()
-    tokens = data.load_tokens(docs, tok, cache, val_docs)
+    tokens = data.load_tokens(docs, tok, cache, val_docs, only)
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
-    windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches)
+    windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches,
+                                tokens.val_mask)
     loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
     # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
     return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),

@@ -30,6 +30,7 @@ from dropless import data
 from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import TrainConfig
+from dropless.conversations import IGNORE
 from dropless.errors import DroplessError
 from dropless.finetune import base_config, load_source, run_config
 from dropless.optim import lr_at, make_optimizer, total_norm
@@ -48,24 +49,32 @@ def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, params=Non
     `params`: tensors that stand in for some of the model's parameters (bf16-mixed's working
     copies, MasterAdamW)."""
     logits_BTV, aux = torch.func.functional_call(model, params, (x_BT,)) if params else model(x_BT)
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten()), aux
+    # a mean over the targets the loss covers (--assistant-only-loss: IGNORE elsewhere); 0, not
+    # NaN, where it covers none
+    total = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum",
+                            ignore_index=IGNORE)
+    return total / (y_BT != IGNORE).sum().clamp(min=1), aux
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> float:
-    """Mean loss over `windows`; under torchrun each rank takes its slice of every window. Eager
-    under --compile too: a no-grad graph would compile once more (seconds) to save milliseconds
-    per evaluation."""
+    """Mean loss over the targets of `windows` (those the loss covers); under torchrun each rank
+    takes its slice of every window. Eager under --compile too: a no-grad graph would compile
+    once more (seconds) to save milliseconds per evaluation."""
     model.eval()
-    losses = []
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for x_BT, y_BT in windows:
         if rt is not None:
             x_BT, y_BT = rt.shard_batch(x_BT), rt.shard_batch(y_BT)
+        y_BT = y_BT.to(device)
+        n = (y_BT != IGNORE).sum()
         with amp:
-            losses.append(lm_loss(model, x_BT.to(device), y_BT.to(device))[0])
+            total += lm_loss(model, x_BT.to(device), y_BT)[0].float() * n
+        count += n
     model.train()
-    loss = torch.stack(losses).mean()
-    return (loss if rt is None else rt.all_mean(loss)).item()   # sync: the value is logged
+    if rt is not None:
+        total, count = rt.all_mean(total), rt.all_mean(count)
+    return (total / count).item()   # sync: the value is logged
 
 
 def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
@@ -204,7 +213,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             config_to_dict(model_cfg)):
         raise DroplessError(f"config mismatch on resume: preset {cfg.preset!r} no longer "
                             "matches the model in the checkpoint")
-    baseline = data.unigram_entropy(tokens.val, tok.vocab_size)
+    baseline = data.unigram_entropy(tokens.val, tok.vocab_size, tokens.val_mask)
 
     # 2. model, optimizer, precision and the step's cost (for tokens/s and MFU)
     precision = resolve_precision(cfg.precision, device)
@@ -226,7 +235,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     compiled = resolve_compile(cfg.compile, device, rt.world)
     loss_fn = torch.compile(lm_loss) if compiled else lm_loss
     amp = autocast_for(precision, device)
-    val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                    tokens.val_mask)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model_stats(model_cfg, cfg.seq_len)["train_flops_per_token"]
@@ -285,7 +295,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             batches = []
             for micro in range(cfg.grad_accum):
                 x_BT, y_BT = data.get_batch(tokens.train, cfg.batch_size, cfg.seq_len,
-                                            seed=cfg.seed, step=step, micro=micro)
+                                            seed=cfg.seed, step=step, micro=micro,
+                                            mask=tokens.train_mask)
                 batches.append((rt.shard_batch(x_BT).to(device, non_blocking=True),   # this
                                 rt.shard_batch(y_BT).to(device, non_blocking=True)))  # rank's rows
             lm, aux_loss, grad_norm, loads_LE = train_step(model, loss_fn, opt, batches, amp,

@@ -1,0 +1,139 @@
+"""Conversations as training data: a `.jsonl` line {"messages": [...]} rendered whole by a chat
+template, in the server's sandbox (a template from a model directory is a stranger's code).
+
+With `--assistant-only-loss` the loss covers only what the assistant says. An assistant turn is
+found by rendering: the conversation up to it with the generation prompt, then up to its end; the
+characters between are its reply, the template's end-of-turn text (its EOS) included, so the model
+learns to stop. A template that renders earlier turns differently once later ones follow (one that
+drops past reasoning, say) has no such spans, and is refused. Text is then tokenized a piece at a
+time (what the loss covers, what it skips): a BPE merge across a piece's edge is not made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dropless.errors import DroplessError
+
+# a conversation's rendered text may be this long (the sandboxed renderer's bound)
+CHAT_CHARS = 1 << 24
+# a target the loss skips (F.cross_entropy's ignore_index)
+IGNORE = -100
+
+
+class Rendered(str):
+    """A conversation's rendered text, with the (start, end) character spans of its assistant
+    turns. A str: whatever reads documents' text (hashing, splitting, BPE training) reads it as
+    it reads any other."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, spans):
+        rendered = super().__new__(cls, text)
+        rendered.spans = tuple(spans)
+        return rendered
+
+
+def conversation(record: dict, shown: str, lineno: int) -> list | None:
+    """A record's "messages" (None: it has none), each an object of string role and content."""
+    messages = record.get("messages")
+    if messages is None:
+        return None
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise DroplessError(f'{shown}: line {lineno}: "messages" must be a non-empty list of '
+                            '{"role": string, "content": string} objects')
+    return messages
+
+
+def _assistant_spans(render, messages: list, text: str, where: str) -> list[tuple[int, int]]:
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, end = render(messages[:i], True), render(messages[:i + 1], False)
+        if not (text.startswith(end) and end.startswith(prompt)):
+            raise DroplessError(
+                f"{where}: --assistant-only-loss cannot find assistant turn {i + 1}: the chat "
+                "template renders the turns before it differently once later ones follow (or "
+                "its generation prompt is not how the turn starts); train on whole "
+                "conversations instead (without the flag)")
+        spans.append((len(prompt), len(end)))
+    return spans
+
+
+def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
+               assistant_only: bool = False) -> list[str]:
+    """Each (line number, messages) as the chat template (chat: (template, special tokens),
+    default the plain one) renders it whole, no generation prompt; Rendered texts, with the
+    assistant turns' spans, where `assistant_only`."""
+    from dropless.serve.chat_template import ChatRenderer
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
+
+    template, special = chat or (DEFAULT_CHAT_TEMPLATE, {})
+    renderer = ChatRenderer(template, special, CHAT_CHARS)
+    texts = []
+    try:
+        for lineno, messages in conversations:
+            where = f"{shown}: line {lineno}"
+            try:
+                text = renderer.render(messages, add_generation_prompt=False)
+                if assistant_only:
+                    text = Rendered(text, _assistant_spans(renderer.render, messages, text,
+                                                           where))
+            except DroplessError:   # a turn not found: its own message
+                raise
+            except ValueError as e:
+                raise DroplessError(f"{where}: the chat template failed: {e}") from None
+            texts.append(text)
+    finally:
+        renderer.close()
+    return texts
+
+
+def pieces(texts: list[str], separator: str) -> list[tuple[str, bool]]:
+    """The texts joined by `separator`, as (text, in the loss) pieces: a Rendered text's assistant
+    spans in, the rest of it and the separators out; any other text in whole."""
+    out = []
+    for i, text in enumerate(texts):
+        if i:
+            out.append((separator, False))
+        spans = getattr(text, "spans", None)
+        if spans is None:
+            out.append((str(text), True))
+            continue
+        at = 0
+        for start, end in spans:
+            out += [(str(text[at:start]), False), (str(text[start:end]), True)]
+            at = end
+        out.append((str(text[at:]), False))
+    return [p for p in out if p[0]]
+
+
+def cut(pieces_: list[tuple[str, bool]], chars: int) -> tuple[list, list]:
+    """The pieces' first `chars` characters, and the rest."""
+    head, at = [], 0
+    for i, (text, loss) in enumerate(pieces_):
+        if at + len(text) >= chars:
+            k = chars - at
+            return head + [(text[:k], loss)], [(text[k:], loss)] + pieces_[i + 1:]
+        head.append((text, loss))
+        at += len(text)
+    return head, []
+
+
+def encode(tokenizer, pieces_: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, 1 where the loss covers the token) of the pieces, each run of pieces with the
+    same flag tokenized as one text."""
+    runs = []
+    for text, loss in pieces_:
+        if runs and runs[-1][1] == loss:
+            runs[-1][0] += text
+        elif text:
+            runs.append([text, loss])
+    ids = tokenizer.encode_batch([text for text, _ in runs]) if runs else []
+    tokens = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids] or [np.zeros(0, np.int64)])
+    mask = np.concatenate([np.full(len(i), loss, dtype=np.uint8) for i, (_, loss) in zip(ids, runs)]
+                          or [np.zeros(0, np.uint8)])
+    return tokens, mask
