@@ -105,6 +105,24 @@ def test_cli_finetune_from_hf_on_cuda(tmp_path, cache):
         source, tuned)
 
 
+def test_cli_assistant_only_loss_on_cuda(tmp_path, cache):
+    """Conversations with the loss on the assistant's turns alone, on the default compiled
+    bf16-mixed path: the IGNOREd targets compile into the loss, the loss falls, and `dropless
+    eval` of the run gives its last val_loss (the same covered targets)."""
+    talks, run = tmp_path / "talks.jsonl", tmp_path / "run"
+    talks.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"what is {i} plus {i}? " * 3},
+        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+        for i in range(2000)))
+    _train(run, cache, "--data", talks, "--assistant-only-loss", "--eval-every", 50, steps=100)
+    losses, logged = _losses(run), [json.loads(line) for line in
+                                    (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in logged if "val_loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0] and val[-1] < val[0], (losses, val)
+    out = _dropless("eval", run, "--json", "--cache-dir", cache, "--device", "cuda").stdout
+    assert abs(json.loads(out)["val_loss"] - val[-1]) < 0.02 * val[-1], (out, val)
+
+
 def test_cli_compile_generate_convert(tmp_path, cache):
     """The default on one GPU: bf16-mixed, compiled."""
     run = tmp_path / "run"
