@@ -29,8 +29,8 @@ TRAIN_FLAGS = {
     "preset": (str, "model preset (see `dropless info`)"),
     "init": (str, "start from this run's or Hugging Face directory's weights and tokenizer "
                   "(fine-tuning; --lr then defaults to 2e-5); no --preset, --tokenizer, --vocab"),
-    "data": (str, "text file, directory of text files, or .jsonl with a 'text' field "
-                  "(default: this Python's stdlib .py files)"),
+    "data": (str, "text file, directory of text files, or .jsonl of 'text', 'messages' or "
+                  "'prompt' + 'completion' lines (default: this Python's stdlib .py files)"),
     "val_data": (str, "validation text, in --data's forms (default: ~5%% of --data by document "
                       "name); given, all of --data trains"),
     "tokenizer": (str, "bytes (vocab 256) or bpe"),

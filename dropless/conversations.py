@@ -1,7 +1,10 @@
-"""Conversations as training data: a `.jsonl` line {"messages": [...]} rendered whole by a chat
-template, in the server's sandbox (a template from a model directory is a stranger's code).
+"""`.jsonl` training data: a line is {"text": ...}, a conversation {"messages": [...]} rendered
+whole by a chat template in the server's sandbox (a template from a model directory is a
+stranger's code), or a {"prompt": ..., "completion": ...} pair, both strings (the text is the one
+then the other) or both message lists (one conversation).
 
-With `--assistant-only-loss` the loss covers only what the assistant says. An assistant turn is
+With `--assistant-only-loss` the loss covers only what the assistant says: a conversation's
+assistant turns, a pair's completion (its assistant turns). An assistant turn is
 found by rendering: the conversation up to it with the generation prompt, then up to its end; the
 characters between are its reply, the template's end-of-turn text (its EOS) included, so the model
 learns to stop. A template that renders earlier turns differently once later ones follow (one that
@@ -10,6 +13,8 @@ time (what the loss covers, what it skips): a BPE merge across a piece's edge is
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -34,23 +39,74 @@ class Rendered(str):
         return rendered
 
 
-def conversation(record: dict, shown: str, lineno: int) -> list | None:
-    """A record's "messages" (None: it has none), each an object of string role and content."""
-    messages = record.get("messages")
-    if messages is None:
-        return None
+def _messages(messages, field: str, where: str) -> list:
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in messages)):
-        raise DroplessError(f'{shown}: line {lineno}: "messages" must be a non-empty list of '
+        raise DroplessError(f'{where}: "{field}" must be a non-empty list of '
                             '{"role": string, "content": string} objects')
     return messages
 
 
-def _assistant_spans(render, messages: list, text: str, where: str) -> list[tuple[int, int]]:
+def _clean(text: str) -> str:
+    """A JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no encoder
+    takes it; U+FFFD, as for a file's bytes that are not UTF-8."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _record(record, where: str, assistant_only: bool):
+    """A line's text (a str or Rendered), or (messages, index of the first turn the loss may
+    cover) of a conversation, rendered later."""
+    if not isinstance(record, dict):
+        record = {}
+    if record.get("messages") is not None:
+        return _messages(record["messages"], "messages", where), 0
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        text = _clean(prompt) + _clean(completion)
+        start = len(_clean(prompt))
+        return Rendered(text, [(start, len(text))] if len(text) > start else []) \
+            if assistant_only else text
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt, completion = (_messages(record.get(f), f, where) for f in ("prompt", "completion"))
+        return prompt + completion, len(prompt)
+    if not isinstance(record.get("text"), str):
+        raise DroplessError(f'{where} has no "text" string field (nor "messages", nor "prompt" '
+                            'and "completion")')
+    return _clean(record["text"])
+
+
+def jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | None = None,
+                    assistant_only: bool = False) -> list[tuple[str, str]]:
+    """(name:line, text) of each record of a .jsonl file; conversations rendered by `chat`."""
+    docs, conversations = [], []
+    text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
+    # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
+    # U+2028, NEL or \x1c (json.dumps(..., ensure_ascii=False) writes them as they are)
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
+            raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
+                                f"({getattr(e, 'msg', e)})") from None
+        doc = _record(record, f"{shown}: line {lineno}", assistant_only)
+        if isinstance(doc, tuple):
+            conversations.append((lineno, *doc))
+            doc = None   # rendered below, all in one child
+        docs.append((f"{name}:{lineno}", doc))
+    if conversations:
+        rendered = iter(render_all(conversations, chat, shown, assistant_only))
+        docs = [(n, next(rendered) if t is None else t) for n, t in docs]
+    return docs
+
+
+def _assistant_spans(render, messages: list, text: str, where: str,
+                     first: int = 0) -> list[tuple[int, int]]:
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         prompt, end = render(messages[:i], True), render(messages[:i + 1], False)
         if not (text.startswith(end) and end.startswith(prompt)):
@@ -65,9 +121,9 @@ def _assistant_spans(render, messages: list, text: str, where: str) -> list[tupl
 
 def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
                assistant_only: bool = False) -> list[str]:
-    """Each (line number, messages) as the chat template (chat: (template, special tokens),
-    default the plain one) renders it whole, no generation prompt; Rendered texts, with the
-    assistant turns' spans, where `assistant_only`."""
+    """Each (line number, messages, first) as the chat template (chat: (template, special
+    tokens), default the plain one) renders it whole, no generation prompt; Rendered texts, with
+    the spans of the assistant turns from messages[first] on, where `assistant_only`."""
     from dropless.serve.chat_template import ChatRenderer
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
@@ -75,13 +131,13 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     renderer = ChatRenderer(template, special, CHAT_CHARS)
     texts = []
     try:
-        for lineno, messages in conversations:
+        for lineno, messages, first in conversations:
             where = f"{shown}: line {lineno}"
             try:
                 text = renderer.render(messages, add_generation_prompt=False)
                 if assistant_only:
                     text = Rendered(text, _assistant_spans(renderer.render, messages, text,
-                                                           where))
+                                                           where, first))
             except DroplessError:   # a turn not found: its own message
                 raise
             except ValueError as e:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropless.conversations import IGNORE, conversation, cut, encode, pieces, render_all
+from dropless.conversations import IGNORE, cut, encode, jsonl_documents, pieces
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
 from dropless.tokenizer import Tokenizer
@@ -65,37 +65,6 @@ def stdlib_documents() -> list[tuple[str, str]]:
             path = Path(folder, name)
             if (text := _read_text(path, "--data <stdlib>")) is not None:
                 docs.append((path.relative_to(root).as_posix(), text))
-    return docs
-
-
-def _jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | None = None,
-                     assistant_only: bool = False) -> list[tuple[str, str]]:
-    docs, conversations = [], []
-    text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
-    # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
-    # U+2028, NEL or \x1c (json.dumps(..., ensure_ascii=False) writes them as they are)
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
-            raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
-                                f"({getattr(e, 'msg', e)})") from None
-        if isinstance(record, dict) and (messages := conversation(record, shown, lineno)):
-            conversations.append((lineno, messages))
-            docs.append((f"{name}:{lineno}", None))   # rendered below, all in one child
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DroplessError(f'{shown}: line {lineno} has no "text" string field (nor '
-                                '"messages")')
-        # a JSON escape may hold a lone surrogate ("\ud800", common in scraped text): no
-        # encoder takes it; U+FFFD, as for a file's bytes that are not UTF-8
-        text = record["text"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        docs.append((f"{name}:{lineno}", text))
-    if conversations:
-        rendered = iter(render_all(conversations, chat, shown, assistant_only))
-        docs = [(n, next(rendered) if t is None else t) for n, t in docs]
     return docs
 
 
@@ -137,7 +106,7 @@ def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict
         elif (text := _read_text(path, shown)) is None:
             raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = _jsonl_documents(path.name, text, shown, chat, assistant_only)
+            docs = jsonl_documents(path.name, text, shown, chat, assistant_only)
         elif "\x00" in text:
             raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
         else:

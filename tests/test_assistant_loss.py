@@ -30,11 +30,12 @@ def _talks(path, n=80):
 
 
 def test_assistant_turns_are_found_with_their_end_of_turn():
-    [text] = render_all([(1, TALK)], CHAT, "--data d.jsonl", assistant_only=True)
+    [text] = render_all([(1, TALK, 0)], CHAT, "--data d.jsonl", assistant_only=True)
     assert text == "<system>be brief$<user>hi$<assistant>hello$<user>more$<assistant>no$"
     assert [text[a:b] for a, b in text.spans] == ["hello$", "no$"]
     # an assistant turn first, and a conversation without one
-    [first, none] = render_all([(1, TALK[2:3]), (2, TALK[:2])], CHAT, "x", assistant_only=True)
+    [first, none] = render_all([(1, TALK[2:3], 0), (2, TALK[:2], 0)], CHAT, "x",
+                               assistant_only=True)
     assert [first[a:b] for a, b in first.spans] == ["hello$"] and none.spans == ()
 
 
@@ -44,7 +45,7 @@ def test_a_template_whose_turns_are_not_prefixes_is_refused():
     other = (TEMPLATE.replace("<assistant>{% endif", "<gen>{% endif"), {"eos_token": "$"})
     with pytest.raises(DroplessError, match=r"^--data d.jsonl: line 7: --assistant-only-loss "
                                             "cannot find assistant turn 3: the chat template"):
-        render_all([(7, TALK)], other, "--data d.jsonl", assistant_only=True)
+        render_all([(7, TALK, 0)], other, "--data d.jsonl", assistant_only=True)
 
 
 def test_pieces_cut_and_encode_keep_the_mask_on_its_characters():
@@ -125,3 +126,21 @@ def test_the_flag_without_assistant_turns_is_refused(tmp_path, capsys, record, s
     assert cli.main(["train", "--data", str(path), "--assistant-only-loss", "--out",
                      str(tmp_path / "run"), "--steps", "1", "--quiet"]) == 1
     assert says in capsys.readouterr().err
+
+
+def test_prompt_completion_pairs(tmp_path):
+    """{"prompt", "completion"} lines: two strings are one text, the completion covered; two
+    message lists are one conversation, the completion's assistant turns covered (not the
+    prompt's). Without the flag, each trains whole."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": TALK[1:3] + TALK[3:4], "completion": TALK[4:]},
+        {"text": "plain"}]) + "\n")
+    docs = data.read_documents(str(path), "--data", CHAT, assistant_only=True)
+    covered = [[text[a:b] for a, b in getattr(text, "spans", [(0, len(text))])]
+               for _, text in docs]
+    assert covered == [["4"], ["no$"], ["plain"]]
+    assert docs[1][1] == "<user>hi$<assistant>hello$<user>more$<assistant>no$"
+    whole = data.read_documents(str(path), "--data", CHAT)
+    assert [t for _, t in whole] == [t for _, t in docs] and not hasattr(whole[0][1], "spans")

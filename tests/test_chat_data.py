@@ -37,7 +37,10 @@ def test_conversations_render_whole(tmp_path):
     ({"messages": []}, 'line 1: "messages" must be a non-empty list'),
     ({"messages": [{"role": "user", "content": 5}]}, 'line 1: "messages" must be'),
     ({"messages": "hi"}, 'line 1: "messages" must be'),
-    ({"other": 1}, 'line 1 has no "text" string field (nor "messages")'),
+    ({"other": 1}, 'line 1 has no "text" string field (nor "messages", nor "prompt" and '
+                   '"completion")'),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]},
+     'line 1: "prompt" must be a non-empty list'),
 ])
 def test_bad_conversations(tmp_path, record, says):
     with pytest.raises(DroplessError, match=says.replace("(", r"\(").replace(")", r"\)")):
