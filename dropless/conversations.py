@@ -54,16 +54,17 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def _record(record, where: str, assistant_only: bool):
+def _record(record, where: str, assistant_only: bool, eos: str):
     """A line's text (a str or Rendered), or (messages, index of the first turn the loss may
-    cover) of a conversation, rendered later."""
+    cover) of a conversation, rendered later. A completion string ends in `eos` (the model's
+    EOS text, if any), so that the model learns to stop."""
     if not isinstance(record, dict):
         record = {}
     if record.get("messages") is not None:
         return _messages(record["messages"], "messages", where), 0
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
-        text = _clean(prompt) + _clean(completion)
+        text = _clean(prompt) + _clean(completion) + eos
         start = len(_clean(prompt))
         return Rendered(text, [(start, len(text))] if len(text) > start else []) \
             if assistant_only else text
@@ -91,7 +92,8 @@ def jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | N
         except (ValueError, RecursionError) as e:   # also: nested too deep, an int of 5000 digits
             raise DroplessError(f"{shown}: line {lineno} is not valid JSON "
                                 f"({getattr(e, 'msg', e)})") from None
-        doc = _record(record, f"{shown}: line {lineno}", assistant_only)
+        doc = _record(record, f"{shown}: line {lineno}", assistant_only,
+                      (chat or ("", {}))[1].get("eos_token") or "")
         if isinstance(doc, tuple):
             conversations.append((lineno, *doc))
             doc = None   # rendered below, all in one child

@@ -140,7 +140,7 @@ def test_prompt_completion_pairs(tmp_path):
     docs = data.read_documents(str(path), "--data", CHAT, assistant_only=True)
     covered = [[text[a:b] for a, b in getattr(text, "spans", [(0, len(text))])]
                for _, text in docs]
-    assert covered == [["4"], ["no$"], ["plain"]]
+    assert covered == [["4$"], ["no$"], ["plain"]]   # a completion ends in the EOS text
     assert docs[1][1] == "<user>hi$<assistant>hello$<user>more$<assistant>no$"
     whole = data.read_documents(str(path), "--data", CHAT)
     assert [t for _, t in whole] == [t for _, t in docs] and not hasattr(whole[0][1], "spans")
