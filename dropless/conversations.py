@@ -4,10 +4,10 @@ stranger's code), or a {"prompt": ..., "completion": ...} pair, both strings (th
 then the other) or both message lists (one conversation).
 
 With `--assistant-only-loss` the loss covers only what the assistant says: a conversation's
-assistant turns, a pair's completion (its assistant turns). An assistant turn is
-found by rendering: the conversation up to it with the generation prompt, then up to its end; the
-characters between are its reply, the template's end-of-turn text (its EOS) included, so the model
-learns to stop. A template that renders earlier turns differently once later ones follow (one that
+assistant turns, a pair's completion (its assistant turns). An assistant turn is found by
+rendering: the conversation up to it with the generation prompt, then up to its end; the
+characters between are its reply, the template's end-of-turn text (its EOS) included, so the
+model learns to stop. A template that renders earlier turns differently once later ones follow (one that
 drops past reasoning, say) has no such spans, and is refused. Text is then tokenized a piece at a
 time (what the loss covers, what it skips): a BPE merge across a piece's edge is not made.
 """
@@ -27,9 +27,9 @@ IGNORE = -100
 
 
 class Rendered(str):
-    """A conversation's rendered text, with the (start, end) character spans of its assistant
-    turns. A str: whatever reads documents' text (hashing, splitting, BPE training) reads it as
-    it reads any other."""
+    """A document's text with the (start, end) character spans the loss covers (a conversation's
+    assistant turns, a completion). A str: whatever reads documents' text (hashing, splitting,
+    BPE training) reads it as it reads any other."""
 
     spans: tuple[tuple[int, int], ...]
 
@@ -64,10 +64,10 @@ def _record(record, where: str, assistant_only: bool, eos: str):
         return _messages(record["messages"], "messages", where), 0
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
-        text = _clean(prompt) + _clean(completion) + eos
-        start = len(_clean(prompt))
-        return Rendered(text, [(start, len(text))] if len(text) > start else []) \
-            if assistant_only else text
+        prompt = _clean(prompt)
+        text = prompt + _clean(completion) + eos
+        spans = [(len(prompt), len(text))] if len(text) > len(prompt) else []
+        return Rendered(text, spans) if assistant_only else text
     if isinstance(prompt, list) or isinstance(completion, list):
         prompt, completion = (_messages(record.get(f), f, where) for f in ("prompt", "completion"))
         return prompt + completion, len(prompt)
