@@ -195,3 +195,12 @@ def encode(tokenizer, pieces_: list[tuple[str, bool]]) -> tuple[np.ndarray, np.n
     mask = np.concatenate([np.full(len(i), loss, dtype=np.uint8) for i, (_, loss) in zip(ids, runs)]
                           or [np.zeros(0, np.uint8)])
     return tokens, mask
+
+
+def loss_weights(batches, rt) -> list:
+    """--assistant-only-loss: what each micro-batch's LM loss (a mean over its covered targets)
+    is multiplied by, its share of the step's covered targets, every rank's counted (no host
+    sync): the step's loss is then the mean over all of them, as one big batch's would be."""
+    counts = [(y_BT != IGNORE).sum().float() for _, y_BT in batches]
+    mean = rt.all_mean(sum(counts) / len(counts))
+    return [count / mean.clamp(min=1) for count in counts]

@@ -30,7 +30,7 @@ from dropless import data
 from dropless.parallel import checkpoint as ckpt
 from dropless.checkpoint import claim_run_dir, config_to_dict
 from dropless.config import TrainConfig
-from dropless.conversations import IGNORE
+from dropless.conversations import IGNORE, loss_weights
 from dropless.errors import DroplessError
 from dropless.finetune import base_config, load_source, run_config
 from dropless.optim import lr_at, make_optimizer, total_norm
@@ -64,16 +64,13 @@ def evaluate(model: nn.Module, windows, device: torch.device, amp, rt=None) -> f
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for x_BT, y_BT in windows:
-        if rt is not None:
-            x_BT, y_BT = rt.shard_batch(x_BT), rt.shard_batch(y_BT)
-        y_BT = y_BT.to(device)
-        n = (y_BT != IGNORE).sum()
+        x_BT, y_BT = (x_BT, y_BT) if rt is None else (rt.shard_batch(x_BT), rt.shard_batch(y_BT))
+        n = (y_BT != IGNORE).sum().to(device)
         with amp:
-            total += lm_loss(model, x_BT.to(device), y_BT)[0].float() * n
+            total += lm_loss(model, x_BT.to(device), y_BT.to(device))[0].float() * n
         count += n
     model.train()
-    if rt is not None:
-        total, count = rt.all_mean(total), rt.all_mean(count)
+    total, count = (total, count) if rt is None else (rt.all_mean(total), rt.all_mean(count))
     return (total / count).item()   # sync: the value is logged
 
 
@@ -120,15 +117,18 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
     sync. `loss_fn`: lm_loss or its compiled form. Returns the step's mean LM loss, mean aux
     loss, grad norm and global loads [L, E]. The balance loss is taken per micro-batch (f and P
     over its tokens, Megatron-Core's default); the LM and z losses are per-token means, so
-    their average over the equal micro-batches is the whole step's."""
+    their average over the equal micro-batches is the whole step's (the LM loss's weighted by
+    covered targets under --assistant-only-loss)."""
     device = rt.device
     lm_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     loads_LE = torch.zeros(L, E, dtype=torch.long, device=device)
     params = opt.working_params()
-    for x_BT, y_BT in batches:
+    weights = loss_weights(batches, rt) if cfg.assistant_only_loss else [1] * len(batches)
+    for (x_BT, y_BT), weight in zip(batches, weights):
         with amp:
             lm, aux = loss_fn(model, x_BT, y_BT, params)
+        lm = lm * weight
         aux_loss = aux.balance_loss + aux.z_loss
         ((lm + aux_loss) / len(batches)).backward()
         if len(batches) > 1:

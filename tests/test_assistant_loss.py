@@ -144,3 +144,25 @@ def test_prompt_completion_pairs(tmp_path):
     assert docs[1][1] == "<user>hi$<assistant>hello$<user>more$<assistant>no$"
     whole = data.read_documents(str(path), "--data", CHAT)
     assert [t for _, t in whole] == [t for _, t in docs] and not hasattr(whole[0][1], "spans")
+
+
+def test_micro_batches_weigh_by_their_covered_targets():
+    """grad_accum=2 == one big batch on the same tokens when the micro-batches cover unequal
+    numbers of targets: each micro-batch's mean is weighted by its share (without the weights,
+    its few targets would weigh as much as the other's many)."""
+    from dropless.config import TrainConfig
+    from tests.test_train_math import _build, _model_cfg, _step, _tokens
+
+    tokens = _tokens(rows=4)
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[:2, :30] = IGNORE   # the first micro-batch covers 4 targets, the second 64
+    runs = {}
+    for only, micro in ((True, 1), (True, 2), (False, 2)):
+        tcfg = TrainConfig(out="unused", lr=1e-2, assistant_only_loss=only)
+        model, opt = _build(_model_cfg(balance_loss_coef=0.0, z_loss_coef=0.0), tcfg)
+        (lm, *_), grads = _step(model, opt, list(zip(x.chunk(micro), y.chunk(micro))), tcfg)
+        runs[only, micro] = lm, torch.cat([g.flatten() for g in grads])
+    (lm1, g1), (lm2, g2), (unweighted, _) = runs.values()
+    torch.testing.assert_close(lm2, lm1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+    assert abs(unweighted - lm1) > 1e-3
