@@ -25,3 +25,24 @@ def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus):
     assert_close(two, one, [1, 2, 3])
     source = metrics(tmp_path / "src")
     assert one[1]["loss"] < 0.9 * source[1]["loss"]   # from the source's weights, not a new init
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_train_assistant_turns_as_one_process(tmp_path):
+    """--assistant-only-loss under 2 ranks (ep=2), with --grad-accum 2: the ranks' shares of a
+    batch cover unequal numbers of targets, weighted by them (counted across ranks), so the loss,
+    val_loss and weights follow one process's."""
+    import json
+
+    talks = tmp_path / "talks.jsonl"
+    talks.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"what is {i} plus {i}? " * (1 + i % 4)},
+        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n" for i in range(60)))
+    base = dict(device="cpu", data=str(talks), cache_dir=str(tmp_path / "cache"), batch_size=4,
+                seq_len=32, grad_accum=2, warmup=0, steps=3, eval_every=3, eval_batches=2,
+                ckpt_every=10, log_every=1, sample_tokens=0, assistant_only_loss=True)
+    launch(2, train_body, asdict(TrainConfig(out=str(tmp_path / "two"), ep=2, **base)))
+    train(TrainConfig(out=str(tmp_path / "one"), **base), progress=False)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3] and "val_loss" in two[3]
+    assert_close(two, one, [1, 2, 3])
