@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "process, off on the CPU and under torchrun)")
     train.add_argument("--assistant-only-loss", action="store_true", default=None,
                        help="the loss covers only the assistant's turns of --data's "
-                            "conversations (.jsonl 'messages'), their end-of-turn included")
+                            "conversations (.jsonl 'messages', their end-of-turn included) "
+                            "and the completions of its 'prompt' + 'completion' lines")
     train.add_argument("--out", help="run directory (default runs/<timestamp>)")
     train.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR (or --out) from its checkpoint")
