@@ -104,32 +104,35 @@ def _sampling_flags(args) -> None:
     _require(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
 
 
-def _chat(args) -> int:
-    from dropless.chat import run_chat
+def _decode_model(args):
+    """generate's and chat's (model, tokenizer, (EOS ids, chat template, special tokens)), the
+    experts in the decode GEMVs' layout (on CUDA)."""
     from dropless.checkpoint import load_model_dir
     from dropless.serve.moe_decode import kmajor_experts
     from dropless.serve.text import chat_metadata
 
-    _sampling_flags(args)
     model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
-    kmajor_experts(model)   # the decode GEMVs' layout (on CUDA)
-    return run_chat(model, tok, chat_metadata(args.run_dir, model.cfg.vocab_size, tok), args)
+    kmajor_experts(model)
+    return model, tok, chat_metadata(args.run_dir, model.cfg.vocab_size, tok)
+
+
+def _chat(args) -> int:
+    from dropless.chat import run_chat
+
+    _sampling_flags(args)
+    return run_chat(*_decode_model(args), args)
 
 
 def _generate(args) -> int:
-    from dropless.checkpoint import load_model_dir
     from dropless.generate import generate
     from dropless.serve.chat_template import render_chat
-    from dropless.serve.moe_decode import kmajor_experts
-    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE, chat_metadata
+    from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
     _sampling_flags(args)
     prompts = args.prompt or ["def "]   # argv's bytes that are not UTF-8: lone surrogates
     bad = [p for p in prompts if any("\ud800" <= c <= "\udfff" for c in p)]
     _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
-    model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
-    kmajor_experts(model)   # the decode GEMVs' layout (on CUDA)
-    eos_ids, template, special = chat_metadata(args.run_dir, model.cfg.vocab_size, tok)
+    model, tok, (eos_ids, template, special) = _decode_model(args)
     eos = () if args.ignore_eos else eos_ids
     if args.chat:   # each prompt a user's message; the reply alone is printed
         try:
