@@ -280,7 +280,7 @@ def _eval(args) -> int:
 
     if not os.path.isdir(args.path):
         raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
-    r = evaluate_dir(args.path, args.data, args.device, args.cache_dir)
+    r = evaluate_dir(args.path, args.data, args.device, args.cache_dir, progress=True)
     if args.json:
         print(result_json(r))
     else:

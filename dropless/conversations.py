@@ -19,6 +19,7 @@ import json
 import numpy as np
 
 from dropless.errors import DroplessError
+from dropless.tokenizer import encode_texts
 
 # a conversation's rendered text may be this long (the sandboxed renderer's bound)
 CHAT_CHARS = 1 << 24
@@ -181,16 +182,16 @@ def cut(pieces_: list[tuple[str, bool]], chars: int) -> tuple[list, list]:
     return head, []
 
 
-def encode(tokenizer, pieces_: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer, pieces_: list[tuple[str, bool]], bar=None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, 1 where the loss covers the token) of the pieces, each run of pieces with the
-    same flag tokenized as one text."""
+    same flag tokenized as one text; `bar`: tokenizer.encode_texts'."""
     runs = []
     for text, loss in pieces_:
         if runs and runs[-1][1] == loss:
             runs[-1][0] += text
         elif text:
             runs.append([text, loss])
-    ids = tokenizer.encode_batch([text for text, _ in runs]) if runs else []
+    ids = encode_texts(tokenizer, [text for text, _ in runs], bar)
     tokens = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids] or [np.zeros(0, np.int64)])
     mask = np.concatenate([np.full(len(i), loss, dtype=np.uint8) for i, (_, loss) in zip(ids, runs)]
                           or [np.zeros(0, np.uint8)])

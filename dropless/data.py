@@ -30,7 +30,7 @@ import torch
 from dropless.conversations import IGNORE, cut, encode, jsonl_documents, pieces
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
-from dropless.tokenizer import Tokenizer
+from dropless.tokenizer import Tokenizer, encode_texts
 
 VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
 DOC_SEPARATOR = "\n\n"
@@ -216,34 +216,40 @@ def _check_entry(entry: Path) -> str | None:
 
 
 def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
-           assistant_only: bool = False) -> None:
+           assistant_only: bool = False, progress: bool = False) -> None:
+    from tqdm.auto import tqdm
+
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
     splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
+    chars = sum(len(p[0] if assistant_only else p) for texts in splits for p in texts)
+    bar = tqdm(total=chars, desc="tokenize", unit="char", unit_scale=True, dynamic_ncols=True,
+               disable=not progress, leave=False)
     for split, texts in zip(("train", "val"), splits):
         if assistant_only:
-            ids, mask = encode(tokenizer, texts)
+            ids, mask = encode(tokenizer, texts, bar)
             write_atomic(folder / f"{split}.mask", mask.tobytes())
             meta[f"{split}_mask_sha256"] = hashlib.sha256(mask.tobytes()).hexdigest()
         else:
-            parts = [part for ids in tokenizer.encode_batch(texts) for part in (ids, sep)]
+            parts = [part for ids in encode_texts(tokenizer, texts, bar) for part in (ids, sep)]
             ids = np.concatenate(parts[:-1])
         raw = ids.astype(dtype).tobytes()
         write_atomic(folder / f"{split}.bin", raw)
         meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
         meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
+    bar.close()
 
 
 def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
                 val_docs: list[tuple[str, str]] | None = None,
-                assistant_only: bool = False) -> TokenData:
+                assistant_only: bool = False, progress: bool = False) -> TokenData:
     """Token ids of both splits (split_documents') as read-only memmaps, tokenized once per
     (documents, validation documents, tokenizer) and reused from `cache_dir/<key>/` afterwards.
     The entry is built in a temp dir and renamed into place, so an interrupted build is never
     mistaken for a complete one; an entry that fails its checksums (damaged, tampered with) is
-    rebuilt, never trained on."""
+    rebuilt, never trained on. `progress`: a bar while a new entry is tokenized."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
     key = cache_key(docs, tokenizer, val_docs, assistant_only)
@@ -255,7 +261,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         tmp = temp_beside(entry)
         tmp.mkdir(parents=True)
         try:
-            _build(tmp, docs, tokenizer, val_docs, assistant_only)
+            _build(tmp, docs, tokenizer, val_docs, assistant_only, progress)
             with contextlib.suppress(OSError):   # another process finished the same entry first
                 os.replace(tmp, entry)
         finally:   # a failed build (a full disk) leaves nothing behind
@@ -326,7 +332,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int, mask: np.ndarray | None
 BPE_SAMPLE_CHARS = 16_000_000
 
 
-def prepare(cfg, state: dict | None, source=None):
+def prepare(cfg, state: dict | None, source=None, progress: bool = False):
     """-> (tokenizer, TokenData) of a run (a TrainConfig): a resumed run's saved tokenizer, an
     --init run's source's (dropless.finetune), else bytes or BPE learned on the training text;
     the tokens cached, long enough for seq_len, and a resumed run's the same as before."""
@@ -351,7 +357,7 @@ def prepare(cfg, state: dict | None, source=None):
     else:
         tok = ByteTokenizer()
     tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
-                         val_docs, only)
+                         val_docs, only, progress)
     check_length(tokens, cfg.seq_len)
     if state is not None and state["data"]["key"] != tokens.key:
         raise DroplessError("config mismatch on resume: the data (or its tokenization) changed "

@@ -19,11 +19,12 @@ from dropless.precision import autocast_for, resolve_device, resolve_precision
 
 
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto",
-                 cache_dir: str | None = None) -> dict:
+                 cache_dir: str | None = None, progress: bool = False) -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory).
     Tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in the run's saved
-    one: a run directory may come from a stranger, and evaluating it must not write where it says."""
+    one: a run directory may come from a stranger, and evaluating it must not write where it says.
+    `progress`: a bar (on stderr) while new data is tokenized."""
     from dropless.serve.text import chat_files
     from dropless.train import evaluate
 
@@ -44,7 +45,7 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         if cfg.val_data is not None:   # the run validated on its --val-data
             val_docs = data.read_documents(cfg.val_data, "the run's --val-data", chat, only)
     cache = Path(cache_dir) if cache_dir else data.default_cache_dir()
-    tokens = data.load_tokens(docs, tok, cache, val_docs, only)
+    tokens = data.load_tokens(docs, tok, cache, val_docs, only, progress)
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")

@@ -134,6 +134,22 @@ class BPETokenizer:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
+def encode_texts(tokenizer: "Tokenizer", texts: list[str], bar=None,
+                 chunk_chars: int = 1 << 22) -> list[np.ndarray]:
+    """tokenizer.encode_batch(texts), a few million characters at a time so that `bar` (a tqdm
+    counting characters, or None) follows a large corpus; the ids are the same either way."""
+    out, batch, size = [], [], 0
+    for i, text in enumerate(texts):
+        batch.append(text)
+        size += len(text)
+        if size >= chunk_chars or i == len(texts) - 1:
+            out += tokenizer.encode_batch(batch)
+            if bar is not None:
+                bar.update(size)
+            batch, size = [], 0
+    return out
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """Byte-level BPE: every byte is in the base alphabet, so any text encodes (no unknown token)."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers

@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     device = rt.device
 
     # 1. data and tokenizer (the model's vocab follows the tokenizer); rank 0 fills the cache first
-    prepared = rt.main_first(lambda: data.prepare(cfg, state, source),
+    prepared = rt.main_first(lambda: data.prepare(cfg, state, source, progress and rt.is_main),
                              "could not prepare the data")
     tok, tokens = prepared or data.prepare(cfg, state, source)
     if rt.is_main:

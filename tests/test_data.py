@@ -197,3 +197,36 @@ def test_cache_dir_that_is_a_file(tmp_path):
     (tmp_path / "cache").write_text("")
     with pytest.raises(DroplessError, match="--cache-dir .*cache is a file, not a directory"):
         data.load_tokens([("a", "text " * 50)], ByteTokenizer(), tmp_path / "cache")
+
+
+def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character():
+    texts = ["alpha beta gamma " * 9, "", "delta", "epsilon zeta " * 3, "x"]
+    tok = train_bpe(texts * 3, 300)
+    calls, counted = [], []
+
+    class Bar:
+        def update(self, n):
+            counted.append(n)
+
+    class Counting:
+        def encode_batch(self, batch):
+            calls.append(len(batch))
+            return tok.encode_batch(batch)
+
+    from dropless.tokenizer import encode_texts
+    got = encode_texts(Counting(), texts, Bar(), chunk_chars=20)
+    assert [list(ids) for ids in got] == [list(ids) for ids in tok.encode_batch(texts)]
+    assert sum(calls) == len(texts) and len(calls) > 1   # a chunk at a time, each text once
+    assert sum(counted) == sum(map(len, texts))
+    assert encode_texts(tok, []) == []
+
+
+def test_a_new_cache_entry_shows_a_bar_and_the_same_tokens(tmp_path, capsys):
+    docs = [(f"d{i}.txt", f"document number {i}\n" * 20) for i in range(40)]
+    quiet = data.load_tokens(docs, ByteTokenizer(), tmp_path / "a")
+    assert "tokenize" not in capsys.readouterr().err
+    shown = data.load_tokens(docs, ByteTokenizer(), tmp_path / "b", progress=True)
+    assert "tokenize" in capsys.readouterr().err
+    assert np.array_equal(quiet.train, shown.train) and np.array_equal(quiet.val, shown.val)
+    data.load_tokens(docs, ByteTokenizer(), tmp_path / "b", progress=True)   # cached: no bar
+    assert "tokenize" not in capsys.readouterr().err

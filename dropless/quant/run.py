@@ -69,11 +69,13 @@ def load_source(src: str | Path, device: torch.device):
 
 
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
-                       cache_dir: str | None, chat: tuple | None = None) -> torch.Tensor:
+                       cache_dir: str | None, chat: tuple | None = None,
+                       progress: bool = False) -> torch.Tensor:
     """[samples, seq_len] windows spread evenly over the training split of `calib_data` (default:
     the embedded stdlib corpus), so that validation text is never calibrated on."""
     docs = data.read_documents(calib_data, "--calib-data", chat)
-    tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir())
+    tokens = data.load_tokens(docs, tok, Path(cache_dir) if cache_dir else data.default_cache_dir(),
+                              progress=progress)
     if len(tokens.train) < seq_len + 2:
         raise DroplessError(f"--calib-data: its training split has {len(tokens.train)} tokens, too "
                             f"few for --calib-seq-len {seq_len}")
@@ -133,7 +135,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
                             f"most {MAX_CALIB_TOKENS:,} calibration tokens)")
     from dropless.serve.text import chat_files
     tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir,
-                                chat_files(Path(src)))   # conversations: the model's template
+                                chat_files(Path(src)), progress)   # conversations: its template
     float_expert_bytes = sum(m.experts.gate_up.numel() + m.experts.down.numel()
                              for m in model.moe_layers()) * 2   # as bf16
     quantize_model(model, tokens, qcfg, progress=progress)
