@@ -88,12 +88,14 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
 
 
 def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict] | None = None,
-                   assistant_only: bool = False) -> list[tuple[str, str]]:
+                   assistant_only: bool = False, why: str = "--assistant-only-loss"
+                   ) -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
     binary and non-regular files skipped), a `.jsonl` of records (conversations.jsonl_documents:
     conversations rendered by `chat`, (chat template, special tokens), default the plain one;
     with `assistant_only`, conversations.Rendered texts that know what the loss covers), or None
-    for the stdlib. `flag`: the option the user named `data` with, for the messages."""
+    for the stdlib. `flag`: the option the user named `data` with, and `why`: what asked for
+    assistant turns, for the messages."""
     shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
@@ -115,7 +117,7 @@ def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict
         raise DroplessError(f"{shown}: no text found (empty)")
     if assistant_only and flag.endswith("--data") and not any(
             getattr(text, "spans", ()) for _, text in docs):
-        raise DroplessError(f"{shown}: --assistant-only-loss needs conversations with an "
+        raise DroplessError(f"{shown}: {why} needs conversations with an "
                             'assistant turn or completions (.jsonl lines {"messages": [...]} or '
                             '{"prompt": ..., "completion": ...}); it has none')
     return docs

@@ -39,7 +39,8 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     val_docs, chat = None, chat_files(Path(path))   # conversations: in the model's template
     only = cfg.assistant_only_loss   # the loss the run trained: its val_loss is comparable
     if data_path is not None:
-        docs = data.read_documents(data_path, "--data", chat, only)
+        docs = data.read_documents(data_path, "--data", chat, only, "the run (trained with "
+                                   "--assistant-only-loss, eval scores as it trained)")
     else:   # the message must not name a flag the user did not pass
         docs = data.read_documents(cfg.data, "the run's --data", chat, only)
         if cfg.val_data is not None:   # the run validated on its --val-data

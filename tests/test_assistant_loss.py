@@ -166,3 +166,17 @@ def test_micro_batches_weigh_by_their_covered_targets():
     torch.testing.assert_close(lm2, lm1, rtol=1e-6, atol=0)
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
     assert abs(unweighted - lm1) > 1e-3
+
+
+def test_eval_of_an_assistant_only_run_on_plain_text_says_the_run_asks(tmp_path, capsys):
+    talks, run, cache = _talks(tmp_path / "d.jsonl"), tmp_path / "run", tmp_path / "cache"
+    assert cli.main(["train", "--data", str(talks), "--assistant-only-loss", "--out", str(run),
+                     "--batch-size", "4", "--seq-len", "32", "--steps", "1", "--eval-batches",
+                     "1", "--sample-tokens", "0", "--cache-dir", str(cache), "--quiet"]) == 0
+    plain = tmp_path / "plain.txt"
+    plain.write_text("just text, no conversations\n" * 50)
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--data", str(plain), "--cache-dir", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert f"--data {plain}: the run (trained with --assistant-only-loss" in err
+    assert "Traceback" not in err
