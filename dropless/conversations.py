@@ -79,8 +79,9 @@ def _record(record, where: str, assistant_only: bool, eos: str):
 
 
 def jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | None = None,
-                    assistant_only: bool = False) -> list[tuple[str, str]]:
-    """(name:line, text) of each record of a .jsonl file; conversations rendered by `chat`."""
+                    assistant_only: bool = False, progress: bool = False) -> list[tuple[str, str]]:
+    """(name:line, text) of each record of a .jsonl file; conversations rendered by `chat` (a bar
+    while they render, with `progress`)."""
     docs, conversations = [], []
     text = text.removeprefix("\ufeff")   # a UTF-8 BOM (Windows editors write one): not JSON
     # JSON Lines ends lines at "\n" alone: str.splitlines() would also cut a text at its raw
@@ -100,7 +101,7 @@ def jsonl_documents(name: str, text: str, shown: str, chat: tuple[str, dict] | N
             doc = None   # rendered below, all in one child
         docs.append((f"{name}:{lineno}", doc))
     if conversations:
-        rendered = iter(render_all(conversations, chat, shown, assistant_only))
+        rendered = iter(render_all(conversations, chat, shown, assistant_only, progress))
         docs = [(n, next(rendered) if t is None else t) for n, t in docs]
     return docs
 
@@ -123,10 +124,12 @@ def _assistant_spans(render, messages: list, text: str, where: str,
 
 
 def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
-               assistant_only: bool = False) -> list[str]:
+               assistant_only: bool = False, progress: bool = False) -> list[str]:
     """Each (line number, messages, first) as the chat template (chat: (template, special
     tokens), default the plain one) renders it whole, no generation prompt; Rendered texts, with
     the spans of the assistant turns from messages[first] on, where `assistant_only`."""
+    from tqdm.auto import tqdm
+
     from dropless.serve.chat_template import ChatRenderer
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
@@ -134,7 +137,8 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     renderer = ChatRenderer(template, special, CHAT_CHARS)
     texts = []
     try:
-        for lineno, messages, first in conversations:
+        for lineno, messages, first in tqdm(conversations, "render conversations", leave=False,
+                                            unit="conv", disable=not progress, dynamic_ncols=True):
             where = f"{shown}: line {lineno}"
             try:
                 text = renderer.render(messages, add_generation_prompt=False)

@@ -88,14 +88,14 @@ def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
 
 
 def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict] | None = None,
-                   assistant_only: bool = False, why: str = "--assistant-only-loss"
-                   ) -> list[tuple[str, str]]:
+                   assistant_only: bool = False, why: str = "--assistant-only-loss",
+                   progress: bool = False) -> list[tuple[str, str]]:
     """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
     binary and non-regular files skipped), a `.jsonl` of records (conversations.jsonl_documents:
     conversations rendered by `chat`, (chat template, special tokens), default the plain one;
     with `assistant_only`, conversations.Rendered texts that know what the loss covers), or None
     for the stdlib. `flag`: the option the user named `data` with, and `why`: what asked for
-    assistant turns, for the messages."""
+    assistant turns, for the messages. `progress`: a bar while conversations render."""
     shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
@@ -108,7 +108,7 @@ def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict
         elif (text := _read_text(path, shown)) is None:
             raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
         elif path.suffix == ".jsonl":
-            docs = jsonl_documents(path.name, text, shown, chat, assistant_only)
+            docs = jsonl_documents(path.name, text, shown, chat, assistant_only, progress)
         elif "\x00" in text:
             raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
         else:
@@ -345,9 +345,11 @@ def prepare(cfg, state: dict | None, source=None, progress: bool = False):
     # directory), else the plain default
     chat = source.chat[1:] if source is not None else chat_files(Path(cfg.out))
     only = cfg.assistant_only_loss
-    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data", chat, only)
+    docs = read_documents(cfg.data, "--data" if state is None else "the run's --data", chat, only,
+                          progress=progress)
     val_docs = None if cfg.val_data is None else read_documents(
-        cfg.val_data, "--val-data" if state is None else "the run's --val-data", chat, only)
+        cfg.val_data, "--val-data" if state is None else "the run's --val-data", chat, only,
+        progress=progress)
     if state is not None:
         tok = tokenizer_from_json(state["tokenizer"])
     elif source is not None:

@@ -180,3 +180,16 @@ def test_eval_of_an_assistant_only_run_on_plain_text_says_the_run_asks(tmp_path,
     err = capsys.readouterr().err
     assert f"--data {plain}: the run (trained with --assistant-only-loss" in err
     assert "Traceback" not in err
+
+
+def test_data_preparation_shows_its_bars_unless_quiet(tmp_path, capsys):
+    talks = _talks(tmp_path / "d.jsonl")
+    args = ["train", "--data", str(talks), "--assistant-only-loss", "--batch-size", "4",
+            "--seq-len", "32", "--steps", "1", "--eval-batches", "1", "--sample-tokens", "0"]
+    assert cli.main(args + ["--out", str(tmp_path / "a"), "--cache-dir", str(tmp_path / "c1"),
+                            "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "render conversations" not in err and "tokenize" not in err
+    assert cli.main(args + ["--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c2")]) == 0
+    err = capsys.readouterr().err
+    assert "render conversations" in err and "tokenize" in err
