@@ -30,6 +30,20 @@ class Source:
     weights: dict[str, torch.Tensor]
     chat: tuple   # (EOS ids, chat template, special tokens): dropless.serve.text.chat_metadata
 
+    def take_model(self, cfg: ModelConfig):
+        """A Transformer of `cfg` (the run's: the source's shapes) holding the source's tensors
+        themselves, built on the meta device: the host holds one copy of the weights, not two.
+        The weights then leave the Source, so a caller's reference to it keeps none alive."""
+        from dropless.model import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.load_state_dict(self.weights, strict=True, assign=True)
+        if cfg.tie_embeddings:   # assign=True gives each key its own Parameter
+            model.lm_head.weight = model.embed.weight
+        self.weights = {}
+        return model
+
 
 def load_source(path: str) -> Source:
     from dropless.checkpoint import load_model_dir

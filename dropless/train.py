@@ -168,9 +168,8 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     from dropless.parallel import parallelize
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
-    if source is not None:
-        model.load_state_dict(source.weights)
+    # --init: the source's tensors become the model's (no second host copy) and leave the Source
+    model = Transformer(model_cfg) if source is None else source.take_model(model_cfg)
     model = model.to(rt.device)
     if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
         for p in model.parameters():
@@ -218,7 +217,6 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     # 2. model, optimizer, precision and the step's cost (for tokens/s and MFU)
     precision = resolve_precision(cfg.precision, device)
     model, opt = _build_model(cfg, rt, model_cfg, state, precision, source)
-    source = None   # its weights, now the model's: freed
     L, E = len(model.moe_layers()), model_cfg.moe.num_experts
     step = 0
     # the log window's sums stay on the device (float64: as exact as the host's floats), so that

@@ -117,3 +117,44 @@ def test_the_source_chat_files_go_with_the_run(trained_run, tmp_path, corpus, ca
     assert _train(capsys, trained_run, plain, corpus, "--steps", "1") == 0
     assert not (plain / "tokenizer_config.json").exists()
     assert not (plain / "generation_config.json").exists()
+
+
+def test_the_source_tensors_become_the_model_and_leave_the_source():
+    """take_model builds on the meta device and assigns the source's tensors (one host copy, not
+    two); tied embeddings stay one Parameter; the RoPE tables are rebuilt when the model moves;
+    the Source keeps no weights alive afterwards."""
+    from dataclasses import replace
+
+    from dropless.config import PRESETS
+    from dropless.finetune import Source
+    from dropless.model import Transformer
+
+    cfg = PRESETS["tiny"]
+    assert cfg.tie_embeddings
+    torch.manual_seed(0)
+    built = Transformer(cfg)
+    weights = built.state_dict()
+    source = Source(cfg, None, weights, ((), None, {}))
+    model = source.take_model(replace(cfg, max_seq_len=2 * cfg.max_seq_len)).to("cpu")
+    assert source.weights == {}
+    assert model.lm_head.weight is model.embed.weight
+    for name, p in model.named_parameters():
+        assert p.requires_grad and p.data_ptr() == weights[name].data_ptr(), name
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    torch.testing.assert_close(model(x)[0], built(x)[0], rtol=0, atol=0)
+    assert model.rope_cos.shape[0] == 2 * built.rope_cos.shape[0]
+    torch.testing.assert_close(model.rope_cos[:built.rope_cos.shape[0]], built.rope_cos)
+
+
+def test_a_finished_run_holds_no_source_weights(trained_run, tmp_path, corpus, capsys,
+                                                monkeypatch):
+    from dropless import finetune, train
+
+    seen = []
+
+    def keep(path):
+        seen.append(finetune.load_source(path))
+        return seen[-1]
+    monkeypatch.setattr(train, "load_source", keep)
+    assert _train(capsys, trained_run, tmp_path / "ft", corpus, "--steps", "1") == 0
+    assert len(seen) == 1 and seen[0].weights == {}
