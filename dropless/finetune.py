@@ -3,15 +3,18 @@ run directory, or a Hugging Face directory of an architecture `from_hf` reads) i
 preset's random ones: fine-tuning. The model's architecture is the source's (its vocabulary
 included: the tokenizer may have fewer ids than the embedding), its expert backend and context
 length the run's; the optimizer, schedule and data are the run's own, from step 0. The source is
-read as `generate` reads it (every value checked before any weight), in float32 on the CPU; a
-quantized source is refused (train its bf16 or fp32 original). Its EOS ids and chat template
-go into the run directory, so `generate --chat` and `serve` treat the run as the source. A
-resumed run takes the architecture from its own checkpoint: the source is not read again.
+read as `generate` reads it (every value checked before any weight), on the CPU in the dtype it
+is stored in (a Hugging Face model in bf16: half of float32's bytes); the run's parameters are
+float32 (bf16 under --precision bf16) once on its device. A quantized source is refused (train
+its bf16 or fp32 original). Its EOS ids and chat template go into the run directory, so
+`generate --chat` and `serve` treat the run as the source. A resumed run takes the architecture
+from its own checkpoint: the source is not read again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -49,7 +52,15 @@ def load_source(path: str) -> Source:
     from dropless.checkpoint import load_model_dir
     from dropless.serve.text import chat_metadata
 
-    model, tokenizer = load_model_dir(path, "cpu", torch.float32)
+    from dropless.hf import stored_dtype
+
+    dtype = None   # a run directory: as saved
+    if (Path(path) / "config.json").is_file():   # a HF model saved in bf16 stays bf16 here
+        try:
+            dtype = stored_dtype(path)
+        except ValueError:   # load_model_dir says what is wrong with the files
+            dtype = torch.float32
+    model, tokenizer = load_model_dir(path, "cpu", dtype)
     weights = model.state_dict()
     if any(not t.is_floating_point() for t in weights.values()):
         raise DroplessError(f"--init {path} holds a quantized model (packed int4 weights): it "

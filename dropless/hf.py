@@ -148,6 +148,16 @@ def _inside(root: Path, name, source: Path) -> Path:
     return root / name
 
 
+def stored_dtype(path) -> torch.dtype:
+    """bfloat16 where every tensor of a HF directory's weights is stored so (reading it as bf16
+    is then exact, at half of float32's bytes), else float32. The router's selection bias is
+    read as float32 either way (from_hf), so DeepSeek-V3's fp32 one does not count."""
+    where = _open_tensors(Path(path))
+    bf16 = all(d == "BF16" for k, (_, _, d) in where.items()
+               if not k.endswith("e_score_correction_bias"))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     """HF key -> (file, shape, dtype) from the index (sharded) or every *.safetensors (single)."""
     from safetensors import safe_open

@@ -171,9 +171,8 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     # --init: the source's tensors become the model's (no second host copy) and leave the Source
     model = Transformer(model_cfg) if source is None else source.take_model(model_cfg)
     model = model.to(rt.device)
-    if precision == "bf16":   # parameters only: buffers (the router's bias) stay fp32
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
+    for p in model.parameters():   # an --init source's may be bf16; buffers (router bias) stay fp32
+        p.data = p.data.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     if rt.mesh is not None:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16
         parallelize(model, rt.mesh, mixed_precision=precision == "bf16-mixed")
     opt = make_optimizer(model, cfg, working_copies=precision == "bf16-mixed" and rt.mesh is None)

@@ -158,3 +158,25 @@ def test_a_finished_run_holds_no_source_weights(trained_run, tmp_path, corpus, c
     monkeypatch.setattr(train, "load_source", keep)
     assert _train(capsys, trained_run, tmp_path / "ft", corpus, "--steps", "1") == 0
     assert len(seen) == 1 and seen[0].weights == {}
+
+
+def test_a_bf16_hf_source_is_read_as_bf16_and_trained_in_fp32(trained_run, tmp_path, corpus,
+                                                               capsys):
+    """A Hugging Face source stored in bf16 is held in bf16 on the host (exact, half the bytes);
+    the run's parameters are fp32 (the default precision) and equal to it."""
+    from dropless.convert import save_hf_dir
+    from dropless.finetune import load_source
+
+    model, tok, _ = load_run(trained_run)
+    model = model.to(torch.bfloat16)
+    src = tmp_path / "hf16"
+    save_hf_dir(model, src, tok.to_json())
+    assert {t.dtype for t in load_source(str(src)).weights.values()} <= {torch.bfloat16,
+                                                                          torch.float32}
+    assert torch.bfloat16 in {t.dtype for t in load_source(str(src)).weights.values()}
+    out = tmp_path / "ft"
+    assert _train(capsys, src, out, corpus, "--steps", "1", "--lr", "1e-12", "--warmup", "0") == 0
+    after = _weights(out)
+    for k, v in model.named_parameters():
+        assert after[k].dtype == torch.float32, k
+        torch.testing.assert_close(after[k], v.float(), rtol=0, atol=1e-8)
