@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from dropless.errors import DroplessError
-from dropless.tokenizer import encode_texts
+from dropless.tokenizer import encode_chunks
 
 # a conversation's rendered text may be this long (the sandboxed renderer's bound)
 CHAT_CHARS = 1 << 24
@@ -186,20 +186,29 @@ def cut(pieces_: list[tuple[str, bool]], chars: int) -> tuple[list, list]:
     return head, []
 
 
-def encode(tokenizer, pieces_: list[tuple[str, bool]], bar=None) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, 1 where the loss covers the token) of the pieces, each run of pieces with the
-    same flag tokenized as one text; `bar`: tokenizer.encode_texts'."""
+def encode_stream(tokenizer, pieces_: list[tuple[str, bool]], bar=None):
+    """(token ids, 1 where the loss covers the token) of the pieces, a chunk at a time
+    (tokenizer.encode_chunks', `bar` too), each run of pieces with the same flag tokenized as one
+    text."""
     runs = []
     for text, loss in pieces_:
         if runs and runs[-1][1] == loss:
             runs[-1][0] += text
         elif text:
             runs.append([text, loss])
-    ids = encode_texts(tokenizer, [text for text, _ in runs], bar)
-    tokens = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids] or [np.zeros(0, np.int64)])
-    mask = np.concatenate([np.full(len(i), loss, dtype=np.uint8) for i, (_, loss) in zip(ids, runs)]
-                          or [np.zeros(0, np.uint8)])
-    return tokens, mask
+    done = 0
+    for ids in encode_chunks(tokenizer, [text for text, _ in runs], bar):
+        flags = [loss for _, loss in runs[done:done + len(ids)]]
+        done += len(ids)
+        yield (np.concatenate([np.asarray(i, dtype=np.int64) for i in ids]),
+               np.concatenate([np.full(len(i), f, dtype=np.uint8) for i, f in zip(ids, flags)]))
+
+
+def encode(tokenizer, pieces_: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """encode_stream's chunks, joined."""
+    chunks = list(encode_stream(tokenizer, pieces_))
+    return (np.concatenate([ids for ids, _ in chunks] or [np.zeros(0, np.int64)]),
+            np.concatenate([mask for _, mask in chunks] or [np.zeros(0, np.uint8)]))
 
 
 def loss_weights(batches, rt) -> list:

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dropless.conversations import IGNORE, cut, encode, jsonl_documents, pieces
+from dropless.conversations import IGNORE, cut, encode_stream, jsonl_documents, pieces
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
-from dropless.tokenizer import Tokenizer, encode_texts
+from dropless.tokenizer import Tokenizer, encode_chunks
 
 VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
 DOC_SEPARATOR = "\n\n"
@@ -229,19 +229,46 @@ def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
     bar = tqdm(total=chars, desc="tokenize", unit="char", unit_scale=True, dynamic_ncols=True,
                disable=not progress, leave=False)
     for split, texts in zip(("train", "val"), splits):
-        if assistant_only:
-            ids, mask = encode(tokenizer, texts, bar)
-            write_atomic(folder / f"{split}.mask", mask.tobytes())
-            meta[f"{split}_mask_sha256"] = hashlib.sha256(mask.tobytes()).hexdigest()
-        else:
-            parts = [part for ids in encode_texts(tokenizer, texts, bar) for part in (ids, sep)]
-            ids = np.concatenate(parts[:-1])
-        raw = ids.astype(dtype).tobytes()
-        write_atomic(folder / f"{split}.bin", raw)
-        meta[f"{split}_tokens"] = len(raw) // np.dtype(dtype).itemsize
-        meta[f"{split}_sha256"] = hashlib.sha256(raw).hexdigest()
+        chunks = (encode_stream(tokenizer, texts, bar) if assistant_only
+                  else _joined(encode_chunks(tokenizer, texts, bar), sep))
+        _write_split(folder, split, chunks, dtype, meta, assistant_only)
     write_atomic(folder / "meta.json", json.dumps(meta).encode())
     bar.close()
+
+
+def _joined(chunks, sep: np.ndarray):
+    """(ids, None) per chunk of documents' ids, `sep` between documents (across chunks too)."""
+    first = True
+    for ids in chunks:
+        parts = []
+        for doc in ids:
+            parts += [doc] if first else [sep, doc]
+            first = False
+        yield np.concatenate(parts), None
+
+
+def _write_split(folder: Path, split: str, chunks, dtype, meta: dict, masked: bool) -> None:
+    """{split}.bin (and {split}.mask, a byte a token) written a chunk of (ids, mask) at a time,
+    their lengths and sha256 into meta: the ids are never all in memory at once. The files need
+    no atomic write of their own: `folder` is a temp dir renamed into place whole."""
+    tokens, sums = 0, {"bin": hashlib.sha256(), "mask": hashlib.sha256()}
+    with contextlib.ExitStack() as files:
+        out = {kind: files.enter_context(open(folder / f"{split}.{kind}", "wb"))
+               for kind in (("bin", "mask") if masked else ("bin",))}
+        for ids, mask in chunks:
+            tokens += len(ids)
+            for kind, data in (("bin", ids.astype(dtype)), ("mask", mask)):
+                if kind in out:
+                    raw = data.tobytes()
+                    out[kind].write(raw)
+                    sums[kind].update(raw)
+        for f in out.values():
+            f.flush()
+            os.fsync(f.fileno())
+    meta[f"{split}_tokens"] = tokens
+    meta[f"{split}_sha256"] = sums["bin"].hexdigest()
+    if masked:
+        meta[f"{split}_mask_sha256"] = sums["mask"].hexdigest()
 
 
 def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,

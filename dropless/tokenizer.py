@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -134,20 +134,24 @@ class BPETokenizer:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
-def encode_texts(tokenizer: "Tokenizer", texts: list[str], bar=None,
-                 chunk_chars: int = 1 << 22) -> list[np.ndarray]:
-    """tokenizer.encode_batch(texts), a few million characters at a time so that `bar` (a tqdm
-    counting characters, or None) follows a large corpus; the ids are the same either way."""
-    out, batch, size = [], [], 0
+# characters tokenized per encode_chunks chunk
+ENCODE_CHUNK_CHARS = 1 << 22
+
+
+def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None,
+                  chunk_chars: int | None = None) -> Iterator[list[np.ndarray]]:
+    """tokenizer.encode_batch(texts), a chunk of a few million characters at a time: a large
+    corpus is never held as token ids all at once, and `bar` (a tqdm counting characters, or
+    None) follows it. The ids are the same however the texts are chunked."""
+    batch, size, most = [], 0, chunk_chars or ENCODE_CHUNK_CHARS
     for i, text in enumerate(texts):
         batch.append(text)
         size += len(text)
-        if size >= chunk_chars or i == len(texts) - 1:
-            out += tokenizer.encode_batch(batch)
+        if size >= most or i == len(texts) - 1:
+            yield tokenizer.encode_batch(batch)
             if bar is not None:
                 bar.update(size)
             batch, size = [], 0
-    return out
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:

@@ -213,12 +213,13 @@ def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character():
             calls.append(len(batch))
             return tok.encode_batch(batch)
 
-    from dropless.tokenizer import encode_texts
-    got = encode_texts(Counting(), texts, Bar(), chunk_chars=20)
+    from dropless.tokenizer import encode_chunks
+    got = [ids for chunk in encode_chunks(Counting(), texts, Bar(), chunk_chars=20)
+           for ids in chunk]
     assert [list(ids) for ids in got] == [list(ids) for ids in tok.encode_batch(texts)]
     assert sum(calls) == len(texts) and len(calls) > 1   # a chunk at a time, each text once
     assert sum(counted) == sum(map(len, texts))
-    assert encode_texts(tok, []) == []
+    assert list(encode_chunks(tok, [])) == []
 
 
 def test_a_new_cache_entry_shows_a_bar_and_the_same_tokens(tmp_path, capsys):
@@ -230,3 +231,32 @@ def test_a_new_cache_entry_shows_a_bar_and_the_same_tokens(tmp_path, capsys):
     assert np.array_equal(quiet.train, shown.train) and np.array_equal(quiet.val, shown.val)
     data.load_tokens(docs, ByteTokenizer(), tmp_path / "b", progress=True)   # cached: no bar
     assert "tokenize" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("assistant_only", [False, True])
+def test_the_cache_is_written_a_chunk_at_a_time_with_the_same_tokens(tmp_path, monkeypatch,
+                                                                      assistant_only):
+    """Chunks of 40 characters: separators and masks land where a whole-corpus pass puts them."""
+    from dropless import tokenizer
+    from dropless.conversations import Rendered
+
+    docs = [(f"d{i}.txt", Rendered(f"<u>question {i}<a>answer {i}$", [(14, 26)])
+             if assistant_only else f"document number {i}\n" * 3) for i in range(40)]
+    whole = data.load_tokens(docs, ByteTokenizer(), tmp_path / "a", assistant_only=assistant_only)
+    monkeypatch.setattr(tokenizer, "ENCODE_CHUNK_CHARS", 40)
+    calls = []
+    encode_batch = ByteTokenizer.encode_batch
+    monkeypatch.setattr(ByteTokenizer, "encode_batch",
+                        lambda self, texts: calls.append(len(texts)) or encode_batch(self, texts))
+    chunked = data.load_tokens(docs, ByteTokenizer(), tmp_path / "b",
+                               assistant_only=assistant_only)
+    assert len(calls) > 4
+    for split in ("train", "val"):
+        assert np.array_equal(getattr(whole, split), getattr(chunked, split))
+        if assistant_only:
+            mask = getattr(chunked, f"{split}_mask")
+            assert np.array_equal(getattr(whole, f"{split}_mask"), mask)
+            assert 0 < mask.sum() < len(mask)
+    if not assistant_only:   # the oracle: the split's texts joined as split_documents says
+        text = data.DOC_SEPARATOR.join(data.split_documents(docs)[0])
+        assert bytes(np.asarray(chunked.train, dtype=np.uint8)) == text.encode()
