@@ -260,3 +260,37 @@ def test_the_cache_is_written_a_chunk_at_a_time_with_the_same_tokens(tmp_path, m
     if not assistant_only:   # the oracle: the split's texts joined as split_documents says
         text = data.DOC_SEPARATOR.join(data.split_documents(docs)[0])
         assert bytes(np.asarray(chunked.train, dtype=np.uint8)) == text.encode()
+
+
+def test_a_full_disk_names_the_token_cache_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from dropless import cli
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if str(path).endswith(".bin") and "w" in mode else f
+    monkeypatch.setattr(builtins, "open", full_open)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text to tokenize\n" * 200)
+    code = cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps",
+                     "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"token cache {tmp_path / 'cache'}: No space left on device" in err
+    assert not list((tmp_path / "cache").iterdir())   # the half-built entry was removed
