@@ -247,35 +247,27 @@ def _joined(chunks, sep: np.ndarray):
         yield np.concatenate(parts), None
 
 
-@contextlib.contextmanager
-def _naming(cache_dir: Path):
-    """A write error (a full disk) names the token cache it was writing (it carries no name)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror, f"token cache {cache_dir}") from None
-
-
 def _write_split(folder: Path, split: str, chunks, dtype, meta: dict, masked: bool) -> None:
     """{split}.bin (and {split}.mask, a byte a token) written a chunk of (ids, mask) at a time,
     their lengths and sha256 into meta: the ids are never all in memory at once. The files need
     no atomic write of their own: `folder` is a temp dir renamed into place whole."""
     tokens, sums = 0, {"bin": hashlib.sha256(), "mask": hashlib.sha256()}
-    with _naming(folder.parent), contextlib.ExitStack() as files:
-        out = {kind: files.enter_context(open(folder / f"{split}.{kind}", "wb"))
-               for kind in (("bin", "mask") if masked else ("bin",))}
-        for ids, mask in chunks:
-            tokens += len(ids)
-            for kind, data in (("bin", ids.astype(dtype)), ("mask", mask)):
-                if kind in out:
-                    raw = data.tobytes()
-                    out[kind].write(raw)
-                    sums[kind].update(raw)
-        for f in out.values():
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with contextlib.ExitStack() as files:
+            out = {kind: files.enter_context(open(folder / f"{split}.{kind}", "wb"))
+                   for kind in (("bin", "mask") if masked else ("bin",))}
+            for ids, mask in chunks:
+                tokens += len(ids)
+                for kind, data in (("bin", ids.astype(dtype)), ("mask", mask)):
+                    if kind in out:
+                        raw = data.tobytes()
+                        out[kind].write(raw)
+                        sums[kind].update(raw)
+            for f in out.values():
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:   # a full disk: these writes carry no file name, so name the cache
+        raise OSError(e.errno, e.strerror, e.filename or f"token cache {folder.parent}") from None
     meta[f"{split}_tokens"] = tokens
     meta[f"{split}_sha256"] = sums["bin"].hexdigest()
     if masked:
