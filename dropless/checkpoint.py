@@ -95,18 +95,25 @@ def saved_train_config(state: dict) -> TrainConfig | None:
     return _from_json(TrainConfig, state["train_config"], f"{state['path'] / STATE}: train_config")
 
 
-def load_run(run_dir: str | Path, device: str = "cpu"):
+def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer, saved state + its "path") of a run directory's newest
-    checkpoint, written by any mesh (or by `dropless quantize`: packed int4 modules)."""
+    checkpoint, written by any mesh (or by `dropless quantize`: packed int4 modules). The model
+    is made on `device` in `dtype` (default: float32) with no values (meta, then to_empty) and the
+    checkpoint loads straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on
+    the device or the host (a 30B model's would be 122 GB)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DroplessError(f"{run_dir}: no such run directory")
     path = latest_path(run_dir)
     state = {**read_state(path), "path": path}
     build, tokenizer = _saved_model(path, state)
-    model = build()
+    with torch.device("meta"):   # .to(dtype) keeps the router's bias fp32 and int4 scales fp16
+        model = build() if dtype is None else build().to(dtype)
+    model = model.to_empty(device=device)   # every value comes from the checkpoint (DCP: all)
+    if model.cfg.tie_embeddings:   # to_empty off the meta device gives each name its own tensor
+        model.lm_head.weight = model.embed.weight
     load(path, model)
-    return model.to(device).eval(), tokenizer, state
+    return model.eval(), tokenizer, state
 
 
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
@@ -121,8 +128,7 @@ def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = N
         if tok_json is None:
             raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
         return model, tokenizer_from_json(tok_json)
-    model, tokenizer, _ = load_run(path, device)
-    return (model if dtype is None else model.to(dtype)), tokenizer
+    return load_run(path, device, dtype)[:2]
 
 
 @contextmanager

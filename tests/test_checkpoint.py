@@ -534,3 +534,19 @@ def test_readme_says_which_flags_resume_lets_change_and_which_it_keeps():
     may = {d.replace("_", "-") for d in RESUMABLE if d != "out"} | {"no-compile"}
     assert rows["may change"] == may
     assert rows["must match"] == {d.replace("_", "-") for d in TRAIN_FLAGS if d not in RESUMABLE}
+
+
+def test_a_run_loads_straight_into_the_dtype_asked_for(trained_run):
+    """load_run(dtype=bf16) equals loading in fp32 and casting (the same rounding; a router
+    bias, where there is one, stays fp32), keeps the tied embedding tied, and rebuilds the RoPE
+    tables in fp32."""
+    m32 = load_run(trained_run)[0]
+    m16 = load_run(trained_run, "cpu", torch.bfloat16)[0]
+    assert m16.lm_head.weight is m16.embed.weight and m32.lm_head.weight is m32.embed.weight
+    s32, s16 = m32.state_dict(), m16.state_dict()
+    assert s32.keys() == s16.keys()
+    for k, v in s32.items():
+        want = torch.float32 if k.endswith("router.bias") else torch.bfloat16
+        assert s16[k].dtype == want, k
+        assert torch.equal(s16[k], v.to(want)), k
+    assert m16.rope_cos.dtype == torch.float32 and torch.equal(m16.rope_cos, m32.rope_cos)
