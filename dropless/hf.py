@@ -246,7 +246,7 @@ def _fill(state: dict, row: Entry, t: torch.Tensor, cfg: ModelConfig) -> None:
     else:
         if row.key not in state:
             shape = (E, D, 2 * F) if row.kind in ("gate", "up") else (E, F, D)
-            state[row.key] = torch.empty(shape, dtype=t.dtype)
+            state[row.key] = torch.empty(shape, dtype=t.dtype, device=t.device)
         state[row.key][row.expert, :, expert_cols(row.kind, F)] = t.T
 
 
@@ -304,7 +304,9 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
         except Exception as err:
             raise ValueError(f"{f}: cannot read {row.hf_key} (truncated or corrupt file?): "
                              f"{err}") from err
-        _fill(state, row, t.to(torch.float32 if row.key.endswith("router.bias") else dtype), cfg)
+        # each tensor goes to `device` as it is read: the host never holds the whole model
+        _fill(state, row, t.to(device, torch.float32 if row.key.endswith("router.bias") else dtype),
+              cfg)
     if cfg.tie_embeddings:   # HF stores the tied matrix once, as the embedding
         state["lm_head.weight"] = state["embed.weight"]
     with torch.device("meta"):

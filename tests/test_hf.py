@@ -731,3 +731,17 @@ def test_deepseek_multi_token_prediction_layers_are_skipped(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"1 unexpected: model.layers.{L + 1}.enorm.weight"):
         from_hf(tmp_path)
+
+
+def test_each_tensor_goes_to_the_device_as_it_is_read(saved, monkeypatch):
+    """from_hf(device=...) moves every tensor as it is read, before it joins the state: the host
+    never holds the whole model (the meta device stands in for a GPU here)."""
+    from dropless import hf
+
+    arch, _, path = saved
+    devices, fill = set(), hf._fill
+    monkeypatch.setattr(hf, "_fill", lambda state, row, t, cfg: devices.add(t.device.type)
+                        or fill(state, row, t, cfg))
+    model = from_hf(path, torch.bfloat16, "meta")
+    assert devices == {"meta"}
+    assert all(p.device.type == "meta" for p in model.parameters())
