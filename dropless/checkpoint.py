@@ -95,17 +95,30 @@ def saved_train_config(state: dict) -> TrainConfig | None:
     return _from_json(TrainConfig, state["train_config"], f"{state['path'] / STATE}: train_config")
 
 
+def _latest(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DroplessError(f"{run_dir}: no such run directory")
+    path = latest_path(run_dir)
+    return {**read_state(path), "path": path}
+
+
+def latest_state(run_dir: str | Path) -> dict:
+    """The saved state (JSON) of a run directory's newest checkpoint, with its "path", checked
+    as load_run checks it (model config, tokenizer, quantization; nothing allocated)."""
+    state = _latest(run_dir)
+    _saved_model(state["path"], state)
+    return state
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer, saved state + its "path") of a run directory's newest
     checkpoint, written by any mesh (or by `dropless quantize`: packed int4 modules). The model
     is made on `device` in `dtype` (default: float32) with no values (meta, then to_empty) and the
     checkpoint loads straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on
     the device or the host (a 30B model's would be 122 GB)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DroplessError(f"{run_dir}: no such run directory")
-    path = latest_path(run_dir)
-    state = {**read_state(path), "path": path}
+    state = _latest(run_dir)
+    path = state["path"]
     build, tokenizer = _saved_model(path, state)
     with torch.device("meta"):   # .to(dtype) keeps the router's bias fp32 and int4 scales fp16
         model = build() if dtype is None else build().to(dtype)

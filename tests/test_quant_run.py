@@ -14,6 +14,7 @@ import torch
 from dropless import PRESETS, ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.cli import main
+from dropless.errors import DroplessError
 from dropless.experts import Experts
 from dropless.generate import generate
 from dropless.parallel.checkpoint import save
@@ -247,3 +248,20 @@ def test_convert_round_trip_is_bit_identical(trained, tmp_path):
     x = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         assert torch.equal(a(x)[0], b(x)[0])
+
+
+def test_a_run_is_read_straight_into_the_working_dtype(trained, monkeypatch):
+    """Where the fp32 model would take over half the GPU, quantize works in bf16: the checkpoint
+    then loads into bf16 tensors (a 30B run's fp32 weights would not fit an H100 first)."""
+    from dropless import checkpoint
+    from dropless.quant import run
+
+    asked, real = [], checkpoint.load_run
+    monkeypatch.setattr(run, "work_dtype", lambda cfg, device: torch.bfloat16)
+    monkeypatch.setattr(checkpoint, "load_run",
+                        lambda *a, **k: asked.append(a[2:] + tuple(k.values())) or real(*a, **k))
+    model = run.load_source(trained / "run", torch.device("cpu"))[0]
+    assert asked == [(torch.bfloat16,)]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(DroplessError, match="already quantized"):
+        run.load_source(trained / "q64", torch.device("cpu"))

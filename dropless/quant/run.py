@@ -42,7 +42,7 @@ def work_dtype(cfg, device: torch.device) -> torch.dtype:
 def load_source(src: str | Path, device: torch.device):
     """-> (model in its working dtype, tokenizer, TrainConfig or None) from a run or HF
     directory."""
-    from dropless.checkpoint import load_run, saved_train_config
+    from dropless.checkpoint import config_from_dict, latest_state, load_run, saved_train_config
     from dropless.tokenizer import tokenizer_from_json
 
     src = Path(src)
@@ -62,10 +62,13 @@ def load_source(src: str | Path, device: torch.device):
         if tok_json is None:
             raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
         return model, tokenizer_from_json(tok_json), None
-    model, tok, state = load_run(src, device)
+    state = latest_state(src)
     if "quant" in state:
         raise DroplessError(f"{src} is already quantized (quant={state['quant']})")
-    return model.to(work_dtype(model.cfg, device)), tok, saved_train_config(state)
+    # loaded straight into the working dtype: a 30B run's fp32 weights would not fit an H100
+    cfg = config_from_dict(state["model_config"])   # checked by latest_state
+    model, tok, state = load_run(src, device, work_dtype(cfg, device))
+    return model, tok, saved_train_config(state)
 
 
 def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
