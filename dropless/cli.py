@@ -105,13 +105,14 @@ def _sampling_flags(args) -> None:
 
 
 def _decode_model(args):
-    """generate's and chat's (model, tokenizer, (EOS ids, chat template, special tokens)), the
-    experts in the decode GEMVs' layout (on CUDA)."""
+    """generate's and chat's (model, tokenizer, (EOS ids, chat template, special tokens)), in
+    serve's dtype (bf16 on CUDA), the experts in the decode GEMVs' layout (on CUDA)."""
     from dropless.checkpoint import load_model_dir
     from dropless.serve.moe_decode import kmajor_experts
-    from dropless.serve.text import chat_metadata
+    from dropless.serve.text import chat_metadata, decode_dtype
 
-    model, tok = load_model_dir(args.run_dir, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tok = load_model_dir(args.run_dir, device, decode_dtype(device))
     kmajor_experts(model)
     return model, tok, chat_metadata(args.run_dir, model.cfg.vocab_size, tok)
 

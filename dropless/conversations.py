@@ -130,6 +130,7 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     the spans of the assistant turns from messages[first] on, where `assistant_only`."""
     from tqdm.auto import tqdm
 
+    from dropless import tokenizer
     from dropless.serve.chat_template import ChatRenderer
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
@@ -138,7 +139,8 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     texts = []
     try:
         for lineno, messages, first in tqdm(conversations, "render conversations", leave=False,
-                                            unit="conv", disable=not progress, dynamic_ncols=True):
+                                            unit="conv", disable=not progress, dynamic_ncols=True,
+                                            delay=tokenizer.BAR_DELAY_S):
             where = f"{shown}: line {lineno}"
             try:
                 text = renderer.render(messages, add_generation_prompt=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dropless import tokenizer as tokenizer_module
 from dropless.conversations import IGNORE, cut, encode_stream, jsonl_documents, pieces
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
@@ -227,7 +228,7 @@ def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
     splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
     chars = sum(len(p[0] if assistant_only else p) for texts in splits for p in texts)
     bar = tqdm(total=chars, desc="tokenize", unit="char", unit_scale=True, dynamic_ncols=True,
-               disable=not progress, leave=False)
+               disable=not progress, leave=False, delay=tokenizer_module.BAR_DELAY_S)
     for split, texts in zip(("train", "val"), splits):
         chunks = (encode_stream(tokenizer, texts, bar) if assistant_only
                   else _joined(encode_chunks(tokenizer, texts, bar), sep))
@@ -266,8 +267,8 @@ def _write_split(folder: Path, split: str, chunks, dtype, meta: dict, masked: bo
             for f in out.values():
                 f.flush()
                 os.fsync(f.fileno())
-    except OSError as e:   # a full disk: these writes carry no file name, so name the cache
-        raise OSError(e.errno, e.strerror, e.filename or f"token cache {folder.parent}") from None
+    except OSError as e:   # a full disk: these writes carry no file name: the cache's then
+        raise OSError(e.errno, e.strerror, e.filename or str(folder.parent)) from None
     meta[f"{split}_tokens"] = tokens
     meta[f"{split}_sha256"] = sums["bin"].hexdigest()
     if masked:

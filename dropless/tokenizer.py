@@ -136,6 +136,9 @@ Tokenizer = ByteTokenizer | BPETokenizer
 
 # characters tokenized per encode_chunks chunk
 ENCODE_CHUNK_CHARS = 1 << 22
+# data preparation's bars (rendering, tokenizing) appear only once it has taken this long: a
+# small corpus, or an error found early, leaves no bar behind on stderr
+BAR_DELAY_S = 2.0
 
 
 def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None,

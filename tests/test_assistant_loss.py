@@ -182,7 +182,10 @@ def test_eval_of_an_assistant_only_run_on_plain_text_says_the_run_asks(tmp_path,
     assert "Traceback" not in err
 
 
-def test_data_preparation_shows_its_bars_unless_quiet(tmp_path, capsys):
+def test_data_preparation_shows_its_bars_unless_quiet(tmp_path, capsys, monkeypatch):
+    from dropless import tokenizer
+
+    monkeypatch.setattr(tokenizer, "BAR_DELAY_S", 0)   # at once, not after 2 s
     talks = _talks(tmp_path / "d.jsonl")
     args = ["train", "--data", str(talks), "--assistant-only-loss", "--batch-size", "4",
             "--seq-len", "32", "--steps", "1", "--eval-batches", "1", "--sample-tokens", "0"]

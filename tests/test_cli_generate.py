@@ -65,3 +65,23 @@ def test_a_template_that_fails_is_one_line(chat_run, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"dropless: error: {run}: the chat template failed: ") and (
         err.count("\n") == 1 and "no system role" in err), err
+
+
+def test_generate_and_chat_decode_in_the_dtype_serve_does(trained_run, monkeypatch, capsys):
+    """generate and chat load the model as serve does (decode_dtype: bf16 on CUDA): here the rule
+    is made to say bf16 on the CPU, and the model generate decodes with is bf16."""
+    import torch
+
+    from dropless import generate as gen_module
+    from dropless.serve import text
+
+    assert text.decode_dtype(torch.device("cuda")) == torch.bfloat16
+    assert text.decode_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(text, "decode_dtype", lambda device: torch.bfloat16)
+    seen, real = [], gen_module.generate
+    monkeypatch.setattr(gen_module, "generate",
+                        lambda model, *a, **k: seen.append(model.embed.weight.dtype)
+                        or real(model, *a, **k))
+    assert cli.main(["generate", str(trained_run), "--prompt", "def ", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0
+    assert seen == [torch.bfloat16] and capsys.readouterr().out.startswith("def ")

@@ -222,7 +222,10 @@ def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character():
     assert list(encode_chunks(tok, [])) == []
 
 
-def test_a_new_cache_entry_shows_a_bar_and_the_same_tokens(tmp_path, capsys):
+def test_a_new_cache_entry_shows_a_bar_and_the_same_tokens(tmp_path, capsys, monkeypatch):
+    from dropless import tokenizer
+
+    monkeypatch.setattr(tokenizer, "BAR_DELAY_S", 0)   # at once, not after 2 s
     docs = [(f"d{i}.txt", f"document number {i}\n" * 20) for i in range(40)]
     quiet = data.load_tokens(docs, ByteTokenizer(), tmp_path / "a")
     assert "tokenize" not in capsys.readouterr().err
@@ -292,5 +295,5 @@ def test_a_full_disk_names_the_token_cache_and_leaves_nothing(tmp_path, monkeypa
                      "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert code == 1
     err = capsys.readouterr().err
-    assert f"token cache {tmp_path / 'cache'}: No space left on device" in err
+    assert err == f"dropless: error: {tmp_path / 'cache'}: No space left on device\n"
     assert not list((tmp_path / "cache").iterdir())   # the half-built entry was removed

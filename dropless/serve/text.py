@@ -67,6 +67,12 @@ def _chat_template(value, where: str) -> str:
     return value
 
 
+def decode_dtype(device: torch.device) -> torch.dtype:
+    """What generate, chat and serve decode in: bf16 on CUDA (the decode kernels' dtype, half
+    the memory of float32), else float32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_served_model(path: str, device: torch.device) -> ServedModel:
     """A `dropless train` run directory or a Hugging Face model directory, with what
     `chat_metadata` reads."""
@@ -76,8 +82,7 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     root = Path(path)
     if not root.is_dir():
         raise DroplessError(f"{path}: no such directory")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model_dir(root, device, dtype)
+    model, tokenizer = load_model_dir(root, device, decode_dtype(device))
     kmajor_experts(model)   # the decode GEMVs' layout: served weights are never trained
     eos_ids, template, special = chat_metadata(root, model.cfg.vocab_size, tokenizer)
     return ServedModel(root.resolve().name, model.eval(), tokenizer, eos_ids, template, special)
