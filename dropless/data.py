@@ -198,21 +198,21 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
 
 
 def _check_entry(entry: Path) -> str | None:
-    """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256."""
+    """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256; the
+    files are hashed as they are read, never held whole."""
     try:
         meta = read_small_json(entry / "meta.json")
         for split in ("train", "val"):
-            data = (entry / f"{split}.bin").read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta[f"{split}_sha256"]:
-                return f"{split}.bin fails its checksum"
-            if len(data) != meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize:
-                return f"{split}.bin has the wrong length"
+            files = [("bin", "", np.dtype(meta["dtype"]).itemsize)]
             if f"{split}_mask_sha256" in meta:   # a byte a token
-                mask = (entry / f"{split}.mask").read_bytes()
-                if hashlib.sha256(mask).hexdigest() != meta[f"{split}_mask_sha256"]:
-                    return f"{split}.mask fails its checksum"
-                if len(mask) != meta[f"{split}_tokens"]:
-                    return f"{split}.mask has the wrong length"
+                files.append(("mask", "_mask", 1))
+            for kind, key, itemsize in files:
+                path = entry / f"{split}.{kind}"
+                with open(path, "rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != meta[f"{split}{key}_sha256"]:
+                        return f"{split}.{kind} fails its checksum"
+                if path.stat().st_size != meta[f"{split}_tokens"] * itemsize:
+                    return f"{split}.{kind} has the wrong length"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     return None

@@ -270,3 +270,19 @@ def test_decode_switches_alternates_configs_and_restores_the_environment(tmp_pat
                  lambda: (os.environ["DROPLESS_PDL"], os.environ["DROPLESS_DECODE_FUSION"]))
     assert seen == ("1", "1") and "DROPLESS_PDL" not in os.environ
     assert os.environ["DROPLESS_DECODE_FUSION"] == "0"
+
+
+# ---- token_cache.py ---------------------------------------------------------------------------
+
+def test_token_cache_chunked_and_whole_agree(tmp_path):
+    """Both settings build the same tokens; the chunked one holds less while it tokenizes (the
+    whole corpus at once keeps every id in int64, ~20 bytes a character with its joins)."""
+    out = run("token_cache.py", "--copies", "1", "--tokenizers", "byte", "--json",
+              tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["chunk"] for r in rows] == [f"{1 << 22:,}", "one chunk"]
+    # bytes: a token a character (ASCII mostly), and the separators between documents
+    assert rows[0]["tokens"] == rows[1]["tokens"] >= rows[0]["chars"]
+    assert all(positive(r["seconds"], r["rss_peak_mb"]) for r in rows)
+    assert rows[0]["growth_bytes_per_char"] < rows[1]["growth_bytes_per_char"]
+    assert len(table(out, "| tokenizer")) == 3   # the separator line and two rows

@@ -1,0 +1,85 @@
+"""Building a token cache entry (dropless.data.load_tokens), side by side: tokenized and written
+a chunk at a time (the default, dropless.tokenizer.ENCODE_CHUNK_CHARS) against the whole corpus as
+one chunk (every split's ids in memory at once, as before round 28). Each setting runs in its own
+process, so its peak resident memory is its own.
+
+    python benchmarks/token_cache.py                          # stdlib corpus x3, bytes and BPE
+    python benchmarks/token_cache.py --copies 1 --tokenizers byte --json out.json
+
+Per setting: characters, tokens, seconds, million characters per second, and the peak resident
+memory (MB) after the documents were read and while tokenizing, and the growth per character.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ONE_CHUNK = 1 << 62
+
+
+def one(tokenizer: str, copies: int, chunk: int, vocab: int) -> dict:
+    """Runs in the child: read, (train BPE,) then build the entry and measure."""
+    from dropless import data, tokenizer as tokenizers
+
+    docs = [(f"{i}/{name}", text) for i in range(copies) for name, text in data.stdlib_documents()]
+    if tokenizer == "bpe":
+        tok = tokenizers.train_bpe([text for _, text in docs[:300]], vocab)
+    else:
+        tok = tokenizers.ByteTokenizer()
+    tokenizers.ENCODE_CHUNK_CHARS = chunk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        tokens = data.load_tokens(docs, tok, Path(cache))
+        n = len(tokens.train) + len(tokens.val)
+        del tokens
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    chars = sum(len(text) for _, text in docs)
+    return {"tokenizer": tokenizer, "chunk": "one chunk" if chunk == ONE_CHUNK else f"{chunk:,}",
+            "chars": chars, "tokens": n, "seconds": seconds, "mchars_per_s": chars / seconds / 1e6,
+            "rss_read_mb": before, "rss_peak_mb": peak,
+            "growth_bytes_per_char": (peak - before) * 1e6 / chars}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--copies", type=int, default=3, help="copies of the stdlib corpus")
+    p.add_argument("--tokenizers", nargs="+", default=["byte", "bpe"], choices=["byte", "bpe"])
+    p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary")
+    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(one(args.child[0], args.copies, int(args.child[1]), int(args.child[2]))))
+        return
+    from dropless.tokenizer import ENCODE_CHUNK_CHARS
+
+    rows = []
+    for tok in args.tokenizers:
+        for chunk in (ENCODE_CHUNK_CHARS, ONE_CHUNK):
+            out = subprocess.run([sys.executable, __file__, "--copies", str(args.copies),
+                                  "--child", tok, str(chunk), str(args.vocab)],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    print("| tokenizer | chunk (chars) | M chars | M tokens | s | M chars/s | RSS read MB | "
+          "RSS peak MB | growth B/char |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokenizer']} | {r['chunk']} | {r['chars'] / 1e6:.1f} | "
+              f"{r['tokens'] / 1e6:.1f} | {r['seconds']:.1f} | {r['mchars_per_s']:.2f} | "
+              f"{r['rss_read_mb']:.0f} | {r['rss_peak_mb']:.0f} | "
+              f"{r['growth_bytes_per_char']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
