@@ -34,13 +34,14 @@ GEMV_MAX_TOKENS = 16   # a linear takes the GEMV kernel up to this many rows
 # _group_params; the grouped kernel and SwiGLU GEMVs under "nibble" interleave); benchmarks/awq.py
 # times them
 # DROPLESS_AWQ_GROUPED_PACKED (with "nibble"): whether the grouped kernel dequantizes its tiles in
-# packed order, joins them into columns and scales the dot's result (round 25): "0" never (the
-# default), "1" always, "small" in 16-row tiles only (a few rows per expert). At 64 tokens on an
-# H100 (round 26, not side by side) packed took the Qwen3-30B-A3B shape's experts (16-row tiles)
-# from 0.420 to 0.393 ms and Mixtral's (64-row tiles) from 1.015 to 1.127 ms, on round 21's tiles
-# (tuned for the unpacked kernel)
+# packed order, joins them into columns and scales the dot's result (round 25): "0" never, "1"
+# always, "small" (the default) in 16-row tiles only (a few rows per expert). At 64 tokens on an
+# H100, side by side in one process (round 28), the Qwen3-30B-A3B shape's experts (16-row tiles):
+# 0.391 ms packed or small, 0.418 unpacked; Mixtral's (64-row tiles): 1.144 packed, 1.025 small
+# or unpacked (round 21's tiles, tuned for the unpacked kernel)
 GROUPED_PACKED_ENV = "DROPLESS_AWQ_GROUPED_PACKED"
 GROUPED_PACKED = ("0", "1", "small")
+GROUPED_PACKED_DEFAULT = "small"
 UNPACK_ENV = "DROPLESS_AWQ_UNPACK"
 UNPACKS = ("nibble", "interleave", "gather")
 # the grouped kernel's tile, "BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES", for every launch (a sweep's
@@ -49,7 +50,7 @@ TILE_ENV = "DROPLESS_AWQ_TILE"
 
 
 def _grouped_packed(block_m: int) -> bool:
-    mode = os.environ.get(GROUPED_PACKED_ENV) or GROUPED_PACKED[0]
+    mode = os.environ.get(GROUPED_PACKED_ENV) or GROUPED_PACKED_DEFAULT
     if mode not in GROUPED_PACKED:
         raise ValueError(f"{GROUPED_PACKED_ENV}={mode!r} is invalid: allowed: "
                          f"{', '.join(GROUPED_PACKED)}")
