@@ -22,8 +22,9 @@ against the bf16 layer holding the dequantized int4 weights (the same function).
 DROPLESS_AWQ_TILE) at every T above 1: the int4 experts alone (fused path, graphed) under each
 tile, against the default tile and the best bf16 experts, each checked against the default's
 output. A spec may end in ":packed=MODE" (DROPLESS_AWQ_GROUPED_PACKED: 0, 1, small), or be
-"packed=MODE" alone (the default tile), or "default"; specs may repeat, so that
-`--tiles packed=1 default packed=1` times packed against unpacked in one process, alternating.
+"packed=MODE" alone (the default tile), or "default" (the default tile and packing, =small);
+specs may repeat, so that `--tiles packed=1 packed=0 packed=1` times packed against unpacked in
+one process, alternating.
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
 """

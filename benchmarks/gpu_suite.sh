@@ -187,7 +187,7 @@ for s in "$@"; do
               -p no:cacheprovider -rf   # the default, and =1 and =small in test_other_unpackings
             # one process, alternating: the first spec compiles cold (round 26: cut at 50 s)
             stage "$L" 240 python3 benchmarks/awq.py --tokens 64 --tiles packed=1 packed=small \
-              default packed=1 packed=small default
+              packed=0 packed=1 packed=small packed=0
             stage "$L" 150 python3 benchmarks/awq.py --shapes mixtral --tokens 64 --tiles default \
               64,64,64,4,3:packed=1 32,64,64,4,3:packed=1 64,128,64,8,3:packed=1 \
               64,64,128,4,3:packed=1 32,128,64,4,3:packed=1 ;;

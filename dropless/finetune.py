@@ -50,9 +50,8 @@ class Source:
 
 def load_source(path: str) -> Source:
     from dropless.checkpoint import load_model_dir
-    from dropless.serve.text import chat_metadata
-
     from dropless.hf import stored_dtype
+    from dropless.serve.text import chat_metadata
 
     dtype = None   # a run directory: as saved
     if (Path(path) / "config.json").is_file():   # a HF model saved in bf16 stays bf16 here
