@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, ...")
     gen.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
     gen.add_argument("--chat", action="store_true",
                      help="each prompt is a user's message in the model's chat template (its "
