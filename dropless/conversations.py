@@ -206,12 +206,6 @@ def encode_stream(tokenizer, pieces_: list[tuple[str, bool]], bar=None):
                np.concatenate([np.full(len(i), f, dtype=np.uint8) for i, f in zip(ids, flags)]))
 
 
-def encode(tokenizer, pieces_: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """encode_stream's chunks, joined."""
-    chunks = list(encode_stream(tokenizer, pieces_))
-    return (np.concatenate([ids for ids, _ in chunks] or [np.zeros(0, np.int64)]),
-            np.concatenate([mask for _, mask in chunks] or [np.zeros(0, np.uint8)]))
-
 
 def loss_weights(batches, rt) -> list:
     """--assistant-only-loss: what each micro-batch's LM loss (a mean over its covered targets)

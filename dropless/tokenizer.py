@@ -141,16 +141,16 @@ ENCODE_CHUNK_CHARS = 1 << 22
 BAR_DELAY_S = 2.0
 
 
-def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None,
-                  chunk_chars: int | None = None) -> Iterator[list[np.ndarray]]:
+def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
+                  ) -> Iterator[list[np.ndarray]]:
     """tokenizer.encode_batch(texts), a chunk of a few million characters at a time: a large
     corpus is never held as token ids all at once, and `bar` (a tqdm counting characters, or
     None) follows it. The ids are the same however the texts are chunked."""
-    batch, size, most = [], 0, chunk_chars or ENCODE_CHUNK_CHARS
+    batch, size = [], 0
     for i, text in enumerate(texts):
         batch.append(text)
         size += len(text)
-        if size >= most or i == len(texts) - 1:
+        if size >= ENCODE_CHUNK_CHARS or i == len(texts) - 1:
             yield tokenizer.encode_batch(batch)
             if bar is not None:
                 bar.update(size)

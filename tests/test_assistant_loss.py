@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dropless import cli, data
-from dropless.conversations import IGNORE, Rendered, cut, encode, pieces, render_all
+from dropless.conversations import IGNORE, Rendered, cut, encode_stream, pieces, render_all
 from dropless.errors import DroplessError
 from dropless.tokenizer import ByteTokenizer
 
@@ -52,7 +52,7 @@ def test_pieces_cut_and_encode_keep_the_mask_on_its_characters():
     text = Rendered("<u>hi<a>yes$", [(8, 12)])
     parts = pieces([text, "plain"], "\n\n")
     assert parts == [("<u>hi<a>", False), ("yes$", True), ("\n\n", False), ("plain", True)]
-    ids, mask = encode(ByteTokenizer(), parts)
+    [(ids, mask)] = encode_stream(ByteTokenizer(), parts)   # one chunk
     assert bytes(ids.astype(np.uint8)) == b"<u>hi<a>yes$\n\nplain"
     assert bytes(ids[mask == 1].astype(np.uint8)) == b"yes$plain"
     head, tail = cut(parts, 10)   # inside the assistant span

@@ -199,7 +199,10 @@ def test_cache_dir_that_is_a_file(tmp_path):
         data.load_tokens([("a", "text " * 50)], ByteTokenizer(), tmp_path / "cache")
 
 
-def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character():
+def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character(monkeypatch):
+    from dropless import tokenizer
+
+    monkeypatch.setattr(tokenizer, "ENCODE_CHUNK_CHARS", 20)
     texts = ["alpha beta gamma " * 9, "", "delta", "epsilon zeta " * 3, "x"]
     tok = train_bpe(texts * 3, 300)
     calls, counted = [], []
@@ -214,8 +217,7 @@ def test_tokenizing_in_chunks_changes_no_token_and_counts_every_character():
             return tok.encode_batch(batch)
 
     from dropless.tokenizer import encode_chunks
-    got = [ids for chunk in encode_chunks(Counting(), texts, Bar(), chunk_chars=20)
-           for ids in chunk]
+    got = [ids for chunk in encode_chunks(Counting(), texts, Bar()) for ids in chunk]
     assert [list(ids) for ids in got] == [list(ids) for ids in tok.encode_batch(texts)]
     assert sum(calls) == len(texts) and len(calls) > 1   # a chunk at a time, each text once
     assert sum(counted) == sum(map(len, texts))
