@@ -35,6 +35,11 @@ def config_to_dict(cfg: ModelConfig) -> dict:
     return asdict(cfg)
 
 
+def architecture(model_config: dict) -> dict:
+    """A saved model config without the expert backend, which a resumed run may change."""
+    return {**model_config, "moe": {**model_config["moe"], "backend": None}}
+
+
 def _from_json(cls, d, where: str, **fixed):
     """cls(**d, **fixed) of a JSON object read from a file: every error (not an object, an unknown
     field, a value out of range or of the wrong type) is one line naming `where`."""
@@ -129,18 +134,39 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None
     return model.eval(), tokenizer, state
 
 
-def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
-    """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one
-    with a config.json), the model in `dtype` when given: what generate and serve read."""
-    if (Path(path) / "config.json").is_file():
-        from dropless.convert import load_hf_dir
+def _hf_dir(path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def model_dir_header(path: str | Path) -> tuple[ModelConfig, object, bool]:
+    """-> (model config, tokenizer, whether its weights are quantized) of what load_model_dir
+    reads, checked as it checks them, without reading a weight. `quantized` is False for a
+    Hugging Face directory: whether its AWQ tensors stay packed shows only as they are read."""
+    if _hf_dir(path):
+        from dropless.convert import hf_dir_header
         try:
-            model, tok_json = load_hf_dir(path, dtype=dtype or torch.float32, device=device)
+            cfg, tok_json = hf_dir_header(path)
         except ValueError as e:
             raise DroplessError(str(e)) from None
         if tok_json is None:
             raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
-        return model, tokenizer_from_json(tok_json)
+        return cfg, tokenizer_from_json(tok_json), False
+    state = _latest(path)
+    tokenizer = _saved_model(state["path"], state)[1]
+    return config_from_dict(state["model_config"]), tokenizer, "quant" in state
+
+
+def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one
+    with a config.json), the model in `dtype` when given: what generate and serve read."""
+    if _hf_dir(path):
+        from dropless.hf import from_hf
+        tokenizer = model_dir_header(path)[1]
+        try:
+            model = from_hf(path, dtype or torch.float32, device)
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+        return model.eval(), tokenizer
     return load_run(path, device, dtype)[:2]
 
 

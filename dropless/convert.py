@@ -18,9 +18,9 @@ from dropless.parallel.checkpoint import save
 from dropless.tokenizer import tokenizer_from_json
 
 
-def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """-> (model in eval mode, the directory's tokenizer.json text or None). The config and the
-    tokenizer are checked (its ids must fit the model's vocabulary) before any weight is read."""
+def hf_dir_header(path):
+    """-> (ModelConfig, the directory's tokenizer.json text or None), both checked (the
+    tokenizer's ids must fit the model's vocabulary); no weight is read."""
     path = Path(path)
     cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
     tokenizer = path / "tokenizer.json"
@@ -34,6 +34,13 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"{tokenizer} has {tok.vocab_size} tokens but config.json has "
                              f"vocab_size={cfg.vocab_size}: the tokenizer must fit the model")
+    return cfg, text
+
+
+def load_hf_dir(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """-> (model in eval mode, the directory's tokenizer.json text or None). The config and the
+    tokenizer are checked (hf_dir_header) before any weight is read."""
+    text = hf_dir_header(path)[1]
     return from_hf(path, dtype, device).eval(), text
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from dropless import data
 from dropless.parallel import checkpoint as ckpt
-from dropless.checkpoint import claim_run_dir, config_to_dict
+from dropless.checkpoint import architecture, claim_run_dir, config_to_dict
 from dropless.config import TrainConfig
 from dropless.conversations import IGNORE, loss_weights
 from dropless.errors import DroplessError
@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, *, state: dict | None = None, progress: bool = True,
     from dropless.parallel.mesh import ParallelConfig
 
     device = resolve_device(cfg.device)   # its own message, not an "invalid parallel layout"
-    source = load_source(cfg.init) if cfg.init and state is None else None   # every rank's
+    # every rank reads the source's config and tokenizer; its weights, rank 0 alone
+    source = load_source(cfg.init) if cfg.init and state is None else None
     base = base_config(cfg, state, source)
     try:
         pcfg = ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep)
@@ -155,26 +156,27 @@ def train_step(model: nn.Module, loss_fn, opt, batches, amp, cfg: TrainConfig, r
     return lm_sum / len(batches), aux_sum / len(batches), grad_norm, loads_LE
 
 
-def _architecture(model_config: dict) -> dict:
-    """A saved model config without the expert backend, which a resumed run may change."""
-    return {**model_config, "moe": {**model_config["moe"], "backend": None}}
-
-
 def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision: str, source):
     """The model and optimizer, seeded (or the --init source's weights), parallelized under
     torchrun (the optimizer then holds the sharded parameters), restored from the checkpoint when
     resuming."""
     from dropless.model import Transformer
-    from dropless.parallel import parallelize
+    from dropless.parallel import parallel_model
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def cast(model):   # an --init source's may be bf16; the router's bias (a buffer) stays fp32
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        return model
     torch.manual_seed(cfg.seed)
-    # --init: the source's tensors become the model's (no second host copy) and leave the Source
-    model = Transformer(model_cfg) if source is None else source.take_model(model_cfg)
-    model = model.to(rt.device)
-    for p in model.parameters():   # an --init source's may be bf16; buffers (router bias) stay fp32
-        p.data = p.data.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-    if rt.mesh is not None:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16
-        parallelize(model, rt.mesh, mixed_precision=precision == "bf16-mixed")
+    # --init: the source's tensors become the model's (one host copy, none kept after)
+    whole = (lambda: source.take_model(model_cfg)) if source else lambda: Transformer(model_cfg)
+    if rt.mesh is None:
+        model = cast(whole().to(rt.device))
+    else:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16
+        model = parallel_model(lambda: cast(whole()), lambda: cast(Transformer(model_cfg)), rt,
+                               mixed_precision=precision == "bf16-mixed", fill=state is None)
     opt = make_optimizer(model, cfg, working_copies=precision == "bf16-mixed" and rt.mesh is None)
     if state is not None:
         ckpt.load(state["path"], model, opt)   # any saved mesh -> this one
@@ -207,7 +209,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     # the one source of the expert backend: --backend, recorded in the model config that is saved
     model_cfg = run_config(cfg, base, tok.vocab_size)
     name = f"{Path(cfg.init).name} (--init)" if cfg.init else cfg.preset
-    if state is not None and _architecture(state["model_config"]) != _architecture(
+    if state is not None and architecture(state["model_config"]) != architecture(
             config_to_dict(model_cfg)):
         raise DroplessError(f"config mismatch on resume: preset {cfg.preset!r} no longer "
                             "matches the model in the checkpoint")

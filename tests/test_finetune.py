@@ -119,10 +119,9 @@ def test_the_source_chat_files_go_with_the_run(trained_run, tmp_path, corpus, ca
     assert not (plain / "generation_config.json").exists()
 
 
-def test_the_source_tensors_become_the_model_and_leave_the_source():
+def test_the_source_tensors_become_the_model(monkeypatch):
     """take_model builds on the meta device and assigns the source's tensors (one host copy, not
-    two); tied embeddings stay one Parameter; the RoPE tables are rebuilt when the model moves;
-    the Source keeps no weights alive afterwards."""
+    two); tied embeddings stay one Parameter; the RoPE tables are rebuilt when the model moves."""
     from dataclasses import replace
 
     from dropless.config import PRESETS
@@ -134,9 +133,9 @@ def test_the_source_tensors_become_the_model_and_leave_the_source():
     torch.manual_seed(0)
     built = Transformer(cfg)
     weights = built.state_dict()
-    source = Source(cfg, None, weights, ((), None, {}))
+    monkeypatch.setattr(Source, "read_weights", lambda self: weights)
+    source = Source("src", cfg, None, ((), None, {}))
     model = source.take_model(replace(cfg, max_seq_len=2 * cfg.max_seq_len)).to("cpu")
-    assert source.weights == {}
     assert model.lm_head.weight is model.embed.weight
     for name, p in model.named_parameters():
         assert p.requires_grad and p.data_ptr() == weights[name].data_ptr(), name
@@ -146,18 +145,33 @@ def test_the_source_tensors_become_the_model_and_leave_the_source():
     torch.testing.assert_close(model.rope_cos[:built.rope_cos.shape[0]], built.rope_cos)
 
 
-def test_a_finished_run_holds_no_source_weights(trained_run, tmp_path, corpus, capsys,
-                                                monkeypatch):
-    from dropless import finetune, train
+@pytest.mark.parametrize("kind", ["run", "hf"])
+def test_the_source_is_read_without_its_weights(trained_run, tmp_path, monkeypatch, kind):
+    """load_source (every rank under torchrun) reads the config, tokenizer and chat files only;
+    the weights are read when a model takes them (rank 0)."""
+    from dropless import checkpoint, hf
+    from dropless.convert import save_hf_dir
+    from dropless.finetune import load_source
 
-    seen = []
+    model, tok, _ = load_run(trained_run)
+    src = trained_run
+    if kind == "hf":
+        src = tmp_path / "hf"
+        save_hf_dir(model, src, tok.to_json())
+    expected = load_model_dir(src)[0]   # an HF directory's config differs in its defaults
 
-    def keep(path):
-        seen.append(finetune.load_source(path))
-        return seen[-1]
-    monkeypatch.setattr(train, "load_source", keep)
-    assert _train(capsys, trained_run, tmp_path / "ft", corpus, "--steps", "1") == 0
-    assert len(seen) == 1 and seen[0].weights == {}
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was read")
+    for module, name in ((checkpoint, "load_run"), (checkpoint, "load_model_dir"),
+                         (hf, "from_hf"), (checkpoint, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    source = load_source(str(src))
+    assert source.cfg == expected.cfg
+    assert list(source.tokenizer.encode("def f")) == list(tok.encode("def f"))
+    monkeypatch.undo()
+    weights = source.read_weights()
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=0)
 
 
 def test_a_bf16_hf_source_is_read_as_bf16_and_trained_in_fp32(trained_run, tmp_path, corpus,
@@ -171,9 +185,9 @@ def test_a_bf16_hf_source_is_read_as_bf16_and_trained_in_fp32(trained_run, tmp_p
     model = model.to(torch.bfloat16)
     src = tmp_path / "hf16"
     save_hf_dir(model, src, tok.to_json())
-    assert {t.dtype for t in load_source(str(src)).weights.values()} <= {torch.bfloat16,
+    assert {t.dtype for t in load_source(str(src)).read_weights().values()} <= {torch.bfloat16,
                                                                           torch.float32}
-    assert torch.bfloat16 in {t.dtype for t in load_source(str(src)).weights.values()}
+    assert torch.bfloat16 in {t.dtype for t in load_source(str(src)).read_weights().values()}
     out = tmp_path / "ft"
     assert _train(capsys, src, out, corpus, "--steps", "1", "--lr", "1e-12", "--warmup", "0") == 0
     after = _weights(out)

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from dropless.errors import DroplessError
 from dropless.files import (MAX_SMALL_FILE, fsync_dir, read_json_object, read_small_json,
@@ -261,10 +262,14 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     state = _state_dicts(model, optimizer)
     # every rank reads every file once more: the price of knowing they are intact
     verify(path, model)
+    # a model with no DTensor loads in this process alone, process group or not (rank 0 reading
+    # an --init source under torchrun)
+    alone = not any(isinstance(t, DTensor) for t in state["model"].values())
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner())
+            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(),
+                     no_dist=alone)
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
         raise DroplessError(f"{path}: checkpoint cannot be loaded ({_cause(e)})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],

@@ -42,31 +42,24 @@ def work_dtype(cfg, device: torch.device) -> torch.dtype:
 def load_source(src: str | Path, device: torch.device):
     """-> (model in its working dtype, tokenizer, TrainConfig or None) from a run or HF
     directory."""
-    from dropless.checkpoint import config_from_dict, latest_state, load_run, saved_train_config
-    from dropless.tokenizer import tokenizer_from_json
+    from dropless.checkpoint import load_model_dir, load_run, model_dir_header, saved_train_config
+    from dropless.hf import read_hf_config
 
     src = Path(src)
-    if (src / "config.json").is_file():
-        from dropless.convert import load_hf_dir
-        from dropless.hf import read_hf_config
-        from dropless.hf_config import config_from_hf
-        try:   # the HF reader's errors name the file and what is wrong: one line, no traceback
+    hf = (src / "config.json").is_file()
+    if hf:   # first: an AutoAWQ directory may have no tokenizer.json, which the header refuses
+        try:
             hf_cfg = read_hf_config(src)
-            cfg = config_from_hf(hf_cfg, str(src / "config.json"))   # checks it is an object
-            if hf_cfg.get("quantization_config"):
-                raise DroplessError(f"{src} is already quantized")
-            dtype = work_dtype(cfg, device)
-            model, tok_json = load_hf_dir(src, dtype=dtype, device=device)
         except ValueError as e:
             raise DroplessError(str(e)) from None
-        if tok_json is None:
-            raise DroplessError(f"{src} has no tokenizer.json: calibration text cannot be encoded")
-        return model, tokenizer_from_json(tok_json), None
-    state = latest_state(src)
-    if "quant" in state:
-        raise DroplessError(f"{src} is already quantized (quant={state['quant']})")
+        if isinstance(hf_cfg, dict) and hf_cfg.get("quantization_config"):
+            raise DroplessError(f"{src} is already quantized")
+    cfg, tok, quantized = model_dir_header(src)   # checked; no weight read yet
+    if quantized:
+        raise DroplessError(f"{src} is already quantized")
     # loaded straight into the working dtype: a 30B run's fp32 weights would not fit an H100
-    cfg = config_from_dict(state["model_config"])   # checked by latest_state
+    if hf:
+        return load_model_dir(src, device, work_dtype(cfg, device))[0], tok, None
     model, tok, state = load_run(src, device, work_dtype(cfg, device))
     return model, tok, saved_train_config(state)
 

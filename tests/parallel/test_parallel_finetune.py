@@ -1,7 +1,9 @@
 """`train --init` under a 2-rank job (ep=2: each rank keeps half of the source's experts) == one
-process fine-tuning from the same source. CPU (gloo), fp32."""
+process fine-tuning from the same source; only rank 0 reads the source's weights. CPU (gloo),
+fp32."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,19 @@ from dropless.train import train
 from test_parallel_train import assert_close, metrics, train_body
 
 
+def reading_body(rank, world, cfg, marks):
+    """train_body, leaving a file in `marks` for each rank that reads the source's weights."""
+    from dropless.finetune import Source
+
+    read = Source.read_weights
+
+    def read_and_mark(self):
+        Path(marks, f"rank{rank}").touch()
+        return read(self)
+    Source.read_weights = read_and_mark
+    train_body(rank, world, cfg)
+
+
 @pytest.mark.timeout(240)
 def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus):
     base = dict(device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), batch_size=4,
@@ -18,7 +33,11 @@ def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus):
                 sample_tokens=0)
     train(TrainConfig(out=str(tmp_path / "src"), steps=4, **base), progress=False)
     tune = dict(base, init=str(tmp_path / "src"), steps=3, lr=1e-3)
-    launch(2, train_body, asdict(TrainConfig(out=str(tmp_path / "two"), ep=2, **tune)))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    launch(2, reading_body, asdict(TrainConfig(out=str(tmp_path / "two"), ep=2, **tune)),
+           str(marks))
+    assert sorted(p.name for p in marks.iterdir()) == ["rank0"]
     train(TrainConfig(out=str(tmp_path / "one"), **tune), progress=False)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
