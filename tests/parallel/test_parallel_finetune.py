@@ -1,6 +1,6 @@
-"""`train --init` under a 2-rank job (ep=2: each rank keeps half of the source's experts) == one
-process fine-tuning from the same source; only rank 0 reads the source's weights. CPU (gloo),
-fp32."""
+"""`train --init` under a 2-rank job (ep=2: each rank keeps half of the source's experts; or
+FSDP) == one process fine-tuning from the same source; only rank 0 reads the source's weights.
+CPU (gloo), fp32."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -27,15 +27,28 @@ def reading_body(rank, world, cfg, marks):
 
 
 @pytest.mark.timeout(240)
-def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus):
+@pytest.mark.parametrize("kind, layout", [("run", {"ep": 2}), ("hf-bf16", {"dp_shard": 2})])
+def test_two_ranks_fine_tune_as_one_process(tmp_path, corpus, kind, layout):
+    """ep=2 from a run directory; FSDP (dp_shard=2, the tied embedding sharded) from a Hugging
+    Face directory stored in bf16."""
+    import torch
+
+    from dropless.checkpoint import load_run
+    from dropless.convert import save_hf_dir
+
     base = dict(device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), batch_size=4,
                 seq_len=32, warmup=0, eval_every=3, eval_batches=2, ckpt_every=10, log_every=1,
                 sample_tokens=0)
     train(TrainConfig(out=str(tmp_path / "src"), steps=4, **base), progress=False)
-    tune = dict(base, init=str(tmp_path / "src"), steps=3, lr=1e-3)
+    src = tmp_path / "src"
+    if kind == "hf-bf16":
+        model, tok, _ = load_run(src)
+        src = tmp_path / "hf"
+        save_hf_dir(model.to(torch.bfloat16), src, tok.to_json())
+    tune = dict(base, init=str(src), steps=3, lr=1e-3)
     marks = tmp_path / "marks"
     marks.mkdir()
-    launch(2, reading_body, asdict(TrainConfig(out=str(tmp_path / "two"), ep=2, **tune)),
+    launch(2, reading_body, asdict(TrainConfig(out=str(tmp_path / "two"), **layout, **tune)),
            str(marks))
     assert sorted(p.name for p in marks.iterdir()) == ["rank0"]
     train(TrainConfig(out=str(tmp_path / "one"), **tune), progress=False)
