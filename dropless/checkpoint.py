@@ -116,17 +116,23 @@ def latest_state(run_dir: str | Path) -> dict:
     return state
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             matmul_dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer, saved state + its "path") of a run directory's newest
     checkpoint, written by any mesh (or by `dropless quantize`: packed int4 modules). The model
-    is made on `device` in `dtype` (default: float32) with no values (meta, then to_empty) and the
-    checkpoint loads straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on
-    the device or the host (a 30B model's would be 122 GB)."""
+    is made on `device` in `dtype` (default: float32), its matmul weights (optim.matmul_weights)
+    in `matmul_dtype` when given, with no values (meta, then to_empty), and the checkpoint loads
+    straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on the device or
+    the host (a 30B model's would be 122 GB)."""
+    from dropless.optim import matmul_weights
+
     state = _latest(run_dir)
     path = state["path"]
     build, tokenizer = _saved_model(path, state)
     with torch.device("meta"):   # .to(dtype) keeps the router's bias fp32 and int4 scales fp16
         model = build() if dtype is None else build().to(dtype)
+        for p in (matmul_weights(model).values() if matmul_dtype is not None else ()):
+            p.data = p.data.to(matmul_dtype)
     model = model.to_empty(device=device)   # every value comes from the checkpoint (DCP: all)
     if model.cfg.tie_embeddings:   # to_empty off the meta device gives each name its own tensor
         model.lm_head.weight = model.embed.weight
@@ -156,18 +162,20 @@ def model_dir_header(path: str | Path) -> tuple[ModelConfig, object, bool]:
     return config_from_dict(state["model_config"]), tokenizer, "quant" in state
 
 
-def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None,
+                   matmul_dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one
-    with a config.json), the model in `dtype` when given: what generate and serve read."""
+    with a config.json), the model in `dtype` (its matmul weights in `matmul_dtype`) when given:
+    what generate, serve and eval read."""
     if _hf_dir(path):
         from dropless.hf import from_hf
         tokenizer = model_dir_header(path)[1]
         try:
-            model = from_hf(path, dtype or torch.float32, device)
+            model = from_hf(path, dtype or torch.float32, device, matmul_dtype)
         except ValueError as e:
             raise DroplessError(str(e)) from None
         return model.eval(), tokenizer
-    return load_run(path, device, dtype)[:2]
+    return load_run(path, device, dtype, matmul_dtype)[:2]
 
 
 @contextmanager

@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from dropless import data
 from dropless.checkpoint import load_model_dir, load_run, saved_train_config
 from dropless.config import TrainConfig
@@ -29,10 +31,15 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     from dropless.train import evaluate
 
     dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    # bf16-mixed (CUDA): the matmul weights are read in bf16, the bf16 that autocast would cast
+    # them to at every use, so the loss is the fp32 model's in half its memory (a 30B model's
+    # fp32 weights would not fit an H100)
+    matmul = torch.bfloat16 if precision == "bf16-mixed" else None
     if (Path(path) / "config.json").is_file():
-        (model, tok), cfg = load_model_dir(path, dev), None
+        (model, tok), cfg = load_model_dir(path, dev, matmul_dtype=matmul), None
     else:
-        model, tok, state = load_run(path, dev)
+        model, tok, state = load_run(path, dev, matmul_dtype=matmul)
         cfg = saved_train_config(state)
     cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
     seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
@@ -52,7 +59,7 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
                             f"sequences of {seq_len}")
     windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches,
                                 tokens.val_mask)
-    loss = evaluate(model, windows, dev, autocast_for(resolve_precision("auto", dev), dev))
+    loss = evaluate(model, windows, dev, autocast_for(precision, dev))
     # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
     return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),
             "tokens": cfg.batch_size * seq_len * cfg.eval_batches}

@@ -261,9 +261,13 @@ def read_hf_config(path) -> dict:
     return read_small_json(config)
 
 
-def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
-    """Read a HF model directory into a dropless Transformer (weights cast to `dtype`; the router's
-    selection bias stays float32)."""
+def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
+            matmul_dtype: torch.dtype | None = None) -> Transformer:
+    """Read a HF model directory into a dropless Transformer (weights cast to `dtype`, the matmul
+    weights (optim.matmul_weights) to `matmul_dtype` when given; the router's selection bias
+    stays float32)."""
+    from dropless.optim import matmul_weights
+
     from safetensors import safe_open
 
     path = Path(path)
@@ -289,6 +293,12 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
     # n_shared_experts=0 as [0, D] / [D, 0] tensors
     _check(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
            or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        if awq is not None:
+            from dropless.quant.modules import quantize_modules
+            quantize_modules(model, awq.qcfg)
+    matmul = set(matmul_weights(model)) if matmul_dtype is not None else set()
     state, handles = {}, {}
     for row in rows:
         if awq is not None and awq.keeps_packed(row):
@@ -305,15 +315,11 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transform
             raise ValueError(f"{f}: cannot read {row.hf_key} (truncated or corrupt file?): "
                              f"{err}") from err
         # each tensor goes to `device` as it is read: the host never holds the whole model
-        _fill(state, row, t.to(device, torch.float32 if row.key.endswith("router.bias") else dtype),
-              cfg)
+        want = (torch.float32 if row.key.endswith("router.bias")
+                else matmul_dtype if row.key in matmul else dtype)
+        _fill(state, row, t.to(device, want), cfg)
     if cfg.tie_embeddings:   # HF stores the tied matrix once, as the embedding
         state["lm_head.weight"] = state["embed.weight"]
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        if awq is not None:
-            from dropless.quant.modules import quantize_modules
-            quantize_modules(model, awq.qcfg)
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
