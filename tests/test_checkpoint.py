@@ -519,6 +519,24 @@ def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_initialises_no_weights(small_cfg, tmp_path, monkeypatch):
+    """The checkpoint fills every value, so resuming builds the model on the meta device and
+    makes it uninitialised on its own (a 30B model's CPU init took minutes and 122 GB); the
+    run then goes on from the saved weights (the bitwise test above: its trajectory)."""
+    cfg = small_cfg(out=str(tmp_path / "run"), steps=2, ckpt_every=2, sample_tokens=0)
+    train(cfg, progress=False)
+    devices, real = [], Transformer.reset_parameters
+
+    def record(self):
+        devices.append(self.embed.weight.device.type)
+        return real(self)
+    monkeypatch.setattr(Transformer, "reset_parameters", record)
+    resumed, state = resume_config(cfg.out, {"steps": 3})
+    assert train(resumed, state=state, progress=False)["finished"]
+    assert devices and set(devices) == {"meta"}   # every build: checks, and the model
+    assert load_run(cfg.out)[2]["step"] == 3
+
+
 def test_readme_says_which_flags_resume_lets_change_and_which_it_keeps():
     """The README said "only --steps and the cadence/device flags may change on resume": not
     --backend, --precision, --cache-dir, --sample-tokens or the parallel layout, which may, nor

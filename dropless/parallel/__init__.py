@@ -34,7 +34,8 @@ def parallel_model(whole, meta, rt, *, mixed_precision: bool, fill: bool = True)
     the dtype meta()'s has) and every rank receives its shards of it, tensor by tensor. Under the
     old way (every rank built and moved the whole model), a 30B model took every rank's host and
     GPU memory for 61-122 GB before it was sharded. `fill=False` (resuming: the checkpoint fills
-    every value) builds nothing whole. The CPU generator ends as rank 0's on every rank."""
+    every value) builds nothing whole; it is also how one process (rt.mesh None) resumes: meta()
+    made on its device, uninitialised. The CPU generator ends as rank 0's on every rank."""
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -42,8 +43,11 @@ def parallel_model(whole, meta, rt, *, mixed_precision: bool, fill: bool = True)
     full = rt.main_first(lambda: whole().state_dict(), "could not build the model") if fill else {}
     with torch.device("meta"):
         model = meta()
-    parallelize(model, rt.mesh, mixed_precision=mixed_precision)
+    if rt.mesh is not None:
+        parallelize(model, rt.mesh, mixed_precision=mixed_precision)
     model = model.to_empty(device=rt.device)
+    if model.cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight   # to_empty off meta unties a plain model
     if fill:
         set_model_state_dict(model, full or {}, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True))
