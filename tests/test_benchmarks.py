@@ -286,3 +286,19 @@ def test_token_cache_chunked_and_whole_agree(tmp_path):
     assert all(positive(r["seconds"], r["rss_peak_mb"]) for r in rows)
     assert rows[0]["growth_bytes_per_char"] < rows[1]["growth_bytes_per_char"]
     assert len(table(out, "| tokenizer")) == 3   # the separator line and two rows
+
+
+# ---- init_memory.py ---------------------------------------------------------------------------
+
+def test_init_memory_ranks_hold_their_shards(tmp_path):
+    """`train --init` on 2 ranks (ep=2): each rank holds about half the parameters, one process
+    all of them; the table has a row per rank."""
+    out = run("init_memory.py", "--preset", "tiny", "--layouts", "ep", "--json",
+              tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["layout"], r["rank"]) for r in rows] == [("one process", 0), ("ep", 0), ("ep", 1)]
+    whole = rows[0]["model_fp32_bytes"]
+    assert rows[0]["param_bytes"] == whole
+    assert all(0.4 * whole < r["param_bytes"] < 0.6 * whole for r in rows[1:]), rows
+    assert all(positive(r["rss_peak_mb"]) and r["rss_built_mb"] <= r["rss_peak_mb"] for r in rows)
+    assert len(table(out, "| layout")) == 4   # the separator line and three rows
