@@ -7,10 +7,11 @@ every rank read the whole source and built the whole model, then sharded it.
     python benchmarks/init_memory.py --preset tiny --layouts ep --json out.json
 
 The source is the preset's model with random weights, saved as a Hugging Face directory in bf16
-(as Hub models are). Each run trains one step of batch 4 x 64 tokens. Per rank: peak resident
-memory (MB, the whole process: torch itself takes a few hundred) once the model is built and
-sharded, and after the step (AdamW's state is made at the step); the bytes of the model's
-parameters that the rank holds (its shards) against the whole model's fp32 bytes.
+(as Hub models are). Each run trains one step of batch 4 x 64 tokens. Per rank, resident memory
+in MB of the whole process (torch itself takes a few hundred): when train() starts; once the
+model is built and sharded, with the peak up to then (tokenizing the data may set it); the peak
+after the step (AdamW's state is made there). Then the bytes of the parameters the rank holds
+(its shards) against the whole model's fp32 bytes.
 """
 
 from __future__ import annotations
@@ -50,14 +51,23 @@ def _rank(rank: int, world: int, rdzv: str, cfg: dict, out: str) -> None:
         model, opt = build(*args, **kwargs)
         held["bytes"] = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
                             for p in model.parameters())
-        held["built_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+        held["built_mb"] = _rss_now_mb()
+        held["built_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
         return model, opt
     training._build_model = measured
+    start = _rss_now_mb()
     training.train(TrainConfig(**cfg), progress=False)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "rss_built_mb": held["built_mb"],
+        "rank": rank, "rss_start_mb": start, "rss_built_mb": held["built_mb"],
+        "rss_built_peak_mb": held["built_peak_mb"],
         "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
         "param_bytes": held["bytes"]}))
+
+
+def _rss_now_mb() -> float:
+    """This process's resident memory now (ru_maxrss is the peak so far)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def _source(preset: str, path: Path) -> int:
@@ -104,11 +114,13 @@ def main() -> None:
                 rows.append({"layout": name, **r, "model_fp32_bytes": whole})
     print(f"preset {args.preset}: the whole model {whole / 1e6:.0f} MB in fp32, the source "
           f"{whole / 2e6:.0f} MB (bf16)\n")
-    print("| layout | rank | peak RSS MB, model built | peak RSS MB, after the step | "
-          "parameters held MB | of the whole |")
-    print("|---|---|---|---|---|---|")
+    print("| layout | rank | RSS MB at the start | RSS MB, model built | peak MB to then | "
+          "peak MB after the step | parameters held MB | of the whole |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layout']} | {r['rank']} | {r['rss_built_mb']:.0f} | {r['rss_peak_mb']:.0f} | "
+        print(f"| {r['layout']} | {r['rank']} | {r['rss_start_mb']:.0f} | "
+              f"{r['rss_built_mb']:.0f} | {r['rss_built_peak_mb']:.0f} | "
+              f"{r['rss_peak_mb']:.0f} | "
               f"{r['param_bytes'] / 1e6:.0f} | {r['param_bytes'] / whole:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -300,5 +300,6 @@ def test_init_memory_ranks_hold_their_shards(tmp_path):
     whole = rows[0]["model_fp32_bytes"]
     assert rows[0]["param_bytes"] == whole
     assert all(0.4 * whole < r["param_bytes"] < 0.6 * whole for r in rows[1:]), rows
-    assert all(positive(r["rss_peak_mb"]) and r["rss_built_mb"] <= r["rss_peak_mb"] for r in rows)
+    assert all(positive(r["rss_start_mb"]) and r["rss_built_peak_mb"] <= r["rss_peak_mb"]
+               for r in rows)
     assert len(table(out, "| layout")) == 4   # the separator line and three rows
