@@ -377,21 +377,19 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
 
 
 def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
-    """A short sample from the trained model, on rank 0."""
+    """A short sample from the trained model, on rank 0 (under torchrun from the gathered
+    weights, in the dtype `generate` decodes in, where they fit)."""
     from dropless.generate import generate
     from dropless.model import Transformer
-    from dropless.parallel.fsdp import full_state
+    from dropless.parallel import gathered_model
+    from dropless.serve.text import decode_dtype
 
     sample_model = model
     if rt.world > 1:
-        # rank 0 samples alone from the gathered weights: a decoding step of collectives across
-        # every rank per token would cost far more than one gather
-        full, _ = full_state(model)
-        if not rt.is_main:
+        sample_model = gathered_model(model, lambda: Transformer(model_cfg), rt,
+                                      decode_dtype(rt.device))
+        if sample_model is None:
             return None
-        sample_model = Transformer(model_cfg)
-        sample_model.load_state_dict(full)
-        sample_model.to(rt.device)
     prompt = tok.encode(SAMPLE_PROMPT).tolist()
     new = generate(sample_model, [prompt],
                    min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from dropless.parallel.mesh import ParallelConfig, build_mesh
 
-__all__ = ["ParallelConfig", "build_mesh", "parallelize", "parallel_model"]
+__all__ = ["ParallelConfig", "build_mesh", "gathered_model", "parallelize", "parallel_model",
+           "whole_fits"]
 
 
 def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) -> nn.Module:
@@ -55,3 +56,42 @@ def parallel_model(whole, meta, rt, *, mixed_precision: bool, fill: bool = True)
         dist.broadcast(rng, 0)
         torch.set_rng_state(rng.cpu())
     return model
+
+
+def whole_fits(model: nn.Module, device, dtype) -> tuple[bool, int]:
+    """(whether a whole copy of `model` in `dtype` fits in `device`'s free memory with 10% to
+    spare (a host always counts as fitting), its bytes)."""
+    import torch
+
+    need = sum(p.numel() for p in model.parameters()) * dtype.itemsize   # DTensors: global
+    return device.type != "cuda" or 1.1 * need < torch.cuda.mem_get_info(device)[0], need
+
+
+def gathered_model(model: nn.Module, build, rt, dtype) -> nn.Module | None:
+    """Rank 0's whole copy of a parallelized `model` on its device in `dtype` (what a sample
+    decodes from: one gather, then no collective per token); None on the other ranks, and on
+    every rank when the copy would not fit beside the training state in rank 0's free GPU
+    memory (rank 0 warns). `build()` makes the bare model (on the meta device here: the gathered
+    tensors become its own, no init and no second host copy)."""
+    import warnings
+
+    import torch
+
+    from dropless.parallel.fsdp import full_state
+
+    fits, need = whole_fits(model, rt.device, dtype)
+    if rt.all_mean(torch.tensor(float(fits or not rt.is_main), device=rt.device)) < 1:
+        if rt.is_main:
+            warnings.warn(f"no sample: the whole model ({need / 1e9:.1f} GB in {dtype}) does not "
+                          "fit beside the training state on rank 0's GPU; `dropless generate "
+                          "RUN_DIR` samples the run", stacklevel=2)
+        return None
+    full, _ = full_state(model)   # collective; rank 0's host gets the whole model
+    if not rt.is_main:
+        return None
+    with torch.device("meta"):
+        whole = build()
+    whole.load_state_dict(full, assign=True)
+    if whole.cfg.tie_embeddings:   # assign=True gives each key its own Parameter
+        whole.lm_head.weight = whole.embed.weight
+    return whole.to(rt.device, dtype)

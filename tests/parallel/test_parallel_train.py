@@ -27,8 +27,10 @@ from dropless.train import train
 TOL = {"loss": 1e-5, "aux_loss": 1e-5, "val_loss": 1e-5, "grad_norm": 1e-4}
 
 
-def train_body(rank, world, cfg):
-    train(TrainConfig(**cfg), progress=False)
+def train_body(rank, world, cfg, sample_file=None):
+    summary = train(TrainConfig(**cfg), progress=False)
+    if sample_file is not None and rank == 0:
+        Path(sample_file).write_text(summary["sample"])
 
 
 def metrics(run_dir) -> dict[int, dict]:
@@ -50,8 +52,12 @@ def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     base = dict(device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), steps=10, batch_size=4,
                 seq_len=32, warmup=2, eval_every=5, eval_batches=2, ckpt_every=5, log_every=1,
                 sample_tokens=16)
-    launch(4, train_body, asdict(TrainConfig(out=str(tmp_path / "four"), ep=2, dp_shard=2, **base)))
-    train(TrainConfig(out=str(tmp_path / "one"), **base), progress=False)
+    launch(4, train_body, asdict(TrainConfig(out=str(tmp_path / "four"), ep=2, dp_shard=2, **base)),
+           str(tmp_path / "sample"))
+    single_summary = train(TrainConfig(out=str(tmp_path / "one"), **base), progress=False)
+    # rank 0 samples from the gathered weights: the one process's sample (same weights, seed)
+    assert (tmp_path / "sample").read_text() == single_summary["sample"]
+    assert len(single_summary["sample"]) > len("def ")
     one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
     assert sorted(four) == list(range(1, 11))
     assert_close(four, one, range(1, 11))
@@ -132,3 +138,21 @@ def test_a_stop_requested_on_one_rank_after_a_step_stops_every_rank_together(tmp
         out=str(out), device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), ep=2,
         steps=8, batch_size=4, seq_len=32, eval_every=100, ckpt_every=100, sample_tokens=0)))
     assert ckpt.latest(out).name == "step-00000003"
+
+
+def test_no_sample_when_the_whole_model_does_not_fit_rank_0s_gpu(monkeypatch):
+    """The end-of-run sample under torchrun gathers the whole model onto rank 0's GPU, beside its
+    training state: it is left out (with a warning) when that does not fit, not an OOM there."""
+    import torch
+
+    from dropless.config import PRESETS
+    from dropless.parallel import whole_fits
+
+    model = Transformer(PRESETS["tiny"])
+    need = sum(p.numel() for p in model.parameters()) * 2
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 80 * need))
+    assert whole_fits(model, cuda, torch.bfloat16) == (False, need)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * need, 80 * need))
+    assert whole_fits(model, cuda, torch.bfloat16) == (True, need)
+    assert whole_fits(model, torch.device("cpu"), torch.float32) == (True, 2 * need)
