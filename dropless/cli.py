@@ -235,6 +235,8 @@ def _serve(args) -> int:
 
 
 def _convert(args) -> int:
+    import torch
+
     from dropless.convert import convert_from_hf, convert_to_hf, convert_to_safetensors
 
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
@@ -247,15 +249,19 @@ def _convert(args) -> int:
             not os.path.isdir(out) or os.listdir(out)):
         raise DroplessError(f"{out} already exists and is not an empty directory: refusing to "
                             "overwrite it; choose a new directory")
+    if args.dtype and args.from_hf:
+        raise DroplessError("--dtype is invalid with --from-hf: a run directory holds float32 "
+                            "(training's weights); it applies to --to-hf and --to-safetensors")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     try:
         if args.to_safetensors:
-            n = convert_to_safetensors(args.path, args.to_safetensors)
+            n = convert_to_safetensors(args.path, args.to_safetensors, dtype)
             print(f"wrote {n} tensors to {args.to_safetensors}")
             return 0
         if args.from_hf:
             convert_from_hf(args.from_hf, args.path)
         else:
-            convert_to_hf(args.to_hf, args.path, args.model_type)
+            convert_to_hf(args.to_hf, args.path, args.model_type, dtype)
     except ValueError as e:   # the HF reader's errors name what is wrong; one line, no traceback
         raise DroplessError(str(e)) from None
     print(f"wrote {args.path}")

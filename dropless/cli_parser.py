@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", metavar="RUN_DIR", type=_path,
                      help="write a run as a Hugging Face directory")
     conv.add_argument("--model-type", help="with --to-hf: HF architecture (default: inferred)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16"],
+                      help="with --to-hf or --to-safetensors: the weights' dtype (default float32, "
+                           "as training saves them; bfloat16 halves the files, as most Hub "
+                           "models are stored; the router's bias stays float32)")
 
     quant = sub.add_parser("quantize", help="AWQ int4 weights for the experts and attention; "
                                             "writes a quantized run directory")

@@ -11,7 +11,8 @@ import torch
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.errors import DroplessError
 from dropless.files import atomic_dir, read_small_text, write_atomic
-from dropless.hf import from_hf, read_hf_config, save_safetensors, to_hf
+from dropless import hf
+from dropless.hf import from_hf, read_hf_config, to_hf
 from dropless.hf_config import config_from_hf
 from dropless.model import Transformer
 from dropless.parallel.checkpoint import save
@@ -82,29 +83,37 @@ def _quant_config(model: Transformer):
                        experts=any(isinstance(m, QuantizedExperts) for m in model.modules()))
 
 
-def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> None:
-    """dropless run directory -> HF model directory that `from_pretrained` loads. `out` (absent or
-    an empty directory) appears whole or not at all: config.json, the weights and the tokenizer
-    are written into a temp directory beside it, renamed into place at the end, so an interrupted
+def convert_to_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None,
+                  dtype: torch.dtype | None = None) -> None:
+    """dropless run directory -> HF model directory that `from_pretrained` loads, its weights in
+    `dtype` (default: float32, as saved; read straight into it). `out` (absent or an empty
+    directory) appears whole or not at all: config.json, the weights and the tokenizer are
+    written into a temp directory beside it, renamed into place at the end, so an interrupted
     convert leaves no directory that looks like a model with half its weights."""
     from dropless.serve.text import copy_chat_files
 
-    model, tokenizer, _ = load_run(run_dir)
+    model, tokenizer, _ = load_run(run_dir, "cpu", dtype)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, tmp, tokenizer.to_json(), model_type)
         copy_chat_files(run_dir, tmp, model.cfg.vocab_size, tokenizer)
 
 
-def convert_to_safetensors(run_dir: str | Path, out: str | Path) -> int:
+def convert_to_safetensors(run_dir: str | Path, out: str | Path,
+                           dtype: torch.dtype | None = None) -> int:
     """`dropless convert RUN_DIR --to-safetensors OUT`: the run's latest checkpoint (from any mesh)
-    as one safetensors file, every expert present once and tied weights under each name. Returns
-    the number of tensors."""
+    as one safetensors file in `dtype` (default: float32, as saved), every expert present once
+    and tied weights under each name. Returns the number of tensors."""
     from safetensors import SafetensorError
 
-    model = load_run(run_dir)[0]
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    model = load_run(run_dir, "cpu", dtype)[0]
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():   # a tied weight's second name gets its own copy
+        tensors[k] = v.detach().contiguous()
+        if tensors[k].data_ptr() in seen:
+            tensors[k] = tensors[k].clone()
+        seen.add(tensors[k].data_ptr())
     try:
-        save_safetensors(tensors, Path(out))
+        hf.save_safetensors(tensors, Path(out))   # looked up at the call: tests replace it
     except SafetensorError as e:   # its I/O errors are not OSErrors: a missing directory, ...
         raise DroplessError(f"{out}: cannot write ({e})") from None
     return len(tensors)

@@ -55,3 +55,37 @@ def test_a_killed_convert_leaves_no_output_directory(tmp_path, trained_run):
     assert left.startswith(".hf.tmp-") and (tmp_path / left / "config.json").is_file()
     assert cli.main(["convert", "--to-hf", str(trained_run), str(out)]) == 0
     assert os.listdir(tmp_path) == ["hf"] and (out / "model.safetensors").is_file()
+
+
+def test_to_hf_and_safetensors_in_bf16(tmp_path, trained_run, capsys):
+    """--dtype bfloat16 writes the run's weights rounded to bf16 (the router's bias float32), at
+    about half the bytes; --from-hf refuses it (a run directory holds training's float32)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dropless.checkpoint import load_run
+
+    model = load_run(trained_run)[0]
+    for flags, name in (([], "hf32"), (["--dtype", "bfloat16"], "hf16")):
+        assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / name),
+                         *flags]) == 0
+    sizes = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("hf32", "hf16")}
+    assert 0.45 < sizes["hf16"] / sizes["hf32"] < 0.55, sizes
+    assert hf.stored_dtype(tmp_path / "hf16") == torch.bfloat16
+    back = load_model_dir(tmp_path / "hf16", dtype=torch.bfloat16)[0]
+    for k, v in model.state_dict().items():
+        want = v if k.endswith("router.bias") else v.to(torch.bfloat16)
+        torch.testing.assert_close(back.state_dict()[k], want, rtol=0, atol=0)
+
+    assert cli.main(["convert", str(trained_run), "--to-safetensors", str(tmp_path / "w.st"),
+                     "--dtype", "bfloat16"]) == 0
+    tensors = load_file(tmp_path / "w.st")
+    assert set(tensors) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        want = v if k.endswith("router.bias") else v.to(torch.bfloat16)
+        assert torch.equal(tensors[k], want), k
+    capsys.readouterr()
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "hf16"), str(tmp_path / "run"),
+                     "--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dtype is invalid with --from-hf" in err, err
