@@ -266,9 +266,9 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
     """Read a HF model directory into a dropless Transformer (weights cast to `dtype`, the matmul
     weights (optim.matmul_weights) to `matmul_dtype` when given; the router's selection bias
     stays float32)."""
-    from dropless.optim import matmul_weights
-
     from safetensors import safe_open
+
+    from dropless.optim import matmul_weights
 
     path = Path(path)
     hf_cfg = read_hf_config(path)

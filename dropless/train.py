@@ -175,7 +175,7 @@ def _build_model(cfg: TrainConfig, rt, model_cfg, state: dict | None, precision:
     if rt.mesh is None and state is None:
         model = cast(whole().to(rt.device))
     else:   # FSDP's bf16 parameters under bf16-mixed; none for fp32 and bf16. Resuming: empty
-        model = parallel_model(lambda: cast(whole()), lambda: cast(Transformer(model_cfg)), rt,
+        model = parallel_model(whole, lambda: cast(Transformer(model_cfg)), rt,
                                mixed_precision=precision == "bf16-mixed", fill=state is None)
     opt = make_optimizer(model, cfg, working_copies=precision == "bf16-mixed" and rt.mesh is None)
     if state is not None:

@@ -31,8 +31,9 @@ def parallelize(model: nn.Module, mesh, *, mixed_precision: bool | None = None) 
 def parallel_model(whole, meta, rt, *, mixed_precision: bool, fill: bool = True) -> nn.Module:
     """A model parallelized over `rt.mesh` that no rank but 0 ever holds whole: every rank builds
     `meta()` on the meta device and parallelizes it, then makes its shards on its device; rank 0
-    builds `whole()` on the host (a seeded init, or an --init source's weights, each tensor in
-    the dtype meta()'s has) and every rank receives its shards of it, tensor by tensor. Under the
+    builds `whole()` on the host (a seeded init, or an --init source's weights as stored: a bf16
+    source is sent in bf16) and every rank receives its shards of it, tensor by tensor, cast to
+    its own parameters' dtype as they are copied in. Under the
     old way (every rank built and moved the whole model), a 30B model took every rank's host and
     GPU memory for 61-122 GB before it was sharded. `fill=False` (resuming: the checkpoint fills
     every value) builds nothing whole; it is also how one process (rt.mesh None) resumes: meta()
