@@ -33,11 +33,11 @@ def parallel_model(whole, meta, rt, *, mixed_precision: bool, fill: bool = True)
     `meta()` on the meta device and parallelizes it, then makes its shards on its device; rank 0
     builds `whole()` on the host (a seeded init, or an --init source's weights as stored: a bf16
     source is sent in bf16) and every rank receives its shards of it, tensor by tensor, cast to
-    its own parameters' dtype as they are copied in. Under the
-    old way (every rank built and moved the whole model), a 30B model took every rank's host and
-    GPU memory for 61-122 GB before it was sharded. `fill=False` (resuming: the checkpoint fills
-    every value) builds nothing whole; it is also how one process (rt.mesh None) resumes: meta()
-    made on its device, uninitialised. The CPU generator ends as rank 0's on every rank."""
+    its own parameters' dtype as they are copied in. Under the old way (every rank built and
+    moved the whole model), a 30B model took every rank's host and GPU memory for 61-122 GB
+    before it was sharded. `fill=False` (resuming: the checkpoint fills every value) builds
+    nothing whole; it is also how one process (rt.mesh None) resumes: meta() made on its device,
+    uninitialised. The CPU generator ends as rank 0's on every rank."""
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
