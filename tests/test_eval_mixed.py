@@ -33,7 +33,7 @@ def _check_mixed(mixed, full):
 def test_a_run_and_a_hf_directory_read_mixed(trained_run, tmp_path, device):
     full, tok, _ = load_run(trained_run, device)
     _check_mixed(load_run(trained_run, device, matmul_dtype=torch.bfloat16)[0], full)
-    save_hf_dir(full, tmp_path / "hf", tok.to_json())
+    save_hf_dir(load_run(trained_run)[0], tmp_path / "hf", tok.to_json())   # from the host
     hf_full = load_model_dir(tmp_path / "hf", device)[0]
     _check_mixed(load_model_dir(tmp_path / "hf", device, matmul_dtype=torch.bfloat16)[0], hf_full)
 
