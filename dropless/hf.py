@@ -20,12 +20,11 @@ import torch
 
 from dropless.config import ModelConfig
 from dropless.files import read_small_json, write_atomic
+from dropless.hf_files import check_tensors, open_tensors
 from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_type
 from dropless.model import Transformer
 
 MAX_SHARD_BYTES = 4 * 2**30
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors names; read and cast to the model dtype
-_LIST = 12    # names shown per kind of problem in an error message
 
 
 @dataclass(frozen=True)
@@ -136,97 +135,14 @@ def _rope_perm(cfg: ModelConfig, kind: str, rows: int, to_half_split: bool) -> t
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-def _inside(root: Path, name, source: Path) -> Path:
-    """root/name, refused unless it stays inside root with symlinks resolved. The one exception is
-    a Hugging Face hub cache snapshot, whose files are symlinks into the same repo's blobs/."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(f"{source}: names {name!r}: weights must be files inside {root}")
-    real, top = (root / name).resolve(), root.resolve()
-    blobs = top.parent.parent / "blobs" if top.parent.name == "snapshots" else top
-    if not (real.is_relative_to(top) or real.is_relative_to(blobs)):
-        raise ValueError(f"{source}: {name!r} resolves to {real}, outside the model directory {root}")
-    return root / name
-
-
 def stored_dtype(path) -> torch.dtype:
     """bfloat16 where every tensor of a HF directory's weights is stored so (reading it as bf16
     is then exact, at half of float32's bytes), else float32. The router's selection bias is
     read as float32 either way (from_hf), so DeepSeek-V3's fp32 one does not count."""
-    where = _open_tensors(Path(path))
+    where = open_tensors(Path(path))
     bf16 = all(d == "BF16" for k, (_, _, d) in where.items()
                if not k.endswith("e_score_correction_bias"))
     return torch.bfloat16 if bf16 else torch.float32
-
-
-def _open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """HF key -> (file, shape, dtype) from the index (sharded) or every *.safetensors (single)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        index_json = read_small_json(index)   # its errors name the file
-        try:
-            names = index_json["weight_map"].values()
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object "
-                             f"({type(err).__name__}: {err})") from None
-        files = sorted({_inside(path, f, index) for f in names})
-        mapped = {k: path / f for k, f in index_json["weight_map"].items()}
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise ValueError(f"{path}: shard files named in {index.name} are missing: {missing}")
-    else:
-        files = [_inside(path, f.name, f) for f in sorted(path.glob("*.safetensors"))]
-        mapped = {}
-    if not files:
-        raise ValueError(f"{path}: no *.safetensors weights found (torch .bin files are not read)")
-    # safetensors opens a file to map it: a FIFO would block that open forever
-    odd = [f.name for f in files if not f.is_file()]
-    if odd:
-        raise ValueError(f"{path}: weights {odd} are not a regular file (a FIFO, device or "
-                         "directory is not read)")
-    where, twice = {}, []
-    for f in files:
-        try:
-            with safe_open(f, "pt") as handle:
-                for k in handle.keys():
-                    t = handle.get_slice(k)
-                    if k in where:
-                        twice.append(f"{k} (in {where[k][0].name} and {f.name})")
-                    where[k] = (f, tuple(t.get_shape()), t.get_dtype())
-        except Exception as err:   # safetensors raises its own error type for a bad header
-            raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): "
-                             f"{err}") from err
-    # one name, one tensor, in the file the index names: else whichever file came last in sorted
-    # order would be read, silently (transformers follows the index)
-    misplaced = [f"{k} (in {where[k][0].name}, the index says {mapped[k].name})"
-                 for k in mapped if k in where and where[k][0] != mapped[k]]
-    problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
-                (("stored twice", twice), ("not where the index says", misplaced)) if v]
-    if problems:
-        raise ValueError(f"{path}: tensors are ambiguous:\n  " + "\n  ".join(problems))
-    return where
-
-
-def _short(names: list[str]) -> str:
-    more = f" ... and {len(names) - _LIST} more" if len(names) > _LIST else ""
-    return ", ".join(names[:_LIST]) + more
-
-
-def _check(path: Path, where, rows, ignore) -> None:
-    expected = {r.hf_key: r.shape for r in rows}
-    missing = [k for k in expected if k not in where]
-    unexpected = sorted(k for k in where if k not in expected and not ignore(k))
-    misshapen = [f"{where[k][0].name}: {k} {list(where[k][1])} (expected {list(s)})"
-                 for k, s in expected.items() if k in where and where[k][1] != s]
-    # a float weight typed as integers would otherwise be read as reinterpreted bits
-    mistyped = [f"{where[k][0].name}: {k} is {where[k][2]} (allowed: {', '.join(FLOAT_DTYPES)})"
-                for k in expected if k in where and where[k][2] not in FLOAT_DTYPES]
-    problems = [f"{len(v)} {what}: {_short(v)}" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
-                 ("of the wrong dtype", mistyped)) if v]
-    if problems:
-        raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
 def expert_cols(kind: str, width: int) -> slice:
@@ -274,7 +190,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
     hf_cfg = read_hf_config(path)
     cfg = config_from_hf(hf_cfg, str(path / "config.json"))
     spec = ARCHS[hf_cfg["model_type"]]
-    where = _open_tensors(path)
+    where = open_tensors(path)
     # layout's key -> the file's: transformers 5's in-memory name (fused files) is always mlp
     file_key = {k.replace(".mlp.", f".{spec.moe_module}."): k for k in where}
     where = {k: where[v] for k, v in file_key.items()}
@@ -291,7 +207,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
         where = awq.where
     # an empty tensor holds no weight: transformers saves DeepSeek's shared experts with
     # n_shared_experts=0 as [0, D] / [D, 0] tensors
-    _check(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
+    check_tensors(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
            or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -336,7 +252,14 @@ def _hf_tensor(state: dict, row: Entry, cfg: ModelConfig) -> torch.Tensor:
         t = t.transpose(1, 2)
     elif row.kind != "copy":
         t = t[row.expert, :, expert_cols(row.kind, cfg.moe.hidden_dim)].T
-    return t.detach().contiguous().clone()
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _row_tensors(state: dict, row: Entry, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The HF tensors of one layout row, new contiguous copies (meta ones from a meta state)."""
+    from dropless.quant import hf_awq
+
+    return hf_awq.packed_tensors(state, row, cfg) or {row.hf_key: _hf_tensor(state, row, cfg)}
 
 
 _OUR_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
@@ -370,24 +293,29 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     from dropless.quant import hf_awq
     if hf_awq.is_quantized(model):   # AutoAWQ GEMM tensors for the packed modules
         hf_cfg["quantization_config"] = hf_awq.quantization_config(model, model_type)
-    shards, sizes = [{}], [0]
+    # shards are planned on meta copies and each is built only as it is written: the host holds
+    # the model and one shard (at most max_shard_bytes), not a second copy of the model
+    meta = {k: v.to("meta") for k, v in state.items()}
+    shards, sizes = [[]], [0]
     for row in layout(cfg, model_type):
-        tensors = hf_awq.packed_tensors(state, row, cfg) or {row.hf_key: _hf_tensor(state, row, cfg)}
-        for hf_key, t in tensors.items():
-            if shards[-1] and sizes[-1] + t.nbytes > max_shard_bytes:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][hf_key] = t
-            sizes[-1] += t.nbytes
+        nbytes = sum(t.nbytes for t in _row_tensors(meta, row, cfg).values())
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(row)
+        sizes[-1] += nbytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / "config.json", (json.dumps(hf_cfg, indent=2) + "\n").encode())
     n = len(shards)
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    weight_map = {}
     for name, shard in zip(names if n > 1 else ["model.safetensors"], shards):
-        save_safetensors(shard, path / name, metadata={"format": "pt"})
+        tensors = {k: t for row in shard for k, t in _row_tensors(state, row, cfg).items()}
+        save_safetensors(tensors, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
     if n > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         write_atomic(path / "model.safetensors.index.json",
                      (json.dumps(index, indent=2) + "\n").encode())

@@ -121,6 +121,34 @@ def test_sharded_write_and_read(tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+def test_to_hf_builds_one_shard_at_a_time(tmp_path, monkeypatch):
+    """Each shard's tensors are made as it is written and gone before the next is made: the host
+    never holds a second copy of the whole model (a 30B model's 61 GB bf16, twice)."""
+    import gc
+    import weakref
+
+    from dropless import hf
+
+    model, made, alive, sizes = from_hf_fresh("qwen2_moe", tmp_path / "src"), [], [], []
+    save = hf.save_safetensors
+
+    def watched(tensors, path, metadata=None):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        made.extend(weakref.ref(t) for t in tensors.values())
+        sizes.append(sum(t.nbytes for t in tensors.values()))
+        save(tensors, path, metadata)
+
+    monkeypatch.setattr(hf, "save_safetensors", watched)
+    to_hf(model, tmp_path / "out", max_shard_bytes=20_000)
+    biggest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert len(alive) > 2 and alive == [0] * len(alive)
+    assert all(size <= max(20_000, biggest) for size in sizes)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(sizes)
+    assert len(set(index["weight_map"].values())) == len(sizes)
+
+
 def from_hf_fresh(arch, path):
     hf_model(arch).save_pretrained(path)
     return from_hf(path)

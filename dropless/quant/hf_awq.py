@@ -177,7 +177,7 @@ def packed_tensors(state: dict, row, cfg) -> dict[str, torch.Tensor] | None:
         t = state[f"{row.key}.{part}"]
         if row.kind in EXPERT_KINDS:
             t = t[row.expert, :, expert_cols(row.kind, t.shape[-1] // 2)]
-        out[f"{prefix}.{part}"] = t.contiguous().clone()
+        out[f"{prefix}.{part}"] = t.clone(memory_format=torch.contiguous_format)
     return out
 
 
