@@ -128,8 +128,6 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     """Each (line number, messages, first) as the chat template (chat: (template, special
     tokens), default the plain one) renders it whole, no generation prompt; Rendered texts, with
     the spans of the assistant turns from messages[first] on, where `assistant_only`."""
-    from tqdm.auto import tqdm
-
     from dropless import tokenizer
     from dropless.serve.chat_template import ChatRenderer
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
@@ -138,9 +136,8 @@ def render_all(conversations: list, chat: tuple[str, dict] | None, shown: str,
     renderer = ChatRenderer(template, special, CHAT_CHARS)
     texts = []
     try:
-        for lineno, messages, first in tqdm(conversations, "render conversations", leave=False,
-                                            unit="conv", disable=not progress, dynamic_ncols=True,
-                                            delay=tokenizer.BAR_DELAY_S):
+        for lineno, messages, first in tokenizer.delayed_bar(
+                conversations, "render conversations", unit="conv", disable=not progress):
             where = f"{shown}: line {lineno}"
             try:
                 text = renderer.render(messages, add_generation_prompt=False)

@@ -220,15 +220,13 @@ def _check_entry(entry: Path) -> str | None:
 
 def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
            assistant_only: bool = False, progress: bool = False) -> None:
-    from tqdm.auto import tqdm
-
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
     splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
     chars = sum(len(p[0] if assistant_only else p) for texts in splits for p in texts)
-    bar = tqdm(total=chars, desc="tokenize", unit="char", unit_scale=True, dynamic_ncols=True,
-               disable=not progress, leave=False, delay=tokenizer_module.BAR_DELAY_S)
+    bar = tokenizer_module.delayed_bar(total=chars, desc="tokenize", unit="char", unit_scale=True,
+                                       disable=not progress)
     for split, texts in zip(("train", "val"), splits):
         chunks = (encode_stream(tokenizer, texts, bar) if assistant_only
                   else _joined(encode_chunks(tokenizer, texts, bar), sep))

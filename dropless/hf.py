@@ -23,6 +23,7 @@ from dropless.files import read_small_json, write_atomic
 from dropless.hf_files import check_tensors, open_tensors
 from dropless.hf_config import ARCHS, config_from_hf, config_to_hf, infer_model_type
 from dropless.model import Transformer
+from dropless.tokenizer import delayed_bar
 
 MAX_SHARD_BYTES = 4 * 2**30
 
@@ -216,7 +217,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
             quantize_modules(model, awq.qcfg)
     matmul = set(matmul_weights(model)) if matmul_dtype is not None else set()
     state, handles = {}, {}
-    for row in rows:
+    for row in delayed_bar(rows, f"read {path.name}", unit="tensor"):
         if awq is not None and awq.keeps_packed(row):
             awq.fill_packed(state, row)
             continue
@@ -309,12 +310,15 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     write_atomic(path / "config.json", (json.dumps(hf_cfg, indent=2) + "\n").encode())
     n = len(shards)
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    weight_map = {}
-    for name, shard in zip(names if n > 1 else ["model.safetensors"], shards):
+    weight_map, bar = {}, delayed_bar(total=sum(sizes), desc=f"write {path.name}", unit="B",
+                                      unit_scale=True)
+    for name, shard, size in zip(names if n > 1 else ["model.safetensors"], shards, sizes):
         tensors = {k: t for row in shard for k, t in _row_tensors(state, row, cfg).items()}
         save_safetensors(tensors, path / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
+        bar.update(size)
+    bar.close()
     if n > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         write_atomic(path / "model.safetensors.index.json",

@@ -141,6 +141,14 @@ ENCODE_CHUNK_CHARS = 1 << 22
 BAR_DELAY_S = 2.0
 
 
+def delayed_bar(iterable=None, desc: str | None = None, **kwargs):
+    """A tqdm bar on stderr for long work (data preparation, reading and writing weights): it
+    appears only once the work has taken BAR_DELAY_S and leaves nothing behind when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc, leave=False, dynamic_ncols=True, delay=BAR_DELAY_S, **kwargs)
+
+
 def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
                   ) -> Iterator[list[np.ndarray]]:
     """tokenizer.encode_batch(texts), a chunk of a few million characters at a time: a large

@@ -149,6 +149,20 @@ def test_to_hf_builds_one_shard_at_a_time(tmp_path, monkeypatch):
     assert len(set(index["weight_map"].values())) == len(sizes)
 
 
+def test_reading_and_writing_weights_show_a_bar(tmp_path, capsys, monkeypatch):
+    """Past the bars' delay (2 s, 0 here) reading and writing say what they do and how far."""
+    from dropless import tokenizer
+
+    model = from_hf_fresh("mixtral", tmp_path / "src")
+    assert "read src" not in capsys.readouterr().err   # under the delay: no bar
+    monkeypatch.setattr(tokenizer, "BAR_DELAY_S", 0)
+    to_hf(model, tmp_path / "out", max_shard_bytes=20_000)
+    err = capsys.readouterr().err
+    assert "write out" in err and "B/s" in err
+    from_hf(tmp_path / "out")
+    assert "read out" in capsys.readouterr().err
+
+
 def from_hf_fresh(arch, path):
     hf_model(arch).save_pretrained(path)
     return from_hf(path)
