@@ -15,9 +15,10 @@ does, and "engine_one_length" reads all N every step (no context buckets); "engi
 "engine_training_layout" with the experts' weights in the training layout (contiguous), not the
 k-major layout serve and generate lay them out in (moe_decode.kmajor_experts);
 "ms/step" is the median of one CUDA-graph decode step of the whole batch, timed alone. The floor is
-one read of the active weights per step: active params x 2 bytes over this device's bandwidth,
-measured in the run as a copy of 1 GiB (bytes read and written over its median time; 4.24 TB/s on
-an H200; the floor used a fixed 4.24 TB/s before round 23, also on H100s).
+one read of the weights a step reads: step params (the active ones, of an untied embedding table one
+row; before round 30 the whole table, 10% more at the Qwen3-30B-A3B shape) x 2 bytes over this
+device's bandwidth, measured in the run as a copy of 1 GiB (bytes read and written over its median
+time; 4.24 TB/s on an H200; the floor used a fixed 4.24 TB/s before round 23, also on H100s).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
 clients stream token-id prompts from /v1/completions.
 """
@@ -244,10 +245,11 @@ def main():
     cfg = get_preset(args.preset)
     stats = model_stats(cfg)
     bandwidth = copy_bandwidth(device)
-    floor_ms = stats["active_params"] * 2 / bandwidth * 1e3
+    floor_ms = stats["step_params"] * 2 / bandwidth * 1e3
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "prompt": args.prompt, "new": args.new, "active_params": stats["active_params"],
+           "step_params": stats["step_params"],
            "floor_ms_per_step_bs1": floor_ms, "copy_bandwidth": bandwidth,
            "compile": args.compile,
            "context": args.context or args.prompt + args.new}

@@ -1,7 +1,8 @@
 """Model size and cost accounting for `dropless info`: built on the meta device, never allocated.
 
 Conventions: active parameters are what one token uses (every weight except the routed experts it
-does not pick; the embedding row lookup counts as a parameter but not as FLOPs). Training FLOPs per
+does not pick; the embedding row lookup counts as a parameter but not as FLOPs). A decode step at
+batch 1 reads `step_params`: the active ones, of an untied embedding table only the one row. Training FLOPs per
 token = 6 * (active matmul parameters, LM head included) + attention 12 * layers * heads * head_dim *
 seq_len (QK^T and AV over the full context, forward + backward).
 """
@@ -34,6 +35,7 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "total_params": total,
         "active_params": active,
+        "step_params": active if cfg.tie_embeddings else active - embedding + cfg.dim,
         "train_flops_per_token": 6 * matmul + attn_flops,
         "seq_len": seq_len,
     }
@@ -61,6 +63,7 @@ def format_stats(stats: dict) -> str:
         (f"training FLOPs per token (seq {stats['seq_len']})",
          _human(stats["train_flops_per_token"], "FLOP")),
         ("weights fp32 / bf16", f"{_gib(4 * total)} / {_gib(2 * total)}"),
+        ("bf16 weights a decode step reads (batch 1)", _gib(2 * stats["step_params"])),
         ("gradients fp32", _gib(4 * total)),
         ("Adam state fp32 (m, v)", _gib(8 * total)),
         ("weights + grads + Adam", _gib(16 * total)),

@@ -92,9 +92,10 @@ def test_decode_engine_hf_and_server(tmp_path):
               "--prefill-step-tokens", 1024, "--json", tmp_path / "decode.json")
     res = json.loads((tmp_path / "decode.json").read_text())
     assert (res["preset"], res["device"], res["new"], res["context"]) == ("tiny", "cpu", NEW, 48)
-    # the floor: the active weights once over this machine's measured copy bandwidth
+    # the floor: the weights a step reads, once, over this machine's measured copy bandwidth
     assert positive(res["copy_bandwidth"]) and math.isclose(
-        res["floor_ms_per_step_bs1"], res["active_params"] * 2 / res["copy_bandwidth"] * 1e3)
+        res["floor_ms_per_step_bs1"], res["step_params"] * 2 / res["copy_bandwidth"] * 1e3)
+    assert res["step_params"] == res["active_params"]   # tiny's embedding is its LM head
     assert f"(copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s)" in out
     check_engine_rows(res, ["engine", "engine_blocks_prefill", "engine_step1024"], out)
     for b in BATCHES:   # HF generate on the same weights: the same greedy tokens in fp32

@@ -177,6 +177,9 @@ def test_info_tiny_matches_hand_count():
     assert s["total_params"] == total == 1_807_488
     active = total - 4 * 6 * expert
     assert s["active_params"] == active
+    assert s["step_params"] == active   # tied: the whole table is read, as the LM head
+    step = next(line for line in format_stats(s).splitlines() if line.startswith("bf16 weights"))
+    assert step.endswith(f"{2 * active / 2**30:.2f} GiB")
     assert s["train_flops_per_token"] == 6 * active + 6 * 4 * 4 * (32 + 32) * 512
     adam = next(line for line in format_stats(s).splitlines() if line.startswith("Adam state"))
     assert adam.endswith(f"{8 * total / 2**30:.2f} GiB")
@@ -187,6 +190,10 @@ def test_presets_build_on_meta():
         s = model_stats(get_preset(name))
         assert s["active_params"] < s["total_params"]
     assert 46.6e9 < model_stats(get_preset("mixtral-8x7b"))["total_params"] < 46.8e9
+    cfg = get_preset("qwen3-30b-a3b")   # untied: a decode step reads one row of the embedding
+    s = model_stats(cfg)
+    assert s["active_params"] - s["step_params"] == (cfg.vocab_size - 1) * cfg.dim
+    assert 3.04e9 < s["step_params"] < 3.05e9   # 1.43 ms a step at 4.24 TB/s (issue 11)
 
 
 def test_bad_model_config():
