@@ -1,10 +1,10 @@
 """Model size and cost accounting for `dropless info`: built on the meta device, never allocated.
 
 Conventions: active parameters are what one token uses (every weight except the routed experts it
-does not pick; the embedding row lookup counts as a parameter but not as FLOPs). A decode step at
-batch 1 reads `step_params`: the active ones, of an untied embedding table only the one row. Training FLOPs per
+does not pick; the embedding row lookup counts as a parameter but not as FLOPs). Training FLOPs per
 token = 6 * (active matmul parameters, LM head included) + attention 12 * layers * heads * head_dim *
-seq_len (QK^T and AV over the full context, forward + backward).
+seq_len (QK^T and AV over the full context, forward + backward). A decode step at batch 1 reads
+`step_params`: the active ones, of an untied embedding table only the one row.
 """
 
 from __future__ import annotations
