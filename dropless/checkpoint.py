@@ -162,6 +162,20 @@ def model_dir_header(path: str | Path) -> tuple[ModelConfig, object, bool]:
     return config_from_dict(state["model_config"]), tokenizer, "quant" in state
 
 
+def model_config_of(path: str | Path) -> tuple[ModelConfig, str]:
+    """-> (model config, what the directory is) of a run directory (its latest checkpoint) or a
+    Hugging Face directory, tokenizer or not; no weight is read (`dropless info PATH`)."""
+    if _hf_dir(path):
+        from dropless.convert import hf_dir_header
+        try:
+            return hf_dir_header(path)[0], "Hugging Face directory"
+        except ValueError as e:
+            raise DroplessError(str(e)) from None
+    state = _latest(path)
+    quant = ", int4 AWQ weights (the sizes below are of float weights)" if "quant" in state else ""
+    return config_from_dict(state["model_config"]), f"run directory{quant}"
+
+
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None,
                    matmul_dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer) of a run directory or a Hugging Face directory (one

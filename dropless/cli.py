@@ -302,6 +302,13 @@ def _info(args) -> int:
 
     _require(args.seq_len is None or 0 < args.seq_len <= LIMITS["positions"], "--seq-len",
              args.seq_len, f"must be in [1, {LIMITS['positions']}] (as train's)")
+    if args.path is not None:
+        from dropless.checkpoint import model_config_of
+        _require(args.preset is None, "--preset", args.preset, "give a preset or a directory, "
+                 "not both")
+        cfg, what = model_config_of(args.path)
+        print(f"{args.path}: {what}\n{format_stats(model_stats(cfg, args.seq_len))}")
+        return 0
     if args.preset is None:
         print(preset_table(PRESETS, args.seq_len))
         return 0

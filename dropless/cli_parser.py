@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--cache-dir", type=_path, help=CACHE_HELP)
 
-    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset (without "
-                                       "--preset: every preset, side by side)")
+    info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset, a run directory "
+                                       "or a HF directory (with neither: every preset, side by "
+                                       "side); no weight is read")
+    info.add_argument("path", nargs="?", type=_path, metavar="RUN_DIR|HF_DIR")
     info.add_argument("--preset")
     info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
     return parser

@@ -53,6 +53,25 @@ def test_info_matches_hand_count(capsys):
     assert f"{total:,}" in out and f"{active:,}" in out and total == 1_807_488
 
 
+def test_info_of_a_run_and_a_hf_directory(tmp_path, trained_run, capsys):
+    """`info PATH`: the directory's own model (its config, no weight read), as the preset's."""
+    from dropless.config import get_preset
+    from dropless.info import format_stats, model_stats
+
+    want = format_stats(model_stats(get_preset("tiny"), 64))
+    assert cli.main(["info", str(trained_run), "--seq-len", "64"]) == 0
+    assert capsys.readouterr().out == f"{trained_run}: run directory\n{want}\n"
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    (tmp_path / "hf" / "tokenizer.json").unlink()   # info needs no tokenizer
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not read")
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "hf"), "--seq-len", "64"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'hf'}: Hugging Face directory\n{want}\n"
+    _fails(capsys, ["info", str(trained_run), "--preset", "tiny"],
+           "--preset tiny is invalid: give a preset or a directory, not both")
+    _fails(capsys, ["info", str(tmp_path / "nothere")], "no such run directory")
+
+
 def test_main_leaves_the_callers_warning_format(capsys):
     """`dropless: warning: ...` lines while a command runs; a caller's own format afterwards,
     after a success and after a user mistake alike."""

@@ -88,6 +88,12 @@ def test_group_sizes_then_eval(trained, corpus, group, capsys):
     assert ppl["run"] < ppl[f"q{group}"] < 1.05 * ppl["run"] and ppl["q64"] < 1.05 * ppl["run"]
 
 
+def test_info_says_a_run_is_quantized(trained, capsys):
+    assert main(["info", str(trained / "q64")]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{trained / 'q64'}: run directory, int4 AWQ weights (the sizes below are of float")
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--group-size", "0"], "--group-size 0 is invalid: allowed: (32, 64, 128)"),
     (["--group-size", "256"], "--group-size 256 is invalid"),
