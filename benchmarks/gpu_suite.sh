@@ -52,6 +52,7 @@
 #   packed   the int4 tests (the grouped kernel's packed-order dequantization included), then
 #            benchmarks/awq.py at 64 tokens with DROPLESS_AWQ_GROUPED_PACKED 1, small and 0
 #            alternating in one process, and Mixtral's tiles with it on (~6 minutes)
+#   int4tests  the int4 tests of packed alone (~1-2 minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -183,8 +184,10 @@ for s in "$@"; do
            done ;;
     logprobs) stage "$L" 120 python3 benchmarks/logprobs.py --preset medium --batches 1 32
               stage "$L" 150 python3 benchmarks/logprobs.py --preset qwen3-30b-a3b --batches 1 ;;
-    packed) stage "$L" 150 python3 -m pytest -q -n 12 tests/test_ops_awq.py tests/test_quant.py \
-              -p no:cacheprovider -rf   # the default, and =1 and =small in test_other_unpackings
+    packed|int4tests) stage "$L" 150 python3 -m pytest -q -n 12 tests/test_ops_awq.py tests/test_quant.py \
+              -p no:cacheprovider -rf ;;&   # the default, and =1 and =small in test_other_unpackings
+    int4tests) ;;
+    packed)
             # one process, alternating: the first spec compiles cold (round 26: cut at 50 s)
             stage "$L" 240 python3 benchmarks/awq.py --tokens 64 --tiles packed=1 packed=small \
               packed=0 packed=1 packed=small packed=0
