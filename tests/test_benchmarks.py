@@ -304,3 +304,21 @@ def test_init_memory_ranks_hold_their_shards(tmp_path):
     assert all(positive(r["rss_start_mb"]) and r["rss_built_peak_mb"] <= r["rss_peak_mb"]
                for r in rows)
     assert len(table(out, "| layout")) == 4   # the separator line and three rows
+
+
+# ---- export_memory.py -------------------------------------------------------------------------
+
+def test_export_memory_writes_the_model_in_shards(tmp_path):
+    """to_hf of tiny in bf16 under a 1 MB shard limit: several shards, every byte of the model
+    written once, and a row per limit."""
+    out = run("export_memory.py", "--preset", "tiny", "--shard-gb", "0.001", "1", "--json",
+              tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["shard_bytes"] for r in rows] == [10**6, 10**9]
+    assert rows[0]["shards"] > 1 and rows[1]["shards"] == 1
+    for r in rows:
+        assert r["model_bytes"] == 2 * 1_807_488   # tiny's parameters (tied) in bf16
+        assert r["model_bytes"] < r["written_bytes"] < r["model_bytes"] + 10**5   # + headers
+        assert r["largest_shard_bytes"] <= max(r["shard_bytes"], 256 * 128 * 2) + 10**5
+        assert positive(r["rss_built_mb"], r["seconds"]) and r["rss_peak_mb"] >= r["rss_built_mb"]
+    assert len(table(out, "| shard limit MB")) == 3   # the separator line and two rows
