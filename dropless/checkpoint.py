@@ -103,7 +103,8 @@ def saved_train_config(state: dict) -> TrainConfig | None:
 def _latest(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DroplessError(f"{run_dir}: no such run directory")
+        what = "a file, not a run directory" if run_dir.exists() else "no such run directory"
+        raise DroplessError(f"{run_dir}: {what}")
     path = latest_path(run_dir)
     return {**read_state(path), "path": path}
 

@@ -70,6 +70,7 @@ def test_info_of_a_run_and_a_hf_directory(tmp_path, trained_run, capsys):
     _fails(capsys, ["info", str(trained_run), "--preset", "tiny"],
            "--preset tiny is invalid: give a preset or a directory, not both")
     _fails(capsys, ["info", str(tmp_path / "nothere")], "no such run directory")
+    _fails(capsys, ["info", str(tmp_path / "hf" / "config.json")], "a file, not a run directory")
 
 
 def test_main_leaves_the_callers_warning_format(capsys):
