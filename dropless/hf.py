@@ -209,7 +209,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",
     # an empty tensor holds no weight: transformers saves DeepSeek's shared experts with
     # n_shared_experts=0 as [0, D] / [D, 0] tensors
     check_tensors(path, where, rows, lambda k: k.startswith(mtp)   # startswith(()) is False
-           or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
+                  or (cfg.tie_embeddings and k == "lm_head.weight") or 0 in where[k][1])
     with torch.device("meta"):
         model = Transformer(cfg)
         if awq is not None:
@@ -310,15 +310,14 @@ def to_hf(model: Transformer, path, model_type: str | None = None,
     write_atomic(path / "config.json", (json.dumps(hf_cfg, indent=2) + "\n").encode())
     n = len(shards)
     names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    weight_map, bar = {}, delayed_bar(total=sum(sizes), desc=f"write {path.name}", unit="B",
-                                      unit_scale=True)
-    for name, shard, size in zip(names if n > 1 else ["model.safetensors"], shards, sizes):
-        tensors = {k: t for row in shard for k, t in _row_tensors(state, row, cfg).items()}
-        save_safetensors(tensors, path / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-        bar.update(size)
-    bar.close()
+    weight_map = {}
+    with delayed_bar(total=sum(sizes), desc=f"write {path.name}", unit="B", unit_scale=True) as bar:
+        for name, shard, size in zip(names if n > 1 else ["model.safetensors"], shards, sizes):
+            tensors = {k: t for row in shard for k, t in _row_tensors(state, row, cfg).items()}
+            save_safetensors(tensors, path / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            del tensors
+            bar.update(size)
     if n > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         write_atomic(path / "model.safetensors.index.json",
