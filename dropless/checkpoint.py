@@ -145,19 +145,21 @@ def _hf_dir(path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def model_dir_header(path: str | Path) -> tuple[ModelConfig, object, bool]:
+def model_dir_header(path: str | Path, need_tokenizer: bool = True
+                     ) -> tuple[ModelConfig, object, bool]:
     """-> (model config, tokenizer, whether its weights are quantized) of what load_model_dir
     reads, checked as it checks them, without reading a weight. `quantized` is False for a
-    Hugging Face directory: whether its AWQ tensors stay packed shows only as they are read."""
+    Hugging Face directory: whether its AWQ tensors stay packed shows only as they are read.
+    Without `need_tokenizer`, a HF directory with no tokenizer.json gives None for it."""
     if _hf_dir(path):
         from dropless.convert import hf_dir_header
         try:
             cfg, tok_json = hf_dir_header(path)
         except ValueError as e:
             raise DroplessError(str(e)) from None
-        if tok_json is None:
+        if tok_json is None and need_tokenizer:
             raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
-        return cfg, tokenizer_from_json(tok_json), False
+        return cfg, tok_json and tokenizer_from_json(tok_json), False
     state = _latest(path)
     tokenizer = _saved_model(state["path"], state)[1]
     return config_from_dict(state["model_config"]), tokenizer, "quant" in state
@@ -166,15 +168,11 @@ def model_dir_header(path: str | Path) -> tuple[ModelConfig, object, bool]:
 def model_config_of(path: str | Path) -> tuple[ModelConfig, str]:
     """-> (model config, what the directory is) of a run directory (its latest checkpoint) or a
     Hugging Face directory, tokenizer or not; no weight is read (`dropless info PATH`)."""
+    cfg, _, quantized = model_dir_header(path, need_tokenizer=False)
     if _hf_dir(path):
-        from dropless.convert import hf_dir_header
-        try:
-            return hf_dir_header(path)[0], "Hugging Face directory"
-        except ValueError as e:
-            raise DroplessError(str(e)) from None
-    state = _latest(path)
-    quant = ", int4 AWQ weights (the sizes below are of float weights)" if "quant" in state else ""
-    return config_from_dict(state["model_config"]), f"run directory{quant}"
+        return cfg, "Hugging Face directory"
+    quant = ", int4 AWQ weights (the sizes below are of float weights)" if quantized else ""
+    return cfg, f"run directory{quant}"
 
 
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None,
