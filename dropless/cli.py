@@ -241,7 +241,10 @@ def _convert(args) -> int:
 
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
-        raise DroplessError(f"{run_dir}: no such run directory")
+        swapped = args.to_hf and os.path.isdir(args.path) and os.listdir(args.path)
+        raise DroplessError(f"{run_dir}: no such run directory" + (
+            f" (--to-hf takes the run, the other path is the output: `dropless convert --to-hf "
+            f"{args.path} {run_dir}`)" if swapped else ""))
     out = args.to_safetensors or args.path   # never overwrite what convert did not write
     if args.to_safetensors and os.path.lexists(out):
         raise DroplessError(f"{out} already exists: refusing to overwrite it; choose a new path")

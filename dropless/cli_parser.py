@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset, a run directory "
                                        "or a HF directory (with neither: every preset, side by "
                                        "side); no weight is read")
-    info.add_argument("path", nargs="?", type=_path, metavar="RUN_DIR|HF_DIR")
-    info.add_argument("--preset")
+    info.add_argument("path", nargs="?", type=_path, metavar="RUN_DIR|HF_DIR",
+                      help="the model of a run directory (its latest checkpoint) or of a Hugging "
+                           "Face directory (its config.json)")
+    info.add_argument("--preset", help="one preset's model (see `dropless info` for the list)")
     info.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max)")
     return parser

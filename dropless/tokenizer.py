@@ -7,6 +7,7 @@ tokenizer.json of an exported Hugging Face directory).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -181,6 +182,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     return BPETokenizer(tok)
 
 
+@functools.cache
+def _byte_level_spec() -> dict:
+    return json.loads(ByteTokenizer().to_hf_json())
+
+
 def tokenizer_from_json(text: str) -> Tokenizer:
     """ValueError (one line) for anything but a dropless or `tokenizers` tokenizer JSON."""
     try:
@@ -189,8 +195,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         raise ValueError(f"not a tokenizer: invalid JSON ({err})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"not a tokenizer: a JSON {type(spec).__name__}, not an object")
-    if spec.get("type") == "bytes":
-        return ByteTokenizer()
+    if spec.get("type") == "bytes" or spec == _byte_level_spec():
+        return ByteTokenizer()   # what save_hf_dir writes for it: the same ids (and cache key)
     from tokenizers import Tokenizer as HFTokenizer
     try:
         tok = HFTokenizer.from_str(text)

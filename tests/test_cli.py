@@ -400,6 +400,16 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
+def test_convert_names_the_order_when_the_paths_are_swapped(capsys, tmp_path, trained_run):
+    """`convert RUN --to-hf OUT` (the run where the output goes) says which path goes where."""
+    _fails(capsys, ["convert", str(trained_run), "--to-hf", str(tmp_path / "hf")],
+           f"(--to-hf takes the run, the other path is the output: `dropless convert --to-hf "
+           f"{trained_run} {tmp_path / 'hf'}`)")
+    assert cli.main(["convert", str(tmp_path / "out"), "--to-hf", str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == f"dropless: error: {tmp_path / 'hf'}: no such run directory\n"
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["convert", "--to-hf", "RUN", ""], ["convert", "--from-hf", "HF", ""],
     ["convert", "RUN", "--to-safetensors", ""], ["eval", "RUN", "--data", ""],
@@ -524,3 +534,17 @@ def test_generate_to_a_stream_that_cannot_spell_the_text(trained_run):
                             capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     assert b"caf? ?" in result.stdout and b"Traceback" not in result.stderr
+
+
+def test_eval_of_a_converted_byte_run_reuses_its_tokens(capsys, tmp_path, trained_run, corpus):
+    """A byte run's HF directory holds the byte-level tokenizer.json that stands for the bytes:
+    it reads back as the byte tokenizer, so its eval finds the run's token cache (no second
+    tokenization; the windows differ: a HF directory has no run's sequence length)."""
+    cache, hf = tmp_path / "cache", tmp_path / "hf"
+    for path in (trained_run, hf):
+        if path == hf:
+            assert cli.main(["convert", "--to-hf", str(trained_run), str(hf)]) == 0
+        assert cli.main(["eval", str(path), "--data", str(corpus), "--json", "--cache-dir",
+                         str(cache)]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["val_loss"] > 0
+        assert len(list(cache.iterdir())) == 1, sorted(cache.iterdir())

@@ -307,8 +307,10 @@ def small_tokenizer(vocab_size):
 
 
 def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
     from dropless.convert import load_hf_dir, save_hf_dir
-    from dropless.tokenizer import ByteTokenizer, tokenizer_from_json
+    from dropless.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_json
 
     tok = small_tokenizer(60).to_str()
     (mixtral_dir / "tokenizer.json").write_text(tok)
@@ -318,7 +320,9 @@ def test_hf_dir_keeps_tokenizer_json(mixtral_dir, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").read_text() == tok
     # dropless's raw bytes: written as the equivalent byte-level tokenizers.Tokenizer
     save_hf_dir(model, tmp_path / "bytes", json.dumps({"type": "bytes"}))
-    exported = tokenizer_from_json((tmp_path / "bytes" / "tokenizer.json").read_text())
+    exported_json = (tmp_path / "bytes" / "tokenizer.json").read_text()
+    assert isinstance(tokenizer_from_json(exported_json), ByteTokenizer)   # reads back as bytes
+    exported = BPETokenizer(HFTokenizer.from_str(exported_json))   # and is the bytes' equal
     text = "def f(x):\n\treturn 'héllo ☃ 🎉' \x00\x7f  "
     assert exported.vocab_size == 256
     assert exported.encode(text).tolist() == ByteTokenizer().encode(text).tolist()
