@@ -172,6 +172,7 @@ def _generate(args) -> int:
             text = tok.decode([t for t in out if t not in eos], continuation=True)
             print(f"--- [{i}] ---\n{prompt}{text}")
     num_new = sum(map(len, outs))
+    sys.stdout.flush()   # the text before the stats, where both go to one terminal or file
     print(f"{num_new} tokens in {elapsed:.2f} s ({num_new / elapsed:.1f} tokens/s)", file=sys.stderr)
     return 0
 

@@ -74,3 +74,16 @@ def test_train_into_a_closed_pipe_stops_with_a_checkpoint(tmp_path, corpus, stre
         assert err.decode() == (f"dropless: the output pipe closed: stopped at step {step}/20, "
                                 f"checkpoint saved; resume with: dropless train --resume {out}\n")
     assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0   # and it resumes
+
+
+@pytest.mark.parametrize("prompts", [["a"], ["a", "b"]])
+def test_generate_text_comes_before_its_stats_in_one_file(trained_run, prompts):
+    """`dropless generate ... > out.txt 2>&1`: the text (block-buffered stdout) is written before
+    the tokens/s line (stderr), which starts a line of its own."""
+    argv = [a for p in prompts for a in ("--prompt", p)]
+    proc = _dropless("generate", trained_run, *argv, "--max-new-tokens", "3",
+                     stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode()
+    assert proc.wait(timeout=300) == 0, out
+    assert re.search(r"\n\d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)\n\Z", out), out
+    assert out.count("tokens/s") == 1
