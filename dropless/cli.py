@@ -287,11 +287,12 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
-    from dropless.evaluate import evaluate_dir, result_json
+    from dropless.evaluate import WINDOW_FLAGS, evaluate_dir, result_json
 
     if not os.path.isdir(args.path):
         raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
-    r = evaluate_dir(args.path, args.data, args.device, args.cache_dir, progress=True)
+    r = evaluate_dir(args.path, args.data, args.device, args.cache_dir, progress=True,
+                     windows={k: getattr(args, k) for k in WINDOW_FLAGS})
     if args.json:
         print(result_json(r))
     else:

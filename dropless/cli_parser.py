@@ -188,8 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text to take the validation split from (default: the run's)")
     ev.add_argument("--json", action="store_true", help='print {"val_loss": ..., "val_ppl": ...} '
                                                        "(null where not finite: strict JSON)")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto",
+                    help="auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)")
     ev.add_argument("--cache-dir", type=_path, help=CACHE_HELP)
+    ev.add_argument("--seq-len", type=int, help="tokens per window (default: the run's; 128 for "
+                                                "a Hugging Face directory; at most the model's "
+                                                "context)")
+    ev.add_argument("--batch-size", type=int, help="windows per batch (default: the run's; 16)")
+    ev.add_argument("--eval-batches", type=int,
+                    help="batches of windows spread evenly over the split (default: the run's; "
+                         "8); 0 = the whole split, in consecutive windows")
 
     info = sub.add_parser("info", help="parameters, FLOPs and memory of a preset, a run directory "
                                        "or a HF directory (with neither: every preset, side by "

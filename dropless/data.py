@@ -310,7 +310,9 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
 
 # ---- batches -------------------------------------------------------------------------------------
 
-def _windows(tokens: np.ndarray, starts: list[int], seq_len: int, mask=None):
+def windows(tokens: np.ndarray, starts: list[int], seq_len: int, mask=None):
+    """(inputs, targets) int64 [len(starts), seq_len] of the windows at `starts`; targets where
+    `mask` is 0 are IGNORE."""
     w_BT = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     x_BT, y_BT = w_BT[:, :-1], w_BT[:, 1:]
     if mask is not None:   # targets outside the loss: IGNORE
@@ -325,7 +327,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, s
     where `mask` (TokenData's) is 0 are IGNORE."""
     gen = torch.Generator().manual_seed(_hash64(f"dropless-batch|{seed}|{step}|{micro}") >> 1)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
-    return _windows(tokens, starts.tolist(), seq_len, mask)
+    return windows(tokens, starts.tolist(), seq_len, mask)
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int,
@@ -333,7 +335,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches:
     """A fixed list of (inputs, targets) windows spread evenly over `tokens` (the same for every
     seed and step, so validation losses are comparable across runs); `mask` as get_batch's."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * num_batches).astype(np.int64)
-    return [_windows(tokens, starts[i:i + batch_size].tolist(), seq_len, mask)
+    return [windows(tokens, starts[i:i + batch_size].tolist(), seq_len, mask)
             for i in range(0, len(starts), batch_size)]
 
 

@@ -7,6 +7,7 @@ The windows and the loss are training's own (`data.eval_batches`, `train.evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,13 +21,20 @@ from dropless.errors import DroplessError
 from dropless.precision import autocast_for, resolve_device, resolve_precision
 
 
+# eval's window flags and the TrainConfig fields they set
+WINDOW_FLAGS = {"seq_len": "--seq-len", "batch_size": "--batch-size",
+                "eval_batches": "--eval-batches"}
+
+
 def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "auto",
-                 cache_dir: str | None = None, progress: bool = False) -> dict:
+                 cache_dir: str | None = None, progress: bool = False,
+                 windows: dict | None = None) -> dict:
     """{"val_loss", "val_ppl", "tokens"} on the run's validation windows (its batch size, sequence
     length and number of eval batches; TrainConfig's defaults for a Hugging Face directory).
-    Tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in the run's saved
-    one: a run directory may come from a stranger, and evaluating it must not write where it says.
-    `progress`: a bar (on stderr) while new data is tokenized."""
+    `windows`: any of WINDOW_FLAGS' fields in their place; eval_batches 0 takes the whole split,
+    in consecutive windows. Tokens are cached in `cache_dir` (default: data.default_cache_dir()),
+    never in the run's saved one: a run directory may come from a stranger, and evaluating it
+    must not write where it says. `progress`: a bar (on stderr) while new data is tokenized."""
     from dropless.serve.text import chat_files
     from dropless.train import evaluate
 
@@ -42,6 +50,12 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         model, tok, state = load_run(path, dev, matmul_dtype=matmul)
         cfg = saved_train_config(state)
     cfg = cfg or TrainConfig(out=str(path))   # its defaults, for a model trained elsewhere
+    given = {k: v for k, v in (windows or {}).items() if v is not None}
+    whole = given.get("eval_batches") == 0
+    cfg = _with_windows(cfg, {**given, "eval_batches": 1} if whole else given)
+    if given.get("seq_len", 0) > model.cfg.max_seq_len:
+        raise DroplessError(f"--seq-len {given['seq_len']} is invalid: the model's context is "
+                            f"{model.cfg.max_seq_len} tokens (max_seq_len)")
     seq_len = min(cfg.seq_len, model.cfg.max_seq_len)
     val_docs, chat = None, chat_files(Path(path))   # conversations: in the model's template
     only = cfg.assistant_only_loss   # the loss the run trained: its val_loss is comparable
@@ -57,12 +71,34 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     if len(tokens.val) < seq_len + 2:
         raise DroplessError(f"the validation split has only {len(tokens.val)} tokens, too few for "
                             f"sequences of {seq_len}")
-    windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches,
-                                tokens.val_mask)
+    if whole:   # made as they are read: the split's windows are never all held at once
+        starts = range(0, len(tokens.val) - seq_len, seq_len)
+        windows = (data.windows(tokens.val, list(starts[i:i + cfg.batch_size]), seq_len,
+                                tokens.val_mask) for i in range(0, len(starts), cfg.batch_size))
+        num_tokens = len(starts) * seq_len
+    else:
+        windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches,
+                                    tokens.val_mask)
+        num_tokens = cfg.batch_size * seq_len * cfg.eval_batches
     loss = evaluate(model, windows, dev, autocast_for(precision, dev))
     # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
     return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),
-            "tokens": cfg.batch_size * seq_len * cfg.eval_batches}
+            "tokens": num_tokens}
+
+
+def _with_windows(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """cfg with eval's window flags in place, checked as train checks them (the message in the
+    flags' names)."""
+    if given.get("eval_batches", 1) < 0:
+        raise DroplessError(f"--eval-batches {given['eval_batches']} is invalid: must be an "
+                            "integer >= 0 (0: the whole split)")
+    try:
+        return dataclasses.replace(cfg, **given)
+    except ValueError as e:   # "seq_len=0 is invalid: ..." or "batch_size*seq_len=... is invalid"
+        fields, rest = str(e).split("=", 1)
+        names = [WINDOW_FLAGS.get(f, f) for f in fields.split("*")]
+        raise DroplessError(f"{names[0]} {rest}" if len(names) == 1 else
+                            f"{' x '.join(names)} = {rest}") from None
 
 
 def result_json(r: dict) -> str:
