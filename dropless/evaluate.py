@@ -19,6 +19,7 @@ from dropless.checkpoint import load_model_dir, load_run, saved_train_config
 from dropless.config import TrainConfig
 from dropless.errors import DroplessError
 from dropless.precision import autocast_for, resolve_device, resolve_precision
+from dropless.tokenizer import delayed_bar
 
 
 # eval's window flags and the TrainConfig fields they set
@@ -34,7 +35,8 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
     `windows`: any of WINDOW_FLAGS' fields in their place; eval_batches 0 takes the whole split,
     in consecutive windows. Tokens are cached in `cache_dir` (default: data.default_cache_dir()),
     never in the run's saved one: a run directory may come from a stranger, and evaluating it
-    must not write where it says. `progress`: a bar (on stderr) while new data is tokenized."""
+    must not write where it says. `progress`: bars (on stderr) while new data is tokenized and
+    while the windows are scored, each shown once its work has taken a few seconds."""
     from dropless.serve.text import chat_files
     from dropless.train import evaluate
 
@@ -80,6 +82,9 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
         windows = data.eval_batches(tokens.val, cfg.batch_size, seq_len, cfg.eval_batches,
                                     tokens.val_mask)
         num_tokens = cfg.batch_size * seq_len * cfg.eval_batches
+    if progress:   # a whole split takes a while: a bar once it has taken BAR_DELAY_S
+        count = -(-len(starts) // cfg.batch_size) if whole else cfg.eval_batches
+        windows = delayed_bar(windows, "eval", total=count, unit="batch")
     loss = evaluate(model, windows, dev, autocast_for(precision, dev))
     # past ~709 nats exp overflows: the perplexity is infinite (a NaN loss stays NaN)
     return {"val_loss": loss, "val_ppl": math.inf if loss > 709 else math.exp(loss),

@@ -81,3 +81,14 @@ def test_bad_window_flags_are_refused(trained_run, capsys, argv, message):
     assert cli.main(["eval", str(trained_run), *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dropless: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_long_eval_shows_a_bar_on_stderr(trained_run, capsys, monkeypatch):
+    """The bar counts batches on stderr (once the scoring took BAR_DELAY_S, here 0); stdout
+    keeps the one JSON line."""
+    from dropless import tokenizer
+    monkeypatch.setattr(tokenizer, "BAR_DELAY_S", 0.0)
+    assert cli.main(["eval", str(trained_run), "--json", "--eval-batches", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)) == {"val_loss", "val_ppl"}
+    assert "eval: " in err and "0/3 [" in err and "batch/s" in err, err
