@@ -1,10 +1,13 @@
 """Building a token cache entry (dropless.data.load_tokens), side by side: tokenized and written
 a chunk at a time (the default, dropless.tokenizer.ENCODE_CHUNK_CHARS) against the whole corpus as
 one chunk (every split's ids in memory at once, as before round 28). Each setting runs in its own
-process, so its peak resident memory is its own.
+process, so its peak resident memory is its own. `--one-file`: the corpus as one document (one
+big text file), which before round 31 was tokenized whole in either setting; now in pieces.
 
     python benchmarks/token_cache.py                          # stdlib corpus x3, bytes and BPE
     python benchmarks/token_cache.py --copies 1 --tokenizers byte --json out.json
+    python benchmarks/token_cache.py --one-file --copies 3    # one document of every stdlib file
+    python benchmarks/token_cache.py --one-file 20000000       # its first 20 M characters
 
 Per setting: characters, tokens, seconds, million characters per second, and the peak resident
 memory (MB) after the documents were read and while tokenizing, and the growth per character.
@@ -24,15 +27,18 @@ from pathlib import Path
 ONE_CHUNK = 1 << 62
 
 
-def one(tokenizer: str, copies: int, chunk: int, vocab: int) -> dict:
+def one(tokenizer: str, copies: int, chunk: int, vocab: int, one_file: int) -> dict:
     """Runs in the child: read, (train BPE,) then build the entry and measure."""
     from dropless import data, tokenizer as tokenizers
+    from dropless.documents import stdlib_documents
 
-    docs = [(f"{i}/{name}", text) for i in range(copies) for name, text in data.stdlib_documents()]
+    docs = [(f"{i}/{name}", text) for i in range(copies) for name, text in stdlib_documents()]
     if tokenizer == "bpe":
         tok = tokenizers.train_bpe([text for _, text in docs[:300]], vocab)
     else:
         tok = tokenizers.ByteTokenizer()
+    if one_file:
+        docs = [("corpus.txt", data.DOC_SEPARATOR.join(text for _, text in docs)[:one_file])]
     tokenizers.ENCODE_CHUNK_CHARS = chunk
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     start = time.perf_counter()
@@ -54,11 +60,14 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=3, help="copies of the stdlib corpus")
     p.add_argument("--tokenizers", nargs="+", default=["byte", "bpe"], choices=["byte", "bpe"])
     p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary")
+    p.add_argument("--one-file", type=int, nargs="?", const=ONE_CHUNK, default=0, metavar="CHARS",
+                   help="the corpus as one document (its first CHARS characters)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(one(args.child[0], args.copies, int(args.child[1]), int(args.child[2]))))
+        print(json.dumps(one(args.child[0], args.copies, int(args.child[1]), int(args.child[2]),
+                             args.one_file)))
         return
     from dropless.tokenizer import ENCODE_CHUNK_CHARS
 
@@ -66,7 +75,8 @@ def main() -> None:
     for tok in args.tokenizers:
         for chunk in (ENCODE_CHUNK_CHARS, ONE_CHUNK):
             out = subprocess.run([sys.executable, __file__, "--copies", str(args.copies),
-                                  "--child", tok, str(chunk), str(args.vocab)],
+                                  "--child", tok, str(chunk), str(args.vocab)]
+                                 + ["--one-file", str(args.one_file)] * bool(args.one_file),
                                  capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print("| tokenizer | chunk (chars) | M chars | M tokens | s | M chars/s | RSS read MB | "

@@ -195,12 +195,10 @@ def encode_stream(tokenizer, pieces_: list[tuple[str, bool]], bar=None):
             runs[-1][0] += text
         elif text:
             runs.append([text, loss])
-    done = 0
-    for ids in encode_chunks(tokenizer, [text for text, _ in runs], bar):
-        flags = [loss for _, loss in runs[done:done + len(ids)]]
-        done += len(ids)
-        yield (np.concatenate([np.asarray(i, dtype=np.int64) for i in ids]),
-               np.concatenate([np.full(len(i), f, dtype=np.uint8) for i, f in zip(ids, flags)]))
+    for pieces_ids in encode_chunks(tokenizer, [text for text, _ in runs], bar):
+        yield (np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in pieces_ids]),
+               np.concatenate([np.full(len(ids), runs[run][1], dtype=np.uint8)
+                               for run, ids in pieces_ids]))
 
 
 

@@ -1,4 +1,5 @@
-"""Corpus, train/validation split, memory-mapped token cache and deterministic batches.
+"""Train/validation split, memory-mapped token cache and deterministic batches of a corpus
+(read by dropless/documents.py).
 
 Legend: B batch, T sequence length.
 
@@ -18,8 +19,6 @@ import itertools
 import json
 import os
 import shutil
-import stat
-import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 
 from dropless import tokenizer as tokenizer_module
-from dropless.conversations import IGNORE, cut, encode_stream, jsonl_documents, pieces
+from dropless.conversations import IGNORE, cut, encode_stream, pieces
+from dropless.documents import read_documents
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
 from dropless.tokenizer import Tokenizer, encode_chunks
@@ -36,92 +36,12 @@ from dropless.tokenizer import Tokenizer, encode_chunks
 VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
 DOC_SEPARATOR = "\n\n"
 CACHE_VERSION = "1"
+HASH_SLICE_CHARS = 1 << 24   # cache_key hashes a text's UTF-8 a slice at a time
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dropless" / "tokens"
-
-
-# ---- reading documents ---------------------------------------------------------------------------
-
-def _read_text(path: Path, shown: str) -> str | None:
-    """None unless `path` (links followed) is a regular file: FIFOs block, devices never end."""
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DroplessError(f"{shown}: cannot read {path} ({e.strerror or e})") from None
-    return raw.decode("utf-8", errors="replace")   # a few stdlib test files are not UTF-8
-
-
-def stdlib_documents() -> list[tuple[str, str]]:
-    """(relative path, text) of every `.py` file of this interpreter's standard library."""
-    root = sysconfig.get_paths()["stdlib"]
-    docs = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = Path(folder, name)
-            if (text := _read_text(path, "--data <stdlib>")) is not None:
-                docs.append((path.relative_to(root).as_posix(), text))
-    return docs
-
-
-def _walk(root: Path, shown: str) -> list[tuple[str, str]]:
-    docs, skipped = [], []
-    for folder, dirs, files in os.walk(root):   # links to directories are not followed (loops)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        skipped += [Path(folder, d).relative_to(root).as_posix() + "/" for d in dirs
-                    if Path(folder, d).is_symlink()]
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = Path(folder, name)
-            if (text := _read_text(path, shown)) is None or "\x00" in text:
-                skipped.append(path.relative_to(root).as_posix())
-            else:
-                docs.append((path.relative_to(root).as_posix(), text))
-    if skipped:
-        warnings.warn(f"{shown}: skipped {len(skipped)} binary or non-regular files "
-                      f"(FIFOs, devices, links to directories, ...): {', '.join(skipped[:5])}"
-                      + (" ..." if len(skipped) > 5 else ""), stacklevel=3)
-    return docs
-
-
-def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict] | None = None,
-                   assistant_only: bool = False, why: str = "--assistant-only-loss",
-                   progress: bool = False) -> list[tuple[str, str]]:
-    """(name, text) pairs from `--data`: a text file, a directory of text files (recursively, hidden
-    binary and non-regular files skipped), a `.jsonl` of records (conversations.jsonl_documents:
-    conversations rendered by `chat`, (chat template, special tokens), default the plain one;
-    with `assistant_only`, conversations.Rendered texts that know what the loss covers), or None
-    for the stdlib. `flag`: the option the user named `data` with, and `why`: what asked for
-    assistant turns, for the messages. `progress`: a bar while conversations render."""
-    shown = f"{flag} {data}"
-    if data is None:
-        docs = stdlib_documents()
-    else:
-        path = Path(data)
-        if not path.exists():
-            raise DroplessError(f"{shown}: no such file or directory")
-        if path.is_dir():
-            docs = _walk(path, shown)
-        elif (text := _read_text(path, shown)) is None:
-            raise DroplessError(f"{shown}: not a regular file (a FIFO, device or socket)")
-        elif path.suffix == ".jsonl":
-            docs = jsonl_documents(path.name, text, shown, chat, assistant_only, progress)
-        elif "\x00" in text:
-            raise DroplessError(f"{shown}: a binary file (it holds NUL bytes), not text")
-        else:
-            docs = [(path.name, text)]
-    if not any(text.strip() for _, text in docs):
-        raise DroplessError(f"{shown}: no text found (empty)")
-    if assistant_only and flag.endswith("--data") and not any(
-            getattr(text, "spans", ()) for _, text in docs):
-        raise DroplessError(f"{shown}: {why} needs conversations with an "
-                            'assistant turn or completions (.jsonl lines {"messages": [...]} or '
-                            '{"prompt": ..., "completion": ...}); it has none')
-    return docs
 
 
 def _hash64(text: str) -> int:
@@ -193,7 +113,10 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
     h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
     for name, text in docs + ([("", "--val-data:")] + val_docs if val_docs is not None else []):
         h.update(hashlib.sha256(name.encode()).digest())
-        h.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
+        of_text = hashlib.sha256()   # a slice at a time: a large text is not copied whole
+        for i in range(0, len(text), HASH_SLICE_CHARS):
+            of_text.update(text[i:i + HASH_SLICE_CHARS].encode("utf-8", errors="replace"))
+        h.update(of_text.digest())
     return h.hexdigest()[:32]
 
 
@@ -236,13 +159,14 @@ def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
 
 
 def _joined(chunks, sep: np.ndarray):
-    """(ids, None) per chunk of documents' ids, `sep` between documents (across chunks too)."""
-    first = True
-    for ids in chunks:
+    """(ids, None) per chunk of encode_chunks' (document, ids), `sep` between documents (across
+    chunks too), none between the pieces of one."""
+    last = None
+    for chunk in chunks:
         parts = []
-        for doc in ids:
-            parts += [doc] if first else [sep, doc]
-            first = False
+        for doc, ids in chunk:
+            parts += [ids] if last in (None, doc) else [sep, ids]
+            last = doc
         yield np.concatenate(parts), None
 
 
@@ -361,7 +285,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int, mask: np.ndarray | None
     return float(-(p * np.log(p)).sum())
 
 
-# BPE merges are learned from the first ~16 MB of training text
+# BPE merges are learned from the first 16 M characters of training text
 BPE_SAMPLE_CHARS = 16_000_000
 
 
@@ -388,7 +312,9 @@ def prepare(cfg, state: dict | None, source=None, progress: bool = False):
     elif cfg.tokenizer == "bpe":
         texts = split_documents(docs, val_docs)[0]
         chars_before = itertools.accumulate(map(len, texts), initial=0)
-        tok = train_bpe([t for t, c in zip(texts, chars_before) if c < BPE_SAMPLE_CHARS], cfg.vocab)
+        # the last text cut where the sample ends: one large file is not learned from whole
+        tok = train_bpe([t[:BPE_SAMPLE_CHARS - c] for t, c in zip(texts, chars_before)
+                         if c < BPE_SAMPLE_CHARS], cfg.vocab)
     else:
         tok = ByteTokenizer()
     tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),

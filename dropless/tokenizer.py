@@ -87,6 +87,7 @@ class BPETokenizer:
             self._anchor = []
         self._anchor_text = tok.decode(self._anchor)
         self._byte_fallback = getattr(tok.model, "byte_fallback", False)
+        self.cuts_at_lines = _cuts_at_lines(json.loads(tok.to_str()))
 
     def encode(self, text: str, special: bool = True) -> np.ndarray:
         """`special=False`: without the special tokens the tokenizer adds around a text (a
@@ -135,8 +136,22 @@ class BPETokenizer:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
-# characters tokenized per encode_chunks chunk
-ENCODE_CHUNK_CHARS = 1 << 22
+def _cuts_at_lines(spec: dict) -> bool:
+    """Whether a tokenizer.json tokenizes a text cut before a newline that follows a non-space
+    into the same ids as whole: the GPT-2 byte-level pre-tokenizer (train_bpe's), whose regex
+    (letters, digits, other non-space runs; whitespace runs that start at whitespace) never
+    matches across such a cut and looks at nothing before a match, with no normalizer, no
+    post-processor adding tokens to each text, and no added token holding a newline."""
+    pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor")
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex") is True and pre.get("add_prefix_space") is False
+            and (post is None or post.get("type") == "ByteLevel")
+            and not any("\n" in t.get("content", "") for t in spec.get("added_tokens") or ()))
+
+
+# characters tokenized per encode_chunks chunk: `tokenizers` holds ~0.9 KB per character of a
+# chunk while it encodes (offsets, token strings, alignments); the bytes, 8 (int64 ids)
+ENCODE_CHUNK_CHARS = 1 << 20
 # data preparation's bars (rendering, tokenizing) appear only once it has taken this long: a
 # small corpus, or an error found early, leaves no bar behind on stderr
 BAR_DELAY_S = 2.0
@@ -151,19 +166,47 @@ def delayed_bar(iterable=None, desc: str | None = None, **kwargs):
 
 
 def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
-                  ) -> Iterator[list[np.ndarray]]:
-    """tokenizer.encode_batch(texts), a chunk of a few million characters at a time: a large
-    corpus is never held as token ids all at once, and `bar` (a tqdm counting characters, or
+                  ) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """The ids of `texts`, a chunk of a few million characters at a time: per chunk, (index of
+    the text, ids of it or of a piece of it), in order. A large corpus is never held as token ids
+    all at once, nor is one large text: it is cut into pieces where its tokenizer has no token
+    across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting characters, or
     None) follows it. The ids are the same however the texts are chunked."""
-    batch, size = [], 0
+    batch, owners, size = [], [], 0
     for i, text in enumerate(texts):
-        batch.append(text)
-        size += len(text)
-        if size >= ENCODE_CHUNK_CHARS or i == len(texts) - 1:
-            yield tokenizer.encode_batch(batch)
-            if bar is not None:
-                bar.update(size)
-            batch, size = [], 0
+        for piece in text_pieces(tokenizer, text):
+            batch.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= ENCODE_CHUNK_CHARS:
+                yield list(zip(owners, tokenizer.encode_batch(batch)))
+                if bar is not None:
+                    bar.update(size)
+                batch, owners, size = [], [], 0
+    if batch:
+        yield list(zip(owners, tokenizer.encode_batch(batch)))
+        if bar is not None:
+            bar.update(size)
+
+
+def text_pieces(tokenizer: "Tokenizer", text: str) -> Iterator[str]:
+    """`text` in pieces of about ENCODE_CHUNK_CHARS whose ids, joined, are the whole text's: for
+    the bytes anywhere; for a GPT-2-style byte-level BPE (`BPETokenizer.cuts_at_lines`) before a
+    newline that follows a non-space, where its pre-tokenizer always starts a new token; other
+    tokenizers (normalizers, prefixes, special tokens around each text) take the text whole."""
+    cuts = isinstance(tokenizer, ByteTokenizer) or getattr(tokenizer, "cuts_at_lines", False)
+    start = 0
+    while cuts and len(text) - start > ENCODE_CHUNK_CHARS:
+        at = start + ENCODE_CHUNK_CHARS
+        if not isinstance(tokenizer, ByteTokenizer):
+            at = text.find("\n", at)
+            while at > 0 and text[at - 1].isspace():   # (a superset of the regex's \s)
+                at = text.find("\n", at + 1)
+            if at < 0:
+                break
+        yield text[start:at]
+        start = at
+    yield text[start:] if start else text
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
