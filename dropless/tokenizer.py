@@ -87,7 +87,11 @@ class BPETokenizer:
             self._anchor = []
         self._anchor_text = tok.decode(self._anchor)
         self._byte_fallback = getattr(tok.model, "byte_fallback", False)
-        self.cuts_at_lines = _cuts_at_lines(json.loads(tok.to_str()))
+
+    @functools.cached_property
+    def cuts_at_lines(self) -> bool:
+        """Whether a long text may be tokenized in pieces cut at lines (`text_pieces`)."""
+        return _cuts_at_lines(json.loads(self.tok.to_str()))
 
     def encode(self, text: str, special: bool = True) -> np.ndarray:
         """`special=False`: without the special tokens the tokenizer adds around a text (a
