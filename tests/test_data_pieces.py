@@ -115,3 +115,24 @@ def test_bpe_learns_from_the_first_sample_chars_of_one_big_file(small_cfg, tmp_p
     train = data_module.split_documents(data_module.read_documents(str(big)))[0]
     assert learned == [[train[0][:1000]]]
     assert len(tokens.train) > 10_000   # and all of it tokenized
+
+
+def test_assistant_only_pieces_keep_their_runs_flags(monkeypatch, bpe):
+    """encode_stream (--assistant-only-loss): a long run of text cut into pieces keeps its flag
+    on every token, and the ids are the runs' own."""
+    from dropless.conversations import encode_stream
+    runs = [(text, i % 2 == 1) for i, text in enumerate(_texts(11, 8))]
+    merged = []   # encode_stream's runs: texts of one flag in a row are one text
+    for text, flag in runs:
+        if merged and merged[-1][1] == flag:
+            merged[-1][0] += text
+        elif text:
+            merged.append([text, flag])
+    whole = [(bpe.encode(t).tolist(), flag) for t, flag in merged]
+    monkeypatch.setattr(tokenizer, "ENCODE_CHUNK_CHARS", 9)
+    chunks = list(encode_stream(bpe, runs))
+    assert len(chunks) > len(whole)   # cut into more chunks than there are runs
+    ids = np.concatenate([i for i, _ in chunks]).tolist()
+    flags = np.concatenate([m for _, m in chunks]).tolist()
+    assert ids == [t for run, _ in whole for t in run]
+    assert flags == [int(flag) for run, flag in whole for _ in run]
