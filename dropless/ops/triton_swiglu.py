@@ -32,18 +32,23 @@ def swiglu(gu_R2N: Tensor, w_R: Tensor | None = None) -> Tensor:
     return h
 
 
-def swiglu_weighted_backward(gu_R2N: Tensor, dhw_RN: Tensor, w_R: Tensor):
-    """For y = (w * h) @ down and dh' = dy @ down^T (dhw_RN, contiguous, overwritten with
-    dh = w * dh'): returns (hw_RN = w * h for d(down), dw_R = <dh', h> per row). One pass over
-    [g | u] and dh' in place of the five PyTorch passes of the same rounding steps."""
+def swiglu_weighted_backward(gu_R2N: Tensor, dhw_RN: Tensor, w_R: Tensor,
+                             want_dgu: bool = False):
+    """For y = (w * h) @ down and dh' = dy @ down^T (dhw_RN, contiguous): returns (hw_RN = w * h
+    for d(down), dw_R = <dh', h> per row), dhw_RN overwritten with dh = w * dh'. One pass over
+    [g | u] and dh' in place of the five PyTorch passes of the same rounding steps. With
+    `want_dgu`, (hw_RN, dw_R, d[g | u]_R2N), swiglu_backward's from dh in the same pass, hw
+    written over dh' (no R*N buffer more than the two passes hold)."""
     R, N = dhw_RN.shape
     assert dhw_RN.is_contiguous()
-    hw = torch.empty_like(dhw_RN)
+    hw = dhw_RN if want_dgu else torch.empty_like(dhw_RN)
+    dgu = torch.empty_like(gu_R2N) if want_dgu else hw
     dw = w_R.new_empty(R)
     block_n = min(256, max(16, 1 << (N - 1).bit_length()))
     _kernels().swiglu_weighted_backward_kernel[(max(1, -(-R // 4)),)](
-        gu_R2N, dhw_RN, w_R.contiguous(), hw, dw, R, N, BLOCK_R=4, BLOCK_N=block_n)
-    return hw, dw
+        gu_R2N, dhw_RN, w_R.contiguous(), hw, dw, dgu, R, N, BLOCK_R=4, BLOCK_N=block_n,
+        WRITE_DGU=want_dgu)
+    return (hw, dw, dgu) if want_dgu else (hw, dw)
 
 
 def swiglu_backward(gu_R2N: Tensor, dh_RN: Tensor, want_h: bool = True):

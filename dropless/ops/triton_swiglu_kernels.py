@@ -31,12 +31,15 @@ def swiglu_kernel(gu_ptr, w_ptr, h_ptr, N, numel, HAS_W: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def swiglu_weighted_backward_kernel(gu_ptr, dhw_ptr, w_ptr, hw_ptr, dw_ptr, R, N,
-                                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def swiglu_weighted_backward_kernel(gu_ptr, dhw_ptr, w_ptr, hw_ptr, dw_ptr, dgu_ptr, R, N,
+                                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    WRITE_DGU: tl.constexpr):
     """Backward of y = (w * h) @ down for h = silu(g) * u, given dh' = dy @ down^T: writes
     hw = w * h (for d(down)), dw[row] = sum_n dh' * h (fp32 sum of the products rounded to the
     storage dtype, as PyTorch's (dh' * h).sum(-1, dtype=float32)) and dh = w * dh' in place over
-    dh'. One program per BLOCK_R rows, walking the row in BLOCK_N columns."""
+    dh'. With WRITE_DGU, d[g | u] from dh instead (swiglu_backward_kernel's formula, from the same
+    rounded dh), and hw over dh' (hw_ptr is dhw_ptr): the two passes in one. One program per
+    BLOCK_R rows, walking the row in BLOCK_N columns."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     dtype = hw_ptr.dtype.element_ty
@@ -50,11 +53,20 @@ def swiglu_weighted_backward_kernel(gu_ptr, dhw_ptr, w_ptr, hw_ptr, dw_ptr, R, N
         g = tl.load(gu_at, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(gu_at + N, mask=ok, other=0.0).to(tl.float32)
         dhw = tl.load(dhw_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
         silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
         h = (silu * u).to(dtype).to(tl.float32)
         acc += tl.sum((dhw * h).to(dtype).to(tl.float32), axis=1)
+        dh = (dhw * w).to(dtype)
+        if WRITE_DGU:   # (this program's own elements of dh', read above: safe to overwrite)
+            dh = dh.to(tl.float32)
+            dsilu = (dh * u).to(dtype).to(tl.float32)
+            dgu_at = dgu_ptr + rows[:, None] * 2 * N + cols[None, :]
+            tl.store(dgu_at, (dsilu * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=ok)
+            tl.store(dgu_at + N, (dh * silu).to(dtype), mask=ok)
+        else:
+            tl.store(dhw_ptr + at, dh, mask=ok)
         tl.store(hw_ptr + at, (h * w).to(dtype), mask=ok)
-        tl.store(dhw_ptr + at, (dhw * w).to(dtype), mask=ok)
     tl.store(dw_ptr + rows, acc.to(dw_ptr.dtype.element_ty), mask=row_ok)
 
 
