@@ -103,12 +103,13 @@ def test_triton_swiglu_weighted_matches_torch(dtype, N):
     assert rel(dw, (dhw.double() * h_ref).sum(-1)) < TOL[dtype]
     assert rel(dh, dhw.double() * w_ref) < TOL[dtype]
     assert dw.dtype == w.dtype and dw.shape == (R,)
-    # the one-pass form (grouped_lowmem's backward): d[g | u] as swiglu_backward makes it from
-    # that dh, bit for bit, and w * h written over dh'
+    # the one-pass form (grouped_lowmem's backward): w * h written over dh' (the same bits), dw
+    # (its fp32 sum may run in another order: not bitwise on a GPU) and d[g | u] from that dh
     over = dhw.clone()
     hw3, dw3, dgu = triton_swiglu.swiglu_weighted_backward(gu, over, w, want_dgu=True)
-    assert hw3.data_ptr() == over.data_ptr() and torch.equal(hw3, hw2) and torch.equal(dw3, dw)
-    assert torch.equal(dgu, triton_swiglu.swiglu_backward(gu, dh, want_h=False))
+    assert hw3.data_ptr() == over.data_ptr() and torch.equal(hw3, hw2)
+    assert rel(dw3, (dhw.double() * h_ref).sum(-1)) < TOL[dtype]
+    assert rel(dgu, triton_swiglu.swiglu_backward(gu, dh, want_h=False)) < TOL[dtype] / 10
     gu64 = gu.double().requires_grad_()
     g64, u64 = gu64.chunk(2, dim=-1)
     (dgu_ref,) = torch.autograd.grad(torch.nn.functional.silu(g64) * u64, gu64, dh.double())
