@@ -94,6 +94,8 @@ def evaluate_dir(path: str | Path, data_path: str | None = None, device: str = "
 def _with_windows(cfg: TrainConfig, given: dict) -> TrainConfig:
     """cfg with eval's window flags in place, checked as train checks them (the message in the
     flags' names)."""
+    if not given:
+        return cfg
     if given.get("eval_batches", 1) < 0:
         raise DroplessError(f"--eval-batches {given['eval_batches']} is invalid: must be an "
                             "integer >= 0 (0: the whole split)")
