@@ -3,6 +3,7 @@ default of `dropless train`, reproduced on CPU), pure bf16, fallbacks reported, 
 
 import contextlib
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -109,14 +110,22 @@ def test_unsupported_grouped_reasons():
     assert "16 bytes" in grouped.unsupported(torch.empty(8, 3), torch.empty(4, 3, 64), d)
 
 
-def test_compiled_block_fullgraph_matches_eager():
-    """A whole transformer block (attention + MoE with the grouped backend) compiles without a
-    graph break, in fp32, and gives eager's outputs and gradients."""
+@pytest.mark.parametrize("backend", ["auto", "grouped_lowmem"])
+def test_compiled_block_fullgraph_matches_eager(backend, monkeypatch):
+    """A whole transformer block (attention + MoE with the grouped backend, or the low-memory
+    one's fused dispatch, experts and combine) compiles without a graph break, in fp32, and gives
+    eager's outputs and gradients."""
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend=backend))
     block = Transformer(cfg).layers[1]
     x = torch.randn(2, 16, cfg.dim)
     pos = torch.arange(16).expand(2, 16)
+    fused, real = [], ops.grouped.fused_experts
+    monkeypatch.setattr(ops.grouped, "fused_experts", lambda *a: fused.append(1) or real(*a))
+    block(x, pos)
+    assert bool(fused) == (backend == "grouped_lowmem")   # the path under test ran
+    monkeypatch.undo()
     results = []
     for run in (block, torch.compile(copy.deepcopy(block), fullgraph=True)):
         xi = x.clone().requires_grad_(True)
