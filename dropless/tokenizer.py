@@ -153,8 +153,8 @@ def _cuts_at_lines(spec: dict) -> bool:
             and not any("\n" in t.get("content", "") for t in spec.get("added_tokens") or ()))
 
 
-# characters tokenized per encode_chunks chunk: `tokenizers` holds ~0.9 KB per character of a
-# chunk while it encodes (offsets, token strings, alignments); the bytes, 8 (int64 ids)
+# characters tokenized per encode_chunks chunk: `tokenizers` holds 140-900 bytes per character of
+# a chunk while it encodes (offsets, token strings, alignments); the bytes tokenizer 8 (int64 ids)
 ENCODE_CHUNK_CHARS = 1 << 20
 # data preparation's bars (rendering, tokenizing) appear only once it has taken this long: a
 # small corpus, or an error found early, leaves no bar behind on stderr
@@ -171,10 +171,10 @@ def delayed_bar(iterable=None, desc: str | None = None, **kwargs):
 
 def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
                   ) -> Iterator[list[tuple[int, np.ndarray]]]:
-    """The ids of `texts`, a chunk of a few million characters at a time: per chunk, (index of
-    the text, ids of it or of a piece of it), in order. A large corpus is never held as token ids
-    all at once, nor is one large text: it is cut into pieces where its tokenizer has no token
-    across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting characters, or
+    """The ids of `texts`, a chunk of about ENCODE_CHUNK_CHARS characters at a time: per chunk,
+    (index of the text, ids of it or of a piece of it), in order. A large corpus is never held as
+    token ids all at once, nor is one large text: it is cut into pieces where its tokenizer has no
+    token across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting characters, or
     None) follows it. The ids are the same however the texts are chunked."""
     batch, owners, size = [], [], 0
     for i, text in enumerate(texts):
