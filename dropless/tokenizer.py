@@ -174,8 +174,8 @@ def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
     """The ids of `texts`, a chunk of about ENCODE_CHUNK_CHARS characters at a time: per chunk,
     (index of the text, ids of it or of a piece of it), in order. A large corpus is never held as
     token ids all at once, nor is one large text: it is cut into pieces where its tokenizer has no
-    token across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting characters, or
-    None) follows it. The ids are the same however the texts are chunked."""
+    token across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting
+    characters, or None) follows it. The ids are the same however the texts are chunked."""
     batch, owners, size = [], [], 0
     for i, text in enumerate(texts):
         for piece in text_pieces(tokenizer, text):
