@@ -240,12 +240,22 @@ def _convert(args) -> int:
 
     from dropless.convert import convert_from_hf, convert_to_hf, convert_to_safetensors
 
+    # the paths given the other way round (the source where the output goes): say which is which
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
-        swapped = args.to_hf and os.path.isdir(args.path) and os.listdir(args.path)
-        raise DroplessError(f"{run_dir}: no such run directory" + (
-            f" (--to-hf takes the run, the other path is the output: `dropless convert --to-hf "
-            f"{args.path} {run_dir}`)" if swapped else ""))
+        swapped = (f"--to-hf takes the run, the other path is the output: `dropless convert "
+                   f"--to-hf {args.path} {run_dir}`" if args.to_hf and os.path.isdir(args.path)
+                   and os.listdir(args.path) else
+                   f"the run comes first, --to-safetensors takes the output file: `dropless "
+                   f"convert {args.to_safetensors} --to-safetensors {args.path}`"
+                   if args.to_safetensors and os.path.isdir(args.to_safetensors) else None)
+        raise DroplessError(f"{run_dir}: no such run directory" +
+                            (f" ({swapped})" if swapped else ""))
+    if args.from_hf and not os.path.exists(args.from_hf) and \
+            os.path.isfile(os.path.join(args.path, "config.json")):
+        raise DroplessError(f"{args.from_hf}: no such Hugging Face directory (--from-hf takes it, "
+                            f"the other path is the output: `dropless convert --from-hf "
+                            f"{args.path} {args.from_hf}`)")
     out = args.to_safetensors or args.path   # never overwrite what convert did not write
     if args.to_safetensors and os.path.lexists(out):
         raise DroplessError(f"{out} already exists: refusing to overwrite it; choose a new path")

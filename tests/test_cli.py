@@ -401,13 +401,25 @@ def test_convert_never_overwrites(capsys, tmp_path, trained_run):
 
 
 def test_convert_names_the_order_when_the_paths_are_swapped(capsys, tmp_path, trained_run):
-    """`convert RUN --to-hf OUT` (the run where the output goes) says which path goes where."""
+    """`convert RUN --to-hf OUT` (the source where the output goes) says which path goes where,
+    for each of the three ways; a path that is simply missing gets no such hint."""
     _fails(capsys, ["convert", str(trained_run), "--to-hf", str(tmp_path / "hf")],
            f"(--to-hf takes the run, the other path is the output: `dropless convert --to-hf "
            f"{trained_run} {tmp_path / 'hf'}`)")
-    assert cli.main(["convert", str(tmp_path / "out"), "--to-hf", str(tmp_path / "hf")]) == 1
-    assert capsys.readouterr().err == f"dropless: error: {tmp_path / 'hf'}: no such run directory\n"
-    assert not (tmp_path / "hf").exists()
+    _fails(capsys, ["convert", str(tmp_path / "m.safetensors"), "--to-safetensors",
+                    str(trained_run)],
+           f"(the run comes first, --to-safetensors takes the output file: `dropless convert "
+           f"{trained_run} --to-safetensors {tmp_path / 'm.safetensors'}`)")
+    assert cli.main(["convert", "--to-hf", str(trained_run), str(tmp_path / "hf")]) == 0
+    _fails(capsys, ["convert", str(tmp_path / "hf"), "--from-hf", str(tmp_path / "run2")],
+           f"{tmp_path / 'run2'}: no such Hugging Face directory (--from-hf takes it, the other "
+           f"path is the output: `dropless convert --from-hf {tmp_path / 'hf'} "
+           f"{tmp_path / 'run2'}`)")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "m.safetensors").exists()
+    assert cli.main(["convert", str(tmp_path / "out"), "--to-hf", str(tmp_path / "hf2")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"dropless: error: {tmp_path / 'hf2'}: no such run directory\n"
+    assert not (tmp_path / "hf2").exists()
 
 
 @pytest.mark.parametrize("argv", [
