@@ -53,6 +53,9 @@
 #            benchmarks/awq.py at 64 tokens with DROPLESS_AWQ_GROUPED_PACKED 1, small and 0
 #            alternating in one process, and Mixtral's tiles with it on (~6 minutes)
 #   int4tests  the int4 tests of packed alone (~1-2 minutes)
+#   trainlowmem  benchmarks/train.py's dropless bf16-mixed rows (eager, compiled) with the experts
+#            on grouped and on grouped_lowmem, side by side: whether `auto` may take grouped_lowmem
+#            (~4 minutes)
 #   int4layout  benchmarks/gemv_int4_layout.py: the int4 decode experts on AutoAWQ's packing
 #            against a k-major repacking (tiles swept) and the bf16 k-major experts, batch 1
 # The caller writes the commit into .commit_under_test with the hash spelled out in the command
@@ -195,6 +198,9 @@ for s in "$@"; do
               64,64,64,4,3:packed=1 32,64,64,4,3:packed=1 64,128,64,8,3:packed=1 \
               64,64,128,4,3:packed=1 32,128,64,4,3:packed=1 ;;
     int4layout) stage "$L" 180 python3 benchmarks/gemv_int4_layout.py ;;
+    trainlowmem) stage "$L" 300 python3 benchmarks/train.py --backends grouped,grouped_lowmem \
+             --providers "dropless bf16-mixed eager,dropless bf16-mixed compiled" \
+             --json "$O/train_lowmem.json" ;;
     *) echo "unknown stage $s" >>"$L" ;;
   esac
 done

@@ -12,6 +12,11 @@ attention 12 x layers x heads x head_dim x seq (QK^T and AV, forward + backward,
 MFU divides the achieved FLOP/s by the GPU's dense bf16 peak (989 TFLOP/s on an H100 / H200).
 
     python benchmarks/train.py [--steps 10] [--json out.json]
+    python benchmarks/train.py --backends grouped,grouped_lowmem \
+        --providers "dropless bf16-mixed compiled,dropless bf16-mixed eager"   # experts A/B
+
+With --backends, each dropless row runs once per expert backend, alternating, named with the
+backend in brackets; --providers names the rows without it.
 """
 
 from __future__ import annotations
@@ -166,6 +171,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--providers", default="all",
                         help="comma-separated subset of the table's rows, or all")
+    parser.add_argument("--backends", default="auto",
+                        help="comma-separated MoE expert backends for the dropless rows "
+                             "(default auto)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", metavar="PROVIDER",
                         help="instead of the table: where each of these providers' steps (comma-"
@@ -192,12 +200,16 @@ def main() -> int:
         "hf bf16": lambda: hf_provider(cfg, "bf16", tokens_BT),
         "hf bf16-mixed": lambda: hf_provider(cfg, "bf16-mixed", tokens_BT),
         "hf bf16 cudnn-attention": lambda: hf_provider(cfg, "bf16", tokens_BT, cudnn_attention=True),
-        "dropless bf16-mixed eager": lambda: dropless_provider(cfg, "bf16-mixed", False, tokens_BT),
-        "dropless bf16-mixed compiled": lambda: dropless_provider(cfg, "bf16-mixed", True,
-                                                                  tokens_BT),
-        "dropless bf16 eager": lambda: dropless_provider(cfg, "bf16", False, tokens_BT),
-        "dropless bf16 compiled": lambda: dropless_provider(cfg, "bf16", True, tokens_BT),
     }
+    backends = args.backends.split(",")
+    for precision, compiled in (("bf16-mixed", False), ("bf16-mixed", True), ("bf16", False),
+                                ("bf16", True)):
+        for backend in backends:   # each row's backends next to each other: an A/B, alternating
+            name = f"dropless {precision} {'compiled' if compiled else 'eager'}"
+            named = name if backends == ["auto"] else f"{name} [{backend}]"
+            with_backend = replace(cfg, moe=replace(cfg.moe, backend=backend))
+            providers[named] = (lambda c=with_backend, p=precision, k=compiled:
+                                dropless_provider(c, p, k, tokens_BT))
     if args.profile:
         for name in args.profile.split(","):
             print(f"\n## {name}")
@@ -205,7 +217,8 @@ def main() -> int:
             gc.collect()
             torch.cuda.empty_cache()
         return 0
-    wanted = list(providers) if args.providers == "all" else args.providers.split(",")
+    wanted = list(providers) if args.providers == "all" else [
+        name for name in providers if name.split(" [")[0] in args.providers.split(",")]
     import transformers
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "transformers": transformers.__version__, "seq": SEQ, "batch": BATCH,
