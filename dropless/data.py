@@ -289,6 +289,16 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int, mask: np.ndarray | None
 BPE_SAMPLE_CHARS = 16_000_000
 
 
+def _bpe_sample(docs, val_docs) -> list[str]:
+    """The first BPE_SAMPLE_CHARS characters of the training texts, the last text cut where the
+    sample ends (one large file is not learned from whole); the split's copies of the texts are
+    dropped on return, not held while the corpus is tokenized."""
+    texts = split_documents(docs, val_docs)[0]
+    chars_before = itertools.accumulate(map(len, texts), initial=0)
+    return [t[:BPE_SAMPLE_CHARS - c] for t, c in zip(texts, chars_before)
+            if c < BPE_SAMPLE_CHARS]
+
+
 def prepare(cfg, state: dict | None, source=None, progress: bool = False):
     """-> (tokenizer, TokenData) of a run (a TrainConfig): a resumed run's saved tokenizer, an
     --init run's source's (dropless.finetune), else bytes or BPE learned on the training text;
@@ -310,11 +320,7 @@ def prepare(cfg, state: dict | None, source=None, progress: bool = False):
     elif source is not None:
         tok = source.tokenizer
     elif cfg.tokenizer == "bpe":
-        texts = split_documents(docs, val_docs)[0]
-        chars_before = itertools.accumulate(map(len, texts), initial=0)
-        # the last text cut where the sample ends: one large file is not learned from whole
-        tok = train_bpe([t[:BPE_SAMPLE_CHARS - c] for t, c in zip(texts, chars_before)
-                         if c < BPE_SAMPLE_CHARS], cfg.vocab)
+        tok = train_bpe(_bpe_sample(docs, val_docs), cfg.vocab)
     else:
         tok = ByteTokenizer()
     tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
