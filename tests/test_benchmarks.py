@@ -33,7 +33,7 @@ from dropless import ModelConfig, MoEConfig, Transformer
 from dropless.checkpoint import config_to_dict
 from dropless.config import TrainConfig
 from dropless.parallel.checkpoint import save
-from dropless.tokenizer import ByteTokenizer
+from dropless.tokenizer import ENCODE_CHUNK_CHARS, ByteTokenizer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("transformers")
@@ -281,12 +281,23 @@ def test_token_cache_chunked_and_whole_agree(tmp_path):
     out = run("token_cache.py", "--copies", "1", "--tokenizers", "byte", "--json",
               tmp_path / "r.json")
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["chunk"] for r in rows] == [f"{1 << 22:,}", "one chunk"]
+    assert [r["chunk"] for r in rows] == [f"{ENCODE_CHUNK_CHARS:,}", "one chunk"]
     # bytes: a token a character (ASCII mostly), and the separators between documents
     assert rows[0]["tokens"] == rows[1]["tokens"] >= rows[0]["chars"]
     assert all(positive(r["seconds"], r["rss_peak_mb"]) for r in rows)
     assert rows[0]["growth_bytes_per_char"] < rows[1]["growth_bytes_per_char"]
     assert len(table(out, "| tokenizer")) == 3   # the separator line and two rows
+
+
+def test_token_cache_of_one_file_in_pieces(tmp_path):
+    """--one-file: the corpus as one document of the first N characters, which is now tokenized
+    in pieces (the same tokens as whole, in less memory: ~20 bytes a character held whole)."""
+    run("token_cache.py", "--one-file", "20000000", "--copies", "1", "--tokenizers", "byte",
+        "--json", tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["chars"] for r in rows] == [20_000_000] * 2
+    assert rows[0]["tokens"] == rows[1]["tokens"] >= 20_000_000
+    assert rows[0]["growth_bytes_per_char"] < rows[1]["growth_bytes_per_char"] / 2
 
 
 # ---- init_memory.py ---------------------------------------------------------------------------
