@@ -315,7 +315,9 @@ def main():
                     min(len(ours), len(r["first_tokens"])))
             res[f"hf_bs{b}"] = r
             print(f"hf bs{b}: {r}", flush=True)
-    del model
+    # the weights freed for the server's own copy (not `del`: the lambdas above read `model`,
+    # which pyflakes then took for an undefined name)
+    model = None
     if device != "cpu":
         torch.cuda.empty_cache()
     if not args.no_server:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from dropless.ops import triton_combine, triton_swiglu
 from dropless.ops.reference import Plan
-from dropless.ops.triton_grouped import _precision, supports  # noqa: F401  (same operand rules)
+from dropless.ops.triton_grouped import _precision
 
 BLOCK = 128   # rows (and sparse columns) per block on the GPU
 
