@@ -20,6 +20,7 @@ from dropless.errors import DroplessError
 class ByteTokenizer:
     kind = "bytes"
     vocab_size = 256
+    cuts = "anywhere"   # where a long text may be cut with the same ids as whole (text_pieces)
 
     def encode(self, text: str, special: bool = True) -> np.ndarray:   # bytes: no special tokens
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -89,9 +90,10 @@ class BPETokenizer:
         self._byte_fallback = getattr(tok.model, "byte_fallback", False)
 
     @functools.cached_property
-    def cuts_at_lines(self) -> bool:
-        """Whether a long text may be tokenized in pieces cut at lines (`text_pieces`)."""
-        return _cuts_at_lines(json.loads(self.tok.to_str()))
+    def cuts(self) -> str | None:
+        """Where a long text may be cut with the same ids as whole (`text_pieces`): "lines" or
+        nowhere (None)."""
+        return "lines" if _cuts_at_lines(json.loads(self.tok.to_str())) else None
 
     def encode(self, text: str, special: bool = True) -> np.ndarray:
         """`special=False`: without the special tokens the tokenizer adds around a text (a
@@ -194,15 +196,15 @@ def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
 
 
 def text_pieces(tokenizer: "Tokenizer", text: str) -> Iterator[str]:
-    """`text` in pieces of about ENCODE_CHUNK_CHARS whose ids, joined, are the whole text's: for
-    the bytes anywhere; for a GPT-2-style byte-level BPE (`BPETokenizer.cuts_at_lines`) before a
-    newline that follows a non-space, where its pre-tokenizer always starts a new token; other
-    tokenizers (normalizers, prefixes, special tokens around each text) take the text whole."""
-    cuts = isinstance(tokenizer, ByteTokenizer) or getattr(tokenizer, "cuts_at_lines", False)
+    """`text` in pieces of about ENCODE_CHUNK_CHARS whose ids, joined, are the whole text's, cut
+    where `tokenizer.cuts` allows: "anywhere" (the bytes); "lines" (a GPT-2-style byte-level BPE)
+    before a newline that follows a non-space, where its pre-tokenizer always starts a new token;
+    None (normalizers, prefixes, special tokens around each text): the text whole."""
+    cuts = getattr(tokenizer, "cuts", None)
     start = 0
     while cuts and len(text) - start > ENCODE_CHUNK_CHARS:
         at = start + ENCODE_CHUNK_CHARS
-        if not isinstance(tokenizer, ByteTokenizer):
+        if cuts == "lines":
             at = text.find("\n", at)
             while at > 0 and text[at - 1].isspace():   # (a superset of the regex's \s)
                 at = text.find("\n", at + 1)

@@ -31,7 +31,7 @@ def bpe() -> BPETokenizer:
 def test_pieces_tokenize_as_the_whole_text(monkeypatch, bpe, kind, seed):
     monkeypatch.setattr(tokenizer, "ENCODE_CHUNK_CHARS", 7)
     tok = ByteTokenizer() if kind == "bytes" else bpe
-    assert kind == "bytes" or tok.cuts_at_lines
+    assert tok.cuts == ("anywhere" if kind == "bytes" else "lines")
     cut = 0
     for text in _texts(seed + 1):
         pieces = list(text_pieces(tok, text))
@@ -78,7 +78,7 @@ def test_other_tokenizers_take_a_text_whole(monkeypatch, change):
     token holding a newline could change the ids at a cut: such a text is tokenized whole."""
     tok = _with(change)
     monkeypatch.setattr(tokenizer, "ENCODE_CHUNK_CHARS", 4)
-    assert not tok.cuts_at_lines
+    assert tok.cuts is None
     assert list(text_pieces(tok, "ab\ncdef\ngh\n")) == ["ab\ncdef\ngh\n"]
 
 
