@@ -243,14 +243,14 @@ def _convert(args) -> int:
     # the paths given the other way round (the source where the output goes): say which is which
     run_dir = args.to_hf or (args.path if args.to_safetensors else None)
     if run_dir is not None and not os.path.isdir(run_dir):
-        swapped = (f"--to-hf takes the run, the other path is the output: `dropless convert "
-                   f"--to-hf {args.path} {run_dir}`" if args.to_hf and os.path.isdir(args.path)
-                   and os.listdir(args.path) else
-                   f"the run comes first, --to-safetensors takes the output file: `dropless "
-                   f"convert {args.to_safetensors} --to-safetensors {args.path}`"
-                   if args.to_safetensors and os.path.isdir(args.to_safetensors) else None)
-        raise DroplessError(f"{run_dir}: no such run directory" +
-                            (f" ({swapped})" if swapped else ""))
+        hint = ""
+        if args.to_hf and os.path.isdir(args.path) and os.listdir(args.path):
+            hint = (f" (--to-hf takes the run, the other path is the output: `dropless convert "
+                    f"--to-hf {args.path} {run_dir}`)")
+        elif args.to_safetensors and os.path.isdir(args.to_safetensors):
+            hint = (f" (the run comes first, --to-safetensors takes the output file: `dropless "
+                    f"convert {args.to_safetensors} --to-safetensors {args.path}`)")
+        raise DroplessError(f"{run_dir}: no such run directory{hint}")
     if args.from_hf and not os.path.exists(args.from_hf) and \
             os.path.isfile(os.path.join(args.path, "config.json")):
         raise DroplessError(f"{args.from_hf}: no such Hugging Face directory (--from-hf takes it, "
