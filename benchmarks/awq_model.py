@@ -127,12 +127,19 @@ def main() -> int:
     ap.add_argument("--ab", metavar="SWITCH", help="--big: also decode with the environment switch "
                     "SWITCH=0 and =1 (e.g. DROPLESS_DECODE_FUSION), alternating, --reps each")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--work", help="where runs are written (default: a temporary directory)")
+    ap.add_argument("--work", help="where runs are written (default: a temporary directory, "
+                    "removed at the end)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if not (args.run or args.train or args.big):
         ap.error("give --run, --train or --big")
-    work = Path(args.work or tempfile.mkdtemp(prefix="awq_model-"))
+    if args.work:
+        return measure(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="awq_model-") as work:
+        return measure(args, Path(work))
+
+
+def measure(args, work: Path) -> int:
     res = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     run_dir = args.run

@@ -2,6 +2,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 import sysconfig
 from pathlib import Path
 
@@ -60,16 +61,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def token_cache_home(tmp_path_factory):
-    """Token caches that commands write by default (eval, quantize: ~/.cache/dropless/tokens) go
-    to a temporary XDG_CACHE_HOME, not the user's home (subprocesses inherit it)."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+def scratch_dirs(tmp_path_factory):
+    """What commands write by default goes under pytest's own temporary directory, which pytest
+    removes once every test has passed (pyproject: tmp_path_retention_policy), not the user's
+    home or /tmp: token caches (eval, quantize: ~/.cache/dropless/tokens, through XDG_CACHE_HOME),
+    temporary files and directories (TMPDIR; torch.compile's cache sits in one) and those of
+    subprocesses, which inherit both."""
+    scratch = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.setenv("TMPDIR", str(scratch))
+        mp.setattr(tempfile, "tempdir", str(scratch))
+        yield
 
 
 def subprocess_env() -> dict:
