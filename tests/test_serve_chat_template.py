@@ -61,3 +61,40 @@ def test_a_large_request_to_a_stuck_renderer_does_not_block_the_server():
             assert time.monotonic() - start < 5
     finally:
         renderer.close()
+
+
+def test_variables_reach_the_template_and_cannot_replace_its_own():
+    """chat_template_kwargs: Qwen3's enable_thinking is a template variable; messages,
+    add_generation_prompt and the special tokens keep the template's values."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}")
+    renderer = ChatRenderer(template, {"bos_token": "<s>"}, max_chars=4096)
+    try:
+        assert renderer.render(HI) == "<s>hi"
+        assert renderer.render(HI, variables={"enable_thinking": False}) == "<s>hi/no_think"
+        assert renderer.render(HI, variables={"messages": [], "bos_token": "!"}) == "<s>hi"
+    finally:
+        renderer.close()
+
+
+def test_an_error_message_and_a_reply_are_bounded():
+    """raise_exception('x' * 150 M) went to the server whole: the message is cut in the child,
+    and the server reads no reply longer than a rendered prompt could be."""
+    from dropless.serve.chat_template import ERROR_CHARS
+    renderer = ChatRenderer("{{ raise_exception('x' * 10**7) }}", {}, max_chars=4096)
+    try:
+        with pytest.raises(ValueError) as e:
+            renderer.render(HI)
+        assert set(str(e.value)) == {"x"} and len(str(e.value)) == ERROR_CHARS
+    finally:
+        renderer.close()
+    renderer = ChatRenderer("{{ 'y' * 4000 }}", {}, max_chars=4096)
+    try:
+        assert renderer.render(HI) == "y" * 4000
+        bound, renderer.reply_bytes = renderer.reply_bytes, 1000   # as if it replied too much
+        with pytest.raises(ValueError, match="replied more than 1000 bytes"):
+            renderer.render(HI)
+        renderer.reply_bytes = bound
+        assert renderer.render(HI) == "y" * 4000   # the next request: a new child
+    finally:
+        renderer.close()

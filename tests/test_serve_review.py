@@ -2,6 +2,7 @@
 tiny random model of test_serve_server)."""
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,19 @@ def socket_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_served_id_is_the_directory_as_named(tmp_path, monkeypatch):
+    """A link's own name, not its target's; a Hugging Face cache snapshot's repository (org/name),
+    not its revision's hash, which no client would guess."""
+    from dropless.serve.text import served_name
+    target = tmp_path / "f3a9c0"
+    target.mkdir()
+    (tmp_path / "my-model").symlink_to(target)
+    assert served_name(tmp_path / "my-model") == "my-model"
+    snapshot = tmp_path / "hub" / "models--Org--Some-Model" / "snapshots" / "f3a9c0"
+    snapshot.mkdir(parents=True)
+    assert served_name(snapshot) == "Org/Some-Model"
+    assert served_name(tmp_path / "hub" / "models--Org--Some-Model") == "models--Org--Some-Model"
+    monkeypatch.chdir(target)
+    assert served_name(Path(".")) == "f3a9c0"

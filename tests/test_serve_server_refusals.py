@@ -205,3 +205,88 @@ def test_stream_options_without_a_stream_is_400(live, path, stream, options):
 def test_the_openai_client_gets_a_bad_request_for_stream_options_alone(live):
     with pytest.raises(openai.BadRequestError, match="stream_options"):
         live.client.chat.completions.create(**CHAT, stream_options={"include_usage": True})
+
+
+# ---- parameters the server does not know ------------------------------------------------------
+
+@pytest.mark.parametrize("fields", [
+    {"min_p": 0.1}, {"repetition_penalty": 1.2}, {"min_tokens": 4}, {"top_a": 1},
+    {"guided_json": {}}, {"add_generation_prompt": False}, {"Temperature": 0},
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_unknown_parameter_is_400_naming_it(live, path, fields):
+    """Another server's extension (min_p, repetition_penalty) was accepted and ignored: the
+    reply was sampled other than the client asked for, unsaid. OpenAI refuses such a name too."""
+    body = {**(CHAT if "chat" in path else COMPLETION), **fields}
+    [name] = fields
+    message = edges.refused(live, path, body, name)
+    assert message.startswith(f"unrecognized request argument supplied: '{name}'"), message
+    assert "temperature" in message and "max_tokens" in message   # what it takes
+
+
+@pytest.mark.parametrize("path, field", [("/v1/chat/completions", {"prompt": "hi"}),
+                                         ("/v1/completions", {"messages": []}),
+                                         ("/v1/completions", {"chat_template_kwargs": {}})])
+def test_the_other_endpoints_fields_are_unknown(live, path, field):
+    body = {**(CHAT if "chat" in path else COMPLETION), **field}
+    [name] = field
+    assert "unrecognized" in edges.refused(live, path, body, name)
+
+
+@pytest.mark.parametrize("fields, ok", [
+    ({"safety_identifier": "h-42", "prompt_cache_key": "k"}, True),
+    ({"safety_identifier": 42}, False), ({"prompt_cache_key": ["k"]}, False),
+])
+def test_the_newer_labels_are_taken_if_strings(live, fields, ok):
+    if ok:
+        code, reply = edges.post(live.port, "/v1/chat/completions", {**CHAT, **fields})
+        assert code == 200 and reply["usage"]["completion_tokens"] == 2, reply
+    else:
+        [name] = fields
+        assert "must be a string" in edges.refused(live, "/v1/chat/completions",
+                                                   {**CHAT, **fields}, name)
+
+
+# ---- chat: roles, template variables --------------------------------------------------------
+
+def test_the_developer_role_is_a_system_message(live):
+    """OpenAI's newer name for system instructions: the default template (and most models')
+    knows only system; a template that names developer would get it as sent."""
+    replies = [edges.post(live.port, "/v1/chat/completions", {
+        **CHAT, "temperature": 0, "max_tokens": 4,
+        "messages": [{"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}]})
+        for role in ("developer", "system")]
+    assert all(code == 200 for code, _ in replies), replies
+    (_, dev), (_, system) = replies
+    assert dev["usage"] == system["usage"]
+    assert dev["choices"][0]["message"] == system["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("value", [[], "x", {"1a": True}, {"a b": 1}])
+def test_bad_chat_template_kwargs_are_400(live, value):
+    message = edges.refused(live, "/v1/chat/completions",
+                            {**CHAT, "chat_template_kwargs": value}, "chat_template_kwargs")
+    assert "template variables" in message
+
+
+def test_chat_template_kwargs_a_template_ignores_change_nothing(live):
+    ask = {**CHAT, "temperature": 0, "max_tokens": 4}
+    (c1, a), (c2, b) = (edges.post(live.port, "/v1/chat/completions", body) for body in (
+        ask, {**ask, "chat_template_kwargs": {"enable_thinking": False, "messages": "x"}}))
+    assert c1 == c2 == 200 and a["choices"] == b["choices"] and a["usage"] == b["usage"]
+
+
+def test_models_card_and_stream_headers(live):
+    """created: when the server started (0 read as 1970); a stream tells proxies not to buffer."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{live.port}/v1/models") as r:
+        card = json.loads(r.read())["data"][0]
+    assert abs(card["created"] - time.time()) < 24 * 3600
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{live.port}/v1/completions", headers={"Content-Type":
+                                                                 "application/json"},
+        data=json.dumps({**COMPLETION, "stream": True}).encode())
+    with urllib.request.urlopen(request) as r:
+        assert r.headers["Cache-Control"] == "no-cache"
+        assert r.headers["X-Accel-Buffering"] == "no"
+        assert r.read().endswith(b"data: [DONE]\n\n")

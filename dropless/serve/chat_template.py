@@ -24,6 +24,9 @@ import time
 RENDER_SECONDS = 5.0    # a real template renders a long chat in milliseconds
 BASE_MEMORY = 2**30     # the child's address space, besides 64 bytes per character of prompt
 GRACE_SECONDS = 2.0     # past the alarm, before the child is killed
+# a template's error message is cut to this many characters in the child: raise_exception of a
+# 150 M-character string went whole to the server, bounded only by the child's memory
+ERROR_CHARS = 2000
 
 
 class PromptTooLong(ValueError):
@@ -40,13 +43,17 @@ class ChatRenderer:
         self.setup = json.dumps({"template": template, "special": special_tokens, "seconds": seconds,
                                  "max_chars": max_chars, "memory": self.memory}).encode() + b"\n"
         self.seconds, self.lock, self.child = seconds, threading.Lock(), None
+        # a reply's bytes: the text of at most max_chars characters, 12 bytes each as JSON at most
+        self.reply_bytes = 12 * max_chars + 4 * ERROR_CHARS + 256
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt (a whole conversation, for training: add_generation_prompt False).
-        ValueError (one line) when the template does not compile, raises, renders more than
-        max_chars characters (PromptTooLong), or runs past its memory or time."""
-        request = json.dumps({"messages": messages,
-                              "add_generation_prompt": add_generation_prompt}).encode() + b"\n"
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               variables: dict | None = None) -> str:
+        """The prompt (a whole conversation, for training: add_generation_prompt False);
+        `variables`: more for the template (a request's chat_template_kwargs). ValueError (one
+        line) when the template does not compile, raises, renders more than max_chars characters
+        (PromptTooLong), or runs past its memory or time."""
+        request = json.dumps({"messages": messages, "add_generation_prompt": add_generation_prompt,
+                              "variables": variables or {}}).encode() + b"\n"
         with self.lock:
             if self.child is None:
                 self.child = subprocess.Popen([sys.executable, "-I", __file__], bufsize=0,
@@ -88,6 +95,8 @@ class ChatRenderer:
                                    f"{self.memory // 2**20} MiB of memory?)")
                 else:
                     reply += chunk
+                    if len(reply) > self.reply_bytes:
+                        raise EOFError(f"renderer replied more than {self.reply_bytes} bytes")
         return json.loads(reply)
 
     def close(self) -> None:
@@ -125,10 +134,10 @@ def _compile(template: str):
 
 
 def _render(template, messages: list[dict], special: dict, max_chars: int,
-            add_generation_prompt: bool = True) -> str:
+            add_generation_prompt: bool = True, variables: dict | None = None) -> str:
     out, size = [], 0
-    for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **special):
+    for piece in template.generate({**(variables or {}), **special, "messages": messages,
+                                    "add_generation_prompt": add_generation_prompt}):
         size += len(piece)
         if size > max_chars:
             raise PromptTooLong(f"the chat template renders more than {max_chars} characters")
@@ -143,14 +152,15 @@ def _answer(template, line: bytes, setup: dict):
         request = json.loads(line)
         return template, {"text": _render(template, request["messages"], setup["special"],
                                           setup["max_chars"],
-                                          request.get("add_generation_prompt", True) is True)}
+                                          request.get("add_generation_prompt", True) is True,
+                                          request.get("variables"))}
     except PromptTooLong as e:
         return template, {"error": str(e), "too_long": True}
     except MemoryError:
         return template, {"error": f"the chat template needs more than its "
                                    f"{setup['memory'] // 2**20} MiB of memory"}
     except Exception as e:   # the template raised, or its time ran out
-        return template, {"error": str(e) or type(e).__name__}
+        return template, {"error": (str(e) or type(e).__name__)[:ERROR_CHARS]}
 
 
 def _child() -> None:

@@ -10,6 +10,10 @@ import threading
 
 from dropless.serve.request import Request
 
+# a stream's headers: no cache or proxy may hold its events back (nginx buffers a reply whole,
+# by default, until it ends)
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 
 class Outbox:
     """Deltas from the engine thread to the event loop: buffered, with one wake-up of the loop per

@@ -5,28 +5,9 @@ a multi-megabyte prompt tokenized there stalled every other client.
 """
 
 import hmac
-import json
 
 from dropless.serve.request import (LOGIT_BIAS_BOUND, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
                                     SamplingParams)
-
-# OpenAI parameters not implemented here, with the values that ask for nothing (clients send them):
-# any other value is refused, never silently ignored (a reply without the echo or tool call asked
-# for, or sampled without the bias, would look like the model's doing). A tool or function
-# choice of "auto" asks for nothing when there are no tools (any tool is refused), nor does
-# parallel_tool_calls either way; user and metadata (labels for OpenAI's own records) change no
-# reply: those three are taken as sent, once their types are checked (check_labels). logprobs and
-# top_logprobs are implemented, and checked per endpoint (logprobs_count); so is echo, a
-# completions field only (echo_flag): a chat is refused it here, as OpenAI's chat has none; and
-# logit_bias (logit_bias).
-NOT_IMPLEMENTED = {"echo": (False,), "suffix": ("",), "best_of": (1,),
-                   "response_format": ({"type": "text"},),
-                   "tools": ([],), "tool_choice": ("none", "auto"),
-                   "functions": ([],), "function_call": ("none", "auto"),   # tools' old form
-                   "modalities": (["text"],), "audio": (), "prediction": (),
-                   "web_search_options": (), "reasoning_effort": (),
-                   "service_tier": ("auto", "default"), "store": (False,)}
-
 
 # A prompt of more characters than this per token of the context is refused untokenized: a token
 # is about 4 characters of English text, and no usual tokenizer's are 32 on average.
@@ -93,7 +74,7 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
         raise APIError(400, f"prompt ({num_prompt} tokens) + {name} ({max_tokens}) = "
                        f"{num_prompt + max_tokens} exceeds the model's context of {max_len} tokens",
                        name, code="context_length_exceeded")
-    top_k = _number(body, "top_k", int, None, lambda v: v >= 1 or v == -1, "must be >= 1 (or -1)")
+    top_k = _number(body, "top_k", int, None, lambda v: v >= -1, "must be >= 1 (0 or -1: off)")
     logprobs = logprobs_count(body, chat)
     # max_tokens 0 is valid with prompt_logprobs only; without logprobs the server replies with
     # the echo alone, never submitting the request (server.start)
@@ -104,7 +85,7 @@ def sampling_params(body: dict, num_prompt: int, max_len: int, default_max: int,
                                   "must be in [0, 10000]")),
         top_p=float(_number(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1,
                             "must be in (0, 1]")),
-        top_k=None if top_k in (None, -1) else top_k,
+        top_k=None if top_k in (None, 0, -1) else top_k,
         seed=_number(body, "seed", int, None, lambda v: True, "must be an integer"),
         logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body, vocab),
         **{name: float(_number(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2,
@@ -204,42 +185,6 @@ def echo_flag(body: dict, chat: bool) -> bool:
     return value
 
 
-def check_implemented(body: dict, chat: bool) -> None:
-    for name, nothing in NOT_IMPLEMENTED.items():
-        if name == "echo" and not chat:   # a completions field (echo_flag)
-            continue
-        value = body.get(name)   # a bool is no number here: echo=0 is no false
-        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(
-                v, bool) for v in nothing):
-            allowed = ", ".join(json.dumps(v) for v in nothing)
-            raise APIError(400, f"{name}={shown(value)} is not supported by this server (only "
-                           f"{allowed + ' or ' if allowed else ''}null)", name)
-
-
-# OpenAI's documented bounds on metadata: at most 16 pairs, keys of at most 64 characters, values
-# of at most 512, all strings
-METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
-
-
-def check_labels(body: dict) -> None:
-    """The fields taken as sent without changing the reply (user, metadata, parallel_tool_calls)
-    still have their types: a client whose metadata is malformed is told so, as OpenAI tells it,
-    not served as if it were fine."""
-    user, tools, metadata = body.get("user"), body.get("parallel_tool_calls"), body.get("metadata")
-    if not isinstance(user, (str, type(None))):
-        raise APIError(400, f"user={shown(user)} is invalid: must be a string", "user")
-    if not isinstance(tools, (bool, type(None))):
-        raise APIError(400, f"parallel_tool_calls={shown(tools)} is invalid: must be true or "
-                       "false", "parallel_tool_calls")
-    if metadata is not None and not (
-            isinstance(metadata, dict) and len(metadata) <= METADATA_PAIRS and all(
-                isinstance(v, str) and len(k) <= METADATA_KEY_CHARS and
-                len(v) <= METADATA_VALUE_CHARS for k, v in metadata.items())):
-        raise APIError(400, f"metadata={shown(metadata)} is invalid: an object of at most "
-                       f"{METADATA_PAIRS} string values, keys of at most {METADATA_KEY_CHARS} "
-                       f"characters, values of at most {METADATA_VALUE_CHARS}", "metadata")
-
-
 def stop_strings(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -276,7 +221,11 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
     return bool(stream), bool(options and options.get("include_usage"))
 
 
-def chat_messages(body: dict) -> list[dict]:
+def chat_messages(body: dict, developer: bool = False) -> list[dict]:
+    """The messages, each content a string: content parts' texts joined by newlines (separate
+    blocks, not one run of words). OpenAI's "developer" role (instructions, system's successor)
+    is "system" unless the template knows `developer` (templates know system, and some refuse
+    or drop a role they do not know)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages is invalid: a non-empty list of {role, content}", "messages")
@@ -290,12 +239,27 @@ def chat_messages(body: dict) -> list[dict]:
                 raise APIError(400, f"messages item {shown(m)} is invalid: content parts must be "
                                '{"type": "text", "text": string}; this server takes text only',
                                "messages")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise APIError(400, f"messages item {shown(m)} is invalid: needs a string role and "
                            "content", "messages")
-        out.append({**m, "content": content})
+        role = "system" if m["role"] == "developer" and not developer else m["role"]
+        out.append({**m, "role": role, "content": content})
     return out
+
+
+def template_variables(body: dict) -> dict:
+    """chat_template_kwargs: more variables for the chat template (e.g. Qwen3's enable_thinking),
+    as Hugging Face's apply_chat_template takes them; names the template gets anyway (messages,
+    add_generation_prompt, special tokens) keep their values."""
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(k.isidentifier() for k in value):
+        raise APIError(400, f"chat_template_kwargs={shown(value)} is invalid: an object of "
+                       "template variables (names that are identifiers) to JSON values",
+                       "chat_template_kwargs")
+    return value
 
 
 def check_prompt_size(prompt: str | None, where: str, max_len: int) -> None:

@@ -25,14 +25,14 @@ from socket import AF_INET, AF_INET6, create_server
 from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
-from dropless.serve.deltas import Outbox, deltas, disconnected, texts_of, usage
-from dropless.serve.fields import (APIError, chat_messages, check_api_key, check_implemented,
-                                   check_labels, check_prompt_size, choices_count,
-                                   completion_prompts, echo_flag, ignore_eos,
-                                   install_error_handlers, max_body_bytes,
-                                   max_prompt_chars, read_body, sampling_params, shown,
-                                   stop_strings, stream_flags)
+from dropless.serve.deltas import STREAM_HEADERS, Outbox, deltas, disconnected, texts_of, usage
+from dropless.serve.fields import (APIError, chat_messages, check_api_key, check_prompt_size,
+                                   choices_count, completion_prompts, echo_flag, ignore_eos,
+                                   install_error_handlers, max_body_bytes, max_prompt_chars,
+                                   read_body, sampling_params, shown, stop_strings, stream_flags,
+                                   template_variables)
 from dropless.serve.metrics import Metrics
+from dropless.serve.parameters import check_parameters
 from dropless.serve.request import Request, SamplingParams, close
 from dropless.serve.text import (DEFAULT_CHAT_TEMPLATE, ServedModel, TextStream, chat_logprobs,
                                  completion_logprobs, prompt_entries, prompt_offsets,
@@ -107,10 +107,11 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     async def prometheus():
         return PlainTextResponse(metrics.render(**load()), media_type="text/plain; version=0.0.4")
 
-    card = {"id": served.name, "object": "model", "created": 0, "owned_by": "dropless"}
+    card = {"id": served.name, "object": "model", "created": int(time.time()),
+            "owned_by": "dropless"}
 
-    def known(model) -> None:
-        if model != served.name:
+    def known(model) -> None:   # none named: the one served (as other servers do)
+        if model is not None and model != served.name:
             raise APIError(404, f"model {shown(model)} does not exist; this server has "
                                 f"{served.name!r}",
                            "model", "invalid_request_error", "model_not_found")
@@ -155,15 +156,14 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
               n: int, queue: asyncio.Queue, first: int = 0,
               echo: tuple[str, list[int]] | None = None) -> list[Request]:
         """Submit n choices to the engine, numbered from `first`; returns their engine requests,
-        whose deltas (choice, text, entries), each choice's last (choice, None, ()), go to
-        `queue`. With
-        params.logprobs set, every token pushed but an EOS (it has no text) has an entry
+        whose deltas (choice, text, entries), each choice's last (choice, None, ()), go to `queue`.
+        With params.logprobs set, every token pushed but an EOS (it has no text) has an entry
         (text.Entry). eos False: an EOS does not end a choice (its text is still left out). With
         params.seed, the prompt's choice i samples with seed + i: the choices differ, and the
         request is reproducible, the prompt's the same alone or in a batch (without, each has a
-        random seed of its own). echo: (the prompt's text, its
-        tokens' offsets): each choice's first delta is that text, with logprobs its entries (after
-        the prefill, which computes them), and the generated tokens' offsets follow it."""
+        random seed of its own). echo: (the prompt's text, its tokens' offsets): each choice's first
+        delta is that text, with logprobs its entries (after the prefill, which computes them), and
+        the generated tokens' offsets follow it."""
         loop = asyncio.get_running_loop()
         logprobs = params.logprobs is not None
 
@@ -229,8 +229,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
         """prompts: a chat's one, or a completion's (each prompt's n choices after the last's)."""
         where, vocab = "messages" if chat else "prompt", served.model.cfg.vocab_size
         ids = [await encoded(prompt, where, chat) for prompt in prompts]
-        check_implemented(body, chat)
-        check_labels(body)
+        check_parameters(body, chat)
         echo = echo_flag(body, chat)
         # the context's length before a scan of every token id (a list of ids is not bounded yet)
         params = [sampling_params(body, len(p), engine.max_len, max(
@@ -340,7 +339,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
                 yield "data: [DONE]\n\n"
             finally:
                 left.cancel()   # and so the requests: a no-op once finished
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=STREAM_HEADERS)
 
     @app.post("/v1/completions")
     async def completions(http_request: HTTPRequest):
@@ -351,7 +350,8 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     async def chat_completions(http_request: HTTPRequest):
         body = await parse(http_request)
         try:   # a template compiles and renders for ms: off the event loop
-            prompt = await asyncio.to_thread(renderer.render, chat_messages(body))
+            prompt = await asyncio.to_thread(renderer.render, chat_messages(
+                body, "developer" in served.chat_template), True, template_variables(body))
         except APIError:
             raise
         except PromptTooLong:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def decode_dtype(device: torch.device) -> torch.dtype:
     """What generate, chat and serve decode in: bf16 on CUDA (the decode kernels' dtype, half
     the memory of float32), else float32."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def served_name(root: Path) -> str:
+    """The model's id: its directory's name as given (a link's, not its target's); a Hugging Face
+    cache snapshot (.../models--org--name/snapshots/<revision>) is org/name, not the revision."""
+    path = Path(os.path.abspath(root))
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return path.name
 
 
 def load_served_model(path: str, device: torch.device) -> ServedModel:
