@@ -25,8 +25,10 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 # `tokens` bounds a training config's global micro-batch, its optimizer step (every micro-batch of a
 # step is made before the step, held whole on the device) and its evaluation's windows (held whole
 # on the host as int64: 512 MiB): DeepSeek-V3's whole optimizer step (15360 x 4096) fits in one.
+# `head` bounds each attention head's widths (public models: 64-256; MLA's rope part 64): the RoPE
+# tables are positions x rope width, so a tiny config.json with one wide head asked for gigabytes.
 LIMITS = dict(layers=1024, experts=4096, heads=1024, dim=2**18, vocab=2**24, positions=2**24,
-              tokens=2**26)
+              tokens=2**26, head=1024)
 
 
 def _int_in(name: str, value, low: int = 1, high: int | None = None, *,
@@ -166,9 +168,14 @@ class ModelConfig:
         _int_in("dense_hidden_dim", self.dense_hidden_dim, high=LIMITS["dim"], optional=True)
         _check_choices(self)
         if self.attention == "mla":
-            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _int_in(name, getattr(self, name), high=LIMITS["dim"])
+            for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _int_in(name, getattr(self, name), high=LIMITS["head"])
+            _int_in("kv_lora_rank", self.kv_lora_rank, high=LIMITS["dim"])
             _int_in("q_lora_rank", self.q_lora_rank, high=LIMITS["dim"], optional=True)
+        else:   # unset, the width is dim // num_heads: bounded all the same
+            _check(self.head_size <= LIMITS["head"], "head_dim", self.head_size,
+                   f"must be an integer in [1, {LIMITS['head']}]"
+                   + ("" if self.head_dim else f" (dim={self.dim} // num_heads={self.num_heads})"))
         # RoPE rotates dim i with dim i + rope_dim/2: an odd width has no such pairs
         _check(self.rope_dim % 2 == 0, "qk_rope_head_dim" if self.attention == "mla" else
                "head_dim", self.rope_dim, "must be even (RoPE rotates pairs of dims)")

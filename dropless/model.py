@@ -37,16 +37,20 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
-ROPE_TABLE_MAX = 2**16   # positions kept as a table (fp32, <= 64 MiB at rope_dim 128)
+ROPE_TABLE_MAX = 2**16   # positions kept as a table: rope_dim 256 fits ROPE_TABLE_NUMEL whole
+ROPE_TABLE_NUMEL = 2**24   # per table (cos or sin, fp32): 64 MiB, whatever the rope width
 
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float):
     """cos/sin [*, head_dim] for the half-split rotation (pairs i and i + head_dim/2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                              dtype=torch.float64) / head_dim)
+    # fp64 angles keep far positions exact; they are rounded to fp32 before the halves are
+    # repeated, so the transient fp64 tensors are half the width of the tables
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    del angles
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,11 +193,12 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def _set_rope_tables(self, device) -> None:
-        """RoPE cos/sin of positions [0, min(max_seq_len, ROPE_TABLE_MAX)) as fp32 buffers, not
-        saved. Computed per forward instead, torch.compile inlines the cos/sin into every layer's
-        norm+RoPE kernels, forward and backward (round 8's profile of the one-graph step: ~15 ms
-        of a 101 ms step); a buffer is a graph input, read, not recomputed."""
-        n = min(self.cfg.max_seq_len, ROPE_TABLE_MAX)
+        """RoPE cos/sin of the first positions (max_seq_len, or as many as the bounds above
+        allow; later ones are computed per forward) as fp32 buffers, not saved. Computed per
+        forward instead, torch.compile inlines the cos/sin into every layer's norm+RoPE kernels,
+        forward and backward (round 8's profile of the one-graph step: ~15 ms of a 101 ms step);
+        a buffer is a graph input, read, not recomputed."""
+        n = min(self.cfg.max_seq_len, ROPE_TABLE_MAX, ROPE_TABLE_NUMEL // self.cfg.rope_dim)
         cos, sin = rope_tables(self.cfg.rope_dim, torch.arange(n, device=device), self.cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -142,6 +142,22 @@ def test_an_odd_head_dim_is_refused_before_any_work(tmp_path, capsys):
                       "head_dim=33 is invalid: must be even")
 
 
+def test_a_head_too_wide_for_its_rope_tables_is_refused_before_any_work(tmp_path, capsys):
+    """One head of 2048 dims (weights to match: 8 MB) was loaded, and its RoPE tables sized by
+    max_position_embeddings: 65536 positions made 1.7 GB of tables; wider, a RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir(tmp_path, num_heads=1, num_kv_heads=1)
+    edit_config(tmp_path, head_dim=2048)
+    state = load_file(tmp_path / "model.safetensors")
+    for key in [k for k in state if ".self_attn." in k]:
+        out, dim = state[key].shape
+        state[key] = torch.zeros((dim, 2048) if "o_proj" in key else (2048, dim))
+    save_file(state, tmp_path / "model.safetensors")
+    fails_in_one_line(capsys, ["generate", str(tmp_path), "--max-new-tokens", "4"],
+                      "head_dim=2048 is invalid: must be an integer in [1, 1024]")
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_absent_max_position_embeddings_is_transformers_default(model_type):
     """The context an HF config without max_position_embeddings means is its config class's

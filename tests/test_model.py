@@ -285,6 +285,11 @@ def test_model_config_refuses_non_finite_eps_and_theta(field, value):
     (dict(moe=dict(route_scale="2")), "route_scale='2' is invalid: must be a finite number > 0"),
     (dict(moe=dict(route_scale=float("inf"))), "route_scale=inf is invalid"),
     (dict(tie_embeddings="false"), "tie_embeddings='false' is invalid: allowed: False, True"),
+    (dict(head_dim=1026), "head_dim=1026 is invalid: must be an integer in [1, 1024]"),
+    (dict(dim=2048, num_heads=1, num_kv_heads=1, moe=dict(dim=2048)),
+     "head_dim=2048 is invalid: must be an integer in [1, 1024] (dim=2048 // num_heads=1)"),
+    (dict(attention="mla", qk_rope_head_dim=2048), "qk_rope_head_dim=2048 is invalid: must be an "
+     "integer in [1, 1024]"),
 ])
 def test_model_config_bounds_sizes_and_checks_types(change, message):
     """The bounds a config file's sizes must pass (dropless.config.LIMITS), and types: a 'false'
@@ -292,6 +297,15 @@ def test_model_config_bounds_sizes_and_checks_types(change, message):
     cfg = get_preset("tiny")
     with pytest.raises(ValueError, match=re.escape(message)):
         dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **change.pop("moe", {})), **change)
+
+
+def test_rope_tables_fit_a_fixed_budget_whatever_the_head_width():
+    """A 35 KB config.json (one head of 1024 dims, 65536 positions) built 1.7 GB of tables."""
+    with torch.device("meta"):   # the shapes, without the allocation
+        model = tiny(dim=8, num_heads=1, num_kv_heads=1, head_dim=1024, max_seq_len=2**16,
+                     moe=MoEConfig(dim=8, hidden_dim=8, num_experts=1, top_k=1))
+    assert model.rope_cos.shape[1] == 1024 and model.rope_cos.numel() <= 2**24   # 64 MiB
+    assert model.rope_sin.shape == model.rope_cos.shape
 
 
 def test_rope_table_is_fp32_unsaved_and_matches_per_forward_tables(monkeypatch):
