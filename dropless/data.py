@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,31 +121,68 @@ def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
     return h.hexdigest()[:32]
 
 
-def _check_entry(entry: Path) -> str | None:
-    """What is wrong with a cache entry (None: intact). meta.json holds each file's sha256; the
-    files are hashed as they are read, never held whole."""
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _check_entry(entry: Path, vocab_size: int) -> str | None:
+    """What is wrong with a cache entry of a tokenizer of `vocab_size` ids (None: intact).
+    meta.json holds each file's sha256; the files are hashed as they are read, never held whole.
+    The ids must be of the dtype _build writes and below `vocab_size`: an entry someone else
+    wrote could otherwise name int64 ids of 2**40, and unigram_entropy count 8 TiB of them."""
     try:
         meta = read_small_json(entry / "meta.json")
+        if meta["dtype"] != (dtype := _token_dtype(vocab_size)).name:
+            return f"holds {meta['dtype']!r} ids, not {dtype.name!r}"
         for split in ("train", "val"):
-            files = [("bin", "", np.dtype(meta["dtype"]).itemsize)]
+            tokens = meta[f"{split}_tokens"]
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                return f"names {split}_tokens={tokens!r}, not a count"
+            files = [("bin", "", dtype)]
             if f"{split}_mask_sha256" in meta:   # a byte a token
-                files.append(("mask", "_mask", 1))
-            for kind, key, itemsize in files:
-                path = entry / f"{split}.{kind}"
-                with open(path, "rb") as f:
-                    if hashlib.file_digest(f, "sha256").hexdigest() != meta[f"{split}{key}_sha256"]:
-                        return f"{split}.{kind} fails its checksum"
-                if path.stat().st_size != meta[f"{split}_tokens"] * itemsize:
-                    return f"{split}.{kind} has the wrong length"
+                files.append(("mask", "_mask", np.dtype(np.uint8)))
+            for kind, key, of in files:
+                problem = _check_file(entry / f"{split}.{kind}", meta[f"{split}{key}_sha256"],
+                                      tokens, of, vocab_size if kind == "bin" else None)
+                if problem:
+                    return f"{split}.{kind} {problem}"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 
+READ_CHUNK = 1 << 22   # bytes hashed (and scanned for the largest id) at a time: whole ids
+
+
+def _check_file(path: Path, sha256: str, length: int, dtype: np.dtype,
+                vocab_size: int | None) -> str | None:
+    """What is wrong with one file of a cache entry: not a regular file (a symlink names a file
+    anyone chose; a FIFO's read never ends: opened without following links or blocking), not
+    `length` items of `dtype`, not of the `sha256` recorded, or holding an id >= `vocab_size`."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return "is not a regular file"
+        if info.st_size != length * dtype.itemsize:
+            return "has the wrong length"
+        digest, top = hashlib.sha256(), -1
+        while chunk := f.read(READ_CHUNK):   # whole items: the length is checked above
+            digest.update(chunk)
+            if vocab_size is not None:
+                top = max(top, int(np.frombuffer(chunk, dtype).max()))
+    if digest.hexdigest() != sha256:
+        return "fails its checksum"
+    if vocab_size is not None and top >= vocab_size:
+        return f"holds token id {top}, past the tokenizer's {vocab_size}"
+    return None
+
+
 def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
            assistant_only: bool = False, progress: bool = False) -> None:
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    meta = {"dtype": np.dtype(dtype).name}
+    dtype = _token_dtype(tokenizer.vocab_size)
+    meta = {"dtype": dtype.name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
     splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
     chars = sum(len(p[0] if assistant_only else p) for texts in splits for p in texts)
@@ -209,7 +247,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
         raise DroplessError(f"--cache-dir {cache_dir} is a file, not a directory")
     key = cache_key(docs, tokenizer, val_docs, assistant_only)
     entry = cache_dir / key
-    if entry.exists() and (problem := _check_entry(entry)):
+    if entry.exists() and (problem := _check_entry(entry, tokenizer.vocab_size)):
         warnings.warn(f"{entry}: token cache entry {problem}; rebuilding it", stacklevel=2)
         shutil.rmtree(entry)
     if not entry.exists():
@@ -221,7 +259,7 @@ def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Pa
                 os.replace(tmp, entry)
         finally:   # a failed build (a full disk) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
-        if problem := _check_entry(entry):
+        if problem := _check_entry(entry, tokenizer.vocab_size):
             raise DroplessError(f"{entry}: token cache entry cannot be built ({problem})")
     meta = read_small_json(entry / "meta.json")
     train, val = (np.memmap(entry / f"{split}.bin", dtype=meta["dtype"], mode="r",

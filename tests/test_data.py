@@ -1,6 +1,8 @@
+import hashlib
 import json
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -170,14 +172,41 @@ def test_non_byte_level_tokenizer_decodes_through_tokenizers():
     assert b"".join(wrapped.token_bytes(int(i)) for i in ids).decode().replace(" ", "") == "helloworld"
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no meta.json", "meta without checksums"])
+def forge_ids(entry, split, ids):
+    """{split}.bin holding `ids`, meta.json its dtype, length and checksum: an entry that someone
+    else wrote, consistent with itself."""
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / f"{split}.bin").write_bytes(ids.tobytes())
+    meta.update({"dtype": ids.dtype.name, f"{split}_tokens": len(ids),
+                 f"{split}_sha256": hashlib.sha256(ids.tobytes()).hexdigest()})
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no meta.json", "meta without checksums",
+                                    "int64 ids", "an id past the vocabulary", "symlink", "fifo"])
 def test_damaged_cache_entry_is_rebuilt_never_used(tmp_path, damage):
     docs = [(f"d{i}.txt", f"document number {i}\n" * 20) for i in range(40)]
-    first = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    first = data.load_tokens(docs, ByteTokenizer(), tmp_path / "cache")
     expected = np.array(first.train), np.array(first.val)
-    entry = tmp_path / first.key
+    entry = tmp_path / "cache" / first.key
     del first
-    if damage == "flip":   # a tampered entry: constant tokens
+    if damage == "int64 ids":   # unigram_entropy's bincount of 2**40 wanted 8 TiB
+        forge_ids(entry, "val", np.array([7, 2**40, 7], dtype=np.int64))
+        train = np.fromfile(entry / "train.bin", dtype=np.uint16).astype(np.int64)
+        forge_ids(entry, "train", train)
+    elif damage == "an id past the vocabulary":
+        forge_ids(entry, "val", np.array([7, 300, 7], dtype=np.uint16))
+    elif damage == "symlink":   # the same bytes, in a file anyone may have named
+        (tmp_path / "elsewhere.bin").write_bytes((entry / "train.bin").read_bytes())
+        (entry / "train.bin").unlink()
+        (entry / "train.bin").symlink_to(tmp_path / "elsewhere.bin")
+    elif damage == "fifo":   # its read blocked forever
+        (entry / "train.bin").unlink()
+        os.mkfifo(entry / "train.bin")
+        default = signal.signal(signal.SIGALRM,
+                                lambda *_: pytest.fail("the cache check blocked on a FIFO"))
+        signal.alarm(10)
+    elif damage == "flip":   # a tampered entry: constant tokens
         (entry / "train.bin").write_bytes(bytes(len((entry / "train.bin").read_bytes())))
     elif damage == "truncate":
         (entry / "val.bin").write_bytes((entry / "val.bin").read_bytes()[:-2])
@@ -187,10 +216,15 @@ def test_damaged_cache_entry_is_rebuilt_never_used(tmp_path, damage):
         meta = json.loads((entry / "meta.json").read_text())
         (entry / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                      if "sha256" not in k}))
-    with pytest.warns(UserWarning, match=f"{entry}: token cache entry .*; rebuilding it"):
-        again = data.load_tokens(docs, ByteTokenizer(), tmp_path)
+    try:
+        with pytest.warns(UserWarning, match=f"{entry}: token cache entry .*; rebuilding it"):
+            again = data.load_tokens(docs, ByteTokenizer(), tmp_path / "cache")
+    finally:
+        if damage == "fifo":
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, default)
     assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
-    assert [p.name for p in tmp_path.iterdir()] == [again.key]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [again.key]
 
 
 def test_cache_dir_that_is_a_file(tmp_path):
