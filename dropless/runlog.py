@@ -159,11 +159,11 @@ def _records(path: Path):
                 continue
             record = None
             if line is not None:
-                try:
-                    record = json.loads(line.decode(errors="replace"))
-                except (ValueError, RecursionError):   # RecursionError: nested too deep
+                try:   # RecursionError: nested too deep for json, or (a little less deep) _leaves
+                    record = _leaves(json.loads(line.decode(errors="replace")),
+                                     lambda v: math.nan if v is None else v)
+                except (ValueError, RecursionError):
                     pass
-            record = _leaves(record, lambda v: math.nan if v is None else v)
             if _is_record(record):
                 yield record
             else:
