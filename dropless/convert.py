@@ -28,7 +28,7 @@ def hf_dir_header(path):
     text = None
     if tokenizer.exists():
         try:
-            text = read_small_text(tokenizer)
+            text = read_small_text(tokenizer, path)
             tok = tokenizer_from_json(text)
         except ValueError as err:
             raise ValueError(f"{tokenizer}: {err}") from None

@@ -21,10 +21,27 @@ from dropless.errors import DroplessError
 MAX_SMALL_FILE = 256 * 2**20   # the largest Hub tokenizer.json files are ~35 MB
 
 
-def read_small_text(path: str | Path) -> str:
+def resolves_inside(root: Path, path: Path) -> bool:
+    """Whether `path` stays inside the directory `root` with symlinks resolved. The one exception
+    is a Hugging Face hub cache snapshot, whose files are symlinks into the same repo's blobs/
+    (`models--org--name/snapshots/<rev>/config.json -> ../../blobs/<hash>`)."""
+    try:
+        real, top = Path(path).resolve(), Path(root).resolve()
+    except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13)
+        return False
+    blobs = top.parent.parent / "blobs" if top.parent.name == "snapshots" else top
+    return real.is_relative_to(top) or real.is_relative_to(blobs)
+
+
+def read_small_text(path: str | Path, within: Path | None = None) -> str:
     """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over
-    MAX_SMALL_FILE bytes (checked before reading)."""
+    MAX_SMALL_FILE bytes (checked before reading), or, given the model directory `within`, when
+    it resolves outside it (a symlink to any file the user can read, copied into the outputs of
+    convert, quantize and train --init)."""
     path, limit = Path(path), MAX_SMALL_FILE
+    if within is not None and not resolves_inside(within, path):
+        raise DroplessError(f"{path}: a symlink out of the model directory {within} (to "
+                            f"{os.path.realpath(path)}): not read")
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
@@ -42,19 +59,19 @@ def read_small_text(path: str | Path) -> str:
     return data.decode("utf-8", errors="strict")
 
 
-def read_small_json(path: str | Path):
+def read_small_json(path: str | Path, within: Path | None = None):
     """`read_small_text` parsed as JSON; DroplessError, naming `path` once, when it is not."""
     try:
-        return json.loads(read_small_text(path))
+        return json.loads(read_small_text(path, within))
     except DroplessError:
         raise
     except (ValueError, RecursionError) as err:   # not UTF-8, not JSON, nested too deep
         raise DroplessError(f"{path} is not readable JSON: {err}") from None
 
 
-def read_json_object(path: str | Path) -> dict:
+def read_json_object(path: str | Path, within: Path | None = None) -> dict:
     """`read_small_json` of a file that must hold a JSON object (a config, a checkpoint state)."""
-    data = read_small_json(path)
+    data = read_small_json(path, within)
     if not isinstance(data, dict):
         raise DroplessError(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data

@@ -175,7 +175,7 @@ def read_hf_config(path) -> dict:
     config = path / "config.json"
     if not config.exists():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    return read_small_json(config)
+    return read_small_json(config, path)
 
 
 def from_hf(path, dtype: torch.dtype = torch.float32, device="cpu",

@@ -4,23 +4,23 @@ and the names, shapes and dtypes match the layout expected from config.json."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from dropless.files import read_small_json
+from dropless.files import read_small_json, resolves_inside
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors names; read and cast to the model dtype
 _LIST = 12    # names shown per kind of problem in an error message
 
 
 def _inside(root: Path, name, source: Path) -> Path:
-    """root/name, refused unless it stays inside root with symlinks resolved. The one exception is
-    a Hugging Face hub cache snapshot, whose files are symlinks into the same repo's blobs/."""
+    """root/name, refused unless it stays inside root with symlinks resolved (resolves_inside:
+    a hub cache snapshot's links into its blobs/ are inside)."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise ValueError(f"{source}: names {name!r}: weights must be files inside {root}")
-    real, top = (root / name).resolve(), root.resolve()
-    blobs = top.parent.parent / "blobs" if top.parent.name == "snapshots" else top
-    if not (real.is_relative_to(top) or real.is_relative_to(blobs)):
-        raise ValueError(f"{source}: {name!r} resolves to {real}, outside the model directory {root}")
+    if not resolves_inside(root, root / name):
+        raise ValueError(f"{source}: {name!r} resolves to {os.path.realpath(root / name)}, "
+                         f"outside the model directory {root}")
     return root / name
 
 
@@ -30,7 +30,7 @@ def open_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        index_json = read_small_json(index)   # its errors name the file
+        index_json = read_small_json(index, path)   # its errors name the file
         try:
             names = index_json["weight_map"].values()
         except (KeyError, TypeError, AttributeError) as err:

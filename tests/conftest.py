@@ -93,6 +93,18 @@ def run_out_of_space(setup: str, act: str, *argv, limit: int) -> int:
     return result.returncode
 
 
+def hub_cache_snapshot(src: Path, repo: Path) -> Path:
+    """The files of the model directory `src` laid out as the HF hub cache keeps them:
+    repo/snapshots/<rev>/* are symlinks into repo/blobs/; -> the snapshot directory."""
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    return snapshot
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """~250 KB of Python source in a few files: a quick stand-in for the full stdlib corpus."""

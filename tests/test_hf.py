@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -525,15 +524,10 @@ def test_garbage_index_is_one_line(tmp_path):
 
 def test_hub_cache_snapshot_symlinks_are_followed(tmp_path):
     """The HF hub cache keeps snapshots/<rev>/* as symlinks into the repo's blobs/: allowed."""
+    from conftest import hub_cache_snapshot
+
     model = native_hf_dir(tmp_path / "src")
-    repo = tmp_path / "models--org--tiny"
-    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
-    snapshot.mkdir(parents=True)
-    blobs.mkdir()
-    for f in (tmp_path / "src").iterdir():
-        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
-    again = from_hf(snapshot)
+    again = from_hf(hub_cache_snapshot(tmp_path / "src", tmp_path / "models--org--tiny"))
     assert torch.equal(again.embed.weight, model.embed.weight)
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_out_of_space, subprocess_env
+from conftest import hub_cache_snapshot, run_out_of_space, subprocess_env
 from dropless import Transformer, from_hf, get_preset, to_hf
 from dropless.cli import main
 from dropless.convert import save_hf_dir
@@ -25,6 +25,13 @@ def hf_dir(path, tokenizer_json=None, **cfg_kw):
     model = Transformer(cfg).eval()
     save_hf_dir(model, path, tokenizer_json or ByteTokenizer().to_json())
     return model
+
+
+def chat_hf_dir(path):
+    """hf_dir with the chat files that convert, quantize and train --init copy to their outputs."""
+    hf_dir(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
 
 
 def edit_config(path, **fields):
@@ -210,3 +217,30 @@ def test_a_tensor_in_two_files_or_not_where_the_index_says_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"not where the index says: model.embed_tokens.weight "
                                          r"\(in zzz.safetensors, the index says model.safetensors"):
         from_hf(tmp_path)
+
+
+SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.mark.parametrize("name", SMALL_FILES)
+def test_a_small_file_linked_out_of_the_model_directory_is_refused(tmp_path, capsys, name):
+    """A model directory's small files were read wherever their symlinks pointed, and the chat
+    files copied into convert's output: a link to any file the user can read (a secret) leaked."""
+    src, outside = tmp_path / "hf", tmp_path / "elsewhere" / name
+    chat_hf_dir(src)
+    outside.parent.mkdir()
+    (src / name).rename(outside)   # the same bytes, where a link chose
+    (src / name).symlink_to(outside)
+    fails_in_one_line(capsys, ["convert", "--from-hf", str(src), str(tmp_path / "run")],
+                      f"{src / name}: a symlink out of the model directory {src}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_cache_snapshot_of_links_into_its_blobs_converts_whole(tmp_path):
+    """The hub cache's snapshots/<rev>/* link into ../../blobs/: inside, for the small files as
+    for the weights."""
+    chat_hf_dir(tmp_path / "src")
+    snapshot = hub_cache_snapshot(tmp_path / "src", tmp_path / "models--org--tiny")
+    assert main(["convert", "--from-hf", str(snapshot), str(tmp_path / "run")]) == 0
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "run" / name).read_text() == (tmp_path / "src" / name).read_text()

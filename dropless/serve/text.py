@@ -35,8 +35,10 @@ class ServedModel:
     special_tokens: dict   # bos_token / eos_token strings the template may use
 
 
-def _read_json(path: Path) -> dict:
-    return read_json_object(path) if path.exists() else {}
+def _read_json(root: Path, name: str) -> dict:
+    """root/name's JSON object, {} when there is none; a symlink out of `root` is refused."""
+    path = root / name
+    return read_json_object(path, root) if path.exists() else {}
 
 
 def _token_text(value, where: str) -> str:
@@ -102,8 +104,8 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
 def chat_files(root: Path) -> tuple[str, dict]:
     """(chat template, special tokens) of a model directory: tokenizer_config.json's
     `chat_template` (else DEFAULT_CHAT_TEMPLATE) and its bos_token and eos_token strings."""
+    tok_config = _read_json(Path(root), "tokenizer_config.json")
     tok_path = Path(root) / "tokenizer_config.json"
-    tok_config = _read_json(tok_path)
     special = {k: _token_text(tok_config.get(k), f"{tok_path}: {k}")
                for k in ("bos_token", "eos_token")}
     return (_chat_template(tok_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE, tok_path),
@@ -117,9 +119,9 @@ def chat_metadata(root: Path, vocab_size: int, tokenizer) -> tuple[tuple[int, ..
     root = Path(root)
     template, special = chat_files(root)
     tok_path, gen_path = root / "tokenizer_config.json", root / "generation_config.json"
-    gen_config = _read_json(gen_path)
+    gen_config = _read_json(root, "generation_config.json")
     where = gen_path if "eos_token_id" in gen_config else root / "config.json"
-    eos = gen_config.get("eos_token_id", _read_json(root / "config.json").get("eos_token_id"))
+    eos = gen_config.get("eos_token_id", _read_json(root, "config.json").get("eos_token_id"))
     if eos is None and special["eos_token"] and hasattr(tokenizer, "tok"):
         eos, where = tokenizer.tok.token_to_id(special["eos_token"]), f"{tok_path}: eos_token"
     return _eos_ids(eos, vocab_size, str(where)), template, special
@@ -137,8 +139,8 @@ def copy_chat_files(src, dst: Path, vocab_size: int, tokenizer) -> None:
     eos_ids = chat_metadata(src, vocab_size, tokenizer)[0]   # checks what it copies
     for name in CHAT_FILES:
         if (Path(src) / name).is_file():
-            write_atomic(dst / name, read_small_text(Path(src) / name).encode())
-    gen = _read_json(dst / "generation_config.json")
+            write_atomic(dst / name, read_small_text(Path(src) / name, Path(src)).encode())
+    gen = _read_json(dst, "generation_config.json")
     if eos_ids and "eos_token_id" not in gen:
         write_atomic(dst / "generation_config.json",
                      json.dumps({**gen, "eos_token_id": list(eos_ids)}).encode())
