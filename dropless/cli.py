@@ -199,6 +199,10 @@ def _serve(args) -> int:
     _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
     _require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
              "(hidden)", "must be a non-empty string without surrounding spaces")
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    _require(all(o == "*" or re.fullmatch(r"https?://[^/\s]+", o) for o in origins),
+             "--allowed-origins", args.allowed_origins, "must be * or comma-separated origins "
+             "(scheme://host[:port], no path), e.g. http://localhost:3000")
     name = args.served_model_name
     _require(name is None or 0 < len(name) <= 256 and name.isprintable(), "--served-model-name",
              ascii(name), "must be 1 to 256 printable characters")
@@ -231,7 +235,7 @@ def _serve(args) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host} without --api-key: whoever reaches the port uses the "
               "model", file=sys.stderr)
-    serve(served, engine, args.host, args.port, max_queue, args.api_key)
+    serve(served, engine, args.host, args.port, max_queue, args.api_key, origins)
     return 0
 
 

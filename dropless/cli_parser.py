@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every endpoint but /health and /metrics asks for 'Authorization: "
                           "Bearer KEY' (default: $DROPLESS_API_KEY, which other users cannot "
                           "read in ps)")
+    srv.add_argument("--allowed-origins", metavar="ORIGINS", default="",
+                     help="web pages whose scripts may call the API from a browser (CORS): "
+                          "comma-separated origins such as http://localhost:3000, or * for any "
+                          "(default: none)")
     srv.add_argument("--admit-delay-ms", type=float, default=2.0,
                      help="hold a new request up to this long so that requests arriving together "
                           "prefill as one batch (default 2)")

@@ -77,3 +77,78 @@ def test_cli_key_and_open_host_warning(capsys, monkeypatch, run_dir):
         assert cli.main([*argv, "--api-key", bad]) == 1
         assert capsys.readouterr().err == ("dropless: error: --api-key (hidden) is invalid: must "
                                            "be a non-empty string without surrounding spaces\n")
+
+
+# ---- --allowed-origins: browsers (CORS) ---------------------------------------------------------
+
+PAGE = "http://localhost:3000"
+
+
+@pytest.fixture(scope="module")
+def browsable(run_dir):
+    s = live_server.InProcessServer(run_dir, api_key=KEY, allowed_origins=(PAGE,))
+    yield s
+    s.stop()
+
+
+def raw(port, path, method, headers, data=None) -> tuple[int, dict]:
+    """(status, the reply's headers, lower-cased)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+PREFLIGHT = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_a_listed_page_may_call_from_a_browser_with_the_key(browsable):
+    """The preflight is answered without the key (browsers send none with it); replies, a 401
+    included, carry the origin, or the page could not read them."""
+    code, headers = raw(browsable.port, "/v1/chat/completions", "OPTIONS", PREFLIGHT)
+    assert code == 200 and headers["access-control-allow-origin"] == PAGE
+    assert "POST" in headers["access-control-allow-methods"]
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    body = json.dumps({"model": browsable.served.name, "prompt": "a", "max_tokens": 1}).encode()
+    for key, status in ((KEY, 200), ("wrong", 401)):
+        code, headers = raw(browsable.port, "/v1/completions", "POST", {
+            "Origin": PAGE, "Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            body)
+        assert code == status and headers["access-control-allow-origin"] == PAGE
+
+
+def test_another_page_and_a_server_without_origins_get_no_cors(browsable, guarded):
+    code, headers = raw(browsable.port, "/v1/chat/completions", "OPTIONS",
+                        {**PREFLIGHT, "Origin": "http://evil.example"})
+    assert code == 400 and "access-control-allow-origin" not in headers
+    code, headers = raw(guarded.port, "/v1/chat/completions", "OPTIONS", PREFLIGHT)
+    assert code in (401, 405) and "access-control-allow-origin" not in headers
+
+
+@pytest.mark.parametrize("value, passed", [
+    ("*", ("*",)), (f"{PAGE}, https://chat.example.org", (PAGE, "https://chat.example.org")),
+    ("", ()), (None, ())])
+def test_serve_passes_the_origins(capsys, monkeypatch, run_dir, value, passed):
+    import dropless.serve.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *a: seen.update(origins=a[-1]))
+    flags = [] if value is None else ["--allowed-origins", value]
+    assert cli.main(["serve", str(run_dir), "--device", "cpu",
+                     "--port", str(live_server.free_port()), *flags]) == 0
+    assert seen["origins"] == passed
+
+
+@pytest.mark.parametrize("value", ["localhost:3000", "http://a.example/chat", "ftp://a.example",
+                                   "http://a.example,*x"])
+def test_serve_refuses_a_bad_origin_in_one_line(capsys, monkeypatch, run_dir, value):
+    from dropless.serve import text
+    from tests.test_cli import _fails
+
+    monkeypatch.setattr(text, "load_served_model", lambda *a: pytest.fail("the model was loaded"))
+    _fails(capsys, ["serve", str(run_dir), "--port", str(live_server.free_port()),
+                    "--allowed-origins", value], "--allowed-origins")

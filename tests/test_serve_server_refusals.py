@@ -110,7 +110,7 @@ def test_serve_passes_max_queue_default_a_multiple_of_max_batch(capsys, monkeypa
                                                                flags, max_queue):
     import dropless.serve.server as server
 
-    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key:
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, *rest:
                         print(f"queue {max_queue}"))
     assert cli.main(["serve", str(run_dir), "--device", "cpu", "--max-batch", "3",
                      "--port", str(live_server.free_port()), *flags]) == 0

@@ -272,11 +272,18 @@ def check_prompt_size(prompt: str | None, where: str, max_len: int) -> None:
                        "context)", where, code="context_length_exceeded")
 
 
-def install_error_handlers(app) -> None:
+def install_error_handlers(app, allowed_origins: tuple[str, ...] = ()) -> None:
     """Every error in OpenAI's shape: an APIError as raised, Starlette's own (404, 405) and any
-    other exception (a 500 naming it)."""
+    other exception (a 500 naming it). With `allowed_origins` ("*": any), scripts of those web
+    pages may call the API from a browser: CORS headers on every reply (errors too, or the
+    browser hides them from the page), preflights answered before the API key is asked for."""
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):

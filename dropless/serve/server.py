@@ -51,8 +51,9 @@ RETRY_AFTER_S = 1
 
 
 def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None,
-               api_key: str | None = None):
-    """api_key: every endpoint but /health and /metrics asks for it (a bearer token)."""
+               api_key: str | None = None, allowed_origins: tuple[str, ...] = ()):
+    """api_key: every endpoint but /health and /metrics asks for it (a bearer token);
+    allowed_origins: the web pages' origins whose scripts may call it from a browser (CORS)."""
     from fastapi import Depends, FastAPI, Request as HTTPRequest
     from fastapi.responses import PlainTextResponse, StreamingResponse
 
@@ -82,7 +83,7 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
             check_api_key(http_request.headers.get("authorization"), api_key)
 
     app = FastAPI(title="dropless", lifespan=lifespan, dependencies=[Depends(authorized)])
-    install_error_handlers(app)
+    install_error_handlers(app, allowed_origins)
     metrics = Metrics()
 
     def waiting() -> int:
@@ -107,14 +108,12 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     async def prometheus():
         return PlainTextResponse(metrics.render(**load()), media_type="text/plain; version=0.0.4")
 
-    card = {"id": served.name, "object": "model", "created": int(time.time()),
-            "owned_by": "dropless"}
+    card = dict(id=served.name, object="model", created=int(time.time()), owned_by="dropless")
 
     def known(model) -> None:   # none named: the one served (as other servers do)
         if model is not None and model != served.name:
             raise APIError(404, f"model {shown(model)} does not exist; this server has "
-                                f"{served.name!r}",
-                           "model", "invalid_request_error", "model_not_found")
+                           f"{served.name!r}", "model", code="model_not_found")
 
     @app.get("/v1/models")
     async def models():
@@ -382,8 +381,8 @@ def check_listen(host: str, port: int) -> None:
                             f"{e.strerror or e}") from None
 
 
-def serve(served: ServedModel, engine: Engine, host: str, port: int,
-          max_queue: int | None = None, api_key: str | None = None) -> None:
+def serve(served: ServedModel, engine: Engine, host: str, port: int, max_queue: int | None = None,
+          api_key: str | None = None, allowed_origins: tuple[str, ...] = ()) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
     (streams included) and the lifespan stops the engine thread and prints its counters."""
     import uvicorn
@@ -396,5 +395,5 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int,
         print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
         engine.warm_up(progress=True)
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(served, engine, max_queue, api_key), host=host, port=port,
-                log_level="info")
+    uvicorn.run(create_app(served, engine, max_queue, api_key, allowed_origins), host=host,
+                port=port, log_level="info")
