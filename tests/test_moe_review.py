@@ -19,7 +19,8 @@ def make(**kw):
 
 def per_token_reference(moe, x_TD):
     """y, balance and z losses in float64 with routing written out token by token (independent of
-    dropless.router): DeepSeek-V3 group limit, selection bias, renormalisation, route_scale."""
+    dropless.router, plain autograd): DeepSeek-V3 group limit, selection bias, renormalisation,
+    route_scale. Also returns the float64 copy of `moe` whose parameters get the gradients."""
     cfg, m = moe.cfg, copy.deepcopy(moe).double()
     x = x_TD.double()
     logits = x @ m.router.weight.T
@@ -27,7 +28,7 @@ def per_token_reference(moe, x_TD):
     p = s / s.sum(-1, keepdim=True)
     ys, ids = [], []
     for t in range(x.shape[0]):
-        sel = s[t] + (0 if m.router.bias is None else m.router.bias.double())
+        sel = s[t].detach() + (0 if m.router.bias is None else m.router.bias.double())
         allowed = range(cfg.num_experts)
         if cfg.num_groups:
             n = cfg.num_experts // cfg.num_groups
@@ -45,7 +46,7 @@ def per_token_reference(moe, x_TD):
     f = torch.bincount(torch.tensor(ids), minlength=cfg.num_experts).double() / len(ids)
     bal = cfg.balance_loss_coef * cfg.num_experts * (f * p.mean(0)).sum()
     z = cfg.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
-    return torch.stack(ys), bal, z
+    return torch.stack(ys), bal, z, m
 
 
 @pytest.mark.parametrize("kw", [
@@ -60,12 +61,21 @@ def test_layer_matches_per_token_reference(kw, backend):
     moe = make(backend=backend, z_loss_coef=1e-3, **kw)
     if moe.router.bias is not None:
         moe.router.bias.copy_(torch.randn(8) * 0.3)
-    x = torch.randn(9, 16)
+    x = torch.randn(9, 16, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    dy = torch.randn(9, 16)
     y, aux = moe(x)
-    y_ref, bal, z = per_token_reference(moe, x)
+    y_ref, bal, z, m64 = per_token_reference(moe, x64)
     assert rel_err(y, y_ref) < 1e-5
     assert aux.balance_loss.item() == pytest.approx(bal.item(), rel=1e-5)
     assert aux.z_loss.item() == pytest.approx(z.item(), rel=1e-5)
+    # gradients, the router's included (its backward is hand-written: router._UpcastLinear)
+    ((y * dy).sum() + aux.balance_loss + aux.z_loss).backward()
+    ((y_ref * dy.double()).sum() + bal + z).backward()
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert rel_err(moe.router.weight.grad, m64.router.weight.grad) < 1e-5
+    for name in ("gate_up", "down"):
+        assert rel_err(getattr(moe.experts, name).grad, getattr(m64.experts, name).grad) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
