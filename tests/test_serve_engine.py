@@ -274,8 +274,11 @@ def test_compiled_prefill_is_one_graph_for_every_shape():
         dynamo.reset()
         engine = Engine(model, max_batch=4, max_len=40, prefill_chunk=8, compile_prefill=compile,
                         prefill_step_tokens=0)
+        start = dynamo.utils.counters["stats"]["unique_graphs"]
         engine.warm_up()
         before = dynamo.utils.counters["stats"]["unique_graphs"]
+        # warm_up really compiled (a failed compile falls back to eager, which would pass below)
+        assert engine.compiled == compile and (before > start) == compile
         requests = [engine.submit(Request(p, SamplingParams(max_tokens=4, temperature=0)))
                     for p in PROMPTS]
         engine.run_until_done()
