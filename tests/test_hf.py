@@ -110,13 +110,25 @@ def test_round_trip_through_to_hf(saved, tmp_path):
 
 
 def test_sharded_write_and_read(tmp_path):
-    model = from_hf_fresh("qwen2_moe", tmp_path / "src")
+    ref = hf_model("qwen2_moe")
+    ref.save_pretrained(tmp_path / "src")
+    model = from_hf(tmp_path / "src")
     to_hf(model, tmp_path / "out", max_shard_bytes=20_000)
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
     again = from_hf(tmp_path / "out")
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
-    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # transformers reads every tensor of the shards (none missing, none left over): the source
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    want = ref.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, ref(tokens).logits)
 
 
 def test_to_hf_builds_one_shard_at_a_time(tmp_path, monkeypatch):
