@@ -18,8 +18,9 @@ from dropless import cli
 from dropless.checkpoint import load_run
 from dropless.parallel import checkpoint as ckpt
 from dropless.parallel.checkpoint import PAUSE_ENV, latest_path, read_state
-from dropless.config import PRESETS, TrainConfig
+from dropless.config import PRESETS, ModelConfig, MoEConfig, TrainConfig
 from dropless.errors import DroplessError
+from dropless.generate import generate
 from dropless.model import Transformer
 from dropless.checkpoint import resume_config
 from dropless.train import train
@@ -428,11 +429,18 @@ def test_state_json_that_is_not_an_object_is_one_line(forged_run, tmp_path, caps
 
 
 def test_a_field_an_older_run_lacks_takes_its_default(forged_run, capsys):
+    """The run recorded the defaults (tiny): without the fields it is the same model."""
     run, step_dir = forged_run
+    prompt = [5, 17, 42]
+    before = generate(load_run(run)[0], [prompt], 6, temperature=0)
     state = json.loads((step_dir / ckpt.STATE).read_text())
     del state["model_config"]["qk_norm_scope"], state["model_config"]["moe"]["shared_gate"]
     _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
     assert cli.main(["generate", str(run), "--max-new-tokens", "2"]) == 0
+    model = load_run(run)[0]
+    assert model.cfg.qk_norm_scope == ModelConfig.__dataclass_fields__["qk_norm_scope"].default
+    assert model.cfg.moe.shared_gate is MoEConfig.__dataclass_fields__["shared_gate"].default
+    assert generate(model, [prompt], 6, temperature=0) == before
 
 
 def test_shards_too_small_for_the_model_are_refused(tmp_path):
