@@ -11,6 +11,7 @@ import torch
 
 from dropless import cli
 from dropless.checkpoint import load_model_dir, load_run
+from dropless.generate import greedy_recompute
 from tests.test_quant_run import quantize
 
 
@@ -94,9 +95,13 @@ def test_eval_and_generate_read_the_run(trained_run, tmp_path, corpus, capsys):
     out = tmp_path / "ft"
     assert _train(capsys, trained_run, out, corpus, "--steps", "1") == 0
     assert cli.main(["eval", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
+    # the same validation windows as the run's own evaluation at its last step
+    recorded = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(recorded, rel=1e-5)
     assert cli.main(["generate", str(out), "--max-new-tokens", "3", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    model, tok = load_model_dir(out)
+    greedy = greedy_recompute(model, tok.encode("def ").tolist(), 3)
+    assert capsys.readouterr().out == "def " + tok.decode(greedy, continuation=True) + "\n"
 
 
 def test_the_source_chat_files_go_with_the_run(trained_run, tmp_path, corpus, capsys):
