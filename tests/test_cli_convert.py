@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import subprocess_env
 from dropless import cli, hf
@@ -36,7 +37,11 @@ def test_an_interrupted_convert_leaves_no_output_directory(capsys, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before   # no OUT, no temp left behind
     capsys.readouterr()
     assert cli.main(["convert", way, str(src), str(out)]) == 0   # the next one writes it whole
-    assert load_model_dir(out)[0] is not None
+    want = load_model_dir(trained_run)[0].state_dict()   # the run, whichever way it went
+    got = load_model_dir(out)[0].state_dict()
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])
 
 
