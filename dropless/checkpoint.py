@@ -8,8 +8,10 @@ dropless run, so a new run refuses a directory holding anything else.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -191,6 +193,25 @@ def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = N
     return load_run(path, device, dtype, matmul_dtype)[:2]
 
 
+def _open_lock(path: Path):
+    """`path` opened for reading and writing, created if missing; never through a symbolic link
+    (one to a user's file would have it truncated and overwritten with a PID) nor as anything but
+    a regular file (a FIFO or device is no lock). O_NONBLOCK: opening a FIFO never waits."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:   # ELOOP: a symbolic link; EISDIR: a directory
+        if e.errno not in (errno.ELOOP, errno.EISDIR):
+            raise DroplessError(f"{path}: cannot open ({e.strerror})") from None
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise DroplessError(f"{path}: not a regular file; a run directory's lock must be its own "
+                            "file (remove it if no dropless process uses the run)")
+    return os.fdopen(fd, "r+")
+
+
 @contextmanager
 def claim_run_dir(run_dir: Path, new: bool):
     """Hold `run_dir` (created if missing) locked for this process while the block runs. A `new`
@@ -203,7 +224,7 @@ def claim_run_dir(run_dir: Path, new: bool):
         raise DroplessError(f"--out {run_dir} is not empty and is not a dropless run: choose "
                             "an empty or new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a+") as lock:
+    with _open_lock(run_dir / LOCK) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -211,7 +232,7 @@ def claim_run_dir(run_dir: Path, new: bool):
             raise DroplessError(f"{run_dir} is in use by another dropless process (pid "
                                 f"{lock.read().strip() or '?'}); wait for it to finish or "
                                 "choose another --out") from None
-        lock.truncate(0)
+        lock.truncate(0)   # at position 0: nothing was read
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         try:
