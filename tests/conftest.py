@@ -1,4 +1,6 @@
 import copy
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +75,14 @@ def scratch_dirs(tmp_path_factory):
         mp.setenv("TMPDIR", str(scratch))
         mp.setattr(tempfile, "tempdir", str(scratch))
         yield
+
+
+def forge(step_dir: Path, name: str, raw: bytes) -> None:
+    """An attacker's edit of a checkpoint: replace a file and fix its checksum in the manifest."""
+    (step_dir / name).write_bytes(raw)
+    manifest = json.loads((step_dir / "COMPLETE").read_text())
+    manifest["sha256"][name] = hashlib.sha256(raw).hexdigest()
+    (step_dir / "COMPLETE").write_text(json.dumps(manifest))
 
 
 def subprocess_env() -> dict:

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import pickle
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from conftest import subprocess_env
+from conftest import forge, subprocess_env
 from dropless import cli
 from dropless.checkpoint import load_run
 from dropless.parallel import checkpoint as ckpt
@@ -148,14 +148,6 @@ class _Payload:
         return open, (self.marker, "w")
 
 
-def _forge(step_dir: Path, name: str, raw: bytes) -> None:
-    """An attacker's edit: replace a checkpoint file and fix its checksum in the manifest."""
-    (step_dir / name).write_bytes(raw)
-    manifest = json.loads((step_dir / ckpt.MARKER).read_text())
-    manifest["sha256"][name] = hashlib.sha256(raw).hexdigest()
-    (step_dir / ckpt.MARKER).write_text(json.dumps(manifest))
-
-
 @pytest.fixture
 def dcp_run(small_cfg):
     """A trained single-process run: its checkpoint directory and its model."""
@@ -228,7 +220,7 @@ def _fails_with(capsys, argv, message):
 def test_malicious_dcp_metadata_never_runs(dcp_run, tmp_path, capsys):
     run, step_dir, _ = dcp_run
     marker = tmp_path / "pwned"
-    _forge(step_dir, ".metadata", pickle.dumps(_Payload(marker)))
+    forge(step_dir, ".metadata", pickle.dumps(_Payload(marker)))
     for argv in _commands(run, tmp_path):
         code = cli.main(argv)
         assert not marker.exists(), argv
@@ -240,7 +232,6 @@ def test_malicious_dcp_metadata_never_runs(dcp_run, tmp_path, capsys):
 
 def test_malicious_value_in_a_shard_never_runs(tmp_path):
     """Non-tensor values (optimizer hyperparameters) load with weights_only, not plain pickle."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = Transformer(PRESETS["tiny"])
@@ -276,11 +267,11 @@ def test_checkpoint_cannot_redirect_loading(dcp_run, tmp_path, capsys):
     victim = tmp_path / "victim"
     shutil.copytree(run, victim)
     victim_dir = latest_path(victim)
-    reader = ckpt._SafeReader(victim_dir)
+    metadata = dcp.FileSystemReader(victim_dir).read_metadata()
     elsewhere = os.path.relpath(step_dir / "__0_0.distcp", victim_dir)
-    for info in reader.metadata.storage_data.values():
+    for info in metadata.storage_data.values():
         info.relative_path = elsewhere
-    _forge(victim_dir, ".metadata", pickle.dumps(reader.metadata))
+    forge(victim_dir, ".metadata", pickle.dumps(metadata))
     for argv in _commands(victim, tmp_path):
         _fails_with(capsys, argv, f"names {elsewhere!r}, not a file of its checkpoint directory")
 
@@ -376,7 +367,7 @@ def _forge_field(step_dir: Path, field: str, value) -> None:
         del target[name]
     else:
         target[name] = value
-    _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
+    forge(step_dir, ckpt.STATE, json.dumps(state).encode())
 
 
 def _fails_naming(capsys, argv, step_dir: Path, message: str) -> None:
@@ -423,7 +414,7 @@ def test_forged_training_state_is_one_line(forged_run, tmp_path, capsys, field, 
                                          (b'{"step": 2', "is not readable JSON")])
 def test_state_json_that_is_not_an_object_is_one_line(forged_run, tmp_path, capsys, raw, message):
     run, step_dir = forged_run
-    _forge(step_dir, ckpt.STATE, raw)
+    forge(step_dir, ckpt.STATE, raw)
     for argv in _run_commands(run, tmp_path):
         _fails_with(capsys, argv, f"{step_dir / ckpt.STATE}{':' if raw[0] == 91 else ''} {message}")
 
@@ -435,7 +426,7 @@ def test_a_field_an_older_run_lacks_takes_its_default(forged_run, capsys):
     before = generate(load_run(run)[0], [prompt], 6, temperature=0)
     state = json.loads((step_dir / ckpt.STATE).read_text())
     del state["model_config"]["qk_norm_scope"], state["model_config"]["moe"]["shared_gate"]
-    _forge(step_dir, ckpt.STATE, json.dumps(state).encode())
+    forge(step_dir, ckpt.STATE, json.dumps(state).encode())
     assert cli.main(["generate", str(run), "--max-new-tokens", "2"]) == 0
     model = load_run(run)[0]
     assert model.cfg.qk_norm_scope == ModelConfig.__dataclass_fields__["qk_norm_scope"].default

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from conftest import oracle, rel_err
 
 from dropless import MoE, MoEConfig, ops
@@ -171,7 +172,7 @@ def test_train_each_precision_learns(small_cfg, precision):
     summary = train(small_cfg(steps=30, warmup=3, eval_every=30, precision=precision,
                               sample_tokens=0), progress=False)
     assert summary["precision"] == precision
-    metadata = ckpt._SafeReader(ckpt.latest_path(summary["run_dir"])).metadata
+    metadata = FileSystemReader(ckpt.latest_path(summary["run_dir"])).read_metadata()
     dtype = metadata.state_dict_metadata["model.layers.0.ffn.experts.gate_up"].properties.dtype
     assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     losses = [json.loads(line)["loss"] for line in

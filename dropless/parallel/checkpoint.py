@@ -17,8 +17,8 @@ loaded (a planted sparse file of terabytes is refused, not hashed for hours; sha
 hold the model are refused too, so that a forged state.json cannot describe a model larger than the
 weights that came with it: `verify` refuses it before it is allocated), and nothing read runs
 code or reaches outside its directory: `.metadata` (a pickle) goes through an unpickler that admits
-only DCP's metadata classes and must name only files beside it, non-tensor values load with
-`weights_only=True`, the rest is JSON.
+only DCP's metadata classes and must name only files beside it (`dcp_reader`), non-tensor values
+load with `weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import time
 import warnings
@@ -36,15 +35,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from dropless.errors import DroplessError
 from dropless.files import (MAX_SMALL_FILE, fsync_dir, read_json_object, read_small_json,
                             write_atomic)
+from dropless.parallel.dcp_reader import SafePlanner, SafeReader
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
@@ -182,54 +180,6 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
                             "they cannot hold it (a state.json describing another model?)")
 
 
-# What a DCP `.metadata` pickle may name: DCP's metadata dataclasses and the torch values inside
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if name in _METADATA_GLOBALS.get(module, ()) or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
-
-
-class _SafeReader(dcp.FileSystemReader):
-    """Reads `.metadata` once, up front, so that a refusal is one clear error (inside dcp.load it
-    would be wrapped in a CheckpointException with tracebacks)."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        try:
-            with open(path / ".metadata", "rb") as f:
-                self.metadata = _MetadataUnpickler(f).load()
-        except Exception as e:   # anything but DCP's metadata is refused, never run
-            raise DroplessError(f"{path / '.metadata'}: not a DCP metadata file ({e})") from None
-        for info in (self.metadata.storage_data or {}).values():
-            if Path(info.relative_path).name != info.relative_path:
-                raise DroplessError(f"{path / '.metadata'}: names {info.relative_path!r}, not a "
-                                    "file of its checkpoint directory")
-        self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
-
-    def read_metadata(self, *args, **kwargs):
-        self.metadata.storage_meta.load_id = self.load_id
-        return self.metadata
-
-
-class _SafePlanner(dcp.DefaultLoadPlanner):   # built with its default flatten_state_dict=True
-    def load_bytes(self, read_item, value):   # non-tensor values: plain data only
-        obj = torch.load(value, weights_only=True)
-        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-
-
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint directory; one without its manifest is skipped with a
     warning."""
@@ -268,7 +218,7 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(),
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner(),
                      no_dist=alone)
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
         raise DroplessError(f"{path}: checkpoint cannot be loaded ({_cause(e)})") from None
