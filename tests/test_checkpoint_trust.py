@@ -1,14 +1,79 @@
 """Checkpoints and run directories from strangers: a forged file is one clear error naming it,
 before it can make the loader read outside its directory, block, run code or allocate without
-bounds. Forged files are built small (a few KB), however much they would make a loader read."""
+bounds. Forged files are built small (at most a few hundred KB), whatever they would inflate to."""
 
 import os
+import pickle
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
+from conftest import forge
 from dropless.checkpoint import LOCK, claim_run_dir
+from dropless.config import PRESETS
 from dropless.errors import DroplessError
+from dropless.model import Transformer
+from dropless.parallel import checkpoint as ckpt
 
+SHARD = "__0_0.distcp"
+EMBED = "model.embed.weight"
+
+
+def _saved(tmp_path: Path, optimizer: bool = False):
+    """A checkpoint of `tiny` (with AdamW's state when `optimizer`), and a model to load it into
+    (and its optimizer)."""
+    model = Transformer(PRESETS["tiny"])
+    opt = torch.optim.AdamW(model.parameters()) if optimizer else None
+    path = ckpt.save(tmp_path / "run", 1, model, opt)
+    other = Transformer(PRESETS["tiny"])
+    return path, other, torch.optim.AdamW(other.parameters()) if optimizer else None
+
+
+def _metadata(path: Path):
+    return dcp.FileSystemReader(path).read_metadata()   # a test's own file: plain pickle
+
+
+# ---- .metadata names only the manifest's shards, and items inside them -------------------------
+
+@pytest.mark.timeout(60)   # a FIFO blocked the load forever
+@pytest.mark.parametrize("kind", ["elsewhere", "fifo", "dev-zero"])
+def test_metadata_naming_a_file_the_manifest_lacks_is_refused(tmp_path, kind):
+    """`.metadata` names a file beside it that the manifest does not list (so no checksum covers
+    it): a link to a shard outside the directory (it loaded), a FIFO (the load blocked), or a
+    link to /dev/zero (a value's length read that many bytes)."""
+    path, other, _ = _saved(tmp_path)
+    if kind == "elsewhere":
+        shutil.copy(path / SHARD, tmp_path / "outside.distcp")
+        (path / "other.distcp").symlink_to(tmp_path / "outside.distcp")
+    elif kind == "fifo":
+        os.mkfifo(path / "other.distcp")
+    else:
+        (path / "other.distcp").symlink_to("/dev/zero")
+    metadata = _metadata(path)
+    for info in metadata.storage_data.values():
+        info.relative_path = "other.distcp"
+    forge(path, ".metadata", pickle.dumps(metadata))
+    with pytest.raises(DroplessError, match=f"^{path / '.metadata'}: names 'other.distcp', not "
+                                            "a file of its checkpoint directory"):
+        ckpt.load(path, other)
+
+
+@pytest.mark.parametrize("field,value", [("offset", 10**9), ("length", 2**40)])
+def test_an_item_past_the_end_of_its_shard_is_refused(tmp_path, field, value):
+    path, other, _ = _saved(tmp_path)
+    metadata = _metadata(path)
+    info = next(info for index, info in metadata.storage_data.items() if index.fqn == EMBED)
+    setattr(info, field, value)
+    forge(path, ".metadata", pickle.dumps(metadata))
+    with pytest.raises(DroplessError, match=f"^{path / '.metadata'}: an item at bytes .* of "
+                                            f"{SHARD} runs past the end of the file"):
+        ckpt.load(path, other)
+
+
+# ---- the run directory's lock ------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 def test_a_planted_lock_file_is_refused_untouched(tmp_path, kind):

@@ -16,9 +16,9 @@ the file, never weights of 3e38), after checking by size alone that the files fi
 loaded (a planted sparse file of terabytes is refused, not hashed for hours; shards too small to
 hold the model are refused too, so that a forged state.json cannot describe a model larger than the
 weights that came with it: `verify` refuses it before it is allocated), and nothing read runs
-code or reaches outside its directory: `.metadata` (a pickle) goes through an unpickler that admits
-only DCP's metadata classes and must name only files beside it (`dcp_reader`), non-tensor values
-load with `weights_only=True`, the rest is JSON.
+code or reaches outside the files the manifest lists: `.metadata` (a pickle) goes through an
+unpickler that admits only DCP's metadata classes, and must place every item inside a shard the
+manifest lists (`dcp_reader`); non-tensor values load with `weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -141,12 +141,12 @@ def _shard_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def verify(path: Path, model: nn.Module | None = None, names: list[str] | None = None,
-           sizes_only: bool = False) -> None:
+           sizes_only: bool = False) -> dict[str, int]:
     """Check `names` (default: every file the manifest lists) against the manifest's checksums.
     Sizes come first, by stat alone, so that no file is hashed unbounded: `.metadata` and
     state.json have caps of their own, the other files (DCP's shards) must fit `model`'s state
     (`_shard_bytes`). With `sizes_only`, a `model` on the meta device is checked before its memory
-    exists."""
+    exists. Returns the shards checked: name -> size."""
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
@@ -155,7 +155,7 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
     files = [path / name for name in names or [".metadata", *sums]]
-    caps, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, 0
+    caps, shards, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, {}, 0
     fewest, most = _shard_bytes(model) if model is not None else (0, 0)
     damaged = "checkpoint file is damaged or missing (checksum mismatch)"
     for file in files:   # a manifest's names are the directory's own files: none reach out of it
@@ -165,7 +165,9 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
         if file.parent != path or file.name not in sums or not file.is_file() or (
                 file.name in caps and file.stat().st_size > caps[file.name]):
             raise DroplessError(f"{file}: {damaged}")
-        shard_bytes += 0 if file.name in caps else file.stat().st_size
+        if file.name not in caps:
+            shards[file.name] = file.stat().st_size
+            shard_bytes += shards[file.name]
         if shard_bytes > most:
             raise DroplessError(f"{file}: the checkpoint's shards reach {shard_bytes:,} bytes "
                                 f"with this one, over the {most:,} that the model being loaded "
@@ -178,6 +180,7 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
         raise DroplessError(f"{path}: the checkpoint's shards hold {shard_bytes:,} bytes, fewer "
                             f"than the {fewest:,} of the model being loaded (2 bytes a weight): "
                             "they cannot hold it (a state.json describing another model?)")
+    return shards
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -211,15 +214,14 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     process group); DCP reshards. Returns the JSON state saved with it."""
     state = _state_dicts(model, optimizer)
     # every rank reads every file once more: the price of knowing they are intact
-    verify(path, model)
+    reader = SafeReader(path, verify(path, model))
     # a model with no DTensor loads in this process alone, process group or not (rank 0 reading
     # an --init source under torchrun)
     alone = not any(isinstance(t, DTensor) for t in state["model"].values())
     try:
         with warnings.catch_warnings():   # "no process group: loading in one process" is intended
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner(),
-                     no_dist=alone)
+            dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=alone)
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
         raise DroplessError(f"{path}: checkpoint cannot be loaded ({_cause(e)})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
