@@ -73,6 +73,34 @@ def test_an_item_past_the_end_of_its_shard_is_refused(tmp_path, field, value):
         ckpt.load(path, other)
 
 
+# ---- .metadata: opcodes and size bounded before it is unpickled ---------------------------------
+
+@pytest.mark.parametrize("ops,message", [
+    (b"\x8f" * 1000, "pickle opcode EMPTY_SET is not DCP metadata's"),   # 1 byte: a 216-byte set
+    (b"}" * 100_000, "over [0-9,]+ pickle opcodes, more than the metadata of the model")],
+    ids=["sets", "dicts"])
+def test_metadata_pickle_that_inflates_is_refused_unpickled(tmp_path, ops, message):
+    """A list of empty sets (an opcode DCP's metadata never uses), or of more empty dicts (which
+    it uses) than a checkpoint of this model can need: 2 MB of sets unpickled to 430 MB, of dicts
+    to 140 MB."""
+    path, other, _ = _saved(tmp_path)
+    forge(path, ".metadata", b"\x80\x04](" + ops + b"e.")
+    with pytest.raises(DroplessError, match=f"^{path / '.metadata'}: not a DCP metadata file "
+                                            f"\\({message}"):
+        ckpt.load(path, other)
+
+
+def test_metadata_larger_than_the_model_can_need_is_refused_unhashed(tmp_path, monkeypatch):
+    """The cap on `.metadata` follows the model (~290 KB for `tiny`), not a flat 1 GiB."""
+    path, other, _ = _saved(tmp_path)
+    with open(path / ".metadata", "ab") as f:
+        f.truncate(2**20)
+    monkeypatch.setattr(ckpt, "_sha256", lambda file: pytest.fail(f"{file} was hashed"))
+    with pytest.raises(DroplessError, match=f"^{path / '.metadata'}: 1,048,576 bytes, over the "
+                                            "[0-9,]+ that DCP's metadata of the model"):
+        ckpt.load(path, other)
+
+
 # ---- the run directory's lock ------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])

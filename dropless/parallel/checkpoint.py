@@ -16,9 +16,10 @@ the file, never weights of 3e38), after checking by size alone that the files fi
 loaded (a planted sparse file of terabytes is refused, not hashed for hours; shards too small to
 hold the model are refused too, so that a forged state.json cannot describe a model larger than the
 weights that came with it: `verify` refuses it before it is allocated), and nothing read runs
-code or reaches outside the files the manifest lists: `.metadata` (a pickle) goes through an
-unpickler that admits only DCP's metadata classes, and must place every item inside a shard the
-manifest lists (`dcp_reader`); non-tensor values load with `weights_only=True`, the rest is JSON.
+code, reaches outside the files the manifest lists or allocates past caps drawn from the model:
+`.metadata` (a pickle) is scanned and unpickled admitting only what DCP's metadata holds, and must
+place every item inside a listed shard (`dcp_reader`); non-tensor values load with
+`weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ from dropless.parallel.dcp_reader import SafePlanner, SafeReader
 
 DCP_DIR = "dcp"
 MARKER = "COMPLETE"
-MAX_METADATA = 2**30   # DCP's .metadata: ~50 MB for 150k tensors; a pickle bigger is refused
+# Caps on what a checkpoint's files can hold, per item (a tensor chunk, or a non-tensor value):
+# every item is a torch.save zip of ~1.2 KB or more; `.metadata` spends ~110 pickle opcodes and
+# ~290 bytes on one (torch 2.13; tiny and AdamW on 1 to 4 ranks), room for names of ~300 bytes
+MIN_ITEM, ITEM_OPS, ITEM_BYTES = 512, 256, 1024
 STATE = "state.json"
 KEEP = 2   # checkpoints kept: the newest, and one more in case it is damaged
 # test hook: seconds `save` sleeps between the complete temp directory and its rename
@@ -140,13 +144,23 @@ def _shard_bytes(model: nn.Module) -> tuple[int, int]:
     return fewest, 2 * (sum(nbytes(t) for t in state.values()) + moments) + 64 * 2**20
 
 
+def _read_caps(model: nn.Module, shards: dict[str, int]) -> dict[str, int]:
+    """What `SafeReader` may read of a checkpoint of `model` with shards of these sizes (name ->
+    bytes), each cap a few times what DCP writes. Items (tensor chunks, non-tensor values): a
+    rank's shard holds at most one chunk of each entry of the state (the model's; AdamW's step and
+    two moments per parameter; 64 optimizer hyperparameters), of MIN_ITEM bytes or more."""
+    entries = len(model.state_dict()) + 3 * sum(1 for _ in model.parameters()) + 64
+    items = sum(min(entries, size // MIN_ITEM) for size in shards.values())
+    return dict(max_metadata=ITEM_BYTES * items + 2**16, max_ops=ITEM_OPS * items + 2**12)
+
+
 def verify(path: Path, model: nn.Module | None = None, names: list[str] | None = None,
            sizes_only: bool = False) -> dict[str, int]:
     """Check `names` (default: every file the manifest lists) against the manifest's checksums.
-    Sizes come first, by stat alone, so that no file is hashed unbounded: `.metadata` and
-    state.json have caps of their own, the other files (DCP's shards) must fit `model`'s state
-    (`_shard_bytes`). With `sizes_only`, a `model` on the meta device is checked before its memory
-    exists. Returns the shards checked: name -> size."""
+    Sizes come first, by stat alone, so that no file is hashed unbounded: the shards (DCP's files
+    but `.metadata`) must fit `model`'s state (`_shard_bytes`), `.metadata` their number of items
+    (`_read_caps`), state.json a cap of its own. With `sizes_only`, a `model` on the meta device
+    is checked before its memory exists. Returns the shards checked: name -> size."""
     if path.is_symlink():
         raise DroplessError(f"{path}: a symbolic link; a checkpoint is a directory of its run")
     try:
@@ -155,23 +169,29 @@ def verify(path: Path, model: nn.Module | None = None, names: list[str] | None =
         raise DroplessError(f"{path / MARKER}: not a checksum manifest (damaged, or written by "
                             "an older dropless without checksums)") from None
     files = [path / name for name in names or [".metadata", *sums]]
-    caps, shards, shard_bytes = {".metadata": MAX_METADATA, STATE: MAX_SMALL_FILE}, {}, 0
+    sizes, shard_bytes = {}, 0
     fewest, most = _shard_bytes(model) if model is not None else (0, 0)
     damaged = "checkpoint file is damaged or missing (checksum mismatch)"
     for file in files:   # a manifest's names are the directory's own files: none reach out of it
         if file.is_symlink():   # dropless writes none: one would make it read a file elsewhere
             raise DroplessError(f"{file}: a symbolic link; checkpoint files must be the "
                                 "directory's own regular files")
-        if file.parent != path or file.name not in sums or not file.is_file() or (
-                file.name in caps and file.stat().st_size > caps[file.name]):
+        if file.parent != path or file.name not in sums or not file.is_file():
             raise DroplessError(f"{file}: {damaged}")
-        if file.name not in caps:
-            shards[file.name] = file.stat().st_size
-            shard_bytes += shards[file.name]
+        sizes[file.name] = size = file.stat().st_size
+        if file.name == STATE and size > MAX_SMALL_FILE:
+            raise DroplessError(f"{file}: {damaged}")
+        shard_bytes += 0 if file.name in (".metadata", STATE) else size
         if shard_bytes > most:
             raise DroplessError(f"{file}: the checkpoint's shards reach {shard_bytes:,} bytes "
                                 f"with this one, over the {most:,} that the model being loaded "
                                 "can need")
+    shards = {name: size for name, size in sizes.items() if name not in (".metadata", STATE)}
+    if ".metadata" in sizes:   # without a model, no shard passes: nothing to size it by
+        cap = _read_caps(model, shards)["max_metadata"] if model is not None else 0
+        if sizes[".metadata"] > cap:
+            raise DroplessError(f"{path / '.metadata'}: {sizes['.metadata']:,} bytes, over the "
+                                f"{cap:,} that DCP's metadata of the model being loaded can need")
     # shards too small for the model are hashed even so (they are small): a damaged one is named
     for file in () if sizes_only and shard_bytes >= fewest else files:
         if _sha256(file) != sums[file.name]:
@@ -214,7 +234,8 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
     process group); DCP reshards. Returns the JSON state saved with it."""
     state = _state_dicts(model, optimizer)
     # every rank reads every file once more: the price of knowing they are intact
-    reader = SafeReader(path, verify(path, model))
+    shards = verify(path, model)
+    reader = SafeReader(path, shards, **_read_caps(model, shards))
     # a model with no DTensor loads in this process alone, process group or not (rank 0 reading
     # an --init source under torchrun)
     alone = not any(isinstance(t, DTensor) for t in state["model"].values())
