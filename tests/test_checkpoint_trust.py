@@ -2,9 +2,11 @@
 before it can make the loader read outside its directory, block, run code or allocate without
 bounds. Forged files are built small (at most a few hundred KB), whatever they would inflate to."""
 
+import io
 import os
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,32 @@ def _saved(tmp_path: Path, optimizer: bool = False):
 
 def _metadata(path: Path):
     return dcp.FileSystemReader(path).read_metadata()   # a test's own file: plain pickle
+
+
+def _replace_item(path: Path, fqn: str, blob) -> None:
+    """Forge the shard with the item of `fqn` replaced by `blob(old item)`, every item moved to
+    its new offset in `.metadata`."""
+    metadata, shard = _metadata(path), (path / SHARD).read_bytes()
+    out = bytearray()
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: kv[1].offset):
+        item = shard[info.offset:info.offset + info.length]
+        item = blob(item) if index.fqn == fqn else item
+        info.offset, info.length = len(out), len(item)
+        out += item
+    forge(path, SHARD, bytes(out))
+    forge(path, ".metadata", pickle.dumps(metadata))
+
+
+def _rezip(item: bytes, compression: int, grow: int = 0) -> bytes:
+    """The torch.save zip `item` rewritten with `compression`, its storage grown by `grow` zero
+    bytes."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(item)) as old, zipfile.ZipFile(out, "w") as new:
+        for entry in old.infolist():
+            data = old.read(entry)
+            data += bytes(grow) if entry.filename.endswith("/data/0") else b""
+            new.writestr(entry.filename, data, compress_type=compression)
+    return out.getvalue()
 
 
 # ---- .metadata names only the manifest's shards, and items inside them -------------------------
@@ -99,6 +127,41 @@ def test_metadata_larger_than_the_model_can_need_is_refused_unhashed(tmp_path, m
     with pytest.raises(DroplessError, match=f"^{path / '.metadata'}: 1,048,576 bytes, over the "
                                             "[0-9,]+ that DCP's metadata of the model"):
         ckpt.load(path, other)
+
+
+# ---- items: uncompressed zips of the sizes their metadata says ---------------------------------
+
+def test_a_deflated_item_is_refused_before_it_inflates(tmp_path):
+    """The embedding's item deflated, with 16 MiB of zeros for a storage: 16 KB on disk. torch
+    inflated it whole before finding it too large; a bomb of 262 KB inflated to 256 MiB."""
+    path, other, _ = _saved(tmp_path)
+    _replace_item(path, EMBED, lambda item: _rezip(item, zipfile.ZIP_DEFLATED, grow=2**24))
+    with pytest.raises(DroplessError, match=f"^{path / SHARD}: the item at byte [0-9,]+ holds "
+                                            "compressed entries"):
+        ckpt.load(path, other)
+
+
+def test_an_item_with_more_bytes_than_its_tensor_chunk_is_refused(tmp_path):
+    """Checked against the chunk `.metadata` describes before it is read (torch 2.13 refuses a
+    storage larger than its tensor's pickle says only once it has read it)."""
+    path, other, _ = _saved(tmp_path)
+    _replace_item(path, EMBED, lambda item: _rezip(item, zipfile.ZIP_STORED, grow=4096))
+    numel = other.embed.weight.numel()
+    with pytest.raises(DroplessError, match=f"^{path / SHARD}: the item at byte [0-9,]+ holds "
+                                            f"{4 * numel + 4096:,} bytes of tensor data, not "
+                                            f"the {4 * numel:,} of the tensor chunk"):
+        ckpt.load(path, other)
+
+
+def test_a_value_larger_than_the_model_can_need_is_refused(tmp_path):
+    """A learning rate that is a list of 100k empty dicts: 200 KB pickled, 6 MB unpickled."""
+    path, other, opt = _saved(tmp_path, optimizer=True)
+    lr = io.BytesIO()
+    torch.save([{} for _ in range(100_000)], lr)
+    _replace_item(path, "optim.param_groups.0.lr", lambda item: lr.getvalue())
+    with pytest.raises(DroplessError, match=f"^{path / SHARD}: the item at byte [0-9,]+ holds "
+                                            "a pickled value of [0-9,]+ bytes, over the"):
+        ckpt.load(path, other, opt)
 
 
 # ---- the run directory's lock ------------------------------------------------------------------

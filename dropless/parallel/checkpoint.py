@@ -17,9 +17,9 @@ loaded (a planted sparse file of terabytes is refused, not hashed for hours; sha
 hold the model are refused too, so that a forged state.json cannot describe a model larger than the
 weights that came with it: `verify` refuses it before it is allocated), and nothing read runs
 code, reaches outside the files the manifest lists or allocates past caps drawn from the model:
-`.metadata` (a pickle) is scanned and unpickled admitting only what DCP's metadata holds, and must
-place every item inside a listed shard (`dcp_reader`); non-tensor values load with
-`weights_only=True`, the rest is JSON.
+`.metadata` (a pickle) is scanned and unpickled admitting only what DCP's metadata holds, and every
+item it names is an uncompressed zip inside a listed shard (`dcp_reader`); non-tensor values load
+with `weights_only=True`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -115,9 +115,14 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer=None,
     return path
 
 
+def _failure(e: CheckpointException) -> BaseException:
+    """The first rank's failure (DCP wraps each rank's with its traceback)."""
+    return next(iter(e.failures.values()), (e,))[0]
+
+
 def _cause(e: CheckpointException) -> str:
-    """The first rank's failure in one line (DCP wraps each rank's in a traceback)."""
-    cause = next(iter(e.failures.values()), (e,))[0]
+    """The first rank's failure in one line."""
+    cause = _failure(e)
     return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
@@ -148,10 +153,13 @@ def _read_caps(model: nn.Module, shards: dict[str, int]) -> dict[str, int]:
     """What `SafeReader` may read of a checkpoint of `model` with shards of these sizes (name ->
     bytes), each cap a few times what DCP writes. Items (tensor chunks, non-tensor values): a
     rank's shard holds at most one chunk of each entry of the state (the model's; AdamW's step and
-    two moments per parameter; 64 optimizer hyperparameters), of MIN_ITEM bytes or more."""
-    entries = len(model.state_dict()) + 3 * sum(1 for _ in model.parameters()) + 64
+    two moments per parameter; 64 optimizer hyperparameters), of MIN_ITEM bytes or more. The
+    largest value saved is an optimizer's list of parameter names."""
+    names = list(model.state_dict())
+    entries = len(names) + 3 * sum(1 for _ in model.parameters()) + 64
     items = sum(min(entries, size // MIN_ITEM) for size in shards.values())
-    return dict(max_metadata=ITEM_BYTES * items + 2**16, max_ops=ITEM_OPS * items + 2**12)
+    return dict(max_metadata=ITEM_BYTES * items + 2**16, max_ops=ITEM_OPS * items + 2**12,
+                max_value=2**16 + 2 * sum(len(name) + 8 for name in names))
 
 
 def verify(path: Path, model: nn.Module | None = None, names: list[str] | None = None,
@@ -244,6 +252,8 @@ def load(path: Path, model: nn.Module, optimizer=None) -> dict:
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=alone)
     except CheckpointException as e:   # e.g. a value that is not plain data: one line, no traces
+        if isinstance(_failure(e), DroplessError):   # the reader's refusal names the file
+            raise DroplessError(str(_failure(e))) from None
         raise DroplessError(f"{path}: checkpoint cannot be loaded ({_cause(e)})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
