@@ -6,8 +6,8 @@ columns within tolerance (the scripts catch a failing provider and go on, so the
 alone says little). No timing bounds but those the scripts' own invariants set.
 
 Left out:
-- GPU-only: gemv_tiles.py (the Triton driver), expert_parallel.py and train_scaling.py (several
-  GPUs), train.py (CUDA events, exits without CUDA: its medium-preset step is what it measures).
+- GPU-only: gemv_tiles.py (the Triton driver), train_scaling.py (several GPUs), train.py (CUDA
+  events, exits without CUDA: its medium-preset step is what it measures).
 - awq.py: bf16 throughout, and on the CPU it runs only under TRITON_INTERPRET=1 (its "bf16
   decode" row calls the Triton GEMV): ~15 s for one token count, and the interpreter's bf16 is
   wrong (tests/triton_env.py), its check column ~1e11 from 16 tokens up. Its kernels are tested
@@ -41,11 +41,13 @@ pytest.importorskip("transformers")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run(script: str, *args) -> str:
-    """`python script *args` in benchmarks/: its stdout (its stderr on failure)."""
+def run(script: str, *args, env: dict | None = None) -> str:
+    """`python script *args` in benchmarks/ (script may be "-m" and a module), with `env` over
+    the test environment: its stdout (its stderr on failure)."""
     # as a user runs them: without the Triton interpreter that the kernel tests switch on for the
-    # session (scripts add Triton providers under it, and its int4 kernels take minutes)
-    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    # session unless `env` asks for it (scripts add Triton providers under it, and its int4
+    # kernels take minutes)
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"} | (env or {})
     proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=BENCHMARKS, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -333,3 +335,40 @@ def test_export_memory_writes_the_model_in_shards(tmp_path):
         assert r["largest_shard_bytes"] <= max(r["shard_bytes"], 256 * 128 * 2) + 10**5
         assert positive(r["rss_built_mb"], r["seconds"]) and r["rss_peak_mb"] >= r["rss_built_mb"]
     assert len(table(out, "| shard limit MB")) == 3   # the separator line and two rows
+
+
+# ---- logprobs.py, expert_parallel.py ----------------------------------------------------------
+
+def cells(out: str, header: str) -> list[list[str]]:
+    """The cells of a markdown table's rows under the line that starts with `header`."""
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in out[out.index(header):].splitlines()[2:] if line.startswith("| ")]
+
+
+def test_logprobs_costs_a_step():
+    """The engine's decode step with and without log-probabilities, at each batch (no check
+    column: the engine's logprobs are tested in tests/test_serve_engine_logprobs.py)."""
+    out = run("logprobs.py", "--device", "cpu", "--preset", "tiny", "--batches", 1, 4)
+    assert "# tiny, cpu, " in out and ", torch.float32, context 256; " in out
+    rows = cells(out, "| batch")
+    assert [row[0] for row in rows] == ["1", "4"]
+    for _, off, on, ratio in rows:
+        off, on, ratio = map(float, (off, on, ratio))
+        assert positive(off, on, ratio) and abs(ratio - on / off) < 1e-3
+
+
+def test_expert_parallel_on_two_cpu_ranks():
+    """torchrun, 2 ranks on gloo: the EP layer equals one process holding every expert (fp32,
+    the same weights and tokens), and every time of rank 0's row is positive."""
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2,
+              "expert_parallel.py", "--shapes", "tiny", "--tokens", 64)
+    assert "# cpu, world 2, " in out
+    [row] = cells(out, "| shape")
+    shape, world, tokens, per_token, err, dc, raw, ratio, slots, layer, local, weak = row
+    assert (shape, world, tokens) == ("tiny", "2", "64")
+    assert 1 <= float(per_token) <= 2   # tiny's K = 2: a token goes to 1 or 2 ranks
+    assert float(err) < 1e-5
+    raw_ms, raw_gbps = re.fullmatch(r"([\d.]+) \(([\d.]+)\)", raw).groups()
+    dc, raw_ms, slots, layer, local = map(float, (dc, raw_ms, slots, layer, local))
+    assert positive(dc, raw_ms, slots, layer, local) and float(raw_gbps) >= 0   # CPU: rounds to 0
+    assert abs(float(ratio) - raw_ms / dc) < 0.01 and abs(float(weak) - local / layer) < 0.01
