@@ -5,9 +5,15 @@ script printed (or its --json): every row there, numbers finite and positive, an
 columns within tolerance (the scripts catch a failing provider and go on, so their exit status
 alone says little). No timing bounds but those the scripts' own invariants set.
 
+The Triton kernels' scripts, under the interpreter: tests/test_benchmarks_kernels.py.
+
 Left out:
 - GPU-only: gemv_tiles.py (the Triton driver), train_scaling.py (several GPUs), train.py (CUDA
   events, exits without CUDA: its medium-preset step is what it measures).
+- gemv_layout.py: its smoke command (TRITON_INTERPRET=1, --shapes cpu) runs past 5 minutes. It
+  has no --check-only: it times every provider, 6 x 24 calls each, and one interpreted call of
+  `current` takes ~0.35 s (~50 s), before 16 k-major tiles; with one tile, ~65 s in all. Its
+  kernels are tested in tests/test_ops_triton_kmajor.py.
 - awq.py: bf16 throughout, and on the CPU it runs only under TRITON_INTERPRET=1 (its "bf16
   decode" row calls the Triton GEMV): ~15 s for one token count, and the interpreter's bf16 is
   wrong (tests/triton_env.py), its check column ~1e11 from 16 tokens up. Its kernels are tested
