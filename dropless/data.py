@@ -1,5 +1,5 @@
-"""Train/validation split, memory-mapped token cache and deterministic batches of a corpus
-(read by dropless/documents.py).
+"""Memory-mapped token cache and deterministic batches of a corpus (read by dropless/documents.py,
+split into train and validation by dropless/split.py).
 
 Legend: B batch, T sequence length.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -28,65 +27,26 @@ import numpy as np
 import torch
 
 from dropless import tokenizer as tokenizer_module
-from dropless.conversations import IGNORE, cut, encode_stream, pieces
-from dropless.documents import read_documents
+from dropless.conversations import IGNORE, encode_stream
+from dropless.documents import as_document, read_documents
 from dropless.errors import DroplessError
 from dropless.files import read_small_json, temp_beside, write_atomic
+from dropless.split import (DOC_SEPARATOR, VAL_PERCENT, cut_by_position, hash64 as _hash64,
+                            split_by_name, split_documents, split_pieces, split_spans)
 from dropless.tokenizer import Tokenizer, encode_chunks
 
-VAL_PERCENT = 5   # of the documents (by a hash of their names) that go to validation
-DOC_SEPARATOR = "\n\n"
 CACHE_VERSION = "1"
-HASH_SLICE_CHARS = 1 << 24   # cache_key hashes a text's UTF-8 a slice at a time
+
+# the split's names are re-exported: callers and tests split and read with dropless.data
+__all__ = ["BPE_SAMPLE_CHARS", "CACHE_VERSION", "DOC_SEPARATOR", "VAL_PERCENT", "TokenData",
+           "cache_key", "check_length", "default_cache_dir", "eval_batches", "get_batch",
+           "load_tokens", "prepare", "read_documents", "split_documents", "unigram_entropy",
+           "windows"]
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dropless" / "tokens"
-
-
-def _hash64(text: str) -> int:
-    """A 64-bit hash of `text`, the same on every machine and in every process (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-
-
-def _split_by_name(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    train = [text for name, text in docs if _hash64(name) % 100 >= VAL_PERCENT]
-    val = [text for name, text in docs if _hash64(name) % 100 < VAL_PERCENT]
-    return train, val
-
-
-def _cut_by_position(train: list[str], val: list[str]) -> bool:
-    """Whether a side of the split by name has under half its share of the characters: a single
-    file, a handful of documents, or a validation side of only tiny or empty files (which left a
-    large corpus a few validation tokens)."""
-    total = sum(map(len, train)) + sum(map(len, val))
-    return (not train or not val or 200 * sum(map(len, val)) < total * VAL_PERCENT
-            or 200 * sum(map(len, train)) < total * (100 - VAL_PERCENT))
-
-
-def split_documents(docs: list[tuple[str, str]], val_docs: list[tuple[str, str]] | None = None):
-    """-> (train texts, validation texts). Given `val_docs` (--val-data), all of `docs` trains and
-    they validate. Else by document name; when that leaves a side under half its share of the
-    text (see _cut_by_position) the concatenated text, in the documents' order, is cut at
-    (100 - VAL_PERCENT)%."""
-    if val_docs is not None:
-        return [text for _, text in docs], [text for _, text in val_docs]
-    train, val = _split_by_name(docs)
-    if _cut_by_position(train, val):
-        text = DOC_SEPARATOR.join(text for _, text in docs)
-        cut = len(text) * (100 - VAL_PERCENT) // 100
-        train, val = [text[:cut]], [text[cut:]]
-    return train, val
-
-
-def _split_pieces(docs, val_docs=None) -> tuple[list, list]:
-    """split_documents' split as conversations.pieces (text, in the loss): --assistant-only-loss."""
-    if val_docs is None and _cut_by_position(*_split_by_name(docs)):
-        every = pieces([text for _, text in docs], DOC_SEPARATOR)
-        return cut(every, sum(len(text) for text, _ in every) * (100 - VAL_PERCENT) // 100)
-    train, val = split_documents(docs, val_docs)
-    return pieces(train, DOC_SEPARATOR), pieces(val, DOC_SEPARATOR)
 
 
 # ---- token cache ---------------------------------------------------------------------------------
@@ -101,23 +61,24 @@ class TokenData:
     val_mask: np.ndarray | None = None
 
 
-def cache_key(docs: list[tuple[str, str]], tokenizer: Tokenizer,
-              val_docs: list[tuple[str, str]] | None = None, assistant_only: bool = False) -> str:
+def cache_key(docs: list, tokenizer: Tokenizer, val_docs: list | None = None,
+              assistant_only: bool = False) -> str:
+    """The key of the documents' (read_documents' or (name, text)) cache entry: a FileDocument's
+    text hashed as it was listed, so a cache hit reads no text again."""
+    docs = [as_document(doc) for doc in docs]
     h = hashlib.sha256(f"{CACHE_VERSION}|{VAL_PERCENT}|".encode())
     if assistant_only:   # the same texts, other tokens (a piece at a time) and a mask
         h.update(b"assistant-only|")
     # a corpus cut by position only since the cut took tiny sides too (before, only an empty one)
     # has other tokens than its cache entries and checkpoints hold: a new key; the rest keep theirs
-    train, val = _split_by_name(docs)
-    if val_docs is None and train and val and _cut_by_position(train, val):
+    train, val = split_by_name(docs)
+    if val_docs is None and train and val and cut_by_position(train, val):
         h.update(b"cut-small-side|")
     h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
-    for name, text in docs + ([("", "--val-data:")] + val_docs if val_docs is not None else []):
-        h.update(hashlib.sha256(name.encode()).digest())
-        of_text = hashlib.sha256()   # a slice at a time: a large text is not copied whole
-        for i in range(0, len(text), HASH_SLICE_CHARS):
-            of_text.update(text[i:i + HASH_SLICE_CHARS].encode("utf-8", errors="replace"))
-        h.update(of_text.digest())
+    held_out = [] if val_docs is None else [("", "--val-data:"), *val_docs]
+    for doc in docs + [as_document(doc) for doc in held_out]:
+        h.update(hashlib.sha256(doc.name.encode()).digest())
+        h.update(doc.digest)
     return h.hexdigest()[:32]
 
 
@@ -184,7 +145,7 @@ def _build(folder: Path, docs, tokenizer: Tokenizer, val_docs=None,
     dtype = _token_dtype(tokenizer.vocab_size)
     meta = {"dtype": dtype.name}
     sep = tokenizer.encode(DOC_SEPARATOR)   # between documents, as split_documents joins them
-    splits = (_split_pieces if assistant_only else split_documents)(docs, val_docs)
+    splits = (split_pieces if assistant_only else split_spans)(docs, val_docs)
     chars = sum(len(p[0] if assistant_only else p) for texts in splits for p in texts)
     bar = tokenizer_module.delayed_bar(total=chars, desc="tokenize", unit="char", unit_scale=True,
                                        disable=not progress)
@@ -235,11 +196,11 @@ def _write_split(folder: Path, split: str, chunks, dtype, meta: dict, masked: bo
         meta[f"{split}_mask_sha256"] = sums["mask"].hexdigest()
 
 
-def load_tokens(docs: list[tuple[str, str]], tokenizer: Tokenizer, cache_dir: Path,
-                val_docs: list[tuple[str, str]] | None = None,
+def load_tokens(docs: list, tokenizer: Tokenizer, cache_dir: Path, val_docs: list | None = None,
                 assistant_only: bool = False, progress: bool = False) -> TokenData:
-    """Token ids of both splits (split_documents') as read-only memmaps, tokenized once per
-    (documents, validation documents, tokenizer) and reused from `cache_dir/<key>/` afterwards.
+    """Token ids of both splits (split_documents') of the documents (read_documents', or (name,
+    text) pairs) as read-only memmaps, tokenized once per (documents, validation documents,
+    tokenizer) and reused from `cache_dir/<key>/` afterwards.
     The entry is built in a temp dir and renamed into place, so an interrupted build is never
     mistaken for a complete one; an entry that fails its checksums (damaged, tampered with) is
     rebuilt, never trained on. `progress`: a bar while a new entry is tokenized."""
@@ -329,12 +290,14 @@ BPE_SAMPLE_CHARS = 16_000_000
 
 def _bpe_sample(docs, val_docs) -> list[str]:
     """The first BPE_SAMPLE_CHARS characters of the training texts, the last text cut where the
-    sample ends (one large file is not learned from whole); the split's copies of the texts are
-    dropped on return, not held while the corpus is tokenized."""
-    texts = split_documents(docs, val_docs)[0]
-    chars_before = itertools.accumulate(map(len, texts), initial=0)
-    return [t[:BPE_SAMPLE_CHARS - c] for t, c in zip(texts, chars_before)
-            if c < BPE_SAMPLE_CHARS]
+    sample ends (one large file is not learned from whole, nor read past the sample)."""
+    sample, left = [], BPE_SAMPLE_CHARS
+    for span in split_spans(docs, val_docs)[0]:
+        if left <= 0:
+            break
+        sample.append(span.read(left))
+        left -= len(span)
+    return sample
 
 
 def prepare(cfg, state: dict | None, source=None, progress: bool = False):

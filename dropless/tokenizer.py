@@ -171,13 +171,15 @@ def delayed_bar(iterable=None, desc: str | None = None, **kwargs):
     return tqdm(iterable, desc, leave=False, dynamic_ncols=True, delay=BAR_DELAY_S, **kwargs)
 
 
-def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
+def encode_chunks(tokenizer: "Tokenizer", texts: Iterable[str | Iterable[str]], bar=None
                   ) -> Iterator[list[tuple[int, np.ndarray]]]:
     """The ids of `texts`, a chunk of about ENCODE_CHUNK_CHARS characters at a time: per chunk,
-    (index of the text, ids of it or of a piece of it), in order. A large corpus is never held as
-    token ids all at once, nor is one large text: it is cut into pieces where its tokenizer has no
-    token across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm counting
-    characters, or None) follows it. The ids are the same however the texts are chunked."""
+    (index of the text, ids of it or of a piece of it), in order. A text is a str or an iterable
+    of its consecutive blocks (a file's, read from disk: dropless.split.Span). A large corpus is
+    never held as token ids all at once, nor is one large text: it is cut into pieces where its
+    tokenizer has no token across the cut (`text_pieces`), else tokenized whole. `bar` (a tqdm
+    counting characters, or None) follows it. The ids are the same however the texts are
+    chunked or given in blocks."""
     batch, owners, size = [], [], 0
     for i, text in enumerate(texts):
         for piece in text_pieces(tokenizer, text):
@@ -195,24 +197,34 @@ def encode_chunks(tokenizer: "Tokenizer", texts: list[str], bar=None
             bar.update(size)
 
 
-def text_pieces(tokenizer: "Tokenizer", text: str) -> Iterator[str]:
-    """`text` in pieces of about ENCODE_CHUNK_CHARS whose ids, joined, are the whole text's, cut
-    where `tokenizer.cuts` allows: "anywhere" (the bytes); "lines" (a GPT-2-style byte-level BPE)
-    before a newline that follows a non-space, where its pre-tokenizer always starts a new token;
-    None (normalizers, prefixes, special tokens around each text): the text whole."""
+def text_pieces(tokenizer: "Tokenizer", text: str | Iterable[str]) -> Iterator[str]:
+    """`text` (a str, or its consecutive blocks) in pieces of about ENCODE_CHUNK_CHARS whose ids,
+    joined, are the whole text's, cut where `tokenizer.cuts` allows: "anywhere" (the bytes);
+    "lines" (a GPT-2-style byte-level BPE) before a newline that follows a non-space, where its
+    pre-tokenizer always starts a new token; None (normalizers, prefixes, special tokens around
+    each text): the text whole. The pieces are the same however the text comes in blocks: a
+    block is held until a cut may follow it, so only a stretch with no cut is ever held whole."""
     cuts = getattr(tokenizer, "cuts", None)
-    start = 0
-    while cuts and len(text) - start > ENCODE_CHUNK_CHARS:
-        at = start + ENCODE_CHUNK_CHARS
-        if cuts == "lines":
-            at = text.find("\n", at)
-            while at > 0 and text[at - 1].isspace():   # (a superset of the regex's \s)
-                at = text.find("\n", at + 1)
-            if at < 0:
-                break
-        yield text[start:at]
-        start = at
-    yield text[start:] if start else text
+    # buf[start:]: not yet yielded; held: blocks after it; no newline in buf before `look` is a cut
+    buf, start, look, held = "", 0, 0, []
+    for block in (text,) if isinstance(text, str) else text:
+        held.append(block)
+        if not cuts or (cuts == "lines" and "\n" not in block):
+            continue
+        buf = "".join([buf[start:], *held])   # one block, whole: not copied
+        look, start, held = max(look - start, 0), 0, []
+        while len(buf) - start > ENCODE_CHUNK_CHARS:
+            at = start + ENCODE_CHUNK_CHARS
+            if cuts == "lines":
+                at = buf.find("\n", max(at, look))
+                while at > 0 and buf[at - 1].isspace():   # (a superset of the regex's \s)
+                    at = buf.find("\n", at + 1)
+                if at < 0:
+                    look = len(buf)
+                    break
+            yield buf[start:at]
+            start = at
+    yield "".join(([buf[start:]] if len(buf) > start else []) + held)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
