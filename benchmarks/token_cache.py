@@ -146,8 +146,8 @@ def main() -> None:
                                  + ["--one-file", str(args.one_file)] * bool(args.one_file),
                                  capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-    print("| tokenizer | chunk (chars) or cache | M chars | M tokens | s | M chars/s | RSS read MB | "
-          "RSS peak MB | growth B/char |")
+    print("| tokenizer | chunk (chars) or cache | M chars | M tokens | s | M chars/s | "
+          "RSS read MB | RSS peak MB | growth B/char |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tokenizer']} | {r['chunk']} | {r['chars'] / 1e6:.1f} | "
