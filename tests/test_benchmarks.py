@@ -308,6 +308,16 @@ def test_token_cache_of_one_file_in_pieces(tmp_path):
     assert rows[0]["growth_bytes_per_char"] < rows[1]["growth_bytes_per_char"] / 2
 
 
+def test_token_cache_of_one_file_on_disk_miss_then_hit(tmp_path):
+    """--on-disk: the file read as --data is; the hit reads it again but holds none of it."""
+    run("token_cache.py", "--one-file", "5000000", "--copies", "1", "--tokenizers", "byte",
+        "--on-disk", "--json", tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["chunk"], r["chars"]) for r in rows] == [("miss", 5_000_000), ("hit", 5_000_000)]
+    assert rows[0]["tokens"] == rows[1]["tokens"] >= 5_000_000
+    assert rows[1]["rss_peak_mb"] - rows[1]["rss_read_mb"] < 5
+
+
 # ---- init_memory.py ---------------------------------------------------------------------------
 
 def test_init_memory_ranks_hold_their_shards(tmp_path):
