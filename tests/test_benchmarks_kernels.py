@@ -6,6 +6,7 @@ correctness columns within fp32's tolerance. The interpreter takes ~0.05-0.6 s a
 the throughputs print as 0 here: only finite.
 """
 
+import importlib.util
 import math
 import re
 
@@ -13,7 +14,11 @@ import pytest
 
 from test_benchmarks import positive, run, table
 
-pytest.importorskip("triton")
+# found, not imported: importing triton in this process before tests/triton_env.py sets
+# TRITON_INTERPRET (this module is collected before the kernel tests) compiles every later kernel
+# test's kernels for a GPU, on a machine without one
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 INTERPRET = {"TRITON_INTERPRET": "1"}
 

@@ -1,5 +1,6 @@
 """The command line: every bad input is one clear line on stderr and a non-zero exit code."""
 
+import builtins
 import json
 import os
 import re
@@ -215,7 +216,7 @@ def _denied(monkeypatch, owner, name: str, denied) -> None:
     real = getattr(owner, name)
 
     def guarded(path, *args, **kwargs):
-        if denied(Path(path)):
+        if isinstance(path, (str, os.PathLike)) and denied(Path(path)):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args, **kwargs)
     monkeypatch.setattr(owner, name, guarded)
@@ -225,7 +226,7 @@ def test_unreadable_file(capsys, tmp_path, monkeypatch):
     path = tmp_path / "secret.txt"
     path.write_text("text")
     path.chmod(0)
-    _denied(monkeypatch, Path, "read_bytes", lambda p: p == path)
+    _denied(monkeypatch, builtins, "open", lambda p: p == path)   # how a corpus file is read
     _fails(capsys, ["train", "--data", str(path), "--out", str(tmp_path / "run")],
            f"cannot read {path} (Permission denied)")
     assert not (tmp_path / "run").exists()
