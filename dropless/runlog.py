@@ -100,12 +100,20 @@ class StopWhenReaderLeaves:
         return getattr(self.stream, name)
 
 
-def _leaves(value, leaf):
-    """`value` with `leaf` applied to every value that is not a list or a dict."""
+# how deep a record may nest (a layer's expert loads: 3); a deeper line is malformed whatever
+# Python's recursion limit (torch.compile raises it, so a bound on that alone varied by process)
+MAX_DEPTH = 32
+
+
+def _leaves(value, leaf, depth: int = 0):
+    """`value` with `leaf` applied to every value that is not a list or a dict; ValueError past
+    MAX_DEPTH levels."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested more than {MAX_DEPTH} deep")
     if isinstance(value, dict):
-        return {k: _leaves(v, leaf) for k, v in value.items()}
+        return {k: _leaves(v, leaf, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_leaves(v, leaf) for v in value]
+        return [_leaves(v, leaf, depth + 1) for v in value]
     return leaf(value)
 
 
