@@ -40,7 +40,7 @@ def test_serve_checks_an_ipv6_host_as_uvicorn_binds_it(capsys, monkeypatch, run_
     (which uvicorn serves) was refused with "Address family for hostname not supported"."""
     import dropless.serve.server as server
 
-    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key:
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, *rest:
                         print(f"up {host}"))
     with socket.create_server(("::1", 0), family=socket.AF_INET6) as busy:
         port = busy.getsockname()[1]
@@ -65,7 +65,7 @@ def test_served_model_name_and_chat_template(capsys, monkeypatch, run_dir, tmp_p
     import dropless.serve.server as server
 
     seen = {}
-    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key:
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, *rest:
                         seen.update(name=served.name, template=served.chat_template))
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")

@@ -571,7 +571,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
 
     engine, seen = FakeEngine(), {}
     monkeypatch.setattr(server_module, "create_app",
-                        lambda served, engine, max_queue, api_key: None)
+                        lambda served, engine, max_queue, api_key, *rest: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
         interval=sys.getswitchinterval(), captured=engine.captured, **kw))
     before = sys.getswitchinterval()
