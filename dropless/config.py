@@ -260,6 +260,11 @@ for _name in ("tiny", "small", "medium"):
 del _name
 
 
+# the presets above that mirror public models: shapes for `dropless info` and benchmarks, built on
+# the meta device; training one here would allocate until the host runs out of memory
+SHAPE_PRESETS = ("mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3")
+
+
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown: allowed: {', '.join(PRESETS)}")
@@ -343,6 +348,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("preset", self.preset, tuple(PRESETS))
+        _check(self.preset not in SHAPE_PRESETS, "preset", self.preset, "it is a public model's "
+               "shape for `dropless info` and benchmarks only; trainable: "
+               f"{', '.join(p for p in PRESETS if p not in SHAPE_PRESETS)}")
         _check_choices(self)
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
                      "ckpt_every", "log_every", "ep", "dp_replicate"):
