@@ -14,15 +14,11 @@ import sys
 import time
 import warnings
 
+from dropless.cli_checks import chat_max_new_tokens, require, sampling_flags
 from dropless.cli_parser import TRAIN_FLAGS, build_parser
 from dropless.config import LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
 from dropless.precision import resolve_device
-
-
-def _require(ok: bool, flag: str, value, allowed: str) -> None:
-    if not ok:
-        raise DroplessError(f"{flag} {value} is invalid: {allowed}")
 
 
 def _train(args) -> int:
@@ -92,18 +88,6 @@ def _train(args) -> int:
     return 0 if summary["finished"] else 130
 
 
-def _sampling_flags(args) -> None:
-    """generate's and chat's flags checked, before a model is loaded, not after."""
-    from dropless.ops.device import check_switches
-
-    check_switches()
-    _require(args.max_new_tokens > 0, "--max-new-tokens", args.max_new_tokens, "must be > 0")
-    _require(math.isfinite(args.temperature) and args.temperature >= 0, "--temperature",
-             args.temperature, "must be a finite number >= 0")
-    _require(args.top_k is None or args.top_k >= 1, "--top-k", args.top_k, "must be >= 1")
-    _require(args.top_p is None or 0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]")
-
-
 def _decode_model(args):
     """generate's and chat's (model, tokenizer, (EOS ids, chat template, special tokens)), in
     serve's dtype (bf16 on CUDA), the experts in the decode GEMVs' layout (on CUDA)."""
@@ -119,8 +103,11 @@ def _decode_model(args):
 
 def _chat(args) -> int:
     from dropless.chat import run_chat
+    from dropless.checkpoint import model_config_of
 
-    _sampling_flags(args)
+    sampling_flags(args)
+    context = model_config_of(args.run_dir)[0].max_seq_len   # its header; no weight read
+    args.max_new_tokens = chat_max_new_tokens(args.max_new_tokens, context)
     return run_chat(*_decode_model(args), args)
 
 
@@ -129,10 +116,10 @@ def _generate(args) -> int:
     from dropless.serve.chat_template import render_chat
     from dropless.serve.text import DEFAULT_CHAT_TEMPLATE
 
-    _sampling_flags(args)
+    sampling_flags(args)
     prompts = args.prompt or ["def "]   # argv's bytes that are not UTF-8: lone surrogates
     bad = [p for p in prompts if any("\ud800" <= c <= "\udfff" for c in p)]
-    _require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
+    require(not bad, "--prompt", ascii(bad[:1])[1:-1], "must be UTF-8 text")
     model, tok, (eos_ids, template, special) = _decode_model(args)
     eos = () if args.ignore_eos else eos_ids
     if args.chat:   # each prompt a user's message; the reply alone is printed
@@ -148,7 +135,7 @@ def _generate(args) -> int:
     if not all(ids):
         raise DroplessError("--prompt must not be empty")
     longest = max(map(len, ids)) + args.max_new_tokens
-    _require(longest <= model.cfg.max_seq_len, "--max-new-tokens", args.max_new_tokens, f"prompt "
+    require(longest <= model.cfg.max_seq_len, "--max-new-tokens", args.max_new_tokens, f"prompt "
              f"+ it = {longest} tokens exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     # one prompt streams; multi-byte characters may span tokens: decode incrementally
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -189,22 +176,22 @@ def _serve(args) -> int:
 
     # what can be checked without the model, before it loads (minutes, for a large one)
     check_switches()
-    _require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
-    _require(args.max_queue is None or args.max_queue >= 1, "--max-queue", args.max_queue,
+    require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
+    require(args.max_queue is None or args.max_queue >= 1, "--max-queue", args.max_queue,
              "must be >= 1")
-    _require(args.max_len is None or args.max_len >= 2, "--max-len", args.max_len,
+    require(args.max_len is None or args.max_len >= 2, "--max-len", args.max_len,
              "must be in [2, the model's max_seq_len]")
-    _require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
+    require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
              "must be in [0, 1000]")
-    _require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
-    _require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
+    require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
+    require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
              "(hidden)", "must be a non-empty string without surrounding spaces")
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
-    _require(all(o == "*" or re.fullmatch(r"https?://[^/\s]+", o) for o in origins),
+    require(all(o == "*" or re.fullmatch(r"https?://[^/\s]+", o) for o in origins),
              "--allowed-origins", args.allowed_origins, "must be * or comma-separated origins "
              "(scheme://host[:port], no path), e.g. http://localhost:3000")
     name = args.served_model_name
-    _require(name is None or 0 < len(name) <= 256 and name.isprintable(), "--served-model-name",
+    require(name is None or 0 < len(name) <= 256 and name.isprintable(), "--served-model-name",
              ascii(name), "must be 1 to 256 printable characters")
     template = None
     if args.chat_template is not None:   # checked before the model loads: it renders once
@@ -221,7 +208,7 @@ def _serve(args) -> int:
     compile_prefill = args.compile_prefill if args.compile_prefill is not None else (
         args.compile or next(served.model.parameters()).is_cuda)
     context = served.model.cfg.max_seq_len
-    _require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
+    require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
              f"must be in [2, {context}] (the model's max_seq_len)")
     max_len = args.max_len or min(context, 4096)
     try:
@@ -319,11 +306,11 @@ def _info(args) -> int:
     from dropless.config import PRESETS, get_preset
     from dropless.info import format_stats, model_stats, preset_table
 
-    _require(args.seq_len is None or 0 < args.seq_len <= LIMITS["positions"], "--seq-len",
+    require(args.seq_len is None or 0 < args.seq_len <= LIMITS["positions"], "--seq-len",
              args.seq_len, f"must be in [1, {LIMITS['positions']}] (as train's)")
     if args.path is not None:
         from dropless.checkpoint import model_config_of
-        _require(args.preset is None, "--preset", args.preset, "give a preset or a directory, "
+        require(args.preset is None, "--preset", args.preset, "give a preset or a directory, "
                  "not both")
         cfg, what = model_config_of(args.path)
         print(f"{args.path}: {what}\n{format_stats(model_stats(cfg, args.seq_len))}")

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "its reply streamed (/exit or EOF ends)")
     chat.add_argument("run_dir", type=_path, metavar="RUN_DIR|HF_DIR")
     chat.add_argument("--system", help="a system message first")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="per reply")
+    chat.add_argument("--max-new-tokens", type=int,
+                      help="per reply (default: 512, at most half the model's context)")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     chat.add_argument("--top-k", type=int)
     chat.add_argument("--top-p", type=float)

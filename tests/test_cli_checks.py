@@ -1,8 +1,11 @@
 """The command line's refusals of inputs that once failed late, obscurely or not at all: each one
 line on stderr, exit code 1, before anything is written."""
 
+import io
+
 import pytest
 
+from dropless import cli
 from dropless.config import SHAPE_PRESETS
 from tests.test_cli import _fails
 
@@ -15,3 +18,14 @@ def test_train_refuses_a_shape_only_preset(capsys, tmp_path, preset):
            f"preset={preset!r} is invalid: it is a public model's shape for `dropless info` and "
            "benchmarks only; trainable: tiny, small, medium")
     assert not (tmp_path / "run").exists()
+
+
+def test_chat_defaults_talk_to_a_tiny_model(trained_run, monkeypatch, capsys):
+    """512 tokens per reply was tiny's whole context: every message was "not sent". Left out, a
+    reply gets half the context; a value that leaves no room for a message is refused at once."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert cli.main(["chat", str(trained_run), "--device", "cpu", "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and err == "", err
+    _fails(capsys, ["chat", str(trained_run), "--max-new-tokens", "512"],
+           "--max-new-tokens 512 is invalid: must be below the model's context of 512 tokens")
