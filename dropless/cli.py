@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from dropless.cli_checks import chat_max_new_tokens, require, sampling_flags
+from dropless.cli_checks import chat_max_new_tokens, prompt_fits, require, sampling_flags
 from dropless.cli_parser import TRAIN_FLAGS, build_parser
 from dropless.config import LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
@@ -134,9 +134,7 @@ def _generate(args) -> int:
         ids = [tok.encode(p).tolist() for p in prompts]
     if not all(ids):
         raise DroplessError("--prompt must not be empty")
-    longest = max(map(len, ids)) + args.max_new_tokens
-    require(longest <= model.cfg.max_seq_len, "--max-new-tokens", args.max_new_tokens, f"prompt "
-             f"+ it = {longest} tokens exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    prompt_fits(max(map(len, ids)), args.max_new_tokens, model.cfg.max_seq_len)
     # one prompt streams; multi-byte characters may span tokens: decode incrementally
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     streaming, shown = len(prompts) == 1, [""] * len(prompts) if args.chat else prompts

@@ -38,3 +38,13 @@ def chat_max_new_tokens(given: int | None, context: int) -> int:
     require(given < context, "--max-new-tokens", given, f"must be below the model's context of "
             f"{context} tokens (a message needs some; default {context // 2})")
     return given
+
+
+def prompt_fits(prompt: int, max_new_tokens: int, context: int) -> None:
+    """generate's longest prompt (tokens) and the tokens after it fit the model's context; a
+    prompt that fills it alone is named as the mistake, not the --max-new-tokens left default."""
+    if prompt >= context:
+        raise DroplessError(f"--prompt is {prompt} tokens: the model's context is {context} "
+                            "(max_seq_len), which must hold the prompt and a new token at least")
+    require(prompt + max_new_tokens <= context, "--max-new-tokens", max_new_tokens, f"prompt + "
+            f"it = {prompt + max_new_tokens} tokens exceeds the model's max_seq_len={context}")

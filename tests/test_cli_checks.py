@@ -29,3 +29,12 @@ def test_chat_defaults_talk_to_a_tiny_model(trained_run, monkeypatch, capsys):
     assert out.strip() and err == "", err
     _fails(capsys, ["chat", str(trained_run), "--max-new-tokens", "512"],
            "--max-new-tokens 512 is invalid: must be below the model's context of 512 tokens")
+
+
+def test_generate_names_a_prompt_longer_than_the_context(trained_run, capsys):
+    """A 600-token prompt blamed --max-new-tokens 200, a flag the user never passed."""
+    _fails(capsys, ["generate", str(trained_run), "--prompt", "x" * 600, "--device", "cpu"],
+           "--prompt is 600 tokens: the model's context is 512 (max_seq_len)")
+    _fails(capsys, ["generate", str(trained_run), "--prompt", "x" * 400, "--device", "cpu"],
+           "--max-new-tokens 200 is invalid: prompt + it = 600 tokens exceeds the model's "
+           "max_seq_len=512")
