@@ -38,3 +38,11 @@ def test_generate_names_a_prompt_longer_than_the_context(trained_run, capsys):
     _fails(capsys, ["generate", str(trained_run), "--prompt", "x" * 400, "--device", "cpu"],
            "--max-new-tokens 200 is invalid: prompt + it = 600 tokens exceeds the model's "
            "max_seq_len=512")
+
+
+def test_quantize_checks_calib_seq_len_against_the_context_first(trained_run, tmp_path, capsys):
+    """--calib-seq-len 100000 blamed the --calib-samples left at its default."""
+    _fails(capsys, ["quantize", str(trained_run), "--out", str(tmp_path / "q"), "--calib-seq-len",
+                    "100000"], "--calib-seq-len 100000 is invalid: must be in [1, 512] (the "
+           "model's max_seq_len=512")
+    assert not (tmp_path / "q").exists()

@@ -85,7 +85,7 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes). Calibration
     tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in SRC's saved
     one: SRC may come from a stranger, and quantizing it must not write where it says."""
-    from dropless.checkpoint import config_to_dict
+    from dropless.checkpoint import config_to_dict, model_config_of
     from dropless.serve.text import copy_chat_files
     from dropless.parallel.checkpoint import save
     from dropless.quant.calibrate import quantize_model
@@ -97,7 +97,15 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
         if value < 1:
             raise DroplessError(f"{name} {value} is invalid: must be >= 1")
-    if calib_seq_len <= MAX_CALIB_TOKENS < calib_samples * calib_seq_len:   # before any load
+    # before any load: the model's context from its header (no weight read), the sequence length
+    # checked against it first (--calib-seq-len 100000 blamed the --calib-samples left default)
+    context = model_config_of(src)[0].max_seq_len
+    longest = min(context, MAX_CALIB_TOKENS)
+    if calib_seq_len > longest:
+        raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
+                            f"{longest}] (the model's max_seq_len={context}; at most "
+                            f"{MAX_CALIB_TOKENS:,} calibration tokens)")
+    if calib_samples * calib_seq_len > MAX_CALIB_TOKENS:
         raise DroplessError(f"--calib-samples {calib_samples} is invalid: must be in [1, "
                             f"{MAX_CALIB_TOKENS // calib_seq_len}] with --calib-seq-len "
                             f"{calib_seq_len} (at most {MAX_CALIB_TOKENS:,} calibration tokens)")
@@ -124,11 +132,6 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     except ValueError as e:   # the shape errors name group_size=: the flag that set it
         raise DroplessError(f"{src}: cannot quantize: "
                             f"{str(e).replace('group_size=', '--group-size ')}") from None
-    longest = min(model.cfg.max_seq_len, MAX_CALIB_TOKENS)
-    if calib_seq_len > longest:
-        raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
-                            f"{longest}] (the model's max_seq_len={model.cfg.max_seq_len}; at "
-                            f"most {MAX_CALIB_TOKENS:,} calibration tokens)")
     from dropless.serve.text import chat_files
     tokens = calibration_tokens(tok, calib_data, calib_samples, calib_seq_len, cache_dir,
                                 chat_files(Path(src)), progress)   # conversations: its template
