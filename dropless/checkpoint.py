@@ -20,6 +20,7 @@ import torch
 
 from dropless.config import ModelConfig, MoEConfig, TrainConfig
 from dropless.errors import DroplessError
+from dropless.files import need_dir
 from dropless.model import Transformer
 from dropless.parallel.checkpoint import STATE, latest, latest_path, load, read_state, verify
 from dropless.tokenizer import tokenizer_from_json
@@ -103,11 +104,8 @@ def saved_train_config(state: dict) -> TrainConfig | None:
 
 
 def _latest(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "a file, not a run directory" if run_dir.exists() else "no such run directory"
-        raise DroplessError(f"{run_dir}: {what}")
-    path = latest_path(run_dir)
+    need_dir(run_dir)
+    path = latest_path(Path(run_dir))
     return {**read_state(path), "path": path}
 
 

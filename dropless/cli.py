@@ -18,6 +18,7 @@ from dropless.cli_checks import chat_max_new_tokens, prompt_fits, require, sampl
 from dropless.cli_parser import TRAIN_FLAGS, build_parser
 from dropless.config import LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
+from dropless.files import need_dir
 from dropless.precision import resolve_device
 
 
@@ -55,8 +56,7 @@ def _train(args) -> int:
         if args.resume and args.out and os.path.realpath(args.resume) != os.path.realpath(args.out):
             raise DroplessError(f"--resume {args.resume} and --out {args.out} name different "
                                 "directories: a run continues where it is; pass one of them")
-        if not os.path.isdir(run_dir):
-            raise DroplessError(f"{run_dir}: no such run directory")
+        need_dir(run_dir)
         cfg, state = resume_config(run_dir, overrides)
     else:
         out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if args.out is None else args.out
@@ -239,7 +239,7 @@ def _convert(args) -> int:
         elif args.to_safetensors and os.path.isdir(args.to_safetensors):
             hint = (f" (the run comes first, --to-safetensors takes the output file: `dropless "
                     f"convert {args.to_safetensors} --to-safetensors {args.path}`)")
-        raise DroplessError(f"{run_dir}: no such run directory{hint}")
+        need_dir(run_dir, hint=hint)
     if args.from_hf and not os.path.exists(args.from_hf) and \
             os.path.isfile(os.path.join(args.path, "config.json")):
         raise DroplessError(f"{args.from_hf}: no such Hugging Face directory (--from-hf takes it, "
@@ -274,8 +274,7 @@ def _convert(args) -> int:
 def _quantize(args) -> int:
     from dropless.quant.run import quantize_run
 
-    if not os.path.isdir(args.src):
-        raise DroplessError(f"{args.src}: no such run or Hugging Face directory")
+    need_dir(args.src, "run or Hugging Face directory")
     s = quantize_run(args.src, args.out, bits=args.bits, group_size=args.group_size,
                      calib_data=args.calib_data, calib_samples=args.calib_samples,
                      calib_seq_len=args.calib_seq_len, device=resolve_device(args.device),
@@ -288,8 +287,7 @@ def _quantize(args) -> int:
 def _eval(args) -> int:
     from dropless.evaluate import WINDOW_FLAGS, evaluate_dir, result_json
 
-    if not os.path.isdir(args.path):
-        raise DroplessError(f"{args.path}: no such run or Hugging Face directory")
+    need_dir(args.path, "run or Hugging Face directory")
     r = evaluate_dir(args.path, args.data, args.device, args.cache_dir, progress=True,
                      windows={k: getattr(args, k) for k in WINDOW_FLAGS})
     if args.json:

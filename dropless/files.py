@@ -33,6 +33,14 @@ def resolves_inside(root: Path, path: Path) -> bool:
     return real.is_relative_to(top) or real.is_relative_to(blobs)
 
 
+def need_dir(path: str | Path, what: str = "run directory", hint: str = "") -> None:
+    """Raise unless `path` is a directory: a file there is named as one ("a file, not a run
+    directory"), not as missing; `hint` follows either."""
+    if not os.path.isdir(path):
+        found = f"a file, not a {what}" if os.path.exists(path) else f"no such {what}"
+        raise DroplessError(f"{path}: {found}{hint}")
+
+
 def read_small_text(path: str | Path, within: Path | None = None) -> str:
     """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over
     MAX_SMALL_FILE bytes (checked before reading), or, given the model directory `within`, when

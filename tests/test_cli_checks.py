@@ -46,3 +46,29 @@ def test_quantize_checks_calib_seq_len_against_the_context_first(trained_run, tm
                     "100000"], "--calib-seq-len 100000 is invalid: must be in [1, 512] (the "
            "model's max_seq_len=512")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["eval", "{file}"], "run or Hugging Face directory"),
+    (["quantize", "{file}", "--out", "{tmp}/q"], "run or Hugging Face directory"),
+    (["train", "--resume", "{file}"], "run directory"),
+    (["convert", "--to-hf", "{file}", "{tmp}/hf"], "run directory"),
+    (["convert", "{file}", "--to-safetensors", "{tmp}/m.safetensors"], "run directory"),
+    (["generate", "{file}"], "run directory"),
+])
+def test_a_file_where_a_directory_belongs_is_named_a_file(tmp_path, capsys, argv, what):
+    """eval, quantize, train --resume and convert said "no such run directory" of a file."""
+    file = tmp_path / "notes.txt"
+    file.write_text("not a run")
+    _fails(capsys, [a.format(file=file, tmp=tmp_path) for a in argv],
+           f"{file}: a file, not a {what}")
+    assert sorted(tmp_path.iterdir()) == [file]
+
+
+def test_serve_names_a_file_a_file(tmp_path):
+    from dropless.errors import DroplessError
+    from dropless.serve.text import load_served_model
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(DroplessError, match="notes.txt: a file, not a run or Hugging Face dir"):
+        load_served_model(str(tmp_path / "notes.txt"), "cpu")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dropless.errors import DroplessError
-from dropless.files import read_json_object, read_small_text, write_atomic
+from dropless.files import need_dir, read_json_object, read_small_text, write_atomic
 from dropless.model import Transformer
 from dropless.tokenizer import Tokenizer
 
@@ -92,9 +92,8 @@ def load_served_model(path: str, device: torch.device) -> ServedModel:
     from dropless.checkpoint import load_model_dir
     from dropless.serve.moe_decode import kmajor_experts
 
+    need_dir(path, "run or Hugging Face directory")
     root = Path(path)
-    if not root.is_dir():
-        raise DroplessError(f"{path}: no such directory")
     model, tokenizer = load_model_dir(root, device, decode_dtype(device))
     kmajor_experts(model)   # the decode GEMVs' layout: served weights are never trained
     eos_ids, template, special = chat_metadata(root, model.cfg.vocab_size, tokenizer)
