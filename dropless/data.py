@@ -322,6 +322,10 @@ def prepare(cfg, state: dict | None, source=None, progress: bool = False):
         tok = source.tokenizer
     elif cfg.tokenizer == "bpe":
         tok = train_bpe(_bpe_sample(docs, val_docs), cfg.vocab)
+        if tok.vocab_size < cfg.vocab:   # the text has fewer merges: the model's vocab follows
+            warnings.warn(f"--vocab {cfg.vocab}: the training text yields only {tok.vocab_size} "
+                          f"BPE tokens, the model's vocabulary size (more text makes more)",
+                          stacklevel=2)
     else:
         tok = ByteTokenizer()
     tokens = load_tokens(docs, tok, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),

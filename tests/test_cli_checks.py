@@ -72,3 +72,15 @@ def test_serve_names_a_file_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(DroplessError, match="notes.txt: a file, not a run or Hugging Face dir"):
         load_served_model(str(tmp_path / "notes.txt"), "cpu")
+
+
+def test_bpe_smaller_than_vocab_is_said(tmp_path, capsys):
+    """--vocab 4096 on a small text made a tokenizer of a few hundred tokens in silence."""
+    text = tmp_path / "small.txt"
+    text.write_text("the cat sat on the mat; the dog sat on the log.\n" * 200)
+    with pytest.warns(UserWarning, match=r"--vocab 4096: the training text yields only \d+ BPE "
+                                         "tokens, the model's vocabulary size"):
+        assert cli.main(["train", "--data", str(text), "--out", str(tmp_path / "run"),
+                         "--tokenizer", "bpe", "--vocab", "4096", "--steps", "1", "--seq-len",
+                         "16", "--batch-size", "2", "--sample-tokens", "0", "--quiet",
+                         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
