@@ -212,12 +212,13 @@ def read_documents(data: str | None, flag: str = "--data", chat: tuple[str, dict
                    assistant_only: bool = False, why: str = "--assistant-only-loss",
                    progress: bool = False) -> list[Document]:
     """(name, text) documents from `--data`: a text file, a directory of text files
-    (recursively, hidden binary and non-regular files skipped), as FileDocuments whose text is
-    read later; a `.jsonl` of records (conversations.jsonl_documents: conversations rendered by
-    `chat`, (chat template, special tokens), default the plain one; with `assistant_only`,
-    conversations.Rendered texts that know what the loss covers) as TextDocuments; or None for
-    the stdlib. `flag`: the option the user named `data` with, and `why`: what asked for
-    assistant turns, for the messages. `progress`: a bar while conversations render."""
+    (recursively; hidden files skipped silently, binary and non-regular ones with a warning), as
+    FileDocuments whose text is read later; a `.jsonl` of records (conversations.jsonl_documents:
+    conversations rendered by `chat`, (chat template, special tokens), default the plain one; with
+    `assistant_only`, conversations.Rendered texts that know what the loss covers) as
+    TextDocuments; or None for the stdlib. `flag`: the option the user named `data` with, and
+    `why`: what asked for assistant turns, for the messages. `progress`: a bar while
+    conversations render."""
     shown = f"{flag} {data}"
     if data is None:
         docs = stdlib_documents()
