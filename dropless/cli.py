@@ -246,6 +246,8 @@ def _convert(args) -> int:
                             f"the other path is the output: `dropless convert --from-hf "
                             f"{args.path} {args.from_hf}`)")
     out = args.to_safetensors or args.path   # never overwrite what convert did not write
+    if args.to_safetensors:   # else safetensors' own I/O error, naming its temp file
+        need_dir(os.path.dirname(os.path.abspath(out)), "directory", f" for {out}")
     if args.to_safetensors and os.path.lexists(out):
         raise DroplessError(f"{out} already exists: refusing to overwrite it; choose a new path")
     if not args.to_safetensors and os.path.lexists(out) and (

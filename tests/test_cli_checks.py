@@ -84,3 +84,13 @@ def test_bpe_smaller_than_vocab_is_said(tmp_path, capsys):
                          "--tokenizer", "bpe", "--vocab", "4096", "--steps", "1", "--seq-len",
                          "16", "--batch-size", "2", "--sample-tokens", "0", "--quiet",
                          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+
+
+def test_convert_to_safetensors_names_a_missing_directory(trained_run, tmp_path, capsys):
+    """safetensors' error named its temp file: "I/O error: No such file ... at path .tmpXXXX"."""
+    out = tmp_path / "nodir" / "m.safetensors"
+    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(out)],
+           f"{tmp_path / 'nodir'}: no such directory for {out}")
+    (tmp_path / "file").write_text("")
+    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(tmp_path / "file" / "m")],
+           f"{tmp_path / 'file'}: a file, not a directory for")
