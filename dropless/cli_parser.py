@@ -90,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("run_dir", type=_path)
     gen.add_argument("--prompt", action="append", help="repeat for a batch of prompts "
                                                        "(default 'def ')")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="per prompt (default 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, ...")
+    gen.add_argument("--device", default="auto",
+                     help="auto (cuda when available), cpu, ... (default auto)")
     gen.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
     gen.add_argument("--chat", action="store_true",
                      help="each prompt is a user's message in the model's chat template (its "
@@ -110,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message first")
     chat.add_argument("--max-new-tokens", type=int,
                       help="per reply (default: 512, at most half the model's context)")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     chat.add_argument("--top-k", type=int)
     chat.add_argument("--top-p", type=float)
     chat.add_argument("--seed", type=int, help="turn i samples with seed + i")
-    chat.add_argument("--device", default="auto", help="auto (cuda when available), cpu, ...")
+    chat.add_argument("--device", default="auto",
+                      help="auto (cuda when available), cpu, ... (default auto)")
     chat.add_argument("--compile", action="store_true", help=_DECODE_COMPILE)
     chat.add_argument("--ignore-eos", action="store_true", help="reply past the model's EOS")
 
@@ -176,14 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory or Hugging Face directory")
     quant.add_argument("--out", required=True, type=_path,
                        help="the quantized run directory (must not exist)")
-    quant.add_argument("--bits", type=int, default=4)
-    quant.add_argument("--group-size", type=int, default=128, help="32, 64 or 128")
+    quant.add_argument("--bits", type=int, default=4, help="weight bits; 4 only (default 4)")
+    quant.add_argument("--group-size", type=int, default=128,
+                       help="32, 64 or 128 (default 128)")
     quant.add_argument("--calib-data", type=_path,
                        help="calibration text, as train's --data (default: this Python's stdlib "
                             ".py files); its training split is used")
-    quant.add_argument("--calib-samples", type=int, default=128)
-    quant.add_argument("--calib-seq-len", type=int, default=512)
-    quant.add_argument("--device", default="auto")
+    quant.add_argument("--calib-samples", type=int, default=128,
+                       help="calibration sequences (default 128)")
+    quant.add_argument("--calib-seq-len", type=int, default=512,
+                       help="tokens per calibration sequence, at most the model's context "
+                            "(default 512)")
+    quant.add_argument("--device", default="auto",
+                       help="auto (cuda when available), cpu, ... (default auto)")
     quant.add_argument("--cache-dir", type=_path, help=CACHE_HELP)
     quant.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -94,3 +94,16 @@ def test_convert_to_safetensors_names_a_missing_directory(trained_run, tmp_path,
     (tmp_path / "file").write_text("")
     _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(tmp_path / "file" / "m")],
            f"{tmp_path / 'file'}: a file, not a directory for")
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("generate", ["per prompt (default 200)", "greedy (default 0.8)", "(default auto)"]),
+    ("chat", ["greedy (default 0.7)", "(default auto)"]),
+    ("quantize", ["(default 4)", "(default 128)", "context (default 512)", "(default auto)"]),
+])
+def test_help_shows_the_defaults(capsys, command, defaults):
+    """As train's --help does: generate's, chat's and quantize's showed none."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())   # argparse wraps to the terminal's width
+    assert all(d in out for d in defaults), out
