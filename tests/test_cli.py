@@ -476,10 +476,12 @@ def test_convert_writes_files_others_can_read(capsys, tmp_path, trained_run):
 
 
 def test_convert_to_safetensors_into_no_directory_is_one_line(capsys, tmp_path, trained_run):
+    """Named before the run loads: safetensors' own error named its temp file (".tmpXXXX")."""
     (tmp_path / "file").write_text("x")
-    for out in (tmp_path / "missing" / "m.safetensors", tmp_path / "file" / "m.safetensors"):
+    for out, found in ((tmp_path / "missing" / "m.safetensors", "no such directory"),
+                       (tmp_path / "file" / "m.safetensors", "a file, not a directory")):
         _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(out)],
-               f"dropless: error: {out}: cannot write (")
+               f"dropless: error: {out.parent}: {found} for {out}")
 
 
 def test_new_run_refuses_a_foreign_directory(capsys, tmp_path, corpus):

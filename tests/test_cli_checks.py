@@ -86,16 +86,6 @@ def test_bpe_smaller_than_vocab_is_said(tmp_path, capsys):
                          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
 
 
-def test_convert_to_safetensors_names_a_missing_directory(trained_run, tmp_path, capsys):
-    """safetensors' error named its temp file: "I/O error: No such file ... at path .tmpXXXX"."""
-    out = tmp_path / "nodir" / "m.safetensors"
-    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(out)],
-           f"{tmp_path / 'nodir'}: no such directory for {out}")
-    (tmp_path / "file").write_text("")
-    _fails(capsys, ["convert", str(trained_run), "--to-safetensors", str(tmp_path / "file" / "m")],
-           f"{tmp_path / 'file'}: a file, not a directory for")
-
-
 @pytest.mark.parametrize("command, defaults", [
     ("generate", ["per prompt (default 200)", "greedy (default 0.8)", "(default auto)"]),
     ("chat", ["greedy (default 0.7)", "(default auto)"]),
