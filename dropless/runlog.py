@@ -207,7 +207,7 @@ class MetricsLog:
 
 def format_summary(s: dict) -> str:
     """The end-of-run report of `dropless train`."""
-    from dropless.train import SAMPLE_PROMPT
+    from dropless.train_report import SAMPLE_PROMPT
 
     if not s["finished"]:
         return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "

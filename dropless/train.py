@@ -38,9 +38,7 @@ from dropless.runlog import MetricsLog, StopOnInterrupt
 from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, resolve_device,
                                 resolve_precision)
 from dropless.plots import write_plots
-
-SAMPLE_PROMPT = "def "
-
+from dropless.train_report import diverged, training_sample
 
 def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, params=None):
     """(mean next-token cross-entropy in float32, the model's aux). The loss is part of the function
@@ -244,6 +242,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
         else (lambda tokens_per_s: None)
 
     def checkpoint() -> None:   # JSON beside the tensors: RNG states and loads as lists of ints
+        if not window["loss"].isfinite().item():   # sync: a checkpoint reads the window anyway
+            raise diverged(cfg, precision, recent, step, clock_step, saved_step)
         extra = {
             "schedule": {"lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
                          "min_lr_ratio": cfg.min_lr_ratio},
@@ -311,6 +311,9 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             log_now = step % cfg.log_every == 0 or evaluate_now
             if not warm or log_now or on_step is not None:
                 loss = lm.item()   # sync: the bar, the log and the callback
+                # stopped before it is logged or saved (the window: the steps the host saw not)
+                if not math.isfinite(loss) or log_now and not window["loss"].isfinite().item():
+                    raise diverged(cfg, precision, recent, step, clock_step, saved_step)
                 now = time.perf_counter()
                 if not warm and step < cfg.steps:   # the warm-up step ends: the clock starts
                     rate_step, rate_time, paused = step, now, 0.0   # (a run of one step keeps it)
@@ -338,6 +341,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                 if evaluate_now:
                     eval_start = time.perf_counter()
                     val_loss = evaluate(model, val_windows, device, amp, rt)
+                    if not math.isfinite(val_loss):   # not logged, not saved
+                        raise diverged(cfg, precision, recent, step, step, saved_step, val_loss)
                     paused += time.perf_counter() - eval_start
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                     if rt.is_main:
@@ -364,7 +369,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     # 4. plots and a sample
     plots = write_plots(run_dir, baseline) if rt.is_main else []
     finished = step == cfg.steps
-    sample = _sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens else None
+    sample = (training_sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens
+              else None)
     tokens_per_s = (tokens_per_step * (step - rate_step)
                     / max(loop_end - rate_time - paused, 1e-9))
     return {"run_dir": str(run_dir), "preset": name, "params": num_params, "step": step,
@@ -375,23 +381,3 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             "val_loss": val_loss if finished else None, "unigram_baseline": baseline,
             "plots": [str(p) for p in plots], "sample": sample}
 
-
-def _sample(model, model_cfg, cfg: TrainConfig, rt, tok) -> str | None:
-    """A short sample from the trained model, on rank 0 (under torchrun from the gathered
-    weights, in the dtype `generate` decodes in, where they fit)."""
-    from dropless.generate import generate
-    from dropless.model import Transformer
-    from dropless.parallel import gathered_model
-    from dropless.serve.text import decode_dtype
-
-    sample_model = model
-    if rt.world > 1:
-        sample_model = gathered_model(model, lambda: Transformer(model_cfg), rt,
-                                      decode_dtype(rt.device))
-        if sample_model is None:
-            return None
-    prompt = tok.encode(SAMPLE_PROMPT).tolist()
-    new = generate(sample_model, [prompt],
-                   min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt)),
-                   temperature=0.8, top_k=40, seed=cfg.seed)[0]
-    return SAMPLE_PROMPT + tok.decode(new, continuation=True)

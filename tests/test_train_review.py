@@ -104,3 +104,29 @@ def test_resume_replaces_the_tokenizer_json_never_rewrites_it_in_place(small_cfg
     resumed_cfg, state = resume_config(tmp_path / "run", {})
     assert train(resumed_cfg, state=state, progress=False)["finished"]
     assert path.read_text() == old and not path.samefile(tmp_path / "backup.json")
+
+
+@pytest.mark.parametrize("eval_every", [1, 100])
+def test_a_diverged_run_stops_with_an_error_and_saves_no_nan(capsys, tmp_path, corpus, eval_every):
+    """--lr 1e9 makes step 1's update blow the weights up: the validation loss after step 1 is NaN
+    (eval every step), else step 2's training loss is. The run stops there with one line that
+    names the step and what to try, exit 1, and nothing past the last finite state is saved."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--out",
+            str(out), "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+            "--lr", "1e9", "--warmup", "0", "--eval-every", str(eval_every), "--eval-batches", "1",
+            "--ckpt-every", "1", "--grad-clip", "0", "--quiet"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()[-1]
+    where = "validation loss became nan after step 1" if eval_every == 1 else \
+        "training loss became nan at step 2"
+    kept = "no checkpoint was saved" if eval_every == 1 else \
+        f"the latest checkpoint (step 1) in {out} is left as it was"
+    assert err == (f"dropless: error: the {where}: stopped, {kept}; try a lower --lr (this "
+                   "run's: 1e+09) or --grad-clip 1.0 (this run's: off)"), err
+    assert "trained tiny" not in captured.out
+    saved = sorted(p.name for p in (out / "dcp").iterdir()) if (out / "dcp").exists() else []
+    assert saved == ([] if eval_every == 1 else ["step-00000001"])
+    assert all(json.loads(line)["loss"] is not None
+               for line in (out / "metrics.jsonl").read_text().splitlines())
