@@ -16,28 +16,33 @@ from dropless.files import write_atomic
 
 
 class StopOnInterrupt:
-    """First Ctrl-C (or `request_stop()`): the loop finishes its step, checkpoints and returns.
-    Second Ctrl-C: interrupt now."""
+    """First Ctrl-C or SIGTERM (or `request_stop()`): the loop finishes its step, checkpoints and
+    returns. A second one: interrupt now. SIGTERM is how `timeout`, `kill`, schedulers and
+    `docker stop` stop a job (torchrun forwards it to every worker, then SIGKILLs them 30 s on);
+    its default action lost every step since the last checkpoint. Under torchrun the loop's
+    ranks agree on when to stop (train's stop_now), whichever of them got a signal."""
 
     requested = False
+    signal_name = None   # the signal that asked to stop: "SIGINT" or "SIGTERM"
     active = None   # the instance whose loop runs now, for request_stop
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.previous = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         StopOnInterrupt.active = self
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal_name = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
         StopOnInterrupt.active = None
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def request_stop() -> None:
@@ -210,7 +215,8 @@ def format_summary(s: dict) -> str:
     from dropless.train_report import SAMPLE_PROMPT
 
     if not s["finished"]:
-        return (f"interrupted at step {s['step']}/{s['steps']}: checkpoint saved in "
+        by = f" ({s['stopped_by']})" if s.get("stopped_by") else ""
+        return (f"interrupted at step {s['step']}/{s['steps']}{by}: checkpoint saved in "
                 f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
     minutes, seconds = divmod(round(s["elapsed_s"]), 60)
     lines = [

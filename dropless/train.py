@@ -375,6 +375,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                     / max(loop_end - rate_time - paused, 1e-9))
     return {"run_dir": str(run_dir), "preset": name, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
+            "stopped_by": stop.signal_name,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,
             "compiled": compiled,
             "train_loss": torch.stack(list(recent)).mean().item() if recent else None,

@@ -3,6 +3,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -96,7 +97,10 @@ def test_kill_during_save_keeps_the_previous_checkpoint(small_cfg, tmp_path):
         ["step-00000002", "step-00000004"]   # stale temp directory removed
 
 
-def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys, sig):
+    """Ctrl-C (SIGINT), and SIGTERM as `timeout`, `kill`, schedulers and `docker stop` send it:
+    the step finishes, a checkpoint is saved, the resume command is printed, exit code 130."""
     cfg = small_cfg()
     env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "dropless", "train", "--data", cfg.data,
@@ -110,10 +114,10 @@ def test_ctrl_c_saves_and_exits_cleanly(small_cfg, tmp_path, capsys):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    proc.send_signal(2)   # SIGINT, as Ctrl-C sends
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert "Traceback" not in err and "interrupted at step" in out
+    assert "Traceback" not in err and "interrupted at step" in out and f"({sig.name})" in out
     step = read_state(latest_path(cfg.out))["step"]
     assert step >= 2 and f"--resume {cfg.out}" in out
     assert cli.main(["train", "--resume", cfg.out, "--steps", str(step + 1), "--quiet"]) == 0

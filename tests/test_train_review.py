@@ -130,3 +130,16 @@ def test_a_diverged_run_stops_with_an_error_and_saves_no_nan(capsys, tmp_path, c
     assert saved == ([] if eval_every == 1 else ["step-00000001"])
     assert all(json.loads(line)["loss"] is not None
                for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_stop_on_interrupt_restores_both_handlers():
+    """The run's SIGINT and SIGTERM handlers hold only while its loop runs."""
+    from dropless.runlog import StopOnInterrupt
+
+    before = {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS}
+    with StopOnInterrupt() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):   # a second one stops at once
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS} == before
