@@ -210,6 +210,11 @@ class MetricsLog:
         self.file.flush()
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
 def format_summary(s: dict) -> str:
     """The end-of-run report of `dropless train`."""
     from dropless.train_report import SAMPLE_PROMPT
@@ -218,14 +223,23 @@ def format_summary(s: dict) -> str:
         by = f" ({s['stopped_by']})" if s.get("stopped_by") else ""
         return (f"interrupted at step {s['step']}/{s['steps']}{by}: checkpoint saved in "
                 f"{s['run_dir']}\nresume with: dropless train --resume {s['run_dir']}")
-    minutes, seconds = divmod(round(s["elapsed_s"]), 60)
+    here = f" ({s['steps_here']} in this process)" if s["steps_here"] != s["steps"] else ""
+    first, last = s["timed_steps"]
+    timed = f"step {last}" if first == last else f"steps {first}-{last}"
+    # the wall time is the loop's; the rate's time leaves out the untimed first step of this
+    # process (compilation, autotuning, the allocator's growth), evaluations and checkpoints
+    rest = "evaluation and checkpoints" if first == last - s["steps_here"] + 1 else (
+        f"step {first - 1}, evaluation and checkpoints")
     lines = [
-        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps in "
-        f"{minutes}m{seconds:02d}s ({s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
+        f"trained {s['preset']} ({s['params'] / 1e6:.2f} M params) for {s['steps']} steps{here}; "
+        f"its training loop took {_clock(s['elapsed_s'])}, of which {timed} took "
+        f"{_clock(s['training_s'])}: "
+        f"{s['tokens_per_s']:,.0f} tokens/s, {s['precision']}"
         + (", compiled" if s.get("compiled") else "")
         + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
-        + "; evaluation and checkpoints excluded)",
-        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last 20 steps)",
+        + f" (the rest: {rest})",
+        f"  train loss        {s['train_loss']:.3f} nats/token (mean of the last "
+        + ("step)" if s["train_loss_steps"] == 1 else f"{s['train_loss_steps']} steps)"),
         f"  val loss          {s['val_loss']:.3f} nats/token (perplexity "
         f"{math.exp(s['val_loss']):.2f})",
         f"  unigram baseline  {s['unigram_baseline']:.3f} nats/token (entropy of the validation "

@@ -371,11 +371,13 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     finished = step == cfg.steps
     sample = (training_sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens
               else None)
-    tokens_per_s = (tokens_per_step * (step - rate_step)
-                    / max(loop_end - rate_time - paused, 1e-9))
+    training_s = max(loop_end - rate_time - paused, 1e-9)   # steps rate_step + 1 .. step
+    tokens_per_s = tokens_per_step * (step - rate_step) / training_s
     return {"run_dir": str(run_dir), "preset": name, "params": num_params, "step": step,
             "steps": cfg.steps, "finished": finished, "elapsed_s": elapsed,
-            "stopped_by": stop.signal_name,
+            "stopped_by": stop.signal_name, "timed_steps": [rate_step + 1, step],
+            "steps_here": step - (state["step"] if state is not None else 0),
+            "training_s": training_s, "train_loss_steps": len(recent),
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "precision": precision,
             "compiled": compiled,
             "train_loss": torch.stack(list(recent)).mean().item() if recent else None,

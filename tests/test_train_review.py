@@ -143,3 +143,28 @@ def test_stop_on_interrupt_restores_both_handlers():
         with pytest.raises(KeyboardInterrupt):   # a second one stops at once
             signal.raise_signal(signal.SIGINT)
     assert {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS} == before
+
+
+@pytest.mark.parametrize("here,timed,recent", [(6, [2, 6], 6), (4, [32, 34], 20), (1, [7, 7], 1)])
+def test_the_summary_says_what_it_timed(here, timed, recent):
+    """The summary's time is the loop's, its tokens/s that of the steps it names; a resumed run
+    says how many steps this process took, and the train loss over how many steps it is."""
+    from dropless.runlog import format_summary
+
+    steps = timed[1]
+    s = {"finished": True, "preset": "tiny", "params": 1.81e6, "steps": steps, "step": steps,
+         "steps_here": here, "timed_steps": timed, "elapsed_s": 12.4, "training_s": 5.2,
+         "tokens_per_s": 1339.4, "precision": "fp32", "mfu": None, "train_loss": 3.0,
+         "train_loss_steps": recent, "val_loss": 3.1, "unigram_baseline": 3.2,
+         "run_dir": "runs/a", "plots": [], "sample": None}
+    first, second = format_summary(s).splitlines()[:2]
+    expected = {6: "for 6 steps; its training loop took 0m12s, of which steps 2-6 took 0m05s: "
+                   "1,339 tokens/s, fp32 (the rest: step 1, evaluation and checkpoints)",
+                4: "for 34 steps (4 in this process); its training loop took 0m12s, of which "
+                   "steps 32-34 took 0m05s: 1,339 tokens/s, fp32 (the rest: step 31, evaluation "
+                   "and checkpoints)",
+                1: "for 7 steps (1 in this process); its training loop took 0m12s, of which "
+                   "step 7 took 0m05s: 1,339 tokens/s, fp32 (the rest: evaluation and "
+                   "checkpoints)"}[here]
+    assert first == "trained tiny (1.81 M params) " + expected
+    assert second.endswith("(mean of the last " + ("step)" if recent == 1 else f"{recent} steps)"))
