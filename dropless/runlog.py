@@ -16,21 +16,24 @@ from dropless.files import write_atomic
 
 
 class StopOnInterrupt:
-    """First Ctrl-C or SIGTERM (or `request_stop()`): the loop finishes its step, checkpoints and
-    returns. A second one: interrupt now. SIGTERM is how `timeout`, `kill`, schedulers and
-    `docker stop` stop a job (torchrun forwards it to every worker, then SIGKILLs them 30 s on);
-    its default action lost every step since the last checkpoint. Under torchrun the loop's
-    ranks agree on when to stop (train's stop_now), whichever of them got a signal."""
+    """First Ctrl-C, or SIGTERM where `sigterm` (or `request_stop()`): the loop finishes its
+    step, checkpoints and returns. A second one: interrupt now. SIGTERM is how `timeout`, `kill`,
+    schedulers and `docker stop` stop a job; its default action lost every step since the last
+    checkpoint. Not under torchrun: its agent also sends SIGTERM to the live workers when one has
+    died, and they, stopping cleanly, would wait in a collective with the dead rank until the
+    agent's SIGKILL (30 s on), delaying every restart."""
 
     requested = False
     signal_name = None   # the signal that asked to stop: "SIGINT" or "SIGTERM"
     active = None   # the instance whose loop runs now, for request_stop
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, sigterm: bool = True):
+        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         StopOnInterrupt.active = self
         return self
 

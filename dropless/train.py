@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
         flag = rt.all_mean(torch.tensor(float(stop.requested), device=device))
         return bool(flag > 0)   # sync: every rank must agree to stop
 
-    with StopOnInterrupt() as stop, bar:
+    with StopOnInterrupt(sigterm=rt.world == 1) as stop, bar:
         while step < cfg.steps and not stop_now(stop):
             lr = lr_at(step, cfg)
             for group in opt.param_groups:

@@ -136,13 +136,16 @@ def test_stop_on_interrupt_restores_both_handlers():
     """The run's SIGINT and SIGTERM handlers hold only while its loop runs."""
     from dropless.runlog import StopOnInterrupt
 
-    before = {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS}
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = [signal.getsignal(s) for s in signals]
     with StopOnInterrupt() as stop:
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.signal_name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):   # a second one stops at once
             signal.raise_signal(signal.SIGINT)
-    assert {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS} == before
+    assert [signal.getsignal(s) for s in signals] == before
+    with StopOnInterrupt(sigterm=False):   # under torchrun: SIGTERM's action stays the default
+        assert signal.getsignal(signal.SIGTERM) == before[1]
 
 
 @pytest.mark.parametrize("here,timed,recent", [(6, [2, 6], 6), (4, [32, 34], 20), (1, [7, 7], 1)])
