@@ -234,6 +234,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     amp = autocast_for(precision, device)
     val_windows = data.eval_batches(tokens.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
                                     tokens.val_mask)
+    # windows that hold no target the loss covers (--assistant-only-loss) evaluate to NaN
+    val_covered = any(bool((y_BT != IGNORE).any()) for _, y_BT in val_windows)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model_stats(model_cfg, cfg.seq_len)["train_flops_per_token"]
@@ -341,7 +343,7 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                 if evaluate_now:
                     eval_start = time.perf_counter()
                     val_loss = evaluate(model, val_windows, device, amp, rt)
-                    if not math.isfinite(val_loss):   # not logged, not saved
+                    if val_covered and not math.isfinite(val_loss):   # not logged, not saved
                         raise diverged(cfg, precision, recent, step, step, saved_step, val_loss)
                     paused += time.perf_counter() - eval_start
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
