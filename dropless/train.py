@@ -40,6 +40,7 @@ from dropless.precision import (autocast_for, bf16_peak_flops, resolve_compile, 
 from dropless.plots import write_plots
 from dropless.train_report import diverged, training_sample
 
+
 def lm_loss(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, params=None):
     """(mean next-token cross-entropy in float32, the model's aux). The loss is part of the function
     that `--compile` compiles, so the logits' upcast fuses into the loss kernels: no float32 copy
@@ -313,7 +314,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             log_now = step % cfg.log_every == 0 or evaluate_now
             if not warm or log_now or on_step is not None:
                 loss = lm.item()   # sync: the bar, the log and the callback
-                # stopped before it is logged or saved (the window: the steps the host saw not)
+                # a diverged run stops before this step is logged or saved; at a log, the
+                # window's mean covers the steps since the last one, which the host did not read
                 if not math.isfinite(loss) or log_now and not window["loss"].isfinite().item():
                     raise diverged(cfg, precision, recent, step, clock_step, saved_step)
                 now = time.perf_counter()
@@ -385,4 +387,3 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             "train_loss": torch.stack(list(recent)).mean().item() if recent else None,
             "val_loss": val_loss if finished else None, "unigram_baseline": baseline,
             "plots": [str(p) for p in plots], "sample": sample}
-
