@@ -62,8 +62,8 @@ def test_cli_key_and_open_host_warning(capsys, monkeypatch, run_dir):
     import dropless.serve.server as server
 
     seen = {}
-    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key, *rest:
-                        seen.update(host=host, api_key=api_key))
+    monkeypatch.setattr(server, "serve", lambda served, engine, host, port, max_queue, api_key,
+                        *rest: seen.update(host=host, api_key=api_key))
     monkeypatch.delenv("DROPLESS_API_KEY", raising=False)
     argv = ["serve", str(run_dir), "--device", "cpu", "--port", str(live_server.free_port())]
     assert cli.main([*argv, "--host", "0.0.0.0"]) == 0 and seen["api_key"] is None
