@@ -176,21 +176,21 @@ def _serve(args) -> int:
     check_switches()
     require(args.max_batch >= 1, "--max-batch", args.max_batch, "must be >= 1")
     require(args.max_queue is None or args.max_queue >= 1, "--max-queue", args.max_queue,
-             "must be >= 1")
+            "must be >= 1")
     require(args.max_len is None or args.max_len >= 2, "--max-len", args.max_len,
-             "must be in [2, the model's max_seq_len]")
+            "must be in [2, the model's max_seq_len]")
     require(0 <= args.admit_delay_ms <= 1000, "--admit-delay-ms", args.admit_delay_ms,
-             "must be in [0, 1000]")
+            "must be in [0, 1000]")
     require(1 <= args.port <= 65535, "--port", args.port, "must be in [1, 65535]")
     require(args.api_key is None or args.api_key.strip() == args.api_key != "", "--api-key",
-             "(hidden)", "must be a non-empty string without surrounding spaces")
+            "(hidden)", "must be a non-empty string without surrounding spaces")
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     require(all(o == "*" or re.fullmatch(r"https?://[^/\s]+", o) for o in origins),
-             "--allowed-origins", args.allowed_origins, "must be * or comma-separated origins "
-             "(scheme://host[:port], no path), e.g. http://localhost:3000")
+            "--allowed-origins", args.allowed_origins, "must be * or comma-separated origins "
+            "(scheme://host[:port], no path), e.g. http://localhost:3000")
     name = args.served_model_name
     require(name is None or 0 < len(name) <= 256 and name.isprintable(), "--served-model-name",
-             ascii(name), "must be 1 to 256 printable characters")
+            ascii(name), "must be 1 to 256 printable characters")
     template = None
     if args.chat_template is not None:   # checked before the model loads: it renders once
         from dropless.files import read_small_text
@@ -207,7 +207,7 @@ def _serve(args) -> int:
         args.compile or next(served.model.parameters()).is_cuda)
     context = served.model.cfg.max_seq_len
     require(args.max_len is None or 2 <= args.max_len <= context, "--max-len", args.max_len,
-             f"must be in [2, {context}] (the model's max_seq_len)")
+            f"must be in [2, {context}] (the model's max_seq_len)")
     max_len = args.max_len or min(context, 4096)
     try:
         engine = Engine(served.model, max_batch=args.max_batch, max_len=max_len, compile=args.compile,
@@ -305,7 +305,7 @@ def _info(args) -> int:
     from dropless.info import format_stats, model_stats, preset_table
 
     require(args.seq_len is None or 0 < args.seq_len <= LIMITS["positions"], "--seq-len",
-             args.seq_len, f"must be in [1, {LIMITS['positions']}] (as train's)")
+            args.seq_len, f"must be in [1, {LIMITS['positions']}] (as train's)")
     if args.path is not None:
         from dropless.checkpoint import model_config_of
         require(args.preset is None, "--preset", args.preset, "give a preset or a directory, "
