@@ -153,21 +153,24 @@ def as_document(doc) -> Document:
     return doc if isinstance(doc, (FileDocument, TextDocument)) else TextDocument(*doc)
 
 
-def _scan(path: Path, name: str, shown: str) -> FileDocument | None:
-    """None unless `path` (links followed) is a regular file: FIFOs block, devices never end."""
+def _regular(path: Path, shown: str) -> bool:
+    """Whether `path` (links followed) is a regular file: FIFOs block, devices never end."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
+        return stat.S_ISREG(path.stat().st_mode)
     except OSError as e:
         raise DroplessError(f"{shown}: cannot read {path} ({e.strerror or e})") from None
-    return FileDocument(name, path, shown)
+
+
+def _scan(path: Path, name: str, shown: str) -> FileDocument | None:
+    """The FileDocument of `path`; None unless it is a regular file."""
+    return FileDocument(name, path, shown) if _regular(path, shown) else None
 
 
 def _read_text(path: Path, shown: str) -> str | None:
-    """A .jsonl's text, whole (it is rendered in memory); None as _scan."""
+    """A .jsonl's text, whole (it is rendered in memory); None unless it is a regular file."""
+    if not _regular(path, shown):
+        return None
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
         raw = path.read_bytes()
     except OSError as e:
         raise DroplessError(f"{shown}: cannot read {path} ({e.strerror or e})") from None
