@@ -211,7 +211,8 @@ def text_pieces(tokenizer: "Tokenizer", text: str | Iterable[str]) -> Iterator[s
         held.append(block)
         if not cuts or (cuts == "lines" and "\n" not in block):
             continue
-        buf = "".join([buf[start:], *held])   # one block, whole: not copied
+        rest = buf[start:]   # join's one item is itself: a whole text alone is not copied
+        buf = "".join([rest, *held] if rest else held)
         look, start, held = max(look - start, 0), 0, []
         while len(buf) - start > ENCODE_CHUNK_CHARS:
             at = start + ENCODE_CHUNK_CHARS
