@@ -7,6 +7,8 @@ returns a non-zero exit code, without a traceback.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -18,7 +20,7 @@ from dropless.cli_checks import chat_max_new_tokens, prompt_fits, require, sampl
 from dropless.cli_parser import TRAIN_FLAGS, build_parser
 from dropless.config import LIMITS, PRESET_TRAINING, TrainConfig
 from dropless.errors import DroplessError
-from dropless.files import need_dir
+from dropless.files import need_dir, new_dir
 from dropless.precision import resolve_device
 
 
@@ -49,6 +51,7 @@ def _train(args) -> int:
         path, job = latest(args.out), os.environ.get("TORCHELASTIC_RUN_ID")
         if path is not None and read_state(path).get("job") == job:
             args.resume = args.out
+    made = None   # the default run directory, once this process has created it
     if args.resume is not None:
         run_dir = args.resume or args.out
         if not run_dir:
@@ -71,6 +74,8 @@ def _train(args) -> int:
         except ValueError as e:
             raise DroplessError(f"invalid training config: {e}") from None
         state = None
+        if args.out is None:   # created here, -2, -3, ... if taken: runs of one second never share
+            cfg = dataclasses.replace(cfg, out=(made := new_dir(out)))
     stdout, stderr = StopWhenReaderLeaves(sys.stdout), StopWhenReaderLeaves(sys.stderr)
     sys.stdout, sys.stderr = stdout, stderr
     try:
@@ -85,6 +90,9 @@ def _train(args) -> int:
             return 141   # as for `generate ... | head`: 128 + SIGPIPE
     finally:
         sys.stdout, sys.stderr = stdout.stream, stderr.stream
+        if made is not None:   # a start that failed leaves no empty run directory (as with --out)
+            with contextlib.suppress(OSError):   # not empty: the run
+                os.rmdir(made)
     return 0 if summary["finished"] else 130
 
 

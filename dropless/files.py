@@ -41,6 +41,21 @@ def need_dir(path: str | Path, what: str = "run directory", hint: str = "") -> N
         raise DroplessError(f"{path}: {found}{hint}")
 
 
+def new_dir(path: str) -> str:
+    """Create the directory `path`, or else `path-2`, `path-3`, ..., the first name that is free;
+    -> the name created. os.mkdir fails where the name exists, so two processes asking for the
+    same `path` at once (train's default `runs/<second>`) never get the same directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    name, n = path, 1
+    while True:
+        try:
+            os.mkdir(name)
+            return name
+        except FileExistsError:
+            n += 1
+            name = f"{path}-{n}"
+
+
 def read_small_text(path: str | Path, within: Path | None = None) -> str:
     """The UTF-8 text of `path`; DroplessError when it is not a regular file or is over
     MAX_SMALL_FILE bytes (checked before reading), or, given the model directory `within`, when

@@ -577,3 +577,24 @@ def test_eval_of_a_converted_byte_run_reuses_its_tokens(capsys, tmp_path, traine
                          str(cache)]) == 0
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["val_loss"] > 0
         assert len(list(cache.iterdir())) == 1, sorted(cache.iterdir())
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(capsys, tmp_path, corpus,
+                                                                    monkeypatch):
+    """Without --out a run is runs/<time>: a second one started in the same second was refused
+    ("runs/<time> already holds a run", or "is in use" while the first ran), naming an --out
+    nobody passed. It gets runs/<time>-2 instead; a failed start leaves no directory behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")
+    flags = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--steps", "1",
+             "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--quiet"]
+    for _ in range(3):
+        assert cli.main(["train", *flags]) == 0, capsys.readouterr().err
+    runs = tmp_path / "runs"
+    names = ["20260101-000000", "20260101-000000-2", "20260101-000000-3"]
+    assert sorted(p.name for p in runs.iterdir()) == names
+    assert all(load_run(runs / name)[2]["step"] == 1 for name in names)
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, ["train", *flags, "--cache-dir", str(tmp_path / "file")],
+           "is a file, not a directory")
+    assert sorted(p.name for p in runs.iterdir()) == names

@@ -1,17 +1,20 @@
 """Temp paths beside what a command writes (dropless/files.py `temp_beside`): a process killed
 mid-write leaves its temp behind, and the next write removes it, but never a temp that a process
-still running (here or on another host sharing the file system) is filling."""
+still running (here or on another host sharing the file system) is filling. `new_dir`: a name
+that no other process gets."""
 
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from dropless import data
-from dropless.files import temp_beside, write_atomic
+from dropless.files import new_dir, temp_beside, write_atomic
 from dropless.tokenizer import ByteTokenizer
 
 HOST = socket.gethostname().replace("-", "_")
@@ -93,3 +96,24 @@ def test_write_atomic_that_fails_at_the_rename_leaves_the_old_file_and_no_temp(t
         write_atomic(path, b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
     assert path.read_text() == "old"
+
+
+def test_new_dir_gives_processes_asking_at_once_their_own_directories(tmp_path):
+    """train's default run directory, runs/<second>: eight asking in one second, with a file
+    in the way of one name, get eight new, empty directories; the parent is created."""
+    base = str(tmp_path / "runs" / "20260101-000000")
+    os.makedirs(os.path.dirname(base))
+    with open(f"{base}-3", "w") as f:   # a file, not a directory: skipped, left alone
+        f.write("x")
+    start = threading.Barrier(8)
+
+    def ask(_):
+        start.wait()
+        return new_dir(base)
+
+    with ThreadPoolExecutor(8) as pool:   # os.mkdir releases the GIL: they do race
+        names = list(pool.map(ask, range(8)))
+    assert sorted(names) == [base, *(f"{base}-{n}" for n in (2, 4, 5, 6, 7, 8, 9))]
+    assert all(os.path.isdir(n) and not os.listdir(n) for n in names)
+    assert open(f"{base}-3").read() == "x"
+    assert new_dir(str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
