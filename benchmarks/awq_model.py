@@ -6,10 +6,11 @@
     python benchmarks/awq_model.py --device cpu --train tiny --train-steps 30 --big tiny  # smoke
 
 1. Quality: `dropless quantize` of the run (quantize_run: AWQ with the default calibration, 128
-   windows of 512 tokens of the run's own corpus, training split), then `dropless eval` of the
-   run and of the quantized run on the run's validation split (evaluate_dir, the same windows for
-   both): validation loss and perplexity, and the int4 / bf16 perplexity ratio. `--train PRESET`
-   first trains that preset through `dropless.train.train()` (what `dropless train` runs).
+   windows of 512 tokens, or of the model's max_seq_len where shorter, of the run's own corpus,
+   training split), then `dropless eval` of the run and of the quantized run on the run's
+   validation split (evaluate_dir, the same windows for both): validation loss and perplexity,
+   and the int4 / bf16 perplexity ratio. `--train PRESET` first trains that preset through
+   `dropless.train.train()` (what `dropless train` runs).
 2. Quantization time (`--big PRESET`): the preset with random bf16 weights built on the device
    (decode.build: a 30 B model never exists in fp32), AWQ-quantized in place by quantize_model on
    `--calib-samples` random token windows of `--calib-seq-len` (the searches' cost depends on the

@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ".py files); its training split is used")
     quant.add_argument("--calib-samples", type=int, default=128,
                        help="calibration sequences (default 128)")
-    quant.add_argument("--calib-seq-len", type=int, default=512,
+    quant.add_argument("--calib-seq-len", type=int,
                        help="tokens per calibration sequence, at most the model's context "
-                            "(default 512)")
+                            "(default 512, or the model's max_seq_len where that is shorter)")
     quant.add_argument("--device", default="auto",
                        help="auto (cuda when available), cpu, ... (default auto)")
     quant.add_argument("--cache-dir", type=_path, help=CACHE_HELP)

@@ -89,7 +89,8 @@ def test_bpe_smaller_than_vocab_is_said(tmp_path, capsys):
 @pytest.mark.parametrize("command, defaults", [
     ("generate", ["per prompt (default 200)", "greedy (default 0.8)", "(default auto)"]),
     ("chat", ["greedy (default 0.7)", "(default auto)"]),
-    ("quantize", ["(default 4)", "(default 128)", "context (default 512)", "(default auto)"]),
+    ("quantize", ["(default 4)", "(default 128)", "(default auto)",
+                  "context (default 512, or the model's max_seq_len where that is shorter)"]),
 ])
 def test_help_shows_the_defaults(capsys, command, defaults):
     """As train's --help does: generate's, chat's and quantize's showed none."""

@@ -271,3 +271,31 @@ def test_a_run_is_read_straight_into_the_working_dtype(trained, monkeypatch):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(DroplessError, match="already quantized"):
         run.load_source(trained / "q64", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("context,expected", [(64, 64), (1024, 512)])
+def test_calib_seq_len_left_out_fits_the_models_context(tmp_path, corpus, capsys, monkeypatch,
+                                                        context, expected):
+    """Left out, --calib-seq-len is 512 or the model's max_seq_len where that is shorter: a run
+    with a 64-token context was refused for "--calib-seq-len 512", a flag nobody passed. Given,
+    a value over the context is still refused, by name."""
+    cfg = ModelConfig(dim=128, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=context,
+                      moe=MoEConfig(dim=128, hidden_dim=128, num_experts=4, top_k=2))
+    run = make_run(tmp_path / "run", cfg)
+    shapes, real = [], calibrate.quantize_model
+
+    def spy(model, tokens, *args, **kwargs):
+        shapes.append(tuple(tokens.shape))
+        return real(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "quantize_model", spy)
+    argv = ["quantize", str(run), "--calib-data", str(corpus), "--calib-samples", "2", "--quiet",
+            "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # experts without calibration tokens
+        assert main([*argv, "--out", str(tmp_path / "q")]) == 0, capsys.readouterr().err
+    assert shapes == [(2, expected)]
+    assert main([*argv, "--out", str(tmp_path / "q2"), "--calib-seq-len", str(context + 1)]) == 1
+    assert (f"--calib-seq-len {context + 1} is invalid: must be in [1, {context}] (the model's "
+            f"max_seq_len={context}") in error_line(capsys)
+    assert shapes == [(2, expected)] and not (tmp_path / "q2").exists()

@@ -80,11 +80,12 @@ def calibration_tokens(tok, calib_data: str | None, samples: int, seq_len: int,
 
 def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size: int = 128,
                  calib_data: str | None = None, calib_samples: int = 128,
-                 calib_seq_len: int = 512, device: torch.device | str = "cpu",
+                 calib_seq_len: int | None = None, device: torch.device | str = "cpu",
                  progress: bool = True, cache_dir: str | None = None) -> dict:
     """Quantize SRC into the run directory OUT; returns a summary (sizes in bytes). Calibration
     tokens are cached in `cache_dir` (default: data.default_cache_dir()), never in SRC's saved
-    one: SRC may come from a stranger, and quantizing it must not write where it says."""
+    one: SRC may come from a stranger, and quantizing it must not write where it says.
+    `calib_seq_len`: None = 512 tokens, or the model's max_seq_len where that is shorter."""
     from dropless.checkpoint import config_to_dict, model_config_of
     from dropless.serve.text import copy_chat_files
     from dropless.parallel.checkpoint import save
@@ -95,12 +96,14 @@ def quantize_run(src: str | Path, out: str | Path, *, bits: int = 4, group_size:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DroplessError(f"--out {out}: exists and is not an empty directory")
     for name, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
-        if value < 1:
+        if value is not None and value < 1:
             raise DroplessError(f"{name} {value} is invalid: must be >= 1")
     # before any load: the model's context from its header (no weight read), the sequence length
     # checked against it first (--calib-seq-len 100000 blamed the --calib-samples left default)
     context = model_config_of(src)[0].max_seq_len
     longest = min(context, MAX_CALIB_TOKENS)
+    if calib_seq_len is None:   # left out: never refused for a short model's context
+        calib_seq_len = min(512, longest)
     if calib_seq_len > longest:
         raise DroplessError(f"--calib-seq-len {calib_seq_len} is invalid: must be in [1, "
                             f"{longest}] (the model's max_seq_len={context}; at most "
