@@ -279,6 +279,11 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and rt.is_main), desc=f"train {name}")
 
+    def timed(fn) -> float:   # a checkpoint's seconds: not training, so not in tokens/s
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     def stop_now(stop) -> bool:
         """Whether to leave the loop; under torchrun every rank must leave after the same step, so
         they decide it together, here: a stop requested later on one rank (Ctrl-C, or the output
@@ -358,20 +363,21 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                           "aux": torch.zeros((), dtype=torch.float64, device=device),
                           "steps": 0, "loads": torch.zeros(L, E, dtype=torch.long, device=device)}
                 clock, clock_step = time.perf_counter(), step   # eval time is not in tokens/s
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_start = time.perf_counter()
-                checkpoint()
-                saved_step = step
-                paused += time.perf_counter() - save_start
-        if step != saved_step:   # stopped by Ctrl-C between checkpoints
-            checkpoint()
-    if log is not None:
-        log.file.close()
-    loop_end = time.perf_counter()
+            if step % cfg.ckpt_every == 0 and step < cfg.steps:   # the last: after the plots
+                saved_step, paused = step, paused + timed(checkpoint)
+        if log is not None:
+            log.file.close()
+        # 4. plots, then the last checkpoint: a run whose last step is saved has all its files (a
+        # kill between the two resumes from the checkpoint before and writes the plots again)
+        plot_start = time.perf_counter()
+        plots = write_plots(run_dir, baseline) if rt.is_main else []
+        plotting = time.perf_counter() - plot_start
+        if step != saved_step:   # the last step, or stopped by Ctrl-C between checkpoints
+            paused += timed(checkpoint)
+    loop_end = time.perf_counter() - plotting   # the plots are not the loop's
     elapsed = loop_end - start_time
 
-    # 4. plots and a sample
-    plots = write_plots(run_dir, baseline) if rt.is_main else []
+    # 5. a sample
     finished = step == cfg.steps
     sample = (training_sample(model, model_cfg, cfg, rt, tok) if finished and cfg.sample_tokens
               else None)
