@@ -3,6 +3,8 @@ between them and dropless run directories. The tensors themselves are `dropless.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 from dropless.checkpoint import config_to_dict, load_run
 from dropless.errors import DroplessError
-from dropless.files import atomic_dir, read_small_text, write_atomic
+from dropless.files import atomic_dir, fsync_dir, read_small_text, temp_beside, write_atomic
 from dropless import hf
 from dropless.hf import from_hf, read_hf_config, to_hf
 from dropless.hf_config import config_from_hf
@@ -112,8 +114,18 @@ def convert_to_safetensors(run_dir: str | Path, out: str | Path,
         if tensors[k].data_ptr() in seen:
             tensors[k] = tensors[k].clone()
         seen.add(tensors[k].data_ptr())
+    # safetensors writes a temp file beside the path given, then renames it: killed mid-write,
+    # that file (the model's size) stayed for good. Given a path in a temp directory named for
+    # `out`, what a kill leaves is that directory, which the next write to `out` removes.
+    out = Path(os.path.abspath(out))
+    tmp = temp_beside(out, hidden=True)
+    tmp.mkdir()
     try:
-        hf.save_safetensors(tensors, Path(out))   # looked up at the call: tests replace it
-    except SafetensorError as e:   # its I/O errors are not OSErrors: a missing directory, ...
+        hf.save_safetensors(tensors, tmp / out.name)   # looked up at the call: tests replace it
+        os.replace(tmp / out.name, out)
+    except SafetensorError as e:   # its I/O errors are not OSErrors: a full disk, ...
         raise DroplessError(f"{out}: cannot write ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(out.parent)
     return len(tensors)

@@ -62,6 +62,25 @@ def test_a_killed_convert_leaves_no_output_directory(tmp_path, trained_run):
     assert os.listdir(tmp_path) == ["hf"] and (out / "model.safetensors").is_file()
 
 
+
+def test_a_killed_convert_to_safetensors_leaves_nothing_behind(tmp_path, trained_run):
+    """safetensors writes a `.tmpXXXXXX` beside the path it is given and renames it: SIGKILLed
+    mid-write, that file (the model's size, named for nothing) stayed beside OUT for good. The
+    write goes into a temp directory named for OUT, which the next convert to OUT removes."""
+    out = tmp_path / "m.safetensors"
+    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom dropless import cli, hf\n"
+              "def save(tensors, path, metadata=None):   # as safetensors 0.8 does, then killed\n"
+              "    (Path(path).parent / '.tmpAbC123').write_bytes(b'half a model')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "hf.save_safetensors = save\ncli.main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", script, "convert", str(trained_run),
+                             "--to-safetensors", str(out)], env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not out.exists()
+    assert cli.main(["convert", str(trained_run), "--to-safetensors", str(out)]) == 0
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
 def test_to_hf_and_safetensors_in_bf16(tmp_path, trained_run, capsys):
     """--dtype bfloat16 writes the run's weights rounded to bf16 (the router's bias float32), at
     about half the bytes; --from-hf refuses it (a run directory holds training's float32)."""
