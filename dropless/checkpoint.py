@@ -289,6 +289,10 @@ def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, di
         overrides = {**{k: getattr(TrainConfig, k) for k in layout}, **overrides}
     else:
         overrides = {**overrides, "dp_shard": 0}
+    if latest(run_dir) is None and (Path(run_dir) / LOCK).is_file():   # a run, killed early
+        raise DroplessError(f"{run_dir}: the run stopped before its first checkpoint (every "
+                            "--ckpt-every steps): there is nothing to resume; start it again "
+                            "with the same flags and --out, without --resume")
     path = latest_path(run_dir)
     state = {**read_state(path), "path": path}   # where _build_model loads the tensors from
     if "train_config" not in state:
