@@ -212,6 +212,11 @@ class MetricsLog:
         self.file.write(_json_line(record))
         self.file.flush()
 
+    def sync(self) -> None:
+        """On disk, not only in the page cache: a resumed run keeps the lines through its
+        checkpoint's step and never writes them again."""
+        os.fsync(self.file.fileno())
+
 
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)

@@ -261,6 +261,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
             "model_config": config_to_dict(model_cfg), "tokenizer": tok.to_json(),
             # the torchrun job that wrote it: a restart of that job (and only of it) resumes it
             "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+        if log is not None:   # its lines through `step` outlive a power cut as the checkpoint does
+            log.sync()
         ckpt.save(run_dir, step, model, opt, extra)
 
     # 3. the loop
@@ -365,8 +367,6 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                 clock, clock_step = time.perf_counter(), step   # eval time is not in tokens/s
             if step % cfg.ckpt_every == 0 and step < cfg.steps:   # the last: after the plots
                 saved_step, paused = step, paused + timed(checkpoint)
-        if log is not None:
-            log.file.close()
         # 4. plots, then the last checkpoint: a run whose last step is saved has all its files (a
         # kill between the two resumes from the checkpoint before and writes the plots again)
         plot_start = time.perf_counter()
@@ -374,6 +374,8 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
         plotting = time.perf_counter() - plot_start
         if step != saved_step:   # the last step, or stopped by Ctrl-C between checkpoints
             paused += timed(checkpoint)
+    if log is not None:
+        log.file.close()
     loop_end = time.perf_counter() - plotting   # the plots are not the loop's
     elapsed = loop_end - start_time
 
