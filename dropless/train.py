@@ -367,12 +367,14 @@ def _train(cfg: TrainConfig, rt, state: dict | None, progress: bool, on_step, ba
                 clock, clock_step = time.perf_counter(), step   # eval time is not in tokens/s
             if step % cfg.ckpt_every == 0 and step < cfg.steps:   # the last: after the plots
                 saved_step, paused = step, paused + timed(checkpoint)
-        # 4. plots, then the last checkpoint: a run whose last step is saved has all its files (a
-        # kill between the two resumes from the checkpoint before and writes the plots again)
+        if step != saved_step and step < cfg.steps:   # stopped by Ctrl-C between checkpoints
+            saved_step, paused = step, paused + timed(checkpoint)
+        # 4. plots, then the last step's checkpoint: a run whose last step is saved has all its
+        # files (a kill between the two resumes from the checkpoint before and writes them again)
         plot_start = time.perf_counter()
         plots = write_plots(run_dir, baseline) if rt.is_main else []
         plotting = time.perf_counter() - plot_start
-        if step != saved_step:   # the last step, or stopped by Ctrl-C between checkpoints
+        if step != saved_step:   # the last step's
             paused += timed(checkpoint)
     if log is not None:
         log.file.close()
