@@ -211,7 +211,7 @@ PRESETS: dict[str, ModelConfig] = {
                     max_seq_len=1024,
                     moe=dict(hidden_dim=512, num_experts=16, top_k=2, z_loss_coef=1e-3)),
     # Qwen3-MoE-like, 1.31 B parameters / 0.22 B active at vocab 32768 (0.25 B with the input
-    # embedding's row, as `info` counts): the GPU training benchmark
+    # embedding table, as `info` counts): the GPU training benchmark
     # (benchmarks/train.py) and `dropless train --preset medium --tokenizer bpe --vocab 32768`
     "medium": _model(vocab_size=32768, dim=1024, num_layers=12, num_heads=16, num_kv_heads=4,
                      head_dim=64, max_seq_len=2048, rope_theta=1e6, qk_norm=True, norm_eps=1e-6,

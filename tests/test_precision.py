@@ -141,15 +141,26 @@ def test_compiled_block_fullgraph_matches_eager(backend, monkeypatch):
         assert rel_err(g1[name], g0[name]) < 1e-4, name
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compiled_training_loss_fullgraph_matches_eager(device):
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "auto"), pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+    pytest.param("cuda", "grouped_lowmem", marks=pytest.mark.gpu)])
+def test_compiled_training_loss_fullgraph_matches_eager(device, backend, monkeypatch):
     """What `dropless train --compile` compiles, the model with its loss (RoPE tables made once
     for all layers, the logits' upcast inside the loss), is one graph and gives eager's loss and
     gradients; on CUDA under bf16 autocast, as the default precision runs it (the Triton and
     grouped_mm paths there asked torch.cuda for the device's capability, which split the graph
-    once per MoE layer)."""
+    once per MoE layer). On CUDA also with the low-memory experts, the candidate for `auto`."""
     torch.manual_seed(0)
-    model = Transformer(PRESETS["tiny"]).to(device)
+    cfg = PRESETS["tiny"]
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend=backend))
+    model = Transformer(cfg).to(device)
+    if backend == "grouped_lowmem":   # the path under test runs (eagerly: dynamo traces inside)
+        ran, real = [], ops.grouped.fused_experts
+        monkeypatch.setattr(ops.grouped, "fused_experts", lambda *a: ran.append(1) or real(*a))
+        with torch.autocast("cuda", torch.bfloat16):
+            lm_loss(model, *torch.randint(0, 256, (2, 2, 17), device=device).unbind(0))
+        assert ran
+        monkeypatch.undo()
     x, y = torch.randint(0, 256, (2, 2, 17), device=device).unbind(0)
     amp = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     results = []
