@@ -62,7 +62,6 @@ def test_a_killed_convert_leaves_no_output_directory(tmp_path, trained_run):
     assert os.listdir(tmp_path) == ["hf"] and (out / "model.safetensors").is_file()
 
 
-
 def test_a_killed_convert_to_safetensors_leaves_nothing_behind(tmp_path, trained_run):
     """safetensors writes a `.tmpXXXXXX` beside the path it is given and renames it: SIGKILLed
     mid-write, that file (the model's size, named for nothing) stayed beside OUT for good. The
@@ -80,6 +79,7 @@ def test_a_killed_convert_to_safetensors_leaves_nothing_behind(tmp_path, trained
     assert not out.exists()
     assert cli.main(["convert", str(trained_run), "--to-safetensors", str(out)]) == 0
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
 
 def test_to_hf_and_safetensors_in_bf16(tmp_path, trained_run, capsys):
     """--dtype bfloat16 writes the run's weights rounded to bf16 (the router's bias float32), at
