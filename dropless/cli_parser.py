@@ -52,14 +52,16 @@ TRAIN_FLAGS = {
     "backend": (str, f"MoE expert backend: {', '.join(BACKENDS)}"),
     "precision": (str, "auto (bf16-mixed on CUDA, fp32 on CPU), fp32, bf16-mixed (fp32 weights, "
                        "bf16 compute) or bf16 (pure bf16 weights)"),
-    "cache_dir": (str, "token cache directory (default: ~/.cache/dropless/tokens)"),
+    "cache_dir": (str, "token cache directory (default: ~/.cache/dropless/tokens, or "
+                       "$XDG_CACHE_HOME/dropless/tokens where that is set)"),
     "sample_tokens": (int, "length of the sample generated at the end, 0 = none"),
     "ep": (int, "under torchrun: expert-parallel degree"),
     "dp_shard": (int, "under torchrun: FSDP degree (0 = world / (dp-replicate * ep))"),
     "dp_replicate": (int, "under torchrun: HSDP replicas"),
 }
-CACHE_HELP = ("token cache directory (default: ~/.cache/dropless/tokens; never the run's saved "
-              "one: a run directory may come from someone else)")
+CACHE_HELP = ("token cache directory (default: ~/.cache/dropless/tokens, or $XDG_CACHE_HOME/"
+              "dropless/tokens where that is set; never the run's saved one: a run directory may "
+              "come from someone else)")
 _DECODE_COMPILE = "torch.compile the decode step (slower start, faster steps)"
 
 
