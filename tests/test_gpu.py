@@ -137,7 +137,7 @@ def test_cli_compile_generate_convert(tmp_path, cache):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, "grouped"),
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, "grouped_lowmem"),
                                              (torch.float16, "triton"),
                                              (torch.float32, "triton")])
 def test_auto_never_takes_the_loop_on_cuda(monkeypatch, dtype, expected):

@@ -53,20 +53,22 @@ def resolve_backend(backend: str, x: torch.Tensor, gate_up_EDF2: torch.Tensor,
     backend that cannot run falls back, reported once (a RuntimeWarning naming it, the reason
     and what runs instead).
 
-    How 'auto' chooses: by the H200 bf16 forward+backward measurements (BENCHMARKS.md, round 3,
-    same run): "grouped" (dispatch, grouped_mm experts, combine) was fastest at every anchor
-    shape, ratio to a dense SwiGLU of equal FLOPs Mixtral 0.94, OLMoE 0.85, Qwen3 0.76, against
-    "grouped_lowmem" 0.80 / 0.74 / 0.66, "triton" 0.62 / 0.58 / 0.54 and "blocksparse"
-    0.37 / 0.47 / 0.43. grouped_mm runs bf16 only on CUDA, so fp16/fp32 on CUDA take "triton"
-    (far faster than the per-expert loop). "grouped_lowmem" trades ~10-15% of speed for
-    activation memory; it, "triton" and "blocksparse" are explicit opt-ins.
+    How 'auto' chooses: bf16 on CUDA takes "grouped_lowmem" (grouped_mm experts with the
+    dispatch gather and the weighted combine fused into Triton kernels, so no [T*k, D] copies are
+    kept for backward). In the layer it is within 2% of "grouped" (H100, round 31: 0.93 / 0.81 /
+    0.71 of a dense SwiGLU of equal FLOPs at Mixtral / OLMoE / Qwen3, against 0.93 / 0.83 / 0.73)
+    with activations 0.50 / 0.88 / 0.88 of dense against 0.53 / 1.21 / 1.26; in `dropless train
+    --preset medium` (H100, round 34) it ran at 0.99x / 1.01x grouped's tokens/s eager / compiled
+    with 15% / 9% less peak memory. grouped_mm runs bf16 only on CUDA, so fp16/fp32 on CUDA take
+    "triton" (far faster than the per-expert loop); CPU takes "grouped". "grouped", "triton"
+    and "blocksparse" are explicit opt-ins.
     """
     wanted = backend
     if backend == "auto":
         wanted = "grouped"
-        if x.is_cuda and grouped.unsupported(x, gate_up_EDF2, down_EFD) is not None \
-                and triton_grouped.supports(x, gate_up_EDF2, down_EFD):
-            wanted = "triton"
+        if x.is_cuda and triton_grouped.supports(x, gate_up_EDF2, down_EFD):
+            runs = grouped.unsupported(x, gate_up_EDF2, down_EFD) is None
+            wanted = "grouped_lowmem" if runs else "triton"
     if wanted == "reference":
         return wanted
     if wanted in ("triton", "blocksparse"):
