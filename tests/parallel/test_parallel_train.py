@@ -77,6 +77,44 @@ def test_four_ranks_match_one_process_and_resume_elastically(tmp_path, corpus):
     assert_close(metrics(tmp_path / "resumed"), four, range(6, 11))
 
 
+def fused_train_body(rank, world, cfg, count_file):
+    """train_body, counting the calls of the fused low-memory experts on this rank."""
+    from dropless.ops import grouped
+    calls, real = [], grouped.fused_experts
+    grouped.fused_experts = lambda *a: calls.append(1) or real(*a)
+    try:
+        train(TrainConfig(**cfg), progress=False)
+    finally:
+        grouped.fused_experts = real
+    Path(count_file).with_suffix(f".{rank}").write_text(str(len(calls)))
+
+
+@pytest.mark.timeout(180)
+def test_fsdp_with_the_low_memory_experts_matches_one_process(tmp_path, corpus):
+    """FSDP-2 without expert parallelism keeps the local dispatcher, so the fused low-memory
+    experts (`auto`'s choice for bf16 on CUDA) gather and combine by themselves on each rank,
+    over parameters that FSDP unshards for the forward and reshards after backward: the losses
+    and the final weights equal one process's, which runs the unfused `grouped` steps."""
+    base = dict(device="cpu", data=str(corpus), cache_dir=str(tmp_path / "cache"), steps=6,
+                batch_size=4, seq_len=32, warmup=2, eval_every=3, eval_batches=2, ckpt_every=6,
+                log_every=1, sample_tokens=0)
+    launch(2, fused_train_body, asdict(TrainConfig(out=str(tmp_path / "fsdp"), dp_shard=2,
+                                                   backend="grouped_lowmem", **base)),
+           str(tmp_path / "fused_calls"))
+    for rank in range(2):   # the path under test ran on every rank
+        assert int((tmp_path / "fused_calls").with_suffix(f".{rank}").read_text()) > 0
+    train(TrainConfig(out=str(tmp_path / "one"), backend="grouped", **base), progress=False)
+    one, fsdp = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    assert sorted(fsdp) == list(range(1, 7))
+    assert_close(fsdp, one, range(1, 7))
+    sharded = Transformer(config_from_dict(
+        ckpt.read_state(ckpt.latest(tmp_path / "fsdp"))["model_config"]))
+    ckpt.load(ckpt.latest(tmp_path / "fsdp"), sharded)
+    single = load_run(tmp_path / "one")[0]
+    for (name, p), q in zip(sharded.state_dict().items(), single.state_dict().values()):
+        assert (p - q).norm() <= 1e-4 * q.norm(), name
+
+
 def refused_body(rank, world, cfg):
     with pytest.raises(DroplessError) as refusal:
         train(TrainConfig(**cfg), progress=False)
