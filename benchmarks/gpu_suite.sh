@@ -12,6 +12,8 @@
 #   ab       profile (GPU kernels, host, wall time) of the compiled steps as one graph, then broken
 #            once per MoE layer (round 7's question: the broken build timed 12 ms faster)
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
+#   layerprof  the CUDA kernels of one fwd+bwd of grouped_mm, grouped_fused (`auto`) and dense at
+#            OLMoE and Qwen3 (moe_layer.py --profile): where issue 10's remaining gap is
 #   serve    the serving tests (engine, decode step, server, logprobs, penalties, echo, n; gpu-marked
 #            and not) and the
 #            decode kernels
@@ -107,6 +109,8 @@ for s in "$@"; do
                --profile "dropless bf16-mixed compiled,dropless bf16 compiled" ;;
     layer) stage "$L" 90 python3 benchmarks/moe_layer.py --check --shapes mixtral,olmoe,qwen3 \
              --providers grouped_mm,grouped_fused ;;
+    layerprof) stage "$L" 120 python3 benchmarks/moe_layer.py --profile --shapes olmoe,qwen3 \
+                 --providers grouped_mm,grouped_fused ;;
     serve) stage "$L" 420 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_serve_engine_logprobs.py tests/test_serve_logprobs.py \
              tests/test_serve_penalties.py tests/test_serve_echo.py tests/test_serve_choices.py \

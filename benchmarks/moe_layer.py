@@ -219,7 +219,7 @@ def run_shape(name, dtype, device, check, profile, only=None):
             print(f"# {label}: out of memory")
             continue
         table[label] = (t_fwd, t_fb, mem)
-        if profile and label in ("grouped_mm", "blocksparse", "dense_equiv"):
+        if profile and label in ("grouped_mm", "grouped_fused", "blocksparse", "dense_equiv"):
             print_kernel_times(label, fwd_bwd, t_fb)
         if check and label not in ("dense_equiv", "hf_mixtral_block", "capacity_bmm_1.25"):
             y_check = check_against(label, fn, x, weights, ids, p, dy, y_check)
@@ -292,7 +292,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="compare with the fp32 loop first")
     parser.add_argument("--providers", default=None, help="comma list (dense_equiv always runs)")
     parser.add_argument("--profile", action="store_true",
-                        help="GPU kernel times (grouped_mm, blocksparse, dense)")
+                        help="GPU kernel times (grouped_mm, grouped_fused, blocksparse, dense)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = args.shapes or ("mixtral,olmoe,qwen3" if device.type == "cuda" else "cpu,cpu-fine")
