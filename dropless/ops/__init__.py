@@ -53,15 +53,15 @@ def resolve_backend(backend: str, x: torch.Tensor, gate_up_EDF2: torch.Tensor,
     backend that cannot run falls back, reported once (a RuntimeWarning naming it, the reason
     and what runs instead).
 
-    How 'auto' chooses: bf16 on CUDA takes "grouped_lowmem" (grouped_mm experts with the
-    dispatch gather and the weighted combine fused into Triton kernels, so no [T*k, D] copies are
-    kept for backward). In the layer it is within 2% of "grouped" (H100, round 31: 0.93 / 0.81 /
-    0.71 of a dense SwiGLU of equal FLOPs at Mixtral / OLMoE / Qwen3, against 0.93 / 0.83 / 0.73)
-    with activations 0.50 / 0.88 / 0.88 of dense against 0.53 / 1.21 / 1.26; in `dropless train
-    --preset medium` (H100, round 34) it ran at 0.99x / 1.01x grouped's tokens/s eager / compiled
-    with 15% / 9% less peak memory. grouped_mm runs bf16 only on CUDA, so fp16/fp32 on CUDA take
-    "triton" (far faster than the per-expert loop); CPU takes "grouped". "grouped", "triton"
-    and "blocksparse" are explicit opt-ins.
+    How 'auto' chooses: bf16 on CUDA takes "grouped_lowmem" (grouped_mm experts keeping only
+    [g | u] for backward: the rows are gathered from x again there, and the routing weight is
+    applied to h, so the combine keeps nothing). In the layer it ran 0.94 / 0.81 / 0.70 of a
+    dense SwiGLU of equal FLOPs at Mixtral / OLMoE / Qwen3 against "grouped"'s 0.92 / 0.82 /
+    0.73 (H100, round 34), with activations 0.50 / 0.88 / 0.88 of dense against 0.53 / 1.21 /
+    1.26; in `dropless train --preset medium` it ran at 0.99x / 1.01x grouped's tokens/s eager /
+    compiled with 15% / 9% less peak memory. grouped_mm runs bf16 only on CUDA, so fp16/fp32 on
+    CUDA take "triton" (far faster than the per-expert loop); CPU takes "grouped". "grouped",
+    "triton" and "blocksparse" are explicit opt-ins.
     """
     wanted = backend
     if backend == "auto":
