@@ -210,6 +210,26 @@ def _open_lock(path: Path):
     return os.fdopen(fd, "r+")
 
 
+def _lock_or_refuse(run_dir: Path, lock) -> None:
+    """Take the run's lock, or refuse: another process holds it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise DroplessError(f"{run_dir} is in use by another dropless process (pid "
+                            f"{lock.read().strip() or '?'}); wait for it to finish or "
+                            "choose another --out") from None
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Refuse a run that another process holds, before reading it: its writer prunes old
+    checkpoints as it saves, so one could go mid-read. The lock is let go at once (the claim
+    comes later, in `claim_run_dir`)."""
+    if (Path(run_dir) / LOCK).is_file():
+        with _open_lock(Path(run_dir) / LOCK) as lock:
+            _lock_or_refuse(run_dir, lock)
+
+
 @contextmanager
 def claim_run_dir(run_dir: Path, new: bool):
     """Hold `run_dir` (created if missing) locked for this process while the block runs. A `new`
@@ -223,13 +243,7 @@ def claim_run_dir(run_dir: Path, new: bool):
                             "an empty or new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     with _open_lock(run_dir / LOCK) as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise DroplessError(f"{run_dir} is in use by another dropless process (pid "
-                                f"{lock.read().strip() or '?'}); wait for it to finish or "
-                                "choose another --out") from None
+        _lock_or_refuse(run_dir, lock)
         lock.truncate(0)   # at position 0: nothing was read
         lock.write(f"{os.getpid()}\n")
         lock.flush()

@@ -25,7 +25,7 @@ from dropless.precision import resolve_device
 
 
 def _train(args) -> int:
-    from dropless.checkpoint import resume_config
+    from dropless.checkpoint import refuse_if_in_use, resume_config
     from dropless.finetune import FINETUNE_TRAINING
     from dropless.runlog import StopWhenReaderLeaves, format_summary
     from dropless.train import train
@@ -60,6 +60,8 @@ def _train(args) -> int:
             raise DroplessError(f"--resume {args.resume} and --out {args.out} name different "
                                 "directories: a run continues where it is; pass one of them")
         need_dir(run_dir)
+        if os.environ.get("RANK", "0") == "0":   # other ranks would find rank 0's claim
+            refuse_if_in_use(run_dir)
         cfg, state = resume_config(run_dir, overrides)
     else:
         out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if args.out is None else args.out

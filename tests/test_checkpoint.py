@@ -486,6 +486,27 @@ def test_two_writers_on_one_run_directory(small_cfg, capsys):
         first.wait()
 
 
+def test_resume_of_a_run_in_use_is_refused_before_its_checkpoints_are_read(small_cfg, capsys):
+    """The writer prunes old checkpoints as it saves (KEEP of them), so a --resume that read the
+    run before asking for its lock could find a checkpoint gone mid-read and fail on that instead
+    (test_two_writers_on_one_run_directory, under load). The lock is asked first: here the
+    checkpoints are all gone, as if pruned, and the refusal still names the process in the way."""
+    import fcntl
+
+    cfg = small_cfg(steps=2, ckpt_every=1, sample_tokens=0)
+    train(cfg, progress=False)
+    shutil.rmtree(Path(cfg.out) / "dcp")
+    with open(Path(cfg.out) / ".lock", "r+") as lock:   # another dropless process holds the run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write("4242\n")
+        lock.flush()
+        assert cli.main(["train", "--resume", cfg.out, "--steps", "4", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "is in use by another dropless process (pid 4242)" in err, err
+
+
 def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     """SIGKILL `dropless train` at random moments (mid-step, mid-save, mid-eval, ...), restart it
     each time, then finish: the metrics and weights equal an uninterrupted run's, bitwise."""
