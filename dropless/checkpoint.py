@@ -117,6 +117,9 @@ def latest_state(run_dir: str | Path) -> dict:
     return state
 
 
+READ_TRIES = 3   # reads of a run's newest checkpoint, when its writer prunes the one being read
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
              matmul_dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer, saved state + its "path") of a run directory's newest
@@ -124,10 +127,24 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None
     is made on `device` in `dtype` (default: float32), its matmul weights (optim.matmul_weights)
     in `matmul_dtype` when given, with no values (meta, then to_empty), and the checkpoint loads
     straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on the device or
-    the host (a 30B model's would be 122 GB)."""
+    the host (a 30B model's would be 122 GB).
+
+    A run in training prunes its old checkpoints as it saves (KEEP of them): when the one being
+    read goes meanwhile, the read fails and the newest is read instead (up to READ_TRIES times)."""
+    need_dir(run_dir)
+    for tries_left in reversed(range(READ_TRIES)):
+        path = latest_path(Path(run_dir))
+        try:
+            return _load_checkpoint({**read_state(path), "path": path}, device, dtype,
+                                    matmul_dtype)
+        except (OSError, DroplessError):
+            if not tries_left or path.exists():
+                raise
+
+
+def _load_checkpoint(state: dict, device, dtype, matmul_dtype):
     from dropless.optim import matmul_weights
 
-    state = _latest(run_dir)
     path = state["path"]
     build, tokenizer = _saved_model(path, state)
     with torch.device("meta"):   # .to(dtype) keeps the router's bias fp32 and int4 scales fp16

@@ -507,6 +507,37 @@ def test_resume_of_a_run_in_use_is_refused_before_its_checkpoints_are_read(small
     assert "is in use by another dropless process (pid 4242)" in err, err
 
 
+def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newest(small_cfg, monkeypatch):
+    """`generate` (or eval, serve, ...) on a run in training: the writer prunes old checkpoints as
+    it saves, so the one being read can go mid-read. load_run reads the newest again; an error
+    on a checkpoint that is still there is not retried."""
+    import dropless.checkpoint as checkpoint
+
+    cfg = small_cfg(steps=2, ckpt_every=1, sample_tokens=0)
+    train(cfg, progress=False)
+    real, reads = checkpoint.load, []
+
+    def pruned_during_the_first_read(path, model, optimizer=None):
+        reads.append(path.name)
+        if len(reads) == 1:   # the writer removes it as the reader opens its files
+            shutil.rmtree(path)
+            raise FileNotFoundError(2, "No such file or directory", str(path / "__0_0.distcp"))
+        return real(path, model, optimizer)
+    monkeypatch.setattr(checkpoint, "load", pruned_during_the_first_read)
+    model, _, state = load_run(cfg.out)
+    assert reads == ["step-00000002", "step-00000001"] and state["step"] == 1
+    assert torch.isfinite(model.embed.weight).all()
+
+    def damaged(path, model, optimizer=None):
+        reads.append(path.name)
+        raise DroplessError(f"{path}: damaged")
+    monkeypatch.setattr(checkpoint, "load", damaged)
+    reads.clear()
+    with pytest.raises(DroplessError, match="damaged"):
+        load_run(cfg.out)
+    assert reads == ["step-00000001"]   # still there: no second read
+
+
 def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     """SIGKILL `dropless train` at random moments (mid-step, mid-save, mid-eval, ...), restart it
     each time, then finish: the metrics and weights equal an uninterrupted run's, bitwise."""
