@@ -131,14 +131,12 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None
 
     A run in training prunes its old checkpoints as it saves (KEEP of them): when the one being
     read goes meanwhile, the read fails and the newest is read instead (up to READ_TRIES times)."""
-    need_dir(run_dir)
     for tries_left in reversed(range(READ_TRIES)):
-        path = latest_path(Path(run_dir))
+        state = _latest(run_dir)
         try:
-            return _load_checkpoint({**read_state(path), "path": path}, device, dtype,
-                                    matmul_dtype)
+            return _load_checkpoint(state, device, dtype, matmul_dtype)
         except (OSError, DroplessError):
-            if not tries_left or path.exists():
+            if not tries_left or state["path"].exists():
                 raise
 
 
