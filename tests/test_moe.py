@@ -113,6 +113,22 @@ def test_dropless_drops_nothing(backend):
     assert int(aux.tokens_per_expert.sum()) == 64 * 2
 
 
+@pytest.mark.parametrize("num_experts", [2, 256, 257, 2**15, 2**15 + 1])
+def test_plan_orders_rows_by_expert_then_slot_at_every_key_width(num_experts):
+    """make_plan sorts a narrowed copy of the ids (uint8 / int16 / int32 by E): the rows are the
+    slots ordered by (expert, slot), the ids at the top of each width included."""
+    g = torch.Generator().manual_seed(num_experts)
+    ids_TK = torch.randint(0, num_experts, (300, 4), generator=g)
+    ids_TK[:3] = num_experts - 1            # the largest id each key width must hold
+    ids_TK[3:5] = max(num_experts - 2, 0)
+    plan = ops.make_plan(ids_TK, num_experts)
+    flat = ids_TK.reshape(-1).tolist()
+    want = sorted(range(len(flat)), key=lambda s: (flat[s], s))
+    assert plan.slot_of_row_R.tolist() == want
+    assert plan.row_of_slot_S[plan.slot_of_row_R].tolist() == list(range(len(flat)))
+    assert plan.counts_E.tolist() == [flat.count(e) for e in range(num_experts)]
+
+
 def test_capacity_drops_in_token_order():
     moe = make(num_experts=4, top_k=1, capacity_factor=1.0)
     with torch.no_grad():

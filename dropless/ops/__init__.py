@@ -10,11 +10,11 @@ import warnings
 import torch
 
 from dropless.ops import grouped, reference, triton_blocksparse, triton_combine, triton_grouped
-from dropless.ops.reference import Plan, expert_counts, make_plan, moe_loop
+from dropless.ops.reference import Plan, expert_counts, make_plan, moe_loop, sort_key_dtype
 
 __all__ = ["Plan", "combine", "dispatch", "expert_counts", "make_plan", "moe_loop", "expert_swiglu",
            "fused_experts", "fuses_dispatch", "resolve_backend", "compute_dtype",
-           "cast_operands"]
+           "cast_operands", "sort_key_dtype"]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -69,13 +69,21 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         0, flat, torch.ones_like(flat))
 
 
+def sort_key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integer dtype that holds every expert id: a radix sort makes one pass per
+    byte of key, so uint8 ids sort in one pass where int64 ids take eight (same stable order)."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= 2**15 else torch.int32
+
+
 def make_plan(expert_ids_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> Plan:
     """Sort slots by expert (stable, so token order is kept inside each expert) and, if a capacity
     is given, drop every assignment past the first `capacity` of its expert, in token order."""
     T, K = expert_ids_TK.shape
     flat_S = expert_ids_TK.reshape(-1)
     # 1. expert-contiguous order; stable keeps token order within an expert
-    slot_of_row = torch.argsort(flat_S, stable=True)
+    slot_of_row = torch.argsort(flat_S.to(sort_key_dtype(num_experts)), stable=True)
     counts_E = expert_counts(flat_S, num_experts)
     keep_S, dropped = None, 0
     # 2. capacity: rank of each row inside its expert; rows ranked >= capacity are dropped

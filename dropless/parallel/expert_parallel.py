@@ -62,8 +62,7 @@ def slot_plan(group_TK: torch.Tensor, keep_TK: torch.Tensor, num_groups: int) ->
     T, K = group_TK.shape
     keep_S = keep_TK.reshape(-1)
     key_S = torch.where(keep_TK, group_TK, num_groups).reshape(-1)
-    # int32 keys: half the radix-sort passes of int64
-    order_S = torch.argsort(key_S.to(torch.int32), stable=True)
+    order_S = torch.argsort(key_S.to(ops.sort_key_dtype(num_groups + 1)), stable=True)
     counts = ops.expert_counts(key_S, num_groups + 1)[:num_groups]
     row_of_slot = torch.empty_like(order_S).scatter_(
         0, order_S, torch.arange(T * K, device=key_S.device)).masked_fill_(~keep_S, 0)
