@@ -103,21 +103,32 @@ def saved_train_config(state: dict) -> TrainConfig | None:
     return _from_json(TrainConfig, state["train_config"], f"{state['path'] / STATE}: train_config")
 
 
-def _latest(run_dir: str | Path) -> dict:
+READ_TRIES = 3   # reads of a run's newest checkpoint, when its writer prunes the one being read
+
+
+def _read_newest(run_dir: str | Path, read):
+    """read(saved state + its "path") of a run directory's newest checkpoint. A run in training
+    prunes its old checkpoints as it saves (KEEP of them): when the one being read goes
+    meanwhile, the read fails and the newest is read instead (up to READ_TRIES times); an error
+    on a checkpoint that is still there is raised at once."""
     need_dir(run_dir)
-    path = latest_path(Path(run_dir))
-    return {**read_state(path), "path": path}
+    for tries_left in reversed(range(READ_TRIES)):
+        path = latest_path(Path(run_dir))
+        try:
+            return read({**read_state(path), "path": path})
+        except (OSError, DroplessError):
+            if not tries_left or path.exists():
+                raise
+
+
+def _header(state: dict) -> tuple[dict, object]:   # (state, tokenizer), checked: no weight read
+    return state, _saved_model(state["path"], state)[1]
 
 
 def latest_state(run_dir: str | Path) -> dict:
     """The saved state (JSON) of a run directory's newest checkpoint, with its "path", checked
     as load_run checks it (model config, tokenizer, quantization; nothing allocated)."""
-    state = _latest(run_dir)
-    _saved_model(state["path"], state)
-    return state
-
-
-READ_TRIES = 3   # reads of a run's newest checkpoint, when its writer prunes the one being read
+    return _read_newest(run_dir, _header)[0]
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -127,17 +138,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None
     is made on `device` in `dtype` (default: float32), its matmul weights (optim.matmul_weights)
     in `matmul_dtype` when given, with no values (meta, then to_empty), and the checkpoint loads
     straight into it: an fp32 checkpoint served in bf16 never exists in fp32 on the device or
-    the host (a 30B model's would be 122 GB).
-
-    A run in training prunes its old checkpoints as it saves (KEEP of them): when the one being
-    read goes meanwhile, the read fails and the newest is read instead (up to READ_TRIES times)."""
-    for tries_left in reversed(range(READ_TRIES)):
-        state = _latest(run_dir)
-        try:
-            return _load_checkpoint(state, device, dtype, matmul_dtype)
-        except (OSError, DroplessError):
-            if not tries_left or state["path"].exists():
-                raise
+    the host (a 30B model's would be 122 GB). A checkpoint pruned mid-read gives way to the
+    newest (`_read_newest`)."""
+    return _read_newest(run_dir, lambda state: _load_checkpoint(state, device, dtype,
+                                                                matmul_dtype))
 
 
 def _load_checkpoint(state: dict, device, dtype, matmul_dtype):
@@ -175,8 +179,7 @@ def model_dir_header(path: str | Path, need_tokenizer: bool = True
         if tok_json is None and need_tokenizer:
             raise DroplessError(f"{path} has no tokenizer.json: cannot encode prompts")
         return cfg, tok_json and tokenizer_from_json(tok_json), False
-    state = _latest(path)
-    tokenizer = _saved_model(state["path"], state)[1]
+    state, tokenizer = _read_newest(path, _header)
     return config_from_dict(state["model_config"]), tokenizer, "quant" in state
 
 

@@ -538,6 +538,39 @@ def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newest(small_cfg,
     assert reads == ["step-00000001"]   # still there: no second read
 
 
+def test_headers_of_a_run_in_training_give_way_to_the_newest_too(small_cfg, monkeypatch):
+    """`dropless info` and the headers of generate / serve read only the newest checkpoint's
+    state: pruned between finding it and reading it, the next newest is read; a damaged state
+    that is still there is not retried."""
+    import dropless.checkpoint as checkpoint
+    from dropless.checkpoint import latest_state, model_config_of
+
+    cfg = small_cfg(steps=3, ckpt_every=1, sample_tokens=0)
+    train(cfg, progress=False)
+    real, reads = checkpoint.read_state, []
+
+    def pruned_as_it_is_read(path):
+        reads.append(path.name)
+        if path.name == "step-00000003":   # the writer removes it as the reader opens it
+            shutil.rmtree(path)
+            raise FileNotFoundError(2, "No such file or directory", str(path / "state.json"))
+        return real(path)
+    monkeypatch.setattr(checkpoint, "read_state", pruned_as_it_is_read)
+    assert model_config_of(cfg.out)[1] == "run directory"
+    assert reads == ["step-00000003", "step-00000002"]
+    reads.clear()
+    assert latest_state(cfg.out)["step"] == 2 and reads == ["step-00000002"]
+
+    def damaged(path):
+        reads.append(path.name)
+        raise DroplessError(f"{path}: damaged")
+    monkeypatch.setattr(checkpoint, "read_state", damaged)
+    reads.clear()
+    with pytest.raises(DroplessError, match="damaged"):
+        model_config_of(cfg.out)
+    assert reads == ["step-00000002"]
+
+
 def test_random_kills_then_resume_is_bitwise(small_cfg, tmp_path):
     """SIGKILL `dropless train` at random moments (mid-step, mid-save, mid-eval, ...), restart it
     each time, then finish: the metrics and weights equal an uninterrupted run's, bitwise."""
