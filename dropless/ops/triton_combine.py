@@ -43,6 +43,20 @@ def _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S) -> Tensor:
     return out
 
 
+def gather_rows(x_TD: Tensor, idx_R: Tensor, rows: int = 4) -> Tensor:
+    """x_TD[idx_R] (rows of a contiguous x; every index in range) in one kernel."""
+    R, D = idx_R.numel(), x_TD.shape[1]
+    x_TD = x_TD.contiguous()
+    out = x_TD.new_empty(R, D)
+    if R == 0:
+        return out
+    if R % rows:
+        rows = 1
+    _kernels().gather_rows_kernel[(R // rows,)](x_TD, x_TD.stride(0), idx_R, out, out.stride(0), D,
+                                                ROWS=rows, BLOCK_D=BLOCK_D)
+    return out
+
+
 @torch.library.custom_op("dropless::combine", mutates_args=())
 def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
                 keep_S: Tensor | None, padded: bool) -> Tensor:
@@ -109,7 +123,7 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, keep_S, top_k):
         ctx.save_for_backward(row_of_slot_S, keep_S)
         ctx.top_k = top_k
-        return x_TD[token_of_row_R]
+        return gather_rows(x_TD, token_of_row_R)
 
     @staticmethod
     def backward(ctx, dx_RD):
