@@ -14,6 +14,8 @@
 #   layer    benchmarks/moe_layer.py --check: the expert backends at the three anchor shapes
 #   layerprof  the CUDA kernels of one fwd+bwd of grouped_mm, grouped_fused (`auto`) and dense at
 #            OLMoE and Qwen3 (moe_layer.py --profile): where issue 10's remaining gap is
+#   dispatch benchmarks/dispatch_ops.py: the plan's sort keys and the dispatch gather, op by op
+#            and in the layer's fwd+bwd against the code before them (OLMoE, Qwen3; ~2 minutes)
 #   serve    the serving tests (engine, decode step, server, logprobs, penalties, echo, n; gpu-marked
 #            and not) and the
 #            decode kernels
@@ -111,6 +113,7 @@ for s in "$@"; do
              --providers grouped_mm,grouped_fused ;;
     layerprof) stage "$L" 120 python3 benchmarks/moe_layer.py --profile --shapes olmoe,qwen3 \
                  --providers grouped_mm,grouped_fused ;;
+    dispatch) stage "$L" 180 python3 benchmarks/dispatch_ops.py ;;
     serve) stage "$L" 420 python3 -m pytest -q -n 8 tests/test_serve_engine.py tests/test_serve_decode.py \
              tests/test_serve_server.py tests/test_serve_engine_logprobs.py tests/test_serve_logprobs.py \
              tests/test_serve_penalties.py tests/test_serve_echo.py tests/test_serve_choices.py \
