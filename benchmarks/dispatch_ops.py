@@ -1,8 +1,10 @@
 """The permutation around the experts, op by op and in the layer (CUDA): the plan's sort with int64
 keys against the narrowed keys `make_plan` sorts, the dispatch gather as PyTorch indexing against
 the Triton kernel (`triton_combine.gather_rows`, 1-8 rows a program), the K-sum, and a 512 MiB copy
-for scale; then fwd+bwd of grouped_fused and grouped_mm (`moe_layer.py`'s providers) with each
-choice switched back, against the dense SwiGLU of equal FLOPs, medians of alternating runs.
+for scale; then fwd+bwd of grouped_fused and grouped_mm (`moe_layer.py`'s providers) with either
+choice both ways (int64 keys were the plan's before round 35; the kernel gathers only where
+`triton_combine.GATHER_KERNEL` is set, off by default until this script has run on a GPU),
+against the dense SwiGLU of equal FLOPs, medians of alternating runs.
 
     python benchmarks/dispatch_ops.py [--shapes olmoe,qwen3] [--repeats 3]
     TRITON_INTERPRET=1 python benchmarks/dispatch_ops.py --device cpu --shapes cpu-tiny
@@ -21,7 +23,7 @@ import moe_layer
 from dropless import ops
 from dropless.ops import reference, triton_combine
 
-REAL_GATHER, REAL_KEY = triton_combine.gather_rows, reference.sort_key_dtype
+REAL_KEY = reference.sort_key_dtype
 
 
 DEVICE = torch.device("cpu")
@@ -38,9 +40,9 @@ def inputs(name):
 
 
 def configure(narrow: bool, kernel: bool) -> None:
-    """The plan's sort key and the gather as landed (True) or as before (False)."""
+    """The plan's sort key narrowed (as landed) or int64, the gather by the kernel or indexing."""
     reference.sort_key_dtype = REAL_KEY if narrow else (lambda num_experts: torch.int64)
-    triton_combine.gather_rows = REAL_GATHER if kernel else (lambda x, idx, rows=4: x[idx])
+    triton_combine.GATHER_KERNEL = kernel
 
 
 def ops_table(name: str) -> None:
@@ -52,7 +54,7 @@ def ops_table(name: str) -> None:
         print(f"| stable argsort of {str(dtype)[6:]} ids | "
               f"{us(lambda: torch.argsort(flat.to(dtype), stable=True)):.1f} |")
     for narrow in (False, True):
-        configure(narrow, True)
+        configure(narrow, False)
         print(f"| make_plan, {'narrowed' if narrow else 'int64'} keys | "
               f"{us(lambda: ops.make_plan(ids, E)):.1f} |")
     plan = ops.make_plan(ids, E)
@@ -61,9 +63,9 @@ def ops_table(name: str) -> None:
     print(f"| gather: x[idx] | {us(lambda: x[tok]):.1f} |")
     print(f"| gather: index_select | {us(lambda: torch.index_select(x, 0, tok)):.1f} |")
     for rows in (1, 2, 4, 8):
-        assert torch.equal(REAL_GATHER(x, tok, rows), want)
+        assert torch.equal(triton_combine.gather_rows(x, tok, rows), want)
         print(f"| gather: Triton, {rows} row{'s' * (rows > 1)} a program | "
-              f"{us(lambda: REAL_GATHER(x, tok, rows)):.1f} |")
+              f"{us(lambda: triton_combine.gather_rows(x, tok, rows)):.1f} |")
     ones = want.new_ones(T, K)
     ksum = us(lambda: triton_combine._launch_combine(want, ones, plan.row_of_slot_S, None))
     print(f"| K-sum (combine kernel) | {ksum:.1f} |")
@@ -91,7 +93,7 @@ def layer_table(name: str, repeats: int) -> None:
             configure(narrow, kernel)
             for label in ("grouped_fused", "grouped_mm"):
                 runs.setdefault((label, narrow, kernel), []).append(us(fwd_bwd(label)))
-    configure(True, True)
+    configure(True, False)   # the defaults
     dense = statistics.median(runs[("dense_equiv", True, True)])
     print(f"\n### {name}: fwd+bwd, median of {repeats}\n")
     print("| provider | sort keys | gather | us | ratio to dense | runs |")

@@ -211,9 +211,9 @@ class _GatherUp(torch.autograd.Function):
 
 
 def _gather_rows(x_TD: torch.Tensor, token_of_row_R: torch.Tensor) -> torch.Tensor:
-    """x_TD[token(r)]: on CUDA one Triton kernel (triton_combine.gather_rows)."""
+    """x_TD[token(r)] (on CUDA through triton_combine.gather: its kernel when switched on)."""
     if _fused_elementwise(x_TD):
-        return triton_combine.gather_rows(x_TD, token_of_row_R)
+        return triton_combine.gather(x_TD, token_of_row_R)
     return x_TD[token_of_row_R]
 
 
