@@ -119,6 +119,11 @@ def test_decode_engine_hf_and_server(tmp_path):
             assert r["prefills"] >= 1 and r["steps"] >= NEW - 1 and r["admit_delay_ms"] == delay
             assert positive(r["tokens_per_s"], r["ttft_ms"], r["itl_ms"])
             assert "TTFT" in printed[key]
+            # three timed rounds, each with its own engine counts; the reported one is the median
+            rounds = r["rounds"]
+            assert len(rounds) == 3 and all(x["prefill_rows"] == n for x in rounds)
+            assert sorted(x["tokens_per_s"] for x in rounds)[1] == r["tokens_per_s"]
+            assert r["prefill_s"] in [x["prefill_s"] for x in rounds]
 
 
 def test_decode_served_context(tmp_path):
