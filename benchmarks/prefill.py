@@ -8,7 +8,8 @@ adjacent slots, as the server's engine prefills admitted requests: with the bloc
 and compiled (`compile_prefill`, dynamic in rows and tokens), and a run short enough for the
 decode step's path (N x prompt <= the engine's step tokens) through that path. Each is timed as
 the host's launch time (until `_prefill` returns) and the whole time (synchronized), medians of
-`--repeats` after two warm-ups. The model's plain forward over the same tokens (no cache, the
+`--repeats` after two warm-ups; compiled also in the last N slots (its cache rows at an offset, as
+a second run of admitted requests has them). Recompilations are logged as they happen. The model's plain forward over the same tokens (no cache, the
 training path under no_grad) is timed beside them for scale. Then a kernel table of one prefill
 of the most rows, eager and compiled: whether the time is the device's or the host's.
 """
@@ -26,21 +27,22 @@ from dropless import get_preset
 from dropless.serve import Engine, Request, SamplingParams
 
 
-def prefill(engine: Engine, prompts) -> tuple[float, float]:
-    """(launch s, whole s) of one `_prefill` of these prompts in slots 0..N-1; the slots are
-    emptied again after (no decode step runs)."""
-    slots = list(range(len(prompts)))
+def prefill(engine: Engine, prompts, first: int = 0) -> tuple[float, float]:
+    """(launch s, whole s) of one `_prefill` of these prompts in slots first..first+N-1; the
+    slots are emptied again after (no decode step runs)."""
+    slots = list(range(first, first + len(prompts)))
     for slot, prompt in zip(slots, prompts):
         request = Request(prompt, SamplingParams(max_tokens=2, temperature=0))
         request.prefilled = 0
         engine.slots[slot] = request
     sync(engine.device)
     start = time.perf_counter()
-    engine._prefill(slots)
+    with torch.no_grad():   # as Engine.step
+        engine._prefill(slots)
     launched = time.perf_counter()
     sync(engine.device)
     done = time.perf_counter()
-    engine.slots[:len(slots)] = [None] * len(slots)
+    engine.slots[first:first + len(slots)] = [None] * len(slots)
     engine.firsts.clear()
     return launched - start, done - start
 
@@ -85,6 +87,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
+    torch._logging.set_logs(recompiles=True)
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     cfg = get_preset(args.preset)
     model = build(args.preset, args.device, dtype)
@@ -97,12 +100,14 @@ def main():
           f"{args.prompt} tokens; engine step tokens {engines['eager'].step_tokens}; medians of "
           f"{args.repeats}, ms\n")
     print("| rows | tokens | path | eager launch | eager whole | compiled launch | "
-          "compiled whole | model forward |")
-    print("|---|---|---|---|---|---|---|---|")
+          "compiled whole | compiled, last slots: launch | whole | model forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.rows:
         prompts = prompts_for(n, args.prompt, cfg.vocab_size, seed=n)
         short = n * args.prompt <= engines["eager"].step_tokens
         times = [median_ms(lambda: prefill(e, prompts), args.repeats) for e in engines.values()]
+        times.append(median_ms(lambda: prefill(engines["compiled"], prompts, max_batch - n),
+                               args.repeats))
         fwd = forward_ms(model, prompts, args.repeats)
         print(f"| {n} | {n * args.prompt} | {'decode step' if short else 'blocks'} | "
               + " | ".join(f"{t:.2f}" for pair in times for t in pair) + f" | {fwd:.2f} |",

@@ -137,6 +137,24 @@ def test_decode_served_context(tmp_path):
     assert not any(k.startswith(("hf_", "server_")) for k in res)
 
 
+# ---- prefill.py --------------------------------------------------------------------------------
+
+def test_prefill_times_each_row_count_on_both_paths():
+    """prefill.py on `tiny`: a row per row count, the path the engine takes for it (32 tokens fit
+    its 128 step tokens, 256 do not), every time positive, launch never after the whole; then
+    the kernel tables of the eager and the compiled engine."""
+    out = run("prefill.py", "--preset", "tiny", "--device", "cpu", "--rows", 1, 8,
+              "--repeats", 1)
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r[:3] for r in rows] == [["1", "32", "decode step"], ["8", "256", "blocks"]]
+    for r in rows:
+        times = [float(c) for c in r[3:]]
+        assert len(times) == 7 and positive(*times)
+        assert all(times[i] <= times[i + 1] for i in (0, 2, 4))   # launch <= whole
+    assert "### eager: one prefill of 8 rows" in out and "### compiled: one prefill" in out
+
+
 # ---- decode_kernels.py ------------------------------------------------------------------------
 
 def test_decode_kernels_counts_aten_ops():
