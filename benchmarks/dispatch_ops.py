@@ -1,10 +1,9 @@
 """The permutation around the experts, op by op and in the layer (CUDA): the plan's sort with int64
-keys against the narrowed keys `make_plan` sorts, the dispatch gather as PyTorch indexing against
-the Triton kernel (`triton_combine.gather_rows`, 1-8 rows a program), the K-sum, and a 512 MiB copy
-for scale; then fwd+bwd of grouped_fused and grouped_mm (`moe_layer.py`'s providers) with either
-choice both ways (int64 keys were the plan's before round 35; the kernel gathers only where
-`triton_combine.GATHER_KERNEL` is set, off by default until this script has run on a GPU),
-against the dense SwiGLU of equal FLOPs, medians of alternating runs.
+keys against the narrowed keys `make_plan` sorts, the dispatch gather (`x[idx]`, `index_select`),
+the K-sum, and a copy of the gathered rows for scale; then fwd+bwd of grouped_fused and grouped_mm
+(`moe_layer.py`'s providers) with either sort key (int64 keys were the plan's before round 35),
+against the dense SwiGLU of equal FLOPs, medians of alternating runs. (Round 36 timed a Triton
+gather kernel here too: within 3% of indexing, both at copy speed, no gain in the layer; removed.)
 
     python benchmarks/dispatch_ops.py [--shapes olmoe,qwen3] [--repeats 3]
     TRITON_INTERPRET=1 python benchmarks/dispatch_ops.py --device cpu --shapes cpu-tiny
@@ -39,10 +38,9 @@ def inputs(name):
     return (T, D, E, K), moe_layer.make_inputs(T, D, Fh, E, K, dtype, DEVICE)
 
 
-def configure(narrow: bool, kernel: bool) -> None:
-    """The plan's sort key narrowed (as landed) or int64, the gather by the kernel or indexing."""
+def configure(narrow: bool) -> None:
+    """The plan's sort key narrowed (as landed) or int64."""
     reference.sort_key_dtype = REAL_KEY if narrow else (lambda num_experts: torch.int64)
-    triton_combine.GATHER_KERNEL = kernel
 
 
 def ops_table(name: str) -> None:
@@ -54,7 +52,7 @@ def ops_table(name: str) -> None:
         print(f"| stable argsort of {str(dtype)[6:]} ids | "
               f"{us(lambda: torch.argsort(flat.to(dtype), stable=True)):.1f} |")
     for narrow in (False, True):
-        configure(narrow, False)
+        configure(narrow)
         print(f"| make_plan, {'narrowed' if narrow else 'int64'} keys | "
               f"{us(lambda: ops.make_plan(ids, E)):.1f} |")
     plan = ops.make_plan(ids, E)
@@ -62,10 +60,6 @@ def ops_table(name: str) -> None:
     want = x[tok]
     print(f"| gather: x[idx] | {us(lambda: x[tok]):.1f} |")
     print(f"| gather: index_select | {us(lambda: torch.index_select(x, 0, tok)):.1f} |")
-    for rows in (1, 2, 4, 8):
-        assert torch.equal(triton_combine.gather_rows(x, tok, rows), want)
-        print(f"| gather: Triton, {rows} row{'s' * (rows > 1)} a program | "
-              f"{us(lambda: triton_combine.gather_rows(x, tok, rows)):.1f} |")
     ones = want.new_ones(T, K)
     ksum = us(lambda: triton_combine._launch_combine(want, ones, plan.row_of_slot_S, None))
     print(f"| K-sum (combine kernel) | {ksum:.1f} |")
@@ -88,21 +82,19 @@ def layer_table(name: str, repeats: int) -> None:
 
     runs: dict = {}
     for _ in range(repeats):   # alternating: drift hits every configuration alike
-        runs.setdefault(("dense_equiv", True, True), []).append(us(fwd_bwd("dense_equiv")))
-        for narrow, kernel in ((False, False), (True, False), (False, True), (True, True)):
-            configure(narrow, kernel)
+        runs.setdefault(("dense_equiv", True), []).append(us(fwd_bwd("dense_equiv")))
+        for narrow in (False, True):
+            configure(narrow)
             for label in ("grouped_fused", "grouped_mm"):
-                runs.setdefault((label, narrow, kernel), []).append(us(fwd_bwd(label)))
-    configure(True, False)   # the defaults
-    dense = statistics.median(runs[("dense_equiv", True, True)])
+                runs.setdefault((label, narrow), []).append(us(fwd_bwd(label)))
+    dense = statistics.median(runs[("dense_equiv", True)])   # the default (narrowed) is last
     print(f"\n### {name}: fwd+bwd, median of {repeats}\n")
-    print("| provider | sort keys | gather | us | ratio to dense | runs |")
-    print("|---|---|---|---|---|---|")
-    for (label, narrow, kernel), times in runs.items():
-        m, dense_row = statistics.median(times), label == "dense_equiv"
-        keys, gather = ("-", "-") if dense_row else ("narrowed" if narrow else "int64",
-                                                     "Triton" if kernel else "index")
-        print(f"| {label} | {keys} | {gather} | {m:.0f} | {dense / m:.3f} | "
+    print("| provider | sort keys | us | ratio to dense | runs |")
+    print("|---|---|---|---|---|")
+    for (label, narrow), times in runs.items():
+        m = statistics.median(times)
+        keys = "-" if label == "dense_equiv" else "narrowed" if narrow else "int64"
+        print(f"| {label} | {keys} | {m:.0f} | {dense / m:.3f} | "
               f"{', '.join(f'{t:.0f}' for t in times)} |")
 
 

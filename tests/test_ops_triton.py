@@ -147,17 +147,3 @@ def test_custom_op_registrations():
     torch.library.opcheck(torch.ops.dropless.fused_experts.default, [a.to(DEVICE) for a in args],
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("R, rows", [(0, 4), (1, 4), (36, 4), (37, 4), (40, 8), (7, 1)])
-def test_gather_rows_kernel_copies_every_row(dtype, R, rows):
-    """The dispatch gather (forward of grouped_lowmem's first projection, its backward's re-gathers
-    of x and dy): bitwise x[idx], repeated and unused rows, D past one block, a strided x."""
-    from dropless.ops import triton_combine
-    gen = torch.Generator().manual_seed(R)
-    x = torch.randn(30, 2 * triton_combine.BLOCK_D + 40, generator=gen).to(dtype)[:, 8:].to(DEVICE)
-    idx = torch.randint(0, 30, (R,), generator=gen).to(DEVICE)
-    poison_allocator()
-    out = triton_combine.gather_rows(x, idx, rows)
-    assert out.shape == (R, x.shape[1]) and torch.equal(out, x[idx])

@@ -196,25 +196,18 @@ class _GatherUp(torch.autograd.Function):
     def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, top_k, offs_E, gate_up_EDF2):
         ctx.save_for_backward(x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2)
         ctx.top_k = top_k
-        return _gmm(_gather_rows(x_TD, token_of_row_R), gate_up_EDF2, offs=offs_E)
+        return _gmm(x_TD[token_of_row_R], gate_up_EDF2, offs=offs_E)
 
     @staticmethod
     def backward(ctx, dgu_RF2):
         x_TD, token_of_row_R, row_of_slot_S, offs_E, gate_up_EDF2 = ctx.saved_tensors
         dgu_RF2 = dgu_RF2.contiguous()
-        x_RD = _gather_rows(x_TD, token_of_row_R)
+        x_RD = x_TD[token_of_row_R]
         dgate_up = _gmm(x_RD.transpose(-2, -1), dgu_RF2, offs=offs_E)
         del x_RD
         dx_RD = _gmm(dgu_RF2, gate_up_EDF2.transpose(-2, -1), offs=offs_E)
         del dgu_RF2
         return _sum_rows(dx_RD, row_of_slot_S, ctx.top_k), None, None, None, None, dgate_up
-
-
-def _gather_rows(x_TD: torch.Tensor, token_of_row_R: torch.Tensor) -> torch.Tensor:
-    """x_TD[token(r)] (on CUDA through triton_combine.gather: its kernel when switched on)."""
-    if _fused_elementwise(x_TD):
-        return triton_combine.gather(x_TD, token_of_row_R)
-    return x_TD[token_of_row_R]
 
 
 def _sum_rows(y_RD: torch.Tensor, row_of_slot_S: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -239,7 +232,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TD):
         (token_of_row_R,) = ctx.saved_tensors
-        return _gather_rows(dy_TD, token_of_row_R), None, None, None
+        return dy_TD[token_of_row_R], None, None, None
 
 
 def fused_experts(x_TD, plan: reference.Plan, weights_TK, gate_up_EDF2, down_EFD) -> torch.Tensor:

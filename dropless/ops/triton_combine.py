@@ -43,31 +43,6 @@ def _launch_combine(y_RD, weights_TK, row_of_slot_S, keep_S) -> Tensor:
     return out
 
 
-# The dispatch's gather on CUDA: PyTorch's indexing (False) or `gather_rows` (True). Off until a
-# GPU has timed it: `benchmarks/dispatch_ops.py` sets it both ways in one run (round 35 had no GPU).
-GATHER_KERNEL = False
-
-
-def gather(x_TD: Tensor, idx_R: Tensor) -> Tensor:
-    """x_TD[idx_R] for the dispatch (CUDA tensors): by the kernel when GATHER_KERNEL is set."""
-    return gather_rows(x_TD, idx_R) if GATHER_KERNEL else x_TD[idx_R]
-
-
-def gather_rows(x_TD: Tensor, idx_R: Tensor, rows: int = 4) -> Tensor:
-    """x_TD[idx_R] (rows of a contiguous x; every index in range) in one Triton kernel, whole
-    16-byte vectors a thread, `rows` rows a program (one where R is not a multiple)."""
-    R, D = idx_R.numel(), x_TD.shape[1]
-    x_TD = x_TD.contiguous()
-    out = x_TD.new_empty(R, D)
-    if R == 0:
-        return out
-    if R % rows:
-        rows = 1
-    _kernels().gather_rows_kernel[(R // rows,)](x_TD, x_TD.stride(0), idx_R, out, out.stride(0), D,
-                                                ROWS=rows, BLOCK_D=BLOCK_D)
-    return out
-
-
 @torch.library.custom_op("dropless::combine", mutates_args=())
 def _combine_op(y_RD: Tensor, weights_TK: Tensor, row_of_slot_S: Tensor,
                 keep_S: Tensor | None, padded: bool) -> Tensor:
@@ -134,7 +109,7 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x_TD, token_of_row_R, row_of_slot_S, keep_S, top_k):
         ctx.save_for_backward(row_of_slot_S, keep_S)
         ctx.top_k = top_k
-        return gather(x_TD, token_of_row_R)
+        return x_TD[token_of_row_R]
 
     @staticmethod
     def backward(ctx, dx_RD):

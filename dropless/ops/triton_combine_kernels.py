@@ -7,7 +7,6 @@ Legend: T tokens, D model dim, K top-k, R routed rows, S slots (t*K + k).
   matmul it replaces.
 - `combine_backward_kernel`: dy_RD[row(t, k)] = w[t, k] * dy_TD[t] and d(w)[t, k] = <dy_TD[t],
   y_RD[row(t, k)]>, one program per token. Every row has exactly one slot: no atomics.
-- `gather_rows_kernel`: x_RD[r] = x_TD[idx[r]], the dispatch's gather (a plain copy).
 Dropped slots (capacity plans, keep == 0) contribute nothing and write no row.
 """
 
@@ -70,22 +69,3 @@ def combine_backward_kernel(
         if HAS_KEEP:
             dw = tl.where(keep != 0, dw, 0.0)
         tl.store(dw_ptr + t * K + k, dw.to(dw_ptr.dtype.element_ty))
-
-
-@triton.jit
-def gather_rows_kernel(
-    x_ptr, stride_xt,                 # x_TD
-    idx_ptr,                          # [R]: the source row of every output row
-    out_ptr, stride_or,               # x_RD (out)
-    D,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """x_RD[r] = x_TD[idx[r]], ROWS rows a program, whole 16-byte vectors a thread."""
-    for i in tl.static_range(ROWS):
-        r = tl.program_id(0).to(tl.int64) * ROWS + i
-        src = tl.load(idx_ptr + r).to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            ok = cols < D
-            row = tl.load(x_ptr + src * stride_xt + cols, mask=ok)
-            tl.store(out_ptr + r * stride_or + cols, row, mask=ok)
