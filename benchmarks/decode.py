@@ -41,7 +41,8 @@ from dropless.info import model_stats
 from dropless.serve import Engine, Request, SamplingParams, moe_decode
 from dropless.serve import decode as serve_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
-from serve_clients import engine_counters, httpx_module, start_server, stream_round
+from serve_clients import (engine_counters, httpx_module, start_server, stop_server,
+                           stream_round)
 
 def copy_bandwidth(device) -> float:
     """Bytes/s of a device-to-device copy of 1 GiB (64 MiB on a CPU): twice its bytes (read and
@@ -211,9 +212,8 @@ def run_server(args, vocab, delay_ms: float) -> dict:
                                  for r in rounds]}
             print(f"server {n} clients, admit delay {delay_ms} ms: {out[n]}", flush=True)
         return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    finally:   # what the server said (warnings, recompilations under TORCH_LOGS=recompiles)
+        print("server stderr, last lines:\n" + stop_server(proc), flush=True)
 
 
 # ---- main --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -56,15 +57,18 @@ def engine_counters(httpx, port) -> dict:
 
 def start_server(script: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
     """`python script --serve-port PORT *flags` in a subprocess (the repository on its path),
-    once its /health answers: (process, port)."""
+    once its /health answers: (process, port). Its stderr goes to a temp file (a pipe nobody
+    reads would block a server that writes 64 KiB of warnings); `stop_server` returns its tail."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get(
         "PYTHONPATH")]))}
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, script, "--serve-port", str(port), *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log
     httpx = httpx_module()
     for _ in range(600):
         try:
@@ -72,7 +76,18 @@ def start_server(script: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
             return proc, port
         except httpx.TransportError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+                raise RuntimeError(stop_server(proc)[-2000:])
             time.sleep(0.2)
-    proc.terminate()
+    stop_server(proc)
     raise RuntimeError(f"{script}: the server did not answer in 2 minutes")
+
+
+def stop_server(proc: subprocess.Popen, lines: int = 40) -> str:
+    """Stop a `start_server` process (SIGTERM: it drains and prints the engine's counters); the
+    last `lines` lines of its stderr."""
+    proc.terminate()
+    proc.wait(timeout=60)
+    proc.log.seek(0)
+    text = proc.log.read().decode(errors="replace")
+    proc.log.close()
+    return "\n".join(text.splitlines()[-lines:])

@@ -23,7 +23,7 @@ import time
 import torch
 
 from decode import build, prompts_for   # this script's folder
-from serve_clients import start_server, stream_round
+from serve_clients import start_server, stop_server, stream_round
 
 PROMPT, NEW = 32, 256
 
@@ -79,8 +79,7 @@ def measure(step_ms: float, clients: list[int]) -> None:
             print(f"{step_ms:8.2f}{n:9}{r['tokens_per_s']:12,.0f}{ceiling}{ratio}"
                   f"{r['ttft_ms']:10.1f}{r['itl_ms']:10.2f}", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_server(proc)
 
 
 def main():
