@@ -20,7 +20,9 @@ row; before round 30 the whole table, 10% more at the Qwen3-30B-A3B shape) x 2 b
 device's bandwidth, measured in the run as a copy of 1 GiB (bytes read and written over its median
 time; 4.24 TB/s on an H200; the floor used a fixed 4.24 TB/s before round 23, also on H100s).
 The server runs in a subprocess (so clients and server share no GIL) on the same seeded weights;
-clients stream token-id prompts from /v1/completions.
+clients stream token-id prompts from /v1/completions: a warm-up round, then `--server-rounds`
+timed rounds per client count (the median round by tokens/s is reported, each round's time to
+first token and prefill time beside it); the server's stderr is printed when it stops.
 """
 
 from __future__ import annotations
