@@ -36,11 +36,22 @@ def check_against_oracle(moe, x, dtype):
     tol = TOLERANCE[dtype]
     assert rel_err(y, y_ref) < tol
     assert rel_err(x.grad, gx_ref) < tol
+    # The router's gradient can be a difference of near-equal terms (top-1 renormalized weights
+    # are exactly 1: their gradient cancels to zero), computed in the router's float32: its
+    # error is then a few units of roundoff of those terms, token t's |g_t . y_t| |x_t|, not of
+    # the small result (relative errors of 2e-4 to 1.5e-3 at top-1 in fp32). Allowed on top of
+    # the relative tolerance: 4 units of roundoff of their root sum of squares.
+    u = torch.finfo(torch.promote_types(dtype, torch.float32)).eps / 2
+    terms_T = ((g.double() * y_ref.double()).flatten(0, -2).sum(-1).abs()
+               * x.detach().double().flatten(0, -2).norm(dim=-1))
     for name, p in moe.named_parameters():
-        # the router's gradient is a difference of near-equal terms (e.g. top-1 renormalized
-        # weights are exactly 1): fp32 cancellation, not an error in the layer
-        ptol = max(tol, 1e-3) if name.startswith("router") and dtype == torch.float32 else tol
-        assert rel_err(p.grad, grads_ref[name]) < ptol, name
+        if rel_err(p.grad, grads_ref[name]) < tol:
+            continue
+        assert name.startswith("router"), name
+        ref = grads_ref[name].double()
+        err = (p.grad.double() - ref).norm().item()
+        allowed = tol * ref.norm().item() + 4 * u * terms_T.norm().item()
+        assert err <= allowed, (name, err, allowed)
     kept = torch.bincount(ids_ref[ids_ref >= 0], minlength=moe.cfg.num_experts)
     assert torch.equal(aux.tokens_per_expert.cpu(), kept)
     return aux
