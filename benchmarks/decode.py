@@ -207,8 +207,9 @@ def run_server(args, vocab, delay_ms: float) -> dict:
                 r = asyncio.run(stream_round(port, prompts, args.new))
                 after = engine_counters(httpx, port)   # what the engine did in this round
                 rounds.append({**r, **{k: after.get(k, 0) - before.get(k, 0) for k in after}})
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
             out[n] = {**sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2],
-                      "admit_delay_ms": delay_ms,
+                      "admit_delay_ms": delay_ms, "prefill": health["prefill"],
                       "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_ms", "prefills",
                                                     "prefill_rows", "prefill_s") if k in r}
                                  for r in rounds]}
@@ -366,7 +367,8 @@ def print_table(res: dict, args) -> None:
     for key in [k for k in res if k.startswith("server_") and "tokens_per_s" in res[k]]:
         r = res[key]
         print(f"{key:32}{r['tokens_per_s']:12,.0f}   TTFT {r['ttft_ms']:.1f} ms, "
-              f"inter-token {r['itl_ms']:.2f} ms, {r.get('prefills', 0)} prefill forwards, "
+              f"inter-token {r['itl_ms']:.2f} ms, {r.get('prefills', 0)} prefill forwards "
+              f"({r.get('prefill', '?')}), "
               f"{r.get('captures', 0)} graph captures")
         if len(r.get("rounds", [])) > 1:   # a slow round's prefill: a one-off cost or steady
             print(f"{'':32}rounds: " + ", ".join(

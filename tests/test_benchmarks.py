@@ -117,6 +117,7 @@ def test_decode_engine_hf_and_server(tmp_path):
             assert "error" not in r, r
             assert r["completion_tokens"] == n * NEW and r["prefill_rows"] == n
             assert r["prefills"] >= 1 and r["steps"] >= NEW - 1 and r["admit_delay_ms"] == delay
+            assert r["prefill"] == "eager"   # no --serve-compile-prefill here
             assert positive(r["tokens_per_s"], r["ttft_ms"], r["itl_ms"])
             assert "TTFT" in printed[key]
             # three timed rounds, each with its own engine counts; the reported one is the median

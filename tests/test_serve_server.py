@@ -97,6 +97,7 @@ def test_models_and_health(server):
     assert after["engine"].get("prefills", 0) == before["engine"].get("prefills", 0) + 1
     assert after["engine"].get("prefill_rows", 0) == before["engine"].get("prefill_rows", 0) + 1
     assert after["engine"]["steps"] >= before["engine"].get("steps", 0) + 2
+    assert after["prefill"] == "eager"   # this engine does not compile its prefill
 
 
 def health(port) -> dict:

@@ -94,9 +94,11 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     def load() -> dict:
         """The engine's load and its counters (steps, prefill forwards and rows, host seconds in
-        prefill, CUDA-graph captures), read at once under its lock."""
+        prefill, CUDA-graph captures), read at once under its lock; how it prefills ("compiled",
+        or "eager": not asked, or the compile failed at warm-up and it fell back)."""
         with engine.lock:
             return {"running": sum(r is not None for r in engine.slots), "waiting": waiting(),
+                    "prefill": "compiled" if engine.compiled else "eager",
                     "engine": dict(engine.stats)}
 
     @app.get("/health")
