@@ -9,9 +9,11 @@ and compiled (`compile_prefill`, dynamic in rows and tokens), and a run short en
 decode step's path (N x prompt <= the engine's step tokens) through that path. Each is timed as
 the host's launch time (until `_prefill` returns) and the whole time (synchronized), medians of
 `--repeats` after two warm-ups; compiled also in the last N slots (its cache rows at an offset, as
-a second run of admitted requests has them). Recompilations are logged as they happen. The model's plain forward over the same tokens (no cache, the
-training path under no_grad) is timed beside them for scale. Then a kernel table of one prefill
-of the most rows, eager and compiled: whether the time is the device's or the host's.
+a second run of admitted requests has them). Recompilations are logged as they happen. The
+model's plain forward over the same tokens (no cache, the training path under no_grad) is timed
+beside them for scale. Then a kernel table of one prefill of the most rows, eager and compiled:
+whether the time is the device's or the host's. The model is built as decode.py builds it (random
+bf16 weights, the experts k-major as `dropless serve` lays them out).
 """
 
 from __future__ import annotations
