@@ -7,13 +7,15 @@ For each row count N, N prompts of `--prompt` tokens go through `Engine._prefill
 adjacent slots, as the server's engine prefills admitted requests: with the blocks' forward eager
 and compiled (`compile_prefill`, dynamic in rows and tokens), and a run short enough for the
 decode step's path (N x prompt <= the engine's step tokens) through that path. Each is timed as
-the host's launch time (until `_prefill` returns) and the whole time (synchronized), medians of
-`--repeats` after two warm-ups; compiled also in the last N slots (its cache rows at an offset, as
-a second run of admitted requests has them). Recompilations are logged as they happen. The
-model's plain forward over the same tokens (no cache, the training path under no_grad) is timed
-beside them for scale. Then a kernel table of one prefill of the most rows, eager and compiled:
-whether the time is the device's or the host's. The model is built as decode.py builds it (random
-bf16 weights, the experts k-major as `dropless serve` lays them out).
+the first call's whole time (what a new row count costs once: a compile, a Triton kernel's first
+specialization for it), then the host's launch time (until `_prefill` returns) and the whole time
+(synchronized), medians of `--repeats` after a second warm-up; compiled also in the last N
+slots (its cache rows at an offset, as a second run of admitted requests has them).
+Recompilations are logged as they happen. The model's plain forward over the same tokens (no
+cache, the training path under no_grad) is timed beside them for scale. Then a kernel table of
+one prefill of the most rows, eager and compiled: whether the time is the device's or the
+host's. The model is built as decode.py builds it (random bf16 weights, the experts k-major as
+`dropless serve` lays them out).
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def prefill(engine: Engine, prompts, first: int = 0) -> tuple[float, float]:
     return launched - start, done - start
 
 
-def median_ms(fn, repeats: int) -> tuple[float, float]:
-    for _ in range(2):
-        fn()
+def median_ms(fn, repeats: int) -> tuple[float, float, float]:
+    """(first call's whole ms: one-off costs such as a compile or a Triton kernel's first
+    specialization included, then the launch and whole ms: medians after two warm-ups)."""
+    first = fn()[1] * 1e3
+    fn()
     runs = [fn() for _ in range(repeats)]
-    return tuple(statistics.median(r[i] for r in runs) * 1e3 for i in range(2))
+    return (first, *(statistics.median(r[i] for r in runs) * 1e3 for i in range(2)))
 
 
 def forward_ms(model, prompts, repeats: int) -> float:
@@ -66,7 +70,7 @@ def forward_ms(model, prompts, repeats: int) -> float:
             model(tokens)
         sync(tokens.device)
         return 0.0, time.perf_counter() - start
-    return median_ms(once, repeats)[1]
+    return median_ms(once, repeats)[2]
 
 
 def kernel_table(engine: Engine, prompts, label: str) -> None:
@@ -101,9 +105,9 @@ def main():
     print(f"{args.preset} on {name}, torch {torch.__version__}, {dtype}; prompts of "
           f"{args.prompt} tokens; engine step tokens {engines['eager'].step_tokens}; medians of "
           f"{args.repeats}, ms\n")
-    print("| rows | tokens | path | eager launch | eager whole | compiled launch | "
-          "compiled whole | compiled, last slots: launch | whole | model forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | tokens | path | eager: first | launch | whole | compiled: first | launch | "
+          "whole | compiled, last slots: first | launch | whole | model forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.rows:
         prompts = prompts_for(n, args.prompt, cfg.vocab_size, seed=n)
         short = n * args.prompt <= engines["eager"].step_tokens
@@ -112,7 +116,7 @@ def main():
                                args.repeats))
         fwd = forward_ms(model, prompts, args.repeats)
         print(f"| {n} | {n * args.prompt} | {'decode step' if short else 'blocks'} | "
-              + " | ".join(f"{t:.2f}" for pair in times for t in pair) + f" | {fwd:.2f} |",
+              + " | ".join(f"{t:.2f}" for triple in times for t in triple) + f" | {fwd:.2f} |",
               flush=True)
     if not args.no_profile:
         prompts = prompts_for(max_batch, args.prompt, cfg.vocab_size, seed=max_batch)
