@@ -94,17 +94,16 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
 
     def load() -> dict:
         """The engine's load and its counters (steps, prefill forwards and rows, host seconds in
-        prefill, CUDA-graph captures), read at once under its lock; how it prefills ("compiled",
-        or "eager": not asked, or the compile failed at warm-up and it fell back)."""
+        prefill, CUDA-graph captures), read at once under its lock."""
         with engine.lock:
             return {"running": sum(r is not None for r in engine.slots), "waiting": waiting(),
-                    "prefill": "compiled" if engine.compiled else "eager",
                     "engine": dict(engine.stats)}
 
     @app.get("/health")
     async def health():
-        """Up, with load(), for monitoring and benchmarks."""
-        return {"status": "ok", **load()}
+        """Up, with load(), for monitoring and benchmarks, and how the engine prefills:
+        "compiled", or "eager" (not asked for, or its compile failed at warm-up)."""
+        return {"status": "ok", **load(), "prefill": "compiled" if engine.compiled else "eager"}
 
     @app.get("/metrics")   # Prometheus' text format; open as /health is
     async def prometheus():
