@@ -43,7 +43,7 @@ from dropless.info import model_stats
 from dropless.serve import Engine, Request, SamplingParams, moe_decode
 from dropless.serve import decode as serve_decode
 from moe_layer import bench   # the benchmarks' one timing helper (this script's folder)
-from serve_clients import (engine_counters, httpx_module, start_server, stop_server,
+from serve_clients import (engine_counters, health, httpx_module, start_server, stop_server,
                            stream_round)
 
 def copy_bandwidth(device) -> float:
@@ -207,9 +207,8 @@ def run_server(args, vocab, delay_ms: float) -> dict:
                 r = asyncio.run(stream_round(port, prompts, args.new))
                 after = engine_counters(httpx, port)   # what the engine did in this round
                 rounds.append({**r, **{k: after.get(k, 0) - before.get(k, 0) for k in after}})
-            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
             out[n] = {**sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2],
-                      "admit_delay_ms": delay_ms, "prefill": health["prefill"],
+                      "admit_delay_ms": delay_ms, "prefill": health(httpx, port)["prefill"],
                       "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_ms", "prefills",
                                                     "prefill_rows", "prefill_s") if k in r}
                                  for r in rounds]}

@@ -51,8 +51,12 @@ async def stream_round(port, prompts, new):
             "itl_ms": statistics.median(itl) * 1e3, "completion_tokens": tokens}
 
 
+def health(httpx, port) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+
+
 def engine_counters(httpx, port) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["engine"]
+    return health(httpx, port)["engine"]
 
 
 def start_server(script: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
