@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -187,14 +188,16 @@ def serve_main(args) -> None:
     engine = Engine(model, max_batch=args.max_batch, max_len=args.prompt + args.new,
                     admit_delay=args.admit_delay_ms[0] / 1e3,
                     compile_prefill=args.serve_compile_prefill)
+    if args.ungated:   # the event loop no longer waits out the prefills (serve/loop.py)
+        engine.gate = nullcontext()
     serve(served, engine, "127.0.0.1", args.serve_port)
 
 
-def run_server(args, vocab, delay_ms: float) -> dict:
+def run_server(args, vocab, delay_ms: float, ungated: bool = False) -> dict:
     proc, port = start_server(__file__, [
         "--preset", args.preset, "--device", args.device, "--max-batch", str(max(args.clients)),
         "--prompt", str(args.prompt), "--new", str(args.new), "--admit-delay-ms", str(delay_ms)] +
-        ["--serve-compile-prefill"] * args.serve_compile_prefill)
+        ["--serve-compile-prefill"] * args.serve_compile_prefill + ["--ungated"] * ungated)
     try:
         httpx = httpx_module()
         out = {}
@@ -244,6 +247,9 @@ def main():
     ap.add_argument("--server-rounds", type=int, default=3,
                     help="timed rounds per client count; the median round (tokens/s) is reported, "
                          "each round's TTFT and prefill time beside it")
+    ap.add_argument("--ungated", action="store_true",
+                    help="also time a server whose event loop does not wait out the engine's "
+                         "prefills (dropless/serve/loop.py), as server_N_clients_ungated")
     ap.add_argument("--serve-compile-prefill", action="store_true",
                     help="the server's engine compiles its prefill forward (and the engine is "
                          "also timed so, as engine_prefill_compiled: the server's baseline)")
@@ -332,11 +338,13 @@ def main():
     if device != "cpu":
         torch.cuda.empty_cache()
     if not args.no_server:
-        for i, delay in enumerate(args.admit_delay_ms):
-            served = guarded(lambda: run_server(args, cfg.vocab_size, delay))
+        servers = [(d, False) for d in args.admit_delay_ms] + [
+            (args.admit_delay_ms[0], True)] * args.ungated
+        for i, (delay, ungated) in enumerate(servers):
+            served = guarded(lambda: run_server(args, cfg.vocab_size, delay, ungated))
+            suffix = "_ungated" if ungated else f"_delay{delay:g}ms" if i else ""
             for n in args.clients:   # the first delay's rows are the table's server rows
-                res[f"server_{n}_clients" + (f"_delay{delay:g}ms" if i else "")] = served.get(
-                    n, served)
+                res[f"server_{n}_clients{suffix}"] = served.get(n, served)
     print_table(res, args)
     if args.json:
         with open(args.json, "w") as f:

@@ -24,8 +24,9 @@
 #            with a served cache of 4096 positions, with and without context buckets)
 #   decode30 benchmarks/decode.py at the Qwen3-30B-A3B shape alone, batch 1 (~2 minutes)
 #   prefill  benchmarks/prefill.py (the engine's prefill by row count, eager and compiled), then
-#            the server alone at 8 and 32 clients with recompilations logged (TORCH_LOGS): why
-#            round 36's 32-client TTFT spent 232 ms in two prefills (~5 minutes)
+#            the server alone at 8 and 32 clients with recompilations logged (TORCH_LOGS), its
+#            event loop gated by the prefills and not: why round 36's 32-client TTFT spent
+#            232 ms in two prefills (~6 minutes)
 #   attn     benchmarks/decode_attention.py: SDPA vs the split-KV decode attention kernel, graphed
 #   gemv     benchmarks/gemv_tiles.py: the decode experts' GEMV tiles swept, bf16 and int4 at batch 1
 #   decodec  decode kernels per layer, the router's torch ops vs its kernels (benchmarks/router.py),
@@ -138,7 +139,7 @@ for s in "$@"; do
     prefill) stage "$L" 200 python3 benchmarks/prefill.py
              TORCH_LOGS=recompiles stage "$L" 200 python3 benchmarks/decode.py --preset medium \
                --batches 32 --clients 8 32 --admit-delay-ms 2 --serve-compile-prefill --no-hf \
-               --json "$O/decode_prefill.json" ;;
+               --ungated --json "$O/decode_prefill.json" ;;
     decode30) stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --json "$O/decode_qwen3.json" ;;
     decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \

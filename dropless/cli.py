@@ -179,7 +179,8 @@ def _serve(args) -> int:
         raise DroplessError("dropless serve needs FastAPI and uvicorn: pip install 'dropless[serve]'")
     from dropless.ops.device import check_switches
     from dropless.serve.engine import Engine
-    from dropless.serve.server import QUEUE_PER_SLOT, check_listen, serve
+    from dropless.serve.loop import check_listen
+    from dropless.serve.server import QUEUE_PER_SLOT, serve
     from dropless.serve.text import load_served_model
 
     # what can be checked without the model, before it loads (minutes, for a large one)

@@ -565,7 +565,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     from dropless.serve import server as server_module
 
     class FakeEngine:
-        captured, compiled, cuda_graphs = False, True, False
+        captured, compiled, cuda_graphs, gate = False, True, False, "the engine's gate"
 
         def warm_up(self, progress=False):
             self.captured = progress
@@ -573,8 +573,8 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
     engine, seen = FakeEngine(), {}
     monkeypatch.setattr(server_module, "create_app",
                         lambda served, engine, max_queue, api_key, *rest: None)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
-        interval=sys.getswitchinterval(), captured=engine.captured, **kw))
+    monkeypatch.setattr(server_module, "run_app", lambda app, gate, host, port: seen.update(
+        interval=sys.getswitchinterval(), captured=engine.captured, gate=gate, port=port))
     before = sys.getswitchinterval()
     try:
         server_module.serve(None, engine, "127.0.0.1", 0)
@@ -582,6 +582,7 @@ def test_serve_shortens_the_gil_switch_interval_and_captures_first(monkeypatch, 
         sys.setswitchinterval(before)
     assert seen["interval"] == pytest.approx(server_module.SWITCH_INTERVAL_S)
     assert seen["interval"] < 1e-3 and seen["port"] == 0 and seen["captured"]
+    assert seen["gate"] == "the engine's gate"   # the event loop waits out the prefills
     err = capsys.readouterr().err
     assert "warming up: the compiled prefill\n" in err
 

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -98,6 +99,9 @@ class Engine(Prefill):
         self.slots: list[Request | None] = [None] * B
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
+        # held through each step's prefills: the server's event loop waits on it between its
+        # iterations (serve/loop.py), so that it does not take the GIL from a prefill's launches
+        self.gate = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         # the last launched decode step, not yet read: (event, HostCopy, [(slot, request)],
         # first tokens sampled by this step's prefills [(HostCopy, [(slot, request)])])
@@ -281,12 +285,13 @@ class Engine(Prefill):
                 chosen.append(slot)
                 budget -= size
         start = time.perf_counter()
-        while chosen:
-            run = [chosen.pop(0)]
-            while chosen and chosen[0] == run[-1] + 1:
-                run.append(chosen.pop(0))
-            self._prefill(run)
-            self.stats.update(prefills=1, prefill_rows=len(run))
+        with self.gate if chosen else nullcontext():
+            while chosen:
+                run = [chosen.pop(0)]
+                while chosen and chosen[0] == run[-1] + 1:
+                    run.append(chosen.pop(0))
+                self._prefill(run)
+                self.stats.update(prefills=1, prefill_rows=len(run))
         self.stats["prefill_s"] += time.perf_counter() - start
         decoding = [s for s, r in enumerate(self.slots)
                     if r is not None and r.prefilled == len(r.prompt)]

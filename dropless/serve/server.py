@@ -20,10 +20,9 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from socket import AF_INET, AF_INET6, create_server
 
-from dropless.errors import DroplessError
 from dropless.serve.engine import Engine
+from dropless.serve.loop import SWITCH_INTERVAL_S, run_app
 from dropless.serve.chat_template import ChatRenderer, PromptTooLong
 from dropless.serve.deltas import STREAM_HEADERS, Outbox, deltas, disconnected, texts_of, usage
 from dropless.serve.fields import (APIError, chat_messages, check_api_key, check_prompt_size,
@@ -366,28 +365,10 @@ def create_app(served: ServedModel, engine: Engine, max_queue: int | None = None
     return app
 
 
-# How long a thread may hold the GIL while another waits for it. The engine thread lets go of
-# the GIL while the device runs a step; when it wants it back and the event loop is busy
-# (JSON, SSE writes), Python's default makes it wait up to 5 ms, more than a whole decode step.
-SWITCH_INTERVAL_S = 2e-4
-
-
-def check_listen(host: str, port: int) -> None:
-    """Bind (host, port) as uvicorn will (":" in the host: IPv6) and let it go: a busy port or a
-    bad host is one line before the model loads, not a traceback after it."""
-    try:
-        create_server((host, port), family=AF_INET6 if ":" in host else AF_INET).close()
-    except OSError as e:
-        raise DroplessError(f"cannot listen on --host {host} --port {port}: "
-                            f"{e.strerror or e}") from None
-
-
 def serve(served: ServedModel, engine: Engine, host: str, port: int, max_queue: int | None = None,
           api_key: str | None = None, allowed_origins: tuple[str, ...] = ()) -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets the open requests finish
     (streams included) and the lifespan stops the engine thread and prints its counters."""
-    import uvicorn
-
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     work = [w for w, on in (("decode graphs", engine.cuda_graphs),
                             ("the compiled prefill", engine.compiled)) if on]
@@ -396,5 +377,5 @@ def serve(served: ServedModel, engine: Engine, host: str, port: int, max_queue: 
         print(f"warming up: {' and '.join(work)}", file=sys.stderr, flush=True)
         engine.warm_up(progress=True)
         print(f"warm in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(served, engine, max_queue, api_key, allowed_origins), host=host,
-                port=port, log_level="info")
+    run_app(create_app(served, engine, max_queue, api_key, allowed_origins), engine.gate, host,
+            port)
