@@ -23,9 +23,9 @@
 #   decode   benchmarks/decode.py (medium with HF and the server; the Qwen3-30B-A3B shape; medium
 #            with a served cache of 4096 positions, with and without context buckets)
 #   decode30 benchmarks/decode.py at the Qwen3-30B-A3B shape alone, batch 1 (~2 minutes)
-#   prefill  benchmarks/prefill.py (the engine's prefill by row count, eager and compiled), then
-#            the server alone at 8 and 32 clients with recompilations logged (TORCH_LOGS), its
-#            event loop gated by the prefills and not: why round 36's 32-client TTFT spent
+#   prefill  the server alone at 8 and 32 clients with recompilations logged (TORCH_LOGS), its
+#            event loop gated by the prefills and not, then benchmarks/prefill.py (the engine's
+#            prefill by row count, eager and compiled): why round 36's 32-client TTFT spent
 #            232 ms in two prefills (~6 minutes)
 #   attn     benchmarks/decode_attention.py: SDPA vs the split-KV decode attention kernel, graphed
 #   gemv     benchmarks/gemv_tiles.py: the decode experts' GEMV tiles swept, bf16 and int4 at batch 1
@@ -136,10 +136,10 @@ for s in "$@"; do
              stage "$L" 60 python3 benchmarks/router.py --preset qwen3-30b-a3b
              stage "$L" 120 python3 benchmarks/decode.py --preset medium --batches 1 32 --no-hf --no-server \
                --compile --json "$O/decode_medium_compiled.json" ;;
-    prefill) stage "$L" 200 python3 benchmarks/prefill.py
-             TORCH_LOGS=recompiles stage "$L" 200 python3 benchmarks/decode.py --preset medium \
+    prefill) TORCH_LOGS=recompiles stage "$L" 270 python3 benchmarks/decode.py --preset medium \
                --batches 32 --clients 8 32 --admit-delay-ms 2 --serve-compile-prefill --no-hf \
-               --ungated --json "$O/decode_prefill.json" ;;
+               --ungated --json "$O/decode_prefill.json"
+             stage "$L" 200 python3 benchmarks/prefill.py ;;
     decode30) stage "$L" 150 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
               --no-server --json "$O/decode_qwen3.json" ;;
     decode30c) stage "$L" 240 python3 benchmarks/decode.py --preset qwen3-30b-a3b --batches 1 --no-hf \
