@@ -94,10 +94,11 @@ def check_engine_rows(res: dict, variants: list[str], out: str) -> None:
 
 
 def test_decode_engine_hf_and_server(tmp_path):
-    """decode.py's GPU run on `tiny`: engine variants, generate(), HF, two servers' admit delays."""
+    """decode.py's GPU run on `tiny`: engine variants, generate(), HF, two servers' admit delays,
+    an ungated server (its event loop not waiting out the prefills)."""
     out = run("decode.py", "--preset", "tiny", "--device", "cpu", "--new", NEW, "--batches",
               *BATCHES, "--clients", *CLIENTS, "--admit-delay-ms", 0, 2,
-              "--prefill-step-tokens", 1024, "--json", tmp_path / "decode.json")
+              "--prefill-step-tokens", 1024, "--ungated", "--json", tmp_path / "decode.json")
     res = json.loads((tmp_path / "decode.json").read_text())
     assert (res["preset"], res["device"], res["new"], res["context"]) == ("tiny", "cpu", NEW, 48)
     # the floor: the weights a step reads, once, over this machine's measured copy bandwidth
@@ -112,7 +113,8 @@ def test_decode_engine_hf_and_server(tmp_path):
         assert hf["leading_tokens_equal_to_engine"] == 8 and positive(hf["tokens_per_s"])
     printed = {row[0]: row for row in table(out, "tiny on cpu")}
     for n in CLIENTS:
-        for key, delay in ((f"server_{n}_clients", 0), (f"server_{n}_clients_delay2ms", 2)):
+        for key, delay in ((f"server_{n}_clients", 0), (f"server_{n}_clients_delay2ms", 2),
+                           (f"server_{n}_clients_ungated", 0)):   # the first delay's
             r = res[key]
             assert "error" not in r, r
             assert r["completion_tokens"] == n * NEW and r["prefill_rows"] == n
@@ -215,12 +217,21 @@ def test_moe_layer_providers_match_the_loop():
 
 # ---- serve_host.py, awq_model.py --------------------------------------------------------------
 
-def test_serve_host_streams_below_the_simulated_device():
-    out = run("serve_host.py", "--step-ms", 0, 1.5, "--clients", 2)
+@pytest.mark.parametrize("flags,servers", [
+    ((), [("0.00", "yes"), ("1.50", "yes")]),
+    # the prefill simulated as launches, on a gated and an ungated server
+    (("--prefill-launches", 50, "--ungated"), [("0.00", "yes"), ("0.00", "no"),
+                                                ("1.50", "yes"), ("1.50", "no")]),
+])
+def test_serve_host_streams_below_the_simulated_device(flags, servers):
+    out = run("serve_host.py", "--step-ms", 0, 1.5, "--clients", 2, *flags)
+    assert ("prefill simulated as 50 launches: " in out) == bool(flags)
     rows = table(out, " step ms")
-    assert [row[:2] for row in rows] == [["0.00", "2"], ["1.50", "2"]]
-    for step_ms, _, tokens_s, ceiling, ratio, ttft, itl in rows:
-        assert positive(float(tokens_s.replace(",", "")), float(ttft), float(itl))
+    assert [(row[0], row[2]) for row in rows] == servers
+    for step_ms, clients, _, tokens_s, ceiling, ratio, ttft, itl, prefills, prefill_ms in rows:
+        assert clients == "2" and int(prefills) >= 1
+        assert positive(float(tokens_s.replace(",", "")), float(ttft), float(itl),
+                        float(prefill_ms))
         if step_ms == "0.00":
             assert ceiling == ratio == "-"
         else:   # 256 tokens need 255 steps of 1.5 ms at least, whatever the machine
