@@ -12,8 +12,8 @@ as benchmarks/decode.py). Prints tokens/s against the ceiling `clients / step`.
 With `--prefill-launches N` the prefill is simulated too, as a GPU's is: N tiny torch ops (each
 a few microseconds of host time, as a kernel launch is) and no model, so that its time is the host's
 launches alone and what the event loop takes from them shows. `--ungated` adds a server whose event
-loop does not wait out the prefills (dropless/serve/loop.py). The engine's prefill time per round
-is printed beside the engine's own time for the same launches.
+loop does not wait out the prefills (dropless/serve/loop.py). Each round's prefill time in the
+server is printed, and the same launches' time in this process alone above the table.
 
 The tokens are whatever the buffers hold (the step computes nothing): this measures host costs
 only, never a model's speed. Runs on any machine; a server on a GPU host has these costs plus the
@@ -98,12 +98,12 @@ def measure(step_ms: float, clients: list[int], args, ungated: bool = False) -> 
         httpx = httpx_module()
         for n in clients:
             prompts = prompts_for(n, PROMPT, 256, seed=n)
-            for new in [8] * args.warm_up + [NEW] * args.rounds:
+            for _ in range(args.warm_up):
+                asyncio.run(stream_round(port, prompts, 8))
+            for _ in range(args.rounds):
                 before = engine_counters(httpx, port)
-                r = asyncio.run(stream_round(port, prompts, new))
+                r = asyncio.run(stream_round(port, prompts, NEW))
                 after = engine_counters(httpx, port)
-                if new == 8:
-                    continue
                 prefills = after["prefills"] - before["prefills"]
                 prefill_ms = (after["prefill_s"] - before["prefill_s"]) * 1e3
                 ceiling = f"{n / (step_ms / 1e3):12,.0f}" if step_ms else f"{'-':>12}"

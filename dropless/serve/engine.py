@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -285,7 +284,7 @@ class Engine(Prefill):
                 chosen.append(slot)
                 budget -= size
         start = time.perf_counter()
-        with self.gate if chosen else nullcontext():
+        with self.gate:
             while chosen:
                 run = [chosen.pop(0)]
                 while chosen and chosen[0] == run[-1] + 1:
